@@ -15,10 +15,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 # torchvision's extension crashes the process (SIGSEGV) when it is loaded after TensorFlow, and transformers'
 # PyTorch models load it when it is installed: the PyTorch references must come first.
+import pytest  # noqa: E402
 import torch  # noqa: E402, F401
 import torchvision  # noqa: E402, F401
-
-import pytest  # noqa: E402
 
 from unitest.tokenizer_utils import train_gpt2_tokenizer  # noqa: E402
 
