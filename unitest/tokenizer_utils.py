@@ -30,8 +30,9 @@ def train_gpt2_tokenizer(directory, vocab_size=400, texts=None):
     bpe.train_from_iterator(texts, vocab_size=vocab_size, min_frequency=1, special_tokens=["<|endoftext|>"])
     bpe.save_model(str(directory))
     # Save through transformers too, so the directory holds the same files as a hub GPT-2 snapshot.
+    # (transformers 5 ignores vocab_file/merges_file keywords: give the files as vocab/merges)
     tok = GPT2TokenizerFast(
-        vocab_file=str(directory / "vocab.json"), merges_file=str(directory / "merges.txt"),
+        vocab=str(directory / "vocab.json"), merges=str(directory / "merges.txt"),
         unk_token="<|endoftext|>", bos_token="<|endoftext|>", eos_token="<|endoftext|>",
     )
     tok.save_pretrained(str(directory))

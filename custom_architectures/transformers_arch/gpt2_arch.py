@@ -1,0 +1,210 @@
+"""GPT-2 (Radford et al., 2019) in Keras 3, weight-compatible with Hugging Face's ``GPT2LMHeadModel``.
+
+What it adds over a plain transformer, for ClipCap:
+
+- inputs as token ids, as embeddings (a ClipCap prefix), or both concatenated (prefix then tokens), with
+  learned positions starting at 0 at the first prefix position (as PyTorch with ``inputs_embeds``);
+- a right-padding mask for batches of different lengths;
+- a preallocated key/value cache (`init_cache`, `call_with_cache`, `reorder_cache`) with static shapes,
+  written in place at a possibly symbolic ``cache_index``, so one ``tf.function(jit_compile=True)`` step (or
+  one compiled ``tf.while_loop``) serves every decoding position.
+
+The LM head is tied to ``wte`` (``logits = hidden @ wte^T``), as in GPT-2. Layer names mirror the
+checkpoint (``wte``, ``wpe``, ``h_{i}`` with ``ln_1``, ``attn.c_attn``, ``attn.c_proj``, ``ln_2``,
+``mlp.c_fc``, ``mlp.c_proj``, then ``ln_f``); `utils.convert.hf_gpt2` loads HF and ClipCap checkpoints.
+
+Example::
+
+    gpt2 = GPT2(vocab_size=50257, n_layer=12)                       # weights exist already
+    logits = gpt2(token_ids=ids)                                    # (B, T, V)
+    cache = gpt2.init_cache(batch_size=4, max_length=77)
+    logits, cache = gpt2.call_with_cache(prefix, cache, 0)          # prefix (4, 10, 768) -> (4, V)
+    next_ids = keras.ops.argmax(logits, -1)[:, None]
+    logits, cache = gpt2.call_with_cache(gpt2.embed_tokens(next_ids), cache, 10)
+"""
+
+import os
+
+os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+
+import keras  # noqa: E402
+import tensorflow as tf  # noqa: E402
+from keras import ops  # noqa: E402
+
+from custom_layers.gpt2_attention import MASK_VALUE  # noqa: E402
+from custom_layers.gpt2_block import GPT2Block  # noqa: E402
+
+
+@keras.saving.register_keras_serializable(package="image_captioning")
+class GPT2(keras.Model):
+    """GPT-2 language model with a tied LM head and a static-shape KV cache.
+
+    Args:
+        vocab_size: number of tokens V (GPT-2: 50257).
+        n_positions: number of learned positions (GPT-2: 1024); bounds prefix + tokens.
+        n_embd: width C. n_layer: number of blocks. n_head: heads per block (head_dim = C // n_head).
+        layer_norm_epsilon: epsilon of every LayerNorm.
+        embd_pdrop, attn_pdrop, resid_pdrop: dropout rates (applied only with ``training=True``).
+        initializer_range: stddev of the normal initialisers (GPT-2: 0.02).
+
+    Weights are created in the constructor, so a converter can assign them right away.
+    """
+
+    def __init__(self, vocab_size=50257, n_positions=1024, n_embd=768, n_layer=12, n_head=12,
+                 layer_norm_epsilon=1e-5, embd_pdrop=0.1, attn_pdrop=0.1, resid_pdrop=0.1,
+                 initializer_range=0.02, **kwargs):
+        kwargs.setdefault("name", "gpt2")
+        super().__init__(**kwargs)
+        if n_embd % n_head:
+            raise ValueError(f"n_embd={n_embd} must be a multiple of n_head={n_head}")
+        self.vocab_size = vocab_size
+        self.n_positions = n_positions
+        self.n_embd = n_embd
+        self.n_layer = n_layer
+        self.n_head = n_head
+        self.head_dim = n_embd // n_head
+        self.layer_norm_epsilon = layer_norm_epsilon
+        self.embd_pdrop = embd_pdrop
+        self.attn_pdrop = attn_pdrop
+        self.resid_pdrop = resid_pdrop
+        self.initializer_range = initializer_range
+
+        init = keras.initializers.RandomNormal(stddev=initializer_range)
+        self.wte = keras.layers.Embedding(vocab_size, n_embd, embeddings_initializer=init, name="wte")
+        self.wpe = keras.layers.Embedding(n_positions, n_embd, embeddings_initializer=init, name="wpe")
+        self.drop = keras.layers.Dropout(embd_pdrop, name="drop")
+        self.h = [
+            GPT2Block(n_embd, n_head, layer_norm_epsilon=layer_norm_epsilon, attn_pdrop=attn_pdrop,
+                      resid_pdrop=resid_pdrop, initializer_range=initializer_range, name=f"h_{i}")
+            for i in range(n_layer)
+        ]
+        self.ln_f = keras.layers.LayerNormalization(epsilon=layer_norm_epsilon, name="ln_f")
+
+        self.wte.build((None, None))
+        self.wpe.build((None, None))
+        for block in self.h:
+            block.build((None, None, n_embd))
+        self.ln_f.build((None, None, n_embd))
+        self.built = True
+
+    # ------------------------------------------------------------------ embeddings and head
+    def embed_tokens(self, token_ids):
+        """(B, T) int token ids -> (B, T, C) token embeddings (``wte`` only, no positions)."""
+        return ops.take(self.wte.embeddings, ops.cast(token_ids, "int32"), axis=0)
+
+    def lm_logits(self, hidden):
+        """(..., C) final hidden states (after ``ln_f``) -> (..., V) logits with the tied head."""
+        shape = ops.shape(hidden)
+        flat = ops.reshape(hidden, (-1, self.n_embd))  # (N, C)
+        logits = ops.matmul(flat, ops.transpose(self.wte.embeddings))  # (N, V); XLA fuses the transpose
+        return ops.reshape(logits, (*shape[:-1], self.vocab_size))
+
+    def _input_embeddings(self, token_ids, inputs_embeds):
+        if token_ids is None and inputs_embeds is None:
+            raise ValueError("GPT2 needs token_ids, inputs_embeds, or both")
+        parts = []
+        if inputs_embeds is not None:
+            inputs_embeds = ops.convert_to_tensor(inputs_embeds, self.compute_dtype)
+            if inputs_embeds.shape.rank != 3 or inputs_embeds.shape[-1] != self.n_embd:
+                raise ValueError(f"inputs_embeds must be (B, P, {self.n_embd}), got {inputs_embeds.shape}")
+            parts.append(inputs_embeds)
+        if token_ids is not None:
+            token_ids = ops.convert_to_tensor(token_ids)
+            if token_ids.shape.rank != 2:
+                raise ValueError(f"token_ids must be (B, T), got shape {token_ids.shape}")
+            parts.append(self.embed_tokens(token_ids))
+        return parts[0] if len(parts) == 1 else ops.concatenate(parts, axis=1)  # (B, P+T, C)
+
+    # ------------------------------------------------------------------ full pass
+    def call(self, token_ids=None, inputs_embeds=None, padding_mask=None, training=False):
+        """Logits (B, P+T, V) for ``[inputs_embeds, wte(token_ids)]`` at positions 0..P+T-1.
+
+        ``padding_mask`` (B, P+T): 1 = real, 0 = pad (right padding); pads are never attended to. Logits at
+        pad positions are meaningless.
+        """
+        x = self._input_embeddings(token_ids, inputs_embeds)  # (B, S, C)
+        length = ops.shape(x)[1]
+        if isinstance(length, int) and length > self.n_positions:
+            raise ValueError(f"sequence of {length} positions exceeds n_positions={self.n_positions}")
+        x = x + self.wpe.embeddings[None, :length]
+        x = self.drop(x, training=training)
+
+        positions = ops.arange(length)
+        allowed = positions[None, :] <= positions[:, None]  # (S, S): key <= query
+        allowed = allowed[None, None]  # (1, 1, S, S)
+        if padding_mask is not None:
+            padding_mask = ops.cast(padding_mask, "bool")  # (B, S)
+            allowed = ops.logical_and(allowed, padding_mask[:, None, None, :])  # (B, 1, S, S)
+        bias = ops.where(allowed, 0.0, MASK_VALUE)
+
+        for block in self.h:
+            x = block(x, attention_bias=bias, training=training)
+        return self.lm_logits(self.ln_f(x))
+
+    # ------------------------------------------------------------------ cached decoding
+    def init_cache(self, batch_size, max_length):
+        """A zero cache for `batch_size` sequences of up to `max_length` positions (prefix included).
+
+        A tuple with one tensor (2, B, n_head, max_length, head_dim) per layer; opaque to callers, fixed
+        shapes, so it can be a ``tf.while_loop`` loop variable.
+        """
+        if max_length > self.n_positions:
+            raise ValueError(f"max_length={max_length} exceeds n_positions={self.n_positions}")
+        shape = (2, batch_size, self.n_head, max_length, self.head_dim)
+        return tuple(ops.zeros(shape, self.compute_dtype) for _ in range(self.n_layer))
+
+    def call_with_cache(self, inputs_embeds, cache, cache_index, all_logits=False):
+        """Run a chunk through the model, reading and writing the KV cache (inference, no dropout).
+
+        Args:
+            inputs_embeds: (B, T, C) embedded inputs (a prefix, or ``embed_tokens(ids)``); T static.
+            cache: from `init_cache` (or a previous call); its length L bounds ``cache_index + T``.
+            cache_index: int32 scalar, the position of the first of the T inputs; may be symbolic.
+                The caller keeps ``cache_index + T <= L`` (XLA clamps out-of-range writes silently).
+            all_logits: return logits for all T positions instead of the last one only.
+
+        Returns:
+            (logits, cache): logits (B, V), or (B, T, V) if ``all_logits``; the updated cache.
+        """
+        x = ops.convert_to_tensor(inputs_embeds, self.compute_dtype)  # (B, T, C)
+        length = x.shape[1]
+        if length is None:
+            raise ValueError("call_with_cache needs a static chunk length T")
+        max_length = cache[0].shape[3]
+        cache_index = ops.cast(cache_index, "int32")
+        start = tf.get_static_value(cache_index)  # known in eager mode / for constants: check the bounds
+        if start is not None:
+            start = int(start)
+            if start < 0 or start + length > max_length:
+                raise ValueError(f"positions [{start}, {start + length}) do not fit a cache of {max_length}")
+
+        query_positions = cache_index + ops.arange(length, dtype="int32")  # (T,)
+        x = x + ops.take(self.wpe.embeddings, query_positions, axis=0)[None]  # (1, T, C)
+
+        slots = ops.arange(max_length, dtype="int32")  # (L,)
+        allowed = slots[None, :] <= query_positions[:, None]  # (T, L)
+        bias = ops.where(allowed, 0.0, MASK_VALUE)[None, None]  # (1, 1, T, L)
+
+        new_cache = []
+        for block, layer_cache in zip(self.h, cache, strict=True):
+            x, layer_cache = block.call_with_cache(x, layer_cache, cache_index, bias)
+            new_cache.append(layer_cache)
+        if not all_logits:
+            x = x[:, -1]  # (B, C): the head only where it is needed
+        return self.lm_logits(self.ln_f(x)), tuple(new_cache)
+
+    def reorder_cache(self, cache, indices):
+        """Gather every layer's cache along the batch axis (beam search); indices (B',) int."""
+        indices = ops.cast(indices, "int32")
+        return tuple(ops.take(layer_cache, indices, axis=1) for layer_cache in cache)
+
+    # ------------------------------------------------------------------ serialisation
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            vocab_size=self.vocab_size, n_positions=self.n_positions, n_embd=self.n_embd,
+            n_layer=self.n_layer, n_head=self.n_head, layer_norm_epsilon=self.layer_norm_epsilon,
+            embd_pdrop=self.embd_pdrop, attn_pdrop=self.attn_pdrop, resid_pdrop=self.resid_pdrop,
+            initializer_range=self.initializer_range,
+        )
+        return config

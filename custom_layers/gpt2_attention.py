@@ -1,0 +1,112 @@
+"""GPT-2's causal self-attention, with a preallocated key/value cache for compiled decoding.
+
+Layer names mirror the PyTorch module (``c_attn``: fused q/k/v projection, ``c_proj``: output projection),
+so a converter maps ``h.{i}.attn.c_attn.weight`` (stored ``(in, out)`` by HF's Conv1D) straight onto the
+Dense kernel.
+
+The cache of one layer is a single tensor ``(2, B, n_head, max_length, head_dim)`` (keys then values):
+one contiguous buffer per layer, written in place with ``dynamic_update_slice`` at a (possibly symbolic)
+``cache_index``, so one XLA-compiled step serves every position, and attention reads it as a batched
+``(B, H)`` matmul without transposing it.
+
+Example::
+
+    attn = GPT2Attention(n_embd=768, n_head=12, name="attn")
+    y = attn(x, attention_bias=bias)                                  # (B, T, C)
+    y, layer_cache = attn.call_with_cache(x, layer_cache, 0, bias)    # bias (1, 1, T, max_length)
+"""
+
+import os
+
+os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+
+import keras  # noqa: E402
+from keras import ops  # noqa: E402
+
+# Added to the scores of masked (future or padded) slots: exp() underflows to exactly 0, and a fully
+# masked row (a pad query) stays finite (uniform) instead of NaN.
+MASK_VALUE = -1e9
+
+
+class GPT2Attention(keras.layers.Layer):
+    """Multi-head causal self-attention of a GPT-2 block.
+
+    Args:
+        n_embd: model width C.
+        n_head: number of heads H (head_dim = C // H).
+        attn_pdrop: dropout on the attention probabilities (training only).
+        resid_pdrop: dropout on the output projection (training only).
+        initializer_range: stddev of the normal kernel initialiser (GPT-2: 0.02).
+    """
+
+    def __init__(self, n_embd, n_head, attn_pdrop=0.0, resid_pdrop=0.0, initializer_range=0.02, **kwargs):
+        super().__init__(**kwargs)
+        if n_embd % n_head:
+            raise ValueError(f"n_embd={n_embd} is not a multiple of n_head={n_head}")
+        self.n_embd = n_embd
+        self.n_head = n_head
+        self.head_dim = n_embd // n_head
+        self.attn_pdrop = attn_pdrop
+        self.resid_pdrop = resid_pdrop
+        self.initializer_range = initializer_range
+        init = keras.initializers.RandomNormal(stddev=initializer_range)
+        self.c_attn = keras.layers.Dense(3 * n_embd, kernel_initializer=init, name="c_attn")
+        self.c_proj = keras.layers.Dense(n_embd, kernel_initializer=init, name="c_proj")
+        self.attn_dropout = keras.layers.Dropout(attn_pdrop, name="attn_dropout")
+        self.resid_dropout = keras.layers.Dropout(resid_pdrop, name="resid_dropout")
+
+    def build(self, input_shape=None):
+        self.c_attn.build((None, None, self.n_embd))
+        self.c_proj.build((None, None, self.n_embd))
+        self.built = True
+
+    def _qkv(self, x):
+        """(B, T, C) -> q (B, T, H, D) pre-scaled by 1/sqrt(D), k and v (B, H, T, D)."""
+        qkv = self.c_attn(x)  # (B, T, 3C)
+        batch, length = ops.shape(x)[0], ops.shape(x)[1]
+        qkv = ops.reshape(qkv, (batch, length, 3, self.n_head, self.head_dim))  # (B, T, 3, H, D)
+        q = qkv[:, :, 0] * ops.cast(self.head_dim**-0.5, qkv.dtype)  # (B, T, H, D)
+        k = ops.transpose(qkv[:, :, 1], (0, 2, 1, 3))  # (B, H, T, D)
+        v = ops.transpose(qkv[:, :, 2], (0, 2, 1, 3))  # (B, H, T, D)
+        return q, k, v
+
+    def _attend(self, q, k, v, attention_bias, training=False):
+        """q (B, T, H, D), k/v (B, H, S, D), bias broadcastable to (B, H, T, S) -> (B, T, C)."""
+        scores = ops.einsum("bthd,bhsd->bhts", q, k)  # (B, H, T, S)
+        if attention_bias is not None:
+            scores = scores + ops.cast(attention_bias, scores.dtype)
+        probs = ops.softmax(scores, axis=-1)
+        probs = self.attn_dropout(probs, training=training)
+        out = ops.einsum("bhts,bhsd->bthd", probs, v)  # (B, T, H, D)
+        batch, length = ops.shape(out)[0], ops.shape(out)[1]
+        out = ops.reshape(out, (batch, length, self.n_embd))  # (B, T, C)
+        return out
+
+    def call(self, x, attention_bias=None, training=False):
+        """x (B, T, C); attention_bias additive, broadcastable to (B, H, T, T) (0 = attend)."""
+        q, k, v = self._qkv(x)
+        out = self._attend(q, k, v, attention_bias, training=training)
+        return self.resid_dropout(self.c_proj(out), training=training)
+
+    def call_with_cache(self, x, layer_cache, cache_index, attention_bias):
+        """Inference step: x (B, T, C) at positions cache_index + [0, T).
+
+        Writes this chunk's keys/values into ``layer_cache`` (2, B, H, L, D) at ``cache_index`` and attends
+        over all L slots with ``attention_bias`` (1, 1, T, L) masking the slots after each query.
+        Returns (output (B, T, C), updated layer_cache).
+        """
+        q, k, v = self._qkv(x)
+        kv = ops.stack([k, v], axis=0)  # (2, B, H, T, D)
+        zero = ops.zeros((), "int32")
+        index = ops.cast(cache_index, "int32")
+        layer_cache = ops.slice_update(layer_cache, (zero, zero, zero, index, zero), kv)  # (2, B, H, L, D)
+        out = self._attend(q, layer_cache[0], layer_cache[1], attention_bias)
+        return self.c_proj(out), layer_cache
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            n_embd=self.n_embd, n_head=self.n_head, attn_pdrop=self.attn_pdrop,
+            resid_pdrop=self.resid_pdrop, initializer_range=self.initializer_range,
+        )
+        return config

@@ -1,0 +1,164 @@
+"""The GPT-2 converter: HF directories (safetensors / pytorch_model.bin), in-memory state dicts, ClipCap's
+``gpt.`` prefix, legacy buffers; strict errors naming missing, unexpected and mis-shaped keys."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+from transformers import GPT2Config, GPT2LMHeadModel
+
+from utils.convert.common import CheckpointError
+from utils.convert.hf_gpt2 import gpt2_config_from_state_dict, gpt2_from_state_dict, load_gpt2
+
+# n_embd // 64 == n_head, so shapes alone give the right n_head (as for every released GPT-2)
+TINY = dict(vocab_size=101, n_positions=24, n_embd=128, n_layer=2, n_head=2)
+
+
+@pytest.fixture(scope="module")
+def torch_model():
+    torch.manual_seed(0)
+    return GPT2LMHeadModel(GPT2Config(**TINY)).eval()
+
+
+@pytest.fixture()
+def state_dict(torch_model):
+    return {k: v.clone() for k, v in torch_model.state_dict().items()}
+
+
+IDS = np.array([[5, 17, 3, 99, 42, 0], [1, 2, 3, 4, 5, 6]])
+
+
+def _check_logits(keras_model, torch_model, atol=1e-4):
+    with torch.no_grad():
+        ref = torch_model(torch.tensor(IDS)).logits.numpy()
+    diff = np.abs(keras_model(token_ids=IDS).numpy() - ref).max()
+    assert diff <= atol, diff
+
+
+def _with_legacy_buffers(sd, prefix):
+    n = TINY["n_positions"]
+    for i in range(TINY["n_layer"]):
+        sd[f"{prefix}h.{i}.attn.bias"] = torch.tril(torch.ones(n, n, dtype=torch.bool))[None, None]
+        sd[f"{prefix}h.{i}.attn.masked_bias"] = torch.tensor(-1e4)
+    return sd
+
+
+def test_config_from_state_dict(state_dict):
+    assert gpt2_config_from_state_dict(state_dict) == TINY
+    assert gpt2_config_from_state_dict({"gpt." + k: v for k, v in state_dict.items()}, prefix="gpt.") == TINY
+
+
+def test_in_memory_state_dict_with_legacy_buffers(state_dict, torch_model):
+    model = load_gpt2(_with_legacy_buffers(state_dict, "transformer."))
+    assert model.get_config()["n_layer"] == 2
+    _check_logits(model, torch_model)
+
+
+def test_gpt2model_layout_without_transformer_prefix(torch_model):
+    _check_logits(load_gpt2(torch_model.transformer.state_dict()), torch_model)
+
+
+def test_hf_directory_safetensors_and_config(tmp_path, torch_model):
+    torch_model.save_pretrained(tmp_path)
+    assert (tmp_path / "model.safetensors").exists()
+    _check_logits(load_gpt2(tmp_path), torch_model)
+
+
+def test_hf_directory_bin_config_n_head(tmp_path):
+    # n_head != n_embd // 64: only config.json can tell; the logits prove it was used
+    torch.manual_seed(1)
+    config = GPT2Config(**{**TINY, "n_head": 4}, layer_norm_epsilon=1e-6)
+    model = GPT2LMHeadModel(config).eval()
+    config.to_json_file(str(tmp_path / "config.json"))
+    torch.save(model.state_dict(), tmp_path / "pytorch_model.bin")
+    keras_model = load_gpt2(tmp_path)
+    assert keras_model.n_head == 4 and keras_model.layer_norm_epsilon == 1e-6
+    _check_logits(keras_model, model)
+
+
+def test_clipcap_prefix_returns_used_keys(state_dict, torch_model):
+    sd = {"gpt." + k: v for k, v in _with_legacy_buffers(state_dict, "transformer.").items()}
+    sd["clip_project.model.0.weight"] = torch.zeros(3, 3)  # outside the prefix: the caller's business
+    model, used = gpt2_from_state_dict(sd, prefix="gpt.")
+    assert used == set(sd) - {"clip_project.model.0.weight"}
+    _check_logits(model, torch_model)
+
+
+def test_fp16_weights_become_fp32(state_dict):
+    half = {k: v.half() if v.is_floating_point() else v for k, v in state_dict.items()}
+    model = load_gpt2(half)
+    assert all(w.dtype == "float32" for w in model.weights)
+    torch.manual_seed(0)
+    rounded = GPT2LMHeadModel(GPT2Config(**TINY)).eval()
+    rounded.load_state_dict({k: v.float() for k, v in half.items()})
+    _check_logits(model, rounded)
+
+
+@pytest.mark.parametrize("fmt", ["safetensors", "bin"])
+def test_strict_errors_name_the_key(tmp_path, state_dict, fmt):
+    del state_dict["transformer.h.1.mlp.c_fc.bias"]
+    state_dict["transformer.h.0.attn.extra_scale"] = torch.ones(3)
+    state_dict["transformer.ln_f.weight"] = torch.ones(TINY["n_embd"] + 1)
+    if fmt == "safetensors":
+        save_file({k: v.contiguous() for k, v in state_dict.items() if k != "lm_head.weight"},
+                  str(tmp_path / "model.safetensors"))
+    else:
+        torch.save(state_dict, tmp_path / "pytorch_model.bin")
+    with pytest.raises(CheckpointError) as info:
+        load_gpt2(tmp_path)
+    message = str(info.value)
+    assert "missing keys: transformer.h.1.mlp.c_fc.bias" in message
+    assert "unexpected keys: transformer.h.0.attn.extra_scale" in message
+    assert "transformer.ln_f.weight: expected (128,), found (129,)" in message
+
+
+@pytest.mark.parametrize(
+    "edit, key",
+    [
+        (lambda sd: sd.pop("transformer.h.0.attn.c_proj.weight"), "missing keys: transformer.h.0.attn.c_proj.weight"),
+        (lambda sd: sd.update({"transformer.h.1.unknown": torch.ones(1)}), "unexpected keys: transformer.h.1.unknown"),
+        (lambda sd: sd.update({"transformer.h.1.attn.c_attn.weight": torch.ones(384, 128)}),
+         "transformer.h.1.attn.c_attn.weight: expected (128, 384), found (384, 128)"),
+    ],
+    ids=["missing", "unexpected", "wrong_shape"],
+)
+def test_each_defect_alone_is_named(state_dict, edit, key):
+    edit(state_dict)
+    with pytest.raises(CheckpointError, match=key.replace("(", r"\(").replace(")", r"\)")):
+        load_gpt2(state_dict)
+
+
+def test_unknown_key_under_clipcap_prefix_raises(state_dict):
+    sd = {"gpt." + k: v for k, v in state_dict.items()}
+    sd["gpt.transformer.h.0.mlp.c_fc.lora"] = torch.ones(2)
+    with pytest.raises(CheckpointError, match=r"unexpected keys: gpt\.transformer\.h\.0\.mlp\.c_fc\.lora"):
+        gpt2_from_state_dict(sd, prefix="gpt.")
+
+
+def test_untied_lm_head_raises(state_dict):
+    state_dict["lm_head.weight"] = state_dict["lm_head.weight"] + 1.0
+    with pytest.raises(CheckpointError, match="lm_head.weight differs"):
+        load_gpt2(state_dict)
+
+
+def test_bad_sources(tmp_path, state_dict):
+    with pytest.raises(CheckpointError, match="not found"):
+        load_gpt2(tmp_path / "nowhere")
+    with pytest.raises(CheckpointError, match="neither model.safetensors nor pytorch_model.bin"):
+        load_gpt2(tmp_path)
+    (tmp_path / "model.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(CheckpointError, match="cannot read"):
+        load_gpt2(tmp_path)
+    with pytest.raises(CheckpointError, match="no GPT-2 token embedding"):
+        load_gpt2({"encoder.weight": torch.ones(2)})
+
+
+def test_unsupported_config_option_raises(tmp_path, torch_model):
+    torch_model.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["activation_function"] = "relu"
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match="activation_function='relu' is not supported"):
+        load_gpt2(tmp_path)

@@ -1,0 +1,46 @@
+"""GPT-2 tokenizer loading (local directory, hub name offline), padding and the stop token id."""
+
+import pytest
+
+from utils.tokenizer import TokenizerError, load_gpt2_tokenizer, stop_token_id
+
+TEXTS = ["A man riding a wave on top of a surfboard.", "Une personne qui marche dans la rue.", "zebra 42 ✓"]
+
+
+def test_local_directory_loads_and_round_trips(gpt2_tokenizer_dir):
+    tokenizer = load_gpt2_tokenizer(gpt2_tokenizer_dir)
+    assert len(tokenizer) > 256  # the trained vocabulary, not only the special token
+    for text in TEXTS:
+        ids = tokenizer.encode(text)
+        assert ids and tokenizer.decode(ids) == text
+    assert len(tokenizer.encode(TEXTS[0])) < len(TEXTS[0].encode())  # merges are used
+
+
+def test_pad_token_is_eos_for_batching(gpt2_tokenizer_dir):
+    tokenizer = load_gpt2_tokenizer(gpt2_tokenizer_dir)
+    assert tokenizer.pad_token == tokenizer.eos_token == "<|endoftext|>"
+    batch = tokenizer(["A cat.", "Two dogs playing in the park."], padding=True)
+    lengths = [sum(m) for m in batch["attention_mask"]]
+    assert lengths[0] < lengths[1] and batch["input_ids"][0][-1] == tokenizer.pad_token_id
+    assert batch["attention_mask"][0][-1] == 0  # right padding
+
+
+def test_stop_token_id_comes_from_the_vocabulary(gpt2_tokenizer_dir):
+    tokenizer = load_gpt2_tokenizer(gpt2_tokenizer_dir)
+    stop = stop_token_id(tokenizer, ".")
+    assert stop == tokenizer.convert_tokens_to_ids(".")
+    assert tokenizer.encode("surfboard.")[-1] == stop
+    with pytest.raises(TokenizerError, match="not a single token"):
+        stop_token_id(tokenizer, "riding a wave")
+    with pytest.raises(TokenizerError, match="non-empty"):
+        stop_token_id(tokenizer, "")
+
+
+def test_missing_or_incomplete_sources(tmp_path):
+    with pytest.raises(TokenizerError, match="vocab.json and merges.txt"):
+        load_gpt2_tokenizer(tmp_path)
+    with pytest.raises(TokenizerError, match="not found"):
+        load_gpt2_tokenizer(tmp_path / "no" / "such" / "dir")
+    # offline (conftest sets HF_HUB_OFFLINE) and not cached: the error says which files and where
+    with pytest.raises(TokenizerError, match="vocab.json and merges.txt"):
+        load_gpt2_tokenizer("no-such-org/no-such-tokenizer")

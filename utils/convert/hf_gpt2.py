@@ -1,0 +1,216 @@
+"""Load GPT-2 weights from Hugging Face or ClipCap checkpoints into the Keras `GPT2`.
+
+Accepted layouts (``P`` is the caller's prefix, e.g. ``""`` for HF, ``"gpt."`` for ClipCap):
+
+- ``P + "transformer.wte.weight"`` ... (``GPT2LMHeadModel.state_dict()``, ClipCap's ``gpt.``), optionally
+  with ``P + "lm_head.weight"``;
+- ``P + "wte.weight"`` ... (``GPT2Model`` layout, as in the hub's ``gpt2/model.safetensors``).
+
+HF's Conv1D stores weights ``(in, out)``, the same as a Keras Dense kernel, so they are copied as they are.
+``lm_head.weight`` is tied to ``wte`` in GPT-2: when present it is checked to be equal to ``wte.weight``
+(an untied head cannot be represented and raises) and then counted as consumed. Checkpoints saved with
+transformers <= 4.x also hold per-block ``attn.bias`` (causal mask) and ``attn.masked_bias`` buffers; they
+are ignored. fp16/bf16 weights become fp32. Every other key under the prefix must be consumed: missing,
+unexpected or mis-shaped keys raise `CheckpointError` naming them.
+
+``n_head`` cannot be inferred from shapes: it comes from ``config.json`` when there is one, otherwise it is
+``n_embd // 64`` (every released GPT-2 size uses 64-wide heads: 768/12, 1024/16, 1280/20, 1600/25).
+
+Example::
+
+    gpt2 = load_gpt2("path/to/hf_gpt2_dir")                       # config.json + model.safetensors
+    gpt2, used = gpt2_from_state_dict(clipcap_sd, prefix="gpt.")  # ClipCap checkpoint, GPT-2 part
+"""
+
+import json
+import os
+import re
+from collections.abc import Mapping
+
+import numpy as np
+
+from utils.convert.common import CheckpointError, StateDict, load_torch_state_dict, to_numpy
+
+_BLOCK_KEY = re.compile(r"h\.(\d+)\.")
+_LEGACY_BUFFERS = r"h\.\d+\.attn\.(masked_)?bias"
+# config.json fields whose non-default values change the computation in ways this model does not implement
+_UNSUPPORTED = {
+    "activation_function": "gelu_new",
+    "scale_attn_weights": True,
+    "scale_attn_by_inverse_layer_idx": False,
+    "reorder_and_upcast_attn": False,
+    "add_cross_attention": False,
+}
+
+
+def _inner_prefix(state_dict, prefix):
+    """The prefix under which ``wte.weight`` lives: ``prefix + "transformer."`` or ``prefix``."""
+    for inner in (prefix + "transformer.", prefix):
+        if inner + "wte.weight" in state_dict:
+            return inner
+    raise CheckpointError(
+        f"no GPT-2 token embedding found: expected '{prefix}transformer.wte.weight' or '{prefix}wte.weight' "
+        f"(keys start with: {', '.join(sorted(state_dict)[:5])}{', ...' if len(state_dict) > 5 else ''})"
+    )
+
+
+def gpt2_config_from_state_dict(state_dict, prefix=""):
+    """Infer ``vocab_size, n_positions, n_embd, n_layer`` from shapes, and ``n_head = n_embd // 64``.
+
+    ``n_head`` is None when ``n_embd`` is not a multiple of 64 (the caller must then supply it).
+
+    Example::
+
+        config = gpt2_config_from_state_dict(torch.load("coco_weights.pt"), prefix="gpt.")
+    """
+    inner = _inner_prefix(state_dict, prefix)
+    vocab_size, n_embd = (int(d) for d in state_dict[inner + "wte.weight"].shape)
+    if inner + "wpe.weight" not in state_dict:
+        raise CheckpointError(f"missing keys: {inner}wpe.weight")
+    n_positions = int(state_dict[inner + "wpe.weight"].shape[0])
+    blocks = set()
+    for key in state_dict:
+        if key.startswith(inner):
+            match = _BLOCK_KEY.match(key[len(inner):])
+            if match:
+                blocks.add(int(match.group(1)))
+    n_layer = max(blocks) + 1 if blocks else 0
+    if n_layer == 0:
+        raise CheckpointError(f"no transformer blocks found under '{inner}h.'")
+    return dict(vocab_size=vocab_size, n_positions=n_positions, n_embd=n_embd, n_layer=n_layer,
+                n_head=n_embd // 64 if n_embd % 64 == 0 else None)
+
+
+def gpt2_config_from_hf_config(hf_config: Mapping):
+    """GPT2 kwargs from an HF ``config.json`` dict; raises on features this model does not implement."""
+    for key, expected in _UNSUPPORTED.items():
+        if key in hf_config and hf_config[key] != expected:
+            raise CheckpointError(f"config.json: {key}={hf_config[key]!r} is not supported (needs {expected!r})")
+    n_inner = hf_config.get("n_inner")
+    if n_inner is not None and n_inner != 4 * hf_config.get("n_embd", 768):
+        raise CheckpointError(f"config.json: n_inner={n_inner} is not supported (needs 4 * n_embd)")
+    keys = ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head", "layer_norm_epsilon",
+            "embd_pdrop", "attn_pdrop", "resid_pdrop", "initializer_range")
+    return {k: hf_config[k] for k in keys if k in hf_config}
+
+
+def gpt2_from_state_dict(state_dict, prefix="", source="checkpoint", **config_overrides):
+    """Build a `GPT2` and load the weights found under `prefix`.
+
+    Args:
+        state_dict: mapping of names to torch tensors or numpy arrays (may hold other keys outside `prefix`).
+        prefix: e.g. ``"gpt."`` for ClipCap checkpoints, ``""`` for HF ones.
+        source: named in error messages.
+        **config_overrides: GPT2 kwargs overriding the inferred ones (e.g. ``n_head`` from config.json).
+
+    Returns:
+        (model, used_keys): the model, and the set of keys consumed or deliberately ignored (so a caller
+        holding a larger checkpoint can account for them). Unknown keys under `prefix` raise.
+    """
+    from custom_architectures.transformers_arch.gpt2_arch import GPT2
+
+    if not isinstance(state_dict, Mapping):
+        raise CheckpointError(f"{source}: expected a state dict (mapping), got {type(state_dict).__name__}")
+    own = {k: v for k, v in state_dict.items() if k.startswith(prefix)}
+    if not own:
+        raise CheckpointError(f"{source}: no keys start with '{prefix}'")
+    config = gpt2_config_from_state_dict(own, prefix)
+    config.update(config_overrides)
+    if config["n_head"] is None:
+        raise CheckpointError(f"{source}: n_embd={config['n_embd']} is not a multiple of 64; pass n_head")
+    inner = _inner_prefix(own, prefix)
+    sd = StateDict(own, source=source)
+    V, P, C, L = config["vocab_size"], config["n_positions"], config["n_embd"], config["n_layer"]
+
+    weights = {"wte": sd.take(inner + "wte.weight", (V, C)), "wpe": sd.take(inner + "wpe.weight", (P, C))}
+    for i in range(L):
+        h = f"{inner}h.{i}."
+        weights[i] = {
+            "ln_1": (sd.take(h + "ln_1.weight", (C,)), sd.take(h + "ln_1.bias", (C,))),
+            "c_attn": (sd.take(h + "attn.c_attn.weight", (C, 3 * C)), sd.take(h + "attn.c_attn.bias", (3 * C,))),
+            "attn_proj": (sd.take(h + "attn.c_proj.weight", (C, C)), sd.take(h + "attn.c_proj.bias", (C,))),
+            "ln_2": (sd.take(h + "ln_2.weight", (C,)), sd.take(h + "ln_2.bias", (C,))),
+            "c_fc": (sd.take(h + "mlp.c_fc.weight", (C, 4 * C)), sd.take(h + "mlp.c_fc.bias", (4 * C,))),
+            "mlp_proj": (sd.take(h + "mlp.c_proj.weight", (4 * C, C)), sd.take(h + "mlp.c_proj.bias", (C,))),
+        }
+    weights["ln_f"] = (sd.take(inner + "ln_f.weight", (C,)), sd.take(inner + "ln_f.bias", (C,)))
+    sd.ignore_matching(re.escape(inner) + _LEGACY_BUFFERS)
+    head_key = prefix + "lm_head.weight"
+    if head_key in sd:
+        head = sd.take(head_key, (V, C))
+        if head is not None and weights["wte"] is not None and not np.array_equal(head, weights["wte"]):
+            raise CheckpointError(
+                f"{source}: {head_key} differs from {inner}wte.weight; this GPT2 ties its LM head to wte "
+                f"and cannot represent an untied head"
+            )
+    sd.finish()  # names every missing, mis-shaped and unexpected key under the prefix
+
+    model = GPT2(**config)
+    model.wte.embeddings.assign(weights["wte"])
+    model.wpe.embeddings.assign(weights["wpe"])
+    for i, block in enumerate(model.h):
+        w = weights[i]
+        for layer, (a, b) in ((block.ln_1, w["ln_1"]), (block.ln_2, w["ln_2"])):
+            layer.gamma.assign(a)
+            layer.beta.assign(b)
+        for layer, (kernel, bias) in ((block.attn.c_attn, w["c_attn"]), (block.attn.c_proj, w["attn_proj"]),
+                                      (block.mlp.c_fc, w["c_fc"]), (block.mlp.c_proj, w["mlp_proj"])):
+            layer.kernel.assign(kernel)
+            layer.bias.assign(bias)
+    model.ln_f.gamma.assign(weights["ln_f"][0])
+    model.ln_f.beta.assign(weights["ln_f"][1])
+    return model, set(own)
+
+
+def _read_weights_file(path):
+    if path.endswith(".safetensors"):
+        from safetensors.numpy import load_file
+
+        try:
+            return {k: to_numpy(v) for k, v in load_file(path).items()}
+        except Exception as e:  # safetensors raises its own error types for truncated/corrupt files
+            raise CheckpointError(f"cannot read {path} as safetensors: {type(e).__name__}: {e}") from e
+    return load_torch_state_dict(path)
+
+
+def load_gpt2(path_or_state_dict, **config_overrides):
+    """A `GPT2` from an HF GPT-2 directory, a weights file, or an in-memory state dict; strict.
+
+    A directory must hold ``model.safetensors`` or ``pytorch_model.bin`` (``config.json`` is read when
+    present, for ``n_head``, ``layer_norm_epsilon`` and dropout rates, and checked for unsupported options).
+    Sharded checkpoints are not supported. Every tensor must be accounted for.
+
+    Example::
+
+        gpt2 = load_gpt2("pretrained_models/gpt2")
+        gpt2 = load_gpt2(GPT2LMHeadModel(config).state_dict())
+    """
+    hf_config = {}
+    if isinstance(path_or_state_dict, Mapping):
+        state_dict, source = path_or_state_dict, "state dict"
+    else:
+        path = os.fspath(path_or_state_dict)
+        source = path
+        if os.path.isdir(path):
+            config_path = os.path.join(path, "config.json")
+            if os.path.exists(config_path):
+                with open(config_path, encoding="utf-8") as f:
+                    hf_config = json.load(f)
+            candidates = [os.path.join(path, n) for n in ("model.safetensors", "pytorch_model.bin")]
+            found = [c for c in candidates if os.path.exists(c)]
+            if not found:
+                raise CheckpointError(
+                    f"{path} holds neither model.safetensors nor pytorch_model.bin "
+                    f"(sharded checkpoints are not supported)"
+                )
+            weights_path = found[0]
+        elif os.path.exists(path):
+            weights_path = path
+        else:
+            raise CheckpointError(f"GPT-2 checkpoint not found: {path} (expected an HF directory or file)")
+        state_dict = _read_weights_file(weights_path)
+        source = weights_path
+    config = gpt2_config_from_hf_config(hf_config)
+    config.update(config_overrides)
+    model, _ = gpt2_from_state_dict(state_dict, prefix="", source=source, **config)  # prefix "": all keys
+    return model

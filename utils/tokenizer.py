@@ -1,0 +1,84 @@
+"""GPT-2's tokenizer, loaded from a local directory or a hub name, made ready for batched decoding.
+
+GPT-2 has no padding token: `load_gpt2_tokenizer` sets ``pad_token = eos_token`` (``<|endoftext|>``) so
+batches can be padded. Padded positions are excluded by the attention/padding mask, never by their id, so
+sharing the id with end-of-text is harmless. The stop token of generation is looked up in the vocabulary
+(`stop_token_id`), never written as a literal id: another vocabulary gives another id.
+
+Example::
+
+    tokenizer = load_gpt2_tokenizer("gpt2")                 # HF cache, or a local directory
+    stop = stop_token_id(tokenizer, ".")                    # 13 for GPT-2's vocabulary
+"""
+
+import os
+
+TOKENIZER_FILES = ("vocab.json", "merges.txt")  # or tokenizer.json alone
+
+
+class TokenizerError(ValueError):
+    """A tokenizer cannot be found or loaded, or a stop token is not a single token."""
+
+
+def load_gpt2_tokenizer(name_or_dir):
+    """A ``GPT2TokenizerFast`` from a local directory or a hub name (through the HF cache); pad = eos.
+
+    A directory must hold ``vocab.json`` + ``merges.txt`` or ``tokenizer.json``. A hub name is looked up in
+    the Hugging Face cache (``HF_HOME``), and downloaded only when online; offline and uncached raises a
+    `TokenizerError` saying which files are needed and where to put them.
+    """
+    from transformers import GPT2TokenizerFast
+
+    name_or_dir = os.fspath(name_or_dir)
+    if os.path.isdir(name_or_dir):
+        has_pair = all(os.path.exists(os.path.join(name_or_dir, f)) for f in TOKENIZER_FILES)
+        if not (has_pair or os.path.exists(os.path.join(name_or_dir, "tokenizer.json"))):
+            raise TokenizerError(
+                f"{name_or_dir} holds no GPT-2 tokenizer: it needs vocab.json and merges.txt "
+                f"(or tokenizer.json)"
+            )
+        try:
+            tokenizer = GPT2TokenizerFast.from_pretrained(name_or_dir)
+        except Exception as e:
+            raise TokenizerError(f"cannot load the GPT-2 tokenizer in {name_or_dir}: {e}") from e
+    else:
+        if os.sep in name_or_dir and not os.path.exists(name_or_dir):
+            # a hub name has at most one '/', which is os.sep on POSIX: only reject clear paths
+            if name_or_dir.count("/") > 1 or name_or_dir.startswith((".", "/", "~")):
+                raise TokenizerError(f"tokenizer directory not found: {name_or_dir}")
+        try:
+            tokenizer = GPT2TokenizerFast.from_pretrained(name_or_dir)
+        except Exception as e:
+            raise TokenizerError(
+                f"cannot load the tokenizer {name_or_dir!r} from the Hugging Face hub or its cache "
+                f"({type(e).__name__}). Offline, put vocab.json and merges.txt (or tokenizer.json) of "
+                f"{name_or_dir!r} in a local directory and pass that directory instead, or fill the HF "
+                f"cache (HF_HOME) while online."
+            ) from e
+    if len(tokenizer) <= len(tokenizer.all_special_tokens):
+        raise TokenizerError(
+            f"the tokenizer in {name_or_dir} has an empty vocabulary ({len(tokenizer)} tokens, all special): "
+            f"its tokenizer.json was probably saved from a tokenizer built with arguments this transformers "
+            f"version ignores; delete tokenizer.json to rebuild it from vocab.json and merges.txt"
+        )
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def stop_token_id(tokenizer, stop_token="."):
+    """The id of `stop_token`, which must encode to exactly one token (clear error otherwise).
+
+    Example::
+
+        stop_token_id(load_gpt2_tokenizer("gpt2"), ".")   # 13
+    """
+    if not isinstance(stop_token, str) or not stop_token:
+        raise TokenizerError(f"stop_token must be a non-empty string, got {stop_token!r}")
+    ids = tokenizer.encode(stop_token, add_special_tokens=False)
+    if len(ids) != 1:
+        raise TokenizerError(
+            f"stop token {stop_token!r} is not a single token for this tokenizer: it encodes to {ids} "
+            f"({tokenizer.convert_ids_to_tokens(ids)}); choose a token of its vocabulary"
+        )
+    return int(ids[0])
