@@ -1,0 +1,325 @@
+"""OpenAI's CLIP in Keras 3: both image encoders, the text encoder and the contrastive logit scale.
+
+- `VisionTransformer`: (B, n_px, n_px, 3) -> (B, output_dim). Patch conv without bias, class token,
+  positions, ``ln_pre``, residual attention blocks, ``ln_post`` on the class token, ``proj``.
+- `ModifiedResNet`: (B, n_px, n_px, 3) -> (B, output_dim). 3-conv stem + average pooling, anti-aliased
+  Bottleneck stages, attention pooling.
+- `TextTransformer`: (B, T) token ids -> (B, embed_dim), causal, features of the end-of-text token (the
+  highest id of each row, as OpenAI takes it).
+- `CLIPModel`: the three together with ``logit_scale``; ``logits(image_features, text_features)``.
+
+Images are channels-last (NHWC). Layer names are OpenAI's module names (``conv1``,
+``transformer.resblocks.3``, ``layer2.0``, ``attnpool`` ...), which is what the converter maps keys with.
+`clip_config_from_shapes` infers the whole configuration from a checkpoint's key -> shape mapping exactly as
+OpenAI's ``clip.model.build_model`` does, so any OpenAI checkpoint (B/32, B/16, L/14, L/14@336, RN50, RN101,
+RN50x4, RN50x16, RN50x64) builds without naming its variant.
+
+Example::
+
+    config = clip_config_from_shapes({k: tuple(v.shape) for k, v in state_dict.items()})
+    model = build_clip(config)                      # CLIPModel, random weights
+    feats = model.visual(keras.ops.zeros((2, 224, 224, 3)))   # (2, 512) for ViT-B/32
+"""
+
+import os
+import re
+from collections.abc import Mapping
+
+os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+
+import keras  # noqa: E402
+from keras import ops  # noqa: E402
+
+from custom_layers.clip_layers import (  # noqa: E402
+    AttentionPool2d,
+    Bottleneck,
+    ClassTokenAndPositions,
+    EndOfTextPooling,
+    PositionalEmbedding,
+    ResidualAttentionBlock,
+    batch_norm,
+    layer_norm,
+)
+
+
+@keras.saving.register_keras_serializable(package="clip")
+class VisionTransformer(keras.Model):
+    """CLIP's ViT image encoder (OpenAI ``VisionTransformer``), channels-last.
+
+    Args mirror OpenAI's: ``input_resolution`` (n_px), ``patch_size``, ``width``, ``layers``, ``heads``,
+    ``output_dim`` (the joint embedding size).
+    """
+
+    def __init__(self, input_resolution, patch_size, width, layers, heads, output_dim, **kwargs):
+        grid = input_resolution // patch_size
+        images = keras.Input((input_resolution, input_resolution, 3), name="images")
+        x = keras.layers.Conv2D(width, patch_size, strides=patch_size, use_bias=False, name="conv1")(images)
+        x = keras.layers.Reshape((grid * grid, width), name="flatten")(x)  # (B, grid^2, C), row-major
+        x = ClassTokenAndPositions(grid * grid + 1, width, name="embeddings")(x)  # (B, grid^2 + 1, C)
+        x = layer_norm("ln_pre")(x)
+        for i in range(layers):
+            x = ResidualAttentionBlock(width, heads, name=f"transformer.resblocks.{i}")(x)
+        x = layer_norm("ln_post")(x[:, 0])  # (B, C) class token
+        x = keras.layers.Dense(output_dim, use_bias=False, name="proj")(x)  # (B, output_dim)
+        super().__init__(inputs=images, outputs=x, **kwargs)
+        self.input_resolution = input_resolution
+        self.patch_size = patch_size
+        self.width = width
+        self.num_layers = layers
+        self.heads = heads
+        self.output_dim = output_dim
+
+    def get_config(self):
+        return {
+            "name": self.name,
+            "input_resolution": self.input_resolution,
+            "patch_size": self.patch_size,
+            "width": self.width,
+            "layers": self.num_layers,
+            "heads": self.heads,
+            "output_dim": self.output_dim,
+        }
+
+    @classmethod
+    def from_config(cls, config):
+        return cls(**config)
+
+
+@keras.saving.register_keras_serializable(package="clip")
+class ModifiedResNet(keras.Model):
+    """CLIP's ResNet image encoder (OpenAI ``ModifiedResNet``), channels-last.
+
+    Args mirror OpenAI's: ``layers`` (blocks per stage, 4 ints), ``output_dim``, ``heads`` (of the attention
+    pool), ``input_resolution``, ``width`` (stem width; the feature map has ``32 * width`` channels).
+    """
+
+    def __init__(self, layers, output_dim, heads, input_resolution=224, width=64, **kwargs):
+        layers = tuple(int(n) for n in layers)
+        if len(layers) != 4:
+            raise ValueError(f"ModifiedResNet needs 4 stage depths, got {layers}")
+        images = keras.Input((input_resolution, input_resolution, 3), name="images")
+        # the 3-layer stem; PyTorch pads the strided 3x3 conv by 1 on every side (not Keras' "same")
+        x = keras.layers.ZeroPadding2D(1, name="conv1_pad")(images)
+        x = keras.layers.Conv2D(width // 2, 3, strides=2, use_bias=False, name="conv1")(x)
+        x = keras.layers.ReLU(name="relu1")(batch_norm("bn1")(x))
+        x = keras.layers.Conv2D(width // 2, 3, padding="same", use_bias=False, name="conv2")(x)
+        x = keras.layers.ReLU(name="relu2")(batch_norm("bn2")(x))
+        x = keras.layers.Conv2D(width, 3, padding="same", use_bias=False, name="conv3")(x)
+        x = keras.layers.ReLU(name="relu3")(batch_norm("bn3")(x))
+        x = keras.layers.AveragePooling2D(2, name="avgpool")(x)  # (B, n_px/4, n_px/4, width)
+        inplanes = width
+        for stage, (blocks, stride) in enumerate(zip(layers, (1, 2, 2, 2)), start=1):
+            planes = width * 2 ** (stage - 1)
+            for b in range(blocks):
+                x = Bottleneck(inplanes, planes, stride if b == 0 else 1, name=f"layer{stage}.{b}")(x)
+                inplanes = planes * Bottleneck.expansion
+        # (B, n_px/32, n_px/32, 32 width)
+        x = AttentionPool2d(input_resolution // 32, width * 32, heads, output_dim, name="attnpool")(x)
+        super().__init__(inputs=images, outputs=x, **kwargs)
+        self.layer_counts = layers
+        self.output_dim = output_dim
+        self.heads = heads
+        self.input_resolution = input_resolution
+        self.width = width
+
+    def get_config(self):
+        return {
+            "name": self.name,
+            "layers": list(self.layer_counts),
+            "output_dim": self.output_dim,
+            "heads": self.heads,
+            "input_resolution": self.input_resolution,
+            "width": self.width,
+        }
+
+    @classmethod
+    def from_config(cls, config):
+        return cls(**config)
+
+
+@keras.saving.register_keras_serializable(package="clip")
+class TextTransformer(keras.Model):
+    """CLIP's text encoder: (B, T) int token ids, T <= context_length -> (B, embed_dim).
+
+    token_embedding + positional_embedding, causal residual attention blocks, ``ln_final``, the features
+    at the end-of-text token (the highest id in each row), ``text_projection``.
+    """
+
+    def __init__(self, embed_dim, context_length, vocab_size, width, heads, layers, **kwargs):
+        tokens = keras.Input((None,), dtype="int32", name="token_ids")
+        x = keras.layers.Embedding(vocab_size, width, name="token_embedding")(tokens)  # (B, T, C)
+        x = PositionalEmbedding(context_length, width, name="positional_embedding")(x)
+        for i in range(layers):
+            x = ResidualAttentionBlock(width, heads, causal=True, name=f"transformer.resblocks.{i}")(x)
+        x = layer_norm("ln_final")(x)
+        x = EndOfTextPooling(name="eot_pooling")(x, tokens)  # (B, C)
+        x = keras.layers.Dense(embed_dim, use_bias=False, name="text_projection")(x)  # (B, embed_dim)
+        super().__init__(inputs=tokens, outputs=x, **kwargs)
+        self.embed_dim = embed_dim
+        self.context_length = context_length
+        self.vocab_size = vocab_size
+        self.width = width
+        self.heads = heads
+        self.num_layers = layers
+
+    def get_config(self):
+        return {
+            "name": self.name,
+            "embed_dim": self.embed_dim,
+            "context_length": self.context_length,
+            "vocab_size": self.vocab_size,
+            "width": self.width,
+            "heads": self.heads,
+            "layers": self.num_layers,
+        }
+
+    @classmethod
+    def from_config(cls, config):
+        return cls(**config)
+
+
+@keras.saving.register_keras_serializable(package="clip")
+class CLIPModel(keras.Model):
+    """The image encoder (``visual``), the text encoder (``text``, None for an image-only model) and
+    ``logit_scale`` (log of the inverse softmax temperature).
+
+    ``call((images, token_ids))`` returns ``logits_per_image`` (B_img, B_txt) as OpenAI's ``CLIP.forward``.
+    ``config`` is the flat dict `clip_config_from_shapes` returns (``vision_layers`` an int for a ViT, a
+    list of 4 ints for a ResNet; ``text_layers`` 0 for an image-only model).
+    """
+
+    def __init__(self, config, **kwargs):
+        super().__init__(**kwargs)
+        self.config = dict(config)
+        self.visual = build_visual(self.config)
+        self.text = build_text(self.config) if self.config.get("text_layers") else None
+        self.logit_scale = self.add_weight(shape=(), initializer="zeros", name="logit_scale")
+
+    @property
+    def is_vit(self):
+        return isinstance(self.visual, VisionTransformer)
+
+    def encode_image(self, images):  # (B, n_px, n_px, 3) -> (B, D)
+        return self.visual(images, training=False)
+
+    def encode_text(self, token_ids):  # (B, T) -> (B, D)
+        if self.text is None:
+            raise ValueError("this CLIP model was converted without its text encoder (image-only)")
+        return self.text(token_ids, training=False)
+
+    def logits(self, image_features, text_features):
+        """exp(logit_scale) * cosine similarity: (B_img, D), (B_txt, D) -> (B_img, B_txt)."""
+        image_features = image_features / ops.norm(image_features, axis=-1, keepdims=True)
+        text_features = text_features / ops.norm(text_features, axis=-1, keepdims=True)
+        return ops.exp(self.logit_scale) * ops.matmul(image_features, ops.transpose(text_features))
+
+    def call(self, inputs):
+        images, token_ids = inputs
+        return self.logits(self.encode_image(images), self.encode_text(token_ids))
+
+    def get_config(self):
+        return {"name": self.name, "config": dict(self.config)}
+
+    @classmethod
+    def from_config(cls, config):
+        return cls(**config)
+
+
+def build_visual(config):
+    """The image encoder described by a CLIP config (see `clip_config_from_shapes`)."""
+    if isinstance(config["vision_layers"], (list, tuple)):
+        return ModifiedResNet(
+            layers=config["vision_layers"],
+            output_dim=config["embed_dim"],
+            heads=config["vision_width"] * 32 // 64,
+            input_resolution=config["image_resolution"],
+            width=config["vision_width"],
+            name="visual",
+        )
+    return VisionTransformer(
+        input_resolution=config["image_resolution"],
+        patch_size=config["vision_patch_size"],
+        width=config["vision_width"],
+        layers=config["vision_layers"],
+        heads=config["vision_width"] // 64,
+        output_dim=config["embed_dim"],
+        name="visual",
+    )
+
+
+def build_text(config):
+    """The text encoder described by a CLIP config (see `clip_config_from_shapes`)."""
+    return TextTransformer(
+        embed_dim=config["embed_dim"],
+        context_length=config["context_length"],
+        vocab_size=config["vocab_size"],
+        width=config["text_width"],
+        heads=config["text_heads"],
+        layers=config["text_layers"],
+        name="text",
+    )
+
+
+def build_clip(config):
+    """A `CLIPModel` (random weights) from a config dict."""
+    return CLIPModel(config, name="clip")
+
+
+def _count(keys, pattern):
+    regex = re.compile(pattern)
+    return len({m.group(1) for k in keys if (m := regex.fullmatch(k))})
+
+
+def clip_config_from_shapes(shapes: Mapping[str, tuple], visual_only=False) -> dict:
+    """Infer a CLIP configuration from a checkpoint's ``{key: shape}``, as OpenAI's ``build_model`` does.
+
+    A ViT is recognised by ``visual.proj``; otherwise the ResNet keys are required. Heads are not stored
+    in the weights: OpenAI's rule (width // 64; ResNet attention pool: 32 * width // 64) is applied.
+    Raises ``KeyError`` naming the first key that is missing (the converter turns it into a clear error).
+    With ``visual_only`` the text keys are not read and ``text_layers`` is 0.
+    """
+    keys = list(shapes)
+    if "visual.proj" in shapes:
+        vision_width, _, patch, _ = shapes["visual.conv1.weight"]
+        vision_layers = _count(keys, r"visual\.transformer\.resblocks\.(\d+)\.attn\.in_proj_weight")
+        positions = shapes["visual.positional_embedding"][0]
+        grid = round((positions - 1) ** 0.5)
+        if grid * grid + 1 != positions:
+            raise ValueError(f"visual.positional_embedding has {positions} rows, not a square grid + 1")
+        config = {
+            "embed_dim": shapes["visual.proj"][1],
+            "image_resolution": patch * grid,
+            "vision_layers": vision_layers,
+            "vision_width": vision_width,
+            "vision_patch_size": patch,
+        }
+    else:
+        vision_layers = [_count(keys, rf"visual\.layer{b}\.(\d+)\..*") for b in (1, 2, 3, 4)]
+        vision_width = shapes["visual.layer1.0.conv1.weight"][0]
+        positions = shapes["visual.attnpool.positional_embedding"][0]
+        grid = round((positions - 1) ** 0.5)
+        if grid * grid + 1 != positions:
+            raise ValueError(f"visual.attnpool.positional_embedding has {positions} rows, not a square grid + 1")
+        config = {
+            "embed_dim": shapes["visual.attnpool.c_proj.weight"][0],
+            "image_resolution": grid * 32,
+            "vision_layers": vision_layers,
+            "vision_width": vision_width,
+            "vision_patch_size": None,
+        }
+    if visual_only:
+        config.update(context_length=0, vocab_size=0, text_width=0, text_heads=0, text_layers=0)
+        return config
+    if shapes["text_projection"][1] != config["embed_dim"]:
+        raise ValueError(
+            f"text_projection projects to {shapes['text_projection'][1]}, the image encoder to {config['embed_dim']}"
+        )
+    text_width = shapes["ln_final.weight"][0]
+    config.update(
+        context_length=shapes["positional_embedding"][0],
+        vocab_size=shapes["token_embedding.weight"][0],
+        text_width=text_width,
+        text_heads=text_width // 64,
+        text_layers=_count(keys, r"transformer\.resblocks\.(\d+)\..*"),
+    )
+    return config

@@ -1,0 +1,325 @@
+"""The building blocks of OpenAI's CLIP, channels-last, named after OpenAI's modules.
+
+- `MultiHeadAttention`: PyTorch's ``nn.MultiheadAttention`` with the packed ``in_proj`` split into
+  ``q_proj`` / ``k_proj`` / ``v_proj`` and an ``out_proj`` (optionally causal).
+- `ResidualAttentionBlock`: pre-LN transformer block (``ln_1``, ``attn``, ``ln_2``, ``mlp.c_fc``,
+  QuickGELU, ``mlp.c_proj``) shared by the vision transformer and the text transformer.
+- `Bottleneck`: the ModifiedResNet block; a stride > 1 average-pools after ``conv2`` and in front of the
+  1x1 ``downsample.0`` conv (anti-aliased downsampling) instead of striding a convolution.
+- `AttentionPool2d`: ModifiedResNet's head: multi-head attention of the mean feature over the feature map
+  (plus a learned positional embedding), then ``c_proj``.
+- `ClassTokenAndPositions` / `PositionalEmbedding`: the ViT's class token + positions and the text
+  transformer's positions, as weights named like OpenAI's parameters.
+- `EndOfTextPooling`: the text features at each row's end-of-text token (its highest id).
+
+Every layer mirrors the PyTorch module's attribute names so converters map keys by name, and every
+normalisation uses PyTorch's epsilon (1e-5), not Keras' default.
+
+Example::
+
+    block = ResidualAttentionBlock(width=768, heads=12, name="transformer.resblocks.0")
+    y = block(keras.ops.ones((2, 50, 768)))  # (B, T, C)
+"""
+
+import os
+
+os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+
+import keras  # noqa: E402
+from keras import ops  # noqa: E402
+
+from custom_layers.activations import quick_gelu  # noqa: E402
+
+TORCH_EPSILON = 1e-5  # nn.LayerNorm / nn.BatchNorm2d default
+
+
+def layer_norm(name):
+    """``nn.LayerNorm(width)`` with PyTorch's epsilon."""
+    return keras.layers.LayerNormalization(epsilon=TORCH_EPSILON, name=name)
+
+
+def batch_norm(name):
+    """``nn.BatchNorm2d`` in inference mode over the channels-last axis, PyTorch's epsilon."""
+    return keras.layers.BatchNormalization(axis=-1, epsilon=TORCH_EPSILON, momentum=0.9, name=name)
+
+
+@keras.saving.register_keras_serializable(package="clip")
+class MultiHeadAttention(keras.layers.Layer):
+    """Scaled dot-product multi-head attention with separate q / k / v projections.
+
+    ``call(query, key_value=None)``: self-attention when ``key_value`` is None. With ``causal=True`` a
+    position attends to itself and earlier positions only (CLIP's text transformer).
+    """
+
+    def __init__(self, width, heads, causal=False, **kwargs):
+        super().__init__(**kwargs)
+        if width % heads:
+            raise ValueError(f"width {width} is not divisible by heads {heads}")
+        self.width = width
+        self.heads = heads
+        self.causal = causal
+        self.head_dim = width // heads
+        self.q_proj = keras.layers.Dense(width, name="q_proj")
+        self.k_proj = keras.layers.Dense(width, name="k_proj")
+        self.v_proj = keras.layers.Dense(width, name="v_proj")
+        self.out_proj = keras.layers.Dense(width, name="out_proj")
+
+    def build(self, query_shape, key_value_shape=None):
+        kv_shape = query_shape if key_value_shape is None else key_value_shape
+        self.q_proj.build(query_shape)
+        self.k_proj.build(kv_shape)
+        self.v_proj.build(kv_shape)
+        self.out_proj.build(tuple(query_shape[:-1]) + (self.width,))
+        self.built = True
+
+    def _split_heads(self, x):
+        batch, length = ops.shape(x)[0], ops.shape(x)[1]
+        return ops.reshape(x, (batch, length, self.heads, self.head_dim))  # (B, T, H, Dh)
+
+    def call(self, query, key_value=None):
+        key_value = query if key_value is None else key_value
+        q = self._split_heads(self.q_proj(query) * (self.head_dim**-0.5))  # (B, Tq, H, Dh)
+        k = self._split_heads(self.k_proj(key_value))  # (B, Tk, H, Dh)
+        v = self._split_heads(self.v_proj(key_value))  # (B, Tk, H, Dh)
+        scores = ops.einsum("bqhd,bkhd->bhqk", q, k)  # (B, H, Tq, Tk)
+        if self.causal:
+            tq, tk = ops.shape(scores)[2], ops.shape(scores)[3]
+            allowed = ops.arange(tk)[None, :] <= ops.arange(tq)[:, None]  # (Tq, Tk)
+            scores = ops.where(allowed[None, None], scores, ops.full_like(scores, float("-inf")))
+        weights = ops.softmax(scores, axis=-1)
+        out = ops.einsum("bhqk,bkhd->bqhd", weights, v)  # (B, Tq, H, Dh)
+        out = ops.reshape(out, (ops.shape(out)[0], ops.shape(out)[1], self.width))  # (B, Tq, C)
+        return self.out_proj(out)
+
+    def compute_output_shape(self, query_shape, key_value_shape=None):
+        return tuple(query_shape[:-1]) + (self.width,)
+
+    def get_config(self):
+        return {**super().get_config(), "width": self.width, "heads": self.heads, "causal": self.causal}
+
+
+@keras.saving.register_keras_serializable(package="clip")
+class ResidualAttentionBlock(keras.layers.Layer):
+    """``x + attn(ln_1(x))`` then ``x + mlp(ln_2(x))`` with a 4x QuickGELU MLP (OpenAI's block)."""
+
+    def __init__(self, width, heads, causal=False, **kwargs):
+        super().__init__(**kwargs)
+        self.width = width
+        self.heads = heads
+        self.causal = causal
+        self.ln_1 = layer_norm("ln_1")
+        self.attn = MultiHeadAttention(width, heads, causal=causal, name="attn")
+        self.ln_2 = layer_norm("ln_2")
+        self.c_fc = keras.layers.Dense(width * 4, name="mlp.c_fc")
+        self.c_proj = keras.layers.Dense(width, name="mlp.c_proj")
+
+    def build(self, input_shape):
+        self.ln_1.build(input_shape)
+        self.attn.build(input_shape)
+        self.ln_2.build(input_shape)
+        self.c_fc.build(input_shape)
+        self.c_proj.build(tuple(input_shape[:-1]) + (self.width * 4,))
+        self.built = True
+
+    def call(self, x):  # (B, T, C)
+        x = x + self.attn(self.ln_1(x))
+        return x + self.c_proj(quick_gelu(self.c_fc(self.ln_2(x))))
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def get_config(self):
+        return {**super().get_config(), "width": self.width, "heads": self.heads, "causal": self.causal}
+
+
+@keras.saving.register_keras_serializable(package="clip")
+class ClassTokenAndPositions(keras.layers.Layer):
+    """Prepends the learned ``class_embedding`` to the patch tokens and adds ``positional_embedding``.
+
+    (B, N, C) -> (B, N + 1, C); N must equal ``num_positions - 1``.
+    """
+
+    def __init__(self, num_positions, width, **kwargs):
+        super().__init__(**kwargs)
+        self.num_positions = num_positions
+        self.width = width
+
+    def build(self, input_shape):
+        self.class_embedding = self.add_weight(shape=(self.width,), initializer="zeros", name="class_embedding")
+        self.positional_embedding = self.add_weight(
+            shape=(self.num_positions, self.width), initializer="zeros", name="positional_embedding"
+        )
+        self.built = True
+
+    def call(self, x):  # (B, N, C)
+        cls = ops.broadcast_to(self.class_embedding[None, None, :], (ops.shape(x)[0], 1, self.width))
+        x = ops.concatenate([ops.cast(cls, x.dtype), x], axis=1)  # (B, N + 1, C)
+        return x + self.positional_embedding[None]
+
+    def compute_output_shape(self, input_shape):
+        return (input_shape[0], self.num_positions, self.width)
+
+    def get_config(self):
+        return {**super().get_config(), "num_positions": self.num_positions, "width": self.width}
+
+
+@keras.saving.register_keras_serializable(package="clip")
+class PositionalEmbedding(keras.layers.Layer):
+    """Adds the first T rows of a learned (context_length, C) ``positional_embedding`` to (B, T, C)."""
+
+    def __init__(self, context_length, width, **kwargs):
+        super().__init__(**kwargs)
+        self.context_length = context_length
+        self.width = width
+
+    def build(self, input_shape):
+        self.positional_embedding = self.add_weight(
+            shape=(self.context_length, self.width), initializer="zeros", name="positional_embedding"
+        )
+        self.built = True
+
+    def call(self, x):  # (B, T, C)
+        return x + self.positional_embedding[None, : ops.shape(x)[1]]
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def get_config(self):
+        return {**super().get_config(), "context_length": self.context_length, "width": self.width}
+
+
+@keras.saving.register_keras_serializable(package="clip")
+class EndOfTextPooling(keras.layers.Layer):
+    """``call(hidden (B, T, C), token_ids (B, T))`` -> (B, C): hidden state at ``argmax(token_ids)``.
+
+    OpenAI's rule: the end-of-text token has the highest id of the vocabulary, so its position is the
+    argmax of each row (padding is 0).
+    """
+
+    def call(self, hidden, token_ids):
+        eot = ops.cast(ops.argmax(token_ids, axis=-1), "int32")  # (B,)
+        return ops.take_along_axis(hidden, eot[:, None, None], axis=1)[:, 0]  # (B, C)
+
+    def compute_output_shape(self, hidden_shape, token_ids_shape):
+        return (hidden_shape[0], hidden_shape[-1])
+
+
+@keras.saving.register_keras_serializable(package="clip")
+class Bottleneck(keras.layers.Layer):
+    """ModifiedResNet's bottleneck (expansion 4), channels-last.
+
+    conv1 1x1 -> bn1 -> relu -> conv2 3x3 -> bn2 -> relu -> avgpool(stride) -> conv3 1x1 -> bn3, plus the
+    identity, or ``downsample`` (avgpool(stride) -> 1x1 conv ``downsample.0`` -> ``downsample.1`` BN) when
+    the stride or the width changes; then relu. All convolutions have stride 1 and no bias.
+    """
+
+    expansion = 4
+
+    def __init__(self, inplanes, planes, stride=1, **kwargs):
+        super().__init__(**kwargs)
+        self.inplanes = inplanes
+        self.planes = planes
+        self.stride = stride
+        out = planes * self.expansion
+        self.conv1 = keras.layers.Conv2D(planes, 1, use_bias=False, name="conv1")
+        self.bn1 = batch_norm("bn1")
+        self.conv2 = keras.layers.Conv2D(planes, 3, padding="same", use_bias=False, name="conv2")
+        self.bn2 = batch_norm("bn2")
+        self.avgpool = keras.layers.AveragePooling2D(stride, name="avgpool") if stride > 1 else None
+        self.conv3 = keras.layers.Conv2D(out, 1, use_bias=False, name="conv3")
+        self.bn3 = batch_norm("bn3")
+        self.has_downsample = stride > 1 or inplanes != out
+        if self.has_downsample:
+            self.downsample_pool = keras.layers.AveragePooling2D(stride, name="downsample.-1") if stride > 1 else None
+            self.downsample_conv = keras.layers.Conv2D(out, 1, use_bias=False, name="downsample.0")
+            self.downsample_bn = batch_norm("downsample.1")
+
+    def build(self, input_shape):  # (B, H, W, inplanes)
+        batch, h, w = input_shape[:3]
+        inner = (batch, h, w, self.planes)
+        pooled = (batch, None if h is None else h // self.stride, None if w is None else w // self.stride)
+        self.conv1.build(input_shape)
+        self.bn1.build(inner)
+        self.conv2.build(inner)
+        self.bn2.build(inner)
+        self.conv3.build(pooled + (self.planes,))
+        self.bn3.build(pooled + (self.planes * self.expansion,))
+        if self.has_downsample:
+            self.downsample_conv.build(pooled + (self.inplanes,))
+            self.downsample_bn.build(pooled + (self.planes * self.expansion,))
+        self.built = True
+
+    def call(self, x, training=False):  # (B, H, W, Cin)
+        out = ops.relu(self.bn1(self.conv1(x), training=training))
+        out = ops.relu(self.bn2(self.conv2(out), training=training))
+        if self.avgpool is not None:
+            out = self.avgpool(out)  # (B, H/s, W/s, planes)
+        out = self.bn3(self.conv3(out), training=training)  # (B, H/s, W/s, 4 planes)
+        identity = x
+        if self.has_downsample:
+            if self.downsample_pool is not None:
+                identity = self.downsample_pool(identity)
+            identity = self.downsample_bn(self.downsample_conv(identity), training=training)
+        return ops.relu(out + identity)
+
+    def compute_output_shape(self, input_shape):
+        batch, h, w = input_shape[:3]
+        s = self.stride
+        return (batch, None if h is None else h // s, None if w is None else w // s, self.planes * self.expansion)
+
+    def get_config(self):
+        return {**super().get_config(), "inplanes": self.inplanes, "planes": self.planes, "stride": self.stride}
+
+
+@keras.saving.register_keras_serializable(package="clip")
+class AttentionPool2d(keras.layers.Layer):
+    """ModifiedResNet's attention pooling: (B, H, W, C) -> (B, output_dim).
+
+    The mean feature is prepended to the H*W features, ``positional_embedding`` (H*W + 1, C) is added, and
+    the mean token attends over all H*W + 1 tokens (``q_proj``, ``k_proj``, ``v_proj``, ``c_proj``).
+    """
+
+    def __init__(self, spacial_dim, embed_dim, heads, output_dim=None, **kwargs):
+        super().__init__(**kwargs)
+        self.spacial_dim = spacial_dim
+        self.embed_dim = embed_dim
+        self.heads = heads
+        self.output_dim = output_dim or embed_dim
+        self.head_dim = embed_dim // heads
+        self.q_proj = keras.layers.Dense(embed_dim, name="q_proj")
+        self.k_proj = keras.layers.Dense(embed_dim, name="k_proj")
+        self.v_proj = keras.layers.Dense(embed_dim, name="v_proj")
+        self.c_proj = keras.layers.Dense(self.output_dim, name="c_proj")
+
+    def build(self, input_shape):
+        self.positional_embedding = self.add_weight(
+            shape=(self.spacial_dim**2 + 1, self.embed_dim), initializer="zeros", name="positional_embedding"
+        )
+        tokens = (input_shape[0], None, self.embed_dim)
+        for dense in (self.q_proj, self.k_proj, self.v_proj, self.c_proj):
+            dense.build(tokens)
+        self.built = True
+
+    def call(self, x):  # (B, H, W, C)
+        batch = ops.shape(x)[0]
+        x = ops.reshape(x, (batch, self.spacial_dim**2, self.embed_dim))  # (B, HW, C)
+        x = ops.concatenate([ops.mean(x, axis=1, keepdims=True), x], axis=1)  # (B, HW + 1, C)
+        x = x + self.positional_embedding[None]
+        q = ops.reshape(self.q_proj(x[:, :1]) * (self.head_dim**-0.5), (batch, self.heads, self.head_dim))
+        k = ops.reshape(self.k_proj(x), (batch, -1, self.heads, self.head_dim))  # (B, HW + 1, H, Dh)
+        v = ops.reshape(self.v_proj(x), (batch, -1, self.heads, self.head_dim))  # (B, HW + 1, H, Dh)
+        weights = ops.softmax(ops.einsum("bhd,bkhd->bhk", q, k), axis=-1)  # (B, H, HW + 1)
+        out = ops.reshape(ops.einsum("bhk,bkhd->bhd", weights, v), (batch, self.embed_dim))  # (B, C)
+        return self.c_proj(out)  # (B, output_dim)
+
+    def compute_output_shape(self, input_shape):
+        return (input_shape[0], self.output_dim)
+
+    def get_config(self):
+        return {
+            **super().get_config(),
+            "spacial_dim": self.spacial_dim,
+            "embed_dim": self.embed_dim,
+            "heads": self.heads,
+            "output_dim": self.output_dim,
+        }

@@ -1,0 +1,248 @@
+"""`CLIP`: the object users call to embed images and texts with an OpenAI CLIP model, in Keras.
+
+It ties together image reading (`utils.image_io`), OpenAI-identical preprocessing
+(`utils.clip_preprocessing`), the Keras encoders (`custom_architectures.clip_arch`) and the CLIP tokenizer
+(`models.siamese.clip_tokenizer`). ``from_pretrained`` converts an OpenAI ``.pt`` (TorchScript or state
+dict; torch needed) or loads a directory written by ``save`` (config.json, weights.h5 and the tokenizer's
+vocabulary; no torch needed).
+
+Example::
+
+    clip = CLIP.from_pretrained("ViT-B-32.pt")
+    clip.save("pretrained_models/clip_vit_b32")
+    clip = CLIP.load("pretrained_models/clip_vit_b32")
+    image_features = clip.encode_image(["cat.jpg", "dog.png"])     # (2, 512), unnormalised
+    logits = clip.similarity(["cat.jpg"], ["a cat", "a dog"])       # (1, 2)
+"""
+
+import json
+import os
+
+os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+
+import numpy as np  # noqa: E402
+
+from custom_architectures.clip_arch import CLIPModel, build_clip  # noqa: E402
+from models.siamese.clip_tokenizer import CLIPTokenizer  # noqa: E402
+from utils.clip_preprocessing import preprocess_image  # noqa: E402
+from utils.image_io import read_image  # noqa: E402
+
+CONFIG_FILENAME = "config.json"
+WEIGHTS_FILENAME = "weights.h5"
+FORMAT_VERSION = 1
+
+
+def _is_single_image(images):
+    if isinstance(images, (str, os.PathLike, bytes)):
+        return True
+    if isinstance(images, np.ndarray):
+        return images.ndim in (2, 3)
+    return not isinstance(images, (list, tuple))
+
+
+class CLIP:
+    """An OpenAI CLIP model: image encoder, optional text encoder and tokenizer, logit scale.
+
+    Attributes:
+        model: the Keras `CLIPModel` (``model.visual``, ``model.text`` or None, ``model.logit_scale``).
+        visual: ``model.visual``, (B, n_px, n_px, 3) float32 -> (B, embed_dim).
+        embed_dim, input_resolution: the joint embedding size and the image side n_px.
+        tokenizer: a `CLIPTokenizer`, or None for an image-only model.
+        jit_compile: encode through XLA-compiled functions (faster on CPU, see ``benchmarks/bench_clip.py``);
+            image batches are zero-padded to a power of two so that few shapes get compiled.
+    """
+
+    def __init__(self, model: CLIPModel, tokenizer: CLIPTokenizer | None = None, jit_compile=True):
+        import tensorflow as tf
+
+        self.model = model
+        self.tokenizer = tokenizer
+        self.jit_compile = jit_compile
+        self._encode_pixels = tf.function(lambda x: model.visual(x, training=False), jit_compile=jit_compile)
+        self._encode_tokens = None
+        if model.text is not None:
+            self._encode_tokens = tf.function(lambda t: model.text(t, training=False), jit_compile=jit_compile)
+
+    # --- construction --------------------------------------------------------------------------------
+
+    @classmethod
+    def from_pretrained(cls, name_or_path, visual_only=False, jit_compile=True):
+        """An OpenAI CLIP ``.pt`` file (TorchScript archive or state dict) or a directory saved by `save`.
+
+        ``visual_only`` skips the text encoder and the tokenizer (what ClipCap needs). Model names
+        ("ViT-B/32") are not resolved here yet: `_resolve` is the hook where downloads will plug in.
+        """
+        path = cls._resolve(name_or_path)
+        if os.path.isdir(path):
+            return cls.load(path, jit_compile=jit_compile)
+        from utils.convert.openai_clip import load_openai_clip
+
+        model = load_openai_clip(path, visual_only=visual_only)
+        tokenizer = None if visual_only else CLIPTokenizer(context_length=model.config["context_length"])
+        return cls(model, tokenizer, jit_compile=jit_compile)
+
+    @staticmethod
+    def _resolve(name_or_path):
+        """Map a model name or path to a local file / directory (hook for ``utils/downloads.py``)."""
+        path = os.fspath(name_or_path)
+        if os.path.exists(path):
+            return path
+        raise FileNotFoundError(
+            f"{path!r} is not an existing file or directory. Give the path of an OpenAI CLIP .pt file "
+            "(e.g. ViT-B-32.pt) or of a directory written by CLIP.save; model names are not resolved yet."
+        )
+
+    def save(self, directory):
+        """Write config.json, weights.h5 (every variable by its path) and the tokenizer's vocabulary."""
+        import h5py
+
+        os.makedirs(directory, exist_ok=True)
+        config = {
+            "format_version": FORMAT_VERSION,
+            "architecture": "openai_clip",
+            "clip": self.model.config,
+            "tokenizer": None if self.tokenizer is None else {"context_length": self.tokenizer.context_length},
+        }
+        with open(os.path.join(directory, CONFIG_FILENAME), "w") as f:
+            json.dump(config, f, indent=2)
+        with h5py.File(os.path.join(directory, WEIGHTS_FILENAME), "w") as f:
+            for key, variable in _named_variables(self.model).items():
+                f.create_dataset(key, data=np.asarray(variable.numpy()))
+        if self.tokenizer is not None:
+            self.tokenizer.save(directory)
+        return directory
+
+    @classmethod
+    def load(cls, directory, jit_compile=True):
+        """Rebuild a model saved by `save` (strict: every variable present, nothing left over)."""
+        import h5py
+
+        config_path = os.path.join(directory, CONFIG_FILENAME)
+        weights_path = os.path.join(directory, WEIGHTS_FILENAME)
+        for path in (config_path, weights_path):
+            if not os.path.isfile(path):
+                raise FileNotFoundError(f"{directory} is not a saved CLIP model: {os.path.basename(path)} missing")
+        with open(config_path) as f:
+            config = json.load(f)
+        if config.get("architecture") != "openai_clip":
+            raise ValueError(f"{config_path} does not describe a CLIP model: {config.get('architecture')!r}")
+        model = build_clip(config["clip"])
+        variables = _named_variables(model)
+        with h5py.File(weights_path, "r") as f:
+            stored = {}
+
+            def collect(name, obj):  # visititems stops at the first non-None return
+                if isinstance(obj, h5py.Dataset):
+                    stored[name] = obj
+
+            f.visititems(collect)
+            missing = sorted(set(variables) - set(stored))
+            unexpected = sorted(set(stored) - set(variables))
+            mismatched = [
+                f"{k}: {stored[k].shape} vs {tuple(v.shape)}"
+                for k, v in variables.items()
+                if k in stored and tuple(stored[k].shape) != tuple(v.shape)
+            ]
+            if missing or unexpected or mismatched:
+                raise ValueError(
+                    f"{weights_path} does not match its config: missing {missing[:5]}, unexpected "
+                    f"{unexpected[:5]}, mis-shaped {mismatched[:5]}"
+                )
+            for key, variable in variables.items():
+                variable.assign(stored[key][()])
+        tokenizer = None
+        if config.get("tokenizer") is not None:
+            tokenizer = CLIPTokenizer.from_directory(directory, **config["tokenizer"])
+        return cls(model, tokenizer, jit_compile=jit_compile)
+
+    # --- properties ----------------------------------------------------------------------------------
+
+    @property
+    def visual(self):
+        return self.model.visual
+
+    @property
+    def embed_dim(self) -> int:
+        return int(self.model.config["embed_dim"])
+
+    @property
+    def input_resolution(self) -> int:
+        return int(self.model.config["image_resolution"])
+
+    @property
+    def logit_scale(self) -> float:
+        return float(np.exp(self.model.logit_scale.numpy()))
+
+    # --- images --------------------------------------------------------------------------------------
+
+    def preprocess(self, image, exif_transpose=True):
+        """One image (path / PIL / array) -> (n_px, n_px, 3) float32, OpenAI's transform channels-last.
+
+        ``exif_transpose=False`` reproduces OpenAI exactly (it ignores the EXIF orientation).
+        """
+        return preprocess_image(read_image(image, exif_transpose=exif_transpose), self.input_resolution)
+
+    def encode_pixels(self, pixels):
+        """Preprocessed pixels (B, n_px, n_px, 3) -> raw (unnormalised) image features (B, embed_dim)."""
+        pixels = np.asarray(pixels, dtype=np.float32)
+        n = self.input_resolution
+        if pixels.ndim != 4 or pixels.shape[1:] != (n, n, 3):
+            raise ValueError(f"encode_pixels expects (B, {n}, {n}, 3) pixels, got {pixels.shape}")
+        count = len(pixels)
+        if count == 0:
+            return np.zeros((0, self.embed_dim), np.float32)
+        if self.jit_compile:  # XLA compiles once per shape: pad to a power of two (few shapes, < 2x work)
+            bucket = 1 << (count - 1).bit_length()
+            pixels = np.concatenate([pixels, np.zeros((bucket - count, n, n, 3), np.float32)])
+        return np.asarray(self._encode_pixels(pixels))[:count]
+
+    def encode_image(self, images, batch_size=32, exif_transpose=True):
+        """Images (a path, PIL image or array, or a list of them / an (N, H, W, C) array) -> (N, embed_dim)."""
+        if _is_single_image(images):
+            images = [images]
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        features = []
+        for start in range(0, len(images), batch_size):
+            batch = [self.preprocess(image, exif_transpose) for image in images[start : start + batch_size]]
+            features.append(self.encode_pixels(np.stack(batch)))
+        if not features:
+            return np.zeros((0, self.embed_dim), np.float32)
+        return np.concatenate(features)
+
+    # --- texts ---------------------------------------------------------------------------------------
+
+    def tokenize(self, texts, truncate=False):
+        if self.tokenizer is None:
+            raise ValueError("this CLIP model has no text encoder (loaded with visual_only=True)")
+        return self.tokenizer.tokenize(texts, truncate=truncate)
+
+    def encode_text(self, texts, truncate=False):
+        """A string or list of strings -> raw text features (N, embed_dim)."""
+        token_ids = self.tokenize(texts, truncate=truncate)
+        if self._encode_tokens is None:
+            raise ValueError("this CLIP model has no text encoder (loaded with visual_only=True)")
+        count = len(token_ids)
+        if count == 0:
+            return np.zeros((0, self.embed_dim), np.float32)
+        if self.jit_compile:  # as encode_pixels: few compiled shapes
+            bucket = 1 << (count - 1).bit_length()
+            token_ids = np.concatenate([token_ids, np.zeros((bucket - count, token_ids.shape[1]), np.int32)])
+        return np.asarray(self._encode_tokens(token_ids))[:count]
+
+    def similarity(self, images, texts, batch_size=32):
+        """CLIP logits (N_img, N_txt): exp(logit_scale) * cosine similarity (OpenAI's logits_per_image)."""
+        image_features = self.encode_image(images, batch_size=batch_size)
+        text_features = self.encode_text(texts)
+        return np.asarray(self.model.logits(image_features, text_features))
+
+
+def _named_variables(model):
+    """{"visual/<path>" | "text/<path>" | "logit_scale": variable}: stable names for the weights file."""
+    named = {f"visual/{v.path}": v for v in model.visual.weights}
+    if model.text is not None:
+        named.update({f"text/{v.path}": v for v in model.text.weights})
+    named["logit_scale"] = model.logit_scale
+    if len(named) != len(model.visual.weights) + (len(model.text.weights) if model.text else 0) + 1:
+        raise RuntimeError("CLIP variables do not have unique paths")
+    return named

@@ -1,0 +1,186 @@
+"""OpenAI CLIP's byte-level BPE tokenizer, offline, without importing the ``clip`` package.
+
+Token ids equal ``clip.tokenize``'s: the same text cleaning (ftfy, HTML unescaping twice, whitespace
+collapsing, lower-casing), the same pre-tokenisation regex, the same 48,894 merges of OpenAI's
+``bpe_simple_vocab_16e6.txt.gz`` and the same ``<|startoftext|>`` / ``<|endoftext|>`` ids (49406, 49407).
+The vocabulary file ships inside the installed ``clip-anytorch`` distribution; `default_vocab_path` finds
+it without importing that package (importing it would import torchvision: see the team's segfault trap).
+A saved model keeps its own copy of the file, so loading needs nothing else.
+
+Example::
+
+    tokenizer = CLIPTokenizer()                     # the vocabulary of the installed clip-anytorch
+    ids = tokenizer.tokenize(["a photo of a cat"])  # (1, 77) int32, zero-padded
+"""
+
+import gzip
+import html
+import importlib.metadata
+import importlib.util
+import os
+import shutil
+from functools import lru_cache
+
+import numpy as np
+
+VOCAB_FILENAME = "bpe_simple_vocab_16e6.txt.gz"
+_NUM_MERGES = 49152 - 256 - 2  # OpenAI keeps the first 48,894 merges of the file
+
+
+def default_vocab_path():
+    """Path of OpenAI's ``bpe_simple_vocab_16e6.txt.gz`` in the installed clip-anytorch (not imported)."""
+    candidates = []
+    spec = importlib.util.find_spec("clip")  # a top-level find_spec does not execute the package
+    if spec is not None and spec.submodule_search_locations:
+        candidates += [os.path.join(loc, VOCAB_FILENAME) for loc in spec.submodule_search_locations]
+    try:
+        candidates += [
+            str(f.locate()) for f in importlib.metadata.files("clip-anytorch") or [] if f.name == VOCAB_FILENAME
+        ]
+    except importlib.metadata.PackageNotFoundError:
+        pass
+    for path in candidates:
+        if os.path.isfile(path):
+            return path
+    raise FileNotFoundError(
+        f"OpenAI's CLIP vocabulary {VOCAB_FILENAME} was not found: install the 'clip-anytorch' package "
+        "(it ships the file), or pass vocab_path= to CLIPTokenizer"
+    )
+
+
+@lru_cache(maxsize=1)
+def _bytes_to_unicode():
+    """GPT-2 / CLIP's reversible map from the 256 byte values to printable unicode characters."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(2**8):
+        if b not in bs:
+            bs.append(b)
+            cs.append(2**8 + n)
+            n += 1
+    return dict(zip(bs, [chr(c) for c in cs]))
+
+
+class CLIPTokenizer:
+    """OpenAI's ``SimpleTokenizer`` + ``clip.tokenize``, reading a ``bpe_simple_vocab_16e6.txt.gz``.
+
+    Args:
+        vocab_path: the gzipped merges file (default: the one shipped in clip-anytorch).
+        context_length: rows are zero-padded to this length (77 for every OpenAI CLIP).
+    """
+
+    START, END = "<|startoftext|>", "<|endoftext|>"
+
+    def __init__(self, vocab_path=None, context_length=77, cache_size=50_000):
+        import ftfy  # clip-anytorch's own dependencies: imported here so the module loads without them
+        import regex
+
+        self._ftfy = ftfy
+        self._regex = regex
+        self.vocab_path = os.fspath(vocab_path) if vocab_path is not None else default_vocab_path()
+        self.context_length = context_length
+        with gzip.open(self.vocab_path) as f:
+            lines = f.read().decode("utf-8").split("\n")
+        merges = [tuple(line.split()) for line in lines[1 : _NUM_MERGES + 1]]
+        if len(merges) != _NUM_MERGES or any(len(m) != 2 for m in merges):
+            raise ValueError(f"{self.vocab_path} is not OpenAI's CLIP BPE merges file")
+        self.byte_encoder = _bytes_to_unicode()
+        self.byte_decoder = {v: k for k, v in self.byte_encoder.items()}
+        vocab = list(self.byte_encoder.values())
+        vocab = vocab + [v + "</w>" for v in vocab] + ["".join(m) for m in merges] + [self.START, self.END]
+        self.encoder = {token: i for i, token in enumerate(vocab)}
+        self.decoder = {i: token for token, i in self.encoder.items()}
+        self.bpe_ranks = {m: i for i, m in enumerate(merges)}
+        self.sot_token = self.encoder[self.START]
+        self.eot_token = self.encoder[self.END]
+        self.vocab_size = len(self.encoder)
+        self._cache_size = cache_size
+        self._cache = {}
+        self._pattern = regex.compile(
+            r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+""",
+            regex.IGNORECASE,
+        )
+
+    def _clean(self, text):
+        text = html.unescape(html.unescape(self._ftfy.fix_text(text))).strip()
+        return self._regex.sub(r"\s+", " ", text).strip().lower()
+
+    def _bpe(self, token):
+        if token in (self.START, self.END):
+            return [token]
+        cached = self._cache.get(token)
+        if cached is not None:
+            return cached
+        word = list(token[:-1]) + [token[-1] + "</w>"]
+        while len(word) > 1:
+            pairs = {(a, b) for a, b in zip(word, word[1:])}
+            bigram = min(pairs, key=lambda pair: self.bpe_ranks.get(pair, float("inf")))
+            if bigram not in self.bpe_ranks:
+                break
+            first, second = bigram
+            merged, i = [], 0
+            while i < len(word):
+                if i < len(word) - 1 and word[i] == first and word[i + 1] == second:
+                    merged.append(first + second)
+                    i += 2
+                else:
+                    merged.append(word[i])
+                    i += 1
+            word = merged
+        if len(self._cache) >= self._cache_size:
+            self._cache.clear()
+        self._cache[token] = word
+        return word
+
+    def encode(self, text):
+        """Token ids of `text` without the start / end tokens."""
+        ids = []
+        for token in self._pattern.findall(self._clean(text)):
+            token = "".join(self.byte_encoder[b] for b in token.encode("utf-8"))
+            ids.extend(self.encoder[piece] for piece in self._bpe(token))
+        return ids
+
+    def decode(self, ids):
+        """Text of token ids (start / end / padding ids are kept as their token strings, 0 is '!')."""
+        text = "".join(self.decoder[int(i)] for i in ids)
+        return bytearray([self.byte_decoder[c] for c in text]).decode("utf-8", errors="replace").replace("</w>", " ")
+
+    def tokenize(self, texts, truncate=False):
+        """``clip.tokenize``: (N, context_length) int32, ``[sot] + ids + [eot]`` then zeros.
+
+        A text longer than the context raises ``ValueError`` unless ``truncate`` (then the last kept token
+        becomes end-of-text, as OpenAI does).
+        """
+        if isinstance(texts, str):
+            texts = [texts]
+        result = np.zeros((len(texts), self.context_length), dtype=np.int32)
+        for row, text in enumerate(texts):
+            if not isinstance(text, str):
+                raise TypeError(f"texts must be strings, got {type(text).__name__}")
+            tokens = [self.sot_token] + self.encode(text) + [self.eot_token]
+            if len(tokens) > self.context_length:
+                if not truncate:
+                    raise ValueError(
+                        f"text {row} is {len(tokens)} tokens long, more than the context length "
+                        f"{self.context_length} (pass truncate=True to cut it): {text[:80]!r}"
+                    )
+                tokens = tokens[: self.context_length]
+                tokens[-1] = self.eot_token
+            result[row, : len(tokens)] = tokens
+        return result
+
+    def save(self, directory):
+        """Copy the vocabulary file into `directory` (what `from_directory` reads back)."""
+        os.makedirs(directory, exist_ok=True)
+        target = os.path.join(directory, VOCAB_FILENAME)
+        if os.path.abspath(target) != os.path.abspath(self.vocab_path):
+            shutil.copyfile(self.vocab_path, target)
+        return target
+
+    @classmethod
+    def from_directory(cls, directory, context_length=77):
+        path = os.path.join(directory, VOCAB_FILENAME)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{directory} has no CLIP tokenizer vocabulary ({VOCAB_FILENAME})")
+        return cls(path, context_length=context_length)

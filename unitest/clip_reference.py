@@ -1,0 +1,100 @@
+"""PyTorch references for the CLIP tests: OpenAI's own ``clip.model`` with random, fp16-rounded weights.
+
+Test-only (imports torch and the ``clip`` package, which conftest has made safe by importing torchvision
+before TensorFlow).
+"""
+
+import torch
+from clip.model import CLIP as TorchCLIP
+from clip.model import build_model
+
+# OpenAI's released variants: the arguments of clip.model.CLIP that build_model infers from their weights
+OPENAI_CONFIGS = {
+    "RN50": dict(embed_dim=1024, image_resolution=224, vision_layers=(3, 4, 6, 3), vision_width=64,
+                 vision_patch_size=None, transformer_width=512, transformer_heads=8),
+    "RN101": dict(embed_dim=512, image_resolution=224, vision_layers=(3, 4, 23, 3), vision_width=64,
+                  vision_patch_size=None, transformer_width=512, transformer_heads=8),
+    "RN50x4": dict(embed_dim=640, image_resolution=288, vision_layers=(4, 6, 10, 6), vision_width=80,
+                   vision_patch_size=None, transformer_width=640, transformer_heads=10),
+    "RN50x16": dict(embed_dim=768, image_resolution=384, vision_layers=(6, 8, 18, 8), vision_width=96,
+                    vision_patch_size=None, transformer_width=768, transformer_heads=12),
+    "RN50x64": dict(embed_dim=1024, image_resolution=448, vision_layers=(3, 15, 36, 10), vision_width=128,
+                    vision_patch_size=None, transformer_width=1024, transformer_heads=16),
+    "ViT-B/32": dict(embed_dim=512, image_resolution=224, vision_layers=12, vision_width=768,
+                     vision_patch_size=32, transformer_width=512, transformer_heads=8),
+    "ViT-B/16": dict(embed_dim=512, image_resolution=224, vision_layers=12, vision_width=768,
+                     vision_patch_size=16, transformer_width=512, transformer_heads=8),
+    "ViT-L/14": dict(embed_dim=768, image_resolution=224, vision_layers=24, vision_width=1024,
+                     vision_patch_size=14, transformer_width=768, transformer_heads=12),
+    "ViT-L/14@336px": dict(embed_dim=768, image_resolution=336, vision_layers=24, vision_width=1024,
+                           vision_patch_size=14, transformer_width=768, transformer_heads=12),
+}
+for _config in OPENAI_CONFIGS.values():
+    _config.update(context_length=77, vocab_size=49408, transformer_layers=12)
+
+# small configurations exercising the same code paths (strided stages with downsample, several blocks)
+TINY_CONFIGS = {
+    "tiny-ViT": dict(embed_dim=32, image_resolution=32, vision_layers=2, vision_width=64, vision_patch_size=8,
+                     context_length=77, vocab_size=49408, transformer_width=64, transformer_heads=1,
+                     transformer_layers=2),
+    "tiny-RN": dict(embed_dim=32, image_resolution=64, vision_layers=(1, 2, 1, 1), vision_width=16,
+                    vision_patch_size=None, context_length=77, vocab_size=49408, transformer_width=64,
+                    transformer_heads=1, transformer_layers=2),
+}
+
+
+def random_clip_state_dict(config, seed=0):
+    """A random CLIP state dict, every float tensor rounded to fp16 (kept as fp32).
+
+    Starts from OpenAI's initialisation, then randomises what it initialises to constants (LayerNorm and
+    BatchNorm affine parameters, biases, the zero-initialised ``bn3`` of every Bottleneck) so that no weight
+    can be mis-converted unnoticed, and measures the BatchNorm statistics on random images.
+    """
+    torch.manual_seed(seed)
+    model = TorchCLIP(**config)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith(("bn1.weight", "bn2.weight", "downsample.1.weight")):
+                param.copy_(1.0 + 0.1 * torch.randn_like(param))
+            elif name.endswith("bn3.weight"):  # zero in OpenAI's init; small keeps the deep stack well-conditioned
+                param.copy_(0.25 + 0.05 * torch.randn_like(param) if name.startswith("visual.layer") else
+                            1.0 + 0.1 * torch.randn_like(param))
+            elif param.numel() > 1 and float(param.std()) == 0.0:  # LayerNorm affine, biases
+                param.add_(0.1 * torch.randn_like(param))
+        if isinstance(config["vision_layers"], (tuple, list)):
+            # BatchNorm statistics measured on random images, so that the image signal survives the depth
+            # (arbitrary statistics let the biases drown it and every image gets the same embedding)
+            batch_norms = [m for m in model.visual.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+            for bn in batch_norms:
+                bn.reset_running_stats()
+                bn.momentum = None  # cumulative average
+            model.visual.train()
+            n_px = config["image_resolution"]
+            model.visual(torch.randn(2, 3, n_px, n_px))
+            model.visual.eval()
+            for bn in batch_norms:  # channels dead on 2 images would divide round-off by sqrt(1e-5)
+                bn.running_var.clamp_(min=0.1)
+    state_dict = {}
+    for key, value in model.state_dict().items():
+        value = value.detach().clone()
+        state_dict[key] = value.half().float() if value.is_floating_point() else value
+    return state_dict
+
+
+def reference_model(state_dict):
+    """OpenAI's ``build_model`` on a copy of the state dict, run in fp32 (eval mode)."""
+    return build_model(dict(state_dict)).float().eval()
+
+
+def as_fp16_checkpoint(state_dict):
+    """What OpenAI's files hold: every float tensor in fp16 (non-float buffers untouched)."""
+    return {k: v.half() if v.is_floating_point() else v for k, v in state_dict.items()}
+
+
+def max_rel_diff(reference, ours):
+    """max |reference - ours| / max |reference|."""
+    import numpy as np
+
+    reference, ours = np.asarray(reference, np.float64), np.asarray(ours, np.float64)
+    assert reference.shape == ours.shape, (reference.shape, ours.shape)
+    return float(np.abs(reference - ours).max() / np.abs(reference).max())

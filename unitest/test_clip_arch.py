@@ -1,0 +1,140 @@
+"""Keras CLIP vs OpenAI's PyTorch CLIP: same random (fp16-rounded) weights, real and tiny sizes.
+
+Image embeddings, text embeddings and logits per image must agree within 1e-4 x the reference's largest
+magnitude, at the real ViT-B/32 and RN50x4 configurations (what the ClipCap checkpoints use) and at tiny
+ones. The architecture of every OpenAI variant is inferred from its weights' shapes alone.
+"""
+
+import numpy as np
+import pytest
+import torch
+from clip import tokenize
+from clip.model import CLIP as TorchCLIP
+
+from custom_architectures.clip_arch import ModifiedResNet, VisionTransformer, clip_config_from_shapes
+from unitest.clip_reference import (
+    OPENAI_CONFIGS,
+    TINY_CONFIGS,
+    max_rel_diff,
+    random_clip_state_dict,
+    reference_model,
+)
+from utils.convert.openai_clip import clip_from_state_dict
+
+CONFIGS = {"ViT-B/32": OPENAI_CONFIGS["ViT-B/32"], "RN50x4": OPENAI_CONFIGS["RN50x4"], **TINY_CONFIGS}
+TEXTS = ["a photo of a cat", "two dogs playing in the snow, seen from far away", "!"]
+TOLERANCE = 1e-4
+
+
+@pytest.fixture(scope="module", params=list(CONFIGS))
+def outputs(request):
+    """Reference and Keras outputs for one configuration (built once per module)."""
+    config = CONFIGS[request.param]
+    state_dict = random_clip_state_dict(config, seed=1)
+    reference = reference_model(state_dict)
+    model = clip_from_state_dict(state_dict)
+    del state_dict
+    n_px = config["image_resolution"]
+    generator = torch.Generator().manual_seed(2)
+    images = torch.randn(2, 3, n_px, n_px, generator=generator)
+    tokens = tokenize(TEXTS)
+    with torch.no_grad():
+        ref_image = reference.encode_image(images).numpy()
+        ref_text = reference.encode_text(tokens).numpy()
+        if request.param.startswith("tiny"):  # OpenAI's forward (which encodes everything again)
+            ref_logits = reference(images, tokens)[0].numpy()
+        else:  # the same formula on the features above: saves re-encoding at the real sizes
+            image_features = torch.from_numpy(ref_image)
+            text_features = torch.from_numpy(ref_text)
+            image_features = image_features / image_features.norm(dim=-1, keepdim=True)
+            text_features = text_features / text_features.norm(dim=-1, keepdim=True)
+            ref_logits = (reference.logit_scale.exp() * image_features @ text_features.t()).numpy()
+    pixels = images.permute(0, 2, 3, 1).numpy()  # NCHW -> NHWC
+    token_ids = tokens.numpy().astype(np.int32)
+    ours_image = np.asarray(model.encode_image(pixels))
+    ours_text = np.asarray(model.encode_text(token_ids))
+    ours_logits = np.asarray(model.logits(ours_image, ours_text))
+    del reference
+    return {
+        "name": request.param,
+        "model": model,
+        "image": (ref_image, ours_image),
+        "text": (ref_text, ours_text),
+        "logits": (ref_logits, ours_logits),
+    }
+
+
+def test_image_embeddings_match_openai(outputs):
+    reference, ours = outputs["image"]
+    assert np.abs(reference[0] - reference[1]).max() > 1e-3 * np.abs(reference).max(), "degenerate reference"
+    assert max_rel_diff(reference, ours) <= TOLERANCE, outputs["name"]
+
+
+def test_text_embeddings_match_openai(outputs):
+    reference, ours = outputs["text"]
+    assert np.abs(reference[0] - reference[1]).max() > 1e-3 * np.abs(reference).max(), "degenerate reference"
+    assert max_rel_diff(reference, ours) <= TOLERANCE, outputs["name"]
+
+
+def test_logits_per_image_match_openai(outputs):
+    reference, ours = outputs["logits"]
+    assert reference.shape == (2, len(TEXTS))
+    assert max_rel_diff(reference, ours) <= TOLERANCE, outputs["name"]
+
+
+@pytest.mark.parametrize("outputs", list(TINY_CONFIGS), indirect=True)
+def test_full_model_call_gives_logits_per_image(outputs):
+    model = outputs["model"]
+    n_px = model.config["image_resolution"]
+    pixels = np.random.default_rng(0).normal(size=(2, n_px, n_px, 3)).astype(np.float32)
+    token_ids = tokenize(TEXTS).numpy().astype(np.int32)
+    logits = np.asarray(model((pixels, token_ids)))
+    expected = np.asarray(model.logits(model.encode_image(pixels), model.encode_text(token_ids)))
+    np.testing.assert_allclose(logits, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_layer_names_mirror_openai_modules(outputs):
+    model = outputs["model"]
+    names = {layer.name for layer in model.visual.layers}
+    if isinstance(model.visual, VisionTransformer):
+        expected = {"conv1", "ln_pre", "ln_post", "proj"}
+        expected |= {f"transformer.resblocks.{i}" for i in range(model.visual.num_layers)}
+    else:
+        assert isinstance(model.visual, ModifiedResNet)
+        expected = {"conv1", "bn1", "conv2", "bn2", "conv3", "bn3", "avgpool", "attnpool", "layer1.0", "layer4.0"}
+        expected |= {f"layer3.{i}" for i in range(model.visual.layer_counts[2])}
+    assert expected <= names, sorted(expected - names)
+    text_names = {layer.name for layer in model.text.layers}
+    assert {"token_embedding", "positional_embedding", "ln_final", "text_projection"} <= text_names
+    assert {f"transformer.resblocks.{i}" for i in range(model.text.num_layers)} <= text_names
+
+
+@pytest.mark.parametrize("name", list(OPENAI_CONFIGS))
+def test_every_openai_variant_is_inferred_from_its_weights(name):
+    expected = OPENAI_CONFIGS[name]
+    with torch.device("meta"):  # shapes only, no memory
+        state_dict = TorchCLIP(**expected).state_dict()
+    config = clip_config_from_shapes({k: tuple(v.shape) for k, v in state_dict.items()})
+    vision_layers = expected["vision_layers"]
+    assert config == {
+        "embed_dim": expected["embed_dim"],
+        "image_resolution": expected["image_resolution"],
+        "vision_layers": list(vision_layers) if isinstance(vision_layers, tuple) else vision_layers,
+        "vision_width": expected["vision_width"],
+        "vision_patch_size": expected["vision_patch_size"],
+        "context_length": 77,
+        "vocab_size": 49408,
+        "text_width": expected["transformer_width"],
+        "text_heads": expected["transformer_heads"],
+        "text_layers": 12,
+    }
+
+
+@pytest.mark.parametrize("outputs", list(TINY_CONFIGS), indirect=True)
+def test_get_config_rebuilds_the_same_architecture(outputs):
+    model = outputs["model"]
+    for part in (model.visual, model.text):
+        rebuilt = type(part).from_config(part.get_config())
+        assert [(v.path, tuple(v.shape)) for v in rebuilt.weights] == [(v.path, tuple(v.shape)) for v in part.weights]
+    rebuilt = type(model).from_config(model.get_config())
+    assert rebuilt.config == model.config and rebuilt.is_vit == model.is_vit
