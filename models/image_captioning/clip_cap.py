@@ -1,0 +1,324 @@
+"""`ClipCap`: image captioning with a CLIP prefix and GPT-2 (Mokady et al., arXiv 2111.09734), in Keras.
+
+A CLIP image embedding (B, D) is mapped to a GPT-2 prefix of K embeddings (B, K, C) by the mapper (MLP or
+transformer; the released transformer weights expect the embedding L2-normalised first, the MLP weights the
+raw one: ``config["normalize_prefix"]``), and GPT-2 continues the prefix with a caption. Decoding is batched,
+KV-cached and XLA-compiled (`custom_architectures.generation_utils`); greedy and beam search give the same
+captions as the official ``generate2`` and ``generate_beam``.
+
+``from_pretrained`` converts an official ``.pt`` checkpoint (torch needed); ``save`` writes a directory
+(config.json, Keras weights, tokenizer files, and the CLIP model when there is one) that ``load`` restores
+without torch.
+
+Example::
+
+    model = ClipCap.from_pretrained("coco_weights.pt", clip="ViT-B-32.pt", tokenizer="gpt2", name="coco")
+    model = ClipCap.load("coco")                       # pretrained_models/coco/
+    model.caption("cat.jpg")                           # ['A cat sitting on a couch.']
+    model.generate(model.encode_images(["cat.jpg"]), method="beam", beam_size=5, num_captions=3)
+"""
+
+import json
+import os
+from pathlib import Path
+
+os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+from custom_architectures.generation_utils import Beam, Greedy, PrefixDecoder, Sample  # noqa: E402
+from custom_architectures.transformers_arch.clip_cap_arch import build_mapper  # noqa: E402
+from custom_architectures.transformers_arch.gpt2_arch import GPT2  # noqa: E402
+
+CONFIG_FILENAME = "config.json"
+MAPPER_WEIGHTS = "mapper.weights.h5"
+GPT2_WEIGHTS = "gpt2.weights.h5"
+TOKENIZER_DIR = "tokenizer"
+CLIP_DIR = "clip"
+FORMAT_VERSION = 1
+METHODS = ("greedy", "beam", "sample")
+_MAPPER_KEYS = ("prefix_size", "prefix_length", "n_embd", "clip_length", "num_layers", "num_heads", "mlp_ratio")
+
+
+def _model_dir(name_or_directory):
+    """An existing directory as is; otherwise a name in the model store (``pretrained_models/<name>``)."""
+    path = Path(os.fspath(name_or_directory))
+    if path.is_dir() or os.sep in str(name_or_directory) or path.is_absolute():
+        return path
+    from utils.downloads import saved_model_dir
+
+    return saved_model_dir(str(name_or_directory))
+
+
+def _bucket(n):
+    return 1 << max(n - 1, 0).bit_length()
+
+
+class ClipCap:
+    """A ClipCap captioner: ``clip`` (optional) -> ``mapper`` -> ``gpt2``, with its GPT-2 ``tokenizer``.
+
+    Attributes:
+        clip: a `models.siamese.clip.CLIP` (image encoder) or None (then caption CLIP embeddings given to
+            `generate`).
+        mapper: the Keras mapper, (B, D) -> (B, K, C).
+        gpt2: the Keras `GPT2`.
+        tokenizer: a ``GPT2TokenizerFast``.
+        config: a JSON-able dict: mapper architecture, ``normalize_prefix``, ``gpt2`` config, ``name``.
+        name: the model's name (where `save` / `predict` write by default), or None.
+    """
+
+    def __init__(self, mapper, gpt2, tokenizer, config, clip=None, jit_compile=True):
+        self.mapper = mapper
+        self.gpt2 = gpt2
+        self.tokenizer = tokenizer
+        self.config = dict(config)
+        self.clip = clip
+        self.jit_compile = jit_compile
+        self.decoder = PrefixDecoder(gpt2)
+        self._project = tf.function(self._project_eager, jit_compile=jit_compile)
+        self._logits = tf.function(lambda ids, prefix: gpt2(token_ids=ids, inputs_embeds=prefix),
+                                   jit_compile=jit_compile)
+        if clip is not None:
+            self._check_clip(clip, "the given CLIP model")
+
+    # --- construction --------------------------------------------------------------------------------
+
+    @property
+    def name(self):
+        return self.config.get("name")
+
+    @property
+    def prefix_length(self) -> int:
+        return int(self.config["prefix_length"])
+
+    @property
+    def prefix_size(self) -> int:
+        return int(self.config["prefix_size"])
+
+    def _check_clip(self, clip, clip_name):
+        from utils.convert.clipcap import check_clip_matches
+
+        check_clip_matches(clip.embed_dim, self.config, clip_name=clip_name,
+                           checkpoint_name=self.config.get("checkpoint", "the ClipCap mapper"))
+
+    @classmethod
+    def from_pretrained(cls, checkpoint, clip=None, tokenizer="gpt2", name=None, normalize_prefix=None,
+                        jit_compile=True):
+        """Convert an official ClipCap checkpoint (torch needed).
+
+        Args:
+            checkpoint: path to an official ClipCap ``.pt`` (``coco_weights.pt``, ``transformer_weights.pt``...).
+            clip: path to an OpenAI CLIP ``.pt`` (or a saved CLIP directory), a `CLIP` instance, or None.
+                Its embedding size must equal the mapper's prefix size (else `CheckpointError`).
+            tokenizer: a GPT-2 tokenizer name ("gpt2", from the HF cache), a local directory, or a tokenizer.
+            name: when given, the converted model is saved to ``pretrained_models/<name>/``.
+            normalize_prefix: override the checkpoint kind's default (transformer: True, MLP: False).
+        """
+        from utils.convert.clipcap import check_clip_matches, load_clipcap
+        from utils.tokenizer import load_gpt2_tokenizer
+
+        mapper, gpt2, config = load_clipcap(checkpoint)
+        config["checkpoint"] = os.path.basename(os.fspath(checkpoint))
+        if normalize_prefix is not None:
+            config["normalize_prefix"] = bool(normalize_prefix)
+        if clip is not None and not hasattr(clip, "embed_dim"):
+            from models.siamese.clip import CLIP
+
+            clip_name = os.fspath(clip)
+            clip = CLIP.from_pretrained(clip_name, visual_only=True)
+            check_clip_matches(clip.embed_dim, config, clip_name=clip_name, checkpoint_name=config["checkpoint"])
+        if isinstance(tokenizer, str | os.PathLike):
+            tokenizer = load_gpt2_tokenizer(os.fspath(tokenizer))
+        if len(tokenizer) > gpt2.vocab_size:
+            raise ValueError(f"the tokenizer has {len(tokenizer)} tokens but the checkpoint's GPT-2 only "
+                             f"{gpt2.vocab_size}: they do not belong together")
+        config["name"] = name
+        model = cls(mapper, gpt2, tokenizer, config, clip=clip, jit_compile=jit_compile)
+        if name is not None:
+            model.save(name)
+        return model
+
+    def save(self, name_or_directory=None):
+        """Write config.json, the mapper's and GPT-2's weights, the tokenizer files and the CLIP model (if any)
+        to a directory (or ``pretrained_models/<name>/``); returns the directory."""
+        target = name_or_directory if name_or_directory is not None else self.name
+        if target is None:
+            raise ValueError("save needs a name or directory (this model has no name)")
+        directory = _model_dir(target)
+        directory.mkdir(parents=True, exist_ok=True)
+        config = dict(self.config, format_version=FORMAT_VERSION, architecture="clipcap",
+                      clip=CLIP_DIR if self.clip is not None else None, tokenizer=TOKENIZER_DIR)
+        self.mapper.save_weights(str(directory / MAPPER_WEIGHTS))
+        self.gpt2.save_weights(str(directory / GPT2_WEIGHTS))
+        self.tokenizer.save_pretrained(str(directory / TOKENIZER_DIR))
+        if self.clip is not None:
+            self.clip.save(str(directory / CLIP_DIR))
+        with open(directory / CONFIG_FILENAME, "w", encoding="utf-8") as f:  # last: marks a complete model
+            json.dump(config, f, indent=2)
+        return str(directory)
+
+    @classmethod
+    def load(cls, name_or_directory, clip=None, jit_compile=True):
+        """Restore a model written by `save` (no torch needed): a directory or a name in ``pretrained_models``.
+
+        ``clip``: a `CLIP` instance to use instead of the saved one (checked for the embedding size).
+        """
+        from utils.tokenizer import load_gpt2_tokenizer
+
+        directory = _model_dir(name_or_directory)
+        config_path = directory / CONFIG_FILENAME
+        if not config_path.is_file():
+            raise FileNotFoundError(f"{directory} is not a saved ClipCap model: {CONFIG_FILENAME} not found")
+        with open(config_path, encoding="utf-8") as f:
+            config = json.load(f)
+        if config.get("architecture") != "clipcap":
+            raise ValueError(f"{config_path} does not describe a ClipCap model: {config.get('architecture')!r}")
+        for filename in (MAPPER_WEIGHTS, GPT2_WEIGHTS):
+            if not (directory / filename).is_file():
+                raise FileNotFoundError(f"{directory} is an incomplete ClipCap model: {filename} missing")
+        mapper = build_mapper(config["mapping_type"], **{k: config[k] for k in _MAPPER_KEYS if k in config})
+        mapper.load_weights(str(directory / MAPPER_WEIGHTS))
+        gpt2 = GPT2(**config["gpt2"])
+        gpt2.load_weights(str(directory / GPT2_WEIGHTS))
+        tokenizer = load_gpt2_tokenizer(str(directory / config.pop("tokenizer")))
+        saved_clip = config.pop("clip", None)
+        if clip is None and saved_clip is not None:
+            from models.siamese.clip import CLIP
+
+            clip = CLIP.load(str(directory / saved_clip), jit_compile=jit_compile)
+        config.pop("format_version", None)
+        config.pop("architecture", None)
+        config["name"] = config.get("name") or directory.name
+        return cls(mapper, gpt2, tokenizer, config, clip=clip, jit_compile=jit_compile)
+
+    # --- embeddings ----------------------------------------------------------------------------------
+
+    def encode_images(self, images, batch_size=32):
+        """Images (paths, PIL images, arrays, or one of them) -> raw CLIP image embeddings (N, D)."""
+        if self.clip is None:
+            raise ValueError("this ClipCap model has no CLIP image encoder (model.clip is None): give one to "
+                             "from_pretrained / load, or pass CLIP embeddings to generate")
+        return np.asarray(self.clip.encode_image(images, batch_size=batch_size), np.float32)
+
+    def _project_eager(self, embeddings):
+        if self.config.get("normalize_prefix", False):
+            embeddings = embeddings / tf.norm(embeddings, axis=-1, keepdims=True)
+        return self.mapper(embeddings)
+
+    def _embeddings(self, embeddings):
+        embeddings = np.asarray(embeddings, np.float32)
+        if embeddings.ndim == 1:
+            embeddings = embeddings[None]
+        if embeddings.ndim != 2 or embeddings.shape[1] != self.prefix_size:
+            raise ValueError(f"expected CLIP embeddings of shape (N, {self.prefix_size}) for this "
+                             f"{self.config['mapping_type']} mapper, got {embeddings.shape}")
+        return embeddings
+
+    def prefix(self, embeddings):
+        """CLIP embeddings (N, D) -> GPT-2 prefixes (N, K, C): normalisation policy, then the mapper."""
+        embeddings = self._embeddings(embeddings)
+        n = len(embeddings)
+        if n == 0:
+            return np.zeros((0, self.prefix_length, self.gpt2.n_embd), np.float32)
+        if self.jit_compile:  # few compiled shapes: pad the batch to a power of two
+            pad = np.ones((_bucket(n) - n, embeddings.shape[1]), np.float32)
+            embeddings = np.concatenate([embeddings, pad])
+        return np.asarray(self._project(tf.constant(embeddings)))[:n]
+
+    def logits(self, embeddings, token_ids):
+        """Teacher-forced logits (N, K+T, vocab) of GPT-2 on [prefix, token_ids (N, T)]."""
+        prefix = self.prefix(embeddings)
+        token_ids = np.asarray(token_ids, np.int32)
+        if token_ids.ndim == 1:
+            token_ids = token_ids[None]
+        if token_ids.ndim != 2 or len(token_ids) != len(prefix):
+            raise ValueError(f"token_ids must be (N, T) with N={len(prefix)}, got {token_ids.shape}")
+        return np.asarray(self._logits(tf.constant(token_ids), tf.constant(prefix)))
+
+    # --- captions ------------------------------------------------------------------------------------
+
+    def sampler(self, method="greedy", beam_size=5, temperature=1.0, top_k=None, top_p=None, num_captions=1):
+        """The `generation_utils` sampler for these `generate` arguments (validated)."""
+        if method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+        if int(num_captions) < 1:
+            raise ValueError(f"num_captions must be >= 1, got {num_captions}")
+        if method != "sample" and (top_k is not None or top_p is not None):
+            raise ValueError(f"top_k / top_p apply to method='sample', not {method!r}")
+        if method == "greedy":
+            if num_captions != 1:
+                raise ValueError("greedy decoding gives one caption per image: use method='beam' or 'sample' "
+                                 "for num_captions > 1")
+            if temperature <= 0:
+                raise ValueError(f"temperature must be > 0, got {temperature}")
+            return Greedy()
+        if method == "beam":
+            if num_captions > beam_size:
+                raise ValueError(f"num_captions={num_captions} exceeds beam_size={beam_size}")
+            return Beam(beam_size=beam_size, temperature=temperature)
+        return Sample(temperature=temperature, top_k=top_k, top_p=top_p, num_captions=num_captions)
+
+    def generate(self, embeddings, method="greedy", beam_size=5, max_length=67, stop_token=".", temperature=1.0,
+                 top_k=None, top_p=None, num_captions=1, seed=None):
+        """Captions for CLIP embeddings (N, D) (raw, as `encode_images` returns them).
+
+        Args:
+            method: 'greedy' (= the official ``generate2``), 'beam' (= the official ``generate_beam``) or
+                'sample' (temperature, top_k, top_p; ``num_captions`` different captions per image).
+            beam_size: beams per image for 'beam'.
+            max_length: most generated tokens per caption (the stop token included).
+            stop_token: a string that is one token of the vocabulary ('.'), kept in the caption; None never
+                stops early.
+            temperature: divides the logits (changes beam and sampling decisions, and every score).
+            num_captions: candidates returned per image (beam: the best num_captions of the beams).
+            seed: makes sampling reproducible (None: a fresh random seed).
+
+        Returns:
+            one list per image of ``num_captions`` dicts ``{"tokens": [ids], "text": str, "score": float}``,
+            best first; ``score`` is the average log-probability per generated token.
+        """
+        from utils.tokenizer import stop_token_id
+
+        sampler = self.sampler(method, beam_size, temperature, top_k, top_p, num_captions)
+        stop = None if stop_token is None else stop_token_id(self.tokenizer, stop_token)
+        if seed is None:
+            seed = int(np.random.default_rng().integers(0, 2**31 - 1))
+        prefix = self.prefix(embeddings)
+        if len(prefix) == 0:
+            return []
+        out = self.decoder(prefix, sampler, max_length=max_length, stop_token_id=stop, seed=seed,
+                           jit_compile=self.jit_compile)
+        results = []
+        for tokens, scores in zip(out.tokens, out.scores):
+            results.append([
+                {"tokens": t, "text": self.tokenizer.decode(t).strip(), "score": float(s)}
+                for t, s in list(zip(tokens, scores))[:num_captions]
+            ])
+        return results
+
+    def caption(self, images, **generate_kwargs):
+        """Images (paths, PIL images, arrays, or one) -> the best caption of each, a list of str."""
+        results = self.generate(self.encode_images(images), **generate_kwargs)
+        return [candidates[0]["text"] for candidates in results]
+
+    def predict(self, images, **kwargs):
+        """Caption many images (paths, directories, globs, PIL, arrays) through a concurrent pipeline that
+        keeps input order, isolates bad images and records results in map.json.
+
+        See `models.image_captioning.prediction.predict` for the arguments (batch_size, method, save,
+        overwrite, output_dir, return_candidates, generate kwargs...).
+
+        Example::
+
+            for r in model.predict("holidays/", method="beam"):
+                print(r["image"], r["caption"])
+        """
+        from models.image_captioning.prediction import predict
+
+        return predict(self, images, **kwargs)
+
+    def __repr__(self):
+        return (f"ClipCap(name={self.name!r}, mapper={self.config['mapping_type']}, K={self.prefix_length}, "
+                f"prefix_size={self.prefix_size}, gpt2={self.gpt2.n_layer} layers x {self.gpt2.n_embd}, "
+                f"clip={'yes' if self.clip is not None else 'no'})")

@@ -1,0 +1,321 @@
+"""Pipeline-based captioning of many images: ``ClipCap.predict`` delegates here.
+
+Stages run concurrently (`utils.pipeline`), connected by bounded queues::
+
+    read + decode (2 threads) -> CLIP preprocess -> batched CLIP encoding -> batched mapping + decoding
+        -> results, in input order, written to map.json after every batch
+
+Inputs are file paths, directories (searched recursively by image extension), glob patterns, PIL images and
+numpy arrays (an (N, H, W, C) array is N images). A bad input (missing path, empty or truncated file, a text
+file named .jpg, a directory without images, a decompression bomb) gets its own error in its result while
+every other image is captioned. EXIF orientation is applied (``exif_transpose=False`` to read the pixels as
+stored, as OpenAI's and the official ClipCap code do).
+
+map.json (``pretrained_models/<model name>/outputs/map.json``, or ``<output_dir>/map.json``) is keyed by
+the absolute file path; each entry holds the caption, the candidates with their scores, the generation
+settings, the model name and the file's size and modification time. It is written atomically (temporary
+file + ``os.replace``) after every batch, so an interrupted run keeps everything captioned so far. The
+settings are *not* part of the key: there is one entry per image, the latest. A rerun skips an image when
+its entry was made by the same model with the same settings (method and every generation argument) and the
+file is unchanged; otherwise (or with ``overwrite=True``) it is captioned again and the entry replaced.
+Images given in memory (PIL, numpy) are captioned but never written to map.json.
+
+Example::
+
+    from models.image_captioning.clip_cap import ClipCap
+    model = ClipCap.load("coco")
+    for r in model.predict(["demo/", "holidays/*.jpg"], method="beam", beam_size=5):
+        print(r["image"], r["caption"] if r["error"] is None else r["error"])
+"""
+
+import datetime
+import json
+import logging
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from utils.image_io import ImageReadError, list_images, read_image
+from utils.pipeline import Pipeline, Stage
+
+logger = logging.getLogger(__name__)
+
+METHODS = ("greedy", "beam", "sample")
+MAP_FILENAME = "map.json"
+
+
+# ------------------------------------------------------------------------------------------------- inputs
+
+
+class _Entry:
+    """One image to caption: its label in the results, what to read, its map.json key, or an error."""
+
+    __slots__ = ("label", "source", "key", "error")
+
+    def __init__(self, label, source=None, key=None, error=None):
+        self.label, self.source, self.key, self.error = label, source, key, error
+
+
+def expand_inputs(images):
+    """Paths / directories / globs / PIL images / arrays -> a list of `_Entry`, in input order.
+
+    Each file of a directory or glob becomes an entry (sorted); an input that cannot be expanded (missing
+    path, empty directory, pattern without match) becomes one entry holding its error. In-memory images
+    are labelled by their position in the result list.
+    """
+    from PIL import Image
+
+    if isinstance(images, str | os.PathLike | Image.Image) or (isinstance(images, np.ndarray) and images.ndim <= 3):
+        images = [images]
+    entries = []
+    for item in images:
+        if isinstance(item, str | os.PathLike):
+            path = os.fspath(item)
+            if os.path.isfile(path):
+                paths = [path]
+            else:
+                try:
+                    paths = list_images([path])
+                except ImageReadError as e:
+                    entries.append(_Entry(label=path, error=str(e)))
+                    continue
+            entries.extend(_Entry(label=p, source=p, key=os.path.abspath(p)) for p in paths)
+        elif isinstance(item, np.ndarray) and item.ndim == 4:
+            entries.extend(_Entry(label=None, source=one) for one in item)
+        else:
+            entries.append(_Entry(label=None, source=item))
+    for i, entry in enumerate(entries):
+        if entry.label is None:
+            entry.label = i
+    return entries
+
+
+# ------------------------------------------------------------------------------------------------ map.json
+
+
+def default_output_dir(model):
+    from utils.downloads import home_dir
+
+    name = getattr(model, "name", None) or "clipcap"
+    return home_dir() / name / "outputs"
+
+
+def load_map(path):
+    """The captions stored in a map.json ({} when there is none); a corrupt file is an error, not erased."""
+    path = Path(path)
+    if not path.is_file():
+        return {}
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{path} is not a readable map.json ({e}); move it away or fix it") from e
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} holds a {type(data).__name__}, not a map from file paths to captions")
+    return data
+
+
+def write_json_atomic(path, data):
+    """Write JSON to ``path`` through a temporary file in the same directory and ``os.replace``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(data, f, indent=1, ensure_ascii=False)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _update_map(path, new_entries):
+    """Merge ``new_entries`` into the map on disk (re-read first: another run may have written) and save."""
+    data = load_map(path)
+    data.update(new_entries)
+    write_json_atomic(path, data)
+
+
+def _file_stamp(path):
+    st = os.stat(path)
+    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
+def _jsonable(value):
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, tuple | list):
+        return [_jsonable(v) for v in value]
+    return value
+
+
+def generation_settings(model, method, generate_kwargs):
+    """What decides a caption, as stored in map.json and compared on rerun."""
+    return {"model": getattr(model, "name", None), "method": method,
+            **{k: _jsonable(v) for k, v in sorted(generate_kwargs.items())}}
+
+
+# ---------------------------------------------------------------------------------------------- the model
+
+
+def _check_model(model):
+    clip = getattr(model, "clip", None)
+    if clip is None:
+        raise ValueError("this ClipCap model has no CLIP image encoder (model.clip is None): load it with "
+                         "one (ClipCap.from_pretrained(..., clip=CLIP.from_pretrained('ViT-B/32'))) or "
+                         "caption CLIP embeddings with model.generate(embeddings)")
+    return clip
+
+
+def _encode_pixels(model, pixels):
+    """(B, n_px, n_px, 3) -> the embeddings model.generate expects (B, D), as model.encode_images makes them."""
+    return np.asarray(model.clip.encode_pixels(pixels))
+
+
+def _candidates(generated):
+    return [{"text": c["text"], "score": float(c["score"])} for c in generated]
+
+
+# ------------------------------------------------------------------------------------------------ predict
+
+
+def predict(model, images, batch_size=16, method="greedy", save=True, overwrite=False, display=False,
+            output_dir=None, return_candidates=False, progress=True, exif_transpose=True, **generate_kwargs):
+    """Caption many images concurrently; one result per image, in input order.
+
+    Args:
+        model: a `ClipCap` (with its CLIP).
+        images: a path, directory, glob pattern, PIL image or numpy array, or a list of them.
+        batch_size: images per CLIP-encoding and decoding batch.
+        method: ``"greedy"``, ``"beam"`` or ``"sample"``.
+        save: write map.json (and reuse what it holds); False captions everything and writes nothing.
+        overwrite: caption again images that map.json already holds with the same settings.
+        display: show the captioned images in a grid with their captions (matplotlib).
+        output_dir: where map.json goes (default ``pretrained_models/<model.name>/outputs/``).
+        return_candidates: add ``candidates`` (every returned caption with its score, best first).
+        progress: a tqdm bar with images per second.
+        exif_transpose: apply the EXIF orientation (OpenAI's / the official code do not).
+        **generate_kwargs: passed to ``model.generate`` (``beam_size``, ``max_length``, ``temperature``,
+            ``top_k``, ``top_p``, ``num_captions``, ``seed``, ``stop_token``).
+
+    Returns:
+        a list of dicts ``{"image": path or index, "caption": str or None, "error": None or message,
+        "cached": bool, "timings": {stage: seconds}}`` (+ ``"candidates"``). Per-image timings of the
+        batched stages are the batch's time divided by its size.
+
+    Example::
+
+        results = predict(model, "demo/", method="beam", beam_size=3, return_candidates=True)
+    """
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    clip = _check_model(model)
+    entries = expand_inputs(images)
+    settings = generation_settings(model, method, generate_kwargs)
+    map_path = Path(output_dir if output_dir is not None else default_output_dir(model)) / MAP_FILENAME
+    stored = load_map(map_path) if save else {}
+
+    results = [None] * len(entries)
+    todo = []
+    for i, entry in enumerate(entries):
+        if entry.error is not None:
+            results[i] = _result(entry, error=entry.error)
+            logger.warning("cannot caption %s: %s", entry.label, entry.error)
+            continue
+        if save and not overwrite and entry.key is not None:
+            cached = stored.get(entry.key)
+            try:
+                fresh = cached is not None and cached.get("settings") == settings and all(
+                    cached.get(k) == v for k, v in _file_stamp(entry.key).items())
+            except OSError:
+                fresh = False
+            if fresh:
+                results[i] = _result(entry, caption=cached["caption"], candidates=cached.get("candidates"),
+                                     cached=True)
+                continue
+        todo.append(i)
+
+    def read(i):
+        return read_image(entries[i].source, exif_transpose=exif_transpose)
+
+    def encode(batch):
+        return list(_encode_pixels(model, np.stack(batch)))  # (B, n_px, n_px, 3) -> (B, D)
+
+    def generate(batch):
+        return model.generate(np.stack(batch), method=method, **generate_kwargs)  # B lists of candidates
+
+    pipeline = Pipeline([
+        Stage(read, name="read", workers=2),
+        # the image is already decoded and oriented: preprocess must not apply the EXIF tag a second time
+        Stage(lambda image: clip.preprocess(image, exif_transpose=exif_transpose), name="preprocess"),
+        # model stages fail for every image alike (bad arguments, memory): stop instead of retrying per image
+        Stage(encode, name="encode", batch_size=batch_size, errors="raise"),
+        Stage(generate, name="generate", batch_size=batch_size, errors="raise"),
+    ], queue_size=2 * batch_size, progress=progress, desc=f"captioning ({method})", unit="image")
+
+    pending = {}
+    try:
+        for item in pipeline.run(todo):
+            i = item.input
+            entry = entries[i]
+            if item.ok:
+                generated = item.value
+                results[i] = _result(entry, caption=generated[0]["text"], candidates=_candidates(generated),
+                                     timings=item.timings)
+                if save and entry.key is not None:
+                    pending[entry.key] = _map_entry(results[i], settings, entry.key)
+            else:
+                message = str(item.error) if isinstance(item.error, ImageReadError) else (
+                    f"{type(item.error).__name__} in {item.stage}: {item.error}")
+                results[i] = _result(entry, error=message, timings=item.timings)
+                logger.warning("cannot caption %s: %s", entry.label, message)
+            if len(pending) >= batch_size:
+                _update_map(map_path, pending)
+                pending = {}
+    finally:  # also on KeyboardInterrupt: keep every caption already made
+        if pending:
+            _update_map(map_path, pending)
+
+    if not return_candidates:
+        for r in results:
+            r.pop("candidates", None)
+    if display:
+        show_results(entries, results)
+    return results
+
+
+def _result(entry, caption=None, candidates=None, error=None, timings=None, cached=False):
+    return {"image": entry.label, "caption": caption, "candidates": candidates, "error": error,
+            "cached": cached, "timings": dict(timings or {})}
+
+
+def _map_entry(result, settings, key):
+    entry = {"caption": result["caption"], "candidates": result["candidates"], "settings": settings,
+             "time": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")}
+    try:
+        entry.update(_file_stamp(key))
+    except OSError:
+        pass
+    return entry
+
+
+def show_results(entries, results, ncols=4):
+    """Show the captioned images in a grid (matplotlib); failed ones are listed in the log instead."""
+    import matplotlib.pyplot as plt
+
+    from utils.plot_utils import plot_captions
+
+    shown = [(e, r) for e, r in zip(entries, results) if r["error"] is None]
+    if not shown:
+        return None
+    figure = plot_captions([e.source for e, _ in shown], [r["caption"] for _, r in shown], ncols=ncols,
+                           titles=[os.path.basename(str(r["image"])) for _, r in shown])
+    plt.show()
+    return figure

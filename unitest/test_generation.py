@@ -1,0 +1,204 @@
+"""Batched, KV-cached, compiled decoding against the official ClipCap decoders (generate2, generate_beam).
+
+The PyTorch reference runs the official way (one image at a time, whole sequence recomputed per step).
+Random weights have a larger init scale so that decisions are not near-ties; each comparison also checks
+its margins (top-1 vs top-2 logit, last kept vs first dropped beam candidate) against the numerical error.
+"""
+
+import numpy as np
+import pytest
+import torch
+
+from custom_architectures.generation_utils import Beam, Greedy, PrefixDecoder, Sample
+from unitest.clipcap_fixtures import *  # noqa: F403 (session fixtures)
+from unitest.clipcap_fixtures import KINDS, random_embeddings, torch_prefix
+from unitest.reference import clipcap_official as ref
+from utils.tokenizer import TokenizerError
+
+MIN_GAP = 2e-5  # decisions closer than this could flip on fp32 round-off (logits agree to ~1e-5)
+
+
+def official(torch_model, model, tokenizer, embeddings, method, max_length, beam_size=5):
+    """Per image: (token ids of the best caption, text, all beam token lists, scores, min decision gap)."""
+    prefix = torch_prefix(torch_model, embeddings, model.config["normalize_prefix"])
+    out = []
+    for i in range(len(embeddings)):
+        if method == "greedy":
+            text, tokens, gap = ref.generate2(torch_model, tokenizer, prefix[i : i + 1], entry_length=max_length,
+                                              return_tokens=True)
+            out.append((tokens, text, [tokens], None, gap))
+        else:
+            texts, token_lists, scores, gap = ref.generate_beam(torch_model, tokenizer, beam_size, prefix[i : i + 1],
+                                                                entry_length=max_length, return_details=True)
+            out.append((token_lists[0], texts[0], token_lists, scores, gap))
+    return out
+
+
+def check_against_official(torch_model, model, tokenizer, embeddings, method, max_length, beam_size=5):
+    got = model.generate(embeddings, method=method, max_length=max_length, beam_size=beam_size,
+                         num_captions=beam_size if method == "beam" else 1)
+    expected = official(torch_model, model, tokenizer, embeddings, method, max_length, beam_size)
+    for candidates, (tokens, text, token_lists, scores, gap) in zip(got, expected, strict=True):
+        assert gap > MIN_GAP, f"near-tie ({gap}): the comparison would mean nothing"
+        assert candidates[0]["tokens"] == tokens
+        assert candidates[0]["text"] == text.strip()
+        if method == "beam":
+            assert [c["tokens"] for c in candidates] == token_lists
+            np.testing.assert_allclose([c["score"] for c in candidates], scores, atol=1e-4)
+    return got
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_tiny_greedy_equals_generate2(kind, tiny_checkpoints, tiny_models, clipcap_tokenizer):
+    model = tiny_models[kind]
+    got = check_against_official(tiny_checkpoints[kind][0], model, clipcap_tokenizer,
+                                 random_embeddings(3, model.prefix_size, seed=1), "greedy", max_length=67)
+    assert all(1 <= len(c[0]["tokens"]) <= 67 for c in got)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_tiny_beam_equals_generate_beam(kind, tiny_checkpoints, tiny_models, clipcap_tokenizer):
+    model = tiny_models[kind]
+    check_against_official(tiny_checkpoints[kind][0], model, clipcap_tokenizer,
+                           random_embeddings(3, model.prefix_size, seed=2), "beam", max_length=30)
+
+
+def test_stop_token_ends_captions_and_is_kept(tiny_models, stop_id):
+    model = tiny_models["mlp"]
+    embeddings = random_embeddings(8, model.prefix_size, seed=3)
+    for method in ("greedy", "beam"):
+        results = model.generate(embeddings, method=method, max_length=40)
+        tokens = [r[0]["tokens"] for r in results]
+        stopped = [t for t in tokens if t[-1] == stop_id]
+        assert stopped and any(len(t) < 40 for t in stopped), method  # the stop token is reachable
+        assert all(stop_id not in t[:-1] for t in tokens)  # nothing after the stop token
+        assert all(len(t) == 40 for t in tokens if t[-1] != stop_id)  # otherwise max_length tokens
+        assert all(r[0]["text"].endswith(".") for r, t in zip(results, tokens) if t[-1] == stop_id)
+    unstoppable = model.generate(embeddings, max_length=12, stop_token=None)
+    assert all(len(r[0]["tokens"]) == 12 for r in unstoppable)
+
+
+@pytest.mark.parametrize("kind", ["mlp", "transformer"])
+def test_real_size_greedy_and_beam(kind, real_checkpoints, real_models, clipcap_tokenizer):
+    model = real_models[kind]
+    embeddings = random_embeddings(2, model.prefix_size, seed=4)
+    check_against_official(real_checkpoints[kind][0], model, clipcap_tokenizer, embeddings, "greedy", max_length=8)
+    check_against_official(real_checkpoints[kind][0], model, clipcap_tokenizer, embeddings[:1], "beam",
+                           max_length=6)
+
+
+@pytest.mark.parametrize("sampler", [Greedy(), Beam(beam_size=3), Sample(top_k=20, num_captions=2)],
+                         ids=["greedy", "beam", "sample"])
+def test_batched_equals_one_at_a_time_and_compiled_equals_eager(sampler, tiny_models):
+    model = tiny_models["transformer"]
+    prefix = model.prefix(random_embeddings(3, model.prefix_size, seed=5))
+    decoder = PrefixDecoder(model.gpt2)
+    batched = decoder(prefix, sampler, max_length=15, stop_token_id=7, seed=3)
+    eager = decoder(prefix, sampler, max_length=15, stop_token_id=7, seed=3, jit_compile=False)
+    if not isinstance(sampler, Sample):  # draws depend on the batch layout; decisions do not
+        for i in range(3):
+            alone = decoder(prefix[i : i + 1], sampler, max_length=15, stop_token_id=7, seed=3)
+            assert alone.tokens[0] == batched.tokens[i]
+            np.testing.assert_allclose(alone.scores[0], batched.scores[i], atol=1e-5)
+        assert eager.tokens == batched.tokens
+    else:
+        same_layout = decoder(prefix[:2], sampler, max_length=15, stop_token_id=7, seed=3, jit_compile=False)
+        compiled = decoder(prefix[:2], sampler, max_length=15, stop_token_id=7, seed=3)
+        assert same_layout.tokens == compiled.tokens
+    np.testing.assert_allclose(eager.scores, batched.scores, atol=1e-5)
+
+
+def test_compiled_loops_are_cached_per_shape(tiny_models):
+    model = tiny_models["mlp"]
+    decoder = PrefixDecoder(model.gpt2)
+    prefix = model.prefix(random_embeddings(4, model.prefix_size, seed=6))
+    decoder(prefix[:3], Greedy(), max_length=5)
+    decoder(prefix, Greedy(), max_length=5)  # 3 and 4 images share the batch-4 loop
+    assert len(decoder._compiled) == 1
+    decoder(prefix, Beam(beam_size=2), max_length=5)
+    decoder(prefix, Beam(beam_size=2), max_length=5)
+    assert len(decoder._compiled) == 2
+
+
+def test_early_exit_when_all_finished(tiny_models, stop_id):
+    model = tiny_models["mlp"]
+    prefix = model.prefix(random_embeddings(8, model.prefix_size, seed=3))
+    out = model.decoder(prefix, Greedy(), max_length=60, stop_token_id=stop_id)
+    assert out.steps == 60
+    ends = [i for i, t in enumerate(out.tokens) if len(t[0]) < 60]
+    assert ends
+    out = model.decoder(prefix[ends], Greedy(), max_length=60, stop_token_id=stop_id)
+    longest = max(len(t[0]) for t in out.tokens)
+    assert longest < 60 and out.steps == longest
+
+
+def first_token_probs(torch_model, model, embeddings, temperature=1.0):
+    prefix = torch_prefix(torch_model, embeddings, model.config["normalize_prefix"])
+    with torch.no_grad():
+        logits = torch_model.gpt(inputs_embeds=prefix).logits[0, -1] / temperature
+    return torch.softmax(logits.double(), -1).numpy()
+
+
+def test_sampling_follows_the_distribution(tiny_checkpoints, tiny_models):
+    """4000 first tokens drawn for one image match softmax(logits / T), restricted by top-k / top-p."""
+    torch_model, model = tiny_checkpoints["mlp"][0], tiny_models["mlp"]
+    e = random_embeddings(1, model.prefix_size, seed=7)
+    n = 4000
+    for kwargs in (dict(temperature=0.7), dict(top_k=5, temperature=1.5), dict(top_p=0.3)):
+        t = kwargs.get("temperature", 1.0)
+        p = first_token_probs(torch_model, model, e, t)
+        if "top_k" in kwargs:
+            p = np.where(p >= np.sort(p)[-kwargs["top_k"]], p, 0)
+        if "top_p" in kwargs:
+            order = np.argsort(-p)
+            before = np.concatenate([[0.0], np.cumsum(p[order])[:-1]])
+            keep = np.zeros_like(p, bool)
+            keep[order[before <= kwargs["top_p"]]] = True
+            p = np.where(keep, p, 0)
+            assert 1 < keep.sum() < len(p) // 2
+        p = p / p.sum()
+        out = model.generate(e, method="sample", max_length=1, num_captions=n, seed=11, stop_token=None, **kwargs)
+        counts = np.bincount([c["tokens"][0] for c in out[0]], minlength=len(p))
+        freq = counts / n
+        assert np.all(counts[p == 0] == 0), kwargs
+        assert np.abs(freq - p).max() <= 4 * np.sqrt(p.max() / n) + 1e-3, kwargs
+        top = p > 0.02  # the likely tokens, each within 4 standard errors
+        assert top.sum() >= 2 and np.all(np.abs(freq - p)[top] <= 4 * np.sqrt(p[top] * (1 - p[top]) / n)), kwargs
+
+
+def test_sampling_seeds_and_several_captions(tiny_models):
+    model = tiny_models["linear"]
+    e = random_embeddings(2, model.prefix_size, seed=8)
+    kwargs = dict(method="sample", num_captions=4, max_length=12, temperature=1.5)
+    a = model.generate(e, seed=1, **kwargs)
+    assert a == model.generate(e, seed=1, **kwargs)
+    assert a != model.generate(e, seed=2, **kwargs)
+    for candidates in a:
+        assert len(candidates) == 4 and len({tuple(c["tokens"]) for c in candidates}) >= 3
+        scores = [c["score"] for c in candidates]
+        assert scores == sorted(scores, reverse=True)
+    greedy = model.generate(e, max_length=12)
+    for kw in (dict(top_k=1), dict(top_p=1e-6)):
+        picked = model.generate(e, method="sample", max_length=12, seed=3, **kw)
+        assert [c[0]["tokens"] for c in picked] == [c[0]["tokens"] for c in greedy]
+
+
+def test_arguments_are_checked(tiny_models):
+    model = tiny_models["mlp"]
+    e = random_embeddings(1, model.prefix_size)
+    with pytest.raises(ValueError, match="method must be one of"):
+        model.generate(e, method="nucleus")
+    with pytest.raises(ValueError, match="exceeds beam_size"):
+        model.generate(e, method="beam", beam_size=2, num_captions=3)
+    with pytest.raises(ValueError, match="one caption per image"):
+        model.generate(e, num_captions=2)
+    with pytest.raises(ValueError, match="apply to method='sample'"):
+        model.generate(e, top_p=0.9)
+    with pytest.raises(ValueError, match="top_p"):
+        model.generate(e, method="sample", top_p=1.5)
+    with pytest.raises(TokenizerError, match="not a single token"):
+        model.generate(e, stop_token="riding a wave")
+    with pytest.raises(ValueError, match="n_positions"):
+        model.generate(e, max_length=1000)
+    with pytest.raises(ValueError, match=r"\(N, 24\)"):
+        model.generate(np.zeros((2, 7), np.float32))
