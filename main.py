@@ -1,0 +1,239 @@
+"""The command line: caption images, convert official checkpoints, download models, train and evaluate.
+
+    python main.py caption demo/ --model coco                 # captions on stdout, map.json saved
+    python main.py caption "photos/**/*.jpg" --method beam --beam-size 5 --json
+    python main.py convert coco_weights.pt --clip ViT-B/32 --name my_coco
+    python main.py download coco                              # download + convert once
+    python main.py download --list                            # every name, its files and where they go
+
+Run ``python main.py COMMAND --help`` for every option. Heavy libraries (TensorFlow, torch) are imported
+only by the command that needs them, so ``--help`` is instant.
+"""
+
+import argparse
+import json
+import logging
+import os
+import sys
+
+from custom_train_objects import commands as train_commands
+
+EXIT_OK = 0  # every input captioned
+EXIT_FAILED_INPUTS = 1  # some inputs could not be captioned (listed on stderr)
+EXIT_USAGE = 2  # bad command line (argparse's own code too)
+EXIT_MODEL = 3  # the model could not be downloaded, converted or loaded
+EXIT_INTERRUPTED = 130
+
+ENVIRONMENT_HELP = """\
+environment variables:
+  IMAGE_CAPTIONING_MIRROR=<base URL>  fetch every file from <base URL>/<file name> instead of its origin
+                                      (names: `main.py download --list`); checksums are still verified
+  IMAGE_CAPTIONING_OFFLINE=1          never download: a missing file is an error naming the file and the
+                                      path where to place it
+  IMAGE_CAPTIONING_HOME=<dir>         the model store (default: pretrained_models/ in the repository)
+
+exit codes:
+  0 every image captioned, 1 some inputs failed (listed on stderr), 2 usage error,
+  3 the model could not be downloaded / converted / loaded, 130 interrupted (Ctrl-C)
+"""
+
+
+class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    pass
+
+
+def _fail(message, code):
+    print(f"error: {message}", file=sys.stderr)
+    return code
+
+
+# ---------------------------------------------------------------------------------------------- caption
+
+
+def _model_arg_help():
+    return ("a model name (coco, conceptual, coco_transformer: downloaded and converted on first use), the "
+            "name of a model saved in the model store, or a directory holding a saved model")
+
+
+def load_model(name_or_dir):
+    """A ClipCap from a directory, a saved name in the store, or a downloadable name; KeyError if unknown."""
+    from models.image_captioning.clip_cap import ClipCap
+    from utils import downloads
+
+    if os.path.isdir(name_or_dir):
+        return ClipCap.load(name_or_dir)
+    if name_or_dir in downloads.MODELS:
+        return downloads.get_pretrained(name_or_dir)
+    saved = downloads.saved_model_dir(name_or_dir)
+    if downloads.is_saved_model(saved):
+        return ClipCap.load(str(saved))
+    raise KeyError(f"unknown model {name_or_dir!r}: not a directory, not a saved model in "
+                   f"{downloads.home_dir()}, and not one of {', '.join(downloads.MODELS)}")
+
+
+def _generate_kwargs(args):
+    kwargs = {}
+    for key in ("beam_size", "max_length", "temperature", "top_k", "top_p", "num_captions", "seed"):
+        value = getattr(args, key)
+        if value is not None:
+            kwargs[key] = value
+    return kwargs
+
+
+def cmd_caption(args):
+    from models.image_captioning.prediction import predict
+
+    try:
+        model = load_model(args.model)
+    except KeyError as e:
+        return _fail(e.args[0], EXIT_USAGE)
+    except (OSError, ValueError, RuntimeError) as e:  # CheckpointError, DownloadError, OfflineError ...
+        return _fail(f"cannot load model {args.model!r}: {e}", EXIT_MODEL)
+    logging.getLogger("models.image_captioning.prediction").setLevel(logging.ERROR)  # failures listed below
+    try:
+        results = predict(model, args.images, batch_size=args.batch_size, method=args.method,
+                          save=not args.no_save, overwrite=args.overwrite, output_dir=args.output_dir,
+                          return_candidates=args.json, progress=not args.no_progress,
+                          exif_transpose=not args.no_exif_transpose, **_generate_kwargs(args))
+    except KeyboardInterrupt:
+        return _fail("interrupted; every caption made so far is saved in map.json", EXIT_INTERRUPTED)
+    except (TypeError, ValueError) as e:  # e.g. arguments the decoding method does not accept
+        return _fail(str(e), EXIT_USAGE)
+    if args.json:
+        print(json.dumps(results, indent=1, ensure_ascii=False, default=str))
+    else:
+        for r in results:
+            if r["error"] is None:
+                print(f"{r['image']}\t{r['caption']}")
+    failed = [r for r in results if r["error"] is not None]
+    for r in failed:
+        print(f"error: {r['image']}: {r['error']}", file=sys.stderr)
+    if failed:
+        print(f"{len(failed)} of {len(results)} inputs could not be captioned", file=sys.stderr)
+        return EXIT_FAILED_INPUTS
+    if not results:
+        return _fail("no images given", EXIT_FAILED_INPUTS)
+    return EXIT_OK
+
+
+# ---------------------------------------------------------------------------------------------- convert
+
+
+def cmd_convert(args):
+    from utils import downloads
+
+    try:
+        clip = downloads.fetch_clip(args.clip) if args.clip in downloads.CLIP_SOURCES else args.clip
+        tokenizer = downloads.fetch_gpt2_tokenizer(args.tokenizer)
+        directory = args.output or downloads.saved_model_dir(args.name)
+        downloads.convert_model(args.checkpoint, clip, tokenizer, directory, name=args.name)
+    except (OSError, ValueError, RuntimeError, KeyError) as e:
+        return _fail(f"conversion failed: {e}", EXIT_MODEL)
+    print(directory)
+    return EXIT_OK
+
+
+# --------------------------------------------------------------------------------------------- download
+
+
+def cmd_download(args):
+    from utils import downloads
+
+    if args.list:
+        print("\n".join(downloads.describe_sources()))
+        return EXIT_OK
+    if not args.names:
+        return _fail("give at least one name (or --list)", EXIT_USAGE)
+    for name in args.names:
+        if name not in downloads.MODELS and name not in downloads.CLIP_SOURCES:
+            return _fail(f"unknown name {name!r}; known: {', '.join([*downloads.MODELS, *downloads.CLIP_SOURCES])}",
+                         EXIT_USAGE)
+    try:
+        for name in args.names:
+            if name in downloads.CLIP_SOURCES:
+                print(downloads.fetch_clip(name))
+            elif args.no_convert:
+                print("\n".join(str(p) for p in downloads.download_model(name)))
+            else:
+                downloads.get_pretrained(name, force_convert=args.force)
+                print(downloads.saved_model_dir(name))
+    except (OSError, ValueError, RuntimeError) as e:
+        return _fail(str(e), EXIT_MODEL)
+    return EXIT_OK
+
+
+# ------------------------------------------------------------------------------------------------ parser
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(
+        prog="main.py", formatter_class=_Formatter, epilog=ENVIRONMENT_HELP,
+        description="ClipCap image captioning in TensorFlow / Keras: caption images, convert the official "
+                    "PyTorch checkpoints, download models, train and evaluate.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress details (INFO)")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("caption", formatter_class=_Formatter, epilog=ENVIRONMENT_HELP,
+                       help="caption images, directories or glob patterns",
+                       description="Caption images: one '<path>\\t<caption>' line per image on stdout (or JSON "
+                                   "with --json), results saved to map.json; a rerun skips images already "
+                                   "captioned with the same model and settings.")
+    p.add_argument("images", nargs="+", help="image files, directories (searched recursively) or glob patterns "
+                                             "(quote them: 'photos/**/*.jpg')")
+    p.add_argument("--model", default="coco", help=_model_arg_help())
+    p.add_argument("--method", choices=("greedy", "beam", "sample"), default="greedy", help="decoding method")
+    p.add_argument("--beam-size", type=int, help="beams for --method beam (model default: 5)")
+    p.add_argument("--max-length", type=int, help="maximum caption length in tokens (model default: 67)")
+    p.add_argument("--temperature", type=float, help="softmax temperature (sample, beam)")
+    p.add_argument("--top-k", type=int, help="sample among the k most likely tokens (--method sample)")
+    p.add_argument("--top-p", type=float, help="nucleus sampling threshold (--method sample)")
+    p.add_argument("--num-captions", type=int, help="captions returned per image (beam, sample)")
+    p.add_argument("--seed", type=int, help="random seed for --method sample")
+    p.add_argument("--batch-size", type=int, default=16, help="images per encoding / decoding batch")
+    p.add_argument("--json", action="store_true",
+                   help="print a JSON list of results (image, caption, candidates, error, timings)")
+    p.add_argument("--output-dir", help="where map.json is written (default: pretrained_models/<model>/outputs)")
+    p.add_argument("--overwrite", action="store_true", help="caption again images already in map.json")
+    p.add_argument("--no-save", action="store_true", help="neither read nor write map.json")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--no-exif-transpose", action="store_true",
+                   help="ignore the EXIF orientation (as OpenAI's and the official ClipCap code do)")
+    p.set_defaults(func=cmd_caption)
+
+    p = sub.add_parser("convert", formatter_class=_Formatter, epilog=ENVIRONMENT_HELP,
+                       help="convert an official ClipCap .pt (+ CLIP + tokenizer) to a saved model",
+                       description="Convert an official ClipCap PyTorch checkpoint, with the CLIP it was trained "
+                                   "on and the GPT-2 tokenizer, into a saved Keras model (loadable without torch).")
+    p.add_argument("checkpoint", help="the official ClipCap checkpoint (.pt state dict)")
+    p.add_argument("--clip", required=True, help="a CLIP name (ViT-B/32, RN50x4, ...: downloaded) or an OpenAI "
+                                                 "CLIP .pt file")
+    p.add_argument("--tokenizer", default="gpt2", help="a GPT-2 tokenizer directory or hub name")
+    p.add_argument("--name", required=True, help="the model's name (its directory in the model store)")
+    p.add_argument("--output", help="save here instead of <model store>/<name>")
+    p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser("download", formatter_class=_Formatter, epilog=ENVIRONMENT_HELP,
+                       help="download (and convert) models by name",
+                       description="Download the files of ClipCap models (checkpoint, CLIP, tokenizer) and "
+                                   "convert them once into the model store; or download CLIP checkpoints.")
+    p.add_argument("names", nargs="*", help="coco, conceptual, coco_transformer, or a CLIP name (ViT-B/32, ...)")
+    p.add_argument("--list", action="store_true", help="list every name, its files, origins and cache paths")
+    p.add_argument("--no-convert", action="store_true", help="only download the files")
+    p.add_argument("--force", action="store_true", help="convert again even if a saved model exists")
+    p.set_defaults(func=cmd_download)
+
+    train_commands.register(sub)
+    return parser
+
+
+def main(argv=None):
+    """Run the CLI; returns the exit code (see ``--help``)."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    code = args.func(args)
+    return EXIT_OK if code is None else int(code)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,130 @@
+"""main.py: --help, exit codes (0 / 1 / 2 / 3), stdout, stderr and map.json, against the tiny offline model."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import main
+from unitest import tiny_models
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    return str(tiny_models.shared_tiny_model(tmp_path_factory))
+
+
+@pytest.fixture(autouse=True)
+def isolated_home(tmp_path, monkeypatch):
+    monkeypatch.setenv("IMAGE_CAPTIONING_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("IMAGE_CAPTIONING_OFFLINE", "1")
+
+
+def _run(capsys, *argv):
+    code = main.main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_help_is_complete():
+    result = subprocess.run([sys.executable, "main.py", "--help"], cwd=ROOT, capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr
+    for word in ("caption", "convert", "download", "train", "extract", "evaluate", "IMAGE_CAPTIONING_MIRROR",
+                 "IMAGE_CAPTIONING_OFFLINE", "exit codes"):
+        assert word in result.stdout, word
+    parser = main.build_parser()
+    caption_help = parser._subparsers._group_actions[0].choices["caption"].format_help()
+    for option in ("--model", "--method", "--beam-size", "--batch-size", "--max-length", "--json", "--output-dir",
+                   "--overwrite", "--temperature", "--top-k", "--top-p", "--seed", "--num-captions"):
+        assert option in caption_help, option
+
+
+@pytest.mark.parametrize("argv", [["caption"], ["caption", "x.jpg", "--method", "best"], ["nothing"],
+                                  ["caption", "x.jpg", "--batch-size", "many"], []])
+def test_usage_errors_exit_2(argv, capsys):
+    with pytest.raises(SystemExit) as info:
+        main.main(argv)
+    assert info.value.code == 2
+
+
+def test_unknown_model_exits_2(capsys):
+    code, out, err = _run(capsys, "caption", ROOT / "demo", "--model", "no_such_model")
+    assert code == 2 and "unknown model 'no_such_model'" in err and out == ""
+
+
+def test_caption_demo_then_rerun(tiny_model, tmp_path, capsys):
+    out_dir = tmp_path / "outputs"
+    code, out, err = _run(capsys, "caption", ROOT / "demo", "--model", tiny_model, "--output-dir", out_dir,
+                          "--max-length", 6, "--batch-size", 2, "--no-progress")
+    assert code == 0, err
+    lines = out.splitlines()
+    demo = sorted(str(p) for p in (ROOT / "demo").glob("*.jpg"))
+    assert [line.split("\t")[0] for line in lines] == demo
+    assert all(line.split("\t")[1] for line in lines)
+    stored = json.loads((out_dir / "map.json").read_text())
+    assert sorted(stored) == [os.path.abspath(p) for p in demo]
+    assert stored[os.path.abspath(demo[0])]["settings"] == {"model": "tiny", "method": "greedy", "max_length": 6}
+    # a rerun reads map.json: same captions, as JSON
+    code, out2, _ = _run(capsys, "caption", ROOT / "demo", "--model", tiny_model, "--output-dir", out_dir,
+                         "--max-length", 6, "--json", "--no-progress")
+    results = json.loads(out2)
+    assert code == 0 and [r["cached"] for r in results] == [True] * len(demo)
+    assert [f"{r['image']}\t{r['caption']}" for r in results] == lines
+    assert all(r["candidates"][0]["text"] == r["caption"] for r in results)
+
+
+def test_failed_inputs_exit_1_and_are_listed(tiny_model, tmp_path, capsys):
+    (tmp_path / "empty.jpg").write_bytes(b"")
+    shutil.copy(ROOT / "demo" / "cat.jpg", tmp_path / "cat.jpg")
+    code, out, err = _run(capsys, "caption", tmp_path / "cat.jpg", tmp_path / "empty.jpg", tmp_path / "missing.png",
+                          "--model", tiny_model, "--method", "beam", "--beam-size", 2, "--max-length", 5,
+                          "--no-save", "--no-progress")
+    assert code == 1
+    assert out.splitlines()[0].startswith(f"{tmp_path / 'cat.jpg'}\t") and len(out.splitlines()) == 1
+    assert f"error: {tmp_path / 'empty.jpg'}: " in err and "empty file" in err
+    assert f"error: {tmp_path / 'missing.png'}: " in err
+    assert "2 of 3 inputs could not be captioned" in err
+    assert not (tmp_path / "home").exists()  # --no-save
+
+
+def test_convert_then_caption(tmp_path_factory, tmp_path, capsys):
+    files = tiny_models.shared_tiny_files(tmp_path_factory)
+    code, out, err = _run(capsys, "convert", files["checkpoint"], "--clip", files["clip"], "--tokenizer",
+                          files["tokenizer"], "--name", "converted")
+    assert code == 0, err
+    saved = tmp_path / "home" / "converted"
+    assert out.strip() == str(saved) and (saved / "config.json").is_file()
+    code, out, err = _run(capsys, "caption", ROOT / "demo" / "cat.jpg", "--model", "converted", "--max-length", 4,
+                          "--no-progress")
+    assert code == 0, err
+    assert (tmp_path / "home" / "converted" / "outputs" / "map.json").is_file()
+
+
+def test_convert_bad_checkpoint_exits_3(tmp_path_factory, tmp_path, capsys):
+    files = tiny_models.shared_tiny_files(tmp_path_factory)
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes(files["checkpoint"].read_bytes()[:5000])
+    code, out, err = _run(capsys, "convert", truncated, "--clip", files["clip"], "--tokenizer", files["tokenizer"],
+                          "--name", "broken")
+    assert code == 3 and "truncated.pt" in err and out == ""
+    code, out, err = _run(capsys, "convert", files["clip"], "--clip", files["clip"], "--tokenizer",
+                          files["tokenizer"], "--name", "wrong_kind")
+    assert code == 3 and "ClipCap" in err
+
+
+def test_download_list_and_offline(tmp_path, capsys):
+    code, out, _ = _run(capsys, "download", "--list")
+    assert code == 0 and "coco_weights.pt" in out and "ViT-B-32.pt" in out
+    code, out, err = _run(capsys, "download", "coco")
+    assert code == 3 and str(tmp_path / "home" / "downloads" / "coco_weights.pt") in err
+    code, _, err = _run(capsys, "caption", ROOT / "demo", "--model", "coco")
+    assert code == 3 and "IMAGE_CAPTIONING_OFFLINE=1" in err
+    code, _, err = _run(capsys, "download", "cocoa")
+    assert code == 2 and "unknown name" in err

@@ -1,0 +1,298 @@
+"""models/image_captioning/prediction.py: order, completeness, bad inputs, image modes, map.json, resume.
+
+Most tests use a fake model (plain numpy, no TensorFlow) whose "caption" is the size of the image it was
+given (``"<width>x<height>"``), so the results show which image went where and whether EXIF orientation was
+applied; the real ClipCap runs in `test_tiny_clipcap_predict` (shared tiny model).
+"""
+
+import io
+import json
+import struct
+import threading
+import zlib
+
+import numpy as np
+import pytest
+from PIL import Image, ImageOps
+
+from models.image_captioning.prediction import expand_inputs, load_map, predict
+from utils.clip_preprocessing import preprocess_image
+
+
+class FakeClip:
+    def __init__(self):
+        self.modes = []
+
+    def preprocess(self, image, exif_transpose=True):
+        if exif_transpose:  # as CLIP.preprocess does (read_image): a no-op on an image already transposed
+            image = ImageOps.exif_transpose(image)
+        self.modes.append(image.mode)
+        pixels = preprocess_image(image, 8)  # the real preprocessing must accept every mode
+        assert pixels.shape == (8, 8, 3) and np.isfinite(pixels).all()
+        return np.array([image.width, image.height], np.float32)
+
+    def encode_pixels(self, pixels):
+        return np.asarray(pixels) * 1.0  # (B, 2)
+
+
+class FakeModel:
+    name = "fake"
+
+    def __init__(self, interrupt_at_call=None):
+        self.clip = FakeClip()
+        self.generate_calls = []
+        self.interrupt_at_call = interrupt_at_call
+
+    def generate(self, embeddings, method="greedy", num_captions=1, **kwargs):
+        self.generate_calls.append(len(embeddings))
+        if self.interrupt_at_call == len(self.generate_calls):
+            raise KeyboardInterrupt
+        return [[{"text": f"{int(w)}x{int(h)}", "score": -float(k), "tokens": [1, 2]} for k in range(num_captions)]
+                for w, h in embeddings]
+
+
+def _jpeg_bytes(size=(40, 30), mode="RGB", exif_orientation=None):
+    image = Image.new(mode, size, "red" if mode == "RGB" else 100)
+    buf = io.BytesIO()
+    kwargs = {}
+    if exif_orientation:
+        exif = Image.Exif()
+        exif[0x0112] = exif_orientation
+        kwargs["exif"] = exif
+    image.save(buf, "JPEG", **kwargs)
+    return buf.getvalue()
+
+
+def _png_bomb():
+    """A valid PNG header claiming 30000 x 30000 pixels (900 MP > twice PIL's limit): refused at open."""
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    header = struct.pack(">IIBBBBB", 30000, 30000, 8, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + \
+        chunk(b"IEND", b"")
+
+
+@pytest.fixture
+def image_dir(tmp_path):
+    """Good images in every mode (sizes are unique so captions identify them) and every kind of bad file."""
+    d = tmp_path / "images"
+    (d / "sub").mkdir(parents=True)
+    good = {}
+
+    def save(name, image, **kw):
+        image.save(d / name, **kw)
+        good[name] = f"{image.width}x{image.height}"
+
+    save("rgb.jpg", Image.new("RGB", (41, 31), "blue"))
+    save("gray.png", Image.new("L", (42, 32), 128))
+    save("gray_alpha.png", Image.new("LA", (43, 33), (10, 200)))
+    save("palette.png", Image.new("RGB", (44, 34), "green").convert("P", palette=Image.ADAPTIVE))
+    save("rgba.png", Image.new("RGBA", (45, 35), (1, 2, 3, 128)))
+    save("cmyk.jpg", Image.new("CMYK", (46, 36), (10, 20, 30, 40)))
+    save("bilevel.png", Image.new("1", (47, 37), 1))
+    save("sub/sixteen.png", Image.fromarray(np.full((38, 48), 40000, np.uint16)))
+    assert Image.open(d / "sub/sixteen.png").mode.startswith("I")
+    (d / "rotated.jpg").write_bytes(_jpeg_bytes((50, 20), exif_orientation=6))  # 90° rotation: shown 20x50
+    good["rotated.jpg"] = "20x50"
+    jpeg = _jpeg_bytes((49, 39))
+    bad = {"empty.jpg": b"", "truncated.jpg": jpeg[: len(jpeg) // 2], "text.jpg": b"just some text\n",
+           "bomb.png": _png_bomb()}
+    for name, data in bad.items():
+        (d / name).write_bytes(data)
+    (tmp_path / "no_images").mkdir()
+    (tmp_path / "no_images" / "notes.txt").write_text("nothing to see")
+    return d, good, bad
+
+
+def test_order_completeness_bad_inputs_and_modes(image_dir, tmp_path, caplog):
+    d, good, bad = image_dir
+    inputs = [str(d / "rgb.jpg"), str(tmp_path / "missing.jpg"), str(d), str(tmp_path / "no_images"),
+              str(d / "*.png"), np.zeros((12, 13, 3), np.uint8), Image.new("RGB", (14, 15))]
+    model = FakeModel()
+    results = predict(model, inputs, batch_size=3, output_dir=tmp_path / "out", progress=False)
+
+    files = sorted(str(p) for p in d.rglob("*") if p.is_file())
+    pngs = sorted(str(p) for p in d.glob("*.png"))
+    expected_labels = ([str(d / "rgb.jpg"), str(tmp_path / "missing.jpg")] + files + [str(tmp_path / "no_images")]
+                       + pngs + [len(files) + len(pngs) + 3, len(files) + len(pngs) + 4])
+    assert [r["image"] for r in results] == expected_labels
+    by_label = {}
+    for r in results:
+        by_label.setdefault(r["image"], []).append(r)
+    for name, size in good.items():
+        for r in by_label[str(d / name)]:
+            assert r["error"] is None and r["caption"] == size, (name, r)
+            assert set(r["timings"]) == {"read", "preprocess", "encode", "generate"}
+    expected_errors = {"empty.jpg": "empty file", "truncated.jpg": "truncated", "text.jpg": "not an image",
+                       "bomb.png": "decompression bomb"}
+    for name, words in expected_errors.items():
+        for r in by_label[str(d / name)]:
+            assert r["caption"] is None and words in r["error"], (name, r)
+    assert "no such file" in by_label[str(tmp_path / "missing.jpg")][0]["error"]
+    assert "no images" in by_label[str(tmp_path / "no_images")][0]["error"]
+    assert results[-2]["caption"] == "13x12" and results[-1]["caption"] == "14x15"
+    assert {"L", "LA", "P", "RGBA", "CMYK", "1", "RGB"} <= set(model.clip.modes)
+    assert any(m.startswith("I") for m in model.clip.modes)
+    assert "candidates" not in results[0]
+    # every failure is in the log too
+    for name in expected_errors:
+        assert str(d / name) in caplog.text
+
+    stored = load_map(tmp_path / "out" / "map.json")
+    captioned = {str((d / n).resolve()) for n in good}
+    assert set(stored) == captioned  # file images only, failures not stored
+    entry = stored[str((d / "rotated.jpg").resolve())]
+    assert entry["caption"] == "20x50" and entry["settings"] == {"model": "fake", "method": "greedy"}
+    assert entry["candidates"] == [{"text": "20x50", "score": 0.0}]
+
+
+def test_exif_orientation_can_be_ignored(image_dir):
+    d, _, _ = image_dir
+    r = predict(FakeModel(), [d / "rotated.jpg"], save=False, progress=False, exif_transpose=False)
+    assert r[0]["caption"] == "50x20"  # as stored, as OpenAI's and the official code read it
+
+
+def test_single_inputs_and_array_batches():
+    model = FakeModel()
+    assert [r["caption"] for r in predict(model, np.zeros((5, 6, 3), np.uint8), save=False, progress=False)] == ["6x5"]
+    batch = np.zeros((3, 7, 9, 3), np.uint8)  # (N, H, W, C): three images
+    results = predict(model, batch, save=False, progress=False)
+    assert [(r["image"], r["caption"]) for r in results] == [(0, "9x7"), (1, "9x7"), (2, "9x7")]
+    assert predict(model, [], save=False, progress=False) == []
+    assert expand_inputs(Image.new("L", (2, 2)))[0].label == 0
+
+
+def test_rerun_skips_unless_settings_change_or_overwrite(image_dir, tmp_path):
+    d, good, _ = image_dir
+    out = tmp_path / "out"
+    model = FakeModel()
+    first = predict(model, d, batch_size=4, output_dir=out, progress=False)
+    n_good = len(good)
+    assert sum(model.generate_calls) == n_good
+
+    model = FakeModel()
+    again = predict(model, d, batch_size=4, output_dir=out, progress=False, return_candidates=True)
+    assert model.generate_calls == []
+    assert [r["caption"] for r in again] == [r["caption"] for r in first]
+    assert all(r["cached"] for r in again if r["error"] is None)
+    assert all(r["candidates"][0]["text"] == r["caption"] for r in again if r["error"] is None)
+
+    model = FakeModel()  # other settings: captioned again, entries replaced
+    predict(model, d, batch_size=4, output_dir=out, progress=False, method="beam", beam_size=3, num_captions=2)
+    assert sum(model.generate_calls) == n_good
+    entry = load_map(out / "map.json")[str((d / "rgb.jpg").resolve())]
+    assert entry["settings"] == {"model": "fake", "method": "beam", "beam_size": 3, "num_captions": 2}
+    assert len(entry["candidates"]) == 2
+
+    model = FakeModel()
+    predict(model, d, batch_size=4, output_dir=out, progress=False, method="beam", beam_size=3, num_captions=2,
+            overwrite=True)
+    assert sum(model.generate_calls) == n_good
+
+    (d / "rgb.jpg").write_bytes(_jpeg_bytes((60, 61)))  # a changed file is captioned again
+    model = FakeModel()
+    r = predict(model, d / "rgb.jpg", output_dir=out, progress=False, method="beam", beam_size=3, num_captions=2)
+    assert model.generate_calls == [1] and r[0]["caption"] == "60x61"
+
+
+def test_resume_after_interrupted_run(tmp_path):
+    d = tmp_path / "many"
+    d.mkdir()
+    for i in range(7):
+        Image.new("RGB", (20 + i, 10)).save(d / f"{i}.png")
+    out = tmp_path / "out"
+    model = FakeModel(interrupt_at_call=3)
+    with pytest.raises(KeyboardInterrupt):
+        predict(model, d, batch_size=2, output_dir=out, progress=False)
+    stored = load_map(out / "map.json")
+    # the two batches decoded before the interruption are saved (reading in 2 threads may reorder them)
+    assert len(stored) == 4 and {v["caption"] for v in stored.values()} <= {f"{20 + i}x10" for i in range(7)}
+    assert not [p for p in out.iterdir() if p.name != "map.json"]  # no temporary file left behind
+    assert not [t for t in threading.enumerate() if t.name.startswith("pipeline-")]
+
+    model = FakeModel()
+    results = predict(model, d, batch_size=2, output_dir=out, progress=False)
+    assert sum(model.generate_calls) == 3
+    assert [r["caption"] for r in results] == [f"{20 + i}x10" for i in range(7)]
+    assert sum(r["cached"] for r in results) == 4
+
+
+def test_model_failure_raises_and_keeps_what_was_written(tmp_path):
+    class Broken(FakeModel):
+        def generate(self, embeddings, **kwargs):
+            raise TypeError("generate() got an unexpected keyword argument 'bem_size'")
+
+    with pytest.raises(TypeError, match="bem_size"):
+        predict(Broken(), [np.zeros((4, 4), np.uint8)] * 3, output_dir=tmp_path, progress=False)
+
+
+def test_corrupt_map_is_an_error_not_erased(tmp_path):
+    (tmp_path / "map.json").write_text("{not json")
+    with pytest.raises(ValueError, match="not a readable map.json"):
+        predict(FakeModel(), np.zeros((4, 4), np.uint8), output_dir=tmp_path, progress=False)
+    assert (tmp_path / "map.json").read_text() == "{not json"
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="method"):
+        predict(FakeModel(), [], method="greedy_search")
+    model = FakeModel()
+    model.clip = None
+    with pytest.raises(ValueError, match="no CLIP"):
+        predict(model, [])
+
+
+def test_display_draws_a_grid(image_dir, tmp_path, monkeypatch):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    shown = []
+    monkeypatch.setattr(plt, "show", lambda *a, **k: shown.append(plt.gcf()))
+    d, good, _ = image_dir
+    predict(FakeModel(), [d / "rgb.jpg", d / "empty.jpg", d / "rotated.jpg"], display=True, save=False,
+            progress=False)
+    (figure,) = shown
+    axes = figure.get_axes()
+    assert [ax.get_xlabel() for ax in axes] == ["41x31", "20x50"]
+    assert axes[1].get_images()[0].get_array().shape[:2] == (50, 20)  # shown upright (EXIF applied)
+    plt.close("all")
+
+
+def test_map_json_is_valid_json_with_paths(image_dir, tmp_path):
+    d, good, _ = image_dir
+    predict(FakeModel(), d / "gray.png", output_dir=tmp_path, progress=False)
+    data = json.loads((tmp_path / "map.json").read_text())
+    assert list(data) == [str((d / "gray.png").resolve())]
+
+
+# ------------------------------------------------------------------------------------- the real (tiny) model
+
+
+@pytest.fixture(scope="module", params=["mlp", "transformer"])
+def tiny_clipcap(request, tmp_path_factory):
+    from models.image_captioning.clip_cap import ClipCap
+    from unitest import tiny_models
+
+    return ClipCap.load(str(tiny_models.shared_tiny_model(tmp_path_factory, kind=request.param)))
+
+
+def test_tiny_clipcap_predict_matches_generate(tiny_clipcap, tmp_path):
+    """The pipeline gives the captions of ``generate(encode_images(...))``: same embeddings (the transformer
+    weights expect a normalised one), same decoding, whatever the batching."""
+    from unitest.tiny_models import DEMO_DIR
+
+    demo = [str(p) for p in sorted(DEMO_DIR.glob("*.jpg"))]
+    kwargs = dict(method="beam", beam_size=3, num_captions=2, max_length=8)
+    results = tiny_clipcap.predict(demo + [str(tmp_path / "missing.jpg")], batch_size=2, output_dir=tmp_path,
+                                   progress=False, return_candidates=True, **kwargs)
+    assert [r["image"] for r in results] == demo + [str(tmp_path / "missing.jpg")]
+    assert results[-1]["caption"] is None and "no such file" in results[-1]["error"]
+    # the pipeline (batches of 2) gives what encode_images + generate give on the whole list at once
+    expected = tiny_clipcap.generate(tiny_clipcap.encode_images(demo), **kwargs)
+    for r, candidates in zip(results, expected):
+        assert r["error"] is None and r["caption"] == candidates[0]["text"]
+        assert [c["text"] for c in r["candidates"]] == [c["text"] for c in candidates]
+        assert [c["score"] for c in r["candidates"]] == pytest.approx([c["score"] for c in candidates], abs=1e-4)
+    assert len(load_map(tmp_path / "map.json")) == len(demo)

@@ -1,0 +1,157 @@
+"""Tiny offline demo models: official-format files with random weights, and the saved model built from them.
+
+Used by the tests (one tiny model per test session) and by the notebook's CI run. Everything is built
+locally, nothing is downloaded:
+
+- ``tiny_clipcap.pt``: an official-format ClipCap checkpoint (``torch.save(model.state_dict())`` of the
+  reference ``ClipCaptionModel`` in ``unitest/reference/clipcap_official.py``), MLP mapper, 4 prefix tokens,
+  a 2-layer GPT-2 of width 64 (one head) whose vocabulary is the tokenizer's;
+- ``tiny_clip.pt``: an OpenAI-format CLIP state dict (OpenAI's own ``clip.model.CLIP``, weights cast to fp16
+  as in the released files): ViT, 32 px input, 16 px patches, embedding size 32;
+- ``tokenizer/``: a byte-level BPE trained on a few sentences, saved in GPT-2's format;
+- ``model/``: the three converted by ``utils.downloads.convert_model`` (what ``ClipCap.load`` reads).
+
+Command line (imports torch and torchvision before TensorFlow, as required)::
+
+    python -m unitest.tiny_models /tmp/tiny          # prints /tmp/tiny/model
+    IMAGE_CAPTIONING_NOTEBOOK_MODEL=/tmp/tiny/model jupyter nbconvert --execute image_captioning.ipynb
+"""
+
+import os
+import warnings
+
+os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+
+from pathlib import Path  # noqa: E402
+
+# torchvision (imported by the `clip` package) must be loaded before TensorFlow
+import torch  # noqa: E402
+import torchvision  # noqa: E402, F401
+
+ROOT = Path(__file__).resolve().parents[1]
+DEMO_DIR = ROOT / "demo"
+
+EMBED_DIM = 32  # CLIP embedding size = ClipCap prefix_size
+PREFIX_LENGTH = 4
+GPT = dict(n_positions=96, n_embd=64, n_layer=2, n_head=1)  # 96 positions: 4 prefix + the default 67 tokens;
+# n_embd = 64 * n_head: the converters infer n_head as n_embd // 64 (a checkpoint does not store it)
+
+
+def build_tiny_clip(path, seed=0):
+    """Save a random tiny OpenAI CLIP (ViT) state dict in fp16, as OpenAI's files hold it; returns path."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # clip imports pkg_resources (deprecated)
+        from clip.model import CLIP, convert_weights
+
+    torch.manual_seed(seed)
+    model = CLIP(embed_dim=EMBED_DIM, image_resolution=32, vision_layers=1, vision_width=64, vision_patch_size=16,
+                 context_length=77, vocab_size=49408, transformer_width=64, transformer_heads=1,
+                 transformer_layers=1)
+    convert_weights(model)  # fp16, like the released checkpoints
+    torch.save(model.state_dict(), str(path))
+    return Path(path)
+
+
+def build_tiny_clipcap(path, tokenizer_dir, seed=0, stop_boost=3.0, kind="mlp"):
+    """Save a random tiny official-format ClipCap checkpoint for the tokenizer's vocabulary.
+
+    kind: ``"mlp"`` (as the COCO / Conceptual weights) or ``"transformer"`` (as the transformer weights,
+    which expect a normalised CLIP embedding: 5 prefix positions, clip_length 3, 2 layers, 8 heads).
+    """
+    from transformers import GPT2Config, GPT2TokenizerFast
+
+    from unitest.reference.clipcap_official import ClipCaptionModel
+
+    tokenizer = GPT2TokenizerFast.from_pretrained(str(tokenizer_dir))
+    vocab = len(tokenizer)
+    torch.manual_seed(seed)
+    config = GPT2Config(vocab_size=vocab, **GPT, initializer_range=0.1, bos_token_id=vocab - 1,
+                        eos_token_id=vocab - 1)
+    if kind == "transformer":
+        model = ClipCaptionModel(5, clip_length=3, prefix_size=EMBED_DIM, num_layers=2, mapping_type="transformer",
+                                 gpt_config=config).eval()
+    else:
+        model = ClipCaptionModel(PREFIX_LENGTH, prefix_size=EMBED_DIM, mapping_type=kind, gpt_config=config).eval()
+    with torch.no_grad():  # make the stop token likely, so that captions end
+        model.gpt.transformer.wte.weight[tokenizer.encode(".")[0]] *= stop_boost
+    torch.save(model.state_dict(), str(path))
+    return Path(path)
+
+
+def train_tiny_tokenizer(directory):
+    """The locally trained byte-level BPE (`unitest.tokenizer_utils`), saved in GPT-2's format; checked.
+
+    transformers 5's ``GPT2TokenizerFast`` takes ``vocab=`` / ``merges=`` (``vocab_file=`` / ``merges_file=``
+    are silently ignored and give an empty ``tokenizer.json``), so the files are saved again from
+    ``vocab.json`` + ``merges.txt`` here and the result is checked to hold the whole vocabulary.
+    """
+    from transformers import GPT2TokenizerFast
+
+    from unitest.tokenizer_utils import train_gpt2_tokenizer
+
+    directory = Path(train_gpt2_tokenizer(directory, vocab_size=400))
+    tokenizer = GPT2TokenizerFast(vocab=str(directory / "vocab.json"), merges=str(directory / "merges.txt"))
+    tokenizer.save_pretrained(str(directory))
+    loaded = GPT2TokenizerFast.from_pretrained(str(directory))
+    if len(loaded) < 300 or not loaded.encode("."):
+        raise RuntimeError(f"the tiny tokenizer in {directory} did not save correctly ({len(loaded)} tokens)")
+    return directory
+
+
+def build_tiny_files(directory, seed=0):
+    """The three source files of the tiny model in ``directory``; returns {checkpoint, clip, tokenizer}."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tokenizer = train_tiny_tokenizer(directory / "tokenizer")
+    return {"checkpoint": build_tiny_clipcap(directory / "tiny_clipcap.pt", tokenizer, seed),
+            "clip": build_tiny_clip(directory / "tiny_clip.pt", seed),
+            "tokenizer": tokenizer}
+
+
+def build_tiny_model(directory, seed=0, name="tiny"):
+    """Build the tiny files and convert them into ``directory/model`` (a saved ClipCap); returns that path."""
+    from utils.downloads import convert_model
+
+    files = build_tiny_files(directory, seed)
+    model_dir = Path(directory) / "model"
+    convert_model(files["checkpoint"], files["clip"], files["tokenizer"], model_dir, name=name)
+    return model_dir
+
+
+def _shared_dir(tmp_path_factory):
+    # one copy per test session, shared by every test module (the base temp dir is per session)
+    return tmp_path_factory.getbasetemp() / "tiny_models"
+
+
+def shared_tiny_files(tmp_path_factory):
+    directory = _shared_dir(tmp_path_factory)
+    files = {"checkpoint": directory / "tiny_clipcap.pt", "clip": directory / "tiny_clip.pt",
+             "tokenizer": directory / "tokenizer"}
+    if not all(p.exists() for p in files.values()):
+        files = build_tiny_files(directory)
+    return files
+
+
+def shared_tiny_model(tmp_path_factory, kind="mlp"):
+    """The saved tiny model's directory (``kind``: "mlp" or "transformer"), built once per test session."""
+    from utils.downloads import convert_model, is_saved_model
+
+    directory = _shared_dir(tmp_path_factory)
+    model_dir = directory / ("model" if kind == "mlp" else f"model_{kind}")
+    if not is_saved_model(model_dir):
+        files = shared_tiny_files(tmp_path_factory)
+        checkpoint = files["checkpoint"]
+        if kind != "mlp":
+            checkpoint = build_tiny_clipcap(directory / f"tiny_clipcap_{kind}.pt", files["tokenizer"], kind=kind)
+        convert_model(checkpoint, files["clip"], files["tokenizer"], model_dir,
+                      name="tiny" if kind == "mlp" else f"tiny_{kind}")
+    return model_dir
+
+
+if __name__ == "__main__":
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Build the tiny offline demo model (random weights).")
+    parser.add_argument("directory", help="where to write the source files and the converted model")
+    parser.add_argument("--seed", type=int, default=0)
+    print(build_tiny_model(parser.parse_args().directory, parser.parse_args().seed))
