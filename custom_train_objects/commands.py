@@ -1,0 +1,281 @@
+"""The ``train``, ``extract`` and ``evaluate`` subcommands of ``main.py`` (`register` adds them).
+
+    python main.py extract data/shapes/train/captions.json --clip clip.pt --output emb/train.npz
+    python main.py train emb/train.npz --val emb/val.npz --tokenizer tok/ --gpt2 gpt2/ --clip clip.pt \
+        --output runs/shapes --epochs 10 --prefix-only
+    python main.py evaluate data/shapes/val/captions.json --model runs/shapes/model --output runs/shapes/eval
+
+Heavy libraries are imported inside the command functions, so ``main.py --help`` stays instant.
+"""
+
+import argparse
+import json
+import logging
+import sys
+
+from hparams.training import TrainingHParams
+
+logger = logging.getLogger(__name__)
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_MODEL, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+DATA_FORMATS = ("coco", "karpathy", "table")
+STRATEGIES = ("default", "mirrored", "multiworker")
+
+
+class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    pass
+
+
+def _fail(message, code):
+    print(f"error: {message}", file=sys.stderr)
+    return code
+
+
+def _add_data_arguments(p):
+    p.add_argument("data", help="the captions: a COCO annotations JSON, a Karpathy dataset_*.json, or a CSV / "
+                                "JSONL table of image,caption")
+    p.add_argument("--format", choices=DATA_FORMATS, help="the data format (default: from the file: .csv / "
+                                                          ".tsv / .jsonl -> table, dataset_*.json -> karpathy, "
+                                                          "other .json -> coco)")
+    p.add_argument("--images", help="the image folder (COCO), root (Karpathy) or base of relative paths (table); "
+                                    "default: the data file's folder")
+    p.add_argument("--split", default="test", help="Karpathy split(s), comma-separated (train includes restval)")
+
+
+def load_dataset(args):
+    """A `CaptionDataset` from the data arguments (``data``, ``--format``, ``--images``, ``--split``)."""
+    from pathlib import Path
+
+    fmt = args.format
+    if fmt is None:
+        suffix, name = Path(args.data).suffix.lower(), Path(args.data).name
+        fmt = "table" if suffix in (".csv", ".tsv", ".jsonl", ".ndjson") else (
+            "karpathy" if name.startswith("dataset_") else "coco")
+    if fmt == "coco":
+        from datasets.coco import load_coco
+
+        return load_coco(args.data, args.images)
+    if fmt == "karpathy":
+        from datasets.karpathy import load_karpathy
+
+        return load_karpathy(args.data, args.images, split=args.split.split(","))
+    from datasets.captions_table import load_captions_table
+
+    return load_captions_table(args.data, args.images)
+
+
+def _load_clip(path):
+    from models.siamese.clip import CLIP
+
+    return CLIP.from_pretrained(path)
+
+
+# ------------------------------------------------------------------------------------------------ extract
+
+
+def cmd_extract(args):
+    from datasets.caption_dataset import DatasetError
+    from datasets.embeddings import clip_encoder, extract_embeddings, save_embedded_dataset
+
+    try:
+        dataset = load_dataset(args)
+    except DatasetError as e:
+        return _fail(str(e), EXIT_USAGE)
+    try:
+        clip = _load_clip(args.clip)
+    except (OSError, ValueError, RuntimeError) as e:
+        return _fail(f"cannot load CLIP {args.clip!r}: {e}", EXIT_MODEL)
+    encoder = clip_encoder(clip, exif_transpose=not args.no_exif_transpose)
+    try:
+        result = extract_embeddings(dataset.images, encoder, cache_dir=args.cache_dir, batch_size=args.batch_size,
+                                    key_mode=args.key_mode, exif_transpose=not args.no_exif_transpose,
+                                    progress=not args.no_progress)
+    except KeyboardInterrupt:
+        return _fail("interrupted; every embedding computed so far is in the cache: run again to resume",
+                     EXIT_INTERRUPTED)
+    path = save_embedded_dataset(args.output, dataset, result, encoder.model_id)
+    print(f"{path}: {len(result.indices)} images ({result.cache_hits} from the cache, {result.computed} "
+          f"encoded), {len(dataset)} captions in {dataset.name}")
+    for i, message in sorted(result.failed.items()):
+        print(f"error: skipped {dataset.images[i]}: {message}", file=sys.stderr)
+    if result.failed:
+        print(f"{len(result.failed)} of {dataset.num_images} images could not be read (left out)", file=sys.stderr)
+        return EXIT_FAILED
+    return EXIT_OK
+
+
+# -------------------------------------------------------------------------------------------------- train
+
+
+def make_strategy(name):
+    import tensorflow as tf
+
+    if name == "mirrored":
+        return tf.distribute.MirroredStrategy()
+    if name == "multiworker":
+        return tf.distribute.MultiWorkerMirroredStrategy()  # cluster from the TF_CONFIG variable
+    return None
+
+
+def cmd_train(args):
+    from custom_train_objects.model_factory import build_clipcap_for_training
+    from custom_train_objects.trainer import Trainer, TrainingStopped
+    from datasets.caption_dataset import DatasetError
+    from datasets.embeddings import clip_model_id, load_embedded_dataset
+
+    try:
+        hp = TrainingHParams.from_args(args)
+    except (ValueError, OSError) as e:
+        return _fail(str(e), EXIT_USAGE)
+    try:
+        train, embeddings, meta = load_embedded_dataset(args.train)
+        val = load_embedded_dataset(args.val) if args.val else None
+    except DatasetError as e:
+        return _fail(str(e), EXIT_USAGE)
+    clip = None
+    try:
+        if args.clip:
+            clip = _load_clip(args.clip)
+            if meta.get("model_id", "").startswith("clip:") and clip_model_id(clip) != meta["model_id"]:
+                return _fail(f"{args.train} was extracted with another CLIP than {args.clip} (the model would "
+                             "caption with a CLIP it was not trained on)", EXIT_USAGE)
+        model = build_clipcap_for_training(hp, prefix_size=embeddings.shape[1], tokenizer=args.tokenizer,
+                                           gpt2=args.gpt2, gpt2_config=args.gpt2_config, init_model=args.init_model,
+                                           clip=clip, name=args.name)
+    except (OSError, ValueError, RuntimeError, KeyError) as e:
+        return _fail(f"cannot build the model: {e}", EXIT_MODEL)
+    trainer = Trainer(model, hp, args.output, strategy=make_strategy(args.strategy), progress=not args.no_progress)
+    try:
+        history = trainer.fit(train, embeddings, val_dataset=val[0] if val else None,
+                              val_embeddings=val[1] if val else None, resume=not args.no_resume,
+                              stop_after_steps=args.stop_after_steps)
+    except TrainingStopped as e:
+        print(f"{e}: run the same command again to resume", file=sys.stderr)
+        return EXIT_OK
+    except KeyboardInterrupt:
+        return _fail("interrupted; run the same command again to resume from the last checkpoint",
+                     EXIT_INTERRUPTED)
+    except ValueError as e:
+        return _fail(str(e), EXIT_USAGE)
+    for record in history["epochs"]:
+        print(json.dumps(record))
+    print(f"{args.output}/model")
+    return EXIT_OK
+
+
+# ----------------------------------------------------------------------------------------------- evaluate
+
+
+def cmd_evaluate(args):
+    from custom_train_objects.evaluation import evaluate_model
+    from datasets.caption_dataset import DatasetError
+
+    try:
+        dataset = load_dataset(args)
+    except DatasetError as e:
+        return _fail(str(e), EXIT_USAGE)
+    try:
+        model = _load_model(args.model)
+        clip_for_score = _load_clip(args.clip_score_model) if args.clip_score_model else None
+    except KeyError as e:
+        return _fail(e.args[0], EXIT_USAGE)
+    except (OSError, ValueError, RuntimeError) as e:
+        return _fail(f"cannot load model: {e}", EXIT_MODEL)
+    logging.getLogger("custom_train_objects.evaluation").setLevel(logging.ERROR)  # skipped metrics: noted below
+    kwargs = {k: getattr(args, k) for k in ("beam_size", "max_length") if getattr(args, k) is not None}
+    if args.method == "beam" and "beam_size" not in kwargs:
+        kwargs["beam_size"] = 5
+    try:
+        report = evaluate_model(model, dataset, args.output, method=args.method, batch_size=args.batch_size,
+                                metrics=args.metrics, clip_for_score=clip_for_score, cache_dir=args.cache_dir,
+                                progress=not args.no_progress, **kwargs)
+    except ValueError as e:
+        return _fail(str(e), EXIT_USAGE)
+    print(json.dumps(report["metrics"], indent=1))
+    for metric, reason in report["skipped"].items():
+        print(f"note: {metric} skipped: {reason}", file=sys.stderr)
+    print(f"{args.output}/metrics.json")
+    return EXIT_FAILED if report["failed_images"] else EXIT_OK
+
+
+def _load_model(name_or_dir):
+    import os
+
+    from models.image_captioning.clip_cap import ClipCap
+
+    if os.path.isdir(name_or_dir):
+        return ClipCap.load(name_or_dir)
+    from main import load_model  # names of the model store / downloadable models
+
+    return load_model(name_or_dir)
+
+
+# ------------------------------------------------------------------------------------------------- parser
+
+
+def register(subparsers):
+    """Add ``extract``, ``train`` and ``evaluate`` to ``main.py``'s subparsers."""
+    from custom_train_objects.evaluation import ALL_METRICS
+
+    p = subparsers.add_parser(
+        "extract", formatter_class=_Formatter, help="compute the CLIP embeddings of a dataset's images (cached)",
+        description="Embed every image of a captions dataset once with CLIP (batched, cached on disk, resumable: "
+                    "run again after an interruption) and write images, captions and embeddings to one .npz "
+                    "that `train` reads. Unreadable images are listed and left out (exit code 1).")
+    _add_data_arguments(p)
+    p.add_argument("--clip", required=True, help="an OpenAI CLIP .pt file or a saved CLIP directory")
+    p.add_argument("--output", required=True, help="the .npz to write")
+    p.add_argument("--cache-dir", default="cache/embeddings", help="the embedding cache (per CLIP model)")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--key-mode", choices=("stat", "content"), default="stat",
+                   help="identify an image by path + size + mtime, or by a hash of its bytes")
+    p.add_argument("--no-exif-transpose", action="store_true", help="read pixels as stored (as the official code)")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_extract, split="train")
+
+    p = subparsers.add_parser(
+        "train", formatter_class=_Formatter, help="train a ClipCap on extracted embeddings",
+        description="Train a ClipCap (mapper, and GPT-2 unless --prefix-only) on embeddings written by `extract`. "
+                    "Checkpoints every epoch in OUTPUT/checkpoints (the same command resumes exactly), logs in "
+                    "OUTPUT/logs (CSV) and OUTPUT/tensorboard, the trained model in OUTPUT/model (a ClipCap "
+                    "that `caption --model OUTPUT/model` uses).")
+    p.add_argument("train", help="the training embeddings (.npz from `extract`)")
+    p.add_argument("--val", help="validation embeddings (.npz from `extract`): validation loss every epoch")
+    p.add_argument("--output", required=True, help="the run directory")
+    p.add_argument("--tokenizer", default="gpt2", help="a GPT-2-family tokenizer directory or hub name")
+    p.add_argument("--gpt2", help="a GPT-2-family checkpoint: Hugging Face directory (config.json + weights) or "
+                                  "hub name in the HF cache")
+    p.add_argument("--gpt2-config", help="instead of --gpt2: a JSON object of GPT2 constructor arguments for a "
+                                         "randomly initialised language model (vocab_size: the tokenizer's)")
+    p.add_argument("--init-model", help="continue from a saved ClipCap directory instead (its mapper, GPT-2 and "
+                                        "tokenizer)")
+    p.add_argument("--clip", help="the CLIP the embeddings were extracted with, saved inside the model so that "
+                                  "it captions images (checked against the embeddings)")
+    p.add_argument("--name", help="the model's name (default: the output directory's name)")
+    p.add_argument("--strategy", choices=STRATEGIES, default="default",
+                   help="tf.distribute strategy: mirrored = every local GPU, multiworker = hosts from TF_CONFIG")
+    p.add_argument("--no-resume", action="store_true", help="refuse to continue an existing run")
+    p.add_argument("--stop-after-steps", type=int, help="checkpoint and stop after this many steps in total")
+    p.add_argument("--no-progress", action="store_true")
+    TrainingHParams.add_arguments(p)
+    p.set_defaults(func=cmd_train)
+
+    p = subparsers.add_parser(
+        "evaluate", formatter_class=_Formatter, help="caption a COCO-format split and score the captions",
+        description="Caption every image of a split and score the captions: BLEU-1..4, METEOR, ROUGE-L, CIDEr, "
+                    "SPICE (pycocoevalcap; METEOR, SPICE and the PTB tokenizer need Java, SPICE also Stanford "
+                    "CoreNLP: skipped with a message when missing) and CLIPScore. Writes OUTPUT/results.json "
+                    "(COCO results format) and OUTPUT/metrics.json.")
+    _add_data_arguments(p)
+    p.add_argument("--model", required=True, help="a saved ClipCap directory or model name")
+    p.add_argument("--output", required=True, help="where results.json and metrics.json go")
+    p.add_argument("--method", choices=("greedy", "beam"), default="greedy")
+    p.add_argument("--beam-size", type=int)
+    p.add_argument("--max-length", type=int)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--metrics", nargs="+", choices=ALL_METRICS, default=list(ALL_METRICS))
+    p.add_argument("--clip-score-model", help="a CLIP with its text encoder for CLIPScore (default: the model's "
+                                              "CLIP when it has one; the paper uses ViT-B/32)")
+    p.add_argument("--cache-dir", default="cache/embeddings", help="the embedding cache")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_evaluate)

@@ -1,0 +1,293 @@
+"""Caption evaluation: the COCO metrics through pycocoevalcap, and the reference-free CLIPScore.
+
+`caption_metrics` scores predictions against references with pycocoevalcap's own scorers: BLEU-1..4,
+METEOR, ROUGE-L, CIDEr and SPICE, after its PTB tokenization (lower case, punctuation removed).
+
+Java: the PTB tokenizer, METEOR and SPICE run Java programs. Without ``java`` on the PATH, METEOR and SPICE
+are skipped (the result's ``skipped`` says why) and the captions are tokenized by `simple_ptb_tokenize`, a
+Python approximation (the result's ``tokenizer`` says so: scores can then differ slightly from the official
+ones). SPICE also needs Stanford CoreNLP 3.6.0 (two jars, ~400 MB) that pycocoevalcap downloads from
+nlp.stanford.edu on first use; without them SPICE is skipped with a message saying how to install them
+(it cannot run offline on a fresh install).
+
+`clip_score` is CLIP-S of Hessel et al. (2021), "CLIPScore: A Reference-free Evaluation Metric for Image
+Captioning": ``2.5 * max(cos(image, "A photo depicts " + caption), 0)`` with the Keras CLIP, averaged over
+images; with references it adds RefCLIP-S, the harmonic mean of CLIP-S and ``max(max_r cos(caption, r), 0)``.
+
+`evaluate_model` captions every image of a COCO-format split with a `ClipCap` and writes ``results.json``
+(COCO results format) and ``metrics.json``.
+
+Example::
+
+    scores = caption_metrics({1: ["a cat on a mat."]}, {1: "a cat on the mat."})
+    scores["metrics"]["CIDEr"], scores["skipped"]           # ..., {"SPICE": "..."}
+"""
+
+import contextlib
+import io
+import json
+import logging
+import os
+import re
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+ALL_METRICS = ("BLEU", "METEOR", "ROUGE_L", "CIDEr", "SPICE")
+CLIP_SCORE_PROMPT = "A photo depicts "
+CLIP_SCORE_W = 2.5
+SPICE_JARS = ("stanford-corenlp-3.6.0.jar", "stanford-corenlp-3.6.0-models.jar")
+# PTBTokenizer's punctuation list (pycocoevalcap.tokenizer.ptbtokenizer.PUNCTUATIONS)
+_PUNCTUATION = {"''", "'", "``", "`", "-LRB-", "-RRB-", "-LCB-", "-RCB-", ".", "?", "!", ",", ":", "-", "--",
+                "...", ";"}
+
+
+def java_available():
+    return shutil.which("java") is not None
+
+
+def spice_missing_jars():
+    """The CoreNLP jars SPICE needs that are not installed in pycocoevalcap's ``spice/lib``."""
+    import pycocoevalcap.spice as spice
+
+    lib = Path(spice.__file__).parent / "lib"
+    return [str(lib / name) for name in SPICE_JARS if not (lib / name).is_file()]
+
+
+def simple_ptb_tokenize(caption):
+    """A Python approximation of the PTB tokenization pycocoevalcap applies (used only without Java)."""
+    text = caption.lower().replace("\n", " ")
+    text = re.sub(r"([.,!?;:()\[\]{}\"`])", r" \1 ", text)
+    text = re.sub(r"(\w)('s|'re|'ve|'ll|'d|n't|'m)\b", r"\1 \2", text)
+    return " ".join(t for t in text.split() if t not in _PUNCTUATION and t not in "()[]{}\"")
+
+
+def _tokenize(captions_per_id, use_java):
+    if use_java:
+        from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
+
+        return PTBTokenizer().tokenize({k: [{"caption": c} for c in v] for k, v in captions_per_id.items()})
+    return {k: [simple_ptb_tokenize(c) for c in v] for k, v in captions_per_id.items()}
+
+
+def caption_metrics(references, predictions, metrics=ALL_METRICS, tokenize=True):
+    """Score ``predictions`` {id: caption} against ``references`` {id: [caption, ...]} with pycocoevalcap.
+
+    Args:
+        references: ground-truth captions per image id (every predicted id must be there).
+        predictions: one caption per image id; scored over exactly these ids.
+        metrics: a subset of ``("BLEU", "METEOR", "ROUGE_L", "CIDEr", "SPICE")``.
+        tokenize: apply the PTB tokenization first (as COCOEvalCap does); False if already tokenized.
+
+    Returns:
+        ``{"metrics": {"Bleu_1".."Bleu_4", "METEOR", "ROUGE_L", "CIDEr", "SPICE": float},
+        "per_image": {id: {metric: float}}, "skipped": {metric: reason}, "tokenizer": str, "num_images": int}``
+    """
+    unknown = [m for m in metrics if m not in ALL_METRICS]
+    if unknown:
+        raise ValueError(f"unknown metrics {unknown}; expected some of {ALL_METRICS}")
+    if not predictions:
+        raise ValueError("no predictions to score")
+    missing = [k for k in predictions if k not in references or not references[k]]
+    if missing:
+        raise ValueError(f"{len(missing)} predicted image ids have no reference captions, e.g. {missing[:5]}")
+    ids = list(predictions)
+    gts = {k: list(references[k]) for k in ids}
+    res = {k: [predictions[k]] for k in ids}
+    java = java_available()
+    skipped = {}
+    if tokenize:
+        if java:
+            tokenizer = "PTBTokenizer (Stanford CoreNLP 3.4.1, as COCOEvalCap)"
+        else:
+            tokenizer = "simple_ptb_tokenize (java not found: an approximation of PTBTokenizer)"
+            logger.warning("java not found: captions are tokenized by a Python approximation of the PTB "
+                           "tokenizer; scores may differ slightly from the official ones")
+        gts, res = _tokenize(gts, java), _tokenize(res, java)
+    else:
+        tokenizer = "none (captions given tokenized)"
+
+    scorers = []
+    if "BLEU" in metrics:
+        from pycocoevalcap.bleu.bleu import Bleu
+
+        scorers.append((Bleu(4), ["Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4"]))
+    if "METEOR" in metrics:
+        if java:
+            from pycocoevalcap.meteor.meteor import Meteor
+
+            scorers.append((Meteor, "METEOR"))
+        else:
+            skipped["METEOR"] = "METEOR runs a Java program (meteor-1.5.jar) and java was not found on the PATH"
+    if "ROUGE_L" in metrics:
+        from pycocoevalcap.rouge.rouge import Rouge
+
+        scorers.append((Rouge(), "ROUGE_L"))
+    if "CIDEr" in metrics:
+        from pycocoevalcap.cider.cider import Cider
+
+        scorers.append((Cider(), "CIDEr"))
+    if "SPICE" in metrics:
+        jars = spice_missing_jars()
+        if not java:
+            skipped["SPICE"] = "SPICE runs a Java program (spice-1.0.jar) and java was not found on the PATH"
+        elif jars:
+            skipped["SPICE"] = (
+                "SPICE needs Stanford CoreNLP 3.6.0, which pycocoevalcap downloads from nlp.stanford.edu on "
+                f"first use (not possible offline); missing: {', '.join(jars)}. Install once while online: "
+                "python -c 'from pycocoevalcap.spice.get_stanford_models import get_stanford_models; "
+                "get_stanford_models()'")
+        else:
+            from pycocoevalcap.spice.spice import Spice
+
+            scorers.append((Spice, "SPICE"))
+    for metric, reason in skipped.items():
+        logger.warning("%s skipped: %s", metric, reason)
+
+    results, per_image = {}, {k: {} for k in ids}
+    for scorer, names in scorers:
+        if isinstance(scorer, type):  # Java scorers start their process only when needed
+            scorer = scorer()
+        with contextlib.redirect_stdout(io.StringIO()):  # pycocoevalcap prints its internals
+            score, scores = scorer.compute_score(gts, res)
+        if isinstance(names, list):
+            for name, value, values in zip(names, score, scores):
+                results[name] = float(value)
+                for k, v in zip(ids, values):
+                    per_image[k][name] = float(v)
+        else:
+            results[names] = float(score)
+            for k, v in zip(ids, scores):
+                per_image[k][names] = float(v["All"]["f"]) if isinstance(v, dict) else float(v)
+        if hasattr(scorer, "close"):
+            scorer.close()
+    return {"metrics": results, "per_image": per_image, "skipped": skipped, "tokenizer": tokenizer,
+            "num_images": len(ids)}
+
+
+def _normalize(x):
+    x = np.asarray(x, np.float64)
+    return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+
+
+def clip_score(clip, image_features, captions, references=None, w=CLIP_SCORE_W, prompt=CLIP_SCORE_PROMPT):
+    """CLIP-S (and RefCLIP-S with ``references``) of Hessel et al. (2021) with a Keras `CLIP`.
+
+    Args:
+        clip: a `models.siamese.clip.CLIP` with its text encoder (the paper uses ViT-B/32).
+        image_features: (N, D) raw CLIP image features of the images (``clip.encode_image``).
+        captions: N candidate captions.
+        references: optional N lists of reference captions (RefCLIP-S).
+        w: the rescaling weight (2.5 in the paper); prompt: prepended to candidates ("A photo depicts ").
+
+    Returns:
+        ``{"CLIPScore": mean, "per_image": [...], ("RefCLIPScore": mean, "ref_per_image": [...])}``.
+    """
+    if getattr(clip, "tokenizer", None) is None:
+        raise ValueError("CLIPScore needs a CLIP with its text encoder (this one was loaded image-only)")
+    if len(image_features) != len(captions):
+        raise ValueError(f"{len(image_features)} images but {len(captions)} captions")
+    images = _normalize(image_features)
+    texts = _normalize(_encode_texts(clip, [prompt + c for c in captions]))
+    per = w * np.clip(np.sum(images * texts, axis=1), 0, None)
+    out = {"CLIPScore": float(per.mean()) if len(per) else float("nan"), "per_image": per.tolist()}
+    if references is not None:
+        flat = [r for refs in references for r in refs]
+        refs = _normalize(_encode_texts(clip, flat))
+        best, start = [], 0
+        for k, group in enumerate(references):
+            sims = refs[start : start + len(group)] @ texts[k]
+            best.append(max(float(sims.max()), 0.0) if len(group) else 0.0)
+            start += len(group)
+        best = np.asarray(best)
+        ref = np.where(per + best > 0, 2 * per * best / np.maximum(per + best, 1e-12), 0.0)
+        out.update({"RefCLIPScore": float(ref.mean()), "ref_per_image": ref.tolist()})
+    return out
+
+
+def _encode_texts(clip, texts, batch_size=256):
+    parts = [clip.encode_text(texts[i : i + batch_size], truncate=True) for i in range(0, len(texts), batch_size)]
+    return np.concatenate(parts) if parts else np.zeros((0, clip.embed_dim), np.float32)
+
+
+def generate_captions(model, embeddings, batch_size=32, method="greedy", **generate_kwargs):
+    """Captions (the best of each image) for (N, D) CLIP embeddings, batch by batch."""
+    captions = []
+    for start in range(0, len(embeddings), batch_size):
+        out = model.generate(np.asarray(embeddings[start : start + batch_size]), method=method,
+                             **generate_kwargs)
+        captions.extend(candidates[0]["text"].strip() for candidates in out)
+    return captions
+
+
+def evaluate_model(model, dataset, output_dir, embeddings=None, method="greedy", batch_size=32,
+                   metrics=ALL_METRICS, clip_for_score=None, cache_dir=None, progress=True, **generate_kwargs):
+    """Caption every image of ``dataset`` and score the captions; writes results.json and metrics.json.
+
+    Args:
+        model: a `ClipCap` (with its CLIP unless ``embeddings`` are given).
+        dataset: a `CaptionDataset` (e.g. `datasets.coco.load_coco`): images and their references.
+        output_dir: where ``results.json`` ([{"image_id", "caption"}]) and ``metrics.json`` go.
+        embeddings: (N_images, D) CLIP embeddings of ``dataset.images`` (default: extracted with
+            ``model.clip``, cached in ``cache_dir``; unreadable images are reported and not scored).
+        method, batch_size, generate_kwargs: decoding (``model.generate``).
+        metrics: pycocoevalcap metrics to compute.
+        clip_for_score: a `CLIP` with a text encoder for CLIPScore (default: ``model.clip`` when it has one;
+            otherwise CLIPScore is skipped with a message).
+
+    Returns:
+        the metrics dict written to metrics.json.
+    """
+    from datasets.coco import write_coco_results
+
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    failed = {}
+    if embeddings is None:
+        from datasets.embeddings import clip_encoder, extract_embeddings
+
+        if getattr(model, "clip", None) is None:
+            raise ValueError("the model has no CLIP: pass the images' embeddings")
+        result = extract_embeddings(dataset.images, clip_encoder(model.clip), cache_dir=cache_dir,
+                                    batch_size=batch_size, progress=progress)
+        failed = {dataset.images[i]: m for i, m in result.failed.items()}
+        dataset = dataset.select_images(result.indices)
+        embeddings = result.embeddings
+    if len(embeddings) != dataset.num_images:
+        raise ValueError(f"{len(embeddings)} embeddings for {dataset.num_images} images")
+    start = time.perf_counter()
+    captions = generate_captions(model, embeddings, batch_size=batch_size, method=method, **generate_kwargs)
+    seconds = time.perf_counter() - start
+    predictions = dict(zip(dataset.image_ids, captions))
+    write_coco_results([{"image_id": k, "caption": c} for k, c in predictions.items()],
+                       output_dir / "results.json")
+
+    references = dataset.references()
+    scored = {k: c for k, c in predictions.items() if references[k]}
+    report = caption_metrics(references, scored, metrics=metrics) if scored else {
+        "metrics": {}, "per_image": {}, "skipped": {m: "no reference captions" for m in metrics},
+        "tokenizer": None, "num_images": 0}
+    clip = clip_for_score if clip_for_score is not None else getattr(model, "clip", None)
+    if clip is not None and getattr(clip, "tokenizer", None) is not None:
+        refs = [references[k] for k in dataset.image_ids]
+        cs = clip_score(clip, embeddings, captions, references=refs if all(refs) else None)
+        report["metrics"]["CLIPScore"] = cs["CLIPScore"]
+        if "RefCLIPScore" in cs:
+            report["metrics"]["RefCLIPScore"] = cs["RefCLIPScore"]
+        for k, v in zip(dataset.image_ids, cs["per_image"]):
+            report["per_image"].setdefault(k, {})["CLIPScore"] = v
+    else:
+        report["skipped"]["CLIPScore"] = ("needs a CLIP with its text encoder: the model's CLIP is image-only "
+                                          "or absent (pass --clip-score-model)")
+    report.update({"model": getattr(model, "name", None), "dataset": dataset.name, "method": method,
+                   "generate_kwargs": {k: v for k, v in generate_kwargs.items()},
+                   "failed_images": failed, "captioning_seconds": round(seconds, 3)})
+    report["per_image"] = {str(k): v for k, v in report["per_image"].items()}
+    tmp = output_dir / ".metrics.json.tmp"
+    tmp.write_text(json.dumps(report, indent=1, default=str))
+    os.replace(tmp, output_dir / "metrics.json")
+    return report

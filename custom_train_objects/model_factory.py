@@ -1,0 +1,112 @@
+"""Build the ClipCap to train: a new mapper on any GPT-2-family language model, or a saved ClipCap.
+
+The language model is a Hugging Face GPT-2-family checkpoint (``gpt2``, ``distilgpt2``, a French GPT-2 ...;
+a directory or a name in the HF cache) with its tokenizer, or a randomly initialised `GPT2` from constructor
+arguments (small models for tests and the offline example). The mapper is new (random, seeded by
+``hparams.seed``) with the architecture of the hyper-parameters.
+
+Example::
+
+    model = build_clipcap_for_training(TrainingHParams(), prefix_size=512, tokenizer="gpt2", gpt2="gpt2",
+                                       clip=CLIP.from_pretrained("ViT-B-32.pt"))
+"""
+
+import json
+import os
+
+os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+
+import keras  # noqa: E402
+
+MAPPER_MLP_RATIO = 2.0  # the official TransformerMapper's MLP width ratio
+
+
+def mapper_config(hparams, prefix_size, n_embd):
+    """The ClipCap config entries of a new mapper (same keys as `utils.convert.clipcap` infers)."""
+    config = {"mapping_type": hparams.mapping_type, "prefix_size": int(prefix_size),
+              "prefix_length": hparams.prefix_length, "n_embd": int(n_embd), "normalize_prefix": hparams.normalize}
+    if hparams.mapping_type == "transformer":
+        config.update(clip_length=hparams.clip_length, num_layers=hparams.num_layers, num_heads=hparams.num_heads,
+                      mlp_ratio=MAPPER_MLP_RATIO)
+    return config
+
+
+def build_mapper_from_config(config):
+    from custom_architectures.transformers_arch.clip_cap_arch import build_mapper
+
+    kwargs = {"prefix_size": config["prefix_size"], "prefix_length": config["prefix_length"],
+              "n_embd": config["n_embd"]}
+    if config["mapping_type"] == "transformer":
+        kwargs.update({k: config[k] for k in ("clip_length", "num_layers", "num_heads", "mlp_ratio")})
+    return build_mapper(config["mapping_type"], **kwargs)
+
+
+def _load_language_model(gpt2, gpt2_config, vocab_size, seed):
+    from custom_architectures.transformers_arch.gpt2_arch import GPT2
+
+    if (gpt2 is None) == (gpt2_config is None):
+        raise ValueError("give a GPT-2 checkpoint (--gpt2) or a configuration for a random one (--gpt2-config)")
+    if gpt2_config is not None:
+        kwargs = json.loads(gpt2_config) if isinstance(gpt2_config, str) else dict(gpt2_config)
+        kwargs.setdefault("vocab_size", vocab_size)
+        keras.utils.set_random_seed(seed)
+        return GPT2(**kwargs)
+    if isinstance(gpt2, GPT2):
+        return gpt2
+    from utils.convert.hf_gpt2 import load_gpt2
+
+    path = os.fspath(gpt2)
+    if not os.path.exists(path):
+        from huggingface_hub import snapshot_download
+
+        path = snapshot_download(path, allow_patterns=["config.json", "*.safetensors", "pytorch_model.bin"])
+    return load_gpt2(path)
+
+
+def build_clipcap_for_training(hparams, prefix_size, tokenizer="gpt2", gpt2=None, gpt2_config=None,
+                               init_model=None, clip=None, name=None):
+    """A `ClipCap` ready for `Trainer`: new mapper + language model, or ``init_model`` (a saved ClipCap).
+
+    Args:
+        hparams: `TrainingHParams` (mapper architecture, prefix length, normalisation, seed).
+        prefix_size: the CLIP embedding size D.
+        tokenizer: a GPT-2-family tokenizer (object, directory or hub name).
+        gpt2: a `GPT2`, a Hugging Face checkpoint directory or hub name.
+        gpt2_config: instead of ``gpt2``: GPT2 constructor kwargs (dict or JSON) for a random model.
+        init_model: a saved ClipCap directory to continue training (its tokenizer and GPT-2 are used).
+        clip: the `CLIP` the embeddings come from (kept in the model so that it captions images).
+        name: the model's name.
+    """
+    from models.image_captioning.clip_cap import ClipCap
+
+    if init_model is not None:
+        model = ClipCap.load(os.fspath(init_model))
+        for key in ("prefix_length", "mapping_type", "prefix_size"):
+            wanted = {"prefix_length": hparams.prefix_length, "mapping_type": hparams.mapping_type,
+                      "prefix_size": prefix_size}[key]
+            if model.config.get(key) != wanted:
+                raise ValueError(f"{init_model} has {key}={model.config.get(key)!r} but training asks for {wanted!r}")
+        if clip is not None:
+            model.clip = clip
+        return model
+
+    from utils.tokenizer import load_gpt2_tokenizer
+
+    if isinstance(tokenizer, str | os.PathLike):
+        tokenizer = load_gpt2_tokenizer(os.fspath(tokenizer))
+    gpt2 = _load_language_model(gpt2, gpt2_config, len(tokenizer), hparams.seed)
+    if gpt2.vocab_size < len(tokenizer):
+        raise ValueError(f"the tokenizer has {len(tokenizer)} tokens but the language model only {gpt2.vocab_size}")
+    if clip is not None and clip.embed_dim != prefix_size:
+        raise ValueError(f"the CLIP embeds to {clip.embed_dim} dimensions, the embeddings have {prefix_size}")
+    config = mapper_config(hparams, prefix_size, gpt2.n_embd)
+    keras.utils.set_random_seed(hparams.seed)
+    mapper = build_mapper_from_config(config)
+    return _new_clipcap(ClipCap, mapper, gpt2, tokenizer, clip, config, name)
+
+
+def _new_clipcap(cls, mapper, gpt2, tokenizer, clip, config, name):
+    from utils.convert.clipcap import gpt2_arch_config
+
+    config = {**config, "gpt2": gpt2_arch_config(gpt2), "name": name}
+    return cls(mapper=mapper, gpt2=gpt2, tokenizer=tokenizer, clip=clip, config=config)

@@ -1,0 +1,408 @@
+"""Train a ClipCap on CLIP embeddings: prefix-only or full fine-tuning, exact resume, ``tf.distribute``.
+
+Modes (``hparams.prefix_only``):
+
+- full fine-tuning (the official default): mapper and GPT-2 trained, GPT-2 in training mode (dropout on);
+- prefix-only (the official ``--only_prefix``): only the mapper is trained; GPT-2 runs in inference mode
+  (dropout off), gradients flow through it to the prefix, and its weights are never updated (bit-identical).
+
+The trainer works on copies of the model's mapper and GPT-2 built inside the strategy's scope and under the
+mixed-precision policy (variables stay float32), and writes their values back into the `ClipCap` when
+training ends, so the result is a normal ClipCap (``model.save`` / ``ClipCap.load`` / ``predict``).
+
+Each step: per replica, the loss is the sum of the token cross-entropies divided by the number of real
+tokens in the *global* batch; gradients are summed across replicas, optionally clipped by their global norm
+(after the sum: the norm of the true gradient), then AdamW applies them with the warmup/decay schedule.
+
+Checkpoints (``<output_dir>/checkpoints/ckpt-<step>/``: every model and optimizer variable, dropout seed
+states included, plus the epoch, batch position, step and loss history) are written atomically at the end
+of every ``save_every`` epochs and every ``checkpoint_every_steps`` steps. ``fit`` resumes from the latest
+one: batches come in an order fixed by (seed, epoch), so a resumed run computes exactly the losses of an
+uninterrupted one.
+
+Example::
+
+    model = new_clipcap(gpt2_dir, tokenizer_dir, clip=clip, hparams=hp)     # or ClipCap.load(...)
+    trainer = Trainer(model, hp, "runs/coco", strategy=tf.distribute.MirroredStrategy())
+    history = trainer.fit(dataset, embeddings, val_dataset=val, val_embeddings=val_embeddings)
+    model.save("pretrained_models/my_clipcap")       # also saved to runs/coco/model/ by fit
+"""
+
+import contextlib
+import json
+import logging
+import os
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+
+os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+
+import keras  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+from custom_train_objects.losses import caption_loss_sum  # noqa: E402
+from custom_train_objects.optimizers import build_optimizer  # noqa: E402
+from datasets.tf_dataset import caption_batches, encode_captions, num_batches  # noqa: E402
+from hparams.training import TrainingHParams  # noqa: E402
+from loggers.training_loggers import LoggerList, build_loggers  # noqa: E402
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT_DIR = "checkpoints"
+STATE_FILENAME = "state.json"
+VARIABLES_FILENAME = "variables.npz"
+# hyper-parameters that may change when resuming (they do not change the computation)
+RESUME_MUTABLE = {"save_every", "checkpoint_every_steps", "log_every", "jit_compile"}
+
+
+class TrainingStopped(Exception):
+    """Raised by `Trainer.fit` when ``stop_after_steps`` is reached (a checkpoint was written)."""
+
+
+@contextlib.contextmanager
+def _dtype_policy(name):
+    previous = keras.config.dtype_policy()
+    keras.config.set_dtype_policy(name or "float32")
+    try:
+        yield
+    finally:
+        keras.config.set_dtype_policy(previous)
+
+
+def _clone(model, policy):
+    """A fresh instance of ``model`` (same config, ``policy`` for its computations), same values."""
+    config = model.get_config()
+    config["dtype"] = policy or "float32"
+    with _dtype_policy(policy):
+        clone = type(model).from_config(config)
+    _copy_values(model.variables, clone.variables, what=model.name)
+    return clone
+
+
+def _copy_values(source, target, what="model"):
+    if len(source) != len(target):
+        raise RuntimeError(f"{what}: {len(source)} variables vs {len(target)} in its copy")
+    for s, t in zip(source, target):
+        if tuple(s.shape) != tuple(t.shape):
+            raise RuntimeError(f"{what}: variable {s.path} {tuple(s.shape)} vs {t.path} {tuple(t.shape)}")
+        t.assign(s.value if hasattr(s, "value") else s)
+
+
+class Trainer:
+    """Train ``model`` (a `ClipCap`: ``mapper``, ``gpt2``, ``tokenizer``, ``config``) with ``hparams``.
+
+    Args:
+        model: the ClipCap to train; its mapper and GPT-2 receive the trained values when `fit` ends.
+        hparams: a `TrainingHParams`.
+        output_dir: checkpoints, logs (CSV, TensorBoard), ``hparams.json`` and the final ``model/``.
+        strategy: a ``tf.distribute`` strategy (``MirroredStrategy`` for several GPUs,
+            ``MultiWorkerMirroredStrategy`` for several hosts); None: the default (one device).
+        loggers: a `LoggerList` (default: console + CSV + TensorBoard in ``output_dir``).
+        progress: show tqdm bars.
+        keep_checkpoints: how many of the latest checkpoints to keep.
+    """
+
+    def __init__(self, model, hparams: TrainingHParams, output_dir, strategy=None, loggers=None, progress=True,
+                 keep_checkpoints=2):
+        self.model = model
+        self.hp = hparams
+        self.output_dir = Path(output_dir)
+        self.strategy = strategy or tf.distribute.get_strategy()
+        self.progress = progress
+        self.keep_checkpoints = max(1, int(keep_checkpoints))
+        self.loggers = loggers if loggers is not None else build_loggers(self.output_dir, progress=progress)
+        self.prefix_length = int(model.config["prefix_length"])
+        self.normalize = bool(hparams.normalize)
+        if bool(model.config.get("normalize_prefix", False)) != self.normalize:
+            logger.info("normalize_prefix of the model set to %s (hparams.normalize)", self.normalize)
+        self.history = {"loss": [], "epochs": []}
+        self.max_length = None
+        self._built = False
+
+    # ------------------------------------------------------------------------------------------ building
+    def _build(self, steps_per_epoch):
+        hp = self.hp
+        policy = hp.mixed_precision
+        with self.strategy.scope():
+            self.mapper = _clone(self.model.mapper, policy)
+            self.gpt2 = _clone(self.model.gpt2, policy)
+            self.trainable = list(self.mapper.trainable_variables)
+            if not hp.prefix_only:
+                self.trainable += list(self.gpt2.trainable_variables)
+            self.optimizer = build_optimizer(hp, total_steps=hp.epochs * steps_per_epoch)
+            self.optimizer.build(self.trainable)
+        self._train_step = self._make_train_step()
+        self._eval_step = self._make_eval_step()
+        self._built = True
+
+    def _forward(self, embeddings, tokens, mask, training):
+        x = tf.cast(embeddings, tf.float32)
+        if self.normalize:
+            x = x / tf.maximum(tf.norm(x, axis=-1, keepdims=True), 1e-12)
+        prefix = self.mapper(x, training=training)  # (B, K, C)
+        gpt_training = training and not self.hp.prefix_only
+        return self.gpt2(token_ids=tokens, inputs_embeds=prefix, padding_mask=mask, training=gpt_training)
+
+    def _make_train_step(self):
+        hp, strategy, k = self.hp, self.strategy, self.prefix_length
+        optimizer, trainable = self.optimizer, self.trainable
+        replicas = strategy.num_replicas_in_sync
+        loss_scaled = isinstance(optimizer, keras.optimizers.LossScaleOptimizer)
+
+        def grads_fn(embeddings, tokens, mask, global_count):
+            with tf.GradientTape() as tape:
+                logits = self._forward(embeddings, tokens, mask, training=True)
+                loss_sum, _ = caption_loss_sum(logits, tokens, mask, k)
+                loss = loss_sum / global_count  # this replica's share of the global mean
+                scaled = optimizer.scale_loss(loss)
+            return loss, tape.gradient(scaled, trainable)
+
+        grads_fn = tf.function(grads_fn, jit_compile=hp.jit_compile)
+
+        def replica_step(embeddings, tokens, mask):
+            ctx = tf.distribute.get_replica_context()
+            count = tf.reduce_sum(tf.cast(mask[:, k:], tf.float32))
+            global_count = tf.maximum(ctx.all_reduce(tf.distribute.ReduceOp.SUM, count), 1.0)
+            loss, grads = grads_fn(embeddings, tokens, mask, global_count)
+            if replicas > 1:
+                grads = ctx.all_reduce(tf.distribute.ReduceOp.SUM, grads)
+            if hp.gradient_clip_norm is not None:
+                clip = hp.gradient_clip_norm
+                if loss_scaled:  # the gradients are still multiplied by the loss scale
+                    clip = clip * tf.cast(optimizer.dynamic_scale, tf.float32)
+                grads, _ = tf.clip_by_global_norm(grads, clip)
+            if replicas > 1:  # Keras sums the replicas' gradients again: give it 1/R of the sum each
+                grads = [g / replicas for g in grads]
+            optimizer.apply(grads, trainable)
+            return loss
+
+        @tf.function
+        def train_step(batch):
+            losses = strategy.run(replica_step, args=batch)
+            return strategy.reduce(tf.distribute.ReduceOp.SUM, losses, axis=None)
+
+        return train_step
+
+    def _make_eval_step(self):
+        strategy, k = self.strategy, self.prefix_length
+
+        def replica_eval(embeddings, tokens, mask):
+            logits = self._forward(embeddings, tokens, mask, training=False)
+            return caption_loss_sum(logits, tokens, mask, k)
+
+        @tf.function
+        def eval_step(batch):
+            total, count = strategy.run(replica_eval, args=batch)
+            return (strategy.reduce(tf.distribute.ReduceOp.SUM, total, axis=None),
+                    strategy.reduce(tf.distribute.ReduceOp.SUM, count, axis=None))
+
+        return eval_step
+
+    # ---------------------------------------------------------------------------------------------- data
+    def encode(self, dataset, max_length=None):
+        """(tokens, mask) of a dataset's captions with the model's tokenizer."""
+        return encode_captions(self.model.tokenizer, dataset.captions, self.prefix_length,
+                               max_length=max_length, stop_token=self.hp.stop_token,
+                               append_stop=self.hp.append_stop)
+
+    def _check_inputs(self, dataset, embeddings):
+        embeddings = np.asarray(embeddings, np.float32)
+        prefix_size = int(self.model.config["prefix_size"])
+        if embeddings.ndim != 2 or embeddings.shape[1] != prefix_size:
+            raise ValueError(f"embeddings must be (N_images, {prefix_size}) for this mapper, got {embeddings.shape}")
+        if len(embeddings) != dataset.num_images:
+            raise ValueError(f"{len(embeddings)} embeddings for {dataset.num_images} images of {dataset.name}")
+        return embeddings
+
+    # ------------------------------------------------------------------------------------------- fitting
+    def fit(self, dataset, embeddings, val_dataset=None, val_embeddings=None, resume=True, stop_after_steps=None):
+        """Train for ``hparams.epochs`` epochs (resuming from the latest checkpoint when ``resume``).
+
+        Args:
+            dataset: a `CaptionDataset`; embeddings: its (N_images, D) CLIP embeddings.
+            val_dataset / val_embeddings: optional, for a validation loss after every epoch.
+            resume: continue from the latest checkpoint in ``output_dir`` (hyper-parameters must match).
+            stop_after_steps: write a checkpoint and raise `TrainingStopped` after this many steps in
+                total (to test or to split a run into jobs).
+
+        Returns:
+            the history: ``{"loss": [per-step loss], "epochs": [{"epoch", "loss", "val_loss", ...}]}``.
+        """
+        hp = self.hp
+        embeddings = self._check_inputs(dataset, embeddings)
+        tokens, mask = self.encode(dataset, hp.max_length)
+        max_length = self.max_length = int(tokens.shape[1])
+        n_positions = int(self.model.gpt2.n_positions)
+        if self.prefix_length + max_length > n_positions:
+            raise ValueError(f"prefix ({self.prefix_length}) + captions ({max_length} tokens) exceed GPT-2's "
+                             f"{n_positions} positions: set max_length")
+        global_batch = hp.batch_size
+        replicas = self.strategy.num_replicas_in_sync
+        if global_batch % replicas:
+            raise ValueError(f"batch_size {global_batch} is not divisible by the {replicas} replicas")
+        steps_per_epoch = num_batches(len(tokens), global_batch)
+        if steps_per_epoch == 0:
+            raise ValueError(f"{len(tokens)} captions make no full batch of {global_batch}")
+        val = None
+        if val_dataset is not None:
+            val_embeddings = self._check_inputs(val_dataset, val_embeddings)
+            val = (val_embeddings, val_dataset.image_index, *self.encode(val_dataset, max_length))
+
+        keras.utils.set_random_seed(hp.seed)
+        if not self._built:
+            self._build(steps_per_epoch)
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        state = {"epoch": 0, "batch": 0, "step": 0, "loss": [], "epochs": [], "max_length": max_length}
+        latest = self.latest_checkpoint() if resume else None
+        if latest is not None:
+            state = self._restore(latest, max_length)
+            self.loggers.resume(state["step"])
+            logger.info("resumed from %s (epoch %d, batch %d, step %d)", latest, state["epoch"] + 1,
+                        state["batch"], state["step"])
+        elif not resume and self.latest_checkpoint() is not None:
+            raise ValueError(f"{self.output_dir} already holds checkpoints: resume, or use another directory")
+        hp.save(self.output_dir / "hparams.json")
+        self.history = {"loss": list(state["loss"]), "epochs": list(state["epochs"])}
+        self.loggers.begin({"captions": len(tokens), "images": len(embeddings), "max_length": max_length,
+                            "steps_per_epoch": steps_per_epoch, "replicas": replicas,
+                            "mode": "prefix-only" if hp.prefix_only else "full fine-tuning"})
+        console = self.loggers.console() if isinstance(self.loggers, LoggerList) else None
+
+        step = state["step"]
+        for epoch in range(state["epoch"], hp.epochs):
+            first = state["batch"] if epoch == state["epoch"] else 0
+            ds = caption_batches(embeddings, dataset.image_index, tokens, mask, global_batch, seed=hp.seed,
+                                 epoch=epoch, shuffle=hp.shuffle, skip_batches=first)
+            ds = self.strategy.experimental_distribute_dataset(ds)
+            if console is not None:
+                console.start_epoch(epoch, steps_per_epoch, initial=first)
+            start = time.perf_counter()
+            for batch_index, batch in enumerate(ds, start=first):
+                loss = float(self._train_step(batch))
+                step += 1
+                self.history["loss"].append(loss)
+                if console is not None:
+                    console.advance(loss)
+                if step % hp.log_every == 0:
+                    self.loggers.log_step(step, {"epoch": epoch + 1, "loss": loss, "lr": self._lr()})
+                if batch_index + 1 == steps_per_epoch:
+                    break  # the end of the epoch: bookkeeping below
+                stop = stop_after_steps is not None and step >= stop_after_steps
+                if stop or (hp.checkpoint_every_steps and step % hp.checkpoint_every_steps == 0):
+                    self._save_checkpoint(epoch, batch_index + 1, step)
+                if stop:
+                    if console is not None:
+                        console.close()
+                    raise TrainingStopped(f"stopped after {step} steps (checkpoint written)")
+            record = {"epoch": epoch + 1, "step": step, "seconds": round(time.perf_counter() - start, 3)}
+            this_epoch = self.history["loss"][epoch * steps_per_epoch : (epoch + 1) * steps_per_epoch]
+            if this_epoch:  # the whole epoch's mean, also when it was resumed in the middle
+                record["loss"] = float(np.mean(this_epoch))
+            if val is not None:
+                record["val_loss"] = self.evaluate_loss(*val)
+            self.history["epochs"].append(record)
+            self.loggers.log_epoch(epoch, record)
+            stop = stop_after_steps is not None and step >= stop_after_steps and epoch + 1 < hp.epochs
+            if (epoch + 1) % hp.save_every == 0 or epoch + 1 == hp.epochs or stop:
+                self._save_checkpoint(epoch + 1, 0, step)
+            if stop:
+                raise TrainingStopped(f"stopped after {step} steps, at the end of epoch {epoch + 1} "
+                                      "(checkpoint written)")
+        self.loggers.close()
+        self.finalize()
+        return self.history
+
+    def evaluate_loss(self, embeddings, image_index, tokens, mask, batch_size=None):
+        """Mean cross-entropy per real caption token (no dropout) over a whole split."""
+        batch_size = batch_size or self.hp.batch_size
+        ds = caption_batches(embeddings, image_index, tokens, mask, batch_size, shuffle=False,
+                             drop_remainder=self.strategy.num_replicas_in_sync > 1)
+        total = count = 0.0
+        for batch in self.strategy.experimental_distribute_dataset(ds):
+            t, c = self._eval_step(batch)
+            total, count = total + float(t), count + float(c)
+        return total / max(count, 1.0)
+
+    def _lr(self):
+        optimizer = getattr(self.optimizer, "inner_optimizer", self.optimizer)
+        return float(optimizer.learning_rate)
+
+    def finalize(self):
+        """Copy the trained values into the ClipCap, save it to ``<output_dir>/model``; returns the model."""
+        _copy_values(self.mapper.variables, self.model.mapper.variables, "mapper")
+        _copy_values(self.gpt2.variables, self.model.gpt2.variables, "gpt2")
+        self.model.config["normalize_prefix"] = self.normalize
+        model_dir = self.output_dir / "model"
+        staging = self.output_dir / ".model.tmp"
+        shutil.rmtree(staging, ignore_errors=True)
+        self.model.save(str(staging))
+        shutil.rmtree(model_dir, ignore_errors=True)
+        os.replace(staging, model_dir)
+        return self.model
+
+    # --------------------------------------------------------------------------------------- checkpoints
+    def _variable_groups(self):
+        return {"mapper": self.mapper.variables, "gpt2": self.gpt2.variables,
+                "optimizer": self.optimizer.variables}
+
+    def checkpoint_dir(self):
+        return self.output_dir / CHECKPOINT_DIR
+
+    def latest_checkpoint(self):
+        """The newest complete checkpoint directory (one with its state.json), or None."""
+        root = self.checkpoint_dir()
+        done = sorted(p for p in root.glob("ckpt-*") if (p / STATE_FILENAME).is_file()) if root.is_dir() else []
+        return done[-1] if done else None
+
+    def _save_checkpoint(self, epoch, batch, step):
+        root = self.checkpoint_dir()
+        root.mkdir(parents=True, exist_ok=True)
+        final = root / f"ckpt-{step:09d}"
+        staging = root / f".ckpt-{step:09d}.tmp"
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir()
+        arrays = {}
+        for group, variables in self._variable_groups().items():
+            for i, v in enumerate(variables):
+                arrays[f"{group}/{i:05d}"] = np.asarray(keras.ops.convert_to_numpy(v.value))
+        np.savez(staging / VARIABLES_FILENAME, **arrays)
+        state = {"epoch": epoch, "batch": batch, "step": step, "max_length": self.max_length,
+                 "hparams": self.hp.to_dict(), "loss": self.history["loss"], "epochs": self.history["epochs"],
+                 "shapes": {k: list(a.shape) for k, a in arrays.items()}}
+        with open(staging / STATE_FILENAME, "w") as f:
+            json.dump(state, f)
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(staging, final)
+        for old in sorted(p for p in root.glob("ckpt-*"))[: -self.keep_checkpoints]:
+            shutil.rmtree(old, ignore_errors=True)
+        logger.info("checkpoint %s (epoch %d, batch %d)", final, epoch, batch)
+        return final
+
+    def _restore(self, directory, max_length):
+        with open(Path(directory) / STATE_FILENAME) as f:
+            state = json.load(f)
+        saved = state["hparams"]
+        current = self.hp.to_dict()
+        differ = sorted(k for k in current if k not in RESUME_MUTABLE and saved.get(k) != current[k])
+        if differ:
+            raise ValueError(f"cannot resume from {directory}: hyper-parameters differ: "
+                             + ", ".join(f"{k}={saved.get(k)!r} (now {current[k]!r})" for k in differ))
+        if state.get("max_length") != max_length:
+            raise ValueError(f"cannot resume from {directory}: captions padded to {state.get('max_length')} "
+                             f"tokens there, {max_length} now (different data?)")
+        with np.load(Path(directory) / VARIABLES_FILENAME) as f:
+            stored = {k: f[k] for k in f.files}
+        expected = {f"{g}/{i:05d}": v for g, vs in self._variable_groups().items() for i, v in enumerate(vs)}
+        if set(stored) != set(expected):
+            raise ValueError(f"{directory} does not match this model/optimizer: "
+                             f"missing {sorted(set(expected) - set(stored))[:5]}, "
+                             f"unexpected {sorted(set(stored) - set(expected))[:5]}")
+        for key, variable in expected.items():
+            if tuple(stored[key].shape) != tuple(variable.shape):
+                raise ValueError(f"{directory}: {key} ({variable.path}) is {stored[key].shape}, "
+                                 f"expected {tuple(variable.shape)}")
+            variable.assign(stored[key])
+        return state

@@ -1,0 +1,377 @@
+"""CLIP image embeddings computed once per image, batched, cached on disk, resumable.
+
+`extract_embeddings` reads each *unique* image once (two reader threads), encodes them in batches and
+stores every batch in an `EmbeddingCache` as soon as it is computed. A rerun (or a run resumed after an
+interruption, or another dataset sharing images) only encodes what the cache does not hold. Images that
+cannot be read are reported (returned with their error and logged) and left out: never replaced by zeros.
+
+Cache layout (``<cache_dir>/<model key>/``)::
+
+    model.json          the encoder's identity (model_id) the embeddings belong to
+    index.jsonl         one line per shard: {"shard": "shard_000012.npy", "keys": [image key, ...]}
+    shard_000012.npy    (B, D) float32 embeddings of those keys, in order
+
+A shard is written to a temporary file and renamed, then its index line is appended and synced: an
+interruption leaves at worst an unindexed shard (ignored, overwritten later) or a torn last index line
+(ignored). The model key is a hash of ``model_id`` (for CLIP: a hash of its weights and preprocessing), so
+two models never share embeddings. An image's key is its absolute path + size + modification time
+(``key_mode="stat"``) or a hash of its bytes (``key_mode="content"``: survives moves and copies). One
+writer per cache directory at a time.
+
+Example::
+
+    clip = CLIP.load("pretrained_models/clip_vit_b32")
+    result = extract_embeddings(data.images, clip_encoder(clip), cache_dir="cache/embeddings")
+    result.embeddings.shape, result.failed     # (N_ok, 512), {index: "no such image file: ..."}
+    save_embedded_dataset("train_embeddings.npz", data, result, clip_encoder(clip).model_id)
+"""
+
+import hashlib
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from datasets.caption_dataset import CaptionDataset, DatasetError
+from utils.image_io import ImageReadError, read_image
+
+logger = logging.getLogger(__name__)
+
+INDEX_FILENAME = "index.jsonl"
+MODEL_FILENAME = "model.json"
+
+
+# ------------------------------------------------------------------------------------------------ encoders
+
+
+@dataclass
+class ImageEncoder:
+    """What extraction needs from an image model.
+
+    Attributes:
+        encode_batch: list of preprocessed images -> (B, D) array.
+        model_id: a string that changes whenever the embeddings would (weights, preprocessing).
+        preprocess: PIL image -> what ``encode_batch`` takes (runs in the reader threads); default: as is.
+    """
+
+    encode_batch: object
+    model_id: str
+    preprocess: object = None
+
+
+def clip_model_id(clip, exif_transpose=True):
+    """A hash of a `CLIP`'s image-encoder config and weights (and of the EXIF setting): its cache identity."""
+    h = hashlib.sha256()
+    h.update(json.dumps(clip.model.config, sort_keys=True, default=str).encode())
+    h.update(f"exif_transpose={bool(exif_transpose)}".encode())
+    for variable in clip.visual.weights:
+        h.update(variable.path.encode())
+        h.update(np.ascontiguousarray(np.asarray(variable.numpy())).tobytes())
+    return f"clip:{h.hexdigest()}"
+
+
+def clip_encoder(clip, exif_transpose=True):
+    """An `ImageEncoder` for a `models.siamese.clip.CLIP`: OpenAI preprocessing, raw image features."""
+    from utils.clip_preprocessing import preprocess_image
+
+    n_px = clip.input_resolution
+
+    def preprocess(image):
+        return preprocess_image(image, n_px)
+
+    def encode_batch(pixels):
+        return clip.encode_pixels(np.stack(pixels))
+
+    return ImageEncoder(encode_batch, clip_model_id(clip, exif_transpose), preprocess)
+
+
+# --------------------------------------------------------------------------------------------------- cache
+
+
+def image_key(path, key_mode="stat"):
+    """The cache key of an image file: ``abs path|size|mtime_ns`` or ``sha256:<hash of the bytes>``."""
+    path = os.path.abspath(os.fspath(path))
+    if key_mode == "stat":
+        st = os.stat(path)
+        return f"{path}|{st.st_size}|{st.st_mtime_ns}"
+    if key_mode == "content":
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+        return f"sha256:{h.hexdigest()}"
+    raise ValueError(f"key_mode must be 'stat' or 'content', got {key_mode!r}")
+
+
+class EmbeddingCache:
+    """Embeddings of one model, stored as appended shards + a JSON-lines index (see the module doc)."""
+
+    def __init__(self, cache_dir, model_id):
+        if not model_id:
+            raise ValueError("an embedding cache needs a model_id (what identifies the encoder)")
+        self.model_id = str(model_id)
+        self.directory = Path(cache_dir) / hashlib.sha256(self.model_id.encode()).hexdigest()[:24]
+        self.directory.mkdir(parents=True, exist_ok=True)
+        model_file = self.directory / MODEL_FILENAME
+        if model_file.exists():
+            stored = json.loads(model_file.read_text()).get("model_id")
+            if stored != self.model_id:
+                raise DatasetError(f"{self.directory} belongs to another model ({stored!r})")
+        else:
+            _write_atomic(model_file, json.dumps({"model_id": self.model_id}).encode())
+        self._rows = {}  # key -> (shard name, row)
+        self._shards = {}  # shard name -> array (memory-mapped)
+        self.dim = None
+        self._load_index()
+
+    def _load_index(self):
+        index = self.directory / INDEX_FILENAME
+        if not index.exists():
+            return
+        lines = index.read_text(encoding="utf-8").split("\n")
+        for number, line in enumerate(lines, start=1):
+            if not line.strip():
+                continue
+            try:
+                entry = json.loads(line)
+                shard, keys = entry["shard"], entry["keys"]
+            except (json.JSONDecodeError, KeyError, TypeError):
+                # a torn line (interrupted append): its shard is recomputed
+                logger.warning("%s:%d: unreadable index line ignored", index, number)
+                continue
+            try:
+                array = np.load(self.directory / shard, mmap_mode="r")
+            except (OSError, ValueError) as e:
+                logger.warning("%s: shard %s unreadable (%s); its %d images will be encoded again",
+                               self.directory, shard, e, len(keys))
+                continue
+            if array.ndim != 2 or len(array) != len(keys):
+                logger.warning("%s: shard %s has shape %s for %d keys; ignored", self.directory, shard,
+                               array.shape, len(keys))
+                continue
+            if self.dim is not None and array.shape[1] != self.dim:
+                raise DatasetError(f"{self.directory}: shards of different widths ({self.dim}, {array.shape[1]})")
+            self.dim = array.shape[1]
+            self._shards[shard] = array
+            for row, key in enumerate(keys):
+                self._rows[key] = (shard, row)
+
+    def __len__(self):
+        return len(self._rows)
+
+    def __contains__(self, key):
+        return key in self._rows
+
+    def get(self, key):
+        shard, row = self._rows[key]
+        return np.array(self._shards[shard][row], dtype=np.float32)
+
+    def add(self, keys, vectors):
+        """Store (B, D) ``vectors`` for ``keys`` as one new shard (atomic), then index it (appended, synced)."""
+        vectors = np.asarray(vectors, dtype=np.float32)
+        keys = list(keys)
+        if vectors.ndim != 2 or len(vectors) != len(keys):
+            raise ValueError(f"{len(keys)} keys but vectors of shape {vectors.shape}")
+        if not keys:
+            return
+        if self.dim is not None and vectors.shape[1] != self.dim:
+            raise DatasetError(f"{self.directory} holds {self.dim}-d embeddings, got {vectors.shape[1]}-d")
+        number = 1 + max([int(p.stem.split("_")[1]) for p in self.directory.glob("shard_*.npy")] or [-1])
+        shard = f"shard_{number:06d}.npy"
+        tmp = self.directory / f".{shard}.tmp"
+        with open(tmp, "wb") as f:
+            np.save(f, vectors)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.directory / shard)
+        line = json.dumps({"shard": shard, "keys": keys}, ensure_ascii=False) + "\n"
+        index = self.directory / INDEX_FILENAME
+        if index.exists() and index.stat().st_size:
+            with open(index, "rb") as f:
+                f.seek(-1, os.SEEK_END)
+                if f.read(1) != b"\n":  # a torn line from an interrupted append: end it first
+                    line = "\n" + line
+        with open(index, "a", encoding="utf-8") as f:
+            f.write(line)
+            f.flush()
+            os.fsync(f.fileno())
+        self.dim = vectors.shape[1]
+        self._shards[shard] = vectors
+        for row, key in enumerate(keys):
+            self._rows[key] = (shard, row)
+
+
+def _write_atomic(path, data: bytes):
+    tmp = Path(path).with_name(f".{Path(path).name}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+    os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------------------------------------- extraction
+
+
+@dataclass
+class ExtractionResult:
+    """Embeddings of the readable images, in input order (``indices`` into the input list).
+
+    Attributes:
+        embeddings: (N_ok, D) float32.
+        indices: (N_ok,) the input position of each row.
+        failed: {input position: error message} for images that could not be read.
+        cache_hits / computed: how many embeddings came from the cache / were encoded now.
+    """
+
+    embeddings: np.ndarray
+    indices: np.ndarray
+    failed: dict = field(default_factory=dict)
+    cache_hits: int = 0
+    computed: int = 0
+
+
+def extract_embeddings(images, encoder, cache_dir=None, batch_size=32, key_mode="stat", exif_transpose=True,
+                       progress=True, workers=2):
+    """Embed each unique image once, reusing and filling the cache; unreadable images are reported.
+
+    Args:
+        images: image file paths (duplicates are embedded once).
+        encoder: an `ImageEncoder` (e.g. `clip_encoder(clip)`) or a callable ``list[PIL.Image] -> (B, D)``
+            (then no cache: it has no model_id; wrap it in an `ImageEncoder` to cache).
+        cache_dir: the cache root (None: no cache).
+        batch_size: images per encoder call and per cache shard.
+        key_mode: ``"stat"`` (path + size + mtime) or ``"content"`` (hash of the bytes).
+        exif_transpose: apply EXIF orientation when reading (must match the encoder's model_id).
+        progress: a tqdm bar.
+        workers: image reader threads.
+
+    Returns:
+        an `ExtractionResult`. Failures are also logged (WARNING), one line per image.
+    """
+    from utils.pipeline import Pipeline, Stage
+
+    if not isinstance(encoder, ImageEncoder):
+        if cache_dir is not None:
+            raise ValueError("caching needs an ImageEncoder with a model_id (a bare callable has no identity)")
+        encoder = ImageEncoder(encoder, model_id="", preprocess=None)
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    cache = EmbeddingCache(cache_dir, encoder.model_id) if cache_dir is not None else None
+    paths = [os.fspath(p) for p in images]
+
+    failed = {}
+    keys = {}  # unique path -> key
+    for i, path in enumerate(paths):
+        if path in keys:
+            continue
+        try:
+            keys[path] = image_key(path, key_mode)
+        except OSError as e:
+            keys[path] = None
+            failed[i] = f"no such image file: {path}" if isinstance(e, FileNotFoundError) else f"{path}: {e}"
+    vectors = {}  # unique path -> vector
+    hits = 0
+    todo = []
+    for path, key in keys.items():
+        if key is None:
+            continue
+        if cache is not None and key in cache:
+            vectors[path] = cache.get(key)
+            hits += 1
+        else:
+            todo.append(path)
+
+    preprocess = encoder.preprocess or (lambda image: image)
+
+    def read(path):
+        return preprocess(read_image(path, exif_transpose=exif_transpose))
+
+    def encode(batch):
+        out = np.asarray(encoder.encode_batch(list(batch)), dtype=np.float32)
+        if out.ndim != 2 or len(out) != len(batch):
+            raise ValueError(f"the encoder returned shape {out.shape} for a batch of {len(batch)} images")
+        return list(out)
+
+    errors = {}
+    pending_keys, pending_vectors = [], []
+
+    def flush():
+        if cache is not None and pending_keys:
+            cache.add(pending_keys, np.stack(pending_vectors))
+        pending_keys.clear()
+        pending_vectors.clear()
+
+    if todo:
+        pipeline = Pipeline([Stage(read, name="read", workers=workers),
+                             Stage(encode, name="encode", batch_size=batch_size, errors="raise")],
+                            queue_size=2 * batch_size, progress=progress, desc="extracting embeddings",
+                            unit="image")
+        try:
+            for item in pipeline.run(todo):
+                path = item.input
+                if item.ok:
+                    vectors[path] = item.value
+                    pending_keys.append(keys[path])
+                    pending_vectors.append(item.value)
+                    if len(pending_keys) >= batch_size:
+                        flush()
+                else:
+                    err = item.error
+                    errors[path] = str(err) if isinstance(err, ImageReadError) else f"{type(err).__name__}: {err}"
+        finally:  # interrupted: keep what was computed
+            flush()
+
+    first_index = {}
+    for i, path in enumerate(paths):
+        first_index.setdefault(path, i)
+    for path, message in errors.items():
+        failed[first_index[path]] = message
+    for i, message in sorted(failed.items()):
+        logger.warning("skipped unreadable image %s: %s", paths[i], message)
+    ok = [i for i, p in enumerate(paths) if p in vectors]
+    dim = next(iter(vectors.values())).shape[-1] if vectors else 0
+    embeddings = np.stack([vectors[paths[i]] for i in ok]) if ok else np.zeros((0, dim), np.float32)
+    return ExtractionResult(embeddings, np.asarray(ok, np.int64), failed, hits, len(todo) - len(errors))
+
+
+# ----------------------------------------------------------------------------------- embedded dataset file
+
+
+def save_embedded_dataset(path, dataset: CaptionDataset, result: ExtractionResult, model_id=""):
+    """Write the dataset's readable images, their embeddings and captions to one ``.npz`` (what train reads).
+
+    Images in ``result.failed`` and their captions are left out (listed under ``failed``).
+    """
+    if len(result.indices) + len(result.failed) < dataset.num_images:
+        raise ValueError("the extraction result does not cover every image of the dataset")
+    kept = dataset.select_images(result.indices)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    meta = {"name": dataset.name, "model_id": model_id, "image_ids": kept.image_ids,
+            "failed": {dataset.images[i]: m for i, m in result.failed.items()}}
+    tmp = path.with_name(f".{path.name}.tmp.npz")
+    np.savez(tmp, embeddings=result.embeddings.astype(np.float32), image_index=kept.image_index,
+             images=np.asarray(kept.images, dtype=str), captions=np.asarray(kept.captions, dtype=str),
+             meta=np.asarray(json.dumps(meta, default=str)))
+    os.replace(tmp, path)
+    return path
+
+
+def load_embedded_dataset(path):
+    """(CaptionDataset, embeddings (N_images, D), meta dict) from `save_embedded_dataset`'s file."""
+    path = Path(path)
+    if not path.is_file():
+        raise DatasetError(f"embeddings file not found: {path} (create it with `main.py extract`)")
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            meta = json.loads(str(f["meta"]))
+            embeddings = f["embeddings"].astype(np.float32)
+            dataset = CaptionDataset(list(f["images"]), meta["image_ids"], list(f["captions"]),
+                                     f["image_index"], name=meta.get("name", path.stem))
+    except (KeyError, ValueError, OSError) as e:
+        raise DatasetError(f"{path} is not an embeddings file written by `main.py extract`: {e}") from e
+    if len(embeddings) != dataset.num_images:
+        raise DatasetError(f"{path}: {len(embeddings)} embeddings for {dataset.num_images} images")
+    return dataset, embeddings, meta

@@ -1,0 +1,148 @@
+"""Training hyper-parameters: the official ClipCap recipe as defaults, saved as JSON, overridable from the CLI.
+
+Defaults are those of the official ``train.py``: AdamW lr 2e-5 with 5000 warmup steps then linear decay,
+batch 40, 10 epochs, a 10-position prefix, the MLP mapper (``mapping_type="transformer"``: 8 layers, 8 heads,
+``clip_length`` 10), no prefix normalisation (``--normalize_prefix`` off), GPT-2 fine-tuned
+(``prefix_only=False``; ``--only_prefix`` of the official code is ``prefix_only=True``).
+
+Example::
+
+    hp = TrainingHParams(epochs=5, prefix_only=True)
+    hp.save("run/hparams.json"); hp = TrainingHParams.load("run/hparams.json")
+    parser = argparse.ArgumentParser(); TrainingHParams.add_arguments(parser)
+    hp = TrainingHParams.from_args(parser.parse_args(["--lr", "1e-4", "--no-normalize"]))
+"""
+
+import argparse
+import dataclasses
+import json
+import os
+import typing
+from dataclasses import dataclass, fields
+
+MAPPING_TYPES = ("mlp", "linear", "transformer")
+PRECISIONS = (None, "mixed_float16", "mixed_bfloat16")
+
+
+@dataclass
+class TrainingHParams:
+    """Everything that decides a training run (saved with every checkpoint and model)."""
+
+    # optimisation (official recipe)
+    lr: float = 2e-5
+    warmup_steps: int = 5000
+    batch_size: int = 40
+    epochs: int = 10
+    weight_decay: float = 0.01  # torch.optim.AdamW's default, applied to every parameter
+    beta_1: float = 0.9
+    beta_2: float = 0.999
+    epsilon: float = 1e-8
+    gradient_clip_norm: float | None = None  # clip the global gradient norm (None: no clipping)
+    mixed_precision: str | None = None  # None, "mixed_float16" (loss scaling) or "mixed_bfloat16"
+    # model
+    prefix_length: int = 10
+    mapping_type: str = "mlp"
+    clip_length: int = 10  # transformer mapper only
+    num_layers: int = 8  # transformer mapper only
+    num_heads: int = 8  # transformer mapper only
+    normalize: bool = False  # divide CLIP embeddings by their L2 norm before the mapper
+    prefix_only: bool = False  # train the mapper only; GPT-2 frozen, in inference mode
+    # data
+    max_length: int | None = None  # caption tokens; None: min(mean + 10 std, max) of the training captions
+    stop_token: str = "."
+    append_stop: bool = True  # append the stop token to captions that do not end with it
+    shuffle: bool = True
+    # run
+    seed: int = 0
+    save_every: int = 1  # checkpoint every N epochs (and at the end)
+    checkpoint_every_steps: int | None = None  # also checkpoint every N steps (mid-epoch resume)
+    jit_compile: bool = False  # XLA-compile the train step
+    log_every: int = 10  # steps between CSV / TensorBoard rows
+
+    def __post_init__(self):
+        self.validate()
+
+    def validate(self):
+        errors = []
+        if self.lr <= 0:
+            errors.append(f"lr must be > 0, got {self.lr}")
+        for name in ("batch_size", "epochs", "prefix_length", "clip_length", "num_layers", "num_heads",
+                     "save_every", "log_every"):
+            if getattr(self, name) < 1:
+                errors.append(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.warmup_steps < 0:
+            errors.append(f"warmup_steps must be >= 0, got {self.warmup_steps}")
+        if self.mapping_type not in MAPPING_TYPES:
+            errors.append(f"mapping_type must be one of {MAPPING_TYPES}, got {self.mapping_type!r}")
+        if self.mixed_precision not in PRECISIONS:
+            errors.append(f"mixed_precision must be one of {PRECISIONS}, got {self.mixed_precision!r}")
+        if self.gradient_clip_norm is not None and self.gradient_clip_norm <= 0:
+            errors.append(f"gradient_clip_norm must be > 0, got {self.gradient_clip_norm}")
+        if self.max_length is not None and self.max_length < 1:
+            errors.append(f"max_length must be >= 1, got {self.max_length}")
+        if self.checkpoint_every_steps is not None and self.checkpoint_every_steps < 1:
+            errors.append(f"checkpoint_every_steps must be >= 1, got {self.checkpoint_every_steps}")
+        if errors:
+            raise ValueError("invalid training hyper-parameters: " + "; ".join(errors))
+
+    # --- JSON -------------------------------------------------------------------------------------------
+
+    def to_dict(self):
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data):
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown hyper-parameters {unknown}; known: {sorted(known)}")
+        return cls(**data)
+
+    def replace(self, **overrides):
+        return self.from_dict({**self.to_dict(), **overrides})
+
+    def save(self, path):
+        path = os.fspath(path)
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        tmp = f"{path}.tmp"
+        with open(tmp, "w") as f:
+            json.dump(self.to_dict(), f, indent=2)
+        os.replace(tmp, path)
+        return path
+
+    @classmethod
+    def load(cls, path):
+        with open(path) as f:
+            return cls.from_dict(json.load(f))
+
+    # --- command line ----------------------------------------------------------------------------------
+
+    @classmethod
+    def add_arguments(cls, parser):
+        """Add ``--<name>`` for every field (default: unset, so that only given values override)."""
+        group = parser.add_argument_group("hyper-parameters (default: the official ClipCap recipe)")
+        group.add_argument("--hparams", help="a JSON file of hyper-parameters (command-line values win)")
+        hints = typing.get_type_hints(cls)
+        for f in fields(cls):
+            flag = "--" + f.name.replace("_", "-")
+            kind = hints[f.name]
+            if kind is bool:
+                group.add_argument(flag, dest=f"hp_{f.name}", action=argparse.BooleanOptionalAction,
+                                   default=None, help=f"(default: {f.default})")
+                continue
+            base = next((t for t in typing.get_args(kind) if t is not type(None)), kind)
+            choices = None
+            if f.name == "mapping_type":
+                choices = MAPPING_TYPES
+            elif f.name == "mixed_precision":
+                choices = [p for p in PRECISIONS if p]
+            group.add_argument(flag, dest=f"hp_{f.name}", type=base, default=None, choices=choices,
+                               metavar=None if choices else f.name.upper(), help=f"(default: {f.default})")
+
+    @classmethod
+    def from_args(cls, args, base=None):
+        """``base`` (or ``--hparams`` file, or the defaults) overridden by the flags that were given."""
+        hp = base or (cls.load(args.hparams) if getattr(args, "hparams", None) else cls())
+        overrides = {f.name: getattr(args, f"hp_{f.name}") for f in fields(cls)
+                     if getattr(args, f"hp_{f.name}", None) is not None}
+        return hp.replace(**overrides)

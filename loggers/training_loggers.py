@@ -1,0 +1,199 @@
+"""Training logs: console (logging + a tqdm bar), CSV rows and TensorBoard scalars, behind one interface.
+
+Every logger gets ``begin(info)``, ``log_step(step, metrics)`` every ``log_every`` steps, ``log_epoch(epoch,
+metrics)`` at the end of each epoch, ``resume(step)`` when a run continues from a checkpoint (the CSV logger
+drops rows written after that step by the interrupted run, so the file reads as one uninterrupted run), and
+``close()``.
+
+Example::
+
+    loggers = build_loggers(run_dir, console=True, csv=True, tensorboard=True)
+    loggers.log_step(120, {"loss": 2.31, "lr": 4.8e-7})
+"""
+
+import csv
+import logging
+import os
+from pathlib import Path
+
+logger = logging.getLogger("training")
+
+
+class TrainingLogger:
+    """The interface (every method does nothing by default)."""
+
+    def begin(self, info):
+        pass
+
+    def resume(self, step):
+        pass
+
+    def log_step(self, step, metrics):
+        pass
+
+    def log_epoch(self, epoch, metrics):
+        pass
+
+    def close(self):
+        pass
+
+
+class ConsoleLogger(TrainingLogger):
+    """A tqdm bar over the steps of each epoch (loss in its postfix) and one log line per epoch."""
+
+    def __init__(self, progress=True):
+        self.progress = progress
+        self._bar = None
+
+    def begin(self, info):
+        logger.info("training: %s", ", ".join(f"{k}={v}" for k, v in info.items()))
+
+    def start_epoch(self, epoch, total_steps, initial=0):
+        from tqdm.auto import tqdm
+
+        self.close()
+        if self.progress:
+            self._bar = tqdm(total=total_steps, initial=initial, desc=f"epoch {epoch + 1}", unit="step",
+                             leave=False)
+
+    def advance(self, loss=None):
+        if self._bar is not None:
+            self._bar.update(1)
+            if loss is not None:
+                self._bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
+
+    def log_epoch(self, epoch, metrics):
+        self.close()
+        logger.info("epoch %d: %s", epoch + 1, ", ".join(f"{k}={_fmt(v)}" for k, v in metrics.items()))
+
+    def close(self):
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+
+
+class CSVLogger(TrainingLogger):
+    """``steps.csv`` (step, epoch, metrics...) and ``epochs.csv`` (epoch, metrics...) in ``directory``."""
+
+    def __init__(self, directory):
+        self.directory = Path(directory)
+        self.directory.mkdir(parents=True, exist_ok=True)
+
+    def _append(self, name, row):
+        path = self.directory / name
+        fieldnames = list(row)
+        if path.exists() and path.stat().st_size:
+            with open(path, newline="") as f:
+                header = next(csv.reader(f), fieldnames)
+            fieldnames = header + [k for k in row if k not in header]
+            if fieldnames != header:  # a new column: rewrite with the wider header
+                rows = self._rows(path)
+                self._write(path, fieldnames, rows)
+        else:
+            self._write(path, fieldnames, [])
+        with open(path, "a", newline="") as f:
+            csv.DictWriter(f, fieldnames=fieldnames).writerow({k: _fmt(v) for k, v in row.items()})
+
+    @staticmethod
+    def _rows(path):
+        with open(path, newline="") as f:
+            return list(csv.DictReader(f))
+
+    @staticmethod
+    def _write(path, fieldnames, rows):
+        tmp = path.with_name(f".{path.name}.tmp")
+        with open(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=fieldnames)
+            writer.writeheader()
+            writer.writerows(rows)
+        os.replace(tmp, path)
+
+    def resume(self, step):
+        for name, column, limit in (("steps.csv", "step", step), ("epochs.csv", "step", step)):
+            path = self.directory / name
+            if path.exists() and path.stat().st_size:
+                with open(path, newline="") as f:
+                    reader = csv.DictReader(f)
+                    fieldnames, rows = reader.fieldnames, list(reader)
+                kept = [r for r in rows if int(float(r.get(column) or 0)) <= limit]
+                self._write(path, fieldnames, kept)
+
+    def log_step(self, step, metrics):
+        self._append("steps.csv", {"step": step, **metrics})
+
+    def log_epoch(self, epoch, metrics):
+        self._append("epochs.csv", {"epoch": epoch + 1, **metrics})
+
+
+class TensorBoardLogger(TrainingLogger):
+    """Scalars under ``directory`` (``tensorboard --logdir directory``): ``train/<metric>`` and ``epoch/<metric>``."""
+
+    def __init__(self, directory):
+        import tensorflow as tf
+
+        self._tf = tf
+        self.writer = tf.summary.create_file_writer(str(directory))
+
+    def log_step(self, step, metrics):
+        with self.writer.as_default():
+            for k, v in metrics.items():
+                if isinstance(v, int | float):
+                    self._tf.summary.scalar(f"train/{k}", v, step=step)
+
+    def log_epoch(self, epoch, metrics):
+        with self.writer.as_default():
+            for k, v in metrics.items():
+                if isinstance(v, int | float) and k != "step":
+                    self._tf.summary.scalar(f"epoch/{k}", v, step=epoch + 1)
+        self.writer.flush()
+
+    def close(self):
+        self.writer.flush()
+
+
+class LoggerList(TrainingLogger):
+    """Forward every call to several loggers."""
+
+    def __init__(self, loggers):
+        self.loggers = list(loggers)
+
+    def console(self):
+        return next((lg for lg in self.loggers if isinstance(lg, ConsoleLogger)), None)
+
+    def begin(self, info):
+        for lg in self.loggers:
+            lg.begin(info)
+
+    def resume(self, step):
+        for lg in self.loggers:
+            lg.resume(step)
+
+    def log_step(self, step, metrics):
+        for lg in self.loggers:
+            lg.log_step(step, metrics)
+
+    def log_epoch(self, epoch, metrics):
+        for lg in self.loggers:
+            lg.log_epoch(epoch, metrics)
+
+    def close(self):
+        for lg in self.loggers:
+            lg.close()
+
+
+def build_loggers(directory, console=True, progress=True, csv=True, tensorboard=True):
+    """A `LoggerList`: console, ``<directory>/logs/*.csv`` and ``<directory>/tensorboard/``."""
+    loggers = []
+    if console:
+        loggers.append(ConsoleLogger(progress=progress))
+    if csv and directory is not None:
+        loggers.append(CSVLogger(Path(directory) / "logs"))
+    if tensorboard and directory is not None:
+        loggers.append(TensorBoardLogger(Path(directory) / "tensorboard"))
+    return LoggerList(loggers)
+
+
+def _fmt(value):
+    if isinstance(value, float):
+        return float(f"{value:.8g}")
+    return value

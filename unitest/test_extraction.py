@@ -1,0 +1,148 @@
+"""Embedding extraction: once per image, cache hits on rerun, resume after an interruption, bad images."""
+
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+
+from datasets.caption_dataset import CaptionDataset
+from datasets.embeddings import (
+    EmbeddingCache,
+    ImageEncoder,
+    clip_encoder,
+    clip_model_id,
+    extract_embeddings,
+    load_embedded_dataset,
+    save_embedded_dataset,
+)
+from datasets.synthetic_shapes import make_shapes_dataset, shape_features
+
+
+class CountingEncoder(ImageEncoder):
+    """`shape_features` that records every image it encodes; can raise after ``fail_after`` batches."""
+
+    def __init__(self, model_id="shapes-v1", fail_after=None):
+        self.calls, self.seen = 0, 0
+        self.fail_after = fail_after
+        super().__init__(self._encode, model_id)
+
+    def _encode(self, images):
+        if self.fail_after is not None and self.calls >= self.fail_after:
+            raise KeyboardInterrupt
+        self.calls += 1
+        self.seen += len(images)
+        return shape_features(images)
+
+
+@pytest.fixture(scope="module")
+def shapes(tmp_path_factory):
+    return make_shapes_dataset(tmp_path_factory.mktemp("shapes"), num_images=10, seed=0, image_size=32)
+
+
+def _expected(paths):
+    from PIL import Image
+
+    return shape_features([Image.open(p) for p in paths])
+
+
+def test_each_image_encoded_once_and_cached(shapes, tmp_path):
+    paths = shapes.images + shapes.images[:4]  # duplicates: several captions of one image
+    enc = CountingEncoder()
+    first = extract_embeddings(paths, enc, cache_dir=tmp_path, batch_size=3, progress=False)
+    assert enc.seen == 10 and first.computed == 10 and first.cache_hits == 0
+    assert first.indices.tolist() == list(range(14))
+    np.testing.assert_array_equal(first.embeddings, _expected(paths))
+    again = CountingEncoder()
+    second = extract_embeddings(paths, again, cache_dir=tmp_path, batch_size=3, progress=False)
+    assert again.seen == 0 and second.cache_hits == 10
+    np.testing.assert_array_equal(second.embeddings, first.embeddings)
+    # a changed file (new mtime) is encoded again; another model id has its own cache
+    os.utime(shapes.images[2], ns=(1, 1))
+    third = CountingEncoder()
+    extract_embeddings(shapes.images, third, cache_dir=tmp_path, progress=False)
+    assert third.seen == 1
+    other = CountingEncoder(model_id="another-model")
+    extract_embeddings(shapes.images, other, cache_dir=tmp_path, progress=False)
+    assert other.seen == 10
+
+
+def test_content_keys_survive_a_copy(shapes, tmp_path):
+    extract_embeddings(shapes.images[:3], CountingEncoder(), cache_dir=tmp_path / "c", key_mode="content",
+                       progress=False)
+    copies = []
+    for p in shapes.images[:3]:
+        copies.append(shutil.copy(p, tmp_path / os.path.basename(p)))
+    enc = CountingEncoder()
+    result = extract_embeddings(copies, enc, cache_dir=tmp_path / "c", key_mode="content", progress=False)
+    assert enc.seen == 0 and result.cache_hits == 3
+
+
+def test_resume_after_interruption(shapes, tmp_path):
+    enc = CountingEncoder(fail_after=2)
+    with pytest.raises(KeyboardInterrupt):
+        extract_embeddings(shapes.images, enc, cache_dir=tmp_path, batch_size=3, progress=False)
+    assert enc.seen == 6
+    cache_dir = EmbeddingCache(tmp_path, "shapes-v1").directory
+    # an interruption while indexing: a torn last line and an unindexed shard are ignored
+    with open(cache_dir / "index.jsonl", "a") as f:
+        f.write('{"shard": "shard_000099.npy", "keys": ["x"')
+    np.save(cache_dir / "shard_000099.npy", np.zeros((1, 70), np.float32))
+    assert len(EmbeddingCache(tmp_path, "shapes-v1")) == 6
+    resumed = CountingEncoder()
+    result = extract_embeddings(shapes.images, resumed, cache_dir=tmp_path, batch_size=3, progress=False)
+    assert resumed.seen == 4 and result.cache_hits == 6  # only what was not stored
+    np.testing.assert_array_equal(result.embeddings, _expected(shapes.images))
+    assert len(EmbeddingCache(tmp_path, "shapes-v1")) == 10  # appending went on after the torn line
+    with open(cache_dir / "index.jsonl") as f:
+        assert [json.loads(line)["shard"] for line in f.read().split("\n")[-3:-1]] == [
+            "shard_000100.npy", "shard_000101.npy"]
+
+
+def test_unreadable_images_are_reported_not_zero_filled(shapes, tmp_path, caplog):
+    truncated = tmp_path / "truncated.png"
+    truncated.write_bytes(open(shapes.images[0], "rb").read()[:60])
+    text = tmp_path / "notes.jpg"
+    text.write_text("not an image")
+    empty = tmp_path / "empty.png"
+    empty.write_bytes(b"")
+    paths = [shapes.images[0], str(truncated), str(tmp_path / "missing.png"), shapes.images[1], str(text),
+             str(empty)]
+    data = CaptionDataset.from_pairs([(p, f"caption {i}") for i, p in enumerate(paths)])
+    enc = CountingEncoder()
+    with caplog.at_level("WARNING"):
+        result = extract_embeddings(data.images, enc, cache_dir=tmp_path / "cache", batch_size=2, progress=False)
+    assert result.indices.tolist() == [0, 3] and result.embeddings.shape == (2, 70)
+    assert sorted(result.failed) == [1, 2, 4, 5]
+    assert "no such image file" in result.failed[2] and "empty file" in result.failed[5]
+    assert "not an image" in result.failed[4] and "truncated" in result.failed[1]
+    assert all(np.abs(row).sum() > 0 for row in result.embeddings)
+    assert "missing.png" in caplog.text and "notes.jpg" in caplog.text
+    saved = save_embedded_dataset(tmp_path / "emb.npz", data, result, "shapes-v1")
+    kept, embeddings, meta = load_embedded_dataset(saved)
+    assert kept.images == [paths[0], paths[3]] and kept.captions == ["caption 0", "caption 3"]
+    np.testing.assert_array_equal(embeddings, result.embeddings)
+    assert set(meta["failed"]) == {paths[1], paths[2], paths[4], paths[5]} and meta["model_id"] == "shapes-v1"
+    assert len(EmbeddingCache(tmp_path / "cache", "shapes-v1")) == 2  # failures are not cached
+
+
+def test_bare_callables_cannot_cache(shapes, tmp_path):
+    result = extract_embeddings(shapes.images[:2], shape_features, progress=False)
+    assert result.embeddings.shape == (2, 70)
+    with pytest.raises(ValueError, match="model_id"):
+        extract_embeddings(shapes.images[:2], shape_features, cache_dir=tmp_path, progress=False)
+
+
+def test_clip_encoder_matches_encode_image_and_identifies_the_weights(shapes, tmp_path):
+    from models.siamese.clip import CLIP
+    from unitest.tiny_models import build_tiny_clip
+
+    clip = CLIP.from_pretrained(str(build_tiny_clip(tmp_path / "clip.pt", seed=0)), visual_only=True)
+    encoder = clip_encoder(clip)
+    result = extract_embeddings(shapes.images[:4], encoder, cache_dir=tmp_path / "cache", progress=False)
+    np.testing.assert_allclose(result.embeddings, clip.encode_image(shapes.images[:4]), atol=1e-6)
+    assert encoder.model_id == clip_model_id(clip)
+    assert clip_model_id(clip, exif_transpose=False) != encoder.model_id
+    clip.visual.weights[0].assign(clip.visual.weights[0] + 1.0)
+    assert clip_model_id(clip) != encoder.model_id

@@ -1,0 +1,317 @@
+"""Training: loss, schedule, hyper-parameters, learning the synthetic shapes, prefix-only, exact resume,
+tf.distribute on two logical CPUs, mixed precision, and the extract / train / evaluate commands."""
+
+import csv
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from custom_train_objects.losses import caption_loss, caption_loss_sum
+from custom_train_objects.model_factory import build_clipcap_for_training
+from custom_train_objects.schedules import LinearWarmupDecay
+from custom_train_objects.trainer import Trainer, TrainingStopped
+from datasets.synthetic_shapes import make_shapes_dataset, shape_features, train_shapes_tokenizer
+from hparams.training import TrainingHParams
+from loggers.training_loggers import LoggerList
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY_GPT2 = dict(n_positions=48, n_embd=64, n_layer=2, n_head=4)
+NO_DROPOUT = dict(embd_pdrop=0.0, attn_pdrop=0.0, resid_pdrop=0.0)
+PREFIX = 4
+
+
+@pytest.fixture(scope="module")
+def shapes(tmp_path_factory):
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("shapes")
+    train = make_shapes_dataset(root / "train", num_images=600, seed=0, image_size=32)
+    test = make_shapes_dataset(root / "test", num_images=60, seed=1, image_size=32)
+    features = [shape_features([Image.open(p) for p in d.images]) for d in (train, test)]
+    return {"train": train, "test": test, "train_emb": features[0], "test_emb": features[1],
+            "tokenizer": train_shapes_tokenizer(root / "tokenizer"), "root": root}
+
+
+def quiet():
+    return LoggerList([])
+
+
+def tiny_model(shapes, hp, dropout=True, clip=None, prefix_size=70):
+    config = dict(TINY_GPT2, **({} if dropout else NO_DROPOUT))
+    return build_clipcap_for_training(hp, prefix_size=prefix_size, tokenizer=shapes["tokenizer"],
+                                      gpt2_config=config, clip=clip, name="shapes")
+
+
+def small_hp(**overrides):
+    base = dict(lr=3e-3, warmup_steps=20, batch_size=20, epochs=2, prefix_length=PREFIX, log_every=1)
+    return TrainingHParams(**{**base, **overrides})
+
+
+# ---------------------------------------------------------------------------------------------- pieces
+
+
+def test_loss_masks_prefix_and_padding_and_keeps_token_zero():
+    rng = np.random.default_rng(0)
+    k, t, v = 3, 4, 7
+    logits = rng.normal(size=(2, k + t, v)).astype(np.float32)
+    tokens = np.array([[0, 5, 0, 2], [6, 0, 1, 1]], np.int32)  # id 0 is a real token
+    mask = np.array([[1, 1, 1, 1, 1, 1, 0], [1, 1, 1, 1, 1, 0, 0]], np.float32)
+    log_probs = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+    expected = [-log_probs[b, k - 1 + j, tokens[b, j]] for b in range(2) for j in range(t) if mask[b, k + j]]
+    total, count = caption_loss_sum(logits, tokens, mask, k)
+    assert float(count) == 5 and float(total) == pytest.approx(sum(expected), rel=1e-5)
+    assert float(caption_loss(logits, tokens, mask, k)) == pytest.approx(np.mean(expected), rel=1e-5)
+    # the official loss (ignore_index=0) drops the real zeros: 3 of these 5 tokens
+    official = torch.nn.functional.cross_entropy(torch.tensor(logits[:, k - 1 : -1]).reshape(-1, v),
+                                                 torch.tensor(tokens * mask[:, k:].astype(np.int32)).long().flatten(),
+                                                 ignore_index=0)
+    assert float(official) != pytest.approx(np.mean(expected), rel=1e-3)
+
+
+def test_schedule_matches_transformers_linear_warmup():
+    from transformers import get_linear_schedule_with_warmup
+
+    param = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.AdamW([param], lr=2e-5)
+    sched = get_linear_schedule_with_warmup(opt, num_warmup_steps=7, num_training_steps=30)
+    ours = LinearWarmupDecay(2e-5, 7, 30)
+    for step in range(33):
+        assert float(ours(step)) == pytest.approx(opt.param_groups[0]["lr"], rel=1e-6, abs=1e-12), step
+        opt.step()
+        sched.step()
+
+
+def test_hparams_defaults_json_and_cli(tmp_path):
+    import argparse
+
+    hp = TrainingHParams()
+    assert (hp.lr, hp.warmup_steps, hp.batch_size, hp.epochs, hp.prefix_length, hp.mapping_type) == (
+        2e-5, 5000, 40, 10, 10, "mlp")
+    path = hp.replace(prefix_only=True, gradient_clip_norm=1.0).save(tmp_path / "hp.json")
+    assert TrainingHParams.load(path) == hp.replace(prefix_only=True, gradient_clip_norm=1.0)
+    parser = argparse.ArgumentParser()
+    TrainingHParams.add_arguments(parser)
+    args = parser.parse_args(["--hparams", str(path), "--lr", "1e-3", "--no-prefix-only", "--mapping-type",
+                              "transformer", "--max-length", "20"])
+    got = TrainingHParams.from_args(args)
+    assert (got.lr, got.prefix_only, got.mapping_type, got.max_length, got.gradient_clip_norm) == (
+        1e-3, False, "transformer", 20, 1.0)
+    with pytest.raises(ValueError, match="unknown hyper-parameters"):
+        TrainingHParams.from_dict({"learning_rate": 1})
+    with pytest.raises(ValueError, match="mapping_type"):
+        TrainingHParams(mapping_type="lstm")
+
+
+# ------------------------------------------------------------------------------------------- training
+
+
+def exact_match(model, embeddings, captions):
+    out = model.generate(embeddings, method="greedy", max_length=24)
+    predicted = [candidates[0]["text"].strip() for candidates in out]
+    return float(np.mean([p == c for p, c in zip(predicted, captions)])), predicted
+
+
+def test_learns_synthetic_shapes_and_saves_a_normal_clipcap(shapes, tmp_path):
+    from models.image_captioning.clip_cap import ClipCap
+
+    hp = small_hp(epochs=14, lr=3e-3, log_every=10)
+    model = tiny_model(shapes, hp)
+    start = time.perf_counter()
+    history = Trainer(model, hp, tmp_path / "run", loggers=quiet(), progress=False).fit(
+        shapes["train"], shapes["train_emb"], val_dataset=shapes["test"], val_embeddings=shapes["test_emb"])
+    seconds = time.perf_counter() - start
+    print(f"shapes training: {len(history['loss'])} steps in {seconds:.1f} s, "
+          f"val loss {history['epochs'][-1]['val_loss']:.4f}")
+    assert seconds < 180
+    assert history["epochs"][-1]["val_loss"] < 0.1 < history["epochs"][0]["loss"]
+    loaded = ClipCap.load(str(tmp_path / "run" / "model"))
+    accuracy, predicted = exact_match(loaded, shapes["test_emb"], shapes["test"].captions)
+    print(f"held-out exact match: {accuracy:.3f}; e.g. {predicted[:2]}")
+    assert accuracy >= 0.95
+    # the in-memory model received the trained weights too
+    for a, b in zip(model.gpt2.weights, loaded.gpt2.weights):
+        np.testing.assert_array_equal(a.numpy(), b.numpy())
+
+
+def test_prefix_only_leaves_gpt2_bit_identical(shapes, tmp_path):
+    from models.image_captioning.clip_cap import ClipCap
+
+    hp = small_hp(prefix_only=True, epochs=1, weight_decay=0.1)
+    model = tiny_model(shapes, hp)  # dropout rates > 0: prefix-only must still run GPT-2 in inference mode
+    # every variable: weights and the dropout layers' seed states (they would move if dropout ran)
+    gpt2_before = [v.numpy().copy() for v in model.gpt2.variables]
+    weights_before = [v.numpy().copy() for v in model.gpt2.weights]
+    mapper_before = [v.numpy().copy() for v in model.mapper.weights]
+    history = Trainer(model, hp, tmp_path / "run", loggers=quiet(), progress=False).fit(
+        shapes["train"], shapes["train_emb"])
+    assert history["loss"][-1] < history["loss"][0]
+    for before, v in zip(gpt2_before, model.gpt2.variables, strict=True):
+        np.testing.assert_array_equal(before, v.numpy(), err_msg=v.path)
+    loaded = ClipCap.load(str(tmp_path / "run" / "model"))
+    for before, v in zip(weights_before, loaded.gpt2.weights, strict=True):
+        np.testing.assert_array_equal(before, v.numpy(), err_msg=v.path)
+    assert all(not np.array_equal(b, w.numpy()) for b, w in zip(mapper_before, loaded.mapper.weights))
+
+
+def test_resume_continues_the_same_loss_curve(shapes, tmp_path):
+    hp = small_hp(epochs=2, checkpoint_every_steps=7)
+    sub = shapes["train"].select_images(range(200))
+    emb = shapes["train_emb"][:200]
+    steps_per_epoch = len(sub) // hp.batch_size  # 10
+    straight_model = tiny_model(shapes, hp)
+    straight = Trainer(straight_model, hp, tmp_path / "a", progress=False).fit(sub, emb)
+    run = tmp_path / "b"
+    for stop in (10, 13):  # the end of epoch 1, then in the middle of epoch 2 (after the step-7 checkpoint)
+        with pytest.raises(TrainingStopped):
+            Trainer(tiny_model(shapes, hp), hp, run, progress=False).fit(sub, emb, stop_after_steps=stop)
+    # a fresh process would build a fresh model: the checkpoint brings weights, optimizer, seeds, position
+    other_init = tiny_model(shapes, hp.replace(seed=1))  # different initial weights: overwritten by resume
+    with pytest.raises(ValueError, match="hyper-parameters differ: seed"):
+        Trainer(other_init, hp.replace(seed=1), run, progress=False).fit(sub, emb)
+    resumed = Trainer(other_init, hp, run, progress=False).fit(sub, emb)
+    assert len(straight["loss"]) == 2 * steps_per_epoch
+    assert resumed["loss"] == straight["loss"]  # bit for bit, dropout included
+    assert [r["loss"] for r in resumed["epochs"]] == [r["loss"] for r in straight["epochs"]]
+    for a, b in zip(straight_model.gpt2.weights + straight_model.mapper.weights,
+                    other_init.gpt2.weights + other_init.mapper.weights, strict=True):
+        np.testing.assert_array_equal(a.numpy(), b.numpy())
+    with open(run / "logs" / "steps.csv") as f:
+        steps = [int(r["step"]) for r in csv.DictReader(f)]
+    assert steps == list(range(1, 2 * steps_per_epoch + 1))  # the rows of the interrupted part are not repeated
+    assert list((run / "tensorboard").glob("events.out.tfevents.*"))
+
+
+DISTRIBUTED_SCRIPT = textwrap.dedent("""
+    import json, os, sys
+    os.environ["KERAS_BACKEND"] = "tensorflow"
+    os.environ["CUDA_VISIBLE_DEVICES"] = "-1"
+    os.environ["TF_CPP_MIN_LOG_LEVEL"] = "2"
+    import torch, torchvision  # before TensorFlow (see conftest)
+    import numpy as np
+    import tensorflow as tf
+    cpu = tf.config.list_physical_devices("CPU")[0]
+    tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+    sys.path.insert(0, sys.argv[1])
+    from transformers import GPT2TokenizerFast
+    from custom_train_objects.model_factory import build_clipcap_for_training
+    from custom_train_objects.trainer import Trainer
+    from datasets.caption_dataset import CaptionDataset
+    from hparams.training import TrainingHParams
+    from loggers.training_loggers import LoggerList
+    out = sys.argv[2]
+    data = np.load(os.path.join(out, "data.npz"))
+    dataset = CaptionDataset(list(data["images"]), list(range(len(data["images"]))), list(data["captions"]),
+                             data["image_index"])
+    tokenizer = GPT2TokenizerFast.from_pretrained(os.path.join(out, "tokenizer"))
+    hp = TrainingHParams(**json.loads(sys.argv[3]))
+    gpt2_config = json.loads(sys.argv[4])
+    losses = {}
+    for name, strategy in (("single", None), ("mirrored", tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"]))):
+        model = build_clipcap_for_training(hp, prefix_size=data["embeddings"].shape[1], tokenizer=tokenizer,
+                                           gpt2_config=gpt2_config)
+        trainer = Trainer(model, hp, os.path.join(out, name), strategy=strategy, loggers=LoggerList([]),
+                          progress=False)
+        losses[name] = trainer.fit(dataset, data["embeddings"])["loss"]
+        losses[name + "_replicas"] = trainer.strategy.num_replicas_in_sync
+        losses[name + "_weights"] = float(sum(np.abs(v.numpy()).sum() for v in model.gpt2.weights))
+    print("RESULT" + json.dumps(losses))
+""")
+
+
+def test_mirrored_strategy_on_two_logical_cpus_matches_one_device(shapes, tmp_path):
+    """Two replicas of half the batch each give the single-device losses and weights (no dropout)."""
+    sub = shapes["train"].select_images(range(120))
+    np.savez(tmp_path / "data.npz", images=np.asarray(sub.images), captions=np.asarray(sub.captions),
+             image_index=sub.image_index, embeddings=shapes["train_emb"][:120])
+    shapes["tokenizer"].save_pretrained(str(tmp_path / "tokenizer"))
+    hp = small_hp(epochs=2, gradient_clip_norm=0.5).to_dict()
+    proc = subprocess.run([sys.executable, "-c", DISTRIBUTED_SCRIPT, str(ROOT), str(tmp_path), json.dumps(hp),
+                           json.dumps(dict(TINY_GPT2, **NO_DROPOUT))], capture_output=True, text=True, timeout=300)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT")]
+    assert proc.returncode == 0 and lines, proc.stderr[-3000:]
+    result = json.loads(lines[0][len("RESULT"):])
+    assert result["single_replicas"] == 1 and result["mirrored_replicas"] == 2
+    assert len(result["mirrored"]) == 12
+    np.testing.assert_allclose(result["mirrored"], result["single"], rtol=1e-5, atol=1e-5)
+    assert result["mirrored_weights"] == pytest.approx(result["single_weights"], rel=1e-5)
+    assert result["single"][-1] < result["single"][0]
+
+
+def test_mixed_precision_trains_with_float32_weights(shapes, tmp_path):
+    sub = shapes["train"].select_images(range(60))
+    for policy in ("mixed_bfloat16", "mixed_float16"):
+        hp = small_hp(epochs=1, mixed_precision=policy, gradient_clip_norm=1.0)
+        model = tiny_model(shapes, hp)
+        losses = Trainer(model, hp, tmp_path / policy, loggers=quiet(), progress=False).fit(
+            sub, shapes["train_emb"][:60])["loss"]
+        assert all(np.isfinite(losses)) and losses[-1] < losses[0]
+        assert all(v.dtype == "float32" for v in model.gpt2.weights + model.mapper.weights)
+
+
+def test_transformer_mapper_with_normalized_prefix(shapes, tmp_path):
+    from models.image_captioning.clip_cap import ClipCap
+
+    hp = small_hp(epochs=1, mapping_type="transformer", clip_length=2, num_layers=1, num_heads=2, normalize=True)
+    model = tiny_model(shapes, hp)
+    sub = shapes["train"].select_images(range(60))
+    losses = Trainer(model, hp, tmp_path / "run", loggers=quiet(), progress=False).fit(
+        sub, shapes["train_emb"][:60])["loss"]
+    assert losses[-1] < losses[0]
+    loaded = ClipCap.load(str(tmp_path / "run" / "model"))
+    assert loaded.config["mapping_type"] == "transformer" and loaded.config["normalize_prefix"] is True
+    np.testing.assert_array_equal(loaded.mapper.prefix_const.numpy(), model.mapper.prefix_const.numpy())
+
+
+# ----------------------------------------------------------------------------------------------- CLI
+
+
+def test_extract_train_evaluate_commands_and_predict(shapes, tmp_path, capsys):
+    """The README's worked example, smaller: a tiny random CLIP, extract, train, evaluate, then predict."""
+    from main import main
+    from models.image_captioning.clip_cap import ClipCap
+    from unitest.tiny_models import build_tiny_clip
+
+    clip_path = build_tiny_clip(tmp_path / "clip.pt", seed=0)
+    make_shapes_dataset(tmp_path / "data" / "train", num_images=60, seed=0, image_size=32)
+    val_dir = make_shapes_dataset(tmp_path / "data" / "val", num_images=8, seed=1, image_size=32)
+    (tmp_path / "data" / "val" / "images" / "00007.png").write_bytes(b"not a png")  # reported, left out
+    tok_dir = tmp_path / "tokenizer"
+    shapes["tokenizer"].save_pretrained(str(tok_dir))
+    cache = str(tmp_path / "cache")
+    assert main(["extract", str(tmp_path / "data" / "train" / "captions.json"), "--clip", str(clip_path),
+                 "--output", str(tmp_path / "emb" / "train.npz"), "--cache-dir", cache, "--no-progress"]) == 0
+    assert main(["extract", str(tmp_path / "data" / "val" / "captions.json"), "--clip", str(clip_path),
+                 "--output", str(tmp_path / "emb" / "val.npz"), "--cache-dir", cache, "--no-progress"]) == 1
+    assert "00007.png" in capsys.readouterr().err
+    run = tmp_path / "run"
+    args = ["train", str(tmp_path / "emb" / "train.npz"), "--val", str(tmp_path / "emb" / "val.npz"),
+            "--tokenizer", str(tok_dir), "--gpt2-config", json.dumps(TINY_GPT2), "--clip", str(clip_path),
+            "--output", str(run), "--epochs", "2", "--batch-size", "10", "--lr", "1e-3", "--warmup-steps", "5",
+            "--prefix-length", str(PREFIX), "--no-progress"]
+    assert main(args + ["--stop-after-steps", "3"]) == 0
+    assert main(args) == 0  # resumes
+    out = capsys.readouterr().out
+    assert '"epoch": 2' in out and "val_loss" in out
+    hparams = json.loads((run / "hparams.json").read_text())
+    assert hparams["prefix_length"] == PREFIX and hparams["batch_size"] == 10
+    model = ClipCap.load(str(run / "model"))
+    assert model.clip is not None and model.config["prefix_length"] == PREFIX
+    results = model.predict(val_dir.images[:3], save=False, progress=False, max_length=12)
+    direct = model.generate(model.clip.encode_image(val_dir.images[:3]), max_length=12)
+    assert [r["caption"] for r in results] == [d[0]["text"] for d in direct]
+    assert main(["evaluate", str(tmp_path / "data" / "val" / "captions.json"), "--model", str(run / "model"),
+                 "--output", str(tmp_path / "eval"), "--metrics", "BLEU", "CIDEr", "--max-length", "12",
+                 "--cache-dir", cache, "--no-progress"]) == 1  # one unreadable image
+    metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert {"Bleu_4", "CIDEr", "CLIPScore"} <= set(metrics["metrics"]) and metrics["num_images"] == 7
+    assert list(metrics["failed_images"]) == [str(tmp_path / "data" / "val" / "images" / "00007.png")]
+    assert len(json.loads((tmp_path / "eval" / "results.json").read_text())) == 7
+    assert os.path.exists(tmp_path / "cache")
