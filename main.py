@@ -81,6 +81,7 @@ def _generate_kwargs(args):
 
 
 def cmd_caption(args):
+    from loggers.console import quiet_logger
     from models.image_captioning.prediction import predict
 
     try:
@@ -89,12 +90,12 @@ def cmd_caption(args):
         return _fail(e.args[0], EXIT_USAGE)
     except (OSError, ValueError, RuntimeError) as e:  # CheckpointError, DownloadError, OfflineError ...
         return _fail(f"cannot load model {args.model!r}: {e}", EXIT_MODEL)
-    logging.getLogger("models.image_captioning.prediction").setLevel(logging.ERROR)  # failures listed below
     try:
-        results = predict(model, args.images, batch_size=args.batch_size, method=args.method,
-                          save=not args.no_save, overwrite=args.overwrite, output_dir=args.output_dir,
-                          return_candidates=args.json, progress=not args.no_progress,
-                          exif_transpose=not args.no_exif_transpose, **_generate_kwargs(args))
+        with quiet_logger("models.image_captioning.prediction"):  # failures are listed below
+            results = predict(model, args.images, batch_size=args.batch_size, method=args.method,
+                              save=not args.no_save, overwrite=args.overwrite, output_dir=args.output_dir,
+                              return_candidates=args.json, progress=not args.no_progress,
+                              exif_transpose=not args.no_exif_transpose, **_generate_kwargs(args))
     except KeyboardInterrupt:
         return _fail("interrupted; every caption made so far is saved in map.json", EXIT_INTERRUPTED)
     except (TypeError, ValueError) as e:  # e.g. arguments the decoding method does not accept

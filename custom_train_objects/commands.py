@@ -169,6 +169,7 @@ def cmd_train(args):
 def cmd_evaluate(args):
     from custom_train_objects.evaluation import evaluate_model
     from datasets.caption_dataset import DatasetError
+    from loggers.console import quiet_logger
 
     try:
         dataset = load_dataset(args)
@@ -181,14 +182,14 @@ def cmd_evaluate(args):
         return _fail(e.args[0], EXIT_USAGE)
     except (OSError, ValueError, RuntimeError) as e:
         return _fail(f"cannot load model: {e}", EXIT_MODEL)
-    logging.getLogger("custom_train_objects.evaluation").setLevel(logging.ERROR)  # skipped metrics: noted below
     kwargs = {k: getattr(args, k) for k in ("beam_size", "max_length") if getattr(args, k) is not None}
     if args.method == "beam" and "beam_size" not in kwargs:
         kwargs["beam_size"] = 5
     try:
-        report = evaluate_model(model, dataset, args.output, method=args.method, batch_size=args.batch_size,
-                                metrics=args.metrics, clip_for_score=clip_for_score, cache_dir=args.cache_dir,
-                                progress=not args.no_progress, **kwargs)
+        with quiet_logger("custom_train_objects.evaluation"):  # skipped metrics: noted below
+            report = evaluate_model(model, dataset, args.output, method=args.method, batch_size=args.batch_size,
+                                    metrics=args.metrics, clip_for_score=clip_for_score, cache_dir=args.cache_dir,
+                                    progress=not args.no_progress, **kwargs)
     except ValueError as e:
         return _fail(str(e), EXIT_USAGE)
     print(json.dumps(report["metrics"], indent=1))
@@ -223,7 +224,8 @@ def register(subparsers):
                     "run again after an interruption) and write images, captions and embeddings to one .npz "
                     "that `train` reads. Unreadable images are listed and left out (exit code 1).")
     _add_data_arguments(p)
-    p.add_argument("--clip", required=True, help="an OpenAI CLIP .pt file or a saved CLIP directory")
+    p.add_argument("--clip", required=True, help="a CLIP name (ViT-B/32, RN50x4, ...: downloaded once), an "
+                                                  "OpenAI CLIP .pt file or a saved CLIP directory")
     p.add_argument("--output", required=True, help="the .npz to write")
     p.add_argument("--cache-dir", default="cache/embeddings", help="the embedding cache (per CLIP model)")
     p.add_argument("--batch-size", type=int, default=64)

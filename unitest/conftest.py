@@ -12,6 +12,9 @@ os.environ.setdefault("CUDA_VISIBLE_DEVICES", "-1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# No test downloads: a name that would need the network fails with our offline error instead (the download
+# tests serve files from 127.0.0.1 and lift this themselves).
+os.environ.setdefault("IMAGE_CAPTIONING_OFFLINE", "1")
 
 # torchvision's extension crashes the process (SIGSEGV) when it is loaded after TensorFlow, and transformers'
 # PyTorch models load it when it is installed: the PyTorch references must come first.

@@ -66,18 +66,21 @@ def outputs(request):
 
 def test_image_embeddings_match_openai(outputs):
     reference, ours = outputs["image"]
+    print(f"[parity] CLIP {outputs['name']} image: max abs diff / max |ref| {max_rel_diff(reference, ours):.2e}")
     assert np.abs(reference[0] - reference[1]).max() > 1e-3 * np.abs(reference).max(), "degenerate reference"
     assert max_rel_diff(reference, ours) <= TOLERANCE, outputs["name"]
 
 
 def test_text_embeddings_match_openai(outputs):
     reference, ours = outputs["text"]
+    print(f"[parity] CLIP {outputs['name']} text: max abs diff / max |ref| {max_rel_diff(reference, ours):.2e}")
     assert np.abs(reference[0] - reference[1]).max() > 1e-3 * np.abs(reference).max(), "degenerate reference"
     assert max_rel_diff(reference, ours) <= TOLERANCE, outputs["name"]
 
 
 def test_logits_per_image_match_openai(outputs):
     reference, ours = outputs["logits"]
+    print(f"[parity] CLIP {outputs['name']} logits: max abs diff / max |ref| {max_rel_diff(reference, ours):.2e}")
     assert reference.shape == (2, len(TEXTS))
     assert max_rel_diff(reference, ours) <= TOLERANCE, outputs["name"]
 

@@ -34,12 +34,14 @@ def compare(torch_model, model, n=2, t=5, seed=0):
 @pytest.mark.parametrize("kind", KINDS)
 def test_real_size_prefix_and_logits(kind, real_checkpoints, real_models):
     prefix_diff, logits_diff = compare(real_checkpoints[kind][0], real_models[kind])
+    print(f"[parity] ClipCap real {kind}: prefix {prefix_diff:.2e}, logits {logits_diff:.2e}")
     assert prefix_diff <= 1e-4 and logits_diff <= 1e-4, (prefix_diff, logits_diff)
 
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_tiny_prefix_and_logits(kind, tiny_checkpoints, tiny_models):
     prefix_diff, logits_diff = compare(tiny_checkpoints[kind][0], tiny_models[kind], n=3, t=7)
+    print(f"[parity] ClipCap tiny {kind}: prefix {prefix_diff:.2e}, logits {logits_diff:.2e}")
     assert prefix_diff <= 1e-4 and logits_diff <= 1e-4, (prefix_diff, logits_diff)
 
 

@@ -172,9 +172,15 @@ def test_visual_only(setup):
     assert CLIP.load(saved).model.text is None
 
 
-def test_clear_errors(setup, tmp_path):
-    with pytest.raises(FileNotFoundError, match="not an existing file or directory"):
-        CLIP.from_pretrained("ViT-B/32")
+def test_clear_errors(setup, tmp_path, monkeypatch):
+    from utils.downloads import OfflineError
+
+    with pytest.raises(FileNotFoundError, match="not an existing file or directory, nor an OpenAI CLIP name"):
+        CLIP.from_pretrained(str(tmp_path / "ViT-B-32.pt"))
+    monkeypatch.setenv("IMAGE_CAPTIONING_OFFLINE", "1")
+    monkeypatch.setenv("IMAGE_CAPTIONING_HOME", str(tmp_path / "store"))
+    with pytest.raises(OfflineError, match=r"ViT-B-32\.pt.*" + str(tmp_path / "store" / "downloads")):
+        CLIP.from_pretrained("ViT-B/32")  # a name: downloaded, except offline, where the error says where
     with pytest.raises(FileNotFoundError, match="not a saved CLIP model"):
         CLIP.load(tmp_path)
     saved = str(setup["dir"] / "saved_broken")

@@ -259,3 +259,26 @@ def test_truncated_checkpoint_fails_at_conversion_and_is_deleted(server, tiny_fi
         downloads.get_pretrained(spec, root=tmp_path, progress=False)
     assert not (tmp_path / "downloads" / "tiny_clipcap.pt").exists()
     assert not (tmp_path / "tiny").exists() and not list(tmp_path.glob(".tiny.*"))
+
+
+def test_names_resolve_in_clip_and_clipcap_entry_points(server, tiny_files, tmp_path, monkeypatch):
+    """`CLIP.from_pretrained(<CLIP name>)` and `ClipCap.load(<official name>)` download on first use."""
+    from models.image_captioning import ClipCap
+    from models.siamese.clip import CLIP
+
+    monkeypatch.setenv(downloads.MIRROR_ENV, server.base)
+    spec = _serve_tiny(server, tiny_files)
+    monkeypatch.setitem(downloads.CLIP_SOURCES, "tiny-clip", spec.clip)
+    monkeypatch.setitem(downloads.MODELS, "tiny", spec)
+    clip = CLIP.from_pretrained("tiny-clip", visual_only=True)
+    assert clip.embed_dim == tiny_models.EMBED_DIM
+    assert (tmp_path / "home" / "downloads" / "tiny_clip.pt").is_file()
+    model = ClipCap.load("tiny")  # downloaded, converted, saved in the store
+    assert model.name == "tiny" and downloads.is_saved_model(tmp_path / "home" / "tiny")
+    server.requests.clear()
+    again = ClipCap.load("tiny")  # now simply loaded
+    assert server.requests == []
+    image = [str(tiny_models.DEMO_DIR / "cat.jpg")]
+    assert again.caption(image, max_length=8) == model.caption(image, max_length=8)
+    with pytest.raises(FileNotFoundError, match="nor an OpenAI CLIP name"):
+        CLIP.from_pretrained("ViT-B/33")

@@ -53,6 +53,7 @@ def _torch_logits(model, ids=None, embeds=None, mask=None):
 
 def _assert_close(out, ref, atol=1e-4, rtol_of_max=1e-5):
     diff = np.abs(out - ref).max()
+    print(f"[parity] GPT-2 {out.shape}: max abs logits diff {diff:.2e}")  # reported with `pytest -s`
     assert diff <= atol, f"max abs diff {diff}"
     # random-init logits are small: also check the error relative to their scale
     assert diff <= rtol_of_max * np.abs(ref).max() + 1e-7, f"relative diff {diff / np.abs(ref).max()}"

@@ -109,7 +109,8 @@ class ClipCap:
 
         Args:
             checkpoint: path to an official ClipCap ``.pt`` (``coco_weights.pt``, ``transformer_weights.pt``...).
-            clip: path to an OpenAI CLIP ``.pt`` (or a saved CLIP directory), a `CLIP` instance, or None.
+            clip: an OpenAI CLIP name ("ViT-B/32", downloaded once), path to an OpenAI CLIP ``.pt`` (or a saved
+                CLIP directory), a `CLIP` instance, or None.
                 Its embedding size must equal the mapper's prefix size (else `CheckpointError`).
             tokenizer: a GPT-2 tokenizer name ("gpt2", from the HF cache), a local directory, or a tokenizer.
             name: when given, the converted model is saved to ``pretrained_models/<name>/``.
@@ -162,12 +163,20 @@ class ClipCap:
     def load(cls, name_or_directory, clip=None, jit_compile=True):
         """Restore a model written by `save` (no torch needed): a directory or a name in ``pretrained_models``.
 
+        The official models' names (``coco``, ``conceptual``, ``coco_transformer``; `utils.downloads.MODELS`)
+        are downloaded and converted on first use (that first time needs torch), then simply loaded.
+
         ``clip``: a `CLIP` instance to use instead of the saved one (checked for the embedding size).
         """
         from utils.tokenizer import load_gpt2_tokenizer
 
         directory = _model_dir(name_or_directory)
         config_path = directory / CONFIG_FILENAME
+        if not config_path.is_file() and clip is None:
+            from utils.downloads import MODELS, get_pretrained
+
+            if str(name_or_directory) in MODELS:  # an official model: downloaded and converted once
+                return get_pretrained(str(name_or_directory))
         if not config_path.is_file():
             raise FileNotFoundError(f"{directory} is not a saved ClipCap model: {CONFIG_FILENAME} not found")
         with open(config_path, encoding="utf-8") as f:

@@ -69,8 +69,15 @@ class CLIP:
     def from_pretrained(cls, name_or_path, visual_only=False, jit_compile=True):
         """An OpenAI CLIP ``.pt`` file (TorchScript archive or state dict) or a directory saved by `save`.
 
-        ``visual_only`` skips the text encoder and the tokenizer (what ClipCap needs). Model names
-        ("ViT-B/32") are not resolved here yet: `_resolve` is the hook where downloads will plug in.
+        ``visual_only`` skips the text encoder and the tokenizer (what ClipCap needs). A model name of
+        OpenAI's list ("ViT-B/32", "RN50x4", ...) is downloaded once into the model store and its SHA-256
+        verified (`utils.downloads.fetch_clip`; ``IMAGE_CAPTIONING_MIRROR`` / ``IMAGE_CAPTIONING_OFFLINE``
+        apply).
+
+        Example::
+
+            clip = CLIP.from_pretrained("ViT-B/32")
+            clip.similarity(["cat.jpg"], ["a cat", "a dog"])
         """
         path = cls._resolve(name_or_path)
         if os.path.isdir(path):
@@ -83,13 +90,18 @@ class CLIP:
 
     @staticmethod
     def _resolve(name_or_path):
-        """Map a model name or path to a local file / directory (hook for ``utils/downloads.py``)."""
+        """Map a model name or path to a local file / directory (names are downloaded once)."""
+        from utils.downloads import CLIP_SOURCES, fetch_clip
+
         path = os.fspath(name_or_path)
         if os.path.exists(path):
             return path
+        if path in CLIP_SOURCES:
+            return str(fetch_clip(path))
         raise FileNotFoundError(
-            f"{path!r} is not an existing file or directory. Give the path of an OpenAI CLIP .pt file "
-            "(e.g. ViT-B-32.pt) or of a directory written by CLIP.save; model names are not resolved yet."
+            f"{path!r} is not an existing file or directory, nor an OpenAI CLIP name "
+            f"({', '.join(CLIP_SOURCES)}). Give the path of an OpenAI CLIP .pt file (e.g. ViT-B-32.pt) or of a "
+            "directory written by CLIP.save."
         )
 
     def save(self, directory):
