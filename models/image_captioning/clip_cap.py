@@ -195,7 +195,7 @@ class ClipCap:
         if clip is None and saved_clip is not None:
             from models.siamese.clip import CLIP
 
-            clip = CLIP.load(str(directory / saved_clip), jit_compile=jit_compile)
+            clip = CLIP.load(str(directory / saved_clip), jit_compile="auto" if jit_compile else False)
         config.pop("format_version", None)
         config.pop("architecture", None)
         config["name"] = config.get("name") or directory.name
