@@ -34,6 +34,8 @@ os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
+from utils.batching import pad_batch, power_of_two_at_least  # noqa: E402
+
 NEG_INF = float("-inf")
 
 
@@ -264,12 +266,6 @@ class PrefixDecoder:
         self.max_batch_size = int(max_batch_size)
         self._compiled = {}
 
-    def _bucket(self, n):
-        size = 1
-        while size < n:
-            size *= 2
-        return min(size, self.max_batch_size)
-
     def __call__(self, prefix, sampler, max_length=67, stop_token_id=None, seed=0, jit_compile=True):
         prefix = np.asarray(prefix, np.float32)
         if prefix.ndim != 3 or prefix.shape[-1] != self.gpt2.n_embd:
@@ -285,11 +281,9 @@ class PrefixDecoder:
         tokens, scores, steps = [], [], 0
         for start in range(0, len(prefix), self.max_batch_size):
             chunk = prefix[start : start + self.max_batch_size]
-            size = self._bucket(len(chunk)) if jit_compile else len(chunk)
-            valid = np.zeros((size,), bool)
-            valid[: len(chunk)] = True
-            padded = np.zeros((size, *chunk.shape[1:]), np.float32)
-            padded[: len(chunk)] = chunk
+            size = min(power_of_two_at_least(len(chunk)), self.max_batch_size) if jit_compile else len(chunk)
+            valid = np.arange(size) < len(chunk)
+            padded = pad_batch(chunk, size)
             fn = self._function(size, k, max_length, sampler, jit_compile)
             out_tokens, lengths, sums, n_steps = (
                 t.numpy() for t in fn(tf.constant(padded), tf.constant(valid), tf.constant(stop, tf.int32),

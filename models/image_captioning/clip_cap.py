@@ -30,6 +30,7 @@ import tensorflow as tf  # noqa: E402
 from custom_architectures.generation_utils import Beam, Greedy, PrefixDecoder, Sample  # noqa: E402
 from custom_architectures.transformers_arch.clip_cap_arch import build_mapper  # noqa: E402
 from custom_architectures.transformers_arch.gpt2_arch import GPT2  # noqa: E402
+from utils.batching import pad_batch, power_of_two_at_least  # noqa: E402
 
 CONFIG_FILENAME = "config.json"
 MAPPER_WEIGHTS = "mapper.weights.h5"
@@ -49,10 +50,6 @@ def _model_dir(name_or_directory):
     from utils.downloads import saved_model_dir
 
     return saved_model_dir(str(name_or_directory))
-
-
-def _bucket(n):
-    return 1 << max(n - 1, 0).bit_length()
 
 
 class ClipCap:
@@ -230,9 +227,8 @@ class ClipCap:
         n = len(embeddings)
         if n == 0:
             return np.zeros((0, self.prefix_length, self.gpt2.n_embd), np.float32)
-        if self.jit_compile:  # few compiled shapes: pad the batch to a power of two
-            pad = np.ones((_bucket(n) - n, embeddings.shape[1]), np.float32)
-            embeddings = np.concatenate([embeddings, pad])
+        if self.jit_compile:  # few compiled shapes; padded with ones, which the L2 normalisation accepts
+            embeddings = pad_batch(embeddings, power_of_two_at_least(n), fill=1.0)
         return np.asarray(self._project(tf.constant(embeddings)))[:n]
 
     def logits(self, embeddings, token_ids):

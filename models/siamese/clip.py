@@ -24,6 +24,7 @@ import numpy as np  # noqa: E402
 
 from custom_architectures.clip_arch import CLIPModel, ModifiedResNet, build_clip  # noqa: E402
 from models.siamese.clip_tokenizer import CLIPTokenizer  # noqa: E402
+from utils.batching import pad_batch, power_of_two_at_least  # noqa: E402
 from utils.clip_preprocessing import preprocess_image  # noqa: E402
 from utils.image_io import read_image  # noqa: E402
 
@@ -209,8 +210,7 @@ class CLIP:
         if count == 0:
             return np.zeros((0, self.embed_dim), np.float32)
         if self.jit_compile:  # XLA compiles once per shape: pad to a power of two (few shapes, < 2x work)
-            bucket = 1 << (count - 1).bit_length()
-            pixels = np.concatenate([pixels, np.zeros((bucket - count, n, n, 3), np.float32)])
+            pixels = pad_batch(pixels, power_of_two_at_least(count))
         return np.asarray(self._encode_pixels(pixels))[:count]
 
     def encode_image(self, images, batch_size=32, exif_transpose=True):
@@ -243,8 +243,7 @@ class CLIP:
         if count == 0:
             return np.zeros((0, self.embed_dim), np.float32)
         if self._text_jit:  # as encode_pixels: few compiled shapes
-            bucket = 1 << (count - 1).bit_length()
-            token_ids = np.concatenate([token_ids, np.zeros((bucket - count, token_ids.shape[1]), np.int32)])
+            token_ids = pad_batch(token_ids, power_of_two_at_least(count))
         return np.asarray(self._encode_tokens(token_ids))[:count]
 
     def similarity(self, images, texts, batch_size=32):
