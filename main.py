@@ -60,13 +60,10 @@ def load_model(name_or_dir):
     from models.image_captioning.clip_cap import ClipCap
     from utils import downloads
 
-    if os.path.isdir(name_or_dir):
+    known = (os.path.isdir(name_or_dir) or name_or_dir in downloads.MODELS
+             or downloads.is_saved_model(downloads.saved_model_dir(name_or_dir)))
+    if known:  # ClipCap.load resolves all three (official names: downloaded and converted once)
         return ClipCap.load(name_or_dir)
-    if name_or_dir in downloads.MODELS:
-        return downloads.get_pretrained(name_or_dir)
-    saved = downloads.saved_model_dir(name_or_dir)
-    if downloads.is_saved_model(saved):
-        return ClipCap.load(str(saved))
     raise KeyError(f"unknown model {name_or_dir!r}: not a directory, not a saved model in "
                    f"{downloads.home_dir()}, and not one of {', '.join(downloads.MODELS)}")
 

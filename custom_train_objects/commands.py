@@ -200,13 +200,7 @@ def cmd_evaluate(args):
 
 
 def _load_model(name_or_dir):
-    import os
-
-    from models.image_captioning.clip_cap import ClipCap
-
-    if os.path.isdir(name_or_dir):
-        return ClipCap.load(name_or_dir)
-    from main import load_model  # names of the model store / downloadable models
+    from main import load_model  # a directory, a saved name or a downloadable name
 
     return load_model(name_or_dir)
 
