@@ -121,7 +121,7 @@ def cmd_train(args):
     from custom_train_objects.model_factory import build_clipcap_for_training
     from custom_train_objects.trainer import Trainer, TrainingStopped
     from datasets.caption_dataset import DatasetError
-    from datasets.embeddings import clip_model_id, load_embedded_dataset
+    from datasets.embeddings import extracted_with, load_embedded_dataset
 
     try:
         hp = TrainingHParams.from_args(args)
@@ -136,7 +136,7 @@ def cmd_train(args):
     try:
         if args.clip:
             clip = _load_clip(args.clip)
-            if meta.get("model_id", "").startswith("clip:") and clip_model_id(clip) != meta["model_id"]:
+            if meta.get("model_id", "").startswith("clip:") and not extracted_with(clip, meta["model_id"]):
                 return _fail(f"{args.train} was extracted with another CLIP than {args.clip} (the model would "
                              "caption with a CLIP it was not trained on)", EXIT_USAGE)
         model = build_clipcap_for_training(hp, prefix_size=embeddings.shape[1], tokenizer=args.tokenizer,

@@ -272,9 +272,18 @@ def evaluate_model(model, dataset, output_dir, embeddings=None, method="greedy",
         "metrics": {}, "per_image": {}, "skipped": {m: "no reference captions" for m in metrics},
         "tokenizer": None, "num_images": 0}
     clip = clip_for_score if clip_for_score is not None else getattr(model, "clip", None)
-    if clip is not None and getattr(clip, "tokenizer", None) is not None:
+    image_features = embeddings  # the captioning CLIP's; another scoring CLIP encodes the images itself
+    if clip is not None and clip is not getattr(model, "clip", None):
+        from datasets.embeddings import clip_encoder, extract_embeddings
+
+        scored_images = extract_embeddings(dataset.images, clip_encoder(clip), cache_dir=cache_dir,
+                                           batch_size=batch_size, progress=progress)
+        image_features = scored_images.embeddings if not scored_images.failed else None
+    if image_features is None:
+        report["skipped"]["CLIPScore"] = "the scoring CLIP could not read every captioned image"
+    elif clip is not None and getattr(clip, "tokenizer", None) is not None:
         refs = [references[k] for k in dataset.image_ids]
-        cs = clip_score(clip, embeddings, captions, references=refs if all(refs) else None)
+        cs = clip_score(clip, image_features, captions, references=refs if all(refs) else None)
         report["metrics"]["CLIPScore"] = cs["CLIPScore"]
         if "RefCLIPScore" in cs:
             report["metrics"]["RefCLIPScore"] = cs["RefCLIPScore"]

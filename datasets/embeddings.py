@@ -73,6 +73,11 @@ def clip_model_id(clip, exif_transpose=True):
     return f"clip:{h.hexdigest()}"
 
 
+def extracted_with(clip, model_id):
+    """Whether embeddings labelled `model_id` came from `clip` (with or without EXIF transposition)."""
+    return model_id in {clip_model_id(clip, exif_transpose) for exif_transpose in (True, False)}
+
+
 def clip_encoder(clip, exif_transpose=True):
     """An `ImageEncoder` for a `models.siamese.clip.CLIP`: OpenAI preprocessing, raw image features."""
     from utils.clip_preprocessing import preprocess_image

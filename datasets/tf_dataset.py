@@ -26,6 +26,8 @@ import os
 
 import numpy as np
 
+from utils.tokenizer import stop_token_id
+
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 
 
@@ -36,14 +38,6 @@ def official_max_length(lengths):
         raise ValueError("no captions: cannot choose a maximum length")
     std = lengths.std(ddof=1) if lengths.size > 1 else 0.0
     return int(min(int(lengths.mean() + 10 * std), int(lengths.max())))
-
-
-def stop_token_id(tokenizer, stop_token="."):
-    """The id of ``stop_token`` in ``tokenizer``'s vocabulary; ValueError if it is not a single token."""
-    ids = tokenizer.encode(stop_token)
-    if len(ids) != 1:
-        raise ValueError(f"the stop token {stop_token!r} is {len(ids)} tokens for this tokenizer, not one")
-    return int(ids[0])
 
 
 def tokenize_captions(tokenizer, captions, stop_token=".", append_stop=True):

@@ -140,7 +140,7 @@ def test_synthetic_shapes_are_deterministic(tmp_path):
 class _FakeTokenizer:
     """Characters -> ids (a -> 0, b -> 1, ...; '.' -> 26): token id 0 is a real token here."""
 
-    def encode(self, text):
+    def encode(self, text, add_special_tokens=False):
         return [26 if ch == "." else ord(ch) - ord("a") for ch in text if ch == "." or ch.isalpha()]
 
 

@@ -1,5 +1,6 @@
 """Evaluation: pycocoevalcap metrics through our wrapper (same numbers), Java handling, CLIPScore."""
 
+import json
 import math
 
 import numpy as np
@@ -111,3 +112,22 @@ def test_clip_score_formula(tmp_path):
     visual_only = CLIP.from_pretrained(str(tmp_path / "clip.pt"), visual_only=True)
     with pytest.raises(ValueError, match="text encoder"):
         clip_score(visual_only, features, captions)
+
+
+def test_clip_score_with_another_clip_encodes_the_images_with_it(tmp_path):
+    """CLIPScore by a scoring CLIP other than the model's own uses that CLIP's image features."""
+    from datasets.synthetic_shapes import make_shapes_dataset
+    from models.image_captioning import ClipCap
+    from models.siamese.clip import CLIP
+    from unitest.tiny_models import build_tiny_clip, build_tiny_model
+
+    model = ClipCap.load(build_tiny_model(tmp_path / "model", seed=0))
+    scorer = CLIP.from_pretrained(str(build_tiny_clip(tmp_path / "scorer.pt", seed=5)))
+    data = make_shapes_dataset(tmp_path / "data", num_images=3, seed=0, image_size=32)
+    report = evaluation.evaluate_model(model, data, tmp_path / "eval", metrics=("BLEU",), clip_for_score=scorer,
+                                       progress=False, max_length=8)
+    captions = [c for c in json.loads((tmp_path / "eval" / "results.json").read_text())]
+    expected = clip_score(scorer, scorer.encode_image(data.images), [c["caption"] for c in captions])
+    assert report["metrics"]["CLIPScore"] == pytest.approx(expected["CLIPScore"], abs=1e-6)
+    wrong = clip_score(scorer, model.encode_images(data.images), [c["caption"] for c in captions])
+    assert abs(wrong["CLIPScore"] - expected["CLIPScore"]) > 1e-4  # the two CLIPs differ: the test can fail

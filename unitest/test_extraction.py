@@ -14,6 +14,7 @@ from datasets.embeddings import (
     clip_encoder,
     clip_model_id,
     extract_embeddings,
+    extracted_with,
     load_embedded_dataset,
     save_embedded_dataset,
 )
@@ -144,5 +145,7 @@ def test_clip_encoder_matches_encode_image_and_identifies_the_weights(shapes, tm
     np.testing.assert_allclose(result.embeddings, clip.encode_image(shapes.images[:4]), atol=1e-6)
     assert encoder.model_id == clip_model_id(clip)
     assert clip_model_id(clip, exif_transpose=False) != encoder.model_id
+    # ... but both EXIF settings identify the same CLIP (train accepts either)
+    assert extracted_with(clip, clip_model_id(clip, exif_transpose=False)) and extracted_with(clip, encoder.model_id)
     clip.visual.weights[0].assign(clip.visual.weights[0] + 1.0)
     assert clip_model_id(clip) != encoder.model_id

@@ -250,9 +250,12 @@ def test_mixed_precision_trains_with_float32_weights(shapes, tmp_path):
     for policy in ("mixed_bfloat16", "mixed_float16"):
         hp = small_hp(epochs=1, mixed_precision=policy, gradient_clip_norm=1.0)
         model = tiny_model(shapes, hp)
-        losses = Trainer(model, hp, tmp_path / policy, loggers=quiet(), progress=False).fit(
-            sub, shapes["train_emb"][:60])["loss"]
+        trainer = Trainer(model, hp, tmp_path / policy, loggers=quiet(), progress=False)
+        losses = trainer.fit(sub, shapes["train_emb"][:60])["loss"]
         assert all(np.isfinite(losses)) and losses[-1] < losses[0]
+        # the trained copies compute in the policy's dtype, with float32 variables
+        assert trainer.gpt2.dtype_policy.name == trainer.mapper.dtype_policy.name == policy
+        assert all(v.dtype == "float32" for v in trainer.gpt2.weights + trainer.mapper.weights)
         assert all(v.dtype == "float32" for v in model.gpt2.weights + model.mapper.weights)
 
 
