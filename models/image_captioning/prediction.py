@@ -134,13 +134,6 @@ def write_json_atomic(path, data):
         raise
 
 
-def _update_map(path, new_entries):
-    """Merge ``new_entries`` into the map on disk (re-read first: another run may have written) and save."""
-    data = load_map(path)
-    data.update(new_entries)
-    write_json_atomic(path, data)
-
-
 def _file_stamp(path):
     st = os.stat(path)
     return {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
@@ -253,8 +246,8 @@ def predict(model, images, batch_size=16, method="greedy", save=True, overwrite=
 
     pipeline = Pipeline([
         Stage(read, name="read", workers=2),
-        # the image is already decoded and oriented: preprocess must not apply the EXIF tag a second time
-        Stage(lambda image: clip.preprocess(image, exif_transpose=exif_transpose), name="preprocess"),
+        # the image is already decoded and oriented by `read`: preprocess must not transpose (copy) it again
+        Stage(lambda image: clip.preprocess(image, exif_transpose=False), name="preprocess"),
         # model stages fail for every image alike (bad arguments, memory): stop instead of retrying per image
         Stage(encode, name="encode", batch_size=batch_size, errors="raise"),
         Stage(generate, name="generate", batch_size=batch_size, errors="raise"),
@@ -277,11 +270,13 @@ def predict(model, images, batch_size=16, method="greedy", save=True, overwrite=
                 results[i] = _result(entry, error=message, timings=item.timings)
                 logger.warning("cannot caption %s: %s", entry.label, message)
             if len(pending) >= batch_size:
-                _update_map(map_path, pending)
+                stored.update(pending)  # the map loaded above, kept in memory: written whole, atomically
+                write_json_atomic(map_path, stored)
                 pending = {}
     finally:  # also on KeyboardInterrupt: keep every caption already made
         if pending:
-            _update_map(map_path, pending)
+            stored.update(pending)
+            write_json_atomic(map_path, stored)
 
     if not return_candidates:
         for r in results:
