@@ -4,7 +4,10 @@ No test reaches the network: tokenizers are trained here and saved in GPT-2's fi
 random PyTorch modules saved in the official checkpoint formats by each suite.
 """
 
+import atexit
 import os
+import shutil
+import tempfile
 
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -15,6 +18,10 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # No test downloads: a name that would need the network fails with our offline error instead (the download
 # tests serve files from 127.0.0.1 and lift this themselves).
 os.environ.setdefault("IMAGE_CAPTIONING_OFFLINE", "1")
+# ... and no test writes into the repository's model store (pretrained_models/)
+if "IMAGE_CAPTIONING_HOME" not in os.environ:
+    os.environ["IMAGE_CAPTIONING_HOME"] = _store = tempfile.mkdtemp(prefix="image_captioning_test_store_")
+    atexit.register(shutil.rmtree, _store, ignore_errors=True)
 
 # torchvision's extension crashes the process (SIGSEGV) when it is loaded after TensorFlow, and transformers'
 # PyTorch models load it when it is installed: the PyTorch references must come first.

@@ -420,8 +420,9 @@ def convert_model(checkpoint, clip, tokenizer, directory, name=None, **clipcap_k
     # ClipCap needs only the image encoder: the text encoder is neither converted nor saved
     clip_model = clip if not isinstance(clip, str | os.PathLike) else CLIP.from_pretrained(str(clip), visual_only=True)
     tok = load_gpt2_tokenizer(str(tokenizer)) if isinstance(tokenizer, str | os.PathLike) else tokenizer
-    model = ClipCap.from_pretrained(str(checkpoint), clip=clip_model, tokenizer=tok,
-                                    name=name or directory.name, **clipcap_kwargs)
+    # name=None: from_pretrained would save into the model store itself; we save once, atomically, below
+    model = ClipCap.from_pretrained(str(checkpoint), clip=clip_model, tokenizer=tok, **clipcap_kwargs)
+    model.config["name"] = name or directory.name
     directory.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
     try:
