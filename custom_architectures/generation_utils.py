@@ -76,7 +76,6 @@ class Sampler:
     """
 
     num_sequences = 1
-    reorders = False
 
     def key(self):
         """Hashable description of everything that changes the compiled graph."""
@@ -136,7 +135,9 @@ class Greedy(_IndependentRows):
 class Sample(_IndependentRows):
     """Random sampling from softmax(logits / temperature), optionally restricted to the top-k tokens and/or
     the smallest set of most likely tokens whose probability reaches top_p (the first token is always
-    kept). ``num_captions`` rows per image draw independently; the draws depend only on the seed.
+    kept). ``num_captions`` rows per image draw independently; the draws are a pure function of the seed,
+    the step and the row's position in the (padded) batch, so a given seed and batch layout always give the
+    same captions, compiled or eager.
 
     Example: ``Sample(temperature=0.7, top_p=0.9, num_captions=3)``
     """
@@ -181,8 +182,6 @@ class Beam(Sampler):
     length and competes with its average in one slot. Stops when all beams are frozen or at max length;
     final order by average log-prob.
     """
-
-    reorders = True
 
     def __init__(self, beam_size=5, temperature=1.0):
         if int(beam_size) < 1:

@@ -34,13 +34,3 @@ def quick_gelu(x):
     x = keras.ops.convert_to_tensor(x)
     return x * keras.ops.sigmoid(1.702 * x)
 
-
-ACTIVATIONS = {"gelu_new": gelu_new, "quick_gelu": quick_gelu}
-
-
-def get_activation(name):
-    """The activation function called `name` ('gelu_new' or 'quick_gelu'); a clear error otherwise."""
-    try:
-        return ACTIVATIONS[name]
-    except KeyError:
-        raise ValueError(f"unknown activation {name!r}; known: {sorted(ACTIVATIONS)}") from None

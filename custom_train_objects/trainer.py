@@ -22,7 +22,7 @@ uninterrupted one.
 
 Example::
 
-    model = new_clipcap(gpt2_dir, tokenizer_dir, clip=clip, hparams=hp)     # or ClipCap.load(...)
+    model = build_clipcap_for_training(hp, prefix_size=512, tokenizer="gpt2", gpt2="gpt2", clip=clip)
     trainer = Trainer(model, hp, "runs/coco", strategy=tf.distribute.MirroredStrategy())
     history = trainer.fit(dataset, embeddings, val_dataset=val, val_embeddings=val_embeddings)
     model.save("pretrained_models/my_clipcap")       # also saved to runs/coco/model/ by fit

@@ -88,9 +88,6 @@ class StateDict:
     def keys(self):
         return self._sd.keys()
 
-    def shape(self, key):
-        return tuple(self._sd[key].shape)
-
     def take(self, key, shape=None):
         """The value of `key` as numpy; records a missing or mis-shaped key (raised by `finish`)."""
         if key not in self._sd:

@@ -29,7 +29,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from utils.convert.common import CheckpointError, StateDict, load_torch_state_dict, to_numpy
+from utils.convert.common import CheckpointError, StateDict, load_torch_state_dict
 
 _BLOCK_KEY = re.compile(r"h\.(\d+)\.")
 _LEGACY_BUFFERS = r"h\.\d+\.attn\.(masked_)?bias"
@@ -167,7 +167,7 @@ def _read_weights_file(path):
         from safetensors.numpy import load_file
 
         try:
-            return {k: to_numpy(v) for k, v in load_file(path).items()}
+            return load_file(path)  # numpy arrays; StateDict.take casts each one to float32
         except Exception as e:  # safetensors raises its own error types for truncated/corrupt files
             raise CheckpointError(f"cannot read {path} as safetensors: {type(e).__name__}: {e}") from e
     return load_torch_state_dict(path)
