@@ -61,6 +61,8 @@ def outputs(request):
         "image": (ref_image, ours_image),
         "text": (ref_text, ours_text),
         "logits": (ref_logits, ours_logits),
+        "pixels": pixels,
+        "token_ids": token_ids,
     }
 
 
@@ -87,13 +89,10 @@ def test_logits_per_image_match_openai(outputs):
 
 @pytest.mark.parametrize("outputs", list(TINY_CONFIGS), indirect=True)
 def test_full_model_call_gives_logits_per_image(outputs):
-    model = outputs["model"]
-    n_px = model.config["image_resolution"]
-    pixels = np.random.default_rng(0).normal(size=(2, n_px, n_px, 3)).astype(np.float32)
-    token_ids = tokenize(TEXTS).numpy().astype(np.int32)
-    logits = np.asarray(model((pixels, token_ids)))
-    expected = np.asarray(model.logits(model.encode_image(pixels), model.encode_text(token_ids)))
-    np.testing.assert_allclose(logits, expected, rtol=1e-5, atol=1e-5)
+    """The Keras model's own forward pass against OpenAI's forward (tiny configs: the reference ran it)."""
+    reference, _ = outputs["logits"]
+    logits = np.asarray(outputs["model"]((outputs["pixels"], outputs["token_ids"])))
+    assert max_rel_diff(reference, logits) <= TOLERANCE, outputs["name"]
 
 
 def test_layer_names_mirror_openai_modules(outputs):

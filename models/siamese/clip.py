@@ -64,10 +64,13 @@ class CLIP:
         if jit_compile == "auto":
             jit_compile = not isinstance(model.visual, ModifiedResNet)
         self.jit_compile = bool(jit_compile)
-        self._encode_pixels = tf.function(lambda x: model.visual(x, training=False), jit_compile=self.jit_compile)
+        # graph mode (no XLA) is not padded: one trace with a free batch dimension serves every batch size
+        self._encode_pixels = tf.function(lambda x: model.visual(x, training=False), jit_compile=self.jit_compile,
+                                          reduce_retracing=not self.jit_compile)
         self._encode_tokens = None
         if model.text is not None:
-            self._encode_tokens = tf.function(lambda t: model.text(t, training=False), jit_compile=text_jit)
+            self._encode_tokens = tf.function(lambda t: model.text(t, training=False), jit_compile=text_jit,
+                                              reduce_retracing=not text_jit)
 
     # --- construction --------------------------------------------------------------------------------
 

@@ -132,7 +132,7 @@ class _Loader:
 
     def assign(self):
         for variable, value in self.assignments:
-            variable.assign(value.astype(np.float32))
+            variable.assign(value)  # already float32 (StateDict.take)
 
 
 def _load_vit(loader, visual, p="visual"):
