@@ -1,0 +1,249 @@
+"""Safe file operations: the one place where the library writes, replaces, locks and reads files.
+
+Every path the library writes, deletes or reads goes through these helpers, which hold its guarantees:
+
+- **Names** (`check_model_name`): a model name is one plain path component (letters, digits, ``._-``,
+  not ``.``/``..``, no separators), so a name can never reach outside the model store.
+- **Atomic writes** (`atomic_write`, `write_json_atomic`): a temporary file in the same folder, flushed,
+  fsync'ed and renamed over the target; readers see the old file or the new one, never half of one. The file
+  gets the permissions a plain ``open(path, "w")`` would give (``0o666 & ~umask``), not ``mkstemp``'s 0600.
+- **Folders** (`replace_dir`): a complete new folder is built beside the target and renamed into place; an
+  existing target is replaced only when the caller proved it is one of ours (``is_ours``), otherwise
+  `UnsafePathError`. Nothing is deleted that this library did not create.
+- **Locks** (`file_lock`): an inter-process lock (``filelock``, ``flock`` on POSIX) on ``<path>.lock``, so
+  concurrent runs can read-merge-write a shared file without losing each other's results.
+- **Bounded reads** (`read_regular_file`): only regular files are read (a FIFO, device or socket gets its
+  own error instead of blocking or reading forever), and never more than ``max_bytes``.
+
+Example::
+
+    from utils.file_utils import check_model_name, file_lock, write_json_atomic
+    check_model_name("my_coco")                  # ValueError for "", "..", "a/b", "/tmp/x"
+    with file_lock("out/map.json"):
+        write_json_atomic("out/map.json", {"a.jpg": "a cat."})
+"""
+
+import contextlib
+import json
+import os
+import re
+import shutil
+import stat
+import tempfile
+from pathlib import Path
+
+from filelock import FileLock, Timeout
+
+#: The default cap on the bytes read from one input file (images, lists of paths).
+DEFAULT_MAX_BYTES = 256 * 1024 * 1024
+
+_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+
+
+class UnsafePathError(ValueError):
+    """A path that the library refuses to write, replace or read (it could destroy or hang on data)."""
+
+
+def check_model_name(name) -> str:
+    """``name`` if it is a plain model name, else ValueError saying what a name may be.
+
+    A name is one path component of 1-128 characters: letters, digits, ``.``, ``_`` and ``-``, starting with
+    a letter or digit (so never ``""``, ``.``, ``..``, a hidden name, an absolute path or ``a/b``).
+    """
+    if not isinstance(name, str) or not _NAME_RE.fullmatch(name):
+        raise ValueError(f"invalid model name {name!r}: a name is one plain folder name of letters, digits, "
+                         "'.', '_' and '-' (starting with a letter or digit, at most 128 characters); "
+                         "to write somewhere else give a directory (--output DIR)")
+    return name
+
+
+def _umask() -> int:
+    """The process umask, read without changing it (``os.umask`` would, racily, for every thread)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def default_file_mode() -> int:
+    return 0o666 & ~_umask()
+
+
+def default_dir_mode() -> int:
+    return 0o777 & ~_umask()
+
+
+def atomic_write(path, data, mode="w", encoding="utf-8"):
+    """Write ``data`` (str for mode "w", bytes for "wb") to ``path`` atomically; returns the Path.
+
+    The parent folder is created if needed. On any error (KeyboardInterrupt included) the target is left as
+    it was and the temporary file is removed.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        os.fchmod(fd, default_file_mode())
+        with os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": encoding})) as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def write_json_atomic(path, data, indent=1):
+    """`atomic_write` of ``data`` as JSON (UTF-8, non-ASCII kept)."""
+    return atomic_write(path, json.dumps(data, indent=indent, ensure_ascii=False))
+
+
+@contextlib.contextmanager
+def staging_dir(target):
+    """A new empty folder beside ``target`` (same file system, so it can be renamed onto it), removed on
+    error; yields its Path. Use with `publish_dir`, or through `replace_dir`."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    os.chmod(staging, default_dir_mode())
+    try:
+        yield staging
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+
+
+def publish_dir(staging, target, is_ours=None, overwrite=True):
+    """Rename the complete folder ``staging`` to ``target``.
+
+    An existing ``target`` is replaced only when it is empty, or when ``overwrite`` and ``is_ours(target)`` (a folder this
+    library wrote, e.g. a saved model); it is first renamed aside, then the old copy (ours) removed. Raises
+    `UnsafePathError` for anything else: an existing file, a symlink, a folder that is not ours, or one that
+    is ours without ``overwrite``.
+    """
+    staging, target = Path(staging), Path(target)
+    if os.path.lexists(target):
+        _check_replaceable(target, is_ours, overwrite)
+        old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old.", dir=target.parent))
+        os.rmdir(old)  # a fresh unique name to rename the previous folder to
+        os.rename(target, old)
+        try:
+            os.rename(staging, target)
+        except BaseException:
+            os.rename(old, target)  # put the previous one back
+            raise
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.rename(staging, target)
+    return target
+
+
+def replace_dir(target, write, is_ours=None, overwrite=True):
+    """Build a folder with ``write(staging_path)`` and publish it atomically at ``target`` (`publish_dir`).
+
+    Example::
+
+        replace_dir("models/my_coco", lambda d: model.save(d), is_ours=is_saved_model)
+    """
+    target = Path(target)
+    if os.path.lexists(target):  # refuse before doing the (possibly long) work
+        _check_replaceable(target, is_ours, overwrite)
+    with staging_dir(target) as staging:
+        write(staging)
+        return publish_dir(staging, target, is_ours=is_ours, overwrite=overwrite)
+
+
+def _check_replaceable(target, is_ours, overwrite):
+    if not target.is_symlink() and target.is_dir() and not any(target.iterdir()):
+        return  # an empty folder holds nothing to lose
+    if target.is_symlink() or not target.is_dir():
+        raise UnsafePathError(f"{target} exists and is not a folder written by this library; "
+                              "choose another destination (nothing was changed)")
+    if is_ours is None or not is_ours(target):
+        raise UnsafePathError(f"{target} exists and is not a folder written by this library: refusing to "
+                              "replace it (nothing was changed); choose an empty or new destination")
+    if not overwrite:
+        raise UnsafePathError(f"{target} already holds a saved model: pass overwrite=True (--overwrite) "
+                              "to replace it")
+
+
+@contextlib.contextmanager
+def file_lock(path, timeout=-1):
+    """An exclusive inter-process lock for ``path`` (held on ``<path>.lock``, which is left in place).
+
+    ``timeout`` seconds (-1: wait forever) before `TimeoutError`.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(str(path) + ".lock", mode=default_file_mode())
+    try:
+        lock.acquire(timeout=timeout)
+    except Timeout as e:
+        raise TimeoutError(f"{path} is locked by another process ({path}.lock) for more than {timeout} s") from e
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def describe_kind(st_mode) -> str:
+    """'a FIFO', 'a directory', ... for error messages."""
+    for test, name in ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO (named pipe)"),
+                       (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+                       (stat.S_ISSOCK, "a socket"), (stat.S_ISREG, "a regular file")):
+        if test(st_mode):
+            return name
+    return "not a regular file"
+
+
+def path_problem(path) -> str | None:
+    """Why ``path`` cannot be read as a file (missing, dangling or looping link, special file), or None."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        if os.path.islink(path):
+            return f"{path}: a dangling symbolic link (its target {os.readlink(path)!r} does not exist)"
+        return f"no such file: {path}"
+    except OSError as e:
+        if e.errno == 40:  # ELOOP
+            return f"{path}: a symbolic link loop"
+        return f"{path}: {e.strerror}"
+    if not stat.S_ISREG(st.st_mode):
+        return f"{path} is {describe_kind(st.st_mode)}, not a regular file"
+    return None
+
+
+def read_regular_file(path, max_bytes=DEFAULT_MAX_BYTES) -> bytes:
+    """The bytes of a regular file, at most ``max_bytes`` (None: no cap); `UnsafePathError` otherwise.
+
+    The file is opened without blocking (a FIFO would block ``open`` until a writer appears) and checked on
+    its open descriptor, so a file swapped for a special file between the check and the read is refused too.
+    """
+    path = os.fspath(path)
+    problem = path_problem(path)
+    if problem:
+        raise UnsafePathError(problem)
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+    except OSError as e:
+        raise UnsafePathError(f"{path}: cannot open: {e.strerror}") from e
+    with os.fdopen(fd, "rb") as f:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise UnsafePathError(f"{path} is {describe_kind(st.st_mode)}, not a regular file")
+        if max_bytes is not None and st.st_size > max_bytes:
+            raise UnsafePathError(f"{path}: {st.st_size} bytes exceeds the limit of {max_bytes} bytes "
+                                  "(raise max_bytes / --max-file-bytes if the file is trusted)")
+        data = f.read() if max_bytes is None else f.read(max_bytes + 1)
+    if max_bytes is not None and len(data) > max_bytes:  # the file grew while being read
+        raise UnsafePathError(f"{path}: more than {max_bytes} bytes (the file grew while being read)")
+    return data
