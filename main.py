@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import sys
+from pathlib import Path
 
 from custom_train_objects import commands as train_commands
 
@@ -35,6 +36,9 @@ environment variables:
 exit codes:
   0 every image captioned, 1 some inputs failed (listed on stderr), 2 usage error,
   3 the model could not be downloaded / converted / loaded, 130 interrupted (Ctrl-C)
+
+output lines: in '<path>\t<caption>' and 'error: ...' lines a backslash, tab, newline or carriage return
+  is written as \\, \t, \n, \r (so every result is one line; undo with the reverse substitution)
 """
 
 
@@ -42,8 +46,21 @@ class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescription
     pass
 
 
+class UnknownModelError(KeyError):
+    """--model names neither a directory, nor a saved model in the store, nor a downloadable model."""
+
+
+_ESCAPES = str.maketrans({"\\": "\\\\", "\n": "\\n", "\t": "\\t", "\r": "\\r"})
+
+
+def escape_field(text) -> str:
+    """``text`` with backslash, newline, tab and carriage return written as ``\\\\``, ``\\n``, ``\\t``,
+    ``\\r``: a path or caption holding them cannot break the one-result-per-line output (reversible)."""
+    return str(text).translate(_ESCAPES)
+
+
 def _fail(message, code):
-    print(f"error: {message}", file=sys.stderr)
+    print(f"error: {escape_field(message)}", file=sys.stderr)
     return code
 
 
@@ -55,17 +72,35 @@ def _model_arg_help():
             "name of a model saved in the model store, or a directory holding a saved model")
 
 
+def _is_plain_name(name):
+    from utils.file_utils import check_model_name
+
+    try:
+        check_model_name(name)
+    except ValueError:
+        return False
+    return True
+
+
 def load_model(name_or_dir):
-    """A ClipCap from a directory, a saved name in the store, or a downloadable name; KeyError if unknown."""
-    from models.image_captioning.clip_cap import ClipCap
+    """A ClipCap from a directory, a saved name in the store, or a downloadable name; `UnknownModelError`
+    (a KeyError) if it is none of them."""
     from utils import downloads
 
-    known = (os.path.isdir(name_or_dir) or name_or_dir in downloads.MODELS
-             or downloads.is_saved_model(downloads.saved_model_dir(name_or_dir)))
-    if known:  # ClipCap.load resolves all three (official names: downloaded and converted once)
-        return ClipCap.load(name_or_dir)
-    raise KeyError(f"unknown model {name_or_dir!r}: not a directory, not a saved model in "
-                   f"{downloads.home_dir()}, and not one of {', '.join(downloads.MODELS)}")
+    known = os.path.isdir(name_or_dir) or name_or_dir in downloads.MODELS or (
+        _is_plain_name(name_or_dir) and downloads.is_saved_model(downloads.saved_model_dir(name_or_dir)))
+    if not known:
+        raise UnknownModelError(f"unknown model {name_or_dir!r}: not a directory, not a saved model in "
+                                f"{downloads.home_dir()}, and not one of {', '.join(downloads.MODELS)}")
+    logging.getLogger(__name__).info("loading model %s", name_or_dir)
+    from models.image_captioning.clip_cap import ClipCap
+
+    return ClipCap.load(name_or_dir)  # resolves all three (official names: downloaded and converted once)
+
+
+#: what loading a model may raise besides `UnknownModelError`: CheckpointError / ModelLoadError (ValueError),
+#: DownloadError / OfflineError (RuntimeError), missing files (OSError), damaged configs (KeyError, TypeError)
+MODEL_ERRORS = (OSError, ValueError, RuntimeError, KeyError, TypeError)
 
 
 def _generate_kwargs(args):
@@ -83,9 +118,9 @@ def cmd_caption(args):
 
     try:
         model = load_model(args.model)
-    except KeyError as e:
+    except UnknownModelError as e:
         return _fail(e.args[0], EXIT_USAGE)
-    except (OSError, ValueError, RuntimeError) as e:  # CheckpointError, DownloadError, OfflineError ...
+    except MODEL_ERRORS as e:
         return _fail(f"cannot load model {args.model!r}: {e}", EXIT_MODEL)
     try:
         with quiet_logger("models.image_captioning.prediction"):  # failures are listed below
@@ -102,10 +137,10 @@ def cmd_caption(args):
     else:
         for r in results:
             if r["error"] is None:
-                print(f"{r['image']}\t{r['caption']}")
+                print(f"{escape_field(r['image'])}\t{escape_field(r['caption'])}")
     failed = [r for r in results if r["error"] is not None]
     for r in failed:
-        print(f"error: {r['image']}: {r['error']}", file=sys.stderr)
+        print(f"error: {escape_field(_error_line(r))}", file=sys.stderr)
     if failed:
         print(f"{len(failed)} of {len(results)} inputs could not be captioned", file=sys.stderr)
         return EXIT_FAILED_INPUTS
@@ -114,18 +149,44 @@ def cmd_caption(args):
     return EXIT_OK
 
 
+def _error_line(result):
+    """'<path>: <reason>', the path once: image errors already start with (or name) the path."""
+    image, error = str(result["image"]), str(result["error"])
+    return error if image in error else f"{image}: {error}"
+
+
 # ---------------------------------------------------------------------------------------------- convert
 
 
 def cmd_convert(args):
     from utils import downloads
+    from utils.file_utils import check_model_name, check_replaceable
 
+    # every check of names and destinations before any work: a bad one is a usage error, nothing is touched
+    if args.output is None and args.name is None:
+        return _fail("give --name NAME (saved in the model store) or --output DIR", EXIT_USAGE)
+    try:
+        if args.output is None:
+            directory = downloads.saved_model_dir(args.name)
+            name = args.name
+        else:
+            directory = Path(args.output)
+            name = args.name if args.name is not None else Path(os.path.abspath(directory)).name
+            if args.name is None:
+                try:
+                    check_model_name(name)
+                except ValueError as e:
+                    raise ValueError(f"the folder name of --output {args.output!r} is not a plain model name "
+                                     "(it is recorded as the model's name): give one with --name") from e
+        check_model_name(name)
+        check_replaceable(directory, downloads.is_saved_model, args.overwrite)
+    except ValueError as e:  # an invalid name, or an UnsafePathError: a destination that is not ours
+        return _fail(str(e), EXIT_USAGE)
     try:
         clip = downloads.fetch_clip(args.clip) if args.clip in downloads.CLIP_SOURCES else args.clip
         tokenizer = downloads.fetch_gpt2_tokenizer(args.tokenizer)
-        directory = args.output or downloads.saved_model_dir(args.name)
-        downloads.convert_model(args.checkpoint, clip, tokenizer, directory, name=args.name)
-    except (OSError, ValueError, RuntimeError, KeyError) as e:
+        downloads.convert_model(args.checkpoint, clip, tokenizer, directory, name=name, overwrite=args.overwrite)
+    except MODEL_ERRORS as e:
         return _fail(f"conversion failed: {e}", EXIT_MODEL)
     print(directory)
     return EXIT_OK
@@ -206,8 +267,13 @@ def build_parser():
     p.add_argument("--clip", required=True, help="a CLIP name (ViT-B/32, RN50x4, ...: downloaded) or an OpenAI "
                                                  "CLIP .pt file")
     p.add_argument("--tokenizer", default="gpt2", help="a GPT-2 tokenizer directory or hub name")
-    p.add_argument("--name", required=True, help="the model's name (its directory in the model store)")
-    p.add_argument("--output", help="save here instead of <model store>/<name>")
+    p.add_argument("--name", help="the model's name: one plain folder name (letters, digits, '.', '_', '-'), "
+                                  "its directory in the model store; with --output only recorded in the config "
+                                  "(default: the --output folder's name)")
+    p.add_argument("--output", help="save here instead of <model store>/<name> (a new or empty folder, or a "
+                                    "saved model with --overwrite)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing saved model at the destination (never any other folder)")
     p.set_defaults(func=cmd_convert)
 
     p = sub.add_parser("download", formatter_class=_Formatter, epilog=ENVIRONMENT_HELP,
@@ -229,7 +295,10 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
-    code = args.func(args)
+    try:
+        code = args.func(args)
+    except KeyboardInterrupt:  # Ctrl-C anywhere (loading a model, converting): a clean exit, no traceback
+        return _fail("interrupted", EXIT_INTERRUPTED)
     return EXIT_OK if code is None else int(code)
 
 

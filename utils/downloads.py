@@ -32,10 +32,9 @@ Example::
 """
 
 import hashlib
+import json
 import logging
 import os
-import shutil
-import tempfile
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -43,6 +42,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from tqdm.auto import tqdm
+
+from utils.file_utils import UnsafePathError, check_model_name, check_replaceable, read_regular_file
 
 logger = logging.getLogger(__name__)
 
@@ -384,11 +385,22 @@ def spec_files(spec, root=None):
 
 
 def saved_model_dir(name, root=None) -> Path:
-    return Path(root or home_dir()) / name
+    """``<model store>/<name>``; ValueError unless ``name`` is a plain name (`check_model_name`), so a name can
+    never point outside the store ("", "..", "/abs", "a/b" are refused)."""
+    return Path(root or home_dir()) / check_model_name(name)
 
 
-def is_saved_model(directory) -> bool:
-    return (Path(directory) / "config.json").is_file()
+def is_saved_model(directory, architecture="clipcap") -> bool:
+    """Whether ``directory`` is a model this library saved: a real folder whose config.json (a regular file)
+    names ``architecture`` ("clipcap"; a saved CLIP: "openai_clip"). Only such folders are ever replaced."""
+    directory = Path(directory)
+    if directory.is_symlink() or not directory.is_dir():
+        return False
+    try:
+        config = json.loads(read_regular_file(directory / "config.json", max_bytes=1 << 20))
+    except (UnsafePathError, OSError, ValueError):
+        return False
+    return isinstance(config, dict) and config.get("architecture") == architecture
 
 
 def download_model(name_or_spec, root=None, progress=True):
@@ -406,32 +418,29 @@ def download_model(name_or_spec, root=None, progress=True):
     return tuple(found)
 
 
-def convert_model(checkpoint, clip, tokenizer, directory, name=None, **clipcap_kwargs):
+def convert_model(checkpoint, clip, tokenizer, directory, name=None, overwrite=False, **clipcap_kwargs):
     """Convert an official ClipCap ``.pt`` + CLIP ``.pt`` + tokenizer and save it to ``directory`` atomically.
 
     The model is written to a temporary sibling directory and renamed, so an interrupted conversion never
-    leaves a half-saved model that would be picked up later. Returns the loaded `ClipCap`.
+    leaves a half-saved model that would be picked up later. An existing ``directory`` is replaced only when
+    it is empty or a saved ClipCap (`is_saved_model`) and ``overwrite``; anything else raises `UnsafePathError`
+    before the conversion starts (nothing is deleted). ``name`` (default: the folder's name) goes into the
+    config; it must be a plain model name. Returns the loaded `ClipCap`.
     """
     from models.image_captioning.clip_cap import ClipCap
     from models.siamese.clip import CLIP
     from utils.tokenizer import load_gpt2_tokenizer
 
     directory = Path(directory)
+    name = check_model_name(name if name is not None else directory.name)
+    check_replaceable(directory, is_saved_model, overwrite)  # refuse before the (long) conversion
     # ClipCap needs only the image encoder: the text encoder is neither converted nor saved
     clip_model = clip if not isinstance(clip, str | os.PathLike) else CLIP.from_pretrained(str(clip), visual_only=True)
     tok = load_gpt2_tokenizer(str(tokenizer)) if isinstance(tokenizer, str | os.PathLike) else tokenizer
     # name=None: from_pretrained would save into the model store itself; we save once, atomically, below
     model = ClipCap.from_pretrained(str(checkpoint), clip=clip_model, tokenizer=tok, **clipcap_kwargs)
-    model.config["name"] = name or directory.name
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
-    try:
-        model.save(str(staging))
-        if directory.exists():
-            shutil.rmtree(directory)
-        os.replace(staging, directory)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    model.config["name"] = name
+    model.save(directory, overwrite=overwrite)  # a complete new folder renamed into place (replace_dir)
     return model
 
 
@@ -453,7 +462,8 @@ def get_pretrained(name_or_spec, root=None, force_convert=False, progress=True):
     already_cached = (downloads_dir(root) / spec.checkpoint.filename).is_file()
     checkpoint, clip, tokenizer = download_model(spec, root, progress)
     try:
-        return convert_model(checkpoint, clip, tokenizer, directory, name=spec.name, **spec.clipcap_kwargs)
+        return convert_model(checkpoint, clip, tokenizer, directory, name=spec.name, overwrite=force_convert,
+                             **spec.clipcap_kwargs)
     except CheckpointError as e:
         if not already_cached:  # we downloaded it just now: do not keep a file that cannot be converted
             checkpoint.unlink(missing_ok=True)

@@ -108,6 +108,33 @@ def write_json_atomic(path, data, indent=1):
 
 
 @contextlib.contextmanager
+def atomic_open(path, mode="w", encoding="utf-8", newline=None):
+    """`atomic_write` for writers that need a file object (``np.savez``, ``csv``): yields the temporary file,
+    which replaces ``path`` only when the block ends without error (umask-respecting permissions).
+
+    Example::
+
+        with atomic_open("out/emb.npz", "wb") as f:
+            np.savez(f, embeddings=x)
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        os.fchmod(fd, default_file_mode())
+        text = {} if "b" in mode else {"encoding": encoding, "newline": newline}
+        with os.fdopen(fd, mode, **text) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+@contextlib.contextmanager
 def staging_dir(target):
     """A new empty folder beside ``target`` (same file system, so it can be renamed onto it), removed on
     error; yields its Path. Use with `publish_dir`, or through `replace_dir`."""
@@ -160,6 +187,14 @@ def replace_dir(target, write, is_ours=None, overwrite=True):
     with staging_dir(target) as staging:
         write(staging)
         return publish_dir(staging, target, is_ours=is_ours, overwrite=overwrite)
+
+
+def check_replaceable(target, is_ours=None, overwrite=True):
+    """Raise `UnsafePathError` unless ``target`` is absent, an empty folder, or (with ``overwrite``) a folder
+    ``is_ours`` recognises: what `replace_dir` checks, to refuse before a long job rather than after it."""
+    target = Path(target)
+    if os.path.lexists(target):
+        _check_replaceable(target, is_ours, overwrite)
 
 
 def _check_replaceable(target, is_ours, overwrite):

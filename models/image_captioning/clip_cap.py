@@ -19,6 +19,7 @@ Example::
 """
 
 import json
+import logging
 import os
 from pathlib import Path
 
@@ -31,6 +32,7 @@ from custom_architectures.generation_utils import Beam, Greedy, PrefixDecoder, S
 from custom_architectures.transformers_arch.clip_cap_arch import build_mapper  # noqa: E402
 from custom_architectures.transformers_arch.gpt2_arch import GPT2  # noqa: E402
 from utils.batching import pad_batch, power_of_two_at_least  # noqa: E402
+from utils.convert.common import CheckpointError  # noqa: E402
 
 CONFIG_FILENAME = "config.json"
 MAPPER_WEIGHTS = "mapper.weights.h5"
@@ -43,13 +45,52 @@ _MAPPER_KEYS = ("prefix_size", "prefix_length", "n_embd", "clip_length", "num_la
 
 
 def _model_dir(name_or_directory):
-    """An existing directory as is; otherwise a name in the model store (``pretrained_models/<name>``)."""
-    path = Path(os.fspath(name_or_directory))
-    if path.is_dir() or os.sep in str(name_or_directory) or path.is_absolute():
-        return path
+    """Where a model named or placed by ``name_or_directory`` lives.
+
+    A ``Path``, a string with a separator, or an existing folder of the working directory is a directory;
+    any other string is a model name, which must be plain (`utils.file_utils.check_model_name`: "", ".",
+    ".." and names with separators are refused) and lives in the model store (``pretrained_models/<name>``).
+    """
     from utils.downloads import saved_model_dir
 
-    return saved_model_dir(str(name_or_directory))
+    if isinstance(name_or_directory, os.PathLike):
+        return Path(name_or_directory)
+    text = str(name_or_directory)
+    separators = [s for s in (os.sep, os.altsep) if s]
+    if any(s in text for s in separators) or Path(text).is_absolute():
+        return Path(text)
+    if text not in ("", ".", "..") and Path(text).is_dir():
+        return Path(text)
+    return saved_model_dir(text)  # ValueError for anything but a plain name
+
+
+def _valid_name(name, config_path):
+    """A saved config's ``name`` when it is a plain name, else None with a warning: the name decides where
+    `save` and `predict` write by default, so "..", "/abs" or "a/b" must never be used."""
+    from utils.file_utils import check_model_name
+
+    if name is None:
+        return None
+    try:
+        return check_model_name(name)
+    except ValueError as e:
+        logging.getLogger(__name__).warning("%s: key 'name' ignored: %s", config_path, e)
+        return None
+
+
+def _folder_name(directory):
+    """The folder's own name as the model's name when it is a plain name, else None (no name)."""
+    from utils.file_utils import check_model_name
+
+    try:
+        return check_model_name(Path(os.path.abspath(directory)).name)
+    except ValueError:
+        return None
+
+
+class ModelLoadError(CheckpointError):
+    """A saved model that cannot be loaded (a missing or invalid config key, a damaged weights file); the
+    message names the file (and the key) and says what to do."""
 
 
 class ClipCap:
@@ -101,7 +142,7 @@ class ClipCap:
 
     @classmethod
     def from_pretrained(cls, checkpoint, clip=None, tokenizer="gpt2", name=None, normalize_prefix=None,
-                        jit_compile=True):
+                        jit_compile=True, overwrite=False):
         """Convert an official ClipCap checkpoint (torch needed).
 
         Args:
@@ -110,12 +151,18 @@ class ClipCap:
                 CLIP directory), a `CLIP` instance, or None.
                 Its embedding size must equal the mapper's prefix size (else `CheckpointError`).
             tokenizer: a GPT-2 tokenizer name ("gpt2", from the HF cache), a local directory, or a tokenizer.
-            name: when given, the converted model is saved to ``pretrained_models/<name>/``.
+            name: when given, the converted model is saved to ``pretrained_models/<name>/``; a plain name
+                only (ValueError for "", "..", "a/b", "/abs"), checked before any work.
             normalize_prefix: override the checkpoint kind's default (transformer: True, MLP: False).
+            overwrite: replace an existing saved model of that name (see `save`).
         """
         from utils.convert.clipcap import check_clip_matches, load_clipcap
+        from utils.downloads import is_saved_model, saved_model_dir
+        from utils.file_utils import check_replaceable
         from utils.tokenizer import load_gpt2_tokenizer
 
+        if name is not None:  # refuse a bad name, or a store folder that is not ours, before converting
+            check_replaceable(saved_model_dir(name), is_saved_model, overwrite)
         mapper, gpt2, config = load_clipcap(checkpoint)
         config["checkpoint"] = os.path.basename(os.fspath(checkpoint))
         if normalize_prefix is not None:
@@ -134,26 +181,39 @@ class ClipCap:
         config["name"] = name
         model = cls(mapper, gpt2, tokenizer, config, clip=clip, jit_compile=jit_compile)
         if name is not None:
-            model.save(name)
+            model.save(name, overwrite=overwrite)
         return model
 
-    def save(self, name_or_directory=None):
+    def save(self, name_or_directory=None, overwrite=False):
         """Write config.json, the mapper's and GPT-2's weights, the tokenizer files and the CLIP model (if any)
-        to a directory (or ``pretrained_models/<name>/``); returns the directory."""
+        to a directory (or ``pretrained_models/<name>/``); returns the directory.
+
+        The model is written to a new folder beside the target and renamed into place, so the target holds
+        the old model or the new one, never half of one. An existing target is replaced only when it is
+        empty, or a saved ClipCap and ``overwrite``; any other folder or file raises
+        `utils.file_utils.UnsafePathError` (ValueError) and nothing is changed. Files and folders get the
+        permissions the umask gives.
+        """
+        from utils.downloads import is_saved_model
+        from utils.file_utils import replace_dir
+
         target = name_or_directory if name_or_directory is not None else self.name
         if target is None:
             raise ValueError("save needs a name or directory (this model has no name)")
         directory = _model_dir(target)
-        directory.mkdir(parents=True, exist_ok=True)
         config = dict(self.config, format_version=FORMAT_VERSION, architecture="clipcap",
                       clip=CLIP_DIR if self.clip is not None else None, tokenizer=TOKENIZER_DIR)
-        self.mapper.save_weights(str(directory / MAPPER_WEIGHTS))
-        self.gpt2.save_weights(str(directory / GPT2_WEIGHTS))
-        self.tokenizer.save_pretrained(str(directory / TOKENIZER_DIR))
-        if self.clip is not None:
-            self.clip.save(str(directory / CLIP_DIR))
-        with open(directory / CONFIG_FILENAME, "w", encoding="utf-8") as f:  # last: marks a complete model
-            json.dump(config, f, indent=2)
+
+        def write(staging):
+            self.mapper.save_weights(str(staging / MAPPER_WEIGHTS))
+            self.gpt2.save_weights(str(staging / GPT2_WEIGHTS))
+            self.tokenizer.save_pretrained(str(staging / TOKENIZER_DIR))
+            if self.clip is not None:
+                self.clip.save(str(staging / CLIP_DIR))
+            with open(staging / CONFIG_FILENAME, "w", encoding="utf-8") as f:
+                json.dump(config, f, indent=2)
+
+        replace_dir(directory, write, is_ours=is_saved_model, overwrite=overwrite)
         return str(directory)
 
     @classmethod
@@ -165,6 +225,7 @@ class ClipCap:
 
         ``clip``: a `CLIP` instance to use instead of the saved one (checked for the embedding size).
         """
+        from utils.file_utils import UnsafePathError, read_regular_file
         from utils.tokenizer import load_gpt2_tokenizer
 
         directory = _model_dir(name_or_directory)
@@ -176,18 +237,41 @@ class ClipCap:
                 return get_pretrained(str(name_or_directory))
         if not config_path.is_file():
             raise FileNotFoundError(f"{directory} is not a saved ClipCap model: {CONFIG_FILENAME} not found")
-        with open(config_path, encoding="utf-8") as f:
-            config = json.load(f)
-        if config.get("architecture") != "clipcap":
-            raise ValueError(f"{config_path} does not describe a ClipCap model: {config.get('architecture')!r}")
+        try:
+            config = json.loads(read_regular_file(config_path, max_bytes=1 << 20))
+        except (UnsafePathError, ValueError) as e:
+            raise ModelLoadError(f"{config_path} is not a readable config ({e}); save or convert the model "
+                                 "again") from e
+        if not isinstance(config, dict) or config.get("architecture") != "clipcap":
+            found = config.get("architecture") if isinstance(config, dict) else type(config).__name__
+            raise ValueError(f"{config_path} does not describe a ClipCap model: {found!r}")
+        for key in ("mapping_type", "prefix_length", "prefix_size", "gpt2", "tokenizer"):
+            if key not in config:
+                raise ModelLoadError(f"{config_path} lacks the key {key!r}: the saved model is damaged or "
+                                     "was not written by ClipCap.save; save or convert it again")
+        if not isinstance(config["gpt2"], dict):
+            raise ModelLoadError(f"{config_path}: key 'gpt2' must be an object of GPT2 arguments, got "
+                                 f"{type(config['gpt2']).__name__}")
         for filename in (MAPPER_WEIGHTS, GPT2_WEIGHTS):
             if not (directory / filename).is_file():
                 raise FileNotFoundError(f"{directory} is an incomplete ClipCap model: {filename} missing")
-        mapper = build_mapper(config["mapping_type"], **{k: config[k] for k in _MAPPER_KEYS if k in config})
-        mapper.load_weights(str(directory / MAPPER_WEIGHTS))
-        gpt2 = GPT2(**config["gpt2"])
-        gpt2.load_weights(str(directory / GPT2_WEIGHTS))
-        tokenizer = load_gpt2_tokenizer(str(directory / config.pop("tokenizer")))
+
+        def build(what, path, make):  # name the damaged file in any error of Keras / h5py / tokenizers
+            try:
+                return make()
+            except (OSError, ValueError, KeyError, TypeError, RuntimeError) as e:
+                raise ModelLoadError(f"cannot load the {what} from {path} ({type(e).__name__}: {e}); the file "
+                                     "is damaged or does not match config.json: save or convert the model "
+                                     "again") from e
+
+        mapper = build("mapper", config_path, lambda: build_mapper(
+            config["mapping_type"], **{k: config[k] for k in _MAPPER_KEYS if k in config}))
+        build("mapper weights", directory / MAPPER_WEIGHTS,
+              lambda: mapper.load_weights(str(directory / MAPPER_WEIGHTS)))
+        gpt2 = build("GPT-2", config_path, lambda: GPT2(**config["gpt2"]))
+        build("GPT-2 weights", directory / GPT2_WEIGHTS, lambda: gpt2.load_weights(str(directory / GPT2_WEIGHTS)))
+        tokenizer_dir = directory / str(config.pop("tokenizer"))
+        tokenizer = build("tokenizer", tokenizer_dir, lambda: load_gpt2_tokenizer(str(tokenizer_dir)))
         saved_clip = config.pop("clip", None)
         if clip is None and saved_clip is not None:
             from models.siamese.clip import CLIP
@@ -195,7 +279,7 @@ class ClipCap:
             clip = CLIP.load(str(directory / saved_clip), jit_compile="auto" if jit_compile else False)
         config.pop("format_version", None)
         config.pop("architecture", None)
-        config["name"] = config.get("name") or directory.name
+        config["name"] = _valid_name(config.get("name"), config_path) or _folder_name(directory)
         return cls(mapper, gpt2, tokenizer, config, clip=clip, jit_compile=jit_compile)
 
     # --- embeddings ----------------------------------------------------------------------------------

@@ -113,64 +113,70 @@ class CLIP:
             "directory written by CLIP.save."
         )
 
-    def save(self, directory):
-        """Write config.json, weights.h5 (every variable by its path) and the tokenizer's vocabulary."""
-        import h5py
+    def save(self, directory, overwrite=False):
+        """Write config.json, weights.h5 (every variable by its path) and the tokenizer's vocabulary.
 
-        os.makedirs(directory, exist_ok=True)
+        Written to a new folder beside ``directory`` and renamed into place; an existing ``directory`` is
+        replaced only when it is empty, or a saved CLIP (config.json with architecture "openai_clip") and
+        ``overwrite``; anything else raises `utils.file_utils.UnsafePathError` and nothing is changed.
+        """
+        from utils.file_utils import replace_dir
+
         config = {
             "format_version": FORMAT_VERSION,
             "architecture": "openai_clip",
             "clip": self.model.config,
             "tokenizer": None if self.tokenizer is None else {"context_length": self.tokenizer.context_length},
         }
-        with open(os.path.join(directory, CONFIG_FILENAME), "w") as f:
-            json.dump(config, f, indent=2)
-        with h5py.File(os.path.join(directory, WEIGHTS_FILENAME), "w") as f:
-            for key, variable in _named_variables(self.model).items():
-                f.create_dataset(key, data=np.asarray(variable.numpy()))
-        if self.tokenizer is not None:
-            self.tokenizer.save(directory)
+
+        def write(staging):
+            import h5py
+
+            with open(os.path.join(staging, CONFIG_FILENAME), "w") as f:
+                json.dump(config, f, indent=2)
+            with h5py.File(os.path.join(staging, WEIGHTS_FILENAME), "w") as f:
+                for key, variable in _named_variables(self.model).items():
+                    f.create_dataset(key, data=np.asarray(variable.numpy()))
+            if self.tokenizer is not None:
+                self.tokenizer.save(str(staging))
+
+        replace_dir(directory, write, is_ours=is_saved_clip, overwrite=overwrite)
         return directory
 
     @classmethod
     def load(cls, directory, jit_compile="auto"):
-        """Rebuild a model saved by `save` (strict: every variable present, nothing left over)."""
-        import h5py
+        """Rebuild a model saved by `save` (strict: every variable present, nothing left over).
+
+        A damaged config.json or weights.h5 raises `utils.convert.common.CheckpointError` naming the file.
+        """
+        from utils.convert.common import CheckpointError
+        from utils.file_utils import UnsafePathError, read_regular_file
 
         config_path = os.path.join(directory, CONFIG_FILENAME)
         weights_path = os.path.join(directory, WEIGHTS_FILENAME)
         for path in (config_path, weights_path):
             if not os.path.isfile(path):
                 raise FileNotFoundError(f"{directory} is not a saved CLIP model: {os.path.basename(path)} missing")
-        with open(config_path) as f:
-            config = json.load(f)
-        if config.get("architecture") != "openai_clip":
-            raise ValueError(f"{config_path} does not describe a CLIP model: {config.get('architecture')!r}")
-        model = build_clip(config["clip"])
-        variables = _named_variables(model)
-        with h5py.File(weights_path, "r") as f:
-            stored = {}
-
-            def collect(name, obj):  # visititems stops at the first non-None return
-                if isinstance(obj, h5py.Dataset):
-                    stored[name] = obj
-
-            f.visititems(collect)
-            missing = sorted(set(variables) - set(stored))
-            unexpected = sorted(set(stored) - set(variables))
-            mismatched = [
-                f"{k}: {stored[k].shape} vs {tuple(v.shape)}"
-                for k, v in variables.items()
-                if k in stored and tuple(stored[k].shape) != tuple(v.shape)
-            ]
-            if missing or unexpected or mismatched:
-                raise ValueError(
-                    f"{weights_path} does not match its config: missing {missing[:5]}, unexpected "
-                    f"{unexpected[:5]}, mis-shaped {mismatched[:5]}"
-                )
-            for key, variable in variables.items():
-                variable.assign(stored[key][()])
+        try:
+            config = json.loads(read_regular_file(config_path, max_bytes=1 << 20))
+        except (UnsafePathError, ValueError) as e:
+            raise CheckpointError(f"{config_path} is not a readable config ({e}); save the CLIP again") from e
+        if not isinstance(config, dict) or config.get("architecture") != "openai_clip":
+            found = config.get("architecture") if isinstance(config, dict) else type(config).__name__
+            raise ValueError(f"{config_path} does not describe a CLIP model: {found!r}")
+        if not isinstance(config.get("clip"), dict):
+            raise CheckpointError(f"{config_path} lacks the key 'clip' (the architecture): the saved CLIP is "
+                                  "damaged; save it again")
+        try:
+            model = build_clip(config["clip"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise CheckpointError(f"{config_path}: invalid 'clip' architecture ({type(e).__name__}: {e}); the "
+                                  "saved CLIP is damaged: save it again") from e
+        try:
+            _load_weights(model, weights_path)
+        except OSError as e:  # h5py: truncated or not an HDF5 file
+            raise CheckpointError(f"cannot read {weights_path} ({e}); the file is damaged: save the CLIP "
+                                  "again") from e
         tokenizer = None
         if config.get("tokenizer") is not None:
             tokenizer = CLIPTokenizer.from_directory(directory, **config["tokenizer"])
@@ -254,6 +260,42 @@ class CLIP:
         image_features = self.encode_image(images, batch_size=batch_size)
         text_features = self.encode_text(texts)
         return np.asarray(self.model.logits(image_features, text_features))
+
+
+def _load_weights(model, weights_path):
+    """Assign every variable of ``model`` from weights.h5 (strict: all present, nothing left over)."""
+    import h5py
+
+    variables = _named_variables(model)
+    with h5py.File(weights_path, "r") as f:
+        stored = {}
+
+        def collect(name, obj):  # visititems stops at the first non-None return
+            if isinstance(obj, h5py.Dataset):
+                stored[name] = obj
+
+        f.visititems(collect)
+        missing = sorted(set(variables) - set(stored))
+        unexpected = sorted(set(stored) - set(variables))
+        mismatched = [
+            f"{k}: {stored[k].shape} vs {tuple(v.shape)}"
+            for k, v in variables.items()
+            if k in stored and tuple(stored[k].shape) != tuple(v.shape)
+        ]
+        if missing or unexpected or mismatched:
+            raise ValueError(
+                f"{weights_path} does not match its config: missing {missing[:5]}, unexpected "
+                f"{unexpected[:5]}, mis-shaped {mismatched[:5]}"
+            )
+        for key, variable in variables.items():
+            variable.assign(stored[key][()])
+
+
+def is_saved_clip(directory) -> bool:
+    """Whether ``directory`` is a CLIP this library saved (its config.json names "openai_clip")."""
+    from utils.downloads import is_saved_model
+
+    return is_saved_model(directory, architecture="openai_clip")
 
 
 def _named_variables(model):
