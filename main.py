@@ -37,8 +37,8 @@ exit codes:
   0 every image captioned, 1 some inputs failed (listed on stderr), 2 usage error,
   3 the model could not be downloaded / converted / loaded, 130 interrupted (Ctrl-C)
 
-output lines: in '<path>\t<caption>' and 'error: ...' lines a backslash, tab, newline or carriage return
-  is written as \\, \t, \n, \r (so every result is one line; undo with the reverse substitution)
+output lines: in "<path><TAB><caption>" and "error: ..." lines a backslash, tab, newline or carriage
+  return is written as \\\\, \\t, \\n, \\r (one result per line; undo by the reverse substitution)
 """
 
 

@@ -27,13 +27,14 @@ import contextlib
 import io
 import json
 import logging
-import os
 import re
 import shutil
 import time
 from pathlib import Path
 
 import numpy as np
+
+from utils.file_utils import atomic_write
 
 logger = logging.getLogger(__name__)
 
@@ -296,7 +297,5 @@ def evaluate_model(model, dataset, output_dir, embeddings=None, method="greedy",
                    "generate_kwargs": {k: v for k, v in generate_kwargs.items()},
                    "failed_images": failed, "captioning_seconds": round(seconds, 3)})
     report["per_image"] = {str(k): v for k, v in report["per_image"].items()}
-    tmp = output_dir / ".metrics.json.tmp"
-    tmp.write_text(json.dumps(report, indent=1, default=str))
-    os.replace(tmp, output_dir / "metrics.json")
+    atomic_write(output_dir / "metrics.json", json.dumps(report, indent=1, default=str))
     return report

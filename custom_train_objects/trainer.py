@@ -32,6 +32,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 import shutil
 import time
 from pathlib import Path
@@ -48,6 +49,7 @@ from custom_train_objects.optimizers import build_optimizer  # noqa: E402
 from datasets.tf_dataset import caption_batches, encode_captions, num_batches  # noqa: E402
 from hparams.training import TrainingHParams  # noqa: E402
 from loggers.training_loggers import LoggerList, build_loggers  # noqa: E402
+from utils.file_utils import check_replaceable, publish_dir, staging_dir  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
@@ -56,6 +58,17 @@ STATE_FILENAME = "state.json"
 VARIABLES_FILENAME = "variables.npz"
 # hyper-parameters that may change when resuming (they do not change the computation)
 RESUME_MUTABLE = {"save_every", "checkpoint_every_steps", "log_every", "jit_compile"}
+
+
+_CHECKPOINT_NAME = re.compile(r"ckpt-\d{9}")
+
+
+def is_checkpoint(directory) -> bool:
+    """Whether ``directory`` is a checkpoint this trainer wrote (a real folder with state.json and
+    variables.npz): the only folders it ever replaces or deletes under ``checkpoints/``."""
+    directory = Path(directory)
+    return (not directory.is_symlink() and directory.is_dir() and (directory / STATE_FILENAME).is_file()
+            and (directory / VARIABLES_FILENAME).is_file())
 
 
 class TrainingStopped(Exception):
@@ -251,6 +264,9 @@ class Trainer:
             val_embeddings = self._check_inputs(val_dataset, val_embeddings)
             val = (val_embeddings, val_dataset.image_index, *self.encode(val_dataset, max_length))
 
+        from utils.downloads import is_saved_model
+
+        check_replaceable(self.model_dir(), is_saved_model)  # refuse now, not after training
         keras.utils.set_random_seed(hp.seed)
         if not self._built:
             self._build(steps_per_epoch)
@@ -331,17 +347,19 @@ class Trainer:
         return float(optimizer.learning_rate)
 
     def finalize(self):
-        """Copy the trained values into the ClipCap, save it to ``<output_dir>/model``; returns the model."""
+        """Copy the trained values into the ClipCap, save it to ``<output_dir>/model``; returns the model.
+
+        ``<output_dir>/model`` is replaced only when it is a saved ClipCap (a previous run's), never another
+        folder (`utils.file_utils.UnsafePathError`; `fit` checks this before training)."""
         _copy_values(self.mapper.variables, self.model.mapper.variables, "mapper")
         _copy_values(self.gpt2.variables, self.model.gpt2.variables, "gpt2")
         self.model.config["normalize_prefix"] = self.normalize
-        model_dir = self.output_dir / "model"
-        staging = self.output_dir / ".model.tmp"
-        shutil.rmtree(staging, ignore_errors=True)
-        self.model.save(str(staging))
-        shutil.rmtree(model_dir, ignore_errors=True)
-        os.replace(staging, model_dir)
+        # a new folder renamed into place; an existing output_dir/model is replaced only if it is a saved model
+        self.model.save(self.model_dir(), overwrite=True)
         return self.model
+
+    def model_dir(self):
+        return self.output_dir / "model"
 
     # --------------------------------------------------------------------------------------- checkpoints
     def _variable_groups(self):
@@ -353,17 +371,31 @@ class Trainer:
 
     def latest_checkpoint(self):
         """The newest complete checkpoint directory (one with its state.json), or None."""
-        root = self.checkpoint_dir()
-        done = sorted(p for p in root.glob("ckpt-*") if (p / STATE_FILENAME).is_file()) if root.is_dir() else []
+        done = self._checkpoints()
         return done[-1] if done else None
 
     def _save_checkpoint(self, epoch, batch, step):
+        """Write ``checkpoints/ckpt-<step>`` atomically (a new uniquely named folder renamed into place) and
+        delete the oldest checkpoints beyond ``keep_checkpoints``: only folders that are checkpoints of ours."""
         root = self.checkpoint_dir()
         root.mkdir(parents=True, exist_ok=True)
         final = root / f"ckpt-{step:09d}"
-        staging = root / f".ckpt-{step:09d}.tmp"
-        shutil.rmtree(staging, ignore_errors=True)
-        staging.mkdir()
+        with staging_dir(final) as staging:
+            self._write_checkpoint(staging, epoch, batch, step)
+            publish_dir(staging, final, is_ours=is_checkpoint, overwrite=True)
+        for old in self._checkpoints()[: -self.keep_checkpoints]:
+            shutil.rmtree(old)
+        logger.info("checkpoint %s (epoch %d, batch %d)", final, epoch, batch)
+        return final
+
+    def _checkpoints(self):
+        """Our checkpoint folders (``ckpt-<9 digits>`` holding state.json and variables.npz), oldest first."""
+        root = self.checkpoint_dir()
+        if not root.is_dir():
+            return []
+        return sorted(p for p in root.iterdir() if _CHECKPOINT_NAME.fullmatch(p.name) and is_checkpoint(p))
+
+    def _write_checkpoint(self, staging, epoch, batch, step):
         arrays = {}
         for group, variables in self._variable_groups().items():
             for i, v in enumerate(variables):
@@ -374,12 +406,6 @@ class Trainer:
                  "shapes": {k: list(a.shape) for k, a in arrays.items()}}
         with open(staging / STATE_FILENAME, "w") as f:
             json.dump(state, f)
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(staging, final)
-        for old in sorted(p for p in root.glob("ckpt-*"))[: -self.keep_checkpoints]:
-            shutil.rmtree(old, ignore_errors=True)
-        logger.info("checkpoint %s (epoch %d, batch %d)", final, epoch, batch)
-        return final
 
     def _restore(self, directory, max_length):
         with open(Path(directory) / STATE_FILENAME) as f:

@@ -16,16 +16,20 @@ import os
 from pathlib import Path
 
 from datasets.caption_dataset import CaptionDataset, DatasetError
+from utils.file_utils import UnsafePathError, read_regular_file, write_json_atomic
 
 
 def _read_json(path, what):
+    """The JSON in ``path``: a regular file of at most `utils.file_utils.DEFAULT_MAX_BYTES` (a FIFO or device
+    is refused instead of hanging or reading forever)."""
     path = Path(path)
-    if not path.is_file():
+    if not os.path.lexists(path):
         raise DatasetError(f"{what} not found: {path}")
     try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except json.JSONDecodeError as e:
+        return json.loads(read_regular_file(path))
+    except UnsafePathError as e:
+        raise DatasetError(f"cannot read the {what}: {e}") from e
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise DatasetError(f"{path} is not valid JSON ({what}): {e}") from e
 
 
@@ -111,9 +115,6 @@ def load_coco_results(path):
 
 
 def _write_json(path, data):
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(data, f, ensure_ascii=False)
-    os.replace(tmp, path)
+    """Atomic, umask-respecting (`utils.file_utils.write_json_atomic`; a unique temporary name, so concurrent
+    writers never share one)."""
+    write_json_atomic(path, data, indent=None)

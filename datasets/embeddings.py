@@ -36,6 +36,7 @@ from pathlib import Path
 import numpy as np
 
 from datasets.caption_dataset import CaptionDataset, DatasetError
+from utils.file_utils import UnsafePathError, atomic_open, atomic_write, file_lock
 from utils.image_io import ImageReadError, read_image
 
 logger = logging.getLogger(__name__)
@@ -126,7 +127,7 @@ class EmbeddingCache:
             if stored != self.model_id:
                 raise DatasetError(f"{self.directory} belongs to another model ({stored!r})")
         else:
-            _write_atomic(model_file, json.dumps({"model_id": self.model_id}).encode())
+            atomic_write(model_file, json.dumps({"model_id": self.model_id}))
         self._rows = {}  # key -> (shard name, row)
         self._shards = {}  # shard name -> array (memory-mapped)
         self.dim = None
@@ -184,36 +185,26 @@ class EmbeddingCache:
             return
         if self.dim is not None and vectors.shape[1] != self.dim:
             raise DatasetError(f"{self.directory} holds {self.dim}-d embeddings, got {vectors.shape[1]}-d")
-        number = 1 + max([int(p.stem.split("_")[1]) for p in self.directory.glob("shard_*.npy")] or [-1])
-        shard = f"shard_{number:06d}.npy"
-        tmp = self.directory / f".{shard}.tmp"
-        with open(tmp, "wb") as f:
-            np.save(f, vectors)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.directory / shard)
-        line = json.dumps({"shard": shard, "keys": keys}, ensure_ascii=False) + "\n"
         index = self.directory / INDEX_FILENAME
-        if index.exists() and index.stat().st_size:
-            with open(index, "rb") as f:
-                f.seek(-1, os.SEEK_END)
-                if f.read(1) != b"\n":  # a torn line from an interrupted append: end it first
-                    line = "\n" + line
-        with open(index, "a", encoding="utf-8") as f:
-            f.write(line)
-            f.flush()
-            os.fsync(f.fileno())
+        with file_lock(index):  # concurrent writers: each shard gets its own number, each index line is whole
+            number = 1 + max([int(p.stem.split("_")[1]) for p in self.directory.glob("shard_*.npy")] or [-1])
+            shard = f"shard_{number:06d}.npy"
+            with atomic_open(self.directory / shard, "wb") as f:
+                np.save(f, vectors)
+            line = json.dumps({"shard": shard, "keys": keys}, ensure_ascii=False) + "\n"
+            if index.exists() and index.stat().st_size:
+                with open(index, "rb") as f:
+                    f.seek(-1, os.SEEK_END)
+                    if f.read(1) != b"\n":  # a torn line from an interrupted append: end it first
+                        line = "\n" + line
+            with open(index, "a", encoding="utf-8") as f:
+                f.write(line)
+                f.flush()
+                os.fsync(f.fileno())
         self.dim = vectors.shape[1]
         self._shards[shard] = vectors
         for row, key in enumerate(keys):
             self._rows[key] = (shard, row)
-
-
-def _write_atomic(path, data: bytes):
-    tmp = Path(path).with_name(f".{Path(path).name}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
 
 
 # ---------------------------------------------------------------------------------------------- extraction
@@ -356,12 +347,31 @@ def save_embedded_dataset(path, dataset: CaptionDataset, result: ExtractionResul
     path.parent.mkdir(parents=True, exist_ok=True)
     meta = {"name": dataset.name, "model_id": model_id, "image_ids": kept.image_ids,
             "failed": {dataset.images[i]: m for i, m in result.failed.items()}}
-    tmp = path.with_name(f".{path.name}.tmp.npz")
-    np.savez(tmp, embeddings=result.embeddings.astype(np.float32), image_index=kept.image_index,
-             images=np.asarray(kept.images, dtype=str), captions=np.asarray(kept.captions, dtype=str),
-             meta=np.asarray(json.dumps(meta, default=str)))
-    os.replace(tmp, path)
+    check_embedded_output(path)
+    with atomic_open(path, "wb") as f:
+        np.savez(f, embeddings=result.embeddings.astype(np.float32), image_index=kept.image_index,
+                 images=np.asarray(kept.images, dtype=str), captions=np.asarray(kept.captions, dtype=str),
+                 meta=np.asarray(json.dumps(meta, default=str)))
     return path
+
+
+def is_embedded_dataset(path) -> bool:
+    """Whether ``path`` is a file `save_embedded_dataset` wrote (an .npz with its arrays)."""
+    if os.path.islink(path) or not os.path.isfile(path):
+        return False
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            return {"embeddings", "image_index", "images", "captions", "meta"} <= set(f.files)
+    except (OSError, ValueError, EOFError):
+        return False
+
+
+def check_embedded_output(path):
+    """`UnsafePathError` unless ``path`` is new or an embedded dataset (replaced): never overwrite a user's
+    other file, a folder, a link or a special file with the extraction's output."""
+    if os.path.lexists(path) and not is_embedded_dataset(path):
+        raise UnsafePathError(f"{path} exists and is not an embeddings file written by `extract`: refusing to "
+                              "overwrite it (nothing was changed); choose another --output")
 
 
 def load_embedded_dataset(path):

@@ -20,6 +20,8 @@ import os
 import typing
 from dataclasses import dataclass, fields
 
+from utils.file_utils import write_json_atomic
+
 MAPPING_TYPES = ("mlp", "linear", "transformer")
 PRECISIONS = (None, "mixed_float16", "mixed_bfloat16")
 
@@ -103,11 +105,7 @@ class TrainingHParams:
 
     def save(self, path):
         path = os.fspath(path)
-        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-        tmp = f"{path}.tmp"
-        with open(tmp, "w") as f:
-            json.dump(self.to_dict(), f, indent=2)
-        os.replace(tmp, path)
+        write_json_atomic(path, self.to_dict(), indent=2)  # atomic, umask permissions
         return path
 
     @classmethod

@@ -13,8 +13,9 @@ Example::
 
 import csv
 import logging
-import os
 from pathlib import Path
+
+from utils.file_utils import atomic_open
 
 logger = logging.getLogger("training")
 
@@ -101,12 +102,10 @@ class CSVLogger(TrainingLogger):
 
     @staticmethod
     def _write(path, fieldnames, rows):
-        tmp = path.with_name(f".{path.name}.tmp")
-        with open(tmp, "w", newline="") as f:
+        with atomic_open(path, "w", newline="") as f:  # unique temporary name, umask permissions
             writer = csv.DictWriter(f, fieldnames=fieldnames)
             writer.writeheader()
             writer.writerows(rows)
-        os.replace(tmp, path)
 
     def resume(self, step):
         for name, column, limit in (("steps.csv", "step", step), ("epochs.csv", "step", step)):
