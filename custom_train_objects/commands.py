@@ -75,11 +75,17 @@ def _load_clip(path):
 
 def cmd_extract(args):
     from datasets.caption_dataset import DatasetError
-    from datasets.embeddings import clip_encoder, extract_embeddings, save_embedded_dataset
+    from datasets.embeddings import (
+        check_embedded_output,
+        clip_encoder,
+        extract_embeddings,
+        save_embedded_dataset,
+    )
 
     try:
+        check_embedded_output(args.output)  # before the (long) extraction: never overwrite a user's file
         dataset = load_dataset(args)
-    except DatasetError as e:
+    except (DatasetError, ValueError) as e:
         return _fail(str(e), EXIT_USAGE)
     try:
         clip = _load_clip(args.clip)
@@ -175,12 +181,14 @@ def cmd_evaluate(args):
         dataset = load_dataset(args)
     except DatasetError as e:
         return _fail(str(e), EXIT_USAGE)
+    from main import MODEL_ERRORS, UnknownModelError
+
     try:
         model = _load_model(args.model)
         clip_for_score = _load_clip(args.clip_score_model) if args.clip_score_model else None
-    except KeyError as e:
+    except UnknownModelError as e:
         return _fail(e.args[0], EXIT_USAGE)
-    except (OSError, ValueError, RuntimeError) as e:
+    except MODEL_ERRORS as e:  # a damaged saved model: exit 3 naming the file
         return _fail(f"cannot load model: {e}", EXIT_MODEL)
     kwargs = {k: getattr(args, k) for k in ("beam_size", "max_length") if getattr(args, k) is not None}
     if args.method == "beam" and "beam_size" not in kwargs:
@@ -220,7 +228,8 @@ def register(subparsers):
     _add_data_arguments(p)
     p.add_argument("--clip", required=True, help="a CLIP name (ViT-B/32, RN50x4, ...: downloaded once), an "
                                                   "OpenAI CLIP .pt file or a saved CLIP directory")
-    p.add_argument("--output", required=True, help="the .npz to write")
+    p.add_argument("--output", required=True, help="the .npz to write (new, or an earlier output of extract, "
+                                                    "which is replaced; any other file is refused)")
     p.add_argument("--cache-dir", default="cache/embeddings", help="the embedding cache (per CLIP model)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--key-mode", choices=("stat", "content"), default="stat",
