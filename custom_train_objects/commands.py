@@ -128,8 +128,11 @@ def cmd_train(args):
     from custom_train_objects.trainer import Trainer, TrainingStopped
     from datasets.caption_dataset import DatasetError
     from datasets.embeddings import extracted_with, load_embedded_dataset
+    from utils.file_utils import check_model_name
 
     try:
+        if args.name is not None:  # recorded in the model; it decides where save / predict write by default
+            check_model_name(args.name)
         hp = TrainingHParams.from_args(args)
     except (ValueError, OSError) as e:
         return _fail(str(e), EXIT_USAGE)

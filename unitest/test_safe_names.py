@@ -283,10 +283,15 @@ def test_extract_output_never_overwrites_a_user_file(tmp_path):
 
 
 def test_private_writes_use_the_umask_and_unique_temporaries(tmp_path):
+    """Temporary files of another writer (today's fixed names) are neither clobbered nor renamed away."""
     from datasets.coco import write_coco_results
     from hparams.training import TrainingHParams
     from loggers.training_loggers import CSVLogger
 
+    others = [tmp_path / "hparams.json.tmp", tmp_path / ".results.json.tmp", tmp_path / "logs" / ".steps.csv.tmp"]
+    for path in others:
+        path.parent.mkdir(exist_ok=True)
+        path.write_text("another writer's file")
     old_umask = os.umask(0o027)
     try:
         TrainingHParams().save(tmp_path / "hparams.json")
@@ -296,7 +301,8 @@ def test_private_writes_use_the_umask_and_unique_temporaries(tmp_path):
         os.umask(old_umask)
     for path in (tmp_path / "hparams.json", tmp_path / "results.json", tmp_path / "logs" / "steps.csv"):
         assert stat.S_IMODE(path.stat().st_mode) == 0o640, path
-    assert not [p for p in tmp_path.rglob(".*")]
+    assert all(path.read_text() == "another writer's file" for path in others)
+    assert sorted(p.name for p in tmp_path.rglob(".*")) == [".results.json.tmp", ".steps.csv.tmp"]
 
 
 # ------------------------------------------------------------------------------------------- load errors
@@ -329,10 +335,18 @@ def test_damaged_weights_name_the_file(filename, tiny_model_dir, tmp_path):
 
 
 def test_ctrl_c_while_loading_the_model_exits_130_without_traceback(tiny_model_dir, tmp_path):
-    process = subprocess.Popen([sys.executable, "main.py", "-v", "caption", str(ROOT / "demo"), "--model",
-                                str(tiny_model_dir), "--no-save", "--no-progress"], cwd=ROOT,
+    """SIGINT once main.py logs "loading model" (today: a KeyboardInterrupt traceback, exit -2). Many images,
+    so that the run is still going if loading ends before the signal lands (then captioning is interrupted:
+    exit 130 as well)."""
+    images = tmp_path / "images"
+    images.mkdir()
+    for i in range(40):
+        shutil.copy(ROOT / "demo" / "cat.jpg", images / f"{i}.jpg")
+    process = subprocess.Popen([sys.executable, "main.py", "-v", "caption", str(images), "--model",
+                                str(tiny_model_dir), "--no-save", "--no-progress", "--batch-size", "1"], cwd=ROOT,
                                env=_env(tmp_path / "home"), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                               text=True)
+                               text=True,  # a default SIGINT disposition even if ours is ignored (nohup, &)
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     seen = []
     deadline = time.monotonic() + 180
     for line in process.stderr:  # the model is being loaded once this line is logged
@@ -378,3 +392,10 @@ def test_escape_field_is_reversible():
     assert "\n" not in escaped and "\t" not in escaped
     undo = {"\\\\": "\\", "\\n": "\n", "\\t": "\t", "\\r": "\r"}
     assert re.sub(r"\\[\\ntr]", lambda m: undo[m.group()], escaped) == text
+
+
+def test_train_name_must_be_plain(tmp_path):
+    result = _cli(tmp_path / "home", "train", tmp_path / "train.npz", "--output", tmp_path / "run", "--name", "..",
+                  "--gpt2-config", "{}")
+    assert result.returncode == 2 and "invalid model name '..'" in result.stderr, result.stderr
+    assert not (tmp_path / "run").exists()
