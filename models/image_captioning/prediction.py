@@ -192,15 +192,27 @@ class _MapView:
 
     def __init__(self, path, data):
         self.path, self.data, self.time = path, data, time.monotonic()
+        self.stamp = None  # (inode, size, mtime) of the version last read by `get`
         self._lock = threading.Lock()
 
     def set(self, data):
         self.data, self.time = data, time.monotonic()
 
+    def _stamp(self):
+        try:
+            st = os.stat(self.path)
+            return st.st_ino, st.st_size, st.st_mtime_ns
+        except OSError:
+            return None
+
     def get(self, key):
         if time.monotonic() - self.time > _REFRESH_S and self._lock.acquire(blocking=False):
             try:  # no file lock needed: map.json is replaced atomically, a read sees a whole version
-                self.set(load_map(self.path))
+                stamp = self._stamp()
+                if stamp != self.stamp:  # re-read (a large map.json takes a while) only when it changed
+                    self.set(load_map(self.path))
+                    self.stamp = stamp
+                self.time = time.monotonic()
             except ValueError as e:  # a damaged map.json is reported when this run writes it
                 logger.debug("cannot refresh %s: %s", self.path, e)
                 self.time = time.monotonic()
