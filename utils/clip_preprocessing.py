@@ -14,6 +14,14 @@ OpenAI's pipeline (torchvision on PIL images) is, in this order:
 (n_px, n_px, 3) instead of (3, n_px, n_px). Its only deliberate deviation concerns 16-bit images (see its
 docstring). `tf_preprocess` is an in-graph approximation for ``tf.data``.
 
+Memory is bounded whatever the image's shape: step 1 resizes the *whole* image before the crop, so a 40000x1
+line would become 8,960,000x224 (6 GB) to keep 224x224 of it. Both functions refuse an image whose resized
+size would exceed ``MAX_RESIZED_PIXELS`` (2**26 = 67,108,864 pixels, at most 256 MiB in PIL; at 224 px an
+aspect ratio beyond about 1337:1, e.g. 40000x1, while 4000x3 still passes) with a clear error, instead of a
+crop-first resize: PIL's ``resize(box=...)`` takes its box in float32 and is not
+bit-identical to resize-then-crop (measured: up to 21 grey levels on a 7x5000 image), so it would break
+the OpenAI identity. Every image within the bound is preprocessed exactly as before.
+
 Example::
 
     from utils.image_io import read_image
@@ -27,6 +35,8 @@ MEAN = (0.48145466, 0.4578275, 0.40821073)
 STD = (0.26862954, 0.26130258, 0.27577711)
 _MEAN = np.asarray(MEAN, dtype=np.float32)
 _STD = np.asarray(STD, dtype=np.float32)
+#: the most pixels the resize before the centre crop may produce (PIL holds at most 4 bytes a pixel: 256 MiB)
+MAX_RESIZED_PIXELS = 1 << 26
 SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 
 
@@ -35,6 +45,17 @@ def resized_size(width, height, n_px):
     if width <= height:
         return n_px, int(n_px * height / width)
     return int(n_px * width / height), n_px
+
+
+def check_resized_size(width, height, n_px):
+    """ValueError when the resize before the centre crop would make an image of unbounded size."""
+    size = resized_size(width, height, n_px)
+    if size[0] * size[1] > MAX_RESIZED_PIXELS:
+        raise ValueError(
+            f"a {width}x{height} image would be resized to {size[0]}x{size[1]} = {size[0] * size[1]} pixels "
+            f"before the {n_px}x{n_px} centre crop (more than {MAX_RESIZED_PIXELS}; aspect ratio "
+            f"{max(width, height) / min(width, height):.0f}:1): refused to bound memory; crop the image first")
+    return size
 
 
 def center_crop_box(width, height, n_px):
@@ -71,7 +92,7 @@ def preprocess_image(image, n_px):
     width, height = image.size
     if width == 0 or height == 0:
         raise ValueError(f"cannot preprocess an empty image ({width}x{height})")
-    size = resized_size(width, height, n_px)
+    size = check_resized_size(width, height, n_px)
     if size != image.size:
         image = image.resize(size, Image.BICUBIC)
     image = image.crop(center_crop_box(*image.size, n_px))
@@ -89,6 +110,9 @@ def tf_preprocess(image, n_px):
     288 px): at most 1 grey level (1/255) on a pixel, i.e. at most 0.0151 after normalisation, on at most
     0.12% of the values (all others identical); ``unitest/test_clip_preprocessing.py`` checks these bounds. For RGBA images OpenAI
     resizes with premultiplied alpha; here the alpha is dropped first, so semi-transparent edges differ.
+
+    An image whose resize would exceed ``MAX_RESIZED_PIXELS`` fails with InvalidArgumentError (bounded
+    memory, as in `preprocess_image`).
 
     Example::
 
@@ -114,6 +138,10 @@ def tf_preprocess(image, n_px):
     short = tf.minimum(height, width)
     new_h = tf.cast(tf.floor(n_px * height / short), tf.int32)  # n_px for the shorter side (exact)
     new_w = tf.cast(tf.floor(n_px * width / short), tf.int32)
+    tf.debugging.assert_less_equal(
+        tf.cast(new_h, tf.int64) * tf.cast(new_w, tf.int64), tf.constant(MAX_RESIZED_PIXELS, tf.int64),
+        message=f"the image would be resized to more than {MAX_RESIZED_PIXELS} pixels before the {n_px}x{n_px} "
+                "centre crop: refused to bound memory; crop the image first")
     x = tf.cast(image, tf.float32)[None]  # (1, H, W, 3)
     x = tf.image.resize(x, tf.stack([shape[0], new_w]), method="bicubic", antialias=True)  # horizontal
     x = tf.clip_by_value(tf.round(x), 0.0, 255.0)

@@ -6,6 +6,12 @@ upright; OpenAI's CLIP pipeline does not do this: ``exif_transpose=False`` repro
 image's mode, so that preprocessing can follow OpenAI's order (resize, crop, then convert to RGB).
 `list_images` expands files, directories and glob patterns into a stable list of image paths.
 
+Only regular files are read: a path is opened without blocking and checked on its descriptor
+(`utils.file_utils.open_regular_file`), so a FIFO, socket or device named ``.jpg`` gets its own error instead
+of hanging the run or reading forever, and a file larger than ``max_bytes`` (default
+`utils.file_utils.DEFAULT_MAX_BYTES`, 256 MB) is refused before anything is read. PIL reads the open file
+lazily: an animated GIF is decoded for its first frame only, the later frames are never read.
+
 Example::
 
     from utils.image_io import list_images, read_image
@@ -15,11 +21,17 @@ Example::
 
 import glob
 import io
+import logging
 import os
+import stat
 import warnings
 
 import numpy as np
 from PIL import Image, ImageOps
+
+from utils.file_utils import DEFAULT_MAX_BYTES, UnsafePathError, open_regular_file, path_problem
+
+logger = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm")
 _GLOB_CHARS = set("*?[")
@@ -41,15 +53,18 @@ def _check_size(size, limit, name):
         )
 
 
-def _open_bytes(data, name, max_pixels):
+def _open_bytes(data, name, max_pixels, exif_transpose=False):
+    """Decode an image from bytes or a binary file object (read lazily: only what the first frame needs)."""
     limit = _pixel_limit(max_pixels)
     try:
         with warnings.catch_warnings():
             # with an explicit max_pixels our own check decides; otherwise PIL's warning becomes an error
             warnings.simplefilter("ignore" if max_pixels is not None else "error", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data))
+            image = Image.open(io.BytesIO(data) if isinstance(data, bytes | bytearray) else data)
             _check_size(image.size, limit, name)
-            image.load()
+            image.load()  # the first frame only (PIL reads later frames on seek)
+            if exif_transpose:  # while the file is open (some formats read their EXIF block from it)
+                ImageOps.exif_transpose(image, in_place=True)
     except ImageReadError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
@@ -82,7 +97,7 @@ def _from_array(array):
     )
 
 
-def read_image(source, exif_transpose=True, max_pixels=None):
+def read_image(source, exif_transpose=True, max_pixels=None, max_bytes=DEFAULT_MAX_BYTES):
     """A decoded `PIL.Image.Image` from a path, a PIL image or a numpy array, its mode kept.
 
     Args:
@@ -91,10 +106,12 @@ def read_image(source, exif_transpose=True, max_pixels=None):
         exif_transpose: rotate / flip according to the EXIF orientation tag (OpenAI does not: False).
         max_pixels: refuse images with more pixels (default: PIL's ``Image.MAX_IMAGE_PIXELS``; None there
             means no limit). PIL itself still refuses files above twice its own limit.
+        max_bytes: refuse image files larger than this (default 256 MB; None: no limit).
 
     Raises:
-        ImageReadError: missing path, directory, empty file, non-image bytes, truncated / corrupt data,
-            decompression bomb, or an unsupported array.
+        ImageReadError: missing path, directory, FIFO / device / socket, dangling or looping symbolic link,
+            empty or too large file, non-image bytes, truncated / corrupt data, decompression bomb, or an
+            unsupported array.
 
     Example::
 
@@ -112,15 +129,18 @@ def read_image(source, exif_transpose=True, max_pixels=None):
         _check_size(image.size, _pixel_limit(max_pixels), "image array")
     elif isinstance(source, (str, os.PathLike)):
         path = os.fspath(source)
-        if not os.path.exists(path):
+        if not os.path.lexists(path):
             raise ImageReadError(f"no such image file: {path}")
         if os.path.isdir(path):
             raise ImageReadError(f"{path} is a directory, not an image (use list_images to expand it)")
-        with open(path, "rb") as f:
-            data = f.read()
-        if not data:
-            raise ImageReadError(f"{path}: empty file (0 bytes)")
-        image = _open_bytes(data, path, max_pixels)
+        try:  # never blocks (FIFO) nor reads without bound (device): checked on the open descriptor
+            f = open_regular_file(path, max_bytes)
+        except UnsafePathError as e:
+            raise ImageReadError(str(e)) from e
+        with f:
+            if os.fstat(f.fileno()).st_size == 0:
+                raise ImageReadError(f"{path}: empty file (0 bytes)")
+            return _open_bytes(f, path, max_pixels, exif_transpose=exif_transpose)
     elif isinstance(source, (bytes, bytearray)):
         if not source:
             raise ImageReadError("empty image bytes")
@@ -137,15 +157,67 @@ def read_image(source, exif_transpose=True, max_pixels=None):
     return image
 
 
-def _is_image_file(path):
-    return os.path.isfile(path) and os.path.splitext(path)[1].lower() in IMAGE_EXTENSIONS
+def _has_image_extension(path):
+    return os.path.splitext(path)[1].lower() in IMAGE_EXTENSIONS
+
+
+def _regular_file_problem(path):
+    """None for a regular file (or a link to one), else why it is skipped. ``os.stat`` never blocks."""
+    try:
+        if stat.S_ISREG(os.stat(path).st_mode):
+            return None
+    except OSError:
+        pass
+    return path_problem(path) or f"{path} is not a regular file"
+
+
+def expand_paths(paths_dirs_globs):
+    """Like `list_images`, but also returns what a directory or pattern held that cannot be read.
+
+    Returns:
+        a list of ``(path, problem)`` in `list_images`' order: ``problem`` is None for a regular file, or
+        why the path is not read (a FIFO, socket, device, dangling or looping link named like an image).
+        An explicitly named path is always ``(path, None)``: `read_image` reports its problem.
+    """
+    if isinstance(paths_dirs_globs, (str, os.PathLike)):
+        paths_dirs_globs = [paths_dirs_globs]
+    items = [os.fspath(p) for p in paths_dirs_globs]
+    if not items:
+        raise ImageReadError("no image paths given")
+    found, seen = [], set()
+    for item in items:
+        if os.path.isdir(item):
+            # os.walk lists names without opening files (a FIFO cannot block it) and does not follow
+            # symbolic links to directories (no loops)
+            candidates = sorted(os.path.join(root, name) for root, _, names in os.walk(item)
+                                for name in names if _has_image_extension(name))
+            matches = [(p, _regular_file_problem(p)) for p in candidates]
+            if not matches:
+                raise ImageReadError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found in directory {item}")
+        elif os.path.lexists(item):
+            matches = [(item, None)]  # named explicitly: kept whatever it is, read_image judges it
+        elif _GLOB_CHARS & set(item):
+            candidates = sorted(p for p in glob.glob(item, recursive=True)
+                                if _has_image_extension(p) and not os.path.isdir(p))
+            matches = [(p, _regular_file_problem(p)) for p in candidates]
+            if not matches:
+                raise ImageReadError(f"no image file matches the pattern {item!r}")
+        else:
+            raise ImageReadError(f"no such file or directory: {item}")
+        for path, problem in matches:
+            if path not in seen:
+                seen.add(path)
+                found.append((path, problem))
+    return found
 
 
 def list_images(paths_dirs_globs):
     """Expand files, directories (recursively, by `IMAGE_EXTENSIONS`) and glob patterns into image paths.
 
     Order is stable: arguments in the given order, each directory / pattern sorted; duplicates keep their
-    first position. A file named explicitly is kept whatever its extension (read_image will judge it).
+    first position. A file named explicitly is kept whatever its extension or kind (read_image will judge
+    it). Directories and patterns keep regular files only: a FIFO, socket, device or dangling link named
+    like an image is skipped with a warning in the log (`expand_paths` returns them with their problem).
 
     Raises:
         ImageReadError: a path that does not exist, a directory with no image, a pattern matching nothing,
@@ -155,32 +227,13 @@ def list_images(paths_dirs_globs):
 
         list_images(["a.jpg", "photos/", "scans/**/*.png"])
     """
-    if isinstance(paths_dirs_globs, (str, os.PathLike)):
-        paths_dirs_globs = [paths_dirs_globs]
-    items = [os.fspath(p) for p in paths_dirs_globs]
-    if not items:
-        raise ImageReadError("no image paths given")
-    found, seen = [], set()
-    for item in items:
-        if os.path.isfile(item):
-            matches = [item]
-        elif os.path.isdir(item):
-            matches = sorted(
-                os.path.join(root, name)
-                for root, _, names in os.walk(item)
-                for name in names
-                if os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
-            )
-            if not matches:
-                raise ImageReadError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found in directory {item}")
-        elif _GLOB_CHARS & set(item):
-            matches = sorted(p for p in glob.glob(item, recursive=True) if _is_image_file(p))
-            if not matches:
-                raise ImageReadError(f"no image file matches the pattern {item!r}")
+    found, problems = [], []
+    for path, problem in expand_paths(paths_dirs_globs):
+        if problem is None:
+            found.append(path)
         else:
-            raise ImageReadError(f"no such file or directory: {item}")
-        for path in matches:
-            if path not in seen:
-                seen.add(path)
-                found.append(path)
+            problems.append(problem)
+            logger.warning("skipped %s", problem)
+    if not found:
+        raise ImageReadError("no readable image: " + "; ".join(problems))
     return found

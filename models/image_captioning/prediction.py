@@ -13,12 +13,21 @@ stored, as OpenAI's and the official ClipCap code do).
 
 map.json (``pretrained_models/<model name>/outputs/map.json``, or ``<output_dir>/map.json``) is keyed by
 the absolute file path; each entry holds the caption, the candidates with their scores, the generation
-settings, the model name and the file's size and modification time. It is written atomically (temporary
-file + ``os.replace``) after every batch, so an interrupted run keeps everything captioned so far. The
+settings, the model name and the file's size and modification time. After every batch it is updated under
+an inter-process lock (``map.json.lock``): read, merge this run's new entries, write atomically (temporary
+file + ``os.replace``). So an interrupted run keeps everything captioned so far, and concurrent runs writing
+the same map.json keep the union of their results (none is lost, each image appears once). The
 settings are *not* part of the key: there is one entry per image, the latest. A rerun skips an image when
 its entry was made by the same model with the same settings (method and every generation argument) and the
-file is unchanged; otherwise (or with ``overwrite=True``) it is captioned again and the entry replaced.
-Images given in memory (PIL, numpy) are captioned but never written to map.json.
+file is unchanged; otherwise (or with ``overwrite=True``) it is captioned again and the entry replaced. The
+run's view of map.json is refreshed at every write (and every few seconds while reading images), so an
+image that a concurrent run captioned meanwhile with the same settings is taken from map.json instead of
+being read and captioned again. Images given in memory (PIL, numpy) are captioned but never written to
+map.json.
+
+Only regular files are read (`utils.image_io`): a FIFO, device or dangling link inside a directory gets its
+own error without blocking the run; image files above ``max_file_bytes`` and a map.json above
+`MAP_MAX_BYTES` are refused before being read.
 
 Example::
 
@@ -32,18 +41,23 @@ import datetime
 import json
 import logging
 import os
-import tempfile
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
 
-from utils.image_io import ImageReadError, list_images, read_image
+from utils.file_utils import DEFAULT_MAX_BYTES, file_lock, read_regular_file, write_json_atomic
+from utils.image_io import ImageReadError, expand_paths, read_image
 from utils.pipeline import Pipeline, Stage
 
 logger = logging.getLogger(__name__)
 
 METHODS = ("greedy", "beam", "sample")
 MAP_FILENAME = "map.json"
+#: map.json is read whole into memory: a larger one (about 250,000 images) is refused, not read
+MAP_MAX_BYTES = DEFAULT_MAX_BYTES
+_REFRESH_S = 2.0  # how often the read stage looks at map.json for images captioned by concurrent runs
 
 
 # ------------------------------------------------------------------------------------------------- inputs
@@ -62,8 +76,9 @@ def expand_inputs(images):
     """Paths / directories / globs / PIL images / arrays -> a list of `_Entry`, in input order.
 
     Each file of a directory or glob becomes an entry (sorted); an input that cannot be expanded (missing
-    path, empty directory, pattern without match) becomes one entry holding its error. In-memory images
-    are labelled by their position in the result list.
+    path, empty directory, pattern without match) becomes one entry holding its error, and so does each
+    file of a directory or pattern that is not a regular file (FIFO, socket, device, dangling link).
+    In-memory images are labelled by their position in the result list.
     """
     from PIL import Image
 
@@ -73,15 +88,13 @@ def expand_inputs(images):
     for item in images:
         if isinstance(item, str | os.PathLike):
             path = os.fspath(item)
-            if os.path.isfile(path):
-                paths = [path]
-            else:
-                try:
-                    paths = list_images([path])
-                except ImageReadError as e:
-                    entries.append(_Entry(label=path, error=str(e)))
-                    continue
-            entries.extend(_Entry(label=p, source=p, key=os.path.abspath(p)) for p in paths)
+            try:
+                paths = expand_paths([path])
+            except ImageReadError as e:
+                entries.append(_Entry(label=path, error=str(e)))
+                continue
+            entries.extend(_Entry(label=p, source=p, key=os.path.abspath(p)) if problem is None else
+                           _Entry(label=p, error=problem) for p, problem in paths)
         elif isinstance(item, np.ndarray) and item.ndim == 4:
             entries.extend(_Entry(label=None, source=one) for one in item)
         else:
@@ -102,36 +115,36 @@ def default_output_dir(model):
     return home_dir() / name / "outputs"
 
 
-def load_map(path):
-    """The captions stored in a map.json ({} when there is none); a corrupt file is an error, not erased."""
+def load_map(path, max_bytes=MAP_MAX_BYTES):
+    """The captions stored in a map.json ({} when there is none); a corrupt file is an error, not erased.
+
+    Only a regular file of at most ``max_bytes`` is read: a FIFO, device, directory or dangling link in
+    its place is an error (never read, never replaced).
+    """
     path = Path(path)
-    if not path.is_file():
+    if not os.path.lexists(path):
         return {}
     try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-    except (OSError, ValueError) as e:
-        raise ValueError(f"{path} is not a readable map.json ({e}); move it away or fix it") from e
+        data = json.loads(read_regular_file(path, max_bytes).decode("utf-8"))
+    except (OSError, ValueError) as e:  # UnsafePathError is a ValueError
+        raise ValueError(f"{path} is not a readable map.json ({e}); move it away or fix it "
+                         "(or write elsewhere with output_dir / --output-dir)") from e
     if not isinstance(data, dict):
         raise ValueError(f"{path} holds a {type(data).__name__}, not a map from file paths to captions")
     return data
 
 
-def write_json_atomic(path, data):
-    """Write JSON to ``path`` through a temporary file in the same directory and ``os.replace``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(data, f, indent=1, ensure_ascii=False)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+def merge_into_map(path, new_entries):
+    """Add ``new_entries`` to the map.json at ``path`` under its inter-process lock; returns the merged map.
+
+    Read, merge, write atomically while holding ``<path>.lock``: entries written meanwhile by concurrent
+    runs are kept (an image in both gets ours, the latest).
+    """
+    with file_lock(path):
+        merged = load_map(path)
+        merged.update(new_entries)
+        write_json_atomic(path, merged)
+    return merged
 
 
 def _file_stamp(path):
@@ -156,6 +169,58 @@ def generation_settings(model, method, generate_kwargs):
 # ---------------------------------------------------------------------------------------------- the model
 
 
+def _is_fresh(cached, settings, key):
+    """Whether the map.json entry ``cached`` holds the caption of file ``key`` as it is now, for ``settings``."""
+    if cached is None or cached.get("settings") != settings:
+        return False
+    try:
+        return all(cached.get(k) == v for k, v in _file_stamp(key).items())
+    except OSError:
+        return False
+
+
+class _CaptionedElsewhere(Exception):  # noqa: N818 (a signal, not a failure)
+    """Raised by the read stage for an image that a concurrent run captioned meanwhile (its entry kept)."""
+
+    def __init__(self, entry):
+        super().__init__("captioned by a concurrent run")
+        self.entry = entry
+
+
+class _MapView:
+    """This run's latest view of map.json: replaced at each write, re-read every `_REFRESH_S` otherwise."""
+
+    def __init__(self, path, data):
+        self.path, self.data, self.time = path, data, time.monotonic()
+        self.stamp = None  # (inode, size, mtime) of the version last read by `get`
+        self._lock = threading.Lock()
+
+    def set(self, data):
+        self.data, self.time = data, time.monotonic()
+
+    def _stamp(self):
+        try:
+            st = os.stat(self.path)
+            return st.st_ino, st.st_size, st.st_mtime_ns
+        except OSError:
+            return None
+
+    def get(self, key):
+        if time.monotonic() - self.time > _REFRESH_S and self._lock.acquire(blocking=False):
+            try:  # no file lock needed: map.json is replaced atomically, a read sees a whole version
+                stamp = self._stamp()
+                if stamp != self.stamp:  # re-read (a large map.json takes a while) only when it changed
+                    self.set(load_map(self.path))
+                    self.stamp = stamp
+                self.time = time.monotonic()
+            except ValueError as e:  # a damaged map.json is reported when this run writes it
+                logger.debug("cannot refresh %s: %s", self.path, e)
+                self.time = time.monotonic()
+            finally:
+                self._lock.release()
+        return self.data.get(key)
+
+
 def _check_model(model):
     clip = getattr(model, "clip", None)
     if clip is None:
@@ -178,7 +243,8 @@ def _candidates(generated):
 
 
 def predict(model, images, batch_size=16, method="greedy", save=True, overwrite=False, display=False,
-            output_dir=None, return_candidates=False, progress=True, exif_transpose=True, **generate_kwargs):
+            output_dir=None, return_candidates=False, progress=True, exif_transpose=True,
+            max_file_bytes=DEFAULT_MAX_BYTES, **generate_kwargs):
     """Caption many images concurrently; one result per image, in input order.
 
     Args:
@@ -193,6 +259,7 @@ def predict(model, images, batch_size=16, method="greedy", save=True, overwrite=
         return_candidates: add ``candidates`` (every returned caption with its score, best first).
         progress: a tqdm bar with images per second.
         exif_transpose: apply the EXIF orientation (OpenAI's / the official code do not).
+        max_file_bytes: refuse image files larger than this many bytes (None: no limit); each gets its error.
         **generate_kwargs: passed to ``model.generate`` (``beam_size``, ``max_length``, ``temperature``,
             ``top_k``, ``top_p``, ``num_captions``, ``seed``, ``stop_token``).
 
@@ -224,19 +291,22 @@ def predict(model, images, batch_size=16, method="greedy", save=True, overwrite=
             continue
         if save and not overwrite and entry.key is not None:
             cached = stored.get(entry.key)
-            try:
-                fresh = cached is not None and cached.get("settings") == settings and all(
-                    cached.get(k) == v for k, v in _file_stamp(entry.key).items())
-            except OSError:
-                fresh = False
-            if fresh:
+            if _is_fresh(cached, settings, entry.key):
                 results[i] = _result(entry, caption=cached["caption"], candidates=cached.get("candidates"),
                                      cached=True)
                 continue
         todo.append(i)
 
+    view = _MapView(map_path, stored)
+    skip_others = save and not overwrite
+
     def read(i):
-        return read_image(entries[i].source, exif_transpose=exif_transpose)
+        key = entries[i].key
+        if skip_others and key is not None:
+            cached = view.get(key)
+            if _is_fresh(cached, settings, key):  # a concurrent run captioned it meanwhile
+                raise _CaptionedElsewhere(cached)
+        return read_image(entries[i].source, exif_transpose=exif_transpose, max_bytes=max_file_bytes)
 
     def encode(batch):
         return list(_encode_pixels(model, np.stack(batch)))  # (B, n_px, n_px, 3) -> (B, D)
@@ -264,19 +334,21 @@ def predict(model, images, batch_size=16, method="greedy", save=True, overwrite=
                                      timings=item.timings)
                 if save and entry.key is not None:
                     pending[entry.key] = _map_entry(results[i], settings, entry.key)
+            elif isinstance(item.error, _CaptionedElsewhere):
+                cached = item.error.entry
+                results[i] = _result(entry, caption=cached["caption"], candidates=cached.get("candidates"),
+                                     cached=True, timings=item.timings)
             else:
                 message = str(item.error) if isinstance(item.error, ImageReadError) else (
                     f"{type(item.error).__name__} in {item.stage}: {item.error}")
                 results[i] = _result(entry, error=message, timings=item.timings)
                 logger.warning("cannot caption %s: %s", entry.label, message)
             if len(pending) >= batch_size:
-                stored.update(pending)  # the map loaded above, kept in memory: written whole, atomically
-                write_json_atomic(map_path, stored)
+                view.set(merge_into_map(map_path, pending))  # with what concurrent runs wrote meanwhile
                 pending = {}
     finally:  # also on KeyboardInterrupt: keep every caption already made
         if pending:
-            stored.update(pending)
-            write_json_atomic(map_path, stored)
+            merge_into_map(map_path, pending)
 
     if not return_candidates:
         for r in results:
