@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 
 from custom_train_objects import commands as train_commands
+from utils.file_utils import DEFAULT_MAX_BYTES
 
 EXIT_OK = 0  # every input captioned
 EXIT_FAILED_INPUTS = 1  # some inputs could not be captioned (listed on stderr)
@@ -127,7 +128,8 @@ def cmd_caption(args):
             results = predict(model, args.images, batch_size=args.batch_size, method=args.method,
                               save=not args.no_save, overwrite=args.overwrite, output_dir=args.output_dir,
                               return_candidates=args.json, progress=not args.no_progress,
-                              exif_transpose=not args.no_exif_transpose, **_generate_kwargs(args))
+                              exif_transpose=not args.no_exif_transpose, max_file_bytes=_max_bytes(args),
+                              **_generate_kwargs(args))
     except KeyboardInterrupt:
         return _fail("interrupted; every caption made so far is saved in map.json", EXIT_INTERRUPTED)
     except (TypeError, ValueError) as e:  # e.g. arguments the decoding method does not accept
@@ -147,6 +149,17 @@ def cmd_caption(args):
     if not results:
         return _fail("no images given", EXIT_FAILED_INPUTS)
     return EXIT_OK
+
+
+def _non_negative_int(text):
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+def _max_bytes(args):
+    return None if args.max_file_bytes == 0 else args.max_file_bytes
 
 
 def _error_line(result):
@@ -257,6 +270,8 @@ def build_parser():
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--no-exif-transpose", action="store_true",
                    help="ignore the EXIF orientation (as OpenAI's and the official ClipCap code do)")
+    p.add_argument("--max-file-bytes", type=_non_negative_int, default=DEFAULT_MAX_BYTES,
+                   help="refuse image files larger than this many bytes (0: no limit)")
     p.set_defaults(func=cmd_caption)
 
     p = sub.add_parser("convert", formatter_class=_Formatter, epilog=ENVIRONMENT_HELP,

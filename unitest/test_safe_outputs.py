@@ -344,9 +344,12 @@ def test_cli_folder_with_special_files_and_explicit_special_paths(tiny_model, tm
     os.symlink(tmp_path / "loop2.jpg", tmp_path / "loop1.jpg")
     os.symlink(tmp_path / "loop1.jpg", tmp_path / "loop2.jpg")
     os.mkfifo(tmp_path / "explicit_fifo.jpg")
+    cap = max(os.path.getsize(p) for p in good)  # --max-file-bytes: a larger image is refused alone
+    big = tmp_path / "big.png"
+    big.write_bytes(open(good[0], "rb").read() + b"\0" * cap)
     argv = [sys.executable, "main.py", "caption", str(d), str(tmp_path / "explicit_fifo.jpg"),
-            str(tmp_path / "dangling.jpg"), str(tmp_path / "loop1.jpg"), "--model", tiny_model,
-            "--output-dir", str(tmp_path / "out"), "--no-progress"]
+            str(tmp_path / "dangling.jpg"), str(tmp_path / "loop1.jpg"), str(big), "--model", tiny_model,
+            "--output-dir", str(tmp_path / "out"), "--no-progress", "--max-file-bytes", str(cap)]
     try:
         proc = subprocess.run(argv, cwd=ROOT, env=_env(IMAGE_CAPTIONING_HOME=str(tmp_path / "home")),
                               capture_output=True, text=True, timeout=240)
@@ -359,5 +362,6 @@ def test_cli_folder_with_special_files_and_explicit_special_paths(tiny_model, tm
     assert "fifo.jpg is a FIFO" in err and "zero.jpg is a character device" in err
     assert "explicit_fifo.jpg is a FIFO" in err
     assert "dangling.jpg: a dangling symbolic link" in err and "loop1.jpg: a symbolic link loop" in err
+    assert f"big.png: {os.path.getsize(big)} bytes exceeds the limit of {cap} bytes" in err
     assert "no such file" not in err
     assert set(load_map(tmp_path / "out" / "map.json")) == {os.path.abspath(p) for p in good}
