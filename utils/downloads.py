@@ -436,13 +436,16 @@ def _http_download(url, dest, part, source, pin, progress) -> bool:
                                 "refusing it (nothing was written)")
         with open(part, mode) as f, tqdm(total=total, initial=offset, unit="B", unit_scale=True,
                                          unit_divisor=1024, desc=source.filename, disable=not progress) as bar:
-            try:
-                while chunk := response.read(_CHUNK):
+            try:  # read1: what arrived is written before an error can lose it (read() drops a partial chunk)
+                while chunk := response.read1(_CHUNK):
                     if f.tell() + len(chunk) > limit:
                         break
                     f.write(chunk)
                     bar.update(len(chunk))
             except (OSError, http.client.HTTPException) as e:  # resets, timeouts, IncompleteRead, ...
+                partial = getattr(e, "partial", b"")
+                if isinstance(partial, bytes) and f.tell() + len(partial) <= limit:
+                    f.write(partial)
                 raise DownloadError(f"download of {source.filename} from {url} interrupted after {f.tell()} "
                                     f"bytes ({type(e).__name__}: {e}); run again to resume from {part}") from e
             oversized = bool(chunk)
