@@ -138,7 +138,7 @@ def _source(server, data, name="weights.pt", with_sha=True):
 def _files(root):
     """The files in the download cache, without the lock files (left in place by design) and the manifest."""
     return sorted(p.name for p in (root / "downloads").iterdir()
-                  if p.suffix != ".lock" and p.name != downloads.MANIFEST_NAME)
+                  if p.suffix != ".lock" and p.name != "manifest.json")
 
 
 def _leftovers(root):
