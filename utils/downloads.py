@@ -534,9 +534,10 @@ def _verify_and_publish(part, dest, source, url, pin, verify, whole, root):
     elif pin is None and not whole:
         part.unlink(missing_ok=True)
         raise DownloadError(
-            f"{source.filename} from {url} cannot be proven complete: the server did not announce its length "
-            f"and no SHA-256 is pinned for it; the download ({size} bytes) was deleted. Use a server that sends "
-            f"Content-Length, pin its SHA-256 (Source(sha256=...)), or place a verified copy at {dest}")
+            f"{source.filename} from {url} cannot be proven complete: its length was not announced (no "
+            f"Content-Length, or fetched by gdown) and no SHA-256 is pinned for it; the download ({size} bytes) "
+            f"was deleted. Use a server that sends Content-Length, pin its SHA-256 (Source(sha256=...)), or "
+            f"place a verified copy at {dest}")
     os.replace(part, dest)
     if pin is None:
         _record(source, size, actual, url, root)
