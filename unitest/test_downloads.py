@@ -257,7 +257,9 @@ def test_names_and_listing(tmp_path):
         downloads.resolve_model("cocoa")
     text = "\n".join(downloads.describe_sources(tmp_path))
     for needle in ("coco_weights.pt", "conceptual_weights.pt", "coco_transformer_weights.pt", "RN50x4.pt",
-                   "gpt2-vocab.json", "14pXWwB4Zm82rsDdvbGguLfx9F8aM7ovT", "1GYPToCqFREwi285wPLhuVExlz7DDUDfJ"):
+                   "gpt2-vocab.json", "14pXWwB4Zm82rsDdvbGguLfx9F8aM7ovT", "1GYPToCqFREwi285wPLhuVExlz7DDUDfJ",
+                   "40d365715913c9da98579312b702a82c18be219cc2a73407c4526f58eba950af (pinned)",
+                   "no published SHA-256: size and SHA-256 are recorded at its first download"):
         assert needle in text
 
 

@@ -350,13 +350,13 @@ def fetch(source: Source, root=None, progress=True, verify=None, dest=None) -> P
 
 @contextlib.contextmanager
 def _download_lock(dest, source):
-    try:
-        with file_lock(dest, timeout=0):
-            yield
-        return
-    except TimeoutError:
-        logger.warning("waiting for another process that is downloading %s (lock %s.lock)", source.filename, dest)
-    with file_lock(dest):
+    """`file_lock` on ``dest``, saying so when another process holds it (a download can take minutes)."""
+    with contextlib.ExitStack() as stack:
+        try:
+            stack.enter_context(file_lock(dest, timeout=0))
+        except TimeoutError:
+            logger.warning("waiting for another process downloading %s (lock %s.lock)", source.filename, dest)
+            stack.enter_context(file_lock(dest))
         yield
 
 
@@ -701,13 +701,31 @@ def get_pretrained(name_or_spec, root=None, force_convert=False, progress=True):
         raise CheckpointError(f"{e} (delete or replace {checkpoint} and try again)") from e
 
 
+def _describe_pin(source, manifest):
+    if source.sha256:
+        return f"sha256={source.sha256} (pinned)"
+    entry = manifest.get(source.filename) if isinstance(manifest, dict) else None
+    if entry:
+        return f"sha256={entry['sha256']} ({entry.get('size')} bytes, recorded at its first download)"
+    return "no published SHA-256: size and SHA-256 are recorded at its first download, then checked"
+
+
 def describe_sources(root=None):
-    """Lines describing every known name, its files, their origin and their cache path (for the CLI)."""
-    lines = ["ClipCap models:"]
+    """Lines describing every known name, its files, their origin, cache path and pinned or recorded
+    SHA-256 (for the CLI)."""
+    try:
+        manifest = read_manifest(root)
+    except DownloadError as e:
+        manifest = None
+        lines = [f"warning: {e}"]
+    else:
+        lines = []
+    lines.append("ClipCap models:")
     for spec in MODELS.values():
         lines.append(f"  {spec.name}: {spec.description} (CLIP {spec.clip}) -> {saved_model_dir(spec.name, root)}")
         for source, path in spec_files(spec, root):
-            lines.append(f"      {source.filename:28s} {source.origin}\n      {'':28s} -> {path}")
+            lines.append(f"      {source.filename:28s} {source.origin}\n      {'':28s} -> {path}\n"
+                         f"      {'':28s} {_describe_pin(source, manifest)}")
     lines.append("CLIP models:")
     for name, source in CLIP_SOURCES.items():
         lines.append(f"  {name}: {source.filename} sha256={source.sha256}")
