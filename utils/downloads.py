@@ -22,13 +22,14 @@ What a download guarantees (`fetch`):
 - **Pinning, trust on first use.** `Source.sha256` / `Source.size` pin a file in code (OpenAI's CLIP URLs
   carry their SHA-256). The official ClipCap checkpoints and GPT-2 tokenizer files have no published hash:
   their size and SHA-256 are recorded in ``downloads/manifest.json`` at their first verified download, and
-  every later download or use of that file name is checked against them (a changed file is refused, never
-  deleted). A hash pinned in code wins over the manifest.
+  every later download or use of that file name is checked against them (a different new download is
+  deleted; a changed cached file is refused and kept, since it may have been placed by hand). A hash pinned
+  in code wins over the manifest.
 - **Transport errors** (a connection reset, a timeout, a chunked body cut short, a malformed response)
   raise `DownloadError` (exit 3 from the CLI) and keep the ``.part``: the next run resumes it (HTTP
   ``Range``). Responses are bounded by the pinned size, else by `MAX_DOWNLOAD_BYTES`.
-- **One download per file** at a time across processes (a lock on ``<file>.lock``); the others wait and
-  then use (and check) the downloaded file.
+- **One download per file** at a time, across threads and processes (a lock on ``<file>.lock``, left in
+  place); the others wait, then use (and check) the downloaded file.
 
 Environment variables:
 
