@@ -26,6 +26,7 @@ Example::
     out.tokens[0][0]          # best token ids of image 0 (stop token included)
 """
 
+import math
 import os
 from dataclasses import dataclass
 
@@ -37,6 +38,66 @@ import tensorflow as tf  # noqa: E402
 from utils.batching import pad_batch, power_of_two_at_least  # noqa: E402
 
 NEG_INF = float("-inf")
+#: The smallest temperature accepted: logits divided by less could overflow float32 to inf (NaN scores).
+MIN_TEMPERATURE = 1e-6
+#: Seeds are keyed by 32 bits (`counter_uniform`): larger ones are refused rather than folded onto smaller.
+SEED_LIMIT = 2**32
+
+
+# ---------------------------------------------------------------------------------------------- validation
+
+
+def check_integer(name, value, minimum=None):
+    """``value`` as an int if it is an integer (Python or numpy, not bool) >= ``minimum``; else ValueError.
+
+    A float such as 2.5 (or 3.0) is refused rather than truncated, so a typo never silently changes the search.
+    """
+    if isinstance(value, bool) or not isinstance(value, int | np.integer):
+        raise ValueError(f"{name} must be an integer, got {value!r} ({type(value).__name__})")
+    value = int(value)
+    if minimum is not None and value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return value
+
+
+def check_real(name, value):
+    """``value`` as a float if it is a finite real number (not bool); else ValueError."""
+    if isinstance(value, bool) or not isinstance(value, int | float | np.integer | np.floating):
+        raise ValueError(f"{name} must be a number, got {value!r} ({type(value).__name__})")
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value}")
+    return value
+
+
+def check_temperature(temperature):
+    """A finite temperature >= `MIN_TEMPERATURE` as a float; else ValueError (NaN, inf, 0 and negatives give
+    NaN scores or meaningless captions)."""
+    value = check_real("temperature", temperature)
+    if value < MIN_TEMPERATURE:
+        raise ValueError(f"temperature must be >= {MIN_TEMPERATURE:g}, got {value}"
+                         + (" (for the most likely caption use method='greedy')" if value <= 0 else ""))
+    return value
+
+
+def check_seed(seed):
+    """A seed in [0, 2**32) as an int; else ValueError (the draws are keyed by 32 bits, and a larger seed
+    would silently give the same captions as a smaller one)."""
+    seed = check_integer("seed", seed)
+    if not 0 <= seed < SEED_LIMIT:
+        raise ValueError(f"seed must be in [0, 2**32) (sampling is keyed by 32 bits; a larger seed would be "
+                         f"folded onto a smaller one), got {seed}")
+    return seed
+
+
+def check_beam_size(beam_size):
+    beam_size = check_integer("beam_size", beam_size)
+    if beam_size == 0:
+        raise ValueError("beam_size=0: beam search needs at least one beam; use beam_size >= 1 (beam_size=1 is "
+                         "greedy decoding)")
+    if beam_size < 0:
+        raise ValueError(f"beam_size must be >= 1, got {beam_size}")
+    return beam_size
 
 
 # ------------------------------------------------------------------------------------------------- samplers
@@ -143,18 +204,12 @@ class Sample(_IndependentRows):
     """
 
     def __init__(self, temperature=1.0, top_k=None, top_p=None, num_captions=1):
-        if temperature <= 0:
-            raise ValueError(f"temperature must be > 0 for sampling, got {temperature} (use 'greedy')")
-        if top_k is not None and int(top_k) < 1:
-            raise ValueError(f"top_k must be >= 1 or None, got {top_k}")
-        if top_p is not None and not 0.0 < float(top_p) <= 1.0:
+        self.temperature = check_temperature(temperature)
+        self.top_k = None if top_k is None else check_integer("top_k", top_k, minimum=1)
+        if top_p is not None and not 0.0 < check_real("top_p", top_p) <= 1.0:
             raise ValueError(f"top_p must be in (0, 1] or None, got {top_p}")
-        if int(num_captions) < 1:
-            raise ValueError(f"num_captions must be >= 1, got {num_captions}")
-        self.temperature = float(temperature)
-        self.top_k = None if top_k is None else int(top_k)
         self.top_p = None if top_p is None or float(top_p) >= 1.0 else float(top_p)
-        self.num_sequences = int(num_captions)
+        self.num_sequences = check_integer("num_captions", num_captions, minimum=1)
 
     def choose(self, logits, seed, step):
         vocab = logits.shape[-1]
@@ -184,12 +239,8 @@ class Beam(Sampler):
     """
 
     def __init__(self, beam_size=5, temperature=1.0):
-        if int(beam_size) < 1:
-            raise ValueError(f"beam_size must be >= 1, got {beam_size}")
-        if temperature <= 0:
-            raise ValueError(f"temperature must be > 0, got {temperature}")
-        self.num_sequences = int(beam_size)
-        self.temperature = float(temperature)
+        self.num_sequences = check_beam_size(beam_size)
+        self.temperature = check_temperature(temperature)
 
     def _log_probs(self, logits):
         logits = logits / self.temperature if self.temperature != 1.0 else logits
@@ -269,14 +320,18 @@ class PrefixDecoder:
         prefix = np.asarray(prefix, np.float32)
         if prefix.ndim != 3 or prefix.shape[-1] != self.gpt2.n_embd:
             raise ValueError(f"prefix must be (B, K, {self.gpt2.n_embd}), got {prefix.shape}")
-        max_length = int(max_length)
-        if max_length < 1:
-            raise ValueError(f"max_length must be >= 1, got {max_length}")
+        max_length = check_integer("max_length", max_length, minimum=1)
+        seed = check_seed(seed)
+        if not np.all(np.isfinite(prefix)):
+            rows = np.flatnonzero(~np.all(np.isfinite(prefix), axis=(1, 2))).tolist()
+            raise ValueError(f"the prefix holds NaN or infinite values in rows {rows} (of {len(prefix)}): their "
+                             "captions would be nonsense")
         k = prefix.shape[1]
         if k + max_length - 1 > self.gpt2.n_positions:
             raise ValueError(f"prefix length {k} + max_length {max_length} - 1 exceeds GPT-2's "
                              f"n_positions={self.gpt2.n_positions}")
-        stop = -1 if stop_token_id is None else int(stop_token_id)
+        stop = -1 if stop_token_id is None else check_integer("stop_token_id", stop_token_id, minimum=0)
+        seed_bits = np.array(seed, np.uint32).view(np.int32)  # the same 32 bits, as the int32 the loop takes
         tokens, scores, steps = [], [], 0
         for start in range(0, len(prefix), self.max_batch_size):
             chunk = prefix[start : start + self.max_batch_size]
@@ -286,7 +341,7 @@ class PrefixDecoder:
             fn = self._function(size, k, max_length, sampler, jit_compile)
             out_tokens, lengths, sums, n_steps = (
                 t.numpy() for t in fn(tf.constant(padded), tf.constant(valid), tf.constant(stop, tf.int32),
-                                      tf.constant(int(seed), tf.int32))
+                                      tf.constant(seed_bits, tf.int32))
             )
             w = sampler.num_sequences
             out_tokens = out_tokens.reshape(size, w, max_length)[: len(chunk)]

@@ -202,3 +202,108 @@ def test_arguments_are_checked(tiny_models):
         model.generate(e, max_length=1000)
     with pytest.raises(ValueError, match=r"\(N, 24\)"):
         model.generate(np.zeros((2, 7), np.float32))
+
+
+# ------------------------------------------------------------------------------- silent nonsense refused
+
+
+def test_non_finite_embeddings_are_refused_naming_the_rows(tiny_models):
+    """NaN / inf embeddings (also float64 values that overflow float32) gave '!!!!' captions with NaN scores."""
+    model = tiny_models["mlp"]
+    e = random_embeddings(4, model.prefix_size, seed=9).astype(np.float64)
+    e[1, 3], e[2, 0] = np.nan, np.inf
+    e[3, 5] = 1e39  # finite in float64, inf in float32
+    for call in (model.generate, model.prefix, lambda x: model.generate(x, method="sample", seed=1)):
+        with pytest.raises(ValueError, match=r"NaN or infinite values .* rows \[1, 2, 3\] \(of 4\)"):
+            call(e)
+    assert len(model.generate(e[:1], max_length=4)) == 1  # the finite row alone is fine
+
+
+def test_zero_embedding_is_refused_when_the_mapper_normalises(tiny_models):
+    model = tiny_models["transformer"]
+    assert model.config["normalize_prefix"]
+    e = random_embeddings(3, model.prefix_size, seed=10)
+    e[2] = 0
+    with pytest.raises(ValueError, match=r"rows \[2\] \(of 3\) are all zeros"):
+        model.generate(e, max_length=4)
+
+
+def test_non_finite_prefix_is_refused_by_the_decoder(tiny_models):
+    model = tiny_models["mlp"]
+    prefix = np.array(model.prefix(random_embeddings(2, model.prefix_size, seed=11)))
+    prefix[1, 0, 0] = np.nan
+    with pytest.raises(ValueError, match=r"rows \[1\]"):
+        model.decoder(prefix, Greedy(), max_length=4)
+
+
+BAD_TEMPERATURES = [float("nan"), float("inf"), 0.0, -1.0, 1e-30, True, "1"]
+
+
+@pytest.mark.parametrize("method", ["greedy", "beam", "sample"])
+@pytest.mark.parametrize("temperature", BAD_TEMPERATURES, ids=[repr(t) for t in BAD_TEMPERATURES])
+def test_bad_temperatures_are_refused(method, temperature, tiny_models):
+    model = tiny_models["mlp"]
+    with pytest.raises(ValueError, match="temperature must be"):
+        model.generate(random_embeddings(1, model.prefix_size), method=method, temperature=temperature,
+                       max_length=4, beam_size=2)
+
+
+def test_samplers_refuse_nan_temperature_themselves():
+    for make in (lambda: Sample(temperature=float("nan")), lambda: Beam(temperature=float("nan")),
+                 lambda: Sample(temperature=float("inf"))):
+        with pytest.raises(ValueError, match="temperature must be a finite number"):
+            make()
+    with pytest.raises(ValueError, match="top_p must be a finite number"):
+        Sample(top_p=float("nan"))
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(method="beam", beam_size=2.5), r"beam_size must be an integer, got 2.5 \(float\)"),
+    (dict(method="beam", beam_size=3.0), r"beam_size must be an integer, got 3.0"),
+    (dict(method="beam", beam_size=True), r"beam_size must be an integer, got True \(bool\)"),
+    (dict(method="greedy", beam_size="5"), r"beam_size must be an integer"),
+    (dict(method="beam", beam_size=0), r"beam_size=0: beam search needs at least one beam"),
+    (dict(method="beam", beam_size=-2), r"beam_size must be >= 1, got -2"),
+    (dict(max_length=2.5), r"max_length must be an integer, got 2.5"),
+    (dict(max_length=0), r"max_length must be >= 1, got 0"),
+    (dict(max_length=True), r"max_length must be an integer"),
+    (dict(method="beam", num_captions=1.0), r"num_captions must be an integer, got 1.0"),
+    (dict(method="sample", num_captions=0), r"num_captions must be >= 1"),
+    (dict(method="sample", top_k=0), r"top_k must be >= 1"),
+    (dict(method="sample", top_k=2.5), r"top_k must be an integer"),
+    (dict(method="sample", top_p=0.0), r"top_p must be in \(0, 1\]"),
+    (dict(method="sample", top_p=float("nan")), r"top_p must be a finite number"),
+    (dict(method="sample", seed=2**32), r"seed must be in \[0, 2\*\*32\)"),
+    (dict(method="sample", seed=2**40), r"seed must be in \[0, 2\*\*32\)"),
+    (dict(method="sample", seed=-1), r"seed must be in \[0, 2\*\*32\)"),
+    (dict(method="sample", seed=1.5), r"seed must be an integer"),
+    (dict(method="sample", seed=True), r"seed must be an integer"),
+], ids=lambda v: v if isinstance(v, str) else None)
+def test_bad_decoding_arguments_are_refused(kwargs, message, tiny_models):
+    model = tiny_models["mlp"]
+    with pytest.raises(ValueError, match=message):
+        model.generate(random_embeddings(1, model.prefix_size), **{"max_length": 4, **kwargs})
+
+
+def test_numpy_integers_are_accepted_and_32_bit_seeds_used_fully(tiny_models):
+    model = tiny_models["linear"]
+    e = random_embeddings(1, model.prefix_size, seed=12)
+    kwargs = dict(method="sample", num_captions=np.int64(3), max_length=np.int32(10), temperature=np.float32(1.5),
+                  top_k=np.int16(50))
+    assert model.generate(e, seed=np.uint64(7), **kwargs) == model.generate(e, seed=7, **kwargs)
+    beam = model.generate(e, method="beam", beam_size=np.int64(3), num_captions=2, max_length=8)
+    assert len(beam[0]) == 2
+    # seeds of the upper half of 32 bits are their own seeds, not folded onto lower ones
+    high = model.generate(e, seed=2**32 - 1, **kwargs)
+    assert high == model.generate(e, seed=2**32 - 1, **kwargs)
+    assert high != model.generate(e, seed=2**31 - 1, **kwargs)
+    assert model.generate(e, seed=2**31 + 5, **kwargs) != model.generate(e, seed=5, **kwargs)
+
+
+def test_decoder_refuses_non_integer_lengths_and_seeds(tiny_models):
+    model = tiny_models["mlp"]
+    prefix = model.prefix(random_embeddings(1, model.prefix_size))
+    with pytest.raises(ValueError, match="max_length must be an integer"):
+        model.decoder(prefix, Greedy(), max_length=3.7)
+    with pytest.raises(ValueError, match="seed must be in"):
+        model.decoder(prefix, Sample(), max_length=3, seed=2**33)

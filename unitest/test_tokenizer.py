@@ -44,3 +44,26 @@ def test_missing_or_incomplete_sources(tmp_path):
     # offline (conftest sets HF_HUB_OFFLINE) and not cached: the error says which files and where
     with pytest.raises(TokenizerError, match="vocab.json and merges.txt"):
         load_gpt2_tokenizer("no-such-org/no-such-tokenizer")
+
+
+@pytest.mark.parametrize("kind", ["fifo", "device link", "huge"])
+def test_special_or_huge_tokenizer_files_are_refused(kind, gpt2_tokenizer_dir, tmp_path):
+    """A FIFO named vocab.json blocked the load forever; a link to /dev/zero read until memory ran out."""
+    import os
+    import shutil
+
+    directory = tmp_path / "tok"
+    shutil.copytree(gpt2_tokenizer_dir, directory)
+    for name in ("tokenizer.json", "vocab.json"):
+        (directory / name).unlink(missing_ok=True)
+    vocab = directory / "vocab.json"
+    if kind == "fifo":
+        os.mkfifo(vocab)
+    elif kind == "device link":
+        vocab.symlink_to("/dev/zero")
+    else:
+        with open(vocab, "wb") as f:
+            f.truncate(65 * 1024**2)  # sparse: no disk used
+    message = {"fifo": "FIFO", "device link": "character device", "huge": "more than any tokenizer file"}[kind]
+    with pytest.raises(TokenizerError, match=message):
+        load_gpt2_tokenizer(directory)

@@ -10,9 +10,26 @@ Names:
 - The GPT-2 tokenizer: through ``huggingface_hub`` and its cache (``utils.tokenizer.load_gpt2_tokenizer``).
 
 Files are cached in ``pretrained_models/downloads/``; a converted model is saved once in
-``pretrained_models/<name>/`` and loaded from there afterwards (no torch needed then). Downloads are
-atomic (a ``.part`` file renamed only once complete and verified) and resumable (HTTP ``Range``); a file
-that fails its checksum or is not a checkpoint is deleted, never kept.
+``pretrained_models/<name>/`` and loaded from there afterwards (no torch needed then).
+
+What a download guarantees (`fetch`):
+
+- **Nothing unproven is published.** A download goes to ``<file>.part`` and is renamed into the cache only
+  once proven whole and right: its SHA-256 equals the pinned one; or, with no pinned hash, the server
+  announced its length and every byte arrived, or (Google Drive, no length) the checkpoint passed its
+  identity check. A ClipCap checkpoint must also be the one its name promises (`ModelSpec.expect`: mapper
+  type, prefix length, CLIP size, GPT-2 size), else `CheckpointError`. A bad download is deleted.
+- **Pinning, trust on first use.** `Source.sha256` / `Source.size` pin a file in code (OpenAI's CLIP URLs
+  carry their SHA-256). The official ClipCap checkpoints and GPT-2 tokenizer files have no published hash:
+  their size and SHA-256 are recorded in ``downloads/manifest.json`` at their first verified download, and
+  every later download or use of that file name is checked against them (a different new download is
+  deleted; a changed cached file is refused and kept, since it may have been placed by hand). A hash pinned
+  in code wins over the manifest.
+- **Transport errors** (a connection reset, a timeout, a chunked body cut short, a malformed response)
+  raise `DownloadError` (exit 3 from the CLI) and keep the ``.part``: the next run resumes it (HTTP
+  ``Range``). Responses are bounded by the pinned size, else by `MAX_DOWNLOAD_BYTES`.
+- **One download per file** at a time, across threads and processes (a lock on ``<file>.lock``, left in
+  place); the others wait, then use (and check) the downloaded file.
 
 Environment variables:
 
@@ -31,19 +48,33 @@ Example::
     print(model.caption("demo/cat.jpg"))
 """
 
+import contextlib
 import hashlib
+import http.client
 import json
 import logging
 import os
+import stat
 import urllib.error
 import urllib.parse
 import urllib.request
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from utils.file_utils import UnsafePathError, check_model_name, check_replaceable, read_regular_file
+from utils.convert.common import CheckpointError
+from utils.file_utils import (
+    UnsafePathError,
+    check_model_name,
+    check_replaceable,
+    describe_kind,
+    file_lock,
+    path_problem,
+    read_regular_file,
+    write_json_atomic,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -52,7 +83,11 @@ OFFLINE_ENV = "IMAGE_CAPTIONING_OFFLINE"
 HOME_ENV = "IMAGE_CAPTIONING_HOME"
 
 _CHUNK = 1 << 20
-_TIMEOUT_S = 60
+_TIMEOUT_S = 60  # seconds without a byte before a transfer counts as failed
+#: The most bytes accepted for a file without a pinned size (the largest official file is ~1.3 GB).
+MAX_DOWNLOAD_BYTES = 8 * 1024**3
+MANIFEST_NAME = "manifest.json"
+_MANIFEST_MAX_BYTES = 16 * 1024**2
 
 
 class DownloadError(RuntimeError):
@@ -71,9 +106,12 @@ class Source:
     """One downloadable file.
 
     ``filename`` is its name in the cache and on a mirror; ``url`` a direct HTTP(S) address, or
-    ``drive_id`` a Google Drive file id; ``sha256`` (when known) is verified; ``kind="torch"`` checks that
-    the bytes are a PyTorch checkpoint (zip archive or pickle), which catches the HTML pages Google Drive
-    serves instead of a file when its quota is exceeded.
+    ``drive_id`` a Google Drive file id; ``sha256`` / ``size`` (when known) pin the file: every download and
+    cached copy must match them (without them, the manifest's record of the first download pins it);
+    ``kind="torch"`` checks that the bytes are a PyTorch checkpoint (zip archive or pickle), which catches
+    the HTML pages Google Drive serves instead of a file when its quota is exceeded.
+
+    Pinning an official hash later is one field: ``Source("coco_weights.pt", drive_id=..., sha256="...")``.
     """
 
     filename: str
@@ -81,6 +119,7 @@ class Source:
     drive_id: str | None = None
     sha256: str | None = None
     kind: str | None = None
+    size: int | None = None
 
     @property
     def origin(self):
@@ -124,7 +163,10 @@ class ModelSpec:
 
     ``checkpoint``: the official ClipCap ``.pt``; ``clip``: a `CLIP_SOURCES` name or a `Source`;
     ``tokenizer``: ``"gpt2"`` (the hub's GPT-2 tokenizer) or a local directory; ``clipcap_kwargs``:
-    extra arguments for ``ClipCap.from_pretrained``.
+    extra arguments for ``ClipCap.from_pretrained``; ``expect``: what the checkpoint must be, as
+    `utils.convert.clipcap.clipcap_identity` describes it (``mapping_type``, ``prefix_length``,
+    ``prefix_size``, ``clip_length``, ``num_layers``, GPT-2's ``n_embd`` / ``n_layer`` / ``vocab_size``...):
+    a download that differs is refused (`CheckpointError`) before it is published under this name.
     """
 
     name: str
@@ -133,20 +175,29 @@ class ModelSpec:
     tokenizer: str = "gpt2"
     description: str = ""
     clipcap_kwargs: dict = field(default_factory=dict)
+    expect: dict = field(default_factory=dict)
+
+
+#: GPT-2 124M ("gpt2"), which every official ClipCap checkpoint fine-tunes or keeps frozen.
+_GPT2_124M = {"n_embd": 768, "n_layer": 12, "vocab_size": 50257, "n_positions": 1024}
 
 
 #: The official ClipCap checkpoints (rmokady/CLIP_prefix_caption README), with the CLIP each was trained on.
 MODELS = {
     "coco": ModelSpec(
         "coco", Source("coco_weights.pt", drive_id="1IdaBtMSvtyzF0ByVaBHtvM0JYSXRExRX", kind="torch"),
-        clip="ViT-B/32", description="MLP mapper + fine-tuned GPT-2, trained on COCO captions"),
+        clip="ViT-B/32", description="MLP mapper + fine-tuned GPT-2, trained on COCO captions",
+        expect={"mapping_type": "mlp", "prefix_length": 10, "prefix_size": 512, **_GPT2_124M}),
     "conceptual": ModelSpec(
         "conceptual", Source("conceptual_weights.pt", drive_id="14pXWwB4Zm82rsDdvbGguLfx9F8aM7ovT", kind="torch"),
-        clip="ViT-B/32", description="MLP mapper + fine-tuned GPT-2, trained on Conceptual Captions"),
+        clip="ViT-B/32", description="MLP mapper + fine-tuned GPT-2, trained on Conceptual Captions",
+        expect={"mapping_type": "mlp", "prefix_length": 10, "prefix_size": 512, **_GPT2_124M}),
     "coco_transformer": ModelSpec(
         "coco_transformer",
         Source("coco_transformer_weights.pt", drive_id="1GYPToCqFREwi285wPLhuVExlz7DDUDfJ", kind="torch"),
-        clip="RN50x4", description="transformer mapper + frozen GPT-2, trained on COCO captions"),
+        clip="RN50x4", description="transformer mapper + frozen GPT-2, trained on COCO captions",
+        expect={"mapping_type": "transformer", "prefix_length": 40, "clip_length": 40, "num_layers": 8,
+                "prefix_size": 640, **_GPT2_124M}),
 }
 
 
@@ -194,29 +245,143 @@ def _where_from(source):
     return source.origin
 
 
+# ----------------------------------------------------------------------------------------- pins, manifest
+
+
+@dataclass(frozen=True)
+class _Pin:
+    """What a file must be: its SHA-256, its size (when known) and where that came from (for messages)."""
+
+    sha256: str
+    size: int | None
+    where: str
+
+
+def manifest_path(root=None) -> Path:
+    """``<store>/downloads/manifest.json``: size + SHA-256 of every file at its first verified download."""
+    return downloads_dir(root) / MANIFEST_NAME
+
+
+def read_manifest(root=None) -> dict:
+    """``{file name: {"sha256", "size", "url", "recorded"}}`` from the manifest ({} when there is none).
+
+    A damaged manifest raises `DownloadError` (it is never silently replaced: it is what detects a file
+    that changed since its first download).
+    """
+    path = manifest_path(root)
+    if not os.path.lexists(path):
+        return {}
+    try:
+        data = json.loads(read_regular_file(path, max_bytes=_MANIFEST_MAX_BYTES))
+        files = data["files"]
+        if not isinstance(files, dict) or not all(isinstance(e, dict) and isinstance(e.get("sha256"), str)
+                                                  for e in files.values()):
+            raise ValueError("'files' must map file names to {sha256, size}")
+    except (OSError, ValueError, KeyError, TypeError) as e:  # UnsafePathError, JSONDecodeError are ValueErrors
+        raise DownloadError(
+            f"the download manifest {path} is damaged ({type(e).__name__}: {e}). It records the SHA-256 of each "
+            f"file at its first download; repair it, or delete it to trust the cached files again") from e
+    return files
+
+
+def _pin(source, root) -> _Pin | None:
+    """The SHA-256 a file must have: `Source.sha256` (pinned in code, always wins), else the manifest's."""
+    if source.sha256:
+        return _Pin(source.sha256.lower(), source.size, "(pinned in utils/downloads.py)")
+    entry = read_manifest(root).get(source.filename)
+    if entry is None:
+        return None
+    return _Pin(entry["sha256"], entry.get("size"),
+                f"(recorded in {manifest_path(root)} at its first download, {entry.get('recorded', '?')}, "
+                f"from {entry.get('url', '?')})")
+
+
+def _record(source, size, sha256, url, root):
+    """Trust on first use: add the file's size and SHA-256 to the manifest (atomically, under its lock)."""
+    path = manifest_path(root)
+    with file_lock(path):
+        files = read_manifest(root)
+        files[source.filename] = {"sha256": sha256, "size": size, "url": url,
+                                  "recorded": datetime.now(UTC).isoformat(timespec="seconds")}
+        write_json_atomic(path, {"version": 1, "files": dict(sorted(files.items()))})
+    logger.info("recorded %s (%d bytes, sha256 %s) in %s", source.filename, size, sha256, path)
+
+
 # -------------------------------------------------------------------------------------------- downloading
 
 
-def fetch(source: Source, root=None, progress=True) -> Path:
+def fetch(source: Source, root=None, progress=True, verify=None, dest=None) -> Path:
     """The cached path of ``source``, downloading and verifying it first if needed.
 
+    A file is published in the cache only once it is proven whole and right: its SHA-256 equals the pinned
+    one (`Source.sha256`, else the one the manifest recorded at its first download); or, at a first download
+    without a pinned hash, the server announced its length and it all arrived, or ``verify`` accepted it
+    (then its size and SHA-256 are recorded in the manifest, and every later use is checked against them).
+    ``verify(path)`` is an extra check (e.g. the checkpoint's identity) run on every download and cached file;
+    it raises (e.g. `CheckpointError`) to refuse. ``dest`` overrides the cache path.
+
     Raises `OfflineError` (offline mode, or the network is unreachable) naming the URL and the exact path
-    where to place the file by hand, and `DownloadError` when the download is not what was expected (the
-    bad file is deleted).
+    where to place the file by hand; `DownloadError` when a transfer fails (the ``.part`` file is kept and
+    the next call resumes it) or when the file is not the expected one (the bad download is deleted). A
+    cached file that does not match its pin is refused, never deleted (it may have been placed by hand).
+    Concurrent calls for the same file (threads or processes) download it once (a lock on ``<dest>.lock``).
     """
-    dest = downloads_dir(root) / source.filename
-    if dest.is_file():
-        return dest
+    dest = Path(dest) if dest is not None else downloads_dir(root) / source.filename
+    if os.path.lexists(dest):
+        return _check_cached(dest, source, _pin(source, root), verify)
     if is_offline():
         raise OfflineError(
             f"{source.filename} is not in the cache and downloads are disabled ({OFFLINE_ENV}=1). "
             f"Download it from {_where_from(source)} and place it at {dest}")
     dest.parent.mkdir(parents=True, exist_ok=True)
-    url = mirror_url(source)
-    if url is None and source.url is None and source.drive_id is not None:
-        _drive_download(source, dest, progress)
-    else:
-        _http_download(url or source.url, dest, source, progress)
+    with _download_lock(dest, source):
+        if os.path.lexists(dest):  # another process downloaded it meanwhile
+            return _check_cached(dest, source, _pin(source, root), verify)
+        pin = _pin(source, root)
+        url = mirror_url(source)
+        if url is None and source.url is None and source.drive_id is not None:
+            part, url, whole = _drive_download(source, dest, progress), source.origin, False
+        else:
+            url = url or source.url
+            part = dest.with_name(dest.name + ".part")
+            whole = _http_download(url, dest, part, source, pin, progress)
+        _verify_and_publish(part, dest, source, url, pin, verify, whole, root)
+    return dest
+
+
+@contextlib.contextmanager
+def _download_lock(dest, source):
+    """`file_lock` on ``dest``, saying so when another process holds it (a download can take minutes)."""
+    with contextlib.ExitStack() as stack:
+        try:
+            stack.enter_context(file_lock(dest, timeout=0))
+        except TimeoutError:
+            logger.warning("waiting for another process downloading %s (lock %s.lock)", source.filename, dest)
+            stack.enter_context(file_lock(dest))
+        yield
+
+
+def _check_cached(dest, source, pin, verify):
+    """``dest`` if the cached file is a regular file matching its pin and ``verify``; refused (kept) otherwise."""
+    problem = path_problem(dest)
+    if problem:
+        raise DownloadError(f"{problem}; it should be the cached download of {source.filename}. Move it away "
+                            f"(it was not touched) and run again to download the file")
+    if pin is not None:
+        size = os.stat(dest).st_size
+        actual = sha256_of(dest)
+        if actual != pin.sha256 or (pin.size is not None and size != pin.size):
+            raise DownloadError(
+                f"the cached {dest} is not the expected file: SHA-256 {actual} ({size} bytes), expected "
+                f"{pin.sha256} ({pin.size if pin.size is not None else '?'} bytes) {pin.where}. It was damaged "
+                f"or replaced: delete it to download it again (it was not deleted); if the new file is the "
+                f"one you want, remove its entry from {dest.parent / MANIFEST_NAME}")
+    if verify is not None:
+        try:
+            verify(dest)
+        except CheckpointError as e:
+            raise CheckpointError(f"{e} (the cached file {dest} was kept: delete or replace it and "
+                                  "try again)") from e
     return dest
 
 
@@ -226,10 +391,23 @@ def _unreachable(source, dest, url, error):
         f"Download it elsewhere and place it at {dest}, or set {MIRROR_ENV} to a server holding it")
 
 
-def _http_download(url, dest, source, progress):
-    """Resumable download to ``<dest>.part`` (HTTP Range), verified, then renamed to ``dest``."""
-    part = dest.with_name(dest.name + ".part")
+def _http_download(url, dest, part, source, pin, progress) -> bool:
+    """Download ``url`` into ``part``, resuming it (HTTP Range); True when the server announced the length and
+    every byte of it arrived (the transport proves the file whole), False when it could not tell.
+
+    Every transport error (connection reset or refused mid-body, timeout, a chunked body cut short, a
+    malformed response) raises `DownloadError` and keeps ``part``, so the next call resumes it.
+    """
+    pinned_size = pin is not None and pin.size is not None
+    limit = pin.size if pinned_size else MAX_DOWNLOAD_BYTES
+    why_limit = (f"its pinned size ({limit} bytes) {pin.where}" if pinned_size
+                 else f"the limit of {limit} bytes (utils.downloads.MAX_DOWNLOAD_BYTES)")
     offset = part.stat().st_size if part.is_file() else 0
+    if offset > limit:  # larger than the file can be: not a prefix of it
+        part.unlink()
+        offset = 0
+    if offset and pin is not None and offset == pin.size:
+        return False  # complete already: the pinned SHA-256 decides
     headers = {"User-Agent": "image_captioning"}
     if offset:
         headers["Range"] = f"bytes={offset}-"
@@ -237,11 +415,12 @@ def _http_download(url, dest, source, progress):
         response = urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=_TIMEOUT_S)
     except urllib.error.HTTPError as e:
         if e.code == 416 and offset:  # nothing left to fetch: the partial file may be complete
-            _verify_and_publish(part, dest, source, url)
-            return
+            return False
         raise DownloadError(f"cannot download {source.filename} from {url}: HTTP {e.code} {e.reason}") from e
     except (urllib.error.URLError, OSError) as e:
         raise _unreachable(source, dest, url, e) from e
+    except (http.client.HTTPException, ValueError) as e:  # a malformed status line or URL
+        raise DownloadError(f"cannot download {source.filename} from {url}: {type(e).__name__}: {e}") from e
     with response:
         if offset and response.status == 206:
             start = _content_range_start(response.headers.get("Content-Range"))
@@ -251,21 +430,45 @@ def _http_download(url, dest, source, progress):
             mode = "ab"
         else:  # the server ignored the Range header: start over
             offset, mode = 0, "wb"
-        length = response.headers.get("Content-Length")
-        total = offset + int(length) if length is not None else None
+        length = _content_length(response)
+        total = offset + length if length is not None else None
+        if total is not None and total > limit:
+            raise DownloadError(f"{url} announces {total} bytes for {source.filename}, more than {why_limit}; "
+                                "refusing it (nothing was written)")
         with open(part, mode) as f, tqdm(total=total, initial=offset, unit="B", unit_scale=True,
                                          unit_divisor=1024, desc=source.filename, disable=not progress) as bar:
-            try:
-                while chunk := response.read(_CHUNK):
+            try:  # read1: what arrived is written before an error can lose it (read() drops a partial chunk)
+                while chunk := response.read1(_CHUNK):
+                    if f.tell() + len(chunk) > limit:
+                        break
                     f.write(chunk)
                     bar.update(len(chunk))
-            except OSError as e:  # includes TimeoutError
-                raise DownloadError(f"download of {source.filename} from {url} interrupted after "
-                                    f"{f.tell()} bytes ({e}); run again to resume from {part}") from e
-    if total is not None and part.stat().st_size < total:
-        raise DownloadError(f"download of {source.filename} from {url} stopped at {part.stat().st_size} of "
-                            f"{total} bytes; run again to resume from {part}")
-    _verify_and_publish(part, dest, source, url)
+            except (OSError, http.client.HTTPException) as e:  # resets, timeouts, IncompleteRead, ...
+                partial = getattr(e, "partial", b"")
+                if isinstance(partial, bytes) and f.tell() + len(partial) <= limit:
+                    f.write(partial)
+                raise DownloadError(f"download of {source.filename} from {url} interrupted after {f.tell()} "
+                                    f"bytes ({type(e).__name__}: {e}); run again to resume from {part}") from e
+            oversized = bool(chunk)
+    if oversized:
+        part.unlink(missing_ok=True)
+        raise DownloadError(f"{url} sent more bytes for {source.filename} than {why_limit}: not the expected "
+                            "file; the partial download was deleted")
+    size = part.stat().st_size
+    expected = total if total is not None else (pin.size if pin is not None else None)
+    if expected is not None and size < expected:
+        raise DownloadError(f"download of {source.filename} from {url} stopped at {size} of {expected} "
+                            f"bytes; run again to resume from {part}")
+    return total is not None and size == total
+
+
+def _content_length(response):
+    value = response.headers.get("Content-Length")
+    try:
+        length = int(value) if value is not None else None
+    except ValueError:
+        return None
+    return length if length is None or length >= 0 else None
 
 
 def _content_range_start(value):
@@ -276,7 +479,8 @@ def _content_range_start(value):
 
 
 def _drive_download(source, dest, progress):
-    """Google Drive through gdown (it resumes from its own partial file), then verified like the rest."""
+    """Google Drive through gdown (it resumes from its own partial file); returns the staged file, which
+    `_verify_and_publish` then checks like any other (gdown's length check is not relied upon)."""
     import gdown
 
     staging = dest.with_name(dest.name + ".gdown")
@@ -286,31 +490,58 @@ def _drive_download(source, dest, progress):
         if isinstance(e, OSError | ConnectionError) or "connection" in type(e).__name__.lower():
             raise _unreachable(source, dest, source.origin, e) from e
         raise DownloadError(f"cannot download {source.filename} from {source.origin} with gdown: "
-                            f"{type(e).__name__}: {e}. Download it by hand and place it at {dest}") from e
-    _verify_and_publish(staging, dest, source, source.origin)
+                            f"{type(e).__name__}: {e}. Run again to resume, or download it by hand and place "
+                            f"it at {dest}") from e
+    if not staging.is_file():
+        raise DownloadError(f"gdown did not write {staging} for {source.origin}; download {source.filename} by "
+                            f"hand and place it at {dest}")
+    return staging
 
 
 def sha256_of(path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
+    """The SHA-256 (hex) of a regular file (a FIFO or device is refused, never read)."""
+    fd = os.open(os.fspath(path), os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+    with os.fdopen(fd, "rb") as f:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            raise UnsafePathError(f"{path} is {describe_kind(mode)}, not a regular file")
+        digest = hashlib.sha256()
         while chunk := f.read(_CHUNK):
             digest.update(chunk)
     return digest.hexdigest()
 
 
-def _verify_and_publish(part, dest, source, url):
+def _verify_and_publish(part, dest, source, url, pin, verify, whole, root):
+    """Publish ``part`` as ``dest`` only when proven whole and right (see `fetch`); otherwise delete it."""
+    size = part.stat().st_size
+    actual = sha256_of(part)
     problem = None
-    if source.sha256:
-        actual = sha256_of(part)
-        if actual != source.sha256:
-            problem = f"SHA-256 mismatch: expected {source.sha256}, got {actual}"
+    if pin is not None and (actual != pin.sha256 or (pin.size is not None and size != pin.size)):
+        problem = (f"SHA-256 mismatch: expected {pin.sha256} ({pin.size if pin.size is not None else '?'} bytes) "
+                   f"{pin.where}, got {actual} ({size} bytes)")
     if problem is None and source.kind == "torch":
         problem = _not_a_torch_file(part)
     if problem:
         part.unlink(missing_ok=True)
         raise DownloadError(f"{source.filename} downloaded from {url} is corrupt or not the expected file "
                             f"({problem}); it was deleted. Run again to retry, or place a good copy at {dest}")
+    if verify is not None:
+        try:
+            verify(part)
+        except CheckpointError as e:
+            part.unlink(missing_ok=True)
+            raise CheckpointError(f"{e} ({source.filename} downloaded from {url} was deleted; nothing was "
+                                  f"published as {dest})") from e
+    elif pin is None and not whole:
+        part.unlink(missing_ok=True)
+        raise DownloadError(
+            f"{source.filename} from {url} cannot be proven complete: its length was not announced (no "
+            f"Content-Length, or fetched by gdown) and no SHA-256 is pinned for it; the download ({size} bytes) "
+            f"was deleted. Use a server that sends Content-Length, pin its SHA-256 (Source(sha256=...)), or "
+            f"place a verified copy at {dest}")
     os.replace(part, dest)
+    if pin is None:
+        _record(source, size, actual, url, root)
     logger.info("downloaded %s to %s", source.filename, dest)
 
 
@@ -336,24 +567,33 @@ def fetch_clip(name_or_source, root=None, progress=True) -> Path:
     return fetch(CLIP_SOURCES[name_or_source], root, progress)
 
 
+def fetch_checkpoint(name_or_spec, root=None, progress=True) -> Path:
+    """The path of a ClipCap model's checkpoint, downloaded if needed, and checked to be that model's
+    (`ModelSpec.expect`; a readable ClipCap checkpoint at least) before it is published or used."""
+    from utils.convert.clipcap import check_clipcap_checkpoint
+
+    spec = resolve_model(name_or_spec)
+    return fetch(spec.checkpoint, root, progress,
+                 verify=lambda path: check_clipcap_checkpoint(path, spec.expect, name=spec.name))
+
+
 def fetch_gpt2_tokenizer(name="gpt2", root=None, progress=True):
     """A directory or hub name that ``utils.tokenizer.load_gpt2_tokenizer`` loads.
 
     A local directory is returned as is. ``"gpt2"`` without a mirror goes through the Hugging Face hub's
     cache (handled by ``load_gpt2_tokenizer``); with ``IMAGE_CAPTIONING_MIRROR`` set, ``gpt2-vocab.json``
-    and ``gpt2-merges.txt`` are fetched from the mirror into ``downloads/gpt2-tokenizer/``.
+    and ``gpt2-merges.txt`` are fetched from the mirror straight into ``downloads/gpt2-tokenizer/`` (verified
+    like every download; files already there are checked, never overwritten).
     """
     if os.path.isdir(name):
         return str(name)
     if name != "gpt2":
         return name  # another hub repository: the hub and its cache handle it
     directory = downloads_dir(root) / "gpt2-tokenizer"
-    if all((directory / local).is_file() for local in GPT2_TOKENIZER_FILES):
-        return str(directory)
-    if os.environ.get(MIRROR_ENV, "").strip():
-        directory.mkdir(parents=True, exist_ok=True)
+    present = [os.path.lexists(directory / local) for local in GPT2_TOKENIZER_FILES]
+    if all(present) or os.environ.get(MIRROR_ENV, "").strip():
         for local, source in GPT2_TOKENIZER_FILES.items():
-            os.replace(fetch(source, root, progress), directory / local)
+            fetch(source, root, progress, dest=directory / local)
         return str(directory)
     if is_offline() and not _in_hf_cache(name):
         raise OfflineError(
@@ -407,7 +647,7 @@ def download_model(name_or_spec, root=None, progress=True):
     """Download (or find in the cache) every file of a ClipCap model; returns (checkpoint, clip, tokenizer)."""
     spec = resolve_model(name_or_spec)
     found, missing = [], []
-    for get in (lambda: fetch(spec.checkpoint, root, progress), lambda: fetch_clip(spec.clip, root, progress),
+    for get in (lambda: fetch_checkpoint(spec, root, progress), lambda: fetch_clip(spec.clip, root, progress),
                 lambda: fetch_gpt2_tokenizer(spec.tokenizer, root, progress)):
         try:
             found.append(get())
@@ -471,13 +711,31 @@ def get_pretrained(name_or_spec, root=None, force_convert=False, progress=True):
         raise CheckpointError(f"{e} (delete or replace {checkpoint} and try again)") from e
 
 
+def _describe_pin(source, manifest):
+    if source.sha256:
+        return f"sha256={source.sha256} (pinned)"
+    entry = manifest.get(source.filename) if isinstance(manifest, dict) else None
+    if entry:
+        return f"sha256={entry['sha256']} ({entry.get('size')} bytes, recorded at its first download)"
+    return "no published SHA-256: size and SHA-256 are recorded at its first download, then checked"
+
+
 def describe_sources(root=None):
-    """Lines describing every known name, its files, their origin and their cache path (for the CLI)."""
-    lines = ["ClipCap models:"]
+    """Lines describing every known name, its files, their origin, cache path and pinned or recorded
+    SHA-256 (for the CLI)."""
+    try:
+        manifest = read_manifest(root)
+    except DownloadError as e:
+        manifest = None
+        lines = [f"warning: {e}"]
+    else:
+        lines = []
+    lines.append("ClipCap models:")
     for spec in MODELS.values():
         lines.append(f"  {spec.name}: {spec.description} (CLIP {spec.clip}) -> {saved_model_dir(spec.name, root)}")
         for source, path in spec_files(spec, root):
-            lines.append(f"      {source.filename:28s} {source.origin}\n      {'':28s} -> {path}")
+            lines.append(f"      {source.filename:28s} {source.origin}\n      {'':28s} -> {path}\n"
+                         f"      {'':28s} {_describe_pin(source, manifest)}")
     lines.append("CLIP models:")
     for name, source in CLIP_SOURCES.items():
         lines.append(f"  {name}: {source.filename} sha256={source.sha256}")

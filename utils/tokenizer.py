@@ -14,6 +14,11 @@ Example::
 import os
 
 TOKENIZER_FILES = ("vocab.json", "merges.txt")  # or tokenizer.json alone
+#: Every file a tokenizer directory may hold that transformers reads.
+_READ_FILES = (*TOKENIZER_FILES, "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+               "added_tokens.json")
+#: GPT-2's files are ~1-2 MB each: a larger one is not a tokenizer file (and would be read whole).
+MAX_TOKENIZER_FILE_BYTES = 64 * 1024**2
 
 
 class TokenizerError(ValueError):
@@ -37,6 +42,7 @@ def load_gpt2_tokenizer(name_or_dir):
                 f"{name_or_dir} holds no GPT-2 tokenizer: it needs vocab.json and merges.txt "
                 f"(or tokenizer.json)"
             )
+        _check_files(name_or_dir)
         try:
             tokenizer = GPT2TokenizerFast.from_pretrained(name_or_dir)
         except Exception as e:
@@ -64,6 +70,24 @@ def load_gpt2_tokenizer(name_or_dir):
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
+
+
+def _check_files(directory):
+    """Refuse a tokenizer file that is not a regular file of sane size before transformers opens it (a FIFO
+    would block forever, a link to /dev/zero would be read until memory runs out)."""
+    from utils.file_utils import path_problem
+
+    for name in _READ_FILES:
+        path = os.path.join(directory, name)
+        if not os.path.lexists(path):
+            continue
+        problem = path_problem(path)
+        if problem:
+            raise TokenizerError(f"cannot load the GPT-2 tokenizer in {directory}: {problem}")
+        size = os.path.getsize(path)
+        if size > MAX_TOKENIZER_FILE_BYTES:
+            raise TokenizerError(f"cannot load the GPT-2 tokenizer in {directory}: {path} has {size} bytes, more "
+                                 f"than any tokenizer file ({MAX_TOKENIZER_FILE_BYTES} bytes)")
 
 
 def stop_token_id(tokenizer, stop_token="."):

@@ -28,7 +28,16 @@ os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-from custom_architectures.generation_utils import Beam, Greedy, PrefixDecoder, Sample  # noqa: E402
+from custom_architectures.generation_utils import (  # noqa: E402
+    Beam,
+    Greedy,
+    PrefixDecoder,
+    Sample,
+    check_beam_size,
+    check_integer,
+    check_seed,
+    check_temperature,
+)
 from custom_architectures.transformers_arch.clip_cap_arch import build_mapper  # noqa: E402
 from custom_architectures.transformers_arch.gpt2_arch import GPT2  # noqa: E402
 from utils.batching import pad_batch, power_of_two_at_least  # noqa: E402
@@ -297,12 +306,27 @@ class ClipCap:
         return self.mapper(embeddings)
 
     def _embeddings(self, embeddings):
-        embeddings = np.asarray(embeddings, np.float32)
+        """(N, D) float32 CLIP embeddings, checked: shape, finite values (NaN / inf, also from float32
+        overflow, would give nonsense captions with NaN scores), and no zero vector when the mapper
+        L2-normalises (a zero vector has no direction: its prefix would be NaN)."""
+        with np.errstate(over="ignore"):  # an overflow to inf is reported below, with its rows
+            embeddings = np.asarray(embeddings, np.float32)
         if embeddings.ndim == 1:
             embeddings = embeddings[None]
         if embeddings.ndim != 2 or embeddings.shape[1] != self.prefix_size:
             raise ValueError(f"expected CLIP embeddings of shape (N, {self.prefix_size}) for this "
                              f"{self.config['mapping_type']} mapper, got {embeddings.shape}")
+        bad = ~np.all(np.isfinite(embeddings), axis=1)
+        if bad.any():
+            raise ValueError(f"CLIP embeddings hold NaN or infinite values (float32) in rows "
+                             f"{np.flatnonzero(bad).tolist()} (of {len(embeddings)}): no caption can be made from "
+                             "them; check how they were computed")
+        if self.config.get("normalize_prefix", False):
+            zero = ~np.any(embeddings, axis=1)
+            if zero.any():
+                raise ValueError(f"CLIP embeddings in rows {np.flatnonzero(zero).tolist()} (of {len(embeddings)}) "
+                                 "are all zeros: this mapper L2-normalises its input, and a zero vector has no "
+                                 "direction")
         return embeddings
 
     def prefix(self, embeddings):
@@ -313,7 +337,12 @@ class ClipCap:
             return np.zeros((0, self.prefix_length, self.gpt2.n_embd), np.float32)
         if self.jit_compile:  # few compiled shapes; padded with ones, which the L2 normalisation accepts
             embeddings = pad_batch(embeddings, power_of_two_at_least(n), fill=1.0)
-        return np.asarray(self._project(tf.constant(embeddings)))[:n]
+        prefix = np.asarray(self._project(tf.constant(embeddings)))[:n]
+        bad = ~np.all(np.isfinite(prefix), axis=(1, 2))
+        if bad.any():  # finite inputs, non-finite outputs: overflow in the mapper, or damaged weights
+            raise ValueError(f"the mapper turned the CLIP embeddings of rows {np.flatnonzero(bad).tolist()} (of {n}) "
+                             "into NaN or infinite prefixes (embeddings far out of range, or damaged mapper weights)")
+        return prefix
 
     def logits(self, embeddings, token_ids):
         """Teacher-forced logits (N, K+T, vocab) of GPT-2 on [prefix, token_ids (N, T)]."""
@@ -328,21 +357,23 @@ class ClipCap:
     # --- captions ------------------------------------------------------------------------------------
 
     def sampler(self, method="greedy", beam_size=5, temperature=1.0, top_k=None, top_p=None, num_captions=1):
-        """The `generation_utils` sampler for these `generate` arguments (validated)."""
+        """The `generation_utils` sampler for these `generate` arguments, validated: integers must be integers
+        (numpy's too; not bool, not 2.0), ``temperature`` finite and > 0, ``top_p`` in (0, 1], ``top_k`` >= 1,
+        whatever the method (a wrong value is an error even where the method ignores it)."""
         if method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-        if int(num_captions) < 1:
-            raise ValueError(f"num_captions must be >= 1, got {num_captions}")
+        num_captions = check_integer("num_captions", num_captions, minimum=1)
+        beam_size = check_integer("beam_size", beam_size)
+        temperature = check_temperature(temperature)
         if method != "sample" and (top_k is not None or top_p is not None):
             raise ValueError(f"top_k / top_p apply to method='sample', not {method!r}")
         if method == "greedy":
             if num_captions != 1:
                 raise ValueError("greedy decoding gives one caption per image: use method='beam' or 'sample' "
                                  "for num_captions > 1")
-            if temperature <= 0:
-                raise ValueError(f"temperature must be > 0, got {temperature}")
             return Greedy()
         if method == "beam":
+            beam_size = check_beam_size(beam_size)
             if num_captions > beam_size:
                 raise ValueError(f"num_captions={num_captions} exceeds beam_size={beam_size}")
             return Beam(beam_size=beam_size, temperature=temperature)
@@ -361,7 +392,13 @@ class ClipCap:
                 stops early.
             temperature: divides the logits (changes beam and sampling decisions, and every score).
             num_captions: candidates returned per image (beam: the best num_captions of the beams).
-            seed: makes sampling reproducible (None: a fresh random seed).
+            seed: makes sampling reproducible (None: a fresh random seed); an integer in [0, 2**32), since
+                the draws are keyed by 32 bits (a larger seed is refused rather than folded onto a smaller one).
+
+        Raises:
+            ValueError: for NaN / infinite embeddings (naming the rows), a non-integer ``beam_size`` /
+                ``max_length`` / ``num_captions`` / ``seed`` / ``top_k``, ``beam_size=0``, a temperature that is
+                not a finite number > 0, ``top_p`` outside (0, 1].
 
         Returns:
             one list per image of ``num_captions`` dicts ``{"tokens": [ids], "text": str, "score": float}``,
@@ -370,9 +407,11 @@ class ClipCap:
         from utils.tokenizer import stop_token_id
 
         sampler = self.sampler(method, beam_size, temperature, top_k, top_p, num_captions)
+        max_length = check_integer("max_length", max_length, minimum=1)
         stop = None if stop_token is None else stop_token_id(self.tokenizer, stop_token)
         if seed is None:
             seed = int(np.random.default_rng().integers(0, 2**31 - 1))
+        seed = check_seed(seed)
         prefix = self.prefix(embeddings)
         if len(prefix) == 0:
             return []

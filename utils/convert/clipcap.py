@@ -29,6 +29,10 @@ from utils.convert.common import CheckpointError, StateDict, load_torch_state_di
 MAPPER_PREFIX = "clip_project."
 GPT_PREFIX = "gpt."
 _LAYER_RE = re.compile(r"clip_project\.transformer\.layers\.(\d+)\.")
+_GPT_LAYER_RE = re.compile(r"gpt\.transformer\.h\.(\d+)\.")
+#: The identity entries, in the order messages list them.
+IDENTITY_KEYS = ("mapping_type", "prefix_length", "prefix_size", "clip_length", "num_layers", "n_embd", "n_layer",
+                 "vocab_size", "n_positions")
 
 
 def _describe_keys(keys, n=6):
@@ -100,6 +104,46 @@ def clipcap_config_from_state_dict(state_dict: Mapping) -> dict:
                 "prefix_length": prefix_length_from(out, "clip_project.weight"), "n_embd": n_embd,
                 "normalize_prefix": False}
     raise CheckpointError(f"unrecognised ClipCap mapper: found mapper keys like {_describe_keys(mapper_keys)}")
+
+
+def clipcap_identity(state_dict: Mapping) -> dict:
+    """What a ClipCap checkpoint is, from its keys and shapes: the mapper (``mapping_type``,
+    ``prefix_length`` K, ``prefix_size`` = CLIP's embedding size, and for a transformer ``clip_length`` and
+    ``num_layers``) and its GPT-2 (``n_embd``, ``n_layer``, ``vocab_size``, ``n_positions``).
+
+    Example: the official ``coco_weights.pt`` gives ``{"mapping_type": "mlp", "prefix_length": 10,
+    "prefix_size": 512, "n_embd": 768, "n_layer": 12, "vocab_size": 50257, "n_positions": 1024}``.
+    """
+    config = clipcap_config_from_state_dict(state_dict)
+    identity = {k: config[k] for k in IDENTITY_KEYS if k in config}
+    identity["n_layer"] = len({int(m.group(1)) for k in state_dict if (m := _GPT_LAYER_RE.match(k))})
+    identity["vocab_size"] = int(state_dict["gpt.transformer.wte.weight"].shape[0])
+    if "gpt.transformer.wpe.weight" in state_dict:
+        identity["n_positions"] = int(state_dict["gpt.transformer.wpe.weight"].shape[0])
+    return identity
+
+
+def check_clipcap_checkpoint(path, expect=None, name="this model"):
+    """Raise `CheckpointError` unless ``path`` is a readable ClipCap checkpoint whose `clipcap_identity`
+    holds every entry of ``expect`` (the message names each expected and found value); returns the identity.
+
+    Only shapes are read (the file is memory-mapped), so checking a 600 MB checkpoint is cheap.
+    """
+    state_dict = load_torch_state_dict(path, mmap=True)
+    try:
+        identity = clipcap_identity(state_dict)
+    except CheckpointError as e:
+        raise CheckpointError(f"{path}: {e}") from None
+    finally:
+        del state_dict
+    wrong = [k for k in expect or {} if identity.get(k) != expect[k]]
+    if wrong:
+        found = ", ".join(f"{k}={identity[k]!r}" for k in IDENTITY_KEYS if k in identity)
+        raise CheckpointError(
+            f"{path} is not the checkpoint of {name!r}: expected "
+            + ", ".join(f"{k}={expect[k]!r}" for k in wrong) + "; found "
+            + ", ".join(f"{k}={identity.get(k)!r}" for k in wrong) + f" (the file is a ClipCap with {found})")
+    return identity
 
 
 def _linear(sd, key, in_dim, out_dim, bias=True):

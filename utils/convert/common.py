@@ -37,21 +37,29 @@ def to_numpy(value):
     return value
 
 
-def load_torch_state_dict(path, map_location="cpu"):
+def load_torch_state_dict(path, map_location="cpu", mmap=False):
     """Load a pickled PyTorch checkpoint with ``weights_only=True`` and return its state dict.
 
     Accepts a bare state dict or the common wrappers ``{"state_dict": ...}`` / ``{"model": ...}``.
-    Raises `CheckpointError` with the path and the reason for missing, truncated or non-checkpoint files.
+    ``mmap=True`` maps the tensors instead of reading them (cheap when only shapes are needed; files in the
+    legacy, non-zip format are then read normally). Raises `CheckpointError` with the path and the reason
+    for missing, special (FIFO, device), truncated or non-checkpoint files.
     """
+    import stat
+
     import torch
 
     path = os.fspath(path)
     if not os.path.exists(path):
         raise CheckpointError(f"checkpoint not found: {path}")
+    mode = os.stat(path).st_mode
+    if not stat.S_ISREG(mode):  # a FIFO would block torch.load forever, a device read without end
+        raise CheckpointError(f"checkpoint {path} is not a regular file")
     if os.path.getsize(path) == 0:
         raise CheckpointError(f"checkpoint is empty (0 bytes): {path}")
+    mmap = mmap and zipfile.is_zipfile(path)  # torch maps only the zip format
     try:
-        obj = torch.load(path, map_location=map_location, weights_only=True)
+        obj = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as e:
         raise CheckpointError(
             f"cannot read {path} as a PyTorch checkpoint (truncated or corrupt download, or not a "
