@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageOps
 
+from models.image_captioning import prediction
 from models.image_captioning.prediction import expand_inputs, load_map, predict
 from utils.clip_preprocessing import preprocess_image
 
@@ -297,3 +298,17 @@ def test_tiny_clipcap_predict_matches_generate(tiny_clipcap, tmp_path):
         assert [c["text"] for c in r["candidates"]] == [c["text"] for c in candidates]
         assert [c["score"] for c in r["candidates"]] == pytest.approx([c["score"] for c in candidates], abs=1e-4)
     assert len(load_map(tmp_path / "map.json")) == len(demo)
+
+
+@pytest.mark.parametrize("kwargs", [dict(temperature=float("nan")), dict(method="greedy", top_k=5),
+                                    dict(method="beam", beam_size=0), dict(max_length=2.5), dict(seed=2**40),
+                                    dict(stop_token="not one token")])
+def test_bad_decoding_arguments_fail_before_any_image_is_read(tiny_clipcap, tmp_path, monkeypatch, kwargs):
+    """A long run with a bad decoding argument fails at once, not after reading and encoding a batch."""
+    def never(*args, **kw):
+        raise AssertionError("an image was read before the arguments were checked")
+
+    monkeypatch.setattr(prediction, "read_image", never)
+    with pytest.raises(ValueError):
+        tiny_clipcap.predict([str(tmp_path / "a.jpg")], output_dir=tmp_path, progress=False, **kwargs)
+    assert not (tmp_path / "map.json").exists()

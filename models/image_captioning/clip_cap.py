@@ -404,14 +404,10 @@ class ClipCap:
             one list per image of ``num_captions`` dicts ``{"tokens": [ids], "text": str, "score": float}``,
             best first; ``score`` is the average log-probability per generated token.
         """
-        from utils.tokenizer import stop_token_id
-
-        sampler = self.sampler(method, beam_size, temperature, top_k, top_p, num_captions)
-        max_length = check_integer("max_length", max_length, minimum=1)
-        stop = None if stop_token is None else stop_token_id(self.tokenizer, stop_token)
+        sampler, max_length, stop, seed = self.check_generate_args(
+            method, beam_size, max_length, stop_token, temperature, top_k, top_p, num_captions, seed)
         if seed is None:
             seed = int(np.random.default_rng().integers(0, 2**31 - 1))
-        seed = check_seed(seed)
         prefix = self.prefix(embeddings)
         if len(prefix) == 0:
             return []
@@ -424,6 +420,17 @@ class ClipCap:
                 for t, s in list(zip(tokens, scores))[:num_captions]
             ])
         return results
+
+    def check_generate_args(self, method="greedy", beam_size=5, max_length=67, stop_token=".", temperature=1.0,
+                            top_k=None, top_p=None, num_captions=1, seed=None):
+        """Validate `generate`'s arguments without decoding (so a long run fails before any work); returns
+        (sampler, max_length, stop_token_id, seed). Raises ValueError / TypeError as `generate` does."""
+        from utils.tokenizer import stop_token_id
+
+        sampler = self.sampler(method, beam_size, temperature, top_k, top_p, num_captions)
+        max_length = check_integer("max_length", max_length, minimum=1)
+        stop = None if stop_token is None else stop_token_id(self.tokenizer, stop_token)
+        return sampler, max_length, stop, None if seed is None else check_seed(seed)
 
     def caption(self, images, **generate_kwargs):
         """Images (paths, PIL images, arrays, or one) -> the best caption of each, a list of str."""

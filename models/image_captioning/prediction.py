@@ -277,6 +277,8 @@ def predict(model, images, batch_size=16, method="greedy", save=True, overwrite=
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     clip = _check_model(model)
+    if hasattr(model, "check_generate_args"):  # bad decoding arguments fail before any image is read
+        model.check_generate_args(method, **generate_kwargs)
     entries = expand_inputs(images)
     settings = generation_settings(model, method, generate_kwargs)
     map_path = Path(output_dir if output_dir is not None else default_output_dir(model)) / MAP_FILENAME
