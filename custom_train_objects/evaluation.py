@@ -34,7 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
-from utils.file_utils import atomic_write
+from utils.file_utils import atomic_write, check_overwritable, json_file_matches
 
 logger = logging.getLogger(__name__)
 
@@ -225,6 +225,15 @@ def generate_captions(model, embeddings, batch_size=32, method="greedy", **gener
     return captions
 
 
+def _is_results_file(path):
+    return json_file_matches(path, lambda d: isinstance(d, list) and all(
+        isinstance(r, dict) and set(r) == {"image_id", "caption"} for r in d))
+
+
+def _is_metrics_file(path):
+    return json_file_matches(path, lambda d: isinstance(d, dict) and {"metrics", "per_image", "method"} <= set(d))
+
+
 def evaluate_model(model, dataset, output_dir, embeddings=None, method="greedy", batch_size=32,
                    metrics=ALL_METRICS, clip_for_score=None, cache_dir=None, progress=True, **generate_kwargs):
     """Caption every image of ``dataset`` and score the captions; writes results.json and metrics.json.
@@ -246,6 +255,9 @@ def evaluate_model(model, dataset, output_dir, embeddings=None, method="greedy",
     from datasets.coco import write_coco_results
 
     output_dir = Path(output_dir)
+    # a previous evaluation's files are replaced; anyone else's are refused before the (long) work
+    check_overwritable(output_dir / "results.json", _is_results_file, "a captions results file")
+    check_overwritable(output_dir / "metrics.json", _is_metrics_file, "a metrics file")
     output_dir.mkdir(parents=True, exist_ok=True)
     failed = {}
     if embeddings is None:

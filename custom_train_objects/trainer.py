@@ -47,9 +47,9 @@ import tensorflow as tf  # noqa: E402
 from custom_train_objects.losses import caption_loss_sum  # noqa: E402
 from custom_train_objects.optimizers import build_optimizer  # noqa: E402
 from datasets.tf_dataset import caption_batches, encode_captions, num_batches  # noqa: E402
-from hparams.training import TrainingHParams  # noqa: E402
+from hparams.training import TrainingHParams, is_hparams_file  # noqa: E402
 from loggers.training_loggers import LoggerList, build_loggers  # noqa: E402
-from utils.file_utils import check_replaceable, publish_dir, staging_dir  # noqa: E402
+from utils.file_utils import check_overwritable, check_replaceable, publish_dir, staging_dir  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
@@ -267,6 +267,7 @@ class Trainer:
         from utils.downloads import is_saved_model
 
         check_replaceable(self.model_dir(), is_saved_model)  # refuse now, not after training
+        check_overwritable(self.output_dir / "hparams.json", is_hparams_file, "a hyper-parameter file")
         keras.utils.set_random_seed(hp.seed)
         if not self._built:
             self._build(steps_per_epoch)

@@ -20,7 +20,7 @@ import os
 import typing
 from dataclasses import dataclass, fields
 
-from utils.file_utils import write_json_atomic
+from utils.file_utils import json_file_matches, write_json_atomic
 
 MAPPING_TYPES = ("mlp", "linear", "transformer")
 PRECISIONS = (None, "mixed_float16", "mixed_bfloat16")
@@ -144,3 +144,10 @@ class TrainingHParams:
         overrides = {f.name: getattr(args, f"hp_{f.name}") for f in fields(cls)
                      if getattr(args, f"hp_{f.name}", None) is not None}
         return hp.replace(**overrides)
+
+
+def is_hparams_file(path) -> bool:
+    """Whether ``path`` holds hyper-parameters written by `TrainingHParams.save` (a previous run's), which a
+    new run may overwrite; any other file is the user's."""
+    names = {f.name for f in fields(TrainingHParams)}
+    return json_file_matches(path, lambda d: isinstance(d, dict) and "lr" in d and set(d) <= names)

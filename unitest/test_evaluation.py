@@ -131,3 +131,23 @@ def test_clip_score_with_another_clip_encodes_the_images_with_it(tmp_path):
     assert report["metrics"]["CLIPScore"] == pytest.approx(expected["CLIPScore"], abs=1e-6)
     wrong = clip_score(scorer, model.encode_images(data.images), [c["caption"] for c in captions])
     assert abs(wrong["CLIPScore"] - expected["CLIPScore"]) > 1e-4  # the two CLIPs differ: the test can fail
+
+
+def test_evaluation_outputs_never_overwrite_a_user_file(tmp_path):
+    """results.json / metrics.json of a previous evaluation are replaced; a user's file of that name is
+    refused before any work (model and dataset are not even looked at)."""
+    from custom_train_objects.evaluation import _is_metrics_file, _is_results_file, evaluate_model
+    from datasets.coco import write_coco_results
+    from utils.file_utils import UnsafePathError, write_json_atomic
+
+    for name in ("results.json", "metrics.json"):
+        out = tmp_path / name.split(".")[0]
+        out.mkdir()
+        (out / name).write_text("[1, 2, 3]")
+        with pytest.raises(UnsafePathError, match=f"{name} exists and is not"):
+            evaluate_model(None, None, out)
+        assert (out / name).read_text() == "[1, 2, 3]"
+    write_coco_results([{"image_id": 1, "caption": "a cat."}], tmp_path / "r.json")
+    write_json_atomic(tmp_path / "m.json", {"metrics": {}, "per_image": {}, "method": "greedy"})
+    assert _is_results_file(tmp_path / "r.json") and _is_metrics_file(tmp_path / "m.json")
+    assert not _is_results_file(tmp_path / "m.json") and not _is_metrics_file(tmp_path / "r.json")

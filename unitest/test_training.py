@@ -318,3 +318,19 @@ def test_extract_train_evaluate_commands_and_predict(shapes, tmp_path, capsys):
     assert list(metrics["failed_images"]) == [str(tmp_path / "data" / "val" / "images" / "00007.png")]
     assert len(json.loads((tmp_path / "eval" / "results.json").read_text())) == 7
     assert os.path.exists(tmp_path / "cache")
+
+
+def test_a_user_hparams_json_in_the_output_folder_is_refused_before_training(shapes, tmp_path):
+    """A new run may overwrite a previous run's hparams.json, never another file of that name."""
+    from hparams.training import is_hparams_file
+    from utils.file_utils import UnsafePathError
+
+    hp = small_hp(epochs=1)
+    (tmp_path / "hparams.json").write_text('{"experiment": "notes I care about"}')
+    trainer = Trainer(tiny_model(shapes, hp), hp, tmp_path, loggers=quiet(), progress=False)
+    with pytest.raises(UnsafePathError, match="hparams.json exists and is not a hyper-parameter file"):
+        trainer.fit(shapes["train"], shapes["train_emb"])
+    assert (tmp_path / "hparams.json").read_text() == '{"experiment": "notes I care about"}'
+    assert not (tmp_path / "checkpoints").exists()
+    hp.save(tmp_path / "previous.json")
+    assert is_hparams_file(tmp_path / "previous.json") and not is_hparams_file(tmp_path / "hparams.json")

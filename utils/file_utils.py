@@ -85,21 +85,9 @@ def atomic_write(path, data, mode="w", encoding="utf-8"):
     The parent folder is created if needed. On any error (KeyboardInterrupt included) the target is left as
     it was and the temporary file is removed.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.fchmod(fd, default_file_mode())
-        with os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": encoding})) as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    return path
+    with atomic_open(path, mode, encoding=encoding) as f:
+        f.write(data)
+    return Path(path)
 
 
 def write_json_atomic(path, data, indent=1):
@@ -109,7 +97,7 @@ def write_json_atomic(path, data, indent=1):
 
 @contextlib.contextmanager
 def atomic_open(path, mode="w", encoding="utf-8", newline=None):
-    """`atomic_write` for writers that need a file object (``np.savez``, ``csv``): yields the temporary file,
+    """An atomic write for writers that need a file object (``np.savez``, ``csv``): yields the temporary file,
     which replaces ``path`` only when the block ends without error (umask-respecting permissions).
 
     Example::
@@ -209,6 +197,26 @@ def _check_replaceable(target, is_ours, overwrite):
     if not overwrite:
         raise UnsafePathError(f"{target} already holds a saved model: pass overwrite=True (--overwrite) "
                               "to replace it")
+
+
+def check_overwritable(path, is_ours, what="a file"):
+    """Refuse (`UnsafePathError`) to overwrite ``path`` unless it is absent or a regular file that
+    ``is_ours(path)`` recognises as ``what`` written by this library (a previous run's output)."""
+    path = Path(path)
+    if not os.path.lexists(path):
+        return path
+    if path.is_symlink() or not path.is_file() or not is_ours(path):
+        raise UnsafePathError(f"{path} exists and is not {what} written by this library: refusing to overwrite "
+                              "it (nothing was changed); choose another output folder")
+    return path
+
+
+def json_file_matches(path, predicate, max_bytes=64 * 1024 * 1024) -> bool:
+    """Whether ``path`` is a regular file of JSON (at most ``max_bytes``) for which ``predicate`` is true."""
+    try:
+        return bool(predicate(json.loads(read_regular_file(path, max_bytes))))
+    except (OSError, ValueError):  # UnsafePathError and JSON errors are ValueErrors
+        return False
 
 
 @contextlib.contextmanager
