@@ -253,7 +253,7 @@ def official_train_steps(model, batches, lr, warmup_steps, total_steps, prefix_l
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad()
-        losses.append(float(loss))
+        losses.append(loss.item())
     return losses
 
 
