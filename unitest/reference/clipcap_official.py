@@ -9,7 +9,10 @@ Written from the published facts of the released implementation, to test the Ker
   output = last K positions;
 - ``ClipCaptionModel``: ``clip_project`` + ``gpt`` (transformers' ``GPT2LMHeadModel``), prefix first;
 - ``generate2`` (top-p 0.8 filter then argmax, i.e. greedy) and ``generate_beam``, run the official way:
-  one image at a time, no KV cache, the whole sequence recomputed at every step.
+  one image at a time, no KV cache, the whole sequence recomputed at every step;
+- training (``train.py``): ``ClipCaptionPrefix`` (``--only_prefix``), ``ClipCocoDataset``'s padding and
+  ``max_seq_len``, ``transformers.AdamW`` of transformers 4.x (gone from transformers 5, so written out here)
+  and the body of ``train()`` (`official_train_steps`).
 
 Helpers build random models at the real and tiny sizes and save them as official-format ``.pt`` files
 (``torch.save(model.state_dict())``), optionally with the transformers-4.11-era ``attn.bias`` /
