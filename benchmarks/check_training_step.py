@@ -44,7 +44,7 @@ def main(argv=None):
                                            size="real", lr=args.lr, normalize=kind == "transformer")
                 worst = max(worst, r["mapper_diff"], r["gpt_diff"])
                 print(f"{kind:11s} {mode:11s} {r['steps']} steps: max |ours - official| mapper {r['mapper_diff']:.2e}, "
-                      f"GPT-2 {r['gpt_diff']:.2e}; weights moved up to mapper {r['mapper_moved']:.2e}, GPT-2 "
+                      f"GPT-2 {r['gpt_diff']:.2e} (at {r['worst_key']}); weights moved up to mapper {r['mapper_moved']:.2e}, GPT-2 "
                       f"{r['gpt_moved']:.2e} (ours {r['ours_gpt_moved']:.2e}); losses ours "
                       f"{[round(x, 6) for x in r['losses'][0]]} official {[round(x, 6) for x in r['losses'][1]]} "
                       f"({time.perf_counter() - start:.0f} s)", flush=True)

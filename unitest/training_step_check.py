@@ -40,13 +40,16 @@ IMAGE_INDEX = [0, 0, 1, 2, 3, 3, 4, 5, 1, 4, 5, 2]  # 6 images, 2 captions each,
 
 
 def compare_training_steps(kind, prefix_only, tokenizer, work_dir, size="tiny", batch_size=4, lr=1e-3,
-                           warmup_steps=1, normalize=False, seed=0, hparams_overrides=None):
+                           warmup_steps=1, normalize=False, seed=0, hparams_overrides=None, float64_reference=False):
     """Train the official model and ours for ``len(CAPTIONS) // batch_size`` steps from the same weights.
 
     Returns a dict: ``mapper_diff`` / ``gpt_diff`` (max |ours - official| over the mapper's / GPT-2's
     weights after the steps), ``mapper_moved`` / ``gpt_moved`` (max |official after - before|: the steps
     did something), ``ours_gpt_moved`` (the same for our GPT-2), ``losses`` (ours, official), ``steps``,
-    ``max_length``, ``keys`` (the official keys compared).
+    ``max_length``, ``keys`` (the official keys compared), ``worst_key`` (where the largest difference is),
+    ``state_dicts`` (official-format weights before, after the official steps, after ours). With
+    ``float64_reference``, the official steps also run in float64 and ``ours_vs_64`` / ``official_vs_64``
+    give each float32 side's max distance to that reference (which side is nearer exact arithmetic).
     """
     from custom_train_objects.trainer import Trainer
     from datasets.caption_dataset import CaptionDataset
@@ -96,17 +99,34 @@ def compare_training_steps(kind, prefix_only, tokenizer, work_dir, size="tiny", 
     official_losses = ref.official_train_steps(official, batches, lr=lr, warmup_steps=warmup_steps,
                                                total_steps=steps, prefix_length=k)
 
+    result = {}
+    if float64_reference:
+        exact = ref.build_random_clipcap(kind, size=size, seed=seed, dropout=0.0, cls=cls)
+        assert all(torch.equal(v, before[key]) for key, v in exact.state_dict().items())
+        exact = exact.double()
+        ref.official_train_steps(exact, [(t, m.double(), p.double()) for t, m, p in batches], lr=lr,
+                                 warmup_steps=warmup_steps, total_steps=steps, prefix_length=k, dtype=torch.float64)
+        result["state_dicts_64"] = exact.state_dict()
+
     after = official.state_dict()
     ours = official_state_dict(model.mapper, model.gpt2, model.config)
     assert list(ours) == list(after), "the export does not produce the official keys"
 
+    def diffs(a, b, keys):
+        return {key: float((a[key].double() - b[key].double()).abs().max()) for key in keys}
+
     def max_diff(a, b, keys):
-        return max(float((a[key].double() - b[key].double()).abs().max()) for key in keys)
+        return max(diffs(a, b, keys).values())
 
     mapper_keys = [key for key in after if key.startswith("clip_project.")]
     gpt_keys = [key for key in after if key.startswith("gpt.")]
     ours_gpt_moved = max(float(np.abs(b - v.numpy()).max()) for b, v in zip(ours_gpt_before, model.gpt2.weights))
+    if float64_reference:
+        exact = result["state_dicts_64"]
+        result["ours_vs_64"] = max_diff(ours, exact, list(after))
+        result["official_vs_64"] = max_diff(after, exact, list(after))
     return {
+        **result,
         "mapper_diff": max_diff(ours, after, mapper_keys),
         "gpt_diff": max_diff(ours, after, gpt_keys),
         "mapper_moved": max_diff(after, before, mapper_keys),
@@ -116,4 +136,6 @@ def compare_training_steps(kind, prefix_only, tokenizer, work_dir, size="tiny", 
         "steps": steps,
         "max_length": max_seq_len,
         "keys": list(after),
+        "worst_key": max((d, key) for key, d in diffs(ours, after, list(after)).items())[1],
+        "state_dicts": {"before": before, "official": after, "ours": ours},
     }

@@ -234,12 +234,14 @@ class TransformersAdamW(torch.optim.Optimizer):
                     p.add_(p, alpha=-group["lr"] * group["weight_decay"])
 
 
-def official_train_steps(model, batches, lr, warmup_steps, total_steps, prefix_length):
+def official_train_steps(model, batches, lr, warmup_steps, total_steps, prefix_length, dtype=torch.float32):
     """Run the official ``train()`` loop body over ``batches`` [(tokens, mask, prefix)], in order.
 
     ``model.train()``, ``TransformersAdamW(model.parameters(), lr=lr)``, ``get_linear_schedule_with_warmup``;
     per batch: ``model.zero_grad()``, logits ``[:, K-1:-1]``, ``cross_entropy(..., ignore_index=0)``,
     ``backward``, ``optimizer.step()``, ``scheduler.step()``, ``optimizer.zero_grad()``. Returns the losses.
+    ``dtype``: the prefixes' dtype (the official code casts them to float32; float64 with a ``.double()``
+    model gives a reference in (nearly) exact arithmetic).
     """
     from transformers import get_linear_schedule_with_warmup
 
@@ -250,7 +252,7 @@ def official_train_steps(model, batches, lr, warmup_steps, total_steps, prefix_l
     losses = []
     for tokens, mask, prefix in batches:
         model.zero_grad()
-        logits = model(tokens, prefix.float(), mask)[:, prefix_length - 1 : -1]
+        logits = model(tokens, prefix.to(dtype), mask.to(dtype))[:, prefix_length - 1 : -1]
         loss = nnf.cross_entropy(logits.reshape(-1, logits.shape[-1]), tokens.flatten(), ignore_index=0)
         loss.backward()
         optimizer.step()
