@@ -6,6 +6,7 @@ mapper K=L=40, 8 layers on 640-d normalised embeddings), GPT-2 dropout 0 on both
 largest weight difference after the steps. Takes a few minutes and ~6 GB of memory per case on a CPU.
 
     python -m benchmarks.check_training_step [--kinds mlp transformer] [--modes prefix_only full] [--lr 1e-3]
+        [--float64-reference]
 """
 
 import argparse
@@ -33,6 +34,8 @@ def main(argv=None):
     parser.add_argument("--kinds", nargs="+", default=["mlp", "transformer"], choices=["mlp", "transformer"])
     parser.add_argument("--modes", nargs="+", default=["prefix_only", "full"], choices=["prefix_only", "full"])
     parser.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (warmup 1 step, 3 steps)")
+    parser.add_argument("--float64-reference", action="store_true",
+                        help="also run the official steps in float64 and print each side's distance to them")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         tokenizer = load_gpt2_tokenizer(train_gpt2_tokenizer(os.path.join(tmp, "tokenizer"), vocab_size=400))
@@ -41,13 +44,17 @@ def main(argv=None):
             for mode in args.modes:
                 start = time.perf_counter()
                 r = compare_training_steps(kind, mode == "prefix_only", tokenizer, os.path.join(tmp, f"{kind}_{mode}"),
-                                           size="real", lr=args.lr, normalize=kind == "transformer")
+                                           size="real", lr=args.lr, normalize=kind == "transformer",
+                                           float64_reference=args.float64_reference)
                 worst = max(worst, r["mapper_diff"], r["gpt_diff"])
                 print(f"{kind:11s} {mode:11s} {r['steps']} steps: max |ours - official| mapper {r['mapper_diff']:.2e}, "
                       f"GPT-2 {r['gpt_diff']:.2e} (at {r['worst_key']}); weights moved up to mapper {r['mapper_moved']:.2e}, GPT-2 "
                       f"{r['gpt_moved']:.2e} (ours {r['ours_gpt_moved']:.2e}); losses ours "
                       f"{[round(x, 6) for x in r['losses'][0]]} official {[round(x, 6) for x in r['losses'][1]]} "
                       f"({time.perf_counter() - start:.0f} s)", flush=True)
+                if args.float64_reference:
+                    print(f"{'':23s} distance to the float64 official steps: ours {r['ours_vs_64']:.2e}, official "
+                          f"float32 {r['official_vs_64']:.2e}", flush=True)
         print(f"largest weight difference: {worst:.2e}")
 
 
