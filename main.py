@@ -5,6 +5,7 @@
     python main.py convert coco_weights.pt --clip ViT-B/32 --name my_coco
     python main.py download coco                              # download + convert once
     python main.py download --list                            # every name, its files and where they go
+    python main.py export my_model my_model.pt --format official   # back to the official PyTorch format
 
 Run ``python main.py COMMAND --help`` for every option. Heavy libraries (TensorFlow, torch) are imported
 only by the command that needs them, so ``--help`` is instant.
@@ -205,6 +206,44 @@ def cmd_convert(args):
     return EXIT_OK
 
 
+# ----------------------------------------------------------------------------------------------- export
+
+
+EXPORT_FORMATS = ("official",)
+
+
+def cmd_export(args):
+    from utils.convert.clipcap_export import sidecar_path
+    from utils.file_utils import UnsafePathError
+
+    for target in (args.output, str(sidecar_path(args.output))):  # refuse before loading the model
+        if os.path.lexists(target) and not (args.overwrite and os.path.isfile(target)
+                                            and not os.path.islink(target)):
+            return _fail(f"{target} already exists: pass --overwrite to replace it (nothing was written)",
+                         EXIT_USAGE)
+    try:
+        model = load_model(args.model)
+    except UnknownModelError as e:
+        return _fail(e.args[0], EXIT_USAGE)
+    except MODEL_ERRORS as e:
+        return _fail(f"cannot load model {args.model!r}: {e}", EXIT_MODEL)
+    try:  # args.format == "official", the only format so far
+        pt, description = model.save_official(args.output, clip_name=args.clip_name,
+                                              legacy_buffers=args.legacy_buffers, overwrite=args.overwrite)
+    except UnsafePathError as e:
+        return _fail(str(e), EXIT_USAGE)
+    except (OSError, ValueError, RuntimeError) as e:
+        return _fail(f"export failed: {e}", EXIT_MODEL)
+    with open(description, encoding="utf-8") as f:
+        clip = json.load(f)["clip"]
+    print(pt)
+    print(description)
+    if clip is None:
+        print(f"warning: the CLIP this model expects is not recorded; it is left null in {description} "
+              "(pass --clip-name)", file=sys.stderr)
+    return EXIT_OK
+
+
 # --------------------------------------------------------------------------------------------- download
 
 
@@ -290,6 +329,24 @@ def build_parser():
     p.add_argument("--overwrite", action="store_true",
                    help="replace an existing saved model at the destination (never any other folder)")
     p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser("export", formatter_class=_Formatter, epilog=ENVIRONMENT_HELP,
+                       help="export a model to another format (official: a ClipCap PyTorch .pt)",
+                       description="Export a model converted or trained here. --format official writes the "
+                                   "official ClipCap state dict (torch.save of ClipCaptionModel.state_dict(), gpt.* "
+                                   "and clip_project.* keys; load_state_dict(strict=True) works) and, beside it, "
+                                   "<output stem>.json: the CLIP it needs and the official constructor's "
+                                   "arguments. Only the official format exists so far.")
+    p.add_argument("model", help=_model_arg_help())
+    p.add_argument("output", help="the .pt file to write (atomically); the .json goes beside it")
+    p.add_argument("--format", choices=EXPORT_FORMATS, default="official", help="the output format")
+    p.add_argument("--clip-name", help="the CLIP the model expects (ViT-B/32, RN50x4, ...), written to the .json "
+                                       "(default: the name recorded by download / train --clip <name>)")
+    p.add_argument("--legacy-buffers", action="store_true",
+                   help="add GPT-2's attn.bias / attn.masked_bias buffers, which older transformers (4.x of the "
+                        "official code's time) expect for a strict load")
+    p.add_argument("--overwrite", action="store_true", help="replace existing output files")
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("download", formatter_class=_Formatter, epilog=ENVIRONMENT_HELP,
                        help="download (and convert) models by name",

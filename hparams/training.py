@@ -1,6 +1,8 @@
 """Training hyper-parameters: the official ClipCap recipe as defaults, saved as JSON, overridable from the CLI.
 
-Defaults are those of the official ``train.py``: AdamW lr 2e-5 with 5000 warmup steps then linear decay,
+Defaults are those of the official ``train.py``: transformers' AdamW (``from transformers import AdamW``) at
+its defaults (betas 0.9 / 0.999, eps 1e-6, weight decay 0.0; see `custom_train_objects.optimizers`), lr 2e-5
+with 5000 warmup steps then linear decay,
 batch 40, 10 epochs, a 10-position prefix, the MLP mapper (``mapping_type="transformer"``: 8 layers, 8 heads,
 ``clip_length`` 10), no prefix normalisation (``--normalize_prefix`` off), GPT-2 fine-tuned
 (``prefix_only=False``; ``--only_prefix`` of the official code is ``prefix_only=True``).
@@ -35,10 +37,10 @@ class TrainingHParams:
     warmup_steps: int = 5000
     batch_size: int = 40
     epochs: int = 10
-    weight_decay: float = 0.01  # torch.optim.AdamW's default, applied to every parameter
+    weight_decay: float = 0.0  # transformers.AdamW's default (the official code); decoupled, every parameter
     beta_1: float = 0.9
     beta_2: float = 0.999
-    epsilon: float = 1e-8
+    epsilon: float = 1e-6  # transformers.AdamW's default, added to sqrt(v) before bias correction
     gradient_clip_norm: float | None = None  # clip the global gradient norm (None: no clipping)
     mixed_precision: str | None = None  # None, "mixed_float16" (loss scaling) or "mixed_bfloat16"
     # model
@@ -72,6 +74,9 @@ class TrainingHParams:
                      "save_every", "log_every"):
             if getattr(self, name) < 1:
                 errors.append(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.weight_decay < 0 or self.epsilon <= 0 or not (0 <= self.beta_1 < 1 and 0 <= self.beta_2 < 1):
+            errors.append(f"need weight_decay >= 0, epsilon > 0 and betas in [0, 1), got weight_decay="
+                          f"{self.weight_decay}, epsilon={self.epsilon}, betas=({self.beta_1}, {self.beta_2})")
         if self.warmup_steps < 0:
             errors.append(f"warmup_steps must be >= 0, got {self.warmup_steps}")
         if self.mapping_type not in MAPPING_TYPES:

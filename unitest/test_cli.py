@@ -36,7 +36,7 @@ def test_help_is_complete():
     result = subprocess.run([sys.executable, "main.py", "--help"], cwd=ROOT, capture_output=True, text=True,
                             timeout=120)
     assert result.returncode == 0, result.stderr
-    for word in ("caption", "convert", "download", "train", "extract", "evaluate", "IMAGE_CAPTIONING_MIRROR",
+    for word in ("caption", "convert", "download", "export", "train", "extract", "evaluate", "IMAGE_CAPTIONING_MIRROR",
                  "IMAGE_CAPTIONING_OFFLINE", "exit codes"):
         assert word in result.stdout, word
     parser = main.build_parser()

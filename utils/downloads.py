@@ -658,8 +658,12 @@ def download_model(name_or_spec, root=None, progress=True):
     return tuple(found)
 
 
-def convert_model(checkpoint, clip, tokenizer, directory, name=None, overwrite=False, **clipcap_kwargs):
+def convert_model(checkpoint, clip, tokenizer, directory, name=None, overwrite=False, clip_name=None,
+                  **clipcap_kwargs):
     """Convert an official ClipCap ``.pt`` + CLIP ``.pt`` + tokenizer and save it to ``directory`` atomically.
+
+    ``clip_name``: the OpenAI name of that CLIP ("ViT-B/32"), recorded in the config (``clip_name``) so that
+    `ClipCap.save_official` can say which CLIP the exported checkpoint needs.
 
     The model is written to a temporary sibling directory and renamed, so an interrupted conversion never
     leaves a half-saved model that would be picked up later. An existing ``directory`` is replaced only when
@@ -680,6 +684,8 @@ def convert_model(checkpoint, clip, tokenizer, directory, name=None, overwrite=F
     # name=None: from_pretrained would save into the model store itself; we save once, atomically, below
     model = ClipCap.from_pretrained(str(checkpoint), clip=clip_model, tokenizer=tok, **clipcap_kwargs)
     model.config["name"] = name
+    if clip_name is not None:
+        model.config["clip_name"] = str(clip_name)
     model.save(directory, overwrite=overwrite)  # a complete new folder renamed into place (replace_dir)
     return model
 
@@ -703,7 +709,7 @@ def get_pretrained(name_or_spec, root=None, force_convert=False, progress=True):
     checkpoint, clip, tokenizer = download_model(spec, root, progress)
     try:
         return convert_model(checkpoint, clip, tokenizer, directory, name=spec.name, overwrite=force_convert,
-                             **spec.clipcap_kwargs)
+                             clip_name=spec.clip if isinstance(spec.clip, str) else None, **spec.clipcap_kwargs)
     except CheckpointError as e:
         if not already_cached:  # we downloaded it just now: do not keep a file that cannot be converted
             checkpoint.unlink(missing_ok=True)

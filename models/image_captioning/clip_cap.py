@@ -178,8 +178,11 @@ class ClipCap:
             config["normalize_prefix"] = bool(normalize_prefix)
         if clip is not None and not hasattr(clip, "embed_dim"):
             from models.siamese.clip import CLIP
+            from utils.downloads import CLIP_SOURCES
 
             clip_name = os.fspath(clip)
+            if clip_name in CLIP_SOURCES:  # an OpenAI name: recorded, for save_official
+                config["clip_name"] = clip_name
             clip = CLIP.from_pretrained(clip_name, visual_only=True)
             check_clip_matches(clip.embed_dim, config, clip_name=clip_name, checkpoint_name=config["checkpoint"])
         if isinstance(tokenizer, str | os.PathLike):
@@ -224,6 +227,17 @@ class ClipCap:
 
         replace_dir(directory, write, is_ours=is_saved_model, overwrite=overwrite)
         return str(directory)
+
+    def save_official(self, path, clip_name=None, legacy_buffers=False, overwrite=False):
+        """Write this model as an official ClipCap checkpoint: ``path`` (.pt, ``torch.save`` of the official
+        ``ClipCaptionModel.state_dict()``, loadable with ``strict=True``) and ``<path stem>.json`` (the CLIP it
+        needs: ``clip_name`` or ``config["clip_name"]``, and the official constructor's arguments). torch needed;
+        see `utils.convert.clipcap_export`. Existing files are replaced only with ``overwrite``. Returns
+        (pt path, json path)."""
+        from utils.convert.clipcap_export import export_official
+
+        return export_official(self, path, clip_name=clip_name, legacy_buffers=legacy_buffers,
+                               overwrite=overwrite)
 
     @classmethod
     def load(cls, name_or_directory, clip=None, jit_compile=True):

@@ -9,7 +9,10 @@ Written from the published facts of the released implementation, to test the Ker
   output = last K positions;
 - ``ClipCaptionModel``: ``clip_project`` + ``gpt`` (transformers' ``GPT2LMHeadModel``), prefix first;
 - ``generate2`` (top-p 0.8 filter then argmax, i.e. greedy) and ``generate_beam``, run the official way:
-  one image at a time, no KV cache, the whole sequence recomputed at every step.
+  one image at a time, no KV cache, the whole sequence recomputed at every step;
+- training (``train.py``): ``ClipCaptionPrefix`` (``--only_prefix``), ``ClipCocoDataset``'s padding and
+  ``max_seq_len``, ``transformers.AdamW`` of transformers 4.x (gone from transformers 5, so written out here)
+  and the body of ``train()`` (`official_train_steps`).
 
 Helpers build random models at the real and tiny sizes and save them as official-format ``.pt`` files
 (``torch.save(model.state_dict())``), optionally with the transformers-4.11-era ``attn.bias`` /
@@ -17,6 +20,8 @@ Helpers build random models at the real and tiny sizes and save them as official
 
 Test-only code: it imports transformers' PyTorch GPT-2, so import it before TensorFlow.
 """
+
+import math
 
 import numpy as np
 import torch
@@ -149,10 +154,112 @@ class ClipCaptionModel(nn.Module):
         """CLIP embedding (B, D) -> prefix embeddings (B, K, C), as the official code reshapes it."""
         return self.clip_project(prefix).view(-1, self.prefix_length, self.gpt_embedding_size)
 
-    def forward(self, tokens, prefix):
+    def forward(self, tokens, prefix, mask=None):
+        """Logits (B, K+T, V); ``mask`` (B, K+T): the attention mask over prefix + tokens (training)."""
         embedding_text = self.gpt.transformer.wte(tokens)  # (B, T, C)
         embedding_cat = torch.cat((self.project(prefix), embedding_text), dim=1)  # (B, K+T, C)
-        return self.gpt(inputs_embeds=embedding_cat).logits  # (B, K+T, V)
+        return self.gpt(inputs_embeds=embedding_cat, attention_mask=mask).logits  # (B, K+T, V)
+
+
+class ClipCaptionPrefix(ClipCaptionModel):
+    """The official ``--only_prefix`` model: only the mapper's parameters are exposed (so the optimizer and
+    ``zero_grad`` see only them), and ``train()`` keeps GPT-2 in eval mode (no dropout)."""
+
+    def parameters(self, recurse=True):
+        return self.clip_project.parameters()
+
+    def train(self, mode=True):
+        super().train(mode)
+        self.gpt.eval()
+        return self
+
+
+def official_pad_tokens(token_lists, max_seq_len, prefix_length):
+    """The official ``ClipCocoDataset.pad_tokens`` for every caption: (N, T) int64 tokens padded with 0
+    (longer ones cut), (N, K+T) float mask (1 over the prefix and the real tokens)."""
+    rows, masks = [], []
+    for ids in token_lists:
+        tokens = torch.tensor(ids, dtype=torch.int64)
+        padding = max_seq_len - tokens.shape[0]
+        if padding > 0:
+            tokens = torch.cat((tokens, torch.zeros(padding, dtype=torch.int64) - 1))
+        elif padding < 0:
+            tokens = tokens[:max_seq_len]
+        mask = tokens.ge(0)
+        tokens[~mask] = 0
+        rows.append(tokens)
+        masks.append(torch.cat((torch.ones(prefix_length), mask.float()), dim=0))
+    return torch.stack(rows), torch.stack(masks)
+
+
+def official_max_seq_len(token_lists):
+    """``min(int(mean + 10 * std), max)`` of the caption lengths, as ``ClipCocoDataset.__init__``."""
+    all_len = torch.tensor([len(t) for t in token_lists]).float()
+    return min(int(all_len.mean() + all_len.std() * 10), int(all_len.max()))
+
+
+class TransformersAdamW(torch.optim.Optimizer):
+    """``transformers.AdamW`` (transformers 4.x; removed in 5), which the official ``train.py`` uses.
+
+    Defaults eps 1e-6, weight decay 0.0, bias correction on; eps is added to the uncorrected sqrt(v), the
+    corrections go into the step size, and the decoupled weight decay is applied after the Adam update.
+    """
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.0, correct_bias=True):
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
+                                      correct_bias=correct_bias))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if len(state) == 0:
+                    state["step"] = 0
+                    state["exp_avg"] = torch.zeros_like(p)
+                    state["exp_avg_sq"] = torch.zeros_like(p)
+                exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
+                beta1, beta2 = group["betas"]
+                state["step"] += 1
+                exp_avg.mul_(beta1).add_(p.grad, alpha=1.0 - beta1)
+                exp_avg_sq.mul_(beta2).addcmul_(p.grad, p.grad, value=1.0 - beta2)
+                denom = exp_avg_sq.sqrt().add_(group["eps"])
+                step_size = group["lr"]
+                if group["correct_bias"]:
+                    step_size = step_size * math.sqrt(1.0 - beta2 ** state["step"]) / (1.0 - beta1 ** state["step"])
+                p.addcdiv_(exp_avg, denom, value=-step_size)
+                if group["weight_decay"] > 0.0:
+                    p.add_(p, alpha=-group["lr"] * group["weight_decay"])
+
+
+def official_train_steps(model, batches, lr, warmup_steps, total_steps, prefix_length, dtype=torch.float32):
+    """Run the official ``train()`` loop body over ``batches`` [(tokens, mask, prefix)], in order.
+
+    ``model.train()``, ``TransformersAdamW(model.parameters(), lr=lr)``, ``get_linear_schedule_with_warmup``;
+    per batch: ``model.zero_grad()``, logits ``[:, K-1:-1]``, ``cross_entropy(..., ignore_index=0)``,
+    ``backward``, ``optimizer.step()``, ``scheduler.step()``, ``optimizer.zero_grad()``. Returns the losses.
+    ``dtype``: the prefixes' dtype (the official code casts them to float32; float64 with a ``.double()``
+    model gives a reference in (nearly) exact arithmetic).
+    """
+    from transformers import get_linear_schedule_with_warmup
+
+    model.train()
+    optimizer = TransformersAdamW(model.parameters(), lr=lr)
+    scheduler = get_linear_schedule_with_warmup(optimizer, num_warmup_steps=warmup_steps,
+                                                num_training_steps=total_steps)
+    losses = []
+    for tokens, mask, prefix in batches:
+        model.zero_grad()
+        logits = model(tokens, prefix.to(dtype), mask.to(dtype))[:, prefix_length - 1 : -1]
+        loss = nnf.cross_entropy(logits.reshape(-1, logits.shape[-1]), tokens.flatten(), ignore_index=0)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    return losses
 
 
 def normalize_embedding(embedding):
@@ -289,7 +396,7 @@ SIZES = {
 
 
 def build_random_clipcap(kind="mlp", size="tiny", seed=0, init_scale=1.0, vocab_size=None, stop_token_id=None,
-                         stop_boost=1.0, num_heads=8, gpt=None):
+                         stop_boost=1.0, num_heads=8, gpt=None, dropout=None, cls=None):
     """A ClipCaptionModel with random weights, in eval mode.
 
     kind: 'mlp' | 'linear' | 'transformer'; size: 'real' | 'tiny'.
@@ -298,14 +405,17 @@ def build_random_clipcap(kind="mlp", size="tiny", seed=0, init_scale=1.0, vocab_
     num_heads: the transformer mapper's head count (8 in the official code; must divide n_embd).
     gpt: reuse this GPT2LMHeadModel (already initialised) instead of building one; stop_boost is then
     not applied again.
+    dropout: GPT-2's three dropout rates (None: GPT2Config's 0.1); cls: ClipCaptionPrefix for --only_prefix.
     """
     torch.manual_seed(seed)
     gpt_kw = dict(SIZES[size]["gpt"])
     if vocab_size is not None:
         gpt_kw["vocab_size"] = vocab_size
     v = gpt_kw["vocab_size"]
+    if dropout is not None:
+        gpt_kw.update(embd_pdrop=dropout, attn_pdrop=dropout, resid_pdrop=dropout)
     config = GPT2Config(**gpt_kw, initializer_range=0.02 * init_scale, bos_token_id=v - 1, eos_token_id=v - 1)
-    model = ClipCaptionModel(mapping_type=kind, gpt_config=config, num_heads=num_heads, gpt=gpt,
+    model = (cls or ClipCaptionModel)(mapping_type=kind, gpt_config=config, num_heads=num_heads, gpt=gpt,
                              **SIZES[size][kind])
     with torch.no_grad():
         # Give LayerNorms non-trivial affine parameters so a swapped gamma/beta cannot pass unnoticed.

@@ -1,0 +1,175 @@
+"""Keras ClipCap -> an official-format ClipCap checkpoint (the inverse of `utils.convert.clipcap`).
+
+The official code saves ``torch.save(model.state_dict())`` of its ``ClipCaptionModel``: GPT-2 (a
+``GPT2LMHeadModel``) under ``gpt.`` and the mapper under ``clip_project.``. `official_state_dict` builds that
+dict from a Keras mapper and GPT-2 (float32 torch tensors, Keras Dense kernels (in, out) transposed back to
+torch's Linear (out, in); GPT-2's Conv1D weights are (in, out) in both), so that::
+
+    model = ClipCaptionModel(prefix_length, clip_length, prefix_size, num_layers, mapping_type)  # official
+    model.load_state_dict(torch.load("my_clipcap.pt", weights_only=True), strict=True)
+
+gives the logits of the Keras model, and converting the file back (`load_clipcap`) gives bit-identical
+weights. ``gpt.lm_head.weight`` is written (equal to ``gpt.transformer.wte.weight``: GPT-2 ties them), as in
+the released checkpoints. transformers releases up to at least 4.24 keep the causal-mask buffers
+``attn.bias`` / ``attn.masked_bias`` in the state dict and recent ones do not (``persistent=False``):
+``legacy_buffers=True`` adds them, for a strict load with the transformers 4.x of the official code's time.
+
+The state dict does not say which CLIP the mapper expects: `export_official` writes it, with everything the
+official constructor needs, in a JSON file beside the ``.pt`` (``<file>.json``; `sidecar_path`).
+
+Example::
+
+    path = export_official(ClipCap.load("my_model"), "my_model.pt", clip_name="ViT-B/32")
+    # my_model.pt (state dict) + my_model.json ({"clip": "ViT-B/32", "mapping_type": "mlp", ...})
+"""
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+from utils.file_utils import UnsafePathError, atomic_open, write_json_atomic
+
+SIDECAR_FORMAT = "clipcap-official-export/1"
+#: The released checkpoints' CLIP by prefix size, for the hint when no CLIP name is known.
+_CLIP_HINTS = {512: "ViT-B/32 (as the released coco / conceptual weights)", 640: "RN50x4 (as the released "
+                                                                                  "transformer weights)"}
+
+
+def _torch(value):
+    import torch
+
+    return torch.from_numpy(np.ascontiguousarray(np.asarray(value, dtype=np.float32)))
+
+
+def _linear(prefix, dense, bias=True):
+    """Keras Dense -> torch Linear ``prefix.weight`` (out, in) and ``prefix.bias``."""
+    out = {f"{prefix}.weight": _torch(np.asarray(dense.kernel.numpy()).T)}
+    if bias:
+        out[f"{prefix}.bias"] = _torch(dense.bias.numpy())
+    return out
+
+
+def _layer_norm(prefix, layer):
+    return {f"{prefix}.weight": _torch(layer.gamma.numpy()), f"{prefix}.bias": _torch(layer.beta.numpy())}
+
+
+def mapper_state_dict(mapper, config):
+    """The ``clip_project.*`` entries of a Keras mapper (MLP, legacy single Linear or transformer)."""
+    kind = config["mapping_type"]
+    sd = {}
+    if kind == "mlp":
+        sd.update(_linear("clip_project.model.0", mapper.model_0))
+        sd.update(_linear("clip_project.model.2", mapper.model_2))
+    elif kind == "linear":
+        sd.update(_linear("clip_project", mapper.linear))
+    elif kind == "transformer":
+        num_heads = int(config.get("num_heads", 8))
+        if num_heads != 8:  # the official TransformerMapper hard-codes Transformer(dim, 8, num_layers)
+            raise ValueError(f"the official transformer mapper has 8 attention heads; this one has {num_heads} "
+                             "and cannot be exported to the official format")
+        if float(config.get("mlp_ratio", 2.0)) != 2.0:  # ... and Transformer's default mlp_ratio=2.0
+            raise ValueError(f"the official transformer mapper has mlp_ratio 2; this one has {config['mlp_ratio']}")
+        sd["clip_project.prefix_const"] = _torch(mapper.prefix_const.numpy())  # own parameter: first
+        for i, layer in enumerate(mapper.transformer_layers):
+            p = f"clip_project.transformer.layers.{i}"
+            sd.update(_layer_norm(f"{p}.norm1", layer.norm1))
+            sd.update(_linear(f"{p}.attn.to_queries", layer.attn.to_queries, bias=False))
+            sd.update(_linear(f"{p}.attn.to_keys_values", layer.attn.to_keys_values, bias=False))
+            sd.update(_linear(f"{p}.attn.project", layer.attn.project))
+            sd.update(_layer_norm(f"{p}.norm2", layer.norm2))
+            sd.update(_linear(f"{p}.mlp.fc1", layer.mlp.fc1))
+            sd.update(_linear(f"{p}.mlp.fc2", layer.mlp.fc2))
+        sd.update(_linear("clip_project.linear", mapper.linear))
+    else:
+        raise ValueError(f"unknown mapping_type {kind!r}")
+    return sd
+
+
+def gpt2_state_dict(gpt2, prefix="gpt.", legacy_buffers=False):
+    """The ``GPT2LMHeadModel`` entries (``gpt.transformer.*``, ``gpt.lm_head.weight``) of a Keras `GPT2`."""
+    import torch
+
+    t = f"{prefix}transformer."
+    sd = {f"{t}wte.weight": _torch(gpt2.wte.embeddings.numpy()), f"{t}wpe.weight": _torch(gpt2.wpe.embeddings.numpy())}
+    n_pos = int(gpt2.n_positions)
+    for i, block in enumerate(gpt2.h):
+        h = f"{t}h.{i}."
+        sd.update(_layer_norm(h + "ln_1", block.ln_1))
+        if legacy_buffers:
+            sd[h + "attn.bias"] = torch.tril(torch.ones((n_pos, n_pos), dtype=torch.uint8)).view(1, 1, n_pos, n_pos)
+            sd[h + "attn.masked_bias"] = torch.tensor(-1e4)
+        for name, layer in (("attn.c_attn", block.attn.c_attn), ("attn.c_proj", block.attn.c_proj)):
+            sd[f"{h}{name}.weight"] = _torch(layer.kernel.numpy())  # Conv1D (in, out), as a Keras kernel
+            sd[f"{h}{name}.bias"] = _torch(layer.bias.numpy())
+        sd.update(_layer_norm(h + "ln_2", block.ln_2))
+        for name, layer in (("mlp.c_fc", block.mlp.c_fc), ("mlp.c_proj", block.mlp.c_proj)):
+            sd[f"{h}{name}.weight"] = _torch(layer.kernel.numpy())
+            sd[f"{h}{name}.bias"] = _torch(layer.bias.numpy())
+    sd.update(_layer_norm(f"{t}ln_f", gpt2.ln_f))
+    sd[f"{prefix}lm_head.weight"] = sd[f"{t}wte.weight"]  # tied, as in GPT2LMHeadModel.state_dict()
+    return sd
+
+
+def official_state_dict(mapper, gpt2, config, legacy_buffers=False):
+    """The official ``ClipCaptionModel.state_dict()`` of a Keras mapper + GPT-2 (``gpt.*`` then
+    ``clip_project.*``, the official module order)."""
+    sd = gpt2_state_dict(gpt2, legacy_buffers=legacy_buffers)
+    sd.update(mapper_state_dict(mapper, config))
+    return sd
+
+
+def sidecar_path(path):
+    """``my_model.pt`` -> ``my_model.json``: where `export_official` describes the checkpoint."""
+    return Path(os.fspath(path)).with_suffix(".json")
+
+
+def official_description(config, clip_name=None):
+    """What the official code needs beside the state dict: the CLIP and the constructor arguments."""
+    prefix_size = int(config["prefix_size"])
+    clip_name = clip_name or config.get("clip_name")
+    desc = {
+        "format": SIDECAR_FORMAT,
+        "clip": clip_name,
+        "prefix_size": prefix_size,
+        "mapping_type": config["mapping_type"],
+        "prefix_length": int(config["prefix_length"]),
+        "normalize_prefix": bool(config.get("normalize_prefix", False)),
+        "gpt2": dict(config.get("gpt2", {})),
+    }
+    if config["mapping_type"] == "transformer":
+        desc.update(clip_length=int(config["clip_length"]), num_layers=int(config["num_layers"]))
+    if clip_name is None:
+        hint = _CLIP_HINTS.get(prefix_size)
+        desc["clip_note"] = (f"unknown CLIP: the model does not record it. It must produce {prefix_size}-d image "
+                             "embeddings" + (f", e.g. {hint}" if hint else "") + "; pass clip_name / --clip-name.")
+    return desc
+
+
+def export_official(model, path, clip_name=None, legacy_buffers=False, overwrite=False):
+    """Write ``model`` (a `ClipCap`) as an official-format ``.pt`` state dict + its JSON description.
+
+    Args:
+        model: a `ClipCap` (converted or trained here).
+        path: the ``.pt`` file; ``<path without suffix>.json`` gets `official_description`.
+        clip_name: the CLIP the mapper expects ("ViT-B/32", ...); default ``model.config["clip_name"]``.
+        legacy_buffers: add GPT-2's ``attn.bias`` / ``attn.masked_bias`` buffers (older transformers).
+        overwrite: replace existing files at ``path`` / its ``.json`` (otherwise `UnsafePathError`, before
+            anything is written).
+
+    Returns:
+        (pt path, json path), both written atomically.
+    """
+    import torch
+
+    targets = [Path(path), sidecar_path(path)]
+    for target in targets:
+        if os.path.lexists(target) and not (overwrite and target.is_file() and not target.is_symlink()):
+            raise UnsafePathError(f"{target} already exists: pass overwrite=True (--overwrite) to replace it, "
+                                  "or choose another file name (nothing was written)")
+    state_dict = official_state_dict(model.mapper, model.gpt2, model.config, legacy_buffers=legacy_buffers)
+    description = official_description(model.config, clip_name)
+    with atomic_open(targets[0], "wb") as f:
+        torch.save(state_dict, f)
+    write_json_atomic(targets[1], description, indent=2)
+    return str(targets[0]), str(targets[1])
