@@ -123,7 +123,10 @@ def test_order_completeness_bad_inputs_and_modes(image_dir, tmp_path, caplog):
     for name, size in good.items():
         for r in by_label[str(d / name)]:
             assert r["error"] is None and r["caption"] == size, (name, r)
-            assert set(r["timings"]) == {"read", "preprocess", "encode", "generate"}
+            # rgb.jpg is given twice: its second copy may be taken from the map.json this run just wrote
+            if not r["cached"]:
+                assert set(r["timings"]) == {"read", "preprocess", "encode", "generate"}
+    assert sum(r["cached"] for r in results) <= 1
     expected_errors = {"empty.jpg": "empty file", "truncated.jpg": "truncated", "text.jpg": "not an image",
                        "bomb.png": "decompression bomb"}
     for name, words in expected_errors.items():
