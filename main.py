@@ -17,6 +17,7 @@ import os
 import sys
 
 from custom_train_objects import commands as train_commands
+from models import batch_command  # imports neither Beam nor TensorFlow
 
 EXIT_OK = 0  # every input captioned
 EXIT_FAILED_INPUTS = 1  # some inputs could not be captioned (listed on stderr)
@@ -221,12 +222,18 @@ def build_parser():
     p.set_defaults(func=cmd_download)
 
     train_commands.register(sub)
+    batch_command.register(sub)
     return parser
 
 
 def main(argv=None):
     """Run the CLI; returns the exit code (see ``--help``)."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:  # only commands that pass options on (to Beam: `batch`, `extract --runner`) accept them
+        if not hasattr(args, "pipeline_args"):
+            parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+        args.pipeline_args = unknown
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     code = args.func(args)
