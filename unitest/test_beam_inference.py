@@ -74,7 +74,9 @@ def _predict(model, inputs):
     return _by_key(results)
 
 
-def test_batch_on_direct_runner_matches_predict(tiny, inputs, tmp_path):
+def test_batch_on_two_worker_processes_matches_predict(tiny, inputs, tmp_path):
+    """DirectRunner in multi-process mode (two SDK worker processes, each loading the model once) over the
+    demo photos and every bad input: predict's records, bad inputs as records and dead letters."""
     model_dir, model = tiny
     expected = _predict(model, inputs)
     assert sum(e["error"] is None for e in expected.values()) == 14  # 9 modes + 5 demo photos
@@ -82,7 +84,8 @@ def test_batch_on_direct_runner_matches_predict(tiny, inputs, tmp_path):
     out = str(tmp_path / "out" / "captions")
     files = beam_inference.run_batch(inputs, str(model_dir), out, method=SETTINGS["method"], batch_size=BATCH,
                                      generate_kwargs={k: v for k, v in SETTINGS.items() if k != "method"},
-                                     pipeline_args=["--runner=DirectRunner"])
+                                     pipeline_args=["--runner=DirectRunner", "--direct_num_workers=2",
+                                                    "--direct_running_mode=multi_processing"])
     assert files == sorted(beam_inference.output_files(out) + beam_inference.output_files(out, "errors"))
     records = beam_inference.read_records(out)
     _check_against_predict(records, expected, model)
@@ -129,32 +132,20 @@ def test_cli_input_list_skip_existing_and_pipeline_options(tiny, inputs, tmp_pat
     failed = {k for k, r in by_key.items() if r["error"] is not None}
     assert set(again) == failed | {beam_inference.record_key(f"{d}/new.png")}
     assert again[beam_inference.record_key(f"{d}/new.png")]["error"] is None
-    # other settings: nothing is skipped
-    third = str(tmp_path / "run3" / "captions")
-    other = [a if a != "8" else "6" for a in args]
-    assert main(other + ["--output", third, "--skip-existing", first, "--skip-existing", second]) == 1
-    assert len(beam_inference.read_records(third)) == len(records) + 1
+    # an earlier record counts only when made with the same settings and without error
+    settings = by_key[beam_inference.record_key(f"{d}/rotated.jpg")]["settings"]
+    line = json.dumps(rotated)
+    assert list(beam_inference._done_keys(line, settings)) == [(beam_inference.record_key(f"{d}/rotated.jpg"), True)]
+    assert list(beam_inference._done_keys(line, dict(settings, max_length=6))) == []
+    assert list(beam_inference._done_keys(json.dumps(dict(rotated, error="x", caption=None)), settings)) == []
     # usage errors
     capsys.readouterr()
     assert main(args + ["--output", first, "--skip-existing", first]) == 2
     assert "output prefix itself" in capsys.readouterr().err
-    assert main(args + ["--output", third + "x", "--skip-existing", str(tmp_path / "nothing")]) == 2
+    assert main(args + ["--output", str(tmp_path / "run3"), "--skip-existing", str(tmp_path / "nothing")]) == 2
     with pytest.raises(SystemExit) as exit_info:  # other commands still refuse unknown options
         main(["download", "--direct_num_workers=1"])
     assert exit_info.value.code == 2 and "unrecognized arguments" in capsys.readouterr().err
-
-
-def test_two_worker_processes(tiny, inputs, tmp_path):
-    """DirectRunner in multi-process mode: two SDK worker processes, each loading the model once."""
-    model_dir, model = tiny
-    inputs = [inputs[0], inputs[1]]
-    expected = _predict(model, inputs)
-    out = str(tmp_path / "mp" / "captions")
-    beam_inference.run_batch(inputs, str(model_dir), out, method=SETTINGS["method"], batch_size=BATCH,
-                             generate_kwargs={k: v for k, v in SETTINGS.items() if k != "method"},
-                             pipeline_args=["--runner=DirectRunner", "--direct_num_workers=2",
-                                            "--direct_running_mode=multi_processing"])
-    _check_against_predict(beam_inference.read_records(out), expected, model)
 
 
 def test_handler_refuses_bad_settings_at_construction(tiny):
