@@ -60,13 +60,13 @@ class _ReadAndPreprocess(beam.DoFn):
         self._n_px, self._exif = n_px, exif_transpose
 
     def process(self, readable):
-        from models.image_captioning.beam_inference import _is_local, _local_path, decode_image_bytes
+        from models.image_captioning.beam_inference import is_local, local_path, decode_image_bytes
         from utils.clip_preprocessing import preprocess_image
 
         path = readable.metadata.path
         try:
-            if _is_local(path):
-                image = read_image(_local_path(path), exif_transpose=self._exif)
+            if is_local(path):
+                image = read_image(local_path(path), exif_transpose=self._exif)
             else:
                 try:
                     data = readable.read()

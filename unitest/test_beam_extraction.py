@@ -5,12 +5,9 @@ failures), which is what ``train`` reads.
 """
 
 import numpy as np
-import pytest
 
 from datasets.embeddings import load_embedded_dataset
 from datasets.synthetic_shapes import make_shapes_dataset
-
-pytest.importorskip("apache_beam")
 
 
 def test_extract_on_beam_writes_what_local_extract_writes(tmp_path, capsys):

@@ -13,11 +13,10 @@ import shutil
 import pytest
 from PIL import Image
 
+from models.image_captioning import beam_inference
 from models.image_captioning.prediction import generation_settings
 from unitest.test_prediction import _jpeg_bytes, image_dir  # noqa: F401 - the pipeline tests' bad inputs
 from unitest.tiny_models import DEMO_DIR
-
-beam_inference = pytest.importorskip("models.image_captioning.beam_inference")
 
 SETTINGS = dict(method="beam", beam_size=3, num_captions=2, max_length=8)
 BATCH = 4

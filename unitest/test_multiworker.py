@@ -109,5 +109,8 @@ def test_two_workers_hold_identical_weights_and_match_one_process(embeddings_fil
         np.testing.assert_allclose(w0[key], one[key], rtol=1e-4, atol=1e-6, err_msg=key)
         moved += key.startswith(("mapper/", "gpt2/"))
     assert moved > 0
+    print(f"losses {reference}; largest relative loss difference to one process "
+          f"{max(abs(a - b) / abs(b) for a, b in zip(losses[0], reference)):.2e}, largest weight difference "
+          f"{max(float(np.abs(w0[k] - one[k]).max()) for k in one):.2e}")
     # the two workers really formed one cluster of two replicas (the trainer logs it at INFO, -v)
     assert all("replicas=2" in log for log in logs) and "replicas=1" in single.stderr

@@ -69,17 +69,17 @@ def make_record(image, settings, candidates=None, error=None):
             "error": error, "model": settings.get("model"), "settings": settings}
 
 
-def _is_local(path):
+def is_local(path):
     return FileSystems.get_scheme(path) in (None, "file")
 
 
-def _local_path(path):
+def local_path(path):
     return path[len("file://"):] if path.startswith("file://") else path
 
 
 def record_key(image):
     """What identifies an image across runs: the absolute path for local files, the URL otherwise."""
-    return os.path.abspath(_local_path(image)) if _is_local(image) else image
+    return os.path.abspath(local_path(image)) if is_local(image) else image
 
 
 # -------------------------------------------------------------------------------------------------- inputs
@@ -104,8 +104,8 @@ def match_images(pattern):
         ImageReadError: nothing there, a directory without images, a pattern matching no image.
     """
     if not _GLOB_CHARS & set(pattern):
-        local = _local_path(pattern)
-        if _is_local(pattern):
+        local = local_path(pattern)
+        if is_local(pattern):
             if os.path.isfile(local):
                 return [pattern]
             if not os.path.isdir(local):
@@ -113,7 +113,7 @@ def match_images(pattern):
         elif not pattern.endswith("/") and FileSystems.exists(pattern):
             return [pattern]
         found = _match(pattern.rstrip("/") + "/**")
-        if not found and not _is_local(pattern):
+        if not found and not is_local(pattern):
             raise ImageReadError(f"no such file or directory: {pattern}")
         images = sorted(p for p in found if _has_image_extension(p))
         if not images:
@@ -205,8 +205,8 @@ class _ReadAndPreprocess(beam.DoFn):
 
         path = readable.metadata.path
         try:
-            if _is_local(path):
-                image = read_image(_local_path(path), exif_transpose=self._exif)
+            if is_local(path):
+                image = read_image(local_path(path), exif_transpose=self._exif)
             else:
                 try:
                     data = readable.read()
