@@ -60,7 +60,7 @@ class _ReadAndPreprocess(beam.DoFn):
         self._n_px, self._exif = n_px, exif_transpose
 
     def process(self, readable):
-        from models.image_captioning.beam_inference import is_local, local_path, decode_image_bytes
+        from models.image_captioning.beam_inference import decode_image_bytes, is_local, local_path
         from utils.clip_preprocessing import preprocess_image
 
         path = readable.metadata.path
