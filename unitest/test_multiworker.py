@@ -5,7 +5,8 @@ synthetic shapes; a one-process run (``--strategy default``) trains on the same 
 batch. The trainer feeds ``experimental_distribute_dataset`` the globally batched dataset: tf.data's
 auto-shard policy (AUTO: no file source, so DATA) splits every global batch into one half per worker, and
 the loss of each replica is divided by the *global* token count, so the summed gradients are those of the
-global batch. After the run both workers must hold the same weights and optimizer state (bit for bit) and
+global batch. Both workers are given the same ``--output``: the chief writes there, worker 1 in
+``worker-1/`` below it. After the run both workers must hold the same weights and optimizer state (bit for bit) and
 the per-step losses and final weights must match the one-process run within float32 tolerance.
 """
 
@@ -78,7 +79,7 @@ def test_two_workers_hold_identical_weights_and_match_one_process(embeddings_fil
     for index in range(2):
         worker_env = dict(env, TF_CONFIG=json.dumps({"cluster": cluster, "task": {"type": "worker", "index": index}}))
         log = open(root / f"worker{index}.log", "w")
-        workers.append((subprocess.Popen(command + ["--strategy", "multiworker", "--output", str(root / f"w{index}")],
+        workers.append((subprocess.Popen(command + ["--strategy", "multiworker", "--output", str(root / "mw")],
                                          env=worker_env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT), log))
     try:
         single = subprocess.run(command + ["--strategy", "default", "--output", str(root / "single")], env=env,
@@ -96,12 +97,15 @@ def test_two_workers_hold_identical_weights_and_match_one_process(embeddings_fil
 
     steps = 120 // 20
     reference = _steps(root / "single")
-    losses = [_steps(root / f"w{i}") for i in range(2)]
+    # one --output for both: the chief writes there, worker 1 below it (never into the chief's files)
+    runs = [root / "mw", root / "mw" / "worker-1"]
+    losses = [_steps(run) for run in runs]
     assert len(reference) == steps and reference[-1] < reference[0]
     assert losses[0] == losses[1]  # the loss is reduced over both workers: the same number on each
     np.testing.assert_allclose(losses[0], reference, rtol=1e-5, atol=1e-6)
 
-    w0, w1, one = (_variables(root / name) for name in ("w0", "w1", "single"))
+    w0, w1, one = _variables(runs[0]), _variables(runs[1]), _variables(root / "single")
+    assert (runs[0] / "model" / "config.json").is_file() and (runs[1] / "model" / "config.json").is_file()
     assert set(w0) == set(w1) == set(one)
     moved = 0
     for key in sorted(one):
