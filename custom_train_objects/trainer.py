@@ -116,7 +116,8 @@ class Trainer:
     Args:
         model: the ClipCap to train; its mapper and GPT-2 receive the trained values when `fit` ends.
         hparams: a `TrainingHParams`.
-        output_dir: checkpoints, logs (CSV, TensorBoard), ``hparams.json`` and the final ``model/``.
+        output_dir: checkpoints, logs (CSV, TensorBoard), ``hparams.json`` and the final ``model/`` (the
+            non-chief workers of a multi-worker strategy write to ``output_dir/worker-<i>``).
         strategy: a ``tf.distribute`` strategy (``MirroredStrategy`` for several GPUs,
             ``MultiWorkerMirroredStrategy`` for several hosts); None: the default (one device).
         loggers: a `LoggerList` (default: console + CSV + TensorBoard in ``output_dir``).
