@@ -6,7 +6,8 @@ batch. The trainer feeds ``experimental_distribute_dataset`` the globally batche
 auto-shard policy (AUTO: no file source, so DATA) splits every global batch into one half per worker, and
 the loss of each replica is divided by the *global* token count, so the summed gradients are those of the
 global batch. Both workers are given the same ``--output``: the chief writes there, worker 1 in
-``worker-1/`` below it. After the run both workers must hold the same weights and optimizer state (bit for bit) and
+``worker-1/`` below it. The workers stop after 3 of the 6 steps (``--stop-after-steps``) and the same
+commands resume them from their checkpoints. After the run both workers must hold the same weights and optimizer state (bit for bit) and
 the per-step losses and final weights must match the one-process run within float32 tolerance.
 """
 
@@ -66,6 +67,30 @@ def embeddings_file(tmp_path_factory):
     return root, path, tokenizer
 
 
+def _run_workers(command, env, root, name):
+    """Both workers (fresh free ports), one --output; returns their exit codes (logs in root/<name><i>.log)."""
+    cluster = {"worker": [f"127.0.0.1:{port}" for port in _free_ports(2)]}
+    workers = []
+    try:
+        for index in range(2):
+            worker_env = dict(env, TF_CONFIG=json.dumps({"cluster": cluster,
+                                                         "task": {"type": "worker", "index": index}}))
+            log = open(root / f"{name}{index}.log", "w")
+            workers.append((subprocess.Popen(command + ["--strategy", "multiworker", "--output", str(root / "mw")],
+                                             env=worker_env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT), log))
+        return [p.wait(timeout=TIMEOUT) for p, _ in workers]
+    finally:
+        for p, log in workers:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+            log.close()
+
+
+def _tails(root, name):
+    return "\n\n".join((root / f"{name}{i}.log").read_text()[-3000:] for i in range(2))
+
+
 def test_two_workers_hold_identical_weights_and_match_one_process(embeddings_file):
     root, data, tokenizer = embeddings_file
     command = [sys.executable, str(ROOT / "main.py"), "-v", "train", str(data), "--tokenizer", str(tokenizer),
@@ -74,26 +99,25 @@ def test_two_workers_hold_identical_weights_and_match_one_process(embeddings_fil
                "--no-progress"]
     env = dict(os.environ, CUDA_VISIBLE_DEVICES="-1", TF_CPP_MIN_LOG_LEVEL="2", KERAS_BACKEND="tensorflow")
     env.pop("TF_CONFIG", None)
-    cluster = {"worker": [f"127.0.0.1:{port}" for port in _free_ports(2)]}
-    workers = []
-    for index in range(2):
-        worker_env = dict(env, TF_CONFIG=json.dumps({"cluster": cluster, "task": {"type": "worker", "index": index}}))
-        log = open(root / f"worker{index}.log", "w")
-        workers.append((subprocess.Popen(command + ["--strategy", "multiworker", "--output", str(root / "mw")],
-                                         env=worker_env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT), log))
+    single_log = open(root / "single.log", "w")
+    single = subprocess.Popen(command + ["--strategy", "default", "--output", str(root / "single")], env=env,
+                              stdout=single_log, stderr=subprocess.STDOUT, cwd=ROOT)
     try:
-        single = subprocess.run(command + ["--strategy", "default", "--output", str(root / "single")], env=env,
-                                capture_output=True, text=True, timeout=TIMEOUT, cwd=ROOT)
-        codes = [p.wait(timeout=TIMEOUT) for p, _ in workers]
+        # stopped after 3 of the 6 steps (checkpoint written), then resumed by the same commands
+        first = _run_workers(command + ["--stop-after-steps", "3"], env, root, "stopped")
+        assert first == [0, 0], _tails(root, "stopped")
+        assert all("stopped after 3 steps" in (root / f"stopped{i}.log").read_text() for i in range(2))
+        assert _run_workers(command, env, root, "worker") == [0, 0], _tails(root, "worker")
+        single.wait(timeout=TIMEOUT)
     finally:
-        for p, log in workers:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-            log.close()
+        if single.poll() is None:
+            single.kill()
+            single.wait()
+        single_log.close()
+    single_err = (root / "single.log").read_text()
+    assert single.returncode == 0, single_err[-3000:]
     logs = [(root / f"worker{i}.log").read_text() for i in range(2)]
-    assert single.returncode == 0, single.stderr[-3000:]
-    assert codes == [0, 0], "\n\n".join(log[-3000:] for log in logs)
+    assert all("resumed from" in log for log in logs)
 
     steps = 120 // 20
     reference = _steps(root / "single")
@@ -117,4 +141,4 @@ def test_two_workers_hold_identical_weights_and_match_one_process(embeddings_fil
           f"{max(abs(a - b) / abs(b) for a, b in zip(losses[0], reference)):.2e}, largest weight difference "
           f"{max(float(np.abs(w0[k] - one[k]).max()) for k in one):.2e}")
     # the two workers really formed one cluster of two replicas (the trainer logs it at INFO, -v)
-    assert all("replicas=2" in log for log in logs) and "replicas=1" in single.stderr
+    assert all("replicas=2" in log for log in logs) and "replicas=1" in single_err
