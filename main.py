@@ -19,6 +19,7 @@ import sys
 from pathlib import Path
 
 from custom_train_objects import commands as train_commands
+from models import batch_command  # imports neither Beam nor TensorFlow
 from utils.file_utils import DEFAULT_MAX_BYTES
 
 EXIT_OK = 0  # every input captioned
@@ -359,12 +360,18 @@ def build_parser():
     p.set_defaults(func=cmd_download)
 
     train_commands.register(sub)
+    batch_command.register(sub)
     return parser
 
 
 def main(argv=None):
     """Run the CLI; returns the exit code (see ``--help``)."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:  # only commands that pass options on (to Beam: `batch`, `extract --runner`) accept them
+        if not hasattr(args, "pipeline_args"):
+            parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+        args.pipeline_args = unknown
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     try:

@@ -82,6 +82,9 @@ def cmd_extract(args):
         save_embedded_dataset,
     )
 
+    if getattr(args, "pipeline_args", None) and args.runner is None:
+        return _fail(f"unrecognized arguments: {' '.join(args.pipeline_args)} (Beam options need --runner)",
+                     EXIT_USAGE)
     try:
         check_embedded_output(args.output)  # before the (long) extraction: never overwrite a user's file
         dataset = load_dataset(args)
@@ -91,6 +94,8 @@ def cmd_extract(args):
         clip = _load_clip(args.clip)
     except (OSError, ValueError, RuntimeError) as e:
         return _fail(f"cannot load CLIP {args.clip!r}: {e}", EXIT_MODEL)
+    if args.runner is not None:
+        return _extract_on_beam(args, dataset, clip)
     encoder = clip_encoder(clip, exif_transpose=not args.no_exif_transpose)
     try:
         result = extract_embeddings(dataset.images, encoder, cache_dir=args.cache_dir, batch_size=args.batch_size,
@@ -102,6 +107,28 @@ def cmd_extract(args):
     path = save_embedded_dataset(args.output, dataset, result, encoder.model_id)
     print(f"{path}: {len(result.indices)} images ({result.cache_hits} from the cache, {result.computed} "
           f"encoded), {len(dataset)} captions in {dataset.name}")
+    for i, message in sorted(result.failed.items()):
+        print(f"error: skipped {dataset.images[i]}: {message}", file=sys.stderr)
+    if result.failed:
+        print(f"{len(result.failed)} of {dataset.num_images} images could not be read (left out)", file=sys.stderr)
+        return EXIT_FAILED
+    return EXIT_OK
+
+
+def _extract_on_beam(args, dataset, clip):
+    from datasets.beam_extraction import extract_on_beam
+
+    try:
+        path, result = extract_on_beam(dataset, args.clip, args.output, clip=clip, shards=args.shards,
+                                       batch_size=args.batch_size, exif_transpose=not args.no_exif_transpose,
+                                       pipeline_args=[f"--runner={args.runner}", *args.pipeline_args])
+    except KeyboardInterrupt:
+        return _fail("interrupted (the job's files are written when it ends: nothing of this run was kept)",
+                     EXIT_INTERRUPTED)
+    except ValueError as e:
+        return _fail(str(e), EXIT_USAGE)
+    print(f"{path}: {len(result.indices)} images ({result.computed} encoded on {args.runner}), {len(dataset)} "
+          f"captions in {dataset.name}")
     for i, message in sorted(result.failed.items()):
         print(f"error: skipped {dataset.images[i]}: {message}", file=sys.stderr)
     if result.failed:
@@ -136,6 +163,10 @@ def cmd_train(args):
         hp = TrainingHParams.from_args(args)
     except (ValueError, OSError) as e:
         return _fail(str(e), EXIT_USAGE)
+    # MultiWorkerMirroredStrategy configures the collective ops of the TensorFlow context: it must come before
+    # any other TensorFlow work (loading CLIP, building the model), or TF raises "Collective ops must be
+    # configured at program startup"
+    strategy = make_strategy(args.strategy)
     try:
         train, embeddings, meta = load_embedded_dataset(args.train)
         val = load_embedded_dataset(args.val) if args.val else None
@@ -157,7 +188,7 @@ def cmd_train(args):
             model.config["clip_name"] = args.clip
     except (OSError, ValueError, RuntimeError, KeyError) as e:
         return _fail(f"cannot build the model: {e}", EXIT_MODEL)
-    trainer = Trainer(model, hp, args.output, strategy=make_strategy(args.strategy), progress=not args.no_progress)
+    trainer = Trainer(model, hp, args.output, strategy=strategy, progress=not args.no_progress)
     try:
         history = trainer.fit(train, embeddings, val_dataset=val[0] if val else None,
                               val_embeddings=val[1] if val else None, resume=not args.no_resume,
@@ -243,7 +274,12 @@ def register(subparsers):
                    help="identify an image by path + size + mtime, or by a hash of its bytes")
     p.add_argument("--no-exif-transpose", action="store_true", help="read pixels as stored (as the official code)")
     p.add_argument("--no-progress", action="store_true")
-    p.set_defaults(func=cmd_extract, split="train")
+    p.add_argument("--runner", help="embed on Apache Beam with this runner (DirectRunner, PrismRunner, "
+                                    "DataflowRunner, FlinkRunner, SparkRunner); options this command does not know "
+                                    "are then Beam pipeline options (--name=value). No cache: every image once")
+    p.add_argument("--shards", help="with --runner: the prefix of the job's files, readable here afterwards "
+                                    "(default OUTPUT.shards/part; gs://... on Dataflow)")
+    p.set_defaults(func=cmd_extract, split="train", pipeline_args=[])
 
     p = subparsers.add_parser(
         "train", formatter_class=_Formatter, help="train a ClipCap on extracted embeddings",

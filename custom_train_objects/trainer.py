@@ -104,13 +104,33 @@ def _copy_values(source, target, what="model"):
         t.assign(s.value if hasattr(s, "value") else s)
 
 
+def _worker_subdir(strategy):
+    """Where a process writes under ``output_dir``: "" for the chief (or one process), ``worker-<i>`` for the
+    other workers of a multi-worker strategy.
+
+    Every worker holds the same state and writes the same checkpoints, logs and model: given one ``--output``
+    on a shared file system they would overwrite each other's files, so the chief writes to ``output_dir``
+    and worker i to ``output_dir/worker-<i>`` (where each resumes from).
+    """
+    resolver = getattr(strategy, "cluster_resolver", None)
+    task_type = getattr(resolver, "task_type", None)
+    if task_type is None:
+        return ""
+    task_id = int(resolver.task_id or 0)
+    has_chief = bool(resolver.cluster_spec().as_dict().get("chief"))
+    if task_type == "chief" or (task_type == "worker" and task_id == 0 and not has_chief):
+        return ""
+    return f"{task_type}-{task_id}"
+
+
 class Trainer:
     """Train ``model`` (a `ClipCap`: ``mapper``, ``gpt2``, ``tokenizer``, ``config``) with ``hparams``.
 
     Args:
         model: the ClipCap to train; its mapper and GPT-2 receive the trained values when `fit` ends.
         hparams: a `TrainingHParams`.
-        output_dir: checkpoints, logs (CSV, TensorBoard), ``hparams.json`` and the final ``model/``.
+        output_dir: checkpoints, logs (CSV, TensorBoard), ``hparams.json`` and the final ``model/`` (the
+            non-chief workers of a multi-worker strategy write to ``output_dir/worker-<i>``).
         strategy: a ``tf.distribute`` strategy (``MirroredStrategy`` for several GPUs,
             ``MultiWorkerMirroredStrategy`` for several hosts); None: the default (one device).
         loggers: a `LoggerList` (default: console + CSV + TensorBoard in ``output_dir``).
@@ -122,8 +142,8 @@ class Trainer:
                  keep_checkpoints=2):
         self.model = model
         self.hp = hparams
-        self.output_dir = Path(output_dir)
         self.strategy = strategy or tf.distribute.get_strategy()
+        self.output_dir = Path(output_dir) / _worker_subdir(self.strategy)
         self.progress = progress
         self.keep_checkpoints = max(1, int(keep_checkpoints))
         self.loggers = loggers if loggers is not None else build_loggers(self.output_dir, progress=progress)

@@ -1,0 +1,447 @@
+"""Caption millions of images on Apache Beam: a `ModelHandler` for ClipCap used with ``RunInference``.
+
+The same pipeline runs on the local DirectRunner / PrismRunner and on Dataflow, Flink or Spark::
+
+    inputs (patterns, directories, files; or a text / CSV list of paths)
+      -> match with Beam's file systems (local, gs://, s3://, hdfs:// with Beam's extras)
+      -> fileio.ReadMatches -> read + CLIP preprocess (a DoFn; a bad image becomes an error record)
+      -> RunInference(ClipCapModelHandler): BatchElements of exactly ``batch_size`` images (the compiled
+         batch shape), CLIP encoding + decoding, the model loaded once per worker process, shared by its threads
+      -> one JSON line per input in sharded files ``<output>-records-SSSSS-of-NNNNN.jsonl``;
+         error records also in ``<output>-errors-SSSSS-of-NNNNN.jsonl`` (the dead-letter output)
+
+A record is ``{"image", "caption", "candidates": [{"text", "tokens", "score"}], "error", "model",
+"settings"}``; ``error`` is None when captioned, ``settings`` is `prediction.generation_settings` (what
+map.json stores). For the same model, images, settings and batch size the captions and scores are those of
+``ClipCap.predict``: the same reading (`utils.image_io.read_image`), preprocessing, ``clip.encode_pixels``
+and ``model.generate`` on batches of the same size (``method="sample"`` draws depend on how images are
+grouped in batches, as in ``predict``).
+
+Outputs are written by Beam's text sink: temporary files renamed when the job ends (all or nothing per job).
+``skip_existing`` lists earlier outputs: an image captioned there (no error) with the same settings is
+skipped, so a large job can be split or resumed; write each run to a new prefix.
+
+Example::
+
+    from models.image_captioning.beam_inference import run_batch
+    run_batch(["photos/", "more/*.jpg"], "pretrained_models/coco", "out/captions", method="beam",
+              generate_kwargs={"beam_size": 5}, pipeline_args=["--runner=DirectRunner"])
+    # -> out/captions-records-00000-of-00001.jsonl, out/captions-errors-00000-of-00001.jsonl
+"""
+
+import csv
+import io
+import json
+import logging
+import os
+from pathlib import Path
+
+import apache_beam as beam
+import numpy as np
+from apache_beam.io import fileio
+from apache_beam.io.filesystems import FileSystems
+from apache_beam.ml.inference.base import ModelHandler, PredictionResult, RunInference
+from apache_beam.options.pipeline_options import PipelineOptions
+
+from utils.file_utils import DEFAULT_MAX_BYTES, UnsafePathError
+from utils.image_io import IMAGE_EXTENSIONS, ImageReadError, read_image
+
+logger = logging.getLogger(__name__)
+
+ROOT = Path(__file__).resolve().parents[2]
+METHODS = ("greedy", "beam", "sample")
+ERRORS = "errors"
+# Beam's text sink deletes the files matching "<its prefix>-*-of-<N><suffix>" before renaming its own: the two
+# file sets need prefixes that do not match each other's glob ("<output>-*" would also match the errors).
+RECORDS_NAME, ERRORS_NAME = "records", "errors"
+OUTPUT_SUFFIX = ".jsonl"
+_GLOB_CHARS = set("*?[")
+
+
+# ------------------------------------------------------------------------------------------------- records
+
+
+def make_record(image, settings, candidates=None, error=None):
+    """One output line: the image, its best caption, every candidate (text, token ids, score), the error."""
+    if candidates is not None:
+        candidates = [{"text": c["text"], "tokens": [int(t) for t in c["tokens"]], "score": float(c["score"])}
+                      for c in candidates]
+    return {"image": image, "caption": candidates[0]["text"] if candidates else None, "candidates": candidates,
+            "error": error, "model": settings.get("model"), "settings": settings}
+
+
+def is_local(path):
+    return FileSystems.get_scheme(path) in (None, "file")
+
+
+def local_path(path):
+    return path[len("file://"):] if path.startswith("file://") else path
+
+
+def record_key(image):
+    """What identifies an image across runs: the absolute path for local files, the URL otherwise."""
+    return os.path.abspath(local_path(image)) if is_local(image) else image
+
+
+# -------------------------------------------------------------------------------------------------- inputs
+
+
+def _has_image_extension(path):
+    return os.path.splitext(path.rstrip("/"))[1].lower() in IMAGE_EXTENSIONS
+
+
+def _match(pattern):
+    return [m.path for m in FileSystems.match([pattern])[0].metadata_list]
+
+
+def match_images(pattern):
+    """Beam file-system counterpart of `utils.image_io.list_images` for one input (sorted paths).
+
+    A file is kept whatever its extension; a directory (or an object-store prefix) is searched recursively
+    and a glob pattern expanded (Beam's syntax: ``*`` within a path segment, ``**`` across segments), both
+    keeping the files with an image extension.
+
+    Raises:
+        ImageReadError: nothing there, a directory without images, a pattern matching no image.
+    """
+    if not _GLOB_CHARS & set(pattern):
+        local = local_path(pattern)
+        if is_local(pattern):
+            if os.path.isfile(local):
+                return [pattern]
+            if not os.path.isdir(local):
+                raise ImageReadError(f"no such file or directory: {pattern}")
+        elif not pattern.endswith("/") and FileSystems.exists(pattern):
+            return [pattern]
+        found = _match(pattern.rstrip("/") + "/**")
+        if not found and not is_local(pattern):
+            raise ImageReadError(f"no such file or directory: {pattern}")
+        images = sorted(p for p in found if _has_image_extension(p))
+        if not images:
+            raise ImageReadError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found in directory {pattern}")
+        return images
+    images = sorted(p for p in _match(pattern) if _has_image_extension(p))
+    if not images:
+        raise ImageReadError(f"no image file matches the pattern {pattern!r}")
+    return images
+
+
+class _MatchInputs(beam.DoFn):
+    """An input pattern -> its image paths; an input that matches nothing -> an error record (tagged)."""
+
+    def __init__(self, settings):
+        self._settings = settings
+
+    def process(self, pattern):
+        try:
+            yield from match_images(pattern)
+        except (ImageReadError, OSError) as e:  # BeamIOError is an IOError
+            yield beam.pvalue.TaggedOutput(ERRORS, make_record(pattern, self._settings, error=str(e)))
+
+
+def parse_input_list(line, path_column=None):
+    """One line of a list file -> the path it names (None for a blank line).
+
+    A plain line is a path; with ``path_column`` (a CSV's column index) the line is read as CSV.
+    """
+    if path_column is None:
+        line = line.strip()
+        return line or None
+    row = next(csv.reader(io.StringIO(line)), [])
+    value = row[path_column].strip() if path_column < len(row) else ""
+    return value or None
+
+
+def list_file_column(list_file):
+    """For a .csv list: the index of its path column (``image``, ``path``, ``file_name``, ``filename`` or
+    ``file``, else the first) and True (a header line to skip); for any other file: (None, False)."""
+    if not list_file.lower().endswith(".csv"):
+        return None, False
+    with FileSystems.open(list_file) as f:
+        header = next(csv.reader(io.StringIO(f.readline().decode("utf-8"))), [])
+    names = [h.strip().lower() for h in header]
+    for name in ("image", "path", "file_name", "filename", "file"):
+        if name in names:
+            return names.index(name), True
+    return 0, True
+
+
+# ----------------------------------------------------------------------------------- reading + preprocessing
+
+
+def decode_image_bytes(data, path, exif_transpose=True):
+    """`read_image` on bytes read from any file system, its errors naming ``path``."""
+    if not data:
+        raise ImageReadError(f"{path}: empty file (0 bytes)")
+    try:
+        return read_image(bytes(data), exif_transpose=exif_transpose)
+    except ImageReadError as e:
+        message = str(e)
+        message = message[len("image bytes: "):] if message.startswith("image bytes: ") else message
+        raise ImageReadError(f"{path}: {message}") from e
+
+
+def load_pixels(readable, n_px, exif_transpose=True, max_bytes=DEFAULT_MAX_BYTES):
+    """A Beam ``ReadableFile`` -> OpenAI-preprocessed (n_px, n_px, 3) pixels, as `predict` makes them.
+
+    Local files go through ``read_image(path)`` (exactly what `predict` does: regular files only, size cap);
+    other file systems are read through Beam, at most ``max_bytes``, and decoded by the same code. Raises
+    `ImageReadError` (or any preprocessing error) for a bad image.
+    """
+    from utils.clip_preprocessing import preprocess_image
+
+    path = readable.metadata.path
+    if is_local(path):
+        image = read_image(local_path(path), exif_transpose=exif_transpose, max_bytes=max_bytes)
+    else:
+        size = getattr(readable.metadata, "size_in_bytes", None)
+        if max_bytes is not None and size is not None and size > max_bytes:
+            raise ImageReadError(f"{path}: {size} bytes exceeds the limit of {max_bytes} bytes")
+        try:
+            with readable.open() as f:
+                data = f.read() if max_bytes is None else f.read(max_bytes + 1)
+        except OSError as e:
+            raise ImageReadError(f"{path}: cannot read: {e}") from e
+        if max_bytes is not None and len(data) > max_bytes:
+            raise ImageReadError(f"{path}: more than {max_bytes} bytes (the limit)")
+        image = decode_image_bytes(data, path, exif_transpose)
+    return preprocess_image(image, n_px)
+
+
+def clip_input_resolution(model_dir):
+    """The CLIP input side n_px of a saved ClipCap (from its clip/config.json, without loading weights)."""
+    with open(Path(model_dir) / "config.json", encoding="utf-8") as f:
+        clip_dir = json.load(f).get("clip")
+    if clip_dir is None:
+        raise ValueError(f"{model_dir} has no CLIP image encoder: batch captioning needs one")
+    with open(Path(model_dir) / clip_dir / "config.json", encoding="utf-8") as f:
+        return int(json.load(f)["clip"]["image_resolution"])
+
+
+class _ReadAndPreprocess(beam.DoFn):
+    """A ReadableFile -> (path, (n_px, n_px, 3) float32 pixels), OpenAI's CLIP preprocessing, as `predict`.
+
+    Local files go through ``read_image(path)`` (exactly what `predict` does); other file systems are read
+    through Beam (``ReadableFile.read``) and decoded by the same code. A bad image -> an error record.
+    """
+
+    def __init__(self, n_px, settings, exif_transpose=True):
+        self._n_px, self._settings, self._exif = n_px, settings, exif_transpose
+
+    def process(self, readable):
+        path = readable.metadata.path
+        try:
+            pixels = load_pixels(readable, self._n_px, self._exif)
+        except Exception as e:  # any failure of one image is that image's error record
+            message = str(e) if isinstance(e, ImageReadError) else f"{type(e).__name__} in preprocess: {e}"
+            logger.warning("cannot caption %s: %s", path, message)
+            yield beam.pvalue.TaggedOutput(ERRORS, make_record(path, self._settings, error=message))
+            return
+        yield path, pixels
+
+
+# ------------------------------------------------------------------------------------------- model handler
+
+
+class ClipCapModelHandler(ModelHandler):
+    """RunInference's handler for a saved ClipCap: (path, pixels) batches -> PredictionResult(path, candidates).
+
+    The decoding settings are the handler's arguments (``method`` and ``model.generate``'s keyword
+    arguments). Batches hold exactly ``batch_size`` elements (``BatchElements(min = max = batch_size)``; the
+    last of a bundle may be smaller and is padded to the next power of two by the model), so that the
+    XLA-compiled shapes are the few power-of-two buckets. The model is loaded once per worker process by
+    RunInference and shared by that process's threads.
+
+    Example::
+
+        handler = ClipCapModelHandler("pretrained_models/coco", method="beam", beam_size=5)
+        results = pixels_by_path | RunInference(handler)       # PredictionResult(path, [candidates])
+    """
+
+    def __init__(self, model_dir, method="greedy", batch_size=16, **generate_kwargs):
+        if method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+        if batch_size < 1 or batch_size & (batch_size - 1):
+            raise ValueError(f"batch_size must be a power of two (the compiled batch shapes), got {batch_size}")
+        import inspect
+
+        from models.image_captioning.clip_cap import ClipCap
+
+        try:  # unknown arguments fail here, at pipeline construction, not on every worker
+            inspect.signature(ClipCap.generate).bind(None, None, method=method, **generate_kwargs)
+        except TypeError as e:
+            raise TypeError(f"model.generate does not accept these settings: {e}") from e
+        super().__init__(min_batch_size=batch_size, max_batch_size=batch_size)
+        self.model_dir = str(model_dir)
+        self.method = method
+        self.batch_size = batch_size
+        self.generate_kwargs = dict(generate_kwargs)
+
+    def load_model(self):
+        from models.image_captioning.clip_cap import ClipCap
+
+        model = ClipCap.load(self.model_dir)
+        if model.clip is None:
+            raise ValueError(f"{self.model_dir} has no CLIP image encoder: batch captioning needs one")
+        return model
+
+    def run_inference(self, batch, model, inference_args=None):
+        paths = [path for path, _ in batch]
+        embeddings = np.asarray(model.clip.encode_pixels(np.stack([pixels for _, pixels in batch])))
+        generated = model.generate(embeddings, method=self.method, **self.generate_kwargs)
+        return [PredictionResult(path, candidates, model.name) for path, candidates in zip(paths, generated)]
+
+    def get_num_bytes(self, batch):
+        return sum(pixels.nbytes for _, pixels in batch)
+
+    def get_metrics_namespace(self):
+        return "ClipCap"
+
+
+# ------------------------------------------------------------------------------------------------ pipeline
+
+
+class _SkipDone(beam.DoFn):
+    """(key, {"todo": [paths], "done": [...]}) -> the paths when no earlier record captioned the image."""
+
+    def process(self, element):
+        _, groups = element
+        if not list(groups["done"]):
+            yield from groups["todo"]
+
+
+def _done_keys(line, settings):
+    record = json.loads(line)
+    if record.get("error") is None and record.get("caption") is not None and record.get("settings") == settings:
+        yield record_key(record["image"]), True
+
+
+def previous_outputs(prefix):
+    """The glob of the record files written under ``prefix`` (ValueError when there are none)."""
+    pattern = f"{prefix}-{RECORDS_NAME}-*-of-*{OUTPUT_SUFFIX}"
+    if not _match(pattern):
+        raise ValueError(f"--skip-existing {prefix}: no output files {pattern}")
+    return pattern
+
+
+def caption_pipeline(pipeline, inputs, model_dir, output, method="greedy", batch_size=16, generate_kwargs=None,
+                     exif_transpose=True, input_lists=(), skip_existing=(), num_shards=0, settings=None):
+    """Add the captioning transforms to ``pipeline``; returns the (records, errors) PCollections.
+
+    Args:
+        inputs: file paths, directories or glob patterns (any Beam file system).
+        model_dir: a saved ClipCap directory readable by every worker.
+        output: the output prefix; records go to ``<output>-records-SSSSS-of-NNNNN.jsonl``, errors also to
+            ``<output>-errors-SSSSS-of-NNNNN.jsonl``.
+        input_lists: text files of paths (one a line) or CSV files (a header; the path column is ``image``,
+            ``path``, ``file_name``, ``filename``, ``file`` or the first).
+        skip_existing: earlier output prefixes: images captioned there with the same settings are skipped.
+        num_shards: output shards (0: the runner decides).
+        settings: the records' settings (default: `prediction.generation_settings` of the saved model).
+    """
+    generate_kwargs = dict(generate_kwargs or {})
+    if settings is None:
+        settings = batch_settings(model_dir, method, generate_kwargs)
+    handler = ClipCapModelHandler(model_dir, method=method, batch_size=batch_size, **generate_kwargs)
+    n_px = clip_input_resolution(model_dir)
+
+    matched = (pipeline | "Inputs" >> beam.Create(list(inputs))
+               | "Match" >> beam.ParDo(_MatchInputs(settings)).with_outputs(ERRORS, main="paths"))
+    paths = [matched.paths]
+    for i, list_file in enumerate(input_lists):
+        column, header = list_file_column(list_file)
+        paths.append(pipeline
+                     | f"ReadList{i}" >> beam.io.ReadFromText(list_file, skip_header_lines=int(header))
+                     | f"ParseList{i}" >> beam.Map(parse_input_list, column)
+                     | f"NonEmpty{i}" >> beam.Filter(lambda p: p is not None))
+    paths = paths[0] if len(paths) == 1 else tuple(paths) | "AllPaths" >> beam.Flatten()
+    if skip_existing:
+        done = (tuple(pipeline | f"ReadPrevious{i}" >> beam.io.ReadFromText(previous_outputs(prefix))
+                      for i, prefix in enumerate(skip_existing))
+                | "FlattenPrevious" >> beam.Flatten()
+                | "DoneKeys" >> beam.FlatMap(_done_keys, settings))
+        todo = paths | "KeyPaths" >> beam.Map(lambda p: (record_key(p), p))
+        paths = ({"todo": todo, "done": done} | "JoinPrevious" >> beam.CoGroupByKey()
+                 | "SkipDone" >> beam.ParDo(_SkipDone()))
+    preprocessed = (paths
+                    | "ReadMatches" >> fileio.ReadMatches()
+                    | "Preprocess" >> beam.ParDo(_ReadAndPreprocess(n_px, settings, exif_transpose))
+                    .with_outputs(ERRORS, main="pixels"))
+    captioned = (preprocessed.pixels
+                 | "RunInference" >> RunInference(handler)
+                 | "ToRecords" >> beam.Map(lambda r: make_record(r.example, settings, candidates=r.inference)))
+    errors = (matched[ERRORS], preprocessed[ERRORS]) | "FlattenErrors" >> beam.Flatten()
+    records = (captioned, errors) | "FlattenRecords" >> beam.Flatten()
+    (records | "RecordsToJson" >> beam.Map(json.dumps, ensure_ascii=False)
+     | "WriteRecords" >> beam.io.WriteToText(f"{output}-{RECORDS_NAME}", file_name_suffix=OUTPUT_SUFFIX,
+                                             num_shards=num_shards))
+    (errors | "ErrorsToJson" >> beam.Map(json.dumps, ensure_ascii=False)
+     | "WriteErrors" >> beam.io.WriteToText(f"{output}-{ERRORS_NAME}", file_name_suffix=OUTPUT_SUFFIX,
+                                            num_shards=num_shards))
+    return records, errors
+
+
+def batch_settings(model_dir, method, generate_kwargs):
+    """`prediction.generation_settings` for a saved model, read from its config.json (no weights loaded)."""
+    from types import SimpleNamespace
+
+    from models.image_captioning.prediction import generation_settings
+
+    with open(Path(model_dir) / "config.json", encoding="utf-8") as f:
+        name = json.load(f).get("name") or Path(model_dir).name  # as ClipCap.load names the model
+    return generation_settings(SimpleNamespace(name=name), method, generate_kwargs)
+
+
+def run_batch(inputs, model_dir, output, method="greedy", batch_size=16, generate_kwargs=None, exif_transpose=True,
+              input_lists=(), skip_existing=(), num_shards=0, pipeline_args=(), overwrite=False):
+    """Build and run the captioning pipeline (Beam options from ``pipeline_args``); returns the output files.
+
+    An output prefix that already holds shards (``<output>-records-*`` / ``<output>-errors-*``, an earlier
+    run's) is refused unless ``overwrite``, which deletes those shards first (Beam's sink would replace only
+    the ones with the same shard count, leaving a mix of two runs).
+
+    Example::
+
+        run_batch(["photos/"], "pretrained_models/coco", "out/captions",
+                  pipeline_args=["--runner=DirectRunner", "--direct_num_workers=2",
+                                 "--direct_running_mode=multi_processing"])
+    """
+    if not inputs and not input_lists:
+        raise ValueError("no inputs: give file patterns or an input list")
+    if any(str(prefix).rstrip("/") == str(output).rstrip("/") for prefix in skip_existing):
+        raise ValueError(f"--skip-existing {output} is the output prefix itself: write the new run to another "
+                         "prefix (the earlier files would be overwritten)")
+    existing = output_files(output) + output_files(output, ERRORS_NAME)
+    if existing and not overwrite:
+        raise UnsafePathError(f"{output} already holds the output of an earlier run ({existing[0]}, ...): give "
+                              "another --output prefix (resume with --skip-existing), or --overwrite")
+    if existing:
+        FileSystems.delete(existing)
+    _export_pythonpath()
+    options = PipelineOptions(list(pipeline_args))
+    with beam.Pipeline(options=options) as pipeline:
+        caption_pipeline(pipeline, inputs, model_dir, output, method=method, batch_size=batch_size,
+                         generate_kwargs=generate_kwargs, exif_transpose=exif_transpose, input_lists=input_lists,
+                         skip_existing=skip_existing, num_shards=num_shards)
+    return sorted(output_files(output) + output_files(output, ERRORS_NAME))
+
+
+def _export_pythonpath():
+    """Worker subprocesses (the DirectRunner's multi_processing mode) import this repository's modules."""
+    paths = os.environ.get("PYTHONPATH", "").split(os.pathsep)
+    if str(ROOT) not in paths:
+        os.environ["PYTHONPATH"] = os.pathsep.join([str(ROOT), *[p for p in paths if p]])
+
+
+def output_files(output, name=RECORDS_NAME):
+    """The shards of an output prefix: its records (``name="records"``) or its errors (``"errors"``)."""
+    return sorted(_match(f"{output}-{name}-*-of-*{OUTPUT_SUFFIX}"))
+
+
+def read_records(output, name=RECORDS_NAME):
+    """Every record of an output prefix (every shard of its records, or of its errors), as dicts."""
+    records = []
+    for path in output_files(output, name):
+        with FileSystems.open(path) as f:
+            records.extend(json.loads(line) for line in f.read().decode("utf-8").splitlines() if line.strip())
+    return records

@@ -1,0 +1,199 @@
+"""Batch captioning on Apache Beam (models/image_captioning/beam_inference.py, ``main.py batch``).
+
+The tiny ClipCap (`unitest.tiny_models`) captions the demo photos and every bad-input kind of the pipeline
+tests on the DirectRunner, in process and with two worker processes; the records must be those of
+``ClipCap.predict`` for the same model, images, settings and batch size (captions, candidates, scores and
+error messages), bad inputs must become records (and dead letters), and a rerun must skip what was done.
+"""
+
+import csv
+import json
+import shutil
+
+import pytest
+from PIL import Image
+
+from models.image_captioning import beam_inference
+from models.image_captioning.prediction import generation_settings
+from unitest.test_prediction import _jpeg_bytes, image_dir  # noqa: F401 - the pipeline tests' bad inputs
+from unitest.tiny_models import DEMO_DIR
+
+SETTINGS = dict(method="beam", beam_size=3, num_captions=2, max_length=8)
+BATCH = 4
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    from models.image_captioning.clip_cap import ClipCap
+    from unitest import tiny_models
+
+    model_dir = tiny_models.shared_tiny_model(tmp_path_factory)
+    return model_dir, ClipCap.load(str(model_dir))
+
+
+@pytest.fixture
+def inputs(image_dir, tmp_path):  # noqa: F811
+    """The demo photos next to every bad file kind, plus a missing path, an empty folder and an unmatched glob."""
+    d, good, bad = image_dir
+    for photo in sorted(DEMO_DIR.glob("*.jpg")):
+        shutil.copy(photo, d / photo.name)
+    return [str(d), str(tmp_path / "missing.jpg"), str(tmp_path / "no_images"), str(tmp_path / "*.webp")]
+
+
+def _by_key(records):
+    return {beam_inference.record_key(str(r["image"])): r for r in records}
+
+
+def _check_against_predict(records, expected, model):
+    """Every record equals predict's result for its image: caption, candidates (tokens decode to the text),
+    scores, error message; model name and settings as predict stores them in map.json."""
+    settings = generation_settings(model, SETTINGS["method"], {k: v for k, v in SETTINGS.items() if k != "method"})
+    got = _by_key(records)
+    assert len(got) == len(records), "one record per input"
+    assert set(got) == set(expected)
+    for key, r in got.items():
+        e = expected[key]
+        assert r["model"] == "tiny" and r["settings"] == settings, r
+        assert r["error"] == e["error"], key
+        if e["error"] is not None:
+            assert r["caption"] is None and r["candidates"] is None
+            continue
+        assert r["caption"] == e["caption"]
+        assert [c["text"] for c in r["candidates"]] == [c["text"] for c in e["candidates"]]
+        assert [c["score"] for c in r["candidates"]] == pytest.approx([c["score"] for c in e["candidates"]],
+                                                                      abs=1e-5)
+        for c in r["candidates"]:
+            assert all(isinstance(t, int) for t in c["tokens"])
+            assert model.tokenizer.decode(c["tokens"]).strip() == c["text"]
+
+
+def _predict(model, inputs):
+    results = model.predict(inputs, batch_size=BATCH, save=False, progress=False, return_candidates=True,
+                            **SETTINGS)
+    return _by_key(results)
+
+
+def test_batch_on_two_worker_processes_matches_predict(tiny, inputs, tmp_path):
+    """DirectRunner in multi-process mode (two SDK worker processes, each loading the model once) over the
+    demo photos and every bad input: predict's records, bad inputs as records and dead letters."""
+    model_dir, model = tiny
+    expected = _predict(model, inputs)
+    assert sum(e["error"] is None for e in expected.values()) == 14  # 9 modes + 5 demo photos
+    assert sum(e["error"] is not None for e in expected.values()) == 7
+    out = str(tmp_path / "out" / "captions")
+    files = beam_inference.run_batch(inputs, str(model_dir), out, method=SETTINGS["method"], batch_size=BATCH,
+                                     generate_kwargs={k: v for k, v in SETTINGS.items() if k != "method"},
+                                     pipeline_args=["--runner=DirectRunner", "--direct_num_workers=2",
+                                                    "--direct_running_mode=multi_processing"])
+    assert files == sorted(beam_inference.output_files(out) + beam_inference.output_files(out, "errors"))
+    records = beam_inference.read_records(out)
+    _check_against_predict(records, expected, model)
+    # the dead-letter files hold exactly the error records
+    dead = beam_inference.read_records(out, "errors")
+    assert sorted(json.dumps(r, sort_keys=True) for r in dead) == sorted(
+        json.dumps(r, sort_keys=True) for r in records if r["error"] is not None)
+    assert not list((tmp_path / "out").glob("beam-temp*"))  # the sink's temporary files are gone
+
+
+def test_cli_input_list_skip_existing_and_pipeline_options(tiny, inputs, tmp_path, capsys):
+    from main import main
+
+    model_dir, model = tiny
+    d = inputs[0]
+    listed = sorted(str(p) for p in DEMO_DIR.glob("*.jpg"))[:3]
+    with open(tmp_path / "list.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["caption", "image"])
+        writer.writerows([[f"photo {i}", p] for i, p in enumerate(listed)] + [["gone", str(tmp_path / "gone.png")]])
+    args = ["batch", d, "--input-list", str(tmp_path / "list.csv"), "--model", str(model_dir), "--method", "beam",
+            "--beam-size", "3", "--num-captions", "2", "--max-length", "8", "--batch-size", str(BATCH),
+            "--no-exif-transpose"]
+    first = str(tmp_path / "run1" / "captions")
+    # a Beam option this command does not know goes to the pipeline
+    assert main(args + ["--output", first, "--num-shards", "2", "--direct_num_workers=1"]) == 1  # bad inputs
+    assert len(beam_inference.output_files(first)) == 2
+    records = beam_inference.read_records(first)
+    expected = model.predict([d, *listed, str(tmp_path / "gone.png")], batch_size=BATCH, save=False,
+                             progress=False, return_candidates=True, exif_transpose=False, **SETTINGS)
+    by_key = _by_key(records)
+    assert len(records) == len(expected)  # the listed photos are not in d: no duplicates
+    assert "no such image file" in by_key[str(tmp_path / "gone.png")]["error"]
+    rotated = by_key[beam_inference.record_key(f"{d}/rotated.jpg")]
+    assert rotated["settings"]["method"] == "beam" and rotated["error"] is None
+    assert rotated["caption"] == [r for r in expected if str(r["image"]).endswith("rotated.jpg")][0]["caption"]
+    assert "captioned" in capsys.readouterr().err
+
+    # resume: a new photo is captioned, failures are tried again, everything else is skipped
+    Image.new("RGB", (51, 52), "orange").save(f"{d}/new.png")
+    second = str(tmp_path / "run2" / "captions")
+    assert main(args + ["--output", second, "--skip-existing", first]) == 1
+    again = _by_key(beam_inference.read_records(second))
+    failed = {k for k, r in by_key.items() if r["error"] is not None}
+    assert set(again) == failed | {beam_inference.record_key(f"{d}/new.png")}
+    assert again[beam_inference.record_key(f"{d}/new.png")]["error"] is None
+    # an earlier record counts only when made with the same settings and without error
+    settings = by_key[beam_inference.record_key(f"{d}/rotated.jpg")]["settings"]
+    line = json.dumps(rotated)
+    assert list(beam_inference._done_keys(line, settings)) == [(beam_inference.record_key(f"{d}/rotated.jpg"), True)]
+    assert list(beam_inference._done_keys(line, dict(settings, max_length=6))) == []
+    assert list(beam_inference._done_keys(json.dumps(dict(rotated, error="x", caption=None)), settings)) == []
+    # usage errors
+    capsys.readouterr()
+    assert main(args + ["--output", first, "--skip-existing", first]) == 2
+    assert "output prefix itself" in capsys.readouterr().err
+    shards = {p: open(p, "rb").read() for p in beam_inference.output_files(first)}
+    assert main(args + ["--output", first]) == 2  # an earlier run's output is not replaced without --overwrite
+    assert "already holds the output of an earlier run" in capsys.readouterr().err
+    assert {p: open(p, "rb").read() for p in beam_inference.output_files(first)} == shards
+    assert main(args + ["--output", str(tmp_path / "run3"), "--skip-existing", str(tmp_path / "nothing")]) == 2
+    with pytest.raises(SystemExit) as exit_info:  # other commands still refuse unknown options
+        main(["download", "--direct_num_workers=1"])
+    assert exit_info.value.code == 2 and "unrecognized arguments" in capsys.readouterr().err
+
+
+def test_handler_refuses_bad_settings_at_construction(tiny):
+    model_dir, _ = tiny
+    with pytest.raises(TypeError, match="bem_size"):
+        beam_inference.ClipCapModelHandler(str(model_dir), method="beam", bem_size=3)
+    with pytest.raises(ValueError, match="power of two"):
+        beam_inference.ClipCapModelHandler(str(model_dir), batch_size=12)
+    with pytest.raises(ValueError, match="method"):
+        beam_inference.ClipCapModelHandler(str(model_dir), method="greedy_search")
+    handler = beam_inference.ClipCapModelHandler(str(model_dir), batch_size=8)
+    assert handler.batch_elements_kwargs() == {"min_batch_size": 8, "max_batch_size": 8}
+
+
+def test_bytes_from_other_file_systems_decode_with_the_path_in_errors(tmp_path):
+    """Non-local files are read through Beam and decoded from bytes: same checks, errors name the file."""
+    from utils.image_io import ImageReadError
+
+    image = beam_inference.decode_image_bytes(_jpeg_bytes((40, 30)), "gs://b/a.jpg")
+    assert image.size == (40, 30)
+    with pytest.raises(ImageReadError, match=r"^gs://b/e.jpg: empty file"):
+        beam_inference.decode_image_bytes(b"", "gs://b/e.jpg")
+    with pytest.raises(ImageReadError, match=r"^gs://b/t.jpg: not an image file"):
+        beam_inference.decode_image_bytes(b"hello", "gs://b/t.jpg")
+    jpeg = _jpeg_bytes((40, 30))
+    with pytest.raises(ImageReadError, match=r"^gs://b/h.jpg: cannot decode image \(truncated"):
+        beam_inference.decode_image_bytes(jpeg[: len(jpeg) // 2], "gs://b/h.jpg")
+
+
+def test_reads_from_other_file_systems_are_bounded(tmp_path):
+    """A non-local file larger than the cap is refused from its metadata or while reading, never read whole."""
+    from types import SimpleNamespace
+
+    from utils.image_io import ImageReadError
+
+    data = _jpeg_bytes((40, 30))
+    path = tmp_path / "a.jpg"
+    path.write_bytes(data)
+
+    def readable(size):
+        return SimpleNamespace(metadata=SimpleNamespace(path="gs://b/a.jpg", size_in_bytes=size),
+                               open=lambda: open(path, "rb"))
+
+    assert beam_inference.load_pixels(readable(len(data)), 16, max_bytes=len(data)).shape == (16, 16, 3)
+    with pytest.raises(ImageReadError, match="exceeds the limit"):
+        beam_inference.load_pixels(readable(len(data)), 16, max_bytes=len(data) - 1)
+    with pytest.raises(ImageReadError, match="more than"):  # a size the metadata does not tell
+        beam_inference.load_pixels(readable(None), 16, max_bytes=len(data) - 1)
