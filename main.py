@@ -20,13 +20,22 @@ from pathlib import Path
 
 from custom_train_objects import commands as train_commands
 from models import batch_command  # imports neither Beam nor TensorFlow
+from utils.cli import (  # noqa: F401 (escape_field, load_model: part of main's API)
+    EXIT_FAILED_INPUTS,
+    EXIT_INTERRUPTED,
+    EXIT_MODEL,
+    EXIT_OK,
+    EXIT_USAGE,
+    MODEL_ERRORS,
+    UnknownModelError,
+    add_decoding_arguments,
+    decoding_kwargs,
+    escape_field,
+    load_model,
+)
+from utils.cli import Formatter as _Formatter
+from utils.cli import fail as _fail
 from utils.file_utils import DEFAULT_MAX_BYTES
-
-EXIT_OK = 0  # every input captioned
-EXIT_FAILED_INPUTS = 1  # some inputs could not be captioned (listed on stderr)
-EXIT_USAGE = 2  # bad command line (argparse's own code too)
-EXIT_MODEL = 3  # the model could not be downloaded, converted or loaded
-EXIT_INTERRUPTED = 130
 
 ENVIRONMENT_HELP = """\
 environment variables:
@@ -45,74 +54,12 @@ output lines: in "<path><TAB><caption>" and "error: ..." lines a backslash, tab,
 """
 
 
-class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    pass
-
-
-class UnknownModelError(KeyError):
-    """--model names neither a directory, nor a saved model in the store, nor a downloadable model."""
-
-
-_ESCAPES = str.maketrans({"\\": "\\\\", "\n": "\\n", "\t": "\\t", "\r": "\\r"})
-
-
-def escape_field(text) -> str:
-    """``text`` with backslash, newline, tab and carriage return written as ``\\\\``, ``\\n``, ``\\t``,
-    ``\\r``: a path or caption holding them cannot break the one-result-per-line output (reversible)."""
-    return str(text).translate(_ESCAPES)
-
-
-def _fail(message, code):
-    print(f"error: {escape_field(message)}", file=sys.stderr)
-    return code
-
-
 # ---------------------------------------------------------------------------------------------- caption
 
 
 def _model_arg_help():
     return ("a model name (coco, conceptual, coco_transformer: downloaded and converted on first use), the "
             "name of a model saved in the model store, or a directory holding a saved model")
-
-
-def _is_plain_name(name):
-    from utils.file_utils import check_model_name
-
-    try:
-        check_model_name(name)
-    except ValueError:
-        return False
-    return True
-
-
-def load_model(name_or_dir):
-    """A ClipCap from a directory, a saved name in the store, or a downloadable name; `UnknownModelError`
-    (a KeyError) if it is none of them."""
-    from utils import downloads
-
-    known = os.path.isdir(name_or_dir) or name_or_dir in downloads.MODELS or (
-        _is_plain_name(name_or_dir) and downloads.is_saved_model(downloads.saved_model_dir(name_or_dir)))
-    if not known:
-        raise UnknownModelError(f"unknown model {name_or_dir!r}: not a directory, not a saved model in "
-                                f"{downloads.home_dir()}, and not one of {', '.join(downloads.MODELS)}")
-    logging.getLogger(__name__).info("loading model %s", name_or_dir)
-    from models.image_captioning.clip_cap import ClipCap
-
-    return ClipCap.load(name_or_dir)  # resolves all three (official names: downloaded and converted once)
-
-
-#: what loading a model may raise besides `UnknownModelError`: CheckpointError / ModelLoadError (ValueError),
-#: DownloadError / OfflineError (RuntimeError), missing files (OSError), damaged configs (KeyError, TypeError)
-MODEL_ERRORS = (OSError, ValueError, RuntimeError, KeyError, TypeError)
-
-
-def _generate_kwargs(args):
-    kwargs = {}
-    for key in ("beam_size", "max_length", "temperature", "top_k", "top_p", "num_captions", "seed"):
-        value = getattr(args, key)
-        if value is not None:
-            kwargs[key] = value
-    return kwargs
 
 
 def cmd_caption(args):
@@ -131,7 +78,7 @@ def cmd_caption(args):
                               save=not args.no_save, overwrite=args.overwrite, output_dir=args.output_dir,
                               return_candidates=args.json, progress=not args.no_progress,
                               exif_transpose=not args.no_exif_transpose, max_file_bytes=_max_bytes(args),
-                              **_generate_kwargs(args))
+                              **decoding_kwargs(args))
     except KeyboardInterrupt:
         return _fail("interrupted; every caption made so far is saved in map.json", EXIT_INTERRUPTED)
     except (TypeError, ValueError) as e:  # e.g. arguments the decoding method does not accept
@@ -293,15 +240,7 @@ def build_parser():
     p.add_argument("images", nargs="+", help="image files, directories (searched recursively) or glob patterns "
                                              "(quote them: 'photos/**/*.jpg')")
     p.add_argument("--model", default="coco", help=_model_arg_help())
-    p.add_argument("--method", choices=("greedy", "beam", "sample"), default="greedy", help="decoding method")
-    p.add_argument("--beam-size", type=int, help="beams for --method beam (model default: 5)")
-    p.add_argument("--max-length", type=int, help="maximum caption length in tokens (model default: 67)")
-    p.add_argument("--temperature", type=float, help="softmax temperature (sample, beam)")
-    p.add_argument("--top-k", type=int, help="sample among the k most likely tokens (--method sample)")
-    p.add_argument("--top-p", type=float, help="nucleus sampling threshold (--method sample)")
-    p.add_argument("--num-captions", type=int, help="captions returned per image (beam, sample)")
-    p.add_argument("--seed", type=int, help="random seed for --method sample")
-    p.add_argument("--batch-size", type=int, default=16, help="images per encoding / decoding batch")
+    add_decoding_arguments(p)
     p.add_argument("--json", action="store_true",
                    help="print a JSON list of results (image, caption, candidates, error, timings)")
     p.add_argument("--output-dir", help="where map.json is written (default: pretrained_models/<model>/outputs)")

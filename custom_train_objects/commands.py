@@ -8,27 +8,29 @@
 Heavy libraries are imported inside the command functions, so ``main.py --help`` stays instant.
 """
 
-import argparse
 import json
 import logging
 import sys
 
 from hparams.training import TrainingHParams
+from utils.cli import EXIT_FAILED_INPUTS as EXIT_FAILED
+from utils.cli import (
+    EXIT_INTERRUPTED,
+    EXIT_MODEL,
+    EXIT_OK,
+    EXIT_USAGE,
+    MODEL_ERRORS,
+    UnknownModelError,
+    load_model,
+    report_skipped,
+)
+from utils.cli import Formatter as _Formatter
+from utils.cli import fail as _fail
 
 logger = logging.getLogger(__name__)
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_MODEL, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 DATA_FORMATS = ("coco", "karpathy", "table")
 STRATEGIES = ("default", "mirrored", "multiworker")
-
-
-class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    pass
-
-
-def _fail(message, code):
-    print(f"error: {message}", file=sys.stderr)
-    return code
 
 
 def _add_data_arguments(p):
@@ -107,12 +109,7 @@ def cmd_extract(args):
     path = save_embedded_dataset(args.output, dataset, result, encoder.model_id)
     print(f"{path}: {len(result.indices)} images ({result.cache_hits} from the cache, {result.computed} "
           f"encoded), {len(dataset)} captions in {dataset.name}")
-    for i, message in sorted(result.failed.items()):
-        print(f"error: skipped {dataset.images[i]}: {message}", file=sys.stderr)
-    if result.failed:
-        print(f"{len(result.failed)} of {dataset.num_images} images could not be read (left out)", file=sys.stderr)
-        return EXIT_FAILED
-    return EXIT_OK
+    return EXIT_FAILED if report_skipped(result.failed, dataset.images, dataset.num_images) else EXIT_OK
 
 
 def _extract_on_beam(args, dataset, clip):
@@ -129,12 +126,7 @@ def _extract_on_beam(args, dataset, clip):
         return _fail(str(e), EXIT_USAGE)
     print(f"{path}: {len(result.indices)} images ({result.computed} encoded on {args.runner}), {len(dataset)} "
           f"captions in {dataset.name}")
-    for i, message in sorted(result.failed.items()):
-        print(f"error: skipped {dataset.images[i]}: {message}", file=sys.stderr)
-    if result.failed:
-        print(f"{len(result.failed)} of {dataset.num_images} images could not be read (left out)", file=sys.stderr)
-        return EXIT_FAILED
-    return EXIT_OK
+    return EXIT_FAILED if report_skipped(result.failed, dataset.images, dataset.num_images) else EXIT_OK
 
 
 # -------------------------------------------------------------------------------------------------- train
@@ -219,10 +211,8 @@ def cmd_evaluate(args):
         dataset = load_dataset(args)
     except DatasetError as e:
         return _fail(str(e), EXIT_USAGE)
-    from main import MODEL_ERRORS, UnknownModelError
-
     try:
-        model = _load_model(args.model)
+        model = load_model(args.model)
         clip_for_score = _load_clip(args.clip_score_model) if args.clip_score_model else None
     except UnknownModelError as e:
         return _fail(e.args[0], EXIT_USAGE)
@@ -243,12 +233,6 @@ def cmd_evaluate(args):
         print(f"note: {metric} skipped: {reason}", file=sys.stderr)
     print(f"{args.output}/metrics.json")
     return EXIT_FAILED if report["failed_images"] else EXIT_OK
-
-
-def _load_model(name_or_dir):
-    from main import load_model  # a directory, a saved name or a downloadable name
-
-    return load_model(name_or_dir)
 
 
 # ------------------------------------------------------------------------------------------------- parser

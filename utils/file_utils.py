@@ -271,24 +271,10 @@ def read_regular_file(path, max_bytes=DEFAULT_MAX_BYTES) -> bytes:
     The file is opened without blocking (a FIFO would block ``open`` until a writer appears) and checked on
     its open descriptor, so a file swapped for a special file between the check and the read is refused too.
     """
-    path = os.fspath(path)
-    problem = path_problem(path)
-    if problem:
-        raise UnsafePathError(problem)
-    try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
-    except OSError as e:
-        raise UnsafePathError(f"{path}: cannot open: {e.strerror}") from e
-    with os.fdopen(fd, "rb") as f:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise UnsafePathError(f"{path} is {describe_kind(st.st_mode)}, not a regular file")
-        if max_bytes is not None and st.st_size > max_bytes:
-            raise UnsafePathError(f"{path}: {st.st_size} bytes exceeds the limit of {max_bytes} bytes "
-                                  "(raise max_bytes / --max-file-bytes if the file is trusted)")
+    with open_regular_file(path, max_bytes) as f:
         data = f.read() if max_bytes is None else f.read(max_bytes + 1)
     if max_bytes is not None and len(data) > max_bytes:  # the file grew while being read
-        raise UnsafePathError(f"{path}: more than {max_bytes} bytes (the file grew while being read)")
+        raise UnsafePathError(f"{os.fspath(path)}: more than {max_bytes} bytes (the file grew while being read)")
     return data
 
 

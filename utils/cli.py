@@ -1,0 +1,117 @@
+"""What every command of ``main.py`` shares: exit codes, the help formatter, error lines, model loading and
+the decoding options (so ``caption`` and ``batch`` cannot drift apart).
+
+Light on purpose (no TensorFlow, no torch at import), so that ``main.py --help`` stays instant.
+
+Example::
+
+    from utils.cli import EXIT_USAGE, add_decoding_arguments, decoding_kwargs, fail
+    add_decoding_arguments(parser)
+    kwargs = decoding_kwargs(parser.parse_args())      # only the options given
+"""
+
+import argparse
+import logging
+import os
+import sys
+
+EXIT_OK = 0  # every input captioned
+EXIT_FAILED_INPUTS = 1  # some inputs could not be captioned / read (listed on stderr)
+EXIT_USAGE = 2  # bad command line (argparse's own code too)
+EXIT_MODEL = 3  # the model could not be downloaded, converted or loaded
+EXIT_INTERRUPTED = 130
+
+DECODING_KEYS = ("beam_size", "max_length", "temperature", "top_k", "top_p", "num_captions", "seed")
+
+#: what loading a model may raise besides `UnknownModelError`: CheckpointError / ModelLoadError (ValueError),
+#: DownloadError / OfflineError (RuntimeError), missing files (OSError), damaged configs (KeyError, TypeError)
+MODEL_ERRORS = (OSError, ValueError, RuntimeError, KeyError, TypeError)
+
+
+class Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Defaults shown in ``--help``, descriptions and epilogs kept as written."""
+
+
+class UnknownModelError(KeyError):
+    """--model names neither a directory, nor a saved model in the store, nor a downloadable model."""
+
+
+_ESCAPES = str.maketrans({"\\": "\\\\", "\n": "\\n", "\t": "\\t", "\r": "\\r"})
+
+
+def escape_field(text) -> str:
+    """``text`` with backslash, newline, tab and carriage return written as ``\\\\``, ``\\n``, ``\\t``,
+    ``\\r``: a path or caption holding them cannot break the one-result-per-line output (reversible)."""
+    return str(text).translate(_ESCAPES)
+
+
+def fail(message, code):
+    """Print ``error: <message>`` (escaped, one line) on stderr and return the exit ``code``."""
+    print(f"error: {escape_field(message)}", file=sys.stderr)
+    return code
+
+
+def report_skipped(failed, names, total):
+    """Print one ``error: skipped <name>: <message>`` line per failed item and a count; True if any."""
+    for i, message in sorted(failed.items()):
+        print(f"error: skipped {escape_field(names[i])}: {escape_field(message)}", file=sys.stderr)
+    if failed:
+        print(f"{len(failed)} of {total} images could not be read (left out)", file=sys.stderr)
+    return bool(failed)
+
+
+def _is_plain_name(name):
+    from utils.file_utils import check_model_name
+
+    try:
+        check_model_name(name)
+    except ValueError:
+        return False
+    return True
+
+
+def resolve_model_dir(name_or_dir, download=True):
+    """The saved model a ``--model`` value names: a directory as given, a saved name in the model store, or
+    an official name (downloaded and converted once when ``download``, else returned as the name);
+    `UnknownModelError` if it is none of them."""
+    from utils import downloads
+
+    if os.path.isdir(name_or_dir):
+        return os.path.abspath(name_or_dir)  # also what every worker of a distributed job reads
+    if _is_plain_name(name_or_dir) and downloads.is_saved_model(downloads.saved_model_dir(name_or_dir)):
+        return str(downloads.saved_model_dir(name_or_dir))
+    if name_or_dir in downloads.MODELS:
+        if not download:
+            return name_or_dir
+        downloads.get_pretrained(name_or_dir)
+        return str(downloads.saved_model_dir(name_or_dir))
+    raise UnknownModelError(f"unknown model {name_or_dir!r}: not a directory, not a saved model in "
+                            f"{downloads.home_dir()}, and not one of {', '.join(downloads.MODELS)}")
+
+
+def load_model(name_or_dir):
+    """A `ClipCap` from a ``--model`` value (see `resolve_model_dir`); official names are downloaded and
+    converted on first use by ``ClipCap.load``."""
+    target = resolve_model_dir(name_or_dir, download=False)
+    logging.getLogger(__name__).info("loading model %s", name_or_dir)
+    from models.image_captioning.clip_cap import ClipCap
+
+    return ClipCap.load(target)
+
+
+def add_decoding_arguments(p, batch_help="images per encoding / decoding batch"):
+    """``--method``, ``--beam-size`` ... ``--seed`` and ``--batch-size`` (the arguments of ``generate``)."""
+    p.add_argument("--method", choices=("greedy", "beam", "sample"), default="greedy", help="decoding method")
+    p.add_argument("--beam-size", type=int, help="beams for --method beam (model default: 5)")
+    p.add_argument("--max-length", type=int, help="maximum caption length in tokens (model default: 67)")
+    p.add_argument("--temperature", type=float, help="softmax temperature (sample, beam)")
+    p.add_argument("--top-k", type=int, help="sample among the k most likely tokens (--method sample)")
+    p.add_argument("--top-p", type=float, help="nucleus sampling threshold (--method sample)")
+    p.add_argument("--num-captions", type=int, help="captions returned per image (beam, sample)")
+    p.add_argument("--seed", type=int, help="random seed for --method sample")
+    p.add_argument("--batch-size", type=int, default=16, help=batch_help)
+
+
+def decoding_kwargs(args):
+    """The decoding options given on the command line, as ``generate`` keyword arguments."""
+    return {k: getattr(args, k) for k in DECODING_KEYS if getattr(args, k, None) is not None}
