@@ -7,9 +7,11 @@ applied; the real ClipCap runs in `test_tiny_clipcap_predict` (shared tiny model
 
 import io
 import json
+import os
 import struct
 import threading
 import zlib
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -315,3 +317,27 @@ def test_bad_decoding_arguments_fail_before_any_image_is_read(tiny_clipcap, tmp_
     with pytest.raises(ValueError):
         tiny_clipcap.predict([str(tmp_path / "a.jpg")], output_dir=tmp_path, progress=False, **kwargs)
     assert not (tmp_path / "map.json").exists()
+
+
+def test_map_json_damaged_during_a_run_keeps_the_batch_in_a_sidecar(tmp_path, monkeypatch):
+    """Another program breaks map.json between two batches: it is not overwritten, and the captions of the
+    batch that could not be merged are kept beside it in a file the error names."""
+    paths = []
+    for i in range(4):
+        paths.append(str(tmp_path / f"img_{i}.png"))
+        Image.new("RGB", (20 + i, 10)).save(paths[-1])
+    out = tmp_path / "out"
+    merge, merged = prediction.merge_into_map, []
+
+    def breaking_merge(path, entries):
+        if merged:  # the first batch is in map.json: now someone else damages it
+            Path(path).write_text("{broken")
+        merged.append(sorted(entries))
+        return merge(path, entries)
+
+    monkeypatch.setattr(prediction, "merge_into_map", breaking_merge)
+    with pytest.raises(ValueError, match="not a readable map.json.*saved to .*unsaved") as info:
+        predict(FakeModel(), paths, batch_size=2, output_dir=out, progress=False)
+    assert (out / "map.json").read_text() == "{broken"
+    sidecar = str(info.value).rsplit("saved to ", 1)[1]
+    assert sorted(json.loads(open(sidecar).read())) == merged[1] == sorted(os.path.abspath(p) for p in paths[2:])

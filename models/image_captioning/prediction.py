@@ -38,6 +38,7 @@ Example::
 """
 
 import datetime
+import itertools
 import json
 import logging
 import os
@@ -145,6 +146,20 @@ def merge_into_map(path, new_entries):
         merged.update(new_entries)
         write_json_atomic(path, merged)
     return merged
+
+
+def _save(map_path, pending):
+    """`merge_into_map`; when map.json was damaged meanwhile (by another program: it is never overwritten),
+    this batch's entries go to a new ``map.json.unsaved-<pid>-<n>.json`` beside it, named in the error."""
+    try:
+        return merge_into_map(map_path, pending)
+    except ValueError as e:
+        for n in itertools.count():
+            sidecar = Path(map_path).with_name(f"{Path(map_path).name}.unsaved-{os.getpid()}-{n}.json")
+            if not os.path.lexists(sidecar):
+                break
+        write_json_atomic(sidecar, pending)
+        raise ValueError(f"{e}; the {len(pending)} captions of this batch were saved to {sidecar}") from e
 
 
 def _file_stamp(path):
@@ -346,11 +361,11 @@ def predict(model, images, batch_size=16, method="greedy", save=True, overwrite=
                 results[i] = _result(entry, error=message, timings=item.timings)
                 logger.warning("cannot caption %s: %s", entry.label, message)
             if len(pending) >= batch_size:
-                view.set(merge_into_map(map_path, pending))  # with what concurrent runs wrote meanwhile
+                view.set(_save(map_path, pending))  # with what concurrent runs wrote meanwhile
                 pending = {}
     finally:  # also on KeyboardInterrupt: keep every caption already made
         if pending:
-            merge_into_map(map_path, pending)
+            _save(map_path, pending)
 
     if not return_candidates:
         for r in results:
