@@ -32,6 +32,7 @@ from utils.cli import (  # noqa: F401 (escape_field, load_model: part of main's 
     decoding_kwargs,
     escape_field,
     load_model,
+    model_or_exit_code,
 )
 from utils.cli import Formatter as _Formatter
 from utils.cli import fail as _fail
@@ -66,12 +67,9 @@ def cmd_caption(args):
     from loggers.console import quiet_logger
     from models.image_captioning.prediction import predict
 
-    try:
-        model = load_model(args.model)
-    except UnknownModelError as e:
-        return _fail(e.args[0], EXIT_USAGE)
-    except MODEL_ERRORS as e:
-        return _fail(f"cannot load model {args.model!r}: {e}", EXIT_MODEL)
+    model, code = model_or_exit_code(args.model)
+    if model is None:
+        return code
     try:
         with quiet_logger("models.image_captioning.prediction"):  # failures are listed below
             results = predict(model, args.images, batch_size=args.batch_size, method=args.method,
@@ -169,12 +167,9 @@ def cmd_export(args):
                                             and not os.path.islink(target)):
             return _fail(f"{target} already exists: pass --overwrite to replace it (nothing was written)",
                          EXIT_USAGE)
-    try:
-        model = load_model(args.model)
-    except UnknownModelError as e:
-        return _fail(e.args[0], EXIT_USAGE)
-    except MODEL_ERRORS as e:
-        return _fail(f"cannot load model {args.model!r}: {e}", EXIT_MODEL)
+    model, code = model_or_exit_code(args.model)
+    if model is None:
+        return code
     try:  # args.format == "official", the only format so far
         pt, description = model.save_official(args.output, clip_name=args.clip_name,
                                               legacy_buffers=args.legacy_buffers, overwrite=args.overwrite)

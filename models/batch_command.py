@@ -14,15 +14,13 @@ import sys
 from utils.cli import (
     EXIT_FAILED_INPUTS,
     EXIT_INTERRUPTED,
-    EXIT_MODEL,
     EXIT_OK,
     EXIT_USAGE,
-    MODEL_ERRORS,
     Formatter,
-    UnknownModelError,
     add_decoding_arguments,
     decoding_kwargs,
     fail,
+    model_or_exit_code,
     resolve_model_dir,
 )
 
@@ -35,12 +33,9 @@ def pipeline_args(args):
 
 
 def cmd_batch(args):
-    try:
-        model_dir = resolve_model_dir(args.model)
-    except UnknownModelError as e:
-        return fail(e.args[0], EXIT_USAGE)
-    except MODEL_ERRORS as e:
-        return fail(f"cannot load model {args.model!r}: {e}", EXIT_MODEL)
+    model_dir, code = model_or_exit_code(args.model, load=resolve_model_dir)
+    if model_dir is None:
+        return code
     from models.image_captioning.beam_inference import read_records, run_batch
 
     try:

@@ -21,16 +21,10 @@ import numpy as np
 import torch
 
 from unitest.reference import clipcap_official as ref
+from unitest.tokenizer_utils import SAMPLE_TEXT
 
 CAPTIONS = [
-    "A man riding a wave on top of a surfboard.",
-    "A red circle on a blue background.",
-    "A green square on a yellow background.",
-    "Two dogs playing with a frisbee in the park.",
-    "A plate of food with broccoli and rice.",
-    "A cat sitting on a wooden table next to a laptop.",
-    "A train traveling down the tracks near a station.",
-    "Une personne qui marche dans la rue, sous la pluie.",
+    *SAMPLE_TEXT,
     "A blue square.",
     "Two cats on a table next to a plate of food.",
     "A man and a dog in the park near the station.",

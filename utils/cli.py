@@ -99,6 +99,17 @@ def load_model(name_or_dir):
     return ClipCap.load(target)
 
 
+def model_or_exit_code(name_or_dir, load=load_model):
+    """``(load(name_or_dir), None)``, or ``(None, exit code)`` with the error printed: 2 for an unknown
+    name, 3 for a model that cannot be downloaded, converted or loaded."""
+    try:
+        return load(name_or_dir), None
+    except UnknownModelError as e:
+        return None, fail(e.args[0], EXIT_USAGE)
+    except MODEL_ERRORS as e:
+        return None, fail(f"cannot load model {name_or_dir!r}: {e}", EXIT_MODEL)
+
+
 def add_decoding_arguments(p, batch_help="images per encoding / decoding batch"):
     """``--method``, ``--beam-size`` ... ``--seed`` and ``--batch-size`` (the arguments of ``generate``)."""
     p.add_argument("--method", choices=("greedy", "beam", "sample"), default="greedy", help="decoding method")
