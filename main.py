@@ -65,8 +65,13 @@ def _model_arg_help():
 
 def cmd_caption(args):
     from loggers.console import quiet_logger
+    from models.image_captioning.clip_cap import check_decoding_args
     from models.image_captioning.prediction import predict
 
+    try:  # before the model is loaded: a wrong option costs no load
+        check_decoding_args(args.method, **decoding_kwargs(args))
+    except (TypeError, ValueError) as e:
+        return _fail(str(e), EXIT_USAGE)
     model, code = model_or_exit_code(args.model)
     if model is None:
         return code

@@ -120,6 +120,11 @@ class TrainingHParams:
 
     # --- command line ----------------------------------------------------------------------------------
 
+    #: what an unset (None) default means, for ``--help``
+    UNSET_HELP = {"gradient_clip_norm": "no clipping", "mixed_precision": "float32",
+                  "max_length": "min(mean + 10 std, max) of the training captions' lengths",
+                  "checkpoint_every_steps": "at the end of every save_every-th epoch only"}
+
     @classmethod
     def add_arguments(cls, parser):
         """Add ``--<name>`` for every field (default: unset, so that only given values override)."""
@@ -128,10 +133,11 @@ class TrainingHParams:
         hints = typing.get_type_hints(cls)
         for f in fields(cls):
             flag = "--" + f.name.replace("_", "-")
+            default = cls.UNSET_HELP.get(f.name, f.default) if f.default is None else f.default
             kind = hints[f.name]
             if kind is bool:
                 group.add_argument(flag, dest=f"hp_{f.name}", action=argparse.BooleanOptionalAction,
-                                   default=None, help=f"(default: {f.default})")
+                                   default=None, help=f"(default: {default})")
                 continue
             base = next((t for t in typing.get_args(kind) if t is not type(None)), kind)
             choices = None
@@ -140,7 +146,7 @@ class TrainingHParams:
             elif f.name == "mixed_precision":
                 choices = [p for p in PRECISIONS if p]
             group.add_argument(flag, dest=f"hp_{f.name}", type=base, default=None, choices=choices,
-                               metavar=None if choices else f.name.upper(), help=f"(default: {f.default})")
+                               metavar=None if choices else f.name.upper(), help=f"(default: {default})")
 
     @classmethod
     def from_args(cls, args, base=None):

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -44,6 +45,10 @@ def test_help_is_complete():
     for option in ("--model", "--method", "--beam-size", "--batch-size", "--max-length", "--json", "--output-dir",
                    "--overwrite", "--temperature", "--top-k", "--top-p", "--seed", "--num-captions"):
         assert option in caption_help, option
+    for name, sub in parser._subparsers._group_actions[0].choices.items():  # every option's default, once
+        text = " ".join(sub.format_help().split())
+        assert "(default: None)" not in text, name
+        assert not re.search(r"\(default: [^)]*\) \(default:", text), name
 
 
 @pytest.mark.parametrize("argv", [["caption"], ["caption", "x.jpg", "--method", "best"], ["nothing"],
@@ -129,3 +134,15 @@ def test_download_list_and_offline(tmp_path, capsys):
     assert code == 3 and "IMAGE_CAPTIONING_OFFLINE=1" in err
     code, _, err = _run(capsys, "download", "cocoa")
     assert code == 2 and "unknown name" in err
+
+
+@pytest.mark.parametrize("options", [["--method", "greedy", "--top-k", "5"], ["--method", "beam", "--beam-size", "0"],
+                                     ["--temperature", "nan"], ["--seed", str(2**40)], ["--max-length", "0"]])
+def test_bad_decoding_options_fail_before_the_model_is_loaded(options, capsys, monkeypatch):
+    """A wrong option is a usage error at once, not after loading (and compiling) a model."""
+    def never(*args, **kwargs):
+        raise AssertionError("the model was loaded before the options were checked")
+
+    monkeypatch.setattr(main, "model_or_exit_code", never)
+    code, out, err = _run(capsys, "caption", ROOT / "demo", "--model", "coco", *options)
+    assert code == 2 and out == "" and err.startswith("error: ")

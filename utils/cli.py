@@ -29,7 +29,14 @@ MODEL_ERRORS = (OSError, ValueError, RuntimeError, KeyError, TypeError)
 
 
 class Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """Defaults shown in ``--help``, descriptions and epilogs kept as written."""
+    """Defaults shown in ``--help`` (not ``None`` / ``False``, which say nothing, nor a second time where the
+    help already states one), descriptions and epilogs kept as written."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if action.default in (None, False) or "(default:" in text:
+            return text
+        return super()._get_help_string(action)
 
 
 class UnknownModelError(KeyError):

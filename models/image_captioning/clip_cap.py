@@ -102,6 +102,40 @@ class ModelLoadError(CheckpointError):
     message names the file (and the key) and says what to do."""
 
 
+def make_sampler(method="greedy", beam_size=5, temperature=1.0, top_k=None, top_p=None, num_captions=1):
+    """The `generation_utils` sampler for `ClipCap.generate`'s arguments, validated without a model (so a
+    command line can fail before loading one): integers must be integers (numpy's too; not bool, not 2.0),
+    ``temperature`` finite and > 0, ``top_p`` in (0, 1], ``top_k`` >= 1, whatever the method (a wrong value
+    is an error even where the method ignores it)."""
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    num_captions = check_integer("num_captions", num_captions, minimum=1)
+    beam_size = check_integer("beam_size", beam_size)
+    temperature = check_temperature(temperature)
+    if method != "sample" and (top_k is not None or top_p is not None):
+        raise ValueError(f"top_k / top_p apply to method='sample', not {method!r}")
+    if method == "greedy":
+        if num_captions != 1:
+            raise ValueError("greedy decoding gives one caption per image: use method='beam' or 'sample' "
+                             "for num_captions > 1")
+        return Greedy()
+    if method == "beam":
+        beam_size = check_beam_size(beam_size)
+        if num_captions > beam_size:
+            raise ValueError(f"num_captions={num_captions} exceeds beam_size={beam_size}")
+        return Beam(beam_size=beam_size, temperature=temperature)
+    return Sample(temperature=temperature, top_k=top_k, top_p=top_p, num_captions=num_captions)
+
+
+def check_decoding_args(method="greedy", beam_size=5, max_length=67, temperature=1.0, top_k=None, top_p=None,
+                        num_captions=1, seed=None):
+    """Validate `ClipCap.generate`'s arguments that need no model (all but ``stop_token``); returns
+    (sampler, max_length, seed). Raises ValueError / TypeError as ``generate`` does."""
+    sampler = make_sampler(method, beam_size, temperature, top_k, top_p, num_captions)
+    max_length = check_integer("max_length", max_length, minimum=1)
+    return sampler, max_length, None if seed is None else check_seed(seed)
+
+
 class ClipCap:
     """A ClipCap captioner: ``clip`` (optional) -> ``mapper`` -> ``gpt2``, with its GPT-2 ``tokenizer``.
 
@@ -371,27 +405,8 @@ class ClipCap:
     # --- captions ------------------------------------------------------------------------------------
 
     def sampler(self, method="greedy", beam_size=5, temperature=1.0, top_k=None, top_p=None, num_captions=1):
-        """The `generation_utils` sampler for these `generate` arguments, validated: integers must be integers
-        (numpy's too; not bool, not 2.0), ``temperature`` finite and > 0, ``top_p`` in (0, 1], ``top_k`` >= 1,
-        whatever the method (a wrong value is an error even where the method ignores it)."""
-        if method not in METHODS:
-            raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-        num_captions = check_integer("num_captions", num_captions, minimum=1)
-        beam_size = check_integer("beam_size", beam_size)
-        temperature = check_temperature(temperature)
-        if method != "sample" and (top_k is not None or top_p is not None):
-            raise ValueError(f"top_k / top_p apply to method='sample', not {method!r}")
-        if method == "greedy":
-            if num_captions != 1:
-                raise ValueError("greedy decoding gives one caption per image: use method='beam' or 'sample' "
-                                 "for num_captions > 1")
-            return Greedy()
-        if method == "beam":
-            beam_size = check_beam_size(beam_size)
-            if num_captions > beam_size:
-                raise ValueError(f"num_captions={num_captions} exceeds beam_size={beam_size}")
-            return Beam(beam_size=beam_size, temperature=temperature)
-        return Sample(temperature=temperature, top_k=top_k, top_p=top_p, num_captions=num_captions)
+        """The `generation_utils` sampler for these `generate` arguments, validated (`make_sampler`)."""
+        return make_sampler(method, beam_size, temperature, top_k, top_p, num_captions)
 
     def generate(self, embeddings, method="greedy", beam_size=5, max_length=67, stop_token=".", temperature=1.0,
                  top_k=None, top_p=None, num_captions=1, seed=None):
@@ -441,10 +456,10 @@ class ClipCap:
         (sampler, max_length, stop_token_id, seed). Raises ValueError / TypeError as `generate` does."""
         from utils.tokenizer import stop_token_id
 
-        sampler = self.sampler(method, beam_size, temperature, top_k, top_p, num_captions)
-        max_length = check_integer("max_length", max_length, minimum=1)
+        sampler, max_length, seed = check_decoding_args(method, beam_size, max_length, temperature, top_k, top_p,
+                                                        num_captions, seed)
         stop = None if stop_token is None else stop_token_id(self.tokenizer, stop_token)
-        return sampler, max_length, stop, None if seed is None else check_seed(seed)
+        return sampler, max_length, stop, seed
 
     def caption(self, images, **generate_kwargs):
         """Images (paths, PIL images, arrays, or one) -> the best caption of each, a list of str."""
