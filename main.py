@@ -150,7 +150,9 @@ def cmd_convert(args):
     try:
         clip = downloads.fetch_clip(args.clip) if args.clip in downloads.CLIP_SOURCES else args.clip
         tokenizer = downloads.fetch_gpt2_tokenizer(args.tokenizer)
-        downloads.convert_model(args.checkpoint, clip, tokenizer, directory, name=name, overwrite=args.overwrite)
+        extra = {} if args.normalize_prefix is None else {"normalize_prefix": args.normalize_prefix}
+        downloads.convert_model(args.checkpoint, clip, tokenizer, directory, name=name, overwrite=args.overwrite,
+                                clip_name=args.clip if args.clip in downloads.CLIP_SOURCES else None, **extra)
     except MODEL_ERRORS as e:
         return _fail(f"conversion failed: {e}", EXIT_MODEL)
     print(directory)
@@ -261,6 +263,9 @@ def build_parser():
     p.add_argument("--clip", required=True, help="a CLIP name (ViT-B/32, RN50x4, ...: downloaded) or an OpenAI "
                                                  "CLIP .pt file")
     p.add_argument("--tokenizer", default="gpt2", help="a GPT-2 tokenizer directory or hub name")
+    p.add_argument("--normalize-prefix", action=argparse.BooleanOptionalAction, default=None,
+                   help="L2-normalise the CLIP embedding before the mapper (default: by checkpoint kind, as the "
+                        "released weights expect: transformer yes, MLP no)")
     p.add_argument("--name", help="the model's name: one plain folder name (letters, digits, '.', '_', '-'), "
                                   "its directory in the model store; with --output only recorded in the config "
                                   "(default: the --output folder's name)")

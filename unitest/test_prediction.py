@@ -149,7 +149,7 @@ def test_order_completeness_bad_inputs_and_modes(image_dir, tmp_path, caplog):
     assert set(stored) == captioned  # file images only, failures not stored
     entry = stored[str((d / "rotated.jpg").resolve())]
     assert entry["caption"] == "20x50" and entry["settings"] == {"model": "fake", "method": "greedy"}
-    assert entry["candidates"] == [{"text": "20x50", "score": 0.0}]
+    assert entry["candidates"] == [{"text": "20x50", "score": 0.0, "tokens": [1, 2]}]
 
 
 def test_exif_orientation_can_be_ignored(image_dir):
@@ -301,6 +301,7 @@ def test_tiny_clipcap_predict_matches_generate(tiny_clipcap, tmp_path):
     for r, candidates in zip(results, expected):
         assert r["error"] is None and r["caption"] == candidates[0]["text"]
         assert [c["text"] for c in r["candidates"]] == [c["text"] for c in candidates]
+        assert [c["tokens"] for c in r["candidates"]] == [list(c["tokens"]) for c in candidates]
         assert [c["score"] for c in r["candidates"]] == pytest.approx([c["score"] for c in candidates], abs=1e-4)
     assert len(load_map(tmp_path / "map.json")) == len(demo)
 

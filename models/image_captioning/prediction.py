@@ -12,8 +12,8 @@ every other image is captioned. EXIF orientation is applied (``exif_transpose=Fa
 stored, as OpenAI's and the official ClipCap code do).
 
 map.json (``pretrained_models/<model name>/outputs/map.json``, or ``<output_dir>/map.json``) is keyed by
-the absolute file path; each entry holds the caption, the candidates with their scores, the generation
-settings, the model name and the file's size and modification time. After every batch it is updated under
+the absolute file path; each entry holds the caption, the candidates with their scores and token ids, the
+generation settings, the model name and the file's size and modification time. After every batch it is updated under
 an inter-process lock (``map.json.lock``): read, merge this run's new entries, write atomically (temporary
 file + ``os.replace``). So an interrupted run keeps everything captioned so far, and concurrent runs writing
 the same map.json keep the union of their results (none is lost, each image appears once). The
@@ -251,7 +251,9 @@ def _encode_pixels(model, pixels):
 
 
 def _candidates(generated):
-    return [{"text": c["text"], "score": float(c["score"])} for c in generated]
+    """Every returned caption, best first: text, score and token ids (as `ClipCap.generate` gives them)."""
+    return [{"text": c["text"], "score": float(c["score"]),
+             **({"tokens": [int(t) for t in c["tokens"]]} if "tokens" in c else {})} for c in generated]
 
 
 # ------------------------------------------------------------------------------------------------ predict
@@ -271,7 +273,8 @@ def predict(model, images, batch_size=16, method="greedy", save=True, overwrite=
         overwrite: caption again images that map.json already holds with the same settings.
         display: show the captioned images in a grid with their captions (matplotlib).
         output_dir: where map.json goes (default ``pretrained_models/<model.name>/outputs/``).
-        return_candidates: add ``candidates`` (every returned caption with its score, best first).
+        return_candidates: add ``candidates`` (every returned caption with its score and token ids, best
+            first; entries that map.json held from before token ids were stored have none).
         progress: a tqdm bar with images per second.
         exif_transpose: apply the EXIF orientation (OpenAI's / the official code do not).
         max_file_bytes: refuse image files larger than this many bytes (None: no limit); each gets its error.
