@@ -60,6 +60,7 @@ def _check_against_predict(records, expected, model):
             continue
         assert r["caption"] == e["caption"]
         assert [c["text"] for c in r["candidates"]] == [c["text"] for c in e["candidates"]]
+        assert [c["tokens"] for c in r["candidates"]] == [c["tokens"] for c in e["candidates"]]
         assert [c["score"] for c in r["candidates"]] == pytest.approx([c["score"] for c in e["candidates"]],
                                                                       abs=1e-5)
         for c in r["candidates"]:
