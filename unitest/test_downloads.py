@@ -219,7 +219,8 @@ def test_offline_error_names_file_and_place(server, tmp_path, monkeypatch):
     message = str(info.value)
     for path in ("coco_transformer_weights.pt", "RN50x4.pt", "gpt2-tokenizer"):
         assert str(tmp_path / "downloads" / path) in message
-    assert "vocab.json and merges.txt" in message
+    for local in ("vocab.json", "merges.txt"):  # both tokenizer files, each with its place
+        assert str(tmp_path / "downloads" / "gpt2-tokenizer" / local) in message
     assert server.requests == []
 
 
@@ -519,6 +520,49 @@ def test_mirror_tokenizer_files_never_replace_files_in_place(server, tiny_files,
     assert (directory / "merges.txt").read_bytes() == server.files["gpt2-merges.txt"]
     assert server.requests == [("gpt2-merges.txt", None)]
     assert set(downloads.read_manifest(tmp_path)) == {"gpt2-merges.txt"}
+
+
+def _tokenizer_sources(monkeypatch, base):
+    monkeypatch.setattr(downloads, "GPT2_TOKENIZER_FILES", {
+        "vocab.json": Source("gpt2-vocab.json", url=f"{base}/gpt2-vocab.json"),
+        "merges.txt": Source("gpt2-merges.txt", url=f"{base}/gpt2-merges.txt")})
+    monkeypatch.setattr(downloads, "_in_hf_cache", lambda name: False)
+
+
+def test_gpt2_tokenizer_without_the_hub_cache_comes_through_our_transport(server, tiny_files, tmp_path,
+                                                                          monkeypatch):
+    """Not in the Hugging Face cache: both files are downloaded by our transport (verified, recorded in the
+    manifest) into downloads/gpt2-tokenizer/, and load as a tokenizer."""
+    from utils.tokenizer import load_gpt2_tokenizer
+
+    monkeypatch.delenv(downloads.OFFLINE_ENV, raising=False)
+    _serve_tiny(server, tiny_files)
+    _tokenizer_sources(monkeypatch, server.base)
+    directory = downloads.fetch_gpt2_tokenizer("gpt2", root=tmp_path, progress=False)
+    assert directory == str(tmp_path / "downloads" / "gpt2-tokenizer")
+    assert sorted(server.requests) == [("gpt2-merges.txt", None), ("gpt2-vocab.json", None)]
+    assert set(downloads.read_manifest(tmp_path)) == {"gpt2-vocab.json", "gpt2-merges.txt"}
+    assert len(load_gpt2_tokenizer(directory)) > 0
+
+
+def test_gpt2_tokenizer_unreachable_or_offline_fails_at_once_naming_both_files(tmp_path, monkeypatch):
+    """No network (a closed port here) or offline mode: an OfflineError in seconds that names vocab.json and
+    merges.txt and where to put them, not minutes of hub retries ending in a wrong diagnosis."""
+    with socket.socket() as s:  # a port that nothing listens on
+        s.bind(("127.0.0.1", 0))
+        closed = f"http://127.0.0.1:{s.getsockname()[1]}"
+    _tokenizer_sources(monkeypatch, closed)
+    monkeypatch.delenv(downloads.OFFLINE_ENV, raising=False)
+    start = time.monotonic()
+    with pytest.raises(downloads.OfflineError) as info:
+        downloads.fetch_gpt2_tokenizer("gpt2", root=tmp_path, progress=False)
+    assert time.monotonic() - start < 10
+    directory = tmp_path / "downloads" / "gpt2-tokenizer"
+    assert str(directory / "vocab.json") in str(info.value) and str(directory / "merges.txt") in str(info.value)
+    monkeypatch.setenv(downloads.OFFLINE_ENV, "1")
+    with pytest.raises(downloads.OfflineError, match="merges.txt") as info:
+        downloads.fetch_gpt2_tokenizer("gpt2", root=tmp_path, progress=False)
+    assert str(directory / "vocab.json") in str(info.value)
 
 
 # ----------------------------------------------------------------------------- the checkpoint's identity

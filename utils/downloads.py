@@ -7,7 +7,8 @@ Names:
   each names the CLIP it was trained on and the GPT-2 tokenizer.
 - CLIP models (`CLIP_SOURCES`): OpenAI's published files (``ViT-B/32``, ``RN50x4``, ...). Their URL path
   embeds the file's SHA-256, which is verified after download.
-- The GPT-2 tokenizer: through ``huggingface_hub`` and its cache (``utils.tokenizer.load_gpt2_tokenizer``).
+- The GPT-2 tokenizer: ``vocab.json`` and ``merges.txt`` fetched like every file into
+  ``downloads/gpt2-tokenizer/``, unless the Hugging Face cache already holds them (`fetch_gpt2_tokenizer`).
 
 Files are cached in ``pretrained_models/downloads/``; a converted model is saved once in
 ``pretrained_models/<name>/`` and loaded from there afterwards (no torch needed then).
@@ -150,7 +151,7 @@ CLIP_SOURCES = {
     }.items()
 }
 
-#: The GPT-2 tokenizer files as named on a mirror (without a mirror the Hugging Face hub serves them).
+#: The GPT-2 tokenizer files, as named on a mirror, with their origin on huggingface.co.
 GPT2_TOKENIZER_FILES = {
     "vocab.json": Source("gpt2-vocab.json", url="https://huggingface.co/openai-community/gpt2/resolve/main/vocab.json"),
     "merges.txt": Source("gpt2-merges.txt", url="https://huggingface.co/openai-community/gpt2/resolve/main/merges.txt"),
@@ -580,27 +581,30 @@ def fetch_checkpoint(name_or_spec, root=None, progress=True) -> Path:
 def fetch_gpt2_tokenizer(name="gpt2", root=None, progress=True):
     """A directory or hub name that ``utils.tokenizer.load_gpt2_tokenizer`` loads.
 
-    A local directory is returned as is. ``"gpt2"`` without a mirror goes through the Hugging Face hub's
-    cache (handled by ``load_gpt2_tokenizer``); with ``IMAGE_CAPTIONING_MIRROR`` set, ``gpt2-vocab.json``
-    and ``gpt2-merges.txt`` are fetched from the mirror straight into ``downloads/gpt2-tokenizer/`` (verified
-    like every download; files already there are checked, never overwritten).
+    A local directory is returned as is; another hub name goes to the hub and its cache. ``"gpt2"``: the
+    Hugging Face cache when it already holds the tokenizer; otherwise ``vocab.json`` and ``merges.txt`` are
+    fetched by this module's transport (from the mirror, else huggingface.co) straight into
+    ``downloads/gpt2-tokenizer/``: verified and recorded like every download, files already there checked and
+    never overwritten, and an unreachable network an `OfflineError` at once (not the hub's minutes of retries)
+    naming both files and where to place them.
     """
     if os.path.isdir(name):
         return str(name)
     if name != "gpt2":
         return name  # another hub repository: the hub and its cache handle it
     directory = downloads_dir(root) / "gpt2-tokenizer"
-    present = [os.path.lexists(directory / local) for local in GPT2_TOKENIZER_FILES]
-    if all(present) or os.environ.get(MIRROR_ENV, "").strip():
-        for local, source in GPT2_TOKENIZER_FILES.items():
+    present = all(os.path.lexists(directory / local) for local in GPT2_TOKENIZER_FILES)
+    if not present and not os.environ.get(MIRROR_ENV, "").strip() and _in_hf_cache(name):
+        return name
+    missing = []
+    for local, source in GPT2_TOKENIZER_FILES.items():
+        try:
             fetch(source, root, progress, dest=directory / local)
-        return str(directory)
-    if is_offline() and not _in_hf_cache(name):
-        raise OfflineError(
-            f"the GPT-2 tokenizer is neither in {directory} nor in the Hugging Face cache, and downloads are "
-            f"disabled ({OFFLINE_ENV}=1). Download vocab.json and merges.txt from "
-            f"https://huggingface.co/openai-community/gpt2 and place them in {directory}/")
-    return name
+        except OfflineError as e:  # name every missing file at once
+            missing.append(str(e))
+    if missing:
+        raise OfflineError("the GPT-2 tokenizer: " + "; ".join(missing))
+    return str(directory)
 
 
 def _in_hf_cache(name):
