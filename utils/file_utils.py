@@ -24,6 +24,7 @@ Example::
 """
 
 import contextlib
+import errno
 import json
 import os
 import re
@@ -147,7 +148,7 @@ def publish_dir(staging, target, is_ours=None, overwrite=True):
     """
     staging, target = Path(staging), Path(target)
     if os.path.lexists(target):
-        _check_replaceable(target, is_ours, overwrite)
+        check_replaceable(target, is_ours, overwrite)
         old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old.", dir=target.parent))
         os.rmdir(old)  # a fresh unique name to rename the previous folder to
         os.rename(target, old)
@@ -170,8 +171,7 @@ def replace_dir(target, write, is_ours=None, overwrite=True):
         replace_dir("models/my_coco", lambda d: model.save(d), is_ours=is_saved_model)
     """
     target = Path(target)
-    if os.path.lexists(target):  # refuse before doing the (possibly long) work
-        _check_replaceable(target, is_ours, overwrite)
+    check_replaceable(target, is_ours, overwrite)  # refuse before doing the (possibly long) work
     with staging_dir(target) as staging:
         write(staging)
         return publish_dir(staging, target, is_ours=is_ours, overwrite=overwrite)
@@ -181,11 +181,8 @@ def check_replaceable(target, is_ours=None, overwrite=True):
     """Raise `UnsafePathError` unless ``target`` is absent, an empty folder, or (with ``overwrite``) a folder
     ``is_ours`` recognises: what `replace_dir` checks, to refuse before a long job rather than after it."""
     target = Path(target)
-    if os.path.lexists(target):
-        _check_replaceable(target, is_ours, overwrite)
-
-
-def _check_replaceable(target, is_ours, overwrite):
+    if not os.path.lexists(target):
+        return
     if not target.is_symlink() and target.is_dir() and not any(target.iterdir()):
         return  # an empty folder holds nothing to lose
     if target.is_symlink() or not target.is_dir():
@@ -257,7 +254,7 @@ def path_problem(path) -> str | None:
             return f"{path}: a dangling symbolic link (its target {os.readlink(path)!r} does not exist)"
         return f"no such file: {path}"
     except OSError as e:
-        if e.errno == 40:  # ELOOP
+        if e.errno == errno.ELOOP:
             return f"{path}: a symbolic link loop"
         return f"{path}: {e.strerror}"
     if not stat.S_ISREG(st.st_mode):
