@@ -114,11 +114,12 @@ def cmd_extract(args):
 
 def _extract_on_beam(args, dataset, clip):
     from datasets.beam_extraction import extract_on_beam
+    from models.batch_command import pipeline_args
 
     try:
         path, result = extract_on_beam(dataset, args.clip, args.output, clip=clip, shards=args.shards,
                                        batch_size=args.batch_size, exif_transpose=not args.no_exif_transpose,
-                                       pipeline_args=[f"--runner={args.runner}", *args.pipeline_args])
+                                       pipeline_args=pipeline_args(args))
     except KeyboardInterrupt:
         return _fail("interrupted (the job's files are written when it ends: nothing of this run was kept)",
                      EXIT_INTERRUPTED)

@@ -160,8 +160,11 @@ def extract_on_beam(dataset, clip_path, output, clip=None, shards=None, batch_si
     shards = shards or os.path.join(f"{output}.shards", "part")
     paths = [os.fspath(p) for p in dataset.images]
     unique = list(dict.fromkeys(paths))
-    from models.image_captioning.beam_inference import _export_pythonpath
+    from models.image_captioning.beam_inference import _export_pythonpath, clear_output_prefix
 
+    # this job's own shards only: an earlier job's (another shard count, another CLIP) would be gathered too
+    clear_output_prefix([f"{shards}-{EMBEDDINGS_NAME}-*-of-*.tfrecord", f"{shards}-{ERRORS_NAME}-*-of-*.jsonl"],
+                        shards, overwrite=True)
     _export_pythonpath()
     with beam.Pipeline(options=PipelineOptions(list(pipeline_args))) as pipeline:
         extraction_pipeline(pipeline, unique, clip_path, clip.input_resolution, shards, batch_size, exif_transpose)

@@ -36,7 +36,7 @@ from pathlib import Path
 import numpy as np
 
 from datasets.caption_dataset import CaptionDataset, DatasetError
-from utils.file_utils import UnsafePathError, atomic_open, atomic_write, file_lock
+from utils.file_utils import atomic_open, atomic_write, check_overwritable, file_lock
 from utils.image_io import ImageReadError, read_image
 
 logger = logging.getLogger(__name__)
@@ -369,9 +369,7 @@ def is_embedded_dataset(path) -> bool:
 def check_embedded_output(path):
     """`UnsafePathError` unless ``path`` is new or an embedded dataset (replaced): never overwrite a user's
     other file, a folder, a link or a special file with the extraction's output."""
-    if os.path.lexists(path) and not is_embedded_dataset(path):
-        raise UnsafePathError(f"{path} exists and is not an embeddings file written by `extract`: refusing to "
-                              "overwrite it (nothing was changed); choose another --output")
+    check_overwritable(path, is_embedded_dataset, "an embeddings file (of `extract`)")
 
 
 def load_embedded_dataset(path):

@@ -126,7 +126,7 @@ def test_two_workers_hold_identical_weights_and_match_one_process(embeddings_fil
     losses = [_steps(run) for run in runs]
     assert len(reference) == steps and reference[-1] < reference[0]
     assert losses[0] == losses[1]  # the loss is reduced over both workers: the same number on each
-    np.testing.assert_allclose(losses[0], reference, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(losses[0], reference, rtol=2e-6, atol=0)
 
     w0, w1, one = _variables(runs[0]), _variables(runs[1]), _variables(root / "single")
     assert (runs[0] / "model" / "config.json").is_file() and (runs[1] / "model" / "config.json").is_file()
@@ -134,7 +134,7 @@ def test_two_workers_hold_identical_weights_and_match_one_process(embeddings_fil
     moved = 0
     for key in sorted(one):
         np.testing.assert_array_equal(w0[key], w1[key], err_msg=key)  # every variable, optimizer state too
-        np.testing.assert_allclose(w0[key], one[key], rtol=1e-4, atol=1e-6, err_msg=key)
+        np.testing.assert_allclose(w0[key], one[key], rtol=0, atol=1e-6, err_msg=key)
         moved += key.startswith(("mapper/", "gpt2/"))
     assert moved > 0
     print(f"losses {reference}; largest relative loss difference to one process "

@@ -55,7 +55,6 @@ import http.client
 import json
 import logging
 import os
-import stat
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -70,8 +69,8 @@ from utils.file_utils import (
     UnsafePathError,
     check_model_name,
     check_replaceable,
-    describe_kind,
     file_lock,
+    open_regular_file,
     path_problem,
     read_regular_file,
     write_json_atomic,
@@ -501,15 +500,8 @@ def _drive_download(source, dest, progress):
 
 def sha256_of(path) -> str:
     """The SHA-256 (hex) of a regular file (a FIFO or device is refused, never read)."""
-    fd = os.open(os.fspath(path), os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
-    with os.fdopen(fd, "rb") as f:
-        mode = os.fstat(fd).st_mode
-        if not stat.S_ISREG(mode):
-            raise UnsafePathError(f"{path} is {describe_kind(mode)}, not a regular file")
-        digest = hashlib.sha256()
-        while chunk := f.read(_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
+    with open_regular_file(path, max_bytes=None) as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def _verify_and_publish(part, dest, source, url, pin, verify, whole, root):

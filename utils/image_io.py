@@ -23,7 +23,6 @@ import glob
 import io
 import logging
 import os
-import stat
 import warnings
 
 import numpy as np
@@ -161,16 +160,6 @@ def _has_image_extension(path):
     return os.path.splitext(path)[1].lower() in IMAGE_EXTENSIONS
 
 
-def _regular_file_problem(path):
-    """None for a regular file (or a link to one), else why it is skipped. ``os.stat`` never blocks."""
-    try:
-        if stat.S_ISREG(os.stat(path).st_mode):
-            return None
-    except OSError:
-        pass
-    return path_problem(path) or f"{path} is not a regular file"
-
-
 def expand_paths(paths_dirs_globs):
     """Like `list_images`, but also returns what a directory or pattern held that cannot be read.
 
@@ -191,7 +180,7 @@ def expand_paths(paths_dirs_globs):
             # symbolic links to directories (no loops)
             candidates = sorted(os.path.join(root, name) for root, _, names in os.walk(item)
                                 for name in names if _has_image_extension(name))
-            matches = [(p, _regular_file_problem(p)) for p in candidates]
+            matches = [(p, path_problem(p)) for p in candidates]
             if not matches:
                 raise ImageReadError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found in directory {item}")
         elif os.path.lexists(item):
@@ -199,7 +188,7 @@ def expand_paths(paths_dirs_globs):
         elif _GLOB_CHARS & set(item):
             candidates = sorted(p for p in glob.glob(item, recursive=True)
                                 if _has_image_extension(p) and not os.path.isdir(p))
-            matches = [(p, _regular_file_problem(p)) for p in candidates]
+            matches = [(p, path_problem(p)) for p in candidates]
             if not matches:
                 raise ImageReadError(f"no image file matches the pattern {item!r}")
         else:

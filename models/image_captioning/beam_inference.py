@@ -408,15 +408,11 @@ def run_batch(inputs, model_dir, output, method="greedy", batch_size=16, generat
     """
     if not inputs and not input_lists:
         raise ValueError("no inputs: give file patterns or an input list")
-    if any(str(prefix).rstrip("/") == str(output).rstrip("/") for prefix in skip_existing):
+    if any(record_key(str(prefix).rstrip("/")) == record_key(str(output).rstrip("/")) for prefix in skip_existing):
         raise ValueError(f"--skip-existing {output} is the output prefix itself: write the new run to another "
                          "prefix (the earlier files would be overwritten)")
-    existing = output_files(output) + output_files(output, ERRORS_NAME)
-    if existing and not overwrite:
-        raise UnsafePathError(f"{output} already holds the output of an earlier run ({existing[0]}, ...): give "
-                              "another --output prefix (resume with --skip-existing), or --overwrite")
-    if existing:
-        FileSystems.delete(existing)
+    clear_output_prefix([f"{output}-{name}-*-of-*{OUTPUT_SUFFIX}" for name in (RECORDS_NAME, ERRORS_NAME)],
+                        output, overwrite)
     _export_pythonpath()
     options = PipelineOptions(list(pipeline_args))
     with beam.Pipeline(options=options) as pipeline:
@@ -431,6 +427,18 @@ def _export_pythonpath():
     paths = os.environ.get("PYTHONPATH", "").split(os.pathsep)
     if str(ROOT) not in paths:
         os.environ["PYTHONPATH"] = os.pathsep.join([str(ROOT), *[p for p in paths if p]])
+
+
+def clear_output_prefix(patterns, output, overwrite=False):
+    """Refuse (`UnsafePathError`) an output prefix whose shard patterns already match files of an earlier run,
+    unless ``overwrite``, which deletes exactly those shards (a new job's sink would replace only the shards
+    of the same count and leave a mix of two runs)."""
+    existing = sorted(path for pattern in patterns for path in _match(pattern))
+    if existing and not overwrite:
+        raise UnsafePathError(f"{output} already holds the output of an earlier run ({existing[0]}, ...): give "
+                              "another output prefix (resume with --skip-existing), or overwrite")
+    if existing:
+        FileSystems.delete(existing)
 
 
 def output_files(output, name=RECORDS_NAME):

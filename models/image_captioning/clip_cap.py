@@ -227,7 +227,7 @@ class ClipCap:
         config["name"] = name
         model = cls(mapper, gpt2, tokenizer, config, clip=clip, jit_compile=jit_compile)
         if name is not None:
-            model.save(name, overwrite=overwrite)
+            model.save(saved_model_dir(name), overwrite=overwrite)  # the folder checked above
         return model
 
     def save(self, name_or_directory=None, overwrite=False):

@@ -366,9 +366,15 @@ def predict(model, images, batch_size=16, method="greedy", save=True, overwrite=
             if len(pending) >= batch_size:
                 view.set(_save(map_path, pending))  # with what concurrent runs wrote meanwhile
                 pending = {}
-    finally:  # also on KeyboardInterrupt: keep every caption already made
+    except BaseException:  # also on KeyboardInterrupt: keep every caption already made, re-raise the cause
         if pending:
-            _save(map_path, pending)
+            try:
+                _save(map_path, pending)
+            except ValueError as e:  # a damaged map.json (the batch went to a sidecar): not the cause
+                logger.error("%s", e)
+        raise
+    if pending:
+        _save(map_path, pending)
 
     if not return_candidates:
         for r in results:

@@ -163,6 +163,9 @@ def export_official(model, path, clip_name=None, legacy_buffers=False, overwrite
     import torch
 
     targets = [Path(path), sidecar_path(path)]
+    if targets[0] == targets[1]:
+        raise ValueError(f"{path}: the checkpoint needs another suffix than .json (its description is written "
+                         "to <name>.json beside it)")
     for target in targets:
         if os.path.lexists(target) and not (overwrite and target.is_file() and not target.is_symlink()):
             raise UnsafePathError(f"{target} already exists: pass overwrite=True (--overwrite) to replace it, "
