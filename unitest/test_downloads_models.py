@@ -101,7 +101,6 @@ def test_truncated_checkpoint_fails_at_conversion_and_is_deleted(server, tiny_fi
 
 def test_names_resolve_in_clip_and_clipcap_entry_points(server, tiny_files, tmp_path, monkeypatch):
     """`CLIP.from_pretrained(<CLIP name>)` and `ClipCap.load(<official name>)` download on first use."""
-    from models.image_captioning import ClipCap
     from models.siamese.clip import CLIP
 
     monkeypatch.setenv(downloads.MIRROR_ENV, server.base)
