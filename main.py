@@ -124,15 +124,15 @@ def _error_line(result):
 
 
 def cmd_convert(args):
-    from utils import downloads
     from utils.file_utils import check_model_name, check_replaceable
+    from utils.model_store import is_saved_model, saved_model_dir
 
     # every check of names and destinations before any work: a bad one is a usage error, nothing is touched
     if args.output is None and args.name is None:
         return _fail("give --name NAME (saved in the model store) or --output DIR", EXIT_USAGE)
     try:
         if args.output is None:
-            directory = downloads.saved_model_dir(args.name)
+            directory = saved_model_dir(args.name)
             name = args.name
         else:
             directory = Path(args.output)
@@ -144,15 +144,20 @@ def cmd_convert(args):
                     raise ValueError(f"the folder name of --output {args.output!r} is not a plain model name "
                                      "(it is recorded as the model's name): give one with --name") from e
         check_model_name(name)
-        check_replaceable(directory, downloads.is_saved_model, args.overwrite)
+        check_replaceable(directory, is_saved_model, args.overwrite)
     except ValueError as e:  # an invalid name, or an UnsafePathError: a destination that is not ours
         return _fail(str(e), EXIT_USAGE)
+    from models.image_captioning.clip_cap import ClipCap
+    from models.image_captioning.pretrained import convert_model
+    from models.siamese.presets import CLIP_SOURCES, fetch_clip
+    from utils.downloads import fetch_gpt2_tokenizer
+
     try:
-        clip = downloads.fetch_clip(args.clip) if args.clip in downloads.CLIP_SOURCES else args.clip
-        tokenizer = downloads.fetch_gpt2_tokenizer(args.tokenizer)
+        clip = fetch_clip(args.clip) if args.clip in CLIP_SOURCES else args.clip
+        tokenizer = fetch_gpt2_tokenizer(args.tokenizer)
         extra = {} if args.normalize_prefix is None else {"normalize_prefix": args.normalize_prefix}
-        downloads.convert_model(args.checkpoint, clip, tokenizer, directory, name=name, overwrite=args.overwrite,
-                                clip_name=args.clip if args.clip in downloads.CLIP_SOURCES else None, **extra)
+        convert_model(ClipCap, args.checkpoint, clip, tokenizer, directory, name=name, overwrite=args.overwrite,
+                      clip_name=args.clip if args.clip in CLIP_SOURCES else None, **extra)
     except MODEL_ERRORS as e:
         return _fail(f"conversion failed: {e}", EXIT_MODEL)
     print(directory)
@@ -198,26 +203,32 @@ def cmd_export(args):
 
 
 def cmd_download(args):
-    from utils import downloads
+    from models.image_captioning.presets import MODELS, describe_sources
+    from models.siamese.presets import CLIP_SOURCES, fetch_clip
 
     if args.list:
-        print("\n".join(downloads.describe_sources()))
+        print("\n".join(describe_sources()))
         return EXIT_OK
     if not args.names:
         return _fail("give at least one name (or --list)", EXIT_USAGE)
     for name in args.names:
-        if name not in downloads.MODELS and name not in downloads.CLIP_SOURCES:
-            return _fail(f"unknown name {name!r}; known: {', '.join([*downloads.MODELS, *downloads.CLIP_SOURCES])}",
+        if name not in MODELS and name not in CLIP_SOURCES:
+            return _fail(f"unknown name {name!r}; known: {', '.join([*MODELS, *CLIP_SOURCES])}",
                          EXIT_USAGE)
+    from models.image_captioning.pretrained import download_model, get_pretrained
+    from utils.model_store import saved_model_dir
+
     try:
         for name in args.names:
-            if name in downloads.CLIP_SOURCES:
-                print(downloads.fetch_clip(name))
+            if name in CLIP_SOURCES:
+                print(fetch_clip(name))
             elif args.no_convert:
-                print("\n".join(str(p) for p in downloads.download_model(name)))
+                print("\n".join(str(p) for p in download_model(name)))
             else:
-                downloads.get_pretrained(name, force_convert=args.force)
-                print(downloads.saved_model_dir(name))
+                from models.image_captioning.clip_cap import ClipCap
+
+                get_pretrained(ClipCap, name, force_convert=args.force)
+                print(saved_model_dir(name))
     except (OSError, ValueError, RuntimeError) as e:
         return _fail(str(e), EXIT_MODEL)
     return EXIT_OK

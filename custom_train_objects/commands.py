@@ -175,7 +175,7 @@ def cmd_train(args):
         model = build_clipcap_for_training(hp, prefix_size=embeddings.shape[1], tokenizer=args.tokenizer,
                                            gpt2=args.gpt2, gpt2_config=args.gpt2_config, init_model=args.init_model,
                                            clip=clip, name=args.name)
-        from utils.downloads import CLIP_SOURCES
+        from models.siamese.presets import CLIP_SOURCES
 
         if args.clip in CLIP_SOURCES:  # recorded for `main.py export --format official`
             model.config["clip_name"] = args.clip

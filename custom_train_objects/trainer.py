@@ -284,7 +284,7 @@ class Trainer:
             val_embeddings = self._check_inputs(val_dataset, val_embeddings)
             val = (val_embeddings, val_dataset.image_index, *self.encode(val_dataset, max_length))
 
-        from utils.downloads import is_saved_model
+        from utils.model_store import is_saved_model
 
         check_replaceable(self.model_dir(), is_saved_model)  # refuse now, not after training
         check_overwritable(self.output_dir / "hparams.json", is_hparams_file, "a hyper-parameter file")

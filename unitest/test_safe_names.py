@@ -86,20 +86,20 @@ def test_convert_refuses_names_that_are_not_plain(name, tiny_files, tmp_path):
 
 @pytest.mark.parametrize("name", ["", ".", "..", "../x", "/tmp/x", "a b"])
 def test_api_names_are_checked_before_any_work(name, tiny_clipcap, tiny_files, tmp_path, monkeypatch):
-    from models.image_captioning.clip_cap import ClipCap, _model_dir
-    from utils import downloads
+    from models.image_captioning.clip_cap import ClipCap
+    from utils.model_store import model_dir, saved_model_dir
 
     monkeypatch.chdir(tmp_path)
     home = tmp_path / "home"
     monkeypatch.setenv("IMAGE_CAPTIONING_HOME", str(home))
     (home / "keepme").mkdir(parents=True)
     with pytest.raises(ValueError, match="invalid model name"):
-        downloads.saved_model_dir(name)
+        saved_model_dir(name)
     with pytest.raises(ValueError, match="invalid model name"):
         ClipCap.from_pretrained(tiny_files["checkpoint"], tokenizer=str(tiny_files["tokenizer"]), name=name)
     if "/" not in name:  # a string with a separator is a directory, not a name
         with pytest.raises(ValueError, match="invalid model name"):
-            _model_dir(name)
+            model_dir(name)
         with pytest.raises(ValueError, match="invalid model name"):
             tiny_clipcap.save(name)
     assert sorted(p.name for p in home.iterdir()) == ["keepme"]
@@ -191,11 +191,12 @@ def test_clip_save_refuses_a_user_folder(tiny_clipcap, tmp_path):
 
 def test_convert_model_respects_the_umask(tiny_files, tmp_path):
     """The converted folder was mkdtemp's 0700: it gets the umask's permissions like any folder."""
-    from utils.downloads import convert_model
+    from models.image_captioning.clip_cap import ClipCap
+    from models.image_captioning.pretrained import convert_model
 
     old_umask = os.umask(0o022)
     try:
-        convert_model(tiny_files["checkpoint"], tiny_files["clip"], tiny_files["tokenizer"], tmp_path / "m")
+        convert_model(ClipCap, tiny_files["checkpoint"], tiny_files["clip"], tiny_files["tokenizer"], tmp_path / "m")
     finally:
         os.umask(old_umask)
     paths = [tmp_path / "m", *(tmp_path / "m").rglob("*")]

@@ -9,7 +9,7 @@ locally, nothing is downloaded:
 - ``tiny_clip.pt``: an OpenAI-format CLIP state dict (OpenAI's own ``clip.model.CLIP``, weights cast to fp16
   as in the released files): ViT, 32 px input, 16 px patches, embedding size 32;
 - ``tokenizer/``: a byte-level BPE trained on a few sentences, saved in GPT-2's format;
-- ``model/``: the three converted by ``utils.downloads.convert_model`` (what ``ClipCap.load`` reads).
+- ``model/``: the three converted by ``models.image_captioning.pretrained.convert_model`` (what ``ClipCap.load`` reads).
 
 Command line (imports torch and torchvision before TensorFlow, as required)::
 
@@ -110,11 +110,12 @@ def build_tiny_files(directory, seed=0):
 
 def build_tiny_model(directory, seed=0, name="tiny"):
     """Build the tiny files and convert them into ``directory/model`` (a saved ClipCap); returns that path."""
-    from utils.downloads import convert_model
+    from models.image_captioning.clip_cap import ClipCap
+    from models.image_captioning.pretrained import convert_model
 
     files = build_tiny_files(directory, seed)
     model_dir = Path(directory) / "model"
-    convert_model(files["checkpoint"], files["clip"], files["tokenizer"], model_dir, name=name)
+    convert_model(ClipCap, files["checkpoint"], files["clip"], files["tokenizer"], model_dir, name=name)
     return model_dir
 
 
@@ -134,7 +135,9 @@ def shared_tiny_files(tmp_path_factory):
 
 def shared_tiny_model(tmp_path_factory, kind="mlp"):
     """The saved tiny model's directory (``kind``: "mlp" or "transformer"), built once per test session."""
-    from utils.downloads import convert_model, is_saved_model
+    from models.image_captioning.clip_cap import ClipCap
+    from models.image_captioning.pretrained import convert_model
+    from utils.model_store import is_saved_model
 
     directory = _shared_dir(tmp_path_factory)
     model_dir = directory / ("model" if kind == "mlp" else f"model_{kind}")
@@ -143,7 +146,7 @@ def shared_tiny_model(tmp_path_factory, kind="mlp"):
         checkpoint = files["checkpoint"]
         if kind != "mlp":
             checkpoint = build_tiny_clipcap(directory / f"tiny_clipcap_{kind}.pt", files["tokenizer"], kind=kind)
-        convert_model(checkpoint, files["clip"], files["tokenizer"], model_dir,
+        convert_model(ClipCap, checkpoint, files["clip"], files["tokenizer"], model_dir,
                       name="tiny" if kind == "mlp" else f"tiny_{kind}")
     return model_dir
 

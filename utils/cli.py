@@ -67,33 +67,32 @@ def report_skipped(failed, names, total):
     return bool(failed)
 
 
-def _is_plain_name(name):
-    from utils.file_utils import check_model_name
-
-    try:
-        check_model_name(name)
-    except ValueError:
-        return False
-    return True
-
-
 def resolve_model_dir(name_or_dir, download=True):
-    """The saved model a ``--model`` value names: a directory as given, a saved name in the model store, or
-    an official name (downloaded and converted once when ``download``, else returned as the name);
-    `UnknownModelError` if it is none of them."""
-    from utils import downloads
+    """The saved model a ``--model`` value names: a directory as given (``.`` too), a saved name in the model
+    store (`utils.model_store.model_dir`), or an official name (downloaded and converted once when
+    ``download``, else returned as the name); `UnknownModelError` if it is none of them."""
+    from utils.model_store import home_dir, is_saved_model, model_dir, saved_model_dir
 
     if os.path.isdir(name_or_dir):
         return os.path.abspath(name_or_dir)  # also what every worker of a distributed job reads
-    if _is_plain_name(name_or_dir) and downloads.is_saved_model(downloads.saved_model_dir(name_or_dir)):
-        return str(downloads.saved_model_dir(name_or_dir))
-    if name_or_dir in downloads.MODELS:
+    try:
+        directory = model_dir(name_or_dir)  # a path that is no folder, or a plain name in the store
+    except ValueError:  # neither a path nor a plain name ("", "a b"): it can only be unknown
+        directory = None
+    if directory is not None and is_saved_model(directory):
+        return str(directory)
+    from models.image_captioning.presets import MODELS
+
+    if name_or_dir in MODELS:
         if not download:
             return name_or_dir
-        downloads.get_pretrained(name_or_dir)
-        return str(downloads.saved_model_dir(name_or_dir))
+        from models.image_captioning.clip_cap import ClipCap
+        from models.image_captioning.pretrained import get_pretrained
+
+        get_pretrained(ClipCap, name_or_dir)
+        return str(saved_model_dir(name_or_dir))
     raise UnknownModelError(f"unknown model {name_or_dir!r}: not a directory, not a saved model in "
-                            f"{downloads.home_dir()}, and not one of {', '.join(downloads.MODELS)}")
+                            f"{home_dir()}, and not one of {', '.join(MODELS)}")
 
 
 def load_model(name_or_dir):

@@ -1,25 +1,16 @@
-"""Model names → download sources, verified resumable downloads, and the converted-model store.
+"""Transport: verified, resumable downloads of single files into the model store's ``downloads/`` cache.
 
-Names:
-
-- ClipCap models (`MODELS`): ``coco`` (MLP mapper, COCO), ``conceptual`` (MLP mapper, Conceptual Captions),
-  ``coco_transformer`` (transformer mapper, COCO). The official checkpoints come from Google Drive (gdown);
-  each names the CLIP it was trained on and the GPT-2 tokenizer.
-- CLIP models (`CLIP_SOURCES`): OpenAI's published files (``ViT-B/32``, ``RN50x4``, ...). Their URL path
-  embeds the file's SHA-256, which is verified after download.
-- The GPT-2 tokenizer: ``vocab.json`` and ``merges.txt`` fetched like every file into
-  ``downloads/gpt2-tokenizer/``, unless the Hugging Face cache already holds them (`fetch_gpt2_tokenizer`).
-
-Files are cached in ``pretrained_models/downloads/``; a converted model is saved once in
-``pretrained_models/<name>/`` and loaded from there afterwards (no torch needed then).
+This module knows files, not models: a `Source` (name, origin, pinned hash; `utils.download_manifest`)
+goes in, a verified local path comes out. Which files make which model lives beside the models:
+`models.image_captioning.presets` (the official ClipCap checkpoints) and `models.siamese.presets` (OpenAI's
+CLIP files); fetching and converting a whole model is `models.image_captioning.pretrained`.
 
 What a download guarantees (`fetch`):
 
 - **Nothing unproven is published.** A download goes to ``<file>.part`` and is renamed into the cache only
   once proven whole and right: its SHA-256 equals the pinned one; or, with no pinned hash, the server
-  announced its length and every byte arrived, or (Google Drive, no length) the checkpoint passed its
-  identity check. A ClipCap checkpoint must also be the one its name promises (`ModelSpec.expect`: mapper
-  type, prefix length, CLIP size, GPT-2 size), else `CheckpointError`. A bad download is deleted.
+  announced its length and every byte arrived, or (Google Drive, no length) the caller's ``verify`` check
+  (e.g. a ClipCap checkpoint's identity) accepted it. A bad download is deleted.
 - **Pinning, trust on first use.** `Source.sha256` / `Source.size` pin a file in code (OpenAI's CLIP URLs
   carry their SHA-256). The official ClipCap checkpoints and GPT-2 tokenizer files have no published hash:
   their size and SHA-256 are recorded in ``downloads/manifest.json`` at their first verified download, and
@@ -32,6 +23,9 @@ What a download guarantees (`fetch`):
 - **One download per file** at a time, across threads and processes (a lock on ``<file>.lock``, left in
   place); the others wait, then use (and check) the downloaded file.
 
+The GPT-2 tokenizer's ``vocab.json`` and ``merges.txt`` are fetched like every file into
+``downloads/gpt2-tokenizer/``, unless the Hugging Face cache already holds them (`fetch_gpt2_tokenizer`).
+
 Environment variables:
 
 - ``IMAGE_CAPTIONING_MIRROR=<base URL>``: fetch every file from ``<base URL>/<file name>`` instead of its
@@ -39,116 +33,50 @@ Environment variables:
   ``gpt2-vocab.json`` and ``gpt2-merges.txt``). Checksums are still verified.
 - ``IMAGE_CAPTIONING_OFFLINE=1``: never download; a missing file raises `OfflineError` saying which file
   to put where. The same error is raised when the network cannot be reached.
-- ``IMAGE_CAPTIONING_HOME=<dir>``: where the model store lives (default: ``pretrained_models/`` in the
-  repository).
+- ``IMAGE_CAPTIONING_HOME=<dir>``: where the model store lives (`utils.model_store`).
 
 Example::
 
-    from utils.downloads import get_pretrained
-    model = get_pretrained("coco")          # downloads, verifies, converts once, then loads
-    print(model.caption("demo/cat.jpg"))
+    from utils.downloads import Source, fetch
+    path = fetch(Source("weights.pt", url="https://example.org/weights.pt", sha256="..."))
 """
 
 import contextlib
-import hashlib
 import http.client
-import json
 import logging
 import os
 import urllib.error
 import urllib.parse
 import urllib.request
-from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
 
 from tqdm.auto import tqdm
 
 from utils.convert.common import CheckpointError
-from utils.file_utils import (
-    UnsafePathError,
-    check_model_name,
-    check_replaceable,
-    file_lock,
-    open_regular_file,
-    path_problem,
-    read_regular_file,
-    write_json_atomic,
+from utils.download_manifest import (
+    MANIFEST_NAME,
+    DownloadError,
+    OfflineError,
+    Source,
+    downloads_dir,
+    pin_of,
+    record,
+    sha256_of,
 )
+from utils.file_utils import file_lock, path_problem
+
+__all__ = ["MAX_DOWNLOAD_BYTES", "MIRROR_ENV", "OFFLINE_ENV", "DownloadError", "OfflineError", "Source",
+           "downloads_dir", "fetch", "fetch_gpt2_tokenizer", "is_offline", "mirror_url", "sha256_of"]
 
 logger = logging.getLogger(__name__)
 
 MIRROR_ENV = "IMAGE_CAPTIONING_MIRROR"
 OFFLINE_ENV = "IMAGE_CAPTIONING_OFFLINE"
-HOME_ENV = "IMAGE_CAPTIONING_HOME"
 
 _CHUNK = 1 << 20
 _TIMEOUT_S = 60  # seconds without a byte before a transfer counts as failed
 #: The most bytes accepted for a file without a pinned size (the largest official file is ~1.3 GB).
 MAX_DOWNLOAD_BYTES = 8 * 1024**3
-MANIFEST_NAME = "manifest.json"
-_MANIFEST_MAX_BYTES = 16 * 1024**2
-
-
-class DownloadError(RuntimeError):
-    """A file could not be downloaded, or what was downloaded is not what was expected."""
-
-
-class OfflineError(DownloadError):
-    """A file is needed, is not in the cache, and cannot be downloaded (offline mode or no network)."""
-
-
-# ----------------------------------------------------------------------------------------------- sources
-
-
-@dataclass(frozen=True)
-class Source:
-    """One downloadable file.
-
-    ``filename`` is its name in the cache and on a mirror; ``url`` a direct HTTP(S) address, or
-    ``drive_id`` a Google Drive file id; ``sha256`` / ``size`` (when known) pin the file: every download and
-    cached copy must match them (without them, the manifest's record of the first download pins it);
-    ``kind="torch"`` checks that the bytes are a PyTorch checkpoint (zip archive or pickle), which catches
-    the HTML pages Google Drive serves instead of a file when its quota is exceeded.
-
-    Pinning an official hash later is one field: ``Source("coco_weights.pt", drive_id=..., sha256="...")``.
-    """
-
-    filename: str
-    url: str | None = None
-    drive_id: str | None = None
-    sha256: str | None = None
-    kind: str | None = None
-    size: int | None = None
-
-    @property
-    def origin(self):
-        if self.url:
-            return self.url
-        if self.drive_id:
-            return f"https://drive.google.com/uc?id={self.drive_id}"
-        return None
-
-
-def _openai_clip(url):
-    # OpenAI's URLs are .../clip/models/<sha256>/<file name>
-    return Source(filename=url.rsplit("/", 1)[1], url=url, sha256=url.rsplit("/", 2)[1], kind="torch")
-
-
-#: OpenAI's published CLIP checkpoints (the ``_MODELS`` table of the ``clip`` package, v1.0).
-CLIP_SOURCES = {
-    name: _openai_clip(url) for name, url in {
-        "RN50": "https://openaipublic.azureedge.net/clip/models/afeb0e10f9e5a86da6080e35cf09123aca3b358a0c3e3b6c78a7b63bc04b6762/RN50.pt",
-        "RN101": "https://openaipublic.azureedge.net/clip/models/8fa8567bab74a42d41c5915025a8e4538c3bdbe8804a470a72f30b0d94fab599/RN101.pt",
-        "RN50x4": "https://openaipublic.azureedge.net/clip/models/7e526bd135e493cef0776de27d5f42653e6b4c8bf9e0f653bb11773263205fdd/RN50x4.pt",
-        "RN50x16": "https://openaipublic.azureedge.net/clip/models/52378b407f34354e150460fe41077663dd5b39c54cd0bfd2b27167a4a06ec9aa/RN50x16.pt",
-        "RN50x64": "https://openaipublic.azureedge.net/clip/models/be1cfb55d75a9666199fb2206c106743da0f6468c9d327f3e0d0a543a9919d9c/RN50x64.pt",
-        "ViT-B/32": "https://openaipublic.azureedge.net/clip/models/40d365715913c9da98579312b702a82c18be219cc2a73407c4526f58eba950af/ViT-B-32.pt",
-        "ViT-B/16": "https://openaipublic.azureedge.net/clip/models/5806e77cd80f8b59890b7e101eabd078d9fb84e6937f9e85e4ecb61988df416f/ViT-B-16.pt",
-        "ViT-L/14": "https://openaipublic.azureedge.net/clip/models/b8cca3fd41ae0c99ba7e8951adf17d267cdb84cd88be6f7c2e0eca1737a03836/ViT-L-14.pt",
-        "ViT-L/14@336px": "https://openaipublic.azureedge.net/clip/models/3035c92b350959924f9f00213499208652fc7ea050643e8b385c2dac08641f02/ViT-L-14-336px.pt",
-    }.items()
-}
 
 #: The GPT-2 tokenizer files, as named on a mirror, with their origin on huggingface.co.
 GPT2_TOKENIZER_FILES = {
@@ -157,72 +85,7 @@ GPT2_TOKENIZER_FILES = {
 }
 
 
-@dataclass(frozen=True)
-class ModelSpec:
-    """A ClipCap model that can be downloaded by name.
-
-    ``checkpoint``: the official ClipCap ``.pt``; ``clip``: a `CLIP_SOURCES` name or a `Source`;
-    ``tokenizer``: ``"gpt2"`` (the hub's GPT-2 tokenizer) or a local directory; ``clipcap_kwargs``:
-    extra arguments for ``ClipCap.from_pretrained``; ``expect``: what the checkpoint must be, as
-    `utils.convert.clipcap.clipcap_identity` describes it (``mapping_type``, ``prefix_length``,
-    ``prefix_size``, ``clip_length``, ``num_layers``, GPT-2's ``n_embd`` / ``n_layer`` / ``vocab_size``...):
-    a download that differs is refused (`CheckpointError`) before it is published under this name.
-    """
-
-    name: str
-    checkpoint: Source
-    clip: str | Source
-    tokenizer: str = "gpt2"
-    description: str = ""
-    clipcap_kwargs: dict = field(default_factory=dict)
-    expect: dict = field(default_factory=dict)
-
-
-#: GPT-2 124M ("gpt2"), which every official ClipCap checkpoint fine-tunes or keeps frozen.
-_GPT2_124M = {"n_embd": 768, "n_layer": 12, "vocab_size": 50257, "n_positions": 1024}
-
-
-#: The official ClipCap checkpoints (rmokady/CLIP_prefix_caption README), with the CLIP each was trained on.
-MODELS = {
-    "coco": ModelSpec(
-        "coco", Source("coco_weights.pt", drive_id="1IdaBtMSvtyzF0ByVaBHtvM0JYSXRExRX", kind="torch"),
-        clip="ViT-B/32", description="MLP mapper + fine-tuned GPT-2, trained on COCO captions",
-        expect={"mapping_type": "mlp", "prefix_length": 10, "prefix_size": 512, **_GPT2_124M}),
-    "conceptual": ModelSpec(
-        "conceptual", Source("conceptual_weights.pt", drive_id="14pXWwB4Zm82rsDdvbGguLfx9F8aM7ovT", kind="torch"),
-        clip="ViT-B/32", description="MLP mapper + fine-tuned GPT-2, trained on Conceptual Captions",
-        expect={"mapping_type": "mlp", "prefix_length": 10, "prefix_size": 512, **_GPT2_124M}),
-    "coco_transformer": ModelSpec(
-        "coco_transformer",
-        Source("coco_transformer_weights.pt", drive_id="1GYPToCqFREwi285wPLhuVExlz7DDUDfJ", kind="torch"),
-        clip="RN50x4", description="transformer mapper + frozen GPT-2, trained on COCO captions",
-        expect={"mapping_type": "transformer", "prefix_length": 40, "clip_length": 40, "num_layers": 8,
-                "prefix_size": 640, **_GPT2_124M}),
-}
-
-
-def resolve_model(name_or_spec) -> ModelSpec:
-    """A `ModelSpec` from a name in `MODELS` (or the spec itself); unknown names list the known ones."""
-    if isinstance(name_or_spec, ModelSpec):
-        return name_or_spec
-    if name_or_spec in MODELS:
-        return MODELS[name_or_spec]
-    raise KeyError(f"unknown model name {name_or_spec!r}; known ClipCap models: {', '.join(MODELS)} "
-                   f"(or give a directory holding a saved model)")
-
-
 # ------------------------------------------------------------------------------------------------ places
-
-
-def home_dir() -> Path:
-    """The model store: ``$IMAGE_CAPTIONING_HOME`` or ``pretrained_models/`` in the repository."""
-    env = os.environ.get(HOME_ENV)
-    return Path(env) if env else Path(__file__).resolve().parents[1] / "pretrained_models"
-
-
-def downloads_dir(root=None) -> Path:
-    return Path(root or home_dir()) / "downloads"
-
 
 def is_offline() -> bool:
     return os.environ.get(OFFLINE_ENV, "").strip().lower() not in ("", "0", "false", "no")
@@ -243,68 +106,6 @@ def _where_from(source):
     if source.drive_id:
         return f"{source.origin} (Google Drive; e.g. `gdown {source.drive_id}`)"
     return source.origin
-
-
-# ----------------------------------------------------------------------------------------- pins, manifest
-
-
-@dataclass(frozen=True)
-class _Pin:
-    """What a file must be: its SHA-256, its size (when known) and where that came from (for messages)."""
-
-    sha256: str
-    size: int | None
-    where: str
-
-
-def manifest_path(root=None) -> Path:
-    """``<store>/downloads/manifest.json``: size + SHA-256 of every file at its first verified download."""
-    return downloads_dir(root) / MANIFEST_NAME
-
-
-def read_manifest(root=None) -> dict:
-    """``{file name: {"sha256", "size", "url", "recorded"}}`` from the manifest ({} when there is none).
-
-    A damaged manifest raises `DownloadError` (it is never silently replaced: it is what detects a file
-    that changed since its first download).
-    """
-    path = manifest_path(root)
-    if not os.path.lexists(path):
-        return {}
-    try:
-        data = json.loads(read_regular_file(path, max_bytes=_MANIFEST_MAX_BYTES))
-        files = data["files"]
-        if not isinstance(files, dict) or not all(isinstance(e, dict) and isinstance(e.get("sha256"), str)
-                                                  for e in files.values()):
-            raise ValueError("'files' must map file names to {sha256, size}")
-    except (OSError, ValueError, KeyError, TypeError) as e:  # UnsafePathError, JSONDecodeError are ValueErrors
-        raise DownloadError(
-            f"the download manifest {path} is damaged ({type(e).__name__}: {e}). It records the SHA-256 of each "
-            f"file at its first download; repair it, or delete it to trust the cached files again") from e
-    return files
-
-
-def _pin(source, root) -> _Pin | None:
-    """The SHA-256 a file must have: `Source.sha256` (pinned in code, always wins), else the manifest's."""
-    if source.sha256:
-        return _Pin(source.sha256.lower(), source.size, "(pinned in utils/downloads.py)")
-    entry = read_manifest(root).get(source.filename)
-    if entry is None:
-        return None
-    return _Pin(entry["sha256"], entry.get("size"),
-                f"(recorded in {manifest_path(root)} at its first download, {entry.get('recorded', '?')}, "
-                f"from {entry.get('url', '?')})")
-
-
-def _record(source, size, sha256, url, root):
-    """Trust on first use: add the file's size and SHA-256 to the manifest (atomically, under its lock)."""
-    path = manifest_path(root)
-    with file_lock(path):
-        files = read_manifest(root)
-        files[source.filename] = {"sha256": sha256, "size": size, "url": url,
-                                  "recorded": datetime.now(UTC).isoformat(timespec="seconds")}
-        write_json_atomic(path, {"version": 1, "files": dict(sorted(files.items()))})
-    logger.info("recorded %s (%d bytes, sha256 %s) in %s", source.filename, size, sha256, path)
 
 
 # -------------------------------------------------------------------------------------------- downloading
@@ -328,7 +129,7 @@ def fetch(source: Source, root=None, progress=True, verify=None, dest=None) -> P
     """
     dest = Path(dest) if dest is not None else downloads_dir(root) / source.filename
     if os.path.lexists(dest):
-        return _check_cached(dest, source, _pin(source, root), verify)
+        return _check_cached(dest, source, pin_of(source, root), verify)
     if is_offline():
         raise OfflineError(
             f"{source.filename} is not in the cache and downloads are disabled ({OFFLINE_ENV}=1). "
@@ -336,8 +137,8 @@ def fetch(source: Source, root=None, progress=True, verify=None, dest=None) -> P
     dest.parent.mkdir(parents=True, exist_ok=True)
     with _download_lock(dest, source):
         if os.path.lexists(dest):  # another process downloaded it meanwhile
-            return _check_cached(dest, source, _pin(source, root), verify)
-        pin = _pin(source, root)
+            return _check_cached(dest, source, pin_of(source, root), verify)
+        pin = pin_of(source, root)
         url = mirror_url(source)
         if url is None and source.url is None and source.drive_id is not None:
             part, url, whole = _drive_download(source, dest, progress), source.origin, False
@@ -498,12 +299,6 @@ def _drive_download(source, dest, progress):
     return staging
 
 
-def sha256_of(path) -> str:
-    """The SHA-256 (hex) of a regular file (a FIFO or device is refused, never read)."""
-    with open_regular_file(path, max_bytes=None) as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
-
-
 def _verify_and_publish(part, dest, source, url, pin, verify, whole, root):
     """Publish ``part`` as ``dest`` only when proven whole and right (see `fetch`); otherwise delete it."""
     size = part.stat().st_size
@@ -534,7 +329,7 @@ def _verify_and_publish(part, dest, source, url, pin, verify, whole, root):
             f"place a verified copy at {dest}")
     os.replace(part, dest)
     if pin is None:
-        _record(source, size, actual, url, root)
+        record(source, size, actual, url, root)
     logger.info("downloaded %s to %s", source.filename, dest)
 
 
@@ -548,26 +343,7 @@ def _not_a_torch_file(path):
     return f"not a PyTorch checkpoint (starts with {head[:16]!r})"
 
 
-# ------------------------------------------------------------------------------------------- whole models
-
-
-def fetch_clip(name_or_source, root=None, progress=True) -> Path:
-    """The path of an OpenAI CLIP ``.pt`` (downloaded and SHA-256-verified on first use)."""
-    if isinstance(name_or_source, Source):
-        return fetch(name_or_source, root, progress)
-    if name_or_source not in CLIP_SOURCES:
-        raise KeyError(f"unknown CLIP model {name_or_source!r}; known: {', '.join(CLIP_SOURCES)}")
-    return fetch(CLIP_SOURCES[name_or_source], root, progress)
-
-
-def fetch_checkpoint(name_or_spec, root=None, progress=True) -> Path:
-    """The path of a ClipCap model's checkpoint, downloaded if needed, and checked to be that model's
-    (`ModelSpec.expect`; a readable ClipCap checkpoint at least) before it is published or used."""
-    from utils.convert.clipcap import check_clipcap_checkpoint
-
-    spec = resolve_model(name_or_spec)
-    return fetch(spec.checkpoint, root, progress,
-                 verify=lambda path: check_clipcap_checkpoint(path, spec.expect, name=spec.name))
+# ------------------------------------------------------------------------------------------ the GPT-2 tokenizer
 
 
 def fetch_gpt2_tokenizer(name="gpt2", root=None, progress=True):
@@ -607,138 +383,3 @@ def _in_hf_cache(name):
         if all(isinstance(path, str) for path in found):
             return True
     return False
-
-
-def spec_files(spec, root=None):
-    """(source, cache path) of every file a model needs: what to place where for an offline install."""
-    spec = resolve_model(spec)
-    clip = spec.clip if isinstance(spec.clip, Source) else CLIP_SOURCES[spec.clip]
-    files = [(spec.checkpoint, downloads_dir(root) / spec.checkpoint.filename),
-             (clip, downloads_dir(root) / clip.filename)]
-    if spec.tokenizer == "gpt2":
-        files += [(s, downloads_dir(root) / "gpt2-tokenizer" / local) for local, s in GPT2_TOKENIZER_FILES.items()]
-    return files
-
-
-def saved_model_dir(name, root=None) -> Path:
-    """``<model store>/<name>``; ValueError unless ``name`` is a plain name (`check_model_name`), so a name can
-    never point outside the store ("", "..", "/abs", "a/b" are refused)."""
-    return Path(root or home_dir()) / check_model_name(name)
-
-
-def is_saved_model(directory, architecture="clipcap") -> bool:
-    """Whether ``directory`` is a model this library saved: a real folder whose config.json (a regular file)
-    names ``architecture`` ("clipcap"; a saved CLIP: "openai_clip"). Only such folders are ever replaced."""
-    directory = Path(directory)
-    if directory.is_symlink() or not directory.is_dir():
-        return False
-    try:
-        config = json.loads(read_regular_file(directory / "config.json", max_bytes=1 << 20))
-    except (UnsafePathError, OSError, ValueError):
-        return False
-    return isinstance(config, dict) and config.get("architecture") == architecture
-
-
-def download_model(name_or_spec, root=None, progress=True):
-    """Download (or find in the cache) every file of a ClipCap model; returns (checkpoint, clip, tokenizer)."""
-    spec = resolve_model(name_or_spec)
-    found, missing = [], []
-    for get in (lambda: fetch_checkpoint(spec, root, progress), lambda: fetch_clip(spec.clip, root, progress),
-                lambda: fetch_gpt2_tokenizer(spec.tokenizer, root, progress)):
-        try:
-            found.append(get())
-        except OfflineError as e:  # report every missing file at once, not one per attempt
-            missing.append(str(e))
-    if missing:
-        raise OfflineError(f"model {spec.name!r} cannot be prepared offline:\n  - " + "\n  - ".join(missing))
-    return tuple(found)
-
-
-def convert_model(checkpoint, clip, tokenizer, directory, name=None, overwrite=False, clip_name=None,
-                  **clipcap_kwargs):
-    """Convert an official ClipCap ``.pt`` + CLIP ``.pt`` + tokenizer and save it to ``directory`` atomically.
-
-    ``clip_name``: the OpenAI name of that CLIP ("ViT-B/32"), recorded in the config (``clip_name``) so that
-    `ClipCap.save_official` can say which CLIP the exported checkpoint needs.
-
-    The model is written to a temporary sibling directory and renamed, so an interrupted conversion never
-    leaves a half-saved model that would be picked up later. An existing ``directory`` is replaced only when
-    it is empty or a saved ClipCap (`is_saved_model`) and ``overwrite``; anything else raises `UnsafePathError`
-    before the conversion starts (nothing is deleted). ``name`` (default: the folder's name) goes into the
-    config; it must be a plain model name. Returns the loaded `ClipCap`.
-    """
-    from models.image_captioning.clip_cap import ClipCap
-    from models.siamese.clip import CLIP
-    from utils.tokenizer import load_gpt2_tokenizer
-
-    directory = Path(directory)
-    name = check_model_name(name if name is not None else directory.name)
-    check_replaceable(directory, is_saved_model, overwrite)  # refuse before the (long) conversion
-    # ClipCap needs only the image encoder: the text encoder is neither converted nor saved
-    clip_model = clip if not isinstance(clip, str | os.PathLike) else CLIP.from_pretrained(str(clip), visual_only=True)
-    tok = load_gpt2_tokenizer(str(tokenizer)) if isinstance(tokenizer, str | os.PathLike) else tokenizer
-    # name=None: from_pretrained would save into the model store itself; we save once, atomically, below
-    model = ClipCap.from_pretrained(str(checkpoint), clip=clip_model, tokenizer=tok, **clipcap_kwargs)
-    model.config["name"] = name
-    if clip_name is not None:
-        model.config["clip_name"] = str(clip_name)
-    model.save(directory, overwrite=overwrite)  # a complete new folder renamed into place (replace_dir)
-    return model
-
-
-def get_pretrained(name_or_spec, root=None, force_convert=False, progress=True):
-    """A ready `ClipCap` by name: downloaded, verified and converted on first use, then loaded from disk.
-
-    Example::
-
-        model = get_pretrained("coco")   # pretrained_models/coco/ afterwards; later calls just load it
-    """
-    from utils.convert.common import CheckpointError
-
-    spec = resolve_model(name_or_spec)
-    directory = saved_model_dir(spec.name, root)
-    if is_saved_model(directory) and not force_convert:
-        from models.image_captioning.clip_cap import ClipCap
-
-        return ClipCap.load(str(directory))
-    already_cached = (downloads_dir(root) / spec.checkpoint.filename).is_file()
-    checkpoint, clip, tokenizer = download_model(spec, root, progress)
-    try:
-        return convert_model(checkpoint, clip, tokenizer, directory, name=spec.name, overwrite=force_convert,
-                             clip_name=spec.clip if isinstance(spec.clip, str) else None, **spec.clipcap_kwargs)
-    except CheckpointError as e:
-        if not already_cached:  # we downloaded it just now: do not keep a file that cannot be converted
-            checkpoint.unlink(missing_ok=True)
-            raise CheckpointError(f"{e} (the downloaded file {checkpoint} was deleted)") from e
-        raise CheckpointError(f"{e} (delete or replace {checkpoint} and try again)") from e
-
-
-def _describe_pin(source, manifest):
-    if source.sha256:
-        return f"sha256={source.sha256} (pinned)"
-    entry = manifest.get(source.filename) if isinstance(manifest, dict) else None
-    if entry:
-        return f"sha256={entry['sha256']} ({entry.get('size')} bytes, recorded at its first download)"
-    return "no published SHA-256: size and SHA-256 are recorded at its first download, then checked"
-
-
-def describe_sources(root=None):
-    """Lines describing every known name, its files, their origin, cache path and pinned or recorded
-    SHA-256 (for the CLI)."""
-    try:
-        manifest = read_manifest(root)
-    except DownloadError as e:
-        manifest = None
-        lines = [f"warning: {e}"]
-    else:
-        lines = []
-    lines.append("ClipCap models:")
-    for spec in MODELS.values():
-        lines.append(f"  {spec.name}: {spec.description} (CLIP {spec.clip}) -> {saved_model_dir(spec.name, root)}")
-        for source, path in spec_files(spec, root):
-            lines.append(f"      {source.filename:28s} {source.origin}\n      {'':28s} -> {path}\n"
-                         f"      {'':28s} {_describe_pin(source, manifest)}")
-    lines.append("CLIP models:")
-    for name, source in CLIP_SOURCES.items():
-        lines.append(f"  {name}: {source.filename} sha256={source.sha256}")
-    return lines

@@ -42,6 +42,7 @@ from custom_architectures.transformers_arch.clip_cap_arch import build_mapper  #
 from custom_architectures.transformers_arch.gpt2_arch import GPT2  # noqa: E402
 from utils.batching import pad_batch, power_of_two_at_least  # noqa: E402
 from utils.convert.common import CheckpointError  # noqa: E402
+from utils.model_store import model_dir as _model_dir  # noqa: E402
 
 CONFIG_FILENAME = "config.json"
 MAPPER_WEIGHTS = "mapper.weights.h5"
@@ -51,26 +52,6 @@ CLIP_DIR = "clip"
 FORMAT_VERSION = 1
 METHODS = ("greedy", "beam", "sample")
 _MAPPER_KEYS = ("prefix_size", "prefix_length", "n_embd", "clip_length", "num_layers", "num_heads", "mlp_ratio")
-
-
-def _model_dir(name_or_directory):
-    """Where a model named or placed by ``name_or_directory`` lives.
-
-    A ``Path``, a string with a separator, or an existing folder of the working directory is a directory;
-    any other string is a model name, which must be plain (`utils.file_utils.check_model_name`: "", ".",
-    ".." and names with separators are refused) and lives in the model store (``pretrained_models/<name>``).
-    """
-    from utils.downloads import saved_model_dir
-
-    if isinstance(name_or_directory, os.PathLike):
-        return Path(name_or_directory)
-    text = str(name_or_directory)
-    separators = [s for s in (os.sep, os.altsep) if s]
-    if any(s in text for s in separators) or Path(text).is_absolute():
-        return Path(text)
-    if text not in ("", ".", "..") and Path(text).is_dir():
-        return Path(text)
-    return saved_model_dir(text)  # ValueError for anything but a plain name
 
 
 def _valid_name(name, config_path):
@@ -200,8 +181,8 @@ class ClipCap:
             overwrite: replace an existing saved model of that name (see `save`).
         """
         from utils.convert.clipcap import check_clip_matches, load_clipcap
-        from utils.downloads import is_saved_model, saved_model_dir
         from utils.file_utils import check_replaceable
+        from utils.model_store import is_saved_model, saved_model_dir
         from utils.tokenizer import load_gpt2_tokenizer
 
         if name is not None:  # refuse a bad name, or a store folder that is not ours, before converting
@@ -212,7 +193,7 @@ class ClipCap:
             config["normalize_prefix"] = bool(normalize_prefix)
         if clip is not None and not hasattr(clip, "embed_dim"):
             from models.siamese.clip import CLIP
-            from utils.downloads import CLIP_SOURCES
+            from models.siamese.presets import CLIP_SOURCES
 
             clip_name = os.fspath(clip)
             if clip_name in CLIP_SOURCES:  # an OpenAI name: recorded, for save_official
@@ -240,8 +221,8 @@ class ClipCap:
         `utils.file_utils.UnsafePathError` (ValueError) and nothing is changed. Files and folders get the
         permissions the umask gives.
         """
-        from utils.downloads import is_saved_model
         from utils.file_utils import replace_dir
+        from utils.model_store import is_saved_model
 
         target = name_or_directory if name_or_directory is not None else self.name
         if target is None:
@@ -277,8 +258,8 @@ class ClipCap:
     def load(cls, name_or_directory, clip=None, jit_compile=True):
         """Restore a model written by `save` (no torch needed): a directory or a name in ``pretrained_models``.
 
-        The official models' names (``coco``, ``conceptual``, ``coco_transformer``; `utils.downloads.MODELS`)
-        are downloaded and converted on first use (that first time needs torch), then simply loaded.
+        The official models' names (``coco``, ``conceptual``, ``coco_transformer``; `presets.MODELS`) are
+        downloaded and converted on first use (that first time needs torch), then simply loaded.
 
         ``clip``: a `CLIP` instance to use instead of the saved one (checked for the embedding size).
         """
@@ -288,10 +269,11 @@ class ClipCap:
         directory = _model_dir(name_or_directory)
         config_path = directory / CONFIG_FILENAME
         if not config_path.is_file() and clip is None:
-            from utils.downloads import MODELS, get_pretrained
+            from models.image_captioning.presets import MODELS
+            from models.image_captioning.pretrained import get_pretrained
 
             if str(name_or_directory) in MODELS:  # an official model: downloaded and converted once
-                return get_pretrained(str(name_or_directory))
+                return get_pretrained(cls, str(name_or_directory))
         if not config_path.is_file():
             raise FileNotFoundError(f"{directory} is not a saved ClipCap model: {CONFIG_FILENAME} not found")
         try:

@@ -110,7 +110,7 @@ def expand_inputs(images):
 
 
 def default_output_dir(model):
-    from utils.downloads import home_dir
+    from utils.model_store import home_dir
 
     name = getattr(model, "name", None) or "clipcap"
     return home_dir() / name / "outputs"

@@ -80,7 +80,7 @@ class CLIP:
 
         ``visual_only`` skips the text encoder and the tokenizer (what ClipCap needs). A model name of
         OpenAI's list ("ViT-B/32", "RN50x4", ...) is downloaded once into the model store and its SHA-256
-        verified (`utils.downloads.fetch_clip`; ``IMAGE_CAPTIONING_MIRROR`` / ``IMAGE_CAPTIONING_OFFLINE``
+        verified (`models.siamese.presets.fetch_clip`; ``IMAGE_CAPTIONING_MIRROR`` / ``IMAGE_CAPTIONING_OFFLINE``
         apply).
 
         Example::
@@ -100,7 +100,7 @@ class CLIP:
     @staticmethod
     def _resolve(name_or_path):
         """Map a model name or path to a local file / directory (names are downloaded once)."""
-        from utils.downloads import CLIP_SOURCES, fetch_clip
+        from models.siamese.presets import CLIP_SOURCES, fetch_clip
 
         path = os.fspath(name_or_path)
         if os.path.exists(path):
@@ -293,7 +293,7 @@ def _load_weights(model, weights_path):
 
 def is_saved_clip(directory) -> bool:
     """Whether ``directory`` is a CLIP this library saved (its config.json names "openai_clip")."""
-    from utils.downloads import is_saved_model
+    from utils.model_store import is_saved_model
 
     return is_saved_model(directory, architecture="openai_clip")
 

@@ -1,0 +1,110 @@
+"""An official ClipCap model by name: its files fetched and verified, converted once into the model store.
+
+``get_pretrained(ClipCap, "coco")`` (what ``ClipCap.load("coco")`` does on first use) downloads the
+official checkpoint (checked to be the model its name promises before it is published), the CLIP it was
+trained on and the GPT-2 tokenizer (`download_model`), converts them (`convert_model`) into
+``<store>/coco/``, and loads that folder on every later call (no torch needed then).
+
+The model class is passed in, as keras-hub's preset loaders receive ``cls``: this module sits below
+``clip_cap.py`` (which calls it from ``ClipCap.load``) and never imports it, so no import cycle forms.
+
+Example::
+
+    from models.image_captioning import ClipCap
+    from models.image_captioning.pretrained import download_model, get_pretrained
+    checkpoint, clip, tokenizer = download_model("coco")          # files only, for an offline install
+    model = get_pretrained(ClipCap, "coco", force_convert=True)    # convert again
+"""
+
+import os
+from pathlib import Path
+
+from models.image_captioning.presets import resolve_model
+from models.siamese.presets import fetch_clip
+from utils.convert.common import CheckpointError
+from utils.download_manifest import OfflineError, downloads_dir
+from utils.downloads import fetch, fetch_gpt2_tokenizer
+from utils.file_utils import check_model_name, check_replaceable
+from utils.model_store import is_saved_model, saved_model_dir
+
+
+def fetch_checkpoint(name_or_spec, root=None, progress=True) -> Path:
+    """The path of a ClipCap model's checkpoint, downloaded if needed, and checked to be that model's
+    (`ModelSpec.expect`; a readable ClipCap checkpoint at least) before it is published or used."""
+    from utils.convert.clipcap import check_clipcap_checkpoint  # torch: only when a checkpoint is checked
+
+    spec = resolve_model(name_or_spec)
+    return fetch(spec.checkpoint, root, progress,
+                 verify=lambda path: check_clipcap_checkpoint(path, spec.expect, name=spec.name))
+
+
+def download_model(name_or_spec, root=None, progress=True):
+    """Download (or find in the cache) every file of a ClipCap model; returns (checkpoint, clip, tokenizer).
+    Offline, every missing file is named in one `OfflineError`."""
+    spec = resolve_model(name_or_spec)
+    found, missing = [], []
+    for get in (lambda: fetch_checkpoint(spec, root, progress), lambda: fetch_clip(spec.clip, root, progress),
+                lambda: fetch_gpt2_tokenizer(spec.tokenizer, root, progress)):
+        try:
+            found.append(get())
+        except OfflineError as e:  # report every missing file at once, not one per attempt
+            missing.append(str(e))
+    if missing:
+        raise OfflineError(f"model {spec.name!r} cannot be prepared offline:\n  - " + "\n  - ".join(missing))
+    return tuple(found)
+
+
+def convert_model(model_class, checkpoint, clip, tokenizer, directory, name=None, overwrite=False, clip_name=None,
+                  **clipcap_kwargs):
+    """Convert an official ClipCap ``.pt`` + CLIP ``.pt`` + tokenizer with ``model_class`` (`ClipCap`) and save
+    it to ``directory`` atomically.
+
+    ``clip_name``: the OpenAI name of that CLIP ("ViT-B/32"), recorded in the config (``clip_name``) so that
+    `ClipCap.save_official` can say which CLIP the exported checkpoint needs.
+
+    The model is written to a temporary sibling directory and renamed, so an interrupted conversion never
+    leaves a half-saved model that would be picked up later. An existing ``directory`` is replaced only when
+    it is empty or a saved ClipCap (`is_saved_model`) and ``overwrite``; anything else raises `UnsafePathError`
+    before the conversion starts (nothing is deleted). ``name`` (default: the folder's name) goes into the
+    config; it must be a plain model name. Returns the loaded model.
+    """
+    from models.siamese.clip import CLIP
+    from utils.tokenizer import load_gpt2_tokenizer
+
+    directory = Path(directory)
+    name = check_model_name(name if name is not None else directory.name)
+    check_replaceable(directory, is_saved_model, overwrite)  # refuse before the (long) conversion
+    # ClipCap needs only the image encoder: the text encoder is neither converted nor saved
+    clip_model = clip if not isinstance(clip, str | os.PathLike) else CLIP.from_pretrained(str(clip), visual_only=True)
+    tok = load_gpt2_tokenizer(str(tokenizer)) if isinstance(tokenizer, str | os.PathLike) else tokenizer
+    # name=None: from_pretrained would save into the model store itself; we save once, atomically, below
+    model = model_class.from_pretrained(str(checkpoint), clip=clip_model, tokenizer=tok, **clipcap_kwargs)
+    model.config["name"] = name
+    if clip_name is not None:
+        model.config["clip_name"] = str(clip_name)
+    model.save(directory, overwrite=overwrite)  # a complete new folder renamed into place (replace_dir)
+    return model
+
+
+def get_pretrained(model_class, name_or_spec, root=None, force_convert=False, progress=True):
+    """A ready ``model_class`` (`ClipCap`) by official name: downloaded, verified and converted on first use,
+    then loaded from ``<store>/<name>/``.
+
+    A checkpoint that cannot be converted is deleted when it was downloaded by this call (it would fail
+    again), kept otherwise (it may have been placed by hand); the error says which.
+    """
+    spec = resolve_model(name_or_spec)
+    directory = saved_model_dir(spec.name, root)
+    if is_saved_model(directory) and not force_convert:
+        return model_class.load(str(directory))
+    already_cached = (downloads_dir(root) / spec.checkpoint.filename).is_file()
+    checkpoint, clip, tokenizer = download_model(spec, root, progress)
+    try:
+        return convert_model(model_class, checkpoint, clip, tokenizer, directory, name=spec.name,
+                             overwrite=force_convert, clip_name=spec.clip if isinstance(spec.clip, str) else None,
+                             **spec.clipcap_kwargs)
+    except CheckpointError as e:
+        if not already_cached:  # we downloaded it just now: do not keep a file that cannot be converted
+            checkpoint.unlink(missing_ok=True)
+            raise CheckpointError(f"{e} (the downloaded file {checkpoint} was deleted)") from e
+        raise CheckpointError(f"{e} (delete or replace {checkpoint} and try again)") from e
