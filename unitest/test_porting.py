@@ -1,4 +1,5 @@
-"""The weight porter: strict accounting (every problem named in one error), hooks both ways, no partial load."""
+"""The weight porter: strict accounting (every problem named in one error), hooks both ways, no partial
+load."""
 
 import numpy as np
 import pytest
@@ -52,7 +53,8 @@ def test_every_problem_is_named_in_one_error():
 def test_hooked_shape_is_checked_in_the_checkpoint_layout():
     porter = WeightPorter({"fc.weight": torch.zeros(3, 5)}, source="sd")  # a (in, out) tensor, not (out, in)
     porter.port(Var((3, 5)), "fc.weight", LINEAR)
-    with pytest.raises(CheckpointError, match=r"^sd: mis-shaped keys: fc\.weight: expected \(5, 3\), found \(3, 5\)$"):
+    message = r"^sd: mis-shaped keys: fc\.weight: expected \(5, 3\), found \(3, 5\)$"
+    with pytest.raises(CheckpointError, match=message):
         porter.check()  # the file's (out, in), not Keras' (in, out)
     porter = WeightPorter({"conv.weight": torch.zeros(8, 3, 2, 2)}, source="sd")
     porter.port(Var((2, 2, 3, 8)), "conv.weight", CONV)
@@ -109,6 +111,6 @@ def test_check_keys_compares_two_shape_sets():
     check_keys({"a": (2,), "b": None}, {"a": (2,), "b": (9, 9)}, source="weights.h5")  # None: any shape
     with pytest.raises(CheckpointError) as info:
         check_keys({"a": (2,), "b": (3,)}, {"a": (2, 1), "c": (1,)}, source="weights.h5")
-    assert str(info.value) == ("weights.h5: missing keys: b | mis-shaped keys: a: expected (2,), found (2, 1) | "
-                               "unexpected keys: c")
+    assert str(info.value) == (
+        "weights.h5: missing keys: b | mis-shaped keys: a: expected (2,), found (2, 1) | unexpected keys: c")
     check_keys({"a": (2,)}, {"a": (2,), "c": (1,)}, allow_unexpected=True)

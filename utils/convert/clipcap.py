@@ -12,8 +12,9 @@ Everything is inferred from keys and shapes (`clipcap_config_from_state_dict`):
   transformer mapper (K = L = 40, 8 layers, RN50x4 prefix size 640).
 
 Every tensor of the file is consumed or explicitly ignored (`utils.convert.porting.WeightPorter`); anything
-missing, unexpected or mis-shaped raises `CheckpointError` naming it. The released transformer weights expect an L2-normalised CLIP embedding, the MLP
-ones the raw embedding: ``normalize_prefix`` records that policy in the config.
+missing, unexpected or mis-shaped raises `CheckpointError` naming it. The released transformer weights expect
+an L2-normalised CLIP embedding, the MLP ones the raw embedding: ``normalize_prefix`` records that policy in
+the config.
 
 Each mapper type's key map is written once, in `MAPPER_FORMATS` (Keras variable <-> checkpoint key + hook);
 the import here and the export (`utils.convert.clipcap_export`) both read it, as they share GPT-2's
@@ -32,7 +33,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from utils.convert.common import CheckpointError, load_torch_state_dict
-from utils.convert.porting import IDENTITY, LINEAR, WeightPorter
+from utils.convert.porting import IDENTITY, WeightPorter, layer_norm_entries, linear_entries
 
 MAPPER_PREFIX = "clip_project."
 GPT_PREFIX = "gpt."
@@ -159,35 +160,26 @@ def check_clipcap_checkpoint(path, expect=None, name="this model"):
 # (`mapper_from_state_dict`) ports it and the export (`utils.convert.clipcap_export`) writes it back.
 
 
-def _linear(dense, key):
-    """A torch Linear ``key`` (weight (out, in), bias) <-> a Keras Dense (kernel (in, out), bias)."""
-    entries = [(dense.kernel, f"{key}.weight", LINEAR)]
-    if dense.use_bias:
-        entries.append((dense.bias, f"{key}.bias", IDENTITY))
-    return entries
-
-
-def _layer_norm(layer, key):
-    return [(layer.gamma, f"{key}.weight", IDENTITY), (layer.beta, f"{key}.bias", IDENTITY)]
-
-
 def _mlp_weights(mapper):
-    return _linear(mapper.model_0, "clip_project.model.0") + _linear(mapper.model_2, "clip_project.model.2")
+    return linear_entries(mapper.model_0, "clip_project.model.0") + linear_entries(mapper.model_2,
+                                                                                   "clip_project.model.2")
 
 
 def _single_linear_weights(mapper):
-    return _linear(mapper.linear, "clip_project")
+    return linear_entries(mapper.linear, "clip_project")
 
 
 def _transformer_weights(mapper):
     entries = [(mapper.prefix_const, "clip_project.prefix_const", IDENTITY)]  # its own parameter: first
     for i, layer in enumerate(mapper.transformer_layers):
         p = f"clip_project.transformer.layers.{i}"
-        entries += (_layer_norm(layer.norm1, f"{p}.norm1") + _linear(layer.attn.to_queries, f"{p}.attn.to_queries")
-                    + _linear(layer.attn.to_keys_values, f"{p}.attn.to_keys_values")
-                    + _linear(layer.attn.project, f"{p}.attn.project") + _layer_norm(layer.norm2, f"{p}.norm2")
-                    + _linear(layer.mlp.fc1, f"{p}.mlp.fc1") + _linear(layer.mlp.fc2, f"{p}.mlp.fc2"))
-    return entries + _linear(mapper.linear, "clip_project.linear")
+        entries += layer_norm_entries(layer.norm1, f"{p}.norm1")
+        for name in ("to_queries", "to_keys_values", "project"):
+            entries += linear_entries(getattr(layer.attn, name), f"{p}.attn.{name}")
+        entries += layer_norm_entries(layer.norm2, f"{p}.norm2")
+        for name in ("fc1", "fc2"):
+            entries += linear_entries(getattr(layer.mlp, name), f"{p}.mlp.{name}")
+    return entries + linear_entries(mapper.linear, "clip_project.linear")
 
 
 def _official_transformer_only(config):
@@ -228,7 +220,8 @@ MAPPER_FORMATS = {
 def mapper_format(mapping_type) -> MapperFormat:
     """The `MapperFormat` of ``mapping_type``; `CheckpointError` for an unknown one."""
     if mapping_type not in MAPPER_FORMATS:
-        raise CheckpointError(f"unknown mapping_type {mapping_type!r}: expected one of {', '.join(MAPPER_FORMATS)}")
+        raise CheckpointError(f"unknown mapping_type {mapping_type!r}: expected one of "
+                              f"{', '.join(MAPPER_FORMATS)}")
     return MAPPER_FORMATS[mapping_type]
 
 

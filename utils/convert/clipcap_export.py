@@ -67,7 +67,8 @@ def gpt2_state_dict(gpt2, prefix="gpt.", legacy_buffers=False):
         sd[key] = value
         if legacy_buffers and key.endswith(".ln_1.bias"):  # transformers 4.x: attn's buffers follow ln_1
             h = key[: -len("ln_1.bias")]
-            sd[h + "attn.bias"] = torch.tril(torch.ones((n_pos, n_pos), dtype=torch.uint8)).view(1, 1, n_pos, n_pos)
+            causal = torch.tril(torch.ones((n_pos, n_pos), dtype=torch.uint8))
+            sd[h + "attn.bias"] = causal.view(1, 1, n_pos, n_pos)
             sd[h + "attn.masked_bias"] = torch.tensor(-1e4)
     sd[f"{prefix}lm_head.weight"] = sd[f"{t}wte.weight"]  # tied, as in GPT2LMHeadModel.state_dict()
     return sd

@@ -30,7 +30,7 @@ from collections.abc import Mapping
 import numpy as np
 
 from utils.convert.common import CheckpointError, load_torch_state_dict
-from utils.convert.porting import IDENTITY, WeightPorter
+from utils.convert.porting import IDENTITY, WeightPorter, layer_norm_entries
 
 _BLOCK_KEY = re.compile(r"h\.(\d+)\.")
 _LEGACY_BUFFERS = r"h\.\d+\.attn\.(masked_)?bias"
@@ -103,17 +103,18 @@ def gpt2_weight_map(gpt2, inner="transformer."):
     kernels, so every hook is the identity. `gpt2_from_state_dict` ports it; the official-format export
     (`utils.convert.clipcap_export`) writes it back.
     """
+    def conv1d(layer, key):  # HF Conv1D: weight (in, out) = the Keras kernel, bias
+        return [(layer.kernel, f"{key}.weight", IDENTITY), (layer.bias, f"{key}.bias", IDENTITY)]
+
     entries = [(gpt2.wte.embeddings, f"{inner}wte.weight", IDENTITY),
                (gpt2.wpe.embeddings, f"{inner}wpe.weight", IDENTITY)]
     for i, block in enumerate(gpt2.h):
         h = f"{inner}h.{i}."
-        for name, layer in (("ln_1", block.ln_1), ("attn.c_attn", block.attn.c_attn),
-                            ("attn.c_proj", block.attn.c_proj), ("ln_2", block.ln_2),
-                            ("mlp.c_fc", block.mlp.c_fc), ("mlp.c_proj", block.mlp.c_proj)):
-            weight, bias = (layer.gamma, layer.beta) if name.startswith("ln_") else (layer.kernel, layer.bias)
-            entries += [(weight, f"{h}{name}.weight", IDENTITY), (bias, f"{h}{name}.bias", IDENTITY)]
-    entries += [(gpt2.ln_f.gamma, f"{inner}ln_f.weight", IDENTITY),
-                (gpt2.ln_f.beta, f"{inner}ln_f.bias", IDENTITY)]
+        entries += layer_norm_entries(block.ln_1, h + "ln_1")
+        entries += conv1d(block.attn.c_attn, h + "attn.c_attn") + conv1d(block.attn.c_proj, h + "attn.c_proj")
+        entries += layer_norm_entries(block.ln_2, h + "ln_2")
+        entries += conv1d(block.mlp.c_fc, h + "mlp.c_fc") + conv1d(block.mlp.c_proj, h + "mlp.c_proj")
+    entries += layer_norm_entries(gpt2.ln_f, f"{inner}ln_f")
     return entries
 
 

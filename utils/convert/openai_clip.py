@@ -20,7 +20,7 @@ import zipfile
 from collections.abc import Mapping
 
 from utils.convert.common import CheckpointError, load_torch_state_dict
-from utils.convert.porting import CONV, LINEAR, Split, WeightPorter
+from utils.convert.porting import CONV, LINEAR, Split, WeightPorter, layer_norm_entries, linear_entries
 
 # OpenAI's build_model deletes exactly these (metadata stored in the JIT archives)
 OPENAI_METADATA_KEYS = ("input_resolution", "context_length", "vocab_size")
@@ -63,14 +63,11 @@ def load_openai_state_dict(path):
 
 
 def _dense(porter, dense, key):
-    porter.port(dense.kernel, f"{key}.weight", LINEAR)
-    if dense.use_bias:
-        porter.port(dense.bias, f"{key}.bias")
+    porter.port_all(linear_entries(dense, key))
 
 
 def _layer_norm(porter, ln, key):
-    porter.port(ln.gamma, f"{key}.weight")
-    porter.port(ln.beta, f"{key}.bias")
+    porter.port_all(layer_norm_entries(ln, key))
 
 
 def _batch_norm(porter, bn, key):

@@ -138,6 +138,19 @@ LINEAR = Transpose((1, 0))  # torch Linear (out, in) <-> Keras Dense kernel (in,
 CONV = Transpose((2, 3, 1, 0))  # torch Conv2d (out, in, kh, kw) <-> Keras Conv2D kernel (kh, kw, in, out)
 
 
+def linear_entries(dense, key):
+    """A torch ``nn.Linear`` ``key`` (weight (out, in), bias) <-> a Keras Dense (kernel (in, out), bias)."""
+    entries = [(dense.kernel, f"{key}.weight", LINEAR)]
+    if dense.use_bias:
+        entries.append((dense.bias, f"{key}.bias", IDENTITY))
+    return entries
+
+
+def layer_norm_entries(layer, key):
+    """A torch ``nn.LayerNorm`` ``key`` (weight, bias) <-> a Keras LayerNormalization (gamma, beta)."""
+    return [(layer.gamma, f"{key}.weight", IDENTITY), (layer.beta, f"{key}.bias", IDENTITY)]
+
+
 # ------------------------------------------------------------------------------------------------ porter
 
 
@@ -176,7 +189,7 @@ class WeightPorter:
         return to_numpy(self._sd[key])
 
     def port(self, variable, key, hook=None):
-        """Port ``key`` into ``variable`` through ``hook`` (default `IDENTITY`); `assign` / `finish` assign."""
+        """Port ``key`` into ``variable`` through ``hook`` (default `IDENTITY`); assigned by `assign`."""
         hook = hook if hook is not None else IDENTITY
         value = self.take(key, hook.checkpoint_shape(tuple(variable.shape)))
         if value is not None:
@@ -207,7 +220,7 @@ class WeightPorter:
         return {k: _shape(v) for k, v in self._sd.items() if k in self._expected or k not in self._ignored}
 
     def check(self):
-        """Raise `CheckpointError` now if a key asked for is missing or mis-shaped (unused keys may remain)."""
+        """Raise `CheckpointError` now if a key asked for is missing or mis-shaped (unused keys may stay)."""
         check_keys(self._expected, self._found(), self.source, allow_unexpected=True)
 
     def assign(self):
