@@ -14,7 +14,7 @@ from custom_architectures.transformers_arch.clip_cap_arch import (
 )
 from unitest.reference import clipcap_official as ref
 from utils.convert.clipcap import mapper_from_state_dict
-from utils.convert.common import StateDict
+from utils.convert.porting import WeightPorter
 
 # (kind, n_embd, mapper kwargs of the reference ClipCaptionModel)
 CASES = {
@@ -56,7 +56,7 @@ def test_mapper_matches_official(case):
     kind, n_embd, kw = CASES[case]
     module = torch_mapper(kind, n_embd, kw)
     state = {f"clip_project.{k}": v for k, v in module.state_dict().items()}
-    sd = StateDict(state, source=case)
+    sd = WeightPorter(state, source=case)
     mapper = mapper_from_state_dict(sd, keras_config(kind, n_embd, kw))
     sd.finish()  # every mapper tensor consumed
     x = np.random.default_rng(1).normal(size=(3, kw["prefix_size"])).astype(np.float32)

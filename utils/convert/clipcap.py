@@ -11,9 +11,16 @@ Everything is inferred from keys and shapes (`clipcap_config_from_state_dict`):
 - ``clip_project.prefix_const`` + ``clip_project.linear.*`` + ``clip_project.transformer.layers.{i}.*``: the
   transformer mapper (K = L = 40, 8 layers, RN50x4 prefix size 640).
 
-Every tensor of the file is consumed or explicitly ignored; anything missing, unexpected or mis-shaped raises
-`CheckpointError` naming it. The released transformer weights expect an L2-normalised CLIP embedding, the MLP
-ones the raw embedding: ``normalize_prefix`` records that policy in the config.
+Every tensor of the file is consumed or explicitly ignored (`utils.convert.porting.WeightPorter`); anything
+missing, unexpected or mis-shaped raises `CheckpointError` naming it. The released transformer weights expect
+an L2-normalised CLIP embedding, the MLP ones the raw embedding: ``normalize_prefix`` records that policy in
+the config.
+
+Each mapper type's key map is written once, in `MAPPER_FORMATS` (Keras variable <-> checkpoint key + hook);
+the import here and the export (`utils.convert.clipcap_export`) both read it, as they share GPT-2's
+`utils.convert.hf_gpt2.gpt2_weight_map`. Adding a mapper type therefore touches two files: its class in
+``custom_architectures/transformers_arch/clip_cap_arch.py`` (with its `build_mapper` case) and, here, its
+`MapperFormat` entry and its detection in `clipcap_config_from_state_dict`.
 
 Example::
 
@@ -22,9 +29,11 @@ Example::
 """
 
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 
-from utils.convert.common import CheckpointError, StateDict, load_torch_state_dict
+from utils.convert.common import CheckpointError, load_torch_state_dict
+from utils.convert.porting import IDENTITY, WeightPorter, layer_norm_entries, linear_entries
 
 MAPPER_PREFIX = "clip_project."
 GPT_PREFIX = "gpt."
@@ -146,59 +155,89 @@ def check_clipcap_checkpoint(path, expect=None, name="this model"):
     return identity
 
 
-def _linear(sd, key, in_dim, out_dim, bias=True):
-    """torch Linear ``key`` (out, in) -> Keras Dense weights [kernel (in, out), bias]."""
-    w = sd.take(f"{key}.weight", (out_dim, in_dim))
-    values = [None if w is None else w.T]
-    if bias:
-        values.append(sd.take(f"{key}.bias", (out_dim,)))
-    return values
+# --------------------------------------------------------------------- the mapper types' weight tables
+# One table per mapper type: (Keras variable, checkpoint key, hook) in the official module order. The import
+# (`mapper_from_state_dict`) ports it and the export (`utils.convert.clipcap_export`) writes it back.
 
 
-def _layer_norm(sd, key, dim):
-    return [sd.take(f"{key}.weight", (dim,)), sd.take(f"{key}.bias", (dim,))]
+def _mlp_weights(mapper):
+    return linear_entries(mapper.model_0, "clip_project.model.0") + linear_entries(mapper.model_2,
+                                                                                   "clip_project.model.2")
 
 
-def mapper_from_state_dict(sd: StateDict, config: dict):
-    """Build the Keras mapper described by `config` and load it from ``clip_project.*`` of `sd`."""
+def _single_linear_weights(mapper):
+    return linear_entries(mapper.linear, "clip_project")
+
+
+def _transformer_weights(mapper):
+    entries = [(mapper.prefix_const, "clip_project.prefix_const", IDENTITY)]  # its own parameter: first
+    for i, layer in enumerate(mapper.transformer_layers):
+        p = f"clip_project.transformer.layers.{i}"
+        entries += layer_norm_entries(layer.norm1, f"{p}.norm1")
+        for name in ("to_queries", "to_keys_values", "project"):
+            entries += linear_entries(getattr(layer.attn, name), f"{p}.attn.{name}")
+        entries += layer_norm_entries(layer.norm2, f"{p}.norm2")
+        for name in ("fc1", "fc2"):
+            entries += linear_entries(getattr(layer.mlp, name), f"{p}.mlp.{name}")
+    return entries + linear_entries(mapper.linear, "clip_project.linear")
+
+
+def _official_transformer_only(config):
+    num_heads = int(config.get("num_heads", 8))
+    if num_heads != 8:  # the official TransformerMapper hard-codes Transformer(dim, 8, num_layers)
+        raise ValueError(f"the official transformer mapper has 8 attention heads; this one has {num_heads} "
+                         "and cannot be exported to the official format")
+    if float(config.get("mlp_ratio", 2.0)) != 2.0:  # ... and Transformer's default mlp_ratio=2.0
+        raise ValueError(f"the official transformer mapper has mlp_ratio 2; this one has {config['mlp_ratio']}")
+
+
+@dataclass(frozen=True)
+class MapperFormat:
+    """How one mapper type is stored in an official checkpoint.
+
+    config_keys: the `build_mapper` kwargs read from the ClipCap config.
+    weights: mapper -> its weight table, ``[(variable, "clip_project...." key, hook)]``, in the official order.
+    check_exportable: config -> None; raises `ValueError` when the official code cannot represent the mapper.
+    """
+
+    config_keys: tuple
+    weights: Callable
+    check_exportable: Callable = lambda config: None
+
+
+_BASE_KEYS = ("prefix_size", "prefix_length", "n_embd")
+#: mapping_type -> `MapperFormat`. A new mapper type: its class (and `build_mapper` case) in
+#: custom_architectures/transformers_arch/clip_cap_arch.py, its entry here and its detection in
+#: `clipcap_config_from_state_dict`; import and export then follow.
+MAPPER_FORMATS = {
+    "mlp": MapperFormat(_BASE_KEYS, _mlp_weights),
+    "linear": MapperFormat(_BASE_KEYS, _single_linear_weights),
+    "transformer": MapperFormat(_BASE_KEYS + ("clip_length", "num_layers", "num_heads", "mlp_ratio"),
+                                _transformer_weights, _official_transformer_only),
+}
+
+
+def mapper_format(mapping_type) -> MapperFormat:
+    """The `MapperFormat` of ``mapping_type``; `CheckpointError` for an unknown one."""
+    if mapping_type not in MAPPER_FORMATS:
+        raise CheckpointError(f"unknown mapping_type {mapping_type!r}: expected one of "
+                              f"{', '.join(MAPPER_FORMATS)}")
+    return MAPPER_FORMATS[mapping_type]
+
+
+def mapper_from_state_dict(porter: WeightPorter, config: dict):
+    """Build the Keras mapper described by `config` and load it from ``clip_project.*`` of `porter`.
+
+    Raises `CheckpointError` (nothing assigned) when a mapper key is missing or mis-shaped; the keys left
+    over are for the caller's `WeightPorter.finish`.
+    """
     from custom_architectures.transformers_arch.clip_cap_arch import build_mapper
 
     kind = config["mapping_type"]
-    d, k, c = config["prefix_size"], config["prefix_length"], config["n_embd"]
-    assignments = []  # (keras layer or variable, values)
-    if kind == "transformer":
-        mapper = build_mapper(kind, prefix_size=d, prefix_length=k, clip_length=config["clip_length"], n_embd=c,
-                              num_layers=config["num_layers"], num_heads=config["num_heads"],
-                              mlp_ratio=config["mlp_ratio"])
-        hidden = int(c * config["mlp_ratio"])
-        assignments.append((mapper.prefix_const, sd.take("clip_project.prefix_const", (k, c))))
-        assignments.append((mapper.linear, _linear(sd, "clip_project.linear", d, config["clip_length"] * c)))
-        for i, layer in enumerate(mapper.transformer_layers):
-            p = f"clip_project.transformer.layers.{i}"
-            assignments += [
-                (layer.norm1, _layer_norm(sd, f"{p}.norm1", c)),
-                (layer.attn.to_queries, _linear(sd, f"{p}.attn.to_queries", c, c, bias=False)),
-                (layer.attn.to_keys_values, _linear(sd, f"{p}.attn.to_keys_values", c, 2 * c, bias=False)),
-                (layer.attn.project, _linear(sd, f"{p}.attn.project", c, c)),
-                (layer.norm2, _layer_norm(sd, f"{p}.norm2", c)),
-                (layer.mlp.fc1, _linear(sd, f"{p}.mlp.fc1", c, hidden)),
-                (layer.mlp.fc2, _linear(sd, f"{p}.mlp.fc2", hidden, c)),
-            ]
-    elif kind == "mlp":
-        mapper = build_mapper(kind, prefix_size=d, prefix_length=k, n_embd=c)
-        assignments.append((mapper.model_0, _linear(sd, "clip_project.model.0", d, k * c // 2)))
-        assignments.append((mapper.model_2, _linear(sd, "clip_project.model.2", k * c // 2, k * c)))
-    elif kind == "linear":
-        mapper = build_mapper(kind, prefix_size=d, prefix_length=k, n_embd=c)
-        assignments.append((mapper.linear, _linear(sd, "clip_project", d, k * c)))
-    else:
-        raise CheckpointError(f"unknown mapping_type {kind!r}")
-    sd.check()  # nothing is assigned from a checkpoint with missing or mis-shaped keys
-    for target, values in assignments:
-        if isinstance(values, list):
-            target.set_weights(values)
-        else:
-            target.assign(values)
+    fmt = mapper_format(kind)
+    mapper = build_mapper(kind, **{k: config[k] for k in fmt.config_keys})
+    porter.port_all(fmt.weights(mapper))
+    porter.assign()  # nothing is assigned from a checkpoint with missing or mis-shaped keys
     return mapper
 
 
@@ -222,12 +261,12 @@ def load_clipcap(path_or_state_dict, source=None, **gpt2_overrides):
         config = clipcap_config_from_state_dict(state_dict)
     except CheckpointError as e:
         raise CheckpointError(f"{source}: {e}") from None
-    sd = StateDict(state_dict, source=source)
-    mapper = mapper_from_state_dict(sd, config)
+    porter = WeightPorter(state_dict, source=source)
+    mapper = mapper_from_state_dict(porter, config)
     gpt_state = {k: v for k, v in state_dict.items() if k.startswith(GPT_PREFIX)}
     gpt2, used = gpt2_from_state_dict(gpt_state, prefix=GPT_PREFIX, source=source, **gpt2_overrides)
-    sd.ignore(used)
-    sd.finish()
+    porter.ignore(used)  # accounted for by GPT-2's own porter
+    porter.finish()
     config["gpt2"] = gpt2_arch_config(gpt2)
     return mapper, gpt2, config
 

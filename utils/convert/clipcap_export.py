@@ -28,6 +28,9 @@ from pathlib import Path
 
 import numpy as np
 
+from utils.convert.clipcap import MAPPER_FORMATS
+from utils.convert.hf_gpt2 import gpt2_weight_map
+from utils.convert.porting import export_weights
 from utils.file_utils import UnsafePathError, atomic_open, write_json_atomic
 
 SIDECAR_FORMAT = "clipcap-official-export/1"
@@ -42,71 +45,31 @@ def _torch(value):
     return torch.from_numpy(np.ascontiguousarray(np.asarray(value, dtype=np.float32)))
 
 
-def _linear(prefix, dense, bias=True):
-    """Keras Dense -> torch Linear ``prefix.weight`` (out, in) and ``prefix.bias``."""
-    out = {f"{prefix}.weight": _torch(np.asarray(dense.kernel.numpy()).T)}
-    if bias:
-        out[f"{prefix}.bias"] = _torch(dense.bias.numpy())
-    return out
-
-
-def _layer_norm(prefix, layer):
-    return {f"{prefix}.weight": _torch(layer.gamma.numpy()), f"{prefix}.bias": _torch(layer.beta.numpy())}
-
-
 def mapper_state_dict(mapper, config):
-    """The ``clip_project.*`` entries of a Keras mapper (MLP, legacy single Linear or transformer)."""
-    kind = config["mapping_type"]
-    sd = {}
-    if kind == "mlp":
-        sd.update(_linear("clip_project.model.0", mapper.model_0))
-        sd.update(_linear("clip_project.model.2", mapper.model_2))
-    elif kind == "linear":
-        sd.update(_linear("clip_project", mapper.linear))
-    elif kind == "transformer":
-        num_heads = int(config.get("num_heads", 8))
-        if num_heads != 8:  # the official TransformerMapper hard-codes Transformer(dim, 8, num_layers)
-            raise ValueError(f"the official transformer mapper has 8 attention heads; this one has {num_heads} "
-                             "and cannot be exported to the official format")
-        if float(config.get("mlp_ratio", 2.0)) != 2.0:  # ... and Transformer's default mlp_ratio=2.0
-            raise ValueError(f"the official transformer mapper has mlp_ratio 2; this one has {config['mlp_ratio']}")
-        sd["clip_project.prefix_const"] = _torch(mapper.prefix_const.numpy())  # own parameter: first
-        for i, layer in enumerate(mapper.transformer_layers):
-            p = f"clip_project.transformer.layers.{i}"
-            sd.update(_layer_norm(f"{p}.norm1", layer.norm1))
-            sd.update(_linear(f"{p}.attn.to_queries", layer.attn.to_queries, bias=False))
-            sd.update(_linear(f"{p}.attn.to_keys_values", layer.attn.to_keys_values, bias=False))
-            sd.update(_linear(f"{p}.attn.project", layer.attn.project))
-            sd.update(_layer_norm(f"{p}.norm2", layer.norm2))
-            sd.update(_linear(f"{p}.mlp.fc1", layer.mlp.fc1))
-            sd.update(_linear(f"{p}.mlp.fc2", layer.mlp.fc2))
-        sd.update(_linear("clip_project.linear", mapper.linear))
-    else:
-        raise ValueError(f"unknown mapping_type {kind!r}")
-    return sd
+    """The ``clip_project.*`` entries of a Keras mapper, from its type's weight table (`MAPPER_FORMATS`)."""
+    fmt = MAPPER_FORMATS.get(config["mapping_type"])
+    if fmt is None:
+        raise ValueError(f"unknown mapping_type {config['mapping_type']!r}")
+    fmt.check_exportable(config)
+    return export_weights(fmt.weights(mapper), to_tensor=_torch)
 
 
 def gpt2_state_dict(gpt2, prefix="gpt.", legacy_buffers=False):
-    """The ``GPT2LMHeadModel`` entries (``gpt.transformer.*``, ``gpt.lm_head.weight``) of a Keras `GPT2`."""
+    """The ``GPT2LMHeadModel`` entries (``gpt.transformer.*``, ``gpt.lm_head.weight``) of a Keras `GPT2`,
+    from GPT-2's weight table (`gpt2_weight_map`, the one the import reads)."""
     import torch
 
     t = f"{prefix}transformer."
-    sd = {f"{t}wte.weight": _torch(gpt2.wte.embeddings.numpy()), f"{t}wpe.weight": _torch(gpt2.wpe.embeddings.numpy())}
+    weights = export_weights(gpt2_weight_map(gpt2, t), to_tensor=_torch)
     n_pos = int(gpt2.n_positions)
-    for i, block in enumerate(gpt2.h):
-        h = f"{t}h.{i}."
-        sd.update(_layer_norm(h + "ln_1", block.ln_1))
-        if legacy_buffers:
-            sd[h + "attn.bias"] = torch.tril(torch.ones((n_pos, n_pos), dtype=torch.uint8)).view(1, 1, n_pos, n_pos)
+    sd = {}
+    for key, value in weights.items():
+        sd[key] = value
+        if legacy_buffers and key.endswith(".ln_1.bias"):  # transformers 4.x: attn's buffers follow ln_1
+            h = key[: -len("ln_1.bias")]
+            causal = torch.tril(torch.ones((n_pos, n_pos), dtype=torch.uint8))
+            sd[h + "attn.bias"] = causal.view(1, 1, n_pos, n_pos)
             sd[h + "attn.masked_bias"] = torch.tensor(-1e4)
-        for name, layer in (("attn.c_attn", block.attn.c_attn), ("attn.c_proj", block.attn.c_proj)):
-            sd[f"{h}{name}.weight"] = _torch(layer.kernel.numpy())  # Conv1D (in, out), as a Keras kernel
-            sd[f"{h}{name}.bias"] = _torch(layer.bias.numpy())
-        sd.update(_layer_norm(h + "ln_2", block.ln_2))
-        for name, layer in (("mlp.c_fc", block.mlp.c_fc), ("mlp.c_proj", block.mlp.c_proj)):
-            sd[f"{h}{name}.weight"] = _torch(layer.kernel.numpy())
-            sd[f"{h}{name}.bias"] = _torch(layer.bias.numpy())
-    sd.update(_layer_norm(f"{t}ln_f", gpt2.ln_f))
     sd[f"{prefix}lm_head.weight"] = sd[f"{t}wte.weight"]  # tied, as in GPT2LMHeadModel.state_dict()
     return sd
 

@@ -1,21 +1,16 @@
-"""What every checkpoint converter shares: safe loading and strict key accounting.
+"""What every checkpoint converter shares: the error type, safe loading and the conversion to numpy.
 
-Each converter (``openai_clip``, ``hf_gpt2``, ``clipcap``) reads a state dict through a `StateDict`:
-every tensor must be taken (with its expected shape) or explicitly ignored, and `StateDict.finish`
-raises a `CheckpointError` naming every missing, unexpected or mis-shaped key.
+The strict key accounting (every tensor ported or explicitly ignored) is `utils.convert.porting`.
 
 Example::
 
-    sd = StateDict(load_torch_state_dict("coco_weights.pt"), source="coco_weights.pt")
-    w = sd.take("clip_project.model.0.weight", (3840, 512))
-    sd.ignore_matching(r"gpt\\.h\\.\\d+\\.attn\\.(masked_)?bias")
-    sd.finish()
+    state_dict = load_torch_state_dict("coco_weights.pt")   # weights_only=True; CheckpointError if unreadable
+    w = to_numpy(state_dict["clip_project.model.0.weight"])  # float32 numpy
 """
 
 import os
-import re
 import zipfile
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 
 import numpy as np
 
@@ -73,72 +68,3 @@ def load_torch_state_dict(path, map_location="cpu", mmap=False):
     if not isinstance(obj, Mapping):
         raise CheckpointError(f"{path} holds a {type(obj).__name__}, not a state dict")
     return dict(obj)
-
-
-class StateDict:
-    """A read-once view of a state dict that accounts for every key.
-
-    ``take`` returns a key's value as numpy (fp32) after checking its shape; ``ignore`` /
-    ``ignore_matching`` mark keys that are deliberately unused (e.g. legacy attention-mask buffers);
-    ``finish`` raises if anything was missing, mis-shaped or left over.
-    """
-
-    def __init__(self, state_dict: Mapping, source: str = "checkpoint"):
-        self._sd = dict(state_dict)
-        self.source = source
-        self._used: set[str] = set()
-        self._missing: list[str] = []
-        self._mismatched: list[str] = []
-
-    def __contains__(self, key):
-        return key in self._sd
-
-    def keys(self):
-        return self._sd.keys()
-
-    def take(self, key, shape=None):
-        """The value of `key` as numpy; records a missing or mis-shaped key (raised by `finish`)."""
-        if key not in self._sd:
-            self._missing.append(key)
-            return None
-        self._used.add(key)
-        value = to_numpy(self._sd[key])
-        if shape is not None and tuple(value.shape) != tuple(shape):
-            self._mismatched.append(f"{key}: expected {tuple(shape)}, found {tuple(value.shape)}")
-            return None
-        return value
-
-    def ignore(self, keys: Iterable[str] | str):
-        for key in [keys] if isinstance(keys, str) else keys:
-            if key in self._sd:
-                self._used.add(key)
-
-    def ignore_matching(self, pattern: str):
-        regex = re.compile(pattern)
-        self.ignore([k for k in self._sd if regex.fullmatch(k)])
-
-    @property
-    def unused(self):
-        return sorted(k for k in self._sd if k not in self._used)
-
-    def check(self):
-        """Raise now if a key was missing or mis-shaped (so no model is built from bad weights)."""
-        problems = []
-        if self._missing:
-            problems.append(f"missing keys: {', '.join(self._missing)}")
-        if self._mismatched:
-            problems.append(f"mis-shaped keys: {'; '.join(self._mismatched)}")
-        if problems:
-            raise CheckpointError(f"{self.source}: " + " | ".join(problems))
-
-    def finish(self):
-        """Raise `CheckpointError` naming every missing, mis-shaped and unexpected key."""
-        problems = []
-        if self._missing:
-            problems.append(f"missing keys: {', '.join(self._missing)}")
-        if self._mismatched:
-            problems.append(f"mis-shaped keys: {'; '.join(self._mismatched)}")
-        if self.unused:
-            problems.append(f"unexpected keys: {', '.join(self.unused)}")
-        if problems:
-            raise CheckpointError(f"{self.source}: " + " | ".join(problems))

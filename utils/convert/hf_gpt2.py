@@ -29,7 +29,8 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from utils.convert.common import CheckpointError, StateDict, load_torch_state_dict
+from utils.convert.common import CheckpointError, load_torch_state_dict
+from utils.convert.porting import IDENTITY, WeightPorter, layer_norm_entries
 
 _BLOCK_KEY = re.compile(r"h\.(\d+)\.")
 _LEGACY_BUFFERS = r"h\.\d+\.attn\.(masked_)?bias"
@@ -94,6 +95,29 @@ def gpt2_config_from_hf_config(hf_config: Mapping):
     return {k: hf_config[k] for k in keys if k in hf_config}
 
 
+def gpt2_weight_map(gpt2, inner="transformer."):
+    """GPT-2's weight table: ``(keras variable, checkpoint key, hook)`` in ``GPT2Model.state_dict()`` order.
+
+    ``inner`` is the prefix of ``wte.weight`` (``"transformer."`` for ``GPT2LMHeadModel``, ``""`` for
+    ``GPT2Model``, ``"gpt.transformer."`` in ClipCap files). HF's Conv1D weights are (in, out) like Keras
+    kernels, so every hook is the identity. `gpt2_from_state_dict` ports it; the official-format export
+    (`utils.convert.clipcap_export`) writes it back.
+    """
+    def conv1d(layer, key):  # HF Conv1D: weight (in, out) = the Keras kernel, bias
+        return [(layer.kernel, f"{key}.weight", IDENTITY), (layer.bias, f"{key}.bias", IDENTITY)]
+
+    entries = [(gpt2.wte.embeddings, f"{inner}wte.weight", IDENTITY),
+               (gpt2.wpe.embeddings, f"{inner}wpe.weight", IDENTITY)]
+    for i, block in enumerate(gpt2.h):
+        h = f"{inner}h.{i}."
+        entries += layer_norm_entries(block.ln_1, h + "ln_1")
+        entries += conv1d(block.attn.c_attn, h + "attn.c_attn") + conv1d(block.attn.c_proj, h + "attn.c_proj")
+        entries += layer_norm_entries(block.ln_2, h + "ln_2")
+        entries += conv1d(block.mlp.c_fc, h + "mlp.c_fc") + conv1d(block.mlp.c_proj, h + "mlp.c_proj")
+    entries += layer_norm_entries(gpt2.ln_f, f"{inner}ln_f")
+    return entries
+
+
 def gpt2_from_state_dict(state_dict, prefix="", source="checkpoint", **config_overrides):
     """Build a `GPT2` and load the weights found under `prefix`.
 
@@ -119,46 +143,20 @@ def gpt2_from_state_dict(state_dict, prefix="", source="checkpoint", **config_ov
     if config["n_head"] is None:
         raise CheckpointError(f"{source}: n_embd={config['n_embd']} is not a multiple of 64; pass n_head")
     inner = _inner_prefix(own, prefix)
-    sd = StateDict(own, source=source)
-    V, P, C, L = config["vocab_size"], config["n_positions"], config["n_embd"], config["n_layer"]
-
-    weights = {"wte": sd.take(inner + "wte.weight", (V, C)), "wpe": sd.take(inner + "wpe.weight", (P, C))}
-    for i in range(L):
-        h = f"{inner}h.{i}."
-        weights[i] = {
-            "ln_1": (sd.take(h + "ln_1.weight", (C,)), sd.take(h + "ln_1.bias", (C,))),
-            "c_attn": (sd.take(h + "attn.c_attn.weight", (C, 3 * C)), sd.take(h + "attn.c_attn.bias", (3 * C,))),
-            "attn_proj": (sd.take(h + "attn.c_proj.weight", (C, C)), sd.take(h + "attn.c_proj.bias", (C,))),
-            "ln_2": (sd.take(h + "ln_2.weight", (C,)), sd.take(h + "ln_2.bias", (C,))),
-            "c_fc": (sd.take(h + "mlp.c_fc.weight", (C, 4 * C)), sd.take(h + "mlp.c_fc.bias", (4 * C,))),
-            "mlp_proj": (sd.take(h + "mlp.c_proj.weight", (4 * C, C)), sd.take(h + "mlp.c_proj.bias", (C,))),
-        }
-    weights["ln_f"] = (sd.take(inner + "ln_f.weight", (C,)), sd.take(inner + "ln_f.bias", (C,)))
-    sd.ignore_matching(re.escape(inner) + _LEGACY_BUFFERS)
+    model = GPT2(**config)
+    porter = WeightPorter(own, source=source)
+    porter.port_all(gpt2_weight_map(model, inner))
+    porter.ignore_matching(re.escape(inner) + _LEGACY_BUFFERS)
     head_key = prefix + "lm_head.weight"
-    if head_key in sd:
-        head = sd.take(head_key, (V, C))
-        if head is not None and weights["wte"] is not None and not np.array_equal(head, weights["wte"]):
+    if head_key in porter:
+        wte_shape = tuple(model.wte.embeddings.shape)
+        head, wte = porter.take(head_key, wte_shape), porter.take(inner + "wte.weight", wte_shape)
+        if head is not None and wte is not None and not np.array_equal(head, wte):
             raise CheckpointError(
                 f"{source}: {head_key} differs from {inner}wte.weight; this GPT2 ties its LM head to wte "
                 f"and cannot represent an untied head"
             )
-    sd.finish()  # names every missing, mis-shaped and unexpected key under the prefix
-
-    model = GPT2(**config)
-    model.wte.embeddings.assign(weights["wte"])
-    model.wpe.embeddings.assign(weights["wpe"])
-    for i, block in enumerate(model.h):
-        w = weights[i]
-        for layer, (a, b) in ((block.ln_1, w["ln_1"]), (block.ln_2, w["ln_2"])):
-            layer.gamma.assign(a)
-            layer.beta.assign(b)
-        for layer, (kernel, bias) in ((block.attn.c_attn, w["c_attn"]), (block.attn.c_proj, w["attn_proj"]),
-                                      (block.mlp.c_fc, w["c_fc"]), (block.mlp.c_proj, w["mlp_proj"])):
-            layer.kernel.assign(kernel)
-            layer.bias.assign(bias)
-    model.ln_f.gamma.assign(weights["ln_f"][0])
-    model.ln_f.beta.assign(weights["ln_f"][1])
+    porter.finish()  # names every missing, mis-shaped and unexpected key under the prefix, then assigns
     return model, set(own)
 
 
@@ -167,7 +165,7 @@ def _read_weights_file(path):
         from safetensors.numpy import load_file
 
         try:
-            return load_file(path)  # numpy arrays; StateDict.take casts each one to float32
+            return load_file(path)  # numpy arrays; WeightPorter.take casts each one to float32
         except Exception as e:  # safetensors raises its own error types for truncated/corrupt files
             raise CheckpointError(f"cannot read {path} as safetensors: {type(e).__name__}: {e}") from e
     return load_torch_state_dict(path)

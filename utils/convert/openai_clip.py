@@ -19,9 +19,8 @@ import warnings
 import zipfile
 from collections.abc import Mapping
 
-import numpy as np
-
-from utils.convert.common import CheckpointError, StateDict, load_torch_state_dict
+from utils.convert.common import CheckpointError, load_torch_state_dict
+from utils.convert.porting import CONV, LINEAR, Split, WeightPorter, layer_norm_entries, linear_entries
 
 # OpenAI's build_model deletes exactly these (metadata stored in the JIT archives)
 OPENAI_METADATA_KEYS = ("input_resolution", "context_length", "vocab_size")
@@ -63,119 +62,80 @@ def load_openai_state_dict(path):
     return load_torch_state_dict(path)
 
 
-def _torch_shape(variable, kind):
-    shape = tuple(variable.shape)
-    if kind == "conv":  # keras (kh, kw, in, out) -> torch (out, in, kh, kw)
-        return (shape[3], shape[2], shape[0], shape[1])
-    if kind == "linear":  # keras (in, out) -> torch (out, in)
-        return (shape[1], shape[0])
-    return shape
+def _dense(porter, dense, key):
+    porter.port_all(linear_entries(dense, key))
 
 
-def _from_torch(value, kind):
-    if kind == "conv":
-        return np.transpose(value, (2, 3, 1, 0))
-    if kind == "linear":
-        return value.T
-    return value
+def _layer_norm(porter, ln, key):
+    porter.port_all(layer_norm_entries(ln, key))
 
 
-class _Loader:
-    """Collects (keras variable, numpy value) pairs from a `StateDict`; assigns only once all is checked."""
-
-    def __init__(self, sd):
-        self.sd = sd
-        self.assignments = []
-
-    def take(self, variable, key, kind="same"):
-        value = self.sd.take(key, _torch_shape(variable, kind))
-        if value is not None:
-            self.assignments.append((variable, _from_torch(value, kind)))
-
-    def dense(self, dense, prefix):
-        self.take(dense.kernel, f"{prefix}.weight", "linear")
-        if dense.use_bias:
-            self.take(dense.bias, f"{prefix}.bias")
-
-    def layer_norm(self, ln, prefix):
-        self.take(ln.gamma, f"{prefix}.weight")
-        self.take(ln.beta, f"{prefix}.bias")
-
-    def batch_norm(self, bn, prefix):
-        self.take(bn.gamma, f"{prefix}.weight")
-        self.take(bn.beta, f"{prefix}.bias")
-        self.take(bn.moving_mean, f"{prefix}.running_mean")
-        self.take(bn.moving_variance, f"{prefix}.running_var")
-        # BatchNorm's training step counter: no effect at inference (not every exporter writes it)
-        self.sd.ignore(f"{prefix}.num_batches_tracked")
-
-    def conv(self, conv, prefix):
-        self.take(conv.kernel, f"{prefix}.weight", "conv")
-
-    def packed_attention(self, attn, prefix):
-        """nn.MultiheadAttention: in_proj_weight (3C, C) / in_proj_bias (3C,) -> q, k, v; out_proj."""
-        width = attn.width
-        weight = self.sd.take(f"{prefix}.in_proj_weight", (3 * width, width))
-        bias = self.sd.take(f"{prefix}.in_proj_bias", (3 * width,))
-        if weight is not None and bias is not None:
-            for i, dense in enumerate((attn.q_proj, attn.k_proj, attn.v_proj)):
-                self.assignments.append((dense.kernel, weight[i * width : (i + 1) * width].T))
-                self.assignments.append((dense.bias, bias[i * width : (i + 1) * width]))
-        self.dense(attn.out_proj, f"{prefix}.out_proj")
-
-    def residual_block(self, block, prefix):
-        self.layer_norm(block.ln_1, f"{prefix}.ln_1")
-        self.packed_attention(block.attn, f"{prefix}.attn")
-        self.layer_norm(block.ln_2, f"{prefix}.ln_2")
-        self.dense(block.c_fc, f"{prefix}.mlp.c_fc")
-        self.dense(block.c_proj, f"{prefix}.mlp.c_proj")
-
-    def assign(self):
-        for variable, value in self.assignments:
-            variable.assign(value)  # already float32 (StateDict.take)
+def _batch_norm(porter, bn, key):
+    porter.port(bn.gamma, f"{key}.weight")
+    porter.port(bn.beta, f"{key}.bias")
+    porter.port(bn.moving_mean, f"{key}.running_mean")
+    porter.port(bn.moving_variance, f"{key}.running_var")
+    # BatchNorm's training step counter: no effect at inference (not every exporter writes it)
+    porter.ignore(f"{key}.num_batches_tracked")
 
 
-def _load_vit(loader, visual, p="visual"):
-    loader.conv(visual.get_layer("conv1"), f"{p}.conv1")
+def _packed_attention(porter, attn, key):
+    """nn.MultiheadAttention: in_proj_weight (3C, C) / in_proj_bias (3C,) hold q, k, v; then out_proj."""
+    for i, dense in enumerate((attn.q_proj, attn.k_proj, attn.v_proj)):
+        porter.port(dense.kernel, f"{key}.in_proj_weight", Split(i, 3, then=LINEAR))
+        porter.port(dense.bias, f"{key}.in_proj_bias", Split(i, 3))
+    _dense(porter, attn.out_proj, f"{key}.out_proj")
+
+
+def _residual_block(porter, block, key):
+    _layer_norm(porter, block.ln_1, f"{key}.ln_1")
+    _packed_attention(porter, block.attn, f"{key}.attn")
+    _layer_norm(porter, block.ln_2, f"{key}.ln_2")
+    _dense(porter, block.c_fc, f"{key}.mlp.c_fc")
+    _dense(porter, block.c_proj, f"{key}.mlp.c_proj")
+
+
+def _port_vit(porter, visual, p="visual"):
+    porter.port(visual.get_layer("conv1").kernel, f"{p}.conv1.weight", CONV)
     embeddings = visual.get_layer("embeddings")
-    loader.take(embeddings.class_embedding, f"{p}.class_embedding")
-    loader.take(embeddings.positional_embedding, f"{p}.positional_embedding")
-    loader.layer_norm(visual.get_layer("ln_pre"), f"{p}.ln_pre")
+    porter.port(embeddings.class_embedding, f"{p}.class_embedding")
+    porter.port(embeddings.positional_embedding, f"{p}.positional_embedding")
+    _layer_norm(porter, visual.get_layer("ln_pre"), f"{p}.ln_pre")
     for i in range(visual.num_layers):
         name = f"transformer.resblocks.{i}"
-        loader.residual_block(visual.get_layer(name), f"{p}.{name}")
-    loader.layer_norm(visual.get_layer("ln_post"), f"{p}.ln_post")
-    loader.take(visual.get_layer("proj").kernel, f"{p}.proj")  # used as x @ proj: already (in, out)
+        _residual_block(porter, visual.get_layer(name), f"{p}.{name}")
+    _layer_norm(porter, visual.get_layer("ln_post"), f"{p}.ln_post")
+    porter.port(visual.get_layer("proj").kernel, f"{p}.proj")  # used as x @ proj: already (in, out)
 
 
-def _load_resnet(loader, visual, p="visual"):
+def _port_resnet(porter, visual, p="visual"):
     for i in (1, 2, 3):
-        loader.conv(visual.get_layer(f"conv{i}"), f"{p}.conv{i}")
-        loader.batch_norm(visual.get_layer(f"bn{i}"), f"{p}.bn{i}")
+        porter.port(visual.get_layer(f"conv{i}").kernel, f"{p}.conv{i}.weight", CONV)
+        _batch_norm(porter, visual.get_layer(f"bn{i}"), f"{p}.bn{i}")
     for stage, blocks in enumerate(visual.layer_counts, start=1):
         for b in range(blocks):
             name = f"layer{stage}.{b}"
             block = visual.get_layer(name)
             for i in (1, 2, 3):
-                loader.conv(getattr(block, f"conv{i}"), f"{p}.{name}.conv{i}")
-                loader.batch_norm(getattr(block, f"bn{i}"), f"{p}.{name}.bn{i}")
+                porter.port(getattr(block, f"conv{i}").kernel, f"{p}.{name}.conv{i}.weight", CONV)
+                _batch_norm(porter, getattr(block, f"bn{i}"), f"{p}.{name}.bn{i}")
             if block.has_downsample:
-                loader.conv(block.downsample_conv, f"{p}.{name}.downsample.0")
-                loader.batch_norm(block.downsample_bn, f"{p}.{name}.downsample.1")
+                porter.port(block.downsample_conv.kernel, f"{p}.{name}.downsample.0.weight", CONV)
+                _batch_norm(porter, block.downsample_bn, f"{p}.{name}.downsample.1")
     pool = visual.get_layer("attnpool")
-    loader.take(pool.positional_embedding, f"{p}.attnpool.positional_embedding")
+    porter.port(pool.positional_embedding, f"{p}.attnpool.positional_embedding")
     for proj in ("q_proj", "k_proj", "v_proj", "c_proj"):
-        loader.dense(getattr(pool, proj), f"{p}.attnpool.{proj}")
+        _dense(porter, getattr(pool, proj), f"{p}.attnpool.{proj}")
 
 
-def _load_text(loader, text):
-    loader.take(text.get_layer("token_embedding").embeddings, "token_embedding.weight")
-    loader.take(text.get_layer("positional_embedding").positional_embedding, "positional_embedding")
+def _port_text(porter, text):
+    porter.port(text.get_layer("token_embedding").embeddings, "token_embedding.weight")
+    porter.port(text.get_layer("positional_embedding").positional_embedding, "positional_embedding")
     for i in range(text.num_layers):
         name = f"transformer.resblocks.{i}"
-        loader.residual_block(text.get_layer(name), name)
-    loader.layer_norm(text.get_layer("ln_final"), "ln_final")
-    loader.take(text.get_layer("text_projection").kernel, "text_projection")  # x @ text_projection
+        _residual_block(porter, text.get_layer(name), name)
+    _layer_norm(porter, text.get_layer("ln_final"), "ln_final")
+    porter.port(text.get_layer("text_projection").kernel, "text_projection")  # x @ text_projection
 
 
 def clip_config_from_state_dict(state_dict: Mapping, visual_only=False, source="checkpoint") -> dict:
@@ -210,17 +170,15 @@ def clip_from_state_dict(state_dict: Mapping, visual_only=False, source="checkpo
 
     config = clip_config_from_state_dict(state_dict, visual_only=visual_only, source=source)
     model = build_clip(config)
-    sd = StateDict(state_dict, source=source)
-    sd.ignore(list(OPENAI_METADATA_KEYS))
-    loader = _Loader(sd)
-    (_load_vit if model.is_vit else _load_resnet)(loader, model.visual)
+    porter = WeightPorter(state_dict, source=source)
+    porter.ignore(list(OPENAI_METADATA_KEYS))
+    (_port_vit if model.is_vit else _port_resnet)(porter, model.visual)
     if visual_only:
-        sd.ignore([k for k in sd.keys() if not k.startswith("visual.") and k != "logit_scale"])
+        porter.ignore([k for k in porter.keys() if not k.startswith("visual.") and k != "logit_scale"])
     else:
-        _load_text(loader, model.text)
-    loader.take(model.logit_scale, "logit_scale")
-    sd.finish()
-    loader.assign()
+        _port_text(porter, model.text)
+    porter.port(model.logit_scale, "logit_scale")
+    porter.finish()  # names every missing, mis-shaped and unexpected key, then assigns
     return model
 
 
