@@ -241,6 +241,23 @@ def cmd_export_savedmodel(args):
     return EXIT_OK
 
 
+# ------------------------------------------------------------------------------------------------ serve
+
+
+def cmd_serve(args):
+    try:
+        import gradio  # noqa: F401
+    except ImportError:
+        return _fail("the web demo needs Gradio: pip install -r requirements.txt", EXIT_USAGE)
+    from models.image_captioning.web_demo import serve
+
+    model, code = model_or_exit_code(args.model)
+    if model is None:
+        return code
+    serve(model, host=args.host, port=args.port, max_file_bytes=args.max_file_bytes, max_pixels=args.max_pixels)
+    return EXIT_OK
+
+
 # --------------------------------------------------------------------------------------------- download
 
 
@@ -352,6 +369,19 @@ def build_parser():
     p.add_argument("--overwrite", action="store_true", help="replace existing output files (savedmodel: only a "
                                                             "SavedModel this command wrote)")
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("serve", formatter_class=_Formatter, epilog=ENVIRONMENT_HELP,
+                       help="a web demo (Gradio): upload images, choose the decoding, read captions",
+                       description="Start a Gradio web app: drop or upload images (or paste URLs), choose greedy, "
+                                   "beam or sampling, see each image with its captions, scores and timings. The "
+                                   "model is loaded and compiled once; requests are queued one at a time. "
+                                   "Gradio's API (gradio_client) answers on the same server (api_name /caption).")
+    p.add_argument("--model", default="coco", help=_model_arg_help())
+    p.add_argument("--host", default="127.0.0.1", help="the address to listen on (0.0.0.0: every interface)")
+    p.add_argument("--port", type=int, default=7860, help="the port to listen on")
+    p.add_argument("--max-file-bytes", type=int, default=20 * 1024 * 1024, help="the largest upload accepted")
+    p.add_argument("--max-pixels", type=int, default=40_000_000, help="the most pixels an image may decode to")
+    p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("download", formatter_class=_Formatter, epilog=ENVIRONMENT_HELP,
                        help="download (and convert) models by name",
