@@ -134,10 +134,9 @@ def test_export_refuses_a_user_folder(tmp_path, exported):
 def test_tokens_to_text_equals_tokenizer_decode(gpt2_tokenizer_dir):
     import tensorflow as tf
 
-    from utils.tokenizer import load_gpt2_tokenizer
-
     from models.image_captioning.serving_ops import token_pieces, tokens_to_text
     from unitest.tokenizer_utils import SAMPLE_TEXT
+    from utils.tokenizer import load_gpt2_tokenizer
 
     tok = load_gpt2_tokenizer(gpt2_tokenizer_dir)  # trained here, on text with non-ASCII characters
     pieces = tf.constant(token_pieces(tok, len(tok) + 5).tolist(), tf.string)  # 5 ids beyond the tokenizer
