@@ -1,0 +1,91 @@
+"""The serving SavedModel on random full-size weights: export time, size, first and warm request latency.
+
+Model: CLIP ViT-B/32 + MLP mapper (K = 10) + GPT-2 124M, random weights (built as in
+``benchmarks/bench_clipcap.py``), exported with ``export_savedmodel`` (greedy, ``--max-length`` tokens
+without early stop, so every request does the same work). The SavedModel is then loaded in a separate
+``python -I`` process (no repository on its path, as a deployment) and the ``serving_default`` signature
+is called with 1 and 16 JPEG photographs (``skimage.data``): *first* includes the XLA compilation of that
+batch size's programs, *warm* is the best of 3 later calls.
+
+Run from the repository root (a few minutes on 2 cores)::
+
+    python -m benchmarks.bench_serving
+"""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+import torch  # noqa: F401, I001 - torchvision before TensorFlow
+import torchvision  # noqa: F401
+
+os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("CUDA_VISIBLE_DEVICES", "-1")
+
+CLIENT = r"""
+import json, sys, time
+import tensorflow as tf
+start = time.perf_counter()
+loaded = tf.saved_model.load(sys.argv[1])
+serve = loaded.signatures["serving_default"]
+out = {"load_s": time.perf_counter() - start}
+images = [open(p, "rb").read() for p in sys.argv[2:]]
+for n in (1, len(images)):
+    batch = tf.constant(images[:n])
+    times = []
+    for _ in range(4):
+        t = time.perf_counter()
+        serve(images=batch)["captions"].numpy()
+        times.append(time.perf_counter() - t)
+    out[n] = {"first_s": times[0], "warm_s": min(times[1:])}
+print(json.dumps(out))
+"""
+
+
+def _size(directory):
+    return sum(os.path.getsize(os.path.join(root, f)) for root, _, files in os.walk(directory) for f in files)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--max-length", type=int, default=20)
+    parser.add_argument("--images", type=int, default=16)
+    args = parser.parse_args()
+
+    from benchmarks.bench_beam import write_photos
+    from benchmarks.bench_clipcap import build
+    from models.image_captioning.serving import export_savedmodel
+    from unitest.tiny_models import train_tiny_tokenizer
+
+    with tempfile.TemporaryDirectory() as directory:
+        tokenizer_dir = train_tiny_tokenizer(os.path.join(directory, "tokenizer"))  # decoding only
+        _, _, model = build("ViT-B/32", "mlp", directory, tokenizer_dir)
+        out = os.path.join(directory, "export")
+        start = time.perf_counter()
+        export_savedmodel(model, out, method="greedy", max_length=args.max_length, stop_token=None,
+                          max_batch_size=16)
+        export_s = time.perf_counter() - start
+        size = _size(out)
+        image_dir = os.path.join(directory, "images")
+        os.makedirs(image_dir)
+        paths = write_photos(image_dir, args.images)
+        proc = subprocess.run([sys.executable, "-I", "-c", CLIENT, out, *paths], cwd=directory,
+                              capture_output=True, text=True, check=True)
+        timings = json.loads(proc.stdout.strip().splitlines()[-1])
+
+    print(f"\nCLIP ViT-B/32 + MLP K=10 + GPT-2 124M (random weights), greedy, {args.max_length} tokens without "
+          f"early stop; export {export_s:.1f} s, SavedModel {size / 2**20:.0f} MiB, load {timings['load_s']:.1f} s\n")
+    print("| images per request | first request s (compiles) | warm request s | warm images/s |")
+    print("|---:|---:|---:|---:|")
+    for n in ("1", str(args.images)):
+        t = timings[n]
+        print(f"| {n} | {t['first_s']:.2f} | {t['warm_s']:.2f} | {int(n) / t['warm_s']:.2f} |")
+
+
+if __name__ == "__main__":
+    main()

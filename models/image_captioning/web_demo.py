@@ -1,0 +1,176 @@
+"""A Gradio web demo of a `ClipCap` model: drop images (or paste URLs), choose the decoding, read captions.
+
+``python main.py serve --model coco [--host 127.0.0.1] [--port 7860]`` starts it. The model is loaded and
+compiled once at start-up (a warm-up caption), requests are queued one at a time (two decodes at once on
+the same cores would only slow each other down), uploads are bounded in size (``max_file_bytes``) and
+decoded images in pixels (``max_pixels``), and every image gets its own result: a file that is not an
+image, too large, or a URL that cannot be fetched is an error row in the page, never a crash.
+
+The same server answers Gradio's API (``gradio_client.Client(url).predict(files, ..., api_name="/caption")``).
+
+Example::
+
+    demo = build_demo(ClipCap.load("coco"))
+    demo.queue(default_concurrency_limit=1).launch(server_name="127.0.0.1", server_port=7860)
+"""
+
+import base64
+import html
+import io
+import time
+import urllib.request
+
+from PIL import Image
+
+from utils.image_io import ImageReadError, read_image
+
+MAX_FILE_BYTES = 20 * 1024 * 1024
+MAX_PIXELS = 40_000_000
+MAX_IMAGES = 16
+URL_TIMEOUT_S = 20
+THUMBNAIL = 160
+
+
+def fetch_url(url, max_bytes=MAX_FILE_BYTES, timeout=URL_TIMEOUT_S):
+    """The bytes at an http(s) URL, at most ``max_bytes`` (ImageReadError otherwise: other schemes, HTTP
+    errors, timeouts, too large)."""
+    if not url.lower().startswith(("http://", "https://")):
+        raise ImageReadError(f"{url}: only http:// and https:// URLs are fetched")
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response:  # noqa: S310 (scheme checked above)
+            data = response.read(max_bytes + 1)
+    except OSError as e:
+        raise ImageReadError(f"{url}: cannot fetch ({e})") from e
+    if len(data) > max_bytes:
+        raise ImageReadError(f"{url}: larger than {max_bytes} bytes")
+    return data
+
+
+def _thumbnail(image):
+    image = image.convert("RGB")
+    image.thumbnail((THUMBNAIL, THUMBNAIL))
+    buffer = io.BytesIO()
+    image.save(buffer, "JPEG", quality=85)
+    return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+def _render(rows, total_s):
+    """The results as an HTML table (every string escaped)."""
+    out = [f'<div id="results"><p>{len(rows)} image(s) in {total_s * 1000:.0f} ms</p><table>',
+           "<tr><th>image</th><th>captions (score: mean log-prob)</th><th>time</th></tr>"]
+    for row in rows:
+        name = html.escape(row["name"])
+        if row["error"] is not None:
+            out.append(f'<tr class="error"><td>{name}</td><td style="color:#c00">error: '
+                       f'{html.escape(row["error"])}</td><td></td></tr>')
+            continue
+        captions = "".join(f'<li><span class="caption">{html.escape(c["text"])}</span> '
+                           f'<small>({c["score"]:.3f})</small></li>' for c in row["candidates"])
+        timing = ", ".join(f"{k} {v * 1000:.0f} ms" for k, v in row["timings"].items())
+        out.append(f'<tr class="ok"><td><img src="{row["thumbnail"]}" alt="{name}"><br>{name}</td>'
+                   f"<td><ol>{captions}</ol></td><td><small>{html.escape(timing)}</small></td></tr>")
+    out.append("</table></div>")
+    return "\n".join(out)
+
+
+class Captioner:
+    """The demo's work, without Gradio: bounded reading, then `ClipCap.predict` on the images that read."""
+
+    def __init__(self, model, max_file_bytes=MAX_FILE_BYTES, max_pixels=MAX_PIXELS, max_images=MAX_IMAGES):
+        self.model, self.max_file_bytes, self.max_pixels, self.max_images = \
+            model, max_file_bytes, max_pixels, max_images
+
+    def warm_up(self):
+        """Compile the greedy path once (at start-up, not at the first visitor's request)."""
+        self.model.caption([Image.new("RGB", (64, 48), (120, 60, 30))])
+
+    def _read(self, files, urls):
+        sources = [(str(f), lambda f=f: read_image(str(f), max_pixels=self.max_pixels, max_bytes=self.max_file_bytes))
+                   for f in files or []]
+        for url in (urls or "").split():
+            sources.append((url, lambda u=url: read_image(fetch_url(u, self.max_file_bytes),
+                                                         max_pixels=self.max_pixels)))
+        if len(sources) > self.max_images:
+            raise ValueError(f"at most {self.max_images} images per request, got {len(sources)}")
+        images = []
+        for name, read in sources:
+            try:
+                images.append((name.rsplit("/", 1)[-1], read(), None))
+            except ImageReadError as e:
+                images.append((name.rsplit("/", 1)[-1], None, str(e).replace(str(name), name.rsplit("/", 1)[-1])))
+        return images
+
+    def caption(self, files, urls="", method="greedy", beam_size=5, temperature=1.0, top_p=1.0, num_captions=1,
+                max_length=67):
+        """Rows ``{name, error, candidates, timings, thumbnail}`` for uploaded files and URLs."""
+        kwargs = {"max_length": int(max_length)}
+        if method == "beam":
+            kwargs.update(beam_size=int(beam_size), num_captions=min(int(num_captions), int(beam_size)))
+        elif method == "sample":
+            kwargs.update(temperature=float(temperature), top_p=float(top_p), num_captions=int(num_captions))
+        start = time.perf_counter()
+        images = self._read(files, urls)
+        read_s = time.perf_counter() - start
+        good = [image for _, image, error in images if error is None]
+        results = iter(self.model.predict(good, method=method, save=False, return_candidates=True,
+                                          progress=False, **kwargs) if good else [])
+        rows = []
+        for name, image, error in images:
+            if error is None:
+                r = next(results)
+                error = r["error"]
+            row = {"name": name, "error": error}
+            if error is None:
+                timings = {"read": read_s / len(images), **r["timings"]}
+                row.update(candidates=[{"text": c["text"], "score": float(c["score"])} for c in r["candidates"]],
+                           timings=timings, thumbnail=_thumbnail(image))
+            rows.append(row)
+        return rows
+
+
+def build_demo(model, **limits):
+    """The Gradio Blocks app for ``model`` (compiled by a warm-up first); `launch` starts it."""
+    import gradio as gr
+
+    captioner = Captioner(model, **limits)
+    captioner.warm_up()
+
+    def run(files, urls, method, beam_size, temperature, top_p, num_captions, max_length):
+        start = time.perf_counter()
+        try:
+            rows = captioner.caption([getattr(f, "name", f) for f in files or []], urls, method, beam_size,
+                                     temperature, top_p, num_captions, max_length)
+        except ValueError as e:  # too many images, or decoding options the method refuses
+            return f'<div id="results"><p style="color:#c00">error: {html.escape(str(e))}</p></div>'
+        if not rows:
+            return '<div id="results"><p>drop or upload images, or paste image URLs</p></div>'
+        return _render(rows, time.perf_counter() - start)
+
+    with gr.Blocks(title="ClipCap captioning") as demo:
+        gr.Markdown(f"## ClipCap image captioning\nModel `{model.name}`: {html.escape(repr(model))}. "
+                    f"Up to {captioner.max_images} images per request, {captioner.max_file_bytes // 2**20} MiB "
+                    f"and {captioner.max_pixels // 10**6} megapixels each.")
+        with gr.Row():
+            with gr.Column():
+                files = gr.File(label="images", file_count="multiple", elem_id="images")
+                urls = gr.Textbox(label="or image URLs (one per line)", lines=2, elem_id="urls")
+                method = gr.Radio(["greedy", "beam", "sample"], value="greedy", label="decoding", elem_id="method")
+                beam_size = gr.Slider(1, 10, value=5, step=1, label="beam size (beam)")
+                temperature = gr.Slider(0.1, 2.0, value=1.0, step=0.05, label="temperature (sample)")
+                top_p = gr.Slider(0.05, 1.0, value=0.9, step=0.05, label="top-p (sample)")
+                num_captions = gr.Slider(1, 5, value=1, step=1, label="captions per image (beam, sample)")
+                max_length = gr.Slider(5, 67, value=67, step=1, label="max tokens")
+                button = gr.Button("Caption", variant="primary", elem_id="caption-button")
+            with gr.Column():
+                output = gr.HTML('<div id="results"><p>results appear here</p></div>', elem_id="output")
+        button.click(run, [files, urls, method, beam_size, temperature, top_p, num_captions, max_length], output,
+                     api_name="caption")
+    return demo
+
+
+def serve(model, host="127.0.0.1", port=7860, **limits):
+    """Build the demo, queue requests one at a time, and serve until interrupted."""
+    demo = build_demo(model, **limits)
+    demo.queue(default_concurrency_limit=1, max_size=64)
+    demo.launch(server_name=host, server_port=port, max_file_size=limits.get("max_file_bytes", MAX_FILE_BYTES),
+                show_error=True)
