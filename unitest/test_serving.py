@@ -42,13 +42,13 @@ def exported(request, tmp_path_factory):
     """(kind, ClipCap, SavedModel directory, the client's JSON output, image paths)."""
     from main import main
     from models.image_captioning.clip_cap import ClipCap
-    from utils.downloads import convert_model
+    from models.image_captioning.pretrained import convert_model
 
     kind = request.param
     files = shared_tiny_files(tmp_path_factory)
     directory = tmp_path_factory.mktemp(f"serving_{kind}")
     checkpoint = build_tiny_clipcap(directory / "clipcap.pt", files["tokenizer"], kind=kind, stop_boost=1.5)
-    convert_model(checkpoint, files["clip"], files["tokenizer"], directory / "model", name=f"serve_{kind}")
+    convert_model(ClipCap, checkpoint, files["clip"], files["tokenizer"], directory / "model", name=f"serve_{kind}")
     model = ClipCap.load(str(directory / "model"))
     out = directory / "export"
     assert main(["export", str(directory / "model"), str(out), "--max-batch-size", "4", *KINDS[kind]]) == 0

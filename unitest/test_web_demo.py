@@ -31,12 +31,12 @@ def server(tmp_path_factory):
     """(url, model) of a running demo."""
     from models.image_captioning.clip_cap import ClipCap
     from models.image_captioning.web_demo import build_demo
-    from utils.downloads import convert_model
+    from models.image_captioning.pretrained import convert_model
 
     files = shared_tiny_files(tmp_path_factory)
     directory = tmp_path_factory.mktemp("web_demo")
     checkpoint = build_tiny_clipcap(directory / "clipcap.pt", files["tokenizer"], stop_boost=1.5)
-    convert_model(checkpoint, files["clip"], files["tokenizer"], directory / "model", name="tiny_demo")
+    convert_model(ClipCap, checkpoint, files["clip"], files["tokenizer"], directory / "model", name="tiny_demo")
     model = ClipCap.load(str(directory / "model"))
     demo = build_demo(model)
     demo.queue(default_concurrency_limit=1)
