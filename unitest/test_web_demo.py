@@ -30,8 +30,8 @@ def _free_port():
 def server(tmp_path_factory):
     """(url, model) of a running demo."""
     from models.image_captioning.clip_cap import ClipCap
-    from models.image_captioning.web_demo import build_demo
     from models.image_captioning.pretrained import convert_model
+    from models.image_captioning.web_demo import build_demo
 
     files = shared_tiny_files(tmp_path_factory)
     directory = tmp_path_factory.mktemp("web_demo")
