@@ -166,10 +166,9 @@ def mapper_from_state_dict(sd: StateDict, config: dict):
     kind = config["mapping_type"]
     d, k, c = config["prefix_size"], config["prefix_length"], config["n_embd"]
     assignments = []  # (keras layer or variable, values)
+    arch = {key: value for key, value in config.items() if key not in ("mapping_type", "normalize_prefix", "gpt2")}
     if kind == "transformer":
-        mapper = build_mapper(kind, prefix_size=d, prefix_length=k, clip_length=config["clip_length"], n_embd=c,
-                              num_layers=config["num_layers"], num_heads=config["num_heads"],
-                              mlp_ratio=config["mlp_ratio"])
+        mapper = build_mapper(kind, **arch)
         hidden = int(c * config["mlp_ratio"])
         assignments.append((mapper.prefix_const, sd.take("clip_project.prefix_const", (k, c))))
         assignments.append((mapper.linear, _linear(sd, "clip_project.linear", d, config["clip_length"] * c)))
@@ -185,11 +184,11 @@ def mapper_from_state_dict(sd: StateDict, config: dict):
                 (layer.mlp.fc2, _linear(sd, f"{p}.mlp.fc2", hidden, c)),
             ]
     elif kind == "mlp":
-        mapper = build_mapper(kind, prefix_size=d, prefix_length=k, n_embd=c)
+        mapper = build_mapper(kind, **arch)
         assignments.append((mapper.model_0, _linear(sd, "clip_project.model.0", d, k * c // 2)))
         assignments.append((mapper.model_2, _linear(sd, "clip_project.model.2", k * c // 2, k * c)))
     elif kind == "linear":
-        mapper = build_mapper(kind, prefix_size=d, prefix_length=k, n_embd=c)
+        mapper = build_mapper(kind, **arch)
         assignments.append((mapper.linear, _linear(sd, "clip_project", d, k * c)))
     else:
         raise CheckpointError(f"unknown mapping_type {kind!r}")
