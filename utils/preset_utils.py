@@ -122,14 +122,75 @@ def load_preset_model(directory, config, error, load_weights=None):
         raise error(f"{config_path}: invalid 'model' entry ({type(e).__name__}: {e}); the saved model is "
                     "damaged: save or convert it again") from e
     try:
-        if load_weights is None:
-            model.load_weights(str(weights_path))
-        else:
-            load_weights(model, weights_path)
+        (load_weights or _load_weights_strict)(model, weights_path)
     except (OSError, ValueError, KeyError, TypeError, RuntimeError) as e:
         raise error(f"cannot load the weights from {weights_path} ({type(e).__name__}: {e}); the file is "
                     "damaged or does not match config.json: save or convert the model again") from e
     return model
+
+
+def _load_weights_strict(model, path):
+    """Keras' ``load_weights`` (a missing or mis-shaped tensor is its ValueError), and nothing left over:
+    the file must hold exactly one tensor per weight of the model."""
+    import h5py
+
+    model.load_weights(str(path))
+    with h5py.File(path, "r") as f:
+        count = []
+        f.visititems(lambda name, obj: count.append(name) if isinstance(obj, h5py.Dataset) else None)
+    if len(count) != len(model.weights):
+        raise ValueError(f"the file holds {len(count)} tensors, the model has {len(model.weights)} weights")
+
+
+def save_weights_compact(model, path):
+    """``model.save_weights(path)`` with every float32 tensor that float16 represents exactly stored as
+    float16 (OpenAI's CLIP weights are fp16 values: half the file, bit-identical once loaded; Keras casts
+    back to the variable's dtype). Returns {"float16": n, "float32": m}, the tensors stored in each."""
+    import h5py
+    import numpy as np
+
+    path = Path(path)
+    full = path.parent / f".{path.name}.float32.weights.h5"  # Keras' file, rewritten into `path`, then removed
+    model.save_weights(str(full))
+    counts = {"float16": 0, "float32": 0}
+    try:
+        with h5py.File(full, "r") as src, h5py.File(path, "w") as dst:
+            dst.attrs.update(dict(src.attrs))
+
+            def copy(name, obj):
+                if isinstance(obj, h5py.Group):
+                    target = dst.require_group(name)
+                else:
+                    value = obj[()]
+                    if value.dtype == np.float32 and np.array_equal(value.astype(np.float16).astype(np.float32),
+                                                                    value):
+                        value = value.astype(np.float16)
+                    counts["float16" if value.dtype == np.float16 else "float32"] += 1
+                    target = dst.create_dataset(name, data=value)
+                target.attrs.update(dict(obj.attrs))
+
+            src.visititems(copy)
+    finally:
+        full.unlink(missing_ok=True)
+    return counts
+
+
+def preset_dir(name_or_directory):
+    """Where a saved model named or placed by ``name_or_directory`` lives: a ``Path``, a string with a
+    separator, or an existing folder of the working directory is a directory; any other string is a model
+    name, which must be plain (`utils.file_utils.check_model_name`: "", ".", ".." and names with separators
+    are refused) and lives in the model store (``pretrained_models/<name>``)."""
+    from utils.downloads import saved_model_dir
+
+    if isinstance(name_or_directory, os.PathLike):
+        return Path(name_or_directory)
+    text = str(name_or_directory)
+    separators = [s for s in (os.sep, os.altsep) if s]
+    if any(s in text for s in separators) or Path(text).is_absolute():
+        return Path(text)
+    if text not in ("", ".", "..") and Path(text).is_dir():
+        return Path(text)
+    return saved_model_dir(text)  # ValueError for anything but a plain name
 
 
 def read_metadata(directory, error):

@@ -34,23 +34,10 @@ class ModelLoadError(CheckpointError):
 
 
 def model_dir(name_or_directory):
-    """Where a model named or placed by ``name_or_directory`` lives.
+    """Where a ClipCap named or placed by ``name_or_directory`` lives (`utils.preset_utils.preset_dir`)."""
+    from utils.preset_utils import preset_dir
 
-    A ``Path``, a string with a separator, or an existing folder of the working directory is a directory;
-    any other string is a model name, which must be plain (`utils.file_utils.check_model_name`: "", ".",
-    ".." and names with separators are refused) and lives in the model store (``pretrained_models/<name>``).
-    """
-    from utils.downloads import saved_model_dir
-
-    if isinstance(name_or_directory, os.PathLike):
-        return Path(name_or_directory)
-    text = str(name_or_directory)
-    separators = [s for s in (os.sep, os.altsep) if s]
-    if any(s in text for s in separators) or Path(text).is_absolute():
-        return Path(text)
-    if text not in ("", ".", "..") and Path(text).is_dir():
-        return Path(text)
-    return saved_model_dir(text)  # ValueError for anything but a plain name
+    return preset_dir(name_or_directory)
 
 
 def valid_name(name, config_path):
