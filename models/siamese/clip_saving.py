@@ -176,24 +176,3 @@ def named_variables(model):
     if len(named) != len(model.visual.weights) + (len(model.text.weights) if model.text else 0) + 1:
         raise RuntimeError("CLIP variables do not have unique paths")
     return named
-
-
-def write_format1(clip, directory):
-    """Write ``clip`` as a format-1 folder (what the library wrote before format 2), for tests of the
-    legacy reader; nothing else writes this format."""
-    import json
-
-    import h5py
-
-    directory = Path(directory)
-    directory.mkdir(parents=True)
-    config = {"format_version": 1, "architecture": ARCHITECTURE, "clip": clip.model.config,
-              "tokenizer": None if clip.tokenizer is None else {"context_length": clip.tokenizer.context_length}}
-    (directory / "config.json").write_text(json.dumps(config, indent=2))
-    with h5py.File(directory / FORMAT1_WEIGHTS, "w") as f:
-        for key, variable in named_variables(clip.model).items():
-            f.create_dataset(key, data=np.asarray(variable.numpy()))
-    if clip.tokenizer is not None:
-        clip.tokenizer.save(str(directory))
-    return directory
-
