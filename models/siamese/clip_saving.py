@@ -16,8 +16,6 @@ Format 1 (before): config.json (``format_version`` 1, ``clip``: the architecture
 
 from pathlib import Path
 
-import numpy as np
-
 from custom_architectures.clip_arch import CLIPModel, build_clip
 from utils.convert.common import CheckpointError
 
