@@ -29,6 +29,8 @@ os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 import keras  # noqa: E402
 from keras import ops  # noqa: E402
 
+from custom_architectures.transformers_arch.gpt2_arch import GPT2  # noqa: E402, F401 (registered: a backbone's child)
+
 
 @keras.saving.register_keras_serializable(package="clip_cap")
 class ClipCapMLP(keras.Model):
