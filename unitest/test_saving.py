@@ -155,7 +155,7 @@ def test_format1_folders_still_load_with_identical_captions(kind, tmp_path_facto
     with pytest.MonkeyPatch.context() as m:  # no format-2 writer may be used: the folder is read as it is
         m.setattr("utils.preset_utils.write_preset", None)
         loaded = ClipCap.load(old)
-    assert loaded.clip is not None and loaded.name == "old"
+    assert loaded.clip is not None and loaded.name == model.name
     assert {k: v for k, v in loaded.config.items() if k != "name"} == {
         k: v for k, v in model.config.items() if k not in ("name", "checkpoint_sha256", "clip_name")} | {
         "checkpoint_sha256": None, "clip_name": None}
