@@ -15,6 +15,6 @@ def check_jit_compile(value):
     if isinstance(value, str):
         if value == "auto":
             return value
-    elif isinstance(value, bool) or type(value).__name__ == "bool_":
+    elif isinstance(value, bool) or (type(value).__module__ == "numpy" and type(value).__name__ in ("bool", "bool_")):
         return bool(value)
     raise ValueError(f"jit_compile must be True, False or 'auto', got {value!r}")
