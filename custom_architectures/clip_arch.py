@@ -194,6 +194,7 @@ class CLIPModel(keras.Model):
         self.visual = build_visual(self.config)
         self.text = build_text(self.config) if self.config.get("text_layers") else None
         self.logit_scale = self.add_weight(shape=(), initializer="zeros", name="logit_scale")
+        self.built = True  # every weight exists (the encoders are functional): save_weights / load_weights work
 
     @property
     def is_vit(self):

@@ -178,7 +178,7 @@ def cmd_train(args):
         from models.siamese.presets import CLIP_SOURCES
 
         if args.clip in CLIP_SOURCES:  # recorded for `main.py export --format official`
-            model.config["clip_name"] = args.clip
+            model.info["clip_name"] = args.clip
     except (OSError, ValueError, RuntimeError, KeyError) as e:
         return _fail(f"cannot build the model: {e}", EXIT_MODEL)
     trainer = Trainer(model, hp, args.output, strategy=strategy, progress=not args.no_progress)

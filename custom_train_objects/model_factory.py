@@ -21,24 +21,15 @@ import keras  # noqa: E402
 MAPPER_MLP_RATIO = 2.0  # the official TransformerMapper's MLP width ratio
 
 
-def mapper_config(hparams, prefix_size, n_embd):
-    """The ClipCap config entries of a new mapper (same keys as `utils.convert.clipcap` infers)."""
-    config = {"mapping_type": hparams.mapping_type, "prefix_size": int(prefix_size),
-              "prefix_length": hparams.prefix_length, "n_embd": int(n_embd), "normalize_prefix": hparams.normalize}
-    if hparams.mapping_type == "transformer":
-        config.update(clip_length=hparams.clip_length, num_layers=hparams.num_layers, num_heads=hparams.num_heads,
-                      mlp_ratio=MAPPER_MLP_RATIO)
-    return config
-
-
-def build_mapper_from_config(config):
+def new_mapper(hparams, prefix_size, n_embd):
+    """A new mapper of the hyper-parameters' architecture (`clip_cap_arch.build_mapper`; random weights)."""
     from custom_architectures.transformers_arch.clip_cap_arch import build_mapper
 
-    kwargs = {"prefix_size": config["prefix_size"], "prefix_length": config["prefix_length"],
-              "n_embd": config["n_embd"]}
-    if config["mapping_type"] == "transformer":
-        kwargs.update({k: config[k] for k in ("clip_length", "num_layers", "num_heads", "mlp_ratio")})
-    return build_mapper(config["mapping_type"], **kwargs)
+    kwargs = {"prefix_size": int(prefix_size), "prefix_length": hparams.prefix_length, "n_embd": int(n_embd)}
+    if hparams.mapping_type == "transformer":
+        kwargs.update(clip_length=hparams.clip_length, num_layers=hparams.num_layers, num_heads=hparams.num_heads,
+                      mlp_ratio=MAPPER_MLP_RATIO)
+    return build_mapper(hparams.mapping_type, **kwargs)
 
 
 def _load_language_model(gpt2, gpt2_config, vocab_size, seed):
@@ -99,14 +90,9 @@ def build_clipcap_for_training(hparams, prefix_size, tokenizer="gpt2", gpt2=None
         raise ValueError(f"the tokenizer has {len(tokenizer)} tokens but the language model only {gpt2.vocab_size}")
     if clip is not None and clip.embed_dim != prefix_size:
         raise ValueError(f"the CLIP embeds to {clip.embed_dim} dimensions, the embeddings have {prefix_size}")
-    config = mapper_config(hparams, prefix_size, gpt2.n_embd)
+    from custom_architectures.transformers_arch.clip_cap_arch import ClipCapBackbone
+
     keras.utils.set_random_seed(hparams.seed)
-    mapper = build_mapper_from_config(config)
-    return _new_clipcap(ClipCap, mapper, gpt2, tokenizer, clip, config, name)
-
-
-def _new_clipcap(cls, mapper, gpt2, tokenizer, clip, config, name):
-    from utils.convert.clipcap import gpt2_arch_config
-
-    config = {**config, "gpt2": gpt2_arch_config(gpt2), "name": name}
-    return cls(mapper=mapper, gpt2=gpt2, tokenizer=tokenizer, clip=clip, config=config)
+    mapper = new_mapper(hparams, prefix_size, gpt2.n_embd)
+    backbone = ClipCapBackbone(mapper, gpt2, normalize_prefix=hparams.normalize)
+    return ClipCap(backbone, tokenizer, clip=clip, info={"name": name})

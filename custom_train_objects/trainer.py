@@ -14,9 +14,11 @@ Each step: per replica, the loss is the sum of the token cross-entropies divided
 tokens in the *global* batch; gradients are summed across replicas, optionally clipped by their global norm
 (after the sum: the norm of the true gradient), then AdamW applies them with the warmup/decay schedule.
 
-Checkpoints (``<output_dir>/checkpoints/ckpt-<step>/``: every model and optimizer variable, dropout seed
-states included, plus the epoch, batch position, step and loss history) are written atomically at the end
-of every ``save_every`` epochs and every ``checkpoint_every_steps`` steps. ``fit`` resumes from the latest
+Checkpoints (``<output_dir>/checkpoints/ckpt-<step>/``: ``model.weights.h5``, the backbone's weights in the
+saved-model format; ``training_state.npz``, every optimizer variable and the dropout seed states, in order;
+``state.json``, the epoch, batch position, step and loss history) are written atomically at the end of every
+``save_every`` epochs and every ``checkpoint_every_steps`` steps; the final ``model/`` is a saved ClipCap
+(format 2). Checkpoints of the previous layout (one ``variables.npz``) are still resumed from. ``fit`` resumes from the latest
 one: batches come in an order fixed by (seed, epoch), so a resumed run computes exactly the losses of an
 uninterrupted one.
 
@@ -32,7 +34,6 @@ import contextlib
 import json
 import logging
 import os
-import re
 import shutil
 import time
 from pathlib import Path
@@ -44,6 +45,14 @@ os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 import keras  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
+from custom_architectures.transformers_arch.clip_cap_arch import ClipCapBackbone  # noqa: E402
+from custom_train_objects.checkpoints import (  # noqa: E402, F401 (is_checkpoint: its historical place)
+    STATE_FILENAME,
+    is_checkpoint,
+    list_checkpoints,
+    restore_variables,
+    write_variables,
+)
 from custom_train_objects.losses import caption_loss_sum  # noqa: E402
 from custom_train_objects.optimizers import build_optimizer  # noqa: E402
 from datasets.tf_dataset import caption_batches, encode_captions, num_batches  # noqa: E402
@@ -54,21 +63,8 @@ from utils.file_utils import check_overwritable, check_replaceable, publish_dir,
 logger = logging.getLogger(__name__)
 
 CHECKPOINT_DIR = "checkpoints"
-STATE_FILENAME = "state.json"
-VARIABLES_FILENAME = "variables.npz"
 # hyper-parameters that may change when resuming (they do not change the computation)
 RESUME_MUTABLE = {"save_every", "checkpoint_every_steps", "log_every", "jit_compile"}
-
-
-_CHECKPOINT_NAME = re.compile(r"ckpt-\d{9}")
-
-
-def is_checkpoint(directory) -> bool:
-    """Whether ``directory`` is a checkpoint this trainer wrote (a real folder with state.json and
-    variables.npz): the only folders it ever replaces or deletes under ``checkpoints/``."""
-    directory = Path(directory)
-    return (not directory.is_symlink() and directory.is_dir() and (directory / STATE_FILENAME).is_file()
-            and (directory / VARIABLES_FILENAME).is_file())
 
 
 class TrainingStopped(Exception):
@@ -162,6 +158,8 @@ class Trainer:
         with self.strategy.scope():
             self.mapper = _clone(self.model.mapper, policy)
             self.gpt2 = _clone(self.model.gpt2, policy)
+            # float32 itself (only the L2 normalisation), the policy is its children's
+            self.backbone = ClipCapBackbone(self.mapper, self.gpt2, normalize_prefix=self.normalize)
             self.trainable = list(self.mapper.trainable_variables)
             if not hp.prefix_only:
                 self.trainable += list(self.gpt2.trainable_variables)
@@ -172,12 +170,9 @@ class Trainer:
         self._built = True
 
     def _forward(self, embeddings, tokens, mask, training):
-        x = tf.cast(embeddings, tf.float32)
-        if self.normalize:
-            x = x / tf.maximum(tf.norm(x, axis=-1, keepdims=True), 1e-12)
-        prefix = self.mapper(x, training=training)  # (B, K, C)
-        gpt_training = training and not self.hp.prefix_only
-        return self.gpt2(token_ids=tokens, inputs_embeds=prefix, padding_mask=mask, training=gpt_training)
+        """The backbone's forward (as inference); prefix-only keeps GPT-2 without dropout (the mappers have
+        none), as the official ``ClipCaptionPrefix``."""
+        return self.backbone(embeddings, tokens, padding_mask=mask, training=training and not self.hp.prefix_only)
 
     def _make_train_step(self):
         hp, strategy, k = self.hp, self.strategy, self.prefix_length
@@ -374,7 +369,7 @@ class Trainer:
         folder (`utils.file_utils.UnsafePathError`; `fit` checks this before training)."""
         _copy_values(self.mapper.variables, self.model.mapper.variables, "mapper")
         _copy_values(self.gpt2.variables, self.model.gpt2.variables, "gpt2")
-        self.model.config["normalize_prefix"] = self.normalize
+        self.model.normalize_prefix = self.normalize
         # a new folder renamed into place; an existing output_dir/model is replaced only if it is a saved model
         self.model.save(self.model_dir(), overwrite=True)
         return self.model
@@ -384,6 +379,7 @@ class Trainer:
 
     # --------------------------------------------------------------------------------------- checkpoints
     def _variable_groups(self):
+        """The previous checkpoint layout's groups (`variables.npz`)."""
         return {"mapper": self.mapper.variables, "gpt2": self.gpt2.variables,
                 "optimizer": self.optimizer.variables}
 
@@ -410,21 +406,13 @@ class Trainer:
         return final
 
     def _checkpoints(self):
-        """Our checkpoint folders (``ckpt-<9 digits>`` holding state.json and variables.npz), oldest first."""
-        root = self.checkpoint_dir()
-        if not root.is_dir():
-            return []
-        return sorted(p for p in root.iterdir() if _CHECKPOINT_NAME.fullmatch(p.name) and is_checkpoint(p))
+        return list_checkpoints(self.checkpoint_dir())
 
     def _write_checkpoint(self, staging, epoch, batch, step):
-        arrays = {}
-        for group, variables in self._variable_groups().items():
-            for i, v in enumerate(variables):
-                arrays[f"{group}/{i:05d}"] = np.asarray(keras.ops.convert_to_numpy(v.value))
-        np.savez(staging / VARIABLES_FILENAME, **arrays)
+        shapes = write_variables(staging, self.backbone, self.optimizer)
         state = {"epoch": epoch, "batch": batch, "step": step, "max_length": self.max_length,
                  "hparams": self.hp.to_dict(), "loss": self.history["loss"], "epochs": self.history["epochs"],
-                 "shapes": {k: list(a.shape) for k, a in arrays.items()}}
+                 "shapes": shapes}
         with open(staging / STATE_FILENAME, "w") as f:
             json.dump(state, f)
 
@@ -440,16 +428,5 @@ class Trainer:
         if state.get("max_length") != max_length:
             raise ValueError(f"cannot resume from {directory}: captions padded to {state.get('max_length')} "
                              f"tokens there, {max_length} now (different data?)")
-        with np.load(Path(directory) / VARIABLES_FILENAME) as f:
-            stored = {k: f[k] for k in f.files}
-        expected = {f"{g}/{i:05d}": v for g, vs in self._variable_groups().items() for i, v in enumerate(vs)}
-        if set(stored) != set(expected):
-            raise ValueError(f"{directory} does not match this model/optimizer: "
-                             f"missing {sorted(set(expected) - set(stored))[:5]}, "
-                             f"unexpected {sorted(set(stored) - set(expected))[:5]}")
-        for key, variable in expected.items():
-            if tuple(stored[key].shape) != tuple(variable.shape):
-                raise ValueError(f"{directory}: {key} ({variable.path}) is {stored[key].shape}, "
-                                 f"expected {tuple(variable.shape)}")
-            variable.assign(stored[key])
+        restore_variables(directory, self.backbone, self.optimizer, self._variable_groups())
         return state

@@ -1,0 +1,20 @@
+"""The user-facing models: `models.image_captioning.ClipCap` and `models.siamese.CLIP`.
+
+``__version__`` is the library's version, recorded in every saved model's ``metadata.json``.
+"""
+
+__version__ = "2.0.0"
+
+JIT_COMPILE_VALUES = (True, False, "auto")
+
+
+def check_jit_compile(value):
+    """``jit_compile`` as `CLIP` and `ClipCap` take it: True (XLA everywhere), False (graph mode, no XLA) or
+    "auto" (XLA where it is the faster on CPU: decoding, ViT image encoders; not a ModifiedResNet). Numpy /
+    Python bools are accepted; anything else is a ValueError (a typo must not silently mean True)."""
+    if isinstance(value, str):
+        if value == "auto":
+            return value
+    elif isinstance(value, bool) or (type(value).__module__ == "numpy" and type(value).__name__ in ("bool", "bool_")):
+        return bool(value)
+    raise ValueError(f"jit_compile must be True, False or 'auto', got {value!r}")

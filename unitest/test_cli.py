@@ -112,11 +112,12 @@ def test_convert_then_caption(tmp_path_factory, tmp_path, capsys):
     assert code == 0, err
     assert (tmp_path / "home" / "converted" / "outputs" / "map.json").is_file()
     config = json.loads((saved / "config.json").read_text())
-    assert config["normalize_prefix"] is False  # the MLP kind's default
+    assert config["model"]["config"]["normalize_prefix"] is False  # the MLP kind's default (the backbone's)
     code, out, err = _run(capsys, "convert", files["checkpoint"], "--clip", files["clip"], "--tokenizer",
                           files["tokenizer"], "--name", "normalised", "--normalize-prefix")
     assert code == 0, err
-    assert json.loads((tmp_path / "home" / "normalised" / "config.json").read_text())["normalize_prefix"] is True
+    normalised = json.loads((tmp_path / "home" / "normalised" / "config.json").read_text())
+    assert normalised["model"]["config"]["normalize_prefix"] is True
 
 
 def test_convert_bad_checkpoint_exits_3(tmp_path_factory, tmp_path, capsys):

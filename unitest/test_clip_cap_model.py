@@ -89,7 +89,8 @@ def test_predict_delegates_to_the_pipeline(with_clip, tmp_path):
 def test_save_load_round_trip_is_exact(kind, tiny_models, tmp_path):
     model = tiny_models[kind]
     directory = model.save(tmp_path / kind)
-    assert sorted(os.listdir(directory)) == ["config.json", "gpt2.weights.h5", "mapper.weights.h5", "tokenizer"]
+    assert sorted(os.listdir(directory)) == ["README.md", "config.json", "metadata.json", "model.weights.h5",
+                                             "tokenizer"]
     loaded = ClipCap.load(directory)
     assert loaded.clip is None and loaded.name == kind
     assert {k: v for k, v in loaded.config.items() if k != "name"} == {
@@ -140,7 +141,7 @@ def test_clear_errors(tiny_models, tmp_path, with_clip):
         ClipCap.load(tmp_path)
     with pytest.raises(CheckpointError, match="32-d image embeddings.*prefix_size=24"):
         ClipCap.load(model.save(tmp_path / "m"), clip=with_clip[2].clip)
-    os.remove(tmp_path / "m" / "gpt2.weights.h5")
-    with pytest.raises(FileNotFoundError, match="gpt2.weights.h5 missing"):
+    os.remove(tmp_path / "m" / "model.weights.h5")
+    with pytest.raises(FileNotFoundError, match="model.weights.h5 missing"):
         ClipCap.load(tmp_path / "m")
     assert model.generate(np.zeros((0, model.prefix_size), np.float32)) == []

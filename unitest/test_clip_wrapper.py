@@ -15,6 +15,7 @@ from PIL import Image
 from models.siamese import CLIP
 from models.siamese.clip_tokenizer import VOCAB_FILENAME, CLIPTokenizer, default_vocab_path
 from unitest.clip_reference import TINY_CONFIGS, max_rel_diff, random_clip_state_dict, reference_model
+from utils.convert.common import CheckpointError
 
 TOLERANCE = 1e-4
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -135,7 +136,8 @@ def test_save_and_load_without_torch(setup):
     clip = setup["clip"]
     saved = str(setup["dir"] / "saved")
     clip.save(saved)
-    assert sorted(os.listdir(saved)) == sorted(["config.json", "weights.h5", VOCAB_FILENAME])
+    assert sorted(os.listdir(saved)) == sorted(["README.md", "config.json", "metadata.json", "model.weights.h5",
+                                                VOCAB_FILENAME])
     expected_image = clip.encode_image(setup["paths"])
     expected_logits = clip.similarity(setup["paths"], ["a cat", "a dog"])
     loaded = CLIP.load(saved)
@@ -187,7 +189,7 @@ def test_clear_errors(setup, tmp_path, monkeypatch):
     setup["clip"].save(saved)
     import h5py
 
-    with h5py.File(os.path.join(saved, "weights.h5"), "a") as f:
-        del f["logit_scale"]
-    with pytest.raises(ValueError, match="missing.*logit_scale"):
+    with h5py.File(os.path.join(saved, "model.weights.h5"), "a") as f:
+        del f["vars/0"]  # CLIPModel's own variable: logit_scale
+    with pytest.raises(CheckpointError, match=r"model\.weights\.h5.*could not be loaded"):
         CLIP.load(saved)

@@ -313,16 +313,16 @@ def test_saved_config_missing_a_key_exits_3_naming_file_and_key(tiny_model_dir, 
     broken = tmp_path / "broken"
     shutil.copytree(tiny_model_dir, broken)
     config = json.loads((broken / "config.json").read_text())
-    del config["mapping_type"]
+    del config["model"]["config"]["mapper"]  # the backbone's mapper
     (broken / "config.json").write_text(json.dumps(config))
     result = _cli(tmp_path / "home", "caption", ROOT / "demo" / "cat.jpg", "--model", broken, "--no-save",
                   "--no-progress")
     assert result.returncode == 3, result.stderr
-    assert str(broken / "config.json") in result.stderr and "'mapping_type'" in result.stderr
+    assert str(broken / "config.json") in result.stderr and "'mapper'" in result.stderr
     assert "Traceback" not in result.stderr
 
 
-@pytest.mark.parametrize("filename", ["mapper.weights.h5", "gpt2.weights.h5", "clip/weights.h5"])
+@pytest.mark.parametrize("filename", ["model.weights.h5", "clip/model.weights.h5"])
 def test_damaged_weights_name_the_file(filename, tiny_model_dir, tmp_path):
     from models.image_captioning.clip_cap import ClipCap
     from utils.convert.common import CheckpointError

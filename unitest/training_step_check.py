@@ -45,6 +45,7 @@ def compare_training_steps(kind, prefix_only, tokenizer, work_dir, size="tiny", 
     ``float64_reference``, the official steps also run in float64 and ``ours_vs_64`` / ``official_vs_64``
     give each float32 side's max distance to that reference (which side is nearer exact arithmetic).
     """
+    from custom_architectures.transformers_arch.clip_cap_arch import ClipCapBackbone
     from custom_train_objects.trainer import Trainer
     from datasets.caption_dataset import CaptionDataset
     from hparams.training import TrainingHParams
@@ -57,8 +58,9 @@ def compare_training_steps(kind, prefix_only, tokenizer, work_dir, size="tiny", 
     official = ref.build_random_clipcap(kind, size=size, seed=seed, dropout=0.0, cls=cls)
     before = {k: v.detach().clone() for k, v in official.state_dict().items()}
     mapper, gpt2, config = load_clipcap(before, embd_pdrop=0.0, attn_pdrop=0.0, resid_pdrop=0.0)
-    config.update(normalize_prefix=normalize, name="step_check")
-    model = ClipCap(mapper, gpt2, tokenizer, config, jit_compile=False)
+    config.update(normalize_prefix=normalize)
+    model = ClipCap(ClipCapBackbone(mapper, gpt2, normalize_prefix=normalize), tokenizer, jit_compile=False,
+                    info={"name": "step_check"})
     k = int(config["prefix_length"])
 
     # the data: official tokenization (no stop token appended), no token id 0, one embedding per image

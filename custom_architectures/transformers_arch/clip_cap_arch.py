@@ -13,6 +13,9 @@ Layer names mirror the checkpoint's module names (``model_0`` <- ``clip_project.
 ``layers_3/attn/to_keys_values`` <- ``clip_project.transformer.layers.3.attn.to_keys_values``), so that
 `utils.convert.clipcap` maps keys one to one.
 
+`ClipCapBackbone` holds a mapper and GPT-2 (and the normalisation policy) as one serializable Keras model;
+`MAPPERS` / `build_mapper` / `mapper_config` are the only place that knows the mappers' arguments.
+
 Example::
 
     mapper = ClipCapTransformerMapper(prefix_size=640, prefix_length=40, clip_length=40, n_embd=768)
@@ -25,6 +28,8 @@ os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 
 import keras  # noqa: E402
 from keras import ops  # noqa: E402
+
+from custom_architectures.transformers_arch.gpt2_arch import GPT2  # noqa: E402, F401 (registered: a backbone's child)
 
 
 @keras.saving.register_keras_serializable(package="clip_cap")
@@ -215,12 +220,111 @@ class ClipCapTransformerMapper(keras.Model):
         return config
 
 
+#: The mapper types: name -> (class, the constructor arguments the name fixes). Adding a mapper type means
+#: one entry here (and its key mapping in `utils.convert.clipcap`); nothing else lists mapper arguments.
+MAPPERS = {
+    "mlp": (ClipCapMLP, {"num_hidden_layers": 1}),
+    "linear": (ClipCapMLP, {"num_hidden_layers": 0}),
+    "transformer": (ClipCapTransformerMapper, {}),
+}
+_KERAS_KEYS = ("name", "trainable", "dtype")
+_GPT2_ARCH_KEYS = ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head", "layer_norm_epsilon")
+
+
 def build_mapper(mapping_type, **kwargs):
-    """'mlp' | 'linear' | 'transformer' -> the mapper; kwargs are the mapper's constructor kwargs."""
-    if mapping_type == "mlp":
-        return ClipCapMLP(num_hidden_layers=1, **kwargs)
-    if mapping_type == "linear":
-        return ClipCapMLP(num_hidden_layers=0, **kwargs)
-    if mapping_type == "transformer":
-        return ClipCapTransformerMapper(**kwargs)
-    raise ValueError(f"unknown mapping_type {mapping_type!r}: expected 'mlp', 'linear' or 'transformer'")
+    """'mlp' | 'linear' | 'transformer' -> the mapper; kwargs are the mapper's constructor kwargs (those of
+    `mapper_config` without ``mapping_type``)."""
+    if mapping_type not in MAPPERS:
+        raise ValueError(f"unknown mapping_type {mapping_type!r}: expected one of {', '.join(map(repr, MAPPERS))}")
+    cls, fixed = MAPPERS[mapping_type]
+    return cls(**kwargs, **fixed)
+
+
+def mapping_type_of(mapper) -> str:
+    """The `MAPPERS` name of a mapper instance."""
+    for name, (cls, fixed) in MAPPERS.items():
+        if type(mapper) is cls and all(getattr(mapper, k) == v for k, v in fixed.items()):
+            return name
+    raise ValueError(f"{type(mapper).__name__} is not a registered ClipCap mapper")
+
+
+def mapper_config(mapper) -> dict:
+    """``{"mapping_type", **architecture}``: the mapper's ``get_config`` without Keras' own entries (name,
+    trainable, dtype) and without what the type fixes, so ``build_mapper(**mapper_config(m))`` rebuilds it."""
+    kind = mapping_type_of(mapper)
+    config = {k: v for k, v in mapper.get_config().items() if k not in _KERAS_KEYS and k not in MAPPERS[kind][1]}
+    return {"mapping_type": kind, **config}
+
+
+@keras.saving.register_keras_serializable(package="image_captioning")
+class ClipCapBackbone(keras.Model):
+    """The whole ClipCap network: CLIP embedding (B, D) -> mapper prefix (B, K, C) -> GPT-2.
+
+    Inference (`prefix`, then cached decoding on ``gpt2``), teacher-forced logits and training all go through
+    this one model, so the normalisation policy and the forward pass exist once.
+
+    Args:
+        mapper: a mapper of `MAPPERS` (its ``n_embd`` must be GPT-2's width).
+        gpt2: the `GPT2` language model.
+        normalize_prefix: L2-normalise the CLIP embedding before the mapper (``x / ||x||``, no epsilon: a zero
+            vector has no direction and gives NaN; `ClipCap` refuses one before it gets here). The released
+            transformer weights expect it, the MLP weights do not.
+
+    Example::
+
+        backbone = ClipCapBackbone(build_mapper("mlp", prefix_size=512, prefix_length=10, n_embd=768), GPT2())
+        logits = backbone(embeddings, token_ids)          # (B, K+T, V)
+    """
+
+    def __init__(self, mapper, gpt2, normalize_prefix=False, **kwargs):
+        kwargs.setdefault("name", "clipcap_backbone")
+        super().__init__(**kwargs)
+        mapping_type_of(mapper)  # a registered mapper, or a clear error
+        if int(mapper.n_embd) != int(gpt2.n_embd):
+            raise ValueError(f"the mapper produces {mapper.n_embd}-d prefix embeddings, GPT-2 is {gpt2.n_embd} wide")
+        self.mapper = mapper
+        self.gpt2 = gpt2
+        self.normalize_prefix = bool(normalize_prefix)
+        self.built = True
+
+    @property
+    def prefix_length(self) -> int:
+        return int(self.mapper.prefix_length)
+
+    @property
+    def prefix_size(self) -> int:
+        return int(self.mapper.prefix_size)
+
+    def prefix(self, embeddings, training=False):
+        """CLIP embeddings (B, D) -> GPT-2 prefix (B, K, C): the normalisation policy, then the mapper."""
+        x = ops.convert_to_tensor(embeddings, "float32")  # (B, D)
+        if self.normalize_prefix:
+            x = x / ops.norm(x, axis=-1, keepdims=True)
+        return self.mapper(x, training=training)  # (B, K, C)
+
+    def call(self, embeddings, token_ids, padding_mask=None, training=False):
+        """Teacher-forced logits (B, K+T, V) of GPT-2 on [prefix(embeddings), token_ids (B, T)].
+
+        ``padding_mask`` (B, K+T): 1 = real, 0 = pad. ``training`` turns GPT-2's dropout on (the mappers
+        have none; prefix-only training passes False and takes gradients for the mapper only)."""
+        prefix = self.prefix(embeddings, training=training)
+        return self.gpt2(token_ids=token_ids, inputs_embeds=prefix, padding_mask=padding_mask, training=training)
+
+    def describe(self) -> dict:
+        """A flat JSON-able description: `mapper_config` entries, ``normalize_prefix`` and ``gpt2`` (GPT-2's
+        architecture: sizes and epsilon; dropout rates and initialisation are in `get_config`)."""
+        gpt2 = {k: v for k, v in self.gpt2.get_config().items() if k in _GPT2_ARCH_KEYS}
+        return {**mapper_config(self.mapper), "normalize_prefix": self.normalize_prefix, "gpt2": gpt2}
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(mapper=keras.saving.serialize_keras_object(self.mapper),
+                      gpt2=keras.saving.serialize_keras_object(self.gpt2), normalize_prefix=self.normalize_prefix)
+        return config
+
+    @classmethod
+    def from_config(cls, config):
+        config = dict(config)
+        mapper = keras.saving.deserialize_keras_object(config.pop("mapper"))
+        gpt2 = keras.saving.deserialize_keras_object(config.pop("gpt2"))
+        return cls(mapper, gpt2, **config)

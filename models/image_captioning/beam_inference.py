@@ -214,8 +214,9 @@ def clip_input_resolution(model_dir):
         clip_dir = json.load(f).get("clip")
     if clip_dir is None:
         raise ValueError(f"{model_dir} has no CLIP image encoder: batch captioning needs one")
-    with open(Path(model_dir) / clip_dir / "config.json", encoding="utf-8") as f:
-        return int(json.load(f)["clip"]["image_resolution"])
+    from models.siamese.clip_saving import saved_clip_config
+
+    return int(saved_clip_config(Path(model_dir) / clip_dir)["image_resolution"])
 
 
 class _ReadAndPreprocess(beam.DoFn):

@@ -6,9 +6,11 @@ raw one: ``config["normalize_prefix"]``), and GPT-2 continues the prefix with a 
 KV-cached and XLA-compiled (`custom_architectures.generation_utils`); greedy and beam search give the same
 captions as the official ``generate2`` and ``generate_beam``.
 
-``from_pretrained`` converts an official ``.pt`` checkpoint (torch needed); ``save`` writes a directory
-(config.json, Keras weights, tokenizer files, and the CLIP model when there is one) that ``load`` restores
-without torch.
+The network is one Keras model, `ClipCapBackbone` (mapper + GPT-2 + the normalisation policy), which
+inference, teacher-forced logits and training all call. ``from_pretrained`` converts an official ``.pt``
+checkpoint (torch needed); ``save`` writes a saved-model folder (format 2: config.json, model.weights.h5,
+tokenizer files, the CLIP when there is one, metadata.json, README.md) that ``load`` restores without torch
+(`models.image_captioning.saving`; format-1 folders load too).
 
 Example::
 
@@ -18,10 +20,8 @@ Example::
     model.generate(model.encode_images(["cat.jpg"]), method="beam", beam_size=5, num_captions=3)
 """
 
-import json
-import logging
 import os
-from pathlib import Path
+from types import MappingProxyType
 
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 
@@ -38,49 +38,13 @@ from custom_architectures.generation_utils import (  # noqa: E402
     check_seed,
     check_temperature,
 )
-from custom_architectures.transformers_arch.clip_cap_arch import build_mapper  # noqa: E402
-from custom_architectures.transformers_arch.gpt2_arch import GPT2  # noqa: E402
+from custom_architectures.transformers_arch.clip_cap_arch import ClipCapBackbone  # noqa: E402
+from models import check_jit_compile  # noqa: E402
+from models.image_captioning.saving import ModelLoadError  # noqa: E402, F401 (its historical place)
+from models.image_captioning.saving import model_dir as _model_dir  # noqa: E402, F401
 from utils.batching import pad_batch, power_of_two_at_least  # noqa: E402
-from utils.convert.common import CheckpointError  # noqa: E402
-from utils.model_store import model_dir as _model_dir  # noqa: E402
 
-CONFIG_FILENAME = "config.json"
-MAPPER_WEIGHTS = "mapper.weights.h5"
-GPT2_WEIGHTS = "gpt2.weights.h5"
-TOKENIZER_DIR = "tokenizer"
-CLIP_DIR = "clip"
-FORMAT_VERSION = 1
 METHODS = ("greedy", "beam", "sample")
-_MAPPER_KEYS = ("prefix_size", "prefix_length", "n_embd", "clip_length", "num_layers", "num_heads", "mlp_ratio")
-
-
-def _valid_name(name, config_path):
-    """A saved config's ``name`` when it is a plain name, else None with a warning: the name decides where
-    `save` and `predict` write by default, so "..", "/abs" or "a/b" must never be used."""
-    from utils.file_utils import check_model_name
-
-    if name is None:
-        return None
-    try:
-        return check_model_name(name)
-    except ValueError as e:
-        logging.getLogger(__name__).warning("%s: key 'name' ignored: %s", config_path, e)
-        return None
-
-
-def _folder_name(directory):
-    """The folder's own name as the model's name when it is a plain name, else None (no name)."""
-    from utils.file_utils import check_model_name
-
-    try:
-        return check_model_name(Path(os.path.abspath(directory)).name)
-    except ValueError:
-        return None
-
-
-class ModelLoadError(CheckpointError):
-    """A saved model that cannot be loaded (a missing or invalid config key, a damaged weights file); the
-    message names the file (and the key) and says what to do."""
 
 
 def make_sampler(method="greedy", beam_size=5, temperature=1.0, top_k=None, top_p=None, num_captions=1):
@@ -118,59 +82,105 @@ def check_decoding_args(method="greedy", beam_size=5, max_length=67, temperature
 
 
 class ClipCap:
-    """A ClipCap captioner: ``clip`` (optional) -> ``mapper`` -> ``gpt2``, with its GPT-2 ``tokenizer``.
+    """A ClipCap captioner: ``clip`` (optional) -> ``backbone`` (mapper + GPT-2), with its GPT-2 ``tokenizer``.
 
     Attributes:
+        backbone: the `ClipCapBackbone` (one Keras model: mapper, GPT-2, ``normalize_prefix``).
         clip: a `models.siamese.clip.CLIP` (image encoder) or None (then caption CLIP embeddings given to
             `generate`).
-        mapper: the Keras mapper, (B, D) -> (B, K, C).
-        gpt2: the Keras `GPT2`.
         tokenizer: a ``GPT2TokenizerFast``.
-        config: a JSON-able dict: mapper architecture, ``normalize_prefix``, ``gpt2`` config, ``name``.
-        name: the model's name (where `save` / `predict` write by default), or None.
+        info: what is not architecture: ``name`` (where `save` / `predict` write by default), ``checkpoint``
+            and ``checkpoint_sha256`` (the converted file), ``clip_name`` (the OpenAI CLIP the mapper expects).
+        mapper, gpt2, config: read-only views (``backbone.mapper``, ``backbone.gpt2``, and a mapping of the
+            backbone's description with ``info``: mapping_type, prefix_length, prefix_size, normalize_prefix,
+            gpt2, name, checkpoint, ...).
+        jit_compile: True, False or "auto" (as `CLIP`'s): XLA-compiled decoding unless False; the CLIP
+            loaded with the model gets the same value.
     """
 
-    def __init__(self, mapper, gpt2, tokenizer, config, clip=None, jit_compile=True):
-        self.mapper = mapper
-        self.gpt2 = gpt2
+    INFO_KEYS = ("name", "checkpoint", "checkpoint_sha256", "clip_name")
+
+    def __init__(self, backbone, tokenizer, clip=None, jit_compile="auto", info=None):
+        if not isinstance(backbone, ClipCapBackbone):
+            raise TypeError(f"ClipCap needs a ClipCapBackbone, got {type(backbone).__name__}")
+        info = dict(info or {})
+        unknown = sorted(set(info) - set(self.INFO_KEYS))
+        if unknown:
+            raise ValueError(f"unknown ClipCap info keys {unknown}: expected some of {self.INFO_KEYS}")
+        self.backbone = backbone
         self.tokenizer = tokenizer
-        self.config = dict(config)
+        self.info = {k: info.get(k) for k in self.INFO_KEYS}
         self.clip = clip
-        self.jit_compile = jit_compile
-        self.decoder = PrefixDecoder(gpt2)
-        self._project = tf.function(self._project_eager, jit_compile=jit_compile)
-        self._logits = tf.function(lambda ids, prefix: gpt2(token_ids=ids, inputs_embeds=prefix),
-                                   jit_compile=jit_compile)
+        self.jit_compile = check_jit_compile(jit_compile)
+        self._xla = bool(self.jit_compile)  # "auto": decoding is faster compiled on every tested device
+        self._compile()
         if clip is not None:
             self._check_clip(clip, "the given CLIP model")
+
+    def _compile(self):
+        backbone = self.backbone
+        self.decoder = PrefixDecoder(backbone.gpt2)
+        self._project = tf.function(lambda e: backbone.prefix(e), jit_compile=self._xla)
+        self._logits = tf.function(lambda e, ids: backbone(e, ids), jit_compile=self._xla)
 
     # --- construction --------------------------------------------------------------------------------
 
     @property
+    def mapper(self):
+        return self.backbone.mapper
+
+    @property
+    def gpt2(self):
+        return self.backbone.gpt2
+
+    @property
+    def config(self):
+        """A read-only mapping: the backbone's `describe` (architecture, ``normalize_prefix``, ``gpt2``) and
+        `info`. Change ``info`` / ``normalize_prefix`` through their attributes."""
+        return MappingProxyType({**self.backbone.describe(), **self.info})
+
+    @property
     def name(self):
-        return self.config.get("name")
+        return self.info.get("name")
+
+    @name.setter
+    def name(self, value):
+        from utils.file_utils import check_model_name
+
+        self.info["name"] = None if value is None else check_model_name(value)
+
+    @property
+    def normalize_prefix(self) -> bool:
+        return self.backbone.normalize_prefix
+
+    @normalize_prefix.setter
+    def normalize_prefix(self, value):
+        self.backbone.normalize_prefix = bool(value)
+        self._compile()  # the compiled functions read the policy when traced
 
     @property
     def prefix_length(self) -> int:
-        return int(self.config["prefix_length"])
+        return self.backbone.prefix_length
 
     @property
     def prefix_size(self) -> int:
-        return int(self.config["prefix_size"])
+        return self.backbone.prefix_size
 
     def _check_clip(self, clip, clip_name):
         from utils.convert.clipcap import check_clip_matches
 
         check_clip_matches(clip.embed_dim, self.config, clip_name=clip_name,
-                           checkpoint_name=self.config.get("checkpoint", "the ClipCap mapper"))
+                           checkpoint_name=self.info.get("checkpoint") or "the ClipCap mapper")
 
     @classmethod
-    def from_pretrained(cls, checkpoint, clip=None, tokenizer="gpt2", name=None, normalize_prefix=None,
-                        jit_compile=True, overwrite=False):
-        """Convert an official ClipCap checkpoint (torch needed).
+    def from_pretrained(cls, source, clip=None, tokenizer="gpt2", name=None, normalize_prefix=None,
+                        jit_compile="auto", overwrite=False, clip_name=None):
+        """Convert an official ClipCap checkpoint (torch needed), or download and convert an official name.
 
         Args:
-            checkpoint: path to an official ClipCap ``.pt`` (``coco_weights.pt``, ``transformer_weights.pt``...).
+            source: path to an official ClipCap ``.pt`` (``coco_weights.pt``, ``transformer_weights.pt``...), or
+                an official model name (``coco``, ``conceptual``, ``coco_transformer``: downloaded, converted
+                and saved into the model store once, as `load` does for them).
             clip: an OpenAI CLIP name ("ViT-B/32", downloaded once), path to an OpenAI CLIP ``.pt`` (or a saved
                 CLIP directory), a `CLIP` instance, or None.
                 Its embedding size must equal the mapper's prefix size (else `CheckpointError`).
@@ -179,74 +189,32 @@ class ClipCap:
                 only (ValueError for "", "..", "a/b", "/abs"), checked before any work.
             normalize_prefix: override the checkpoint kind's default (transformer: True, MLP: False).
             overwrite: replace an existing saved model of that name (see `save`).
+            clip_name: the OpenAI name of the CLIP the mapper expects (recorded for `save_official`; found
+                by itself when ``clip`` is such a name).
         """
-        from utils.convert.clipcap import check_clip_matches, load_clipcap
-        from utils.file_utils import check_replaceable
-        from utils.model_store import is_saved_model, saved_model_dir
-        from utils.tokenizer import load_gpt2_tokenizer
+        from models.image_captioning.saving import convert_official
 
-        if name is not None:  # refuse a bad name, or a store folder that is not ours, before converting
-            check_replaceable(saved_model_dir(name), is_saved_model, overwrite)
-        mapper, gpt2, config = load_clipcap(checkpoint)
-        config["checkpoint"] = os.path.basename(os.fspath(checkpoint))
-        if normalize_prefix is not None:
-            config["normalize_prefix"] = bool(normalize_prefix)
-        if clip is not None and not hasattr(clip, "embed_dim"):
-            from models.siamese.clip import CLIP
-            from models.siamese.presets import CLIP_SOURCES
-
-            clip_name = os.fspath(clip)
-            if clip_name in CLIP_SOURCES:  # an OpenAI name: recorded, for save_official
-                config["clip_name"] = clip_name
-            clip = CLIP.from_pretrained(clip_name, visual_only=True)
-            check_clip_matches(clip.embed_dim, config, clip_name=clip_name, checkpoint_name=config["checkpoint"])
-        if isinstance(tokenizer, str | os.PathLike):
-            tokenizer = load_gpt2_tokenizer(os.fspath(tokenizer))
-        if len(tokenizer) > gpt2.vocab_size:
-            raise ValueError(f"the tokenizer has {len(tokenizer)} tokens but the checkpoint's GPT-2 only "
-                             f"{gpt2.vocab_size}: they do not belong together")
-        config["name"] = name
-        model = cls(mapper, gpt2, tokenizer, config, clip=clip, jit_compile=jit_compile)
-        if name is not None:
-            model.save(saved_model_dir(name), overwrite=overwrite)  # the folder checked above
-        return model
+        return convert_official(cls, source, clip=clip, tokenizer=tokenizer, name=name,
+                                normalize_prefix=normalize_prefix, jit_compile=jit_compile, overwrite=overwrite,
+                                clip_name=clip_name)
 
     def save(self, name_or_directory=None, overwrite=False):
-        """Write config.json, the mapper's and GPT-2's weights, the tokenizer files and the CLIP model (if any)
-        to a directory (or ``pretrained_models/<name>/``); returns the directory.
+        """Write this model as a saved-model folder (format 2, `models.image_captioning.saving`): config.json,
+        model.weights.h5, tokenizer/, clip/ (when there is a CLIP), metadata.json and a README.md card.
 
-        The model is written to a new folder beside the target and renamed into place, so the target holds
-        the old model or the new one, never half of one. An existing target is replaced only when it is
-        empty, or a saved ClipCap and ``overwrite``; any other folder or file raises
-        `utils.file_utils.UnsafePathError` (ValueError) and nothing is changed. Files and folders get the
-        permissions the umask gives.
+        ``name_or_directory``: a plain name (saved under ``pretrained_models/<name>``), a directory, or None
+        (this model's name). Written to a new folder beside it and renamed into place; an existing folder is
+        replaced only when it is empty, or a saved ClipCap and ``overwrite``; anything else raises
+        `utils.file_utils.UnsafePathError` and nothing is changed. Returns the directory (str).
         """
-        from utils.file_utils import replace_dir
-        from utils.model_store import is_saved_model
+        from models.image_captioning.saving import save_clipcap
 
-        target = name_or_directory if name_or_directory is not None else self.name
-        if target is None:
-            raise ValueError("save needs a name or directory (this model has no name)")
-        directory = _model_dir(target)
-        config = dict(self.config, format_version=FORMAT_VERSION, architecture="clipcap",
-                      clip=CLIP_DIR if self.clip is not None else None, tokenizer=TOKENIZER_DIR)
-
-        def write(staging):
-            self.mapper.save_weights(str(staging / MAPPER_WEIGHTS))
-            self.gpt2.save_weights(str(staging / GPT2_WEIGHTS))
-            self.tokenizer.save_pretrained(str(staging / TOKENIZER_DIR))
-            if self.clip is not None:
-                self.clip.save(str(staging / CLIP_DIR))
-            with open(staging / CONFIG_FILENAME, "w", encoding="utf-8") as f:
-                json.dump(config, f, indent=2)
-
-        replace_dir(directory, write, is_ours=is_saved_model, overwrite=overwrite)
-        return str(directory)
+        return save_clipcap(self, name_or_directory, overwrite=overwrite)
 
     def save_official(self, path, clip_name=None, legacy_buffers=False, overwrite=False):
         """Write this model as an official ClipCap checkpoint: ``path`` (.pt, ``torch.save`` of the official
         ``ClipCaptionModel.state_dict()``, loadable with ``strict=True``) and ``<path stem>.json`` (the CLIP it
-        needs: ``clip_name`` or ``config["clip_name"]``, and the official constructor's arguments). torch needed;
+        needs: ``clip_name`` or ``info["clip_name"]``, and the official constructor's arguments). torch needed;
         see `utils.convert.clipcap_export`. Existing files are replaced only with ``overwrite``. Returns
         (pt path, json path)."""
         from utils.convert.clipcap_export import export_official
@@ -255,71 +223,18 @@ class ClipCap:
                                overwrite=overwrite)
 
     @classmethod
-    def load(cls, name_or_directory, clip=None, jit_compile=True):
-        """Restore a model written by `save` (no torch needed): a directory or a name in ``pretrained_models``.
+    def load(cls, name_or_directory, clip=None, jit_compile="auto"):
+        """Restore a saved model (no torch needed): a directory or a name in ``pretrained_models``. Folders of
+        format 2 (`save`) and of format 1 (before it: mapper.weights.h5 + gpt2.weights.h5) both load.
 
-        The official models' names (``coco``, ``conceptual``, ``coco_transformer``; `presets.MODELS`) are
-        downloaded and converted on first use (that first time needs torch), then simply loaded.
+        The official models' names (``coco``, ``conceptual``, ``coco_transformer``; `utils.downloads.MODELS`)
+        are downloaded and converted on first use (that first time needs torch), then simply loaded.
 
         ``clip``: a `CLIP` instance to use instead of the saved one (checked for the embedding size).
         """
-        from utils.file_utils import UnsafePathError, read_regular_file
-        from utils.tokenizer import load_gpt2_tokenizer
+        from models.image_captioning.saving import load_clipcap
 
-        directory = _model_dir(name_or_directory)
-        config_path = directory / CONFIG_FILENAME
-        if not config_path.is_file() and clip is None:
-            from models.image_captioning.presets import MODELS
-            from models.image_captioning.pretrained import get_pretrained
-
-            if str(name_or_directory) in MODELS:  # an official model: downloaded and converted once
-                return get_pretrained(cls, str(name_or_directory))
-        if not config_path.is_file():
-            raise FileNotFoundError(f"{directory} is not a saved ClipCap model: {CONFIG_FILENAME} not found")
-        try:
-            config = json.loads(read_regular_file(config_path, max_bytes=1 << 20))
-        except (UnsafePathError, ValueError) as e:
-            raise ModelLoadError(f"{config_path} is not a readable config ({e}); save or convert the model "
-                                 "again") from e
-        if not isinstance(config, dict) or config.get("architecture") != "clipcap":
-            found = config.get("architecture") if isinstance(config, dict) else type(config).__name__
-            raise ValueError(f"{config_path} does not describe a ClipCap model: {found!r}")
-        for key in ("mapping_type", "prefix_length", "prefix_size", "gpt2", "tokenizer"):
-            if key not in config:
-                raise ModelLoadError(f"{config_path} lacks the key {key!r}: the saved model is damaged or "
-                                     "was not written by ClipCap.save; save or convert it again")
-        if not isinstance(config["gpt2"], dict):
-            raise ModelLoadError(f"{config_path}: key 'gpt2' must be an object of GPT2 arguments, got "
-                                 f"{type(config['gpt2']).__name__}")
-        for filename in (MAPPER_WEIGHTS, GPT2_WEIGHTS):
-            if not (directory / filename).is_file():
-                raise FileNotFoundError(f"{directory} is an incomplete ClipCap model: {filename} missing")
-
-        def build(what, path, make):  # name the damaged file in any error of Keras / h5py / tokenizers
-            try:
-                return make()
-            except (OSError, ValueError, KeyError, TypeError, RuntimeError) as e:
-                raise ModelLoadError(f"cannot load the {what} from {path} ({type(e).__name__}: {e}); the file "
-                                     "is damaged or does not match config.json: save or convert the model "
-                                     "again") from e
-
-        mapper = build("mapper", config_path, lambda: build_mapper(
-            config["mapping_type"], **{k: config[k] for k in _MAPPER_KEYS if k in config}))
-        build("mapper weights", directory / MAPPER_WEIGHTS,
-              lambda: mapper.load_weights(str(directory / MAPPER_WEIGHTS)))
-        gpt2 = build("GPT-2", config_path, lambda: GPT2(**config["gpt2"]))
-        build("GPT-2 weights", directory / GPT2_WEIGHTS, lambda: gpt2.load_weights(str(directory / GPT2_WEIGHTS)))
-        tokenizer_dir = directory / str(config.pop("tokenizer"))
-        tokenizer = build("tokenizer", tokenizer_dir, lambda: load_gpt2_tokenizer(str(tokenizer_dir)))
-        saved_clip = config.pop("clip", None)
-        if clip is None and saved_clip is not None:
-            from models.siamese.clip import CLIP
-
-            clip = CLIP.load(str(directory / saved_clip), jit_compile="auto" if jit_compile else False)
-        config.pop("format_version", None)
-        config.pop("architecture", None)
-        config["name"] = _valid_name(config.get("name"), config_path) or _folder_name(directory)
-        return cls(mapper, gpt2, tokenizer, config, clip=clip, jit_compile=jit_compile)
+        return load_clipcap(cls, name_or_directory, clip=clip, jit_compile=jit_compile)
 
     # --- embeddings ----------------------------------------------------------------------------------
 
@@ -329,11 +244,6 @@ class ClipCap:
             raise ValueError("this ClipCap model has no CLIP image encoder (model.clip is None): give one to "
                              "from_pretrained / load, or pass CLIP embeddings to generate")
         return np.asarray(self.clip.encode_image(images, batch_size=batch_size), np.float32)
-
-    def _project_eager(self, embeddings):
-        if self.config.get("normalize_prefix", False):
-            embeddings = embeddings / tf.norm(embeddings, axis=-1, keepdims=True)
-        return self.mapper(embeddings)
 
     def _embeddings(self, embeddings):
         """(N, D) float32 CLIP embeddings, checked: shape, finite values (NaN / inf, also from float32
@@ -351,7 +261,7 @@ class ClipCap:
             raise ValueError(f"CLIP embeddings hold NaN or infinite values (float32) in rows "
                              f"{np.flatnonzero(bad).tolist()} (of {len(embeddings)}): no caption can be made from "
                              "them; check how they were computed")
-        if self.config.get("normalize_prefix", False):
+        if self.normalize_prefix:
             zero = ~np.any(embeddings, axis=1)
             if zero.any():
                 raise ValueError(f"CLIP embeddings in rows {np.flatnonzero(zero).tolist()} (of {len(embeddings)}) "
@@ -365,7 +275,7 @@ class ClipCap:
         n = len(embeddings)
         if n == 0:
             return np.zeros((0, self.prefix_length, self.gpt2.n_embd), np.float32)
-        if self.jit_compile:  # few compiled shapes; padded with ones, which the L2 normalisation accepts
+        if self._xla:  # few compiled shapes; padded with ones, which the L2 normalisation accepts
             embeddings = pad_batch(embeddings, power_of_two_at_least(n), fill=1.0)
         prefix = np.asarray(self._project(tf.constant(embeddings)))[:n]
         bad = ~np.all(np.isfinite(prefix), axis=(1, 2))
@@ -375,14 +285,15 @@ class ClipCap:
         return prefix
 
     def logits(self, embeddings, token_ids):
-        """Teacher-forced logits (N, K+T, vocab) of GPT-2 on [prefix, token_ids (N, T)]."""
-        prefix = self.prefix(embeddings)
+        """Teacher-forced logits (N, K+T, vocab) of GPT-2 on [prefix, token_ids (N, T)] (`ClipCapBackbone`)."""
+        prefix = self.prefix(embeddings)  # checks the embeddings and the prefixes
+        embeddings = self._embeddings(embeddings)
         token_ids = np.asarray(token_ids, np.int32)
         if token_ids.ndim == 1:
             token_ids = token_ids[None]
         if token_ids.ndim != 2 or len(token_ids) != len(prefix):
             raise ValueError(f"token_ids must be (N, T) with N={len(prefix)}, got {token_ids.shape}")
-        return np.asarray(self._logits(tf.constant(token_ids), tf.constant(prefix)))
+        return np.asarray(self._logits(tf.constant(embeddings), tf.constant(token_ids)))
 
     # --- captions ------------------------------------------------------------------------------------
 
@@ -423,7 +334,7 @@ class ClipCap:
         if len(prefix) == 0:
             return []
         out = self.decoder(prefix, sampler, max_length=max_length, stop_token_id=stop, seed=seed,
-                           jit_compile=self.jit_compile)
+                           jit_compile=self._xla)
         results = []
         for tokens, scores in zip(out.tokens, out.scores):
             results.append([

@@ -78,10 +78,9 @@ def convert_model(model_class, checkpoint, clip, tokenizer, directory, name=None
     clip_model = clip if not isinstance(clip, str | os.PathLike) else CLIP.from_pretrained(str(clip), visual_only=True)
     tok = load_gpt2_tokenizer(str(tokenizer)) if isinstance(tokenizer, str | os.PathLike) else tokenizer
     # name=None: from_pretrained would save into the model store itself; we save once, atomically, below
-    model = model_class.from_pretrained(str(checkpoint), clip=clip_model, tokenizer=tok, **clipcap_kwargs)
-    model.config["name"] = name
-    if clip_name is not None:
-        model.config["clip_name"] = str(clip_name)
+    model = model_class.from_pretrained(str(checkpoint), clip=clip_model, tokenizer=tok,
+                                        clip_name=None if clip_name is None else str(clip_name), **clipcap_kwargs)
+    model.name = name
     model.save(directory, overwrite=overwrite)  # a complete new folder renamed into place (replace_dir)
     return model
 

@@ -3,8 +3,9 @@
 It ties together image reading (`utils.image_io`), OpenAI-identical preprocessing
 (`utils.clip_preprocessing`), the Keras encoders (`custom_architectures.clip_arch`) and the CLIP tokenizer
 (`models.siamese.clip_tokenizer`). ``from_pretrained`` converts an OpenAI ``.pt`` (TorchScript or state
-dict; torch needed) or loads a directory written by ``save`` (config.json, weights.h5 and the tokenizer's
-vocabulary; no torch needed).
+dict; torch needed); ``save`` writes a saved-model folder (format 2, `models.siamese.clip_saving`:
+config.json, model.weights.h5, metadata.json, README.md and the tokenizer's vocabulary) that ``load`` reads
+without torch (format-1 folders too).
 
 Example::
 
@@ -15,22 +16,18 @@ Example::
     logits = clip.similarity(["cat.jpg"], ["a cat", "a dog"])       # (1, 2)
 """
 
-import json
 import os
 
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 
 import numpy as np  # noqa: E402
 
-from custom_architectures.clip_arch import CLIPModel, ModifiedResNet, build_clip  # noqa: E402
+from custom_architectures.clip_arch import CLIPModel, ModifiedResNet  # noqa: E402
+from models import check_jit_compile  # noqa: E402
 from models.siamese.clip_tokenizer import CLIPTokenizer  # noqa: E402
 from utils.batching import pad_batch, power_of_two_at_least  # noqa: E402
 from utils.clip_preprocessing import preprocess_image  # noqa: E402
 from utils.image_io import read_image  # noqa: E402
-
-CONFIG_FILENAME = "config.json"
-WEIGHTS_FILENAME = "weights.h5"
-FORMAT_VERSION = 1
 
 
 def _is_single_image(images):
@@ -53,13 +50,18 @@ class CLIP:
             of two so that few shapes get compiled. ``"auto"`` (default): XLA for a ViT, plain graph mode for
             a ModifiedResNet, the faster of the two on CPU for each (``benchmarks/bench_clip.py``: ViT-B/32
             22.2 vs 20.2 img/s, RN50x4 3.95 vs 4.47 img/s); the text encoder is compiled unless False.
+            True / False / "auto", as `ClipCap` takes it.
+        source, source_sha256: the OpenAI file this model was converted from and its SHA-256 (None when
+            unknown), recorded in a saved folder's metadata.json.
     """
 
     def __init__(self, model: CLIPModel, tokenizer: CLIPTokenizer | None = None, jit_compile="auto"):
         import tensorflow as tf
 
+        jit_compile = check_jit_compile(jit_compile)
         self.model = model
         self.tokenizer = tokenizer
+        self.source = self.source_sha256 = None
         self._text_jit = text_jit = bool(jit_compile)
         if jit_compile == "auto":
             jit_compile = not isinstance(model.visual, ModifiedResNet)
@@ -76,7 +78,8 @@ class CLIP:
 
     @classmethod
     def from_pretrained(cls, name_or_path, visual_only=False, jit_compile="auto"):
-        """An OpenAI CLIP ``.pt`` file (TorchScript archive or state dict) or a directory saved by `save`.
+        """Convert an OpenAI CLIP ``.pt`` file (TorchScript archive or state dict; torch needed), or download
+        and convert an OpenAI name. (A directory saved by `save` is read by `load`, also when given here.)
 
         ``visual_only`` skips the text encoder and the tokenizer (what ClipCap needs). A model name of
         OpenAI's list ("ViT-B/32", "RN50x4", ...) is downloaded once into the model store and its SHA-256
@@ -92,10 +95,13 @@ class CLIP:
         if os.path.isdir(path):
             return cls.load(path, jit_compile=jit_compile)
         from utils.convert.openai_clip import load_openai_clip
+        from utils.downloads import sha256_of
 
         model = load_openai_clip(path, visual_only=visual_only)
         tokenizer = None if visual_only else CLIPTokenizer(context_length=model.config["context_length"])
-        return cls(model, tokenizer, jit_compile=jit_compile)
+        clip = cls(model, tokenizer, jit_compile=jit_compile)
+        clip.source, clip.source_sha256 = os.path.basename(path), sha256_of(path)
+        return clip
 
     @staticmethod
     def _resolve(name_or_path):
@@ -114,73 +120,26 @@ class CLIP:
         )
 
     def save(self, directory, overwrite=False):
-        """Write config.json, weights.h5 (every variable by its path) and the tokenizer's vocabulary.
+        """Write a saved CLIP folder (format 2, `models.siamese.clip_saving`): config.json, model.weights.h5
+        (float16 where exact), metadata.json, README.md and the tokenizer's vocabulary.
 
         Written to a new folder beside ``directory`` and renamed into place; an existing ``directory`` is
         replaced only when it is empty, or a saved CLIP (config.json with architecture "openai_clip") and
         ``overwrite``; anything else raises `utils.file_utils.UnsafePathError` and nothing is changed.
         """
-        from utils.file_utils import replace_dir
+        from models.siamese.clip_saving import save_clip
 
-        config = {
-            "format_version": FORMAT_VERSION,
-            "architecture": "openai_clip",
-            "clip": self.model.config,
-            "tokenizer": None if self.tokenizer is None else {"context_length": self.tokenizer.context_length},
-        }
-
-        def write(staging):
-            import h5py
-
-            with open(os.path.join(staging, CONFIG_FILENAME), "w") as f:
-                json.dump(config, f, indent=2)
-            with h5py.File(os.path.join(staging, WEIGHTS_FILENAME), "w") as f:
-                for key, variable in _named_variables(self.model).items():
-                    f.create_dataset(key, data=np.asarray(variable.numpy()))
-            if self.tokenizer is not None:
-                self.tokenizer.save(str(staging))
-
-        replace_dir(directory, write, is_ours=is_saved_clip, overwrite=overwrite)
-        return directory
+        return save_clip(self, directory, overwrite=overwrite)
 
     @classmethod
-    def load(cls, directory, jit_compile="auto"):
-        """Rebuild a model saved by `save` (strict: every variable present, nothing left over).
+    def load(cls, name_or_directory, jit_compile="auto"):
+        """Rebuild a saved CLIP (no torch needed): a folder written by `save` (format 2, or format 1 from
+        before it) or a name in the model store. Strict: every weight present, nothing left over; a damaged
+        config.json or weights file raises `utils.convert.common.CheckpointError` naming the file."""
+        from models.siamese.clip_saving import load_clip
+        from utils.model_store import model_dir
 
-        A damaged config.json or weights.h5 raises `utils.convert.common.CheckpointError` naming the file.
-        """
-        from utils.convert.common import CheckpointError
-        from utils.file_utils import UnsafePathError, read_regular_file
-
-        config_path = os.path.join(directory, CONFIG_FILENAME)
-        weights_path = os.path.join(directory, WEIGHTS_FILENAME)
-        for path in (config_path, weights_path):
-            if not os.path.isfile(path):
-                raise FileNotFoundError(f"{directory} is not a saved CLIP model: {os.path.basename(path)} missing")
-        try:
-            config = json.loads(read_regular_file(config_path, max_bytes=1 << 20))
-        except (UnsafePathError, ValueError) as e:
-            raise CheckpointError(f"{config_path} is not a readable config ({e}); save the CLIP again") from e
-        if not isinstance(config, dict) or config.get("architecture") != "openai_clip":
-            found = config.get("architecture") if isinstance(config, dict) else type(config).__name__
-            raise ValueError(f"{config_path} does not describe a CLIP model: {found!r}")
-        if not isinstance(config.get("clip"), dict):
-            raise CheckpointError(f"{config_path} lacks the key 'clip' (the architecture): the saved CLIP is "
-                                  "damaged; save it again")
-        try:
-            model = build_clip(config["clip"])
-        except (KeyError, TypeError, ValueError) as e:
-            raise CheckpointError(f"{config_path}: invalid 'clip' architecture ({type(e).__name__}: {e}); the "
-                                  "saved CLIP is damaged: save it again") from e
-        try:
-            _load_weights(model, weights_path)
-        except OSError as e:  # h5py: truncated or not an HDF5 file
-            raise CheckpointError(f"cannot read {weights_path} ({e}); the file is damaged: save the CLIP "
-                                  "again") from e
-        tokenizer = None
-        if config.get("tokenizer") is not None:
-            tokenizer = CLIPTokenizer.from_directory(directory, **config["tokenizer"])
-        return cls(model, tokenizer, jit_compile=jit_compile)
+        return load_clip(cls, model_dir(name_or_directory), jit_compile=jit_compile)
 
     # --- properties ----------------------------------------------------------------------------------
 
@@ -262,48 +221,9 @@ class CLIP:
         return np.asarray(self.model.logits(image_features, text_features))
 
 
-def _load_weights(model, weights_path):
-    """Assign every variable of ``model`` from weights.h5 (strict: all present, nothing left over)."""
-    import h5py
-
-    variables = _named_variables(model)
-    with h5py.File(weights_path, "r") as f:
-        stored = {}
-
-        def collect(name, obj):  # visititems stops at the first non-None return
-            if isinstance(obj, h5py.Dataset):
-                stored[name] = obj
-
-        f.visititems(collect)
-        missing = sorted(set(variables) - set(stored))
-        unexpected = sorted(set(stored) - set(variables))
-        mismatched = [
-            f"{k}: {stored[k].shape} vs {tuple(v.shape)}"
-            for k, v in variables.items()
-            if k in stored and tuple(stored[k].shape) != tuple(v.shape)
-        ]
-        if missing or unexpected or mismatched:
-            raise ValueError(
-                f"{weights_path} does not match its config: missing {missing[:5]}, unexpected "
-                f"{unexpected[:5]}, mis-shaped {mismatched[:5]}"
-            )
-        for key, variable in variables.items():
-            variable.assign(stored[key][()])
-
 
 def is_saved_clip(directory) -> bool:
     """Whether ``directory`` is a CLIP this library saved (its config.json names "openai_clip")."""
-    from utils.model_store import is_saved_model
+    from models.siamese.clip_saving import is_saved_clip as check
 
-    return is_saved_model(directory, architecture="openai_clip")
-
-
-def _named_variables(model):
-    """{"visual/<path>" | "text/<path>" | "logit_scale": variable}: stable names for the weights file."""
-    named = {f"visual/{v.path}": v for v in model.visual.weights}
-    if model.text is not None:
-        named.update({f"text/{v.path}": v for v in model.text.weights})
-    named["logit_scale"] = model.logit_scale
-    if len(named) != len(model.visual.weights) + (len(model.text.weights) if model.text else 0) + 1:
-        raise RuntimeError("CLIP variables do not have unique paths")
-    return named
+    return check(directory)

@@ -1,0 +1,83 @@
+"""The trainer's checkpoint folders: ``<output_dir>/checkpoints/ckpt-<9-digit step>/``.
+
+Each holds ``model.weights.h5`` (Keras ``save_weights`` of the `ClipCapBackbone` being trained: the same
+weights file as a saved model), ``training_state.npz`` (what that file lacks, in order: every optimizer
+variable, then the dropout seed generators' states, so that a resumed run continues bit for bit) and
+``state.json`` (epoch, batch position, step, losses, hyper-parameters; written by the trainer). Folders of
+the previous layout (``variables.npz``: every mapper, GPT-2 and optimizer variable by group) are still
+recognised and resumed from.
+"""
+
+import re
+from pathlib import Path
+
+import numpy as np
+
+STATE_FILENAME = "state.json"
+WEIGHTS_FILENAME = "model.weights.h5"
+TRAINING_STATE_FILENAME = "training_state.npz"
+VARIABLES_FILENAME = "variables.npz"  # the previous layout
+CHECKPOINT_NAME = re.compile(r"ckpt-\d{9}")
+_LAYOUTS = ((WEIGHTS_FILENAME, TRAINING_STATE_FILENAME), (VARIABLES_FILENAME,))
+
+
+def is_checkpoint(directory) -> bool:
+    """Whether ``directory`` is a checkpoint the trainer wrote (a real folder with state.json and its
+    weights, either layout): the only folders it ever replaces or deletes under ``checkpoints/``."""
+    directory = Path(directory)
+    return (not directory.is_symlink() and directory.is_dir() and (directory / STATE_FILENAME).is_file()
+            and any(all((directory / f).is_file() for f in layout) for layout in _LAYOUTS))
+
+
+def list_checkpoints(root):
+    """The checkpoint folders under ``root`` (``ckpt-<9 digits>``, `is_checkpoint`), oldest first."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.iterdir() if CHECKPOINT_NAME.fullmatch(p.name) and is_checkpoint(p))
+
+
+def training_state(backbone, optimizer):
+    """What ``model.weights.h5`` does not hold, in order: the optimizer's variables, then the backbone's
+    non-weight variables (the dropout seed generators' states)."""
+    weights = {id(w) for w in backbone.weights}
+    return list(optimizer.variables) + [v for v in backbone.variables if id(v) not in weights]
+
+
+def write_variables(staging, backbone, optimizer):
+    """Write ``model.weights.h5`` and ``training_state.npz`` into ``staging``; returns {key: shape}."""
+    import keras
+
+    backbone.save_weights(str(Path(staging) / WEIGHTS_FILENAME))
+    arrays = {f"{i:05d}": np.asarray(keras.ops.convert_to_numpy(v.value))
+              for i, v in enumerate(training_state(backbone, optimizer))}
+    np.savez(Path(staging) / TRAINING_STATE_FILENAME, **arrays)
+    return {k: list(a.shape) for k, a in arrays.items()}
+
+
+def restore_variables(directory, backbone, optimizer, legacy_groups):
+    """Assign every variable from a checkpoint (either layout; ``legacy_groups``: {"mapper": variables,
+    "gpt2": ..., "optimizer": ...} for ``variables.npz``). ValueError naming what does not match."""
+    directory = Path(directory)
+    if (directory / VARIABLES_FILENAME).is_file():
+        stored_path = directory / VARIABLES_FILENAME
+        expected = {f"{g}/{i:05d}": v for g, vs in legacy_groups.items() for i, v in enumerate(vs)}
+    else:
+        try:
+            backbone.load_weights(str(directory / WEIGHTS_FILENAME))
+        except (OSError, ValueError, KeyError) as e:
+            raise ValueError(f"cannot resume from {directory / WEIGHTS_FILENAME} ({type(e).__name__}: {e}): "
+                             "damaged, or another model's") from e
+        stored_path = directory / TRAINING_STATE_FILENAME
+        expected = {f"{i:05d}": v for i, v in enumerate(training_state(backbone, optimizer))}
+    with np.load(stored_path) as f:
+        stored = {k: f[k] for k in f.files}
+    if set(stored) != set(expected):
+        raise ValueError(f"{stored_path} does not match this model/optimizer: "
+                         f"missing {sorted(set(expected) - set(stored))[:5]}, "
+                         f"unexpected {sorted(set(stored) - set(expected))[:5]}")
+    for key, variable in expected.items():
+        if tuple(stored[key].shape) != tuple(variable.shape):
+            raise ValueError(f"{stored_path}: {key} ({variable.path}) is {stored[key].shape}, "
+                             f"expected {tuple(variable.shape)}")
+        variable.assign(stored[key])

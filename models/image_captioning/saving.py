@@ -1,0 +1,230 @@
+"""How a `ClipCap` is converted, saved and loaded: the saved-model folder (format 2) and its legacy reader.
+
+Format 2 (`utils.preset_utils`; written by ``ClipCap.save``, ``convert``, ``download`` and the trainer):
+
+```
+config.json        {"architecture": "clipcap", "format_version": 2, "name", "checkpoint", "checkpoint_sha256",
+                    "clip_name", "tokenizer": "tokenizer", "clip": "clip" | null,
+                    "model": keras.saving.serialize_keras_object(ClipCapBackbone)}
+model.weights.h5   the backbone's weights (Keras save_weights: mapper and GPT-2)
+tokenizer/         the GPT-2 tokenizer files (save_pretrained)
+clip/              the CLIP image encoder, a saved CLIP folder of the same format (when there is one)
+metadata.json      format version, library version, UTC date, source checkpoint and its SHA-256
+README.md          a short model card
+```
+
+Format 1 (before; config.json with ``format_version`` 1, mapper.weights.h5, gpt2.weights.h5) is read by
+`models.image_captioning.format1` and gives the same model: the same captions.
+"""
+
+import logging
+import os
+from pathlib import Path
+
+from utils.convert.common import CheckpointError
+
+TOKENIZER_DIR = "tokenizer"
+CLIP_DIR = "clip"
+ARCHITECTURE = "clipcap"
+
+
+class ModelLoadError(CheckpointError):
+    """A saved model that cannot be loaded (a missing or invalid config key, a damaged weights file); the
+    message names the file (and the key) and says what to do."""
+
+
+def model_dir(name_or_directory):
+    """Where a ClipCap named or placed by ``name_or_directory`` lives (`utils.model_store.model_dir`)."""
+    from utils.model_store import model_dir as store_model_dir
+
+    return store_model_dir(name_or_directory)
+
+
+def valid_name(name, config_path):
+    """A saved config's ``name`` when it is a plain name, else None with a warning: the name decides where
+    `save` and `predict` write by default, so "..", "/abs" or "a/b" must never be used."""
+    from utils.file_utils import check_model_name
+
+    if name is None:
+        return None
+    try:
+        return check_model_name(name)
+    except ValueError as e:
+        logging.getLogger(__name__).warning("%s: key 'name' ignored: %s", config_path, e)
+        return None
+
+
+def folder_name(directory):
+    """The folder's own name as the model's name when it is a plain name, else None (no name)."""
+    from utils.file_utils import check_model_name
+
+    try:
+        return check_model_name(Path(os.path.abspath(directory)).name)
+    except ValueError:
+        return None
+
+
+# ------------------------------------------------------------------------------------------- conversion
+
+
+def convert_official(cls, source, clip=None, tokenizer="gpt2", name=None, normalize_prefix=None,
+                     jit_compile="auto", overwrite=False, clip_name=None):
+    """`ClipCap.from_pretrained`: an official ``.pt`` converted (torch needed), or an official model name
+    downloaded and converted once (`models.image_captioning.pretrained.get_pretrained`)."""
+    from custom_architectures.transformers_arch.clip_cap_arch import ClipCapBackbone
+    from models.image_captioning.presets import MODELS
+    from models.image_captioning.pretrained import get_pretrained
+    from utils.convert.clipcap import check_clip_matches, load_clipcap
+    from utils.download_manifest import sha256_of
+    from utils.file_utils import check_replaceable
+    from utils.model_store import is_saved_model, saved_model_dir
+    from utils.tokenizer import load_gpt2_tokenizer
+
+    path = os.fspath(source)
+    if not os.path.exists(path) and path in MODELS:
+        given = {k: v for k, v in dict(clip=clip, name=name, normalize_prefix=normalize_prefix,
+                                       clip_name=clip_name).items() if v is not None}
+        if given or tokenizer != "gpt2":
+            raise ValueError(f"{path!r} is an official model: its CLIP, tokenizer and settings are fixed "
+                             f"(got {sorted(given) + (['tokenizer'] if tokenizer != 'gpt2' else [])}); give the "
+                             "checkpoint file to convert it differently")
+        return get_pretrained(cls, path)
+    if name is not None:  # refuse a bad name, or a store folder that is not ours, before converting
+        check_replaceable(saved_model_dir(name), is_saved_model, overwrite)
+    mapper, gpt2, config = load_clipcap(path)
+    info = {"checkpoint": os.path.basename(path), "checkpoint_sha256": sha256_of(path), "clip_name": clip_name}
+    if normalize_prefix is not None:
+        config["normalize_prefix"] = bool(normalize_prefix)
+    if clip is not None and not hasattr(clip, "embed_dim"):
+        from models.siamese.clip import CLIP
+        from models.siamese.presets import CLIP_SOURCES
+
+        clip_source = os.fspath(clip)
+        if clip_source in CLIP_SOURCES and clip_name is None:  # an OpenAI name: recorded, for save_official
+            info["clip_name"] = clip_source
+        clip = CLIP.from_pretrained(clip_source, visual_only=True, jit_compile=jit_compile)
+        check_clip_matches(clip.embed_dim, config, clip_name=clip_source, checkpoint_name=info["checkpoint"])
+    if isinstance(tokenizer, str | os.PathLike):
+        tokenizer = load_gpt2_tokenizer(os.fspath(tokenizer))
+    if len(tokenizer) > gpt2.vocab_size:
+        raise ValueError(f"the tokenizer has {len(tokenizer)} tokens but the checkpoint's GPT-2 only "
+                         f"{gpt2.vocab_size}: they do not belong together")
+    info["name"] = name
+    backbone = ClipCapBackbone(mapper, gpt2, normalize_prefix=config["normalize_prefix"])
+    model = cls(backbone, tokenizer, clip=clip, jit_compile=jit_compile, info=info)
+    if name is not None:
+        model.save(saved_model_dir(name), overwrite=overwrite)  # the folder checked above
+    return model
+
+
+# ----------------------------------------------------------------------------------------------- saving
+
+
+def model_card(model) -> str:
+    """A short README.md for a saved ClipCap: what it is, its sizes, where it comes from, how to load it."""
+    c = model.config
+    gpt2 = c["gpt2"]
+    source = c.get("checkpoint") or "trained or built with this library"
+    lines = [
+        f"# ClipCap model {model.name or ''}".rstrip(), "",
+        "CLIP prefix captioning (Mokady et al., arXiv 2111.09734) in Keras: a CLIP image embedding is mapped to "
+        "a GPT-2 prefix, and GPT-2 continues it with a caption.", "",
+        f"- mapper: {c['mapping_type']}, prefix length K={c['prefix_length']}, CLIP embedding size "
+        f"{c['prefix_size']}, embedding L2-normalised first: {'yes' if c['normalize_prefix'] else 'no'}",
+        f"- GPT-2: {gpt2['n_layer']} layers x {gpt2['n_embd']}, {gpt2['vocab_size']} tokens",
+        f"- CLIP image encoder: {'included (clip/)' if model.clip is not None else 'not included'}"
+        + (f", expects {c['clip_name']}" if c.get("clip_name") else ""),
+        f"- source: {source}" + (f" (SHA-256 {c['checkpoint_sha256']})" if c.get("checkpoint_sha256") else ""),
+        "", "Load it (no torch needed):", "", "```python", "from models.image_captioning import ClipCap",
+        "model = ClipCap.load(\"path/to/this/folder\")", "model.caption(\"cat.jpg\")", "```", "",
+    ]
+    return "\n".join(lines)
+
+
+def save_clipcap(model, name_or_directory=None, overwrite=False):
+    """`ClipCap.save`: write ``model`` as a format-2 folder (see the module docstring); returns it (str)."""
+    from models import __version__
+    from utils.model_store import is_saved_model
+    from utils.preset_utils import preset_metadata, save_preset
+
+    target = name_or_directory if name_or_directory is not None else model.name
+    if target is None:
+        raise ValueError("save needs a name or directory (this model has no name)")
+    directory = model_dir(target)
+    header = {**model.info, "tokenizer": TOKENIZER_DIR, "clip": CLIP_DIR if model.clip is not None else None}
+    metadata = preset_metadata(__version__, source=model.info.get("checkpoint"),
+                               source_sha256=model.info.get("checkpoint_sha256"))
+
+    def write_extra(staging):
+        model.tokenizer.save_pretrained(str(staging / TOKENIZER_DIR))
+        if model.clip is not None:
+            model.clip.save(str(staging / CLIP_DIR))
+
+    save_preset(directory, model.backbone, ARCHITECTURE, metadata, model_card(model), header=header,
+                write_extra=write_extra, is_ours=is_saved_model, overwrite=overwrite)
+    return str(directory)
+
+
+# ---------------------------------------------------------------------------------------------- loading
+
+
+def load_clipcap(cls, name_or_directory, clip=None, jit_compile="auto"):
+    """`ClipCap.load`: a format-2 folder, a format-1 folder, or an official name (converted once)."""
+    from utils.preset_utils import CONFIG_FILE, read_json_file
+
+    directory = model_dir(name_or_directory)
+    config_path = directory / CONFIG_FILE
+    if not config_path.is_file() and clip is None:
+        from models.image_captioning.presets import MODELS
+        from models.image_captioning.pretrained import get_pretrained
+
+        if str(name_or_directory) in MODELS:  # an official model: downloaded and converted once
+            return get_pretrained(cls, str(name_or_directory))
+    if not config_path.is_file():
+        raise FileNotFoundError(f"{directory} is not a saved ClipCap model: {CONFIG_FILE} not found")
+    config = read_json_file(config_path, ModelLoadError)
+    if config.get("architecture") != ARCHITECTURE:
+        raise ValueError(f"{config_path} does not describe a ClipCap model: {config.get('architecture')!r}")
+    if config.get("format_version") == 1:
+        from models.image_captioning.format1 import load_format1
+
+        return load_format1(cls, directory, config, clip=clip, jit_compile=jit_compile)
+    return _load_format2(cls, directory, clip, jit_compile)
+
+
+def build_or_explain(what, path, make):
+    """``make()``, with any error of Keras / h5py / tokenizers turned into a `ModelLoadError` naming ``path``."""
+    try:
+        return make()
+    except (OSError, ValueError, KeyError, TypeError, RuntimeError) as e:
+        raise ModelLoadError(f"cannot load the {what} from {path} ({type(e).__name__}: {e}); the file is damaged "
+                             "or does not match config.json: save or convert the model again") from e
+
+
+def load_parts(cls, directory, config, backbone, clip, jit_compile):
+    """The tokenizer and CLIP of a saved folder (both formats) around ``backbone`` -> a `ClipCap`."""
+    from utils.preset_utils import CONFIG_FILE
+    from utils.tokenizer import load_gpt2_tokenizer
+
+    config_path = directory / CONFIG_FILE
+    tokenizer_dir = directory / str(config["tokenizer"])
+    tokenizer = build_or_explain("tokenizer", tokenizer_dir, lambda: load_gpt2_tokenizer(str(tokenizer_dir)))
+    if clip is None and config.get("clip") is not None:
+        from models.siamese.clip import CLIP
+
+        clip = CLIP.load(str(directory / str(config["clip"])), jit_compile=jit_compile)
+    info = {k: config.get(k) for k in cls.INFO_KEYS}
+    info["name"] = valid_name(config.get("name"), config_path) or folder_name(directory)
+    return cls(backbone, tokenizer, clip=clip, jit_compile=jit_compile, info=info)
+
+
+def _load_format2(cls, directory, clip, jit_compile):
+    from custom_architectures.transformers_arch.clip_cap_arch import ClipCapBackbone
+    from utils.preset_utils import CONFIG_FILE, load_preset_model, read_preset_config
+
+    config = read_preset_config(directory, ARCHITECTURE, ModelLoadError, required=("tokenizer",))
+    backbone = load_preset_model(directory, config, ModelLoadError)
+    if not isinstance(backbone, ClipCapBackbone):
+        raise ModelLoadError(f"{directory / CONFIG_FILE}: 'model' is a {type(backbone).__name__}, not a "
+                             "ClipCapBackbone; save or convert the model again")
+    return load_parts(cls, directory, config, backbone, clip, jit_compile)

@@ -1,0 +1,176 @@
+"""How a `CLIP` is saved and loaded: the saved-model folder (format 2, `utils.preset_utils`) and format 1.
+
+Format 2 (written by ``CLIP.save``)::
+
+    config.json        {"architecture": "openai_clip", "format_version": 2, "tokenizer": {"context_length"} | null,
+                        "model": keras.saving.serialize_keras_object(CLIPModel)}
+    model.weights.h5   Keras save_weights, every tensor float16 when float16 holds it exactly (OpenAI's
+                       weights are fp16 values: lossless, half the size), float32 otherwise
+    metadata.json      format version, library version, date, source file and SHA-256, ``weights_dtype``
+    README.md          a short model card
+    bpe_simple_vocab_16e6.txt.gz   the tokenizer's vocabulary (when there is a text encoder)
+
+Format 1 (before): config.json (``format_version`` 1, ``clip``: the architecture dict) and ``weights.h5``
+(every variable under ``visual/<path>``, ``text/<path>``, ``logit_scale``); still read, strictly.
+"""
+
+from pathlib import Path
+
+from custom_architectures.clip_arch import CLIPModel, build_clip
+from utils.convert.common import CheckpointError
+
+ARCHITECTURE = "openai_clip"
+FORMAT1_WEIGHTS = "weights.h5"
+
+
+def is_saved_clip(directory) -> bool:
+    """Whether ``directory`` is a CLIP this library saved (its config.json names "openai_clip")."""
+    from utils.model_store import is_saved_model
+
+    return is_saved_model(directory, architecture=ARCHITECTURE)
+
+
+def clip_card(clip, weights_dtype) -> str:
+    c = clip.model.config
+    kind = "ViT" if clip.model.is_vit else "ModifiedResNet"
+    return "\n".join([
+        "# OpenAI CLIP", "",
+        f"- image encoder: {kind}, input {clip.input_resolution} px, embedding size {clip.embed_dim}",
+        f"- text encoder: {'included' if clip.model.text is not None else 'not included (image only)'}",
+        f"- weights stored: {weights_dtype['float16']} tensors float16 (exact), {weights_dtype['float32']} float32",
+        f"- source: {clip.source or 'unknown'}" + (f" (SHA-256 {clip.source_sha256})" if clip.source_sha256 else ""),
+        f"- architecture: {c}", "", "Load it (no torch needed):", "", "```python",
+        "from models.siamese import CLIP", "clip = CLIP.load(\"path/to/this/folder\")", "```", "",
+    ])
+
+
+def save_clip(clip, directory, overwrite=False):
+    """`CLIP.save`: a format-2 folder at ``directory`` (atomic; replaces only an empty folder or, with
+    ``overwrite``, a saved CLIP). Returns ``directory``."""
+    from models import __version__
+    from utils.file_utils import replace_dir
+    from utils.preset_utils import WEIGHTS_FILE, preset_metadata, save_weights_compact, write_preset
+
+    header = {"tokenizer": None if clip.tokenizer is None else {"context_length": clip.tokenizer.context_length}}
+
+    def write(staging):
+        # the weights first: how many tensors went to float16 goes into the metadata and the card
+        counts = save_weights_compact(clip.model, staging / WEIGHTS_FILE)
+        metadata = preset_metadata(__version__, source=clip.source, source_sha256=clip.source_sha256,
+                                   weights_dtype=counts)
+        write_preset(staging, clip.model, ARCHITECTURE, metadata, clip_card(clip, counts), header=header,
+                     write_extra=lambda d: clip.tokenizer is not None and clip.tokenizer.save(str(d)),
+                     save_weights=lambda path: None)
+
+    replace_dir(directory, write, is_ours=is_saved_clip, overwrite=overwrite)
+    return directory
+
+
+def load_clip(cls, directory, jit_compile="auto"):
+    """`CLIP.load`: a format-2 or format-1 folder -> a `CLIP`. A damaged config.json or weights file raises
+    `CheckpointError` naming the file."""
+    from models.siamese.clip_tokenizer import CLIPTokenizer
+    from utils.preset_utils import (
+        CONFIG_FILE,
+        load_preset_model,
+        read_json_file,
+        read_metadata,
+        read_preset_config,
+    )
+
+    directory = Path(directory)
+    config_path = directory / CONFIG_FILE
+    if not config_path.is_file():
+        raise FileNotFoundError(f"{directory} is not a saved CLIP model: {CONFIG_FILE} missing")
+    config = read_json_file(config_path, CheckpointError)
+    if config.get("architecture") != ARCHITECTURE:
+        raise ValueError(f"{config_path} does not describe a CLIP model: {config.get('architecture')!r}")
+    metadata = {}
+    if config.get("format_version") == 1:
+        model = _load_format1(directory, config)
+    else:
+        config = read_preset_config(directory, ARCHITECTURE, CheckpointError)
+        model = load_preset_model(directory, config, CheckpointError)
+        if not isinstance(model, CLIPModel):
+            raise CheckpointError(f"{config_path}: 'model' is a {type(model).__name__}, not a CLIPModel")
+        metadata = read_metadata(directory, CheckpointError)
+    tokenizer = None
+    if config.get("tokenizer") is not None:
+        tokenizer = CLIPTokenizer.from_directory(str(directory), **config["tokenizer"])
+    clip = cls(model, tokenizer, jit_compile=jit_compile)
+    clip.source, clip.source_sha256 = metadata.get("source"), metadata.get("source_sha256")
+    return clip
+
+
+def saved_clip_config(directory) -> dict:
+    """The architecture dict (`clip_config_from_shapes`'s) of a saved CLIP folder, either format, without
+    loading weights (e.g. its ``image_resolution``)."""
+    from utils.preset_utils import CONFIG_FILE, read_json_file
+
+    config = read_json_file(Path(directory) / CONFIG_FILE, CheckpointError)
+    if config.get("format_version") == 1:
+        return dict(config["clip"])
+    return dict(config["model"]["config"]["config"])
+
+
+# ----------------------------------------------------------------------------------------- format 1
+
+
+def _load_format1(directory, config):
+    config_path, weights_path = directory / "config.json", directory / FORMAT1_WEIGHTS
+    if not weights_path.is_file():
+        raise FileNotFoundError(f"{directory} is not a saved CLIP model: {FORMAT1_WEIGHTS} missing")
+    if not isinstance(config.get("clip"), dict):
+        raise CheckpointError(f"{config_path} lacks the key 'clip' (the architecture): the saved CLIP is "
+                              "damaged; save it again")
+    try:
+        model = build_clip(config["clip"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{config_path}: invalid 'clip' architecture ({type(e).__name__}: {e}); the "
+                              "saved CLIP is damaged: save it again") from e
+    try:
+        _load_format1_weights(model, weights_path)
+    except OSError as e:  # h5py: truncated or not an HDF5 file
+        raise CheckpointError(f"cannot read {weights_path} ({e}); the file is damaged: save the CLIP "
+                              "again") from e
+    return model
+
+
+def _load_format1_weights(model, weights_path):
+    """Assign every variable of ``model`` from a format-1 weights.h5 (strict: all present, nothing left over)."""
+    import h5py
+
+    variables = named_variables(model)
+    with h5py.File(weights_path, "r") as f:
+        stored = {}
+
+        def collect(name, obj):  # visititems stops at the first non-None return
+            if isinstance(obj, h5py.Dataset):
+                stored[name] = obj
+
+        f.visititems(collect)
+        missing = sorted(set(variables) - set(stored))
+        unexpected = sorted(set(stored) - set(variables))
+        mismatched = [
+            f"{k}: {stored[k].shape} vs {tuple(v.shape)}"
+            for k, v in variables.items()
+            if k in stored and tuple(stored[k].shape) != tuple(v.shape)
+        ]
+        if missing or unexpected or mismatched:
+            raise ValueError(
+                f"{weights_path} does not match its config: missing {missing[:5]}, unexpected "
+                f"{unexpected[:5]}, mis-shaped {mismatched[:5]}"
+            )
+        for key, variable in variables.items():
+            variable.assign(stored[key][()])
+
+
+def named_variables(model):
+    """{"visual/<path>" | "text/<path>" | "logit_scale": variable}: the format-1 weights file's names."""
+    named = {f"visual/{v.path}": v for v in model.visual.weights}
+    if model.text is not None:
+        named.update({f"text/{v.path}": v for v in model.text.weights})
+    named["logit_scale"] = model.logit_scale
+    if len(named) != len(model.visual.weights) + (len(model.text.weights) if model.text else 0) + 1:
+        raise RuntimeError("CLIP variables do not have unique paths")
+    return named

@@ -1,0 +1,175 @@
+"""The saved-model folder, format 2 (keras-hub's preset idea): one writer and one reader for every model.
+
+A folder holds:
+
+- ``config.json``: ``{"architecture": "clipcap" | "openai_clip", "format_version": 2, "model":
+  keras.saving.serialize_keras_object(model), ...}`` (the caller adds its own top-level entries: tokenizer
+  folder, CLIP folder, name...);
+- ``model.weights.h5``: Keras' ``save_weights`` of that model;
+- ``metadata.json``: format version, library version, UTC date, the source checkpoint's name and SHA-256
+  when the model was converted from a file, and whatever the caller adds (e.g. the weights' dtype);
+- ``README.md``: a short model card;
+- the caller's extra files (tokenizer, a nested CLIP folder), written by its ``write_extra(staging)``.
+
+The folder is built beside its destination and renamed into place (`utils.file_utils.replace_dir`), so a
+reader sees the old folder or the new one; an existing destination is replaced only under the rules of
+`utils.file_utils.check_replaceable`. Nothing here imports the models: they pass themselves in.
+
+Example::
+
+    save_preset("pretrained_models/coco", backbone, "clipcap", metadata=preset_metadata("2.0.0"),
+                card="# coco\\n...", is_ours=is_saved_model, write_extra=lambda d: tok.save_pretrained(d / "tokenizer"))
+    config = read_preset_config("pretrained_models/coco", "clipcap", ModelLoadError)
+    backbone = load_preset_model("pretrained_models/coco", config, ModelLoadError)
+"""
+
+import datetime
+import json
+import os
+from pathlib import Path
+
+from utils.file_utils import UnsafePathError, read_regular_file, replace_dir
+
+FORMAT_VERSION = 2
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.weights.h5"
+METADATA_FILE = "metadata.json"
+CARD_FILE = "README.md"
+MAX_CONFIG_BYTES = 64 << 20  # a 124M GPT-2's config is a few kB; refuse absurd files before parsing
+
+
+def preset_metadata(library_version, source=None, source_sha256=None, **extra) -> dict:
+    """The ``metadata.json`` entries: format 2, library version, UTC date (ISO 8601, seconds), the source
+    checkpoint's file name and SHA-256 (None when the model was not converted from a file), then ``extra``."""
+    date = datetime.datetime.now(datetime.UTC).replace(microsecond=0).isoformat()
+    return {"format_version": FORMAT_VERSION, "library_version": library_version, "date": date,
+            "source": None if source is None else os.path.basename(os.fspath(source)),
+            "source_sha256": source_sha256, **extra}
+
+
+def write_preset(staging, model, architecture, metadata, card, header=None, write_extra=None,
+                 save_weights=None):
+    """Write a format-2 folder into the (new, empty) folder ``staging``; see the module docstring.
+
+    ``save_weights(path)``: how to write ``model.weights.h5`` (default: ``model.save_weights``)."""
+    import keras
+
+    staging = Path(staging)
+    config = {"architecture": architecture, "format_version": FORMAT_VERSION, **(header or {}),
+              "model": keras.saving.serialize_keras_object(model)}
+    (save_weights or model.save_weights)(str(staging / WEIGHTS_FILE))
+    if write_extra is not None:
+        write_extra(staging)
+    (staging / METADATA_FILE).write_text(json.dumps(metadata, indent=2) + "\n", encoding="utf-8")
+    (staging / CARD_FILE).write_text(card, encoding="utf-8")
+    # config.json last: a folder whose config names the architecture is a saved model (is_ours)
+    (staging / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+
+
+def save_preset(directory, model, architecture, metadata, card, header=None, write_extra=None, is_ours=None,
+                overwrite=False, save_weights=None):
+    """`write_preset` into a new folder published atomically at ``directory`` (`replace_dir`: an existing
+    ``directory`` is replaced only when empty, or when ``is_ours`` recognises it and ``overwrite``).
+    Returns the directory (Path)."""
+    replace_dir(directory, lambda staging: write_preset(staging, model, architecture, metadata, card, header,
+                                                        write_extra, save_weights),
+                is_ours=is_ours, overwrite=overwrite)
+    return Path(directory)
+
+
+def read_json_file(path, error, what="config"):
+    """A JSON object from a regular file (bounded read); ``error`` (an exception class) names the file when
+    it is not readable, not JSON or not an object."""
+    try:
+        value = json.loads(read_regular_file(path, max_bytes=MAX_CONFIG_BYTES))
+    except (UnsafePathError, OSError, ValueError) as e:
+        raise error(f"{path} is not a readable {what} ({e}); save or convert the model again") from e
+    if not isinstance(value, dict):
+        raise error(f"{path} is not a readable {what}: a JSON object was expected, got {type(value).__name__}")
+    return value
+
+
+def read_preset_config(directory, architecture, error, required=()):
+    """``config.json`` of a format-2 folder, checked: ``architecture`` (ValueError for another model's
+    folder), ``format_version`` 2 and the ``model`` entry plus ``required`` keys (``error`` naming the file
+    and the key)."""
+    path = Path(directory) / CONFIG_FILE
+    config = read_json_file(path, error)
+    if config.get("architecture") != architecture:
+        raise ValueError(f"{path} does not describe a {architecture} model: {config.get('architecture')!r}")
+    if config.get("format_version") != FORMAT_VERSION:
+        raise error(f"{path}: format_version {config.get('format_version')!r}, expected {FORMAT_VERSION}")
+    for key in ("model", *required):
+        if key not in config:
+            raise error(f"{path} lacks the key {key!r}: the saved model is damaged or was not written by this "
+                        "library; save or convert it again")
+    return config
+
+
+def load_preset_model(directory, config, error, load_weights=None):
+    """Rebuild ``config["model"]`` (``keras.saving.deserialize_keras_object``) and load ``model.weights.h5``
+    into it (or ``load_weights(model, path)``); ``error`` names config.json or the weights file when either
+    is damaged or they do not match."""
+    import keras
+
+    directory = Path(directory)
+    config_path, weights_path = directory / CONFIG_FILE, directory / WEIGHTS_FILE
+    if not weights_path.is_file():
+        raise FileNotFoundError(f"{directory} is an incomplete saved model: {WEIGHTS_FILE} missing")
+    try:
+        model = keras.saving.deserialize_keras_object(config["model"])
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise error(f"{config_path}: invalid 'model' entry ({type(e).__name__}: {e}); the saved model is "
+                    "damaged: save or convert it again") from e
+    try:
+        (load_weights or _load_weights_strict)(model, weights_path)
+    except (OSError, ValueError, KeyError, TypeError, RuntimeError) as e:
+        raise error(f"cannot load the weights from {weights_path} ({type(e).__name__}: {e}); the file is "
+                    "damaged or does not match config.json: save or convert the model again") from e
+    return model
+
+
+def _load_weights_strict(model, path):
+    """Keras' ``load_weights`` (a missing or mis-shaped tensor is its ValueError), and nothing left over:
+    the file must hold exactly one tensor per weight of the model."""
+    import h5py
+
+    model.load_weights(str(path))
+    with h5py.File(path, "r") as f:
+        count = []
+        f.visititems(lambda name, obj: count.append(name) if isinstance(obj, h5py.Dataset) else None)
+    if len(count) != len(model.weights):
+        raise ValueError(f"the file holds {len(count)} tensors, the model has {len(model.weights)} weights")
+
+
+def save_weights_compact(model, path):
+    """``model.save_weights(path)`` with every float32 tensor that float16 represents exactly stored as
+    float16 (OpenAI's CLIP weights are fp16 values: half the file, bit-identical once loaded; Keras casts
+    back to the variable's dtype). Returns {"float16": n, "float32": m}, the tensors stored in each."""
+    import h5py
+    import numpy as np
+
+    path = Path(path)
+    full = path.parent / f".{path.name}.float32.weights.h5"  # Keras' file, rewritten into `path`, then removed
+    model.save_weights(str(full))
+    counts = {"float16": 0, "float32": 0}
+    try:
+        with h5py.File(full, "r") as src, h5py.File(path, "w") as dst:
+            dst.attrs.update(dict(src.attrs))
+
+            def copy(name, obj):
+                if isinstance(obj, h5py.Group):
+                    target = dst.require_group(name)
+                else:
+                    value = obj[()]
+                    if value.dtype == np.float32 and np.array_equal(value.astype(np.float16).astype(np.float32),
+                                                                    value):
+                        value = value.astype(np.float16)
+                    counts["float16" if value.dtype == np.float16 else "float32"] += 1
+                    target = dst.create_dataset(name, data=value)
+                target.attrs.update(dict(obj.attrs))
+
+            src.visititems(copy)
+    finally:
+        full.unlink(missing_ok=True)
+    return counts
