@@ -173,3 +173,9 @@ def save_weights_compact(model, path):
     finally:
         full.unlink(missing_ok=True)
     return counts
+
+
+def read_metadata(directory, error):
+    """``metadata.json`` of a format-2 folder ({} when the file is absent: it is informative only)."""
+    path = Path(directory) / METADATA_FILE
+    return read_json_file(path, error, what="metadata file") if path.is_file() else {}

@@ -227,12 +227,12 @@ class ClipCap:
         """Restore a saved model (no torch needed): a directory or a name in ``pretrained_models``. Folders of
         format 2 (`save`) and of format 1 (before it: mapper.weights.h5 + gpt2.weights.h5) both load.
 
-        The official models' names (``coco``, ``conceptual``, ``coco_transformer``; `utils.downloads.MODELS`)
+        The official models' names (``coco``, ``conceptual``, ``coco_transformer``; `models.image_captioning.presets.MODELS`)
         are downloaded and converted on first use (that first time needs torch), then simply loaded.
 
         ``clip``: a `CLIP` instance to use instead of the saved one (checked for the embedding size).
         """
-        from models.image_captioning.saving import load_clipcap
+        from models.image_captioning.loading import load_clipcap
 
         return load_clipcap(cls, name_or_directory, clip=clip, jit_compile=jit_compile)
 

@@ -165,31 +165,7 @@ def save_clipcap(model, name_or_directory=None, overwrite=False):
     return str(directory)
 
 
-# ---------------------------------------------------------------------------------------------- loading
 
-
-def load_clipcap(cls, name_or_directory, clip=None, jit_compile="auto"):
-    """`ClipCap.load`: a format-2 folder, a format-1 folder, or an official name (converted once)."""
-    from utils.preset_utils import CONFIG_FILE, read_json_file
-
-    directory = model_dir(name_or_directory)
-    config_path = directory / CONFIG_FILE
-    if not config_path.is_file() and clip is None:
-        from models.image_captioning.presets import MODELS
-        from models.image_captioning.pretrained import get_pretrained
-
-        if str(name_or_directory) in MODELS:  # an official model: downloaded and converted once
-            return get_pretrained(cls, str(name_or_directory))
-    if not config_path.is_file():
-        raise FileNotFoundError(f"{directory} is not a saved ClipCap model: {CONFIG_FILE} not found")
-    config = read_json_file(config_path, ModelLoadError)
-    if config.get("architecture") != ARCHITECTURE:
-        raise ValueError(f"{config_path} does not describe a ClipCap model: {config.get('architecture')!r}")
-    if config.get("format_version") == 1:
-        from models.image_captioning.format1 import load_format1
-
-        return load_format1(cls, directory, config, clip=clip, jit_compile=jit_compile)
-    return _load_format2(cls, directory, clip, jit_compile)
 
 
 def build_or_explain(what, path, make):
@@ -216,15 +192,3 @@ def load_parts(cls, directory, config, backbone, clip, jit_compile):
     info = {k: config.get(k) for k in cls.INFO_KEYS}
     info["name"] = valid_name(config.get("name"), config_path) or folder_name(directory)
     return cls(backbone, tokenizer, clip=clip, jit_compile=jit_compile, info=info)
-
-
-def _load_format2(cls, directory, clip, jit_compile):
-    from custom_architectures.transformers_arch.clip_cap_arch import ClipCapBackbone
-    from utils.preset_utils import CONFIG_FILE, load_preset_model, read_preset_config
-
-    config = read_preset_config(directory, ARCHITECTURE, ModelLoadError, required=("tokenizer",))
-    backbone = load_preset_model(directory, config, ModelLoadError)
-    if not isinstance(backbone, ClipCapBackbone):
-        raise ModelLoadError(f"{directory / CONFIG_FILE}: 'model' is a {type(backbone).__name__}, not a "
-                             "ClipCapBackbone; save or convert the model again")
-    return load_parts(cls, directory, config, backbone, clip, jit_compile)
