@@ -29,6 +29,13 @@ import keras  # noqa: E402
 from keras import ops  # noqa: E402
 
 from custom_layers.activations import quick_gelu  # noqa: E402
+from custom_layers.attention import (  # noqa: E402
+    causal_bias,
+    dot_product_attention,
+    heads_first,
+    merge_heads,
+    split_heads,
+)
 
 TORCH_EPSILON = 1e-5  # nn.LayerNorm / nn.BatchNorm2d default
 
@@ -72,24 +79,16 @@ class MultiHeadAttention(keras.layers.Layer):
         self.out_proj.build(tuple(query_shape[:-1]) + (self.width,))
         self.built = True
 
-    def _split_heads(self, x):
-        batch, length = ops.shape(x)[0], ops.shape(x)[1]
-        return ops.reshape(x, (batch, length, self.heads, self.head_dim))  # (B, T, H, Dh)
-
     def call(self, query, key_value=None):
         key_value = query if key_value is None else key_value
-        q = self._split_heads(self.q_proj(query) * (self.head_dim**-0.5))  # (B, Tq, H, Dh)
-        k = self._split_heads(self.k_proj(key_value))  # (B, Tk, H, Dh)
-        v = self._split_heads(self.v_proj(key_value))  # (B, Tk, H, Dh)
-        scores = ops.einsum("bqhd,bkhd->bhqk", q, k)  # (B, H, Tq, Tk)
+        q = split_heads(self.q_proj(query), self.heads)  # (B, Tq, H, Dh)
+        k = heads_first(split_heads(self.k_proj(key_value), self.heads))  # (B, H, Tk, Dh)
+        v = heads_first(split_heads(self.v_proj(key_value), self.heads))  # (B, H, Tk, Dh)
+        bias = None
         if self.causal:
-            tq, tk = ops.shape(scores)[2], ops.shape(scores)[3]
-            allowed = ops.arange(tk)[None, :] <= ops.arange(tq)[:, None]  # (Tq, Tk)
-            scores = ops.where(allowed[None, None], scores, ops.full_like(scores, float("-inf")))
-        weights = ops.softmax(scores, axis=-1)
-        out = ops.einsum("bhqk,bkhd->bqhd", weights, v)  # (B, Tq, H, Dh)
-        out = ops.reshape(out, (ops.shape(out)[0], ops.shape(out)[1], self.width))  # (B, Tq, C)
-        return self.out_proj(out)
+            bias = causal_bias(ops.arange(ops.shape(q)[1]), ops.arange(ops.shape(k)[2]))  # (1, 1, Tq, Tk)
+        out = dot_product_attention(q, k, v, bias=bias)  # (B, Tq, H, Dh)
+        return self.out_proj(merge_heads(out))  # (B, Tq, C)
 
     def compute_output_shape(self, query_shape, key_value_shape=None):
         return tuple(query_shape[:-1]) + (self.width,)
@@ -305,11 +304,10 @@ class AttentionPool2d(keras.layers.Layer):
         x = ops.reshape(x, (batch, self.spacial_dim**2, self.embed_dim))  # (B, HW, C)
         x = ops.concatenate([ops.mean(x, axis=1, keepdims=True), x], axis=1)  # (B, HW + 1, C)
         x = x + self.positional_embedding[None]
-        q = ops.reshape(self.q_proj(x[:, :1]) * (self.head_dim**-0.5), (batch, self.heads, self.head_dim))
-        k = ops.reshape(self.k_proj(x), (batch, -1, self.heads, self.head_dim))  # (B, HW + 1, H, Dh)
-        v = ops.reshape(self.v_proj(x), (batch, -1, self.heads, self.head_dim))  # (B, HW + 1, H, Dh)
-        weights = ops.softmax(ops.einsum("bhd,bkhd->bhk", q, k), axis=-1)  # (B, H, HW + 1)
-        out = ops.reshape(ops.einsum("bhk,bkhd->bhd", weights, v), (batch, self.embed_dim))  # (B, C)
+        q = split_heads(self.q_proj(x[:, :1]), self.heads)  # (B, 1, H, Dh): the mean token only
+        k = heads_first(split_heads(self.k_proj(x), self.heads))  # (B, H, HW + 1, Dh)
+        v = heads_first(split_heads(self.v_proj(x), self.heads))  # (B, H, HW + 1, Dh)
+        out = ops.reshape(dot_product_attention(q, k, v), (batch, self.embed_dim))  # (B, C)
         return self.c_proj(out)  # (B, output_dim)
 
     def compute_output_shape(self, input_shape):

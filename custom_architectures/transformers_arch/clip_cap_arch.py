@@ -26,6 +26,8 @@ os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 import keras  # noqa: E402
 from keras import ops  # noqa: E402
 
+from custom_layers.attention import dot_product_attention, heads_first, merge_heads, split_heads  # noqa: E402
+
 
 @keras.saving.register_keras_serializable(package="clip_cap")
 class ClipCapMLP(keras.Model):
@@ -96,13 +98,11 @@ class MapperAttention(keras.layers.Layer):
     def call(self, x):
         b, n = ops.shape(x)[0], ops.shape(x)[1]
         h, dh = self.num_heads, self.head_dim
-        q = ops.reshape(self.to_queries(x), (b, n, h, dh))  # (B, N, H, Dh)
+        q = split_heads(self.to_queries(x), h)  # (B, N, H, Dh)
         kv = ops.reshape(self.to_keys_values(x), (b, n, 2, h, dh))  # (B, N, 2, H, Dh)
-        k, v = kv[:, :, 0], kv[:, :, 1]
-        scores = ops.einsum("bnhd,bmhd->bhnm", q, k) * (dh**-0.5)  # (B, H, N, N)
-        weights = ops.softmax(scores, axis=-1)
-        out = ops.einsum("bhnm,bmhd->bnhd", weights, v)  # (B, N, H, Dh)
-        return self.project(ops.reshape(out, (b, n, self.dim)))  # (B, N, C)
+        k, v = heads_first(kv[:, :, 0]), heads_first(kv[:, :, 1])  # (B, H, N, Dh) each
+        out = dot_product_attention(q, k, v)  # (B, N, H, Dh)
+        return self.project(merge_heads(out))  # (B, N, C)
 
     def get_config(self):
         config = super().get_config()
