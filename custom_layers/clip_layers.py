@@ -50,7 +50,7 @@ def batch_norm(name):
     return keras.layers.BatchNormalization(axis=-1, epsilon=TORCH_EPSILON, momentum=0.9, name=name)
 
 
-@keras.saving.register_keras_serializable(package="clip")
+@keras.saving.register_keras_serializable(package="image_captioning")
 class MultiHeadAttention(keras.layers.Layer):
     """Scaled dot-product multi-head attention with separate q / k / v projections.
 
@@ -97,7 +97,7 @@ class MultiHeadAttention(keras.layers.Layer):
         return {**super().get_config(), "width": self.width, "heads": self.heads, "causal": self.causal}
 
 
-@keras.saving.register_keras_serializable(package="clip")
+@keras.saving.register_keras_serializable(package="image_captioning")
 class ResidualAttentionBlock(keras.layers.Layer):
     """``x + attn(ln_1(x))`` then ``x + mlp(ln_2(x))`` with a 4x QuickGELU MLP (OpenAI's block)."""
 
@@ -131,7 +131,7 @@ class ResidualAttentionBlock(keras.layers.Layer):
         return {**super().get_config(), "width": self.width, "heads": self.heads, "causal": self.causal}
 
 
-@keras.saving.register_keras_serializable(package="clip")
+@keras.saving.register_keras_serializable(package="image_captioning")
 class ClassTokenAndPositions(keras.layers.Layer):
     """Prepends the learned ``class_embedding`` to the patch tokens and adds ``positional_embedding``.
 
@@ -162,7 +162,7 @@ class ClassTokenAndPositions(keras.layers.Layer):
         return {**super().get_config(), "num_positions": self.num_positions, "width": self.width}
 
 
-@keras.saving.register_keras_serializable(package="clip")
+@keras.saving.register_keras_serializable(package="image_captioning")
 class PositionalEmbedding(keras.layers.Layer):
     """Adds the first T rows of a learned (context_length, C) ``positional_embedding`` to (B, T, C)."""
 
@@ -187,7 +187,7 @@ class PositionalEmbedding(keras.layers.Layer):
         return {**super().get_config(), "context_length": self.context_length, "width": self.width}
 
 
-@keras.saving.register_keras_serializable(package="clip")
+@keras.saving.register_keras_serializable(package="image_captioning")
 class EndOfTextPooling(keras.layers.Layer):
     """``call(hidden (B, T, C), token_ids (B, T))`` -> (B, C): hidden state at ``argmax(token_ids)``.
 
@@ -203,7 +203,7 @@ class EndOfTextPooling(keras.layers.Layer):
         return (hidden_shape[0], hidden_shape[-1])
 
 
-@keras.saving.register_keras_serializable(package="clip")
+@keras.saving.register_keras_serializable(package="image_captioning")
 class Bottleneck(keras.layers.Layer):
     """ModifiedResNet's bottleneck (expansion 4), channels-last.
 
@@ -270,7 +270,7 @@ class Bottleneck(keras.layers.Layer):
         return {**super().get_config(), "inplanes": self.inplanes, "planes": self.planes, "stride": self.stride}
 
 
-@keras.saving.register_keras_serializable(package="clip")
+@keras.saving.register_keras_serializable(package="image_captioning")
 class AttentionPool2d(keras.layers.Layer):
     """ModifiedResNet's attention pooling: (B, H, W, C) -> (B, output_dim).
 

@@ -25,6 +25,8 @@ from keras import ops  # noqa: E402
 
 from custom_layers.attention import dot_product_attention, merge_heads  # noqa: E402
 
+
+@keras.saving.register_keras_serializable(package="image_captioning")
 class GPT2Attention(keras.layers.Layer):
     """Multi-head causal self-attention of a GPT-2 block.
 

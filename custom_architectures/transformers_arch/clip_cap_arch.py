@@ -29,7 +29,7 @@ from keras import ops  # noqa: E402
 from custom_layers.attention import dot_product_attention, heads_first, merge_heads, split_heads  # noqa: E402
 
 
-@keras.saving.register_keras_serializable(package="clip_cap")
+@keras.saving.register_keras_serializable(package="image_captioning")
 class ClipCapMLP(keras.Model):
     """The MLP mapper: Linear -> tanh -> Linear (or a single Linear with ``num_hidden_layers=0``).
 
@@ -77,6 +77,7 @@ class ClipCapMLP(keras.Model):
         return config
 
 
+@keras.saving.register_keras_serializable(package="image_captioning")
 class MapperAttention(keras.layers.Layer):
     """Self-attention of the mapper: bias-free ``to_queries`` and ``to_keys_values`` (keys = first C outputs,
     values = next C; head h uses dims [h*Dh, (h+1)*Dh) of each), softmax(q.k / sqrt(Dh)), ``project``."""
@@ -110,6 +111,7 @@ class MapperAttention(keras.layers.Layer):
         return config
 
 
+@keras.saving.register_keras_serializable(package="image_captioning")
 class MapperMLP(keras.layers.Layer):
     """``fc1`` (C -> ratio*C) -> ReLU -> ``fc2`` (-> C)."""
 
@@ -132,6 +134,7 @@ class MapperMLP(keras.layers.Layer):
         return config
 
 
+@keras.saving.register_keras_serializable(package="image_captioning")
 class MapperLayer(keras.layers.Layer):
     """One pre-norm layer: h = x + attn(norm1(x)); out = h + mlp(norm2(h))."""
 
@@ -158,7 +161,7 @@ class MapperLayer(keras.layers.Layer):
         return config
 
 
-@keras.saving.register_keras_serializable(package="clip_cap")
+@keras.saving.register_keras_serializable(package="image_captioning")
 class ClipCapTransformerMapper(keras.Model):
     """The transformer mapper of the released ``transformer_weights.pt`` (K = L = 40, 8 layers).
 
