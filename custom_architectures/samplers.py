@@ -366,6 +366,6 @@ def get_sampler(name, **options):
         takers = _or(method for method in SAMPLERS if set(exclusive) & set(sampler_options(method)))
         raise ValueError(f"{' / '.join(exclusive)} apply to method={takers}, not {name!r}")
     for key, value in options.items():
-        if key not in taken:
+        if key not in taken and key in IGNORABLE_OPTIONS:  # the others are None here
             IGNORABLE_OPTIONS[key](value)
     return cls(**{key: value for key, value in options.items() if key in taken})
