@@ -42,7 +42,7 @@ from custom_layers.clip_layers import (  # noqa: E402
 )
 
 
-@keras.saving.register_keras_serializable(package="clip")
+@keras.saving.register_keras_serializable(package="image_captioning")
 class VisionTransformer(keras.Model):
     """CLIP's ViT image encoder (OpenAI ``VisionTransformer``), channels-last.
 
@@ -85,7 +85,7 @@ class VisionTransformer(keras.Model):
         return cls(**config)
 
 
-@keras.saving.register_keras_serializable(package="clip")
+@keras.saving.register_keras_serializable(package="image_captioning")
 class ModifiedResNet(keras.Model):
     """CLIP's ResNet image encoder (OpenAI ``ModifiedResNet``), channels-last.
 
@@ -137,7 +137,7 @@ class ModifiedResNet(keras.Model):
         return cls(**config)
 
 
-@keras.saving.register_keras_serializable(package="clip")
+@keras.saving.register_keras_serializable(package="image_captioning")
 class TextTransformer(keras.Model):
     """CLIP's text encoder: (B, T) int token ids, T <= context_length -> (B, embed_dim).
 
@@ -178,23 +178,29 @@ class TextTransformer(keras.Model):
         return cls(**config)
 
 
-@keras.saving.register_keras_serializable(package="clip")
+@keras.saving.register_keras_serializable(package="image_captioning")
 class CLIPModel(keras.Model):
     """The image encoder (``visual``), the text encoder (``text``, None for an image-only model) and
     ``logit_scale`` (log of the inverse softmax temperature).
 
     ``call((images, token_ids))`` returns ``logits_per_image`` (B_img, B_txt) as OpenAI's ``CLIP.forward``.
     ``config`` is the flat dict `clip_config_from_shapes` returns (``vision_layers`` an int for a ViT, a
-    list of 4 ints for a ResNet; ``text_layers`` 0 for an image-only model).
+    list of 4 ints for a ResNet; ``text_layers`` 0 for an image-only model), read from the towers; `build_clip`
+    builds a model from it. ``get_config`` serializes the towers themselves (as keras-hub's ``CLIPBackbone``),
+    so ``keras.saving.deserialize_keras_object`` rebuilds the same model.
+
+    Args:
+        visual: a `VisionTransformer` or a `ModifiedResNet` with OpenAI's head rule (see `clip_config_from_towers`).
+        text: a `TextTransformer`, or None.
     """
 
-    def __init__(self, config, **kwargs):
+    def __init__(self, visual, text=None, **kwargs):
         super().__init__(**kwargs)
-        self.config = dict(config)
-        self.visual = build_visual(self.config)
-        self.text = build_text(self.config) if self.config.get("text_layers") else None
+        self.config = clip_config_from_towers(visual, text)  # validates the pair before anything is tracked
+        self.visual = visual
+        self.text = text
         self.logit_scale = self.add_weight(shape=(), initializer="zeros", name="logit_scale")
-        self.built = True  # every weight exists (the encoders are functional): save_weights / load_weights work
+        self.built = True  # every weight exists (the towers are built): save_weights / load_weights work as is
 
     @property
     def is_vit(self):
@@ -219,11 +225,54 @@ class CLIPModel(keras.Model):
         return self.logits(self.encode_image(images), self.encode_text(token_ids))
 
     def get_config(self):
-        return {"name": self.name, "config": dict(self.config)}
+        return {
+            "name": self.name,
+            "trainable": self.trainable,
+            "visual": keras.layers.serialize(self.visual),
+            "text": None if self.text is None else keras.layers.serialize(self.text),
+        }
 
     @classmethod
     def from_config(cls, config):
+        config = dict(config)
+        config["visual"] = keras.layers.deserialize(config["visual"])
+        if config.get("text") is not None:
+            config["text"] = keras.layers.deserialize(config["text"])
         return cls(**config)
+
+
+def clip_config_from_towers(visual, text=None):
+    """The flat CLIP config (as `clip_config_from_shapes` returns it) describing these towers.
+
+    The flat config does not store the image encoder's heads: OpenAI's rule (ViT: width // 64; ResNet
+    attention pool: 32 * width // 64) is implied, so towers with other heads are refused (ValueError) rather
+    than described by a config that `build_clip` would rebuild differently.
+    """
+    if isinstance(visual, VisionTransformer):
+        config = {"embed_dim": visual.output_dim, "image_resolution": visual.input_resolution,
+                  "vision_layers": visual.num_layers, "vision_width": visual.width,
+                  "vision_patch_size": visual.patch_size}
+        rule = visual.width // 64
+    elif isinstance(visual, ModifiedResNet):
+        config = {"embed_dim": visual.output_dim, "image_resolution": visual.input_resolution,
+                  "vision_layers": list(visual.layer_counts), "vision_width": visual.width,
+                  "vision_patch_size": None}
+        rule = visual.width * 32 // 64
+    else:
+        raise TypeError(f"visual must be a VisionTransformer or a ModifiedResNet, got {type(visual).__name__}")
+    if visual.heads != rule:
+        raise ValueError(f"the image encoder has {visual.heads} heads; a CLIP config implies OpenAI's {rule} for "
+                         f"width {visual.width}")
+    if text is None:
+        config.update(context_length=0, vocab_size=0, text_width=0, text_heads=0, text_layers=0)
+        return config
+    if not isinstance(text, TextTransformer):
+        raise TypeError(f"text must be a TextTransformer or None, got {type(text).__name__}")
+    if text.embed_dim != visual.output_dim:
+        raise ValueError(f"the text encoder projects to {text.embed_dim}, the image encoder to {visual.output_dim}")
+    config.update(context_length=text.context_length, vocab_size=text.vocab_size, text_width=text.width,
+                  text_heads=text.heads, text_layers=text.num_layers)
+    return config
 
 
 def build_visual(config):
@@ -262,8 +311,9 @@ def build_text(config):
 
 
 def build_clip(config):
-    """A `CLIPModel` (random weights) from a config dict."""
-    return CLIPModel(config, name="clip")
+    """A `CLIPModel` (random weights) from a flat config dict (``text_layers`` 0: image-only)."""
+    text = build_text(config) if config.get("text_layers") else None
+    return CLIPModel(build_visual(config), text, name="clip")
 
 
 def _count(keys, pattern):

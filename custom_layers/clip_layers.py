@@ -29,6 +29,13 @@ import keras  # noqa: E402
 from keras import ops  # noqa: E402
 
 from custom_layers.activations import quick_gelu  # noqa: E402
+from custom_layers.attention import (  # noqa: E402
+    causal_bias,
+    dot_product_attention,
+    heads_first,
+    merge_heads,
+    split_heads,
+)
 
 TORCH_EPSILON = 1e-5  # nn.LayerNorm / nn.BatchNorm2d default
 
@@ -43,7 +50,7 @@ def batch_norm(name):
     return keras.layers.BatchNormalization(axis=-1, epsilon=TORCH_EPSILON, momentum=0.9, name=name)
 
 
-@keras.saving.register_keras_serializable(package="clip")
+@keras.saving.register_keras_serializable(package="image_captioning")
 class MultiHeadAttention(keras.layers.Layer):
     """Scaled dot-product multi-head attention with separate q / k / v projections.
 
@@ -72,24 +79,16 @@ class MultiHeadAttention(keras.layers.Layer):
         self.out_proj.build(tuple(query_shape[:-1]) + (self.width,))
         self.built = True
 
-    def _split_heads(self, x):
-        batch, length = ops.shape(x)[0], ops.shape(x)[1]
-        return ops.reshape(x, (batch, length, self.heads, self.head_dim))  # (B, T, H, Dh)
-
     def call(self, query, key_value=None):
         key_value = query if key_value is None else key_value
-        q = self._split_heads(self.q_proj(query) * (self.head_dim**-0.5))  # (B, Tq, H, Dh)
-        k = self._split_heads(self.k_proj(key_value))  # (B, Tk, H, Dh)
-        v = self._split_heads(self.v_proj(key_value))  # (B, Tk, H, Dh)
-        scores = ops.einsum("bqhd,bkhd->bhqk", q, k)  # (B, H, Tq, Tk)
+        q = split_heads(self.q_proj(query), self.heads)  # (B, Tq, H, Dh)
+        k = heads_first(split_heads(self.k_proj(key_value), self.heads))  # (B, H, Tk, Dh)
+        v = heads_first(split_heads(self.v_proj(key_value), self.heads))  # (B, H, Tk, Dh)
+        bias = None
         if self.causal:
-            tq, tk = ops.shape(scores)[2], ops.shape(scores)[3]
-            allowed = ops.arange(tk)[None, :] <= ops.arange(tq)[:, None]  # (Tq, Tk)
-            scores = ops.where(allowed[None, None], scores, ops.full_like(scores, float("-inf")))
-        weights = ops.softmax(scores, axis=-1)
-        out = ops.einsum("bhqk,bkhd->bqhd", weights, v)  # (B, Tq, H, Dh)
-        out = ops.reshape(out, (ops.shape(out)[0], ops.shape(out)[1], self.width))  # (B, Tq, C)
-        return self.out_proj(out)
+            bias = causal_bias(ops.arange(ops.shape(q)[1]), ops.arange(ops.shape(k)[2]))  # (1, 1, Tq, Tk)
+        out = dot_product_attention(q, k, v, bias=bias)  # (B, Tq, H, Dh)
+        return self.out_proj(merge_heads(out))  # (B, Tq, C)
 
     def compute_output_shape(self, query_shape, key_value_shape=None):
         return tuple(query_shape[:-1]) + (self.width,)
@@ -98,7 +97,7 @@ class MultiHeadAttention(keras.layers.Layer):
         return {**super().get_config(), "width": self.width, "heads": self.heads, "causal": self.causal}
 
 
-@keras.saving.register_keras_serializable(package="clip")
+@keras.saving.register_keras_serializable(package="image_captioning")
 class ResidualAttentionBlock(keras.layers.Layer):
     """``x + attn(ln_1(x))`` then ``x + mlp(ln_2(x))`` with a 4x QuickGELU MLP (OpenAI's block)."""
 
@@ -132,7 +131,7 @@ class ResidualAttentionBlock(keras.layers.Layer):
         return {**super().get_config(), "width": self.width, "heads": self.heads, "causal": self.causal}
 
 
-@keras.saving.register_keras_serializable(package="clip")
+@keras.saving.register_keras_serializable(package="image_captioning")
 class ClassTokenAndPositions(keras.layers.Layer):
     """Prepends the learned ``class_embedding`` to the patch tokens and adds ``positional_embedding``.
 
@@ -163,7 +162,7 @@ class ClassTokenAndPositions(keras.layers.Layer):
         return {**super().get_config(), "num_positions": self.num_positions, "width": self.width}
 
 
-@keras.saving.register_keras_serializable(package="clip")
+@keras.saving.register_keras_serializable(package="image_captioning")
 class PositionalEmbedding(keras.layers.Layer):
     """Adds the first T rows of a learned (context_length, C) ``positional_embedding`` to (B, T, C)."""
 
@@ -188,7 +187,7 @@ class PositionalEmbedding(keras.layers.Layer):
         return {**super().get_config(), "context_length": self.context_length, "width": self.width}
 
 
-@keras.saving.register_keras_serializable(package="clip")
+@keras.saving.register_keras_serializable(package="image_captioning")
 class EndOfTextPooling(keras.layers.Layer):
     """``call(hidden (B, T, C), token_ids (B, T))`` -> (B, C): hidden state at ``argmax(token_ids)``.
 
@@ -204,7 +203,7 @@ class EndOfTextPooling(keras.layers.Layer):
         return (hidden_shape[0], hidden_shape[-1])
 
 
-@keras.saving.register_keras_serializable(package="clip")
+@keras.saving.register_keras_serializable(package="image_captioning")
 class Bottleneck(keras.layers.Layer):
     """ModifiedResNet's bottleneck (expansion 4), channels-last.
 
@@ -271,7 +270,7 @@ class Bottleneck(keras.layers.Layer):
         return {**super().get_config(), "inplanes": self.inplanes, "planes": self.planes, "stride": self.stride}
 
 
-@keras.saving.register_keras_serializable(package="clip")
+@keras.saving.register_keras_serializable(package="image_captioning")
 class AttentionPool2d(keras.layers.Layer):
     """ModifiedResNet's attention pooling: (B, H, W, C) -> (B, output_dim).
 
@@ -305,11 +304,10 @@ class AttentionPool2d(keras.layers.Layer):
         x = ops.reshape(x, (batch, self.spacial_dim**2, self.embed_dim))  # (B, HW, C)
         x = ops.concatenate([ops.mean(x, axis=1, keepdims=True), x], axis=1)  # (B, HW + 1, C)
         x = x + self.positional_embedding[None]
-        q = ops.reshape(self.q_proj(x[:, :1]) * (self.head_dim**-0.5), (batch, self.heads, self.head_dim))
-        k = ops.reshape(self.k_proj(x), (batch, -1, self.heads, self.head_dim))  # (B, HW + 1, H, Dh)
-        v = ops.reshape(self.v_proj(x), (batch, -1, self.heads, self.head_dim))  # (B, HW + 1, H, Dh)
-        weights = ops.softmax(ops.einsum("bhd,bkhd->bhk", q, k), axis=-1)  # (B, H, HW + 1)
-        out = ops.reshape(ops.einsum("bhk,bkhd->bhd", weights, v), (batch, self.embed_dim))  # (B, C)
+        q = split_heads(self.q_proj(x[:, :1]), self.heads)  # (B, 1, H, Dh): the mean token only
+        k = heads_first(split_heads(self.k_proj(x), self.heads))  # (B, H, HW + 1, Dh)
+        v = heads_first(split_heads(self.v_proj(x), self.heads))  # (B, H, HW + 1, Dh)
+        out = ops.reshape(dot_product_attention(q, k, v), (batch, self.embed_dim))  # (B, C)
         return self.c_proj(out)  # (B, output_dim)
 
     def compute_output_shape(self, input_shape):

@@ -23,11 +23,10 @@ os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 import keras  # noqa: E402
 from keras import ops  # noqa: E402
 
-# Added to the scores of masked (future or padded) slots: exp() underflows to exactly 0, and a fully
-# masked row (a pad query) stays finite (uniform) instead of NaN.
-MASK_VALUE = -1e9
+from custom_layers.attention import dot_product_attention, merge_heads  # noqa: E402
 
 
+@keras.saving.register_keras_serializable(package="image_captioning")
 class GPT2Attention(keras.layers.Layer):
     """Multi-head causal self-attention of a GPT-2 block.
 
@@ -61,26 +60,19 @@ class GPT2Attention(keras.layers.Layer):
         self.built = True
 
     def _qkv(self, x):
-        """(B, T, C) -> q (B, T, H, D) pre-scaled by 1/sqrt(D), k and v (B, H, T, D)."""
+        """(B, T, C) -> q (B, T, H, D), k and v (B, H, T, D) (the kernel's layout, `custom_layers.attention`)."""
         qkv = self.c_attn(x)  # (B, T, 3C)
         batch, length = ops.shape(x)[0], ops.shape(x)[1]
         qkv = ops.reshape(qkv, (batch, length, 3, self.n_head, self.head_dim))  # (B, T, 3, H, D)
-        q = qkv[:, :, 0] * ops.cast(self.head_dim**-0.5, qkv.dtype)  # (B, T, H, D)
+        q = qkv[:, :, 0]  # (B, T, H, D)
         k = ops.transpose(qkv[:, :, 1], (0, 2, 1, 3))  # (B, H, T, D)
         v = ops.transpose(qkv[:, :, 2], (0, 2, 1, 3))  # (B, H, T, D)
         return q, k, v
 
     def _attend(self, q, k, v, attention_bias, training=False):
         """q (B, T, H, D), k/v (B, H, S, D), bias broadcastable to (B, H, T, S) -> (B, T, C)."""
-        scores = ops.einsum("bthd,bhsd->bhts", q, k)  # (B, H, T, S)
-        if attention_bias is not None:
-            scores = scores + ops.cast(attention_bias, scores.dtype)
-        probs = ops.softmax(scores, axis=-1)
-        probs = self.attn_dropout(probs, training=training)
-        out = ops.einsum("bhts,bhsd->bthd", probs, v)  # (B, T, H, D)
-        batch, length = ops.shape(out)[0], ops.shape(out)[1]
-        out = ops.reshape(out, (batch, length, self.n_embd))  # (B, T, C)
-        return out
+        out = dot_product_attention(q, k, v, bias=attention_bias, dropout=self.attn_dropout, training=training)
+        return merge_heads(out)  # (B, T, C)
 
     def call(self, x, attention_bias=None, training=False):
         """x (B, T, C); attention_bias additive, broadcastable to (B, H, T, T) (0 = attend)."""

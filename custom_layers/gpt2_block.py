@@ -18,6 +18,7 @@ from custom_layers.activations import gelu_new  # noqa: E402
 from custom_layers.gpt2_attention import GPT2Attention  # noqa: E402
 
 
+@keras.saving.register_keras_serializable(package="image_captioning")
 class GPT2MLP(keras.layers.Layer):
     """``c_proj(gelu_new(c_fc(x)))`` with residual dropout; hidden width ``4 * n_embd`` as in GPT-2."""
 
@@ -47,6 +48,7 @@ class GPT2MLP(keras.layers.Layer):
         return config
 
 
+@keras.saving.register_keras_serializable(package="image_captioning")
 class GPT2Block(keras.layers.Layer):
     """One GPT-2 transformer block (pre-LayerNorm attention and MLP, each with a residual)."""
 

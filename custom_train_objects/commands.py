@@ -12,6 +12,7 @@ import json
 import logging
 import sys
 
+from custom_architectures.samplers import deterministic_methods, sampler_options
 from hparams.training import TrainingHParams
 from utils.cli import EXIT_FAILED_INPUTS as EXIT_FAILED
 from utils.cli import (
@@ -220,8 +221,8 @@ def cmd_evaluate(args):
     except MODEL_ERRORS as e:  # a damaged saved model: exit 3 naming the file
         return _fail(f"cannot load model: {e}", EXIT_MODEL)
     kwargs = {k: getattr(args, k) for k in ("beam_size", "max_length") if getattr(args, k) is not None}
-    if args.method == "beam" and "beam_size" not in kwargs:
-        kwargs["beam_size"] = 5
+    defaults = sampler_options(args.method)  # the method's own beam size too, so that metrics.json says what ran
+    kwargs.update({k: defaults[k] for k in ("beam_size",) if k in defaults and k not in kwargs})
     try:
         with quiet_logger("custom_train_objects.evaluation"):  # skipped metrics: noted below
             report = evaluate_model(model, dataset, args.output, method=args.method, batch_size=args.batch_size,
@@ -302,7 +303,8 @@ def register(subparsers):
     _add_data_arguments(p)
     p.add_argument("--model", required=True, help="a saved ClipCap directory or model name")
     p.add_argument("--output", required=True, help="where results.json and metrics.json go")
-    p.add_argument("--method", choices=("greedy", "beam"), default="greedy")
+    p.add_argument("--method", choices=deterministic_methods(), default="greedy",
+                   help="decoding method (those that always give the same captions)")
     p.add_argument("--beam-size", type=int)
     p.add_argument("--max-length", type=int)
     p.add_argument("--batch-size", type=int, default=32)

@@ -15,6 +15,8 @@ import logging
 import os
 import sys
 
+from custom_architectures.samplers import SAMPLERS
+
 EXIT_OK = 0  # every input captioned
 EXIT_FAILED_INPUTS = 1  # some inputs could not be captioned / read (listed on stderr)
 EXIT_USAGE = 2  # bad command line (argparse's own code too)
@@ -118,7 +120,7 @@ def model_or_exit_code(name_or_dir, load=load_model):
 
 def add_decoding_arguments(p, batch_help="images per encoding / decoding batch"):
     """``--method``, ``--beam-size`` ... ``--seed`` and ``--batch-size`` (the arguments of ``generate``)."""
-    p.add_argument("--method", choices=("greedy", "beam", "sample"), default="greedy", help="decoding method")
+    p.add_argument("--method", choices=tuple(SAMPLERS), default="greedy", help="decoding method")
     p.add_argument("--beam-size", type=int, help="beams for --method beam (model default: 5)")
     p.add_argument("--max-length", type=int, help="maximum caption length in tokens (model default: 67)")
     p.add_argument("--temperature", type=float, help="softmax temperature (sample, beam)")

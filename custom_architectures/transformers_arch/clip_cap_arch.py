@@ -30,9 +30,10 @@ import keras  # noqa: E402
 from keras import ops  # noqa: E402
 
 from custom_architectures.transformers_arch.gpt2_arch import GPT2  # noqa: E402, F401 (registered: a backbone's child)
+from custom_layers.attention import dot_product_attention, heads_first, merge_heads, split_heads  # noqa: E402
 
 
-@keras.saving.register_keras_serializable(package="clip_cap")
+@keras.saving.register_keras_serializable(package="image_captioning")
 class ClipCapMLP(keras.Model):
     """The MLP mapper: Linear -> tanh -> Linear (or a single Linear with ``num_hidden_layers=0``).
 
@@ -80,6 +81,7 @@ class ClipCapMLP(keras.Model):
         return config
 
 
+@keras.saving.register_keras_serializable(package="image_captioning")
 class MapperAttention(keras.layers.Layer):
     """Self-attention of the mapper: bias-free ``to_queries`` and ``to_keys_values`` (keys = first C outputs,
     values = next C; head h uses dims [h*Dh, (h+1)*Dh) of each), softmax(q.k / sqrt(Dh)), ``project``."""
@@ -101,13 +103,11 @@ class MapperAttention(keras.layers.Layer):
     def call(self, x):
         b, n = ops.shape(x)[0], ops.shape(x)[1]
         h, dh = self.num_heads, self.head_dim
-        q = ops.reshape(self.to_queries(x), (b, n, h, dh))  # (B, N, H, Dh)
+        q = split_heads(self.to_queries(x), h)  # (B, N, H, Dh)
         kv = ops.reshape(self.to_keys_values(x), (b, n, 2, h, dh))  # (B, N, 2, H, Dh)
-        k, v = kv[:, :, 0], kv[:, :, 1]
-        scores = ops.einsum("bnhd,bmhd->bhnm", q, k) * (dh**-0.5)  # (B, H, N, N)
-        weights = ops.softmax(scores, axis=-1)
-        out = ops.einsum("bhnm,bmhd->bnhd", weights, v)  # (B, N, H, Dh)
-        return self.project(ops.reshape(out, (b, n, self.dim)))  # (B, N, C)
+        k, v = heads_first(kv[:, :, 0]), heads_first(kv[:, :, 1])  # (B, H, N, Dh) each
+        out = dot_product_attention(q, k, v)  # (B, N, H, Dh)
+        return self.project(merge_heads(out))  # (B, N, C)
 
     def get_config(self):
         config = super().get_config()
@@ -115,6 +115,7 @@ class MapperAttention(keras.layers.Layer):
         return config
 
 
+@keras.saving.register_keras_serializable(package="image_captioning")
 class MapperMLP(keras.layers.Layer):
     """``fc1`` (C -> ratio*C) -> ReLU -> ``fc2`` (-> C)."""
 
@@ -137,6 +138,7 @@ class MapperMLP(keras.layers.Layer):
         return config
 
 
+@keras.saving.register_keras_serializable(package="image_captioning")
 class MapperLayer(keras.layers.Layer):
     """One pre-norm layer: h = x + attn(norm1(x)); out = h + mlp(norm2(h))."""
 
@@ -163,7 +165,7 @@ class MapperLayer(keras.layers.Layer):
         return config
 
 
-@keras.saving.register_keras_serializable(package="clip_cap")
+@keras.saving.register_keras_serializable(package="image_captioning")
 class ClipCapTransformerMapper(keras.Model):
     """The transformer mapper of the released ``transformer_weights.pt`` (K = L = 40, 8 layers).
 

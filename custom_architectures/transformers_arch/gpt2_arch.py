@@ -31,7 +31,7 @@ import keras  # noqa: E402
 import tensorflow as tf  # noqa: E402
 from keras import ops  # noqa: E402
 
-from custom_layers.gpt2_attention import MASK_VALUE  # noqa: E402
+from custom_layers.attention import causal_bias  # noqa: E402
 from custom_layers.gpt2_block import GPT2Block  # noqa: E402
 
 
@@ -130,12 +130,7 @@ class GPT2(keras.Model):
         x = self.drop(x, training=training)
 
         positions = ops.arange(length)
-        allowed = positions[None, :] <= positions[:, None]  # (S, S): key <= query
-        allowed = allowed[None, None]  # (1, 1, S, S)
-        if padding_mask is not None:
-            padding_mask = ops.cast(padding_mask, "bool")  # (B, S)
-            allowed = ops.logical_and(allowed, padding_mask[:, None, None, :])  # (B, 1, S, S)
-        bias = ops.where(allowed, 0.0, MASK_VALUE)
+        bias = causal_bias(positions, positions, key_mask=padding_mask)  # (1 or B, 1, S, S)
 
         for block in self.h:
             x = block(x, attention_bias=bias, training=training)
@@ -182,8 +177,7 @@ class GPT2(keras.Model):
         x = x + ops.take(self.wpe.embeddings, query_positions, axis=0)[None]  # (1, T, C)
 
         slots = ops.arange(max_length, dtype="int32")  # (L,)
-        allowed = slots[None, :] <= query_positions[:, None]  # (T, L)
-        bias = ops.where(allowed, 0.0, MASK_VALUE)[None, None]  # (1, 1, T, L)
+        bias = causal_bias(query_positions, slots)  # (1, 1, T, L): no slot after each query
 
         new_cache = []
         for block, layer_cache in zip(self.h, cache, strict=True):

@@ -43,13 +43,13 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.ml.inference.base import ModelHandler, PredictionResult, RunInference
 from apache_beam.options.pipeline_options import PipelineOptions
 
+from custom_architectures.samplers import sampler_class
 from utils.file_utils import DEFAULT_MAX_BYTES, UnsafePathError
 from utils.image_io import IMAGE_EXTENSIONS, ImageReadError, read_image
 
 logger = logging.getLogger(__name__)
 
 ROOT = Path(__file__).resolve().parents[2]
-METHODS = ("greedy", "beam", "sample")
 ERRORS = "errors"
 # Beam's text sink deletes the files matching "<its prefix>-*-of-<N><suffix>" before renaming its own: the two
 # file sets need prefixes that do not match each other's glob ("<output>-*" would also match the errors).
@@ -260,8 +260,7 @@ class ClipCapModelHandler(ModelHandler):
     """
 
     def __init__(self, model_dir, method="greedy", batch_size=16, **generate_kwargs):
-        if method not in METHODS:
-            raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+        sampler_class(method)  # ValueError naming the decoding methods
         if batch_size < 1 or batch_size & (batch_size - 1):
             raise ValueError(f"batch_size must be a power of two (the compiled batch shapes), got {batch_size}")
         import inspect

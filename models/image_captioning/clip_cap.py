@@ -28,48 +28,24 @@ os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-from custom_architectures.generation_utils import (  # noqa: E402
-    Beam,
-    Greedy,
-    PrefixDecoder,
-    Sample,
-    check_beam_size,
-    check_integer,
-    check_seed,
-    check_temperature,
-)
+from custom_architectures.batching import pad_batch, power_of_two_at_least  # noqa: E402
+from custom_architectures.generation_utils import PrefixDecoder  # noqa: E402
+from custom_architectures.samplers import SAMPLERS, check_integer, check_seed, get_sampler  # noqa: E402
 from custom_architectures.transformers_arch.clip_cap_arch import ClipCapBackbone  # noqa: E402
 from models import check_jit_compile  # noqa: E402
 from models.image_captioning.saving import ModelLoadError  # noqa: E402, F401 (its historical place)
 from models.image_captioning.saving import model_dir as _model_dir  # noqa: E402, F401
-from utils.batching import pad_batch, power_of_two_at_least  # noqa: E402
 
-METHODS = ("greedy", "beam", "sample")
+METHODS = tuple(SAMPLERS)  # the decoding methods (`custom_architectures.samplers`)
 
 
 def make_sampler(method="greedy", beam_size=5, temperature=1.0, top_k=None, top_p=None, num_captions=1):
-    """The `generation_utils` sampler for `ClipCap.generate`'s arguments, validated without a model (so a
-    command line can fail before loading one): integers must be integers (numpy's too; not bool, not 2.0),
-    ``temperature`` finite and > 0, ``top_p`` in (0, 1], ``top_k`` >= 1, whatever the method (a wrong value
-    is an error even where the method ignores it)."""
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-    num_captions = check_integer("num_captions", num_captions, minimum=1)
-    beam_size = check_integer("beam_size", beam_size)
-    temperature = check_temperature(temperature)
-    if method != "sample" and (top_k is not None or top_p is not None):
-        raise ValueError(f"top_k / top_p apply to method='sample', not {method!r}")
-    if method == "greedy":
-        if num_captions != 1:
-            raise ValueError("greedy decoding gives one caption per image: use method='beam' or 'sample' "
-                             "for num_captions > 1")
-        return Greedy()
-    if method == "beam":
-        beam_size = check_beam_size(beam_size)
-        if num_captions > beam_size:
-            raise ValueError(f"num_captions={num_captions} exceeds beam_size={beam_size}")
-        return Beam(beam_size=beam_size, temperature=temperature)
-    return Sample(temperature=temperature, top_k=top_k, top_p=top_p, num_captions=num_captions)
+    """The sampler for `ClipCap.generate`'s arguments (`custom_architectures.samplers.get_sampler`), validated
+    without a model (so a command line can fail before loading one): integers must be integers (numpy's too;
+    not bool, not 2.0), ``temperature`` finite and > 0, ``top_p`` in (0, 1], ``top_k`` >= 1, whatever the
+    method (a wrong value is an error even where the method ignores it)."""
+    return get_sampler(method, beam_size=beam_size, temperature=temperature, top_k=top_k, top_p=top_p,
+                       num_captions=num_captions)
 
 
 def check_decoding_args(method="greedy", beam_size=5, max_length=67, temperature=1.0, top_k=None, top_p=None,

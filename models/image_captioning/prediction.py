@@ -48,13 +48,13 @@ from pathlib import Path
 
 import numpy as np
 
+from custom_architectures.samplers import sampler_class
 from utils.file_utils import DEFAULT_MAX_BYTES, file_lock, read_regular_file, write_json_atomic
 from utils.image_io import ImageReadError, expand_paths, read_image
 from utils.pipeline import Pipeline, Stage
 
 logger = logging.getLogger(__name__)
 
-METHODS = ("greedy", "beam", "sample")
 MAP_FILENAME = "map.json"
 #: map.json is read whole into memory: a larger one (about 250,000 images) is refused, not read
 MAP_MAX_BYTES = DEFAULT_MAX_BYTES
@@ -268,7 +268,7 @@ def predict(model, images, batch_size=16, method="greedy", save=True, overwrite=
         model: a `ClipCap` (with its CLIP).
         images: a path, directory, glob pattern, PIL image or numpy array, or a list of them.
         batch_size: images per CLIP-encoding and decoding batch.
-        method: ``"greedy"``, ``"beam"`` or ``"sample"``.
+        method: a decoding method (``"greedy"``, ``"beam"``, ``"sample"``: `custom_architectures.samplers`).
         save: write map.json (and reuse what it holds); False captions everything and writes nothing.
         overwrite: caption again images that map.json already holds with the same settings.
         display: show the captioned images in a grid with their captions (matplotlib).
@@ -290,8 +290,7 @@ def predict(model, images, batch_size=16, method="greedy", save=True, overwrite=
 
         results = predict(model, "demo/", method="beam", beam_size=3, return_candidates=True)
     """
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    sampler_class(method)  # ValueError naming the decoding methods
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     clip = _check_model(model)

@@ -22,10 +22,10 @@ os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 
 import numpy as np  # noqa: E402
 
+from custom_architectures.batching import pad_batch, power_of_two_at_least  # noqa: E402
 from custom_architectures.clip_arch import CLIPModel, ModifiedResNet  # noqa: E402
 from models import check_jit_compile  # noqa: E402
 from models.siamese.clip_tokenizer import CLIPTokenizer  # noqa: E402
-from utils.batching import pad_batch, power_of_two_at_least  # noqa: E402
 from utils.clip_preprocessing import preprocess_image  # noqa: E402
 from utils.image_io import read_image  # noqa: E402
 

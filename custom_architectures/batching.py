@@ -1,4 +1,5 @@
-"""Batch padding shared by the compiled (XLA) encoders and decoders.
+"""Batch padding shared by the compiled (XLA) encoders and decoders (`PrefixDecoder`, the CLIP and ClipCap
+wrappers of models/).
 
 An XLA-compiled function is compiled once per input shape; padding every batch up to a power of two bounds
 the number of compilations to log2(largest batch) at less than twice the work.

@@ -1,0 +1,99 @@
+"""The one scaled dot-product attention kernel every attention layer of the library calls.
+
+CLIP's `MultiHeadAttention` and `AttentionPool2d`, GPT-2's `GPT2Attention` (full pass and KV-cached step)
+and the ClipCap mapper's `MapperAttention` differ only in their projections; the attention itself is
+`dot_product_attention`, and every mask is an additive bias built by `mask_bias` / `causal_bias`.
+
+Head layout (one for every caller):
+
+- queries ``q``: (B, Tq, H, D), token-major, as a projection's output reshapes to without a transpose;
+- keys and values ``k``, ``v``: (B, H, Tk, D), head-major, the layout GPT-2's cache stores them in, so a
+  cached decoding step reads the whole cache as one batched (B, H) matmul without transposing it;
+- the result: (B, Tq, H, D), token-major, so ``reshape(out, (B, Tq, H * D))`` merges the heads.
+
+Masks are additive biases (0 = attend, `MASK_VALUE` = masked), broadcastable to the scores (B, H, Tq, Tk).
+`MASK_VALUE` is finite on purpose: ``exp`` of a masked score underflows to exactly 0 (the same result as
+``-inf`` wherever a row attends to something), and a row whose every key is masked (a padding query of a
+right-padded batch) stays finite (uniform weights) instead of NaN.
+
+Example::
+
+    bias = causal_bias(ops.arange(T), ops.arange(T))              # (T, T): key <= query
+    out = dot_product_attention(q, k, v, bias=bias)               # (B, T, H, D)
+"""
+
+import os
+
+os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+
+from keras import ops  # noqa: E402
+
+# Added to the scores of masked slots (future or padded keys); see the module docstring for why finite.
+MASK_VALUE = -1e9
+
+
+def split_heads(x, heads):
+    """(B, T, H * D) -> (B, T, H, D), token-major (queries; keys and values after `heads_first`)."""
+    batch, length = ops.shape(x)[0], ops.shape(x)[1]
+    return ops.reshape(x, (batch, length, heads, x.shape[-1] // heads))
+
+
+def heads_first(x):
+    """(B, T, H, D) -> (B, H, T, D): keys and values in the kernel's head-major layout."""
+    return ops.transpose(x, (0, 2, 1, 3))
+
+
+def merge_heads(x):
+    """(B, T, H, D) -> (B, T, H * D): the kernel's output back to the model width."""
+    batch, length = ops.shape(x)[0], ops.shape(x)[1]
+    return ops.reshape(x, (batch, length, x.shape[-2] * x.shape[-1]))
+
+
+def mask_bias(allowed):
+    """A boolean mask (True = attend), any shape broadcastable to the scores -> the additive float32 bias."""
+    return ops.where(allowed, 0.0, MASK_VALUE)
+
+
+def causal_bias(query_positions, key_positions, key_mask=None):
+    """The additive bias letting each query attend to keys at its own position or before.
+
+    Args:
+        query_positions: (Tq,) int positions of the queries.
+        key_positions: (Tk,) int positions of the keys (the cache slots for a cached step).
+        key_mask: optional (B, Tk) padding mask of the keys (1 / True = real, 0 = pad); pads are never
+            attended to.
+
+    Returns:
+        (1, 1, Tq, Tk) float32, or (B, 1, Tq, Tk) with ``key_mask``.
+    """
+    allowed = key_positions[None, :] <= query_positions[:, None]  # (Tq, Tk)
+    allowed = allowed[None, None]  # (1, 1, Tq, Tk)
+    if key_mask is not None:
+        allowed = ops.logical_and(allowed, ops.cast(key_mask, "bool")[:, None, None, :])  # (B, 1, Tq, Tk)
+    return mask_bias(allowed)
+
+
+def dot_product_attention(q, k, v, bias=None, dropout=None, training=False, scale=None):
+    """``softmax(q k^T * scale + bias) v`` per head.
+
+    Args:
+        q: (B, Tq, H, D) queries.
+        k, v: (B, H, Tk, D) keys and values.
+        bias: additive mask broadcastable to (B, H, Tq, Tk) (see `mask_bias`, `causal_bias`), or None.
+        dropout: a callable ``dropout(probs, training=training)`` applied to the attention weights (a
+            ``keras.layers.Dropout`` owned by the calling layer), or None.
+        training: passed to ``dropout``.
+        scale: multiplies the queries before the product; default ``D ** -0.5``.
+
+    Returns:
+        (B, Tq, H, D) in the queries' dtype.
+    """
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    q = q * ops.cast(scale, q.dtype)
+    scores = ops.einsum("bthd,bhsd->bhts", q, k)  # (B, H, Tq, Tk)
+    if bias is not None:
+        scores = scores + ops.cast(bias, scores.dtype)
+    probs = ops.softmax(scores, axis=-1)
+    if dropout is not None:
+        probs = dropout(probs, training=training)
+    return ops.einsum("bhts,bhsd->bthd", probs, v)  # (B, Tq, H, D)
