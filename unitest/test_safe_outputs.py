@@ -294,13 +294,8 @@ def test_extreme_image_in_a_folder_gets_its_own_error(tmp_path):
     good = _images(d, 2)
     Image.new("L", (40000, 1)).save(d / "line.png")
 
-    class Clip224(FakeModel().clip.__class__):
-        def preprocess(self, image, exif_transpose=True):
-            preprocess_image(image, 224)
-            return super().preprocess(image, exif_transpose)
-
     model = FakeModel()
-    model.clip = Clip224()
+    model.clip.input_resolution = 224  # the real preprocessing at CLIP's size
     results = {os.path.basename(r["image"]): r for r in predict(model, [str(d)], save=False, progress=False)}
     assert "refused to bound memory" in results["line.png"]["error"]
     assert all(results[os.path.basename(p)]["error"] is None for p in good)
