@@ -23,12 +23,8 @@ BATCH = 4
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    from models.image_captioning.clip_cap import ClipCap
-    from unitest import tiny_models
-
-    model_dir = tiny_models.shared_tiny_model(tmp_path_factory)
-    return model_dir, ClipCap.load(str(model_dir))
+def tiny(tiny_model_dir, tiny_clipcap):
+    return tiny_model_dir, tiny_clipcap
 
 
 @pytest.fixture

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from unitest.clipcap_fixtures import *  # noqa: F403 (session fixtures)
-from unitest.clipcap_fixtures import KINDS, random_embeddings, torch_prefix
+from unitest.parity import torch_prefix
 from unitest.reference import clipcap_official as ref
+from unitest.tiny_models import KINDS, random_embeddings
 from utils.convert.clipcap import clipcap_config_from_state_dict, load_clipcap
 from utils.convert.common import CheckpointError
 

@@ -292,10 +292,10 @@ def test_map_json_is_valid_json_with_paths(image_dir, tmp_path):
 
 @pytest.fixture(scope="module", params=["mlp", "transformer"])
 def tiny_clipcap(request, tmp_path_factory):
-    from models.image_captioning.clip_cap import ClipCap
+    """Both mapper kinds of the factory's tiny model (conftest's ``tiny_clipcap`` is the MLP alone)."""
     from unitest import tiny_models
 
-    return ClipCap.load(str(tiny_models.shared_tiny_model(tmp_path_factory, kind=request.param)))
+    return tiny_models.tiny_clipcap(tmp_path_factory, kind=request.param)
 
 
 def test_tiny_clipcap_predict_matches_generate(tiny_clipcap, tmp_path):
