@@ -102,8 +102,7 @@ def cmd_extract(args):
     encoder = clip_encoder(clip, exif_transpose=not args.no_exif_transpose)
     try:
         result = extract_embeddings(dataset.images, encoder, cache_dir=args.cache_dir, batch_size=args.batch_size,
-                                    key_mode=args.key_mode, exif_transpose=not args.no_exif_transpose,
-                                    progress=not args.no_progress)
+                                    key_mode=args.key_mode, progress=not args.no_progress)
     except KeyboardInterrupt:
         return _fail("interrupted; every embedding computed so far is in the cache: run again to resume",
                      EXIT_INTERRUPTED)

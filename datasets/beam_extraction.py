@@ -34,6 +34,7 @@ from apache_beam.ml.inference.base import ModelHandler, PredictionResult, RunInf
 from apache_beam.options.pipeline_options import PipelineOptions
 
 from datasets.embeddings import ExtractionResult, save_embedded_dataset
+from models.siamese.image_embedding import ImageEmbedder
 from utils.image_io import ImageReadError
 
 logger = logging.getLogger(__name__)
@@ -57,14 +58,14 @@ class _ReadAndPreprocess(beam.DoFn):
     """A ReadableFile -> (path, pixels); an unreadable image -> (path, message) on the errors output."""
 
     def __init__(self, n_px, exif_transpose=True):
-        self._n_px, self._exif = n_px, exif_transpose
+        self._embedder = ImageEmbedder(None, n_px, exif_transpose=exif_transpose)  # reads, no model
 
     def process(self, readable):
         from models.image_captioning.beam_inference import load_pixels
 
         path = readable.metadata.path
         try:
-            pixels = load_pixels(readable, self._n_px, self._exif)
+            pixels = load_pixels(readable, self._embedder)
         except Exception as e:  # one image's failure is that image's error
             message = str(e) if isinstance(e, ImageReadError) else f"{type(e).__name__}: {e}"
             yield beam.pvalue.TaggedOutput(ERRORS, (path, message))
@@ -88,7 +89,7 @@ class ClipEmbeddingHandler(ModelHandler):
         return CLIP.from_pretrained(self.clip_path, visual_only=True)
 
     def run_inference(self, batch, model, inference_args=None):
-        vectors = np.asarray(model.encode_pixels(np.stack([pixels for _, pixels in batch])), np.float32)
+        vectors = np.asarray(model.image_embedder().encode_batch([pixels for _, pixels in batch]), np.float32)
         return [PredictionResult(path, vector) for (path, _), vector in zip(batch, vectors)]
 
     def get_num_bytes(self, batch):

@@ -56,11 +56,14 @@ class ImageEncoder:
         encode_batch: list of preprocessed images -> (B, D) array.
         model_id: a string that changes whenever the embeddings would (weights, preprocessing).
         preprocess: PIL image -> what ``encode_batch`` takes (runs in the reader threads); default: as is.
+        read: image path -> decoded PIL image (runs in the reader threads); default: `read_image` with the
+            ``exif_transpose`` given to `extract_embeddings`.
     """
 
     encode_batch: object
     model_id: str
     preprocess: object = None
+    read: object = None
 
 
 def clip_model_id(clip, exif_transpose=True):
@@ -80,18 +83,11 @@ def extracted_with(clip, model_id):
 
 
 def clip_encoder(clip, exif_transpose=True):
-    """An `ImageEncoder` for a `models.siamese.clip.CLIP`: OpenAI preprocessing, raw image features."""
-    from utils.clip_preprocessing import preprocess_image
-
-    n_px = clip.input_resolution
-
-    def preprocess(image):
-        return preprocess_image(image, n_px)
-
-    def encode_batch(pixels):
-        return clip.encode_pixels(np.stack(pixels))
-
-    return ImageEncoder(encode_batch, clip_model_id(clip, exif_transpose), preprocess)
+    """An `ImageEncoder` for a `models.siamese.clip.CLIP`: the stages of its `ImageEmbedder` (reading with
+    ``exif_transpose``, OpenAI preprocessing, raw image features), identified by `clip_model_id`."""
+    embedder = clip.image_embedder(exif_transpose=exif_transpose)
+    return ImageEncoder(embedder.encode_batch, clip_model_id(clip, exif_transpose), embedder.preprocess,
+                        embedder.read)
 
 
 # --------------------------------------------------------------------------------------------------- cache
@@ -228,7 +224,7 @@ class ExtractionResult:
     computed: int = 0
 
 
-def extract_embeddings(images, encoder, cache_dir=None, batch_size=32, key_mode="stat", exif_transpose=True,
+def extract_embeddings(images, encoder, cache_dir=None, batch_size=32, key_mode="stat", exif_transpose=None,
                        progress=True, workers=2):
     """Embed each unique image once, reusing and filling the cache; unreadable images are reported.
 
@@ -239,7 +235,9 @@ def extract_embeddings(images, encoder, cache_dir=None, batch_size=32, key_mode=
         cache_dir: the cache root (None: no cache).
         batch_size: images per encoder call and per cache shard.
         key_mode: ``"stat"`` (path + size + mtime) or ``"content"`` (hash of the bytes).
-        exif_transpose: apply EXIF orientation when reading (must match the encoder's model_id).
+        exif_transpose: apply EXIF orientation when reading, for an encoder without its own ``read``
+            (default True); an encoder that reads (`clip_encoder`) has its own setting, part of its model_id:
+            giving one here too is an error.
         progress: a tqdm bar.
         workers: image reader threads.
 
@@ -252,6 +250,9 @@ def extract_embeddings(images, encoder, cache_dir=None, batch_size=32, key_mode=
         if cache_dir is not None:
             raise ValueError("caching needs an ImageEncoder with a model_id (a bare callable has no identity)")
         encoder = ImageEncoder(encoder, model_id="", preprocess=None)
+    if encoder.read is not None and exif_transpose is not None:
+        raise ValueError("this encoder reads the images itself: give exif_transpose when building it "
+                         "(clip_encoder(clip, exif_transpose=...)), not to extract_embeddings")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     cache = EmbeddingCache(cache_dir, encoder.model_id) if cache_dir is not None else None
@@ -280,9 +281,11 @@ def extract_embeddings(images, encoder, cache_dir=None, batch_size=32, key_mode=
             todo.append(path)
 
     preprocess = encoder.preprocess or (lambda image: image)
+    exif = True if exif_transpose is None else exif_transpose
+    read_one = encoder.read or (lambda path: read_image(path, exif_transpose=exif))
 
     def read(path):
-        return preprocess(read_image(path, exif_transpose=exif_transpose))
+        return preprocess(read_one(path))
 
     def encode(batch):
         out = np.asarray(encoder.encode_batch(list(batch)), dtype=np.float32)

@@ -23,12 +23,8 @@ BATCH = 4
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    from models.image_captioning.clip_cap import ClipCap
-    from unitest import tiny_models
-
-    model_dir = tiny_models.shared_tiny_model(tmp_path_factory)
-    return model_dir, ClipCap.load(str(model_dir))
+def tiny(tiny_model_dir, tiny_clipcap):
+    return tiny_model_dir, tiny_clipcap
 
 
 @pytest.fixture
@@ -166,23 +162,26 @@ def test_handler_refuses_bad_settings_at_construction(tiny):
 
 def test_bytes_from_other_file_systems_decode_with_the_path_in_errors(tmp_path):
     """Non-local files are read through Beam and decoded from bytes: same checks, errors name the file."""
+    from models.siamese.image_embedding import ImageEmbedder
     from utils.image_io import ImageReadError
 
-    image = beam_inference.decode_image_bytes(_jpeg_bytes((40, 30)), "gs://b/a.jpg")
+    decode_image_bytes = ImageEmbedder(None, 16).read_bytes
+    image = decode_image_bytes(_jpeg_bytes((40, 30)), "gs://b/a.jpg")
     assert image.size == (40, 30)
     with pytest.raises(ImageReadError, match=r"^gs://b/e.jpg: empty file"):
-        beam_inference.decode_image_bytes(b"", "gs://b/e.jpg")
+        decode_image_bytes(b"", "gs://b/e.jpg")
     with pytest.raises(ImageReadError, match=r"^gs://b/t.jpg: not an image file"):
-        beam_inference.decode_image_bytes(b"hello", "gs://b/t.jpg")
+        decode_image_bytes(b"hello", "gs://b/t.jpg")
     jpeg = _jpeg_bytes((40, 30))
     with pytest.raises(ImageReadError, match=r"^gs://b/h.jpg: cannot decode image \(truncated"):
-        beam_inference.decode_image_bytes(jpeg[: len(jpeg) // 2], "gs://b/h.jpg")
+        decode_image_bytes(jpeg[: len(jpeg) // 2], "gs://b/h.jpg")
 
 
 def test_reads_from_other_file_systems_are_bounded(tmp_path):
     """A non-local file larger than the cap is refused from its metadata or while reading, never read whole."""
     from types import SimpleNamespace
 
+    from models.siamese.image_embedding import ImageEmbedder
     from utils.image_io import ImageReadError
 
     data = _jpeg_bytes((40, 30))
@@ -193,8 +192,9 @@ def test_reads_from_other_file_systems_are_bounded(tmp_path):
         return SimpleNamespace(metadata=SimpleNamespace(path="gs://b/a.jpg", size_in_bytes=size),
                                open=lambda: open(path, "rb"))
 
-    assert beam_inference.load_pixels(readable(len(data)), 16, max_bytes=len(data)).shape == (16, 16, 3)
+    whole, capped = ImageEmbedder(None, 16, max_bytes=len(data)), ImageEmbedder(None, 16, max_bytes=len(data) - 1)
+    assert beam_inference.load_pixels(readable(len(data)), whole).shape == (16, 16, 3)
     with pytest.raises(ImageReadError, match="exceeds the limit"):
-        beam_inference.load_pixels(readable(len(data)), 16, max_bytes=len(data) - 1)
+        beam_inference.load_pixels(readable(len(data)), capped)
     with pytest.raises(ImageReadError, match="more than"):  # a size the metadata does not tell
-        beam_inference.load_pixels(readable(None), 16, max_bytes=len(data) - 1)
+        beam_inference.load_pixels(readable(None), capped)

@@ -11,14 +11,8 @@ from pathlib import Path
 import pytest
 
 import main
-from unitest import tiny_models
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory):
-    return str(tiny_models.shared_tiny_model(tmp_path_factory))
 
 
 @pytest.fixture(autouse=True)
@@ -64,9 +58,9 @@ def test_unknown_model_exits_2(capsys):
     assert code == 2 and "unknown model 'no_such_model'" in err and out == ""
 
 
-def test_caption_demo_then_rerun(tiny_model, tmp_path, capsys):
+def test_caption_demo_then_rerun(tiny_model_dir, tmp_path, capsys):
     out_dir = tmp_path / "outputs"
-    code, out, err = _run(capsys, "caption", ROOT / "demo", "--model", tiny_model, "--output-dir", out_dir,
+    code, out, err = _run(capsys, "caption", ROOT / "demo", "--model", tiny_model_dir, "--output-dir", out_dir,
                           "--max-length", 6, "--batch-size", 2, "--no-progress")
     assert code == 0, err
     lines = out.splitlines()
@@ -77,7 +71,7 @@ def test_caption_demo_then_rerun(tiny_model, tmp_path, capsys):
     assert sorted(stored) == [os.path.abspath(p) for p in demo]
     assert stored[os.path.abspath(demo[0])]["settings"] == {"model": "tiny", "method": "greedy", "max_length": 6}
     # a rerun reads map.json: same captions, as JSON
-    code, out2, _ = _run(capsys, "caption", ROOT / "demo", "--model", tiny_model, "--output-dir", out_dir,
+    code, out2, _ = _run(capsys, "caption", ROOT / "demo", "--model", tiny_model_dir, "--output-dir", out_dir,
                          "--max-length", 6, "--json", "--no-progress")
     results = json.loads(out2)
     assert code == 0 and [r["cached"] for r in results] == [True] * len(demo)
@@ -85,11 +79,11 @@ def test_caption_demo_then_rerun(tiny_model, tmp_path, capsys):
     assert all(r["candidates"][0]["text"] == r["caption"] for r in results)
 
 
-def test_failed_inputs_exit_1_and_are_listed(tiny_model, tmp_path, capsys):
+def test_failed_inputs_exit_1_and_are_listed(tiny_model_dir, tmp_path, capsys):
     (tmp_path / "empty.jpg").write_bytes(b"")
     shutil.copy(ROOT / "demo" / "cat.jpg", tmp_path / "cat.jpg")
     code, out, err = _run(capsys, "caption", tmp_path / "cat.jpg", tmp_path / "empty.jpg", tmp_path / "missing.png",
-                          "--model", tiny_model, "--method", "beam", "--beam-size", 2, "--max-length", 5,
+                          "--model", tiny_model_dir, "--method", "beam", "--beam-size", 2, "--max-length", 5,
                           "--no-save", "--no-progress")
     assert code == 1
     assert out.splitlines()[0].startswith(f"{tmp_path / 'cat.jpg'}\t") and len(out.splitlines()) == 1
@@ -100,8 +94,8 @@ def test_failed_inputs_exit_1_and_are_listed(tiny_model, tmp_path, capsys):
     assert not (tmp_path / "home").exists()  # --no-save
 
 
-def test_convert_then_caption(tmp_path_factory, tmp_path, capsys):
-    files = tiny_models.shared_tiny_files(tmp_path_factory)
+def test_convert_then_caption(tiny_files, tmp_path, capsys):
+    files = tiny_files
     code, out, err = _run(capsys, "convert", files["checkpoint"], "--clip", files["clip"], "--tokenizer",
                           files["tokenizer"], "--name", "converted")
     assert code == 0, err
@@ -120,8 +114,8 @@ def test_convert_then_caption(tmp_path_factory, tmp_path, capsys):
     assert normalised["model"]["config"]["normalize_prefix"] is True
 
 
-def test_convert_bad_checkpoint_exits_3(tmp_path_factory, tmp_path, capsys):
-    files = tiny_models.shared_tiny_files(tmp_path_factory)
+def test_convert_bad_checkpoint_exits_3(tiny_files, tmp_path, capsys):
+    files = tiny_files
     truncated = tmp_path / "truncated.pt"
     truncated.write_bytes(files["checkpoint"].read_bytes()[:5000])
     code, out, err = _run(capsys, "convert", truncated, "--clip", files["clip"], "--tokenizer", files["tokenizer"],

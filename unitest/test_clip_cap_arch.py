@@ -12,6 +12,7 @@ from custom_architectures.transformers_arch.clip_cap_arch import (
     ClipCapTransformerMapper,
     build_mapper,
 )
+from unitest.parity import assert_close
 from unitest.reference import clipcap_official as ref
 from utils.convert.clipcap import mapper_from_state_dict
 from utils.convert.porting import WeightPorter
@@ -64,7 +65,7 @@ def test_mapper_matches_official(case):
         expected = module(torch.from_numpy(x)).reshape(3, kw["prefix_length"], n_embd).numpy()
     got = np.asarray(mapper(x))
     assert got.shape == (3, kw["prefix_length"], n_embd)
-    assert np.abs(got - expected).max() <= 1e-4, np.abs(got - expected).max()
+    assert_close(got, expected, 1e-4, f"mapper {case}")
     assert np.abs(expected).mean() > 1e-2  # a meaningful output, not all zeros
 
 

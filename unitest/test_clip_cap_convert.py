@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from unitest.clipcap_fixtures import *  # noqa: F403 (session fixtures)
-from unitest.clipcap_fixtures import KINDS, random_embeddings, torch_prefix
+from unitest.parity import max_abs_diff, torch_prefix
 from unitest.reference import clipcap_official as ref
+from unitest.tiny_models import KINDS, random_embeddings
 from utils.convert.clipcap import clipcap_config_from_state_dict, load_clipcap
 from utils.convert.common import CheckpointError
 
@@ -28,7 +28,7 @@ def compare(torch_model, model, n=2, t=5, seed=0):
     got_prefix, got_logits = model.prefix(embeddings), model.logits(embeddings, ids)
     assert got_logits.shape == logits.shape == (n, model.prefix_length + t, model.gpt2.vocab_size)
     assert np.abs(logits).std() > 0.1  # not a degenerate model
-    return np.abs(got_prefix - prefix.numpy()).max(), np.abs(got_logits - logits).max()
+    return max_abs_diff(got_prefix, prefix), max_abs_diff(got_logits, logits)
 
 
 @pytest.mark.parametrize("kind", KINDS)

@@ -17,9 +17,8 @@ import torch
 from PIL import Image
 
 from models.image_captioning import ClipCap
-from unitest.clipcap_fixtures import *  # noqa: F403 (session fixtures)
-from unitest.clipcap_fixtures import KINDS, TINY_INIT_SCALE, random_embeddings
 from unitest.reference import clipcap_official as ref
+from unitest.tiny_models import KINDS, TINY_INIT_SCALE, random_embeddings
 from utils.convert.common import CheckpointError
 
 ROOT = Path(__file__).resolve().parents[1]

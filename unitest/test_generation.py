@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from custom_architectures.generation_utils import Beam, Greedy, PrefixDecoder, Sample
-from unitest.clipcap_fixtures import *  # noqa: F403 (session fixtures)
-from unitest.clipcap_fixtures import KINDS, random_embeddings, torch_prefix
+from unitest.parity import assert_same_tokens, torch_prefix
 from unitest.reference import clipcap_official as ref
+from unitest.tiny_models import KINDS, random_embeddings
 from utils.tokenizer import TokenizerError
 
 MIN_GAP = 2e-5  # decisions closer than this could flip on fp32 round-off (logits agree to ~1e-5)
@@ -40,10 +40,10 @@ def check_against_official(torch_model, model, tokenizer, embeddings, method, ma
     expected = official(torch_model, model, tokenizer, embeddings, method, max_length, beam_size)
     for candidates, (tokens, text, token_lists, scores, gap) in zip(got, expected, strict=True):
         assert gap > MIN_GAP, f"near-tie ({gap}): the comparison would mean nothing"
-        assert candidates[0]["tokens"] == tokens
+        assert_same_tokens([candidates[0]["tokens"]], [tokens], f"{method} tokens")
         assert candidates[0]["text"] == text.strip()
         if method == "beam":
-            assert [c["tokens"] for c in candidates] == token_lists
+            assert_same_tokens([c["tokens"] for c in candidates], token_lists, "beam candidates")
             np.testing.assert_allclose([c["score"] for c in candidates], scores, atol=1e-4)
     return got
 

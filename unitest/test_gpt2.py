@@ -14,6 +14,7 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from custom_architectures.transformers_arch.gpt2_arch import GPT2
+from unitest.parity import assert_close, max_abs_diff
 from utils.convert.hf_gpt2 import load_gpt2
 
 CONFIGS = {
@@ -52,9 +53,9 @@ def _torch_logits(model, ids=None, embeds=None, mask=None):
 
 
 def _assert_close(out, ref, atol=1e-4, rtol_of_max=1e-5):
-    diff = np.abs(out - ref).max()
+    diff = max_abs_diff(out, ref)
     print(f"[parity] GPT-2 {out.shape}: max abs logits diff {diff:.2e}")  # reported with `pytest -s`
-    assert diff <= atol, f"max abs diff {diff}"
+    assert_close(out, ref, atol, "GPT-2 logits")
     # random-init logits are small: also check the error relative to their scale
     assert diff <= rtol_of_max * np.abs(ref).max() + 1e-7, f"relative diff {diff / np.abs(ref).max()}"
 

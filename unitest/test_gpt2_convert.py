@@ -9,6 +9,7 @@ import torch
 from safetensors.torch import save_file
 from transformers import GPT2Config, GPT2LMHeadModel
 
+from unitest.parity import assert_close
 from utils.convert.common import CheckpointError
 from utils.convert.hf_gpt2 import gpt2_config_from_state_dict, gpt2_from_state_dict, load_gpt2
 
@@ -33,8 +34,7 @@ IDS = np.array([[5, 17, 3, 99, 42, 0], [1, 2, 3, 4, 5, 6]])
 def _check_logits(keras_model, torch_model, atol=1e-4):
     with torch.no_grad():
         ref = torch_model(torch.tensor(IDS)).logits.numpy()
-    diff = np.abs(keras_model(token_ids=IDS).numpy() - ref).max()
-    assert diff <= atol, diff
+    assert_close(keras_model(token_ids=IDS), ref, atol, "GPT-2 logits")
 
 
 def _with_legacy_buffers(sd, prefix):

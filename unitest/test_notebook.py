@@ -6,8 +6,6 @@ import nbformat
 import pytest
 from nbclient import NotebookClient
 
-from unitest import tiny_models
-
 NOTEBOOK = Path(__file__).resolve().parents[1] / "image_captioning.ipynb"
 
 
@@ -19,9 +17,8 @@ def test_notebook_is_stored_without_outputs():
             assert cell.outputs == [] and cell.execution_count is None
 
 
-def test_notebook_runs_against_tiny_model(tmp_path_factory, monkeypatch):
-    model_dir = tiny_models.shared_tiny_model(tmp_path_factory)
-    monkeypatch.setenv("IMAGE_CAPTIONING_NOTEBOOK_MODEL", str(model_dir))
+def test_notebook_runs_against_tiny_model(tiny_model_dir, monkeypatch):
+    monkeypatch.setenv("IMAGE_CAPTIONING_NOTEBOOK_MODEL", str(tiny_model_dir))
     monkeypatch.setenv("IMAGE_CAPTIONING_OFFLINE", "1")
     nb = nbformat.read(NOTEBOOK, as_version=4)
     client = NotebookClient(nb, timeout=300, kernel_name="python3",

@@ -15,24 +15,37 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image, ImageOps
+from PIL import Image
 
 from models.image_captioning import prediction
 from models.image_captioning.prediction import expand_inputs, load_map, predict
-from utils.clip_preprocessing import preprocess_image
+from models.siamese import image_embedding
+from models.siamese.image_embedding import ImageEmbedder
+
+
+class FakeEmbedder(ImageEmbedder):
+    """The real reading and preprocessing, then the image's size as its "pixels" (so captions identify it)."""
+
+    def __init__(self, clip, **kwargs):
+        super().__init__(clip.encode_pixels, clip.input_resolution, **kwargs)
+        self.clip = clip
+
+    def preprocess(self, image):
+        self.clip.modes.append(image.mode)
+        pixels = super().preprocess(image)  # the real preprocessing must accept every mode
+        n = self.input_resolution
+        assert pixels.shape == (n, n, 3) and np.isfinite(pixels).all()
+        return np.array([image.width, image.height], np.float32)
 
 
 class FakeClip:
+    input_resolution = 8
+
     def __init__(self):
         self.modes = []
 
-    def preprocess(self, image, exif_transpose=True):
-        if exif_transpose:  # as CLIP.preprocess does (read_image): a no-op on an image already transposed
-            image = ImageOps.exif_transpose(image)
-        self.modes.append(image.mode)
-        pixels = preprocess_image(image, 8)  # the real preprocessing must accept every mode
-        assert pixels.shape == (8, 8, 3) and np.isfinite(pixels).all()
-        return np.array([image.width, image.height], np.float32)
+    def image_embedder(self, **kwargs):
+        return FakeEmbedder(self, **kwargs)
 
     def encode_pixels(self, pixels):
         return np.asarray(pixels) * 1.0  # (B, 2)
@@ -279,10 +292,10 @@ def test_map_json_is_valid_json_with_paths(image_dir, tmp_path):
 
 @pytest.fixture(scope="module", params=["mlp", "transformer"])
 def tiny_clipcap(request, tmp_path_factory):
-    from models.image_captioning.clip_cap import ClipCap
+    """Both mapper kinds of the factory's tiny model (conftest's ``tiny_clipcap`` is the MLP alone)."""
     from unitest import tiny_models
 
-    return ClipCap.load(str(tiny_models.shared_tiny_model(tmp_path_factory, kind=request.param)))
+    return tiny_models.tiny_clipcap(tmp_path_factory, kind=request.param)
 
 
 def test_tiny_clipcap_predict_matches_generate(tiny_clipcap, tmp_path):
@@ -314,7 +327,7 @@ def test_bad_decoding_arguments_fail_before_any_image_is_read(tiny_clipcap, tmp_
     def never(*args, **kw):
         raise AssertionError("an image was read before the arguments were checked")
 
-    monkeypatch.setattr(prediction, "read_image", never)
+    monkeypatch.setattr(image_embedding, "read_image", never)
     with pytest.raises(ValueError):
         tiny_clipcap.predict([str(tmp_path / "a.jpg")], output_dir=tmp_path, progress=False, **kwargs)
     assert not (tmp_path / "map.json").exists()

@@ -16,27 +16,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from unitest import tiny_models
 from utils.file_utils import UnsafePathError
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def tiny_files(tmp_path_factory):
-    return tiny_models.shared_tiny_files(tmp_path_factory)
-
-
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory):
-    return tiny_models.shared_tiny_model(tmp_path_factory)
-
-
-@pytest.fixture(scope="module")
-def tiny_clipcap(tiny_model_dir):
-    from models.image_captioning.clip_cap import ClipCap
-
-    return ClipCap.load(tiny_model_dir)
 
 
 def _env(home, **extra):

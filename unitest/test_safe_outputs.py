@@ -21,7 +21,6 @@ from PIL import Image
 
 from models.image_captioning import prediction
 from models.image_captioning.prediction import generation_settings, load_map, merge_into_map, predict
-from unitest import tiny_models
 from unitest.test_prediction import FakeModel
 from utils.clip_preprocessing import MAX_RESIZED_PIXELS, preprocess_image, tf_preprocess
 from utils.image_io import ImageReadError, list_images, read_image
@@ -294,13 +293,8 @@ def test_extreme_image_in_a_folder_gets_its_own_error(tmp_path):
     good = _images(d, 2)
     Image.new("L", (40000, 1)).save(d / "line.png")
 
-    class Clip224(FakeModel().clip.__class__):
-        def preprocess(self, image, exif_transpose=True):
-            preprocess_image(image, 224)
-            return super().preprocess(image, exif_transpose)
-
     model = FakeModel()
-    model.clip = Clip224()
+    model.clip.input_resolution = 224  # the real preprocessing at CLIP's size
     results = {os.path.basename(r["image"]): r for r in predict(model, [str(d)], save=False, progress=False)}
     assert "refused to bound memory" in results["line.png"]["error"]
     assert all(results[os.path.basename(p)]["error"] is None for p in good)
@@ -327,12 +321,7 @@ def test_map_json_that_is_a_fifo_or_too_large_is_refused_not_replaced(tmp_path, 
 # ------------------------------------------------------------------------------------------- command line
 
 
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory):
-    return str(tiny_models.shared_tiny_model(tmp_path_factory))
-
-
-def test_cli_folder_with_special_files_and_explicit_special_paths(tiny_model, tmp_path):
+def test_cli_folder_with_special_files_and_explicit_special_paths(tiny_model_dir, tmp_path):
     """``python main.py caption``: a folder holding a FIFO and a /dev/zero link is captioned (exit 1 for the
     special files, each named with its kind), and a FIFO / dangling link / loop named on the command line
     gets its kind, not "no such file"."""
@@ -348,7 +337,7 @@ def test_cli_folder_with_special_files_and_explicit_special_paths(tiny_model, tm
     big = tmp_path / "big.png"
     big.write_bytes(open(good[0], "rb").read() + b"\0" * cap)
     argv = [sys.executable, "main.py", "caption", str(d), str(tmp_path / "explicit_fifo.jpg"),
-            str(tmp_path / "dangling.jpg"), str(tmp_path / "loop1.jpg"), str(big), "--model", tiny_model,
+            str(tmp_path / "dangling.jpg"), str(tmp_path / "loop1.jpg"), str(big), "--model", tiny_model_dir,
             "--output-dir", str(tmp_path / "out"), "--no-progress", "--max-file-bytes", str(cap)]
     try:
         proc = subprocess.run(argv, cwd=ROOT, env=_env(IMAGE_CAPTIONING_HOME=str(tmp_path / "home")),

@@ -20,9 +20,7 @@ from custom_architectures.transformers_arch.gpt2_arch import GPT2
 from models import __version__, check_jit_compile
 from models.image_captioning import ClipCap
 from models.siamese import CLIP
-from unitest.clipcap_fixtures import *  # noqa: F403 (session fixtures)
-from unitest.clipcap_fixtures import KINDS, random_embeddings
-from unitest.tiny_models import shared_tiny_files, shared_tiny_model
+from unitest.tiny_models import KINDS, random_embeddings, shared_tiny_files, shared_tiny_model
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = [str(ROOT / "demo" / name) for name in ("cat.jpg", "rocket.jpg", "coffee.jpg")]

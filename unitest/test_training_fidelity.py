@@ -15,9 +15,9 @@ import pytest
 import torch
 
 from hparams.training import TrainingHParams
-from unitest.clipcap_fixtures import *  # noqa: F403
-from unitest.clipcap_fixtures import random_embeddings, torch_prefix
+from unitest.parity import torch_prefix
 from unitest.reference import clipcap_official as ref
+from unitest.tiny_models import random_embeddings
 from unitest.training_step_check import compare_training_steps
 
 WEIGHT_ATOL = 1e-6  # float32: measured max 2.4e-7 (half an ulp of the largest weights, ~4)

@@ -1,7 +1,8 @@
 """Tiny offline demo models: official-format files with random weights, and the saved model built from them.
 
-Used by the tests (one tiny model per test session) and by the notebook's CI run. Everything is built
-locally, nothing is downloaded:
+The one factory of the tests' tiny models (`shared_tiny_model`: a saved folder per kind / seed, once per
+session; `tiny_clipcap`: loaded, with or without its CLIP; ``unitest/conftest.py`` exposes them as
+fixtures) and of the notebook's CI run. Everything is built locally, nothing is downloaded:
 
 - ``tiny_clipcap.pt``: an official-format ClipCap checkpoint (``torch.save(model.state_dict())`` of the
   reference ``ClipCaptionModel`` in ``unitest/reference/clipcap_official.py``), MLP mapper, 4 prefix tokens,
@@ -125,6 +126,7 @@ def _shared_dir(tmp_path_factory):
 
 
 def shared_tiny_files(tmp_path_factory):
+    """The tiny source files (checkpoint, CLIP, tokenizer) of the session, seed 0, built on first use."""
     directory = _shared_dir(tmp_path_factory)
     files = {"checkpoint": directory / "tiny_clipcap.pt", "clip": directory / "tiny_clip.pt",
              "tokenizer": directory / "tokenizer"}
@@ -133,22 +135,86 @@ def shared_tiny_files(tmp_path_factory):
     return files
 
 
-def shared_tiny_model(tmp_path_factory, kind="mlp"):
-    """The saved tiny model's directory (``kind``: "mlp" or "transformer"), built once per test session."""
+def shared_tiny_model(tmp_path_factory, kind="mlp", seed=0):
+    """THE tiny ClipCap of the tests, as a saved folder (built once per session and per kind / seed).
+
+    kind: ``"mlp"`` or ``"transformer"`` (`build_tiny_clipcap`); seed: of the ClipCap weights (the CLIP and
+    the tokenizer are the session's, seed 0). The seed-0 MLP model is named ``tiny``, the others
+    ``tiny_<kind>[_<seed>]``.
+    """
     from models.image_captioning.clip_cap import ClipCap
     from models.image_captioning.pretrained import convert_model
     from utils.model_store import is_saved_model
 
     directory = _shared_dir(tmp_path_factory)
-    model_dir = directory / ("model" if kind == "mlp" else f"model_{kind}")
+    suffix = ("" if kind == "mlp" else f"_{kind}") + ("" if seed == 0 else f"_{seed}")
+    model_dir = directory / f"model{suffix}"
     if not is_saved_model(model_dir):
         files = shared_tiny_files(tmp_path_factory)
         checkpoint = files["checkpoint"]
-        if kind != "mlp":
-            checkpoint = build_tiny_clipcap(directory / f"tiny_clipcap_{kind}.pt", files["tokenizer"], kind=kind)
-        convert_model(ClipCap, checkpoint, files["clip"], files["tokenizer"], model_dir,
-                      name="tiny" if kind == "mlp" else f"tiny_{kind}")
+        if suffix:
+            checkpoint = build_tiny_clipcap(directory / f"tiny_clipcap{suffix}.pt", files["tokenizer"], seed=seed,
+                                            kind=kind)
+        convert_model(ClipCap, checkpoint, files["clip"], files["tokenizer"], model_dir, name=f"tiny{suffix}")
     return model_dir
+
+
+def tiny_clipcap(tmp_path_factory, kind="mlp", seed=0, with_clip=True):
+    """The in-memory `ClipCap` of `shared_tiny_model` (a fresh load: a test may change it); ``with_clip=False``
+    loads it without its CLIP (``model.clip is None``: embeddings in, captions out)."""
+    from models.image_captioning.clip_cap import ClipCap
+
+    model = ClipCap.load(str(shared_tiny_model(tmp_path_factory, kind=kind, seed=seed)))
+    if not with_clip:
+        model.clip = None
+    return model
+
+
+# ------------------------------------------------------------------------------ parity-size checkpoints
+# The ClipCap parity suites' models (conftest fixtures ``tiny_checkpoints`` / ``real_checkpoints``): the
+# reference ``ClipCaptionModel`` at the "tiny" and the real sizes (MLP K=10, prefix 512; single Linear K=40,
+# prefix 512; transformer K=L=40, 8 layers, prefix 640; GPT-2 124M shared by the three). Weights use a larger
+# init scale so that next-token distributions are far from ties (a decision comparison then means something:
+# the tests also check the margins), and the stop token's embedding is boosted so that some captions end
+# before the maximum length. The MLP files are saved with the transformers-4.11 attn.bias buffers.
+
+KINDS = ("mlp", "linear", "transformer")
+TINY_INIT_SCALE = 5.0
+REAL_INIT_SCALE = 3.0
+STOP_BOOST = 3.0
+
+
+def random_embeddings(n, dim, seed=0):
+    """Embeddings of CLIP's magnitude (norm ~10), not unit vectors: normalisation must matter."""
+    import numpy as np
+
+    return np.random.default_rng(seed).normal(0.0, 0.5, size=(n, dim)).astype(np.float32)
+
+
+def build_parity_checkpoints(directory, size, stop_id, vocab_size=None):
+    """{kind: (torch ClipCaptionModel, official .pt path)} for every kind of `KINDS` at ``size`` ("tiny" or
+    "real"; the real ones share one GPT-2)."""
+    from unitest.reference import clipcap_official as ref
+
+    directory = Path(directory)
+    out, gpt = {}, None
+    for i, kind in enumerate(KINDS):
+        if size == "tiny":
+            model = ref.build_random_clipcap(kind, "tiny", seed=i, init_scale=TINY_INIT_SCALE, vocab_size=vocab_size,
+                                             stop_token_id=stop_id, stop_boost=STOP_BOOST)
+        else:
+            model = ref.build_random_clipcap(kind, "real", seed=10 + i, init_scale=REAL_INIT_SCALE,
+                                             stop_token_id=stop_id, stop_boost=STOP_BOOST, gpt=gpt)
+            gpt = model.gpt
+        out[kind] = (model, ref.save_official(model, directory / f"{kind}.pt", legacy_buffers=kind == "mlp"))
+    return out
+
+
+def convert_checkpoints(checkpoints, tokenizer_dir):
+    """{kind: ClipCap} converted from `build_parity_checkpoints`' files (no CLIP)."""
+    from models.image_captioning.clip_cap import ClipCap
+
+    return {kind: ClipCap.from_pretrained(path, tokenizer=tokenizer_dir) for kind, (_, path) in checkpoints.items()}
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ The same pipeline runs on the local DirectRunner / PrismRunner and on Dataflow, 
 A record is ``{"image", "caption", "candidates": [{"text", "tokens", "score"}], "error", "model",
 "settings"}``; ``error`` is None when captioned, ``settings`` is `prediction.generation_settings` (what
 map.json stores). For the same model, images, settings and batch size the captions and scores are those of
-``ClipCap.predict``: the same reading (`utils.image_io.read_image`), preprocessing, ``clip.encode_pixels``
+``ClipCap.predict``: the same `ImageEmbedder` stages (reading, preprocessing, ``clip.encode_pixels``)
 and ``model.generate`` on batches of the same size (``method="sample"`` draws depend on how images are
 grouped in batches, as in ``predict``).
 
@@ -37,15 +37,15 @@ import os
 from pathlib import Path
 
 import apache_beam as beam
-import numpy as np
 from apache_beam.io import fileio
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.ml.inference.base import ModelHandler, PredictionResult, RunInference
 from apache_beam.options.pipeline_options import PipelineOptions
 
 from custom_architectures.samplers import sampler_class
-from utils.file_utils import DEFAULT_MAX_BYTES, UnsafePathError
-from utils.image_io import IMAGE_EXTENSIONS, ImageReadError, read_image
+from models.siamese.image_embedding import ImageEmbedder
+from utils.file_utils import UnsafePathError
+from utils.image_io import IMAGE_EXTENSIONS, ImageReadError
 
 logger = logging.getLogger(__name__)
 
@@ -169,43 +169,28 @@ def list_file_column(list_file):
 # ----------------------------------------------------------------------------------- reading + preprocessing
 
 
-def decode_image_bytes(data, path, exif_transpose=True):
-    """`read_image` on bytes read from any file system, its errors naming ``path``."""
-    if not data:
-        raise ImageReadError(f"{path}: empty file (0 bytes)")
-    try:
-        return read_image(bytes(data), exif_transpose=exif_transpose)
-    except ImageReadError as e:
-        message = str(e)
-        message = message[len("image bytes: "):] if message.startswith("image bytes: ") else message
-        raise ImageReadError(f"{path}: {message}") from e
+def load_pixels(readable, embedder):
+    """A Beam ``ReadableFile`` -> preprocessed (n_px, n_px, 3) pixels, by ``embedder`` (an `ImageEmbedder`).
 
-
-def load_pixels(readable, n_px, exif_transpose=True, max_bytes=DEFAULT_MAX_BYTES):
-    """A Beam ``ReadableFile`` -> OpenAI-preprocessed (n_px, n_px, 3) pixels, as `predict` makes them.
-
-    Local files go through ``read_image(path)`` (exactly what `predict` does: regular files only, size cap);
-    other file systems are read through Beam, at most ``max_bytes``, and decoded by the same code. Raises
-    `ImageReadError` (or any preprocessing error) for a bad image.
+    Local files go through ``embedder.read(path)`` (exactly what `predict` does: regular files only, size
+    cap); other file systems are read through Beam, at most ``embedder.max_bytes``, and decoded by
+    ``embedder.read_bytes``. Raises `ImageReadError` (or any preprocessing error) for a bad image.
     """
-    from utils.clip_preprocessing import preprocess_image
-
     path = readable.metadata.path
+    max_bytes = embedder.max_bytes
     if is_local(path):
-        image = read_image(local_path(path), exif_transpose=exif_transpose, max_bytes=max_bytes)
-    else:
-        size = getattr(readable.metadata, "size_in_bytes", None)
-        if max_bytes is not None and size is not None and size > max_bytes:
-            raise ImageReadError(f"{path}: {size} bytes exceeds the limit of {max_bytes} bytes")
-        try:
-            with readable.open() as f:
-                data = f.read() if max_bytes is None else f.read(max_bytes + 1)
-        except OSError as e:
-            raise ImageReadError(f"{path}: cannot read: {e}") from e
-        if max_bytes is not None and len(data) > max_bytes:
-            raise ImageReadError(f"{path}: more than {max_bytes} bytes (the limit)")
-        image = decode_image_bytes(data, path, exif_transpose)
-    return preprocess_image(image, n_px)
+        return embedder.preprocess(embedder.read(local_path(path)))
+    size = getattr(readable.metadata, "size_in_bytes", None)
+    if max_bytes is not None and size is not None and size > max_bytes:
+        raise ImageReadError(f"{path}: {size} bytes exceeds the limit of {max_bytes} bytes")
+    try:
+        with readable.open() as f:
+            data = f.read() if max_bytes is None else f.read(max_bytes + 1)
+    except OSError as e:
+        raise ImageReadError(f"{path}: cannot read: {e}") from e
+    if max_bytes is not None and len(data) > max_bytes:
+        raise ImageReadError(f"{path}: more than {max_bytes} bytes (the limit)")
+    return embedder.preprocess(embedder.read_bytes(data, path))
 
 
 def clip_input_resolution(model_dir):
@@ -222,17 +207,18 @@ def clip_input_resolution(model_dir):
 class _ReadAndPreprocess(beam.DoFn):
     """A ReadableFile -> (path, (n_px, n_px, 3) float32 pixels), OpenAI's CLIP preprocessing, as `predict`.
 
-    Local files go through ``read_image(path)`` (exactly what `predict` does); other file systems are read
-    through Beam (``ReadableFile.read``) and decoded by the same code. A bad image -> an error record.
+    Local files go through ``ImageEmbedder.read(path)`` (exactly what `predict` does); other file systems are
+    read through Beam (``ReadableFile.read``) and decoded by the same code. A bad image -> an error record.
     """
 
     def __init__(self, n_px, settings, exif_transpose=True):
-        self._n_px, self._settings, self._exif = n_px, settings, exif_transpose
+        self._embedder = ImageEmbedder(None, n_px, exif_transpose=exif_transpose)  # reads, no model
+        self._settings = settings
 
     def process(self, readable):
         path = readable.metadata.path
         try:
-            pixels = load_pixels(readable, self._n_px, self._exif)
+            pixels = load_pixels(readable, self._embedder)
         except Exception as e:  # any failure of one image is that image's error record
             message = str(e) if isinstance(e, ImageReadError) else f"{type(e).__name__} in preprocess: {e}"
             logger.warning("cannot caption %s: %s", path, message)
@@ -287,7 +273,7 @@ class ClipCapModelHandler(ModelHandler):
 
     def run_inference(self, batch, model, inference_args=None):
         paths = [path for path, _ in batch]
-        embeddings = np.asarray(model.clip.encode_pixels(np.stack([pixels for _, pixels in batch])))
+        embeddings = model.clip.image_embedder().encode_batch([pixels for _, pixels in batch])
         generated = model.generate(embeddings, method=self.method, **self.generate_kwargs)
         return [PredictionResult(path, candidates, model.name) for path, candidates in zip(paths, generated)]
 

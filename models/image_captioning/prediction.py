@@ -50,7 +50,7 @@ import numpy as np
 
 from custom_architectures.samplers import sampler_class
 from utils.file_utils import DEFAULT_MAX_BYTES, file_lock, read_regular_file, write_json_atomic
-from utils.image_io import ImageReadError, expand_paths, read_image
+from utils.image_io import ImageReadError, expand_paths
 from utils.pipeline import Pipeline, Stage
 
 logger = logging.getLogger(__name__)
@@ -245,11 +245,6 @@ def _check_model(model):
     return clip
 
 
-def _encode_pixels(model, pixels):
-    """(B, n_px, n_px, 3) -> the embeddings model.generate expects (B, D), as model.encode_images makes them."""
-    return np.asarray(model.clip.encode_pixels(pixels))
-
-
 def _candidates(generated):
     """Every returned caption, best first: text, score and token ids (as `ClipCap.generate` gives them)."""
     return [{"text": c["text"], "score": float(c["score"]),
@@ -318,6 +313,8 @@ def predict(model, images, batch_size=16, method="greedy", save=True, overwrite=
 
     view = _MapView(map_path, stored)
     skip_others = save and not overwrite
+    # read -> preprocess -> encode: the stages of `clip.encode_image` / model.encode_images, run concurrently
+    embedder = clip.image_embedder(exif_transpose=exif_transpose, max_bytes=max_file_bytes)
 
     def read(i):
         key = entries[i].key
@@ -325,18 +322,17 @@ def predict(model, images, batch_size=16, method="greedy", save=True, overwrite=
             cached = view.get(key)
             if _is_fresh(cached, settings, key):  # a concurrent run captioned it meanwhile
                 raise _CaptionedElsewhere(cached)
-        return read_image(entries[i].source, exif_transpose=exif_transpose, max_bytes=max_file_bytes)
+        return embedder.read(entries[i].source)
 
     def encode(batch):
-        return list(_encode_pixels(model, np.stack(batch)))  # (B, n_px, n_px, 3) -> (B, D)
+        return list(embedder.encode_batch(batch))  # B x (n_px, n_px, 3) -> B x (D,)
 
     def generate(batch):
         return model.generate(np.stack(batch), method=method, **generate_kwargs)  # B lists of candidates
 
     pipeline = Pipeline([
         Stage(read, name="read", workers=2),
-        # the image is already decoded and oriented by `read`: preprocess must not transpose (copy) it again
-        Stage(lambda image: clip.preprocess(image, exif_transpose=False), name="preprocess"),
+        Stage(embedder.preprocess, name="preprocess"),
         # model stages fail for every image alike (bad arguments, memory): stop instead of retrying per image
         Stage(encode, name="encode", batch_size=batch_size, errors="raise"),
         Stage(generate, name="generate", batch_size=batch_size, errors="raise"),

@@ -1,11 +1,11 @@
 """`CLIP`: the object users call to embed images and texts with an OpenAI CLIP model, in Keras.
 
-It ties together image reading (`utils.image_io`), OpenAI-identical preprocessing
-(`utils.clip_preprocessing`), the Keras encoders (`custom_architectures.clip_arch`) and the CLIP tokenizer
-(`models.siamese.clip_tokenizer`). ``from_pretrained`` converts an OpenAI ``.pt`` (TorchScript or state
-dict; torch needed); ``save`` writes a saved-model folder (format 2, `models.siamese.clip_saving`:
-config.json, model.weights.h5, metadata.json, README.md and the tokenizer's vocabulary) that ``load`` reads
-without torch (format-1 folders too).
+It ties together the image path (`models.siamese.image_embedding.ImageEmbedder`: reading with
+`utils.image_io`, OpenAI-identical preprocessing with `utils.clip_preprocessing`), the Keras encoders
+(`custom_architectures.clip_arch`) and the CLIP tokenizer (`models.siamese.clip_tokenizer`).
+``from_pretrained`` converts an OpenAI ``.pt`` (TorchScript or state dict; torch needed); ``save`` writes a
+saved-model folder (format 2, `models.siamese.clip_saving`: config.json, model.weights.h5, metadata.json,
+README.md and the tokenizer's vocabulary) that ``load`` reads without torch (format-1 folders too).
 
 Example::
 
@@ -26,16 +26,8 @@ from custom_architectures.batching import pad_batch, power_of_two_at_least  # no
 from custom_architectures.clip_arch import CLIPModel, ModifiedResNet  # noqa: E402
 from models import check_jit_compile  # noqa: E402
 from models.siamese.clip_tokenizer import CLIPTokenizer  # noqa: E402
-from utils.clip_preprocessing import preprocess_image  # noqa: E402
-from utils.image_io import read_image  # noqa: E402
-
-
-def _is_single_image(images):
-    if isinstance(images, (str, os.PathLike, bytes)):
-        return True
-    if isinstance(images, np.ndarray):
-        return images.ndim in (2, 3)
-    return not isinstance(images, (list, tuple))
+from models.siamese.image_embedding import ImageEmbedder  # noqa: E402
+from utils.file_utils import DEFAULT_MAX_BYTES  # noqa: E402
 
 
 class CLIP:
@@ -161,12 +153,20 @@ class CLIP:
 
     # --- images --------------------------------------------------------------------------------------
 
+    def image_embedder(self, exif_transpose=True, max_bytes=DEFAULT_MAX_BYTES):
+        """The `ImageEmbedder` of this CLIP: read -> OpenAI preprocessing -> `encode_pixels`, as stages.
+
+        ``exif_transpose=False`` reproduces OpenAI exactly (it ignores the EXIF orientation); image files
+        above ``max_bytes`` are refused.
+        """
+        return ImageEmbedder.from_clip(self, exif_transpose=exif_transpose, max_bytes=max_bytes)
+
     def preprocess(self, image, exif_transpose=True):
         """One image (path / PIL / array) -> (n_px, n_px, 3) float32, OpenAI's transform channels-last.
 
         ``exif_transpose=False`` reproduces OpenAI exactly (it ignores the EXIF orientation).
         """
-        return preprocess_image(read_image(image, exif_transpose=exif_transpose), self.input_resolution)
+        return self.image_embedder(exif_transpose).load(image)
 
     def encode_pixels(self, pixels):
         """Preprocessed pixels (B, n_px, n_px, 3) -> raw (unnormalised) image features (B, embed_dim)."""
@@ -183,17 +183,7 @@ class CLIP:
 
     def encode_image(self, images, batch_size=32, exif_transpose=True):
         """Images (a path, PIL image or array, or a list of them / an (N, H, W, C) array) -> (N, embed_dim)."""
-        if _is_single_image(images):
-            images = [images]
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        features = []
-        for start in range(0, len(images), batch_size):
-            batch = [self.preprocess(image, exif_transpose) for image in images[start : start + batch_size]]
-            features.append(self.encode_pixels(np.stack(batch)))
-        if not features:
-            return np.zeros((0, self.embed_dim), np.float32)
-        return np.concatenate(features)
+        return self.image_embedder(exif_transpose).embed(images, batch_size=batch_size)
 
     # --- texts ---------------------------------------------------------------------------------------
 
