@@ -20,6 +20,7 @@ from pathlib import Path
 
 from custom_train_objects import commands as train_commands
 from models import batch_command  # imports neither Beam nor TensorFlow
+from utils import compile_cache
 from utils.cli import (  # noqa: F401 (escape_field, load_model: part of main's API)
     EXIT_FAILED_INPUTS,
     EXIT_INTERRUPTED,
@@ -37,6 +38,11 @@ from utils.cli import (  # noqa: F401 (escape_field, load_model: part of main's 
 from utils.cli import Formatter as _Formatter
 from utils.cli import fail as _fail
 from utils.file_utils import DEFAULT_MAX_BYTES
+from utils.tf_startup import import_tensorflow, quiet_environment
+
+#: commands that load TensorFlow (imported quietly up front); `caption` imports it itself, only when it has
+#: work to do, and `download` only when it converts
+TF_COMMANDS = ("convert", "export", "train", "extract", "evaluate", "batch")
 
 ENVIRONMENT_HELP = """\
 environment variables:
@@ -45,6 +51,8 @@ environment variables:
   IMAGE_CAPTIONING_OFFLINE=1          never download: a missing file is an error naming the file and the
                                       path where to place it
   IMAGE_CAPTIONING_HOME=<dir>         the model store (default: pretrained_models/ in the repository)
+  IMAGE_CAPTIONING_XLA_CACHE=0        do not keep compiled XLA programs in <model store>/xla_cache/
+                                      (`main.py cache` shows it, `main.py cache --clear` empties it)
 
 exit codes:
   0 every image captioned, 1 some inputs failed (listed on stderr), 2 usage error,
@@ -64,6 +72,7 @@ def _model_arg_help():
 
 
 def cmd_caption(args):
+    import_tensorflow(quiet=not args.verbose)
     from loggers.console import quiet_logger
     from models.image_captioning.clip_cap import check_decoding_args
     from models.image_captioning.prediction import predict
@@ -205,6 +214,7 @@ def cmd_download(args):
         return EXIT_OK
     if not args.names:
         return _fail("give at least one name (or --list)", EXIT_USAGE)
+    import_tensorflow(quiet=not args.verbose)
     for name in args.names:
         if name not in downloads.MODELS and name not in downloads.CLIP_SOURCES:
             return _fail(f"unknown name {name!r}; known: {', '.join([*downloads.MODELS, *downloads.CLIP_SOURCES])}",
@@ -223,6 +233,31 @@ def cmd_download(args):
     return EXIT_OK
 
 
+# ------------------------------------------------------------------------------------------------ cache
+
+
+def cmd_cache(args):
+    from utils import compile_cache
+    from utils.file_utils import UnsafePathError
+
+    if args.clear:
+        try:
+            root = compile_cache.clear()
+        except (UnsafePathError, OSError) as e:
+            return _fail(f"cannot clear the compile cache: {e}", EXIT_USAGE)
+        print(f"cleared {root}")
+        return EXIT_OK
+    info = compile_cache.describe()
+    print(f"compile cache: {info['root']}{'' if info['enabled'] else ' (disabled: IMAGE_CAPTIONING_XLA_CACHE)'}")
+    print(f"this version's folder: {info['current']}")
+    for key, entry in info["keys"].items():
+        current = " (current)" if info["current"].endswith(key) else ""
+        print(f"  {key}: {entry['entries']} programs, {entry['bytes'] / 1e6:.1f} MB{current}")
+    total = sum(e["bytes"] for e in info["keys"].values())
+    print(f"total: {total / 1e6:.1f} MB")
+    return EXIT_OK
+
+
 # ------------------------------------------------------------------------------------------------ parser
 
 
@@ -231,7 +266,8 @@ def build_parser():
         prog="main.py", formatter_class=_Formatter, epilog=ENVIRONMENT_HELP,
         description="ClipCap image captioning in TensorFlow / Keras: caption images, convert the official "
                     "PyTorch checkpoints, download models, train and evaluate.")
-    parser.add_argument("-v", "--verbose", action="store_true", help="log progress details (INFO)")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="log progress details (INFO) and keep TensorFlow's own log lines")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("caption", formatter_class=_Formatter, epilog=ENVIRONMENT_HELP,
@@ -303,6 +339,14 @@ def build_parser():
     p.add_argument("--force", action="store_true", help="convert again even if a saved model exists")
     p.set_defaults(func=cmd_download)
 
+    p = sub.add_parser("cache", formatter_class=_Formatter, epilog=ENVIRONMENT_HELP,
+                       help="show or clear the compiled-program (XLA) cache",
+                       description="Compiled XLA programs are kept in <model store>/xla_cache/<key>/ (key: "
+                                   "TensorFlow, Keras, Python, CPU and library versions), so a new process "
+                                   "loads them instead of compiling again. Show where and how large, or clear it.")
+    p.add_argument("--clear", action="store_true", help="delete every cached program (only cache files)")
+    p.set_defaults(func=cmd_cache)
+
     train_commands.register(sub)
     batch_command.register(sub)
     return parser
@@ -318,7 +362,11 @@ def main(argv=None):
         args.pipeline_args = unknown
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
+    quiet_environment(args.verbose)  # no TensorFlow C++ log lines unless --verbose or the user set the level
+    compile_cache.enable()  # before TensorFlow is imported (a no-op when `models` already did it)
     try:
+        if args.command in TF_COMMANDS:
+            import_tensorflow(quiet=not args.verbose)
         code = args.func(args)
     except KeyboardInterrupt:  # Ctrl-C anywhere (loading a model, converting): a clean exit, no traceback
         return _fail("interrupted", EXIT_INTERRUPTED)

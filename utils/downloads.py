@@ -75,12 +75,12 @@ from utils.file_utils import (
     read_regular_file,
     write_json_atomic,
 )
+from utils.store import HOME_ENV, home_dir  # noqa: F401 (HOME_ENV, home_dir: part of this module's API)
 
 logger = logging.getLogger(__name__)
 
 MIRROR_ENV = "IMAGE_CAPTIONING_MIRROR"
 OFFLINE_ENV = "IMAGE_CAPTIONING_OFFLINE"
-HOME_ENV = "IMAGE_CAPTIONING_HOME"
 
 _CHUNK = 1 << 20
 _TIMEOUT_S = 60  # seconds without a byte before a transfer counts as failed
@@ -212,12 +212,6 @@ def resolve_model(name_or_spec) -> ModelSpec:
 
 
 # ------------------------------------------------------------------------------------------------ places
-
-
-def home_dir() -> Path:
-    """The model store: ``$IMAGE_CAPTIONING_HOME`` or ``pretrained_models/`` in the repository."""
-    env = os.environ.get(HOME_ENV)
-    return Path(env) if env else Path(__file__).resolve().parents[1] / "pretrained_models"
 
 
 def downloads_dir(root=None) -> Path:
