@@ -47,6 +47,8 @@ logger = logging.getLogger(__name__)
 CACHE_ENV = "IMAGE_CAPTIONING_XLA_CACHE"
 FLAGS_ENV = "TF_XLA_FLAGS"
 FLAG = "--tf_xla_persistent_cache_directory"
+#: the folder `enable` put in TF_XLA_FLAGS (inherited by child processes, which then use their own store's)
+_OURS_ENV = "IMAGE_CAPTIONING_XLA_CACHE_DIR"
 CACHE_DIRNAME = "xla_cache"
 _ROOT = Path(__file__).resolve().parents[1]
 #: the library's folders whose source goes into the key (what builds the compiled programs, and more)
@@ -148,14 +150,18 @@ def enable(home=None):
     if is_disabled():
         return None
     existing = configured_dir()
-    if existing is not None:
-        return existing
+    ours = os.environ.get(_OURS_ENV)
+    if existing is not None and (str(existing) != ours or "tensorflow" in sys.modules):
+        return existing  # the user's own cache, or ours already in effect in this process
     if "tensorflow" in sys.modules:
         logger.debug("TensorFlow is already imported: no persistent XLA cache for this process")
         return None
     directory = cache_dir(home)
-    flags = os.environ.get(FLAGS_ENV, "").strip()
-    os.environ[FLAGS_ENV] = f"{flags} {FLAG}={directory}".strip()
+    flags = os.environ.get(FLAGS_ENV, "")
+    if existing is not None:  # set by a parent process of ours, for its store: replaced by this one's
+        flags = flags.replace(f"{FLAG}={existing}", "")
+    os.environ[FLAGS_ENV] = " ".join([*flags.split(), f"{FLAG}={directory}"])
+    os.environ[_OURS_ENV] = str(directory)
     return directory
 
 
