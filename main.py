@@ -72,6 +72,18 @@ def _model_arg_help():
 
 
 def cmd_caption(args):
+    images = list(args.images)
+    try:
+        for path in args.from_file or ():
+            images.extend(_read_list(path))
+    except ValueError as e:
+        return _fail(str(e), EXIT_USAGE)
+    if not images:
+        return _fail(f"no images listed in {', '.join(args.from_file)}", EXIT_USAGE)
+    results = None if args.no_save or args.overwrite else _answers_from_map(args, images)
+    if results is not None:  # every image already captioned with these settings: no model loaded
+        return _report(args, results)
+
     import_tensorflow(quiet=not args.verbose)
     from loggers.console import quiet_logger
     from models.image_captioning.clip_cap import check_decoding_args
@@ -86,7 +98,7 @@ def cmd_caption(args):
         return code
     try:
         with quiet_logger("models.image_captioning.prediction"):  # failures are listed below
-            results = predict(model, args.images, batch_size=args.batch_size, method=args.method,
+            results = predict(model, images, batch_size=args.batch_size, method=args.method,
                               save=not args.no_save, overwrite=args.overwrite, output_dir=args.output_dir,
                               return_candidates=args.json, progress=not args.no_progress,
                               exif_transpose=not args.no_exif_transpose, max_file_bytes=_max_bytes(args),
@@ -95,6 +107,38 @@ def cmd_caption(args):
         return _fail("interrupted; every caption made so far is saved in map.json", EXIT_INTERRUPTED)
     except (TypeError, ValueError) as e:  # e.g. arguments the decoding method does not accept
         return _fail(str(e), EXIT_USAGE)
+    return _report(args, results)
+
+
+def _answers_from_map(args, images):
+    """``predict``'s results from map.json alone when the saved model's every input is there with these
+    settings (`models.image_captioning.cached_answers`), else None (the model is needed)."""
+    from models.image_captioning.cached_answers import answers_from_map
+    from utils.cli import resolve_model_dir
+
+    try:
+        model_dir = resolve_model_dir(args.model, download=False)
+    except (UnknownModelError, ValueError):
+        return None  # reported when loading
+    if not os.path.isdir(model_dir):  # an official model not downloaded yet
+        return None
+    return answers_from_map(model_dir, images, method=args.method, output_dir=args.output_dir,
+                            return_candidates=args.json, **decoding_kwargs(args))
+
+
+def _read_list(path):
+    """The images listed in a text file: one path or URL a line; blank lines and ``#`` comments skipped."""
+    from utils.file_utils import DEFAULT_MAX_BYTES, read_regular_file
+
+    try:
+        text = read_regular_file(path, DEFAULT_MAX_BYTES).decode("utf-8")
+    except (OSError, ValueError) as e:
+        raise ValueError(f"cannot read the list of images {path}: {e}") from e
+    return [line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+
+
+def _report(args, results):
+    """Print the results (lines or JSON on stdout, failures on stderr); the exit code."""
     if args.json:
         print(json.dumps(results, indent=1, ensure_ascii=False, default=str))
     else:
@@ -275,8 +319,11 @@ def build_parser():
                        description="Caption images: one '<path>\\t<caption>' line per image on stdout (or JSON "
                                    "with --json), results saved to map.json; a rerun skips images already "
                                    "captioned with the same model and settings.")
-    p.add_argument("images", nargs="+", help="image files, directories (searched recursively) or glob patterns "
-                                             "(quote them: 'photos/**/*.jpg')")
+    p.add_argument("images", nargs="*", help="image files, directories (searched recursively), glob patterns "
+                                             "(quote them: 'photos/**/*.jpg') or http(s) URLs")
+    p.add_argument("--from-file", action="append", metavar="LIST",
+                   help="a text file listing images (paths, directories, patterns or URLs), one a line; blank "
+                        "lines and lines starting with # are skipped (repeatable)")
     p.add_argument("--model", default="coco", help=_model_arg_help())
     add_decoding_arguments(p)
     p.add_argument("--json", action="store_true",
@@ -360,6 +407,8 @@ def main(argv=None):
         if not hasattr(args, "pipeline_args"):
             parser.error(f"unrecognized arguments: {' '.join(unknown)}")
         args.pipeline_args = unknown
+    if args.command == "caption" and not args.images and not args.from_file:
+        parser.error("caption: give images (paths, directories, patterns, URLs) or --from-file LIST")
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     quiet_environment(args.verbose)  # no TensorFlow C++ log lines unless --verbose or the user set the level

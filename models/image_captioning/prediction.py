@@ -22,8 +22,8 @@ its entry was made by the same model with the same settings (method and every ge
 file is unchanged; otherwise (or with ``overwrite=True``) it is captioned again and the entry replaced. The
 run's view of map.json is refreshed at every write (and every few seconds while reading images), so an
 image that a concurrent run captioned meanwhile with the same settings is taken from map.json instead of
-being read and captioned again. Images given in memory (PIL, numpy) are captioned but never written to
-map.json.
+being read and captioned again. Images given in memory (PIL, numpy) and http(s) URLs (what a URL serves
+may change) are captioned but never written to map.json.
 
 Only regular files are read (`utils.image_io`): a FIFO, device or dangling link inside a directory gets its
 own error without blocking the run; image files above ``max_file_bytes`` and a map.json above
@@ -49,7 +49,7 @@ from pathlib import Path
 import numpy as np
 
 from utils.file_utils import DEFAULT_MAX_BYTES, file_lock, read_regular_file, write_json_atomic
-from utils.image_io import ImageReadError, expand_paths, read_image
+from utils.image_io import ImageReadError, expand_paths, is_url, read_image
 from utils.pipeline import Pipeline, Stage
 
 logger = logging.getLogger(__name__)
@@ -94,8 +94,8 @@ def expand_inputs(images):
             except ImageReadError as e:
                 entries.append(_Entry(label=path, error=str(e)))
                 continue
-            entries.extend(_Entry(label=p, source=p, key=os.path.abspath(p)) if problem is None else
-                           _Entry(label=p, error=problem) for p, problem in paths)
+            entries.extend(_Entry(label=p, source=p, key=None if is_url(p) else os.path.abspath(p))
+                           if problem is None else _Entry(label=p, error=problem) for p, problem in paths)
         elif isinstance(item, np.ndarray) and item.ndim == 4:
             entries.extend(_Entry(label=None, source=one) for one in item)
         else:
@@ -177,8 +177,12 @@ def _jsonable(value):
 
 def generation_settings(model, method, generate_kwargs):
     """What decides a caption, as stored in map.json and compared on rerun."""
-    return {"model": getattr(model, "name", None), "method": method,
-            **{k: _jsonable(v) for k, v in sorted(generate_kwargs.items())}}
+    return generation_settings_for(getattr(model, "name", None), method, generate_kwargs)
+
+
+def generation_settings_for(model_name, method, generate_kwargs):
+    """`generation_settings` from the model's name alone (no model needed)."""
+    return {"model": model_name, "method": method, **{k: _jsonable(v) for k, v in sorted(generate_kwargs.items())}}
 
 
 # ---------------------------------------------------------------------------------------------- the model
