@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import sys
+import time
 from pathlib import Path
 
 from custom_train_objects import commands as train_commands
@@ -93,16 +94,22 @@ def cmd_caption(args):
         check_decoding_args(args.method, **decoding_kwargs(args))
     except (TypeError, ValueError) as e:
         return _fail(str(e), EXIT_USAGE)
+    status = None if args.no_progress else (lambda line: print(line, file=sys.stderr, flush=True))
+    if status:
+        status(f"loading {args.model} ...")
+    start = time.perf_counter()
     model, code = model_or_exit_code(args.model)
     if model is None:
         return code
+    if status:
+        status(f"{args.model} loaded in {time.perf_counter() - start:.1f} s")
     try:
         with quiet_logger("models.image_captioning.prediction"):  # failures are listed below
             results = predict(model, images, batch_size=args.batch_size, method=args.method,
                               save=not args.no_save, overwrite=args.overwrite, output_dir=args.output_dir,
                               return_candidates=args.json, progress=not args.no_progress,
                               exif_transpose=not args.no_exif_transpose, max_file_bytes=_max_bytes(args),
-                              **decoding_kwargs(args))
+                              status=status, **decoding_kwargs(args))
     except KeyboardInterrupt:
         return _fail("interrupted; every caption made so far is saved in map.json", EXIT_INTERRUPTED)
     except (TypeError, ValueError) as e:  # e.g. arguments the decoding method does not accept
@@ -331,7 +338,8 @@ def build_parser():
     p.add_argument("--output-dir", help="where map.json is written (default: pretrained_models/<model>/outputs)")
     p.add_argument("--overwrite", action="store_true", help="caption again images already in map.json")
     p.add_argument("--no-save", action="store_true", help="neither read nor write map.json")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--no-progress", action="store_true",
+                   help="no progress bar nor status lines (loading, compiling) on stderr")
     p.add_argument("--no-exif-transpose", action="store_true",
                    help="ignore the EXIF orientation (as OpenAI's and the official ClipCap code do)")
     p.add_argument("--max-file-bytes", type=_non_negative_int, default=DEFAULT_MAX_BYTES,

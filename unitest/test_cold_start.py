@@ -162,3 +162,20 @@ def test_rerun_answers_from_map_without_loading_the_model(tiny_model, tmp_path, 
     os.utime(images / "cat.jpg", ns=(1, 1))  # the file changed since: captioned again
     assert main.main(argv) == 3
     capsys.readouterr()
+
+
+def test_status_lines_on_stderr_only(tiny_model, tmp_path, monkeypatch, capsys):
+    """A default caption run says what it waits for (loading, each first compilation) on stderr; stdout keeps
+    only the results (also with --json); --no-progress silences the status lines."""
+    monkeypatch.setenv("IMAGE_CAPTIONING_HOME", str(tmp_path / "home"))
+    argv = ["caption", str(ROOT / "demo" / "cat.jpg"), "--model", tiny_model, "--max-length", "3", "--no-save"]
+    assert main.main([*argv, "--json"]) == 0
+    out, err = capsys.readouterr()
+    assert json.loads(out)[0]["caption"] is not None  # stdout: the JSON alone
+    lines = err.splitlines()
+    for expected in (f"loading {tiny_model} ...", "compiling the CLIP encoder for batch 1 ...",
+                     "compiling the decoder for batch 1 (greedy, max_length=3) ..."):
+        assert expected in lines, err
+    assert any(line.startswith("the decoder for batch 1 (greedy, max_length=3) ready in ") for line in lines), err
+    assert main.main([*argv, "--no-progress"]) == 0
+    assert capsys.readouterr().err == ""

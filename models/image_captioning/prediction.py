@@ -48,6 +48,8 @@ from pathlib import Path
 
 import numpy as np
 
+from models.image_captioning.compile_status import CompileStatus
+from utils.batching import power_of_two_at_least
 from utils.file_utils import DEFAULT_MAX_BYTES, file_lock, read_regular_file, write_json_atomic
 from utils.image_io import ImageReadError, expand_paths, is_url, read_image
 from utils.pipeline import Pipeline, Stage
@@ -265,7 +267,7 @@ def _candidates(generated):
 
 def predict(model, images, batch_size=16, method="greedy", save=True, overwrite=False, display=False,
             output_dir=None, return_candidates=False, progress=True, exif_transpose=True,
-            max_file_bytes=DEFAULT_MAX_BYTES, **generate_kwargs):
+            max_file_bytes=DEFAULT_MAX_BYTES, status=None, **generate_kwargs):
     """Caption many images concurrently; one result per image, in input order.
 
     Args:
@@ -282,6 +284,8 @@ def predict(model, images, batch_size=16, method="greedy", save=True, overwrite=
         progress: a tqdm bar with images per second.
         exif_transpose: apply the EXIF orientation (OpenAI's / the official code do not).
         max_file_bytes: refuse image files larger than this many bytes (None: no limit); each gets its error.
+        status: a callable given a line before and after each first compilation (`compile_status`); the
+            progress bar starts after the first results, so its ETA does not count the compilation.
         **generate_kwargs: passed to ``model.generate`` (``beam_size``, ``max_length``, ``temperature``,
             ``top_k``, ``top_p``, ``num_captions``, ``seed``, ``stop_token``).
 
@@ -332,11 +336,16 @@ def predict(model, images, batch_size=16, method="greedy", save=True, overwrite=
                 raise _CaptionedElsewhere(cached)
         return read_image(entries[i].source, exif_transpose=exif_transpose, max_bytes=max_file_bytes)
 
+    compiling = CompileStatus(model, status)
+    details = ", ".join([method, *(f"{k}={v}" for k, v in sorted(generate_kwargs.items()))])
+
     def encode(batch):
-        return list(_encode_pixels(model, np.stack(batch)))  # (B, n_px, n_px, 3) -> (B, D)
+        with compiling.first_call("the CLIP encoder", power_of_two_at_least(len(batch))):
+            return list(_encode_pixels(model, np.stack(batch)))  # (B, n_px, n_px, 3) -> (B, D)
 
     def generate(batch):
-        return model.generate(np.stack(batch), method=method, **generate_kwargs)  # B lists of candidates
+        with compiling.first_call("the decoder", power_of_two_at_least(len(batch)), details):
+            return model.generate(np.stack(batch), method=method, **generate_kwargs)  # B lists of candidates
 
     pipeline = Pipeline([
         Stage(read, name="read", workers=2),
@@ -345,7 +354,8 @@ def predict(model, images, batch_size=16, method="greedy", save=True, overwrite=
         # model stages fail for every image alike (bad arguments, memory): stop instead of retrying per image
         Stage(encode, name="encode", batch_size=batch_size, errors="raise"),
         Stage(generate, name="generate", batch_size=batch_size, errors="raise"),
-    ], queue_size=2 * batch_size, progress=progress, desc=f"captioning ({method})", unit="image")
+    ], queue_size=2 * batch_size, progress=progress, desc=f"captioning ({method})", unit="image",
+        bar_from_first_result=True)
 
     pending = {}
     try:
