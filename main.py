@@ -18,10 +18,12 @@ import json
 import logging
 import os
 import sys
+import time
 from pathlib import Path
 
 from custom_train_objects import commands as train_commands
 from models import batch_command  # imports neither Beam nor TensorFlow
+from utils import compile_cache
 from utils.cli import (  # noqa: F401 (escape_field, load_model: part of main's API)
     EXIT_FAILED_INPUTS,
     EXIT_INTERRUPTED,
@@ -39,6 +41,11 @@ from utils.cli import (  # noqa: F401 (escape_field, load_model: part of main's 
 from utils.cli import Formatter as _Formatter
 from utils.cli import fail as _fail
 from utils.file_utils import DEFAULT_MAX_BYTES
+from utils.tf_startup import import_tensorflow, quiet_environment
+
+#: commands that load TensorFlow (imported quietly up front); `caption` imports it itself, only when it has
+#: work to do, and `download` only when it converts
+TF_COMMANDS = ("convert", "export", "train", "extract", "evaluate", "batch")
 
 ENVIRONMENT_HELP = """\
 environment variables:
@@ -47,6 +54,8 @@ environment variables:
   IMAGE_CAPTIONING_OFFLINE=1          never download: a missing file is an error naming the file and the
                                       path where to place it
   IMAGE_CAPTIONING_HOME=<dir>         the model store (default: pretrained_models/ in the repository)
+  IMAGE_CAPTIONING_XLA_CACHE=0        do not keep compiled XLA programs in <model store>/xla_cache/
+                                      (`main.py cache` shows it, `main.py cache --clear` empties it)
 
 exit codes:
   0 every image captioned, 1 some inputs failed (listed on stderr), 2 usage error,
@@ -66,6 +75,19 @@ def _model_arg_help():
 
 
 def cmd_caption(args):
+    images = list(args.images)
+    try:
+        for path in args.from_file or ():
+            images.extend(_read_list(path))
+    except ValueError as e:
+        return _fail(str(e), EXIT_USAGE)
+    if not images:
+        return _fail(f"no images listed in {', '.join(args.from_file)}", EXIT_USAGE)
+    results = None if args.no_save or args.overwrite else _answers_from_map(args, images)
+    if results is not None:  # every image already captioned with these settings: no model loaded
+        return _report(args, results)
+
+    import_tensorflow(quiet=not args.verbose)
     from loggers.console import quiet_logger
     from models.image_captioning.clip_cap import check_decoding_args
     from models.image_captioning.prediction import predict
@@ -74,20 +96,58 @@ def cmd_caption(args):
         check_decoding_args(args.method, **decoding_kwargs(args))
     except (TypeError, ValueError) as e:
         return _fail(str(e), EXIT_USAGE)
+    status = None if args.no_progress else (lambda line: print(line, file=sys.stderr, flush=True))
+    if status:
+        status(f"loading {args.model} ...")
+    start = time.perf_counter()
     model, code = model_or_exit_code(args.model)
     if model is None:
         return code
+    if status:
+        status(f"{args.model} loaded in {time.perf_counter() - start:.1f} s")
     try:
         with quiet_logger("models.image_captioning.prediction"):  # failures are listed below
-            results = predict(model, args.images, batch_size=args.batch_size, method=args.method,
+            results = predict(model, images, batch_size=args.batch_size, method=args.method,
                               save=not args.no_save, overwrite=args.overwrite, output_dir=args.output_dir,
                               return_candidates=args.json, progress=not args.no_progress,
                               exif_transpose=not args.no_exif_transpose, max_file_bytes=_max_bytes(args),
-                              **decoding_kwargs(args))
+                              status=status, **decoding_kwargs(args))
     except KeyboardInterrupt:
         return _fail("interrupted; every caption made so far is saved in map.json", EXIT_INTERRUPTED)
     except (TypeError, ValueError) as e:  # e.g. arguments the decoding method does not accept
         return _fail(str(e), EXIT_USAGE)
+    return _report(args, results)
+
+
+def _answers_from_map(args, images):
+    """``predict``'s results from map.json alone when the saved model's every input is there with these
+    settings (`models.image_captioning.cached_answers`), else None (the model is needed)."""
+    from models.image_captioning.cached_answers import answers_from_map
+    from utils.cli import resolve_model_dir
+
+    try:
+        model_dir = resolve_model_dir(args.model, download=False)
+    except (UnknownModelError, ValueError):
+        return None  # reported when loading
+    if not os.path.isdir(model_dir):  # an official model not downloaded yet
+        return None
+    return answers_from_map(model_dir, images, method=args.method, output_dir=args.output_dir,
+                            return_candidates=args.json, **decoding_kwargs(args))
+
+
+def _read_list(path):
+    """The images listed in a text file: one path or URL a line; blank lines and ``#`` comments skipped."""
+    from utils.file_utils import DEFAULT_MAX_BYTES, read_regular_file
+
+    try:
+        text = read_regular_file(path, DEFAULT_MAX_BYTES).decode("utf-8")
+    except (OSError, ValueError) as e:
+        raise ValueError(f"cannot read the list of images {path}: {e}") from e
+    return [line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+
+
+def _report(args, results):
+    """Print the results (lines or JSON on stdout, failures on stderr); the exit code."""
     if args.json:
         print(json.dumps(results, indent=1, ensure_ascii=False, default=str))
     else:
@@ -275,6 +335,7 @@ def cmd_download(args):
         return EXIT_OK
     if not args.names:
         return _fail("give at least one name (or --list)", EXIT_USAGE)
+    import_tensorflow(quiet=not args.verbose)
     for name in args.names:
         if name not in MODELS and name not in CLIP_SOURCES:
             return _fail(f"unknown name {name!r}; known: {', '.join([*MODELS, *CLIP_SOURCES])}",
@@ -298,6 +359,31 @@ def cmd_download(args):
     return EXIT_OK
 
 
+# ------------------------------------------------------------------------------------------------ cache
+
+
+def cmd_cache(args):
+    from utils import compile_cache
+    from utils.file_utils import UnsafePathError
+
+    if args.clear:
+        try:
+            root = compile_cache.clear()
+        except (UnsafePathError, OSError) as e:
+            return _fail(f"cannot clear the compile cache: {e}", EXIT_USAGE)
+        print(f"cleared {root}")
+        return EXIT_OK
+    info = compile_cache.describe()
+    print(f"compile cache: {info['root']}{'' if info['enabled'] else ' (disabled: IMAGE_CAPTIONING_XLA_CACHE)'}")
+    print(f"this version's folder: {info['current']}")
+    for key, entry in info["keys"].items():
+        current = " (current)" if info["current"].endswith(key) else ""
+        print(f"  {key}: {entry['entries']} programs, {entry['bytes'] / 1e6:.1f} MB{current}")
+    total = sum(e["bytes"] for e in info["keys"].values())
+    print(f"total: {total / 1e6:.1f} MB")
+    return EXIT_OK
+
+
 # ------------------------------------------------------------------------------------------------ parser
 
 
@@ -306,7 +392,8 @@ def build_parser():
         prog="main.py", formatter_class=_Formatter, epilog=ENVIRONMENT_HELP,
         description="ClipCap image captioning in TensorFlow / Keras: caption images, convert the official "
                     "PyTorch checkpoints, download models, train and evaluate.")
-    parser.add_argument("-v", "--verbose", action="store_true", help="log progress details (INFO)")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="log progress details (INFO) and keep TensorFlow's own log lines")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("caption", formatter_class=_Formatter, epilog=ENVIRONMENT_HELP,
@@ -314,8 +401,11 @@ def build_parser():
                        description="Caption images: one '<path>\\t<caption>' line per image on stdout (or JSON "
                                    "with --json), results saved to map.json; a rerun skips images already "
                                    "captioned with the same model and settings.")
-    p.add_argument("images", nargs="+", help="image files, directories (searched recursively) or glob patterns "
-                                             "(quote them: 'photos/**/*.jpg')")
+    p.add_argument("images", nargs="*", help="image files, directories (searched recursively), glob patterns "
+                                             "(quote them: 'photos/**/*.jpg') or http(s) URLs")
+    p.add_argument("--from-file", action="append", metavar="LIST",
+                   help="a text file listing images (paths, directories, patterns or URLs), one a line; blank "
+                        "lines and lines starting with # are skipped (repeatable)")
     p.add_argument("--model", default="coco", help=_model_arg_help())
     add_decoding_arguments(p)
     p.add_argument("--json", action="store_true",
@@ -323,7 +413,8 @@ def build_parser():
     p.add_argument("--output-dir", help="where map.json is written (default: pretrained_models/<model>/outputs)")
     p.add_argument("--overwrite", action="store_true", help="caption again images already in map.json")
     p.add_argument("--no-save", action="store_true", help="neither read nor write map.json")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--no-progress", action="store_true",
+                   help="no progress bar nor status lines (loading, compiling) on stderr")
     p.add_argument("--no-exif-transpose", action="store_true",
                    help="ignore the EXIF orientation (as OpenAI's and the official ClipCap code do)")
     p.add_argument("--max-file-bytes", type=_non_negative_int, default=DEFAULT_MAX_BYTES,
@@ -404,6 +495,14 @@ def build_parser():
     p.add_argument("--force", action="store_true", help="convert again even if a saved model exists")
     p.set_defaults(func=cmd_download)
 
+    p = sub.add_parser("cache", formatter_class=_Formatter, epilog=ENVIRONMENT_HELP,
+                       help="show or clear the compiled-program (XLA) cache",
+                       description="Compiled XLA programs are kept in <model store>/xla_cache/<key>/ (key: "
+                                   "TensorFlow, Keras, Python, CPU and library versions), so a new process "
+                                   "loads them instead of compiling again. Show where and how large, or clear it.")
+    p.add_argument("--clear", action="store_true", help="delete every cached program (only cache files)")
+    p.set_defaults(func=cmd_cache)
+
     train_commands.register(sub)
     batch_command.register(sub)
     return parser
@@ -417,9 +516,15 @@ def main(argv=None):
         if not hasattr(args, "pipeline_args"):
             parser.error(f"unrecognized arguments: {' '.join(unknown)}")
         args.pipeline_args = unknown
+    if args.command == "caption" and not args.images and not args.from_file:
+        parser.error("caption: give images (paths, directories, patterns, URLs) or --from-file LIST")
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
+    quiet_environment(args.verbose)  # no TensorFlow C++ log lines unless --verbose or the user set the level
+    compile_cache.enable()  # before TensorFlow is imported (a no-op when `models` already did it)
     try:
+        if args.command in TF_COMMANDS:
+            import_tensorflow(quiet=not args.verbose)
         code = args.func(args)
     except KeyboardInterrupt:  # Ctrl-C anywhere (loading a model, converting): a clean exit, no traceback
         return _fail("interrupted", EXIT_INTERRUPTED)

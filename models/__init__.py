@@ -1,7 +1,15 @@
 """The user-facing models: `models.image_captioning.ClipCap` and `models.siamese.CLIP`.
 
 ``__version__`` is the library's version, recorded in every saved model's ``metadata.json``.
+
+Importing this package points TensorFlow's persistent XLA compilation cache at the model store
+(`utils.compile_cache.enable`) when TensorFlow is not imported yet: every module below imports TensorFlow
+after this runs. ``IMAGE_CAPTIONING_XLA_CACHE=0`` turns it off.
 """
+
+from utils import compile_cache as _compile_cache
+
+_compile_cache.enable()
 
 __version__ = "2.0.0"
 

@@ -183,3 +183,18 @@ def test_progress_bar_counts_items(capsys):
     list(Pipeline([Stage(str)], progress=True, desc="demo", unit="image").run(range(5)))
     err = capsys.readouterr().err
     assert "demo" in err and "5/5" in err and "image/s" in err
+
+
+def test_bar_from_first_result_counts_the_first_batch_before_its_clock(capsys):
+    """With bar_from_first_result the bar appears with the first batch already counted (its start-up, e.g. a
+    compilation, is not in the rate); every result still comes out, in order."""
+    def double(batch):
+        time.sleep(0.5)  # later batches come well after the first one
+        return [x * 2 for x in batch]
+
+    pipe = Pipeline([Stage(double, name="double", batch_size=4)], progress=True, desc="doubling",
+                    bar_from_first_result=True)
+    assert [item.value for item in pipe.run(range(10))] == [2 * x for x in range(10)]
+    err = capsys.readouterr().err.replace(" ", "")
+    assert err.startswith("\rdoubling:40%") and "4/10[00:00<?,?item/s]" in err  # no rate from the start-up
+    assert "10/10" in err

@@ -6,6 +6,10 @@ upright; OpenAI's CLIP pipeline does not do this: ``exif_transpose=False`` repro
 image's mode, so that preprocessing can follow OpenAI's order (resize, crop, then convert to RGB).
 `list_images` expands files, directories and glob patterns into a stable list of image paths.
 
+http(s) URLs are read by `read_url` (the one place images come from the network): urllib without any other
+scheme handler (a redirect to ``file:`` or ``ftp:`` is refused), at most ``max_bytes`` (announced or
+received), ``timeout`` seconds for the whole transfer; any failure is that image's `ImageReadError`.
+
 Only regular files are read: a path is opened without blocking and checked on its descriptor
 (`utils.file_utils.open_regular_file`), so a FIFO, socket or device named ``.jpg`` gets its own error instead
 of hanging the run or reading forever, and a file larger than ``max_bytes`` (default
@@ -20,9 +24,14 @@ Example::
 """
 
 import glob
+import http.client
 import io
 import logging
 import os
+import re
+import time
+import urllib.error
+import urllib.request
 import warnings
 
 import numpy as np
@@ -34,6 +43,10 @@ logger = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm")
 _GLOB_CHARS = set("*?[")
+_URL_RE = re.compile(r"[A-Za-z][A-Za-z0-9+.-]+://")
+URL_SCHEMES = ("http", "https")
+#: seconds for a whole image download (connecting, then every byte)
+URL_TIMEOUT_S = 30.0
 
 
 class ImageReadError(ValueError):
@@ -96,11 +109,61 @@ def _from_array(array):
     )
 
 
+def is_url(text) -> bool:
+    """Whether ``text`` is a string of the form ``scheme://...`` (any scheme: `read_url` refuses all but
+    http and https)."""
+    return isinstance(text, str) and bool(_URL_RE.match(text))
+
+
+def _url_opener():
+    # only HTTP(S) (+ proxies from the environment, redirects, errors): no file:, ftp: or data: handler
+    opener = urllib.request.OpenerDirector()
+    for handler in (urllib.request.ProxyHandler(), urllib.request.HTTPHandler(), urllib.request.HTTPSHandler(),
+                    urllib.request.HTTPRedirectHandler(), urllib.request.HTTPDefaultErrorHandler(),
+                    urllib.request.HTTPErrorProcessor()):
+        opener.add_handler(handler)
+    return opener
+
+
+def read_url(url, max_bytes=DEFAULT_MAX_BYTES, timeout=URL_TIMEOUT_S) -> bytes:
+    """The bytes an http(s) URL serves: at most ``max_bytes`` (None: no cap; refused from the announced
+    length when it exceeds it), within ``timeout`` seconds in all; `ImageReadError` otherwise (another
+    scheme, an HTTP error, no connection, too slow, too large, empty)."""
+    scheme = url.split("://", 1)[0].lower()
+    if scheme not in URL_SCHEMES:
+        raise ImageReadError(f"{url}: unsupported URL scheme {scheme!r} (only http and https are read)")
+    deadline = time.monotonic() + timeout
+    request = urllib.request.Request(url, headers={"User-Agent": "image_captioning"})
+    try:
+        with _url_opener().open(request, timeout=timeout) as response:
+            length = response.headers.get("Content-Length", "")
+            if max_bytes is not None and length.isdigit() and int(length) > max_bytes:
+                raise ImageReadError(f"{url}: {length} bytes exceeds the limit of {max_bytes} bytes "
+                                     "(raise max_bytes / --max-file-bytes if the source is trusted)")
+            data = bytearray()
+            while chunk := response.read1(1 << 16):
+                data += chunk
+                if max_bytes is not None and len(data) > max_bytes:
+                    raise ImageReadError(f"{url}: more than {max_bytes} bytes (raise max_bytes / "
+                                         "--max-file-bytes if the source is trusted)")
+                if time.monotonic() > deadline:
+                    raise ImageReadError(f"{url}: not downloaded within {timeout:g} s")
+    except urllib.error.HTTPError as e:
+        raise ImageReadError(f"{url}: HTTP error {e.code} {e.reason}") from e
+    except urllib.error.URLError as e:
+        raise ImageReadError(f"{url}: cannot download: {e.reason}") from e
+    except (TimeoutError, OSError, http.client.HTTPException) as e:
+        raise ImageReadError(f"{url}: cannot download: {type(e).__name__}: {e}") from e
+    if not data:
+        raise ImageReadError(f"{url}: empty response (0 bytes)")
+    return bytes(data)
+
+
 def read_image(source, exif_transpose=True, max_pixels=None, max_bytes=DEFAULT_MAX_BYTES):
     """A decoded `PIL.Image.Image` from a path, a PIL image or a numpy array, its mode kept.
 
     Args:
-        source: a file path (str / PathLike), a PIL image, or a numpy array (uint8 (H, W[, 1|3|4]),
+        source: a file path (str / PathLike), an http(s) URL (`read_url`), a PIL image, or a numpy array (uint8 (H, W[, 1|3|4]),
             uint16 (H, W), or floats in [0, 1]).
         exif_transpose: rotate / flip according to the EXIF orientation tag (OpenAI does not: False).
         max_pixels: refuse images with more pixels (default: PIL's ``Image.MAX_IMAGE_PIXELS``; None there
@@ -126,6 +189,8 @@ def read_image(source, exif_transpose=True, max_pixels=None, max_bytes=DEFAULT_M
     elif isinstance(source, np.ndarray):
         image = _from_array(source)
         _check_size(image.size, _pixel_limit(max_pixels), "image array")
+    elif is_url(source):
+        return _open_bytes(read_url(source, max_bytes), source, max_pixels, exif_transpose=exif_transpose)
     elif isinstance(source, (str, os.PathLike)):
         path = os.fspath(source)
         if not os.path.lexists(path):
@@ -175,7 +240,9 @@ def expand_paths(paths_dirs_globs):
         raise ImageReadError("no image paths given")
     found, seen = [], set()
     for item in items:
-        if os.path.isdir(item):
+        if is_url(item):
+            matches = [(item, None)]  # read (and judged) by read_image
+        elif os.path.isdir(item):
             # os.walk lists names without opening files (a FIFO cannot block it) and does not follow
             # symbolic links to directories (no loops)
             candidates = sorted(os.path.join(root, name) for root, _, names in os.walk(item)

@@ -112,12 +112,16 @@ class Pipeline:
         queue_size: capacity of each queue between two stages (back-pressure).
         progress: show a tqdm bar (items per second) while results come out.
         desc / unit: the bar's label and unit (``unit="image"`` shows images/s).
+        bar_from_first_result: show the bar only once the first results are out, counting them as done
+            before its clock starts: its rate and ETA measure the steady state, not a start-up (model
+            compilation) spent before the first result.
         join_timeout: seconds to wait for each thread at shutdown; a thread still running a long stage
             call after that is reported in the log (threads are daemons: they never keep the process alive).
     """
 
     def __init__(self, stages: list[Stage], queue_size: int = 32, progress: bool = True,
-                 desc: str | None = None, unit: str = "item", join_timeout: float = 10.0):
+                 desc: str | None = None, unit: str = "item", join_timeout: float = 10.0,
+                 bar_from_first_result: bool = False):
         if not stages:
             raise ValueError("a pipeline needs at least one stage")
         self.stages = [s if isinstance(s, Stage) else Stage(s) for s in stages]
@@ -126,6 +130,7 @@ class Pipeline:
         self.desc = desc
         self.unit = unit
         self.join_timeout = join_timeout
+        self.bar_from_first_result = bar_from_first_result
         self._running = False
 
     # ---------------------------------------------------------------------------------------------- run
@@ -153,15 +158,21 @@ class Pipeline:
                 threads.append(threading.Thread(
                     target=self._work, args=(stage, queues[i], queues[i + 1], stop, fatal, state, n_down),
                     name=f"pipeline-{stage.name}-{w}", daemon=True))
-        bar = tqdm(total=total, desc=self.desc, unit=self.unit, disable=not self.progress, dynamic_ncols=True)
+
+        def make_bar(initial=0):
+            return tqdm(total=total, desc=self.desc, unit=self.unit, disable=not self.progress, dynamic_ncols=True,
+                        initial=initial)
+
+        bar = None if self.bar_from_first_result else make_bar()
         pending: dict[int, Item] = {}
         next_index = 0
-        n_errors = 0
+        n_errors = skip = 0
         try:
             for t in threads:
                 t.start()
             out = queues[-1]
-            while not fatal:
+            ended = False
+            while not fatal and not ended:
                 try:
                     item = out.get(timeout=_POLL_S)
                 except queue.Empty:
@@ -169,11 +180,28 @@ class Pipeline:
                 if item is END:
                     break
                 pending[item.index] = item
+                if bar is None and next_index in pending:
+                    # the first results (a batch comes out item by item): done before the bar's clock starts
+                    while True:
+                        try:
+                            extra = out.get(timeout=_POLL_S)
+                        except queue.Empty:
+                            break
+                        if extra is END:
+                            ended = True
+                            break
+                        pending[extra.index] = extra
+                    skip = next(i for i in range(next_index, next_index + len(pending) + 1) if i not in pending)
+                    skip -= next_index
+                    bar = make_bar(initial=skip)
                 while next_index in pending:
                     ready = pending.pop(next_index)
                     next_index += 1
                     n_errors += not ready.ok
-                    bar.update(1)
+                    if skip:
+                        skip -= 1
+                    else:
+                        bar.update(1)
                     if n_errors:
                         bar.set_postfix(errors=n_errors, refresh=False)
                     yield ready
@@ -187,6 +215,7 @@ class Pipeline:
                         break
                     if item is not END:
                         pending[item.index] = item
+                bar = make_bar() if bar is None else bar
                 for index in sorted(pending):  # increasing order, with gaps where items were lost
                     bar.update(1)
                     yield pending.pop(index)
@@ -197,7 +226,8 @@ class Pipeline:
         finally:
             stop.set()
             self._shutdown(threads, queues)
-            bar.close()
+            if bar is not None:
+                bar.close()
             self._running = False
 
     # ------------------------------------------------------------------------------------------ threads

@@ -369,13 +369,10 @@ def caption_pipeline(pipeline, inputs, model_dir, output, method="greedy", batch
 
 def batch_settings(model_dir, method, generate_kwargs):
     """`prediction.generation_settings` for a saved model, read from its config.json (no weights loaded)."""
-    from types import SimpleNamespace
+    from models.image_captioning.cached_answers import saved_model_name
+    from models.image_captioning.prediction import generation_settings_for
 
-    from models.image_captioning.prediction import generation_settings
-
-    with open(Path(model_dir) / "config.json", encoding="utf-8") as f:
-        name = json.load(f).get("name") or Path(model_dir).name  # as ClipCap.load names the model
-    return generation_settings(SimpleNamespace(name=name), method, generate_kwargs)
+    return generation_settings_for(saved_model_name(model_dir), method, generate_kwargs)  # as ClipCap.load names it
 
 
 def run_batch(inputs, model_dir, output, method="greedy", batch_size=16, generate_kwargs=None, exif_transpose=True,

@@ -22,8 +22,8 @@ its entry was made by the same model with the same settings (method and every ge
 file is unchanged; otherwise (or with ``overwrite=True``) it is captioned again and the entry replaced. The
 run's view of map.json is refreshed at every write (and every few seconds while reading images), so an
 image that a concurrent run captioned meanwhile with the same settings is taken from map.json instead of
-being read and captioned again. Images given in memory (PIL, numpy) are captioned but never written to
-map.json.
+being read and captioned again. Images given in memory (PIL, numpy) and http(s) URLs (what a URL serves
+may change) are captioned but never written to map.json.
 
 Only regular files are read (`utils.image_io`): a FIFO, device or dangling link inside a directory gets its
 own error without blocking the run; image files above ``max_file_bytes`` and a map.json above
@@ -48,9 +48,11 @@ from pathlib import Path
 
 import numpy as np
 
+from custom_architectures.batching import power_of_two_at_least
 from custom_architectures.samplers import sampler_class
+from models.image_captioning.compile_status import CompileStatus
 from utils.file_utils import DEFAULT_MAX_BYTES, file_lock, read_regular_file, write_json_atomic
-from utils.image_io import ImageReadError, expand_paths
+from utils.image_io import ImageReadError, expand_paths, is_url
 from utils.pipeline import Pipeline, Stage
 
 logger = logging.getLogger(__name__)
@@ -94,8 +96,8 @@ def expand_inputs(images):
             except ImageReadError as e:
                 entries.append(_Entry(label=path, error=str(e)))
                 continue
-            entries.extend(_Entry(label=p, source=p, key=os.path.abspath(p)) if problem is None else
-                           _Entry(label=p, error=problem) for p, problem in paths)
+            entries.extend(_Entry(label=p, source=p, key=None if is_url(p) else os.path.abspath(p))
+                           if problem is None else _Entry(label=p, error=problem) for p, problem in paths)
         elif isinstance(item, np.ndarray) and item.ndim == 4:
             entries.extend(_Entry(label=None, source=one) for one in item)
         else:
@@ -177,8 +179,12 @@ def _jsonable(value):
 
 def generation_settings(model, method, generate_kwargs):
     """What decides a caption, as stored in map.json and compared on rerun."""
-    return {"model": getattr(model, "name", None), "method": method,
-            **{k: _jsonable(v) for k, v in sorted(generate_kwargs.items())}}
+    return generation_settings_for(getattr(model, "name", None), method, generate_kwargs)
+
+
+def generation_settings_for(model_name, method, generate_kwargs):
+    """`generation_settings` from the model's name alone (no model needed)."""
+    return {"model": model_name, "method": method, **{k: _jsonable(v) for k, v in sorted(generate_kwargs.items())}}
 
 
 # ---------------------------------------------------------------------------------------------- the model
@@ -256,7 +262,7 @@ def _candidates(generated):
 
 def predict(model, images, batch_size=16, method="greedy", save=True, overwrite=False, display=False,
             output_dir=None, return_candidates=False, progress=True, exif_transpose=True,
-            max_file_bytes=DEFAULT_MAX_BYTES, **generate_kwargs):
+            max_file_bytes=DEFAULT_MAX_BYTES, status=None, **generate_kwargs):
     """Caption many images concurrently; one result per image, in input order.
 
     Args:
@@ -273,6 +279,8 @@ def predict(model, images, batch_size=16, method="greedy", save=True, overwrite=
         progress: a tqdm bar with images per second.
         exif_transpose: apply the EXIF orientation (OpenAI's / the official code do not).
         max_file_bytes: refuse image files larger than this many bytes (None: no limit); each gets its error.
+        status: a callable given a line before and after each first compilation (`compile_status`); the
+            progress bar starts after the first results, so its ETA does not count the compilation.
         **generate_kwargs: passed to ``model.generate`` (``beam_size``, ``max_length``, ``temperature``,
             ``top_k``, ``top_p``, ``num_captions``, ``seed``, ``stop_token``).
 
@@ -324,11 +332,16 @@ def predict(model, images, batch_size=16, method="greedy", save=True, overwrite=
                 raise _CaptionedElsewhere(cached)
         return embedder.read(entries[i].source)
 
+    compiling = CompileStatus(model, status)
+    details = ", ".join([method, *(f"{k}={v}" for k, v in sorted(generate_kwargs.items()))])
+
     def encode(batch):
-        return list(embedder.encode_batch(batch))  # B x (n_px, n_px, 3) -> B x (D,)
+        with compiling.first_call("the CLIP encoder", power_of_two_at_least(len(batch))):
+            return list(embedder.encode_batch(batch))  # B x (n_px, n_px, 3) -> B x (D,)
 
     def generate(batch):
-        return model.generate(np.stack(batch), method=method, **generate_kwargs)  # B lists of candidates
+        with compiling.first_call("the decoder", power_of_two_at_least(len(batch)), details):
+            return model.generate(np.stack(batch), method=method, **generate_kwargs)  # B lists of candidates
 
     pipeline = Pipeline([
         Stage(read, name="read", workers=2),
@@ -336,7 +349,8 @@ def predict(model, images, batch_size=16, method="greedy", save=True, overwrite=
         # model stages fail for every image alike (bad arguments, memory): stop instead of retrying per image
         Stage(encode, name="encode", batch_size=batch_size, errors="raise"),
         Stage(generate, name="generate", batch_size=batch_size, errors="raise"),
-    ], queue_size=2 * batch_size, progress=progress, desc=f"captioning ({method})", unit="image")
+    ], queue_size=2 * batch_size, progress=progress, desc=f"captioning ({method})", unit="image",
+        bar_from_first_result=True)
 
     pending = {}
     try:

@@ -1,0 +1,83 @@
+"""Nothing to do, nothing loaded: answer a rerun from map.json without loading the model (nor TensorFlow).
+
+A rerun whose every image is already in map.json, captioned by the same model with the same settings from
+the same file (size and modification time, as `prediction.predict` checks them), needs no model: loading
+one costs seconds, compiling it more. `answers_from_map` gives ``predict``'s results for such a run (every one
+``cached``), or None as soon as one input needs work: then the caller loads the model and runs ``predict``,
+which reuses whatever map.json holds.
+
+The model's name, which map.json's settings record, is read from the saved folder's ``config.json`` as
+`ClipCap.load` names the model (`saved_model_name`); no weights are read.
+
+Example::
+
+    results = answers_from_map("pretrained_models/coco", ["demo/"], method="beam", beam_size=5)
+    if results is None:                   # something to caption: load the model
+        results = ClipCap.load("coco").predict(["demo/"], method="beam", beam_size=5)
+"""
+
+import json
+import logging
+from pathlib import Path
+
+from models.image_captioning.prediction import (
+    MAP_FILENAME,
+    _is_fresh,
+    _result,
+    expand_inputs,
+    generation_settings_for,
+    load_map,
+)
+from utils.file_utils import UnsafePathError, read_regular_file
+from utils.model_store import home_dir
+
+logger = logging.getLogger(__name__)
+
+CONFIG_FILENAME = "config.json"
+_CONFIG_MAX_BYTES = 1 << 20
+
+
+def saved_model_name(model_dir):
+    """The name `ClipCap.load` gives the model saved in ``model_dir`` (`saving.valid_name`, else
+    `saving.folder_name`). Raises OSError / ValueError for a missing or unreadable config."""
+    from models.image_captioning.saving import folder_name, valid_name
+
+    config_path = Path(model_dir) / CONFIG_FILENAME
+    config = json.loads(read_regular_file(config_path, _CONFIG_MAX_BYTES))
+    if not isinstance(config, dict):
+        raise ValueError(f"{config_path} is not a saved model's config")
+    return valid_name(config.get("name"), config_path) or folder_name(model_dir)
+
+
+def answers_from_map(model_dir, images, method="greedy", output_dir=None, return_candidates=False,
+                     **generate_kwargs):
+    """``predict``'s results for ``images`` taken from map.json alone, or None when any input needs the model
+    (not in map.json, made with other settings, file changed since, an input that cannot be expanded).
+
+    ``model_dir`` is a saved model's folder (only its config.json is read); ``output_dir`` as in ``predict``
+    (default ``<model store>/<name>/outputs``).
+    """
+    try:
+        name = saved_model_name(model_dir)
+    except (OSError, ValueError, UnsafePathError) as e:
+        logger.debug("no answer from map.json: %s", e)
+        return None
+    directory = Path(output_dir) if output_dir is not None else home_dir() / (name or "clipcap") / "outputs"
+    try:
+        stored = load_map(directory / MAP_FILENAME)
+    except ValueError:  # a damaged map.json: predict reports it
+        return None
+    settings = generation_settings_for(name, method, generate_kwargs)
+    results = []
+    for entry in expand_inputs(images):
+        cached = stored.get(entry.key) if entry.error is None and entry.key is not None else None
+        if not _is_fresh(cached, settings, entry.key):
+            return None
+        results.append(_result(entry, caption=cached["caption"], candidates=cached.get("candidates"),
+                               cached=True))
+    if not results:
+        return None
+    if not return_candidates:
+        for r in results:
+            r.pop("candidates", None)
+    return results

@@ -1,0 +1,181 @@
+"""Time to first caption, without timings (those are in benchmarks/bench_cold_start.py): a default run prints
+none of TensorFlow's C++ log lines, compiled programs persist in the model store across processes, and the
+cache can be shown and cleared (only our files)."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import main
+from unitest import tiny_models
+from utils import compile_cache
+from utils.file_utils import UnsafePathError
+from utils.tf_startup import is_log_line
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    return str(tiny_models.shared_tiny_model(tmp_path_factory))
+
+
+def _clean_env(home, **extra):
+    """The environment of a user's shell: no test-session log level, no inherited XLA flags."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("TF_CPP_MIN_LOG_LEVEL", "TF_XLA_FLAGS", "IMAGE_CAPTIONING_XLA_CACHE_DIR")}
+    env.update(IMAGE_CAPTIONING_HOME=str(home), IMAGE_CAPTIONING_OFFLINE="1", **extra)
+    return env
+
+
+def _caption(env, model, *global_options):
+    """``main.py [global options] caption demo/cat.jpg --model MODEL`` in a fresh process."""
+    return subprocess.run([sys.executable, "main.py", *global_options, "caption", str(ROOT / "demo" / "cat.jpg"),
+                           "--model", model, "--max-length", "5", "--no-save", "--no-progress"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+
+
+def _entries(folder):
+    return {p.name: p.stat().st_mtime_ns for p in Path(folder).glob("xla_compile_cache__*.pb")}
+
+
+def test_quiet_run_then_warm_cache_in_a_second_process(tiny_model, tmp_path):
+    """Process 1 (default): no C++ log line on stderr, and it writes compiled programs to
+    <store>/xla_cache/<key>. Process 2 (--verbose: TensorFlow's lines kept): the same call adds no program and
+    rewrites none (it loaded them)."""
+    home = tmp_path / "home"
+    env = _clean_env(home)
+    first = _caption(env, tiny_model)
+    assert first.returncode == 0, first.stderr
+    assert first.stdout.startswith(str(ROOT / "demo" / "cat.jpg") + "\t")
+    noise = [line for line in first.stderr.splitlines() if is_log_line(line) or "absl" in line]
+    assert noise == [], first.stderr
+    folders = list((home / "xla_cache").iterdir())
+    assert len(folders) == 1 and compile_cache.is_cache_root(home / "xla_cache")
+    key = folders[0].name
+    written = _entries(folders[0])
+    assert len(written) >= 2, written  # at least the CLIP encoder and the decoder
+
+    second = _caption(env, tiny_model, "--verbose")
+    assert second.returncode == 0, second.stderr
+    assert second.stdout == first.stdout
+    assert any(is_log_line(line) for line in second.stderr.splitlines())  # --verbose keeps TensorFlow's lines
+    assert [p.name for p in (home / "xla_cache").iterdir()] == [key]
+    assert _entries(home / "xla_cache" / key) == written  # nothing compiled anew, nothing rewritten
+
+
+def test_cache_opt_out_and_user_flags(tmp_path, monkeypatch):
+    monkeypatch.delitem(sys.modules, "tensorflow", raising=False)  # as in a process that has not imported it yet
+    monkeypatch.setenv("IMAGE_CAPTIONING_HOME", str(tmp_path / "home"))
+    for name in ("TF_XLA_FLAGS", "IMAGE_CAPTIONING_XLA_CACHE_DIR"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("IMAGE_CAPTIONING_XLA_CACHE", "0")
+    assert compile_cache.enable() is None and "TF_XLA_FLAGS" not in os.environ
+    monkeypatch.delenv("IMAGE_CAPTIONING_XLA_CACHE")
+    monkeypatch.setenv("TF_XLA_FLAGS", "--tf_xla_auto_jit=2")
+    directory = compile_cache.enable()
+    assert directory == tmp_path / "home" / "xla_cache" / compile_cache.cache_key()
+    assert os.environ["TF_XLA_FLAGS"] == f"--tf_xla_auto_jit=2 --tf_xla_persistent_cache_directory={directory}"
+    assert not (tmp_path / "home").exists()  # nothing created until TensorFlow writes an entry
+    # a child process with another store: our inherited flag is replaced, the user's flags kept
+    monkeypatch.setenv("IMAGE_CAPTIONING_HOME", str(tmp_path / "other"))
+    child = compile_cache.enable()
+    assert child == tmp_path / "other" / "xla_cache" / compile_cache.cache_key()
+    assert os.environ["TF_XLA_FLAGS"] == f"--tf_xla_auto_jit=2 --tf_xla_persistent_cache_directory={child}"
+    # the user's own cache directory is never replaced
+    monkeypatch.setenv("TF_XLA_FLAGS", "--tf_xla_persistent_cache_directory=/mine")
+    assert compile_cache.enable() == Path("/mine")
+    assert os.environ["TF_XLA_FLAGS"] == "--tf_xla_persistent_cache_directory=/mine"
+
+
+def test_cache_command_clears_only_our_files(tmp_path, monkeypatch, capsys):
+    home = tmp_path / "home"
+    monkeypatch.setenv("IMAGE_CAPTIONING_HOME", str(home))
+    key_dir = home / "xla_cache" / "0123456789abcdef"
+    key_dir.mkdir(parents=True)
+    (key_dir / "xla_compile_cache__1__2__XLA_CPU_JIT.pb").write_bytes(b"x" * 1000)
+    assert main.main(["cache"]) == 0
+    out = capsys.readouterr().out
+    assert str(home / "xla_cache") in out and "0123456789abcdef: 1 programs" in out
+    assert main.main(["cache", "--clear"]) == 0
+    assert list((home / "xla_cache").iterdir()) == []
+    # a file that is not a cache entry: refused, nothing changed
+    key_dir.mkdir()
+    (key_dir / "xla_compile_cache__1__2__XLA_CPU_JIT.pb").write_bytes(b"x")
+    (home / "xla_cache" / "notes.txt").write_text("mine")
+    assert main.main(["cache", "--clear"]) == 2
+    assert "cannot clear" in capsys.readouterr().err
+    assert (home / "xla_cache" / "notes.txt").read_text() == "mine" and key_dir.is_dir()
+    with pytest.raises(UnsafePathError):
+        compile_cache.clear()
+    # a symbolic link in place of the cache is never followed nor replaced
+    (home / "xla_cache" / "notes.txt").unlink()
+    target = tmp_path / "elsewhere"
+    target.mkdir()
+    os.rename(home / "xla_cache", tmp_path / "moved")
+    os.symlink(target, home / "xla_cache")
+    assert main.main(["cache", "--clear"]) == 2 and os.path.islink(home / "xla_cache")
+
+
+def _break_weights(model_dir):
+    """Truncate every file of a saved model but config.json: any attempt to load it fails."""
+    for path in Path(model_dir).rglob("*"):
+        if path.is_file() and path.name != "config.json":
+            path.write_bytes(b"\0")
+
+
+def test_rerun_answers_from_map_without_loading_the_model(tiny_model, tmp_path, monkeypatch, capsys):
+    """Every input in map.json with the same settings: answered from it, the (broken) model never loaded; a
+    changed setting or a new image needs the model (which then fails to load: exit 3)."""
+    monkeypatch.setenv("IMAGE_CAPTIONING_HOME", str(tmp_path / "home"))
+    model_dir = tmp_path / "copy"
+    shutil.copytree(tiny_model, model_dir)
+    images = tmp_path / "images"
+    images.mkdir()
+    for name in ("cat.jpg", "rocket.jpg"):
+        shutil.copy(ROOT / "demo" / name, images / name)
+    listing = tmp_path / "list.txt"
+    listing.write_text(f"# the demo images\n\n{images / 'cat.jpg'}\n  {images / 'rocket.jpg'}  \n")
+    argv = ["caption", "--from-file", str(listing), "--model", str(model_dir), "--output-dir", str(tmp_path / "out"),
+            "--method", "beam", "--beam-size", "2", "--max-length", "5", "--no-progress"]
+    assert main.main(argv) == 0
+    first = capsys.readouterr().out
+    assert len(first.splitlines()) == 2
+    _break_weights(model_dir)
+
+    assert main.main(argv) == 0  # from map.json: the broken files were never read
+    out, err = capsys.readouterr()
+    assert out == first and err == ""
+    assert main.main([*argv, "--json"]) == 0
+    results = json.loads(capsys.readouterr().out)
+    assert [r["cached"] for r in results] == [True, True]
+    assert all(r["candidates"][0]["tokens"] for r in results)
+
+    for changed in (["--max-length", "4"], ["--beam-size", "3"], [str(ROOT / "demo" / "cat.jpg")]):
+        assert main.main([*argv, *changed]) == 3, changed  # needs the model, which cannot load
+        assert "cannot load model" in capsys.readouterr().err
+    os.utime(images / "cat.jpg", ns=(1, 1))  # the file changed since: captioned again
+    assert main.main(argv) == 3
+    capsys.readouterr()
+
+
+def test_status_lines_on_stderr_only(tiny_model, tmp_path, monkeypatch, capsys):
+    """A default caption run says what it waits for (loading, each first compilation) on stderr; stdout keeps
+    only the results (also with --json); --no-progress silences the status lines."""
+    monkeypatch.setenv("IMAGE_CAPTIONING_HOME", str(tmp_path / "home"))
+    argv = ["caption", str(ROOT / "demo" / "cat.jpg"), "--model", tiny_model, "--max-length", "3", "--no-save"]
+    assert main.main([*argv, "--json"]) == 0
+    out, err = capsys.readouterr()
+    assert json.loads(out)[0]["caption"] is not None  # stdout: the JSON alone
+    lines = err.splitlines()
+    for expected in (f"loading {tiny_model} ...", "compiling the CLIP encoder for batch 1 ...",
+                     "compiling the decoder for batch 1 (greedy, max_length=3) ..."):
+        assert expected in lines, err
+    assert any(line.startswith("the decoder for batch 1 (greedy, max_length=3) ready in ") for line in lines), err
+    assert main.main([*argv, "--no-progress"]) == 0
+    assert capsys.readouterr().err == ""

@@ -1,0 +1,109 @@
+"""Images from http(s) URLs (`utils.image_io.read_url`) and from list files (``caption --from-file``), against
+a loopback HTTP server on 127.0.0.1 (no network): a good image, a 404, an oversized body (announced or not),
+a server that goes silent, a redirect to another scheme; each bad URL fails alone."""
+
+import http.server
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+import main
+from unitest import tiny_models
+from utils.image_io import ImageReadError, expand_paths, read_image, read_url
+
+ROOT = Path(__file__).resolve().parents[1]
+CAT = (ROOT / "demo" / "cat.jpg").read_bytes()
+
+
+class _Handler(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):  # noqa: N802 (http.server's naming)
+        if self.path == "/cat.jpg":
+            self._send(CAT)
+        elif self.path == "/big-announced":
+            self.send_response(200)
+            self.send_header("Content-Length", str(10**9))
+            self.end_headers()
+        elif self.path == "/big-unannounced":  # no Content-Length: the body runs until the connection closes
+            self.send_response(200)
+            self.end_headers()
+            self.close_connection = True
+            for _ in range(100):
+                self.wfile.write(b"x" * 10_000)
+        elif self.path == "/silent":
+            self.send_response(200)
+            self.send_header("Content-Length", "1000")
+            self.end_headers()
+            self.wfile.write(b"x")
+            self.wfile.flush()
+            time.sleep(3)
+        elif self.path == "/to-file":
+            self.send_response(302)
+            self.send_header("Location", "file:///etc/passwd")
+            self.end_headers()
+        elif self.path == "/empty":
+            self._send(b"")
+        else:
+            self.send_error(404)
+
+    def _send(self, data):
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture(scope="module")
+def server():
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
+    httpd.daemon_threads = True
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{httpd.server_address[1]}"
+    httpd.shutdown()
+    httpd.server_close()
+
+
+def test_read_url(server):
+    assert read_url(f"{server}/cat.jpg") == CAT
+    image = read_image(f"{server}/cat.jpg")
+    assert image.size == read_image(ROOT / "demo" / "cat.jpg").size
+    cases = {"/missing.jpg": "HTTP error 404", "/big-announced": "exceeds the limit of 100000 bytes",
+             "/big-unannounced": "more than 100000 bytes", "/to-file": "file:///etc/passwd. is not allowed", "/empty": "empty response"}
+    for path, message in cases.items():
+        with pytest.raises(ImageReadError, match=message):
+            read_url(f"{server}{path}", max_bytes=100_000)
+    start = time.monotonic()
+    with pytest.raises(ImageReadError, match="cannot download|not downloaded within"):
+        read_url(f"{server}/silent", timeout=0.5)
+    assert time.monotonic() - start < 2.5
+    for url in ("ftp://example.com/a.jpg", "file:///etc/passwd"):
+        with pytest.raises(ImageReadError, match="unsupported URL scheme"):
+            read_image(url)
+    assert expand_paths([f"{server}/cat.jpg"]) == [(f"{server}/cat.jpg", None)]
+
+
+def test_caption_urls_and_list_file(server, tmp_path_factory, tmp_path, monkeypatch, capsys):
+    """URLs on the command line and in a --from-file list: a failed URL fails alone; URL results are not
+    written to map.json."""
+    monkeypatch.setenv("IMAGE_CAPTIONING_HOME", str(tmp_path / "home"))
+    model = str(tiny_models.shared_tiny_model(tmp_path_factory))
+    listing = tmp_path / "list.txt"
+    listing.write_text(f"# images\n{server}/missing.jpg\n\n{ROOT / 'demo' / 'rocket.jpg'}\n")
+    code = main.main(["caption", f"{server}/cat.jpg", "--from-file", str(listing), "--model", model,
+                      "--output-dir", str(tmp_path / "out"), "--max-length", "4", "--no-progress"])
+    out, err = capsys.readouterr()
+    assert code == 1
+    assert [line.split("\t")[0] for line in out.splitlines()] == [f"{server}/cat.jpg", str(ROOT / "demo" / "rocket.jpg")]
+    assert f"error: {server}/missing.jpg: HTTP error 404" in err and "1 of 3 inputs" in err
+    stored = (tmp_path / "out" / "map.json").read_text()
+    assert "rocket.jpg" in stored and server not in stored
+    # a list that cannot be read, or lists nothing: usage errors before any model is loaded
+    assert main.main(["caption", "--from-file", str(tmp_path / "none.txt"), "--model", model]) == 2
+    (tmp_path / "comments.txt").write_text("# nothing\n\n")
+    assert main.main(["caption", "--from-file", str(tmp_path / "comments.txt"), "--model", model]) == 2
+    assert "no images listed" in capsys.readouterr().err

@@ -1,0 +1,86 @@
+"""A quiet TensorFlow start for the command line: no C++ log lines on a default run.
+
+TensorFlow's C++ runtime writes to file descriptor 2 on its own: the oneDNN notice, ``cpu_feature_guard``,
+"XLA service ... initialized", "Compiled cluster using XLA!", and on a machine with CUDA libraries but no GPU
+``cudart_stub`` / ``cuInit`` lines. They say nothing to a user who asked for captions. Two mechanisms:
+
+- ``TF_CPP_MIN_LOG_LEVEL`` (read when TensorFlow loads): `quiet_environment` sets it to 3 unless the user set
+  it (``--verbose`` leaves it alone). Real TensorFlow failures still reach the user as Python exceptions.
+- Lines that absl writes *before* TensorFlow initialises its logging (``WARNING: All log messages before
+  absl::InitializeLog() is called ...``, ``cudart_stub.cc``) ignore that variable: `import_tensorflow`
+  imports TensorFlow with fd 2 sent to a temporary file, then writes back every captured line that is not a
+  C++ log line (a Python warning, say), so nothing else is lost.
+
+Neither imports TensorFlow at module import (``main.py --help`` stays instant).
+
+Example::
+
+    from utils.tf_startup import import_tensorflow, quiet_environment
+    quiet_environment(verbose=False)      # before anything imports TensorFlow
+    import_tensorflow(quiet=True)         # TensorFlow loaded; its start-up lines filtered out
+"""
+
+import contextlib
+import os
+import re
+import sys
+import tempfile
+
+LOG_LEVEL_ENV = "TF_CPP_MIN_LOG_LEVEL"
+_QUIET_LEVEL = "3"
+#: a C++ log line of absl / TensorFlow ("I0000 00:00:1795968758.151061   24179 cudart_stub.cc:31] ..."), the
+#: absl pre-initialisation banner, and the continuation line of cpu_feature_guard's notice
+_LOG_LINE = re.compile(
+    r"^([IWEF]\d{4} \d\d:\d\d:\d+\.\d+\s+\d+ [\w.\-/]+:\d+\] "
+    r"|WARNING: All log messages before absl::InitializeLog\(\) is called are written to STDERR"
+    r"|To enable the following instructions: .* rebuild TensorFlow with the appropriate compiler flags\.)")
+
+
+def quiet_environment(verbose=False):
+    """Set ``TF_CPP_MIN_LOG_LEVEL=3`` unless ``verbose`` or the user set it; True when set here.
+
+    Only effective before TensorFlow is imported (it reads the variable when it loads).
+    """
+    if verbose or LOG_LEVEL_ENV in os.environ:
+        return False
+    os.environ[LOG_LEVEL_ENV] = _QUIET_LEVEL
+    return True
+
+
+def is_log_line(line: str) -> bool:
+    """Whether ``line`` is one of TensorFlow's / absl's C++ log lines (or the notice's continuation)."""
+    return bool(_LOG_LINE.match(line))
+
+
+@contextlib.contextmanager
+def filtered_stderr():
+    """Send fd 2 (C and Python writes alike) to a temporary file for the block, then write back to the real
+    stderr every line that `is_log_line` does not recognise. A file, not a pipe: it cannot fill up and
+    block the writer."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as capture:
+        os.dup2(capture.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            capture.seek(0)
+            kept = [line for line in capture.read().decode("utf-8", "replace").splitlines(keepends=True)
+                    if not is_log_line(line)]
+            if kept:
+                sys.stderr.write("".join(kept))
+                sys.stderr.flush()
+
+
+def import_tensorflow(quiet=True):
+    """Import TensorFlow (returned), with its start-up log lines filtered out when ``quiet``."""
+    if "tensorflow" in sys.modules or not quiet:
+        import tensorflow as tf
+
+        return tf
+    with filtered_stderr():
+        import tensorflow as tf
+    return tf
