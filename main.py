@@ -23,20 +23,18 @@ from pathlib import Path
 
 from custom_train_objects import commands as train_commands
 from models import batch_command  # imports neither Beam nor TensorFlow
+from models.cli_models import UnknownModelError, load_model, model_or_exit_code  # noqa: F401 (load_model: main's API)
 from utils import compile_cache
-from utils.cli import (  # noqa: F401 (escape_field, load_model: part of main's API)
+from utils.cli import (  # noqa: F401 (escape_field: part of main's API)
     EXIT_FAILED_INPUTS,
     EXIT_INTERRUPTED,
     EXIT_MODEL,
     EXIT_OK,
     EXIT_USAGE,
     MODEL_ERRORS,
-    UnknownModelError,
     add_decoding_arguments,
     decoding_kwargs,
     escape_field,
-    load_model,
-    model_or_exit_code,
 )
 from utils.cli import Formatter as _Formatter
 from utils.cli import fail as _fail
@@ -122,8 +120,8 @@ def cmd_caption(args):
 def _answers_from_map(args, images):
     """``predict``'s results from map.json alone when the saved model's every input is there with these
     settings (`models.image_captioning.cached_answers`), else None (the model is needed)."""
+    from models.cli_models import resolve_model_dir
     from models.image_captioning.cached_answers import answers_from_map
-    from utils.cli import resolve_model_dir
 
     try:
         model_dir = resolve_model_dir(args.model, download=False)

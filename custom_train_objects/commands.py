@@ -14,6 +14,7 @@ import sys
 
 from custom_architectures.samplers import deterministic_methods, sampler_options
 from hparams.training import TrainingHParams
+from models.cli_models import UnknownModelError, load_model
 from utils.cli import EXIT_FAILED_INPUTS as EXIT_FAILED
 from utils.cli import (
     EXIT_INTERRUPTED,
@@ -21,8 +22,6 @@ from utils.cli import (
     EXIT_OK,
     EXIT_USAGE,
     MODEL_ERRORS,
-    UnknownModelError,
-    load_model,
     report_skipped,
 )
 from utils.cli import Formatter as _Formatter

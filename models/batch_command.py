@@ -11,6 +11,7 @@ Apache Beam is imported only when the command runs.
 
 import sys
 
+from models.cli_models import model_or_exit_code, resolve_model_dir
 from utils.cli import (
     EXIT_FAILED_INPUTS,
     EXIT_INTERRUPTED,
@@ -20,8 +21,6 @@ from utils.cli import (
     add_decoding_arguments,
     decoding_kwargs,
     fail,
-    model_or_exit_code,
-    resolve_model_dir,
 )
 
 RUNNERS = ("DirectRunner", "PrismRunner", "DataflowRunner", "FlinkRunner", "SparkRunner")
