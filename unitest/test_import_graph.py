@@ -12,7 +12,9 @@ Rules checked:
 - no cycle (a strongly connected component of more than one module, or a module importing itself);
 - nothing reachable from ``custom_layers/`` or ``custom_architectures/`` lies in ``models/``: an architecture
   builds layers from weights and configs; it neither imports a model wrapper nor a ``utils`` helper that
-  does (the path from the architecture to the model is printed).
+  does (the path from the architecture to the model is printed);
+- no package imports one on a higher floor (`FLOORS`, ARCHITECTURE.md's picture): layers, architectures,
+  utils, then the models, then data, then training, then the command line, benchmarks and tests.
 
 The synthetic trees at the end prove that each rule can fail.
 """
@@ -25,6 +27,9 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 ARCHITECTURES = ("custom_layers", "custom_architectures")
 MODELS = "models"
+# the floors of the house, bottom first: a package imports its own floor or lower ones only
+FLOORS = {"custom_layers": 0, "custom_architectures": 1, "utils": 2, "hparams": 3, "loggers": 3, "models": 3,
+          "datasets": 4, "custom_train_objects": 5, "main": 6, "benchmarks": 6, "unitest": 6}
 
 
 def _module_name(path, root):
@@ -175,6 +180,28 @@ def test_the_project_has_no_import_cycle(graph):
 def test_architectures_never_reach_models(graph):
     found = upward_imports(graph)
     assert not found, "architectures reaching models/:\n" + "\n".join("  " + " -> ".join(p) for p in found)
+
+
+def imports_upward(graph, floors=FLOORS):
+    """[(importer, imported)] where a module imports a module of a higher floor (or of a package no floor
+    names: a new top-level package must be given its floor)."""
+    def floor(module):
+        return floors.get(module.split(".")[0])
+
+    found = [(a, b) for a, targets in graph.items() for b in targets
+             if floor(a) is None or floor(b) is None or floor(b) > floor(a)]
+    return sorted(found)
+
+
+def test_no_package_imports_a_higher_floor(graph):
+    found = imports_upward(graph)
+    assert not found, "imports that run upward (FLOORS):\n" + "\n".join(f"  {a} -> {b}" for a, b in found)
+
+
+def test_an_upward_import_is_found():
+    graph = {"utils.cli": {"models.cli_models"}, "models.cli_models": {"utils.cli"}}
+    assert imports_upward(graph) == [("utils.cli", "models.cli_models")]
+    assert imports_upward({"newpkg.x": {"utils.cli"}}) == [("newpkg.x", "utils.cli")]  # a package without a floor
 
 
 def test_the_graph_sees_the_project(graph):
