@@ -113,14 +113,16 @@ class PrefixDecoder:
 
     def _function(self, batch_size, prefix_length, max_length, sampler, jit_compile):
         if not jit_compile:
-            return lambda *args: self._loop(*args, sampler=sampler, max_length=max_length)
+            return lambda *args: self.decode_loop(*args, sampler=sampler, max_length=max_length)
         key = (batch_size, prefix_length, max_length, sampler.key())
         if key not in self._compiled:
             self._compiled[key] = tf.function(_Loop(self, sampler, max_length), jit_compile=True)
         return self._compiled[key]
 
-    def _loop(self, prefix, valid, stop_id, seed, sampler, max_length):
-        """prefix (B, K, C), valid (B,) -> tokens (N, T), lengths (N,), sums (N,), steps run."""
+    def decode_loop(self, prefix, valid, stop_id, seed, sampler, max_length):
+        """The decoding loop itself, traceable (one ``tf.while_loop`` over a static KV cache): prefix (B, K, C),
+        valid (B,) -> tokens (N, T), lengths (N,), sums (N,), steps run. `__call__` compiles it per shape; the
+        serving SavedModel (`models.image_captioning.serving`) traces it into its own graph."""
         gpt2 = self.gpt2
         w = sampler.num_sequences
         batch, k = prefix.shape[0], prefix.shape[1]
@@ -155,7 +157,7 @@ class PrefixDecoder:
 
 
 class _Loop:
-    """`PrefixDecoder._loop` bound to a sampler and a max length: one object per compiled function (a
+    """`PrefixDecoder.decode_loop` bound to a sampler and a max length: one object per compiled function (a
     callable without ``__code__``, so TensorFlow does not count the traces of different shapes as retracing
     of one function)."""
 
@@ -163,4 +165,4 @@ class _Loop:
         self.decoder, self.sampler, self.max_length = decoder, sampler, max_length
 
     def __call__(self, prefix, valid, stop_id, seed):
-        return self.decoder._loop(prefix, valid, stop_id, seed, sampler=self.sampler, max_length=self.max_length)
+        return self.decoder.decode_loop(prefix, valid, stop_id, seed, sampler=self.sampler, max_length=self.max_length)

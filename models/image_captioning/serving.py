@@ -125,7 +125,7 @@ class CaptionModule(tf.Module):
     @staticmethod
     def _decode(decoder, sampler, max_length):
         def decode(prefix, valid, stop_id, seed):  # -> tokens (s*W, T), lengths (s*W,), sums (s*W,)
-            return decoder._loop(prefix, valid, stop_id, seed, sampler=sampler, max_length=max_length)[:3]
+            return decoder.decode_loop(prefix, valid, stop_id, seed, sampler=sampler, max_length=max_length)[:3]
         return decode
 
     # --- the graph ---------------------------------------------------------------------------------------
