@@ -22,6 +22,7 @@ import urllib.request
 
 from PIL import Image
 
+from custom_architectures.samplers import SAMPLERS
 from utils.image_io import ImageReadError, read_image
 
 MAX_FILE_BYTES = 20 * 1024 * 1024
@@ -154,7 +155,7 @@ def build_demo(model, **limits):
             with gr.Column():
                 files = gr.File(label="images", file_count="multiple", elem_id="images")
                 urls = gr.Textbox(label="or image URLs (one per line)", lines=2, elem_id="urls")
-                method = gr.Radio(["greedy", "beam", "sample"], value="greedy", label="decoding", elem_id="method")
+                method = gr.Radio(list(SAMPLERS), value="greedy", label="decoding", elem_id="method")
                 beam_size = gr.Slider(1, 10, value=5, step=1, label="beam size (beam)")
                 temperature = gr.Slider(0.1, 2.0, value=1.0, step=0.05, label="temperature (sample)")
                 top_p = gr.Slider(0.05, 1.0, value=0.9, step=0.05, label="top-p (sample)")
