@@ -22,15 +22,17 @@ import time
 from pathlib import Path
 
 from custom_train_objects import commands as train_commands
-from models import batch_command  # imports neither Beam nor TensorFlow
+from models import batch_command, export_commands  # import neither Beam nor TensorFlow
 from models.cli_models import UnknownModelError, load_model, model_or_exit_code  # noqa: F401 (load_model: main's API)
 from utils import compile_cache
 from utils.cli import (  # noqa: F401 (escape_field: part of main's API)
+    ENVIRONMENT_HELP,
     EXIT_FAILED_INPUTS,
     EXIT_INTERRUPTED,
     EXIT_MODEL,
     EXIT_OK,
     EXIT_USAGE,
+    MODEL_ARG_HELP,
     MODEL_ERRORS,
     add_decoding_arguments,
     decoding_kwargs,
@@ -45,31 +47,9 @@ from utils.tf_startup import import_tensorflow, quiet_environment
 #: work to do, and `download` only when it converts
 TF_COMMANDS = ("convert", "export", "train", "extract", "evaluate", "batch")
 
-ENVIRONMENT_HELP = """\
-environment variables:
-  IMAGE_CAPTIONING_MIRROR=<base URL>  fetch every file from <base URL>/<file name> instead of its origin
-                                      (names: `main.py download --list`); checksums are still verified
-  IMAGE_CAPTIONING_OFFLINE=1          never download: a missing file is an error naming the file and the
-                                      path where to place it
-  IMAGE_CAPTIONING_HOME=<dir>         the model store (default: pretrained_models/ in the repository)
-  IMAGE_CAPTIONING_XLA_CACHE=0        do not keep compiled XLA programs in <model store>/xla_cache/
-                                      (`main.py cache` shows it, `main.py cache --clear` empties it)
-
-exit codes:
-  0 every image captioned, 1 some inputs failed (listed on stderr), 2 usage error,
-  3 the model could not be downloaded / converted / loaded, 130 interrupted (Ctrl-C)
-
-output lines: in "<path><TAB><caption>" and "error: ..." lines a backslash, tab, newline or carriage
-  return is written as \\\\, \\t, \\n, \\r (one result per line; undo by the reverse substitution)
-"""
 
 
 # ---------------------------------------------------------------------------------------------- caption
-
-
-def _model_arg_help():
-    return ("a model name (coco, conceptual, coco_transformer: downloaded and converted on first use), the "
-            "name of a model saved in the model store, or a directory holding a saved model")
 
 
 def cmd_caption(args):
@@ -224,103 +204,6 @@ def cmd_convert(args):
     return EXIT_OK
 
 
-# ----------------------------------------------------------------------------------------------- export
-
-
-EXPORT_FORMATS = ("savedmodel", "official")
-
-
-def _export_format(args):
-    """--format, or without it: official for a ``.pt`` output (what ``export`` always wrote there), else a
-    serving SavedModel folder."""
-    if args.format is not None:
-        return args.format
-    return "official" if str(args.output).lower().endswith(".pt") else "savedmodel"
-
-
-def cmd_export(args):
-    if _export_format(args) == "savedmodel":
-        return cmd_export_savedmodel(args)
-    from utils.convert.clipcap_export import sidecar_path
-    from utils.file_utils import UnsafePathError
-
-    given = [f"--{k.replace('_', '-')}" for k in ("method", "beam_size", "max_length", "max_batch_size")
-             if getattr(args, k) is not None]
-    if given:
-        return _fail(f"{', '.join(given)}: decoding settings apply to --format savedmodel only", EXIT_USAGE)
-    for target in (args.output, str(sidecar_path(args.output))):  # refuse before loading the model
-        if os.path.lexists(target) and not (args.overwrite and os.path.isfile(target)
-                                            and not os.path.islink(target)):
-            return _fail(f"{target} already exists: pass --overwrite to replace it (nothing was written)",
-                         EXIT_USAGE)
-    model, code = model_or_exit_code(args.model)
-    if model is None:
-        return code
-    try:
-        pt, description = model.save_official(args.output, clip_name=args.clip_name,
-                                              legacy_buffers=args.legacy_buffers, overwrite=args.overwrite)
-    except UnsafePathError as e:
-        return _fail(str(e), EXIT_USAGE)
-    except (OSError, ValueError, RuntimeError) as e:
-        return _fail(f"export failed: {e}", EXIT_MODEL)
-    with open(description, encoding="utf-8") as f:
-        clip = json.load(f)["clip"]
-    print(pt)
-    print(description)
-    if clip is None:
-        print(f"warning: the CLIP this model expects is not recorded; it is left null in {description} "
-              "(pass --clip-name)", file=sys.stderr)
-    return EXIT_OK
-
-
-def cmd_export_savedmodel(args):
-    from models.image_captioning.clip_cap import check_decoding_args
-    from models.image_captioning.serving import export_savedmodel, is_exported_savedmodel
-    from models.image_captioning.serving_ops import bucket_sizes
-    from utils.file_utils import UnsafePathError, check_replaceable
-
-    if args.clip_name is not None or args.legacy_buffers:
-        return _fail("--clip-name / --legacy-buffers apply to --format official only", EXIT_USAGE)
-    settings = {"method": args.method or "greedy", "beam_size": 5 if args.beam_size is None else args.beam_size,
-                "max_length": 67 if args.max_length is None else args.max_length,
-                "max_batch_size": 16 if args.max_batch_size is None else args.max_batch_size}
-    try:  # every check before the model is loaded
-        check_decoding_args(settings["method"], beam_size=settings["beam_size"], max_length=settings["max_length"])
-        bucket_sizes(settings["max_batch_size"])
-        check_replaceable(args.output, is_exported_savedmodel, args.overwrite)
-    except ValueError as e:  # UnsafePathError included
-        return _fail(str(e), EXIT_USAGE)
-    model, code = model_or_exit_code(args.model)
-    if model is None:
-        return code
-    try:
-        directory, metadata, seconds = export_savedmodel(model, args.output, overwrite=args.overwrite, **settings)
-    except UnsafePathError as e:
-        return _fail(str(e), EXIT_USAGE)
-    except (OSError, ValueError, RuntimeError) as e:
-        return _fail(f"export failed: {e}", EXIT_MODEL)
-    print(directory)
-    print(f"SavedModel written in {seconds:.1f} s: {json.dumps(metadata)}", file=sys.stderr)
-    return EXIT_OK
-
-
-# ------------------------------------------------------------------------------------------------ serve
-
-
-def cmd_serve(args):
-    try:
-        import gradio  # noqa: F401
-    except ImportError:
-        return _fail("the web demo needs Gradio: pip install -r requirements.txt", EXIT_USAGE)
-    from models.image_captioning.web_demo import serve
-
-    model, code = model_or_exit_code(args.model)
-    if model is None:
-        return code
-    serve(model, host=args.host, port=args.port, max_file_bytes=args.max_file_bytes, max_pixels=args.max_pixels)
-    return EXIT_OK
-
-
 # --------------------------------------------------------------------------------------------- download
 
 
@@ -404,7 +287,7 @@ def build_parser():
     p.add_argument("--from-file", action="append", metavar="LIST",
                    help="a text file listing images (paths, directories, patterns or URLs), one a line; blank "
                         "lines and lines starting with # are skipped (repeatable)")
-    p.add_argument("--model", default="coco", help=_model_arg_help())
+    p.add_argument("--model", default="coco", help=MODEL_ARG_HELP)
     add_decoding_arguments(p)
     p.add_argument("--json", action="store_true",
                    help="print a JSON list of results (image, caption, candidates, error, timings)")
@@ -439,49 +322,7 @@ def build_parser():
                    help="replace an existing saved model at the destination (never any other folder)")
     p.set_defaults(func=cmd_convert)
 
-    p = sub.add_parser("export", formatter_class=_Formatter, epilog=ENVIRONMENT_HELP,
-                       help="export a model: a serving SavedModel, or the official ClipCap PyTorch .pt",
-                       description="Export a model converted or trained here. --format savedmodel (the default "
-                                   "unless OUTPUT ends with .pt) writes a TensorFlow SavedModel folder that captions "
-                                   "encoded image bytes (signature serving_default: images -> captions, scores; "
-                                   "signature embeddings: CLIP embeddings -> captions, scores) and needs neither "
-                                   "this repository nor torch; the decoding settings are fixed at export. "
-                                   "--format official (the default for a .pt OUTPUT) writes the official ClipCap "
-                                   "state dict (torch.save of ClipCaptionModel.state_dict(), gpt.* and "
-                                   "clip_project.* keys; load_state_dict(strict=True) works) and, beside it, "
-                                   "<output stem>.json: the CLIP it needs and the official constructor's arguments.")
-    p.add_argument("model", help=_model_arg_help())
-    p.add_argument("output", help="savedmodel: the folder to write (new, empty, or an export of ours with "
-                                  "--overwrite); official: the .pt file (written atomically, the .json beside it)")
-    p.add_argument("--format", choices=EXPORT_FORMATS,
-                   help="the output format (default: official when OUTPUT ends with .pt, else savedmodel)")
-    p.add_argument("--method", choices=("greedy", "beam"), help="savedmodel: the decoding method baked in "
-                                                                "(default: greedy)")
-    p.add_argument("--beam-size", type=int, help="savedmodel: beams for --method beam (default: 5)")
-    p.add_argument("--max-length", type=int, help="savedmodel: most generated tokens per caption (default: 67)")
-    p.add_argument("--max-batch-size", type=int, help="savedmodel: largest compiled batch, a power of two; larger "
-                                                      "requests run in chunks (default: 16)")
-    p.add_argument("--clip-name", help="official: the CLIP the model expects (ViT-B/32, RN50x4, ...), written to "
-                                       "the .json (default: the name recorded by download / train --clip <name>)")
-    p.add_argument("--legacy-buffers", action="store_true",
-                   help="official: add GPT-2's attn.bias / attn.masked_bias buffers, which older transformers "
-                        "(4.x of the official code's time) expect for a strict load")
-    p.add_argument("--overwrite", action="store_true", help="replace existing output files (savedmodel: only a "
-                                                            "SavedModel this command wrote)")
-    p.set_defaults(func=cmd_export)
-
-    p = sub.add_parser("serve", formatter_class=_Formatter, epilog=ENVIRONMENT_HELP,
-                       help="a web demo (Gradio): upload images, choose the decoding, read captions",
-                       description="Start a Gradio web app: drop or upload images (or paste URLs), choose greedy, "
-                                   "beam or sampling, see each image with its captions, scores and timings. The "
-                                   "model is loaded and compiled once; requests are queued one at a time. "
-                                   "Gradio's API (gradio_client) answers on the same server (api_name /caption).")
-    p.add_argument("--model", default="coco", help=_model_arg_help())
-    p.add_argument("--host", default="127.0.0.1", help="the address to listen on (0.0.0.0: every interface)")
-    p.add_argument("--port", type=int, default=7860, help="the port to listen on")
-    p.add_argument("--max-file-bytes", type=int, default=20 * 1024 * 1024, help="the largest upload accepted")
-    p.add_argument("--max-pixels", type=int, default=40_000_000, help="the most pixels an image may decode to")
-    p.set_defaults(func=cmd_serve)
+    export_commands.register(sub)
 
     p = sub.add_parser("download", formatter_class=_Formatter, epilog=ENVIRONMENT_HELP,
                        help="download (and convert) models by name",

@@ -79,3 +79,27 @@ def add_decoding_arguments(p, batch_help="images per encoding / decoding batch")
 def decoding_kwargs(args):
     """The decoding options given on the command line, as ``generate`` keyword arguments."""
     return {k: getattr(args, k) for k in DECODING_KEYS if getattr(args, k, None) is not None}
+
+
+# the epilog of every command's --help
+ENVIRONMENT_HELP = """\
+environment variables:
+  IMAGE_CAPTIONING_MIRROR=<base URL>  fetch every file from <base URL>/<file name> instead of its origin
+                                      (names: `main.py download --list`); checksums are still verified
+  IMAGE_CAPTIONING_OFFLINE=1          never download: a missing file is an error naming the file and the
+                                      path where to place it
+  IMAGE_CAPTIONING_HOME=<dir>         the model store (default: pretrained_models/ in the repository)
+  IMAGE_CAPTIONING_XLA_CACHE=0        do not keep compiled XLA programs in <model store>/xla_cache/
+                                      (`main.py cache` shows it, `main.py cache --clear` empties it)
+
+exit codes:
+  0 every image captioned, 1 some inputs failed (listed on stderr), 2 usage error,
+  3 the model could not be downloaded / converted / loaded, 130 interrupted (Ctrl-C)
+
+output lines: in "<path><TAB><caption>" and "error: ..." lines a backslash, tab, newline or carriage
+  return is written as \\\\, \\t, \\n, \\r (one result per line; undo by the reverse substitution)
+"""
+
+
+MODEL_ARG_HELP = ("a model name (coco, conceptual, coco_transformer: downloaded and converted on first use), the "
+                  "name of a model saved in the model store, or a directory holding a saved model")
