@@ -23,6 +23,7 @@ Example::
     backbone = load_preset_model("pretrained_models/coco", config, ModelLoadError)
 """
 
+import contextlib
 import datetime
 import json
 import os
@@ -106,6 +107,36 @@ def read_preset_config(directory, architecture, error, required=()):
     return config
 
 
+@contextlib.contextmanager
+def weights_to_be_loaded():
+    """Inside, a Keras variable whose initializer is random starts as zeros instead of drawing its values:
+    for a model whose every weight is loaded next (the strict loaders raise on any weight the file lacks).
+    Drawing 200M random numbers that are overwritten at once was most of a 124M ClipCap's load time.
+    Variables with other initializers (constants, seed-generator states) are created as usual. Needs the
+    TensorFlow backend's Variable (Keras' private ``_initialize_with_initializer``); without it, a no-op."""
+    try:
+        from keras.src.backend.tensorflow.core import Variable
+        from keras.src.initializers.random_initializers import RandomInitializer
+    except ImportError:  # another Keras layout: the weights are drawn as usual (slower, same result)
+        yield
+        return
+    import tensorflow as tf
+
+    original = Variable._initialize_with_initializer
+
+    def initialize(self, initializer):
+        if isinstance(initializer, RandomInitializer):
+            self._initialize(lambda: tf.zeros(self._shape, dtype=self._dtype))
+        else:
+            original(self, initializer)
+
+    Variable._initialize_with_initializer = initialize
+    try:
+        yield
+    finally:
+        Variable._initialize_with_initializer = original
+
+
 def load_preset_model(directory, config, error, load_weights=None):
     """Rebuild ``config["model"]`` (``keras.saving.deserialize_keras_object``) and load ``model.weights.h5``
     into it (or ``load_weights(model, path)``); ``error`` names config.json or the weights file when either
@@ -117,7 +148,8 @@ def load_preset_model(directory, config, error, load_weights=None):
     if not weights_path.is_file():
         raise FileNotFoundError(f"{directory} is an incomplete saved model: {WEIGHTS_FILE} missing")
     try:
-        model = keras.saving.deserialize_keras_object(config["model"])
+        with weights_to_be_loaded():
+            model = keras.saving.deserialize_keras_object(config["model"])
     except (KeyError, TypeError, ValueError, AttributeError) as e:
         raise error(f"{config_path}: invalid 'model' entry ({type(e).__name__}: {e}); the saved model is "
                     "damaged: save or convert it again") from e
