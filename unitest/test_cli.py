@@ -64,7 +64,7 @@ def test_caption_demo_then_rerun(tiny_model_dir, tmp_path, capsys):
                           "--max-length", 6, "--batch-size", 2, "--no-progress")
     assert code == 0, err
     lines = out.splitlines()
-    demo = sorted(str(p) for p in (ROOT / "demo").glob("*.jpg"))
+    demo = sorted(str(p) for p in (ROOT / "demo").rglob("*") if p.suffix in (".jpg", ".png"))  # photos, screenshot
     assert [line.split("\t")[0] for line in lines] == demo
     assert all(line.split("\t")[1] for line in lines)
     stored = json.loads((out_dir / "map.json").read_text())

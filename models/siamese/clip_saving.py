@@ -51,7 +51,9 @@ def save_clip(clip, directory, overwrite=False):
     from utils.file_utils import replace_dir
     from utils.preset_utils import WEIGHTS_FILE, preset_metadata, save_weights_compact, write_preset
 
-    header = {"tokenizer": None if clip.tokenizer is None else {"context_length": clip.tokenizer.context_length}}
+    # "clip": the flat architecture (`clip_config_from_shapes`), readable without Keras (`saved_clip_config`)
+    header = {"tokenizer": None if clip.tokenizer is None else {"context_length": clip.tokenizer.context_length},
+              "clip": dict(clip.model.config)}
 
     def write(staging):
         # the weights first: how many tensors went to float16 goes into the metadata and the card
@@ -107,10 +109,12 @@ def saved_clip_config(directory) -> dict:
     loading weights (e.g. its ``image_resolution``)."""
     from utils.preset_utils import CONFIG_FILE, read_json_file
 
-    config = read_json_file(Path(directory) / CONFIG_FILE, CheckpointError)
-    if config.get("format_version") == 1:
-        return dict(config["clip"])
-    return dict(config["model"]["config"]["config"])
+    path = Path(directory) / CONFIG_FILE
+    config = read_json_file(path, CheckpointError)
+    if not isinstance(config.get("clip"), dict):  # both formats write it
+        raise CheckpointError(f"{path} lacks the key 'clip' (the architecture): the saved CLIP is damaged; save "
+                              "it again")
+    return dict(config["clip"])
 
 
 # ----------------------------------------------------------------------------------------- format 1
