@@ -183,3 +183,24 @@ def test_jit_compile_takes_the_same_values_in_both(tiny_models, tmp_path_factory
     assert clip.jit_compile is False
     with pytest.raises(ValueError, match="jit_compile"):
         CLIP(clip.model, jit_compile="on")
+
+
+@pytest.mark.parametrize("kind", ["mlp", "transformer"])
+def test_a_folder_written_by_the_format1_code_captions_as_it_did(kind):
+    """unitest/data/format1/: tiny models saved by the library's format-1 code itself (commit 7fcf12b), with the
+    captions that code gave (expected.json). Loaded by today's code: the same tokens and texts, scores within
+    float32 rounding (the attention is computed by one kernel now, in another order)."""
+    data = ROOT / "unitest" / "data" / "format1"
+    expected = json.loads((data / "expected.json").read_text())
+    images = [str(ROOT / "demo" / name) for name in expected["images"]]
+    model = ClipCap.load(data / kind)
+    assert model.name == f"old_{kind}" and json.loads((data / kind / "config.json").read_text())["format_version"] == 1
+    embeddings = model.encode_images(images)
+    got = {"greedy": model.generate(embeddings, max_length=12),
+           "beam": model.generate(embeddings, method="beam", beam_size=3, num_captions=2, max_length=12)}
+    for method, results in got.items():
+        want = expected["captions"][kind][method]
+        assert [[c["tokens"] for c in r] for r in results] == [[c["tokens"] for c in r] for r in want], method
+        assert [[c["text"] for c in r] for r in results] == [[c["text"] for c in r] for r in want], method
+        np.testing.assert_allclose([c["score"] for r in results for c in r], [c["score"] for r in want for c in r],
+                                   atol=1e-5, err_msg=method)
