@@ -355,3 +355,16 @@ def test_map_json_damaged_during_a_run_keeps_the_batch_in_a_sidecar(tmp_path, mo
     assert (out / "map.json").read_text() == "{broken"
     sidecar = str(info.value).rsplit("saved to ", 1)[1]
     assert sorted(json.loads(open(sidecar).read())) == merged[1] == sorted(os.path.abspath(p) for p in paths[2:])
+
+
+def test_a_partial_last_batch_compiles_no_new_shape(tmp_path_factory):
+    """5 images in batches of 2 (2, 2, 1): the last batch is padded to 2, so one decoder program serves the run
+    (was two: batch 2 and batch 1), and the padding changes no caption."""
+    from unitest.tiny_models import tiny_clipcap
+
+    model = tiny_clipcap(tmp_path_factory)  # a fresh copy: its compiled functions are counted
+    images = sorted(str(p) for p in (Path(__file__).resolve().parents[1] / "demo").glob("*.jpg"))
+    results = list(predict(model, images, batch_size=2, save=False, progress=False, max_length=5))
+    assert sorted({key[0] for key in model.decoder._compiled}) == [2]  # (batch, K, max_length, sampler)
+    alone = model.generate(model.encode_images(images), max_length=5)  # all 5 at once, padded to 8 inside
+    assert [r["caption"] for r in results] == [candidates[0]["text"] for candidates in alone]

@@ -335,13 +335,20 @@ def predict(model, images, batch_size=16, method="greedy", save=True, overwrite=
     compiling = CompileStatus(model, status)
     details = ", ".join([method, *(f"{k}={v}" for k, v in sorted(generate_kwargs.items()))])
 
+    # one compiled shape per run: a last, partial batch is padded (with copies of its last item, results
+    # dropped) to the bucket of the full ones, where the stage compiles per shape (XLA)
+    bucket = power_of_two_at_least(max(1, min(batch_size, len(todo))))
+    clip_bucket = bucket if getattr(clip, "jit_compile", False) else None
+    decode_bucket = bucket if getattr(model, "jit_compile", False) else None
+
     def encode(batch):
-        with compiling.first_call("the CLIP encoder", power_of_two_at_least(len(batch))):
-            return list(embedder.encode_batch(batch))  # B x (n_px, n_px, 3) -> B x (D,)
+        with compiling.first_call("the CLIP encoder", clip_bucket or len(batch)):
+            return list(embedder.encode_batch(_pad(batch, clip_bucket)))[:len(batch)]  # B x (D,)
 
     def generate(batch):
-        with compiling.first_call("the decoder", power_of_two_at_least(len(batch)), details):
-            return model.generate(np.stack(batch), method=method, **generate_kwargs)  # B lists of candidates
+        with compiling.first_call("the decoder", decode_bucket or power_of_two_at_least(len(batch)), details):
+            padded = np.stack(_pad(batch, decode_bucket))  # rows are decoded independently: padding changes none
+            return model.generate(padded, method=method, **generate_kwargs)[:len(batch)]  # B lists of candidates
 
     pipeline = Pipeline([
         Stage(read, name="read", workers=2),
@@ -391,6 +398,13 @@ def predict(model, images, batch_size=16, method="greedy", save=True, overwrite=
     if display:
         show_results(entries, results)
     return results
+
+
+def _pad(batch, size):
+    """``batch`` (a list) extended with copies of its last item up to ``size`` (None: as is)."""
+    if size is None or len(batch) >= size:
+        return list(batch)
+    return list(batch) + [batch[-1]] * (size - len(batch))
 
 
 def _result(entry, caption=None, candidates=None, error=None, timings=None, cached=False):
