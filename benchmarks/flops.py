@@ -55,6 +55,15 @@ def image_encoder_flops(visual) -> int:
     raise TypeError(f"not a CLIP image encoder: {type(visual).__name__}")
 
 
+def matmul_probe(size=2048):
+    """``(fn, flops)``: a (size x size) fp32 TF matmul to time beside a benchmark's own functions, so the
+    peak is measured under the same load as what it is compared with."""
+    a = tf.random.normal((size, size))
+    b = tf.random.normal((size, size))
+    fn = tf.function(lambda x, y: tf.reduce_sum(tf.matmul(x, y)))
+    return (lambda: fn(a, b).numpy()), 2 * size**3
+
+
 def matmul_peak(size=4096, repeats=5):
     """Best fp32 FLOP/s of a (size x size) @ (size x size) TF matmul on this machine (same threads as the
     benchmark: call it after configuring TensorFlow's thread pools)."""
