@@ -132,7 +132,7 @@ def main():
     load = os.getloadavg()[0]
     peaks = ", ".join(f"{r[1]['peak'] / 1e9:.0f}" for r in rows)
     print(f"\nCLIP image encoding, batch {args.batch_size}, {args.threads} threads, best of {args.repeats} "
-          f"(torch {torch.__version__}, tensorflow {tf.__version__}); fp32 matmul peak measured (a 2048^3 TF "
+          f"(torch {torch.__version__}, tensorflow {tf.__version__}); fp32 matmul peak measured (a 4096^3 TF "
           f"matmul timed between the encoders): {peaks} GFLOP/s; "
           f"load average {load:.1f} on {os.cpu_count()} cores\n")
     print("| model | GFLOP/img | PyTorch img/s | Keras tf.function img/s | Keras XLA img/s | best Keras / PyTorch "

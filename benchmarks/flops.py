@@ -55,7 +55,7 @@ def image_encoder_flops(visual) -> int:
     raise TypeError(f"not a CLIP image encoder: {type(visual).__name__}")
 
 
-def matmul_probe(size=2048):
+def matmul_probe(size=4096):
     """``(fn, flops)``: a (size x size) fp32 TF matmul to time beside a benchmark's own functions, so the
     peak is measured under the same load as what it is compared with."""
     a = tf.random.normal((size, size))
