@@ -15,10 +15,12 @@ Run from the repository root::
     python -m benchmarks.bench_clip                      # ViT-B/32 and RN50x4, batch 16, 2 threads
     python -m benchmarks.bench_clip --models ViT-B/32 --repeats 5 --threads 4
     python -m benchmarks.bench_clip --no-bf16            # fp32 only
+    python -m benchmarks.bench_clip --device gpu         # both frameworks on the first GPU (CUDA builds)
 """
 
 import argparse
 import os
+import sys
 import time
 
 # torchvision (imported by the clip package) must be loaded before TensorFlow: the other order segfaults
@@ -26,9 +28,19 @@ import torch  # noqa: I001
 import torchvision  # noqa: F401
 from clip.model import CLIP as TorchCLIP
 
+
+def _device_arg(argv):
+    """``--device`` read before TensorFlow is imported: a CPU run hides the GPUs from both frameworks."""
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument("--device", choices=("cpu", "gpu"), default="cpu")
+    return parser.parse_known_args(argv)[0].device
+
+
+DEVICE = _device_arg(sys.argv[1:])
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-os.environ.setdefault("CUDA_VISIBLE_DEVICES", "-1")
+if DEVICE == "cpu":
+    os.environ.setdefault("CUDA_VISIBLE_DEVICES", "-1")
 
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
@@ -78,15 +90,17 @@ def bench_model(name, batch_size, repeats, bf16=True):
 
     torch.manual_seed(0)
     reference = TorchCLIP(**MODELS[name], **TEXT).float().eval()
+    torch_device = "cuda" if DEVICE == "gpu" else "cpu"
     state_dict = {k: v for k, v in reference.state_dict().items() if k.startswith("visual.") or k == "logit_scale"}
     model = clip_from_state_dict(state_dict, visual_only=True)
     n_px = MODELS[name]["image_resolution"]
     pixels = torch.randn(batch_size, 3, n_px, n_px, generator=torch.Generator().manual_seed(1))
     pixels_nhwc = tf.constant(pixels.permute(0, 2, 3, 1).numpy())
+    visual, pixels = reference.visual.to(torch_device), pixels.to(torch_device)
 
-    def run_torch():
+    def run_torch():  # .cpu(): the result on the host, as the Keras side's .numpy() (waits for a GPU too)
         with torch.inference_mode():
-            return reference.visual(pixels)
+            return visual(pixels).cpu()
 
     graph = tf.function(lambda x: model.visual(x, training=False), jit_compile=False)
     xla = tf.function(lambda x: model.visual(x, training=False), jit_compile=True)
@@ -117,21 +131,27 @@ def main():
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--no-bf16", dest="bf16", action="store_false", help="skip the mixed_bfloat16 column")
+    parser.add_argument("--device", choices=("cpu", "gpu"), default="cpu",
+                        help="gpu: PyTorch on cuda, TensorFlow on /GPU:0 (the bf16 column is then mixed precision)")
     args = parser.parse_args()
+    if args.device == "gpu" and not (torch.cuda.is_available() and tf.config.list_logical_devices("GPU")):
+        parser.error("--device gpu: PyTorch or TensorFlow sees no GPU here")
     torch.set_num_threads(args.threads)
     tf.config.threading.set_intra_op_parallelism_threads(args.threads)
     tf.config.threading.set_inter_op_parallelism_threads(1)
 
     rows = []
     for name in args.models:
-        speeds, diffs, flops = bench_model(name, args.batch_size, args.repeats, bf16=args.bf16)
+        with tf.device("/GPU:0" if args.device == "gpu" else "/CPU:0"):
+            speeds, diffs, flops = bench_model(name, args.batch_size, args.repeats, bf16=args.bf16)
         best = max(("graph", "xla"), key=speeds.get)
         rows.append((name, speeds, diffs, best, flops))
         print(f"{name}: done", flush=True)
 
     load = os.getloadavg()[0]
     peaks = ", ".join(f"{r[1]['peak'] / 1e9:.0f}" for r in rows)
-    print(f"\nCLIP image encoding, batch {args.batch_size}, {args.threads} threads, best of {args.repeats} "
+    where = "GPU 0" if args.device == "gpu" else f"{args.threads} threads"
+    print(f"\nCLIP image encoding, batch {args.batch_size}, {where}, best of {args.repeats} "
           f"(torch {torch.__version__}, tensorflow {tf.__version__}); fp32 matmul peak measured (a 4096^3 TF "
           f"matmul timed between the encoders): {peaks} GFLOP/s; "
           f"load average {load:.1f} on {os.cpu_count()} cores\n")
