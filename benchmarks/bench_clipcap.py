@@ -99,26 +99,29 @@ def rotated(images):
 
 
 def bench_pipeline(model, images, args, batch_size=16):
-    """Seconds of ``model.predict`` over `images` (best of ``args.repeats``) and of its stages run alone,
-    one after the other: ``{"preprocess", "encode", "decode", "pipeline"}``."""
+    """Seconds of ``model.predict`` over `images` and of its stages run alone, one after the other:
+    ``{"preprocess", "encode", "decode", "pipeline"}``, each the best of ``args.repeats`` rounds; a round
+    runs the stages alone then the pipeline, so a busy machine slows both sides alike."""
     import numpy as np
 
     gen_kw = dict(method="greedy", max_length=args.max_length, stop_token=None)
     batches = [images[i : i + batch_size] for i in range(0, len(images), batch_size)]
     clip = model.clip
     model.generate(model.encode_images(batches[0]), **gen_kw)  # warm-up: compilation excluded
-    start = time.perf_counter()
-    pixels = [np.stack([clip.preprocess(im) for im in batch]) for batch in batches]
-    times = {"preprocess": time.perf_counter() - start}
-    start = time.perf_counter()
-    embeddings = [clip.encode_pixels(p) for p in pixels]
-    times["encode"] = time.perf_counter() - start
-    start = time.perf_counter()
-    for e in embeddings:
-        model.generate(e, **gen_kw)
-    times["decode"] = time.perf_counter() - start
-    times["pipeline"] = best_of(lambda: model.predict(images, batch_size=batch_size, save=False, progress=False,
-                                                      **gen_kw), args.repeats)
+    times = dict.fromkeys(("preprocess", "encode", "decode", "pipeline"), float("inf"))
+    for _ in range(args.repeats):
+        start = time.perf_counter()
+        pixels = [np.stack([clip.preprocess(im) for im in batch]) for batch in batches]
+        times["preprocess"] = min(times["preprocess"], time.perf_counter() - start)
+        start = time.perf_counter()
+        embeddings = [clip.encode_pixels(p) for p in pixels]
+        times["encode"] = min(times["encode"], time.perf_counter() - start)
+        start = time.perf_counter()
+        for e in embeddings:
+            model.generate(e, **gen_kw)
+        times["decode"] = min(times["decode"], time.perf_counter() - start)
+        times["pipeline"] = min(times["pipeline"], _timed(lambda: model.predict(
+            images, batch_size=batch_size, save=False, progress=False, **gen_kw)))
     return times
 
 
