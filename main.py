@@ -69,9 +69,11 @@ def cmd_caption(args):
     from loggers.console import quiet_logger
     from models.image_captioning.clip_cap import check_decoding_args
     from models.image_captioning.prediction import predict
+    from utils.devices import resolve_device
 
     try:  # before the model is loaded: a wrong option costs no load
         check_decoding_args(args.method, **decoding_kwargs(args))
+        device = resolve_device(args.device)
     except (TypeError, ValueError) as e:
         return _fail(str(e), EXIT_USAGE)
     status = None if args.no_progress else (lambda line: print(line, file=sys.stderr, flush=True))
@@ -81,6 +83,7 @@ def cmd_caption(args):
     model, code = model_or_exit_code(args.model)
     if model is None:
         return code
+    model.to(device)
     if status:
         status(f"{args.model} loaded in {time.perf_counter() - start:.1f} s")
     try:
@@ -300,6 +303,8 @@ def build_parser():
                    help="ignore the EXIF orientation (as OpenAI's and the official ClipCap code do)")
     p.add_argument("--max-file-bytes", type=_non_negative_int, default=DEFAULT_MAX_BYTES,
                    help="refuse image files larger than this many bytes (0: no limit)")
+    p.add_argument("--device", help="run the models on 'cpu', 'gpu' or 'gpu:N' (default: TensorFlow's placement, "
+                                     "a GPU when one is visible); a device TensorFlow does not see is an error")
     p.set_defaults(func=cmd_caption)
 
     p = sub.add_parser("convert", formatter_class=_Formatter, epilog=ENVIRONMENT_HELP,

@@ -4,14 +4,23 @@ Same random weights on both sides (converted with `utils.convert.openai_clip`), 
 pixels, both frameworks on the same number of threads. Prints a markdown table (images/s, ratio Keras /
 PyTorch) and the max relative difference of the embeddings, so the two sides are known to do the same work.
 
+Also printed: the encoder's FLOPs per image (`benchmarks.flops`), the FLOP/s of PyTorch and of the best
+Keras mode over this machine's measured fp32 matmul peak, and the same Keras encoder built under Keras'
+``mixed_bfloat16`` policy (bf16 matmuls and convolutions, float32 weights; graph mode or XLA, the faster):
+its speed next to fp32 and its max relative difference from fp32. The machine's load average is printed
+with the table: the ratios are measured side by side, the absolute numbers depend on the load.
+
 Run from the repository root::
 
     python -m benchmarks.bench_clip                      # ViT-B/32 and RN50x4, batch 16, 2 threads
     python -m benchmarks.bench_clip --models ViT-B/32 --repeats 5 --threads 4
+    python -m benchmarks.bench_clip --no-bf16            # fp32 only
+    python -m benchmarks.bench_clip --device gpu         # both frameworks on the first GPU (CUDA builds)
 """
 
 import argparse
 import os
+import sys
 import time
 
 # torchvision (imported by the clip package) must be loaded before TensorFlow: the other order segfaults
@@ -19,12 +28,24 @@ import torch  # noqa: I001
 import torchvision  # noqa: F401
 from clip.model import CLIP as TorchCLIP
 
+
+def _device_arg(argv):
+    """``--device`` read before TensorFlow is imported: a CPU run hides the GPUs from both frameworks."""
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument("--device", choices=("cpu", "gpu"), default="cpu")
+    return parser.parse_known_args(argv)[0].device
+
+
+DEVICE = _device_arg(sys.argv[1:])
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-os.environ.setdefault("CUDA_VISIBLE_DEVICES", "-1")
+if DEVICE == "cpu":
+    os.environ.setdefault("CUDA_VISIBLE_DEVICES", "-1")
 
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
+
+from benchmarks.flops import image_encoder_flops, matmul_probe  # noqa: E402
 
 MODELS = {
     "ViT-B/32": dict(embed_dim=512, image_resolution=224, vision_layers=12, vision_width=768, vision_patch_size=32),
@@ -48,33 +69,59 @@ def time_interleaved(fns, repeats):
     return best
 
 
-def bench_model(name, batch_size, repeats):
+def bfloat16_twin(visual):
+    """The same image encoder built under Keras' ``mixed_bfloat16`` policy, with the fp32 one's weights."""
+    import keras
+
+    from custom_architectures.clip_arch import ModifiedResNet
+
+    previous = keras.config.dtype_policy()
+    keras.config.set_dtype_policy("mixed_bfloat16")
+    try:
+        twin = visual.__class__.from_config(visual.get_config())
+    finally:
+        keras.config.set_dtype_policy(previous)
+    twin.set_weights(visual.get_weights())
+    return twin, not isinstance(visual, ModifiedResNet)  # XLA for ViTs, as CLIP(jit_compile="auto")
+
+
+def bench_model(name, batch_size, repeats, bf16=True):
     from utils.convert.openai_clip import clip_from_state_dict
 
     torch.manual_seed(0)
     reference = TorchCLIP(**MODELS[name], **TEXT).float().eval()
+    torch_device = "cuda" if DEVICE == "gpu" else "cpu"
     state_dict = {k: v for k, v in reference.state_dict().items() if k.startswith("visual.") or k == "logit_scale"}
     model = clip_from_state_dict(state_dict, visual_only=True)
     n_px = MODELS[name]["image_resolution"]
     pixels = torch.randn(batch_size, 3, n_px, n_px, generator=torch.Generator().manual_seed(1))
     pixels_nhwc = tf.constant(pixels.permute(0, 2, 3, 1).numpy())
+    visual, pixels = reference.visual.to(torch_device), pixels.to(torch_device)
 
-    def run_torch():
+    def run_torch():  # .cpu(): the result on the host, as the Keras side's .numpy() (waits for a GPU too)
         with torch.inference_mode():
-            return reference.visual(pixels)
+            return visual(pixels).cpu()
 
     graph = tf.function(lambda x: model.visual(x, training=False), jit_compile=False)
     xla = tf.function(lambda x: model.visual(x, training=False), jit_compile=True)
-    results = time_interleaved(
-        {"torch": run_torch, "graph": lambda: graph(pixels_nhwc).numpy(), "xla": lambda: xla(pixels_nhwc).numpy()},
-        repeats,
-    )
+    probe, probe_flops = matmul_probe()
+    fns = {"peak": probe, "torch": run_torch, "graph": lambda: graph(pixels_nhwc).numpy(), "xla": lambda: xla(pixels_nhwc).numpy()}
+    if bf16:
+        twin, twin_xla = bfloat16_twin(model.visual)
+        half = tf.function(lambda x: twin(x, training=False), jit_compile=twin_xla)
+        fns["bf16"] = lambda: half(pixels_nhwc).numpy()
+    results = time_interleaved(fns, repeats)
     expected = run_torch().numpy()
     diffs = {
         kind: float(np.abs(fn(pixels_nhwc).numpy() - expected).max() / np.abs(expected).max())
         for kind, fn in (("graph", graph), ("xla", xla))
     }
-    return {k: batch_size / v for k, v in results.items()}, diffs
+    if bf16:
+        fp32 = xla(pixels_nhwc).numpy()
+        diffs["bf16"] = float(np.abs(np.asarray(half(pixels_nhwc), np.float32) - fp32).max() / np.abs(fp32).max())
+    speeds = {k: batch_size / v for k, v in results.items()}
+    speeds["peak"] = probe_flops / results["peak"]  # FLOP/s of the probe, timed between the encoders
+    return speeds, diffs, image_encoder_flops(model.visual)
 
 
 def main():
@@ -83,27 +130,43 @@ def main():
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--no-bf16", dest="bf16", action="store_false", help="skip the mixed_bfloat16 column")
+    parser.add_argument("--device", choices=("cpu", "gpu"), default="cpu",
+                        help="gpu: PyTorch on cuda, TensorFlow on /GPU:0 (the bf16 column is then mixed precision)")
     args = parser.parse_args()
+    if args.device == "gpu" and not (torch.cuda.is_available() and tf.config.list_logical_devices("GPU")):
+        parser.error("--device gpu: PyTorch or TensorFlow sees no GPU here")
     torch.set_num_threads(args.threads)
     tf.config.threading.set_intra_op_parallelism_threads(args.threads)
     tf.config.threading.set_inter_op_parallelism_threads(1)
 
     rows = []
     for name in args.models:
-        speeds, diffs = bench_model(name, args.batch_size, args.repeats)
+        with tf.device("/GPU:0" if args.device == "gpu" else "/CPU:0"):
+            speeds, diffs, flops = bench_model(name, args.batch_size, args.repeats, bf16=args.bf16)
         best = max(("graph", "xla"), key=speeds.get)
-        rows.append((name, speeds, diffs, best))
+        rows.append((name, speeds, diffs, best, flops))
         print(f"{name}: done", flush=True)
 
-    print(f"\nCLIP image encoding, batch {args.batch_size}, {args.threads} threads, best of {args.repeats} "
-          f"(torch {torch.__version__}, tensorflow {tf.__version__})\n")
-    print("| model | PyTorch img/s | Keras tf.function img/s | Keras XLA img/s | best Keras / PyTorch | max rel diff |")
-    print("|---|---|---|---|---|---|")
-    for name, speeds, diffs, best in rows:
+    load = os.getloadavg()[0]
+    peaks = ", ".join(f"{r[1]['peak'] / 1e9:.0f}" for r in rows)
+    where = "GPU 0" if args.device == "gpu" else f"{args.threads} threads"
+    print(f"\nCLIP image encoding, batch {args.batch_size}, {where}, best of {args.repeats} "
+          f"(torch {torch.__version__}, tensorflow {tf.__version__}); fp32 matmul peak measured (a 4096^3 TF "
+          f"matmul timed between the encoders): {peaks} GFLOP/s; "
+          f"load average {load:.1f} on {os.cpu_count()} cores\n")
+    print("| model | GFLOP/img | PyTorch img/s | Keras tf.function img/s | Keras XLA img/s | best Keras / PyTorch "
+          "| PyTorch FLOP/s / peak | Keras FLOP/s / peak | max rel diff | bf16 img/s | bf16 / fp32 | bf16 rel diff |")
+    print("|---|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|")
+    for name, speeds, diffs, best, flops in rows:
+        bf16 = (f"{speeds['bf16']:.2f} | {speeds['bf16'] / speeds[best]:.2f}x | {diffs['bf16']:.1e}"
+                if "bf16" in speeds else " | | ")
         print(
-            f"| {name} | {speeds['torch']:.2f} | {speeds['graph']:.2f} | {speeds['xla']:.2f} | "
+            f"| {name} | {flops / 1e9:.2f} | {speeds['torch']:.2f} | {speeds['graph']:.2f} | {speeds['xla']:.2f} | "
             f"{speeds[best] / speeds['torch']:.2f}x ({'XLA' if best == 'xla' else 'tf.function'}) | "
-            f"{max(diffs.values()):.1e} |"
+            f"{100 * flops * speeds['torch'] / speeds['peak']:.0f}% | "
+            f"{100 * flops * speeds[best] / speeds['peak']:.0f}% | "
+            f"{max(diffs['graph'], diffs['xla']):.1e} | {bf16} |"
         )
 
 

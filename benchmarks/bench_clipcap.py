@@ -19,10 +19,19 @@ Columns (images per second; the decode rows start from the same CLIP embeddings 
 Also printed: decode FLOP/s of our loop (matmul FLOPs of the prefill and of every step, lm head included)
 as a fraction of this machine's measured fp32 matmul peak (a large TF matmul).
 
+A second table runs the concurrent pipeline, ``model.predict`` over 64 photographs (the 16 and their
+rotations by 90, 180 and 270 degrees; batches of 16, greedy, 20 tokens, no map.json), next to its stages
+run alone one after the other over the same images: preprocessing (``clip.preprocess``), CLIP encoding
+(``clip.encode_pixels``) and decoding (``model.generate``). *pipeline / sum* > 1 is what the overlap of the
+stages gains; *pipeline / official* compares with the official way's end-to-end greedy speed of the first
+table. Encoding and decoding both run near the matmul peak on both cores, so the overlap can only hide
+preprocessing and the decoder's idle time, never exceed the sum of the compute.
+
 Run from the repository root (about 10 minutes on 2 cores)::
 
     python -m benchmarks.bench_clipcap
     python -m benchmarks.bench_clipcap --configs mlp --official-images 4 --threads 2
+    python -m benchmarks.bench_clipcap --pipeline-only     # the predict table alone (official speed not measured)
 """
 
 import argparse
@@ -47,6 +56,7 @@ os.environ.setdefault("CUDA_VISIBLE_DEVICES", "-1")
 import tensorflow as tf  # noqa: E402
 from PIL import Image  # noqa: E402
 
+from benchmarks.flops import matmul_peak  # noqa: E402
 from unitest.reference import clipcap_official as ref  # noqa: E402
 
 PHOTOS = ("astronaut", "camera", "cat", "chelsea", "clock", "coffee", "coins", "grass", "gravel",
@@ -82,14 +92,37 @@ def photos():
     return [Image.fromarray(getattr(skimage.data, name)()) for name in PHOTOS]
 
 
-def matmul_peak(size=4096, repeats=5):
-    """Best fp32 FLOP/s of a (size x size) @ (size x size) TF matmul on this machine."""
-    a = tf.random.normal((size, size))
-    b = tf.random.normal((size, size))
-    fn = tf.function(lambda x, y: tf.reduce_sum(tf.matmul(x, y)))
-    fn(a, b)
-    best = min(_timed(lambda: fn(a, b).numpy()) for _ in range(repeats))
-    return 2 * size**3 / best
+def rotated(images):
+    """The images and their rotations by 90, 180 and 270 degrees (4x as many distinct inputs)."""
+    turns = (None, Image.Transpose.ROTATE_90, Image.Transpose.ROTATE_180, Image.Transpose.ROTATE_270)
+    return [im if turn is None else im.transpose(turn) for turn in turns for im in images]
+
+
+def bench_pipeline(model, images, args, batch_size=16):
+    """Seconds of ``model.predict`` over `images` and of its stages run alone, one after the other:
+    ``{"preprocess", "encode", "decode", "pipeline"}``, each the best of ``args.repeats`` rounds; a round
+    runs the stages alone then the pipeline, so a busy machine slows both sides alike."""
+    import numpy as np
+
+    gen_kw = dict(method="greedy", max_length=args.max_length, stop_token=None)
+    batches = [images[i : i + batch_size] for i in range(0, len(images), batch_size)]
+    clip = model.clip
+    model.generate(model.encode_images(batches[0]), **gen_kw)  # warm-up: compilation excluded
+    times = dict.fromkeys(("preprocess", "encode", "decode", "pipeline"), float("inf"))
+    for _ in range(args.repeats):
+        start = time.perf_counter()
+        pixels = [np.stack([clip.preprocess(im) for im in batch]) for batch in batches]
+        times["preprocess"] = min(times["preprocess"], time.perf_counter() - start)
+        start = time.perf_counter()
+        embeddings = [clip.encode_pixels(p) for p in pixels]
+        times["encode"] = min(times["encode"], time.perf_counter() - start)
+        start = time.perf_counter()
+        for e in embeddings:
+            model.generate(e, **gen_kw)
+        times["decode"] = min(times["decode"], time.perf_counter() - start)
+        times["pipeline"] = min(times["pipeline"], _timed(lambda: model.predict(
+            images, batch_size=batch_size, save=False, progress=False, **gen_kw)))
+    return times
 
 
 def _timed(fn):
@@ -129,8 +162,13 @@ def build(clip_name, kind, directory, tokenizer_dir):
 
 
 def bench_config(name, args, directory, tokenizer_dir, images, peak):
+    """(rows of the first table, row of the pipeline table) for one model kind."""
     clip_name, kind = CONFIGS[name]
     torch_clip, torch_model, model = build(clip_name, kind, directory, tokenizer_dir)
+    pipeline = (f"{clip_name} + {kind}", bench_pipeline(model, rotated(images), args))
+    print(f"  done: {pipeline[0]}, pipeline", flush=True)
+    if args.pipeline_only:
+        return [], pipeline
     transform = _transform(torch_clip.visual.input_resolution)
     n, length = len(images), args.max_length
     normalize = model.config["normalize_prefix"]
@@ -180,7 +218,7 @@ def bench_config(name, args, directory, tokenizer_dir, images, peak):
             rows.append((label, stage, n / ours_s, n / off_s, n / hf_s, off_s / ours_s, hf_s / ours_s,
                          n_official, flops / peak if stage == "decode" else None, compile_s))
         print(f"  done: {label}", flush=True)
-    return rows
+    return rows, pipeline
 
 
 def main():
@@ -192,6 +230,7 @@ def main():
     parser.add_argument("--official-beam-images", type=int, default=2, help="images run the official way (beam)")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--pipeline-only", action="store_true", help="only the predict-over-64-photos table")
     args = parser.parse_args()
 
     torch.set_num_threads(args.threads)
@@ -201,14 +240,18 @@ def main():
 
     images = photos()
     peak = matmul_peak()
-    rows = []
+    rows, pipelines = [], []
     with tempfile.TemporaryDirectory() as directory:
         tokenizer_dir = train_tiny_tokenizer(os.path.join(directory, "tokenizer"))  # decoding only
         for name in args.configs:
-            rows += bench_config(name, args, directory, tokenizer_dir, images, peak)
+            config_rows, pipeline = bench_config(name, args, directory, tokenizer_dir, images, peak)
+            rows += config_rows
+            pipelines.append(pipeline)
 
     print(f"\n{len(images)} photographs (skimage.data), {args.max_length} generated tokens without early stop, "
           f"torch and TF on {args.threads} threads; fp32 matmul peak measured: {peak / 1e9:.0f} GFLOP/s\n")
+    if not rows:
+        return print_pipelines(pipelines, rows, 4 * len(images))
     print("| model, method | stage | ours img/s | official img/s | transformers img/s | ours / official "
           "| ours / transformers | decode FLOP/s / peak | compile s |")
     print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
@@ -216,6 +259,23 @@ def main():
         print(f"| {label} | {stage} | {ours:.2f} | {off:.3f} ({n_off} img) | {hf:.2f} | {r_off:.1f}x | "
               f"{r_hf:.2f}x | {'' if eff is None else f'{100 * eff:.0f}%'} | "
               f"{'' if stage != 'decode' else f'{compile_s:.0f}'} |")
+    print_pipelines(pipelines, rows, 4 * len(images))
+
+
+def print_pipelines(pipelines, rows, n):
+    """The predict-over-n-photos table; the official greedy end-to-end speed comes from `rows` (if run)."""
+    official = {label.split(" K=")[0]: off for label, stage, _, off, *_ in rows
+                if stage == "end to end" and label.endswith("greedy")}
+    print(f"\npredict over {n} photographs, batches of 16, greedy; load average {os.getloadavg()[0]:.1f} on "
+          f"{os.cpu_count()} cores\n")
+    print("| model | preprocess img/s | encode img/s | decode img/s | sum of stages img/s | pipeline img/s "
+          "| pipeline / sum | pipeline / official |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    for label, t in pipelines:
+        total = t["preprocess"] + t["encode"] + t["decode"]
+        ratio = f"{n / t['pipeline'] / official[label]:.1f}x" if label in official else ""
+        print(f"| {label} | {n / t['preprocess']:.1f} | {n / t['encode']:.2f} | {n / t['decode']:.2f} | "
+              f"{n / total:.2f} | {n / t['pipeline']:.2f} | {total / t['pipeline']:.2f}x | {ratio} |")
 
 
 if __name__ == "__main__":

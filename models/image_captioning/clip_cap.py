@@ -35,6 +35,7 @@ from custom_architectures.transformers_arch.clip_cap_arch import ClipCapBackbone
 from models import check_jit_compile  # noqa: E402
 from models.image_captioning.saving import ModelLoadError  # noqa: E402, F401 (its historical place)
 from models.image_captioning.saving import model_dir as _model_dir  # noqa: E402, F401
+from utils.devices import device_scope  # noqa: E402
 
 METHODS = tuple(SAMPLERS)  # the decoding methods (`custom_architectures.samplers`)
 
@@ -72,6 +73,8 @@ class ClipCap:
             gpt2, name, checkpoint, ...).
         jit_compile: True, False or "auto" (as `CLIP`'s): XLA-compiled decoding unless False; the CLIP
             loaded with the model gets the same value.
+        device: where mapper, GPT-2 and CLIP run: None (TensorFlow's placement, the default) or "cpu", "gpu",
+            "gpu:N" set with `to` (`utils.devices`; a device TensorFlow does not see is an error).
     """
 
     INFO_KEYS = ("name", "checkpoint", "checkpoint_sha256", "clip_name")
@@ -89,6 +92,7 @@ class ClipCap:
         self.clip = clip
         self.jit_compile = check_jit_compile(jit_compile)
         self._xla = bool(self.jit_compile)  # "auto": decoding is faster compiled on every tested device
+        self.device = None  # TensorFlow device string (utils.devices.resolve_device); see `to`
         self._compile()
         if clip is not None:
             self._check_clip(clip, "the given CLIP model")
@@ -98,6 +102,17 @@ class ClipCap:
         self.decoder = PrefixDecoder(backbone.gpt2)
         self._project = tf.function(lambda e: backbone.prefix(e), jit_compile=self._xla)
         self._logits = tf.function(lambda e, ids: backbone(e, ids), jit_compile=self._xla)
+
+    def to(self, device):
+        """Run mapper, GPT-2 and the CLIP (when there is one) on ``device`` ("cpu", "gpu", "gpu:N", or None
+        for TensorFlow's placement); returns self. Raises ValueError for a device TensorFlow does not see."""
+        from utils.devices import resolve_device
+
+        device = resolve_device(device)
+        if self.clip is not None:
+            self.clip.to(device)
+        self.device = device
+        return self
 
     # --- construction --------------------------------------------------------------------------------
 
@@ -253,7 +268,8 @@ class ClipCap:
             return np.zeros((0, self.prefix_length, self.gpt2.n_embd), np.float32)
         if self._xla:  # few compiled shapes; padded with ones, which the L2 normalisation accepts
             embeddings = pad_batch(embeddings, power_of_two_at_least(n), fill=1.0)
-        prefix = np.asarray(self._project(tf.constant(embeddings)))[:n]
+        with device_scope(self.device):
+            prefix = np.asarray(self._project(tf.constant(embeddings)))[:n]
         bad = ~np.all(np.isfinite(prefix), axis=(1, 2))
         if bad.any():  # finite inputs, non-finite outputs: overflow in the mapper, or damaged weights
             raise ValueError(f"the mapper turned the CLIP embeddings of rows {np.flatnonzero(bad).tolist()} (of {n}) "
@@ -269,7 +285,8 @@ class ClipCap:
             token_ids = token_ids[None]
         if token_ids.ndim != 2 or len(token_ids) != len(prefix):
             raise ValueError(f"token_ids must be (N, T) with N={len(prefix)}, got {token_ids.shape}")
-        return np.asarray(self._logits(tf.constant(embeddings), tf.constant(token_ids)))
+        with device_scope(self.device):
+            return np.asarray(self._logits(tf.constant(embeddings), tf.constant(token_ids)))
 
     # --- captions ------------------------------------------------------------------------------------
 
@@ -309,8 +326,9 @@ class ClipCap:
         prefix = self.prefix(embeddings)
         if len(prefix) == 0:
             return []
-        out = self.decoder(prefix, sampler, max_length=max_length, stop_token_id=stop, seed=seed,
-                           jit_compile=self._xla)
+        with device_scope(self.device):
+            out = self.decoder(prefix, sampler, max_length=max_length, stop_token_id=stop, seed=seed,
+                               jit_compile=self._xla)
         results = []
         for tokens, scores in zip(out.tokens, out.scores):
             results.append([

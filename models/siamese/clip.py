@@ -27,6 +27,7 @@ from custom_architectures.clip_arch import CLIPModel, ModifiedResNet  # noqa: E4
 from models import check_jit_compile  # noqa: E402
 from models.siamese.clip_tokenizer import CLIPTokenizer  # noqa: E402
 from models.siamese.image_embedding import ImageEmbedder  # noqa: E402
+from utils.devices import device_scope  # noqa: E402
 from utils.file_utils import DEFAULT_MAX_BYTES  # noqa: E402
 
 
@@ -45,6 +46,8 @@ class CLIP:
             True / False / "auto", as `ClipCap` takes it.
         source, source_sha256: the OpenAI file this model was converted from and its SHA-256 (None when
             unknown), recorded in a saved folder's metadata.json.
+        device: where the encoders run: None (TensorFlow's placement, the default), or "cpu", "gpu",
+            "gpu:N" set with `to` (`utils.devices`).
     """
 
     def __init__(self, model: CLIPModel, tokenizer: CLIPTokenizer | None = None, jit_compile="auto"):
@@ -54,6 +57,7 @@ class CLIP:
         self.model = model
         self.tokenizer = tokenizer
         self.source = self.source_sha256 = None
+        self.device = None  # TensorFlow device string (utils.devices.resolve_device); see `to`
         self._text_jit = text_jit = bool(jit_compile)
         if jit_compile == "auto":
             jit_compile = not isinstance(model.visual, ModifiedResNet)
@@ -65,6 +69,14 @@ class CLIP:
         if model.text is not None:
             self._encode_tokens = tf.function(lambda t: model.text(t, training=False), jit_compile=text_jit,
                                               reduce_retracing=not text_jit)
+
+    def to(self, device):
+        """Run the encoders on ``device`` ("cpu", "gpu", "gpu:N", or None for TensorFlow's placement);
+        returns self. A device TensorFlow does not see is a ValueError naming those it sees."""
+        from utils.devices import resolve_device
+
+        self.device = resolve_device(device)
+        return self
 
     # --- construction --------------------------------------------------------------------------------
 
@@ -179,7 +191,8 @@ class CLIP:
             return np.zeros((0, self.embed_dim), np.float32)
         if self.jit_compile:  # XLA compiles once per shape: pad to a power of two (few shapes, < 2x work)
             pixels = pad_batch(pixels, power_of_two_at_least(count))
-        return np.asarray(self._encode_pixels(pixels))[:count]
+        with device_scope(self.device):
+            return np.asarray(self._encode_pixels(pixels))[:count]
 
     def encode_image(self, images, batch_size=32, exif_transpose=True):
         """Images (a path, PIL image or array, or a list of them / an (N, H, W, C) array) -> (N, embed_dim)."""
@@ -202,7 +215,8 @@ class CLIP:
             return np.zeros((0, self.embed_dim), np.float32)
         if self._text_jit:  # as encode_pixels: few compiled shapes
             token_ids = pad_batch(token_ids, power_of_two_at_least(count))
-        return np.asarray(self._encode_tokens(token_ids))[:count]
+        with device_scope(self.device):
+            return np.asarray(self._encode_tokens(token_ids))[:count]
 
     def similarity(self, images, texts, batch_size=32):
         """CLIP logits (N_img, N_txt): exp(logit_scale) * cosine similarity (OpenAI's logits_per_image)."""
