@@ -18,7 +18,6 @@ import base64
 import html
 import io
 import time
-import urllib.request
 
 from PIL import Image
 
@@ -28,23 +27,7 @@ from utils.image_io import ImageReadError, read_image
 MAX_FILE_BYTES = 20 * 1024 * 1024
 MAX_PIXELS = 40_000_000
 MAX_IMAGES = 16
-URL_TIMEOUT_S = 20
 THUMBNAIL = 160
-
-
-def fetch_url(url, max_bytes=MAX_FILE_BYTES, timeout=URL_TIMEOUT_S):
-    """The bytes at an http(s) URL, at most ``max_bytes`` (ImageReadError otherwise: other schemes, HTTP
-    errors, timeouts, too large)."""
-    if not url.lower().startswith(("http://", "https://")):
-        raise ImageReadError(f"{url}: only http:// and https:// URLs are fetched")
-    try:
-        with urllib.request.urlopen(url, timeout=timeout) as response:  # noqa: S310 (scheme checked above)
-            data = response.read(max_bytes + 1)
-    except OSError as e:
-        raise ImageReadError(f"{url}: cannot fetch ({e})") from e
-    if len(data) > max_bytes:
-        raise ImageReadError(f"{url}: larger than {max_bytes} bytes")
-    return data
 
 
 def _thumbnail(image):
@@ -86,11 +69,11 @@ class Captioner:
         self.model.caption([Image.new("RGB", (64, 48), (120, 60, 30))])
 
     def _read(self, files, urls):
-        sources = [(str(f), lambda f=f: read_image(str(f), max_pixels=self.max_pixels, max_bytes=self.max_file_bytes))
-                   for f in files or []]
-        for url in (urls or "").split():
-            sources.append((url, lambda u=url: read_image(fetch_url(u, self.max_file_bytes),
-                                                         max_pixels=self.max_pixels)))
+        # uploaded files and pasted http(s) URLs alike: read_image bounds bytes and pixels, and reads URLs
+        # through utils.image_io.read_url (http(s) only, size cap, timeout)
+        names = [str(f) for f in files or []] + (urls or "").split()
+        sources = [(name, lambda n=name: read_image(n, max_pixels=self.max_pixels, max_bytes=self.max_file_bytes))
+                   for name in names]
         if len(sources) > self.max_images:
             raise ValueError(f"at most {self.max_images} images per request, got {len(sources)}")
         images = []
