@@ -34,7 +34,6 @@ from custom_architectures.samplers import SAMPLERS, check_integer, check_seed, g
 from custom_architectures.transformers_arch.clip_cap_arch import ClipCapBackbone  # noqa: E402
 from models import check_jit_compile  # noqa: E402
 from models.image_captioning.saving import ModelLoadError  # noqa: E402, F401 (its historical place)
-from models.image_captioning.saving import model_dir as _model_dir  # noqa: E402, F401
 from utils.devices import device_scope  # noqa: E402
 
 METHODS = tuple(SAMPLERS)  # the decoding methods (`custom_architectures.samplers`)

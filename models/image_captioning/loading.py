@@ -2,7 +2,8 @@
 `models.image_captioning.format1`), or an official name converted once. Kept apart from both readers so that
 neither imports the other back."""
 
-from models.image_captioning.saving import ARCHITECTURE, ModelLoadError, load_parts, model_dir
+from models.image_captioning.saving import ARCHITECTURE, ModelLoadError, load_parts
+from utils.model_store import model_dir
 
 
 def load_clipcap(cls, name_or_directory, clip=None, jit_compile="auto"):

@@ -33,13 +33,6 @@ class ModelLoadError(CheckpointError):
     message names the file (and the key) and says what to do."""
 
 
-def model_dir(name_or_directory):
-    """Where a ClipCap named or placed by ``name_or_directory`` lives (`utils.model_store.model_dir`)."""
-    from utils.model_store import model_dir as store_model_dir
-
-    return store_model_dir(name_or_directory)
-
-
 def valid_name(name, config_path):
     """A saved config's ``name`` when it is a plain name, else None with a warning: the name decides where
     `save` and `predict` write by default, so "..", "/abs" or "a/b" must never be used."""
@@ -144,7 +137,7 @@ def model_card(model) -> str:
 def save_clipcap(model, name_or_directory=None, overwrite=False):
     """`ClipCap.save`: write ``model`` as a format-2 folder (see the module docstring); returns it (str)."""
     from models import __version__
-    from utils.model_store import is_saved_model
+    from utils.model_store import is_saved_model, model_dir
     from utils.preset_utils import preset_metadata, save_preset
 
     target = name_or_directory if name_or_directory is not None else model.name
