@@ -71,6 +71,7 @@ class PrefixDecoder:
         self.gpt2 = gpt2
         self.max_batch_size = int(max_batch_size)
         self._compiled = {}
+        self._block_fn = None  # the traced block of the uncompiled path (`GPT2.block_step_function`)
 
     def __call__(self, prefix, sampler, max_length=67, stop_token_id=None, seed=0, jit_compile=True):
         prefix = np.asarray(prefix, np.float32)
@@ -113,22 +114,26 @@ class PrefixDecoder:
 
     def _function(self, batch_size, prefix_length, max_length, sampler, jit_compile):
         if not jit_compile:
-            return lambda *args: self.decode_loop(*args, sampler=sampler, max_length=max_length)
+            if self._block_fn is None:
+                self._block_fn = self.gpt2.block_step_function()
+            return lambda *args: self.decode_loop(*args, sampler=sampler, max_length=max_length,
+                                                  block_fn=self._block_fn)
         key = (batch_size, prefix_length, max_length, sampler.key())
         if key not in self._compiled:
             self._compiled[key] = tf.function(_Loop(self, sampler, max_length), jit_compile=True)
         return self._compiled[key]
 
-    def decode_loop(self, prefix, valid, stop_id, seed, sampler, max_length):
+    def decode_loop(self, prefix, valid, stop_id, seed, sampler, max_length, block_fn=None):
         """The decoding loop itself, traceable (one ``tf.while_loop`` over a static KV cache): prefix (B, K, C),
-        valid (B,) -> tokens (N, T), lengths (N,), sums (N,), steps run. `__call__` compiles it per shape; the
-        serving SavedModel (`models.image_captioning.serving`) traces it into its own graph."""
+        valid (B,) -> tokens (N, T), lengths (N,), sums (N,), steps run. `__call__` compiles it per shape, or
+        runs it eagerly with ``block_fn`` (`GPT2.block_step_function`); the serving SavedModel
+        (`models.image_captioning.serving`) traces it into its own graph."""
         gpt2 = self.gpt2
         w = sampler.num_sequences
         batch, k = prefix.shape[0], prefix.shape[1]
         n = batch * w
         cache = gpt2.init_cache(batch, k + max_length - 1)
-        logits, cache = gpt2.call_with_cache(prefix, cache, 0)  # (B, V): prefill, head on the last only
+        logits, cache = gpt2.call_with_cache(prefix, cache, 0, block_fn=block_fn)  # (B, V): prefill, last head
         if w > 1:  # every row of an image starts from the same prefix cache
             cache = gpt2.reorder_cache(cache, tf.repeat(tf.range(batch), w))
         state = sampler.initial_state(tf.repeat(valid, w) if w > 1 else valid)
@@ -142,7 +147,7 @@ class PrefixDecoder:
 
         def body(step, tokens, history, cache, state):
             embedded = gpt2.embed_tokens(tokens[:, None])  # (N, 1, C)
-            logits, cache = gpt2.call_with_cache(embedded, cache, k + step - 1)  # (N, V)
+            logits, cache = gpt2.call_with_cache(embedded, cache, k + step - 1, block_fn=block_fn)  # (N, V)
             tokens, state, parents = sampler.next(logits, state, stop_id, seed, step)
             if parents is not None:
                 cache = gpt2.reorder_cache(cache, parents)

@@ -4,16 +4,13 @@ Layer names mirror the PyTorch module (``c_attn``: fused q/k/v projection, ``c_p
 so a converter maps ``h.{i}.attn.c_attn.weight`` (stored ``(in, out)`` by HF's Conv1D) straight onto the
 Dense kernel.
 
-The cache of one layer is a single tensor ``(2, B, n_head, max_length, head_dim)`` (keys then values):
-one contiguous buffer per layer, written in place with ``dynamic_update_slice`` at a (possibly symbolic)
-``cache_index``, so one XLA-compiled step serves every position, and attention reads it as a batched
-``(B, H)`` matmul without transposing it.
+The KV-cached inference step of a block, attention included, is
+`custom_layers.gpt2_block.cached_block_step` (one function of the weights for every block).
 
 Example::
 
     attn = GPT2Attention(n_embd=768, n_head=12, name="attn")
     y = attn(x, attention_bias=bias)                                  # (B, T, C)
-    y, layer_cache = attn.call_with_cache(x, layer_cache, 0, bias)    # bias (1, 1, T, max_length)
 """
 
 import os
@@ -79,21 +76,6 @@ class GPT2Attention(keras.layers.Layer):
         q, k, v = self._qkv(x)
         out = self._attend(q, k, v, attention_bias, training=training)
         return self.resid_dropout(self.c_proj(out), training=training)
-
-    def call_with_cache(self, x, layer_cache, cache_index, attention_bias):
-        """Inference step: x (B, T, C) at positions cache_index + [0, T).
-
-        Writes this chunk's keys/values into ``layer_cache`` (2, B, H, L, D) at ``cache_index`` and attends
-        over all L slots with ``attention_bias`` (1, 1, T, L) masking the slots after each query.
-        Returns (output (B, T, C), updated layer_cache).
-        """
-        q, k, v = self._qkv(x)
-        kv = ops.stack([k, v], axis=0)  # (2, B, H, T, D)
-        zero = ops.zeros((), "int32")
-        index = ops.cast(cache_index, "int32")
-        layer_cache = ops.slice_update(layer_cache, (zero, zero, zero, index, zero), kv)  # (2, B, H, L, D)
-        out = self._attend(q, layer_cache[0], layer_cache[1], attention_bias)
-        return self.c_proj(out), layer_cache
 
     def get_config(self):
         config = super().get_config()

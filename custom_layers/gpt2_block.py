@@ -2,6 +2,13 @@
 
 Sub-layer names mirror the PyTorch module (``ln_1``, ``attn``, ``ln_2``, ``mlp.c_fc``, ``mlp.c_proj``).
 
+The KV-cached inference step is `cached_block_step`, a function of the block's weight tensors
+(`GPT2Block.inference_weights`) rather than a method: the same function, traced once, serves all the blocks
+of a model (`GPT2.call_with_cache`'s ``block_fn``), which is what makes a process's first caption cheap.
+The cache of one block is one tensor ``(2, B, n_head, max_length, head_dim)`` (keys then values), written
+in place with ``dynamic_update_slice`` at a possibly symbolic ``cache_index`` (so one compiled step serves
+every position) and read by attention as a batched ``(B, H)`` matmul without a transpose.
+
 Example::
 
     block = GPT2Block(n_embd=768, n_head=12, name="h_0")
@@ -13,9 +20,36 @@ import os
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 
 import keras  # noqa: E402
+import tensorflow as tf  # noqa: E402
+from keras import ops  # noqa: E402
 
 from custom_layers.activations import gelu_new  # noqa: E402
+from custom_layers.attention import dot_product_attention  # noqa: E402
 from custom_layers.gpt2_attention import GPT2Attention  # noqa: E402
+from custom_layers.inference_ops import dense, layer_norm, variable_value  # noqa: E402
+
+
+def cached_block_step(x, layer_cache, cache_index, attention_bias, weights, n_head, epsilon):
+    """One GPT-2 block on a chunk x (B, T, C) at positions ``cache_index + [0, T)``, inference only.
+
+    Writes the chunk's keys/values into ``layer_cache`` (2, B, H, L, D) at ``cache_index`` and attends over
+    all L slots with ``attention_bias`` (1, 1, T, L) masking the slots after each query. ``weights``: the
+    block's tensors in `GPT2Block.inference_weights` order. Returns (y (B, T, C), updated layer_cache).
+    The computation of `GPT2Block.call` (same ops, same kernel), with direct TensorFlow ops.
+    """
+    ln_1_g, ln_1_b, attn_w, attn_b, proj_w, proj_b, ln_2_g, ln_2_b, fc_w, fc_b, mlp_w, mlp_b = weights
+    batch, length, width = tf.shape(x)[0], x.shape[1], x.shape[2]
+    qkv = dense(layer_norm(x, ln_1_g, ln_1_b, epsilon), attn_w, attn_b)  # (B, T, 3C)
+    q, k, v = tf.unstack(tf.reshape(qkv, (batch, length, 3, n_head, width // n_head)), axis=2)  # (B, T, H, D)
+    kv = tf.transpose(tf.stack([k, v]), (0, 1, 3, 2, 4))  # (2, B, H, T, D)
+    zero = tf.zeros((), tf.int32)
+    index = tf.cast(cache_index, tf.int32)
+    layer_cache = ops.slice_update(layer_cache, (zero, zero, zero, index, zero), kv)  # (2, B, H, L, D)
+    keys, values = tf.unstack(layer_cache)
+    out = dot_product_attention(q, keys, values, bias=attention_bias)  # (B, T, H, D)
+    x = x + dense(tf.reshape(out, (batch, length, width)), proj_w, proj_b)
+    h = dense(gelu_new(dense(layer_norm(x, ln_2_g, ln_2_b, epsilon), fc_w, fc_b)), mlp_w, mlp_b)
+    return x + h, layer_cache
 
 
 @keras.saving.register_keras_serializable(package="image_captioning")
@@ -78,11 +112,20 @@ class GPT2Block(keras.layers.Layer):
         x = x + self.attn(self.ln_1(x), attention_bias=attention_bias, training=training)
         return x + self.mlp(self.ln_2(x), training=training)
 
+    def inference_weights(self):
+        """The block's weights as tensors in its compute dtype, in `cached_block_step`'s order."""
+        dtype = tf.as_dtype(self.compute_dtype)
+        attn, mlp, ln_1, ln_2 = self.attn, self.mlp, self.ln_1, self.ln_2
+        dense_ = (attn.c_attn.kernel, attn.c_attn.bias, attn.c_proj.kernel, attn.c_proj.bias)
+        mlp_ = (mlp.c_fc.kernel, mlp.c_fc.bias, mlp.c_proj.kernel, mlp.c_proj.bias)
+        # layer norms compute in float32 from their float32 weights, as Keras' LayerNormalization does
+        return (ln_1.gamma.value, ln_1.beta.value, *(variable_value(v, dtype) for v in dense_),
+                ln_2.gamma.value, ln_2.beta.value, *(variable_value(v, dtype) for v in mlp_))
+
     def call_with_cache(self, x, layer_cache, cache_index, attention_bias):
-        """Inference on a chunk x (B, T, C) with this block's cache; returns (y (B, T, C), layer_cache)."""
-        h, layer_cache = self.attn.call_with_cache(self.ln_1(x), layer_cache, cache_index, attention_bias)
-        x = x + h
-        return x + self.mlp(self.ln_2(x)), layer_cache
+        """`cached_block_step` with this block's weights; returns (y (B, T, C), layer_cache)."""
+        return cached_block_step(x, layer_cache, cache_index, attention_bias, self.inference_weights(),
+                                 self.n_head, self.layer_norm_epsilon)
 
     def get_config(self):
         config = super().get_config()

@@ -23,7 +23,6 @@ Example::
     backbone = load_preset_model("pretrained_models/coco", config, ModelLoadError)
 """
 
-import contextlib
 import datetime
 import json
 import os
@@ -52,13 +51,16 @@ def write_preset(staging, model, architecture, metadata, card, header=None, writ
                  save_weights=None):
     """Write a format-2 folder into the (new, empty) folder ``staging``; see the module docstring.
 
-    ``save_weights(path)``: how to write ``model.weights.h5`` (default: ``model.save_weights``)."""
+    ``save_weights(path)``: how to write ``model.weights.h5`` (default: `utils.weights_io.save_weights`,
+    Keras' file with aligned datasets, which `load_preset_model` maps instead of reading)."""
     import keras
+
+    from utils.weights_io import save_weights as save_aligned
 
     staging = Path(staging)
     config = {"architecture": architecture, "format_version": FORMAT_VERSION, **(header or {}),
               "model": keras.saving.serialize_keras_object(model)}
-    (save_weights or model.save_weights)(str(staging / WEIGHTS_FILE))
+    (save_weights or (lambda path: save_aligned(model, path)))(str(staging / WEIGHTS_FILE))
     if write_extra is not None:
         write_extra(staging)
     (staging / METADATA_FILE).write_text(json.dumps(metadata, indent=2) + "\n", encoding="utf-8")
@@ -107,104 +109,30 @@ def read_preset_config(directory, architecture, error, required=()):
     return config
 
 
-@contextlib.contextmanager
-def weights_to_be_loaded():
-    """Inside, a Keras variable whose initializer is random starts as zeros instead of drawing its values:
-    for a model whose every weight is loaded next (the strict loaders raise on any weight the file lacks).
-    Drawing 200M random numbers that are overwritten at once was most of a 124M ClipCap's load time.
-    Variables with other initializers (constants, seed-generator states) are created as usual. Needs the
-    TensorFlow backend's Variable (Keras' private ``_initialize_with_initializer``); without it, a no-op."""
-    try:
-        from keras.src.backend.tensorflow.core import Variable
-        from keras.src.initializers.random_initializers import RandomInitializer
-    except ImportError:  # another Keras layout: the weights are drawn as usual (slower, same result)
-        yield
-        return
-    import tensorflow as tf
-
-    original = Variable._initialize_with_initializer
-
-    def initialize(self, initializer):
-        if isinstance(initializer, RandomInitializer):
-            self._initialize(lambda: tf.zeros(self._shape, dtype=self._dtype))
-        else:
-            original(self, initializer)
-
-    Variable._initialize_with_initializer = initialize
-    try:
-        yield
-    finally:
-        Variable._initialize_with_initializer = original
-
-
 def load_preset_model(directory, config, error, load_weights=None):
     """Rebuild ``config["model"]`` (``keras.saving.deserialize_keras_object``) and load ``model.weights.h5``
     into it (or ``load_weights(model, path)``); ``error`` names config.json or the weights file when either
     is damaged or they do not match."""
     import keras
 
+    from utils.weights_io import load_weights_strict, variables_to_be_loaded
+
     directory = Path(directory)
     config_path, weights_path = directory / CONFIG_FILE, directory / WEIGHTS_FILE
     if not weights_path.is_file():
         raise FileNotFoundError(f"{directory} is an incomplete saved model: {WEIGHTS_FILE} missing")
     try:
-        with weights_to_be_loaded():
+        with variables_to_be_loaded():
             model = keras.saving.deserialize_keras_object(config["model"])
     except (KeyError, TypeError, ValueError, AttributeError) as e:
         raise error(f"{config_path}: invalid 'model' entry ({type(e).__name__}: {e}); the saved model is "
                     "damaged: save or convert it again") from e
     try:
-        (load_weights or _load_weights_strict)(model, weights_path)
+        (load_weights or load_weights_strict)(model, weights_path)
     except (OSError, ValueError, KeyError, TypeError, RuntimeError) as e:
         raise error(f"cannot load the weights from {weights_path} ({type(e).__name__}: {e}); the file is "
                     "damaged or does not match config.json: save or convert the model again") from e
     return model
-
-
-def _load_weights_strict(model, path):
-    """Keras' ``load_weights`` (a missing or mis-shaped tensor is its ValueError), and nothing left over:
-    the file must hold exactly one tensor per weight of the model."""
-    import h5py
-
-    model.load_weights(str(path))
-    with h5py.File(path, "r") as f:
-        count = []
-        f.visititems(lambda name, obj: count.append(name) if isinstance(obj, h5py.Dataset) else None)
-    if len(count) != len(model.weights):
-        raise ValueError(f"the file holds {len(count)} tensors, the model has {len(model.weights)} weights")
-
-
-def save_weights_compact(model, path):
-    """``model.save_weights(path)`` with every float32 tensor that float16 represents exactly stored as
-    float16 (OpenAI's CLIP weights are fp16 values: half the file, bit-identical once loaded; Keras casts
-    back to the variable's dtype). Returns {"float16": n, "float32": m}, the tensors stored in each."""
-    import h5py
-    import numpy as np
-
-    path = Path(path)
-    full = path.parent / f".{path.name}.float32.weights.h5"  # Keras' file, rewritten into `path`, then removed
-    model.save_weights(str(full))
-    counts = {"float16": 0, "float32": 0}
-    try:
-        with h5py.File(full, "r") as src, h5py.File(path, "w") as dst:
-            dst.attrs.update(dict(src.attrs))
-
-            def copy(name, obj):
-                if isinstance(obj, h5py.Group):
-                    target = dst.require_group(name)
-                else:
-                    value = obj[()]
-                    if value.dtype == np.float32 and np.array_equal(value.astype(np.float16).astype(np.float32),
-                                                                    value):
-                        value = value.astype(np.float16)
-                    counts["float16" if value.dtype == np.float16 else "float32"] += 1
-                    target = dst.create_dataset(name, data=value)
-                target.attrs.update(dict(obj.attrs))
-
-            src.visititems(copy)
-    finally:
-        full.unlink(missing_ok=True)
-    return counts
 
 
 def read_metadata(directory, error):

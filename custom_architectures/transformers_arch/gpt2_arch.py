@@ -32,7 +32,8 @@ import tensorflow as tf  # noqa: E402
 from keras import ops  # noqa: E402
 
 from custom_layers.attention import causal_bias  # noqa: E402
-from custom_layers.gpt2_block import GPT2Block  # noqa: E402
+from custom_layers.gpt2_block import GPT2Block, cached_block_step  # noqa: E402
+from custom_layers.inference_ops import layer_norm  # noqa: E402
 
 
 @keras.saving.register_keras_serializable(package="image_captioning")
@@ -96,7 +97,8 @@ class GPT2(keras.Model):
         """(..., C) final hidden states (after ``ln_f``) -> (..., V) logits with the tied head."""
         shape = ops.shape(hidden)
         flat = ops.reshape(hidden, (-1, self.n_embd))  # (N, C)
-        logits = ops.matmul(flat, ops.transpose(self.wte.embeddings))  # (N, V); XLA fuses the transpose
+        wte = ops.cast(self.wte.embeddings, flat.dtype)  # (V, C)
+        logits = tf.matmul(flat, wte, transpose_b=True)  # (N, V): no (C, V) transpose of wte is materialised
         return ops.reshape(logits, (*shape[:-1], self.vocab_size))
 
     def _input_embeddings(self, token_ids, inputs_embeds):
@@ -148,7 +150,7 @@ class GPT2(keras.Model):
         shape = (2, batch_size, self.n_head, max_length, self.head_dim)
         return tuple(ops.zeros(shape, self.compute_dtype) for _ in range(self.n_layer))
 
-    def call_with_cache(self, inputs_embeds, cache, cache_index, all_logits=False):
+    def call_with_cache(self, inputs_embeds, cache, cache_index, all_logits=False, block_fn=None):
         """Run a chunk through the model, reading and writing the KV cache (inference, no dropout).
 
         Args:
@@ -157,6 +159,8 @@ class GPT2(keras.Model):
             cache_index: int32 scalar, the position of the first of the T inputs; may be symbolic.
                 The caller keeps ``cache_index + T <= L`` (XLA clamps out-of-range writes silently).
             all_logits: return logits for all T positions instead of the last one only.
+            block_fn: the function run for each block (default `cached_block_step`, inlined where this is
+                traced); `block_step_function` gives a traced one that serves all blocks when called eagerly.
 
         Returns:
             (logits, cache): logits (B, V), or (B, T, V) if ``all_logits``; the updated cache.
@@ -179,13 +183,33 @@ class GPT2(keras.Model):
         slots = ops.arange(max_length, dtype="int32")  # (L,)
         bias = causal_bias(query_positions, slots)  # (1, 1, T, L): no slot after each query
 
+        block_fn = block_fn or cached_block_step
         new_cache = []
         for block, layer_cache in zip(self.h, cache, strict=True):
-            x, layer_cache = block.call_with_cache(x, layer_cache, cache_index, bias)
+            x, layer_cache = block_fn(x, layer_cache, cache_index, bias, block.inference_weights(), self.n_head,
+                                      self.layer_norm_epsilon)
             new_cache.append(layer_cache)
         if not all_logits:
             x = x[:, -1]  # (B, C): the head only where it is needed
-        return self.lm_logits(self.ln_f(x)), tuple(new_cache)
+        x = layer_norm(x, self.ln_f.gamma.value, self.ln_f.beta.value, self.layer_norm_epsilon)
+        return self.lm_logits(ops.cast(x, self.compute_dtype)), tuple(new_cache)
+
+    @staticmethod
+    def block_step_function():
+        """`cached_block_step` as one ``tf.function`` (graph mode, no XLA) for ``call_with_cache(...,
+        block_fn=...)`` called eagerly: traced once per chunk shape (~60 ops), it serves every block and
+        every position, so an eager decoding step runs 12 graph calls instead of ~800 Python-dispatched ops,
+        with no compilation. (Inside a traced or compiled loop, the default inlines the blocks instead.)"""
+        def step(x, layer_cache, cache_index, attention_bias, weights, n_head, epsilon):
+            return cached_block_step(x, layer_cache, cache_index, attention_bias, weights, n_head, epsilon)
+
+        traced = tf.function(step, autograph=False)
+
+        def block_fn(x, layer_cache, cache_index, attention_bias, weights, n_head, epsilon):
+            # a tensor index: a Python int would be a new trace for every position
+            return traced(x, layer_cache, tf.cast(cache_index, tf.int32), attention_bias, weights, n_head, epsilon)
+
+        return block_fn
 
     def reorder_cache(self, cache, indices):
         """Gather every layer's cache along the batch axis (beam search); indices (B',) int."""

@@ -49,7 +49,8 @@ def save_clip(clip, directory, overwrite=False):
     ``overwrite``, a saved CLIP). Returns ``directory``."""
     from models import __version__
     from utils.file_utils import replace_dir
-    from utils.preset_utils import WEIGHTS_FILE, preset_metadata, save_weights_compact, write_preset
+    from utils.preset_utils import WEIGHTS_FILE, preset_metadata, write_preset
+    from utils.weights_io import save_weights
 
     # "clip": the flat architecture (`clip_config_from_shapes`), readable without Keras (`saved_clip_config`)
     header = {"tokenizer": None if clip.tokenizer is None else {"context_length": clip.tokenizer.context_length},
@@ -57,7 +58,7 @@ def save_clip(clip, directory, overwrite=False):
 
     def write(staging):
         # the weights first: how many tensors went to float16 goes into the metadata and the card
-        counts = save_weights_compact(clip.model, staging / WEIGHTS_FILE)
+        counts = save_weights(clip.model, staging / WEIGHTS_FILE, float16_where_exact=True)
         metadata = preset_metadata(__version__, source=clip.source, source_sha256=clip.source_sha256,
                                    weights_dtype=counts)
         write_preset(staging, clip.model, ARCHITECTURE, metadata, clip_card(clip, counts), header=header,

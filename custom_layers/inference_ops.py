@@ -1,0 +1,52 @@
+"""Inference-only forms of Keras' ``Dense`` and ``LayerNormalization``, on weight tensors passed in.
+
+The KV-cached decoding step (`GPT2.call_with_cache`) runs ~60 small ops per block for each token. Through
+Keras' ``Layer.__call__`` each layer call cost ~1-2 ms of Python in eager mode and extra graph ops
+(``tensordot`` reshapes) when traced. These functions compute the same values (the matmul on the
+flattened input Keras runs, and Keras' own layer-norm formula) with direct TensorFlow ops and take the
+weights as tensors, so that one traced function of a block serves every block of the model
+(`custom_layers.gpt2_block.cached_block_step`). No dropout, regularisers or masking: inference only;
+training and the full forward pass still call the layers.
+
+Example::
+
+    y = dense(layer_norm(x, gamma, beta, 1e-5), kernel, bias)      # == c_fc(ln_2(x))
+"""
+
+import os
+
+os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+
+import tensorflow as tf  # noqa: E402
+
+
+def dense(x, kernel, bias=None):
+    """x (..., Cin) @ kernel (Cin, Cout) + bias (Cout,) -> (..., Cout): ``keras.layers.Dense`` without
+    activation, as its call computes it (one matmul on the input flattened to 2-D)."""
+    if x.shape.rank == 2:
+        y = tf.matmul(x, kernel)
+    else:
+        lead = x.shape[:-1]
+        lead = lead.as_list() if lead.is_fully_defined() else tf.shape(x)[:-1]
+        y = tf.matmul(tf.reshape(x, (-1, kernel.shape[0])), kernel)
+        y = tf.reshape(y, tf.concat([lead, [kernel.shape[1]]], 0) if tf.is_tensor(lead) else [*lead, kernel.shape[1]])
+    return y if bias is None else tf.nn.bias_add(y, bias)
+
+
+def layer_norm(x, gamma, beta, epsilon):
+    """``keras.layers.LayerNormalization`` over the last axis: Keras' formula (``x * inv + (beta - mean *
+    inv)`` with ``inv = gamma / sqrt(var + eps)``), computed in float32 at least, returned in x's dtype."""
+    dtype = x.dtype
+    compute = tf.float64 if dtype == tf.float64 else tf.float32
+    x = tf.cast(x, compute) if dtype != compute else x
+    mean = tf.reduce_mean(x, axis=-1, keepdims=True)
+    variance = tf.reduce_mean(tf.math.squared_difference(x, mean), axis=-1, keepdims=True)
+    inv = tf.math.rsqrt(variance + epsilon) * tf.cast(gamma, compute)
+    out = x * inv + (tf.cast(beta, compute) - mean * inv)
+    return out if out.dtype == dtype else tf.cast(out, dtype)
+
+
+def variable_value(variable, dtype):
+    """A Keras variable's current value as a tensor in ``dtype`` (its layer's compute dtype)."""
+    value = variable.value
+    return value if value.dtype == dtype else tf.cast(value, dtype)
