@@ -34,7 +34,13 @@ import os
 from tokenizers import AddedToken, Tokenizer, decoders, pre_tokenizers, processors
 from tokenizers.models import BPE
 
-from utils.file_utils import UnsafePathError, atomic_write, check_overwritable, read_regular_file, write_json_atomic
+from utils.file_utils import (
+    UnsafePathError,
+    atomic_write,
+    check_overwritable,
+    read_regular_file,
+    write_json_atomic,
+)
 
 SPECIAL_TOKENS_ATTRIBUTES = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token",
                              "mask_token")
