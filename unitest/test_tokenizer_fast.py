@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from utils.gpt2_tokenizer import GPT2Tokenizer
-from utils.tokenizer import load_gpt2_tokenizer, stop_token_id
+from utils.tokenizer import TokenizerError, load_gpt2_tokenizer, stop_token_id
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -187,3 +187,27 @@ def test_clipcap_load_and_caption_do_not_import_transformers(tiny_model_dir):
                          timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.strip().splitlines()[-1] == "[]", out.stdout + out.stderr[-3000:]
+
+
+def test_a_hub_name_is_built_from_its_cached_snapshot(layouts, monkeypatch):
+    """A hub name: huggingface_hub finds the files (cache or download), ours is built from that folder;
+    ``gpt2`` is also looked up as ``openai-community/gpt2``; still no transformers."""
+    import huggingface_hub
+
+    asked = []
+
+    def snapshot_download(repo_id, allow_patterns):
+        asked.append(repo_id)
+        assert "tokenizer.json" in allow_patterns and "vocab.json" in allow_patterns
+        if repo_id != "openai-community/gpt2":
+            raise huggingface_hub.errors.LocalEntryNotFoundError("not cached")
+        return str(layouts["vocab_merges"])
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    tokenizer = load_gpt2_tokenizer("gpt2")
+    assert asked == ["gpt2", "openai-community/gpt2"] and isinstance(tokenizer, GPT2Tokenizer)
+    assert tokenizer.encode("A cat.") == load_gpt2_tokenizer(layouts["vocab_merges"]).encode("A cat.")
+    asked.clear()
+    with pytest.raises(TokenizerError, match="vocab.json and merges.txt"):
+        load_gpt2_tokenizer("someone/gpt2")
+    assert asked == ["someone/gpt2"]
