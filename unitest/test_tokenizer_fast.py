@@ -88,6 +88,11 @@ def test_ids_and_text_equal_gpt2_tokenizer_fast(layouts, layout):
     ref.pad_token = ref.eos_token  # what load_gpt2_tokenizer always did
     assert_same(ours, ref)
     assert stop_token_id(ours, ".") == stop_token_id(ref, ".")
+    import copy
+    import pickle
+
+    assert_same(pickle.loads(pickle.dumps(ours)), ref)  # workers (Beam, pipelines) may copy the tokenizer
+    assert_same(copy.deepcopy(ours), ref)
 
 
 def test_batch_call_pads_and_truncates_like_transformers(layouts):
