@@ -1,5 +1,9 @@
 """GPT-2's tokenizer, loaded from a local directory or a hub name, made ready for batched decoding.
 
+The tokenizer is a `utils.gpt2_tokenizer.GPT2Tokenizer` (the ``tokenizers`` library, ids and text identical
+to transformers' ``GPT2TokenizerFast``): loading one never imports transformers, so ``ClipCap.load`` does not
+pay for it. A hub name is located in the Hugging Face cache (or downloaded) by ``huggingface_hub``.
+
 GPT-2 has no padding token: `load_gpt2_tokenizer` sets ``pad_token = eos_token`` (``<|endoftext|>``) so
 batches can be padded. Padded positions are excluded by the attention/padding mask, never by their id, so
 sharing the id with end-of-text is harmless. The stop token of generation is looked up in the vocabulary
@@ -14,7 +18,7 @@ Example::
 import os
 
 TOKENIZER_FILES = ("vocab.json", "merges.txt")  # or tokenizer.json alone
-#: Every file a tokenizer directory may hold that transformers reads.
+#: Every file of a tokenizer directory that is read.
 _READ_FILES = (*TOKENIZER_FILES, "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                "added_tokens.json")
 #: GPT-2's files are ~1-2 MB each: a larger one is not a tokenizer file (and would be read whole).
@@ -26,34 +30,22 @@ class TokenizerError(ValueError):
 
 
 def load_gpt2_tokenizer(name_or_dir):
-    """A ``GPT2TokenizerFast`` from a local directory or a hub name (through the HF cache); pad = eos.
+    """A `GPT2Tokenizer` from a local directory or a hub name (through the HF cache); pad = eos.
 
     A directory must hold ``vocab.json`` + ``merges.txt`` or ``tokenizer.json``. A hub name is looked up in
     the Hugging Face cache (``HF_HOME``), and downloaded only when online; offline and uncached raises a
     `TokenizerError` saying which files are needed and where to put them.
     """
-    from transformers import GPT2TokenizerFast
-
     name_or_dir = os.fspath(name_or_dir)
     if os.path.isdir(name_or_dir):
-        has_pair = all(os.path.exists(os.path.join(name_or_dir, f)) for f in TOKENIZER_FILES)
-        if not (has_pair or os.path.exists(os.path.join(name_or_dir, "tokenizer.json"))):
-            raise TokenizerError(
-                f"{name_or_dir} holds no GPT-2 tokenizer: it needs vocab.json and merges.txt "
-                f"(or tokenizer.json)"
-            )
-        _check_files(name_or_dir)
-        try:
-            tokenizer = GPT2TokenizerFast.from_pretrained(name_or_dir)
-        except Exception as e:
-            raise TokenizerError(f"cannot load the GPT-2 tokenizer in {name_or_dir}: {e}") from e
+        tokenizer = _load_directory(name_or_dir)
     else:
         if os.sep in name_or_dir and not os.path.exists(name_or_dir):
             # a hub name has at most one '/', which is os.sep on POSIX: only reject clear paths
             if name_or_dir.count("/") > 1 or name_or_dir.startswith((".", "/", "~")):
                 raise TokenizerError(f"tokenizer directory not found: {name_or_dir}")
         try:
-            tokenizer = GPT2TokenizerFast.from_pretrained(name_or_dir)
+            directory = _hub_snapshot(name_or_dir)
         except Exception as e:
             raise TokenizerError(
                 f"cannot load the tokenizer {name_or_dir!r} from the Hugging Face hub or its cache "
@@ -61,6 +53,7 @@ def load_gpt2_tokenizer(name_or_dir):
                 f"{name_or_dir!r} in a local directory and pass that directory instead, or fill the HF "
                 f"cache (HF_HOME) while online."
             ) from e
+        tokenizer = _load_directory(directory)
     if len(tokenizer) <= len(tokenizer.all_special_tokens):
         raise TokenizerError(
             f"the tokenizer in {name_or_dir} has an empty vocabulary ({len(tokenizer)} tokens, all special): "
@@ -72,8 +65,37 @@ def load_gpt2_tokenizer(name_or_dir):
     return tokenizer
 
 
+def _load_directory(directory):
+    """The checked `GPT2Tokenizer` of a local folder (`TokenizerError` naming the folder otherwise)."""
+    from utils.gpt2_tokenizer import GPT2Tokenizer
+
+    has_pair = all(os.path.exists(os.path.join(directory, f)) for f in TOKENIZER_FILES)
+    if not (has_pair or os.path.exists(os.path.join(directory, "tokenizer.json"))):
+        raise TokenizerError(
+            f"{directory} holds no GPT-2 tokenizer: it needs vocab.json and merges.txt (or tokenizer.json)"
+        )
+    _check_files(directory)
+    try:
+        return GPT2Tokenizer.from_directory(directory)
+    except Exception as e:
+        raise TokenizerError(f"cannot load the GPT-2 tokenizer in {directory}: {e}") from e
+
+
+def _hub_snapshot(name):
+    """The local folder of hub repository ``name``'s tokenizer files: the HF cache, downloaded when online and
+    missing (``huggingface_hub``; ``"gpt2"`` is also looked up as ``openai-community/gpt2``, its new name)."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        return snapshot_download(repo_id=name, allow_patterns=list(_READ_FILES))
+    except Exception:
+        if "/" in name:
+            raise
+        return snapshot_download(repo_id=f"openai-community/{name}", allow_patterns=list(_READ_FILES))
+
+
 def _check_files(directory):
-    """Refuse a tokenizer file that is not a regular file of sane size before transformers opens it (a FIFO
+    """Refuse a tokenizer file that is not a regular file of sane size before it is opened (a FIFO
     would block forever, a link to /dev/zero would be read until memory runs out)."""
     from utils.file_utils import path_problem
 

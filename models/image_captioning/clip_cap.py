@@ -64,7 +64,8 @@ class ClipCap:
         backbone: the `ClipCapBackbone` (one Keras model: mapper, GPT-2, ``normalize_prefix``).
         clip: a `models.siamese.clip.CLIP` (image encoder) or None (then caption CLIP embeddings given to
             `generate`).
-        tokenizer: a ``GPT2TokenizerFast``.
+        tokenizer: a `utils.gpt2_tokenizer.GPT2Tokenizer` (what `load_gpt2_tokenizer` gives; a
+            ``GPT2TokenizerFast`` works too).
         info: what is not architecture: ``name`` (where `save` / `predict` write by default), ``checkpoint``
             and ``checkpoint_sha256`` (the converted file), ``clip_name`` (the OpenAI CLIP the mapper expects).
         mapper, gpt2, config: read-only views (``backbone.mapper``, ``backbone.gpt2``, and a mapping of the
