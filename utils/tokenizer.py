@@ -81,15 +81,20 @@ def _load_directory(directory):
         raise TokenizerError(f"cannot load the GPT-2 tokenizer in {directory}: {e}") from e
 
 
+#: GPT-2 repositories the hub moved under ``openai-community/``: the old name is looked up under both.
+_RENAMED = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
+
+
 def _hub_snapshot(name):
     """The local folder of hub repository ``name``'s tokenizer files: the HF cache, downloaded when online and
-    missing (``huggingface_hub``; ``"gpt2"`` is also looked up as ``openai-community/gpt2``, its new name)."""
+    missing (``huggingface_hub``). GPT-2's own names (`_RENAMED`) are also looked up under
+    ``openai-community/``, where the hub moved them (a cache filled under either name serves)."""
     from huggingface_hub import snapshot_download
 
     try:
         return snapshot_download(repo_id=name, allow_patterns=list(_READ_FILES))
     except Exception:
-        if "/" in name:
+        if name not in _RENAMED:
             raise
         return snapshot_download(repo_id=f"openai-community/{name}", allow_patterns=list(_READ_FILES))
 
