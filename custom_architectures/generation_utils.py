@@ -28,6 +28,7 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 from custom_architectures.batching import pad_batch, power_of_two_at_least  # noqa: E402
+from custom_architectures.compile_policy import CompilePolicy  # noqa: E402
 from custom_architectures.samplers import (  # noqa: E402
     SAMPLERS,
     Beam,
@@ -60,6 +61,9 @@ class PrefixDecoder:
     Compiled functions are cached on this instance, keyed by (batch size, K, max_length, sampler key), so a
     second call with the same shapes reuses the compiled loop. Batches are padded up to a power of two
     (at most `max_batch_size`) to bound the number of compilations; larger inputs are split in chunks.
+    ``jit_compile``: True (XLA), False (never: the loop runs eagerly over one traced block function,
+    `GPT2.block_step_function`, no compilation and no padding) or "auto" (`CompilePolicy`: uncompiled the
+    first time a key is decoded, compiled when it recurs).
 
     Example::
 
@@ -72,6 +76,7 @@ class PrefixDecoder:
         self.max_batch_size = int(max_batch_size)
         self._compiled = {}
         self._block_fn = None  # the traced block of the uncompiled path (`GPT2.block_step_function`)
+        self._auto = CompilePolicy("auto")  # which keys recur, for jit_compile="auto"
 
     def __call__(self, prefix, sampler, max_length=67, stop_token_id=None, seed=0, jit_compile=True):
         prefix = np.asarray(prefix, np.float32)
@@ -92,10 +97,13 @@ class PrefixDecoder:
         tokens, scores, steps = [], [], 0
         for start in range(0, len(prefix), self.max_batch_size):
             chunk = prefix[start : start + self.max_batch_size]
-            size = min(power_of_two_at_least(len(chunk)), self.max_batch_size) if jit_compile else len(chunk)
+            key = self._key(len(chunk), k, max_length, sampler)
+            compiled = jit_compile if isinstance(jit_compile, bool) else (
+                key in self._compiled or self._auto.compiles(key))
+            size = key[0] if compiled else len(chunk)
             valid = np.arange(size) < len(chunk)
             padded = pad_batch(chunk, size)
-            fn = self._function(size, k, max_length, sampler, jit_compile)
+            fn = self._function(key, sampler, compiled)
             out_tokens, lengths, sums, n_steps = (
                 t.numpy() for t in fn(tf.constant(padded), tf.constant(valid), tf.constant(stop, tf.int32),
                                       tf.constant(seed_bits, tf.int32))
@@ -112,13 +120,25 @@ class PrefixDecoder:
         return DecodeOutput(tokens=tokens, scores=np.asarray(scores, np.float32).reshape(len(prefix), -1),
                             steps=steps)
 
-    def _function(self, batch_size, prefix_length, max_length, sampler, jit_compile):
-        if not jit_compile:
+    def _key(self, batch_size, prefix_length, max_length, sampler):
+        """The compiled loop's key: (padded batch, K, max_length, sampler key)."""
+        return (min(power_of_two_at_least(batch_size), self.max_batch_size), prefix_length, max_length,
+                sampler.key())
+
+    def will_compile(self, batch_size, prefix_length, max_length, sampler, jit_compile=True):
+        """Whether a call on ``batch_size`` rows would compile a new loop (for status lines said before it)."""
+        key = self._key(batch_size, prefix_length, max_length, sampler)
+        if key in self._compiled:
+            return False
+        return jit_compile if isinstance(jit_compile, bool) else self._auto.would_compile(key)
+
+    def _function(self, key, sampler, compiled):
+        max_length = key[2]
+        if not compiled:
             if self._block_fn is None:
                 self._block_fn = self.gpt2.block_step_function()
             return lambda *args: self.decode_loop(*args, sampler=sampler, max_length=max_length,
                                                   block_fn=self._block_fn)
-        key = (batch_size, prefix_length, max_length, sampler.key())
         if key not in self._compiled:
             self._compiled[key] = tf.function(_Loop(self, sampler, max_length), jit_compile=True)
         return self._compiled[key]

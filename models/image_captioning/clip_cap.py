@@ -29,6 +29,7 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 from custom_architectures.batching import pad_batch, power_of_two_at_least  # noqa: E402
+from custom_architectures.compile_policy import CompilePolicy  # noqa: E402
 from custom_architectures.generation_utils import PrefixDecoder  # noqa: E402
 from custom_architectures.samplers import SAMPLERS, check_integer, check_seed, get_sampler  # noqa: E402
 from custom_architectures.transformers_arch.clip_cap_arch import ClipCapBackbone  # noqa: E402
@@ -71,8 +72,11 @@ class ClipCap:
         mapper, gpt2, config: read-only views (``backbone.mapper``, ``backbone.gpt2``, and a mapping of the
             backbone's description with ``info``: mapping_type, prefix_length, prefix_size, normalize_prefix,
             gpt2, name, checkpoint, ...).
-        jit_compile: True, False or "auto" (as `CLIP`'s): XLA-compiled decoding unless False; the CLIP
-            loaded with the model gets the same value.
+        jit_compile: True, False or "auto" (as `CLIP`'s): XLA-compiled decoding and mapper unless False;
+            under "auto" (default) the first call of each shape (batch bucket, method and its options,
+            max_length) runs uncompiled and unpadded, and the shape is compiled when it recurs
+            (`custom_architectures.compile_policy`), so a one-image run compiles nothing. The CLIP loaded
+            with the model gets the same value.
         device: where mapper, GPT-2 and CLIP run: None (TensorFlow's placement, the default) or "cpu", "gpu",
             "gpu:N" set with `to` (`utils.devices`; a device TensorFlow does not see is an error).
     """
@@ -91,7 +95,8 @@ class ClipCap:
         self.info = {k: info.get(k) for k in self.INFO_KEYS}
         self.clip = clip
         self.jit_compile = check_jit_compile(jit_compile)
-        self._xla = bool(self.jit_compile)  # "auto": decoding is faster compiled on every tested device
+        self._xla = bool(self.jit_compile)  # the compiled form: XLA ("auto": after a shape's first call)
+        self._policy = CompilePolicy(self.jit_compile)
         self.device = None  # TensorFlow device string (utils.devices.resolve_device); see `to`
         self._compile()
         if clip is not None:
@@ -295,7 +300,7 @@ class ClipCap:
         return make_sampler(method, beam_size, temperature, top_k, top_p, num_captions)
 
     def generate(self, embeddings, method="greedy", beam_size=5, max_length=67, stop_token=".", temperature=1.0,
-                 top_k=None, top_p=None, num_captions=1, seed=None):
+                 top_k=None, top_p=None, num_captions=1, seed=None, compile_now=None):
         """Captions for CLIP embeddings (N, D) (raw, as `encode_images` returns them).
 
         Args:
@@ -309,6 +314,8 @@ class ClipCap:
             num_captions: candidates returned per image (beam: the best num_captions of the beams).
             seed: makes sampling reproducible (None: a fresh random seed); an integer in [0, 2**32), since
                 the draws are keyed by 32 bits (a larger seed is refused rather than folded onto a smaller one).
+            compile_now: None follows `jit_compile`; True compiles the decoding loop now even under "auto"
+                (for a caller that knows the shape will recur: `predict` on a long run).
 
         Raises:
             ValueError: for NaN / infinite embeddings (naming the rows), a non-integer ``beam_size`` /
@@ -328,7 +335,7 @@ class ClipCap:
             return []
         with device_scope(self.device):
             out = self.decoder(prefix, sampler, max_length=max_length, stop_token_id=stop, seed=seed,
-                               jit_compile=self._xla)
+                               jit_compile=self._decode_mode(compile_now))
         results = []
         for tokens, scores in zip(out.tokens, out.scores):
             results.append([
@@ -336,6 +343,15 @@ class ClipCap:
                 for t, s in list(zip(tokens, scores))[:num_captions]
             ])
         return results
+
+    def _decode_mode(self, compile_now):
+        """The decoder's ``jit_compile`` for a call: the model's, or True when the caller asks."""
+        return True if compile_now and self.jit_compile == "auto" else self.jit_compile
+
+    def decoder_will_compile(self, batch_size, sampler, max_length, compile_now=None):
+        """Whether `generate` on ``batch_size`` rows with this sampler would compile a new decoding loop."""
+        return self.decoder.will_compile(batch_size, self.prefix_length, max_length, sampler,
+                                         self._decode_mode(compile_now))
 
     def check_generate_args(self, method="greedy", beam_size=5, max_length=67, stop_token=".", temperature=1.0,
                             top_k=None, top_p=None, num_captions=1, seed=None):

@@ -37,6 +37,7 @@ Example::
         print(r["image"], r["caption"] if r["error"] is None else r["error"])
 """
 
+import contextlib
 import datetime
 import itertools
 import json
@@ -336,19 +337,29 @@ def predict(model, images, batch_size=16, method="greedy", save=True, overwrite=
     details = ", ".join([method, *(f"{k}={v}" for k, v in sorted(generate_kwargs.items()))])
 
     # one compiled shape per run: a last, partial batch is padded (with copies of its last item, results
-    # dropped) to the bucket of the full ones, where the stage compiles per shape (XLA)
+    # dropped) to the bucket of the full ones, where the stage compiles per shape (XLA). Under "auto" a
+    # stage's first call runs uncompiled; a run of more than two batches compiles at once instead, so that
+    # the progress bar's rate never includes a compilation (`custom_architectures.compile_policy`).
     bucket = power_of_two_at_least(max(1, min(batch_size, len(todo))))
+    long_run = True if len(todo) > 2 * bucket else None
     clip_bucket = bucket if getattr(clip, "jit_compile", False) else None
     decode_bucket = bucket if getattr(model, "jit_compile", False) else None
+    sampler = model.sampler(method, **{k: v for k, v in generate_kwargs.items()
+                                       if k in ("beam_size", "temperature", "top_k", "top_p", "num_captions")})
+    max_length = generate_kwargs.get("max_length", 67)
 
     def encode(batch):
-        with compiling.first_call("the CLIP encoder", clip_bucket or len(batch)):
-            return list(embedder.encode_batch(_pad(batch, clip_bucket)))[:len(batch)]  # B x (D,)
+        compiles = getattr(clip, "will_compile", lambda *_: False)(len(batch), long_run)
+        padded = _pad(batch, clip_bucket) if compiles else batch
+        with compiling.first_call("the CLIP encoder", len(padded)) if compiles else contextlib.nullcontext():
+            return list(embedder.encode_batch(padded, compile_now=long_run))[:len(batch)]  # B x (D,)
 
     def generate(batch):
-        with compiling.first_call("the decoder", decode_bucket or power_of_two_at_least(len(batch)), details):
-            padded = np.stack(_pad(batch, decode_bucket))  # rows are decoded independently: padding changes none
-            return model.generate(padded, method=method, **generate_kwargs)[:len(batch)]  # B lists of candidates
+        compiles = model.decoder_will_compile(len(batch), sampler, max_length, long_run)
+        padded = np.stack(_pad(batch, decode_bucket) if compiles else batch)  # rows are decoded independently
+        with (compiling.first_call("the decoder", power_of_two_at_least(len(padded)), details) if compiles
+              else contextlib.nullcontext()):
+            return model.generate(padded, method=method, compile_now=long_run, **generate_kwargs)[:len(batch)]
 
     pipeline = Pipeline([
         Stage(read, name="read", workers=2),

@@ -24,6 +24,7 @@ import numpy as np  # noqa: E402
 
 from custom_architectures.batching import pad_batch, power_of_two_at_least  # noqa: E402
 from custom_architectures.clip_arch import CLIPModel, ModifiedResNet  # noqa: E402
+from custom_architectures.compile_policy import CompilePolicy  # noqa: E402
 from models import check_jit_compile  # noqa: E402
 from models.siamese.clip_tokenizer import CLIPTokenizer  # noqa: E402
 from models.siamese.image_embedding import ImageEmbedder  # noqa: E402
@@ -43,7 +44,10 @@ class CLIP:
             of two so that few shapes get compiled. ``"auto"`` (default): XLA for a ViT, plain graph mode for
             a ModifiedResNet, the faster of the two on CPU for each (``benchmarks/bench_clip.py``: ViT-B/32
             22.2 vs 20.2 img/s, RN50x4 3.95 vs 4.47 img/s); the text encoder is compiled unless False.
-            True / False / "auto", as `ClipCap` takes it.
+            True / False / "auto", as `ClipCap` takes it. Under "auto" the first call of each batch bucket
+            runs eagerly and unpadded (nothing traced or compiled: a one-image run never compiles), and the
+            bucket is compiled when it recurs (`custom_architectures.compile_policy`). After construction
+            this attribute is a bool: whether the compiled form is XLA (else graph mode).
         source, source_sha256: the OpenAI file this model was converted from and its SHA-256 (None when
             unknown), recorded in a saved folder's metadata.json.
         device: where the encoders run: None (TensorFlow's placement, the default), or "cpu", "gpu",
@@ -54,6 +58,8 @@ class CLIP:
         import tensorflow as tf
 
         jit_compile = check_jit_compile(jit_compile)
+        # "auto": eager on a bucket's first call, then compiled; True / False: compiled from the first call
+        self._policy = CompilePolicy("auto" if jit_compile == "auto" else True)
         self.model = model
         self.tokenizer = tokenizer
         self.source = self.source_sha256 = None
@@ -180,8 +186,11 @@ class CLIP:
         """
         return self.image_embedder(exif_transpose).load(image)
 
-    def encode_pixels(self, pixels):
-        """Preprocessed pixels (B, n_px, n_px, 3) -> raw (unnormalised) image features (B, embed_dim)."""
+    def encode_pixels(self, pixels, compile_now=None):
+        """Preprocessed pixels (B, n_px, n_px, 3) -> raw (unnormalised) image features (B, embed_dim).
+
+        ``compile_now``: None follows ``jit_compile`` (under "auto", a bucket's first call runs eagerly); True
+        compiles now (a caller that knows the bucket will recur, e.g. a long `ClipCap.predict` run)."""
         pixels = np.asarray(pixels, dtype=np.float32)
         n = self.input_resolution
         if pixels.ndim != 4 or pixels.shape[1:] != (n, n, 3):
@@ -189,10 +198,17 @@ class CLIP:
         count = len(pixels)
         if count == 0:
             return np.zeros((0, self.embed_dim), np.float32)
-        if self.jit_compile:  # XLA compiles once per shape: pad to a power of two (few shapes, < 2x work)
-            pixels = pad_batch(pixels, power_of_two_at_least(count))
+        bucket = power_of_two_at_least(count)
         with device_scope(self.device):
+            if not self._policy.compiles(("image", bucket), force=compile_now):
+                return np.asarray(self.model.visual(pixels, training=False))  # eager: nothing compiled
+            if self.jit_compile:  # XLA compiles once per shape: pad to a power of two (few shapes, < 2x work)
+                pixels = pad_batch(pixels, bucket)
             return np.asarray(self._encode_pixels(pixels))[:count]
+
+    def will_compile(self, count, compile_now=None):
+        """Whether `encode_pixels` on ``count`` images would run a compiled form (for status lines)."""
+        return self._policy.would_compile(("image", power_of_two_at_least(count)), force=compile_now)
 
     def encode_image(self, images, batch_size=32, exif_transpose=True):
         """Images (a path, PIL image or array, or a list of them / an (N, H, W, C) array) -> (N, embed_dim)."""

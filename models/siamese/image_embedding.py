@@ -86,11 +86,15 @@ class ImageEmbedder:
         """`read` then `preprocess`: one image source -> (n_px, n_px, 3) float32."""
         return self.preprocess(self.read(source))
 
-    def encode_batch(self, pixels):
-        """A list of `preprocess` outputs, or (B, n_px, n_px, 3) pixels -> raw image features (B, D)."""
+    def encode_batch(self, pixels, compile_now=None):
+        """A list of `preprocess` outputs, or (B, n_px, n_px, 3) pixels -> raw image features (B, D).
+        ``compile_now=True`` asks ``CLIP.encode_pixels`` to compile at once (a long run)."""
         if self.encode_pixels is None:
             raise ValueError("this ImageEmbedder has no image encoder (built to read and preprocess only)")
-        return np.asarray(self.encode_pixels(np.stack(pixels) if isinstance(pixels, (list, tuple)) else pixels))
+        pixels = np.stack(pixels) if isinstance(pixels, (list, tuple)) else pixels
+        if compile_now is None:
+            return np.asarray(self.encode_pixels(pixels))
+        return np.asarray(self.encode_pixels(pixels, compile_now=compile_now))
 
     # --- whole ---------------------------------------------------------------------------------------
 
