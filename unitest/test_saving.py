@@ -98,16 +98,24 @@ def test_config_is_a_read_only_view(tiny_models):
     assert model.mapper is model.backbone.mapper and model.gpt2 is model.backbone.gpt2
 
 
-def test_clip_is_saved_in_float16_where_exact(tmp_path_factory, tmp_path):
+def test_clip_is_saved_in_float32_aligned_and_indexed(tmp_path_factory, tmp_path):
+    """float32 (OpenAI's float16 values, widened once at conversion: nothing is converted at load), every
+    tensor at a 64-byte-aligned offset, and the variable index the fast load pairs by."""
+    from utils.weights_io import ALIGNMENT, INDEX_DATASET
+
     files = shared_tiny_files(tmp_path_factory)
     clip = CLIP.from_pretrained(files["clip"])
     saved = Path(clip.save(tmp_path / "clip"))
     metadata = json.loads((saved / "metadata.json").read_text())
     counts = metadata["weights_dtype"]
     with h5py.File(saved / "model.weights.h5", "r") as f:
-        dtypes = []
-        f.visititems(lambda name, obj: dtypes.append(obj.dtype) if isinstance(obj, h5py.Dataset) else None)
-    assert counts["float16"] == dtypes.count(np.float16) > 0 and counts["float32"] == dtypes.count(np.float32)
+        datasets = []
+        f.visititems(lambda name, obj: datasets.append(obj) if isinstance(obj, h5py.Dataset) else None)
+        tensors = [d for d in datasets if d.name != "/" + INDEX_DATASET]
+        assert len(tensors) == len(datasets) - 1
+        assert all(d.id.get_offset() % ALIGNMENT == 0 for d in tensors)
+        dtypes = [d.dtype for d in tensors]
+    assert counts["float16"] == 0 and counts["float32"] == dtypes.count(np.float32) == len(dtypes)
     assert len(dtypes) == len(clip.model.weights)
     assert metadata["source"] == "tiny_clip.pt" and len(metadata["source_sha256"]) == 64
     loaded = CLIP.load(saved)

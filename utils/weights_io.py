@@ -37,8 +37,8 @@ Example::
 """
 
 import contextlib
+import json
 import os
-from pathlib import Path
 
 import numpy as np
 
@@ -52,6 +52,10 @@ try:  # Keras 3's private saving and variable classes (TensorFlow backend)
 except ImportError:  # another Keras layout: Keras' public load_weights and initializers (slower, same values)
     FAST_PATH = False
 
+#: the dataset of a file written by `save_weights` that maps each variable (`variable_keys`) to its dataset
+#: (JSON bytes), recorded from Keras' own walk at saving: the load pairs variables and tensors by it, without
+#: walking the layers again. Keras ignores it.
+INDEX_DATASET = "image_captioning_variable_index"
 #: alignment of the buffers handed to TensorFlow (Eigen's and XLA's requirement for CPU kernels)
 ALIGNMENT = 64
 #: dtypes read directly (native byte order); others go through Keras' reader
@@ -115,15 +119,90 @@ if FAST_PATH:
             return super().__getitem__(key) if array is None else _as_tensor(array)
 
 
+    class _WritingStore(_saving_lib.H5IOStore):
+        """Keras' h5 store writing aligned datasets (HDF5's alignment property), optionally float16 where
+        exact, and recording which dataset holds which variable (``index``: id(variable) -> dataset)."""
+
+        def __init__(self, path, float16_where_exact):
+            self.float16_where_exact = float16_where_exact
+            self.index, self.counts = {}, {"float16": 0, "float32": 0}
+            super().__init__(path, mode="w")
+
+        def _get_h5_file(self, path_or_io, mode=None):
+            import h5py
+
+            return h5py.File(path_or_io, mode or self.mode, alignment_threshold=1, alignment_interval=ALIGNMENT)
+
+        def __setitem__(self, key, value):
+            variable = value
+            array = np.asarray(value.numpy() if hasattr(value, "numpy") else value)
+            if (self.float16_where_exact and array.dtype == np.float32
+                    and np.array_equal(array.astype(np.float16).astype(np.float32), array)):
+                array = array.astype(np.float16)
+            kind = array.dtype.name if array.dtype.name in ("float16", "float32") else "other"
+            self.counts[kind] = self.counts.get(kind, 0) + 1
+            super().__setitem__(key, array)
+            self.index[id(variable)] = f"{self._h5_entry_path}/vars/{key}" if self._h5_entry_path else f"vars/{key}"
+
+
+def variable_keys(variables):
+    """One key per variable: ``"<path>#<k>"``, the k-th variable of that path in ``model.weights`` order (a
+    path repeats where sub-layers were built outside their parent's name scope, as the mapper's are)."""
+    seen = {}
+    keys = []
+    for variable in variables:
+        k = seen.get(variable.path, 0)
+        seen[variable.path] = k + 1
+        keys.append(f"{variable.path}#{k}")
+    return keys
+
+
+def _read_index(f):
+    """The variable-path -> dataset index a file written by `save_weights` holds (None without one)."""
+    if INDEX_DATASET not in f:
+        return None
+    index = json.loads(bytes(np.asarray(f[INDEX_DATASET][()], np.uint8)).decode("utf-8"))
+    return index if isinstance(index, dict) else None
+
+
+def _load_indexed(model, path, f, index):
+    """Assign every variable of ``model`` its dataset through ``index``; False (nothing assigned) when the
+    index does not describe exactly this model's variables (then Keras' walk pairs them)."""
+    import h5py
+
+    variables = model.weights
+    keys = variable_keys(variables)
+    if set(keys) != set(index) or len(set(index.values())) != len(index):
+        return False
+    mapped = np.memmap(path, dtype=np.uint8, mode="c")  # copy-on-write: the file is never written
+    for key, variable in zip(keys, variables, strict=True):
+        dataset = f.get(index[key], getlink=False)
+        if not isinstance(dataset, h5py.Dataset):
+            raise ValueError(f"{path}: the index names {index[key]!r} for {key}, which is not a tensor of the file")
+        if tuple(dataset.shape) != tuple(variable.shape):
+            raise ValueError(f"{path}: {index[key]} has shape {tuple(dataset.shape)}, the model's {key} has "
+                             f"{tuple(variable.shape)}")
+        array = dataset_view(mapped, dataset)
+        variable.assign(dataset[()] if array is None else _as_tensor(array))
+    return True
+
+
 def load_weights(model, path):
-    """``model.load_weights(path)`` for a ``.weights.h5`` file, with the direct reads of the module docstring
-    (Keras' own when `FAST_PATH` is False). Errors are Keras': ValueError for a mismatch."""
+    """``model.load_weights(path)`` for a ``.weights.h5`` file, quickly (module docstring): through the
+    variable index of a file `save_weights` wrote, else Keras' walk with mapped reads (Keras' own load when
+    `FAST_PATH` is False). A missing, extra or mis-shaped tensor is a ValueError naming it."""
+    import h5py
+
     path = os.fspath(path)
     if not FAST_PATH or not path.endswith(".weights.h5") or os.path.getsize(path) == 0:
         model.load_weights(path)
         return
     if not model.built:
         raise ValueError(f"the model must be built before its weights are loaded from {path}")
+    with h5py.File(path, "r") as f:
+        index = _read_index(f)
+        if index is not None and _load_indexed(model, path, f, index):
+            return
     store = _MappedStore(path)
     try:
         _saving_lib._load_state(model, weights_store=store, assets_store=None, inner_path="",
@@ -133,14 +212,15 @@ def load_weights(model, path):
 
 
 def load_weights_strict(model, path):
-    """`load_weights` (a missing or mis-shaped tensor is Keras' ValueError), and nothing left over: the file
-    must hold exactly one tensor per weight of the model."""
+    """`load_weights` (a missing or mis-shaped tensor is a ValueError), and nothing left over: the file must
+    hold exactly one tensor per weight of the model (the variable index aside)."""
     import h5py
 
     load_weights(model, path)
     with h5py.File(path, "r") as f:
         count = []
-        f.visititems(lambda name, obj: count.append(name) if isinstance(obj, h5py.Dataset) else None)
+        f.visititems(lambda name, obj: count.append(name)
+                     if isinstance(obj, h5py.Dataset) and name != INDEX_DATASET else None)
     if len(count) != len(model.weights):
         raise ValueError(f"the file holds {len(count)} tensors, the model has {len(model.weights)} weights")
 
@@ -172,35 +252,33 @@ def variables_to_be_loaded():
 
 
 def save_weights(model, path, float16_where_exact=False):
-    """``model.save_weights(path)`` with every dataset aligned (see the module docstring), and with
-    ``float16_where_exact`` every float32 tensor that float16 represents exactly stored as float16 (half the
-    file, bit-identical once loaded: Keras casts back to the variable's dtype). Returns {"float16": n,
-    "float32": m} (and "other": k when other dtypes are stored), the tensors stored in each."""
+    """``model.save_weights(path)`` with every dataset aligned (see the module docstring) and an index of
+    the datasets by variable (`INDEX_DATASET`), and with ``float16_where_exact`` every float32 tensor that
+    float16 represents exactly stored as float16 (half the file, bit-identical once loaded: Keras casts back
+    to the variable's dtype). Keras' own ``load_weights`` reads the file as any of its files. Returns
+    {"float16": n, "float32": m} (and "other": k when other dtypes are stored), the tensors stored in each."""
     import h5py
 
-    path = Path(path)
-    full = path.parent / f".{path.name}.keras.weights.h5"  # Keras' file, rewritten into `path`, then removed
-    model.save_weights(str(full))
-    counts = {"float16": 0, "float32": 0}
+    path = os.fspath(path)
+    if not FAST_PATH:  # Keras' own file: no alignment, no index (loaded through Keras' walk)
+        model.save_weights(path)
+        with h5py.File(path, "r") as f:
+            counts = {}
+            f.visititems(lambda _, obj: counts.__setitem__(obj.dtype.name, counts.get(obj.dtype.name, 0) + 1)
+                         if isinstance(obj, h5py.Dataset) else None)
+        return {"float16": counts.pop("float16", 0), "float32": counts.pop("float32", 0),
+                **({"other": sum(counts.values())} if counts else {})}
+    if not path.endswith(".weights.h5"):
+        raise ValueError(f"a weights file name must end in .weights.h5, got {path}")
+    store = _WritingStore(path, float16_where_exact)
     try:
-        with h5py.File(full, "r") as src, h5py.File(path, "w", alignment_threshold=1,
-                                                    alignment_interval=ALIGNMENT) as dst:
-            dst.attrs.update(dict(src.attrs))
-
-            def copy(name, obj):
-                if isinstance(obj, h5py.Group):
-                    target = dst.require_group(name)
-                else:
-                    value = obj[()]
-                    if (float16_where_exact and value.dtype == np.float32
-                            and np.array_equal(value.astype(np.float16).astype(np.float32), value)):
-                        value = value.astype(np.float16)
-                    kind = value.dtype.name if value.dtype.name in ("float16", "float32") else "other"
-                    counts[kind] = counts.get(kind, 0) + 1
-                    target = dst.create_dataset(name, data=value)
-                target.attrs.update(dict(obj.attrs))
-
-            src.visititems(copy)
+        _saving_lib._save_state(model, weights_store=store, assets_store=None, inner_path="",
+                                visited_saveables=set())
+        keys = variable_keys(model.weights)
+        if all(id(v) in store.index for v in model.weights):  # else: loaded by Keras' walk
+            index = {key: store.index[id(v)] for key, v in zip(keys, model.weights, strict=True)}
+            data = json.dumps(index, separators=(",", ":")).encode()
+            store.h5_file.create_dataset(INDEX_DATASET, data=np.frombuffer(data, np.uint8))
     finally:
-        full.unlink(missing_ok=True)
-    return counts
+        store.close()
+    return store.counts
