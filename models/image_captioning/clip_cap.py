@@ -271,10 +271,13 @@ class ClipCap:
         n = len(embeddings)
         if n == 0:
             return np.zeros((0, self.prefix_length, self.gpt2.n_embd), np.float32)
-        if self._xla:  # few compiled shapes; padded with ones, which the L2 normalisation accepts
-            embeddings = pad_batch(embeddings, power_of_two_at_least(n), fill=1.0)
+        bucket = power_of_two_at_least(n)
         with device_scope(self.device):
-            prefix = np.asarray(self._project(tf.constant(embeddings)))[:n]
+            if self._policy.compiles(("prefix", bucket)):  # few compiled shapes; padded with ones, which
+                embeddings = pad_batch(embeddings, bucket, fill=1.0)  # the L2 normalisation accepts
+                prefix = np.asarray(self._project(tf.constant(embeddings)))[:n]
+            else:  # a shape's first call under "auto": eager, nothing compiled
+                prefix = np.asarray(self.backbone.prefix(tf.constant(embeddings)))
         bad = ~np.all(np.isfinite(prefix), axis=(1, 2))
         if bad.any():  # finite inputs, non-finite outputs: overflow in the mapper, or damaged weights
             raise ValueError(f"the mapper turned the CLIP embeddings of rows {np.flatnonzero(bad).tolist()} (of {n}) "
