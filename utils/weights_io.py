@@ -109,12 +109,14 @@ if FAST_PATH:
         def __init__(self, path):
             super().__init__(path, mode="r")
             self._mapped = np.memmap(path, dtype=np.uint8, mode="c")  # copy-on-write: the file is never written
+            self.used = set()  # the datasets read (their h5 names without the leading "/")
 
         def __getitem__(self, key):
             group = self._h5_entry_group
             if not hasattr(group, "id"):  # no such group in the file: Keras' own error
                 return super().__getitem__(key)
             dataset = _saving_lib.safe_get_h5_dataset(group, key)  # Keras' checks (no links out of the file)
+            self.used.add(dataset.name.lstrip("/"))
             array = dataset_view(self._mapped, dataset)
             return super().__getitem__(key) if array is None else _as_tensor(array)
 
@@ -166,14 +168,15 @@ def _read_index(f):
 
 
 def _load_indexed(model, path, f, index):
-    """Assign every variable of ``model`` its dataset through ``index``; False (nothing assigned) when the
-    index does not describe exactly this model's variables (then Keras' walk pairs them)."""
+    """Assign every variable of ``model`` its dataset through ``index``; returns the datasets used, or None
+    (nothing assigned) when the index does not describe exactly this model's variables (then Keras' walk
+    pairs them)."""
     import h5py
 
     variables = model.weights
     keys = variable_keys(variables)
     if set(keys) != set(index) or len(set(index.values())) != len(index):
-        return False
+        return None
     mapped = np.memmap(path, dtype=np.uint8, mode="c")  # copy-on-write: the file is never written
     for key, variable in zip(keys, variables, strict=True):
         dataset = f.get(index[key], getlink=False)
@@ -184,31 +187,34 @@ def _load_indexed(model, path, f, index):
                              f"{tuple(variable.shape)}")
         array = dataset_view(mapped, dataset)
         variable.assign(dataset[()] if array is None else _as_tensor(array))
-    return True
+    return {name.lstrip("/") for name in index.values()}
 
 
 def load_weights(model, path):
     """``model.load_weights(path)`` for a ``.weights.h5`` file, quickly (module docstring): through the
     variable index of a file `save_weights` wrote, else Keras' walk with mapped reads (Keras' own load when
-    `FAST_PATH` is False). A missing, extra or mis-shaped tensor is a ValueError naming it."""
+    `FAST_PATH` is False). A missing or mis-shaped tensor is a ValueError naming it. Returns the names of the
+    datasets read (None after Keras' own load)."""
     import h5py
 
     path = os.fspath(path)
     if not FAST_PATH or not path.endswith(".weights.h5") or os.path.getsize(path) == 0:
         model.load_weights(path)
-        return
+        return None
     if not model.built:
         raise ValueError(f"the model must be built before its weights are loaded from {path}")
     with h5py.File(path, "r") as f:
         index = _read_index(f)
-        if index is not None and _load_indexed(model, path, f, index):
-            return
+        used = None if index is None else _load_indexed(model, path, f, index)
+        if used is not None:
+            return used
     store = _MappedStore(path)
     try:
         _saving_lib._load_state(model, weights_store=store, assets_store=None, inner_path="",
                                 visited_saveables=set())
     finally:
         store.close()
+    return store.used
 
 
 def load_weights_strict(model, path):
@@ -216,13 +222,17 @@ def load_weights_strict(model, path):
     hold exactly one tensor per weight of the model (the variable index aside)."""
     import h5py
 
-    load_weights(model, path)
+    used = load_weights(model, path)
     with h5py.File(path, "r") as f:
-        count = []
-        f.visititems(lambda name, obj: count.append(name)
+        names = []
+        f.visititems(lambda name, obj: names.append(name)
                      if isinstance(obj, h5py.Dataset) and name != INDEX_DATASET else None)
-    if len(count) != len(model.weights):
-        raise ValueError(f"the file holds {len(count)} tensors, the model has {len(model.weights)} weights")
+    unexpected = sorted(set(names) - used) if used is not None else []
+    if unexpected:
+        shown = ", ".join(unexpected[:10]) + (f" and {len(unexpected) - 10} more" if len(unexpected) > 10 else "")
+        raise ValueError(f"the file holds {len(unexpected)} tensor(s) the model has no weight for: {shown}")
+    if len(names) != len(model.weights):
+        raise ValueError(f"the file holds {len(names)} tensors, the model has {len(model.weights)} weights")
 
 
 @contextlib.contextmanager

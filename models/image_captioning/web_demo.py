@@ -65,8 +65,11 @@ class Captioner:
             model, max_file_bytes, max_pixels, max_images
 
     def warm_up(self):
-        """Compile the greedy path once (at start-up, not at the first visitor's request)."""
-        self.model.caption([Image.new("RGB", (64, 48), (120, 60, 30))])
+        """Compile the greedy path for one image at start-up, not at the first visitor's request: under
+        ``jit_compile="auto"`` a shape's first call runs uncompiled and its second compiles."""
+        image = Image.new("RGB", (64, 48), (120, 60, 30))
+        for _ in range(2):
+            self.model.caption([image])
 
     def _read(self, files, urls):
         # uploaded files and pasted http(s) URLs alike: read_image bounds bytes and pixels, and reads URLs
