@@ -34,18 +34,31 @@ def official(torch_model, model, tokenizer, embeddings, method, max_length, beam
     return out
 
 
+def generate_both_ways(model, embeddings, **kwargs):
+    """{"uncompiled": ..., "compiled": ...}: `ClipCap.generate` over the traced block (a ClipCap on the same
+    backbone with jit_compile=False, what "auto" runs at a shape's first call) and in the XLA loop."""
+    from models.image_captioning import ClipCap
+
+    uncompiled = ClipCap(model.backbone, model.tokenizer, jit_compile=False)
+    return {"uncompiled": uncompiled.generate(embeddings, **kwargs),
+            "compiled": model.generate(embeddings, compile_now=True, **kwargs)}
+
+
 def check_against_official(torch_model, model, tokenizer, embeddings, method, max_length, beam_size=5):
-    got = model.generate(embeddings, method=method, max_length=max_length, beam_size=beam_size,
-                         num_captions=beam_size if method == "beam" else 1)
+    both = generate_both_ways(model, embeddings, method=method, max_length=max_length, beam_size=beam_size,
+                              num_captions=beam_size if method == "beam" else 1)
     expected = official(torch_model, model, tokenizer, embeddings, method, max_length, beam_size)
-    for candidates, (tokens, text, token_lists, scores, gap) in zip(got, expected, strict=True):
-        assert gap > MIN_GAP, f"near-tie ({gap}): the comparison would mean nothing"
-        assert_same_tokens([candidates[0]["tokens"]], [tokens], f"{method} tokens")
-        assert candidates[0]["text"] == text.strip()
-        if method == "beam":
-            assert_same_tokens([c["tokens"] for c in candidates], token_lists, "beam candidates")
-            np.testing.assert_allclose([c["score"] for c in candidates], scores, atol=1e-4)
-    return got
+    for how, got in both.items():
+        for candidates, (tokens, text, token_lists, scores, gap) in zip(got, expected, strict=True):
+            assert gap > MIN_GAP, f"near-tie ({gap}): the comparison would mean nothing"
+            assert_same_tokens([candidates[0]["tokens"]], [tokens], f"{method} tokens ({how})")
+            assert candidates[0]["text"] == text.strip()
+            if method == "beam":
+                assert_same_tokens([c["tokens"] for c in candidates], token_lists, f"beam candidates ({how})")
+                np.testing.assert_allclose([c["score"] for c in candidates], scores, atol=1e-4)
+    np.testing.assert_allclose([[c["score"] for c in r] for r in both["uncompiled"]],
+                               [[c["score"] for c in r] for r in both["compiled"]], atol=1e-5, rtol=0)
+    return both["compiled"]
 
 
 @pytest.mark.parametrize("kind", KINDS)
