@@ -179,12 +179,21 @@ def test_sampling_follows_the_distribution(tiny_checkpoints, tiny_models):
         assert top.sum() >= 2 and np.all(np.abs(freq - p)[top] <= 4 * np.sqrt(p[top] * (1 - p[top]) / n)), kwargs
 
 
+def assert_same_captions(a, b):
+    """The same candidates (tokens and texts identical, scores within 1e-5): what one seed guarantees, whether
+    a call runs uncompiled (the first of its shape under "auto") or compiled (the scores' last bits differ)."""
+    assert [[(c["tokens"], c["text"]) for c in r] for r in a] == [[(c["tokens"], c["text"]) for c in r] for r in b]
+    np.testing.assert_allclose([[c["score"] for c in r] for r in a], [[c["score"] for c in r] for r in b],
+                               atol=1e-5, rtol=0)
+
+
 def test_sampling_seeds_and_several_captions(tiny_models):
     model = tiny_models["linear"]
     e = random_embeddings(2, model.prefix_size, seed=8)
     kwargs = dict(method="sample", num_captions=4, max_length=12, temperature=1.5)
     a = model.generate(e, seed=1, **kwargs)
-    assert a == model.generate(e, seed=1, **kwargs)
+    assert_same_captions(a, model.generate(e, seed=1, **kwargs))
+    assert model.generate(e, seed=1, **kwargs) == model.generate(e, seed=1, **kwargs)  # compiled: exact
     assert a != model.generate(e, seed=2, **kwargs)
     for candidates in a:
         assert len(candidates) == 4 and len({tuple(c["tokens"]) for c in candidates}) >= 3
@@ -303,12 +312,12 @@ def test_numpy_integers_are_accepted_and_32_bit_seeds_used_fully(tiny_models):
     e = random_embeddings(1, model.prefix_size, seed=12)
     kwargs = dict(method="sample", num_captions=np.int64(3), max_length=np.int32(10), temperature=np.float32(1.5),
                   top_k=np.int16(50))
-    assert model.generate(e, seed=np.uint64(7), **kwargs) == model.generate(e, seed=7, **kwargs)
+    assert_same_captions(model.generate(e, seed=np.uint64(7), **kwargs), model.generate(e, seed=7, **kwargs))
     beam = model.generate(e, method="beam", beam_size=np.int64(3), num_captions=2, max_length=8)
     assert len(beam[0]) == 2
     # seeds of the upper half of 32 bits are their own seeds, not folded onto lower ones
     high = model.generate(e, seed=2**32 - 1, **kwargs)
-    assert high == model.generate(e, seed=2**32 - 1, **kwargs)
+    assert_same_captions(high, model.generate(e, seed=2**32 - 1, **kwargs))
     assert high != model.generate(e, seed=2**31 - 1, **kwargs)
     assert model.generate(e, seed=2**31 + 5, **kwargs) != model.generate(e, seed=5, **kwargs)
 
