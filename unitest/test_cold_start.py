@@ -165,17 +165,28 @@ def test_rerun_answers_from_map_without_loading_the_model(tiny_model, tmp_path, 
 
 
 def test_status_lines_on_stderr_only(tiny_model, tmp_path, monkeypatch, capsys):
-    """A default caption run says what it waits for (loading, each first compilation) on stderr; stdout keeps
-    only the results (also with --json); --no-progress silences the status lines."""
+    """A default caption run says what it waits for (loading, each compilation) on stderr; stdout keeps only the
+    results (also with --json); --no-progress silences the status lines. One image compiles nothing (the
+    stages run uncompiled: `custom_architectures.compile_policy`), so it says "compiling" nowhere; a run of
+    more than two batches compiles at its first batch and says so."""
     monkeypatch.setenv("IMAGE_CAPTIONING_HOME", str(tmp_path / "home"))
     argv = ["caption", str(ROOT / "demo" / "cat.jpg"), "--model", tiny_model, "--max-length", "3", "--no-save"]
     assert main.main([*argv, "--json"]) == 0
     out, err = capsys.readouterr()
     assert json.loads(out)[0]["caption"] is not None  # stdout: the JSON alone
     lines = err.splitlines()
-    for expected in (f"loading {tiny_model} ...", "compiling the CLIP encoder for batch 1 ...",
+    assert f"loading {tiny_model} ..." in lines, err
+    assert not any("compiling" in line or " ready in " in line for line in lines), err
+    images = [str(ROOT / "demo" / name) for name in ("cat.jpg", "rocket.jpg", "coffee.jpg")]
+    long_run = ["caption", *images, "--model", tiny_model, "--max-length", "3", "--no-save", "--batch-size", "1"]
+    assert main.main([*long_run, "--json"]) == 0
+    out, err = capsys.readouterr()
+    assert len(json.loads(out)) == 3
+    lines = err.splitlines()
+    for expected in ("compiling the CLIP encoder for batch 1 ...",
                      "compiling the decoder for batch 1 (greedy, max_length=3) ..."):
         assert expected in lines, err
     assert any(line.startswith("the decoder for batch 1 (greedy, max_length=3) ready in ") for line in lines), err
     assert main.main([*argv, "--no-progress"]) == 0
+    assert main.main([*long_run, "--no-progress"]) == 0
     assert capsys.readouterr().err == ""

@@ -116,6 +116,30 @@ def test_cached_decoding_equals_full_pass(pair):
         np.testing.assert_allclose(logits.numpy(), full[:, 3 + t], atol=1e-5, rtol=0)
 
 
+def test_traced_block_step_equals_the_default_path(pair):
+    """`GPT2.block_step_function` (the uncompiled decoder's one traced block, reused by every block): the same
+    logits and cache as the default path for the prefill and each step (<= 1e-5), and PyTorch's (<= 1e-4)."""
+    name, torch_model, keras_model = pair
+    rng = np.random.default_rng(6)
+    prefix = rng.normal(size=(2, 3, CONFIGS[name]["n_embd"])).astype("float32")
+    ids = rng.integers(0, CONFIGS[name]["vocab_size"], (2, 4))
+    reference = _torch_logits(torch_model, ids=ids, embeds=prefix)  # (2, 7, V)
+    block_fn = keras_model.block_step_function()
+    default_cache, traced_cache = keras_model.init_cache(2, 8), keras_model.init_cache(2, 8)
+    default, default_cache = keras_model.call_with_cache(prefix, default_cache, 0, all_logits=True)
+    traced, traced_cache = keras_model.call_with_cache(prefix, traced_cache, 0, all_logits=True, block_fn=block_fn)
+    assert_close(traced, default, 1e-5, "prefill logits, traced block vs default")
+    _assert_close(traced.numpy(), reference[:, :3])
+    for t in range(4):
+        x = keras_model.embed_tokens(ids[:, t : t + 1])
+        default, default_cache = keras_model.call_with_cache(x, default_cache, 3 + t)
+        traced, traced_cache = keras_model.call_with_cache(x, traced_cache, 3 + t, block_fn=block_fn)
+        assert_close(traced, default, 1e-5, f"step {t} logits, traced block vs default")
+        _assert_close(traced.numpy(), reference[:, 3 + t])
+    for a, b in zip(traced_cache, default_cache, strict=True):
+        assert_close(a, b, 1e-5, "cache, traced block vs default")
+
+
 def test_xla_step_equals_eager(tiny_pair):
     _, keras_model = tiny_pair
     rng = np.random.default_rng(5)

@@ -47,7 +47,7 @@ class FakeClip:
     def image_embedder(self, **kwargs):
         return FakeEmbedder(self, **kwargs)
 
-    def encode_pixels(self, pixels):
+    def encode_pixels(self, pixels, compile_now=None):  # a long run asks for compilation: nothing to compile
         return np.asarray(pixels) * 1.0  # (B, 2)
 
 
@@ -58,6 +58,12 @@ class FakeModel:
         self.clip = FakeClip()
         self.generate_calls = []
         self.interrupt_at_call = interrupt_at_call
+
+    def sampler(self, method="greedy", **kwargs):
+        return method  # only handed back to `decoder_will_compile`
+
+    def decoder_will_compile(self, batch_size, sampler, max_length, compile_now=None):
+        return False  # plain numpy: nothing is ever compiled
 
     def generate(self, embeddings, method="greedy", num_captions=1, **kwargs):
         self.generate_calls.append(len(embeddings))

@@ -1,0 +1,284 @@
+"""Tiered compilation (``jit_compile="auto"``): a shape's first call runs uncompiled, its second compiles.
+
+`CompilePolicy` itself (per-key answers, ``force``, ``would_compile``, a policy shared by threads), then
+each stage that follows it: the decoder (`PrefixDecoder`), the CLIP image encoder (`CLIP.encode_pixels`)
+and `ClipCap.predict`, which compiles at once for a long run and says "compiling" only when it does. The
+uncompiled forms must give what the compiled ones give: identical tokens, scores within 1e-5 (both are also
+compared with the official PyTorch decoders in ``unitest/test_generation.py``).
+"""
+
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from custom_architectures.compile_policy import CompilePolicy
+from custom_architectures.generation_utils import Beam, Greedy, PrefixDecoder, Sample
+from unitest.tiny_models import random_embeddings, shared_tiny_files, tiny_clipcap
+
+DEMO = sorted(str(p) for p in (Path(__file__).resolve().parents[1] / "demo").glob("*.jpg"))
+
+# ------------------------------------------------------------------------------------------------ policy
+
+
+def test_auto_is_false_once_then_true_per_key():
+    policy = CompilePolicy("auto")
+    assert [policy.compiles("a") for _ in range(3)] == [False, True, True]
+    assert policy.compiles(("b", 4)) is False and policy.compiles(("b", 8)) is False  # keys are separate
+    assert policy.compiles(("b", 4)) is True
+
+
+@pytest.mark.parametrize("value", [True, False])
+def test_true_and_false_are_fixed(value):
+    policy = CompilePolicy(value)
+    for force in (None, True, False):  # force only overrides "auto"
+        assert [policy.compiles("k", force=force) for _ in range(2)] == [value, value]
+        assert policy.would_compile("k", force=force) is value
+
+
+def test_force_overrides_auto_and_records_the_call():
+    policy = CompilePolicy("auto")
+    assert policy.compiles("a", force=True) is True  # a long run: compiled at its first call
+    assert policy.compiles("a") is True  # ... and recorded: it recurs
+    assert policy.compiles("b", force=False) is False
+    assert policy.compiles("b", force=False) is False  # force=False stays uncompiled even when seen
+    assert policy.compiles("b") is True
+
+
+def test_would_compile_does_not_record():
+    policy = CompilePolicy("auto")
+    assert [policy.would_compile("a") for _ in range(3)] == [False, False, False]
+    assert policy.would_compile("a", force=True) is True
+    assert policy.compiles("a") is False  # still a first call
+    assert policy.would_compile("a") is True and policy.would_compile("a", force=False) is False
+
+
+@pytest.mark.parametrize("bad", ["xla", "True", 1, 0, None, 1.0])
+def test_bad_values_are_refused(bad):
+    with pytest.raises(ValueError, match="jit_compile must be True, False or 'auto'"):
+        CompilePolicy(bad)
+
+
+def test_a_shared_policy_answers_false_exactly_once_per_key_under_concurrent_calls():
+    policy = CompilePolicy("auto")
+    threads, keys, rounds = 16, 50, 4
+    answers = {k: [] for k in range(keys)}
+    lock = threading.Lock()
+    barrier = threading.Barrier(threads)
+
+    def worker():
+        barrier.wait()  # all threads start together: the calls interleave
+        for _ in range(rounds):
+            for k in range(keys):
+                answer = policy.compiles(k)
+                with lock:
+                    answers[k].append(answer)
+
+    pool = [threading.Thread(target=worker) for _ in range(threads)]
+    for t in pool:
+        t.start()
+    for t in pool:
+        t.join()
+    for k, got in answers.items():
+        assert len(got) == threads * rounds and got.count(False) == 1, (k, got.count(False))
+
+
+# ----------------------------------------------------------------------------------------------- decoder
+
+
+def test_decoder_auto_compiles_a_key_at_its_second_call(tiny_models):
+    model = tiny_models["mlp"]
+    decoder = PrefixDecoder(model.gpt2)  # a fresh decoder: its compiled loops are counted
+    prefix = model.prefix(random_embeddings(4, model.prefix_size, seed=20))
+    k = model.prefix_length
+    assert decoder.will_compile(3, k, 6, Greedy(), "auto") is False
+    first = decoder(prefix[:3], Greedy(), max_length=6, jit_compile="auto")
+    assert decoder._compiled == {}  # nothing compiled: the traced block ran the loop
+    assert decoder.will_compile(3, k, 6, Greedy(), "auto") is True
+    second = decoder(prefix, Greedy(), max_length=6, jit_compile="auto")  # 3 and 4 rows: the same bucket
+    assert list(decoder._compiled) == [(4, k, 6, Greedy().key())]
+    assert decoder.will_compile(4, k, 6, Greedy(), "auto") is False  # compiled already: nothing new
+    decoder(prefix, Greedy(), max_length=6, jit_compile="auto")
+    assert len(decoder._compiled) == 1
+    assert second.tokens[:3] == first.tokens
+    # a new method, a new max_length, a new bucket: each runs uncompiled first
+    decoder(prefix, Beam(beam_size=2), max_length=6, jit_compile="auto")
+    decoder(prefix, Greedy(), max_length=5, jit_compile="auto")
+    decoder(prefix[:1], Greedy(), max_length=6, jit_compile="auto")
+    assert len(decoder._compiled) == 1
+    decoder(prefix, Beam(beam_size=2), max_length=6, jit_compile="auto")
+    assert len(decoder._compiled) == 2
+
+
+def test_decoder_true_and_false(tiny_models):
+    model = tiny_models["mlp"]
+    decoder = PrefixDecoder(model.gpt2)
+    prefix = model.prefix(random_embeddings(2, model.prefix_size, seed=21))
+    for _ in range(2):
+        decoder(prefix, Greedy(), max_length=4, jit_compile=False)
+    assert decoder._compiled == {}
+    assert decoder.will_compile(2, model.prefix_length, 4, Greedy(), True) is True
+    decoder(prefix, Greedy(), max_length=4, jit_compile=True)
+    assert len(decoder._compiled) == 1
+
+
+@pytest.mark.parametrize("kind", ["mlp", "transformer"])
+@pytest.mark.parametrize("sampler", [Greedy(), Beam(beam_size=3, num_captions=3), Sample(top_k=20, num_captions=2),
+                                     Sample(temperature=1.5, top_p=0.9)],
+                         ids=["greedy", "beam", "sample_top_k", "sample_top_p"])
+def test_uncompiled_first_call_equals_the_compiled_second(kind, sampler, tiny_models, stop_id):
+    """3 rows: the first call decodes them unpadded over the traced block, the second padded to 4 in the XLA
+    loop. Same tokens (sampling too: the draws of a row do not depend on the padding), scores within 1e-5."""
+    model = tiny_models[kind]
+    decoder = PrefixDecoder(model.gpt2)
+    prefix = model.prefix(random_embeddings(3, model.prefix_size, seed=22))
+    kwargs = dict(max_length=20, stop_token_id=stop_id, seed=5, jit_compile="auto")
+    uncompiled = decoder(prefix, sampler, **kwargs)
+    assert decoder._compiled == {}
+    compiled = decoder(prefix, sampler, **kwargs)
+    assert len(decoder._compiled) == 1
+    assert uncompiled.tokens == compiled.tokens
+    np.testing.assert_allclose(uncompiled.scores, compiled.scores, atol=1e-5, rtol=0)
+    assert any(len(t) < 20 for candidates in compiled.tokens for t in candidates)  # some stopped early
+
+
+def test_generate_compile_now_compiles_at_the_first_call(tiny_models):
+    model = tiny_models["linear"]
+    e = random_embeddings(2, model.prefix_size, seed=23)
+    sampler = model.sampler("beam", beam_size=2)
+    assert model.decoder_will_compile(2, sampler, 7) is (model.decoder.will_compile(
+        2, model.prefix_length, 7, sampler, "auto"))
+    assert model.decoder_will_compile(2, sampler, 7, compile_now=True) is True
+    before = set(model.decoder._compiled)
+    forced = model.generate(e, method="beam", beam_size=2, max_length=7, compile_now=True)
+    assert len(set(model.decoder._compiled) - before) == 1
+    assert model.decoder_will_compile(2, sampler, 7, compile_now=True) is False  # compiled: nothing new
+    again = model.generate(e, method="beam", beam_size=2, max_length=7)  # the compiled loop, reused
+    assert [[c["tokens"] for c in a] for a in again] == [[c["tokens"] for c in a] for a in forced]
+
+# -------------------------------------------------------------------------------------------------- CLIP
+
+
+@pytest.fixture
+def fresh_clip(tmp_path_factory):
+    """The tiny CLIP (ViT: its compiled form is XLA), loaded anew: its traces are counted."""
+    from models.siamese import CLIP
+
+    return CLIP.from_pretrained(shared_tiny_files(tmp_path_factory)["clip"], visual_only=True)
+
+
+def pixels(n, resolution, seed=0):
+    return np.random.default_rng(seed).normal(size=(n, resolution, resolution, 3)).astype(np.float32)
+
+
+def test_clip_auto_runs_a_bucket_eagerly_then_compiled(fresh_clip):
+    clip = fresh_clip
+    assert clip.jit_compile is True  # the compiled form of a ViT is XLA
+    x = pixels(3, clip.input_resolution)
+    assert clip.will_compile(3) is False
+    eager = clip.encode_pixels(x)
+    assert clip._encode_pixels.experimental_get_tracing_count() == 0  # nothing traced, nothing compiled
+    assert clip.will_compile(3) is True and clip.will_compile(4) is True  # 3 and 4 share the bucket
+    compiled = clip.encode_pixels(x)
+    assert clip._encode_pixels.experimental_get_tracing_count() == 1
+    assert eager.shape == compiled.shape == (3, clip.embed_dim)
+    np.testing.assert_allclose(eager, compiled, atol=1e-5, rtol=0)
+    np.testing.assert_allclose(clip.encode_pixels(x[:1]), eager[:1], atol=1e-5, rtol=0)  # new bucket: eager
+    assert clip._encode_pixels.experimental_get_tracing_count() == 1
+    clip.encode_pixels(pixels(8, clip.input_resolution), compile_now=True)  # a long run: compiled at once
+    assert clip._encode_pixels.experimental_get_tracing_count() == 2
+
+
+@pytest.mark.parametrize("jit_compile", [True, False])
+def test_clip_true_and_false_compile_from_the_first_call(jit_compile, tmp_path_factory):
+    from models.siamese import CLIP
+
+    clip = CLIP.from_pretrained(shared_tiny_files(tmp_path_factory)["clip"], visual_only=True,
+                                jit_compile=jit_compile)
+    assert clip.jit_compile is jit_compile and clip.will_compile(2) is True
+    clip.encode_pixels(pixels(2, clip.input_resolution))
+    assert clip._encode_pixels.experimental_get_tracing_count() == 1  # XLA, or a graph-mode trace
+
+
+# ----------------------------------------------------------------------------------------------- predict
+
+
+class Recorder:
+    """Status lines and each model call, in the order they happened."""
+
+    def __init__(self, model):
+        self.events, self.generate_calls = [], []
+        self.lock = threading.Lock()
+        generate = model.generate
+
+        def recording_generate(embeddings, **kwargs):
+            out = generate(embeddings, **kwargs)
+            with self.lock:
+                self.generate_calls.append((len(embeddings), kwargs.get("compile_now"), len(model.decoder._compiled)))
+                self.events.append("result")
+            return out
+
+        model.generate = recording_generate
+
+    def status(self, line):
+        with self.lock:
+            self.events.append(line)
+
+    def compiling(self):
+        return [e for e in self.events if e.startswith("compiling")]
+
+
+def test_predict_one_image_compiles_nothing_and_says_nothing(tmp_path_factory):
+    model = tiny_clipcap(tmp_path_factory)  # a fresh load: its compiled functions are counted
+    recorder = Recorder(model)
+    results = model.predict(DEMO[:1], save=False, progress=False, status=recorder.status, max_length=5)
+    assert results[0]["error"] is None and results[0]["caption"]
+    assert recorder.compiling() == [], recorder.events
+    assert model.decoder._compiled == {}
+    assert model.clip._encode_pixels.experimental_get_tracing_count() == 0
+    assert recorder.generate_calls == [(1, None, 0)]
+
+
+@pytest.mark.xfail(strict=True, reason="ClipCap.prefix is not tiered: under 'auto' the mapper (_project, "
+                   "jit_compile=True) is XLA-compiled at the first call, also for a one-image run")
+def test_predict_one_image_does_not_compile_the_mapper(tmp_path_factory):
+    model = tiny_clipcap(tmp_path_factory)
+    model.predict(DEMO[:1], save=False, progress=False, max_length=5)
+    assert model._project.experimental_get_tracing_count() == 0
+
+
+def test_predict_long_run_compiles_at_the_first_batch_and_says_so_first(tmp_path_factory):
+    """5 images in batches of 2 (more than two batches): both stages compile at their first batch (bucket 2),
+    the "compiling" lines come before the first result, and the captions are the one-image run's."""
+    model = tiny_clipcap(tmp_path_factory)
+    recorder = Recorder(model)
+    results = model.predict(DEMO, batch_size=2, save=False, progress=False, status=recorder.status, max_length=5)
+    assert [r["image"] for r in results] == DEMO and all(r["error"] is None for r in results)
+    lines = recorder.compiling()
+    assert lines == ["compiling the CLIP encoder for batch 2 ...",
+                     "compiling the decoder for batch 2 (greedy, max_length=5) ..."], recorder.events
+    first_result = recorder.events.index("result")
+    assert all(recorder.events.index(line) < first_result for line in lines), recorder.events
+    assert [call[1] for call in recorder.generate_calls] == [True] * 3
+    assert recorder.generate_calls[0][2] == 1  # compiled by the first batch, then reused
+    assert sorted(model.decoder._compiled) == [(2, model.prefix_length, 5, Greedy().key())]
+    assert model.clip._encode_pixels.experimental_get_tracing_count() == 1
+    # each image alone (a one-image run, uncompiled) gets the same caption
+    for image, result in zip(DEMO, results, strict=True):
+        alone = tiny_clipcap(tmp_path_factory).predict([image], save=False, progress=False, max_length=5)
+        assert alone[0]["caption"] == result["caption"], image
+
+
+def test_predict_two_batches_compile_at_the_second(tmp_path_factory):
+    """Not a long run (4 images, batches of 2): the first batch runs uncompiled and silent, the second compiles
+    (the shape recurred) and says so."""
+    model = tiny_clipcap(tmp_path_factory)
+    recorder = Recorder(model)
+    results = model.predict(DEMO[:4], batch_size=2, save=False, progress=False, status=recorder.status,
+                            max_length=5)
+    assert all(r["error"] is None for r in results)
+    assert [call[1:] for call in recorder.generate_calls] == [(None, 0), (None, 1)]
+    decoder_line = "compiling the decoder for batch 2 (greedy, max_length=5) ..."
+    assert decoder_line in recorder.compiling()
+    assert recorder.events.index("result") < recorder.events.index(decoder_line)
