@@ -240,8 +240,6 @@ def test_predict_one_image_compiles_nothing_and_says_nothing(tmp_path_factory):
     assert recorder.generate_calls == [(1, None, 0)]
 
 
-@pytest.mark.xfail(strict=True, reason="ClipCap.prefix is not tiered: under 'auto' the mapper (_project, "
-                   "jit_compile=True) is XLA-compiled at the first call, also for a one-image run")
 def test_predict_one_image_does_not_compile_the_mapper(tmp_path_factory):
     model = tiny_clipcap(tmp_path_factory)
     model.predict(DEMO[:1], save=False, progress=False, max_length=5)
