@@ -157,11 +157,11 @@ def build(kind, directory, tokenizer_dir, env):
             "model": str(Path(env["IMAGE_CAPTIONING_HOME"]) / name)}
 
 
-def run_cli(model_dir, env):
+def run_cli(model_dir, env, max_length):
     """``main.py caption`` on the image, as a user runs it; returns (wall seconds, tokens)."""
     start = time.perf_counter()
     result = subprocess.run([sys.executable, "main.py", "caption", str(IMAGE), "--model", model_dir, "--max-length",
-                             str(MAX_LENGTH), "--json", "--no-save", "--no-progress"], cwd=ROOT, env=env,
+                             str(max_length), "--json", "--no-save", "--no-progress"], cwd=ROOT, env=env,
                             capture_output=True, text=True, check=False)
     wall = time.perf_counter() - start
     if result.returncode != 0:
@@ -229,13 +229,16 @@ def main():
                     if child[1] == "ours":
                         if "cold" in label:
                             compile_cache.clear(home=tmp / "store")
-                        wall, tokens = run_cli(files["model"], env)
+                        wall, tokens = run_cli(files["model"], env, args.max_length)
                         cli = (wall, tokens) if cli is None or wall < cli[0] else cli
                 runs[label] = (*best, cli)
             official_label = "official (torch + clip + generate2)"
             official_tokens, official_wall = runs[official_label][2], runs[official_label][0]
             for label, (wall, stages, tokens, cli) in runs.items():
                 same = tokens == official_tokens and (cli is None or cli[1] == official_tokens)
+                if not same:
+                    print(f"{kind}, {label}: tokens {tokens}, CLI {cli and cli[1]}, official {official_tokens}",
+                          file=sys.stderr)
                 rows.append((f"{KINDS[kind]} + {kind}", label, cli and cli[0], wall, stages, len(tokens), same,
                              official_wall / (cli[0] if cli else wall)))
     print(f"\none image (demo/cat.jpg), greedy, {args.max_length} tokens, each row a fresh process; "
