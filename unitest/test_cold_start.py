@@ -33,11 +33,17 @@ def _clean_env(home, **extra):
     return env
 
 
-def _caption(env, model, *global_options):
-    """``main.py [global options] caption demo/cat.jpg --model MODEL`` in a fresh process."""
-    return subprocess.run([sys.executable, "main.py", *global_options, "caption", str(ROOT / "demo" / "cat.jpg"),
-                           "--model", model, "--max-length", "5", "--no-save", "--no-progress"],
+def _caption(env, model, *global_options, images=("cat.jpg",), options=()):
+    """``main.py [global options] caption demo/IMAGES --model MODEL [options]`` in a fresh process."""
+    return subprocess.run([sys.executable, "main.py", *global_options, "caption",
+                           *(str(ROOT / "demo" / name) for name in images), "--model", model, "--max-length", "5",
+                           "--no-save", "--no-progress", *options],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+
+
+#: a run long enough to compile (more than two batches: `predict` compiles at its first batch; a one-image
+#: run compiles nothing under jit_compile="auto")
+LONG_RUN = dict(images=("cat.jpg", "coffee.jpg", "rocket.jpg"), options=("--batch-size", "1"))
 
 
 def _entries(folder):
@@ -45,12 +51,12 @@ def _entries(folder):
 
 
 def test_quiet_run_then_warm_cache_in_a_second_process(tiny_model, tmp_path):
-    """Process 1 (default): no C++ log line on stderr, and it writes compiled programs to
+    """Process 1 (default; a run long enough to compile): no C++ log line on stderr, and it writes compiled programs to
     <store>/xla_cache/<key>. Process 2 (--verbose: TensorFlow's lines kept): the same call adds no program and
     rewrites none (it loaded them)."""
     home = tmp_path / "home"
     env = _clean_env(home)
-    first = _caption(env, tiny_model)
+    first = _caption(env, tiny_model, **LONG_RUN)
     assert first.returncode == 0, first.stderr
     assert first.stdout.startswith(str(ROOT / "demo" / "cat.jpg") + "\t")
     noise = [line for line in first.stderr.splitlines() if is_log_line(line) or "absl" in line]
@@ -61,7 +67,7 @@ def test_quiet_run_then_warm_cache_in_a_second_process(tiny_model, tmp_path):
     written = _entries(folders[0])
     assert len(written) >= 2, written  # at least the CLIP encoder and the decoder
 
-    second = _caption(env, tiny_model, "--verbose")
+    second = _caption(env, tiny_model, "--verbose", **LONG_RUN)
     assert second.returncode == 0, second.stderr
     assert second.stdout == first.stdout
     assert any(is_log_line(line) for line in second.stderr.splitlines())  # --verbose keeps TensorFlow's lines
