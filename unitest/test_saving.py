@@ -87,8 +87,12 @@ def test_format2_folder(kind, tiny_models, tiny_checkpoints, tmp_path):
     loaded = ClipCap.load(directory)
     assert dict(loaded.config) == dict(model.config, name=kind)
     e = random_embeddings(2, model.prefix_size, seed=4)
-    assert loaded.generate(e, method="beam", beam_size=2, max_length=8) == model.generate(
-        e, method="beam", beam_size=2, max_length=8)
+    got = loaded.generate(e, method="beam", beam_size=2, max_length=8)
+    want = model.generate(e, method="beam", beam_size=2, max_length=8)
+    # tokens and texts identical; scores to the last bits only when both calls ran the same tier (under "auto" a
+    # shape's first call runs uncompiled, a later one compiled: the shared model may have run this shape before)
+    assert [[(c["tokens"], c["text"]) for c in r] for r in got] == [[(c["tokens"], c["text"]) for c in r] for r in want]
+    np.testing.assert_allclose([c["score"] for r in got for c in r], [c["score"] for r in want for c in r], atol=1e-5)
 
 
 def test_config_is_a_read_only_view(tiny_models):
