@@ -50,6 +50,9 @@ class FakeClip:
     def encode_pixels(self, pixels, compile_now=None):  # a long run asks for compilation: nothing to compile
         return np.asarray(pixels) * 1.0  # (B, 2)
 
+    def will_compile(self, count, compile_now=None):
+        return False  # plain numpy: nothing is ever compiled
+
 
 class FakeModel:
     name = "fake"
@@ -58,9 +61,6 @@ class FakeModel:
         self.clip = FakeClip()
         self.generate_calls = []
         self.interrupt_at_call = interrupt_at_call
-
-    def sampler(self, method="greedy", **kwargs):
-        return method  # only handed back to `decoder_will_compile`
 
     def decoder_will_compile(self, batch_size, sampler, max_length, compile_now=None):
         return False  # plain numpy: nothing is ever compiled

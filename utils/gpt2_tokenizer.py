@@ -69,6 +69,20 @@ def _added_token(entry, special=None):
     return AddedToken(entry["content"], **fields)
 
 
+def _read_merges(path):
+    """merges.txt -> [(a, b), ...], as ``tokenizers.models.BPE.read_file`` parses it: ``#version`` lines
+    skipped, every other line two tokens separated by one space (ValueError naming the line otherwise)."""
+    merges = []
+    for number, line in enumerate(read_regular_file(path, MAX_FILE_BYTES).decode("utf-8").splitlines(), start=1):
+        if line.startswith("#version"):
+            continue
+        parts = line.split(" ")
+        if len(parts) != 2:
+            raise ValueError(f"{path}, line {number}: a merge is two tokens separated by a space, got {line!r}")
+        merges.append((parts[0], parts[1]))
+    return merges
+
+
 class GPT2Tokenizer:
     """GPT-2's tokenizer (a ``tokenizers.Tokenizer``) with the interface of ``GPT2TokenizerFast`` this
     repository uses. Build it with `from_directory`; ``utils.tokenizer.load_gpt2_tokenizer`` adds the checks."""
@@ -117,12 +131,12 @@ class GPT2Tokenizer:
             post_processor = None if post is None else Tokenizer.from_str(json.dumps(
                 {**tokenizer_json, "model": {**model, "vocab": {}, "merges": []}, "added_tokens": []})).post_processor
             config = {k: v for k, v in config.items() if k not in ("add_bos_token", "add_eos_token")}
-        else:
-            for name in ("vocab.json", "merges.txt"):
-                read_regular_file(os.path.join(directory, name), MAX_FILE_BYTES)  # regular, bounded: or raise
-            vocab, merges = BPE.read_file(os.path.join(directory, "vocab.json"),
-                                          os.path.join(directory, "merges.txt"))
-            backend = Tokenizer(BPE(vocab=vocab, merges=merges, **bpe_settings))
+        else:  # each file read once, regular and bounded (BPE.read_file would open them again, unchecked)
+            vocab = read_json("vocab.json")
+            if not isinstance(vocab, dict):
+                raise ValueError(f"{directory}/vocab.json is missing or not a JSON object")
+            backend = Tokenizer(BPE(vocab=vocab, merges=_read_merges(os.path.join(directory, "merges.txt")),
+                                    **bpe_settings))
             post_processor = None
         backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=bool(config.get("add_prefix_space", False)))
         backend.decoder = decoders.ByteLevel()

@@ -17,12 +17,12 @@ Example::
 
 import os
 
+from utils.gpt2_tokenizer import MAX_FILE_BYTES  # GPT-2's files are ~1-2 MB: a larger one is refused
+
 TOKENIZER_FILES = ("vocab.json", "merges.txt")  # or tokenizer.json alone
 #: Every file of a tokenizer directory that is read.
 _READ_FILES = (*TOKENIZER_FILES, "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                "added_tokens.json")
-#: GPT-2's files are ~1-2 MB each: a larger one is not a tokenizer file (and would be read whole).
-MAX_TOKENIZER_FILE_BYTES = 64 * 1024**2
 
 
 class TokenizerError(ValueError):
@@ -112,9 +112,9 @@ def _check_files(directory):
         if problem:
             raise TokenizerError(f"cannot load the GPT-2 tokenizer in {directory}: {problem}")
         size = os.path.getsize(path)
-        if size > MAX_TOKENIZER_FILE_BYTES:
+        if size > MAX_FILE_BYTES:
             raise TokenizerError(f"cannot load the GPT-2 tokenizer in {directory}: {path} has {size} bytes, more "
-                                 f"than any tokenizer file ({MAX_TOKENIZER_FILE_BYTES} bytes)")
+                                 f"than any tokenizer file ({MAX_FILE_BYTES} bytes)")
 
 
 def stop_token_id(tokenizer, stop_token="."):

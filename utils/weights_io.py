@@ -56,6 +56,8 @@ except ImportError:  # another Keras layout: Keras' public load_weights and init
 #: (JSON bytes), recorded from Keras' own walk at saving: the load pairs variables and tensors by it, without
 #: walking the layers again. Keras ignores it.
 INDEX_DATASET = "image_captioning_variable_index"
+#: a 124M GPT-2's index is ~15 kB: a larger one is refused before it is read
+MAX_INDEX_BYTES = 16 << 20
 #: alignment of the buffers handed to TensorFlow (Eigen's and XLA's requirement for CPU kernels)
 ALIGNMENT = 64
 #: dtypes read directly (native byte order); others go through Keras' reader
@@ -136,7 +138,7 @@ if FAST_PATH:
             return h5py.File(path_or_io, mode or self.mode, alignment_threshold=1, alignment_interval=ALIGNMENT)
 
         def __setitem__(self, key, value):
-            variable = value
+            variable = value if hasattr(value, "path") else None  # a layer may store a computed array
             array = np.asarray(value.numpy() if hasattr(value, "numpy") else value)
             if (self.float16_where_exact and array.dtype == np.float32
                     and np.array_equal(array.astype(np.float16).astype(np.float32), array)):
@@ -144,7 +146,9 @@ if FAST_PATH:
             kind = array.dtype.name if array.dtype.name in ("float16", "float32") else "other"
             self.counts[kind] = self.counts.get(kind, 0) + 1
             super().__setitem__(key, array)
-            self.index[id(variable)] = f"{self._h5_entry_path}/vars/{key}" if self._h5_entry_path else f"vars/{key}"
+            if variable is not None:  # (the id of a temporary array could be reused by another object)
+                self.index[id(variable)] = f"{self._h5_entry_path}/vars/{key}" if self._h5_entry_path \
+                    else f"vars/{key}"
 
 
 def variable_keys(variables):
@@ -163,6 +167,9 @@ def _read_index(f):
     """The variable-path -> dataset index a file written by `save_weights` holds (None without one)."""
     if INDEX_DATASET not in f:
         return None
+    if f[INDEX_DATASET].size > MAX_INDEX_BYTES:
+        raise ValueError(f"{f.filename}: the variable index holds {f[INDEX_DATASET].size} bytes, more than "
+                         f"{MAX_INDEX_BYTES}: not a file this library wrote")
     index = json.loads(bytes(np.asarray(f[INDEX_DATASET][()], np.uint8)).decode("utf-8"))
     return index if isinstance(index, dict) else None
 

@@ -265,15 +265,16 @@ class ClipCap:
                                  "direction")
         return embeddings
 
-    def prefix(self, embeddings):
-        """CLIP embeddings (N, D) -> GPT-2 prefixes (N, K, C): normalisation policy, then the mapper."""
+    def prefix(self, embeddings, compile_now=None):
+        """CLIP embeddings (N, D) -> GPT-2 prefixes (N, K, C): normalisation policy, then the mapper
+        (``compile_now=True``: compiled now even under "auto", as `generate`'s)."""
         embeddings = self._embeddings(embeddings)
         n = len(embeddings)
         if n == 0:
             return np.zeros((0, self.prefix_length, self.gpt2.n_embd), np.float32)
         bucket = power_of_two_at_least(n)
         with device_scope(self.device):
-            if self._policy.compiles(("prefix", bucket)):  # few compiled shapes; padded with ones, which
+            if self._policy.compiles(("prefix", bucket), force=compile_now):  # few compiled shapes; padded with ones, which
                 embeddings = pad_batch(embeddings, bucket, fill=1.0)  # the L2 normalisation accepts
                 prefix = np.asarray(self._project(tf.constant(embeddings)))[:n]
             else:  # a shape's first call under "auto": eager, nothing compiled
@@ -317,7 +318,8 @@ class ClipCap:
             num_captions: candidates returned per image (beam: the best num_captions of the beams).
             seed: makes sampling reproducible (None: a fresh random seed); an integer in [0, 2**32), since
                 the draws are keyed by 32 bits (a larger seed is refused rather than folded onto a smaller one).
-            compile_now: None follows `jit_compile`; True compiles the decoding loop now even under "auto"
+            compile_now: None follows `jit_compile`; True compiles the mapper and the decoding loop now even
+                under "auto"
                 (for a caller that knows the shape will recur: `predict` on a long run).
 
         Raises:
@@ -333,7 +335,7 @@ class ClipCap:
             method, beam_size, max_length, stop_token, temperature, top_k, top_p, num_captions, seed)
         if seed is None:
             seed = int(np.random.default_rng().integers(0, 2**31 - 1))
-        prefix = self.prefix(embeddings)
+        prefix = self.prefix(embeddings, compile_now=compile_now)
         if len(prefix) == 0:
             return []
         with device_scope(self.device):

@@ -298,8 +298,9 @@ def predict(model, images, batch_size=16, method="greedy", save=True, overwrite=
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     clip = _check_model(model)
+    sampler, max_length = method, None  # what the decoder's compile check is given (a model without checks)
     if hasattr(model, "check_generate_args"):  # bad decoding arguments fail before any image is read
-        model.check_generate_args(method, **generate_kwargs)
+        sampler, max_length, _, _ = model.check_generate_args(method, **generate_kwargs)
     entries = expand_inputs(images)
     settings = generation_settings(model, method, generate_kwargs)
     map_path = Path(output_dir if output_dir is not None else default_output_dir(model)) / MAP_FILENAME
@@ -344,12 +345,9 @@ def predict(model, images, batch_size=16, method="greedy", save=True, overwrite=
     long_run = True if len(todo) > 2 * bucket else None
     clip_bucket = bucket if getattr(clip, "jit_compile", False) else None
     decode_bucket = bucket if getattr(model, "jit_compile", False) else None
-    sampler = model.sampler(method, **{k: v for k, v in generate_kwargs.items()
-                                       if k in ("beam_size", "temperature", "top_k", "top_p", "num_captions")})
-    max_length = generate_kwargs.get("max_length", 67)
 
     def encode(batch):
-        compiles = getattr(clip, "will_compile", lambda *_: False)(len(batch), long_run)
+        compiles = clip.will_compile(len(batch), long_run)
         padded = _pad(batch, clip_bucket) if compiles else batch
         with compiling.first_call("the CLIP encoder", len(padded)) if compiles else contextlib.nullcontext():
             return list(embedder.encode_batch(padded, compile_now=long_run))[:len(batch)]  # B x (D,)

@@ -92,8 +92,6 @@ class ImageEmbedder:
         if self.encode_pixels is None:
             raise ValueError("this ImageEmbedder has no image encoder (built to read and preprocess only)")
         pixels = np.stack(pixels) if isinstance(pixels, (list, tuple)) else pixels
-        if compile_now is None:
-            return np.asarray(self.encode_pixels(pixels))
         return np.asarray(self.encode_pixels(pixels, compile_now=compile_now))
 
     # --- whole ---------------------------------------------------------------------------------------
