@@ -70,7 +70,7 @@ def cmd_caption(args):
     if results is not None:  # every image already captioned with these settings: no model loaded
         return _report(args, results)
 
-    import_tensorflow(quiet=not args.verbose)
+    import_tensorflow(quiet=not args.verbose, lean=True)  # Keras without pandas / pyplot: ~1 s
     from loggers.console import quiet_logger
     from models.image_captioning.clip_cap import check_decoding_args
     from models.image_captioning.prediction import predict

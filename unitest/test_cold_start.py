@@ -196,3 +196,59 @@ def test_status_lines_on_stderr_only(tiny_model, tmp_path, monkeypatch, capsys):
     assert main.main([*argv, "--no-progress"]) == 0
     assert main.main([*long_run, "--no-progress"]) == 0
     assert capsys.readouterr().err == ""
+
+
+# -------------------------------------------------- lean import: Keras without its optional pandas / pyplot
+
+_OPTIONAL = ("pandas", "matplotlib", "matplotlib.pyplot", "IPython")
+
+
+def _run_python(code, env=None):
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=600,
+                         env=env)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_lean_import_keeps_keras_optional_libraries_out_and_they_stay_importable():
+    """A plain TensorFlow import pulls in pandas and pyplot through Keras (the control: the libraries are
+    installed, so the lean import has something to keep out); the lean one imports none of them, Keras's
+    DataFrame support is off for that process, and each library still imports afterwards."""
+    probe = ("import sys, json; from utils.tf_startup import import_tensorflow; import_tensorflow(lean={lean}); "
+             "from keras.src.trainers.data_adapters import array_slicing; "
+             f"seen = sorted(m for m in {_OPTIONAL!r} if m in sys.modules); "
+             "keras_pandas = array_slicing.pandas is not None; "
+             "import pandas, matplotlib.pyplot, IPython; "
+             "print(json.dumps([seen, keras_pandas, pandas.__name__, matplotlib.pyplot.__name__]))")
+    plain = _run_python(probe.format(lean=False))
+    assert {"pandas", "matplotlib.pyplot"} <= set(plain[0]) and plain[1] is True
+    lean = _run_python(probe.format(lean=True))
+    assert lean == [[], False, "pandas", "matplotlib.pyplot"]
+
+
+def test_modules_absent_marks_only_what_is_not_imported_and_unmarks_it():
+    from utils.tf_startup import modules_absent
+
+    json_module = sys.modules["json"]
+    with modules_absent(["json", "image_captioning_not_a_module"]) as marked:
+        assert marked == ["image_captioning_not_a_module"]
+        with pytest.raises(ImportError):
+            import image_captioning_not_a_module  # noqa: F401
+        import json as again  # already imported: untouched
+        assert again is json_module
+    assert "image_captioning_not_a_module" not in sys.modules  # importable (or not) as before
+    with pytest.raises(ModuleNotFoundError, match="No module named"):
+        import image_captioning_not_a_module  # noqa: F401,F811
+
+
+def test_caption_command_imports_neither_pandas_nor_pyplot(tiny_model, tmp_path):
+    """`main.py caption` from start to captions: none of Keras' optional libraries loaded."""
+    args = ["caption", str(ROOT / "demo" / "cat.jpg"), "--model", tiny_model, "--max-length", "3", "--no-save",
+            "--no-progress"]
+    code = ("import sys, json, contextlib, io; import main; "
+            f"out = io.StringIO(); rc = None\n"
+            f"with contextlib.redirect_stdout(out): rc = main.main({args!r})\n"
+            f"print(json.dumps([rc, sorted(m for m in {_OPTIONAL!r} if m in sys.modules), out.getvalue()]))")
+    rc, seen, printed = _run_python(code, env=_clean_env(tmp_path / "home"))
+    assert rc == 0 and printed.strip(), printed
+    assert seen == []

@@ -13,6 +13,14 @@ TensorFlow's C++ runtime writes to file descriptor 2 on its own: the oneDNN noti
 
 Neither imports TensorFlow at module import (``main.py --help`` stays instant).
 
+``import_tensorflow(lean=True)`` (the ``caption`` command) also keeps out the optional libraries that Keras
+imports when they are installed and that captioning never uses: pandas (DataFrames given to ``fit``),
+matplotlib's pyplot (``keras.visualization``) and IPython (Keras' notebook file editor). They cost about
+1 s of a 4-5 s TensorFlow import on two cores. Each is marked absent in ``sys.modules`` only while
+TensorFlow and Keras import (Keras catches the ImportError and leaves that integration off, for this
+process), then unmarked: the libraries themselves stay importable afterwards. A library already imported
+is never touched.
+
 Example::
 
     from utils.tf_startup import import_tensorflow, quiet_environment
@@ -75,12 +83,35 @@ def filtered_stderr():
                 sys.stderr.flush()
 
 
-def import_tensorflow(quiet=True):
-    """Import TensorFlow (returned), with its start-up log lines filtered out when ``quiet``."""
-    if "tensorflow" in sys.modules or not quiet:
+#: what Keras imports only if installed, and captioning never uses (see the module's docstring)
+KERAS_OPTIONAL_IMPORTS = ("pandas", "matplotlib", "IPython")
+
+
+@contextlib.contextmanager
+def modules_absent(names):
+    """Within the block, ``import name`` raises ImportError for each of ``names`` not yet imported (Python's
+    documented ``sys.modules[name] = None``); afterwards they are importable again. Yields the names marked."""
+    marked = [name for name in names if name not in sys.modules]
+    for name in marked:
+        sys.modules[name] = None
+    try:
+        yield marked
+    finally:
+        for name in marked:
+            if sys.modules.get(name, False) is None:
+                del sys.modules[name]
+
+
+def import_tensorflow(quiet=True, lean=False):
+    """Import TensorFlow and Keras (TensorFlow returned), with their start-up log lines filtered out when
+    ``quiet``, and, when ``lean``, without Keras' optional pandas / matplotlib / IPython integrations
+    (`KERAS_OPTIONAL_IMPORTS`)."""
+    if "tensorflow" in sys.modules:
         import tensorflow as tf
 
         return tf
-    with filtered_stderr():
+    with modules_absent(KERAS_OPTIONAL_IMPORTS if lean else ()), \
+            (filtered_stderr() if quiet else contextlib.nullcontext()):
+        import keras  # noqa: F401 (TensorFlow imports only part of Keras; the rest's optional imports too)
         import tensorflow as tf
     return tf
