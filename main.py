@@ -118,7 +118,8 @@ def _answers_from_map(args, images):
     if not os.path.isdir(model_dir):  # an official model not downloaded yet
         return None
     return answers_from_map(model_dir, images, method=args.method, output_dir=args.output_dir,
-                            return_candidates=args.json, **decoding_kwargs(args))
+                            return_candidates=args.json, exif_transpose=not args.no_exif_transpose,
+                            **decoding_kwargs(args))
 
 
 def _read_list(path):

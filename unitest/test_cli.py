@@ -69,7 +69,8 @@ def test_caption_demo_then_rerun(tiny_model_dir, tmp_path, capsys):
     assert all(line.split("\t")[1] for line in lines)
     stored = json.loads((out_dir / "map.json").read_text())
     assert sorted(stored) == [os.path.abspath(p) for p in demo]
-    assert stored[os.path.abspath(demo[0])]["settings"] == {"model": "tiny", "method": "greedy", "max_length": 6}
+    assert stored[os.path.abspath(demo[0])]["settings"] == {"model": "tiny", "method": "greedy", "exif_transpose": True,
+                                                          "max_length": 6}
     # a rerun reads map.json: same captions, as JSON
     code, out2, _ = _run(capsys, "caption", ROOT / "demo", "--model", tiny_model_dir, "--output-dir", out_dir,
                          "--max-length", 6, "--json", "--no-progress")

@@ -327,7 +327,7 @@ def caption_pipeline(pipeline, inputs, model_dir, output, method="greedy", batch
     """
     generate_kwargs = dict(generate_kwargs or {})
     if settings is None:
-        settings = batch_settings(model_dir, method, generate_kwargs)
+        settings = batch_settings(model_dir, method, generate_kwargs, exif_transpose)
     handler = ClipCapModelHandler(model_dir, method=method, batch_size=batch_size, **generate_kwargs)
     n_px = clip_input_resolution(model_dir)
 
@@ -367,12 +367,13 @@ def caption_pipeline(pipeline, inputs, model_dir, output, method="greedy", batch
     return records, errors
 
 
-def batch_settings(model_dir, method, generate_kwargs):
+def batch_settings(model_dir, method, generate_kwargs, exif_transpose=True):
     """`prediction.generation_settings` for a saved model, read from its config.json (no weights loaded)."""
     from models.image_captioning.cached_answers import saved_model_name
     from models.image_captioning.prediction import generation_settings_for
 
-    return generation_settings_for(saved_model_name(model_dir), method, generate_kwargs)  # as ClipCap.load names it
+    # the name as ClipCap.load gives it
+    return generation_settings_for(saved_model_name(model_dir), method, generate_kwargs, exif_transpose)
 
 
 def run_batch(inputs, model_dir, output, method="greedy", batch_size=16, generate_kwargs=None, exif_transpose=True,

@@ -50,7 +50,7 @@ def saved_model_name(model_dir):
 
 
 def answers_from_map(model_dir, images, method="greedy", output_dir=None, return_candidates=False,
-                     **generate_kwargs):
+                     exif_transpose=True, **generate_kwargs):
     """``predict``'s results for ``images`` taken from map.json alone, or None when any input needs the model
     (not in map.json, made with other settings, file changed since, an input that cannot be expanded).
 
@@ -67,7 +67,7 @@ def answers_from_map(model_dir, images, method="greedy", output_dir=None, return
         stored = load_map(directory / MAP_FILENAME)
     except ValueError:  # a damaged map.json: predict reports it
         return None
-    settings = generation_settings_for(name, method, generate_kwargs)
+    settings = generation_settings_for(name, method, generate_kwargs, exif_transpose)
     results = []
     for entry in expand_inputs(images):
         cached = stored.get(entry.key) if entry.error is None and entry.key is not None else None

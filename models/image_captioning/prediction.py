@@ -178,14 +178,17 @@ def _jsonable(value):
     return value
 
 
-def generation_settings(model, method, generate_kwargs):
-    """What decides a caption, as stored in map.json and compared on rerun."""
-    return generation_settings_for(getattr(model, "name", None), method, generate_kwargs)
+def generation_settings(model, method, generate_kwargs, exif_transpose=True):
+    """What decides a caption, as stored in map.json and compared on rerun: the model, the method and its
+    arguments, and ``exif_transpose`` (it decides which pixels are captioned: an entry made upright must not
+    answer a run that reads the pixels as stored)."""
+    return generation_settings_for(getattr(model, "name", None), method, generate_kwargs, exif_transpose)
 
 
-def generation_settings_for(model_name, method, generate_kwargs):
+def generation_settings_for(model_name, method, generate_kwargs, exif_transpose=True):
     """`generation_settings` from the model's name alone (no model needed)."""
-    return {"model": model_name, "method": method, **{k: _jsonable(v) for k, v in sorted(generate_kwargs.items())}}
+    return {"model": model_name, "method": method, "exif_transpose": bool(exif_transpose),
+            **{k: _jsonable(v) for k, v in sorted(generate_kwargs.items())}}
 
 
 # ---------------------------------------------------------------------------------------------- the model
@@ -302,7 +305,7 @@ def predict(model, images, batch_size=16, method="greedy", save=True, overwrite=
     if hasattr(model, "check_generate_args"):  # bad decoding arguments fail before any image is read
         sampler, max_length, _, _ = model.check_generate_args(method, **generate_kwargs)
     entries = expand_inputs(images)
-    settings = generation_settings(model, method, generate_kwargs)
+    settings = generation_settings(model, method, generate_kwargs, exif_transpose)
     map_path = Path(output_dir if output_dir is not None else default_output_dir(model)) / MAP_FILENAME
     stored = load_map(map_path) if save else {}
 
