@@ -206,3 +206,42 @@ def test_cached_checkpoint_of_another_model_is_refused_and_kept(tiny_files, tmp_
     with pytest.raises(CheckpointError, match="not the checkpoint of 'coco'.*was kept: delete or replace it"):
         fetch_checkpoint("coco", root=tmp_path, progress=False)
     assert cached.exists()
+
+
+def test_concurrent_first_uses_convert_once_and_both_get_the_model(server, tiny_files, tmp_path, monkeypatch):
+    """Two first uses at once (threads here; the lock is a file lock, so processes alike): one downloads and
+    converts, the other waits for it and loads its folder; without the lock the second conversion would find
+    the folder taken and fail."""
+    import threading
+
+    from models.image_captioning import pretrained
+
+    monkeypatch.setenv(downloads.MIRROR_ENV, server.base)
+    spec = serve_tiny(server, tiny_files)
+    conversions, started = [], threading.Event()
+    convert = pretrained.convert_model
+
+    def slow_convert(*args, **kwargs):
+        conversions.append(threading.current_thread().name)
+        started.set()
+        threading.Event().wait(1.0)  # the other thread arrives while this one converts
+        return convert(*args, **kwargs)
+
+    monkeypatch.setattr(pretrained, "convert_model", slow_convert)
+    results, errors = {}, []
+
+    def first_use(label):
+        try:
+            results[label] = get_pretrained(ClipCap, spec, root=tmp_path, progress=False)
+        except Exception as e:  # noqa: BLE001 (reported below)
+            errors.append(e)
+
+    threads = [threading.Thread(target=first_use, args=(label,), name=label) for label in ("a", "b")]
+    threads[0].start()
+    assert started.wait(600)
+    threads[1].start()
+    for t in threads:
+        t.join(600)
+    assert errors == [] and sorted(results) == ["a", "b"]
+    assert conversions == ["a"]
+    assert is_saved_model(tmp_path / "tiny") and results["b"].name == "tiny"

@@ -24,7 +24,7 @@ from models.siamese.presets import fetch_clip
 from utils.convert.common import CheckpointError
 from utils.download_manifest import OfflineError, downloads_dir
 from utils.downloads import fetch, fetch_gpt2_tokenizer
-from utils.file_utils import check_model_name, check_replaceable
+from utils.file_utils import check_model_name, check_replaceable, file_lock
 from utils.model_store import is_saved_model, saved_model_dir
 
 
@@ -91,11 +91,22 @@ def get_pretrained(model_class, name_or_spec, root=None, force_convert=False, pr
 
     A checkpoint that cannot be converted is deleted when it was downloaded by this call (it would fail
     again), kept otherwise (it may have been placed by hand); the error says which.
+
+    First uses running at once (two processes or threads) do not race: the download and conversion hold an
+    inter-process lock on the model's folder (``<store>/<name>.lock``), so one converts and the others wait,
+    then load its folder (a second conversion would find the folder taken and fail).
     """
     spec = resolve_model(name_or_spec)
     directory = saved_model_dir(spec.name, root)
     if is_saved_model(directory) and not force_convert:
         return model_class.load(str(directory))
+    with file_lock(directory):
+        if is_saved_model(directory) and not force_convert:  # converted by another process meanwhile
+            return model_class.load(str(directory))
+        return _download_and_convert(model_class, spec, directory, root, force_convert, progress)
+
+
+def _download_and_convert(model_class, spec, directory, root, force_convert, progress):
     already_cached = (downloads_dir(root) / spec.checkpoint.filename).is_file()
     checkpoint, clip, tokenizer = download_model(spec, root, progress)
     try:
