@@ -219,3 +219,26 @@ def test_unexpected_batch_norm_key_is_named_and_the_step_counter_ignored(resnet_
     state_dict["visual.layer1.0.bn4.weight"] = torch.ones(16)
     with pytest.raises(CheckpointError, match=r"unexpected keys: visual\.layer1\.0\.bn4\.weight$"):
         clip_from_state_dict(state_dict)
+
+
+def test_a_clip_converted_with_batch_norm_layers_folds_afterwards(resnet_state_dict, vit_state_dict):
+    """`fold_clip_batch_norms` upgrades a CLIP in OpenAI's layout (e.g. saved before the converter folded):
+    the same weights as folding at conversion, the same embeddings as the unfolded model."""
+    from utils.convert.openai_clip import fold_clip_batch_norms
+
+    unfolded = clip_from_state_dict(resnet_state_dict, fold_batch_norm=False)
+    folded = fold_clip_batch_norms(unfolded)
+    converted = clip_from_state_dict(resnet_state_dict)
+    assert folded.visual.fold_batch_norm and folded.config == converted.config
+    assert folded.text is unfolded.text
+    for ours, theirs in zip(folded.visual.weights, converted.visual.weights, strict=True):
+        assert ours.path == theirs.path
+        np.testing.assert_array_equal(ours.numpy(), theirs.numpy(), err_msg=ours.path)
+    np.testing.assert_array_equal(folded.logit_scale.numpy(), unfolded.logit_scale.numpy())
+    images = np.random.default_rng(0).normal(size=(2, 64, 64, 3)).astype("float32")
+    expected = np.asarray(unfolded.encode_image(images))
+    assert max_rel_diff(expected, np.asarray(folded.encode_image(images))) <= 1e-5
+    _compare(folded, resnet_state_dict)
+    assert fold_clip_batch_norms(converted) is converted  # already folded
+    vit = clip_from_state_dict(vit_state_dict)
+    assert fold_clip_batch_norms(vit) is vit

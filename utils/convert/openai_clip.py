@@ -120,6 +120,50 @@ def _conv_batch_norm(porter, conv, bn, conv_key, bn_key):
     porter.port_value(conv.bias, bias)
 
 
+def _conv_batch_norm_pairs(visual):
+    """The ``(conv, bn)`` layer path pairs of a `ModifiedResNet` in OpenAI's layout (Keras paths)."""
+    pairs = [(f"conv{i}", f"bn{i}") for i in (1, 2, 3)]
+    for stage, blocks in enumerate(visual.layer_counts, start=1):
+        for b in range(blocks):
+            name = f"layer{stage}.{b}"
+            pairs += [(f"{name}/conv{i}", f"{name}/bn{i}") for i in (1, 2, 3)]
+            if visual.get_layer(name).has_downsample:
+                pairs.append((f"{name}/downsample.0", f"{name}/downsample.1"))
+    return pairs
+
+
+def fold_clip_batch_norms(model):
+    """A `CLIPModel` whose ModifiedResNet has its BatchNorms folded, from one in OpenAI's layout (e.g. a CLIP
+    saved before the converter folded them); the same function, faster to load and run. Re-saving it
+    upgrades a saved CLIP: ``CLIP(fold_clip_batch_norms(old.model), old.tokenizer).save(new_folder)``.
+
+    A ViT or an already folded ResNet is returned as it is. Every variable of the old encoder is used
+    exactly once (the BN ones folded, the others copied by path); the text tower is shared, not copied.
+    """
+    from custom_architectures.clip_arch import CLIPModel, build_visual
+    from utils.weights_io import variables_to_be_loaded
+
+    if model.is_vit or model.visual.fold_batch_norm:
+        return model
+    source = {v.path: v.numpy() for v in model.visual.weights}
+    with variables_to_be_loaded():  # every variable is assigned below
+        visual = build_visual(dict(model.config, fold_batch_norm=True))
+    target = {v.path: v for v in visual.weights}
+    for conv, bn in _conv_batch_norm_pairs(model.visual):
+        stats = [source.pop(f"{bn}/{n}") for n in ("gamma", "beta", "moving_mean", "moving_variance")]
+        kernel, bias = fold_batch_norm(source.pop(f"{conv}/kernel"), *stats)
+        target.pop(f"{conv}/kernel").assign(kernel)
+        target.pop(f"{conv}/bias").assign(bias)
+    if set(source) != set(target):  # what is left is the same, by path (attention pool ...)
+        raise ValueError(f"cannot fold this ModifiedResNet: variables {sorted(set(source) ^ set(target))[:5]} "
+                         "are in one layout only")
+    for path, variable in target.items():
+        variable.assign(source[path])
+    folded = CLIPModel(visual, model.text, name=model.name)
+    folded.logit_scale.assign(model.logit_scale)
+    return folded
+
+
 def _packed_attention(porter, attn, key):
     """nn.MultiheadAttention: in_proj_weight (3C, C) / in_proj_bias (3C,) hold q, k, v; then out_proj."""
     for i, dense in enumerate((attn.q_proj, attn.k_proj, attn.v_proj)):
