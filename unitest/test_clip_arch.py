@@ -2,7 +2,9 @@
 
 Image embeddings, text embeddings and logits per image must agree within 1e-4 x the reference's largest
 magnitude, at the real ViT-B/32 and RN50x4 configurations (what the ClipCap checkpoints use) and at tiny
-ones. The architecture of every OpenAI variant is inferred from its weights' shapes alone.
+ones. A ModifiedResNet is tested as the converter builds it (BatchNorms folded into the convolutions) and in
+OpenAI's layout (``fold_batch_norm=False``), on BN statistics that are not the identity's. The architecture
+of every OpenAI variant is inferred from its weights' shapes alone.
 """
 
 import numpy as np
