@@ -48,7 +48,8 @@ def random_clip_state_dict(config, seed=0):
 
     Starts from OpenAI's initialisation, then randomises what it initialises to constants (LayerNorm and
     BatchNorm affine parameters, biases, the zero-initialised ``bn3`` of every Bottleneck) so that no weight
-    can be mis-converted unnoticed, and measures the BatchNorm statistics on random images.
+    can be mis-converted unnoticed, and measures the BatchNorm statistics on random images (then perturbs them,
+so that none is the identity's).
     """
     torch.manual_seed(seed)
     model = TorchCLIP(**config)
@@ -74,6 +75,10 @@ def random_clip_state_dict(config, seed=0):
             model.visual.eval()
             for bn in batch_norms:  # channels dead on 2 images would divide round-off by sqrt(1e-5)
                 bn.running_var.clamp_(min=0.1)
+                # then moved off what was measured, so that no statistic is (nearly) the identity's (the stem's
+                # measured means are ~0): the BN folding is tested only if each BN does something
+                bn.running_mean.add_(0.5 * bn.running_var.sqrt() * torch.randn_like(bn.running_mean))
+                bn.running_var.mul_(torch.exp(0.3 * torch.randn_like(bn.running_var)))
     state_dict = {}
     for key, value in model.state_dict().items():
         value = value.detach().clone()

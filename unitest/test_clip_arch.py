@@ -2,7 +2,9 @@
 
 Image embeddings, text embeddings and logits per image must agree within 1e-4 x the reference's largest
 magnitude, at the real ViT-B/32 and RN50x4 configurations (what the ClipCap checkpoints use) and at tiny
-ones. The architecture of every OpenAI variant is inferred from its weights' shapes alone.
+ones. A ModifiedResNet is tested as the converter builds it (BatchNorms folded into the convolutions) and in
+OpenAI's layout (``fold_batch_norm=False``), on BN statistics that are not the identity's. The architecture
+of every OpenAI variant is inferred from its weights' shapes alone.
 """
 
 import numpy as np
@@ -24,6 +26,7 @@ from utils.convert.openai_clip import clip_from_state_dict
 CONFIGS = {"ViT-B/32": OPENAI_CONFIGS["ViT-B/32"], "RN50x4": OPENAI_CONFIGS["RN50x4"], **TINY_CONFIGS}
 TEXTS = ["a photo of a cat", "two dogs playing in the snow, seen from far away", "!"]
 TOLERANCE = 1e-4
+BN_TENSORS = ("weight", "bias", "running_mean", "running_var")
 
 
 @pytest.fixture(scope="module", params=list(CONFIGS))
@@ -32,11 +35,19 @@ def outputs(request):
     config = CONFIGS[request.param]
     state_dict = random_clip_state_dict(config, seed=1)
     reference = reference_model(state_dict)
-    model = clip_from_state_dict(state_dict)
-    del state_dict
+    model = clip_from_state_dict(state_dict)  # a ResNet's BatchNorms folded into its convolutions
     n_px = config["image_resolution"]
     generator = torch.Generator().manual_seed(2)
     images = torch.randn(2, 3, n_px, n_px, generator=generator)
+    pixels = images.permute(0, 2, 3, 1).numpy()  # NCHW -> NHWC
+    unfolded_image, bn_tensors = None, {}
+    if not model.is_vit:  # OpenAI's layout too (BN layers), on the same weights and images
+        unfolded = clip_from_state_dict(state_dict, visual_only=True, fold_batch_norm=False)
+        unfolded_image = np.asarray(unfolded.encode_image(pixels))
+        del unfolded
+        batch_norms = [k.removesuffix(".running_mean") for k in state_dict if k.endswith(".running_mean")]
+        bn_tensors = {name: {t: state_dict[f"{name}.{t}"].numpy() for t in BN_TENSORS} for name in batch_norms}
+    del state_dict
     tokens = tokenize(TEXTS)
     with torch.no_grad():
         ref_image = reference.encode_image(images).numpy()
@@ -49,7 +60,6 @@ def outputs(request):
             image_features = image_features / image_features.norm(dim=-1, keepdim=True)
             text_features = text_features / text_features.norm(dim=-1, keepdim=True)
             ref_logits = (reference.logit_scale.exp() * image_features @ text_features.t()).numpy()
-    pixels = images.permute(0, 2, 3, 1).numpy()  # NCHW -> NHWC
     token_ids = tokens.numpy().astype(np.int32)
     ours_image = np.asarray(model.encode_image(pixels))
     ours_text = np.asarray(model.encode_text(token_ids))
@@ -59,6 +69,8 @@ def outputs(request):
         "name": request.param,
         "model": model,
         "image": (ref_image, ours_image),
+        "unfolded_image": unfolded_image,
+        "bn_tensors": bn_tensors,
         "text": (ref_text, ours_text),
         "logits": (ref_logits, ours_logits),
         "pixels": pixels,
@@ -70,6 +82,29 @@ def test_image_embeddings_match_openai(outputs):
     reference, ours = outputs["image"]
     print(f"[parity] CLIP {outputs['name']} image: max abs diff / max |ref| {max_rel_diff(reference, ours):.2e}")
     assert np.abs(reference[0] - reference[1]).max() > 1e-3 * np.abs(reference).max(), "degenerate reference"
+    assert max_rel_diff(reference, ours) <= TOLERANCE, outputs["name"]
+
+
+@pytest.mark.parametrize("outputs", ["RN50x4", "tiny-RN"], indirect=True)
+def test_batch_norm_statistics_are_not_trivial(outputs):
+    """The fold is tested only if every BN does something: gamma != 1, beta != 0, running_mean != 0,
+    running_var != 1 (the identity statistics a fresh nn.BatchNorm2d holds)."""
+    bn_tensors = outputs["bn_tensors"]
+    stages = outputs["model"].config["vision_layers"]
+    assert len(bn_tensors) == 3 + sum(3 * blocks + 1 for blocks in stages)  # stem, 3 per block, 1 downsample
+    trivial = {"weight": 1.0, "bias": 0.0, "running_mean": 0.0, "running_var": 1.0}
+    for name, tensors in bn_tensors.items():
+        for t, value in tensors.items():
+            assert np.abs(value - trivial[t]).max() > 0.05, f"{name}.{t} is (nearly) the identity's"
+
+
+@pytest.mark.parametrize("outputs", ["RN50x4", "tiny-RN"], indirect=True)
+def test_unfolded_resnet_matches_openai(outputs):
+    """OpenAI's layout (one Keras BN per BN module, ``fold_batch_norm=False``) stays exact too."""
+    reference, _ = outputs["image"]
+    ours = outputs["unfolded_image"]
+    print(f"[parity] CLIP {outputs['name']} image, BN unfolded: max abs diff / max |ref| "
+          f"{max_rel_diff(reference, ours):.2e}")
     assert max_rel_diff(reference, ours) <= TOLERANCE, outputs["name"]
 
 
@@ -102,9 +137,13 @@ def test_layer_names_mirror_openai_modules(outputs):
         expected = {"conv1", "ln_pre", "ln_post", "proj"}
         expected |= {f"transformer.resblocks.{i}" for i in range(model.visual.num_layers)}
     else:
-        assert isinstance(model.visual, ModifiedResNet)
-        expected = {"conv1", "bn1", "conv2", "bn2", "conv3", "bn3", "avgpool", "attnpool", "layer1.0", "layer4.0"}
+        assert isinstance(model.visual, ModifiedResNet) and model.visual.fold_batch_norm  # the converter's form
+        expected = {"conv1", "conv2", "conv3", "avgpool", "attnpool", "layer1.0", "layer4.0"}
         expected |= {f"layer3.{i}" for i in range(model.visual.layer_counts[2])}
+        assert not names & {"bn1", "bn2", "bn3"}
+        block = model.visual.get_layer("layer2.0")
+        assert [v.path for v in block.weights] == [
+            f"layer2.0/{conv}/{w}" for conv in ("conv1", "conv2", "conv3", "downsample.0") for w in ("kernel", "bias")]
     assert expected <= names, sorted(expected - names)
     text_names = {layer.name for layer in model.text.layers}
     assert {"token_embedding", "positional_embedding", "ln_final", "text_projection"} <= text_names

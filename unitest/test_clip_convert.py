@@ -153,3 +153,92 @@ def test_mis_shaped_key_is_named(resnet_state_dict):
     state_dict["visual.layer2.0.conv2.weight"] = torch.zeros(32, 32, 5, 5)
     with pytest.raises(CheckpointError, match=r"mis-shaped keys: visual\.layer2\.0\.conv2\.weight"):
         clip_from_state_dict(state_dict)
+
+
+# ---------------------------------------------------------------------------------- BatchNorm folding
+
+
+def test_resnet_is_converted_with_its_batch_norms_folded(resnet_state_dict):
+    """The converter's ResNet has biased convs and no BN layer, and gives OpenAI's embeddings."""
+    import keras
+
+    from custom_layers.clip_layers import Bottleneck
+
+    model = clip_from_state_dict(resnet_state_dict)
+    visual = model.visual
+    assert visual.fold_batch_norm and model.config["fold_batch_norm"] is True
+    layers = list(visual._flatten_layers(include_self=False))  # the Bottlenecks' convolutions too
+    assert any(isinstance(layer, Bottleneck) for layer in layers)
+    assert not [layer.name for layer in layers if isinstance(layer, keras.layers.BatchNormalization)]
+    convs = [layer for layer in layers if isinstance(layer, keras.layers.Conv2D)]
+    assert len(convs) == 3 + 3 * 5 + 4 and all(conv.use_bias for conv in convs)
+    unfolded = clip_from_state_dict(resnet_state_dict, fold_batch_norm=False)
+    assert not unfolded.visual.fold_batch_norm and "fold_batch_norm" not in unfolded.config
+    assert len(visual.weights) == len(unfolded.visual.weights) - 4 * (3 + 3 * 5 + 4) + (3 + 3 * 5 + 4)
+    _compare(model, resnet_state_dict)
+    _compare(unfolded, resnet_state_dict)
+
+
+def test_fold_batch_norm_is_the_inference_batch_norm():
+    """conv then BN (inference) == the folded conv, in float64 on random data."""
+    from utils.convert.openai_clip import fold_batch_norm
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(7, 5))  # a 1x1 conv is a matmul over channels
+    kernel = rng.normal(size=(1, 1, 5, 3))
+    gamma, beta, mean = rng.normal(size=3), rng.normal(size=3), rng.normal(size=3)
+    var = rng.uniform(0.1, 2.0, size=3)
+    expected = (x @ kernel[0, 0] - mean) / np.sqrt(var + 1e-5) * gamma + beta
+    folded_kernel, bias = fold_batch_norm(kernel, gamma, beta, mean, var)
+    assert folded_kernel.dtype == bias.dtype == np.float32
+    np.testing.assert_allclose(x @ folded_kernel[0, 0] + bias, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("fold", [True, False], ids=["folded", "unfolded"])
+@pytest.mark.parametrize("key", ["visual.bn2.running_var", "visual.layer2.0.downsample.1.weight",
+                                 "visual.layer3.0.bn3.running_mean", "visual.layer1.0.bn1.bias"])
+def test_missing_batch_norm_key_is_named(resnet_state_dict, key, fold):
+    state_dict = dict(resnet_state_dict)
+    del state_dict[key]
+    with pytest.raises(CheckpointError, match=rf"missing keys: {key.replace('.', r'[.]')}$"):
+        clip_from_state_dict(state_dict, fold_batch_norm=fold)
+
+
+@pytest.mark.parametrize("fold", [True, False], ids=["folded", "unfolded"])
+def test_mis_shaped_batch_norm_key_is_named(resnet_state_dict, fold):
+    state_dict = dict(resnet_state_dict)
+    state_dict["visual.layer2.1.bn2.running_var"] = torch.ones(5)
+    with pytest.raises(CheckpointError, match=r"mis-shaped keys: visual\.layer2\.1\.bn2\.running_var: expected "
+                                              r"\(32,\), found \(5,\)"):
+        clip_from_state_dict(state_dict, fold_batch_norm=fold)
+
+
+def test_unexpected_batch_norm_key_is_named_and_the_step_counter_ignored(resnet_state_dict):
+    state_dict = dict(resnet_state_dict)
+    assert "visual.bn1.num_batches_tracked" in state_dict  # consumed as ignored: no error below for it
+    state_dict["visual.layer1.0.bn4.weight"] = torch.ones(16)
+    with pytest.raises(CheckpointError, match=r"unexpected keys: visual\.layer1\.0\.bn4\.weight$"):
+        clip_from_state_dict(state_dict)
+
+
+def test_a_clip_converted_with_batch_norm_layers_folds_afterwards(resnet_state_dict, vit_state_dict):
+    """`fold_clip_batch_norms` upgrades a CLIP in OpenAI's layout (e.g. saved before the converter folded):
+    the same weights as folding at conversion, the same embeddings as the unfolded model."""
+    from utils.convert.openai_clip import fold_clip_batch_norms
+
+    unfolded = clip_from_state_dict(resnet_state_dict, fold_batch_norm=False)
+    folded = fold_clip_batch_norms(unfolded)
+    converted = clip_from_state_dict(resnet_state_dict)
+    assert folded.visual.fold_batch_norm and folded.config == converted.config
+    assert folded.text is unfolded.text
+    for ours, theirs in zip(folded.visual.weights, converted.visual.weights, strict=True):
+        assert ours.path == theirs.path
+        np.testing.assert_array_equal(ours.numpy(), theirs.numpy(), err_msg=ours.path)
+    np.testing.assert_array_equal(folded.logit_scale.numpy(), unfolded.logit_scale.numpy())
+    images = np.random.default_rng(0).normal(size=(2, 64, 64, 3)).astype("float32")
+    expected = np.asarray(unfolded.encode_image(images))
+    assert max_rel_diff(expected, np.asarray(folded.encode_image(images))) <= 1e-5
+    _compare(folded, resnet_state_dict)
+    assert fold_clip_batch_norms(converted) is converted  # already folded
+    vit = clip_from_state_dict(vit_state_dict)
+    assert fold_clip_batch_norms(vit) is vit

@@ -114,3 +114,22 @@ def test_check_keys_compares_two_shape_sets():
     assert str(info.value) == (
         "weights.h5: missing keys: b | mis-shaped keys: a: expected (2,), found (2, 1) | unexpected keys: c")
     check_keys({"a": (2,)}, {"a": (2,), "c": (1,)}, allow_unexpected=True)
+
+
+def test_port_value_is_assigned_only_once_everything_is_checked():
+    """A value the converter computed (a folded BatchNorm) waits for the checks like a ported one."""
+    kernel, bias = Var((3, 2)), Var((2,))
+    porter = WeightPorter({"fc.weight": torch.ones(2, 3)}, source="x.pt")
+    assert porter.take("fc.weight", (2, 3)) is not None
+    porter.port_value(kernel, np.full((3, 2), 2.0))
+    porter.port(bias, "fc.bias")  # missing
+    with pytest.raises(CheckpointError, match="missing keys: fc.bias"):
+        porter.finish()
+    assert (kernel.value == -7.0).all()  # nothing assigned
+    with pytest.raises(ValueError, match=r"shape \(2,\) for a variable of shape \(3, 2\)"):
+        porter.port_value(kernel, np.zeros(2))
+    porter = WeightPorter({"fc.weight": torch.ones(2, 3)}, source="x.pt")
+    porter.take("fc.weight", (2, 3))
+    porter.port_value(kernel, np.full((3, 2), 2.0))
+    porter.finish()
+    assert (kernel.value == 2.0).all()

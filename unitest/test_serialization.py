@@ -106,10 +106,31 @@ def test_vision_transformer(tmp_path):
     run_model_saving_test(model, _images(32), tmp_path)
 
 
-def test_modified_resnet(tmp_path):
+@pytest.mark.parametrize("fold", [False, True], ids=["bn", "folded"])
+def test_modified_resnet(fold, tmp_path):
+    model = ModifiedResNet(layers=(1, 2, 1, 1), output_dim=32, heads=4, input_resolution=64, width=16,
+                           fold_batch_norm=fold, name="visual")
+    restored = run_model_saving_test(model, _images(64), tmp_path)
+    assert restored.fold_batch_norm is fold
+    has_bn = any(isinstance(layer, keras.layers.BatchNormalization) for layer in restored._flatten_layers())
+    assert has_bn is not fold
+
+
+def test_a_resnet_config_written_before_fold_batch_norm_builds_unfolded():
+    """Configs saved before the flag existed (no key) rebuild OpenAI's layout, whose weights they hold."""
     model = ModifiedResNet(layers=(1, 2, 1, 1), output_dim=32, heads=4, input_resolution=64, width=16,
                            name="visual")
-    run_model_saving_test(model, _images(64), tmp_path)
+    serialized = json.loads(json.dumps(keras.saving.serialize_keras_object(model)))
+    assert serialized["config"].pop("fold_batch_norm") is False
+    old = keras.saving.deserialize_keras_object(serialized)
+    assert not old.fold_batch_norm
+    assert [(v.path, tuple(v.shape)) for v in old.weights] == [(v.path, tuple(v.shape)) for v in model.weights]
+    assert "layer1.0/bn1/moving_variance" in [v.path for v in old.weights]
+    clip = build_clip(TINY_CLIP_RN)  # the flat config without the key (format-1 folders, saved headers)
+    assert not clip.visual.fold_batch_norm and "fold_batch_norm" not in clip.config
+    folded = build_clip(dict(TINY_CLIP_RN, fold_batch_norm=True))
+    assert folded.visual.fold_batch_norm and folded.config == dict(TINY_CLIP_RN, fold_batch_norm=True)
+    assert len(folded.visual.weights) == len(clip.visual.weights) - 3 * 22  # 22 BNs: 4 variables -> 1 bias
 
 
 def test_text_transformer(tmp_path):
@@ -118,7 +139,8 @@ def test_text_transformer(tmp_path):
     run_model_saving_test(model, _token_ids(), tmp_path)
 
 
-@pytest.mark.parametrize("config", [TINY_CLIP, TINY_CLIP_RN], ids=["ViT", "RN"])
+@pytest.mark.parametrize("config", [TINY_CLIP, TINY_CLIP_RN, dict(TINY_CLIP_RN, fold_batch_norm=True)],
+                         ids=["ViT", "RN", "RN-folded"])
 def test_clip_model(config, tmp_path):
     model = build_clip(config)
     restored = run_model_saving_test(model, (_images(config["image_resolution"]), _token_ids()), tmp_path)

@@ -8,6 +8,10 @@ architecture is inferred from the weights (`clip_config_from_shapes`), and every
 only the three metadata entries OpenAI's ``build_model`` deletes (``input_resolution``, ``context_length``,
 ``vocab_size``) are ignored, anything else missing, unexpected or mis-shaped raises `CheckpointError`.
 
+A ModifiedResNet's BatchNorms (inference mode: CLIP is frozen here) are folded into the convolutions before
+them (`fold_batch_norm`, in float64): each BN's four tensors are consumed, and the Keras model has biased
+convolutions and no BN layers (``fold_batch_norm=False`` keeps OpenAI's layout).
+
 Example::
 
     model = load_openai_clip("ViT-B-32.pt")                     # CLIPModel (visual + text + logit_scale)
@@ -18,6 +22,8 @@ import os
 import warnings
 import zipfile
 from collections.abc import Mapping
+
+import numpy as np
 
 from utils.convert.common import CheckpointError, load_torch_state_dict
 from utils.convert.porting import CONV, LINEAR, Split, WeightPorter, layer_norm_entries, linear_entries
@@ -70,6 +76,9 @@ def _layer_norm(porter, ln, key):
     porter.port_all(layer_norm_entries(ln, key))
 
 
+BATCH_NORM_EPSILON = 1e-5  # nn.BatchNorm2d's default, which OpenAI's ModifiedResNet uses
+
+
 def _batch_norm(porter, bn, key):
     porter.port(bn.gamma, f"{key}.weight")
     porter.port(bn.beta, f"{key}.bias")
@@ -77,6 +86,82 @@ def _batch_norm(porter, bn, key):
     porter.port(bn.moving_variance, f"{key}.running_var")
     # BatchNorm's training step counter: no effect at inference (not every exporter writes it)
     porter.ignore(f"{key}.num_batches_tracked")
+
+
+def fold_batch_norm(kernel, gamma, beta, running_mean, running_var, epsilon=BATCH_NORM_EPSILON):
+    """An inference-mode BatchNorm after a bias-free conv, folded into the conv: ``(kernel', bias')``.
+
+    ``bn(conv(x)) = conv(x) * s + (beta - running_mean * s)`` with ``s = gamma / sqrt(running_var + eps)``
+    per output channel, so ``kernel' = kernel * s`` (last axis: Keras' (kh, kw, in, out)) and
+    ``bias' = beta - running_mean * s``. Computed in float64, returned as float32 (one rounding each).
+    """
+    kernel, gamma, beta, mean, var = (np.asarray(a, np.float64) for a in (kernel, gamma, beta, running_mean,
+                                                                           running_var))
+    scale = gamma / np.sqrt(var + epsilon)  # (out,)
+    return (kernel * scale).astype(np.float32), (beta - mean * scale).astype(np.float32)
+
+
+def _conv_batch_norm(porter, conv, bn, conv_key, bn_key):
+    """A bias-free torch conv ``conv_key`` then the BatchNorm ``bn_key``: into ``conv`` and ``bn`` as they
+    are, or, when ``bn`` is None (a folded ResNet), folded into ``conv``'s kernel and bias. Either way the
+    four BN tensors are consumed and checked (missing / mis-shaped ones are named by ``finish``)."""
+    if bn is not None:
+        porter.port(conv.kernel, f"{conv_key}.weight", CONV)
+        _batch_norm(porter, bn, bn_key)
+        return
+    kernel = porter.take(f"{conv_key}.weight", CONV.checkpoint_shape(tuple(conv.kernel.shape)))
+    channels = (conv.filters,)
+    stats = [porter.take(f"{bn_key}.{name}", channels) for name in ("weight", "bias", "running_mean", "running_var")]
+    porter.ignore(f"{bn_key}.num_batches_tracked")  # the training step counter, as in `_batch_norm`
+    if kernel is None or any(s is None for s in stats):
+        return  # reported by the porter's check, with every other problem
+    kernel, bias = fold_batch_norm(CONV.to_keras(kernel), *stats)
+    porter.port_value(conv.kernel, kernel)
+    porter.port_value(conv.bias, bias)
+
+
+def _conv_batch_norm_pairs(visual):
+    """The ``(conv, bn)`` layer path pairs of a `ModifiedResNet` in OpenAI's layout (Keras paths)."""
+    pairs = [(f"conv{i}", f"bn{i}") for i in (1, 2, 3)]
+    for stage, blocks in enumerate(visual.layer_counts, start=1):
+        for b in range(blocks):
+            name = f"layer{stage}.{b}"
+            pairs += [(f"{name}/conv{i}", f"{name}/bn{i}") for i in (1, 2, 3)]
+            if visual.get_layer(name).has_downsample:
+                pairs.append((f"{name}/downsample.0", f"{name}/downsample.1"))
+    return pairs
+
+
+def fold_clip_batch_norms(model):
+    """A `CLIPModel` whose ModifiedResNet has its BatchNorms folded, from one in OpenAI's layout (e.g. a CLIP
+    saved before the converter folded them); the same function, faster to load and run. Re-saving it
+    upgrades a saved CLIP: ``CLIP(fold_clip_batch_norms(old.model), old.tokenizer).save(new_folder)``.
+
+    A ViT or an already folded ResNet is returned as it is. Every variable of the old encoder is used
+    exactly once (the BN ones folded, the others copied by path); the text tower is shared, not copied.
+    """
+    from custom_architectures.clip_arch import CLIPModel, build_visual
+    from utils.weights_io import variables_to_be_loaded
+
+    if model.is_vit or model.visual.fold_batch_norm:
+        return model
+    source = {v.path: v.numpy() for v in model.visual.weights}
+    with variables_to_be_loaded():  # every variable is assigned below
+        visual = build_visual(dict(model.config, fold_batch_norm=True))
+    target = {v.path: v for v in visual.weights}
+    for conv, bn in _conv_batch_norm_pairs(model.visual):
+        stats = [source.pop(f"{bn}/{n}") for n in ("gamma", "beta", "moving_mean", "moving_variance")]
+        kernel, bias = fold_batch_norm(source.pop(f"{conv}/kernel"), *stats)
+        target.pop(f"{conv}/kernel").assign(kernel)
+        target.pop(f"{conv}/bias").assign(bias)
+    if set(source) != set(target):  # what is left is the same, by path (attention pool ...)
+        raise ValueError(f"cannot fold this ModifiedResNet: variables {sorted(set(source) ^ set(target))[:5]} "
+                         "are in one layout only")
+    for path, variable in target.items():
+        variable.assign(source[path])
+    folded = CLIPModel(visual, model.text, name=model.name)
+    folded.logit_scale.assign(model.logit_scale)
+    return folded
 
 
 def _packed_attention(porter, attn, key):
@@ -109,19 +194,20 @@ def _port_vit(porter, visual, p="visual"):
 
 
 def _port_resnet(porter, visual, p="visual"):
+    folded = visual.fold_batch_norm
     for i in (1, 2, 3):
-        porter.port(visual.get_layer(f"conv{i}").kernel, f"{p}.conv{i}.weight", CONV)
-        _batch_norm(porter, visual.get_layer(f"bn{i}"), f"{p}.bn{i}")
+        bn = None if folded else visual.get_layer(f"bn{i}")
+        _conv_batch_norm(porter, visual.get_layer(f"conv{i}"), bn, f"{p}.conv{i}", f"{p}.bn{i}")
     for stage, blocks in enumerate(visual.layer_counts, start=1):
         for b in range(blocks):
             name = f"layer{stage}.{b}"
             block = visual.get_layer(name)
             for i in (1, 2, 3):
-                porter.port(getattr(block, f"conv{i}").kernel, f"{p}.{name}.conv{i}.weight", CONV)
-                _batch_norm(porter, getattr(block, f"bn{i}"), f"{p}.{name}.bn{i}")
+                _conv_batch_norm(porter, getattr(block, f"conv{i}"), getattr(block, f"bn{i}"),
+                                 f"{p}.{name}.conv{i}", f"{p}.{name}.bn{i}")
             if block.has_downsample:
-                porter.port(block.downsample_conv.kernel, f"{p}.{name}.downsample.0.weight", CONV)
-                _batch_norm(porter, block.downsample_bn, f"{p}.{name}.downsample.1")
+                _conv_batch_norm(porter, block.downsample_conv, block.downsample_bn,
+                                 f"{p}.{name}.downsample.0", f"{p}.{name}.downsample.1")
     pool = visual.get_layer("attnpool")
     porter.port(pool.positional_embedding, f"{p}.attnpool.positional_embedding")
     for proj in ("q_proj", "k_proj", "v_proj", "c_proj"):
@@ -160,15 +246,20 @@ def clip_config_from_state_dict(state_dict: Mapping, visual_only=False, source="
         raise CheckpointError(f"{source}: cannot infer the CLIP architecture from its weights: {e}") from e
 
 
-def clip_from_state_dict(state_dict: Mapping, visual_only=False, source="checkpoint"):
+def clip_from_state_dict(state_dict: Mapping, visual_only=False, source="checkpoint", fold_batch_norm=True):
     """Build a Keras `CLIPModel` from an OpenAI CLIP state dict (torch tensors or numpy arrays).
 
     With ``visual_only`` the text encoder is not built and every non-``visual.`` tensor is ignored
-    (``logit_scale`` is still read). Everything else is strict (see module docstring).
+    (``logit_scale`` is still read). A ModifiedResNet is built with its BatchNorms folded into its
+    convolutions (`fold_batch_norm`; the same function, faster to load and run) unless ``fold_batch_norm``
+    is False (OpenAI's layout, BN layers holding the four tensors). Everything else is strict (see module
+    docstring); a ViT ignores ``fold_batch_norm`` (it has no BatchNorm).
     """
     from custom_architectures.clip_arch import build_clip
 
     config = clip_config_from_state_dict(state_dict, visual_only=visual_only, source=source)
+    if fold_batch_norm and isinstance(config["vision_layers"], list):
+        config["fold_batch_norm"] = True
     model = build_clip(config)
     porter = WeightPorter(state_dict, source=source)
     porter.ignore(list(OPENAI_METADATA_KEYS))
@@ -182,9 +273,12 @@ def clip_from_state_dict(state_dict: Mapping, visual_only=False, source="checkpo
     return model
 
 
-def load_openai_clip(path_or_state_dict, visual_only=False):
-    """An OpenAI CLIP ``.pt`` file (TorchScript or state dict) or an in-memory state dict -> `CLIPModel`."""
+def load_openai_clip(path_or_state_dict, visual_only=False, fold_batch_norm=True):
+    """An OpenAI CLIP ``.pt`` file (TorchScript or state dict) or an in-memory state dict -> `CLIPModel`
+    (a ResNet's BatchNorms folded unless ``fold_batch_norm`` is False; see `clip_from_state_dict`)."""
     if isinstance(path_or_state_dict, Mapping):
-        return clip_from_state_dict(path_or_state_dict, visual_only=visual_only, source="state dict")
+        return clip_from_state_dict(path_or_state_dict, visual_only=visual_only, source="state dict",
+                                    fold_batch_norm=fold_batch_norm)
     state_dict = load_openai_state_dict(path_or_state_dict)
-    return clip_from_state_dict(state_dict, visual_only=visual_only, source=os.fspath(path_or_state_dict))
+    return clip_from_state_dict(state_dict, visual_only=visual_only, source=os.fspath(path_or_state_dict),
+                                fold_batch_norm=fold_batch_norm)

@@ -195,6 +195,15 @@ class WeightPorter:
         if value is not None:
             self._pending.append((variable, hook.to_keras(value)))
 
+    def port_value(self, variable, value):
+        """Assign ``value`` (Keras layout), computed by the converter from keys it `take`-s (e.g. a
+        BatchNorm folded into a convolution), with the ported values: only once everything is checked."""
+        value = np.asarray(value, dtype=np.float32)
+        if tuple(value.shape) != tuple(variable.shape):
+            raise ValueError(f"{getattr(variable, 'path', 'variable')}: a value of shape {value.shape} for a variable of shape "
+                             f"{tuple(variable.shape)}")
+        self._pending.append((variable, value))
+
     def port_all(self, entries: Iterable):
         """`port` each ``(variable, key, hook)`` of a weight table."""
         for variable, key, hook in entries:
