@@ -4,12 +4,16 @@
 
 Importing this package points TensorFlow's persistent XLA compilation cache at the model store
 (`utils.compile_cache.enable`) when TensorFlow is not imported yet: every module below imports TensorFlow
-after this runs. ``IMAGE_CAPTIONING_XLA_CACHE=0`` turns it off.
+after this runs. ``IMAGE_CAPTIONING_XLA_CACHE=0`` turns it off. It also marks torch's triton absent unless
+it is already imported (`utils.tf_startup.keep_triton_out`): loaded after TensorFlow, triton crashes the
+process, so ``import torchvision`` or a transformers PyTorch model after this library would.
 """
 
 from utils import compile_cache as _compile_cache
+from utils.tf_startup import keep_triton_out as _keep_triton_out
 
 _compile_cache.enable()
+_keep_triton_out()  # torch's triton loaded after TensorFlow crashes the process: see its docstring
 
 __version__ = "2.0.0"
 

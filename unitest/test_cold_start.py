@@ -253,3 +253,21 @@ def test_caption_command_imports_neither_pandas_nor_pyplot(tiny_model, tmp_path)
     rc, seen, printed = _run_python(code, env=_clean_env(tmp_path / "home"))
     assert rc == 0 and printed.strip(), printed
     assert seen == []
+
+
+def test_torchvision_and_transformers_torch_models_after_the_library_do_not_crash():
+    """triton (pulled in by torchvision and transformers' PyTorch models) loaded after TensorFlow segfaults
+    the process (exit -11 without `keep_triton_out`); after `models` it is marked absent: torch runs without
+    it. Already imported triton is left alone."""
+    code = ("import json, sys, warnings; from models.image_captioning import ClipCap; import tensorflow; "
+            "import torch, torchvision, transformers; "
+            "m = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=1, n_embd=8, n_head=2)); "
+            "out = m(torch.tensor([[1, 2]])).logits.shape; "
+            "r = torchvision.models.resnet18().eval()(torch.zeros(1, 3, 32, 32)).shape; "
+            "print(json.dumps([list(out), list(r), sys.modules['triton'] is None]))")
+    assert _run_python(code) == [[1, 2, 50257], [1, 1000], True]
+    from utils.tf_startup import keep_triton_out
+
+    assert "triton" in sys.modules  # conftest imported torchvision (and triton) first
+    kept = sys.modules["triton"]
+    assert keep_triton_out() is False and sys.modules["triton"] is kept

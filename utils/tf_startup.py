@@ -102,6 +102,23 @@ def modules_absent(names):
                 del sys.modules[name]
 
 
+def keep_triton_out():
+    """Mark triton absent (``sys.modules["triton"] = None``) unless it is already imported; True when marked.
+
+    triton (torch's GPU kernel compiler, installed with CUDA builds of torch) and TensorFlow both carry LLVM:
+    loading triton's extension after TensorFlow crashes the process with SIGSEGV (TF 2.21 with torch 2.14.1,
+    measured). torch imports triton when it is installed: through torchvision (OpenAI's ``clip`` package)
+    and transformers' PyTorch models, both of which a user of this library imports to compare with the
+    originals. Marked absent, triton raises ImportError, which torch treats as "triton not available" (only
+    ``torch.compile`` on a GPU needs it), instead of a crash. Loaded first, before TensorFlow, triton works
+    and is left alone. `models` calls this at import, before any of its modules imports TensorFlow.
+    """
+    if "triton" in sys.modules:
+        return False
+    sys.modules["triton"] = None
+    return True
+
+
 def import_tensorflow(quiet=True, lean=False):
     """Import TensorFlow and Keras (TensorFlow returned), with their start-up log lines filtered out when
     ``quiet``, and, when ``lean``, without Keras' optional pandas / matplotlib / IPython integrations
