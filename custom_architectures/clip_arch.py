@@ -92,9 +92,10 @@ class ModifiedResNet(keras.Model):
     Args mirror OpenAI's: ``layers`` (blocks per stage, 4 ints), ``output_dim``, ``heads`` (of the attention
     pool), ``input_resolution``, ``width`` (stem width; the feature map has ``32 * width`` channels).
     ``fold_batch_norm``: every BatchNorm folded into the conv before it (biased convs, no ``bn*`` /
-    ``downsample.1`` layers): the same function with ~40% fewer layers and variables, so faster to build,
-    load and run. What the converter builds; False (OpenAI's layout, one BN layer per BN module) is the
-    default so that every config written before rebuilds as it was.
+    ``downsample.1`` layers): the same function with ~40% fewer layers and variables, so faster to build
+    and load (not to run: the convolutions are the work). What the converter builds; False (OpenAI's
+    layout, one BN layer per BN module) is the default so that every config written before rebuilds as it
+    was.
     """
 
     def __init__(self, layers, output_dim, heads, input_resolution=224, width=64, fold_batch_norm=False,

@@ -48,8 +48,8 @@ def random_clip_state_dict(config, seed=0):
 
     Starts from OpenAI's initialisation, then randomises what it initialises to constants (LayerNorm and
     BatchNorm affine parameters, biases, the zero-initialised ``bn3`` of every Bottleneck) so that no weight
-    can be mis-converted unnoticed, and measures the BatchNorm statistics on random images (then perturbs them,
-so that none is the identity's).
+    can be mis-converted unnoticed, and measures the BatchNorm statistics on random images (then perturbs
+    them, so that none is the identity's).
     """
     torch.manual_seed(seed)
     model = TorchCLIP(**config)

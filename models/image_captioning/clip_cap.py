@@ -274,8 +274,8 @@ class ClipCap:
             return np.zeros((0, self.prefix_length, self.gpt2.n_embd), np.float32)
         bucket = power_of_two_at_least(n)
         with device_scope(self.device):
-            if self._policy.compiles(("prefix", bucket), force=compile_now):  # few compiled shapes; padded with ones, which
-                embeddings = pad_batch(embeddings, bucket, fill=1.0)  # the L2 normalisation accepts
+            if self._policy.compiles(("prefix", bucket), force=compile_now):  # few compiled shapes:
+                embeddings = pad_batch(embeddings, bucket, fill=1.0)  # padded with ones (L2-normalisable)
                 prefix = np.asarray(self._project(tf.constant(embeddings)))[:n]
             else:  # a shape's first call under "auto": eager, nothing compiled
                 prefix = np.asarray(self.backbone.prefix(tf.constant(embeddings)))

@@ -120,44 +120,53 @@ def _conv_batch_norm(porter, conv, bn, conv_key, bn_key):
     porter.port_value(conv.bias, bias)
 
 
-def _conv_batch_norm_pairs(visual):
-    """The ``(conv, bn)`` layer path pairs of a `ModifiedResNet` in OpenAI's layout (Keras paths)."""
-    pairs = [(f"conv{i}", f"bn{i}") for i in (1, 2, 3)]
+def _resnet_conv_batch_norms(visual):
+    """Every (conv layer, its BN layer or None when folded, OpenAI's conv module name, OpenAI's BN module name)
+    of a `ModifiedResNet`, in OpenAI's order: the stem's three, then each Bottleneck's three and its
+    downsample. The one walk both the converter and `fold_clip_batch_norms` use."""
+    folded = visual.fold_batch_norm
+    for i in (1, 2, 3):
+        bn = None if folded else visual.get_layer(f"bn{i}")
+        yield visual.get_layer(f"conv{i}"), bn, f"conv{i}", f"bn{i}"
     for stage, blocks in enumerate(visual.layer_counts, start=1):
         for b in range(blocks):
             name = f"layer{stage}.{b}"
-            pairs += [(f"{name}/conv{i}", f"{name}/bn{i}") for i in (1, 2, 3)]
-            if visual.get_layer(name).has_downsample:
-                pairs.append((f"{name}/downsample.0", f"{name}/downsample.1"))
-    return pairs
+            block = visual.get_layer(name)
+            for i in (1, 2, 3):
+                yield getattr(block, f"conv{i}"), getattr(block, f"bn{i}"), f"{name}.conv{i}", f"{name}.bn{i}"
+            if block.has_downsample:
+                yield block.downsample_conv, block.downsample_bn, f"{name}.downsample.0", f"{name}.downsample.1"
 
 
 def fold_clip_batch_norms(model):
     """A `CLIPModel` whose ModifiedResNet has its BatchNorms folded, from one in OpenAI's layout (e.g. a CLIP
-    saved before the converter folded them); the same function, faster to load and run. Re-saving it
+    saved before the converter folded them); the same function, faster to load. Re-saving it
     upgrades a saved CLIP: ``CLIP(fold_clip_batch_norms(old.model), old.tokenizer).save(new_folder)``.
 
     A ViT or an already folded ResNet is returned as it is. Every variable of the old encoder is used
-    exactly once (the BN ones folded, the others copied by path); the text tower is shared, not copied.
+    exactly once (the conv / BN ones folded, the others copied by path); the text tower is shared, not copied.
     """
     from custom_architectures.clip_arch import CLIPModel, build_visual
     from utils.weights_io import variables_to_be_loaded
 
     if model.is_vit or model.visual.fold_batch_norm:
         return model
-    source = {v.path: v.numpy() for v in model.visual.weights}
     with variables_to_be_loaded():  # every variable is assigned below
         visual = build_visual(dict(model.config, fold_batch_norm=True))
-    target = {v.path: v for v in visual.weights}
-    for conv, bn in _conv_batch_norm_pairs(model.visual):
-        stats = [source.pop(f"{bn}/{n}") for n in ("gamma", "beta", "moving_mean", "moving_variance")]
-        kernel, bias = fold_batch_norm(source.pop(f"{conv}/kernel"), *stats)
-        target.pop(f"{conv}/kernel").assign(kernel)
-        target.pop(f"{conv}/bias").assign(bias)
-    if set(source) != set(target):  # what is left is the same, by path (attention pool ...)
-        raise ValueError(f"cannot fold this ModifiedResNet: variables {sorted(set(source) ^ set(target))[:5]} "
+    folded_ids = set()
+    for (conv, bn, *_), (target, _, *_) in zip(_resnet_conv_batch_norms(model.visual),
+                                               _resnet_conv_batch_norms(visual), strict=True):
+        kernel, bias = fold_batch_norm(conv.kernel.numpy(), bn.gamma.numpy(), bn.beta.numpy(),
+                                       bn.moving_mean.numpy(), bn.moving_variance.numpy())
+        target.kernel.assign(kernel)
+        target.bias.assign(bias)
+        folded_ids.update(id(v) for v in (*conv.weights, *bn.weights, *target.weights))
+    source = {v.path: v for v in model.visual.weights if id(v) not in folded_ids}
+    rest = {v.path: v for v in visual.weights if id(v) not in folded_ids}
+    if set(source) != set(rest):  # what is left is the same, by path (attention pool ...)
+        raise ValueError(f"cannot fold this ModifiedResNet: variables {sorted(set(source) ^ set(rest))[:5]} "
                          "are in one layout only")
-    for path, variable in target.items():
+    for path, variable in rest.items():
         variable.assign(source[path])
     folded = CLIPModel(visual, model.text, name=model.name)
     folded.logit_scale.assign(model.logit_scale)
@@ -194,20 +203,8 @@ def _port_vit(porter, visual, p="visual"):
 
 
 def _port_resnet(porter, visual, p="visual"):
-    folded = visual.fold_batch_norm
-    for i in (1, 2, 3):
-        bn = None if folded else visual.get_layer(f"bn{i}")
-        _conv_batch_norm(porter, visual.get_layer(f"conv{i}"), bn, f"{p}.conv{i}", f"{p}.bn{i}")
-    for stage, blocks in enumerate(visual.layer_counts, start=1):
-        for b in range(blocks):
-            name = f"layer{stage}.{b}"
-            block = visual.get_layer(name)
-            for i in (1, 2, 3):
-                _conv_batch_norm(porter, getattr(block, f"conv{i}"), getattr(block, f"bn{i}"),
-                                 f"{p}.{name}.conv{i}", f"{p}.{name}.bn{i}")
-            if block.has_downsample:
-                _conv_batch_norm(porter, block.downsample_conv, block.downsample_bn,
-                                 f"{p}.{name}.downsample.0", f"{p}.{name}.downsample.1")
+    for conv, bn, conv_key, bn_key in _resnet_conv_batch_norms(visual):
+        _conv_batch_norm(porter, conv, bn, f"{p}.{conv_key}", f"{p}.{bn_key}")
     pool = visual.get_layer("attnpool")
     porter.port(pool.positional_embedding, f"{p}.attnpool.positional_embedding")
     for proj in ("q_proj", "k_proj", "v_proj", "c_proj"):
@@ -251,7 +248,7 @@ def clip_from_state_dict(state_dict: Mapping, visual_only=False, source="checkpo
 
     With ``visual_only`` the text encoder is not built and every non-``visual.`` tensor is ignored
     (``logit_scale`` is still read). A ModifiedResNet is built with its BatchNorms folded into its
-    convolutions (`fold_batch_norm`; the same function, faster to load and run) unless ``fold_batch_norm``
+    convolutions (`fold_batch_norm`; the same function, faster to load) unless ``fold_batch_norm``
     is False (OpenAI's layout, BN layers holding the four tensors). Everything else is strict (see module
     docstring); a ViT ignores ``fold_batch_norm`` (it has no BatchNorm).
     """
