@@ -143,7 +143,7 @@ def register(subparsers):
 
     p = subparsers.add_parser("serve", formatter_class=Formatter, epilog=ENVIRONMENT_HELP,
                        help="a web demo (Gradio): upload images, choose the decoding, read captions",
-                       description="Start a Gradio web app: drop or upload images (or paste URLs), choose greedy, "
+                       description="Start a Gradio web app: drop or upload images (or paste http(s) URLs), choose greedy, "
                                    "beam or sampling, see each image with its captions, scores and timings. The "
                                    "model is loaded and compiled once; requests are queued one at a time. "
                                    "Gradio's API (gradio_client) answers on the same server (api_name /caption).")

@@ -69,10 +69,10 @@ class Captioner:
     """The demo's work, without Gradio: bounded reading, then `ClipCap.predict` on the images that read."""
 
     def __init__(self, model, max_file_bytes=MAX_FILE_BYTES, max_pixels=MAX_PIXELS, max_images=MAX_IMAGES,
-                 allow_private_urls=False, fetch=fetch_untrusted):
+                 allow_private_urls=False):
         self.model, self.max_file_bytes, self.max_pixels, self.max_images = \
             model, max_file_bytes, max_pixels, max_images
-        self.allow_private_urls, self.fetch = allow_private_urls, fetch
+        self.allow_private_urls = allow_private_urls
 
     def warm_up(self):
         """Compile the greedy path for one image at start-up, not at the first visitor's request: under
@@ -84,7 +84,7 @@ class Captioner:
     def _read_url(self, text):
         """The image at a visitor's URL: fetched as untrusted (a path, another scheme or a non-public address
         is refused with the one message), then decoded within the pixel limit."""
-        data = self.fetch(text, max_bytes=self.max_file_bytes, allow_private=self.allow_private_urls)
+        data = fetch_untrusted(text, max_bytes=self.max_file_bytes, allow_private=self.allow_private_urls)
         return read_image(data, max_pixels=self.max_pixels)
 
     def _read(self, files, urls):
