@@ -43,6 +43,17 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             self.close_connection = True
             for _ in range(50):
                 self.wfile.write(b"x" * 10_000)
+        elif self.path.startswith("/drip-"):  # one byte every 0.1 s for 3 s, in the headers or in the body
+            self.wfile.write(b"HTTP/1.1 200 OK\r\nX-Slow: " if self.path == "/drip-headers" else
+                             b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n")
+            for _ in range(30):
+                self.wfile.write(b"a")
+                self.wfile.flush()
+                time.sleep(0.1)
+            self.close_connection = True
+        elif self.path == "/truncated":  # announces more than it sends, then hangs up
+            self.wfile.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(CAT) + CAT[:1000])
+            self.close_connection = True
         elif self.path == "/silent":
             self.send_response(200)
             self.send_header("Content-Length", "1000")
@@ -163,11 +174,13 @@ def test_failures_of_a_public_host_read_the_same(server):
     resolver, connector = public_names(server.port)
     fetch = dict(resolver=resolver, connector=connector)
     _refused("http://public.test/missing.jpg", **fetch)
+    _refused("http://public.test/truncated", **fetch)
     _refused("http://public.test/big-unannounced", max_bytes=100_000, **fetch)
     _refused("http://public.test/cat.jpg", max_bytes=len(CAT) - 1, **fetch)  # announced: too large
-    start = time.monotonic()
-    _refused("http://public.test/silent", timeout=0.5, **fetch)
-    assert time.monotonic() - start < 2.5
+    for path in ("/silent", "/drip-headers", "/drip-body"):  # the timeout bounds the whole exchange
+        start = time.monotonic()
+        _refused(f"http://public.test{path}", timeout=0.5, **fetch)
+        assert time.monotonic() - start < 1.5, path
 
 
 def test_connects_to_the_checked_address_and_resolves_once(server):

@@ -6,8 +6,10 @@ link-local, multicast, reserved, unspecified, shared 100.64/10, nor an IPv4-mapp
 one), and the connection goes to an address that was checked, never to the name again (a second lookup
 could answer differently: DNS rebinding). The Host header, TLS SNI and certificate check still use the
 name. Redirects are followed by hand, each hop checked the same way (at most `MAX_REDIRECTS`); the body is
-bounded (``max_bytes``, announced or received) and the whole exchange by ``timeout`` seconds. No proxy from
-the environment is used (a proxy would resolve and connect on its own).
+bounded (``max_bytes``, announced or received; a body cut short is refused) and the whole exchange by
+``timeout`` seconds: at the deadline the connection is shut down, so a server sending a byte at a time
+cannot hold it (name lookups take what the system resolver allows: ``getaddrinfo`` has no timeout). No
+proxy from the environment is used (a proxy would resolve and connect on its own).
 
 Every refusal and every failure (another scheme, a path, a private or unresolvable host, a closed port, a
 timeout, an HTTP error, a body too large) raises `URLRefused` with the same message, `REFUSED`, so the
@@ -31,6 +33,7 @@ import ipaddress
 import logging
 import socket
 import ssl
+import threading
 import time
 import urllib.parse
 
@@ -129,17 +132,58 @@ def _connect_checked(addresses, port, timeout, connector):
     raise error
 
 
-def _open(scheme, host, port, path, addresses, deadline, connector, ssl_context):
+class _Cutoff:
+    """Shuts every connection of one fetch down at its deadline, so that a server sending its headers or body
+    a byte at a time (each byte within the socket's timeout) cannot hold the fetch past it. The shutdown goes
+    through a duplicate of each socket: it ends a blocked read on the original, TLS-wrapped or not."""
+
+    def __init__(self, deadline):
+        self.deadline, self._sockets, self._fired, self._lock = deadline, [], False, threading.Lock()
+        self._timer = threading.Timer(max(deadline - time.monotonic(), 0.0), self._fire)
+        self._timer.daemon = True
+
+    def watch(self, sock):
+        with self._lock:
+            self._sockets.append(sock.dup())
+            if self._fired:
+                self._shutdown(self._sockets[-1])
+        return sock
+
+    @staticmethod
+    def _shutdown(sock):
+        try:
+            sock.shutdown(socket.SHUT_RDWR)
+        except OSError:  # already closed by the peer
+            pass
+
+    def _fire(self):
+        with self._lock:
+            self._fired = True
+            for sock in self._sockets:
+                self._shutdown(sock)
+
+    def __enter__(self):
+        self._timer.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._timer.cancel()
+        with self._lock:
+            for sock in self._sockets:
+                sock.close()
+
+
+def _open(scheme, host, port, path, addresses, cutoff, connector, ssl_context):
     """(connection, response) of one GET to one of ``addresses``, named ``host`` in Host, SNI and the
     certificate check."""
-    remaining = deadline - time.monotonic()
+    remaining = cutoff.deadline - time.monotonic()
     if remaining <= 0:
         raise TimeoutError("deadline passed")
     kwargs = {"context": ssl_context or ssl.create_default_context()} if scheme == "https" else {}
     connection = SCHEMES[scheme](host, port, timeout=remaining, **kwargs)
     # the name is not looked up again: the socket goes to an address that was checked
     connection._create_connection = (lambda _address, timeout, _source=None:
-                                     _connect_checked(addresses, port, timeout, connector))
+                                     cutoff.watch(_connect_checked(addresses, port, timeout, connector)))
     try:
         connection.request("GET", path, headers={"User-Agent": "image_captioning", "Accept-Encoding": "identity"})
         return connection, connection.getresponse()
@@ -148,7 +192,7 @@ def _open(scheme, host, port, path, addresses, deadline, connector, ssl_context)
         raise
 
 
-def _read_body(connection, response, max_bytes, deadline):
+def _read_body(response, max_bytes, deadline):
     length = response.getheader("Content-Length", "")
     if max_bytes is not None and length.strip().isdigit() and int(length) > max_bytes:
         raise URLRefused(f"announces {length} bytes, more than {max_bytes}")
@@ -157,14 +201,16 @@ def _read_body(connection, response, max_bytes, deadline):
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             raise URLRefused("too slow")
-        if connection.sock is not None:
-            connection.sock.settimeout(remaining)
         chunk = response.read1(_CHUNK)
         if not chunk:
             break
         data += chunk
         if max_bytes is not None and len(data) > max_bytes:
             raise URLRefused(f"more than {max_bytes} bytes")
+    if time.monotonic() >= deadline:  # the cutoff ended the read: what arrived is not all of it
+        raise URLRefused("too slow")
+    if response.length:  # read1 ends quietly when the connection closes before the announced length
+        raise URLRefused(f"connection closed {response.length} bytes before the announced end")
     if not data:
         raise URLRefused("empty body")
     return bytes(data)
@@ -189,27 +235,33 @@ def fetch_untrusted(url, max_bytes, timeout=TIMEOUT_S, allow_private=False, reso
     """
     deadline = time.monotonic() + timeout
     try:
-        for _ in range(MAX_REDIRECTS + 1):
-            scheme, host, port, path = _split(url)
-            addresses = checked_addresses(host, port, allow_private, resolver)
-            connection, response = _open(scheme, host, port, path, addresses, deadline, connector, ssl_context)
-            try:
-                if response.status in REDIRECTS:
-                    location = response.getheader("Location")
-                    if not location:
-                        raise URLRefused(f"HTTP {response.status} without a Location")
-                    url = urllib.parse.urljoin(url, location.strip())
-                    continue
-                if response.status != 200:
-                    raise URLRefused(f"HTTP {response.status} {response.reason}")
-                return _read_body(connection, response, max_bytes, deadline)
-            finally:
-                response.close()
-                connection.close()
-        raise URLRefused(f"more than {MAX_REDIRECTS} redirects")
+        with _Cutoff(deadline) as cutoff:
+            return _fetch(url, max_bytes, allow_private, resolver, connector, ssl_context, cutoff)
     except URLRefused as e:
         logger.info("URL not fetched (%s): %s", e.reason, url)
         raise
     except (OSError, http.client.HTTPException, ValueError) as e:  # timeouts, resets, TLS, bad ports...
         logger.info("URL not fetched (%s: %s): %s", type(e).__name__, e, url)
         raise URLRefused(f"{type(e).__name__}: {e}") from e
+
+
+def _fetch(url, max_bytes, allow_private, resolver, connector, ssl_context, cutoff):
+    """`fetch_untrusted`'s exchange: each hop resolved, checked, requested; redirects followed by hand."""
+    for _ in range(MAX_REDIRECTS + 1):
+        scheme, host, port, path = _split(url)
+        addresses = checked_addresses(host, port, allow_private, resolver)
+        connection, response = _open(scheme, host, port, path, addresses, cutoff, connector, ssl_context)
+        try:
+            if response.status in REDIRECTS:
+                location = response.getheader("Location")
+                if not location:
+                    raise URLRefused(f"HTTP {response.status} without a Location")
+                url = urllib.parse.urljoin(url, location.strip())
+                continue
+            if response.status != 200:
+                raise URLRefused(f"HTTP {response.status} {response.reason}")
+            return _read_body(response, max_bytes, cutoff.deadline)
+        finally:
+            response.close()
+            connection.close()
+    raise URLRefused(f"more than {MAX_REDIRECTS} redirects")
