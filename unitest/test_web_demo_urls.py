@@ -11,6 +11,7 @@ import os
 import shutil
 import socket
 import threading
+import time
 
 import pytest
 
@@ -24,6 +25,13 @@ CAT = DEMO_DIR / "cat.jpg"
 class _Handler(http.server.BaseHTTPRequestHandler):
     def do_GET(self):  # noqa: N802 (http.server's naming)
         self.server.requests.append(self.path)
+        if self.path == "/silent":  # headers, then nothing for 3 s
+            self.send_response(200)
+            self.send_header("Content-Length", "1000")
+            self.end_headers()
+            self.wfile.flush()
+            time.sleep(3)
+            return
         data = CAT.read_bytes()
         self.send_response(200)
         self.send_header("Content-Length", str(len(data)))
@@ -141,3 +149,12 @@ def test_serve_flag_reaches_the_demo(tiny_model_dir, monkeypatch):
     assert main.main(["serve", "--model", str(tiny_model_dir)]) == 0
     assert main.main(["serve", "--model", str(tiny_model_dir), "--allow-private-urls"]) == 0
     assert seen == [False, True]
+
+
+def test_one_request_fetches_its_urls_within_one_budget(tiny_clipcap, server):
+    port = server.server_address[1]
+    captioner = _captioner(tiny_clipcap, allow_private_urls=True, url_budget_s=0.6)
+    start = time.monotonic()
+    rows = captioner.caption([], "\n".join([f"http://127.0.0.1:{port}/silent"] * 4))
+    assert time.monotonic() - start < 1.5  # not 4 x 3 s, nor 4 x 0.6 s
+    assert all(_refused(row) for row in rows)

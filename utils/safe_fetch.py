@@ -248,6 +248,8 @@ def fetch_untrusted(url, max_bytes, timeout=TIMEOUT_S, allow_private=False, reso
 def _fetch(url, max_bytes, allow_private, resolver, connector, ssl_context, cutoff):
     """`fetch_untrusted`'s exchange: each hop resolved, checked, requested; redirects followed by hand."""
     for _ in range(MAX_REDIRECTS + 1):
+        if time.monotonic() >= cutoff.deadline:
+            raise URLRefused("too slow")
         scheme, host, port, path = _split(url)
         addresses = checked_addresses(host, port, allow_private, resolver)
         connection, response = _open(scheme, host, port, path, addresses, cutoff, connector, ssl_context)

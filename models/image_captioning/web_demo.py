@@ -35,6 +35,9 @@ from utils.safe_fetch import URLRefused, fetch_untrusted
 MAX_FILE_BYTES = 20 * 1024 * 1024
 MAX_PIXELS = 40_000_000
 MAX_IMAGES = 16
+#: seconds for fetching all the URLs of one request (requests queue one at a time: one visitor's slow URLs
+#: must not hold the others for long)
+URL_BUDGET_S = 30.0
 THUMBNAIL = 160
 
 
@@ -69,10 +72,10 @@ class Captioner:
     """The demo's work, without Gradio: bounded reading, then `ClipCap.predict` on the images that read."""
 
     def __init__(self, model, max_file_bytes=MAX_FILE_BYTES, max_pixels=MAX_PIXELS, max_images=MAX_IMAGES,
-                 allow_private_urls=False):
+                 allow_private_urls=False, url_budget_s=URL_BUDGET_S):
         self.model, self.max_file_bytes, self.max_pixels, self.max_images = \
             model, max_file_bytes, max_pixels, max_images
-        self.allow_private_urls = allow_private_urls
+        self.allow_private_urls, self.url_budget_s = allow_private_urls, url_budget_s
 
     def warm_up(self):
         """Compile the greedy path for one image at start-up, not at the first visitor's request: under
@@ -81,10 +84,11 @@ class Captioner:
         for _ in range(2):
             self.model.caption([image])
 
-    def _read_url(self, text):
+    def _read_url(self, text, deadline):
         """The image at a visitor's URL: fetched as untrusted (a path, another scheme or a non-public address
-        is refused with the one message), then decoded within the pixel limit."""
-        data = fetch_untrusted(text, max_bytes=self.max_file_bytes, allow_private=self.allow_private_urls)
+        is refused with the one message) by ``deadline``, then decoded within the pixel limit."""
+        data = fetch_untrusted(text, max_bytes=self.max_file_bytes, timeout=deadline - time.monotonic(),
+                               allow_private=self.allow_private_urls)
         return read_image(data, max_pixels=self.max_pixels)
 
     def _read(self, files, urls):
@@ -92,7 +96,8 @@ class Captioner:
         files = [str(f) for f in files or []]
         sources = [(name, lambda n=name: read_image(n, max_pixels=self.max_pixels, max_bytes=self.max_file_bytes))
                    for name in files]
-        sources += [(text, lambda t=text: self._read_url(t)) for text in (urls or "").split()]
+        deadline = time.monotonic() + self.url_budget_s  # for all the URLs together
+        sources += [(text, lambda t=text: self._read_url(t, deadline)) for text in (urls or "").split()]
         if len(sources) > self.max_images:
             raise ValueError(f"at most {self.max_images} images per request, got {len(sources)}")
         images = []
