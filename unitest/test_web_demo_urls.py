@@ -117,9 +117,11 @@ def test_launched_demo_sends_no_analytics_and_takes_no_server_path(tiny_clipcap,
     from models.image_captioning import web_demo
 
     monkeypatch.delenv("GRADIO_ANALYTICS_ENABLED", raising=False)
-    calls, files_seen = [], []
+    calls, files_seen, lookups = [], [], []
     for name in ("version_check", "initiated_analytics", "launched_analytics", "_do_analytics_request"):
         monkeypatch.setattr(gradio.analytics, name, lambda *a, _n=name, **k: calls.append(_n))
+    getaddrinfo = socket.getaddrinfo  # and no name is looked up but this machine's: nothing leaves it
+    monkeypatch.setattr(socket, "getaddrinfo", lambda host, *a, **k: lookups.append(host) or getaddrinfo(host, *a, **k))
     caption = web_demo.Captioner.caption
     monkeypatch.setattr(web_demo.Captioner, "caption",
                         lambda self, files, *a, **k: files_seen.append(files) or caption(self, files, *a, **k))
@@ -137,6 +139,7 @@ def test_launched_demo_sends_no_analytics_and_takes_no_server_path(tiny_clipcap,
     finally:
         demo.close()
     assert calls == []
+    assert set(lookups) <= {"127.0.0.1", "localhost", None}, lookups
     assert files_seen == [] and "event: error" in answer and "caption" not in answer
 
 

@@ -10,7 +10,8 @@ The URL box is read as a stranger's input (`utils.safe_fetch.fetch_untrusted`): 
 server path, and only from public addresses (checked after name resolution and at every redirect) unless
 the operator passes ``allow_private_urls`` (``serve --allow-private-urls``); every URL that is not fetched
 gets the same message (`utils.safe_fetch.REFUSED`), so a visitor learns nothing about the server's files or
-network. Gradio's analytics (telemetry and version checks to api.gradio.app) are off.
+network. All the URLs of one request are fetched within ``URL_BUDGET_S`` seconds. Gradio's analytics
+(telemetry and version checks to api.gradio.app) are off.
 
 The same server answers Gradio's API (``gradio_client.Client(url).predict(files, ..., api_name="/caption")``).
 
