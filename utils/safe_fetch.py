@@ -45,7 +45,7 @@ SCHEMES = {"http": http.client.HTTPConnection, "https": http.client.HTTPSConnect
 REDIRECTS = (301, 302, 303, 307, 308)
 #: redirects followed before giving up
 MAX_REDIRECTS = 5
-#: seconds for the whole exchange: every lookup, connection, redirect and byte
+#: seconds for the whole exchange: every connection, redirect and byte (name lookups: see above)
 TIMEOUT_S = 20.0
 _CHUNK = 1 << 16
 
@@ -142,6 +142,11 @@ class _Cutoff:
         self._timer = threading.Timer(max(deadline - time.monotonic(), 0.0), self._fire)
         self._timer.daemon = True
 
+    @property
+    def fired(self):
+        """Whether the deadline came (and the connections were shut down)."""
+        return self._fired
+
     def watch(self, sock):
         with self._lock:
             self._sockets.append(sock.dup())
@@ -192,14 +197,13 @@ def _open(scheme, host, port, path, addresses, cutoff, connector, ssl_context):
         raise
 
 
-def _read_body(response, max_bytes, deadline):
+def _read_body(response, max_bytes, cutoff):
     length = response.getheader("Content-Length", "")
     if max_bytes is not None and length.strip().isdigit() and int(length) > max_bytes:
         raise URLRefused(f"announces {length} bytes, more than {max_bytes}")
     data = bytearray()
     while True:
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
+        if cutoff.fired:
             raise URLRefused("too slow")
         chunk = response.read1(_CHUNK)
         if not chunk:
@@ -207,7 +211,7 @@ def _read_body(response, max_bytes, deadline):
         data += chunk
         if max_bytes is not None and len(data) > max_bytes:
             raise URLRefused(f"more than {max_bytes} bytes")
-    if time.monotonic() >= deadline:  # the cutoff ended the read: what arrived is not all of it
+    if cutoff.fired:  # the cutoff ended the read: what arrived is not all of it
         raise URLRefused("too slow")
     if response.length:  # read1 ends quietly when the connection closes before the announced length
         raise URLRefused(f"connection closed {response.length} bytes before the announced end")
@@ -262,7 +266,7 @@ def _fetch(url, max_bytes, allow_private, resolver, connector, ssl_context, cuto
                 continue
             if response.status != 200:
                 raise URLRefused(f"HTTP {response.status} {response.reason}")
-            return _read_body(response, max_bytes, cutoff.deadline)
+            return _read_body(response, max_bytes, cutoff)
         finally:
             response.close()
             connection.close()
