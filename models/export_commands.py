@@ -103,7 +103,8 @@ def cmd_serve(args):
     model, code = model_or_exit_code(args.model)
     if model is None:
         return code
-    serve(model, host=args.host, port=args.port, max_file_bytes=args.max_file_bytes, max_pixels=args.max_pixels)
+    serve(model, host=args.host, port=args.port, max_file_bytes=args.max_file_bytes, max_pixels=args.max_pixels,
+          allow_private_urls=args.allow_private_urls)
     return EXIT_OK
 
 
@@ -142,7 +143,7 @@ def register(subparsers):
 
     p = subparsers.add_parser("serve", formatter_class=Formatter, epilog=ENVIRONMENT_HELP,
                        help="a web demo (Gradio): upload images, choose the decoding, read captions",
-                       description="Start a Gradio web app: drop or upload images (or paste URLs), choose greedy, "
+                       description="Start a Gradio web app: drop or upload images (or paste http(s) URLs), choose greedy, "
                                    "beam or sampling, see each image with its captions, scores and timings. The "
                                    "model is loaded and compiled once; requests are queued one at a time. "
                                    "Gradio's API (gradio_client) answers on the same server (api_name /caption).")
@@ -151,4 +152,10 @@ def register(subparsers):
     p.add_argument("--port", type=int, default=7860, help="the port to listen on")
     p.add_argument("--max-file-bytes", type=int, default=20 * 1024 * 1024, help="the largest upload accepted")
     p.add_argument("--max-pixels", type=int, default=40_000_000, help="the most pixels an image may decode to")
+    p.add_argument("--allow-private-urls", action="store_true",
+                   help="let the URL box fetch loopback, private, link-local and other non-public addresses "
+                        "(127.0.0.1, 10.x, 192.168.x, 169.254.169.254, ::1, ...). Visitors can then reach whatever "
+                        "this machine reaches: its own services, the local network, a cloud's metadata service. "
+                        "Only for a demo whose every visitor you trust. Without it such URLs are refused; server "
+                        "paths and other schemes are refused either way")
     p.set_defaults(func=cmd_serve)

@@ -6,6 +6,13 @@ the same cores would only slow each other down), uploads are bounded in size (``
 decoded images in pixels (``max_pixels``), and every image gets its own result: a file that is not an
 image, too large, or a URL that cannot be fetched is an error row in the page, never a crash.
 
+The URL box is read as a stranger's input (`utils.safe_fetch.fetch_untrusted`): http(s) URLs only, never a
+server path, and only from public addresses (checked after name resolution and at every redirect) unless
+the operator passes ``allow_private_urls`` (``serve --allow-private-urls``); every URL that is not fetched
+gets the same message (`utils.safe_fetch.REFUSED`), so a visitor learns nothing about the server's files or
+network. All the URLs of one request are fetched within ``URL_BUDGET_S`` seconds. Gradio's analytics
+(telemetry and version checks to api.gradio.app) are off.
+
 The same server answers Gradio's API (``gradio_client.Client(url).predict(files, ..., api_name="/caption")``).
 
 Example::
@@ -17,16 +24,21 @@ Example::
 import base64
 import html
 import io
+import os
 import time
 
 from PIL import Image
 
 from custom_architectures.samplers import SAMPLERS
 from utils.image_io import ImageReadError, read_image
+from utils.safe_fetch import URLRefused, fetch_untrusted
 
 MAX_FILE_BYTES = 20 * 1024 * 1024
 MAX_PIXELS = 40_000_000
 MAX_IMAGES = 16
+#: seconds for fetching all the URLs of one request (requests queue one at a time: one visitor's slow URLs
+#: must not hold the others for long)
+URL_BUDGET_S = 30.0
 THUMBNAIL = 160
 
 
@@ -60,9 +72,11 @@ def _render(rows, total_s):
 class Captioner:
     """The demo's work, without Gradio: bounded reading, then `ClipCap.predict` on the images that read."""
 
-    def __init__(self, model, max_file_bytes=MAX_FILE_BYTES, max_pixels=MAX_PIXELS, max_images=MAX_IMAGES):
+    def __init__(self, model, max_file_bytes=MAX_FILE_BYTES, max_pixels=MAX_PIXELS, max_images=MAX_IMAGES,
+                 allow_private_urls=False, url_budget_s=URL_BUDGET_S):
         self.model, self.max_file_bytes, self.max_pixels, self.max_images = \
             model, max_file_bytes, max_pixels, max_images
+        self.allow_private_urls, self.url_budget_s = allow_private_urls, url_budget_s
 
     def warm_up(self):
         """Compile the greedy path for one image at start-up, not at the first visitor's request: under
@@ -71,20 +85,31 @@ class Captioner:
         for _ in range(2):
             self.model.caption([image])
 
+    def _read_url(self, text, deadline):
+        """The image at a visitor's URL: fetched as untrusted (a path, another scheme or a non-public address
+        is refused with the one message) by ``deadline``, then decoded within the pixel limit."""
+        data = fetch_untrusted(text, max_bytes=self.max_file_bytes, timeout=deadline - time.monotonic(),
+                               allow_private=self.allow_private_urls)
+        return read_image(data, max_pixels=self.max_pixels)
+
     def _read(self, files, urls):
-        # uploaded files and pasted http(s) URLs alike: read_image bounds bytes and pixels, and reads URLs
-        # through utils.image_io.read_url (http(s) only, size cap, timeout)
-        names = [str(f) for f in files or []] + (urls or "").split()
+        # uploaded files are Gradio's own copies (paths it checked); the URL box is untrusted text
+        files = [str(f) for f in files or []]
         sources = [(name, lambda n=name: read_image(n, max_pixels=self.max_pixels, max_bytes=self.max_file_bytes))
-                   for name in names]
+                   for name in files]
+        deadline = time.monotonic() + self.url_budget_s  # for all the URLs together
+        sources += [(text, lambda t=text: self._read_url(t, deadline)) for text in (urls or "").split()]
         if len(sources) > self.max_images:
             raise ValueError(f"at most {self.max_images} images per request, got {len(sources)}")
         images = []
         for name, read in sources:
+            short = name.rsplit("/", 1)[-1]
             try:
-                images.append((name.rsplit("/", 1)[-1], read(), None))
+                images.append((short, read(), None))
+            except URLRefused as e:
+                images.append((short, None, str(e)))
             except ImageReadError as e:
-                images.append((name.rsplit("/", 1)[-1], None, str(e).replace(str(name), name.rsplit("/", 1)[-1])))
+                images.append((short, None, str(e).replace(str(name), short)))
         return images
 
     def caption(self, files, urls="", method="greedy", beam_size=5, temperature=1.0, top_p=1.0, num_captions=1,
@@ -115,11 +140,20 @@ class Captioner:
         return rows
 
 
-def build_demo(model, **limits):
-    """The Gradio Blocks app for ``model`` (compiled by a warm-up first); `launch` starts it."""
-    import gradio as gr
+def _gradio():
+    """Gradio, with its analytics off for the whole process (set before its import, which may read it)."""
+    os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
+    import gradio
 
-    captioner = Captioner(model, **limits)
+    return gradio
+
+
+def build_demo(model, allow_private_urls=False, **limits):
+    """The Gradio Blocks app for ``model`` (compiled by a warm-up first); `launch` starts it.
+    ``allow_private_urls``: let the URL box fetch loopback / private / link-local addresses (see `serve`)."""
+    gr = _gradio()
+
+    captioner = Captioner(model, allow_private_urls=allow_private_urls, **limits)
     captioner.warm_up()
 
     def run(files, urls, method, beam_size, temperature, top_p, num_captions, max_length):
@@ -133,7 +167,7 @@ def build_demo(model, **limits):
             return '<div id="results"><p>drop or upload images, or paste image URLs</p></div>'
         return _render(rows, time.perf_counter() - start)
 
-    with gr.Blocks(title="ClipCap captioning") as demo:
+    with gr.Blocks(title="ClipCap captioning", analytics_enabled=False) as demo:
         gr.Markdown(f"## ClipCap image captioning\nModel `{model.name}`: {html.escape(repr(model))}. "
                     f"Up to {captioner.max_images} images per request, {captioner.max_file_bytes // 2**20} MiB "
                     f"and {captioner.max_pixels // 10**6} megapixels each.")
@@ -155,9 +189,13 @@ def build_demo(model, **limits):
     return demo
 
 
-def serve(model, host="127.0.0.1", port=7860, **limits):
-    """Build the demo, queue requests one at a time, and serve until interrupted."""
-    demo = build_demo(model, **limits)
+def serve(model, host="127.0.0.1", port=7860, allow_private_urls=False, **limits):
+    """Build the demo, queue requests one at a time, and serve until interrupted.
+
+    ``allow_private_urls=True`` lets visitors' URLs reach loopback, private, link-local and other non-public
+    addresses, i.e. whatever this machine reaches (its own services, the local network, a cloud's metadata
+    service): only for a demo whose every visitor is trusted."""
+    demo = build_demo(model, allow_private_urls=allow_private_urls, **limits)
     demo.queue(default_concurrency_limit=1, max_size=64)
     demo.launch(server_name=host, server_port=port, max_file_size=limits.get("max_file_bytes", MAX_FILE_BYTES),
                 show_error=True)
