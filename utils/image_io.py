@@ -6,7 +6,8 @@ upright; OpenAI's CLIP pipeline does not do this: ``exif_transpose=False`` repro
 image's mode, so that preprocessing can follow OpenAI's order (resize, crop, then convert to RGB).
 `list_images` expands files, directories and glob patterns into a stable list of image paths.
 
-http(s) URLs are read by `read_url` (the one place images come from the network): urllib without any other
+http(s) URLs of the CLI and the Python API (whose user is the operator) are read by `read_url`; the web demo's
+visitors' URLs go through `utils.safe_fetch` instead (public addresses only). `read_url`: urllib without any other
 scheme handler (a redirect to ``file:`` or ``ftp:`` is refused), at most ``max_bytes`` (announced or
 received), ``timeout`` seconds for the whole transfer; any failure is that image's `ImageReadError`.
 
