@@ -120,3 +120,24 @@ def test_readme_is_one_screenful_with_the_offline_route_near_the_top():
     assert offline < 100 and "--tokenizer" in "\n".join(lines[offline:offline + 12])
     for page in re.findall(r"\]\((docs/[\w-]+\.md)", text):
         assert (ROOT / page).is_file(), page
+
+
+def _anchor(heading):
+    """GitHub's anchor of a Markdown heading: lower case, punctuation dropped, spaces as hyphens."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def test_links_between_the_pages_resolve():
+    """Every relative link of README and docs/ names an existing file and, with ``#anchor``, one of its
+    headings (the pages were split out of one README: a stale ``#section`` would lead nowhere)."""
+    for path in DOCS:
+        text = path.read_text(encoding="utf-8")
+        for target in re.findall(r"\]\(([^)\s]+)\)", text):
+            if re.match(r"[a-z]+:", target):
+                continue  # http(s), mailto
+            file, _, anchor = target.partition("#")
+            page = (path.parent / file).resolve() if file else path
+            assert page.exists(), f"{path.name}: {target}"
+            if anchor and page.suffix == ".md":
+                headings = re.findall(r"^#+ (.*)$", page.read_text(encoding="utf-8"), re.M)
+                assert anchor in {_anchor(h) for h in headings}, f"{path.name}: {target}"
