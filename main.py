@@ -26,7 +26,7 @@ from models import batch_command, export_commands  # import neither Beam nor Ten
 from models.cli_models import UnknownModelError, load_model, model_or_exit_code  # noqa: F401 (load_model: main's API)
 from utils import compile_cache
 from utils.cli import (  # noqa: F401 (escape_field: part of main's API)
-    ENVIRONMENT_HELP,
+    ESCAPING_HELP,
     EXIT_FAILED_INPUTS,
     EXIT_INTERRUPTED,
     EXIT_MODEL,
@@ -36,6 +36,7 @@ from utils.cli import (  # noqa: F401 (escape_field: part of main's API)
     MODEL_ERRORS,
     add_decoding_arguments,
     decoding_kwargs,
+    epilog,
     escape_field,
     exit_now,
 )
@@ -95,7 +96,7 @@ def cmd_caption(args):
         with quiet_logger("models.image_captioning.prediction"):  # failures are listed below
             results = predict(model, images, batch_size=args.batch_size, method=args.method,
                               save=not args.no_save, overwrite=args.overwrite, output_dir=args.output_dir,
-                              return_candidates=args.json, progress=not args.no_progress,
+                              return_candidates=_want_candidates(args), progress=not args.no_progress,
                               exif_transpose=not args.no_exif_transpose, max_file_bytes=_max_bytes(args),
                               status=status, **decoding_kwargs(args))
     except KeyboardInterrupt:
@@ -118,7 +119,7 @@ def _answers_from_map(args, images):
     if not os.path.isdir(model_dir):  # an official model not downloaded yet
         return None
     return answers_from_map(model_dir, images, method=args.method, output_dir=args.output_dir,
-                            return_candidates=args.json, exif_transpose=not args.no_exif_transpose,
+                            return_candidates=_want_candidates(args), exif_transpose=not args.no_exif_transpose,
                             **decoding_kwargs(args))
 
 
@@ -139,7 +140,12 @@ def _report(args, results):
         print(json.dumps(results, indent=1, ensure_ascii=False, default=str))
     else:
         for r in results:
-            if r["error"] is None:
+            if r["error"] is not None:
+                continue
+            if (args.num_captions or 1) > 1:  # every caption, numbered from 1 (best first)
+                for rank, candidate in enumerate(r["candidates"], 1):
+                    print(f"{escape_field(r['image'])}\t{rank}\t{escape_field(candidate['text'])}")
+            else:
                 print(f"{escape_field(r['image'])}\t{escape_field(r['caption'])}")
     failed = [r for r in results if r["error"] is not None]
     for r in failed:
@@ -150,6 +156,11 @@ def _report(args, results):
     if not results:
         return _fail("no images given", EXIT_FAILED_INPUTS)
     return EXIT_OK
+
+
+def _want_candidates(args):
+    """Whether results need every candidate: for --json, and for the numbered lines of --num-captions > 1."""
+    return bool(args.json or (args.num_captions or 1) > 1)
 
 
 def _non_negative_int(text):
@@ -276,17 +287,51 @@ def cmd_cache(args):
 
 # ------------------------------------------------------------------------------------------------ parser
 
+#: each command's --help epilog: its own examples and exit codes, then the environment variables
+MAIN_EPILOG = epilog(
+    ["python main.py caption demo/cat.jpg --model coco       # the first caption (downloads coco once)",
+     "python main.py convert coco_weights.pt --clip ViT-B-32.pt --tokenizer gpt2-tokenizer/ --name my_coco",
+     "python main.py caption demo/ --model my_coco            # without network, after convert",
+     "python main.py COMMAND --help                           # every option of a command"],
+    "0 success, 1 some inputs failed (listed on stderr), 2 usage error, 3 the model could not be downloaded / "
+    "converted / loaded, 130 interrupted (Ctrl-C)")
+CAPTION_EPILOG = epilog(
+    ["python main.py caption demo/cat.jpg --model coco",
+     "python main.py caption 'photos/**/*.jpg' --method beam --beam-size 5 --json",
+     "python main.py caption demo/ --method sample --num-captions 3 --seed 0   # <path> TAB <n> TAB <caption>",
+     "python main.py caption --from-file list.txt https://example.com/cat.jpg --no-save"],
+    "0 every image captioned, 1 some inputs failed (listed on stderr), 2 usage error,\n"
+    "  3 the model could not be downloaded / converted / loaded, 130 interrupted (Ctrl-C)", ESCAPING_HELP)
+CONVERT_EPILOG = epilog(
+    ["python main.py convert coco_weights.pt --clip ViT-B/32 --name my_coco       # CLIP and tokenizer downloaded",
+     "python main.py convert coco_weights.pt --clip ViT-B-32.pt --tokenizer gpt2-tokenizer/ --name my_coco",
+     "    # no network: the CLIP .pt and a folder holding GPT-2's vocab.json and merges.txt",
+     "python main.py caption demo/cat.jpg --model my_coco                         # then caption with it"],
+    "0 converted (the saved folder is printed), 2 usage error (a bad --name, a destination that is not a saved\n"
+    "  model of ours), 3 the conversion failed (unreadable or wrong checkpoint, missing file), 130 interrupted")
+DOWNLOAD_EPILOG = epilog(
+    ["python main.py download coco coco_transformer     # download and convert once into the model store",
+     "python main.py download ViT-B/32                  # a CLIP checkpoint only",
+     "python main.py download --list                    # every file, its origin, its place and SHA-256",
+     "python main.py download coco --no-convert         # only the files (e.g. to copy to an offline machine)"],
+    "0 done (the paths are printed), 2 unknown name, 3 a download or conversion failed (offline: the error\n"
+    "  names each missing file and where to place it), 130 interrupted")
+CACHE_EPILOG = epilog(
+    ["python main.py cache            # where the compiled programs are, and how large",
+     "python main.py cache --clear    # empty it (only a folder made of cache entries)"],
+    "0 done, 2 the cache folder holds something else and was not cleared")
+
 
 def build_parser():
     parser = argparse.ArgumentParser(
-        prog="main.py", formatter_class=_Formatter, epilog=ENVIRONMENT_HELP,
+        prog="main.py", formatter_class=_Formatter, epilog=MAIN_EPILOG,
         description="ClipCap image captioning in TensorFlow / Keras: caption images, convert the official "
                     "PyTorch checkpoints, download models, train and evaluate.")
     parser.add_argument("-v", "--verbose", action="store_true",
-                        help="log progress details (INFO) and keep TensorFlow's own log lines")
+                        help="log progress details (INFO) and keep TensorFlow's own log lines (default: warnings only)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("caption", formatter_class=_Formatter, epilog=ENVIRONMENT_HELP,
+    p = sub.add_parser("caption", formatter_class=_Formatter, epilog=CAPTION_EPILOG,
                        help="caption images, directories or glob patterns",
                        description="Caption images: one '<path>\\t<caption>' line per image on stdout (or JSON "
                                    "with --json), results saved to map.json; a rerun skips images already "
@@ -313,7 +358,7 @@ def build_parser():
                                      "a GPU when one is visible); a device TensorFlow does not see is an error")
     p.set_defaults(func=cmd_caption)
 
-    p = sub.add_parser("convert", formatter_class=_Formatter, epilog=ENVIRONMENT_HELP,
+    p = sub.add_parser("convert", formatter_class=_Formatter, epilog=CONVERT_EPILOG,
                        help="convert an official ClipCap .pt (+ CLIP + tokenizer) to a saved model",
                        description="Convert an official ClipCap PyTorch checkpoint, with the CLIP it was trained "
                                    "on and the GPT-2 tokenizer, into a saved Keras model (loadable without torch).")
@@ -335,7 +380,7 @@ def build_parser():
 
     export_commands.register(sub)
 
-    p = sub.add_parser("download", formatter_class=_Formatter, epilog=ENVIRONMENT_HELP,
+    p = sub.add_parser("download", formatter_class=_Formatter, epilog=DOWNLOAD_EPILOG,
                        help="download (and convert) models by name",
                        description="Download the files of ClipCap models (checkpoint, CLIP, tokenizer) and "
                                    "convert them once into the model store; or download CLIP checkpoints.")
@@ -345,7 +390,7 @@ def build_parser():
     p.add_argument("--force", action="store_true", help="convert again even if a saved model exists")
     p.set_defaults(func=cmd_download)
 
-    p = sub.add_parser("cache", formatter_class=_Formatter, epilog=ENVIRONMENT_HELP,
+    p = sub.add_parser("cache", formatter_class=_Formatter, epilog=CACHE_EPILOG,
                        help="show or clear the compiled-program (XLA) cache",
                        description="Compiled XLA programs are kept in <model store>/xla_cache/<key>/ (key: "
                                    "TensorFlow, Keras, Python, CPU and library versions), so a new process "

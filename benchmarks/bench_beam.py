@@ -52,6 +52,9 @@ def main():
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--max-length", type=int, default=20)
     args = parser.parse_args()
+    from benchmarks.machine import print_machine
+
+    print_machine()
 
     from benchmarks.bench_clipcap import build
     from models.image_captioning.beam_inference import read_records, run_batch

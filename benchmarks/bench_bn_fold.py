@@ -62,6 +62,9 @@ def main(argv=None):
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=0, help="TensorFlow intra-op threads (0: its default)")
     args = parser.parse_args(argv)
+    from benchmarks.machine import print_machine
+
+    print_machine()
     if args.threads:
         tf.config.threading.set_intra_op_parallelism_threads(args.threads)
     config = OPENAI_CONFIGS["RN50x4"]

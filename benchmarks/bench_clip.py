@@ -46,6 +46,7 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 from benchmarks.flops import image_encoder_flops, matmul_probe  # noqa: E402
+from benchmarks.machine import print_machine  # noqa: E402
 
 MODELS = {
     "ViT-B/32": dict(embed_dim=512, image_resolution=224, vision_layers=12, vision_width=768, vision_patch_size=32),
@@ -134,6 +135,7 @@ def main():
     parser.add_argument("--device", choices=("cpu", "gpu"), default="cpu",
                         help="gpu: PyTorch on cuda, TensorFlow on /GPU:0 (the bf16 column is then mixed precision)")
     args = parser.parse_args()
+    print_machine()
     if args.device == "gpu" and not (torch.cuda.is_available() and tf.config.list_logical_devices("GPU")):
         parser.error("--device gpu: PyTorch or TensorFlow sees no GPU here")
     torch.set_num_threads(args.threads)

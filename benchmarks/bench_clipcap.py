@@ -57,6 +57,7 @@ import tensorflow as tf  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from benchmarks.flops import matmul_peak  # noqa: E402
+from benchmarks.machine import print_machine  # noqa: E402
 from unitest.reference import clipcap_official as ref  # noqa: E402
 
 PHOTOS = ("astronaut", "camera", "cat", "chelsea", "clock", "coffee", "coins", "grass", "gravel",
@@ -232,6 +233,7 @@ def main():
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--pipeline-only", action="store_true", help="only the predict-over-64-photos table")
     args = parser.parse_args()
+    print_machine()
 
     torch.set_num_threads(args.threads)
     tf.config.threading.set_intra_op_parallelism_threads(args.threads)

@@ -195,6 +195,9 @@ def main():
     parser.add_argument("--kind", help=argparse.SUPPRESS)
     parser.add_argument("--files", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    from benchmarks.machine import print_machine
+
+    print_machine()
     if args.child == "ours":
         return child_ours(json.loads(args.files)["model"])
     if args.child == "official":

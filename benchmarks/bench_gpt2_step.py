@@ -79,6 +79,9 @@ def main():
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[16, 80])
     parser.add_argument("--steps", type=int, default=20)
     args = parser.parse_args()
+    from benchmarks.machine import print_machine
+
+    print_machine()
     torch.manual_seed(0)
     torch_model = GPT2LMHeadModel(GPT2Config()).eval()
     keras_model = load_gpt2(torch_model.state_dict())

@@ -56,6 +56,9 @@ def main():
     parser.add_argument("--max-length", type=int, default=20)
     parser.add_argument("--images", type=int, default=16)
     args = parser.parse_args()
+    from benchmarks.machine import print_machine
+
+    print_machine()
 
     from benchmarks.bench_beam import write_photos
     from benchmarks.bench_clipcap import build

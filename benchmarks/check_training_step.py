@@ -44,6 +44,9 @@ def main(argv=None):
     parser.add_argument("--float64-reference", action="store_true",
                         help="also run the official steps in float64 and print each side's distance to them")
     args = parser.parse_args(argv)
+    from benchmarks.machine import print_machine
+
+    print_machine()
     with tempfile.TemporaryDirectory() as tmp:
         tokenizer = load_gpt2_tokenizer(train_gpt2_tokenizer(os.path.join(tmp, "tokenizer"), vocab_size=400))
         worst = 0.0

@@ -74,6 +74,10 @@ def main(argv=None):
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--timeout", type=float, default=600, help="seconds before giving up on a process")
     args = parser.parse_args(argv)
+    sys.path.insert(0, str(ROOT))  # run as a script: benchmarks/ is not a package on the path
+    from benchmarks.machine import print_machine
+
+    print_machine()
     rng = random.Random(args.seed)
 
     with tempfile.TemporaryDirectory(prefix="stress_outputs_") as tmp:

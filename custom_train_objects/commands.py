@@ -22,6 +22,7 @@ from utils.cli import (
     EXIT_OK,
     EXIT_USAGE,
     MODEL_ERRORS,
+    epilog,
     report_skipped,
 )
 from utils.cli import Formatter as _Formatter
@@ -238,12 +239,36 @@ def cmd_evaluate(args):
 # ------------------------------------------------------------------------------------------------- parser
 
 
+EXTRACT_EPILOG = epilog(
+    ["python main.py extract data/coco/annotations/captions_train2014.json --images data/coco/train2014 \\",
+     "    --clip ViT-B/32 --output emb/train.npz",
+     "python main.py extract data/dataset_coco.json --format karpathy --split train --clip RN50x4 --output emb/k.npz",
+     "python main.py extract data/train.csv --clip ViT-B/32 --output emb/train.npz --runner DataflowRunner ..."],
+    "0 every image embedded, 1 some images could not be read (listed, left out), 2 usage error,\n"
+    "  3 the CLIP could not be loaded, 130 interrupted (run again to resume from the cache)")
+TRAIN_EPILOG = epilog(
+    ["python main.py train emb/train.npz --val emb/val.npz --tokenizer gpt2 --gpt2 gpt2 --clip ViT-B/32 \\",
+     "    --output runs/coco                     # the official recipe (--hparams FILE or flags change it)",
+     "python main.py train emb/train.npz --tokenizer gpt2 --gpt2 gpt2 --output runs/coco --prefix-only",
+     "python main.py caption demo/ --model runs/coco/model        # then caption with the trained model"],
+    "0 trained (or stopped at --stop-after-steps), 2 usage error, 3 the model could not be built,\n"
+    "  130 interrupted (the same command resumes from the last checkpoint)")
+EVALUATE_EPILOG = epilog(
+    ["python main.py evaluate data/coco/annotations/captions_val2014.json --images data/coco/val2014 \\",
+     "    --model coco --output runs/eval --metrics BLEU CIDEr",
+     "python main.py evaluate data/dataset_coco.json --format karpathy --split test --model runs/coco/model \\",
+     "    --output runs/coco/eval --method beam"],
+    "0 evaluated, 1 some images could not be captioned (left out of the scores), 2 usage error,\n"
+    "  3 the model could not be loaded, 130 interrupted")
+
+
 def register(subparsers):
     """Add ``extract``, ``train`` and ``evaluate`` to ``main.py``'s subparsers."""
     from custom_train_objects.evaluation import ALL_METRICS
 
     p = subparsers.add_parser(
-        "extract", formatter_class=_Formatter, help="compute the CLIP embeddings of a dataset's images (cached)",
+        "extract", formatter_class=_Formatter, epilog=EXTRACT_EPILOG,
+        help="compute the CLIP embeddings of a dataset's images (cached)",
         description="Embed every image of a captions dataset once with CLIP (batched, cached on disk, resumable: "
                     "run again after an interruption) and write images, captions and embeddings to one .npz "
                     "that `train` reads. Unreadable images are listed and left out (exit code 1).")
@@ -253,11 +278,11 @@ def register(subparsers):
     p.add_argument("--output", required=True, help="the .npz to write (new, or an earlier output of extract, "
                                                     "which is replaced; any other file is refused)")
     p.add_argument("--cache-dir", default="cache/embeddings", help="the embedding cache (per CLIP model)")
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=64, help="images per CLIP encoding batch")
     p.add_argument("--key-mode", choices=("stat", "content"), default="stat",
                    help="identify an image by path + size + mtime, or by a hash of its bytes")
     p.add_argument("--no-exif-transpose", action="store_true", help="read pixels as stored (as the official code)")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     p.add_argument("--runner", help="embed on Apache Beam with this runner (DirectRunner, PrismRunner, "
                                     "DataflowRunner, FlinkRunner, SparkRunner); options this command does not know "
                                     "are then Beam pipeline options (--name=value). No cache: every image once")
@@ -266,7 +291,8 @@ def register(subparsers):
     p.set_defaults(func=cmd_extract, split="train", pipeline_args=[])
 
     p = subparsers.add_parser(
-        "train", formatter_class=_Formatter, help="train a ClipCap on extracted embeddings",
+        "train", formatter_class=_Formatter, epilog=TRAIN_EPILOG,
+        help="train a ClipCap on extracted embeddings",
         description="Train a ClipCap (mapper, and GPT-2 unless --prefix-only) on embeddings written by `extract`. "
                     "Checkpoints every epoch in OUTPUT/checkpoints (the same command resumes exactly), logs in "
                     "OUTPUT/logs (CSV) and OUTPUT/tensorboard, the trained model in OUTPUT/model (a ClipCap "
@@ -288,12 +314,13 @@ def register(subparsers):
                    help="tf.distribute strategy: mirrored = every local GPU, multiworker = hosts from TF_CONFIG")
     p.add_argument("--no-resume", action="store_true", help="refuse to continue an existing run")
     p.add_argument("--stop-after-steps", type=int, help="checkpoint and stop after this many steps in total")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     TrainingHParams.add_arguments(p)
     p.set_defaults(func=cmd_train)
 
     p = subparsers.add_parser(
-        "evaluate", formatter_class=_Formatter, help="caption a COCO-format split and score the captions",
+        "evaluate", formatter_class=_Formatter, epilog=EVALUATE_EPILOG,
+        help="caption a COCO-format split and score the captions",
         description="Caption every image of a split and score the captions: BLEU-1..4, METEOR, ROUGE-L, CIDEr, "
                     "SPICE (pycocoevalcap; METEOR, SPICE and the PTB tokenizer need Java, SPICE also Stanford "
                     "CoreNLP: skipped with a message when missing) and CLIPScore. Writes OUTPUT/results.json "
@@ -303,12 +330,13 @@ def register(subparsers):
     p.add_argument("--output", required=True, help="where results.json and metrics.json go")
     p.add_argument("--method", choices=deterministic_methods(), default="greedy",
                    help="decoding method (those that always give the same captions)")
-    p.add_argument("--beam-size", type=int)
-    p.add_argument("--max-length", type=int)
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--metrics", nargs="+", choices=ALL_METRICS, default=list(ALL_METRICS))
+    p.add_argument("--beam-size", type=int, help="beams for --method beam (default: 5)")
+    p.add_argument("--max-length", type=int, help="most generated tokens per caption (default: 67)")
+    p.add_argument("--batch-size", type=int, default=32, help="images per encoding / decoding batch")
+    p.add_argument("--metrics", nargs="+", choices=ALL_METRICS, default=list(ALL_METRICS),
+                   help="the metrics to compute (default: all of them)")
     p.add_argument("--clip-score-model", help="a CLIP with its text encoder for CLIPScore (default: the model's "
                                               "CLIP when it has one; the paper uses ViT-B/32)")
     p.add_argument("--cache-dir", default="cache/embeddings", help="the embedding cache")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     p.set_defaults(func=cmd_evaluate)

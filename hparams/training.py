@@ -125,6 +125,28 @@ class TrainingHParams:
                   "max_length": "min(mean + 10 std, max) of the training captions' lengths",
                   "checkpoint_every_steps": "at the end of every save_every-th epoch only"}
 
+    #: what each field does, for ``--help`` (its default is appended)
+    FIELD_HELP = {
+        "lr": "peak learning rate", "warmup_steps": "linear warmup steps from 0 to --lr, then linear decay to 0",
+        "batch_size": "captions per optimizer step (global, over every replica and worker)",
+        "epochs": "passes over the training captions",
+        "weight_decay": "AdamW's decoupled weight decay (every parameter)", "beta_1": "Adam's beta_1",
+        "beta_2": "Adam's beta_2", "epsilon": "Adam's epsilon, added to sqrt(v) (transformers.AdamW's place)",
+        "gradient_clip_norm": "clip the global gradient norm to this value",
+        "mixed_precision": "Keras mixed-precision policy", "prefix_length": "prefix positions K fed to GPT-2",
+        "mapping_type": "the mapper: mlp, linear or transformer",
+        "clip_length": "transformer mapper: learned constant positions", "num_layers": "transformer mapper: layers",
+        "num_heads": "transformer mapper: attention heads",
+        "normalize": "L2-normalise the CLIP embeddings before the mapper (the official --normalize_prefix)",
+        "prefix_only": "train the mapper only, GPT-2 frozen without dropout (the official --only_prefix)",
+        "max_length": "caption tokens kept (longer captions are cut)",
+        "stop_token": "the token that ends a caption", "append_stop": "append --stop-token to captions without it",
+        "shuffle": "shuffle the batches by (seed, epoch)", "seed": "seed of new weights, shuffling and dropout",
+        "save_every": "checkpoint every N epochs (and at the end)",
+        "checkpoint_every_steps": "also checkpoint every N steps (resume mid-epoch)",
+        "jit_compile": "XLA-compile the training step", "log_every": "steps between CSV / TensorBoard rows",
+    }
+
     @classmethod
     def add_arguments(cls, parser):
         """Add ``--<name>`` for every field (default: unset, so that only given values override)."""
@@ -137,7 +159,7 @@ class TrainingHParams:
             kind = hints[f.name]
             if kind is bool:
                 group.add_argument(flag, dest=f"hp_{f.name}", action=argparse.BooleanOptionalAction,
-                                   default=None, help=f"(default: {default})")
+                                   default=None, help=f"{cls.FIELD_HELP[f.name]} (default: {default})")
                 continue
             base = next((t for t in typing.get_args(kind) if t is not type(None)), kind)
             choices = None
@@ -146,7 +168,8 @@ class TrainingHParams:
             elif f.name == "mixed_precision":
                 choices = [p for p in PRECISIONS if p]
             group.add_argument(flag, dest=f"hp_{f.name}", type=base, default=None, choices=choices,
-                               metavar=None if choices else f.name.upper(), help=f"(default: {default})")
+                               metavar=None if choices else f.name.upper(),
+                               help=f"{cls.FIELD_HELP[f.name]} (default: {default})")
 
     @classmethod
     def from_args(cls, args, base=None):

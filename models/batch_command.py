@@ -20,6 +20,7 @@ from utils.cli import (
     Formatter,
     add_decoding_arguments,
     decoding_kwargs,
+    epilog,
     fail,
 )
 
@@ -58,10 +59,21 @@ def cmd_batch(args):
     return EXIT_OK
 
 
+BATCH_EPILOG = epilog(
+    ["python main.py batch 'photos/**' --model coco --output out/captions --method beam --beam-size 5",
+     "python main.py batch --input-list paths.csv --model coco --output out/run2 --skip-existing out/captions \\",
+     "    --runner=DirectRunner --direct_num_workers=2 --direct_running_mode=multi_processing",
+     "python main.py batch 'gs://bucket/photos/**' --model /app/pretrained_models/coco --output gs://bucket/out \\",
+     "    --runner=DataflowRunner --project=my-project --region=europe-west1 --temp_location=gs://bucket/tmp"],
+    "0 every image captioned, 1 some inputs failed (local runners: records with an error), 2 usage error,\n"
+    "  3 the model could not be found or loaded, 130 interrupted (nothing of the run is kept)")
+
+
 def register(subparsers):
     """Add ``batch`` to ``main.py``'s subparsers."""
     p = subparsers.add_parser(
-        "batch", formatter_class=Formatter, help="caption many images on Apache Beam (local or distributed)",
+        "batch", formatter_class=Formatter, epilog=BATCH_EPILOG,
+        help="caption many images on Apache Beam (local or distributed)",
         description="Caption images with Apache Beam's RunInference: on this machine (DirectRunner, PrismRunner) "
                     "or on a cluster (DataflowRunner, FlinkRunner, SparkRunner). One JSON line per input "
                     "(image, caption, candidates with tokens and scores, error, model, settings) in sharded "

@@ -7,7 +7,7 @@ import os
 import sys
 
 from models.cli_models import model_or_exit_code
-from utils.cli import ENVIRONMENT_HELP, EXIT_MODEL, EXIT_OK, EXIT_USAGE, MODEL_ARG_HELP, Formatter
+from utils.cli import EXIT_MODEL, EXIT_OK, EXIT_USAGE, MODEL_ARG_HELP, Formatter, epilog
 from utils.cli import fail as _fail
 
 # ----------------------------------------------------------------------------------------------- export
@@ -108,9 +108,21 @@ def cmd_serve(args):
     return EXIT_OK
 
 
+EXPORT_EPILOG = epilog(
+    ["python main.py export coco exports/coco/1 --method beam       # a SavedModel for TF Serving / Vertex AI",
+     "python main.py export runs/coco/model my_coco.pt --format official --clip-name ViT-B/32",
+     "    # the official ClipCap state dict (+ my_coco.json: its CLIP and constructor arguments)"],
+    "0 exported (the paths are printed), 2 usage error (an option of the other format, an existing output\n"
+    "  without --overwrite), 3 the model could not be loaded or exported, 130 interrupted")
+SERVE_EPILOG = epilog(
+    ["python main.py serve --model coco                     # http://127.0.0.1:7860",
+     "python main.py serve --model my_coco --host 0.0.0.0 --port 8080   # reachable from other machines"],
+    "0 stopped, 2 usage error (Gradio missing, unknown model), 3 the model could not be loaded, 130 interrupted")
+
+
 def register(subparsers):
     """Add ``export`` and ``serve`` to ``main.py``'s subparsers."""
-    p = subparsers.add_parser("export", formatter_class=Formatter, epilog=ENVIRONMENT_HELP,
+    p = subparsers.add_parser("export", formatter_class=Formatter, epilog=EXPORT_EPILOG,
                        help="export a model: a serving SavedModel, or the official ClipCap PyTorch .pt",
                        description="Export a model converted or trained here. --format savedmodel (the default "
                                    "unless OUTPUT ends with .pt) writes a TensorFlow SavedModel folder that captions "
@@ -141,7 +153,7 @@ def register(subparsers):
                                                             "SavedModel this command wrote)")
     p.set_defaults(func=cmd_export)
 
-    p = subparsers.add_parser("serve", formatter_class=Formatter, epilog=ENVIRONMENT_HELP,
+    p = subparsers.add_parser("serve", formatter_class=Formatter, epilog=SERVE_EPILOG,
                        help="a web demo (Gradio): upload images, choose the decoding, read captions",
                        description="Start a Gradio web app: drop or upload images (or paste http(s) URLs), choose greedy, "
                                    "beam or sampling, see each image with its captions, scores and timings. The "

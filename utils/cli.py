@@ -35,7 +35,7 @@ class Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionH
 
     def _get_help_string(self, action):
         text = action.help or ""
-        if action.default in (None, False) or "(default:" in text:
+        if action.default is None or action.default is False or "(default:" in text:  # 0 is shown
             return text
         return super()._get_help_string(action)
 
@@ -50,9 +50,27 @@ def escape_field(text) -> str:
 
 
 def fail(message, code):
-    """Print ``error: <message>`` (escaped, one line) on stderr and return the exit ``code``."""
-    print(f"error: {escape_field(message)}", file=sys.stderr)
+    """Print ``error: <message>`` on stderr and return the exit ``code``.
+
+    Escaped onto one line (`escape_field`) when stderr is a file or a pipe, so that a script reads one error
+    per line; at a terminal a message of several lines (the offline error lists each missing file) is
+    printed as those lines, each escaped, the later ones indented: a person reads it there."""
+    text = str(message)
+    if "\n" in text and _is_terminal(sys.stderr):
+        first, *rest = text.split("\n")
+        lines = [f"error: {escape_field(first)}", *(f"  {escape_field(line)}" for line in rest)]
+        print("\n".join(lines), file=sys.stderr)
+    else:
+        print(f"error: {escape_field(text)}", file=sys.stderr)
     return code
+
+
+def _is_terminal(stream):
+    """Whether ``stream`` is a terminal (False for a stream without ``isatty`` or a closed one)."""
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError, OSError):
+        return False
 
 
 def report_skipped(failed, names, total):
@@ -65,15 +83,26 @@ def report_skipped(failed, names, total):
 
 
 def add_decoding_arguments(p, batch_help="images per encoding / decoding batch"):
-    """``--method``, ``--beam-size`` ... ``--seed`` and ``--batch-size`` (the arguments of ``generate``)."""
-    p.add_argument("--method", choices=tuple(SAMPLERS), default="greedy", help="decoding method")
-    p.add_argument("--beam-size", type=int, help="beams for --method beam (model default: 5)")
-    p.add_argument("--max-length", type=int, help="maximum caption length in tokens (model default: 67)")
-    p.add_argument("--temperature", type=float, help="softmax temperature (sample, beam)")
-    p.add_argument("--top-k", type=int, help="sample among the k most likely tokens (--method sample)")
-    p.add_argument("--top-p", type=float, help="nucleus sampling threshold (--method sample)")
-    p.add_argument("--num-captions", type=int, help="captions returned per image (beam, sample)")
-    p.add_argument("--seed", type=int, help="random seed for --method sample")
+    """``--method``, ``--beam-size`` ... ``--seed`` and ``--batch-size`` (the arguments of ``generate``).
+
+    Unset options keep ``ClipCap.generate``'s defaults, which their help states (only the options given are
+    passed on: `decoding_kwargs`)."""
+    p.add_argument("--method", choices=tuple(SAMPLERS), default="greedy",
+                   help="decoding method: greedy (= the official generate2), beam (= generate_beam) or sample")
+    p.add_argument("--beam-size", type=int, help="beams for --method beam (default: 5)")
+    p.add_argument("--max-length", type=int, help="most generated tokens per caption (default: 67)")
+    p.add_argument("--temperature", type=float,
+                   help="divide the logits by this before softmax (sample, beam) (default: 1.0)")
+    p.add_argument("--top-k", type=int,
+                   help="sample among the k most likely tokens only (--method sample) (default: no limit)")
+    p.add_argument("--top-p", type=float,
+                   help="nucleus sampling: sample among the most likely tokens whose probability reaches p "
+                        "(--method sample) (default: 1.0, no limit)")
+    p.add_argument("--num-captions", type=int,
+                   help="captions per image, best first (beam: <= --beam-size; sample: independent draws); "
+                        "text output numbers them (default: 1)")
+    p.add_argument("--seed", type=int,
+                   help="random seed for --method sample, in [0, 2**32) (default: a new random seed per run)")
     p.add_argument("--batch-size", type=int, default=16, help=batch_help)
 
 
@@ -82,7 +111,7 @@ def decoding_kwargs(args):
     return {k: getattr(args, k) for k in DECODING_KEYS if getattr(args, k, None) is not None}
 
 
-# the epilog of every command's --help
+#: the environment variables every command reads (part of every command's --help epilog: `epilog`)
 ENVIRONMENT_HELP = """\
 environment variables:
   IMAGE_CAPTIONING_MIRROR=<base URL>  fetch every file from <base URL>/<file name> instead of its origin
@@ -92,14 +121,20 @@ environment variables:
   IMAGE_CAPTIONING_HOME=<dir>         the model store (default: pretrained_models/ in the repository)
   IMAGE_CAPTIONING_XLA_CACHE=0        do not keep compiled XLA programs in <model store>/xla_cache/
                                       (`main.py cache` shows it, `main.py cache --clear` empties it)
+"""
 
-exit codes:
-  0 every image captioned, 1 some inputs failed (listed on stderr), 2 usage error,
-  3 the model could not be downloaded / converted / loaded, 130 interrupted (Ctrl-C)
-
+#: how ``caption``'s result and error lines are escaped (its epilog, and `escape_field`)
+ESCAPING_HELP = """\
 output lines: in "<path><TAB><caption>" and "error: ..." lines a backslash, tab, newline or carriage
   return is written as \\\\, \\t, \\n, \\r (one result per line; undo by the reverse substitution)
 """
+
+
+def epilog(examples, exit_codes, *extra):
+    """A command's ``--help`` epilog: its own ``examples`` (lines), its ``exit_codes`` (text after "exit
+    codes:"), any ``extra`` sections, then the environment variables every command reads."""
+    lines = ["examples:", *(f"  {line}" for line in examples), "", "exit codes:", f"  {exit_codes}", ""]
+    return "\n".join(lines) + "".join(f"\n{section}" for section in extra) + "\n" + ENVIRONMENT_HELP
 
 
 MODEL_ARG_HELP = ("a model name (coco, conceptual, coco_transformer: downloaded and converted on first use), the "

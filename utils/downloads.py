@@ -371,7 +371,7 @@ def fetch_gpt2_tokenizer(name="gpt2", root=None, progress=True):
         except OfflineError as e:  # name every missing file at once
             missing.append(str(e))
     if missing:
-        raise OfflineError("the GPT-2 tokenizer: " + "; ".join(missing))
+        raise OfflineError("the GPT-2 tokenizer:\n    - " + "\n    - ".join(missing))  # lines at a terminal
     return str(directory)
 
 

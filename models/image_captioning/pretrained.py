@@ -20,7 +20,7 @@ import os
 from pathlib import Path
 
 from models.image_captioning.presets import resolve_model
-from models.siamese.presets import fetch_clip
+from models.siamese.presets import clip_source, fetch_clip
 from utils.convert.common import CheckpointError
 from utils.download_manifest import OfflineError, downloads_dir
 from utils.downloads import fetch, fetch_gpt2_tokenizer
@@ -50,8 +50,20 @@ def download_model(name_or_spec, root=None, progress=True):
         except OfflineError as e:  # report every missing file at once, not one per attempt
             missing.append(str(e))
     if missing:
-        raise OfflineError(f"model {spec.name!r} cannot be prepared offline:\n  - " + "\n  - ".join(missing))
+        raise OfflineError(f"model {spec.name!r} cannot be prepared offline:\n  - " + "\n  - ".join(missing)
+                           + "\n" + offline_route(spec))
     return tuple(found)
+
+
+def offline_route(spec):
+    """What to do without network when the files are elsewhere (the missing-files error's last lines):
+    convert them under a name of one's own, then caption with that name."""
+    clip = clip_source(spec.clip).filename
+    local = f"my_{spec.name}"
+    return (f"Or, with these files somewhere else, convert them without network (see README, 'Without network'):\n"
+            f"  python main.py convert <path to {spec.checkpoint.filename}> --clip <path to {clip}> "
+            f"--tokenizer <folder with vocab.json and merges.txt> --name {local}\n"
+            f"  python main.py caption IMAGES --model {local}")
 
 
 def convert_model(model_class, checkpoint, clip, tokenizer, directory, name=None, overwrite=False, clip_name=None,

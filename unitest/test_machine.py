@@ -1,0 +1,40 @@
+"""benchmarks.machine: every benchmark names the CPU it ran on and its bf16 / AMX flags."""
+
+import ast
+from pathlib import Path
+
+from benchmarks.machine import FLAGS, cpu_info, describe_machine
+
+ROOT = Path(__file__).resolve().parents[1]
+
+INTEL = """processor\t: 0
+model name\t: Intel(R) Xeon(R) Platinum 8481C CPU @ 2.70GHz
+flags\t\t: fpu avx2 fma avx512f avx512_bf16 amx_bf16 amx_tile
+
+processor\t: 1
+model name\t: Intel(R) Xeon(R) Platinum 8481C CPU @ 2.70GHz
+flags\t\t: fpu avx2 fma avx512f avx512_bf16 amx_bf16 amx_tile
+"""
+AMD = "processor\t: 0\nmodel name\t: AMD EPYC 7B13\nflags\t\t: fpu avx2 fma\n"
+
+
+def test_cpu_model_and_flags(tmp_path):
+    (tmp_path / "intel").write_text(INTEL)
+    (tmp_path / "amd").write_text(AMD)
+    assert cpu_info(tmp_path / "intel") == ("Intel(R) Xeon(R) Platinum 8481C CPU @ 2.70GHz",
+                                            {"fpu", "avx2", "fma", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile"})
+    line = describe_machine(tmp_path / "amd")
+    assert line.startswith("machine: AMD EPYC 7B13, ") and "avx2 yes" in line and "avx512_bf16 no" in line
+    assert all(f"{flag} " in line for flag in FLAGS)
+    assert "flags unknown" in describe_machine(tmp_path / "missing")
+
+
+def test_every_benchmark_prints_its_machine():
+    """Each script of benchmarks/ with a ``main`` calls `print_machine` in it."""
+    scripts = [p for p in sorted((ROOT / "benchmarks").glob("*.py"))
+               if any(isinstance(n, ast.FunctionDef) and n.name == "main" for n in ast.parse(p.read_text()).body)]
+    assert len(scripts) >= 9
+    for path in scripts:
+        main = next(n for n in ast.parse(path.read_text()).body if isinstance(n, ast.FunctionDef) and n.name == "main")
+        calls = {n.func.id for n in ast.walk(main) if isinstance(n, ast.Call) and isinstance(n.func, ast.Name)}
+        assert "print_machine" in calls, f"{path.name} does not print the machine it runs on"
