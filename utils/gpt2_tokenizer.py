@@ -144,8 +144,9 @@ class GPT2Tokenizer:
             backend.post_processor = post_processor
 
         config = cls._special_tokens(config, directory, read_json("special_tokens_map.json"))
-        for token in cls._tokens_to_add(config, read_json("added_tokens.json"), tokenizer_json):
-            backend.add_tokens([token])  # one at a time, in order: new tokens get transformers' ids
+        # one call, in order: new tokens get transformers' ids (as one call per token would give them), and
+        # `tokenizers` rebuilds its added-token matcher once, not once per token (30,000 tokens: 192 s -> 0.1 s)
+        backend.add_tokens(cls._tokens_to_add(config, read_json("added_tokens.json"), tokenizer_json))
         tokenizer = cls(backend, config)
         if post_processor is None:
             tokenizer._set_post_processor(bool(config.get("add_bos_token")), bool(config.get("add_eos_token")))
