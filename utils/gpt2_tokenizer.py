@@ -41,6 +41,7 @@ from utils.file_utils import (
     read_regular_file,
     write_json_atomic,
 )
+from utils.file_utils import read_json as read_json_file  # `from_directory` has its own read_json
 
 SPECIAL_TOKENS_ATTRIBUTES = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token",
                              "mask_token")
@@ -116,7 +117,7 @@ class GPT2Tokenizer:
 
         def read_json(name):
             path = os.path.join(directory, name)
-            return json.loads(read_regular_file(path, MAX_FILE_BYTES)) if os.path.lexists(path) else None
+            return read_json_file(path, MAX_FILE_BYTES) if os.path.lexists(path) else None
 
         config = read_json("tokenizer_config.json") or {}
         tokenizer_json = read_json("tokenizer.json")
@@ -344,7 +345,7 @@ class GPT2Tokenizer:
 def _is_tokenizer_file(path, name):
     """Whether ``path`` (named ``name``) is a GPT-2 tokenizer file a save may replace."""
     try:
-        data = json.loads(read_regular_file(path, MAX_FILE_BYTES))
+        data = read_json_file(path, MAX_FILE_BYTES)
     except (OSError, ValueError, UnsafePathError):
         return False
     if name == "tokenizer.json":
