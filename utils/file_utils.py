@@ -273,7 +273,7 @@ def json_depth_exceeds(data: bytes, max_depth: int) -> bool:
     """Whether the JSON text ``data`` (UTF-8) nests containers more than ``max_depth`` deep, found without
     parsing (no recursion): escaped quotes dropped, then every byte but quotes and brackets, then strings, then
     innermost ``[]`` / ``{}`` pairs, one level a pass (at most ``max_depth`` passes, each linear in C).
-    Unbalanced brackets count as too deep: such text is no JSON anyway."""
+    Unbalanced brackets count as too deep (`parse_json` then tells JSON errors apart)."""
     if b"\\" in data:  # an escaped quote is no string's end (other escapes hide nothing)
         data = _JSON_ESCAPE_RE.sub(b"", data)
     # quotes now alternate open / close: dropping adjacent pairs keeps every bracket left in a string inside one
@@ -302,12 +302,16 @@ def parse_json(data: bytes, source, max_depth=MAX_JSON_DEPTH):
         text = data.decode("utf-8-sig")
     except UnicodeDecodeError as e:
         raise ValueError(f"{source} is not UTF-8 text ({e})") from e
-    if json_depth_exceeds(data, max_depth):
-        raise ValueError(f"{source}: JSON nested more than {max_depth} levels deep (or with unbalanced brackets)")
+    too_deep = json_depth_exceeds(data, max_depth)
     try:
-        return json.loads(text)
-    except (ValueError, RecursionError) as e:  # JSONDecodeError is a ValueError
+        value = json.loads(text)  # also when too deep: says which of "too deep" and "not JSON" it is
+    except RecursionError:
+        too_deep = True
+    except ValueError as e:  # JSONDecodeError
         raise ValueError(f"{source} is not valid JSON ({e})") from e
+    if too_deep:
+        raise ValueError(f"{source}: JSON nested more than {max_depth} levels deep")
+    return value
 
 
 @contextlib.contextmanager
