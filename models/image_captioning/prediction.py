@@ -29,6 +29,14 @@ Only regular files are read (`utils.image_io`): a FIFO, device or dangling link 
 own error without blocking the run; image files above ``max_file_bytes`` and a map.json above
 `MAP_MAX_BYTES` are refused before being read.
 
+map.json is checked before any image is read: its folder must be writable (`check_map_writable`), and a
+map.json that is malformed (not JSON, nested too deep, an entry that is not a caption entry) or a symbolic
+link (an atomic write would replace the link by a file) is refused, never erased. A write that fails during
+the run (disk full) stops the writing, not the captioning: ``predict`` raises `MapWriteError` carrying every
+result. A file name with bytes that are not UTF-8 (``caf\xe9.jpg``) is kept as Python holds it (surrogate
+escapes) and written to map.json as ``\udce9`` escapes (`utils.file_utils.json_text`): valid UTF-8 that
+reads back to the same key.
+
 Example::
 
     from models.image_captioning.clip_cap import ClipCap
