@@ -263,9 +263,7 @@ def json_file_matches(path, predicate, max_bytes=64 * 1024 * 1024) -> bool:
 #: How deeply a JSON file the library reads may nest (a saved model's config.json: 7 levels; map.json: 5).
 #: Deeper, Python's parser (and every recursive walk after it) raises RecursionError, not a clear error.
 MAX_JSON_DEPTH = 64
-_JSON_ESCAPE_RE = re.compile(rb'\\[\\"]')
 _JSON_STRING_RE = re.compile(rb'"[^"]*"')
-_JSON_EMPTY_PAIR_RE = re.compile(rb"\[\]|\{\}")
 _JSON_KEEP = bytes(range(256)).translate(None, b'[]{}"')  # every byte but brackets and quotes: deleted
 
 
@@ -274,8 +272,8 @@ def json_depth_exceeds(data: bytes, max_depth: int) -> bool:
     parsing (no recursion): escaped quotes dropped, then every byte but quotes and brackets, then strings, then
     innermost ``[]`` / ``{}`` pairs, one level a pass (at most ``max_depth`` passes, each linear in C).
     Unbalanced brackets count as too deep (`parse_json` then tells JSON errors apart)."""
-    if b"\\" in data:  # an escaped quote is no string's end (other escapes hide nothing)
-        data = _JSON_ESCAPE_RE.sub(b"", data)
+    if b"\\" in data:  # an escaped quote is no string's end (other escapes hide nothing): pairs from the left
+        data = data.replace(b"\\\\", b"").replace(b'\\"', b"")
     # quotes now alternate open / close: dropping adjacent pairs keeps every bracket left in a string inside one
     brackets = data.translate(None, _JSON_KEEP).replace(b'""', b"")
     if b'"' in brackets:
@@ -283,7 +281,8 @@ def json_depth_exceeds(data: bytes, max_depth: int) -> bool:
     for _ in range(max_depth):
         if not brackets:
             return False
-        brackets = _JSON_EMPTY_PAIR_RE.sub(b"", brackets)
+        # one level: every innermost pair goes, none that this pass uncovers (a placeholder stands between)
+        brackets = brackets.replace(b"[]", b"\0").replace(b"{}", b"\0").replace(b"\0", b"")
     return bool(brackets)
 
 

@@ -187,13 +187,14 @@ def load_map(path, max_bytes=MAP_MAX_BYTES):
 
 def check_map_writable(map_path):
     """Before any work: the folder of ``map_path`` can be written (`utils.file_utils.check_writable_dir`:
-    `MapWriteError` naming it otherwise) and the map.json there, if any, is a readable one (ValueError)."""
+    `MapWriteError` naming it otherwise) and the map.json there, if any, is a readable one (ValueError).
+    Returns what it holds (`load_map`)."""
     try:
         check_writable_dir(Path(map_path).parent)
     except OSError as e:
         raise MapWriteError(f"{e} (map.json is written there; choose another output_dir / --output-dir)",
                             map_path) from e
-    load_map(map_path)
+    return load_map(map_path)
 
 
 def merge_into_map(path, new_entries):
@@ -366,9 +367,8 @@ def predict(model, images, batch_size=16, method="greedy", save=True, overwrite=
     entries = expand_inputs(images)
     settings = generation_settings(model, method, generate_kwargs, exif_transpose)
     map_path = Path(output_dir if output_dir is not None else default_output_dir(model)) / MAP_FILENAME
-    if save:  # before any image is read: results that could not be written at the end would be lost
-        check_map_writable(map_path)
-    stored = load_map(map_path) if save else {}
+    # before any image is read: results that could not be written at the end would be lost
+    stored = check_map_writable(map_path) if save else {}
 
     results = [None] * len(entries)
     todo = []
