@@ -99,11 +99,14 @@ environment variables:
                                       (`main.py cache` shows it, `main.py cache --clear` empties it)
 
 exit codes:
-  0 every image captioned, 1 some inputs failed (listed on stderr), 2 usage error,
-  3 the model could not be downloaded / converted / loaded, 130 interrupted (Ctrl-C)
+  0 every image captioned, 1 some inputs failed (listed on stderr) or map.json could not be written
+  (every result printed first), 2 usage error (an --output-dir that cannot be written or holds a
+  malformed map.json included), 3 the model could not be downloaded / converted / loaded (a malformed
+  config.json included), 130 interrupted (Ctrl-C)
 
 output lines: in "<path><TAB><caption>" and "error: ..." lines a backslash, tab, newline or carriage
-  return is written as \\\\, \\t, \\n, \\r (one result per line; undo by the reverse substitution)
+  return is written as \\\\, \\t, \\n, \\r, and a file name's bytes that are not UTF-8 as \\xNN (one
+  result per line; undo by the reverse substitution); --json writes them as \\udcNN escapes
 """
 
 
