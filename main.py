@@ -14,7 +14,6 @@ only by the command that needs them, so ``--help`` is instant.
 """
 
 import argparse
-import json
 import logging
 import os
 import sys
@@ -42,7 +41,7 @@ from utils.cli import (  # noqa: F401 (escape_field: part of main's API)
 )
 from utils.cli import Formatter as _Formatter
 from utils.cli import fail as _fail
-from utils.file_utils import DEFAULT_MAX_BYTES
+from utils.file_utils import DEFAULT_MAX_BYTES, json_text
 from utils.tf_startup import import_tensorflow, quiet_environment
 
 #: commands that load TensorFlow (imported quietly up front); `caption` imports it itself, only when it has
@@ -70,11 +69,14 @@ def cmd_caption(args):
     results = None if args.no_save or args.overwrite else _answers_from_map(args, images)
     if results is not None:  # every image already captioned with these settings: no model loaded
         return _report(args, results)
+    problem = None if args.no_save else _output_problem(args)
+    if problem is not None:  # before the model is loaded: captions that could not be saved cost no load
+        return _fail(problem, EXIT_USAGE)
 
     import_tensorflow(quiet=not args.verbose, lean=True)  # Keras without pandas / pyplot: ~1 s
     from loggers.console import quiet_logger
     from models.image_captioning.clip_cap import check_decoding_args
-    from models.image_captioning.prediction import predict
+    from models.image_captioning.prediction import MapWriteError, predict
     from utils.devices import resolve_device
 
     try:  # before the model is loaded: a wrong option costs no load
@@ -101,9 +103,28 @@ def cmd_caption(args):
                               status=status, **decoding_kwargs(args))
     except KeyboardInterrupt:
         return _fail("interrupted; every caption made so far is saved in map.json", EXIT_INTERRUPTED)
+    except MapWriteError as e:  # the output folder is unusable (found before any image is read), or a write
+        if e.results is None:   # failed at the end of the run: its results are printed all the same
+            return _fail(str(e), EXIT_USAGE)
+        _report(args, e.results)
+        return _fail(str(e), EXIT_FAILED_INPUTS)
     except (TypeError, ValueError) as e:  # e.g. arguments the decoding method does not accept
         return _fail(str(e), EXIT_USAGE)
     return _report(args, results)
+
+
+def _output_problem(args):
+    """Why map.json cannot be written in ``--output-dir`` (not a writable folder, a damaged or linked map.json),
+    or None; the default folder, which depends on the model, is checked by ``predict`` itself."""
+    if args.output_dir is None:
+        return None
+    from models.image_captioning.prediction import MAP_FILENAME, check_map_writable
+
+    try:
+        check_map_writable(Path(args.output_dir) / MAP_FILENAME)
+    except (OSError, ValueError) as e:
+        return str(e)
+    return None
 
 
 def _answers_from_map(args, images):
@@ -137,7 +158,7 @@ def _read_list(path):
 def _report(args, results):
     """Print the results (lines or JSON on stdout, failures on stderr); the exit code."""
     if args.json:
-        print(json.dumps(results, indent=1, ensure_ascii=False, default=str))
+        print(json_text(results, indent=1, default=str))  # a file name's undecodable bytes: \udcXX escapes
     else:
         for r in results:
             if r["error"] is not None:
@@ -300,8 +321,10 @@ CAPTION_EPILOG = epilog(
      "python main.py caption 'photos/**/*.jpg' --method beam --beam-size 5 --json",
      "python main.py caption demo/ --method sample --num-captions 3 --seed 0   # <path> TAB <n> TAB <caption>",
      "python main.py caption --from-file list.txt https://example.com/cat.jpg --no-save"],
-    "0 every image captioned, 1 some inputs failed (listed on stderr), 2 usage error,\n"
-    "  3 the model could not be downloaded / converted / loaded, 130 interrupted (Ctrl-C)", ESCAPING_HELP)
+    "0 every image captioned, 1 some inputs failed (listed on stderr) or map.json could not be written\n"
+    "  (every result printed first), 2 usage error (an --output-dir that cannot be written or holds a\n"
+    "  malformed map.json included), 3 the model could not be downloaded / converted / loaded (a malformed\n"
+    "  config.json included), 130 interrupted (Ctrl-C)", ESCAPING_HELP)
 CONVERT_EPILOG = epilog(
     ["python main.py convert coco_weights.pt --clip ViT-B/32 --name my_coco       # CLIP and tokenizer downloaded",
      "python main.py convert coco_weights.pt --clip ViT-B-32.pt --tokenizer gpt2-tokenizer/ --name my_coco",

@@ -11,12 +11,11 @@ Example::
     print(train.summary())          # coco:captions_train2014: 82783 images, 414113 captions
 """
 
-import json
 import os
 from pathlib import Path
 
 from datasets.caption_dataset import CaptionDataset, DatasetError
-from utils.file_utils import UnsafePathError, read_regular_file, write_json_atomic
+from utils.file_utils import DEFAULT_MAX_BYTES, UnsafePathError, read_json, write_json_atomic
 
 
 def _read_json(path, what):
@@ -26,11 +25,11 @@ def _read_json(path, what):
     if not os.path.lexists(path):
         raise DatasetError(f"{what} not found: {path}")
     try:
-        return json.loads(read_regular_file(path))
+        return read_json(path, DEFAULT_MAX_BYTES)
     except UnsafePathError as e:
         raise DatasetError(f"cannot read the {what}: {e}") from e
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise DatasetError(f"{path} is not valid JSON ({what}): {e}") from e
+    except ValueError as e:  # not UTF-8, not JSON, nested too deep (read_json names the file)
+        raise DatasetError(f"cannot read the {what}: {e}") from e
 
 
 def load_coco(annotations_file, image_dir=None, check_images=False):

@@ -36,7 +36,7 @@ from pathlib import Path
 import numpy as np
 
 from datasets.caption_dataset import CaptionDataset, DatasetError
-from utils.file_utils import atomic_open, atomic_write, check_overwritable, file_lock
+from utils.file_utils import atomic_open, atomic_write, check_overwritable, file_lock, read_json
 from utils.image_io import ImageReadError, read_image
 
 logger = logging.getLogger(__name__)
@@ -119,7 +119,8 @@ class EmbeddingCache:
         self.directory.mkdir(parents=True, exist_ok=True)
         model_file = self.directory / MODEL_FILENAME
         if model_file.exists():
-            stored = json.loads(model_file.read_text()).get("model_id")
+            stored = read_json(model_file, 1 << 20)
+            stored = stored.get("model_id") if isinstance(stored, dict) else stored
             if stored != self.model_id:
                 raise DatasetError(f"{self.directory} belongs to another model ({stored!r})")
         else:

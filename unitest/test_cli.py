@@ -148,3 +148,109 @@ def test_bad_decoding_options_fail_before_the_model_is_loaded(options, capsys, m
     monkeypatch.setattr(main, "model_or_exit_code", never)
     code, out, err = _run(capsys, "caption", ROOT / "demo", "--model", "coco", *options)
     assert code == 2 and out == "" and err.startswith("error: ")
+
+
+# ------------------------------------------------------------------- outputs that cannot be written, odd inputs
+
+
+def _no_model_load(monkeypatch):
+    """Make loading a model fail the test: what is refused must be refused before the (costly) load."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(main, "model_or_exit_code", refuse)
+
+
+@pytest.mark.parametrize("where", ["file", "under_file"])
+def test_an_unwritable_output_dir_is_refused_before_the_model_loads(tiny_model_dir, tmp_path, capsys, monkeypatch,
+                                                                    where):
+    (tmp_path / "notes").write_text("mine")
+    output = tmp_path / "notes" if where == "file" else tmp_path / "notes" / "out"
+    _no_model_load(monkeypatch)
+    code, out, err = _run(capsys, "caption", ROOT / "demo" / "cat.jpg", "--model", tiny_model_dir, "--output-dir",
+                          output, "--no-progress")
+    assert code == 2 and out == "" and f"cannot write into {output}: {tmp_path / 'notes'} is a regular file" in err
+    assert (tmp_path / "notes").read_text() == "mine"
+
+
+def test_a_failed_map_write_prints_every_result_then_the_error(tiny_model_dir, tmp_path, capsys, monkeypatch):
+    """The disk is full when map.json is written: the captions are printed all the same, then the error (exit 1)."""
+    import errno
+
+    replace = os.replace
+
+    def full_disk(src, dst, *args, **kwargs):
+        if str(dst).endswith("map.json"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return replace(src, dst, *args, **kwargs)
+
+    monkeypatch.setattr(os, "replace", full_disk)
+    images = [ROOT / "demo" / "cat.jpg", ROOT / "demo" / "coffee.jpg"]
+    code, out, err = _run(capsys, *["caption", *images], "--model", tiny_model_dir, "--output-dir", tmp_path / "out",
+                          "--max-length", 4, "--no-progress")
+    assert code == 1
+    assert [line.split("\t")[0] for line in out.splitlines()] == [str(p) for p in images]
+    assert f"cannot write {tmp_path / 'out' / 'map.json'}: [Errno 28] No space left on device; 2 captions" in err
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["map.json.lock"]  # no temporary file left
+
+
+def test_a_non_utf8_file_name_is_captioned_printed_and_found_again(tiny_model_dir, tmp_path, capsys, monkeypatch):
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for name in (b"a.jpg", b"caf\xe9.jpg", b"z.jpg"):
+        shutil.copy(ROOT / "demo" / "cat.jpg", os.path.join(os.fsencode(folder), name))
+    common = ("--model", tiny_model_dir, "--output-dir", tmp_path / "out", "--max-length", 4, "--no-progress")
+    code, out, err = _run(capsys, "caption", folder, *common)
+    assert code == 0, err
+    out.encode("utf-8")  # valid UTF-8: the undecodable byte is written as \xe9
+    assert [line.split("\t")[0] for line in out.splitlines()] == [f"{folder}/a.jpg", f"{folder}/caf\\xe9.jpg",
+                                                                  f"{folder}/z.jpg"]
+    _no_model_load(monkeypatch)  # the rerun is answered from map.json alone
+    code, out, err = _run(capsys, "caption", folder, *common, "--json")
+    assert code == 0, err
+    results = json.loads(out.encode("utf-8").decode("utf-8"))
+    assert [os.fsencode(r["image"]) for r in results] == [os.path.join(os.fsencode(folder), name)
+                                                          for name in (b"a.jpg", b"caf\xe9.jpg", b"z.jpg")]
+    assert [r["cached"] for r in results] == [True] * 3
+    (tmp_path / "out" / "map.json").read_bytes().decode("utf-8")
+
+
+@pytest.mark.parametrize("content", ["[" * 100_000 + "]" * 100_000, '{"/x.jpg": "a cat"}', "link"])
+def test_a_malformed_map_json_is_refused_before_the_model_loads(tiny_model_dir, tmp_path, capsys, monkeypatch,
+                                                                content):
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    if content == "link":
+        (tmp_path / "elsewhere.json").write_text("{}")
+        (out_dir / "map.json").symlink_to(tmp_path / "elsewhere.json")
+    else:
+        (out_dir / "map.json").write_text(content)
+    _no_model_load(monkeypatch)
+    code, out, err = _run(capsys, "caption", ROOT / "demo" / "cat.jpg", "--model", tiny_model_dir, "--output-dir",
+                          out_dir, "--no-progress")
+    assert code == 2 and out == "" and f"{out_dir / 'map.json'} is not a readable map.json" in err
+    assert (out_dir / "map.json").is_symlink() if content == "link" else (out_dir / "map.json").read_text() == content
+
+
+@pytest.mark.parametrize("case", ["deep", "dtype_function", "dtype_name", "foreign_class"])
+def test_a_malformed_config_is_refused_with_exit_3_naming_it(tiny_model_dir, tmp_path, capsys, case):
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model)
+    config = json.loads((model / "config.json").read_text())
+    if case == "deep":
+        text = json.dumps(config)[:-1] + ', "notes": ' + "[" * 100_000 + "]" * 100_000 + "}"
+    else:
+        inner = config["model"]["config"]
+        if case == "dtype_function":
+            inner["dtype"] = {"class_name": "function", "module": "os", "config": "getcwd", "registered_name": None}
+        elif case == "dtype_name":
+            inner["dtype"] = "int8"
+        else:
+            inner["mapper"]["module"] = "os"
+        text = json.dumps(config)
+    (model / "config.json").write_text(text)
+    code, out, err = _run(capsys, "caption", ROOT / "demo" / "cat.jpg", "--model", model, "--no-save", "--no-progress",
+                          "--max-length", 3)
+    assert code == 3 and out == "" and str(model / "config.json") in err, err
+    assert {"deep": "nested more than 64 levels", "dtype_function": "model.config.dtype is",
+            "dtype_name": "model.config.dtype is", "foreign_class": "names 'os'"}[case] in err

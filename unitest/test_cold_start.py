@@ -271,3 +271,33 @@ def test_torchvision_and_transformers_torch_models_after_the_library_do_not_cras
     assert "triton" in sys.modules  # conftest imported torchvision (and triton) first
     kept = sys.modules["triton"]
     assert keep_triton_out() is False and sys.modules["triton"] is kept
+
+
+def test_a_cache_that_cannot_be_written_is_read_only_with_a_warning(tmp_path, monkeypatch, caplog):
+    """A full store (statvfs: no space) or one that is no folder: TensorFlow is told to only read the cache,
+    with a warning, instead of failing the first compiled call (ResourceExhaustedError, a .tmp left)."""
+    import collections
+
+    monkeypatch.delitem(sys.modules, "tensorflow", raising=False)  # as in a process that has not imported it yet
+    for name in ("TF_XLA_FLAGS", "IMAGE_CAPTIONING_XLA_CACHE_DIR", "IMAGE_CAPTIONING_XLA_CACHE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("IMAGE_CAPTIONING_HOME", str(tmp_path / "home"))
+    Stat = collections.namedtuple("Stat", "f_bavail f_frsize")
+    monkeypatch.setattr(os, "statvfs", lambda path: Stat(0, 4096))
+    with caplog.at_level("WARNING", logger="utils.compile_cache"):
+        directory = compile_cache.enable()
+    assert os.environ["TF_XLA_FLAGS"].split() == [f"--tf_xla_persistent_cache_directory={directory}",
+                                                  compile_cache.READ_ONLY_FLAG]
+    assert "cannot be written" in caplog.text and "no space left" in caplog.text
+    assert not (tmp_path / "home").exists()
+
+
+def test_captions_with_a_store_that_cannot_be_written(tiny_model, tmp_path):
+    """The model store is a file (so is a full disk, `test_a_cache_that_cannot_be_written_is_read_only...`): a
+    run that compiles captions all the same, with one warning, and writes nothing there."""
+    (tmp_path / "store").write_text("not a folder")
+    result = _caption(_clean_env(tmp_path / "store"), tiny_model, **LONG_RUN)
+    assert result.returncode == 0, result.stderr
+    assert len(result.stdout.splitlines()) == 3
+    assert result.stderr.count("the compile cache cannot be written") == 1, result.stderr
+    assert (tmp_path / "store").read_text() == "not a folder"

@@ -163,3 +163,85 @@ def test_file_lock_serialises_read_merge_write_across_processes(tmp_path):
     assert all(w.exitcode == 0 for w in workers)
     data = json.loads(path.read_text())
     assert sorted(data) == sorted([i for i in range(3) for _ in range(20)])
+
+
+# ------------------------------------------------------------------------------------------- JSON files
+
+
+def _depth(value):
+    if isinstance(value, dict | list):
+        items = value.values() if isinstance(value, dict) else value
+        return 1 + max((_depth(v) for v in items), default=0)
+    return 0
+
+
+def test_json_depth_is_found_without_parsing():
+    """Against the parsed depth, on random JSON whose strings hold brackets, quotes and backslashes."""
+    import random
+
+    from utils.file_utils import json_depth_exceeds
+
+    rng = random.Random(0)
+
+    def text():
+        return "".join(rng.choice('ab[]{}"\\\né') for _ in range(rng.randint(0, 5)))
+
+    def value(level):
+        roll = rng.random()
+        if level > 6 or roll < 0.3:
+            return rng.choice([text(), 1, None, 2.5])
+        if roll < 0.65:
+            return [value(level + 1) for _ in range(rng.randint(0, 3))]
+        return {text(): value(level + 1) for _ in range(rng.randint(0, 3))}
+
+    for _ in range(3000):
+        item = value(0)
+        data = json.dumps(item, ensure_ascii=rng.random() < 0.5, indent=rng.choice([None, 1])).encode()
+        depth = _depth(item)
+        for limit in range(max(0, depth - 1), depth + 2):
+            assert json_depth_exceeds(data, limit) == (depth > limit), (data, limit)
+
+
+def test_read_json_bounds_nesting_and_names_the_file(tmp_path):
+    from utils.file_utils import MAX_JSON_DEPTH, read_json
+
+    path = tmp_path / "x.json"
+    for content, message in (("[" * 100_000 + "]" * 100_000, "nested more than"), ("{not json", "not valid JSON"),
+                             (b"\xff\xfe{}", "not UTF-8")):
+        (path.write_bytes if isinstance(content, bytes) else path.write_text)(content)
+        with pytest.raises(ValueError, match=f"{path}.*{message}|{path}: {message}"):
+            read_json(path, 1 << 20)
+    path.write_text("[" * MAX_JSON_DEPTH + "]" * MAX_JSON_DEPTH)
+    assert _depth(read_json(path, 1 << 20)) == MAX_JSON_DEPTH
+    path.write_bytes(b'\xef\xbb\xbf{"a": "\\"]"}')  # a BOM; an escaped quote before a bracket in a string
+    assert read_json(path, 1 << 20, max_depth=1) == {"a": '"]'}
+    with pytest.raises(UnsafePathError, match="exceeds the limit"):
+        read_json(path, 4)
+
+
+def test_json_text_keeps_undecodable_file_names_lossless():
+    from utils.file_utils import json_text
+
+    name = os.fsdecode(b"/photos/caf\xe9 \xc3\xa9.jpg")  # one undecodable byte, one valid UTF-8 character
+    text = json_text({name: "é"})
+    assert "\\udce9" in text and "é" in text
+    assert os.fsencode(next(iter(json.loads(text.encode("utf-8").decode("utf-8"))))) == b"/photos/caf\xe9 \xc3\xa9.jpg"
+
+
+def test_check_writable_dir(tmp_path, monkeypatch):
+    import collections
+    import errno
+
+    from utils.file_utils import check_writable_dir
+
+    (tmp_path / "file").write_text("mine")
+    for directory in (tmp_path / "file", tmp_path / "file" / "a" / "b"):
+        with pytest.raises(OSError, match=f"cannot write into {directory}: {tmp_path / 'file'} is a regular file"):
+            check_writable_dir(directory)
+    assert check_writable_dir(tmp_path / "new" / "deeper") == tmp_path / "new" / "deeper"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]  # nothing created, the probe removed
+    stat_result = collections.namedtuple("Stat", "f_bavail f_frsize")
+    monkeypatch.setattr(os, "statvfs", lambda path: stat_result(10, 4096))
+    with pytest.raises(OSError, match="no space left on the device") as info:
+        check_writable_dir(tmp_path)
+    assert info.value.errno == errno.ENOSPC

@@ -375,3 +375,104 @@ def test_a_partial_last_batch_compiles_no_new_shape(tmp_path_factory):
     assert sorted({key[0] for key in model.decoder._compiled}) == [2]  # (batch, K, max_length, sampler)
     alone = model.generate(model.encode_images(images), max_length=5)  # all 5 at once, padded to 8 inside
     assert [r["caption"] for r in results] == [candidates[0]["text"] for candidates in alone]
+
+
+# ------------------------------------------------------------------------------- writes that fail, odd names
+
+
+def _four_images(tmp_path):
+    paths = []
+    for i in range(4):
+        paths.append(str(tmp_path / f"img_{i}.png"))
+        Image.new("RGB", (20 + i, 10)).save(paths[-1])
+    return paths
+
+
+def test_a_failed_map_write_keeps_every_result(tmp_path, monkeypatch):
+    """The disk fills after the first batch: the run goes on, and the error carries every result (the
+    caller prints them) and the count of captions left unsaved; the first batch stays in map.json."""
+    import errno
+
+    paths, out = _four_images(tmp_path), tmp_path / "out"
+    replace, calls = os.replace, []
+
+    def full_disk(src, dst, *args, **kwargs):
+        if str(dst).endswith("map.json"):
+            calls.append(dst)
+            if len(calls) > 1:
+                raise OSError(errno.ENOSPC, "No space left on device")
+        return replace(src, dst, *args, **kwargs)
+
+    monkeypatch.setattr(os, "replace", full_disk)
+    with pytest.raises(prediction.MapWriteError, match="No space left.*2 captions of this run are not saved") as info:
+        predict(FakeModel(), paths, batch_size=2, output_dir=out, progress=False)
+    assert [r["caption"] for r in info.value.results] == [f"{20 + i}x10" for i in range(4)]
+    assert info.value.unsaved == 2 and len(calls) == 2  # no further write attempted after the failure
+    assert len(load_map(out / "map.json")) == 2
+    assert sorted(p.name for p in out.iterdir()) == ["map.json", "map.json.lock"]  # no temporary file left
+
+
+def test_an_unwritable_output_dir_is_refused_before_any_image_is_read(tmp_path):
+    (tmp_path / "a_file").write_text("mine")
+    model = FakeModel()
+    for output_dir in (tmp_path / "a_file", tmp_path / "a_file" / "under"):
+        with pytest.raises(prediction.MapWriteError, match="a_file is a regular file, not a folder") as info:
+            predict(model, _four_images(tmp_path), output_dir=output_dir, progress=False)
+        assert info.value.results is None
+    assert model.generate_calls == [] and (tmp_path / "a_file").read_text() == "mine"
+
+
+def test_a_symlinked_map_json_is_refused_not_replaced(tmp_path, monkeypatch):
+    target = tmp_path / "shared.json"
+    target.write_text("{}")
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "map.json").symlink_to(target)
+    with pytest.raises(ValueError, match="symbolic link"):
+        predict(FakeModel(), _four_images(tmp_path), output_dir=tmp_path / "out", progress=False)
+    assert (tmp_path / "out" / "map.json").is_symlink() and target.read_text() == "{}"
+    # made a link between the read and the write: not replaced either
+    os.remove(tmp_path / "out" / "map.json")
+    load = prediction.load_map
+
+    def read_then_link(path, *args):
+        data = load(path, *args)
+        os.symlink(target, path)
+        return data
+
+    monkeypatch.setattr(prediction, "load_map", read_then_link)
+    with pytest.raises(ValueError, match="symbolic link"):
+        prediction.merge_into_map(tmp_path / "out" / "map.json", {"k": {"caption": "c", "settings": {}}})
+    assert (tmp_path / "out" / "map.json").is_symlink() and target.read_text() == "{}"
+
+
+@pytest.mark.parametrize("content", ["[" * 100_000 + "]" * 100_000, '{"/x.jpg": "a cat"}',
+                                     '{"/x.jpg": {"caption": 3, "settings": {}}}', '{"/x.jpg": {"caption": "a cat"}}',
+                                     '{"/x.jpg": {"caption": "a", "settings": {}, "candidates": "b"}}',
+                                     '{"a": ' * 100 + "1" + "}" * 100])
+def test_a_malformed_map_json_is_refused_naming_it(tmp_path, content):
+    (tmp_path / "map.json").write_text(content)
+    with pytest.raises(ValueError, match=f"{tmp_path / 'map.json'} is not a readable map.json"):
+        load_map(tmp_path / "map.json")
+    model = FakeModel()
+    with pytest.raises(ValueError, match="not a readable map.json"):
+        predict(model, _four_images(tmp_path), output_dir=tmp_path, progress=False)
+    assert model.generate_calls == [] and (tmp_path / "map.json").read_text() == content  # never erased
+
+
+def test_a_non_utf8_file_name_is_captioned_and_stored_losslessly(tmp_path):
+    """``caf\\xe9.jpg`` (Latin-1 bytes) between two others: all three captioned, map.json valid UTF-8 whose
+    key reads back to the same name (so a rerun finds it)."""
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for i, name in enumerate((b"a.jpg", b"caf\xe9.jpg", b"z.jpg")):
+        with open(os.path.join(os.fsencode(folder), name), "wb") as f:
+            f.write(_jpeg_bytes((30 + i, 10)))
+    out = tmp_path / "out"
+    results = predict(FakeModel(), str(folder), batch_size=1, output_dir=out, progress=False)
+    assert [r["caption"] for r in results] == ["30x10", "31x10", "32x10"] and all(r["error"] is None for r in results)
+    assert os.fsencode(results[1]["image"]) == os.fsencode(folder) + b"/caf\xe9.jpg"
+    stored = json.loads((out / "map.json").read_bytes().decode("utf-8"))  # valid UTF-8
+    assert results[1]["image"] in stored
+    model = FakeModel()
+    again = predict(model, str(folder), output_dir=out, progress=False)
+    assert [r["cached"] for r in again] == [True] * 3 and model.generate_calls == []

@@ -216,3 +216,45 @@ def test_a_hub_name_is_built_from_its_cached_snapshot(layouts, monkeypatch):
     with pytest.raises(TokenizerError, match="vocab.json and merges.txt"):
         load_gpt2_tokenizer("someone/gpt2")
     assert asked == ["someone/gpt2"]
+
+
+def _with_added_tokens(source, directory, added):
+    """A tokenizer.json-only folder with ``added`` (dicts with id and content) after its own added tokens."""
+    directory.mkdir()
+    data = json.loads((Path(source) / "tokenizer.json").read_text(encoding="utf-8"))
+    data["added_tokens"] = data.get("added_tokens", []) + added
+    (directory / "tokenizer.json").write_text(json.dumps(data), encoding="utf-8")
+    return directory
+
+
+def _added(i, content, special=False):
+    return {"id": i, "content": content, "single_word": False, "lstrip": False, "rstrip": False,
+            "normalized": not special, "special": special}
+
+
+def test_many_added_tokens_get_transformers_ids(gpt2_tokenizer_dir, tmp_path):
+    """Added tokens mixed: new ones, special ones, words already in the vocabulary, a repeated content, out of
+    order: the ids GPT2TokenizerFast gives them (the one-call add keeps the one-at-a-time order)."""
+    vocab_word = next(w for w in json.loads((Path(gpt2_tokenizer_dir) / "vocab.json").read_text()) if len(w) > 2)
+    added = [_added(400 + i, f"<t{i}>", special=i % 3 == 0) for i in range(300)]
+    added += [_added(900, vocab_word), _added(901, "<t5>"), _added(350, "<early>", special=True)]
+    directory = _with_added_tokens(gpt2_tokenizer_dir, tmp_path / "tok", added)
+    ours, ref = load_gpt2_tokenizer(directory), _reference(directory)
+    ref.pad_token = ref.eos_token
+    assert_same(ours, ref, TEXTS[:8] + ["a <t1> b<t3><early> <t299>", vocab_word], ID_ROWS[:3] + [[400, 401, 699]])
+
+
+def test_thirty_thousand_added_tokens_load_in_linear_time(gpt2_tokenizer_dir, tmp_path):
+    """30,000 added tokens took 192 s (one `add_tokens` call per token: each rebuilds the matcher); one call."""
+    import time
+
+    count = 30_000
+    directory = _with_added_tokens(gpt2_tokenizer_dir, tmp_path / "tok",
+                                   [_added(1000 + i, f"<tok{i}>") for i in range(count)])
+    start = time.perf_counter()
+    ours = load_gpt2_tokenizer(directory)
+    elapsed = time.perf_counter() - start
+    assert elapsed < 10, f"{elapsed:.1f} s"  # a generous guard: ~0.1 s now
+    assert len(ours) == len(json.loads((Path(gpt2_tokenizer_dir) / "vocab.json").read_text())) + count
+    assert ours.encode("x<tok0>y<tok29999>")[1] == ours.convert_tokens_to_ids("<tok0>")
+    assert ours.convert_ids_to_tokens([ours.convert_tokens_to_ids("<tok29999>")]) == ["<tok29999>"]

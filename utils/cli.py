@@ -40,12 +40,17 @@ class Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionH
         return super()._get_help_string(action)
 
 
-_ESCAPES = str.maketrans({"\\": "\\\\", "\n": "\\n", "\t": "\\t", "\r": "\\r"})
+_ESCAPES = str.maketrans({"\\": "\\\\", "\n": "\\n", "\t": "\\t", "\r": "\\r",
+                          # a file name's undecodable bytes (surrogateescape: U+DC80-U+DCFF) as the bytes
+                          **{chr(c): f"\\x{c - 0xDC00:02x}" for c in range(0xDC80, 0xDD00)},
+                          **{chr(c): f"\\u{c:04x}" for c in (*range(0xD800, 0xDC80), *range(0xDD00, 0xE000))}})
 
 
 def escape_field(text) -> str:
     """``text`` with backslash, newline, tab and carriage return written as ``\\\\``, ``\\n``, ``\\t``,
-    ``\\r``: a path or caption holding them cannot break the one-result-per-line output (reversible)."""
+    ``\\r``, and a file name's undecodable bytes as ``\\xNN`` (``caf\\xe9.jpg``; other lone surrogates as
+    ``\\uNNNN``): a path or caption holding them cannot break the one-result-per-line output nor its UTF-8
+    (reversible)."""
     return str(text).translate(_ESCAPES)
 
 
@@ -126,7 +131,8 @@ environment variables:
 #: how ``caption``'s result and error lines are escaped (its epilog, and `escape_field`)
 ESCAPING_HELP = """\
 output lines: in "<path><TAB><caption>" and "error: ..." lines a backslash, tab, newline or carriage
-  return is written as \\\\, \\t, \\n, \\r (one result per line; undo by the reverse substitution)
+  return is written as \\\\, \\t, \\n, \\r, and a file name's bytes that are not UTF-8 as \\xNN (one
+  result per line; undo by the reverse substitution); --json writes them as \\udcNN escapes
 """
 
 

@@ -20,6 +20,10 @@ store is a cold cache), before TensorFlow is imported. It is called by ``main.py
 - Opt-out: ``IMAGE_CAPTIONING_XLA_CACHE=0``. A ``TF_XLA_FLAGS`` that already names a cache directory is the
   user's choice and is kept; their other flags are kept too (ours is appended).
 - Nothing is created until TensorFlow writes its first entry (a refused command leaves the store as it was).
+- A cache that cannot be written (the store read-only, not a folder, or with less than `MIN_FREE_BYTES`
+  free) is a warning, not a failure: TensorFlow is told to only read it (``READ_ONLY_FLAG``), since a write
+  that fails fails the compiling call (a full disk made even ``caption --no-save`` fail). A disk that fills
+  up during the run is not foreseen.
 - ``python main.py cache`` shows where it is and its size; ``cache --clear`` empties it (`clear`): only a
   folder whose every file is a cache entry is replaced (`utils.file_utils.replace_dir`), anything else is
   refused.
@@ -47,6 +51,11 @@ logger = logging.getLogger(__name__)
 CACHE_ENV = "IMAGE_CAPTIONING_XLA_CACHE"
 FLAGS_ENV = "TF_XLA_FLAGS"
 FLAG = "--tf_xla_persistent_cache_directory"
+#: TensorFlow's switch to load cached programs without writing new ones (set when the store cannot be written)
+READ_ONLY_FLAG = "--tf_xla_persistent_cache_read_only=true"
+#: the free space the store needs for the cache to be written (an entry is a few MB; TensorFlow fails the
+#: compiling call itself, ResourceExhaustedError, when it cannot write one)
+MIN_FREE_BYTES = 64 << 20
 #: the folder `enable` put in TF_XLA_FLAGS (inherited by child processes, which then use their own store's)
 _OURS_ENV = "IMAGE_CAPTIONING_XLA_CACHE_DIR"
 CACHE_DIRNAME = "xla_cache"
@@ -157,12 +166,31 @@ def enable(home=None):
         logger.debug("TensorFlow is already imported: no persistent XLA cache for this process")
         return None
     directory = cache_dir(home)
+    if existing is not None and str(existing) == str(directory):
+        return directory  # set by an earlier call (checked and reported then)
     flags = os.environ.get(FLAGS_ENV, "")
     if existing is not None:  # set by a parent process of ours, for its store: replaced by this one's
-        flags = flags.replace(f"{FLAG}={existing}", "")
-    os.environ[FLAGS_ENV] = " ".join([*flags.split(), f"{FLAG}={directory}"])
+        flags = flags.replace(f"{FLAG}={existing}", "").replace(READ_ONLY_FLAG, "")
+    problem = unwritable(directory)
+    if problem is not None:
+        logger.warning("the compile cache cannot be written (%s): compiled programs are not saved by this "
+                       "process (those already there are used)", problem)
+    own = [f"{FLAG}={directory}", *([READ_ONLY_FLAG] if problem is not None else [])]
+    os.environ[FLAGS_ENV] = " ".join([*flags.split(), *own])
     os.environ[_OURS_ENV] = str(directory)
     return directory
+
+
+def unwritable(directory):
+    """Why TensorFlow could not write cache entries into ``directory`` (`utils.file_utils.check_writable_dir`
+    with `MIN_FREE_BYTES`: creates nothing that stays), or None."""
+    from utils.file_utils import check_writable_dir
+
+    try:
+        check_writable_dir(directory, min_free_bytes=MIN_FREE_BYTES)
+    except OSError as e:
+        return str(e)
+    return None
 
 
 def _is_key_dir(path: Path) -> bool:

@@ -13,14 +13,13 @@ Example::
 """
 
 import hashlib
-import json
 import logging
 import os
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-from utils.file_utils import file_lock, open_regular_file, read_regular_file, write_json_atomic
+from utils.file_utils import file_lock, open_regular_file, read_json, write_json_atomic
 from utils.model_store import home_dir
 
 logger = logging.getLogger(__name__)
@@ -101,7 +100,7 @@ def read_manifest(root=None) -> dict:
     if not os.path.lexists(path):
         return {}
     try:
-        data = json.loads(read_regular_file(path, max_bytes=_MANIFEST_MAX_BYTES))
+        data = read_json(path, _MANIFEST_MAX_BYTES)
         files = data["files"]
         if not isinstance(files, dict) or not all(isinstance(e, dict) and isinstance(e.get("sha256"), str)
                                                   for e in files.values()):

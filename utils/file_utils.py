@@ -13,7 +13,8 @@ Every path the library writes, deletes or reads goes through these helpers, whic
 - **Locks** (`file_lock`): an inter-process lock (``filelock``, ``flock`` on POSIX) on ``<path>.lock``, so
   concurrent runs can read-merge-write a shared file without losing each other's results.
 - **Bounded reads** (`read_regular_file`): only regular files are read (a FIFO, device or socket gets its
-  own error instead of blocking or reading forever), and never more than ``max_bytes``.
+  own error instead of blocking or reading forever), and never more than ``max_bytes``; JSON files through
+  `read_json`, which also bounds their nesting (`MAX_JSON_DEPTH`: no RecursionError from a crafted file).
 
 Example::
 
@@ -91,9 +92,20 @@ def atomic_write(path, data, mode="w", encoding="utf-8"):
     return Path(path)
 
 
+_LONE_SURROGATE_RE = re.compile("[\ud800-\udfff]")
+
+
+def json_text(data, indent=1, **dumps_kwargs) -> str:
+    """``json.dumps(data)`` with non-ASCII kept, and lone surrogates (a file name's undecodable bytes, which
+    Python holds as ``\\udc80``-``\\udcff``) written as ``\\uXXXX`` escapes: valid UTF-8 that ``json.loads``
+    reads back to the same string (so ``os.fsencode`` gives back the name's bytes)."""
+    text = json.dumps(data, indent=indent, ensure_ascii=False, **dumps_kwargs)
+    return _LONE_SURROGATE_RE.sub(lambda m: f"\\u{ord(m.group()):04x}", text)
+
+
 def write_json_atomic(path, data, indent=1):
-    """`atomic_write` of ``data`` as JSON (UTF-8, non-ASCII kept)."""
-    return atomic_write(path, json.dumps(data, indent=indent, ensure_ascii=False))
+    """`atomic_write` of ``data`` as JSON (UTF-8, non-ASCII kept, lone surrogates escaped: `json_text`)."""
+    return atomic_write(path, json_text(data, indent=indent))
 
 
 @contextlib.contextmanager
@@ -196,6 +208,38 @@ def check_replaceable(target, is_ours=None, overwrite=True):
                               "to replace it")
 
 
+def check_writable_dir(directory, min_free_bytes=1 << 20):
+    """Raise OSError (naming ``directory``) unless files can be written into it: ``directory``, or the nearest
+    folder above it that exists (where it would be created), is a folder in which a probe file can be created
+    and removed, on a file system with ``min_free_bytes`` free. Creates nothing that stays: a cheap check
+    before a long job whose results would be lost if they could not be written at its end."""
+    directory = Path(directory)
+    existing = directory
+    while not os.path.lexists(existing) and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        kind = describe_kind(os.stat(existing).st_mode) if existing.exists() else "a dangling symbolic link"
+        raise _os_error(errno.ENOTDIR, f"cannot write into {directory}: {existing} is {kind}, not a folder")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".write-probe.", suffix=".tmp", dir=existing)
+        os.close(fd)
+        os.unlink(probe)
+        st = os.statvfs(existing)
+    except OSError as e:
+        raise _os_error(e.errno, f"cannot write into {directory}: {e.strerror or e}") from e
+    if st.f_bavail * st.f_frsize < min_free_bytes:
+        raise _os_error(errno.ENOSPC, f"cannot write into {directory}: no space left on the device "
+                                      f"({st.f_bavail * st.f_frsize} bytes free)")
+    return directory
+
+
+def _os_error(code, message):
+    """An OSError whose text is ``message`` alone (no "[Errno N]" prefix) and whose ``errno`` is ``code``."""
+    error = OSError(message)
+    error.errno = code
+    return error
+
+
 def check_overwritable(path, is_ours, what="a file"):
     """Refuse (`UnsafePathError`) to overwrite ``path`` unless it is absent or a regular file that
     ``is_ours(path)`` recognises as ``what`` written by this library (a previous run's output)."""
@@ -211,9 +255,62 @@ def check_overwritable(path, is_ours, what="a file"):
 def json_file_matches(path, predicate, max_bytes=64 * 1024 * 1024) -> bool:
     """Whether ``path`` is a regular file of JSON (at most ``max_bytes``) for which ``predicate`` is true."""
     try:
-        return bool(predicate(json.loads(read_regular_file(path, max_bytes))))
+        return bool(predicate(read_json(path, max_bytes)))
     except (OSError, ValueError):  # UnsafePathError and JSON errors are ValueErrors
         return False
+
+
+#: How deeply a JSON file the library reads may nest (a saved model's config.json: 7 levels; map.json: 5).
+#: Deeper, Python's parser (and every recursive walk after it) raises RecursionError, not a clear error.
+MAX_JSON_DEPTH = 64
+_JSON_STRING_RE = re.compile(rb'"[^"]*"')
+_JSON_KEEP = bytes(range(256)).translate(None, b'[]{}"')  # every byte but brackets and quotes: deleted
+
+
+def json_depth_exceeds(data: bytes, max_depth: int) -> bool:
+    """Whether the JSON text ``data`` (UTF-8) nests containers more than ``max_depth`` deep, found without
+    parsing (no recursion): escaped quotes dropped, then every byte but quotes and brackets, then strings, then
+    innermost ``[]`` / ``{}`` pairs, one level a pass (at most ``max_depth`` passes, each linear in C).
+    Unbalanced brackets count as too deep (`parse_json` then tells JSON errors apart)."""
+    if b"\\" in data:  # an escaped quote is no string's end (other escapes hide nothing): pairs from the left
+        data = data.replace(b"\\\\", b"").replace(b'\\"', b"")
+    # quotes now alternate open / close: dropping adjacent pairs keeps every bracket left in a string inside one
+    brackets = data.translate(None, _JSON_KEEP).replace(b'""', b"")
+    if b'"' in brackets:
+        brackets = _JSON_STRING_RE.sub(b"", brackets)
+    for _ in range(max_depth):
+        if not brackets:
+            return False
+        # one level: every innermost pair goes, none that this pass uncovers (a placeholder stands between)
+        brackets = brackets.replace(b"[]", b"\0").replace(b"{}", b"\0").replace(b"\0", b"")
+    return bool(brackets)
+
+
+def read_json(path, max_bytes, max_depth=MAX_JSON_DEPTH):
+    """The value of the JSON file ``path``: a regular file (`read_regular_file`) of at most ``max_bytes``, read
+    by `parse_json`; `UnsafePathError` for what `read_regular_file` refuses. Every JSON file the library
+    reads goes through here: no RecursionError, no unbounded read, the file named in every error."""
+    path = os.fspath(path)
+    return parse_json(read_regular_file(path, max_bytes), path, max_depth)
+
+
+def parse_json(data: bytes, source, max_depth=MAX_JSON_DEPTH):
+    """The value of the JSON text ``data``: UTF-8 (a BOM allowed), nested at most ``max_depth`` deep
+    (`json_depth_exceeds`, checked before parsing); ValueError naming ``source`` otherwise."""
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{source} is not UTF-8 text ({e})") from e
+    too_deep = json_depth_exceeds(data, max_depth)
+    try:
+        value = json.loads(text)  # also when too deep: says which of "too deep" and "not JSON" it is
+    except RecursionError:
+        too_deep = True
+    except ValueError as e:  # JSONDecodeError
+        raise ValueError(f"{source} is not valid JSON ({e})") from e
+    if too_deep:
+        raise ValueError(f"{source}: JSON nested more than {max_depth} levels deep")
+    return value
 
 
 @contextlib.contextmanager

@@ -13,11 +13,10 @@ Example::
     is_saved_model(model_dir("coco"))
 """
 
-import json
 import os
 from pathlib import Path
 
-from utils.file_utils import UnsafePathError, check_model_name, read_regular_file
+from utils.file_utils import UnsafePathError, check_model_name, read_json
 
 HOME_ENV = "IMAGE_CAPTIONING_HOME"
 CONFIG_FILENAME = "config.json"
@@ -61,7 +60,7 @@ def is_saved_model(directory, architecture="clipcap") -> bool:
     if directory.is_symlink() or not directory.is_dir():
         return False
     try:
-        config = json.loads(read_regular_file(directory / CONFIG_FILENAME, max_bytes=1 << 20))
+        config = read_json(directory / CONFIG_FILENAME, 1 << 20)
     except (UnsafePathError, OSError, ValueError):
         return False
     return isinstance(config, dict) and config.get("architecture") == architecture

@@ -28,7 +28,7 @@ import json
 import os
 from pathlib import Path
 
-from utils.file_utils import UnsafePathError, read_regular_file, replace_dir
+from utils.file_utils import UnsafePathError, read_json, replace_dir
 
 FORMAT_VERSION = 2
 CONFIG_FILE = "config.json"
@@ -84,8 +84,8 @@ def read_json_file(path, error, what="config"):
     """A JSON object from a regular file (bounded read); ``error`` (an exception class) names the file when
     it is not readable, not JSON or not an object."""
     try:
-        value = json.loads(read_regular_file(path, max_bytes=MAX_CONFIG_BYTES))
-    except (UnsafePathError, OSError, ValueError) as e:
+        value = read_json(path, MAX_CONFIG_BYTES)
+    except (UnsafePathError, OSError, ValueError) as e:  # read_json: bounded size and nesting
         raise error(f"{path} is not a readable {what} ({e}); save or convert the model again") from e
     if not isinstance(value, dict):
         raise error(f"{path} is not a readable {what}: a JSON object was expected, got {type(value).__name__}")
@@ -109,6 +109,49 @@ def read_preset_config(directory, architecture, error, required=()):
     return config
 
 
+#: the dtypes / dtype policies a saved model may name: Keras' floating ones and mixed-precision policies
+DTYPE_NAMES = frozenset({"float16", "float32", "float64", "bfloat16", "mixed_float16", "mixed_bfloat16"})
+_DTYPE_KEYS = ("dtype", "dtype_policy")
+_POLICY_CLASSES = ("DTypePolicy", "FloatDTypePolicy")
+#: the packages whose classes a saved model's config may name (Keras' and this library's layers)
+_CONFIG_MODULES = ("keras", "custom_architectures", "custom_layers")
+
+
+def check_model_config(value, config_path, error, where="model"):
+    """Refuse (``error`` naming ``config_path`` and the entry) a serialized model that names anything but
+    Keras' and this library's classes, or a dtype other than `DTYPE_NAMES` (a plain name or a Keras
+    ``DTypePolicy``): Keras would resolve e.g. ``{"class_name": "function", "module": "os"}`` as a dtype
+    and load. Checked before ``deserialize_keras_object`` sees the config (read by `read_json_file`: its
+    nesting is bounded, so this walk is too)."""
+    if isinstance(value, list):
+        for i, item in enumerate(value):
+            check_model_config(item, config_path, error, f"{where}[{i}]")
+        return
+    if not isinstance(value, dict):
+        return
+    if "class_name" in value or "module" in value:
+        module, class_name = value.get("module"), value.get("class_name")
+        if (not isinstance(module, str) or module.split(".")[0] not in _CONFIG_MODULES
+                or not isinstance(class_name, str) or class_name in ("function", "__lambda__")):
+            raise error(f"{config_path}: {where} names {module!r}.{class_name!r}, not a Keras or image_captioning "
+                        "class: refused (the saved model is damaged or was edited); save or convert it again")
+    for key, item in value.items():
+        if key in _DTYPE_KEYS and not _is_known_dtype(item):
+            raise error(f"{config_path}: {where}.{key} is {json.dumps(item)[:120]}, not one of "
+                        f"{', '.join(sorted(DTYPE_NAMES))} (or a Keras DTypePolicy of one): refused; save or convert "
+                        "the model again")
+        check_model_config(item, config_path, error, f"{where}.{key}")
+
+
+def _is_known_dtype(value):
+    """Whether a config's dtype entry is None, a name of `DTYPE_NAMES` or Keras' DTypePolicy of one."""
+    if value is None or isinstance(value, str):
+        return value is None or value in DTYPE_NAMES
+    return (isinstance(value, dict) and value.get("module") == "keras" and value.get("class_name") in _POLICY_CLASSES
+            and value.get("registered_name") is None and isinstance(value.get("config"), dict)
+            and set(value["config"]) == {"name"} and value["config"]["name"] in DTYPE_NAMES)
+
+
 def load_preset_model(directory, config, error, load_weights=None):
     """Rebuild ``config["model"]`` (``keras.saving.deserialize_keras_object``) and load ``model.weights.h5``
     into it (or ``load_weights(model, path)``); ``error`` names config.json or the weights file when either
@@ -121,6 +164,7 @@ def load_preset_model(directory, config, error, load_weights=None):
     config_path, weights_path = directory / CONFIG_FILE, directory / WEIGHTS_FILE
     if not weights_path.is_file():
         raise FileNotFoundError(f"{directory} is an incomplete saved model: {WEIGHTS_FILE} missing")
+    check_model_config(config["model"], config_path, error)
     try:
         with variables_to_be_loaded():
             model = keras.saving.deserialize_keras_object(config["model"])

@@ -42,6 +42,8 @@ import os
 
 import numpy as np
 
+from utils.file_utils import parse_json
+
 try:  # Keras 3's private saving and variable classes (TensorFlow backend)
     from keras.src.backend.tensorflow.core import Variable as _TFVariable
     from keras.src.initializers.random_initializers import RandomInitializer as _RandomInitializer
@@ -170,7 +172,7 @@ def _read_index(f):
     if f[INDEX_DATASET].size > MAX_INDEX_BYTES:
         raise ValueError(f"{f.filename}: the variable index holds {f[INDEX_DATASET].size} bytes, more than "
                          f"{MAX_INDEX_BYTES}: not a file this library wrote")
-    index = json.loads(bytes(np.asarray(f[INDEX_DATASET][()], np.uint8)).decode("utf-8"))
+    index = parse_json(bytes(np.asarray(f[INDEX_DATASET][()], np.uint8)), f"{f.filename}: {INDEX_DATASET}")
     return index if isinstance(index, dict) else None
 
 

@@ -44,7 +44,7 @@ from apache_beam.options.pipeline_options import PipelineOptions
 
 from custom_architectures.samplers import sampler_class
 from models.siamese.image_embedding import ImageEmbedder
-from utils.file_utils import UnsafePathError
+from utils.file_utils import UnsafePathError, read_json
 from utils.image_io import IMAGE_EXTENSIONS, ImageReadError
 
 logger = logging.getLogger(__name__)
@@ -195,8 +195,10 @@ def load_pixels(readable, embedder):
 
 def clip_input_resolution(model_dir):
     """The CLIP input side n_px of a saved ClipCap (from its clip/config.json, without loading weights)."""
-    with open(Path(model_dir) / "config.json", encoding="utf-8") as f:
-        clip_dir = json.load(f).get("clip")
+    from utils.preset_utils import MAX_CONFIG_BYTES
+
+    config = read_json(Path(model_dir) / "config.json", MAX_CONFIG_BYTES)
+    clip_dir = config.get("clip") if isinstance(config, dict) else None
     if clip_dir is None:
         raise ValueError(f"{model_dir} has no CLIP image encoder: batch captioning needs one")
     from models.siamese.clip_saving import saved_clip_config

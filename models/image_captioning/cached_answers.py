@@ -16,7 +16,6 @@ Example::
         results = ClipCap.load("coco").predict(["demo/"], method="beam", beam_size=5)
 """
 
-import json
 import logging
 from pathlib import Path
 
@@ -28,7 +27,7 @@ from models.image_captioning.prediction import (
     generation_settings_for,
     load_map,
 )
-from utils.file_utils import UnsafePathError, read_regular_file
+from utils.file_utils import UnsafePathError, read_json
 from utils.model_store import home_dir
 
 logger = logging.getLogger(__name__)
@@ -43,7 +42,7 @@ def saved_model_name(model_dir):
     from models.image_captioning.saving import folder_name, valid_name
 
     config_path = Path(model_dir) / CONFIG_FILENAME
-    config = json.loads(read_regular_file(config_path, _CONFIG_MAX_BYTES))
+    config = read_json(config_path, _CONFIG_MAX_BYTES)
     if not isinstance(config, dict):
         raise ValueError(f"{config_path} is not a saved model's config")
     return valid_name(config.get("name"), config_path) or folder_name(model_dir)

@@ -29,6 +29,14 @@ Only regular files are read (`utils.image_io`): a FIFO, device or dangling link 
 own error without blocking the run; image files above ``max_file_bytes`` and a map.json above
 `MAP_MAX_BYTES` are refused before being read.
 
+map.json is checked before any image is read: its folder must be writable (`check_map_writable`), and a
+map.json that is malformed (not JSON, nested too deep, an entry that is not a caption entry) or a symbolic
+link (an atomic write would replace the link by a file) is refused, never erased. A write that fails during
+the run (disk full) stops the writing, not the captioning: ``predict`` raises `MapWriteError` carrying every
+result. A file name with bytes that are not UTF-8 (``caf\xe9.jpg``) is kept as Python holds it (surrogate
+escapes) and written to map.json as ``\udce9`` escapes (`utils.file_utils.json_text`): valid UTF-8 that
+reads back to the same key.
+
 Example::
 
     from models.image_captioning.clip_cap import ClipCap
@@ -52,7 +60,14 @@ import numpy as np
 from custom_architectures.batching import power_of_two_at_least
 from custom_architectures.samplers import sampler_class
 from models.image_captioning.compile_status import CompileStatus
-from utils.file_utils import DEFAULT_MAX_BYTES, file_lock, read_regular_file, write_json_atomic
+from utils.file_utils import (
+    DEFAULT_MAX_BYTES,
+    UnsafePathError,
+    check_writable_dir,
+    file_lock,
+    read_json,
+    write_json_atomic,
+)
 from utils.image_io import ImageReadError, expand_paths, is_url
 from utils.pipeline import Pipeline, Stage
 
@@ -119,23 +134,67 @@ def default_output_dir(model):
     return home_dir() / name / "outputs"
 
 
+class MapWriteError(OSError):
+    """map.json could not be written (disk full, read-only folder...): ``results`` holds every result of the
+    run all the same (``unsaved`` of them made by it are in no map.json), ``path`` the map.json."""
+
+    def __init__(self, message, path, results=None, unsaved=0):
+        super().__init__(message)
+        self.path, self.results, self.unsaved = path, results, unsaved
+
+
+def _check_not_symlink(path):
+    """Refuse a map.json that is a symbolic link: the atomic write would replace the link by a file
+    (`utils.file_utils.check_overwritable` refuses links alike)."""
+    if os.path.islink(path):
+        raise UnsafePathError(f"{path} is a symbolic link (to {os.readlink(path)!r}): refusing to read or replace "
+                              "it (a write would replace the link by a file); give the folder it is in as "
+                              "output_dir / --output-dir, or remove the link")
+
+
+def _check_entries(data):
+    """Every entry of a map.json is ``{"caption": str, "settings": {...}, ...}``: a ValueError naming the
+    first entry of another shape (the file is never erased: a hand-edited or foreign file is not ours)."""
+    for key, entry in data.items():
+        if not (isinstance(entry, dict) and isinstance(entry.get("caption"), str)
+                and isinstance(entry.get("settings"), dict)
+                and isinstance(entry.get("candidates"), list | type(None))):
+            raise ValueError(f"the entry {key!r} is not a caption entry (a JSON object with a "
+                             f"'caption' string and 'settings'), got {json.dumps(entry)[:80]}")
+
+
 def load_map(path, max_bytes=MAP_MAX_BYTES):
     """The captions stored in a map.json ({} when there is none); a corrupt file is an error, not erased.
 
-    Only a regular file of at most ``max_bytes`` is read: a FIFO, device, directory or dangling link in
-    its place is an error (never read, never replaced).
+    Only a regular file of at most ``max_bytes`` is read (`utils.file_utils.read_json`: nesting bounded too):
+    a FIFO, device, directory, symbolic link or dangling link in its place is an error (never read, never
+    replaced), and so is an entry that is not a caption entry.
     """
     path = Path(path)
     if not os.path.lexists(path):
         return {}
     try:
-        data = json.loads(read_regular_file(path, max_bytes).decode("utf-8"))
+        _check_not_symlink(path)
+        data = read_json(path, max_bytes)
+        if not isinstance(data, dict):
+            raise ValueError(f"it holds a {type(data).__name__}, not a map from file paths to captions")
+        _check_entries(data)
     except (OSError, ValueError) as e:  # UnsafePathError is a ValueError
         raise ValueError(f"{path} is not a readable map.json ({e}); move it away or fix it "
                          "(or write elsewhere with output_dir / --output-dir)") from e
-    if not isinstance(data, dict):
-        raise ValueError(f"{path} holds a {type(data).__name__}, not a map from file paths to captions")
     return data
+
+
+def check_map_writable(map_path):
+    """Before any work: the folder of ``map_path`` can be written (`utils.file_utils.check_writable_dir`:
+    `MapWriteError` naming it otherwise) and the map.json there, if any, is a readable one (ValueError).
+    Returns what it holds (`load_map`)."""
+    try:
+        check_writable_dir(Path(map_path).parent)
+    except OSError as e:
+        raise MapWriteError(f"{e} (map.json is written there; choose another output_dir / --output-dir)",
+                            map_path) from e
+    return load_map(map_path)
 
 
 def merge_into_map(path, new_entries):
@@ -147,6 +206,7 @@ def merge_into_map(path, new_entries):
     with file_lock(path):
         merged = load_map(path)
         merged.update(new_entries)
+        _check_not_symlink(path)  # made a link since it was read: not replaced either
         write_json_atomic(path, merged)
     return merged
 
@@ -307,7 +367,8 @@ def predict(model, images, batch_size=16, method="greedy", save=True, overwrite=
     entries = expand_inputs(images)
     settings = generation_settings(model, method, generate_kwargs, exif_transpose)
     map_path = Path(output_dir if output_dir is not None else default_output_dir(model)) / MAP_FILENAME
-    stored = load_map(map_path) if save else {}
+    # before any image is read: results that could not be written at the end would be lost
+    stored = check_map_writable(map_path) if save else {}
 
     results = [None] * len(entries)
     todo = []
@@ -372,6 +433,7 @@ def predict(model, images, batch_size=16, method="greedy", save=True, overwrite=
         bar_from_first_result=True)
 
     pending = {}
+    saver = _Saver(map_path, view)
     try:
         for item in pipeline.run(todo):
             i = item.input
@@ -392,24 +454,48 @@ def predict(model, images, batch_size=16, method="greedy", save=True, overwrite=
                 results[i] = _result(entry, error=message, timings=item.timings)
                 logger.warning("cannot caption %s: %s", entry.label, message)
             if len(pending) >= batch_size:
-                view.set(_save(map_path, pending))  # with what concurrent runs wrote meanwhile
+                saver.save(pending)
                 pending = {}
     except BaseException:  # also on KeyboardInterrupt: keep every caption already made, re-raise the cause
         if pending:
             try:
-                _save(map_path, pending)
+                saver.save(pending)
             except ValueError as e:  # a damaged map.json (the batch went to a sidecar): not the cause
                 logger.error("%s", e)
         raise
     if pending:
-        _save(map_path, pending)
+        saver.save(pending)
 
     if not return_candidates:
         for r in results:
             r.pop("candidates", None)
     if display:
         show_results(entries, results)
+    if saver.error is not None:  # every result made, some not saved: the caller gets them with the error
+        raise MapWriteError(f"cannot write {map_path}: {saver.error}; {saver.unsaved} captions of this run are "
+                            "not saved (free space or choose another output_dir / --output-dir)",
+                            map_path, results, saver.unsaved)
     return results
+
+
+class _Saver:
+    """Writes each batch of new entries to map.json (`_save`) and keeps ``view`` up to date; after a write
+    fails (OSError: disk full, read-only...) it stops trying and counts what is left unsaved, so that the run
+    finishes and its results are returned with the error (`MapWriteError`) instead of lost."""
+
+    def __init__(self, map_path, view):
+        self.map_path, self.view = map_path, view
+        self.error, self.unsaved = None, 0
+
+    def save(self, pending):
+        if self.error is None:
+            try:
+                self.view.set(_save(self.map_path, pending))  # with what concurrent runs wrote meanwhile
+                return
+            except OSError as e:
+                self.error = e
+                logger.error("cannot write %s: %s", self.map_path, e)
+        self.unsaved += len(pending)
 
 
 def _pad(batch, size):
