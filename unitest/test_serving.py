@@ -6,6 +6,11 @@ loaded in a separate ``python -I`` process whose working directory and ``sys.pat
 for the ``embeddings`` signature; for image bytes, the demo photos (JPEG) and lossless PNG / BMP copies give
 the captions of ``ClipCap.caption`` (the in-graph resize is within 1 grey level of PIL's, see
 `utils.clip_preprocessing.tf_preprocess`, and here never changes a decision); a bad row gives "" and NaN.
+
+Images are judged by their headers before any decoding (`serving_ops.read_headers` / `admit`): small files
+announcing sizes just above and below PIL's pixel cap in each format, truncated and unknown bytes, the request's
+pixel budget, GIF frames larger than the screen; and a real 20000 x 20000 PNG bomb beside a photo must cost
+less than 300 MB of peak memory more than two photos (`unitest/savedmodel_memory_client.py`).
 """
 
 import base64
@@ -333,6 +338,19 @@ def test_gif_is_decoded_up_to_its_first_frame():
     expected = tf_preprocess(tf.io.decode_image(animated, channels=3, expand_animations=False), 224)
     np.testing.assert_array_equal(pixels[0].numpy(), expected.numpy())
     np.testing.assert_array_equal(pixels[1].numpy(), expected.numpy())
+
+
+def test_gif_walk_is_bounded():
+    """Finding the end of a GIF's first frame takes at most MAX_GIF_BLOCKS steps: a frame cut in more sub-blocks
+    is refused (bounded time), one cut in fewer is read."""
+    from models.image_captioning.serving_ops import MAX_GIF_BLOCKS
+
+    def gif(blocks):  # a 4 x 4 frame whose LZW data is cut in 1-byte sub-blocks
+        return (b"GIF89a" + struct.pack("<HHBBB", 4, 4, 0, 0, 0) + b"," + struct.pack("<HHHHB", 0, 0, 4, 4, 0)
+                + b"\x02" + b"\x01\x4c" * blocks + b"\x00;")
+
+    headers, admitted = _headers_and_admission([gif(1000), gif(MAX_GIF_BLOCKS)])
+    assert admitted == [True, False] and headers["pixels"] == [16, -1]
 
 
 def _memory_run(out, batches, directory, limit_mb):
