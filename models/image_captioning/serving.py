@@ -1,6 +1,6 @@
 """Export a `ClipCap` as a TensorFlow SavedModel that captions encoded image bytes: no repository, no torch.
 
-The graph holds everything: decoding the bytes (JPEG, PNG, GIF first frame, BMP; ``tf.io.decode_image``),
+The graph holds everything: decoding the bytes (JPEG, PNG, GIF first frame, BMP; headers checked first),
 OpenAI's preprocessing (`utils.clip_preprocessing.tf_preprocess`: bicubic antialiased resize done as PIL
 does it, centre crop, normalisation), the CLIP image encoder, the mapper (with the model's
 ``normalize_prefix`` policy) and the XLA-compiled decoding loop (`PrefixDecoder`), then the token ids ->
@@ -8,8 +8,13 @@ text table. Signatures (see README "Serving"):
 
 - ``serving_default``: ``images`` (N,) tf.string -> ``captions`` (N,) tf.string, ``scores`` (N,) float32
   (the mean log-probability per generated token, as `ClipCap.generate` reports it). A row whose bytes are
-  not a decodable image (or exceed the pixel bounds) gets the caption ``""`` and the score NaN; the other
-  rows are captioned as usual.
+  not a decodable image gets the caption ``""`` and the score NaN; the other rows are captioned as usual.
+  Each row's header is read before anything is decoded (`serving_ops.read_header`: JPEG SOF, PNG IHDR, GIF
+  screen and first frame, BMP); a row is decoded only when its format is one of those four, its width x
+  height is at most ``max_pixels`` (PIL's bound, 89,478,485) and fits in what is left of the request's
+  ``max_request_pixels`` (default twice that) after the rows before it; any other row gets ``""`` and NaN
+  without being decoded, so a small file announcing a huge image costs no memory. A GIF is decoded up to
+  the end of its first frame only (the frame PIL and OpenAI's preprocessing use).
 - ``embeddings``: ``embeddings`` (N, D) float32 CLIP features -> the same outputs; a row with NaN / inf
   values (or all zeros for a normalising mapper) gets ``""`` and NaN.
 
@@ -57,7 +62,7 @@ class CaptionModule(tf.Module):
     """The exported object: the weights (as variables), the token table and the two serving functions."""
 
     def __init__(self, model, method="greedy", beam_size=5, max_length=67, stop_token=".", max_batch_size=16,
-                 max_pixels=ops.DEFAULT_MAX_PIXELS):
+                 max_pixels=ops.DEFAULT_MAX_PIXELS, max_request_pixels=ops.DEFAULT_MAX_REQUEST_PIXELS):
         super().__init__(name="clipcap_serving")
         if model.clip is None:
             raise ValueError("this ClipCap model has no CLIP image encoder: the SavedModel captions images; give "
@@ -72,6 +77,7 @@ class CaptionModule(tf.Module):
         self._sizes = ops.bucket_sizes(int(max_batch_size))
         self._n_px = model.clip.input_resolution
         self._max_pixels = int(max_pixels)
+        self._max_request_pixels = int(max_request_pixels)
         self._normalize = bool(model.config.get("normalize_prefix", False))
         self._stop = -1 if stop is None else stop
         self._width = sampler.num_sequences
@@ -87,7 +93,10 @@ class CaptionModule(tf.Module):
             "mapping_type": model.config["mapping_type"], "prefix_length": model.prefix_length,
             "embedding_size": model.prefix_size, "input_resolution": self._n_px,
             "max_batch_size": self._sizes[-1], "max_pixels": self._max_pixels,
-            "bad_rows": "caption '' and score NaN",
+            "max_request_pixels": self._max_request_pixels, "formats": list(ops.FORMATS),
+            "bad_rows": "caption '' and score NaN (not an image of these formats, unreadable, more than "
+                        "max_pixels, or beyond max_request_pixels: rows are admitted in order while they fit)",
+            "gif": "first frame only",
             "score": "mean log-probability per generated token (stop token included)",
             "exif_orientation": "not applied (as OpenAI's preprocessing)",
         }, indent=1)
@@ -172,7 +181,7 @@ class CaptionModule(tf.Module):
 
     def _serve_images(self, images):
         n = tf.shape(images)[0]
-        rows, pixels = ops.decode_images(images, self._n_px, self._max_pixels)
+        rows, pixels = ops.decode_images(images, self._n_px, self._max_pixels, self._max_request_pixels)
         (features,) = ops.run_bucketed(self._encoders, [pixels], [0.0], [(tf.float32, (self._prefix_size,))])
         embeddings = tf.scatter_nd(rows[:, None], features, tf.stack([n, self._prefix_size]))
         ok = tf.scatter_nd(rows[:, None], tf.ones_like(rows, tf.bool), tf.reshape(n, (1,)))
@@ -180,7 +189,8 @@ class CaptionModule(tf.Module):
 
 
 def export_savedmodel(model, directory, method="greedy", beam_size=5, max_length=67, stop_token=".",
-                      max_batch_size=16, max_pixels=ops.DEFAULT_MAX_PIXELS, overwrite=False):
+                      max_batch_size=16, max_pixels=ops.DEFAULT_MAX_PIXELS,
+                      max_request_pixels=ops.DEFAULT_MAX_REQUEST_PIXELS, overwrite=False):
     """Write ``model`` as a serving SavedModel to ``directory`` (atomically: built beside it, then renamed).
 
     An existing ``directory`` is replaced only when it is empty, or a SavedModel written here and
@@ -193,7 +203,8 @@ def export_savedmodel(model, directory, method="greedy", beam_size=5, max_length
     check_replaceable(directory, is_exported_savedmodel, overwrite)
     start = time.perf_counter()
     module = CaptionModule(model, method=method, beam_size=beam_size, max_length=max_length,
-                           stop_token=stop_token, max_batch_size=max_batch_size, max_pixels=max_pixels)
+                           stop_token=stop_token, max_batch_size=max_batch_size, max_pixels=max_pixels,
+                           max_request_pixels=max_request_pixels)
     signatures = {"serving_default": module.serve_images.get_concrete_function(),
                   "embeddings": module.serve_embeddings.get_concrete_function()}
 

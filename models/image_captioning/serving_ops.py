@@ -1,12 +1,13 @@
 """In-graph pieces of the serving SavedModel (`models.image_captioning.serving`): nothing here needs the
 repository once traced.
 
-- `image_pixel_count`: the width x height an encoded JPEG / PNG / GIF / BMP announces in its header, read
-  without decoding (so a decompression bomb is refused before any pixel buffer is allocated).
+- `read_header` / `read_headers`: the format, width and height an encoded JPEG / PNG / GIF / BMP announces,
+  read without decoding (never failing on short or garbage bytes); `admit`: which rows may be decoded (the
+  per-image bound ``max_pixels``, the preprocessing's resize bound, the request's ``max_request_pixels``).
 - `decode_images`: a 1-D batch of encoded images -> preprocessed pixels of the rows that decode, and which
-  rows those are. Each row is decoded in a ``tf.data`` pipeline with ``ignore_errors()``: a row whose bytes
-  are not an image, are truncated, exceed the pixel bound or would be resized beyond ``MAX_RESIZED_PIXELS``
-  is dropped there instead of failing the whole request.
+  rows those are. Only admitted rows reach a decoder (so a decompression bomb is refused before any pixel
+  buffer is allocated); each is decoded in a ``tf.data`` pipeline with ``ignore_errors()``: a row whose data
+  is corrupt is dropped there instead of failing the whole request.
 - `run_bucketed`: call XLA-compiled functions of static batch sizes (powers of two up to a maximum) on a
   batch of any size: chunks of at most the maximum, each padded to the next bucket, as `ClipCap` pads.
 - `token_pieces` / `tokens_to_text`: GPT-2 byte-level token ids -> text, equal to
@@ -21,86 +22,242 @@ os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-from utils.clip_preprocessing import tf_preprocess  # noqa: E402
+from utils.clip_preprocessing import MAX_RESIZED_PIXELS, tf_preprocess  # noqa: E402
 
 #: PIL's default decompression-bomb bound (``Image.MAX_IMAGE_PIXELS``), which `utils.image_io` applies too
 DEFAULT_MAX_PIXELS = 89_478_485
+#: the most pixels (width x height, summed over the rows) one ``serving_default`` request decodes: rows are
+#: admitted in order while they fit in what is left; a row that does not fit gets "" and NaN like a bad image
+DEFAULT_MAX_REQUEST_PIXELS = 2 * DEFAULT_MAX_PIXELS
+#: a GIF is decoded up to the end of its first frame only; finding that end walks its records and data
+#: sub-blocks one at a time, at most this many (16 MiB of first-frame data in the usual 255-byte sub-blocks)
+MAX_GIF_BLOCKS = 1 << 16
+#: the formats the graph decodes, tested in ``tf.io.decode_image``'s order on the same first bytes; a row's
+#: ``format`` (`read_headers`) is an index here, -1 for anything else (WebP, JPEG XL, TIFF, text ...)
+FORMATS = ("jpeg", "png", "gif", "bmp")
+_MAGIC = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"GIF8", b"BM")
+_HEAD = 32  # the header bytes read for PNG, GIF and BMP
 #: the characters Python's ``str.strip()`` removes, as an RE2 class (RE2's \\s lacks \\v, \\x1c-\\x1f, \\x85 ...)
 _PY_SPACE = r"[\s\x{0b}\x{1c}-\x{1f}\x{85}\p{Z}]"
 
 
 # ------------------------------------------------------------------------------------------------ images
+#
+# Two tf.data passes over the request. The first reads each row's header (never its pixels) and the rows are
+# admitted (`admit`); the second decodes only the admitted rows (a `filter` before the `map`: the decoder never
+# sees a refused row). The header readers below never fail, whatever the length of the bytes (a read past the
+# end gives -1), except libjpeg's for a JPEG whose header is broken: that row is dropped by ``ignore_errors``,
+# i.e. refused too.
 
 
-def _read_uint(data, start, length, big_endian):
-    """The unsigned integer of ``length`` bytes at ``start`` of a scalar string, as int64 (error if short)."""
-    raw = tf.io.decode_raw(tf.strings.substr(data, start, length), tf.uint8)
-    raw = tf.ensure_shape(tf.cast(raw, tf.int64), (length,))  # fails (the row is dropped) when truncated
-    weights = [256 ** (length - 1 - i) if big_endian else 256 ** i for i in range(length)]
-    return tf.reduce_sum(raw * tf.constant(weights, tf.int64))
+def _head_bytes(data, n=_HEAD):
+    """The first ``n`` bytes of a scalar string as int64 (n,), -1 past its end."""
+    raw = tf.cast(tf.io.decode_raw(tf.strings.substr(data, 0, n), tf.uint8), tf.int64)
+    return tf.reshape(tf.pad(raw, [[0, n - tf.size(raw)]], constant_values=-1), (n,))
 
 
-def image_pixel_count(data):
-    """width * height (int64) announced by the header of an encoded JPEG, PNG, GIF or BMP (scalar string);
-    InvalidArgumentError for anything else (not an image, or a format the serving graph does not decode)."""
-    magic = tf.strings.substr(data, 0, 8)
-
-    def jpeg():
-        shape = tf.cast(tf.image.extract_jpeg_shape(data), tf.int64)
-        return shape[0] * shape[1]
-
-    def png():  # IHDR: width, height as big-endian uint32 at bytes 16 and 20
-        return _read_uint(data, 16, 4, True) * _read_uint(data, 20, 4, True)
-
-    def gif():  # logical screen: little-endian uint16 at bytes 6 and 8
-        return _read_uint(data, 6, 2, False) * _read_uint(data, 8, 2, False)
-
-    def bmp():  # BITMAPCOREHEADER (12 bytes): uint16; later headers: int32 (a negative height is top-down)
-        core = tf.equal(_read_uint(data, 14, 4, False), 12)
-
-        def signed(start):
-            value = _read_uint(data, start, 4, False)
-            return tf.abs(tf.where(value >= 2**31, value - 2**32, value))
-
-        return tf.cond(core, lambda: _read_uint(data, 18, 2, False) * _read_uint(data, 20, 2, False),
-                       lambda: signed(18) * signed(22))
-
-    def unknown():
-        # a condition on the data, so that it fails when run, not when traced
-        tf.debugging.assert_negative(tf.strings.length(data), message="not a JPEG, PNG, GIF or BMP image")
-        return tf.constant(0, tf.int64)
-
-    index = tf.case([
-        (tf.equal(tf.strings.substr(magic, 0, 3), b"\xff\xd8\xff"), lambda: tf.constant(0)),
-        (tf.equal(magic, b"\x89PNG\r\n\x1a\n"), lambda: tf.constant(1)),
-        (tf.equal(tf.strings.substr(magic, 0, 4), b"GIF8"), lambda: tf.constant(2)),
-        (tf.equal(tf.strings.substr(magic, 0, 2), b"BM"), lambda: tf.constant(3)),
-    ], default=lambda: tf.constant(4))
-    return tf.switch_case(index, [jpeg, png, gif, bmp, unknown])
+def _uint(head, start, length, big_endian=False):
+    """The unsigned integer of ``length`` bytes at ``start`` of `_head_bytes`' vector (-1 if one is missing)."""
+    raw = head[start : start + length]
+    weights = [256 ** (length - 1 - i) if big_endian else 256**i for i in range(length)]
+    value = tf.reduce_sum(raw * tf.constant(weights, tf.int64))
+    return tf.where(tf.reduce_all(raw >= 0), value, tf.constant(-1, tf.int64))
 
 
-def decode_one(data, n_px, max_pixels=DEFAULT_MAX_PIXELS):
-    """One encoded image (scalar string) -> (n_px, n_px, 3) float32, OpenAI's preprocessing in graph
-    (`utils.clip_preprocessing.tf_preprocess`); InvalidArgumentError for bad bytes or too many pixels."""
-    pixels = image_pixel_count(data)
-    tf.debugging.assert_less_equal(pixels, tf.constant(max_pixels, tf.int64),
-                                   message=f"more than {max_pixels} pixels: refused as a possible decompression bomb")
-    tf.debugging.assert_positive(pixels, message="an empty (0-pixel) image")
-    image = tf.io.decode_image(data, channels=3, dtype=tf.uint8, expand_animations=False)  # GIF: first frame
-    image = tf.ensure_shape(image, (None, None, 3))
-    return tf_preprocess(image, n_px)
+def _int32(value):
+    """A little-endian uint32 read by `_uint` as the signed int32 it encodes."""
+    return tf.where(value >= 2**31, value - 2**32, value)
 
 
-def decode_images(images, n_px, max_pixels=DEFAULT_MAX_PIXELS):
-    """Encoded images (N,) string -> (rows (M,) int32 of the images that decoded, pixels (M, n_px, n_px, 3)).
+def _size(data):
+    return tf.cast(tf.strings.length(data), tf.int64)
 
-    Rows keep their order; a row that fails (bad bytes, truncated, too many pixels) is left out, so one bad
-    image never fails the others.
+
+def _result(valid, width, height, pixels, size):
+    """(width, height, pixels, bytes to decode), pixels -1 for an unreadable header."""
+    return width, height, tf.where(valid, pixels, tf.constant(-1, tf.int64)), size
+
+
+def _jpeg(data):
+    # libjpeg's header reader (the decoder's own: same SOF, same dimensions); reads no scan data
+    shape = tf.cast(tf.image.extract_jpeg_shape(data), tf.int64)
+    return _result(tf.constant(True), shape[1], shape[0], shape[0] * shape[1], _size(data))
+
+
+def _png(data):
+    # IHDR, which libpng requires first: width, height big-endian at bytes 16 and 20, both in 1 .. 2**31 - 1
+    head = _head_bytes(data)
+    width, height = _uint(head, 16, 4, big_endian=True), _uint(head, 20, 4, big_endian=True)
+    ihdr = tf.reduce_all(tf.equal(head[12:16], tf.constant(list(b"IHDR"), tf.int64)))
+    valid = ihdr & (width > 0) & (height > 0) & (width < 2**31) & (height < 2**31)
+    return _result(valid, width, height, width * height, _size(data))
+
+
+def _bmp(data):
+    # as TensorFlow's BMP decoder reads it: >= 32 bytes, int32 width at 18 (> 0), int32 height at 22 (< 0 for
+    # top-down rows); that decoder also requires the file to hold every pixel uncompressed (no bomb possible)
+    head = _head_bytes(data)
+    width, height = _int32(_uint(head, 18, 4)), tf.abs(_int32(_uint(head, 22, 4)))
+    valid = (head[_HEAD - 1] >= 0) & (width > 0) & (height > 0)
+    return _result(valid, width, height, width * height, _size(data))
+
+
+def _colour_table(packed):
+    """The bytes of the colour table a GIF's packed flags byte announces (flag 0x80: 3 * 2**(1 + low 3 bits))."""
+    present = (packed >= 0) & (tf.bitwise.bitwise_and(packed, 0x80) > 0)
+    size = 3 * tf.bitwise.left_shift(tf.constant(2, tf.int64), tf.bitwise.bitwise_and(packed, 7))
+    return tf.where(present, size, tf.constant(0, tf.int64))
+
+
+def _gif_first_frame(body, start):
+    """Walk a GIF's records from ``start`` (after the global colour table) to the end of its first frame.
+
+    ``body``: the file as int64 bytes. Extension records (0x21, label, data sub-blocks) are skipped; the first
+    image descriptor (0x2C) gives the frame's width and height; its data sub-blocks are followed to their
+    zero-length terminator, as giflib follows them. Returns (width, height, end: the offset just past that
+    terminator, ok); not ok for a truncated file, an unknown record, a trailer before any image, or more than
+    `MAX_GIF_BLOCKS` steps.
     """
+    n = tf.size(body, out_type=tf.int64)
+
+    def at(i):
+        return tf.where(i < n, tf.gather(body, tf.minimum(i, n - 1)), tf.constant(-1, tf.int64))
+
+    def step(pos, mode, status, width, height):
+        # mode 0: at a record; 1: in an extension's sub-blocks; 2: in the first image's sub-blocks
+        # status 0: walking, 1: found the end of the first frame, 2: not a GIF giflib decodes
+        byte = at(pos)
+        extension = tf.equal(mode, 0) & tf.equal(byte, 0x21)
+        image = tf.equal(mode, 0) & tf.equal(byte, 0x2C)
+        fields = [at(pos + k) for k in range(5, 10)]  # width (2), height (2), packed flags
+        table = _colour_table(fields[4])
+        chain = mode > 0
+        terminator = chain & tf.equal(byte, 0)
+        broken = (tf.equal(mode, 0) & ~extension & ~image) | (chain & (byte < 0)) | \
+            (image & tf.reduce_any(tf.stack(fields) < 0))
+        pos = tf.where(extension, pos + 2,  # the label, then its sub-blocks
+                       tf.where(image, pos + 10 + table + 1,  # descriptor, local table, LZW code size
+                                tf.where(chain, pos + tf.maximum(byte, 0) + 1, pos)))
+        width = tf.where(image, fields[0] + 256 * fields[1], width)
+        height = tf.where(image, fields[2] + 256 * fields[3], height)
+        status = tf.where(broken, 2, tf.where(terminator & tf.equal(mode, 2), 1, status))
+        mode = tf.where(extension, 1, tf.where(image, 2, tf.where(terminator & tf.equal(mode, 1), 0, mode)))
+        return pos, mode, status, width, height
+
+    minus_one = tf.constant(-1, tf.int64)
+    pos, _, status, width, height = tf.while_loop(
+        lambda pos, mode, status, w, h: tf.equal(status, 0), step,
+        (start, tf.constant(0), tf.constant(0), minus_one, minus_one), maximum_iterations=MAX_GIF_BLOCKS)
+    return width, height, pos, tf.equal(status, 1)
+
+
+def _gif(data):
+    # giflib reads (slurps) every frame, each as large as its own descriptor says (not bounded by the logical
+    # screen), and TensorFlow's canvas is the largest frame: so the graph decodes the bytes up to the end of
+    # the first frame followed by a trailer (";"), and counts max(screen, first frame) pixels
+    head = _head_bytes(data)
+    body = tf.cast(tf.io.decode_raw(data, tf.uint8), tf.int64)
+    width, height, end, ok = _gif_first_frame(body, 13 + _colour_table(head[10]))
+    screen = _uint(head, 6, 2) * _uint(head, 8, 2)
+    valid = ok & (head[12] >= 0) & (width > 0) & (height > 0)
+    return _result(valid, width, height, tf.maximum(screen, width * height), end)
+
+
+def _unknown(data):
+    minus_one = tf.constant(-1, tf.int64)
+    return minus_one, minus_one, minus_one, _size(data)
+
+
+def image_format(data):
+    """The index in `FORMATS` of a scalar string's format, by its first bytes (-1: none of them)."""
+    index = tf.constant(-1)
+    for i, magic in reversed(list(enumerate(_MAGIC))):  # the first match wins, as in tf.io.decode_image
+        index = tf.where(tf.equal(tf.strings.substr(data, 0, len(magic)), magic), i, index)
+    return index
+
+
+def read_header(data):
+    """(format, width, height, pixels, size) of one encoded image (scalar string), read without decoding it.
+
+    ``pixels`` is what decoding allocates per channel (-1: unreadable header or unknown format); ``size`` the
+    bytes to hand to the decoder (a GIF: its first frame, see `_gif`). Only a broken JPEG header fails.
+    """
+    index = image_format(data)
+    branches = [lambda f=f: f(data) for f in (_jpeg, _png, _gif, _bmp, _unknown)]
+    width, height, pixels, size = tf.switch_case(tf.where(index < 0, len(FORMATS), index), branches)
+    return index, width, height, pixels, size
+
+
+def read_headers(images):
+    """`read_header` of every row of a (N,) string batch: a dict of (N,) tensors ``format``, ``width``,
+    ``height``, ``pixels``, ``size`` (a row whose JPEG header is broken: format -1, pixels -1)."""
     n = tf.shape(images)[0]
     ds = tf.data.Dataset.from_tensor_slices((tf.range(n), images))
-    ds = ds.map(lambda i, data: (i, decode_one(data, n_px, max_pixels)), num_parallel_calls=tf.data.AUTOTUNE,
+    ds = ds.map(lambda i, data: (i, *read_header(data)), num_parallel_calls=tf.data.AUTOTUNE,
                 deterministic=True).ignore_errors()
+    minus_one = tf.constant(-1, tf.int64)
+    sentinel = tf.data.Dataset.from_tensors((tf.constant(-1), tf.constant(-1), minus_one, minus_one, minus_one,
+                                             minus_one))
+    rows, *values = ds.concatenate(sentinel).batch(tf.cast(n, tf.int64) + 1).get_single_element()
+    rows = rows[:-1, None]
+    return {name: tf.tensor_scatter_nd_update(tf.fill([n], tf.constant(-1, v.dtype)), rows, v[:-1])
+            for name, v in zip(("format", "width", "height", "pixels", "size"), values, strict=True)}
+
+
+def _resize_fits(width, height, n_px):
+    """Whether `utils.clip_preprocessing.tf_preprocess` accepts the size (its resize within MAX_RESIZED_PIXELS),
+    computed as it computes it, so that such a row is refused before decoding."""
+    width, height = tf.cast(width, tf.float64), tf.cast(height, tf.float64)
+    short = tf.maximum(tf.minimum(width, height), 1.0)
+    resized = tf.floor(n_px * height / short) * tf.floor(n_px * width / short)
+    return resized <= MAX_RESIZED_PIXELS
+
+
+def admit(headers, n_px, max_pixels=DEFAULT_MAX_PIXELS, max_request_pixels=DEFAULT_MAX_REQUEST_PIXELS):
+    """(N,) bool: the rows to decode. A row is admitted when its header is readable, of a known format, of at
+    most ``max_pixels`` pixels, resizable by the preprocessing, and fits in what is left of
+    ``max_request_pixels`` after the rows admitted before it (in order; a row that does not fit is skipped,
+    a later smaller one may still fit)."""
+    pixels = headers["pixels"]
+    ok = (headers["format"] >= 0) & (pixels > 0) & (pixels <= max_pixels) & \
+        _resize_fits(headers["width"], headers["height"], n_px)
+
+    def take(state, row):
+        total, _ = state
+        cost, candidate = row
+        fits = candidate & (total + cost <= max_request_pixels)
+        return total + tf.where(fits, cost, tf.constant(0, tf.int64)), fits
+
+    _, admitted = tf.scan(take, (pixels, ok), initializer=(tf.constant(0, tf.int64), tf.constant(False)))
+    return admitted
+
+
+def _decode(index, data, size):
+    """Decode an admitted row with the decoder of the format its header was read for (uint8 (H, W, 3))."""
+    branches = [
+        lambda: tf.io.decode_jpeg(data, channels=3),  # the settings tf.io.decode_image uses (dct_method "")
+        lambda: tf.io.decode_png(data, channels=3),
+        lambda: tf.io.decode_gif(tf.strings.join([tf.strings.substr(data, tf.constant(0, tf.int64), size),
+                                                  b";"]))[0],
+        lambda: tf.io.decode_bmp(data, channels=3),
+    ]
+    return tf.ensure_shape(tf.switch_case(index, branches), (None, None, 3))
+
+
+def decode_images(images, n_px, max_pixels=DEFAULT_MAX_PIXELS, max_request_pixels=DEFAULT_MAX_REQUEST_PIXELS):
+    """Encoded images (N,) string -> (rows (M,) int32 of the images that decoded, pixels (M, n_px, n_px, 3)).
+
+    Rows keep their order; a row that is refused by `admit` (never decoded) or fails to decode (corrupt data
+    after a valid header) is left out, so one bad image never fails the others. Pixels: OpenAI's
+    preprocessing in graph (`utils.clip_preprocessing.tf_preprocess`).
+    """
+    headers = read_headers(images)
+    admitted = admit(headers, n_px, max_pixels, max_request_pixels) & (headers["format"] >= 0)
+    n = tf.shape(images)[0]
+    ds = tf.data.Dataset.from_tensor_slices((tf.range(n), images, headers["format"], headers["size"], admitted))
+    ds = ds.filter(lambda i, data, index, size, admitted: admitted)
+    ds = ds.map(lambda i, data, index, size, admitted: (i, tf_preprocess(_decode(index, data, size), n_px)),
+                num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).ignore_errors()
     # one sentinel row, so the single batch below exists even when every image failed (or N == 0)
     sentinel = tf.data.Dataset.from_tensors((tf.constant(-1, tf.int32), tf.zeros((n_px, n_px, 3), tf.float32)))
     rows, pixels = ds.concatenate(sentinel).batch(tf.cast(n, tf.int64) + 1).get_single_element()
