@@ -30,16 +30,18 @@ import hashlib
 import json
 import logging
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from datasets.caption_dataset import CaptionDataset, DatasetError
-from utils.file_utils import atomic_open, atomic_write, check_overwritable, file_lock, read_json
+from utils.file_utils import atomic_open, atomic_write, check_overwritable, file_lock, json_text, read_json
 from utils.image_io import ImageReadError, read_image
 
 logger = logging.getLogger(__name__)
+_SHARD_NAME = re.compile(r"shard_[0-9]{6}\.npy")
 
 INDEX_FILENAME = "index.jsonl"
 MODEL_FILENAME = "model.json"
@@ -141,6 +143,8 @@ class EmbeddingCache:
             try:
                 entry = json.loads(line)
                 shard, keys = entry["shard"], entry["keys"]
+                if not _SHARD_NAME.fullmatch(shard):  # only our own shard files, never a path elsewhere
+                    raise TypeError(shard)
             except (json.JSONDecodeError, KeyError, TypeError):
                 # a torn line (interrupted append): its shard is recomputed
                 logger.warning("%s:%d: unreadable index line ignored", index, number)
@@ -188,7 +192,7 @@ class EmbeddingCache:
             shard = f"shard_{number:06d}.npy"
             with atomic_open(self.directory / shard, "wb") as f:
                 np.save(f, vectors)
-            line = json.dumps({"shard": shard, "keys": keys}, ensure_ascii=False) + "\n"
+            line = json_text({"shard": shard, "keys": keys}, indent=None) + "\n"  # non-UTF-8 names stay valid
             if index.exists() and index.stat().st_size:
                 with open(index, "rb") as f:
                     f.seek(-1, os.SEEK_END)

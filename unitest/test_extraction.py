@@ -149,3 +149,20 @@ def test_clip_encoder_matches_encode_image_and_identifies_the_weights(shapes, tm
     assert extracted_with(clip, clip_model_id(clip, exif_transpose=False)) and extracted_with(clip, encoder.model_id)
     clip.visual.weights[0].assign(clip.visual.weights[0] + 1.0)
     assert clip_model_id(clip) != encoder.model_id
+
+
+def test_cache_keeps_non_utf8_names_and_reads_only_its_shards(tmp_path):
+    """A key holding a file name's undecodable bytes (surrogate escapes) is written as valid UTF-8 and found
+    again after a reload; an index line naming a file outside the cache's own shards is ignored."""
+    name = os.fsdecode(b"photos/caf\xe9.jpg")
+    cache = EmbeddingCache(tmp_path, "shapes-v1")
+    cache.add([name, "plain.jpg"], np.arange(8, dtype=np.float32).reshape(2, 4))
+    index = cache.directory / "index.jsonl"
+    index.read_bytes().decode("utf-8")  # valid UTF-8
+    reloaded = EmbeddingCache(tmp_path, "shapes-v1")
+    assert name in reloaded and "plain.jpg" in reloaded
+    np.testing.assert_array_equal(reloaded.get(name), [0, 1, 2, 3])
+    np.save(tmp_path / "outside.npy", np.zeros((1, 4), np.float32))
+    with open(index, "a", encoding="utf-8") as f:
+        f.write(json.dumps({"shard": "../../outside.npy", "keys": ["evil.jpg"]}) + "\n")
+    assert "evil.jpg" not in EmbeddingCache(tmp_path, "shapes-v1")

@@ -44,7 +44,7 @@ from apache_beam.options.pipeline_options import PipelineOptions
 
 from custom_architectures.samplers import sampler_class
 from models.siamese.image_embedding import ImageEmbedder
-from utils.file_utils import UnsafePathError, read_json
+from utils.file_utils import UnsafePathError, json_text, read_json
 from utils.image_io import IMAGE_EXTENSIONS, ImageReadError
 
 logger = logging.getLogger(__name__)
@@ -360,10 +360,10 @@ def caption_pipeline(pipeline, inputs, model_dir, output, method="greedy", batch
                  | "ToRecords" >> beam.Map(lambda r: make_record(r.example, settings, candidates=r.inference)))
     errors = (matched[ERRORS], preprocessed[ERRORS]) | "FlattenErrors" >> beam.Flatten()
     records = (captioned, errors) | "FlattenRecords" >> beam.Flatten()
-    (records | "RecordsToJson" >> beam.Map(json.dumps, ensure_ascii=False)
+    (records | "RecordsToJson" >> beam.Map(json_text, indent=None)  # a non-UTF-8 file name stays valid
      | "WriteRecords" >> beam.io.WriteToText(f"{output}-{RECORDS_NAME}", file_name_suffix=OUTPUT_SUFFIX,
                                              num_shards=num_shards))
-    (errors | "ErrorsToJson" >> beam.Map(json.dumps, ensure_ascii=False)
+    (errors | "ErrorsToJson" >> beam.Map(json_text, indent=None)
      | "WriteErrors" >> beam.io.WriteToText(f"{output}-{ERRORS_NAME}", file_name_suffix=OUTPUT_SUFFIX,
                                             num_shards=num_shards))
     return records, errors
