@@ -155,7 +155,7 @@ class TensorRecord:
             dtype = dtype.newbyteorder(">")
         flat = np.frombuffer(self.storage.raw(), dtype=dtype, count=self.storage.numel)
         if 0 in self.shape:
-            array = np.zeros(self.shape, dtype)
+            array = np.zeros(self.shape, dtype.newbyteorder("="))
         else:
             view = np.lib.stride_tricks.as_strided(flat[self.offset:], shape=self.shape,
                                                    strides=[s * dtype.itemsize for s in self.stride],
