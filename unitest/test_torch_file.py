@@ -19,7 +19,6 @@ import sys
 import warnings
 import zipfile
 from pathlib import Path
-from typing import Tuple
 
 import numpy as np
 import pytest
@@ -85,11 +84,11 @@ class _Evil(torch.nn.Module):
         return x + self.weight
 
     @torch.jit.export
-    def __getstate__(self) -> Tuple[str, torch.Tensor, bool]:
+    def __getstate__(self) -> tuple[str, torch.Tensor, bool]:
         return (self.path, self.weight, self.training)
 
     @torch.jit.export
-    def __setstate__(self, state: Tuple[str, torch.Tensor, bool]):
+    def __setstate__(self, state: tuple[str, torch.Tensor, bool]):
         self.path = state[0]
         self.weight = state[1]
         self.training = state[2]
@@ -254,15 +253,24 @@ def test_torchscript_setstate_never_runs(tmp_path, module, monkeypatch, tiny_fil
             torch.jit.save(torch.jit.script(module(str(target))), str(paths[target]))
     assert not created.exists() and existing.read_bytes() == b"keep me intact"  # saving ran nothing
     monkeypatch.setenv("IMAGE_CAPTIONING_HOME", str(tmp_path / "home"))
-    for evil in paths.values():
-        for read in (load_openai_state_dict, load_openai_clip, CLIP.from_pretrained):
-            with pytest.raises(CheckpointError, match="sets its state with code"):
-                read(evil)
+
+    def convert_cli(evil):
         code = main.main(["convert", str(tiny_files["checkpoint"]), "--clip", str(evil), "--tokenizer",
                           str(tiny_files["tokenizer"]), "--name", "evil"])
-        assert code == 3 and "sets its state with code" in capsys.readouterr().err
-    assert not created.exists()
-    assert existing.read_bytes() == b"keep me intact"
+        err = capsys.readouterr().err
+        if code != 3:
+            return f"exit {code}"
+        raise CheckpointError(err)
+
+    for evil in paths.values():
+        for read in (load_openai_state_dict, load_openai_clip, CLIP.from_pretrained, convert_cli):
+            try:
+                outcome = read(evil)
+            except CheckpointError as e:
+                outcome = str(e)
+            assert not created.exists(), f"{read.__name__} created {created}"
+            assert existing.read_bytes() == b"keep me intact", f"{read.__name__} overwrote {existing}"
+            assert "sets its state with code" in str(outcome), (read.__name__, str(outcome)[:300])
 
 
 # ----------------------------------------------------------------------- bad files: clear errors

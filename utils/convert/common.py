@@ -10,9 +10,9 @@ Example::
 
 import numpy as np
 
+from utils.convert.torch_file import CheckpointError, load_state_dict
 
-class CheckpointError(ValueError):
-    """A checkpoint is unreadable, of the wrong kind, or does not match the expected architecture."""
+__all__ = ["CheckpointError", "load_torch_state_dict", "to_numpy"]
 
 
 def to_numpy(value):
@@ -38,6 +38,4 @@ def load_torch_state_dict(path, shapes_only=False):
     bytes (cheap when only shapes are needed). Raises `CheckpointError` with the path and the reason for
     missing, special (FIFO, device), empty, truncated or non-checkpoint files.
     """
-    from utils.convert.torch_file import load_state_dict
-
     return load_state_dict(path, shapes_only=shapes_only)

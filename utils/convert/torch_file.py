@@ -41,7 +41,6 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from utils.convert.common import CheckpointError
 from utils.file_utils import UnsafePathError, open_regular_file
 
 MAX_PICKLE_BYTES = 256 * 1024 * 1024  # one data.pkl (OpenAI's ViT-L/14: ~0.1 MB)
@@ -59,6 +58,13 @@ STORAGE_DTYPES = {
 #: torch dtype names that may appear as globals (e.g. a dtype attribute); loaded as inert `TorchDtype`
 TORCH_DTYPES = ("float64", "float32", "float16", "bfloat16", "int64", "int32", "int16", "int8", "uint8", "bool",
                 "complex64", "complex128", "double", "float", "half", "long", "int", "short")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint is unreadable, of the wrong kind, or does not match the expected architecture.
+
+    Defined here, the lowest module of ``utils.convert`` (every converter imports it from
+    `utils.convert.common`, which re-exports it)."""
 
 
 class TorchDtype(str):
