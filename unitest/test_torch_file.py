@@ -187,6 +187,26 @@ def test_shapes_only_reads_no_tensor_bytes(files, kind):
     assert {k: (r.shape, r.dtype) for k, r in records.items()} == {k: (a.shape, a.dtype) for k, a in full.items()}
 
 
+def test_shapes_only_records_say_their_bytes_were_not_read(files):
+    record = next(iter(load_torch_state_dict(files["zip"], shapes_only=True).values()))
+    with pytest.raises(CheckpointError, match="shapes_only"):
+        record.numpy()
+
+
+def test_a_flipped_byte_fails_the_crc(files, tmp_path):
+    """A corrupt download whose sizes are intact: the zip's CRC names the record."""
+    with zipfile.ZipFile(files["zip"]) as archive:
+        info = next(i for i in archive.infolist() if "/data/" in i.filename and i.file_size > 16)
+    data = bytearray(files["zip"].read_bytes())
+    name_length, extra_length = np.frombuffer(data[info.header_offset + 26:info.header_offset + 30], "<u2")
+    position = info.header_offset + 30 + int(name_length) + int(extra_length) + 8  # in the local header's data
+    data[position] ^= 0xFF
+    path = tmp_path / "flipped.pt"
+    path.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match=f"record {info.filename} fails its CRC check"):
+        load_torch_state_dict(path)
+
+
 def test_clip_archives_convert_as_before(files):
     """The converted ResNet equals the one converted from torch's own reading of the archive."""
     from utils.convert.openai_clip import clip_from_state_dict

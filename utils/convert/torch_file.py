@@ -37,6 +37,7 @@ import pickle
 import re
 import struct
 import zipfile
+import zlib
 from collections.abc import Mapping
 
 import numpy as np
@@ -95,12 +96,13 @@ class ScriptObject:
 
 
 class Storage:
-    """One storage of a checkpoint: ``numel`` elements of ``storage_type``; its bytes are read on first use
-    (once, shared by every tensor viewing it) by ``read_bytes`` or set from the legacy format's tail."""
+    """One storage of a checkpoint: ``numel`` elements of ``storage_type``; its bytes (a uint8 array) are read
+    on first use (once, shared by every tensor viewing it) by ``read_bytes`` or set from the legacy format's
+    tail. ``users`` counts the tensors on it: a tensor alone on its whole storage takes the buffer, uncopied."""
 
     def __init__(self, key, storage_type, numel, read_bytes=None):
         self.key, self.storage_type, self.numel, self._read_bytes = key, storage_type, numel, read_bytes
-        self._raw, self.base, self.offset = None, None, 0
+        self._raw, self.base, self.offset, self.users = None, None, 0, 0
 
     def view(self, key, offset, numel):
         """A legacy storage view: ``numel`` elements from ``offset`` of this storage."""
@@ -114,14 +116,20 @@ class Storage:
     def set_bytes(self, raw):
         self._raw = raw
 
+    def close(self, why):
+        """No more reading: a later `raw` raises `CheckpointError` saying ``why``."""
+        if self._raw is None:
+            self._read_bytes = None
+            self._closed = why
+
     def raw(self):
-        """The storage's bytes (exactly ``numel * itemsize``)."""
+        """The storage's bytes, a uint8 array of exactly ``numel * itemsize``."""
         if self.base is not None:
             size = self.storage_type.itemsize
             return self.base.raw()[self.offset * size:(self.offset + self.numel) * size]
         if self._raw is None:
             if self._read_bytes is None:
-                raise CheckpointError(f"storage {self.key!r} has no data in the file")
+                raise CheckpointError(f"storage {self.key!r}: {getattr(self, '_closed', 'no data in the file')}")
             self._raw = self._read_bytes()
         return self._raw
 
@@ -159,7 +167,9 @@ class TensorRecord:
         dtype = np.dtype("<u2" if is_bf16 else storage_type.dtype)
         if self.byteorder == "big":
             dtype = dtype.newbyteorder(">")
-        flat = np.frombuffer(self.storage.raw(), dtype=dtype, count=self.storage.numel)
+        flat = self.storage.raw().view(dtype)
+        if self._owns_storage() and not is_bf16 and dtype.isnative:
+            return flat.reshape(self.shape)  # the storage's own buffer: nothing else views it
         if 0 in self.shape:
             array = np.zeros(self.shape, dtype.newbyteorder("="))
         else:
@@ -170,6 +180,17 @@ class TensorRecord:
         if is_bf16:
             array = (array.astype(np.uint32) << 16).view(np.float32)
         return array
+
+    def _owns_storage(self):
+        """True when this tensor is the only one on its (root) storage and is all of it, in order."""
+        storage, expected = self.storage, 1
+        if storage.base is not None or storage.users != 1 or self.offset != 0:
+            return False
+        for n, s in zip(reversed(self.shape), reversed(self.stride)):
+            if n != 1 and s != expected:
+                return False
+            expected *= n
+        return expected == storage.numel
 
     def __repr__(self):
         return f"TensorRecord(shape={self.shape}, dtype={self.dtype})"
@@ -200,7 +221,9 @@ def _rebuild_tensor_v2(storage, storage_offset, size, stride, requires_grad=Fals
     if len(size) != len(stride):
         raise CheckpointError(f"tensor size {size} and stride {stride} differ in length")
     _no_hooks(backward_hooks)
-    return TensorRecord(storage, storage_offset, size, stride)
+    record = TensorRecord(storage, storage_offset, size, stride)
+    (storage.base or storage).users += 1
+    return record
 
 
 def _rebuild_tensor(storage, storage_offset, size, stride):
@@ -311,11 +334,17 @@ def _count(value, what, source):
 # ----------------------------------------------------------------------- the zip format (and TorchScript)
 
 
+def _buffer(nbytes):
+    """A new writable uint8 array of ``nbytes``, over a bytearray: numpy's own large allocations ask for huge
+    pages, which under memory pressure made reading a 380 MB checkpoint 3-4x slower (kernel compaction)."""
+    return np.frombuffer(bytearray(nbytes), np.uint8)
+
+
 class _ZipCheckpoint:
     """One zip checkpoint: its root folder, records read with sizes checked against the pickle."""
 
-    def __init__(self, archive, source, file_size):
-        self.archive, self.source, self.file_size = archive, source, file_size
+    def __init__(self, archive, file, source, file_size):
+        self.archive, self.file, self.source, self.file_size = archive, file, source, file_size
         pickles = [n for n in archive.namelist() if n.endswith("/data.pkl") and n.count("/") == 1]
         if len(pickles) != 1:
             raise CheckpointError(f"{source} is a zip archive but not a PyTorch checkpoint (no <root>/data.pkl)")
@@ -334,6 +363,11 @@ class _ZipCheckpoint:
 
     def read(self, name, expected=None, max_bytes=None):
         """The bytes of record ``name``: exactly ``expected`` bytes, or at most ``max_bytes``."""
+        return self.read_array(name, expected, max_bytes).tobytes()
+
+    def read_array(self, name, expected=None, max_bytes=None):
+        """Record ``name`` as a new uint8 array (see `read`); CRC-checked. An uncompressed record (what torch
+        writes) is read straight into the array, one allocation; a compressed one through `zipfile`."""
         try:
             info = self.archive.getinfo(name)
         except KeyError:
@@ -349,15 +383,32 @@ class _ZipCheckpoint:
             raise CheckpointError(f"{self.source}: record {name} claims {info.file_size} bytes from "
                                   f"{info.compress_size} stored (truncated, corrupt or a zip bomb)")
         try:
-            with self.archive.open(info) as f:
-                data = f.read(info.file_size + 1)
+            if info.compress_type == zipfile.ZIP_STORED and info.file_size == info.compress_size:
+                data = self._read_stored(info)
+            else:
+                with self.archive.open(info) as f:
+                    data = np.frombuffer(bytearray(f.read(info.file_size + 1)), np.uint8)
         except (zipfile.BadZipFile, OSError, EOFError, ValueError, NotImplementedError, RuntimeError) as e:
             raise CheckpointError(f"cannot read {self.source}: record {name}: {type(e).__name__}: {e} "
                                   "(truncated or corrupt download?)") from None
         if len(data) != info.file_size:
             raise CheckpointError(f"{self.source}: record {name} is truncated ({len(data)} of {info.file_size} "
                                   "bytes; truncated or corrupt download?)")
+        if zlib.crc32(data) != info.CRC:
+            raise CheckpointError(f"{self.source}: record {name} fails its CRC check (corrupt download?)")
         return data
+
+    def _read_stored(self, info):
+        """An uncompressed record's bytes, read from the file at its offset into a new uint8 array."""
+        self.file.seek(info.header_offset)
+        header = self.file.read(30)
+        if len(header) != 30 or header[:4] != b"PK\x03\x04":
+            raise zipfile.BadZipFile(f"bad local header for {info.filename}")
+        name_length, extra_length = struct.unpack("<HH", header[26:30])
+        self.file.seek(info.header_offset + 30 + name_length + extra_length)
+        data = _buffer(info.file_size)
+        read = self.file.readinto(memoryview(data))
+        return data[:read]
 
     def storage_for(self, args):
         """persistent_load of ``("storage", type, key, location, numel)``: one `Storage` per key."""
@@ -375,7 +426,7 @@ class _ZipCheckpoint:
             if self.archive.getinfo(name).file_size != nbytes:
                 self.read(name, expected=nbytes)  # raises, naming the record and both sizes
             self.storages[key] = Storage(key, storage_type, numel,
-                                         lambda name=name, nbytes=nbytes: self.read(name, expected=nbytes))
+                                         lambda name=name, nbytes=nbytes: self.read_array(name, expected=nbytes))
         storage = self.storages[key]
         if storage.storage_type.dtype != storage_type.dtype or storage.numel != numel:
             raise CheckpointError(f"{self.source}: storage {key} is declared twice with different types or sizes")
@@ -531,8 +582,12 @@ class _LegacyCheckpoint:
             raise CheckpointError(f"{self.source}: storage {storage.key} is truncated ({max(available, 0)} of "
                                   f"{nbytes} bytes; truncated or corrupt download?)")
         if read_data:
-            storage.set_bytes(self.file.read(nbytes))
+            data = _buffer(nbytes)
+            if self.file.readinto(memoryview(data)) != nbytes:
+                raise CheckpointError(f"{self.source}: storage {storage.key} is truncated (corrupt download?)")
+            storage.set_bytes(data)
         else:
+            storage.close("read with shapes_only=True: its bytes were not read")
             self.file.seek(nbytes, os.SEEK_CUR)
 
 
@@ -574,7 +629,7 @@ def read_checkpoint(path, shapes_only=False):
                 raise CheckpointError(f"cannot read {path} as a PyTorch checkpoint (truncated or corrupt "
                                       f"download): {e}") from None
             with archive:
-                checkpoint = _ZipCheckpoint(archive, path, size)
+                checkpoint = _ZipCheckpoint(archive, f, path, size)
                 obj = checkpoint.load()
                 for record in _records(obj):
                     record.byteorder = checkpoint.byteorder
@@ -582,6 +637,8 @@ def read_checkpoint(path, shapes_only=False):
                     obj = script_state_dict(obj, checkpoint.declared_members(), path)
                 if not shapes_only:
                     obj = _materialise(obj)
+                for storage in checkpoint.storages.values():
+                    storage.close("read with shapes_only=True: its bytes were not read")
             return obj
         f.seek(0)
         head = f.read(512)
