@@ -357,6 +357,22 @@ def test_compressed_record_claiming_too_much_is_refused(tmp_path):
         load_torch_state_dict(path)
 
 
+def test_expanded_tensor_too_large_to_copy(tmp_path):
+    """A stride-0 view of 2**40 elements over one float: refused before anything is allocated."""
+    path = _crafted_checkpoint(tmp_path / "expanded.pt", _FakeTensor(_FakeStorage(1), 0, (2**20, 2**20), (0, 0)),
+                               np.ones(1, "<f4").tobytes())
+    with pytest.raises(CheckpointError, match="expands storage"):
+        load_torch_state_dict(path)
+
+
+def test_legacy_length_field_beyond_the_file(tmp_path):
+    """A legacy file whose first pickle claims 4 GiB of bytes: an error, not a 4 GiB read."""
+    path = tmp_path / "claims.pt"
+    path.write_bytes(b"\x80\x02B" + (2**32 - 1).to_bytes(4, "little") + b"tiny")
+    with pytest.raises(CheckpointError, match="truncated or corrupt"):
+        load_torch_state_dict(path)
+
+
 @pytest.mark.parametrize("offset, size, stride", [(0, (3, 3), (3, 1)), (5, (2,), (1,)), (0, (2, 2), (1, -1))])
 def test_tensor_past_its_storage(tmp_path, offset, size, stride):
     path = _crafted_checkpoint(tmp_path / "past.pt", _FakeTensor(_FakeStorage(6), offset, size, stride),

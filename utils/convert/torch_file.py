@@ -47,6 +47,7 @@ from utils.file_utils import UnsafePathError, open_regular_file
 MAX_PICKLE_BYTES = 256 * 1024 * 1024  # one data.pkl (OpenAI's ViT-L/14: ~0.1 MB)
 MAX_CODE_BYTES = 64 * 1024 * 1024  # all TorchScript sources together
 MAX_COMPRESSION_RATIO = 1000  # a compressed record may not claim more than this many times its stored bytes
+MAX_EXPANDED_BYTES = 256 * 1024 * 1024  # a stride-0 (expanded) tensor may not copy out to more than this
 LEGACY_MAGIC_NUMBER = 0x1950A86A20F9469CFC6C
 LEGACY_PROTOCOL_VERSION = 1001
 
@@ -159,6 +160,10 @@ class TensorRecord:
         if last >= numel:
             raise CheckpointError(f"tensor of size {self.shape}, stride {self.stride} at offset {self.offset} "
                                   f"reaches past storage {self.storage.key!r} of {numel} elements")
+        count = int(np.prod(self.shape, dtype=object))
+        if count > numel and count * self.storage.storage_type.itemsize > MAX_EXPANDED_BYTES:
+            raise CheckpointError(f"tensor of size {self.shape} expands storage {self.storage.key!r} of {numel} "
+                                  f"elements to {count}: its copy would exceed {MAX_EXPANDED_BYTES} bytes; refused")
 
     def numpy(self):
         """The tensor as a new numpy array in native byte order (bfloat16: float32)."""
@@ -509,6 +514,27 @@ def script_state_dict(root, declared, source):
 # ----------------------------------------------------------------------- the legacy format
 
 
+class _BoundedReader:
+    """The file as the unpickler reads it, each read capped at what the file holds (a pickle's length field
+    must not make the reader allocate more than the file's size)."""
+
+    def __init__(self, file, size):
+        self.file, self.size = file, size
+
+    def _left(self, n):
+        left = max(self.size - self.file.tell(), 0)
+        return left if n is None or n < 0 else min(n, left)
+
+    def read(self, n=-1):
+        return self.file.read(self._left(n))
+
+    def readline(self, n=-1):
+        return self.file.readline(self._left(n))
+
+    def readinto(self, buffer):
+        return self.file.readinto(memoryview(buffer)[:self._left(len(buffer))])
+
+
 class _LegacyCheckpoint:
     """A legacy (non-zip) checkpoint read from an open file: pickles, then the storages' bytes."""
 
@@ -544,7 +570,7 @@ class _LegacyCheckpoint:
         return self.views[view_key]
 
     def _header(self, what, expected=None):
-        value = _unpickle(None, self._no_storage, self.source, file=self.file)
+        value = _unpickle(None, self._no_storage, self.source, file=_BoundedReader(self.file, self.file_size))
         if expected is not None and value != expected:
             raise CheckpointError(f"cannot read {self.source} as a PyTorch checkpoint: bad {what} "
                                   "(not a checkpoint, or truncated or corrupt)")
@@ -560,7 +586,7 @@ class _LegacyCheckpoint:
         if isinstance(sys_info, dict) and sys_info.get("little_endian") is False:
             raise CheckpointError(f"{self.source}: a legacy checkpoint written on a big-endian machine; "
                                   "not supported")
-        obj = _unpickle(None, self.storage_for, self.source, file=self.file)
+        obj = _unpickle(None, self.storage_for, self.source, file=_BoundedReader(self.file, self.file_size))
         keys = self._header("storage keys")
         if not isinstance(keys, list) or set(map(str, keys)) != set(self.storages) or len(keys) != len(set(keys)):
             raise CheckpointError(f"{self.source}: the storage key list does not match the tensors' storages")
