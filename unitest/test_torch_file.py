@@ -373,6 +373,17 @@ def test_legacy_length_field_beyond_the_file(tmp_path):
         load_torch_state_dict(path)
 
 
+def test_deep_nesting_is_an_error(tmp_path):
+    path = tmp_path / "deep.pt"
+    path.write_bytes(b"\x80\x02" + b"]" * 100_000 + b"a" * 99_999 + b".")  # [[[...]]] 100,000 deep
+    with pytest.raises(CheckpointError, match="nested too deeply|not a state dict|magic"):
+        load_torch_state_dict(path)
+    with zipfile.ZipFile(tmp_path / "deep_zip.pt", "w") as archive:
+        archive.writestr("archive/data.pkl", b"\x80\x02" + b"]" * 100_000 + b"a" * 99_999 + b".")
+    with pytest.raises(CheckpointError, match="nested too deeply"):
+        load_torch_state_dict(tmp_path / "deep_zip.pt")
+
+
 @pytest.mark.parametrize("offset, size, stride", [(0, (3, 3), (3, 1)), (5, (2,), (1,)), (0, (2, 2), (1, -1))])
 def test_tensor_past_its_storage(tmp_path, offset, size, stride):
     path = _crafted_checkpoint(tmp_path / "past.pt", _FakeTensor(_FakeStorage(6), offset, size, stride),

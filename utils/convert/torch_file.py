@@ -137,7 +137,8 @@ class Storage:
 
 class TensorRecord:
     """A tensor as pickled: its storage, offset, size and stride. ``shape`` and ``dtype`` cost nothing;
-    `numpy` reads the storage (once) and copies the view out of it."""
+    `numpy` reads the storage (once) and copies the view out of it (a tensor alone on all of its storage
+    takes the storage's buffer instead)."""
 
     def __init__(self, storage, offset, size, stride, byteorder="little"):
         self.storage, self.offset, self.shape, self.stride = storage, offset, size, stride
@@ -645,6 +646,13 @@ def read_checkpoint(path, shapes_only=False):
     what was saved. With ``shapes_only`` the storages are checked but not read (legacy files: skipped over).
     """
     path = os.fspath(path)
+    try:
+        return _read_checkpoint(path, shapes_only)
+    except RecursionError:  # containers or modules nested deeper than Python recurses
+        raise CheckpointError(f"{path}: objects nested too deeply; not a state dict") from None
+
+
+def _read_checkpoint(path, shapes_only):
     f, size = _open_checked(path)
     with f:
         if zipfile.is_zipfile(f):
@@ -697,16 +705,20 @@ def _records(obj):
             stack.append(getattr(item, "state", None))
 
 
-def _materialise(obj):
-    """``obj`` with each `TensorRecord` in a (nested) dict / list / tuple replaced by its numpy array."""
+def _materialise(obj, arrays=None):
+    """``obj`` with each `TensorRecord` in a (nested) dict / list / tuple replaced by its numpy array (one
+    array per record: a tensor pickled once and referenced twice stays one object, as in torch)."""
+    arrays = {} if arrays is None else arrays
     if isinstance(obj, TensorRecord):
-        return obj.numpy()
-    if isinstance(obj, Mapping):
-        return type(obj)((k, _materialise(v)) for k, v in obj.items()) if isinstance(obj, dict) else obj
+        if id(obj) not in arrays:
+            arrays[id(obj)] = obj.numpy()
+        return arrays[id(obj)]
+    if isinstance(obj, dict):
+        return type(obj)((k, _materialise(v, arrays)) for k, v in obj.items())
     if isinstance(obj, list):
-        return [_materialise(v) for v in obj]
+        return [_materialise(v, arrays) for v in obj]
     if isinstance(obj, tuple):
-        return tuple(_materialise(v) for v in obj)
+        return tuple(_materialise(v, arrays) for v in obj)
     return obj
 
 
