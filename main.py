@@ -9,8 +9,8 @@
     python main.py export coco exports/coco --method beam      # a serving SavedModel (TF Serving, Vertex)
     python main.py serve --model coco                          # the web demo (Gradio)
 
-Run ``python main.py COMMAND --help`` for every option. Heavy libraries (TensorFlow, torch) are imported
-only by the command that needs them, so ``--help`` is instant.
+Run ``python main.py COMMAND --help`` for every option. Heavy libraries (TensorFlow; torch, only for
+``export``) are imported only by the command that needs them, so ``--help`` is instant.
 """
 
 import argparse

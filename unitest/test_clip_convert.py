@@ -72,7 +72,7 @@ def _compare(model, state_dict):
 
 def test_torchscript_archive_loads(files, vit_state_dict):
     state_dict = load_openai_state_dict(files["jit"])
-    assert all(v.dtype == torch.float16 for k, v in state_dict.items() if v.is_floating_point())
+    assert all(v.dtype == np.float16 for v in state_dict.values() if np.issubdtype(v.dtype, np.floating))
     model = load_openai_clip(files["jit"])
     assert model.is_vit
     _compare(model, vit_state_dict)

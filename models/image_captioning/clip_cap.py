@@ -8,7 +8,7 @@ captions as the official ``generate2`` and ``generate_beam``.
 
 The network is one Keras model, `ClipCapBackbone` (mapper + GPT-2 + the normalisation policy), which
 inference, teacher-forced logits and training all call. ``from_pretrained`` converts an official ``.pt``
-checkpoint (torch needed); ``save`` writes a saved-model folder (format 2: config.json, model.weights.h5,
+checkpoint (no torch needed); ``save`` writes a saved-model folder (format 2: config.json, model.weights.h5,
 tokenizer files, the CLIP when there is one, metadata.json, README.md) that ``load`` restores without torch
 (`models.image_captioning.saving`; format-1 folders load too).
 
@@ -171,7 +171,7 @@ class ClipCap:
     @classmethod
     def from_pretrained(cls, source, clip=None, tokenizer="gpt2", name=None, normalize_prefix=None,
                         jit_compile="auto", overwrite=False, clip_name=None):
-        """Convert an official ClipCap checkpoint (torch needed), or download and convert an official name.
+        """Convert an official ClipCap checkpoint (no torch needed), or download and convert an official name.
 
         Args:
             source: path to an official ClipCap ``.pt`` (``coco_weights.pt``, ``transformer_weights.pt``...), or
@@ -224,7 +224,7 @@ class ClipCap:
         format 2 (`save`) and of format 1 (before it: mapper.weights.h5 + gpt2.weights.h5) both load.
 
         The official models' names (``coco``, ``conceptual``, ``coco_transformer``; `models.image_captioning.presets.MODELS`)
-        are downloaded and converted on first use (that first time needs torch), then simply loaded.
+        are downloaded and converted on first use (no torch needed), then simply loaded.
 
         ``clip``: a `CLIP` instance to use instead of the saved one (checked for the embedding size).
         """

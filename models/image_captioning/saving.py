@@ -62,7 +62,7 @@ def folder_name(directory):
 
 def convert_official(cls, source, clip=None, tokenizer="gpt2", name=None, normalize_prefix=None,
                      jit_compile="auto", overwrite=False, clip_name=None):
-    """`ClipCap.from_pretrained`: an official ``.pt`` converted (torch needed), or an official model name
+    """`ClipCap.from_pretrained`: an official ``.pt`` converted (no torch needed), or an official model name
     downloaded and converted once (`models.image_captioning.pretrained.get_pretrained`)."""
     from custom_architectures.transformers_arch.clip_cap_arch import ClipCapBackbone
     from models.image_captioning.presets import MODELS

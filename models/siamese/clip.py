@@ -3,7 +3,8 @@
 It ties together the image path (`models.siamese.image_embedding.ImageEmbedder`: reading with
 `utils.image_io`, OpenAI-identical preprocessing with `utils.clip_preprocessing`), the Keras encoders
 (`custom_architectures.clip_arch`) and the CLIP tokenizer (`models.siamese.clip_tokenizer`).
-``from_pretrained`` converts an OpenAI ``.pt`` (TorchScript or state dict; torch needed); ``save`` writes a
+``from_pretrained`` converts an OpenAI ``.pt`` (TorchScript or state dict; no torch needed, nothing
+in the file run: `utils.convert.torch_file`); ``save`` writes a
 saved-model folder (format 2, `models.siamese.clip_saving`: config.json, model.weights.h5, metadata.json,
 README.md and the tokenizer's vocabulary) that ``load`` reads without torch (format-1 folders too).
 
@@ -88,7 +89,7 @@ class CLIP:
 
     @classmethod
     def from_pretrained(cls, name_or_path, visual_only=False, jit_compile="auto"):
-        """Convert an OpenAI CLIP ``.pt`` file (TorchScript archive or state dict; torch needed), or download
+        """Convert an OpenAI CLIP ``.pt`` file (TorchScript archive or state dict; no torch needed), or download
         and convert an OpenAI name. (A directory saved by `save` is read by `load`, also when given here.)
 
         ``visual_only`` skips the text encoder and the tokenizer (what ClipCap needs). A model name of

@@ -136,9 +136,9 @@ def check_clipcap_checkpoint(path, expect=None, name="this model"):
     """Raise `CheckpointError` unless ``path`` is a readable ClipCap checkpoint whose `clipcap_identity`
     holds every entry of ``expect`` (the message names each expected and found value); returns the identity.
 
-    Only shapes are read (the file is memory-mapped), so checking a 600 MB checkpoint is cheap.
+    Only shapes are read (the tensors' bytes are not), so checking a 600 MB checkpoint is cheap.
     """
-    state_dict = load_torch_state_dict(path, mmap=True)
+    state_dict = load_torch_state_dict(path, shapes_only=True)
     try:
         identity = clipcap_identity(state_dict)
     except CheckpointError as e:
@@ -244,7 +244,8 @@ def mapper_from_state_dict(porter: WeightPorter, config: dict):
 def load_clipcap(path_or_state_dict, source=None, **gpt2_overrides):
     """Read an official ClipCap checkpoint -> (mapper, gpt2, config).
 
-    `path_or_state_dict`: a ``.pt`` path (loaded with ``weights_only=True``) or an in-memory state dict.
+    `path_or_state_dict`: a ``.pt`` path (read without torch, nothing in it run: `load_torch_state_dict`) or an
+    in-memory state dict.
     ``config`` holds the mapper's architecture (see `clipcap_config_from_state_dict`) and ``"gpt2"``, the
     GPT-2 config. ``gpt2_overrides`` go to `gpt2_from_state_dict` (e.g. ``n_head``, which shapes cannot
     tell; by default ``n_embd // 64``, right for every released GPT-2). Raises `CheckpointError` for unreadable files, non-ClipCap state dicts and any missing,

@@ -62,7 +62,7 @@ def gpt2_config_from_state_dict(state_dict, prefix=""):
 
     Example::
 
-        config = gpt2_config_from_state_dict(torch.load("coco_weights.pt"), prefix="gpt.")
+        config = gpt2_config_from_state_dict(load_torch_state_dict("coco_weights.pt"), prefix="gpt.")
     """
     inner = _inner_prefix(state_dict, prefix)
     vocab_size, n_embd = (int(d) for d in state_dict[inner + "wte.weight"].shape)

@@ -1,7 +1,8 @@
 """OpenAI CLIP checkpoints (``ViT-B-32.pt``, ``RN50x4.pt`` ...) -> Keras `CLIPModel`.
 
 OpenAI's released files are TorchScript archives holding fp16 weights; fine-tuned copies are often plain
-state dicts saved with ``torch.save``. Both load here: the weights are cast to fp32, the packed attention
+state dicts saved with ``torch.save``. Both load here, without torch and without running the archive's code
+(`utils.convert.torch_file`): the weights are cast to fp32, the packed attention
 ``in_proj_weight`` / ``in_proj_bias`` are split into q, k, v, and linear / conv weights are transposed to
 Keras' layouts (conv: (out, in, kh, kw) -> (kh, kw, in, out), linear: (out, in) -> (in, out)). The
 architecture is inferred from the weights (`clip_config_from_shapes`), and every tensor is accounted for:
@@ -19,8 +20,6 @@ Example::
 """
 
 import os
-import warnings
-import zipfile
 from collections.abc import Mapping
 
 import numpy as np
@@ -35,36 +34,11 @@ _TEXT_MARKERS = ("token_embedding.weight", "positional_embedding", "ln_final.wei
 
 
 def load_openai_state_dict(path):
-    """Read an OpenAI CLIP ``.pt``: a TorchScript archive (``torch.jit.load``) or a plain state dict
-    (``torch.load(weights_only=True)``). Returns ``{key: torch.Tensor}``; `CheckpointError` when the file
-    is missing, empty, truncated or neither of the two."""
-    import torch
-
-    path = os.fspath(path)
-    if not os.path.exists(path):
-        raise CheckpointError(f"CLIP checkpoint not found: {path}")
-    if os.path.isdir(path):
-        raise CheckpointError(f"{path} is a directory, not a CLIP checkpoint file")
-    if os.path.getsize(path) == 0:
-        raise CheckpointError(f"CLIP checkpoint is empty (0 bytes): {path}")
-    is_zip = zipfile.is_zipfile(path)
-    if is_zip:
-        try:
-            with zipfile.ZipFile(path) as archive:
-                is_jit = any(name.endswith("constants.pkl") or "/code/" in name for name in archive.namelist())
-        except (zipfile.BadZipFile, OSError):
-            is_jit = False
-        if is_jit:
-            try:
-                with warnings.catch_warnings():  # torch >= 2.9 deprecates TorchScript; OpenAI ships it
-                    warnings.simplefilter("ignore", FutureWarning)
-                    archive = torch.jit.load(path, map_location="cpu")
-                return dict(archive.state_dict())
-            except (RuntimeError, OSError, ValueError) as e:
-                reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-                raise CheckpointError(
-                    f"cannot read {path} as a TorchScript CLIP archive (truncated or corrupt download?): {reason}"
-                ) from e
+    """Read an OpenAI CLIP ``.pt``: a TorchScript archive or a plain state dict, without torch and without
+    running anything from the file (`utils.convert.torch_file`; a TorchScript module's ``__setstate__`` is never
+    called). Returns ``{key: np.ndarray}`` with the names ``torch.jit.load(path).state_dict()`` gives;
+    `CheckpointError` when the file is missing, empty, truncated, neither of the two, or names a global
+    beyond what a state dict needs."""
     return load_torch_state_dict(path)
 
 
