@@ -21,6 +21,7 @@ from utils.cli import (
     add_decoding_arguments,
     decoding_kwargs,
     fail,
+    missing_extra,
 )
 
 RUNNERS = ("DirectRunner", "PrismRunner", "DataflowRunner", "FlinkRunner", "SparkRunner")
@@ -32,6 +33,9 @@ def pipeline_args(args):
 
 
 def cmd_batch(args):
+    missing = missing_extra("apache_beam", "requirements-beam.txt", "batch")
+    if missing:
+        return fail(missing, EXIT_USAGE)
     model_dir, code = model_or_exit_code(args.model, load=resolve_model_dir)
     if model_dir is None:
         return code

@@ -7,7 +7,15 @@ import os
 import sys
 
 from models.cli_models import model_or_exit_code
-from utils.cli import ENVIRONMENT_HELP, EXIT_MODEL, EXIT_OK, EXIT_USAGE, MODEL_ARG_HELP, Formatter
+from utils.cli import (
+    ENVIRONMENT_HELP,
+    EXIT_MODEL,
+    EXIT_OK,
+    EXIT_USAGE,
+    MODEL_ARG_HELP,
+    Formatter,
+    missing_extra,
+)
 from utils.cli import fail as _fail
 
 # ----------------------------------------------------------------------------------------------- export
@@ -94,10 +102,9 @@ def cmd_export_savedmodel(args):
 
 
 def cmd_serve(args):
-    try:
-        import gradio  # noqa: F401
-    except ImportError:
-        return _fail("the web demo needs Gradio: pip install -r requirements.txt", EXIT_USAGE)
+    missing = missing_extra("gradio", "requirements-serve.txt", "the web demo (serve)")
+    if missing:
+        return _fail(missing, EXIT_USAGE)
     from models.image_captioning.web_demo import serve
 
     model, code = model_or_exit_code(args.model)

@@ -148,3 +148,36 @@ def test_bad_decoding_options_fail_before_the_model_is_loaded(options, capsys, m
     monkeypatch.setattr(main, "model_or_exit_code", never)
     code, out, err = _run(capsys, "caption", ROOT / "demo", "--model", "coco", *options)
     assert code == 2 and out == "" and err.startswith("error: ")
+
+
+@pytest.mark.parametrize("module, argv, requirements", [
+    ("gradio", ["serve", "--model", "coco"], "requirements-serve.txt"),
+    ("apache_beam", ["batch", "x.jpg", "--model", "coco", "--output", "out/captions"], "requirements-beam.txt"),
+    ("apache_beam", ["extract", "captions.csv", "--clip", "ViT-B/32", "--output", "emb.npz", "--runner",
+                     "DirectRunner"],
+     "requirements-beam.txt"),
+])
+def test_missing_optional_dependency_names_its_requirements_file(module, argv, requirements, capsys, monkeypatch):
+    """serve / batch / extract --runner without their optional dependency: exit 2 naming the file to install,
+    before any model or data is looked at."""
+    monkeypatch.setitem(sys.modules, module, None)  # as if not installed
+    code, out, err = _run(capsys, *argv)
+    assert code == 2, err
+    assert f"pip install -r {requirements}" in err and out == ""
+    assert (ROOT / requirements).is_file()
+
+
+def test_requirements_split():
+    """A user's install (requirements.txt) has no torch, torchvision, OpenAI's clip or transformers (the tests'
+    references), nor the optional extras; the test install includes every extra."""
+    def names(filename):
+        lines = (ROOT / filename).read_text().splitlines()
+        return {re.split(r"[<>=\[ ;#]", line.strip())[0].lower() for line in lines if line.strip()
+                and not line.lstrip().startswith("#")}
+
+    user = names("requirements.txt")
+    assert not user & {"torch", "torchvision", "clip-anytorch", "transformers", "gradio", "apache-beam", "jupyter"}
+    assert {"torch", "transformers", "clip-anytorch"} <= names("requirements-test.txt")
+    text = (ROOT / "requirements-test.txt").read_text()
+    for extra in ("requirements-serve.txt", "requirements-beam.txt", "requirements-notebook.txt"):
+        assert f"-r {extra}" in text

@@ -55,6 +55,21 @@ def fail(message, code):
     return code
 
 
+def missing_extra(module, requirements_file, what):
+    """None when ``module`` can be imported; else the message naming the requirements file that installs it.
+
+    The optional dependencies (Gradio for ``serve``, Apache Beam for ``batch`` / ``extract --runner``) live in
+    their own requirements files so that a plain install stays small; a command that needs one says which."""
+    import importlib.util
+
+    try:
+        if importlib.util.find_spec(module) is not None:
+            return None
+    except (ImportError, ValueError):  # a parent package missing, or a module marked absent in sys.modules
+        pass
+    return f"{what} needs {module}, which is not installed: pip install -r {requirements_file}"
+
+
 def report_skipped(failed, names, total):
     """Print one ``error: skipped <name>: <message>`` line per failed item and a count; True if any."""
     for i, message in sorted(failed.items()):
