@@ -23,6 +23,7 @@ from utils.cli import (
     EXIT_USAGE,
     MODEL_ERRORS,
     epilog,
+    missing_extra,
     report_skipped,
 )
 from utils.cli import Formatter as _Formatter
@@ -88,6 +89,9 @@ def cmd_extract(args):
     if getattr(args, "pipeline_args", None) and args.runner is None:
         return _fail(f"unrecognized arguments: {' '.join(args.pipeline_args)} (Beam options need --runner)",
                      EXIT_USAGE)
+    missing = args.runner is not None and missing_extra("apache_beam", "-r requirements-beam.txt", "extract --runner")
+    if missing:
+        return _fail(missing, EXIT_USAGE)
     try:
         check_embedded_output(args.output)  # before the (long) extraction: never overwrite a user's file
         dataset = load_dataset(args)

@@ -116,16 +116,17 @@ def make_shapes_dataset(directory, num_images=200, seed=0, image_size=64):
 def train_shapes_tokenizer(directory, vocab_size=300):
     """A byte-level BPE trained on `all_captions`, saved in GPT-2's format (for the offline example)."""
     from tokenizers import ByteLevelBPETokenizer
-    from transformers import GPT2TokenizerFast
+
+    from utils.gpt2_tokenizer import GPT2Tokenizer
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     bpe = ByteLevelBPETokenizer()
     bpe.train_from_iterator(all_captions() * 5, vocab_size=vocab_size, min_frequency=1,
                             special_tokens=["<|endoftext|>"])
-    bpe.save_model(str(directory))
-    tokenizer = GPT2TokenizerFast(vocab=str(directory / "vocab.json"), merges=str(directory / "merges.txt"))
-    tokenizer.save_pretrained(str(directory))
+    bpe.save_model(str(directory))  # vocab.json + merges.txt: a GPT-2 format folder
+    tokenizer = GPT2Tokenizer.from_directory(directory)
+    tokenizer.save_pretrained(directory)  # + tokenizer.json / tokenizer_config.json, as transformers writes
     return tokenizer
 
 

@@ -22,6 +22,7 @@ from utils.cli import (
     decoding_kwargs,
     epilog,
     fail,
+    missing_extra,
 )
 
 RUNNERS = ("DirectRunner", "PrismRunner", "DataflowRunner", "FlinkRunner", "SparkRunner")
@@ -33,6 +34,9 @@ def pipeline_args(args):
 
 
 def cmd_batch(args):
+    missing = missing_extra("apache_beam", "-r requirements-beam.txt", "batch")
+    if missing:
+        return fail(missing, EXIT_USAGE)
     model_dir, code = model_or_exit_code(args.model, load=resolve_model_dir)
     if model_dir is None:
         return code

@@ -7,7 +7,7 @@ import os
 import sys
 
 from models.cli_models import model_or_exit_code
-from utils.cli import EXIT_MODEL, EXIT_OK, EXIT_USAGE, MODEL_ARG_HELP, Formatter, epilog
+from utils.cli import EXIT_MODEL, EXIT_OK, EXIT_USAGE, MODEL_ARG_HELP, Formatter, epilog, missing_extra
 from utils.cli import fail as _fail
 
 # ----------------------------------------------------------------------------------------------- export
@@ -34,6 +34,9 @@ def cmd_export(args):
              if getattr(args, k) is not None]
     if given:
         return _fail(f"{', '.join(given)}: decoding settings apply to --format savedmodel only", EXIT_USAGE)
+    missing = missing_extra("torch", '"torch>=2.13"', "export --format official (it writes a PyTorch file)")
+    if missing:
+        return _fail(missing, EXIT_USAGE)
     for target in (args.output, str(sidecar_path(args.output))):  # refuse before loading the model
         if os.path.lexists(target) and not (args.overwrite and os.path.isfile(target)
                                             and not os.path.islink(target)):
@@ -94,10 +97,9 @@ def cmd_export_savedmodel(args):
 
 
 def cmd_serve(args):
-    try:
-        import gradio  # noqa: F401
-    except ImportError:
-        return _fail("the web demo needs Gradio: pip install -r requirements.txt", EXIT_USAGE)
+    missing = missing_extra("gradio", "-r requirements-serve.txt", "the web demo (serve)")
+    if missing:
+        return _fail(missing, EXIT_USAGE)
     from models.image_captioning.web_demo import serve
 
     model, code = model_or_exit_code(args.model)

@@ -254,3 +254,40 @@ def test_a_malformed_config_is_refused_with_exit_3_naming_it(tiny_model_dir, tmp
     assert code == 3 and out == "" and str(model / "config.json") in err, err
     assert {"deep": "nested more than 64 levels", "dtype_function": "model.config.dtype is",
             "dtype_name": "model.config.dtype is", "foreign_class": "names 'os'"}[case] in err
+
+
+@pytest.mark.parametrize("module, argv, requirements", [
+    ("gradio", ["serve", "--model", "coco"], "requirements-serve.txt"),
+    ("apache_beam", ["batch", "x.jpg", "--model", "coco", "--output", "out/captions"], "requirements-beam.txt"),
+    ("apache_beam", ["extract", "captions.csv", "--clip", "ViT-B/32", "--output", "emb.npz", "--runner",
+                     "DirectRunner"],
+     "requirements-beam.txt"),
+    ("torch", ["export", "coco", "my.pt"], None),
+])
+def test_missing_optional_dependency_names_its_requirements_file(module, argv, requirements, capsys, monkeypatch):
+    """serve / batch / extract --runner without their optional dependency: exit 2 naming the file to install,
+    before any model or data is looked at."""
+    monkeypatch.setitem(sys.modules, module, None)  # as if not installed
+    code, out, err = _run(capsys, *argv)
+    assert code == 2, err
+    if requirements is None:  # a package, not a requirements file
+        assert f"needs {module}, which is not installed: pip install" in err and out == ""
+        return
+    assert f"pip install -r {requirements}" in err and out == ""
+    assert (ROOT / requirements).is_file()
+
+
+def test_requirements_split():
+    """A user's install (requirements.txt) has no torch, torchvision, OpenAI's clip or transformers (the tests'
+    references), nor the optional extras; the test install includes every extra."""
+    def names(filename):
+        lines = (ROOT / filename).read_text().splitlines()
+        return {re.split(r"[<>=\[ ;#]", line.strip())[0].lower() for line in lines if line.strip()
+                and not line.lstrip().startswith("#")}
+
+    user = names("requirements.txt")
+    assert not user & {"torch", "torchvision", "clip-anytorch", "transformers", "gradio", "apache-beam", "jupyter"}
+    assert {"torch", "transformers", "clip-anytorch"} <= names("requirements-test.txt")
+    text = (ROOT / "requirements-test.txt").read_text()
+    for extra in ("requirements-serve.txt", "requirements-beam.txt", "requirements-notebook.txt"):
+        assert f"-r {extra}" in text

@@ -65,6 +65,16 @@ def test_tokenizer_decodes_and_finds_its_vocabulary_without_clip(tokenizer):
     assert tokenizer.vocab_size == 49408 and tokenizer.eot_token == 49407
 
 
+def test_shipped_vocabulary_is_openais_file():
+    """The vocabulary shipped in models/siamese/vocab/ is OpenAI's, byte for byte (the reference package's copy)."""
+    import importlib.util
+
+    official = os.path.join(importlib.util.find_spec("clip").submodule_search_locations[0], VOCAB_FILENAME)
+    with open(default_vocab_path(), "rb") as ours, open(official, "rb") as theirs:
+        assert ours.read() == theirs.read()
+    assert os.path.isfile(os.path.join(os.path.dirname(default_vocab_path()), "LICENSE"))
+
+
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     """A tiny ViT CLIP saved as an OpenAI state dict, its reference, and sample image files."""

@@ -78,6 +78,23 @@ def _is_terminal(stream):
         return False
 
 
+def missing_extra(module, install, what):
+    """None when ``module`` can be imported; else the message saying what to ``pip install`` (``install``: a
+    package, or ``-r <requirements file>``).
+
+    The optional dependencies (Gradio for ``serve``, Apache Beam for ``batch`` / ``extract --runner``, torch for
+    ``export --format official``) are not in requirements.txt, so that a plain install stays small; a command
+    that needs one says which."""
+    import importlib.util
+
+    try:
+        if importlib.util.find_spec(module) is not None:
+            return None
+    except (ImportError, ValueError):  # a parent package missing, or a module marked absent in sys.modules
+        pass
+    return f"{what} needs {module}, which is not installed: pip install {install}"
+
+
 def report_skipped(failed, names, total):
     """Print one ``error: skipped <name>: <message>`` line per failed item and a count; True if any."""
     for i, message in sorted(failed.items()):

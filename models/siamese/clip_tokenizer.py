@@ -3,20 +3,18 @@
 Token ids equal ``clip.tokenize``'s: the same text cleaning (ftfy, HTML unescaping twice, whitespace
 collapsing, lower-casing), the same pre-tokenisation regex, the same 48,894 merges of OpenAI's
 ``bpe_simple_vocab_16e6.txt.gz`` and the same ``<|startoftext|>`` / ``<|endoftext|>`` ids (49406, 49407).
-The vocabulary file ships inside the installed ``clip-anytorch`` distribution; `default_vocab_path` finds
-it without importing that package (importing it would import torchvision: see the team's segfault trap).
-A saved model keeps its own copy of the file, so loading needs nothing else.
+The vocabulary file ships with this library (``models/siamese/vocab/``, OpenAI's file unchanged, MIT licence
+beside it), so neither torch nor OpenAI's ``clip`` package is needed. A saved model keeps its own copy of the
+file, so loading needs nothing else.
 
 Example::
 
-    tokenizer = CLIPTokenizer()                     # the vocabulary of the installed clip-anytorch
+    tokenizer = CLIPTokenizer()                     # the vocabulary shipped in models/siamese/vocab/
     ids = tokenizer.tokenize(["a photo of a cat"])  # (1, 77) int32, zero-padded
 """
 
 import gzip
 import html
-import importlib.metadata
-import importlib.util
 import os
 import shutil
 from functools import lru_cache
@@ -28,24 +26,12 @@ _NUM_MERGES = 49152 - 256 - 2  # OpenAI keeps the first 48,894 merges of the fil
 
 
 def default_vocab_path():
-    """Path of OpenAI's ``bpe_simple_vocab_16e6.txt.gz`` in the installed clip-anytorch (not imported)."""
-    candidates = []
-    spec = importlib.util.find_spec("clip")  # a top-level find_spec does not execute the package
-    if spec is not None and spec.submodule_search_locations:
-        candidates += [os.path.join(loc, VOCAB_FILENAME) for loc in spec.submodule_search_locations]
-    try:
-        candidates += [
-            str(f.locate()) for f in importlib.metadata.files("clip-anytorch") or [] if f.name == VOCAB_FILENAME
-        ]
-    except importlib.metadata.PackageNotFoundError:
-        pass
-    for path in candidates:
-        if os.path.isfile(path):
-            return path
-    raise FileNotFoundError(
-        f"OpenAI's CLIP vocabulary {VOCAB_FILENAME} was not found: install the 'clip-anytorch' package "
-        "(it ships the file), or pass vocab_path= to CLIPTokenizer"
-    )
+    """Path of OpenAI's ``bpe_simple_vocab_16e6.txt.gz`` shipped with this library (``models/siamese/vocab/``)."""
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "vocab", VOCAB_FILENAME)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"OpenAI's CLIP vocabulary is missing from this checkout: {path} "
+                                "(restore it with git, or pass vocab_path= to CLIPTokenizer)")
+    return path
 
 
 @lru_cache(maxsize=1)
@@ -66,14 +52,14 @@ class CLIPTokenizer:
     """OpenAI's ``SimpleTokenizer`` + ``clip.tokenize``, reading a ``bpe_simple_vocab_16e6.txt.gz``.
 
     Args:
-        vocab_path: the gzipped merges file (default: the one shipped in clip-anytorch).
+        vocab_path: the gzipped merges file (default: the one shipped in ``models/siamese/vocab/``).
         context_length: rows are zero-padded to this length (77 for every OpenAI CLIP).
     """
 
     START, END = "<|startoftext|>", "<|endoftext|>"
 
     def __init__(self, vocab_path=None, context_length=77, cache_size=50_000):
-        import ftfy  # clip-anytorch's own dependencies: imported here so the module loads without them
+        import ftfy  # CLIP's text cleaning: imported here so the module loads without them
         import regex
 
         self._ftfy = ftfy
