@@ -6,7 +6,8 @@ different identities. The name stays in the records, for display.
 
 What the identity covers (`compute_identity`, from the model in memory):
 
-- the backbone's Keras config (mapper, GPT-2, ``normalize_prefix``) and every weight (shape, dtype, bytes);
+- the backbone's Keras config (mapper, GPT-2, ``normalize_prefix``; not the layer names, which Keras numbers
+  per process) and every weight (shape, dtype, bytes);
 - the GPT-2 tokenizer (its whole ``tokenizer.json`` serialization: vocabulary, merges, added tokens,
   decoder);
 - the CLIP image encoder (its Keras config, which holds the input resolution, and every weight), or its
@@ -46,11 +47,21 @@ def _update_json(digest, label, value):
     digest.update(text.encode())
 
 
+def _without_names(value):
+    """A serialized Keras config without its ``name`` entries: Keras numbers the names of layers built in one
+    process (``clip_cap_mlp``, ``clip_cap_mlp_1``...), and they do not change a caption."""
+    if isinstance(value, dict):
+        return {k: _without_names(v) for k, v in value.items() if k != "name"}
+    if isinstance(value, list | tuple):
+        return [_without_names(v) for v in value]
+    return value
+
+
 def _update_keras_model(digest, label, model):
-    """Its Keras config, then each weight's shape, dtype and bytes, in the model's order."""
+    """Its Keras config (less layer names), then each weight's shape, dtype and bytes, in the model's order."""
     import keras
 
-    _update_json(digest, f"{label}.config", keras.saving.serialize_keras_object(model))
+    _update_json(digest, f"{label}.config", _without_names(keras.saving.serialize_keras_object(model)))
     for i, variable in enumerate(model.weights):
         array = np.ascontiguousarray(keras.ops.convert_to_numpy(variable))
         digest.update(f"{label}.weight {i} {array.dtype.str} {array.shape}\n".encode())

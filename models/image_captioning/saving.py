@@ -156,6 +156,7 @@ def save_clipcap(model, name_or_directory=None, overwrite=False):
         if model.clip is not None:
             model.clip.save(str(staging / CLIP_DIR))
 
+    keep_legacy_outputs(directory)
     save_preset(directory, model.backbone, ARCHITECTURE, metadata, model_card(model), header=header,
                 write_extra=write_extra, is_ours=is_saved_model, overwrite=overwrite)
     model.record_identity(identity)
@@ -163,6 +164,21 @@ def save_clipcap(model, name_or_directory=None, overwrite=False):
 
 
 
+
+
+def keep_legacy_outputs(directory):
+    """Before ``directory`` is replaced: when it is a model store folder holding results where earlier versions
+    wrote them (``<store>/<name>/outputs/map.json``), move them out of it
+    (`prediction.migrate_legacy_outputs`), so that ``convert --overwrite`` never deletes captions."""
+    from models.image_captioning.prediction import migrate_legacy_outputs
+    from utils.model_store import home_dir, legacy_outputs_dir
+
+    directory = Path(os.path.abspath(directory))
+    name = folder_name(directory)
+    if name is None or directory.parent != Path(os.path.abspath(home_dir())):
+        return
+    if os.path.lexists(legacy_outputs_dir(name)):
+        migrate_legacy_outputs(name)
 
 
 def build_or_explain(what, path, make):
