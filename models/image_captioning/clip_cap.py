@@ -158,16 +158,20 @@ class ClipCap:
         """``"sha256:<hex>"``: what this model's cached captions are keyed by (`models.image_captioning.identity`).
 
         The identity recorded when the model was loaded or saved, while its backbone, tokenizer, CLIP and
-        ``normalize_prefix`` are those it was recorded for; otherwise computed from the weights in memory,
-        every time (a model built in memory may be changed between two calls)."""
+        ``normalize_prefix`` are those it was recorded for (a folder that records none: computed from the
+        weights at the first use and kept); otherwise computed from the weights in memory, every time (a model
+        built in memory may be changed between two calls)."""
         from models.image_captioning.identity import compute_identity
 
         if self._identity is not None and self._identity[1] == self.normalize_prefix:
+            if self._identity[0] is None:  # loaded from a folder that records none: computed once
+                self._identity = (compute_identity(self), self._identity[1])
             return self._identity[0]
         return compute_identity(self)
 
     def record_identity(self, identity):
-        """Set the identity of this model as it is now (`identity`): done by `load` and `save`."""
+        """Set the identity of this model as it is now (`identity`): done by `load` and `save`; None: the
+        weights as loaded, whose identity is computed when first needed."""
         self._identity = (identity, self.normalize_prefix)
 
     def forget_identity(self):

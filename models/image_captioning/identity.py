@@ -20,7 +20,9 @@ Where it comes from:
   recorded in ``metadata.json`` (`IDENTITY_KEY`);
 - loaded: read from ``metadata.json`` (`recorded_identity`, which reads no weights: what
   `cached_answers` and ``batch`` use without loading the model). A folder saved before identities were
-  recorded (or of format 1), or a load given another ``clip=``, gets it computed once from the loaded model;
+  recorded (or of format 1), or a load given another ``clip=``, gets it computed once from the loaded model
+  when first needed (its cached answers then need the model loaded: `cached_answers` answers nothing for it,
+  and ``batch`` loads it once in the launching process); the folder is not written to;
 - built in memory and never saved (``ClipCap.from_pretrained`` without a name, a model assembled by hand):
   computed from its weights each time it is asked (`ClipCap.identity`), since they may change.
 

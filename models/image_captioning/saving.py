@@ -212,13 +212,14 @@ def load_parts(cls, directory, config, backbone, clip, jit_compile):
 
 def loaded_identity(model, directory, given_clip=False):
     """The identity of ``model`` as just loaded from ``directory``: the one its metadata.json records, else
-    (a folder saved before identities were recorded, format 1, or another CLIP given to the load) computed
-    once from the loaded weights (`models.image_captioning.identity`)."""
-    from models.image_captioning.identity import compute_identity, recorded_identity
+    None (a folder saved before identities were recorded, format 1, or another CLIP given to the load):
+    `ClipCap.identity` then computes it from the loaded weights once, when first needed (a load that never
+    caches a caption, the web demo's, pays nothing)."""
+    from models.image_captioning.identity import recorded_identity
 
     identity = None if given_clip else recorded_identity(directory)
     if identity is None:
-        logging.getLogger(__name__).info("%s: no recorded identity%s; computing it from the weights", directory,
-                                         " for this CLIP" if given_clip else " (save the model again to record it)")
-        identity = compute_identity(model)
+        logging.getLogger(__name__).info("%s: no recorded identity%s; computed from the weights when needed",
+                                         directory, " for this CLIP" if given_clip else
+                                         " (save the model again to record it)")
     return identity
