@@ -368,7 +368,8 @@ def build_parser():
     add_decoding_arguments(p)
     p.add_argument("--json", action="store_true",
                    help="print a JSON list of results (image, caption, candidates, error, timings)")
-    p.add_argument("--output-dir", help="where map.json is written (default: pretrained_models/<model>/outputs)")
+    p.add_argument("--output-dir", help="where map.json is written (default: pretrained_models/.outputs/<model "
+                                        "name>, outside the model's folder)")
     p.add_argument("--overwrite", action="store_true", help="caption again images already in map.json")
     p.add_argument("--no-save", action="store_true", help="neither read nor write map.json")
     p.add_argument("--no-progress", action="store_true",

@@ -369,6 +369,7 @@ class Trainer:
         folder (`utils.file_utils.UnsafePathError`; `fit` checks this before training)."""
         _copy_values(self.mapper.variables, self.model.mapper.variables, "mapper")
         _copy_values(self.gpt2.variables, self.model.gpt2.variables, "gpt2")
+        self.model.forget_identity()  # new weights: the identity recorded at load no longer holds
         self.model.normalize_prefix = self.normalize
         # a new folder renamed into place; an existing output_dir/model is replaced only if it is a saved model
         self.model.save(self.model_dir(), overwrite=True)

@@ -131,7 +131,9 @@ def test_cli_input_list_skip_existing_and_pipeline_options(tiny, inputs, tmp_pat
     # an earlier record counts only when made with the same settings and without error
     settings = by_key[beam_inference.record_key(f"{d}/rotated.jpg")]["settings"]
     line = json.dumps(rotated)
-    assert list(beam_inference._done_keys(line, settings)) == [(beam_inference.record_key(f"{d}/rotated.jpg"), True)]
+    assert list(beam_inference._done_keys(line, settings)) == [(beam_inference.record_key(f"{d}/rotated.jpg"),
+                                                                {"settings": settings, "size": rotated["size"],
+                                                                 "sha256": rotated["sha256"]})]
     assert list(beam_inference._done_keys(line, dict(settings, max_length=6))) == []
     assert list(beam_inference._done_keys(json.dumps(dict(rotated, error="x", caption=None)), settings)) == []
     # usage errors

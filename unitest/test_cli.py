@@ -69,8 +69,9 @@ def test_caption_demo_then_rerun(tiny_model_dir, tmp_path, capsys):
     assert all(line.split("\t")[1] for line in lines)
     stored = json.loads((out_dir / "map.json").read_text())
     assert sorted(stored) == [os.path.abspath(p) for p in demo]
-    assert stored[os.path.abspath(demo[0])]["settings"] == {"model": "tiny", "method": "greedy", "exif_transpose": True,
-                                                          "max_length": 6}
+    identity = json.loads((Path(tiny_model_dir) / "metadata.json").read_text())["identity"]
+    assert stored[os.path.abspath(demo[0])]["settings"] == {"model": "tiny", "model_identity": identity,
+                                                          "method": "greedy", "exif_transpose": True, "max_length": 6}
     # a rerun reads map.json: same captions, as JSON
     code, out2, _ = _run(capsys, "caption", ROOT / "demo", "--model", tiny_model_dir, "--output-dir", out_dir,
                          "--max-length", 6, "--json", "--no-progress")
@@ -105,7 +106,7 @@ def test_convert_then_caption(tiny_files, tmp_path, capsys):
     code, out, err = _run(capsys, "caption", ROOT / "demo" / "cat.jpg", "--model", "converted", "--max-length", 4,
                           "--no-progress")
     assert code == 0, err
-    assert (tmp_path / "home" / "converted" / "outputs" / "map.json").is_file()
+    assert (tmp_path / "home" / ".outputs" / "converted" / "map.json").is_file()  # not inside the model's folder
     config = json.loads((saved / "config.json").read_text())
     assert config["model"]["config"]["normalize_prefix"] is False  # the MLP kind's default (the backbone's)
     code, out, err = _run(capsys, "convert", files["checkpoint"], "--clip", files["clip"], "--tokenizer",

@@ -56,6 +56,7 @@ class FakeClip:
 
 class FakeModel:
     name = "fake"
+    identity = "sha256:fake"  # what map.json entries are keyed by (a ClipCap's digest of its weights)
 
     def __init__(self, interrupt_at_call=None):
         self.clip = FakeClip()
@@ -167,7 +168,8 @@ def test_order_completeness_bad_inputs_and_modes(image_dir, tmp_path, caplog):
     captioned = {str((d / n).resolve()) for n in good}
     assert set(stored) == captioned  # file images only, failures not stored
     entry = stored[str((d / "rotated.jpg").resolve())]
-    assert entry["caption"] == "20x50" and entry["settings"] == {"model": "fake", "method": "greedy", "exif_transpose": True}
+    assert entry["caption"] == "20x50" and entry["settings"] == {"model": "fake", "model_identity": "sha256:fake", "method": "greedy",
+                                                      "exif_transpose": True}
     assert entry["candidates"] == [{"text": "20x50", "score": 0.0, "tokens": [1, 2]}]
 
 
@@ -206,8 +208,8 @@ def test_rerun_skips_unless_settings_change_or_overwrite(image_dir, tmp_path):
     predict(model, d, batch_size=4, output_dir=out, progress=False, method="beam", beam_size=3, num_captions=2)
     assert sum(model.generate_calls) == n_good
     entry = load_map(out / "map.json")[str((d / "rgb.jpg").resolve())]
-    assert entry["settings"] == {"model": "fake", "method": "beam", "exif_transpose": True, "beam_size": 3,
-                                 "num_captions": 2}
+    assert entry["settings"] == {"model": "fake", "model_identity": "sha256:fake", "method": "beam",
+                                 "exif_transpose": True, "beam_size": 3, "num_captions": 2}
     assert len(entry["candidates"]) == 2
 
     model = FakeModel()

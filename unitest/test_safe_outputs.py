@@ -20,6 +20,7 @@ import pytest
 from PIL import Image
 
 from models.image_captioning import prediction
+from models.image_captioning.freshness import file_stamp
 from models.image_captioning.prediction import generation_settings, load_map, merge_into_map, predict
 from unitest.test_prediction import FakeModel
 from utils.clip_preprocessing import MAX_RESIZED_PIXELS, preprocess_image, tf_preprocess
@@ -105,7 +106,7 @@ def test_image_captioned_by_a_concurrent_run_meanwhile_is_not_redone(tmp_path):
         def generate(self, embeddings, **kwargs):
             if not self.generate_calls:  # at the first batch, a concurrent run stores the last 12 images
                 entries = {os.path.abspath(p): {"caption": "by the other run", "candidates": None,
-                                                "settings": settings, **prediction._file_stamp(p)}
+                                                "settings": settings, **file_stamp(p)}
                            for p in paths[12:]}
                 entries["/elsewhere/unrelated.jpg"] = {"caption": "kept", "settings": settings}
                 merge_into_map(out / "map.json", entries)
@@ -126,9 +127,9 @@ def test_image_captioned_by_a_concurrent_run_meanwhile_is_not_redone(tmp_path):
 
 def test_merge_into_map_keeps_entries_written_meanwhile(tmp_path):
     path = tmp_path / "map.json"
-    merge_into_map(path, {"a": {"caption": "1"}})
-    merge_into_map(path, {"b": {"caption": "2"}})
-    assert load_map(path) == {"a": {"caption": "1"}, "b": {"caption": "2"}}
+    merge_into_map(path, {"a": {"caption": "1", "settings": {}}})
+    merge_into_map(path, {"b": {"caption": "2", "settings": {}}})
+    assert load_map(path) == {"a": {"caption": "1", "settings": {}}, "b": {"caption": "2", "settings": {}}}
     assert oct(os.stat(path).st_mode & 0o777) == oct(0o666 & ~_umask())  # not mkstemp's 0600
 
 

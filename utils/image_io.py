@@ -160,6 +160,34 @@ def read_url(url, max_bytes=DEFAULT_MAX_BYTES, timeout=URL_TIMEOUT_S) -> bytes:
     return bytes(data)
 
 
+def _open_image_file(path, max_bytes):
+    """A binary file object on the image file ``path`` (a non-empty regular file of at most ``max_bytes``);
+    `ImageReadError` saying what is wrong otherwise."""
+    if not os.path.lexists(path):
+        raise ImageReadError(f"no such image file: {path}")
+    if os.path.isdir(path):
+        raise ImageReadError(f"{path} is a directory, not an image (use list_images to expand it)")
+    try:  # never blocks (FIFO) nor reads without bound (device): checked on the open descriptor
+        f = open_regular_file(path, max_bytes)
+    except UnsafePathError as e:
+        raise ImageReadError(str(e)) from e
+    if os.fstat(f.fileno()).st_size == 0:
+        f.close()
+        raise ImageReadError(f"{path}: empty file (0 bytes)")
+    return f
+
+
+def read_image_file(path, max_bytes=DEFAULT_MAX_BYTES) -> bytes:
+    """The bytes of the image file ``path``, checked as `read_image` checks a path (same errors); for a caller
+    that needs the bytes themselves as well as the image (their digest: `models.image_captioning.freshness`)."""
+    path = os.fspath(path)
+    with _open_image_file(path, max_bytes) as f:
+        data = f.read() if max_bytes is None else f.read(max_bytes + 1)
+    if max_bytes is not None and len(data) > max_bytes:
+        raise ImageReadError(f"{path}: more than {max_bytes} bytes (the file grew while being read)")
+    return data
+
+
 def read_image(source, exif_transpose=True, max_pixels=None, max_bytes=DEFAULT_MAX_BYTES):
     """A decoded `PIL.Image.Image` from a path, a PIL image or a numpy array, its mode kept.
 
@@ -194,17 +222,7 @@ def read_image(source, exif_transpose=True, max_pixels=None, max_bytes=DEFAULT_M
         return _open_bytes(read_url(source, max_bytes), source, max_pixels, exif_transpose=exif_transpose)
     elif isinstance(source, (str, os.PathLike)):
         path = os.fspath(source)
-        if not os.path.lexists(path):
-            raise ImageReadError(f"no such image file: {path}")
-        if os.path.isdir(path):
-            raise ImageReadError(f"{path} is a directory, not an image (use list_images to expand it)")
-        try:  # never blocks (FIFO) nor reads without bound (device): checked on the open descriptor
-            f = open_regular_file(path, max_bytes)
-        except UnsafePathError as e:
-            raise ImageReadError(str(e)) from e
-        with f:
-            if os.fstat(f.fileno()).st_size == 0:
-                raise ImageReadError(f"{path}: empty file (0 bytes)")
+        with _open_image_file(path, max_bytes) as f:
             return _open_bytes(f, path, max_pixels, exif_transpose=exif_transpose)
     elif isinstance(source, (bytes, bytearray)):
         if not source:

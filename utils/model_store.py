@@ -2,7 +2,9 @@
 
 The store is ``$IMAGE_CAPTIONING_HOME``, else ``pretrained_models/`` in the repository. It holds
 ``downloads/`` (raw files and their ``manifest.json``, see `utils.downloads`), ``<name>/`` per saved model
-(config.json naming its ``architecture``) and ``<name>/outputs/`` for results. This module imports no model
+(config.json naming its ``architecture``) and ``.outputs/<name>/`` for the results made with a model of that
+name (`outputs_dir`: never inside a model's folder, which a save replaces whole; a hidden name, which no
+model name can be). This module imports no model
 and no framework: the CLI, the transport and the models all ask it the same questions.
 
 Example::
@@ -32,6 +34,22 @@ def saved_model_dir(name, root=None) -> Path:
     """``<model store>/<name>``; ValueError unless ``name`` is a plain name (`check_model_name`), so a name can
     never point outside the store ("", "..", "/abs", "a/b" are refused)."""
     return Path(root or home_dir()) / check_model_name(name)
+
+
+OUTPUTS_DIRNAME = ".outputs"  # not a model name (`check_model_name`: names start with a letter or digit)
+LEGACY_OUTPUTS_DIRNAME = "outputs"  # results went to <store>/<name>/outputs/ before: inside the model's folder
+
+
+def outputs_dir(name, root=None) -> Path:
+    """``<model store>/.outputs/<name>``: where results made with a model named ``name`` go by default.
+    Outside ``<store>/<name>`` (a save or ``convert --overwrite`` replaces that folder whole)."""
+    return Path(root or home_dir()) / OUTPUTS_DIRNAME / check_model_name(name)
+
+
+def legacy_outputs_dir(name, root=None) -> Path:
+    """``<model store>/<name>/outputs``: where earlier versions wrote those results (moved by
+    `models.image_captioning.prediction.migrate_legacy_outputs`)."""
+    return saved_model_dir(name, root) / LEGACY_OUTPUTS_DIRNAME
 
 
 def model_dir(name_or_directory, root=None) -> Path:

@@ -11,15 +11,18 @@ The same pipeline runs on the local DirectRunner / PrismRunner and on Dataflow, 
          error records also in ``<output>-errors-SSSSS-of-NNNNN.jsonl`` (the dead-letter output)
 
 A record is ``{"image", "caption", "candidates": [{"text", "tokens", "score"}], "error", "model",
-"settings"}``; ``error`` is None when captioned, ``settings`` is `prediction.generation_settings` (what
-map.json stores). For the same model, images, settings and batch size the captions and scores are those of
+"settings"}`` plus, when captioned, the ``size`` and ``sha256`` of the bytes captioned; ``error`` is None when
+captioned, ``settings`` is `prediction.generation_settings` (what map.json stores: the model's identity, its
+name for display, the method and its arguments). For the same model, images, settings and batch size the captions and scores are those of
 ``ClipCap.predict``: the same `ImageEmbedder` stages (reading, preprocessing, ``clip.encode_pixels``)
 and ``model.generate`` on batches of the same size (``method="sample"`` draws depend on how images are
 grouped in batches, as in ``predict``).
 
 Outputs are written by Beam's text sink: temporary files renamed when the job ends (all or nothing per job).
-``skip_existing`` lists earlier outputs: an image captioned there (no error) with the same settings is
-skipped, so a large job can be split or resumed; write each run to a new prefix.
+``skip_existing`` lists earlier outputs: an image captioned there (no error) with the same settings (the same
+model identity, not just name) from the same bytes is skipped (`models.image_captioning.freshness`, the rule
+map.json follows; such an image is read once more to be hashed), so a large job can be split or resumed;
+write each run to a new prefix.
 
 Example::
 
@@ -43,9 +46,10 @@ from apache_beam.ml.inference.base import ModelHandler, PredictionResult, RunInf
 from apache_beam.options.pipeline_options import PipelineOptions
 
 from custom_architectures.samplers import sampler_class
+from models.image_captioning.freshness import answers, content_stamp, file_stamp, stream_stamp
 from models.siamese.image_embedding import ImageEmbedder
-from utils.file_utils import UnsafePathError, json_text, read_json
-from utils.image_io import IMAGE_EXTENSIONS, ImageReadError
+from utils.file_utils import DEFAULT_MAX_BYTES, UnsafePathError, json_text, read_json
+from utils.image_io import IMAGE_EXTENSIONS, ImageReadError, read_image_file
 
 logger = logging.getLogger(__name__)
 
@@ -61,13 +65,14 @@ _GLOB_CHARS = set("*?[")
 # ------------------------------------------------------------------------------------------------- records
 
 
-def make_record(image, settings, candidates=None, error=None):
-    """One output line: the image, its best caption, every candidate (text, token ids, score), the error."""
+def make_record(image, settings, candidates=None, error=None, stamp=None):
+    """One output line: the image, its best caption, every candidate (text, token ids, score), the error, and
+    the ``size`` / ``sha256`` of the bytes captioned (``stamp``, `freshness.content_stamp`)."""
     if candidates is not None:
         candidates = [{"text": c["text"], "tokens": [int(t) for t in c["tokens"]], "score": float(c["score"])}
                       for c in candidates]
     return {"image": image, "caption": candidates[0]["text"] if candidates else None, "candidates": candidates,
-            "error": error, "model": settings.get("model"), "settings": settings}
+            "error": error, "model": settings.get("model"), "settings": settings, **(stamp or {})}
 
 
 def is_local(path):
@@ -170,16 +175,22 @@ def list_file_column(list_file):
 
 
 def load_pixels(readable, embedder):
-    """A Beam ``ReadableFile`` -> preprocessed (n_px, n_px, 3) pixels, by ``embedder`` (an `ImageEmbedder`).
+    """A Beam ``ReadableFile`` -> preprocessed (n_px, n_px, 3) pixels, by ``embedder`` (an `ImageEmbedder`)."""
+    return load_pixels_and_stamp(readable, embedder)[0]
 
-    Local files go through ``embedder.read(path)`` (exactly what `predict` does: regular files only, size
-    cap); other file systems are read through Beam, at most ``embedder.max_bytes``, and decoded by
+
+def load_pixels_and_stamp(readable, embedder):
+    """A Beam ``ReadableFile`` -> (preprocessed (n_px, n_px, 3) pixels, `freshness.content_stamp` of the bytes).
+
+    Local files are read as `predict` reads them (`utils.image_io.read_image_file`: regular files only, size
+    cap); other file systems are read through Beam, at most ``embedder.max_bytes``; both are decoded by
     ``embedder.read_bytes``. Raises `ImageReadError` (or any preprocessing error) for a bad image.
     """
     path = readable.metadata.path
     max_bytes = embedder.max_bytes
     if is_local(path):
-        return embedder.preprocess(embedder.read(local_path(path)))
+        data = read_image_file(local_path(path), max_bytes)
+        return embedder.preprocess(embedder.read_bytes(data, local_path(path))), content_stamp(data)
     size = getattr(readable.metadata, "size_in_bytes", None)
     if max_bytes is not None and size is not None and size > max_bytes:
         raise ImageReadError(f"{path}: {size} bytes exceeds the limit of {max_bytes} bytes")
@@ -190,7 +201,7 @@ def load_pixels(readable, embedder):
         raise ImageReadError(f"{path}: cannot read: {e}") from e
     if max_bytes is not None and len(data) > max_bytes:
         raise ImageReadError(f"{path}: more than {max_bytes} bytes (the limit)")
-    return embedder.preprocess(embedder.read_bytes(data, path))
+    return embedder.preprocess(embedder.read_bytes(data, path)), content_stamp(data)
 
 
 def clip_input_resolution(model_dir):
@@ -207,7 +218,8 @@ def clip_input_resolution(model_dir):
 
 
 class _ReadAndPreprocess(beam.DoFn):
-    """A ReadableFile -> (path, (n_px, n_px, 3) float32 pixels), OpenAI's CLIP preprocessing, as `predict`.
+    """A ReadableFile -> ((path, size, sha256), (n_px, n_px, 3) float32 pixels), OpenAI's CLIP preprocessing,
+    as `predict`; size and SHA-256 are those of the bytes decoded (the record's stamp).
 
     Local files go through ``ImageEmbedder.read(path)`` (exactly what `predict` does); other file systems are
     read through Beam (``ReadableFile.read``) and decoded by the same code. A bad image -> an error record.
@@ -220,20 +232,21 @@ class _ReadAndPreprocess(beam.DoFn):
     def process(self, readable):
         path = readable.metadata.path
         try:
-            pixels = load_pixels(readable, self._embedder)
+            pixels, stamp = load_pixels_and_stamp(readable, self._embedder)
         except Exception as e:  # any failure of one image is that image's error record
             message = str(e) if isinstance(e, ImageReadError) else f"{type(e).__name__} in preprocess: {e}"
             logger.warning("cannot caption %s: %s", path, message)
             yield beam.pvalue.TaggedOutput(ERRORS, make_record(path, self._settings, error=message))
             return
-        yield path, pixels
+        yield (path, stamp["size"], stamp["sha256"]), pixels
 
 
 # ------------------------------------------------------------------------------------------- model handler
 
 
 class ClipCapModelHandler(ModelHandler):
-    """RunInference's handler for a saved ClipCap: (path, pixels) batches -> PredictionResult(path, candidates).
+    """RunInference's handler for a saved ClipCap: (path, pixels) batches -> PredictionResult(path, candidates)
+    (``path``: any key, passed through).
 
     The decoding settings are the handler's arguments (``method`` and ``model.generate``'s keyword
     arguments). Batches hold exactly ``batch_size`` elements (``BatchElements(min = max = batch_size)``; the
@@ -289,19 +302,40 @@ class ClipCapModelHandler(ModelHandler):
 # ------------------------------------------------------------------------------------------------ pipeline
 
 
+def path_stamp(path, max_bytes=DEFAULT_MAX_BYTES):
+    """`freshness.content_stamp` of the file at ``path`` (any Beam file system) as it is now; None when it
+    cannot be read."""
+    if is_local(path):
+        return file_stamp(local_path(path), max_bytes)
+    try:
+        with FileSystems.open(path) as f:
+            return stream_stamp(f, max_bytes)
+    except OSError:
+        return None
+
+
 class _SkipDone(beam.DoFn):
-    """(key, {"todo": [paths], "done": [...]}) -> the paths when no earlier record captioned the image."""
+    """(key, {"todo": [paths], "done": [records]}) -> the paths that no earlier record answers for
+    (`freshness.answers`: same settings, same bytes; a path with earlier records is read to be hashed)."""
+
+    def __init__(self, settings):
+        self._settings = settings
 
     def process(self, element):
         _, groups = element
-        if not list(groups["done"]):
-            yield from groups["todo"]
+        done = list(groups["done"])
+        for path in groups["todo"]:
+            stamp = path_stamp(path) if done else None
+            if not any(answers(record, self._settings, stamp) for record in done):
+                yield path
 
 
 def _done_keys(line, settings):
+    """An earlier output line -> (image key, the record's settings and stamp) when it holds a caption made
+    with ``settings`` (whether its bytes are those of the file now is `_SkipDone`'s question)."""
     record = json.loads(line)
     if record.get("error") is None and record.get("caption") is not None and record.get("settings") == settings:
-        yield record_key(record["image"]), True
+        yield record_key(record["image"]), {k: record.get(k) for k in ("settings", "size", "sha256")}
 
 
 def previous_outputs(prefix):
@@ -350,14 +384,15 @@ def caption_pipeline(pipeline, inputs, model_dir, output, method="greedy", batch
                 | "DoneKeys" >> beam.FlatMap(_done_keys, settings))
         todo = paths | "KeyPaths" >> beam.Map(lambda p: (record_key(p), p))
         paths = ({"todo": todo, "done": done} | "JoinPrevious" >> beam.CoGroupByKey()
-                 | "SkipDone" >> beam.ParDo(_SkipDone()))
+                 | "SkipDone" >> beam.ParDo(_SkipDone(settings)))
     preprocessed = (paths
                     | "ReadMatches" >> fileio.ReadMatches()
                     | "Preprocess" >> beam.ParDo(_ReadAndPreprocess(n_px, settings, exif_transpose))
                     .with_outputs(ERRORS, main="pixels"))
     captioned = (preprocessed.pixels
                  | "RunInference" >> RunInference(handler)
-                 | "ToRecords" >> beam.Map(lambda r: make_record(r.example, settings, candidates=r.inference)))
+                 | "ToRecords" >> beam.Map(lambda r: make_record(r.example[0], settings, candidates=r.inference,
+                                                                 stamp={"size": r.example[1], "sha256": r.example[2]})))
     errors = (matched[ERRORS], preprocessed[ERRORS]) | "FlattenErrors" >> beam.Flatten()
     records = (captioned, errors) | "FlattenRecords" >> beam.Flatten()
     (records | "RecordsToJson" >> beam.Map(json_text, indent=None)  # a non-UTF-8 file name stays valid
@@ -370,12 +405,20 @@ def caption_pipeline(pipeline, inputs, model_dir, output, method="greedy", batch
 
 
 def batch_settings(model_dir, method, generate_kwargs, exif_transpose=True):
-    """`prediction.generation_settings` for a saved model, read from its config.json (no weights loaded)."""
+    """`prediction.generation_settings` for a saved model: its name (config.json) and identity (metadata.json),
+    no weights loaded; a folder that records no identity (saved by an earlier version) is loaded once here to
+    compute it."""
     from models.image_captioning.cached_answers import saved_model_name
+    from models.image_captioning.identity import recorded_identity
     from models.image_captioning.prediction import generation_settings_for
 
+    identity = recorded_identity(model_dir)
+    if identity is None:
+        from models.image_captioning.clip_cap import ClipCap
+
+        identity = ClipCap.load(str(model_dir)).identity
     # the name as ClipCap.load gives it
-    return generation_settings_for(saved_model_name(model_dir), method, generate_kwargs, exif_transpose)
+    return generation_settings_for(saved_model_name(model_dir), identity, method, generate_kwargs, exif_transpose)
 
 
 def run_batch(inputs, model_dir, output, method="greedy", batch_size=16, generate_kwargs=None, exif_transpose=True,

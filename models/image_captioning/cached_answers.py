@@ -1,13 +1,15 @@
 """Nothing to do, nothing loaded: answer a rerun from map.json without loading the model (nor TensorFlow).
 
 A rerun whose every image is already in map.json, captioned by the same model with the same settings from
-the same file (size and modification time, as `prediction.predict` checks them), needs no model: loading
+the same bytes (`models.image_captioning.freshness`, as `prediction.predict` checks them), needs no model: loading
 one costs seconds, compiling it more. `answers_from_map` gives ``predict``'s results for such a run (every one
 ``cached``), or None as soon as one input needs work: then the caller loads the model and runs ``predict``,
 which reuses whatever map.json holds.
 
-The model's name, which map.json's settings record, is read from the saved folder's ``config.json`` as
-`ClipCap.load` names the model (`saved_model_name`); no weights are read.
+The model's identity, which map.json's settings record (`models.image_captioning.identity`), is read from
+the saved folder's ``metadata.json``, and its name (for display and the default output folder) from its
+``config.json`` as `ClipCap.load` names the model (`saved_model_name`); no weights are read. A folder without a
+recorded identity (saved by an earlier version) gets no answer here: the model is loaded, which computes it.
 
 Example::
 
@@ -19,16 +21,17 @@ Example::
 import logging
 from pathlib import Path
 
+from models.image_captioning.freshness import is_fresh
+from models.image_captioning.identity import recorded_identity
 from models.image_captioning.prediction import (
     MAP_FILENAME,
-    _is_fresh,
     _result,
+    default_output_dir,
     expand_inputs,
     generation_settings_for,
     load_map,
 )
 from utils.file_utils import UnsafePathError, read_json
-from utils.model_store import home_dir
 
 logger = logging.getLogger(__name__)
 
@@ -53,24 +56,28 @@ def answers_from_map(model_dir, images, method="greedy", output_dir=None, return
     """``predict``'s results for ``images`` taken from map.json alone, or None when any input needs the model
     (not in map.json, made with other settings, file changed since, an input that cannot be expanded).
 
-    ``model_dir`` is a saved model's folder (only its config.json is read); ``output_dir`` as in ``predict``
-    (default ``<model store>/<name>/outputs``).
+    ``model_dir`` is a saved model's folder (only its config.json and metadata.json are read); ``output_dir``
+    as in ``predict`` (default `prediction.default_output_dir`: ``<model store>/.outputs/<name>``).
     """
     try:
         name = saved_model_name(model_dir)
     except (OSError, ValueError, UnsafePathError) as e:
         logger.debug("no answer from map.json: %s", e)
         return None
-    directory = Path(output_dir) if output_dir is not None else home_dir() / (name or "clipcap") / "outputs"
+    identity = recorded_identity(model_dir)
+    if identity is None:
+        logger.debug("no answer from map.json: %s records no identity", model_dir)
+        return None
+    directory = Path(output_dir) if output_dir is not None else default_output_dir(name)
     try:
         stored = load_map(directory / MAP_FILENAME)
     except ValueError:  # a damaged map.json: predict reports it
         return None
-    settings = generation_settings_for(name, method, generate_kwargs, exif_transpose)
+    settings = generation_settings_for(name, identity, method, generate_kwargs, exif_transpose)
     results = []
     for entry in expand_inputs(images):
         cached = stored.get(entry.key) if entry.error is None and entry.key is not None else None
-        if not _is_fresh(cached, settings, entry.key):
+        if not is_fresh(cached, settings, entry.key):
             return None
         results.append(_result(entry, caption=cached["caption"], candidates=cached.get("candidates"),
                                cached=True))

@@ -82,6 +82,8 @@ class ClipCap:
     """
 
     INFO_KEYS = ("name", "checkpoint", "checkpoint_sha256", "clip_name")
+    #: replacing one of these drops the recorded identity (`identity`)
+    _IDENTITY_PARTS = ("backbone", "tokenizer", "clip")
 
     def __init__(self, backbone, tokenizer, clip=None, jit_compile="auto", info=None):
         if not isinstance(backbone, ClipCapBackbone):
@@ -90,6 +92,7 @@ class ClipCap:
         unknown = sorted(set(info) - set(self.INFO_KEYS))
         if unknown:
             raise ValueError(f"unknown ClipCap info keys {unknown}: expected some of {self.INFO_KEYS}")
+        self._identity = None  # (identity, normalize_prefix) recorded at load / save, see `identity`
         self.backbone = backbone
         self.tokenizer = tokenizer
         self.info = {k: info.get(k) for k in self.INFO_KEYS}
@@ -101,6 +104,11 @@ class ClipCap:
         self._compile()
         if clip is not None:
             self._check_clip(clip, "the given CLIP model")
+
+    def __setattr__(self, name, value):
+        if name in self._IDENTITY_PARTS:  # another backbone, tokenizer or CLIP: another model
+            self.__dict__["_identity"] = None
+        super().__setattr__(name, value)
 
     def _compile(self):
         backbone = self.backbone
@@ -144,6 +152,31 @@ class ClipCap:
         from utils.file_utils import check_model_name
 
         self.info["name"] = None if value is None else check_model_name(value)
+
+    @property
+    def identity(self) -> str:
+        """``"sha256:<hex>"``: what this model's cached captions are keyed by (`models.image_captioning.identity`).
+
+        The identity recorded when the model was loaded or saved, while its backbone, tokenizer, CLIP and
+        ``normalize_prefix`` are those it was recorded for (a folder that records none: computed from the
+        weights at the first use and kept); otherwise computed from the weights in memory, every time (a model
+        built in memory may be changed between two calls)."""
+        from models.image_captioning.identity import compute_identity
+
+        if self._identity is not None and self._identity[1] == self.normalize_prefix:
+            if self._identity[0] is None:  # loaded from a folder that records none: computed once
+                self._identity = (compute_identity(self), self._identity[1])
+            return self._identity[0]
+        return compute_identity(self)
+
+    def record_identity(self, identity):
+        """Set the identity of this model as it is now (`identity`): done by `load` and `save`; None: the
+        weights as loaded, whose identity is computed when first needed."""
+        self._identity = (identity, self.normalize_prefix)
+
+    def forget_identity(self):
+        """Drop the recorded identity: call it after changing the weights in place (training, set_weights)."""
+        self._identity = None
 
     @property
     def normalize_prefix(self) -> bool:

@@ -11,15 +11,19 @@ file named .jpg, a directory without images, a decompression bomb) gets its own 
 every other image is captioned. EXIF orientation is applied (``exif_transpose=False`` to read the pixels as
 stored, as OpenAI's and the official ClipCap code do).
 
-map.json (``pretrained_models/<model name>/outputs/map.json``, or ``<output_dir>/map.json``) is keyed by
-the absolute file path; each entry holds the caption, the candidates with their scores and token ids, the
-generation settings, the model name and the file's size and modification time. After every batch it is updated under
+map.json (``pretrained_models/.outputs/<model name>/map.json``, `default_output_dir`, or
+``<output_dir>/map.json``) is keyed by the absolute file path; each entry holds the caption, the candidates
+with their scores and token ids, the generation settings (the model's name, for display, and its identity,
+`models.image_captioning.identity`) and the size and SHA-256 of the file's bytes. The default folder is never
+inside the model's folder, which a save (``convert --overwrite``) replaces whole; a map.json left by earlier
+versions in ``<store>/<name>/outputs/`` is moved out (`migrate_legacy_outputs`). After every batch it is updated under
 an inter-process lock (``map.json.lock``): read, merge this run's new entries, write atomically (temporary
 file + ``os.replace``). So an interrupted run keeps everything captioned so far, and concurrent runs writing
 the same map.json keep the union of their results (none is lost, each image appears once). The
 settings are *not* part of the key: there is one entry per image, the latest. A rerun skips an image when
-its entry was made by the same model with the same settings (method and every generation argument) and the
-file is unchanged; otherwise (or with ``overwrite=True``) it is captioned again and the entry replaced. The
+its entry was made by the same model (identity, not name) with the same settings (method and every generation
+argument) from the same bytes (`models.image_captioning.freshness`, the rule ``batch --skip-existing`` follows
+too); otherwise (or with ``overwrite=True``) it is captioned again and the entry replaced. The
 run's view of map.json is refreshed at every write (and every few seconds while reading images), so an
 image that a concurrent run captioned meanwhile with the same settings is taken from map.json instead of
 being read and captioned again. Images given in memory (PIL, numpy) and http(s) URLs (what a URL serves
@@ -60,6 +64,7 @@ import numpy as np
 from custom_architectures.batching import power_of_two_at_least
 from custom_architectures.samplers import sampler_class
 from models.image_captioning.compile_status import CompileStatus
+from models.image_captioning.freshness import answers, content_stamp, is_fresh
 from utils.file_utils import (
     DEFAULT_MAX_BYTES,
     UnsafePathError,
@@ -68,7 +73,7 @@ from utils.file_utils import (
     read_json,
     write_json_atomic,
 )
-from utils.image_io import ImageReadError, expand_paths, is_url
+from utils.image_io import ImageReadError, expand_paths, is_url, read_image_file
 from utils.pipeline import Pipeline, Stage
 
 logger = logging.getLogger(__name__)
@@ -127,11 +132,47 @@ def expand_inputs(images):
 # ------------------------------------------------------------------------------------------------ map.json
 
 
-def default_output_dir(model):
-    from utils.model_store import home_dir
+def default_output_dir(model_or_name):
+    """``<model store>/.outputs/<model name>`` ("clipcap" for a model without a name): where map.json goes by
+    default (`utils.model_store.outputs_dir`), outside the model's own folder."""
+    from utils.model_store import outputs_dir
 
-    name = getattr(model, "name", None) or "clipcap"
-    return home_dir() / name / "outputs"
+    name = model_or_name if isinstance(model_or_name, str | None) else getattr(model_or_name, "name", None)
+    return outputs_dir(name or "clipcap")
+
+
+def migrate_legacy_outputs(name):
+    """Move ``<store>/<name>/outputs/map.json`` (where earlier versions wrote, inside the model's folder that
+    a save replaces) into `default_output_dir` ``(name)``: merged under both files' locks (an image in both
+    keeps the new location's entry), written atomically, then the old file removed; its sidecars
+    (``map.json.unsaved-*``) are moved too. A damaged old map.json is left where it is (logged); returns the
+    number of entries moved."""
+    from utils.model_store import legacy_outputs_dir
+
+    legacy_dir = legacy_outputs_dir(name)
+    legacy = legacy_dir / MAP_FILENAME
+    sidecars = sorted(legacy_dir.glob(f"{MAP_FILENAME}.unsaved-*.json")) if legacy_dir.is_dir() else []
+    if not os.path.lexists(legacy) and not sidecars:
+        return 0
+    target_dir = default_output_dir(name)
+    target_dir.mkdir(parents=True, exist_ok=True)
+    for sidecar in sidecars:
+        if not sidecar.is_symlink() and not os.path.lexists(target_dir / sidecar.name):
+            os.replace(sidecar, target_dir / sidecar.name)
+    if not os.path.lexists(legacy):
+        return 0
+    target = target_dir / MAP_FILENAME
+    with file_lock(target), file_lock(legacy):
+        try:
+            old = load_map(legacy)
+        except ValueError as e:
+            logger.warning("%s left where it is: %s", legacy, e)
+            return 0
+        merged = {**old, **load_map(target)}
+        write_json_atomic(target, merged)
+        os.unlink(legacy)
+    logger.info("moved the %d captions of %s to %s", len(old), legacy, target)
+    return len(old)
 
 
 class MapWriteError(OSError):
@@ -225,11 +266,6 @@ def _save(map_path, pending):
         raise ValueError(f"{e}; the {len(pending)} captions of this batch were saved to {sidecar}") from e
 
 
-def _file_stamp(path):
-    st = os.stat(path)
-    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
-
-
 def _jsonable(value):
     if isinstance(value, np.generic):
         return value.item()
@@ -239,29 +275,24 @@ def _jsonable(value):
 
 
 def generation_settings(model, method, generate_kwargs, exif_transpose=True):
-    """What decides a caption, as stored in map.json and compared on rerun: the model, the method and its
-    arguments, and ``exif_transpose`` (it decides which pixels are captioned: an entry made upright must not
-    answer a run that reads the pixels as stored)."""
-    return generation_settings_for(getattr(model, "name", None), method, generate_kwargs, exif_transpose)
+    """What decides a caption, as stored in map.json and compared on rerun: the model (its identity,
+    ``model.identity``; its name only for display), the method and its arguments, and ``exif_transpose`` (it
+    decides which pixels are captioned: an entry made upright must not answer a run that reads the pixels as
+    stored)."""
+    return generation_settings_for(getattr(model, "name", None), model.identity, method, generate_kwargs,
+                                   exif_transpose)
 
 
-def generation_settings_for(model_name, method, generate_kwargs, exif_transpose=True):
-    """`generation_settings` from the model's name alone (no model needed)."""
-    return {"model": model_name, "method": method, "exif_transpose": bool(exif_transpose),
-            **{k: _jsonable(v) for k, v in sorted(generate_kwargs.items())}}
+def generation_settings_for(model_name, model_identity, method, generate_kwargs, exif_transpose=True):
+    """`generation_settings` from the model's name and identity alone (no model needed: a saved folder's
+    identity is in its metadata.json, `models.image_captioning.identity.recorded_identity`)."""
+    if not model_identity:
+        raise ValueError("generation settings need the model's identity (its name may be another model's)")
+    return {"model": model_name, "model_identity": model_identity, "method": method,
+            "exif_transpose": bool(exif_transpose), **{k: _jsonable(v) for k, v in sorted(generate_kwargs.items())}}
 
 
 # ---------------------------------------------------------------------------------------------- the model
-
-
-def _is_fresh(cached, settings, key):
-    """Whether the map.json entry ``cached`` holds the caption of file ``key`` as it is now, for ``settings``."""
-    if cached is None or cached.get("settings") != settings:
-        return False
-    try:
-        return all(cached.get(k) == v for k, v in _file_stamp(key).items())
-    except OSError:
-        return False
 
 
 class _CaptionedElsewhere(Exception):  # noqa: N818 (a signal, not a failure)
@@ -337,7 +368,7 @@ def predict(model, images, batch_size=16, method="greedy", save=True, overwrite=
         save: write map.json (and reuse what it holds); False captions everything and writes nothing.
         overwrite: caption again images that map.json already holds with the same settings.
         display: show the captioned images in a grid with their captions (matplotlib).
-        output_dir: where map.json goes (default ``pretrained_models/<model.name>/outputs/``).
+        output_dir: where map.json goes (default `default_output_dir`: ``pretrained_models/.outputs/<model.name>/``).
         return_candidates: add ``candidates`` (every returned caption with its score and token ids, best
             first; entries that map.json held from before token ids were stored have none).
         progress: a tqdm bar with images per second.
@@ -365,7 +396,9 @@ def predict(model, images, batch_size=16, method="greedy", save=True, overwrite=
     if hasattr(model, "check_generate_args"):  # bad decoding arguments fail before any image is read
         sampler, max_length, _, _ = model.check_generate_args(method, **generate_kwargs)
     entries = expand_inputs(images)
-    settings = generation_settings(model, method, generate_kwargs, exif_transpose)
+    settings = generation_settings(model, method, generate_kwargs, exif_transpose) if save else None
+    if save and output_dir is None and getattr(model, "name", None):
+        migrate_legacy_outputs(model.name)
     map_path = Path(output_dir if output_dir is not None else default_output_dir(model)) / MAP_FILENAME
     # before any image is read: results that could not be written at the end would be lost
     stored = check_map_writable(map_path) if save else {}
@@ -379,7 +412,7 @@ def predict(model, images, batch_size=16, method="greedy", save=True, overwrite=
             continue
         if save and not overwrite and entry.key is not None:
             cached = stored.get(entry.key)
-            if _is_fresh(cached, settings, entry.key):
+            if is_fresh(cached, settings, entry.key, max_file_bytes):
                 results[i] = _result(entry, caption=cached["caption"], candidates=cached.get("candidates"),
                                      cached=True)
                 continue
@@ -390,13 +423,19 @@ def predict(model, images, batch_size=16, method="greedy", save=True, overwrite=
     # read -> preprocess -> encode: the stages of `clip.encode_image` / model.encode_images, run concurrently
     embedder = clip.image_embedder(exif_transpose=exif_transpose, max_bytes=max_file_bytes)
 
+    stamps = {}  # input index -> size and SHA-256 of the bytes its caption is made from (map.json entries)
+
     def read(i):
         key = entries[i].key
-        if skip_others and key is not None:
+        if not save or key is None:  # nothing stored: no stamp needed
+            return embedder.read(entries[i].source)
+        data = read_image_file(entries[i].source, max_file_bytes)  # read once: hashed and decoded
+        stamps[i] = stamp = content_stamp(data)
+        if skip_others:
             cached = view.get(key)
-            if _is_fresh(cached, settings, key):  # a concurrent run captioned it meanwhile
+            if answers(cached, settings, stamp):  # a concurrent run captioned it meanwhile
                 raise _CaptionedElsewhere(cached)
-        return embedder.read(entries[i].source)
+        return embedder.read_bytes(data, entries[i].source)
 
     compiling = CompileStatus(model, status)
     details = ", ".join([method, *(f"{k}={v}" for k, v in sorted(generate_kwargs.items()))])
@@ -443,7 +482,7 @@ def predict(model, images, batch_size=16, method="greedy", save=True, overwrite=
                 results[i] = _result(entry, caption=generated[0]["text"], candidates=_candidates(generated),
                                      timings=item.timings)
                 if save and entry.key is not None:
-                    pending[entry.key] = _map_entry(results[i], settings, entry.key)
+                    pending[entry.key] = _map_entry(results[i], settings, stamps.pop(i))
             elif isinstance(item.error, _CaptionedElsewhere):
                 cached = item.error.entry
                 results[i] = _result(entry, caption=cached["caption"], candidates=cached.get("candidates"),
@@ -510,14 +549,10 @@ def _result(entry, caption=None, candidates=None, error=None, timings=None, cach
             "cached": cached, "timings": dict(timings or {})}
 
 
-def _map_entry(result, settings, key):
-    entry = {"caption": result["caption"], "candidates": result["candidates"], "settings": settings,
-             "time": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")}
-    try:
-        entry.update(_file_stamp(key))
-    except OSError:
-        pass
-    return entry
+def _map_entry(result, settings, stamp):
+    """A map.json entry: the caption, its candidates, the settings and the stamp of the bytes captioned."""
+    return {"caption": result["caption"], "candidates": result["candidates"], "settings": settings,
+            "time": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"), **stamp}
 
 
 def show_results(entries, results, ncols=4):

@@ -9,7 +9,8 @@ config.json        {"architecture": "clipcap", "format_version": 2, "name", "che
 model.weights.h5   the backbone's weights (Keras save_weights: mapper and GPT-2)
 tokenizer/         the GPT-2 tokenizer files (save_pretrained)
 clip/              the CLIP image encoder, a saved CLIP folder of the same format (when there is one)
-metadata.json      format version, library version, UTC date, source checkpoint and its SHA-256
+metadata.json      format version, library version, UTC date, source checkpoint and its SHA-256, the model's
+                   ``identity`` (`models.image_captioning.identity`: what its cached captions are keyed by)
 README.md          a short model card
 ```
 
@@ -137,6 +138,7 @@ def model_card(model) -> str:
 def save_clipcap(model, name_or_directory=None, overwrite=False):
     """`ClipCap.save`: write ``model`` as a format-2 folder (see the module docstring); returns it (str)."""
     from models import __version__
+    from models.image_captioning.identity import IDENTITY_KEY, compute_identity
     from utils.model_store import is_saved_model, model_dir
     from utils.preset_utils import preset_metadata, save_preset
 
@@ -145,20 +147,38 @@ def save_clipcap(model, name_or_directory=None, overwrite=False):
         raise ValueError("save needs a name or directory (this model has no name)")
     directory = model_dir(target)
     header = {**model.info, "tokenizer": TOKENIZER_DIR, "clip": CLIP_DIR if model.clip is not None else None}
+    identity = compute_identity(model)  # from the weights in memory, as they are written
     metadata = preset_metadata(__version__, source=model.info.get("checkpoint"),
-                               source_sha256=model.info.get("checkpoint_sha256"))
+                               source_sha256=model.info.get("checkpoint_sha256"), **{IDENTITY_KEY: identity})
 
     def write_extra(staging):
         model.tokenizer.save_pretrained(str(staging / TOKENIZER_DIR))
         if model.clip is not None:
             model.clip.save(str(staging / CLIP_DIR))
 
+    keep_legacy_outputs(directory)
     save_preset(directory, model.backbone, ARCHITECTURE, metadata, model_card(model), header=header,
                 write_extra=write_extra, is_ours=is_saved_model, overwrite=overwrite)
+    model.record_identity(identity)
     return str(directory)
 
 
 
+
+
+def keep_legacy_outputs(directory):
+    """Before ``directory`` is replaced: when it is a model store folder holding results where earlier versions
+    wrote them (``<store>/<name>/outputs/map.json``), move them out of it
+    (`prediction.migrate_legacy_outputs`), so that ``convert --overwrite`` never deletes captions."""
+    from models.image_captioning.prediction import migrate_legacy_outputs
+    from utils.model_store import home_dir, legacy_outputs_dir
+
+    directory = Path(os.path.abspath(directory))
+    name = folder_name(directory)
+    if name is None or directory.parent != Path(os.path.abspath(home_dir())):
+        return
+    if os.path.lexists(legacy_outputs_dir(name)):
+        migrate_legacy_outputs(name)
 
 
 def build_or_explain(what, path, make):
@@ -178,10 +198,28 @@ def load_parts(cls, directory, config, backbone, clip, jit_compile):
     config_path = directory / CONFIG_FILE
     tokenizer_dir = directory / str(config["tokenizer"])
     tokenizer = build_or_explain("tokenizer", tokenizer_dir, lambda: load_gpt2_tokenizer(str(tokenizer_dir)))
+    given_clip = clip is not None
     if clip is None and config.get("clip") is not None:
         from models.siamese.clip import CLIP
 
         clip = CLIP.load(str(directory / str(config["clip"])), jit_compile=jit_compile)
     info = {k: config.get(k) for k in cls.INFO_KEYS}
     info["name"] = valid_name(config.get("name"), config_path) or folder_name(directory)
-    return cls(backbone, tokenizer, clip=clip, jit_compile=jit_compile, info=info)
+    model = cls(backbone, tokenizer, clip=clip, jit_compile=jit_compile, info=info)
+    model.record_identity(loaded_identity(model, directory, given_clip))
+    return model
+
+
+def loaded_identity(model, directory, given_clip=False):
+    """The identity of ``model`` as just loaded from ``directory``: the one its metadata.json records, else
+    None (a folder saved before identities were recorded, format 1, or another CLIP given to the load):
+    `ClipCap.identity` then computes it from the loaded weights once, when first needed (a load that never
+    caches a caption, the web demo's, pays nothing)."""
+    from models.image_captioning.identity import recorded_identity
+
+    identity = None if given_clip else recorded_identity(directory)
+    if identity is None:
+        logging.getLogger(__name__).info("%s: no recorded identity%s; computed from the weights when needed",
+                                         directory, " for this CLIP" if given_clip else
+                                         " (save the model again to record it)")
+    return identity

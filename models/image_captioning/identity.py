@@ -1,0 +1,104 @@
+"""A ClipCap's identity: one SHA-256 of everything that decides its captions, the key of its cached results.
+
+Captions stored in map.json and in ``batch``'s records are keyed by the model's identity, never by its name:
+two models saved in folders of the same name (``runs/a/model``, ``runs/b/model``) have the same name and
+different identities. The name stays in the records, for display.
+
+What the identity covers (`compute_identity`, from the model in memory):
+
+- the backbone's Keras config (mapper, GPT-2, ``normalize_prefix``; not the layer names, which Keras numbers
+  per process) and every weight (shape, dtype, bytes);
+- the GPT-2 tokenizer (its whole ``tokenizer.json`` serialization: vocabulary, merges, added tokens,
+  decoder);
+- the CLIP image encoder (its Keras config, which holds the input resolution, and every weight), or its
+  absence.
+
+Where it comes from:
+
+- saved (``ClipCap.save``, hence ``convert``, ``download`` and the trainer, which all save through it): computed
+  from the model in memory while it is written (one pass over the weights in memory, no file read back) and
+  recorded in ``metadata.json`` (`IDENTITY_KEY`);
+- loaded: read from ``metadata.json`` (`recorded_identity`, which reads no weights: what
+  `cached_answers` and ``batch`` use without loading the model). A folder saved before identities were
+  recorded (or of format 1), or a load given another ``clip=``, gets it computed once from the loaded model
+  when first needed (its cached answers then need the model loaded: `cached_answers` answers nothing for it,
+  and ``batch`` loads it once in the launching process); the folder is not written to;
+- built in memory and never saved (``ClipCap.from_pretrained`` without a name, a model assembled by hand):
+  computed from its weights each time it is asked (`ClipCap.identity`), since they may change.
+
+A recorded identity stands for the weights as loaded or saved: replacing ``backbone``, ``tokenizer``,
+``clip`` or ``normalize_prefix`` drops it (`ClipCap.identity` notices), and the trainer drops it when it writes
+trained values into the model. Whoever changes the weights of a loaded model in place otherwise (its own
+optimizer, ``set_weights``) calls ``model.forget_identity()``.
+"""
+
+import hashlib
+import json
+
+import numpy as np
+
+#: the metadata.json entry holding a saved folder's identity
+IDENTITY_KEY = "identity"
+_PREFIX = "sha256:"
+_VERSION = b"clipcap-identity-1\n"
+
+
+def _update_json(digest, label, value):
+    text = json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=True, default=str)
+    digest.update(f"{label} {len(text)}\n".encode())
+    digest.update(text.encode())
+
+
+def _without_names(value):
+    """A serialized Keras config without its ``name`` entries: Keras numbers the names of layers built in one
+    process (``clip_cap_mlp``, ``clip_cap_mlp_1``...), and they do not change a caption."""
+    if isinstance(value, dict):
+        return {k: _without_names(v) for k, v in value.items() if k != "name"}
+    if isinstance(value, list | tuple):
+        return [_without_names(v) for v in value]
+    return value
+
+
+def _update_keras_model(digest, label, model):
+    """Its Keras config (less layer names), then each weight's shape, dtype and bytes, in the model's order."""
+    import keras
+
+    _update_json(digest, f"{label}.config", _without_names(keras.saving.serialize_keras_object(model)))
+    for i, variable in enumerate(model.weights):
+        array = np.ascontiguousarray(keras.ops.convert_to_numpy(variable))
+        digest.update(f"{label}.weight {i} {array.dtype.str} {array.shape}\n".encode())
+        digest.update(memoryview(array).cast("B"))
+
+
+def _tokenizer_text(tokenizer):
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        return backend.to_str()
+    return json.dumps({"class": type(tokenizer).__name__, "vocab": tokenizer.get_vocab()}, sort_keys=True)
+
+
+def compute_identity(model) -> str:
+    """``"sha256:<hex>"`` of ``model`` (a `ClipCap`) as it is in memory; see the module docstring."""
+    digest = hashlib.sha256(_VERSION)
+    _update_keras_model(digest, "backbone", model.backbone)
+    _update_json(digest, "tokenizer", _tokenizer_text(model.tokenizer))
+    clip = getattr(model, "clip", None)
+    if clip is None:
+        _update_json(digest, "clip", None)
+    else:
+        _update_keras_model(digest, "clip", clip.model)
+    return _PREFIX + digest.hexdigest()
+
+
+def recorded_identity(model_dir):
+    """The identity recorded in a saved folder's ``metadata.json``, or None (none recorded, no readable
+    metadata). Reads no weights."""
+    from utils.file_utils import UnsafePathError
+    from utils.preset_utils import read_metadata
+
+    try:
+        metadata = read_metadata(model_dir, ValueError)
+    except (OSError, ValueError, UnsafePathError):
+        return None
+    value = metadata.get(IDENTITY_KEY)
+    return value if isinstance(value, str) and value.startswith(_PREFIX) else None
