@@ -349,9 +349,9 @@ def _embedded_npz(shapes, path, n=60):
 
 
 def _all_finite(directory):
-    from custom_train_objects.checkpoints import TRAINING_STATE_FILENAME, WEIGHTS_FILENAME
-
     import h5py
+
+    from custom_train_objects.checkpoints import TRAINING_STATE_FILENAME, WEIGHTS_FILENAME
 
     with np.load(directory / TRAINING_STATE_FILENAME) as f:
         arrays = [f[k] for k in f.files]
