@@ -465,17 +465,23 @@ def test_steps_csv_has_no_repeated_rows_after_a_kill_before_the_first_checkpoint
         assert [int(r["epoch"]) for r in csv.DictReader(f)] == [1]
 
 
-def test_train_output_that_is_a_file_or_under_one_is_refused_before_any_work(tmp_path, capsys):
+def test_train_output_that_is_a_file_or_under_one_is_refused_before_any_work(shapes, tmp_path, capsys):
+    """(was a FileExistsError / NotADirectoryError traceback once the model was built)"""
     from main import main
     from utils.file_utils import UnsafePathError
 
     notes = tmp_path / "notes.txt"
     notes.write_text("mine")
+    tok_dir = tmp_path / "tokenizer"
+    shapes["tokenizer"].save_pretrained(str(tok_dir))
+    valid = ["--tokenizer", str(tok_dir), "--gpt2-config", json.dumps(TINY_GPT2), "--prefix-length", str(PREFIX)]
+    npz = str(_embedded_npz(shapes, tmp_path / "train.npz", n=20))
     for output, says in ((notes, "is a regular file"), (notes / "run", f"is under {notes}, which is a regular")):
-        # the training file does not even exist: the output is checked first
-        assert main(["train", str(tmp_path / "missing.npz"), "--output", str(output), "--no-progress"]) == 2
-        err = capsys.readouterr().err
-        assert f"the output folder {output} {says}" in err and "Traceback" not in err
+        # a valid run but for its output; then one whose training file does not exist: the output comes first
+        for args in ([npz, *valid], [str(tmp_path / "missing.npz")]):
+            assert main(["train", *args, "--output", str(output), "--no-progress"]) == 2
+            err = capsys.readouterr().err
+            assert f"the output folder {output} {says}" in err and "Traceback" not in err
         with pytest.raises(UnsafePathError, match="not a folder"):
             Trainer(None, small_hp(), output, loggers=quiet())
     assert notes.read_text() == "mine"
