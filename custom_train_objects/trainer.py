@@ -22,6 +22,20 @@ saved-model format; ``training_state.npz``, every optimizer variable and the dro
 one: batches come in an order fixed by (seed, epoch), so a resumed run computes exactly the losses of an
 uninterrupted one.
 
+Non-finite values: each compiled step also returns four flags, computed next to the loss (one
+``is_finite`` reduction over the summed gradients, one over the trained weights after the update: no extra
+host transfer). ``fit`` raises `TrainingDiverged` naming the step at the first step whose loss is NaN/inf,
+whose gradients are NaN/inf, or after which a trained weight is NaN/inf. Under ``mixed_float16`` the
+`LossScaleOptimizer` itself skips a step whose float16 gradients overflowed and halves its scale (from 2**15;
+it doubles again after 2000 clean steps): such a skip is dynamic loss scaling at work, not a failure, while the
+scale is above `MIN_LOSS_SCALE` (1, DeepSpeed's ``min_loss_scale`` default); an overflow with the scale at or
+below it is the gradients' own and stops the run (Keras would otherwise halve the scale forever, to 0, and then
+apply 0/0). A non-finite *loss* is always a failure (float16 activations overflowed in the forward pass: no
+scale fixes that). No checkpoint is written from the failing step on (the writers check every weight and
+optimizer variable again, on the host, and refuse; the older, finite checkpoints stay), no model is saved
+(`finalize` checks too), and a checkpoint holding NaN/inf (an older trainer's) is refused on resume. Resuming
+a diverged run repeats the same steps (it is deterministic): change the hyper-parameters in a new folder.
+
 Example::
 
     model = build_clipcap_for_training(hp, prefix_size=512, tokenizer="gpt2", gpt2="gpt2", clip=clip)

@@ -389,6 +389,18 @@ def test_train_stops_at_the_first_non_finite_step_keeps_finite_checkpoints_and_s
     assert f"the last checkpoint, ckpt-{step - 1:09d}, holds finite weights" in err
 
 
+def test_an_update_that_leaves_infinite_weights_stops_at_that_step(shapes, tmp_path):
+    """Finite loss and gradients, but weight decay at lr 3e38 overflows the weights: named at that step (the
+    check reads the weights after the update), not one step later as a NaN loss."""
+    from custom_train_objects.trainer import TrainingDiverged
+
+    hp = small_hp(epochs=1, lr=3e38, weight_decay=1.0, warmup_steps=1)  # step 1: lr 0 (warmup)
+    trainer = Trainer(tiny_model(shapes, hp), hp, tmp_path / "run", loggers=quiet(), progress=False)
+    with pytest.raises(TrainingDiverged, match="stopped at step 2 .*the update left NaN or infinite weights") as e:
+        trainer.fit(shapes["train"].select_images(range(40)), shapes["train_emb"][:40])
+    assert e.value.step == 2
+
+
 def test_a_checkpoint_or_model_with_non_finite_weights_is_never_written(shapes, tmp_path):
     """The writers check too (a NaN weight however it got there), and a resume refuses such a checkpoint."""
     from custom_train_objects.trainer import TrainingDiverged
