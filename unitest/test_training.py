@@ -477,6 +477,21 @@ def test_steps_csv_has_no_repeated_rows_after_a_kill_before_the_first_checkpoint
         assert [int(r["epoch"]) for r in csv.DictReader(f)] == [1]
 
 
+def test_csv_logger_resume_drops_a_torn_row(tmp_path):
+    """A kill in the middle of a row: its step cut short ("1" of "12") would pass for an early step."""
+    from loggers.training_loggers import CSVLogger
+
+    logs = CSVLogger(tmp_path)
+    for step in range(1, 12):
+        logs.log_step(step, {"loss": 1.0 / step})
+    with open(tmp_path / "steps.csv", "a") as f:
+        f.write("1")  # the first byte of the row of step 12
+    logs.resume(10)
+    logs.log_step(11, {"loss": 0.5})
+    with open(tmp_path / "steps.csv") as f:
+        assert [int(r["step"]) for r in csv.DictReader(f)] == list(range(1, 12))
+
+
 def test_train_output_that_is_a_file_or_under_one_is_refused_before_any_work(shapes, tmp_path, capsys):
     """(was a FileExistsError / NotADirectoryError traceback once the model was built)"""
     from main import main
