@@ -55,6 +55,21 @@ def write_variables(staging, backbone, optimizer):
     return {k: list(a.shape) for k, a in arrays.items()}
 
 
+def non_finite_variables(variables, limit=5):
+    """The paths of (at most ``limit`` of) ``variables`` holding a NaN or an infinity: what the trainer checks
+    before it writes a checkpoint or a model, and after it restores one (host side, once per write)."""
+    import keras
+
+    bad = []
+    for v in variables:
+        value = np.asarray(keras.ops.convert_to_numpy(v.value if hasattr(v, "value") else v))
+        if value.dtype.kind in "fc" and not np.isfinite(value).all():
+            bad.append(getattr(v, "path", getattr(v, "name", "?")))
+            if len(bad) >= limit:
+                break
+    return bad
+
+
 def restore_variables(directory, backbone, optimizer, legacy_groups):
     """Assign every variable from a checkpoint (either layout; ``legacy_groups``: {"mapper": variables,
     "gpt2": ..., "optimizer": ...} for ``variables.npz``). ValueError naming what does not match."""

@@ -149,7 +149,7 @@ def make_strategy(name):
 
 def cmd_train(args):
     from custom_train_objects.model_factory import build_clipcap_for_training
-    from custom_train_objects.trainer import Trainer, TrainingStopped
+    from custom_train_objects.trainer import Trainer, TrainingDiverged, TrainingStopped, check_output_dir
     from datasets.caption_dataset import DatasetError
     from datasets.embeddings import extracted_with, load_embedded_dataset
     from utils.file_utils import check_model_name
@@ -157,6 +157,7 @@ def cmd_train(args):
     try:
         if args.name is not None:  # recorded in the model; it decides where save / predict write by default
             check_model_name(args.name)
+        check_output_dir(args.output)  # a file there: refused before loading anything
         hp = TrainingHParams.from_args(args)
     except (ValueError, OSError) as e:
         return _fail(str(e), EXIT_USAGE)
@@ -193,6 +194,8 @@ def cmd_train(args):
     except TrainingStopped as e:
         print(f"{e}: run the same command again to resume", file=sys.stderr)
         return EXIT_OK
+    except TrainingDiverged as e:  # no model (exit 3, as a model that cannot be built); the checkpoints are kept
+        return _fail(str(e), EXIT_MODEL)
     except KeyboardInterrupt:
         return _fail("interrupted; run the same command again to resume from the last checkpoint",
                      EXIT_INTERRUPTED)
@@ -208,7 +211,7 @@ def cmd_train(args):
 
 
 def cmd_evaluate(args):
-    from custom_train_objects.evaluation import evaluate_model
+    from custom_train_objects.evaluation import NoImagesError, evaluate_model
     from datasets.caption_dataset import DatasetError
     from loggers.console import quiet_logger
 
@@ -231,6 +234,10 @@ def cmd_evaluate(args):
             report = evaluate_model(model, dataset, args.output, method=args.method, batch_size=args.batch_size,
                                     metrics=args.metrics, clip_for_score=clip_for_score, cache_dir=args.cache_dir,
                                     progress=not args.no_progress, **kwargs)
+    except NoImagesError as e:  # every image unreadable: listed, as extract lists them; nothing written
+        names = list(e.failed)
+        report_skipped(dict(enumerate(e.failed.values())), names, len(names))
+        return _fail(str(e), EXIT_FAILED)
     except ValueError as e:
         return _fail(str(e), EXIT_USAGE)
     print(json.dumps(report["metrics"], indent=1))

@@ -234,6 +234,14 @@ def _is_metrics_file(path):
     return json_file_matches(path, lambda d: isinstance(d, dict) and {"metrics", "per_image", "method"} <= set(d))
 
 
+class NoImagesError(ValueError):
+    """No image of the dataset could be read: nothing to caption or score (``failed``: {image: message})."""
+
+    def __init__(self, message, failed):
+        super().__init__(message)
+        self.failed = failed
+
+
 def evaluate_model(model, dataset, output_dir, embeddings=None, method="greedy", batch_size=32,
                    metrics=ALL_METRICS, clip_for_score=None, cache_dir=None, progress=True, **generate_kwargs):
     """Caption every image of ``dataset`` and score the captions; writes results.json and metrics.json.
@@ -258,7 +266,6 @@ def evaluate_model(model, dataset, output_dir, embeddings=None, method="greedy",
     # a previous evaluation's files are replaced; anyone else's are refused before the (long) work
     check_overwritable(output_dir / "results.json", _is_results_file, "a captions results file")
     check_overwritable(output_dir / "metrics.json", _is_metrics_file, "a metrics file")
-    output_dir.mkdir(parents=True, exist_ok=True)
     failed = {}
     if embeddings is None:
         from datasets.embeddings import clip_encoder, extract_embeddings
@@ -272,10 +279,14 @@ def evaluate_model(model, dataset, output_dir, embeddings=None, method="greedy",
         embeddings = result.embeddings
     if len(embeddings) != dataset.num_images:
         raise ValueError(f"{len(embeddings)} embeddings for {dataset.num_images} images")
+    if not dataset.num_images:  # before anything is written: an empty results.json would look like a result
+        raise NoImagesError(f"no image of {dataset.name} could be read: nothing was captioned or written",
+                            failed)
     start = time.perf_counter()
     captions = generate_captions(model, embeddings, batch_size=batch_size, method=method, **generate_kwargs)
     seconds = time.perf_counter() - start
     predictions = dict(zip(dataset.image_ids, captions))
+    output_dir.mkdir(parents=True, exist_ok=True)
     write_coco_results([{"image_id": k, "caption": c} for k, c in predictions.items()],
                        output_dir / "results.json")
 

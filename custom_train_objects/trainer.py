@@ -22,6 +22,20 @@ saved-model format; ``training_state.npz``, every optimizer variable and the dro
 one: batches come in an order fixed by (seed, epoch), so a resumed run computes exactly the losses of an
 uninterrupted one.
 
+Non-finite values: each compiled step also returns four flags, computed next to the loss (one
+``is_finite`` reduction over the summed gradients, one over the trained weights after the update: no extra
+host transfer). ``fit`` raises `TrainingDiverged` naming the step at the first step whose loss is NaN/inf,
+whose gradients are NaN/inf, or after which a trained weight is NaN/inf. Under ``mixed_float16`` the
+`LossScaleOptimizer` itself skips a step whose float16 gradients overflowed and halves its scale (from 2**15;
+it doubles again after 2000 clean steps): such a skip is dynamic loss scaling at work, not a failure, while the
+scale is above `MIN_LOSS_SCALE` (1, DeepSpeed's ``min_loss_scale`` default); an overflow with the scale at or
+below it is the gradients' own and stops the run (Keras would otherwise halve the scale forever, to 0, and then
+apply 0/0). A non-finite *loss* is always a failure (float16 activations overflowed in the forward pass: no
+scale fixes that). No checkpoint is written from the failing step on (the writers check every weight and
+optimizer variable again, on the host, and refuse; the older, finite checkpoints stay), no model is saved
+(`finalize` checks too), and a checkpoint holding NaN/inf (an older trainer's) is refused on resume. Resuming
+a diverged run repeats the same steps (it is deterministic): change the hyper-parameters in a new folder.
+
 Example::
 
     model = build_clipcap_for_training(hp, prefix_size=512, tokenizer="gpt2", gpt2="gpt2", clip=clip)
@@ -50,6 +64,7 @@ from custom_train_objects.checkpoints import (  # noqa: E402, F401 (is_checkpoin
     STATE_FILENAME,
     is_checkpoint,
     list_checkpoints,
+    non_finite_variables,
     restore_variables,
     write_variables,
 )
@@ -58,7 +73,14 @@ from custom_train_objects.optimizers import build_optimizer  # noqa: E402
 from datasets.tf_dataset import caption_batches, encode_captions, num_batches  # noqa: E402
 from hparams.training import TrainingHParams, is_hparams_file  # noqa: E402
 from loggers.training_loggers import LoggerList, build_loggers  # noqa: E402
-from utils.file_utils import check_overwritable, check_replaceable, publish_dir, staging_dir  # noqa: E402
+from utils.file_utils import (  # noqa: E402
+    UnsafePathError,
+    check_overwritable,
+    check_replaceable,
+    describe_kind,
+    publish_dir,
+    staging_dir,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -67,8 +89,30 @@ CHECKPOINT_DIR = "checkpoints"
 RESUME_MUTABLE = {"save_every", "checkpoint_every_steps", "log_every", "jit_compile"}
 
 
+# below this loss scale, gradients that overflow are the gradients' own, not the scaling's: a failure
+MIN_LOSS_SCALE = 1.0
+# what the train step reports besides the loss, each summed over the replicas (> 0: that happened)
+STEP_FLAGS = ("loss", "gradients", "weights", "skipped")
+
+
 class TrainingStopped(Exception):
     """Raised by `Trainer.fit` when ``stop_after_steps`` is reached (a checkpoint was written)."""
+
+
+class TrainingDiverged(RuntimeError):
+    """Raised by `Trainer.fit` at the first step whose loss, gradients or updated weights are not finite (and
+    by the checkpoint and model writers, which never write non-finite weights). ``step``: that step."""
+
+    def __init__(self, message, step):
+        super().__init__(message)
+        self.step = step
+
+
+def _all_finite(tensors):
+    """One boolean: no NaN or infinity in any of ``tensors`` (variables or gradients; None skipped)."""
+    flags = [tf.reduce_all(tf.math.is_finite(t.value if hasattr(t, "value") else t))
+             for t in tensors if t is not None]
+    return tf.reduce_all(tf.stack(flags)) if flags else tf.constant(True)
 
 
 @contextlib.contextmanager
@@ -119,6 +163,27 @@ def _worker_subdir(strategy):
     return f"{task_type}-{task_id}"
 
 
+def check_output_dir(path):
+    """``path`` as a run folder: absent (with no file among its parents) or a folder; `UnsafePathError`
+    otherwise, before any work (a file there would only fail when the first log or checkpoint is written)."""
+    path = Path(path)
+    for p in (path, *path.parents):
+        if os.path.lexists(p):
+            if not p.is_dir():
+                where = "is" if p == path else f"is under {p}, which is"
+                raise UnsafePathError(f"the output folder {path} {where} {_kind(p)}, not a folder: choose "
+                                      "another --output (nothing was changed)")
+            break
+    return path
+
+
+def _kind(path):
+    try:
+        return describe_kind(path.stat().st_mode)
+    except OSError:
+        return "a dangling or looping symbolic link"
+
+
 class Trainer:
     """Train ``model`` (a `ClipCap`: ``mapper``, ``gpt2``, ``tokenizer``, ``config``) with ``hparams``.
 
@@ -139,7 +204,7 @@ class Trainer:
         self.model = model
         self.hp = hparams
         self.strategy = strategy or tf.distribute.get_strategy()
-        self.output_dir = Path(output_dir) / _worker_subdir(self.strategy)
+        self.output_dir = check_output_dir(Path(output_dir) / _worker_subdir(self.strategy))
         self.progress = progress
         self.keep_checkpoints = max(1, int(keep_checkpoints))
         self.loggers = loggers if loggers is not None else build_loggers(self.output_dir, progress=progress)
@@ -197,6 +262,12 @@ class Trainer:
             loss, grads = grads_fn(embeddings, tokens, mask, global_count)
             if replicas > 1:
                 grads = ctx.all_reduce(tf.distribute.ReduceOp.SUM, grads)
+            grads_finite = _all_finite(grads)  # the summed gradients: the same on every replica
+            if loss_scaled:  # an overflow while the scale is > MIN_LOSS_SCALE: the optimizer skips the step
+                skipped = tf.logical_and(tf.logical_not(grads_finite),
+                                         tf.cast(optimizer.dynamic_scale, tf.float32) > MIN_LOSS_SCALE)
+            else:
+                skipped = tf.constant(False)
             if hp.gradient_clip_norm is not None:
                 clip = hp.gradient_clip_norm
                 if loss_scaled:  # the gradients are still multiplied by the loss scale
@@ -205,12 +276,16 @@ class Trainer:
             if replicas > 1:  # Keras sums the replicas' gradients again: give it 1/R of the sum each
                 grads = [g / replicas for g in grads]
             optimizer.apply(grads, trainable)
-            return loss
+            failed = [tf.logical_not(tf.math.is_finite(loss)),
+                      tf.logical_not(tf.logical_or(grads_finite, skipped)),
+                      tf.logical_not(_all_finite(trainable))]  # read after the update (program order)
+            return loss, tf.cast(tf.stack(failed + [skipped]), tf.float32)
 
         @tf.function
         def train_step(batch):
-            losses = strategy.run(replica_step, args=batch)
-            return strategy.reduce(tf.distribute.ReduceOp.SUM, losses, axis=None)
+            losses, flags = strategy.run(replica_step, args=batch)
+            return (strategy.reduce(tf.distribute.ReduceOp.SUM, losses, axis=None),
+                    strategy.reduce(tf.distribute.ReduceOp.SUM, flags, axis=None))
 
         return train_step
 
@@ -296,6 +371,8 @@ class Trainer:
                         state["batch"], state["step"])
         elif not resume and self.latest_checkpoint() is not None:
             raise ValueError(f"{self.output_dir} already holds checkpoints: resume, or use another directory")
+        else:  # from step 0: rows of a run killed before its first checkpoint would be repeated otherwise
+            self.loggers.resume(0)
         hp.save(self.output_dir / "hparams.json")
         self.history = {"loss": list(state["loss"]), "epochs": list(state["epochs"])}
         self.loggers.begin({"captions": len(tokens), "images": len(embeddings), "max_length": max_length,
@@ -313,8 +390,10 @@ class Trainer:
                 console.start_epoch(epoch, steps_per_epoch, initial=first)
             start = time.perf_counter()
             for batch_index, batch in enumerate(ds, start=first):
-                loss = float(self._train_step(batch))
+                loss, flags = self._train_step(batch)
+                loss = float(loss)
                 step += 1
+                self._check_step(flags.numpy(), step, epoch, batch_index, console)
                 self.history["loss"].append(loss)
                 if console is not None:
                     console.advance(loss)
@@ -347,6 +426,36 @@ class Trainer:
         self.finalize()
         return self.history
 
+    def _check_step(self, flags, step, epoch, batch_index, console):
+        """Stop (`TrainingDiverged`) when the step just run had a non-finite loss, non-finite gradients (beyond
+        the loss scale's own skipping) or left non-finite weights; note a loss-scale skip."""
+        failed = dict(zip(STEP_FLAGS, flags > 0))
+        if failed["skipped"] and not any(failed[k] for k in STEP_FLAGS[:3]):
+            logger.info("step %d: the float16 gradients overflowed: step skipped, loss scale lowered to %s "
+                        "(dynamic loss scaling)", step, float(self.optimizer.dynamic_scale))
+            return
+        if failed["loss"]:
+            what = "the loss is not finite (NaN or infinity)"
+        elif failed["gradients"]:
+            what = "the gradients hold NaN or infinity" + (
+                f" with the loss scale already at or below {MIN_LOSS_SCALE:g} (an overflow of the gradients "
+                "themselves, not of the scaling)" if hasattr(self.optimizer, "dynamic_scale") else "")
+        elif failed["weights"]:
+            what = "the update left NaN or infinite weights"
+        else:
+            return
+        if console is not None:
+            console.close()
+        self.loggers.close()
+        latest = self.latest_checkpoint()
+        kept = (f"the last checkpoint, {latest.name}, holds finite weights" if latest is not None
+                else "no checkpoint was written")
+        raise TrainingDiverged(
+            f"training stopped at step {step} (epoch {epoch + 1}, batch {batch_index + 1}): {what}. Nothing of "
+            f"this step was saved and no model was written; {kept}. Resuming repeats the same steps (the run is "
+            "deterministic): lower the learning rate or clip the gradients (--gradient-clip-norm) in a new "
+            "output folder", step)
+
     def evaluate_loss(self, embeddings, image_index, tokens, mask, batch_size=None):
         """Mean cross-entropy per real caption token (no dropout) over a whole split."""
         batch_size = batch_size or self.hp.batch_size
@@ -367,6 +476,9 @@ class Trainer:
 
         ``<output_dir>/model`` is replaced only when it is a saved ClipCap (a previous run's), never another
         folder (`utils.file_utils.UnsafePathError`; `fit` checks this before training)."""
+        bad = non_finite_variables(self.mapper.variables + self.gpt2.variables)
+        if bad:
+            raise TrainingDiverged(f"not saving the trained model: {', '.join(bad)} hold NaN or infinity", None)
         _copy_values(self.mapper.variables, self.model.mapper.variables, "mapper")
         _copy_values(self.gpt2.variables, self.model.gpt2.variables, "gpt2")
         self.model.forget_identity()  # new weights: the identity recorded at load no longer holds
@@ -395,6 +507,10 @@ class Trainer:
     def _save_checkpoint(self, epoch, batch, step):
         """Write ``checkpoints/ckpt-<step>`` atomically (a new uniquely named folder renamed into place) and
         delete the oldest checkpoints beyond ``keep_checkpoints``: only folders that are checkpoints of ours."""
+        bad = non_finite_variables(self.backbone.weights + list(self.optimizer.variables))
+        if bad:  # never replace a good checkpoint with one that cannot be resumed from
+            raise TrainingDiverged(f"not writing the checkpoint of step {step}: {', '.join(bad)} hold NaN or "
+                                   "infinity", step)
         root = self.checkpoint_dir()
         root.mkdir(parents=True, exist_ok=True)
         final = root / f"ckpt-{step:09d}"
@@ -430,4 +546,8 @@ class Trainer:
             raise ValueError(f"cannot resume from {directory}: captions padded to {state.get('max_length')} "
                              f"tokens there, {max_length} now (different data?)")
         restore_variables(directory, self.backbone, self.optimizer, self._variable_groups())
+        bad = non_finite_variables(self.backbone.weights + list(self.optimizer.variables))
+        if bad:  # written before the trainer checked: resuming would only propagate them
+            raise ValueError(f"cannot resume from {directory}: {', '.join(bad)} hold NaN or infinity; move that "
+                             "folder out of checkpoints/ to resume from an earlier checkpoint")
         return state

@@ -18,21 +18,61 @@ import json
 from pathlib import Path
 
 from datasets.caption_dataset import CaptionDataset, DatasetError
+from utils.file_utils import open_regular_file
+
+#: the longest physical line read from a table, in bytes (a CSV field stays under the csv module's own limit,
+#: 131072 characters, which is kept: a field that long is in practice a quote left open)
+MAX_LINE_BYTES = 1 << 20
+
+
+class _Lines:
+    """The lines of the binary file ``f`` decoded as UTF-8 (a byte-order mark on the first one dropped), line
+    endings kept (as the csv module wants them); ``number``: the last line read (1-based), for messages.
+    `DatasetError` naming the file, the line and the byte offset for bytes that are not UTF-8 or a line over
+    `MAX_LINE_BYTES`."""
+
+    def __init__(self, path, f):
+        self.path, self.f, self.number, self.offset = path, f, 0, 0
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        raw = self.f.readline(MAX_LINE_BYTES + 1)
+        if not raw:
+            raise StopIteration
+        self.number += 1
+        if len(raw) > MAX_LINE_BYTES:
+            raise DatasetError(f"{self.path}:{self.number}: a line longer than {MAX_LINE_BYTES} bytes")
+        try:
+            text = raw.decode("utf-8-sig" if self.number == 1 else "utf-8")
+        except UnicodeDecodeError as e:
+            raise DatasetError(f"{self.path}:{self.number}: not UTF-8 text (byte {self.offset + e.start} of the "
+                               f"file: {raw[e.start:e.end]!r}); save the table as UTF-8") from e
+        self.offset += len(raw)
+        return text
 
 
 def _rows_csv(path, delimiter):
-    with open(path, newline="", encoding="utf-8") as f:
-        reader = csv.DictReader(f, delimiter=delimiter)
-        if reader.fieldnames is None:
-            raise DatasetError(f"{path} is empty: a CSV table needs a header line (e.g. 'image,caption')")
-        yield reader.fieldnames
-        yield from enumerate(reader, start=2)
+    with open_regular_file(path, max_bytes=None) as f:
+        lines = _Lines(path, f)
+        reader = csv.DictReader(lines, delimiter=delimiter)
+        try:
+            if reader.fieldnames is None:
+                raise DatasetError(f"{path} is empty: a CSV table needs a header line (e.g. 'image,caption')")
+            yield reader.fieldnames
+            for row in reader:
+                yield lines.number, row
+        except csv.Error as e:  # e.g. a field over the limit: a quote left open swallows the lines after it
+            raise DatasetError(f"{path}:{lines.number}: {e} (a quote left open?)") from e
 
 
 def _rows_jsonl(path):
     yield None
-    with open(path, encoding="utf-8") as f:
-        for line, text in enumerate(f, start=1):
+    with open_regular_file(path, max_bytes=None) as f:
+        lines = _Lines(path, f)
+        for text in lines:
+            line = lines.number
             if not text.strip():
                 continue
             try:

@@ -108,14 +108,16 @@ class CSVLogger(TrainingLogger):
             writer.writerows(rows)
 
     def resume(self, step):
-        for name, column, limit in (("steps.csv", "step", step), ("epochs.csv", "step", step)):
+        """Rewrite both files with the rows up to ``step`` (0: none), as the resumed run continues from there:
+        rows logged after the checkpoint, or by a run killed before its first one, would be repeated. Rows
+        are kept while their steps increase: a row torn by a kill (its step cut short) ends them."""
+        for name in ("steps.csv", "epochs.csv"):
             path = self.directory / name
             if path.exists() and path.stat().st_size:
                 with open(path, newline="") as f:
                     reader = csv.DictReader(f)
                     fieldnames, rows = reader.fieldnames, list(reader)
-                kept = [r for r in rows if int(float(r.get(column) or 0)) <= limit]
-                self._write(path, fieldnames, kept)
+                self._write(path, fieldnames, _rows_up_to(rows, step))
 
     def log_step(self, step, metrics):
         self._append("steps.csv", {"step": step, **metrics})
@@ -190,6 +192,21 @@ def build_loggers(directory, console=True, progress=True, csv=True, tensorboard=
     if tensorboard and directory is not None:
         loggers.append(TensorBoardLogger(Path(directory) / "tensorboard"))
     return LoggerList(loggers)
+
+
+def _rows_up_to(rows, limit, column="step"):
+    """The leading rows whose ``column`` increases and is at most ``limit``."""
+    kept, last = [], 0
+    for row in rows:
+        try:
+            step = int(float(row.get(column) or ""))
+        except ValueError:
+            break
+        if step > limit or step <= last:
+            break
+        kept.append(row)
+        last = step
+    return kept
 
 
 def _fmt(value):

@@ -104,6 +104,33 @@ def test_captions_table_csv_and_jsonl(tmp_path):
         load_captions_table(_write(tmp_path / "t.xml", {}))
 
 
+def test_captions_table_errors_name_the_file_and_the_line(tmp_path):
+    """A field over the csv module's limit (a quote left open), bytes that are not UTF-8 (CSV and JSONL), a
+    line over MAX_LINE_BYTES: a DatasetError naming file and line (was csv.Error's traceback, or a
+    UnicodeDecodeError naming neither); a UTF-8 byte-order mark (Excel's "CSV UTF-8") is not a column name."""
+    from datasets import captions_table
+
+    (tmp_path / "big.csv").write_text('image,caption\na.png,ok\nb.png,"' + "x" * 140_000 + '"\nc.png,ok\n')
+    with pytest.raises(DatasetError, match=r"big\.csv:3: field larger than field limit \(131072\)"):
+        load_captions_table(tmp_path / "big.csv")
+    head = "image,caption\na.png,ok\nb.png,caf"
+    (tmp_path / "latin.csv").write_bytes((head + "\xe9 au lait\n").encode("latin-1"))
+    with pytest.raises(DatasetError, match=rf"latin\.csv:3: not UTF-8 text \(byte {len(head)} of the file"):
+        load_captions_table(tmp_path / "latin.csv")
+    head = '{"image": "a.png", "caption": "ok"}\n{"image": "caf'
+    (tmp_path / "latin.jsonl").write_bytes((head + '\xe9.png"}\n').encode("latin-1"))
+    with pytest.raises(DatasetError, match=rf"latin\.jsonl:2: not UTF-8 text \(byte {len(head)} of the file"):
+        load_captions_table(tmp_path / "latin.jsonl")
+    (tmp_path / "long.csv").write_text("image,caption\na.png," + "y" * (captions_table.MAX_LINE_BYTES + 1) + "\n")
+    with pytest.raises(DatasetError, match=r"long\.csv:2: a line longer than"):
+        load_captions_table(tmp_path / "long.csv")
+    (tmp_path / "bom.csv").write_bytes("\ufeffimage,caption\na.png,\"two\nlines\"\nb.png,x\n".encode("utf-8"))
+    assert load_captions_table(tmp_path / "bom.csv").captions == ["two\nlines", "x"]
+    (tmp_path / "empty.csv").write_text('image,caption\na.png,"two\nlines"\nb.png,\n')
+    with pytest.raises(DatasetError, match=r"empty\.csv:4: empty or missing"):  # the row's line, not its index
+        load_captions_table(tmp_path / "empty.csv")
+
+
 def test_caption_dataset_checks_and_subsets():
     data = CaptionDataset.from_pairs([("a", "1"), ("b", "2"), ("a", "3"), ("c", "4")])
     sub = data.select_images([2, 0])

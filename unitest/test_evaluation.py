@@ -2,6 +2,7 @@
 
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -151,3 +152,23 @@ def test_evaluation_outputs_never_overwrite_a_user_file(tmp_path):
     write_json_atomic(tmp_path / "m.json", {"metrics": {}, "per_image": {}, "method": "greedy"})
     assert _is_results_file(tmp_path / "r.json") and _is_metrics_file(tmp_path / "m.json")
     assert not _is_results_file(tmp_path / "m.json") and not _is_metrics_file(tmp_path / "r.json")
+
+
+def test_evaluate_with_no_readable_image_fails_clearly_and_writes_nothing(tmp_path, capsys):
+    """Every image unreadable: exit 1, each one listed, no results.json (was a numpy broadcast message after an
+    empty results.json was written)."""
+    from datasets.synthetic_shapes import make_shapes_dataset
+    from main import main
+    from unitest.tiny_models import build_tiny_model
+
+    model_dir = build_tiny_model(tmp_path / "model", seed=0)
+    data = make_shapes_dataset(tmp_path / "data", num_images=2, seed=0, image_size=32)
+    for image in data.images:
+        Path(image).write_bytes(b"not an image")
+    out = tmp_path / "eval"
+    assert main(["evaluate", str(tmp_path / "data" / "captions.json"), "--model", str(model_dir), "--output",
+                 str(out), "--metrics", "BLEU", "--cache-dir", str(tmp_path / "cache"), "--no-progress"]) == 1
+    err = capsys.readouterr().err
+    assert all(f"skipped {image}" in err for image in data.images) and "could be read" in err, err
+    assert "Traceback" not in err and "broadcast" not in err
+    assert not out.exists()

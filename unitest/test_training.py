@@ -334,3 +334,181 @@ def test_a_user_hparams_json_in_the_output_folder_is_refused_before_training(sha
     assert not (tmp_path / "checkpoints").exists()
     hp.save(tmp_path / "previous.json")
     assert is_hparams_file(tmp_path / "previous.json") and not is_hparams_file(tmp_path / "hparams.json")
+
+
+# ------------------------------------------------------------------------------------ failures and kills
+
+
+def _embedded_npz(shapes, path, n=60):
+    """A `train` input (.npz as `extract` writes it) for the first ``n`` shapes, without a CLIP."""
+    from datasets.embeddings import ExtractionResult, save_embedded_dataset
+
+    sub = shapes["train"].select_images(range(n))
+    result = ExtractionResult(np.asarray(shapes["train_emb"][:n], np.float32), np.arange(n))
+    return save_embedded_dataset(path, sub, result, "")
+
+
+def _all_finite(directory):
+    import h5py
+
+    from custom_train_objects.checkpoints import TRAINING_STATE_FILENAME, WEIGHTS_FILENAME
+
+    with np.load(directory / TRAINING_STATE_FILENAME) as f:
+        arrays = [f[k] for k in f.files]
+    with h5py.File(directory / WEIGHTS_FILENAME, "r") as f:
+        f.visititems(lambda _, d: arrays.append(d[()]) if isinstance(d, h5py.Dataset) else None)
+    return all(np.isfinite(a).all() for a in arrays if a.dtype.kind == "f")
+
+
+@pytest.mark.parametrize("policy", [None, "mixed_float16"])
+def test_train_stops_at_the_first_non_finite_step_keeps_finite_checkpoints_and_saves_no_model(
+        shapes, tmp_path, capsys, policy):
+    """An absurd learning rate: exit 3 naming the step, every checkpoint left finite (none written from that
+    step on, none of the earlier ones deleted), no model (the run went on to exit 0 with a NaN model)."""
+    import re
+
+    from main import main
+
+    tok_dir = tmp_path / "tokenizer"
+    shapes["tokenizer"].save_pretrained(str(tok_dir))
+    run = tmp_path / "run"
+    args = ["train", str(_embedded_npz(shapes, tmp_path / "train.npz")), "--tokenizer", str(tok_dir),
+            "--gpt2-config", json.dumps(TINY_GPT2), "--output", str(run), "--epochs", "2", "--batch-size", "10",
+            "--lr", "1e9", "--warmup-steps", "1", "--checkpoint-every-steps", "1", "--prefix-length", str(PREFIX),
+            "--no-progress"] + (["--mixed-precision", policy] if policy else [])
+    assert main(args) == 3
+    err = capsys.readouterr().err
+    stopped = re.search(r"training stopped at step (\d+) \(epoch 1, batch \d+\): the (loss|gradients|update)", err)
+    assert stopped, err
+    step = int(stopped.group(1))
+    assert not (run / "model").exists()
+    checkpoints = sorted((run / "checkpoints").glob("ckpt-*"))
+    # every step before the failing one was checkpointed (keep_checkpoints: the 2 latest), none after
+    assert [int(c.name[5:]) for c in checkpoints] == list(range(max(1, step - 2), step))
+    assert all(_all_finite(c) for c in checkpoints)
+    assert f"the last checkpoint, ckpt-{step - 1:09d}, holds finite weights" in err
+
+
+def test_an_update_that_leaves_infinite_weights_stops_at_that_step(shapes, tmp_path):
+    """Finite loss and gradients, but weight decay at lr 3e38 overflows the weights: named at that step (the
+    check reads the weights after the update), not one step later as a NaN loss."""
+    from custom_train_objects.trainer import TrainingDiverged
+
+    hp = small_hp(epochs=1, lr=3e38, weight_decay=1.0, warmup_steps=1)  # step 1: lr 0 (warmup)
+    trainer = Trainer(tiny_model(shapes, hp), hp, tmp_path / "run", loggers=quiet(), progress=False)
+    with pytest.raises(TrainingDiverged, match="stopped at step 2 .*the update left NaN or infinite weights") as e:
+        trainer.fit(shapes["train"].select_images(range(40)), shapes["train_emb"][:40])
+    assert e.value.step == 2
+
+
+def test_a_checkpoint_or_model_with_non_finite_weights_is_never_written(shapes, tmp_path):
+    """The writers check too (a NaN weight however it got there), and a resume refuses such a checkpoint."""
+    from custom_train_objects.trainer import TrainingDiverged
+
+    hp = small_hp(epochs=1)
+    sub = shapes["train"].select_images(range(40))
+    trainer = Trainer(tiny_model(shapes, hp), hp, tmp_path / "run", loggers=quiet(), progress=False)
+    with pytest.raises(TrainingStopped):
+        trainer.fit(sub, shapes["train_emb"][:40], stop_after_steps=1)
+    good = trainer.latest_checkpoint()
+    weight = trainer.gpt2.weights[0]
+    weight.assign(np.full(weight.shape, np.nan, np.float32))
+    with pytest.raises(TrainingDiverged, match="not writing the checkpoint of step 2"):
+        trainer._save_checkpoint(0, 2, 2)
+    with pytest.raises(TrainingDiverged, match="not saving the trained model"):
+        trainer.finalize()
+    assert trainer.latest_checkpoint() == good and _all_finite(good)
+    assert not (tmp_path / "run" / "model").exists()
+    # a non-finite checkpoint of an older version of the trainer: refused, named
+    from custom_train_objects.checkpoints import write_variables
+
+    write_variables(good, trainer.backbone, trainer.optimizer)
+    fresh = Trainer(tiny_model(shapes, hp), hp, tmp_path / "run", loggers=quiet(), progress=False)
+    with pytest.raises(ValueError, match=f"cannot resume from .*{good.name}: .* hold NaN or infinity"):
+        fresh.fit(sub, shapes["train_emb"][:40])
+
+
+def test_float16_overflows_skipped_by_the_loss_scale_are_not_failures(shapes, tmp_path, monkeypatch):
+    """mixed_float16 with a loss scale so high that the first steps overflow: the LossScaleOptimizer skips them
+    while it halves the scale, and training goes on; an overflow with the scale already at its floor stops."""
+    from custom_train_objects import trainer as trainer_module
+
+    hp = small_hp(epochs=2, batch_size=10, mixed_precision="mixed_float16", warmup_steps=2)
+    sub = shapes["train"].select_images(range(60))
+    trainer = Trainer(tiny_model(shapes, hp), hp, tmp_path / "run", loggers=quiet(), progress=False)
+    trainer._build(steps_per_epoch=6)
+    trainer.optimizer.dynamic_scale.assign(2.0**20)  # about 2**16 fits these float16 gradients
+    before = [w.numpy().copy() for w in trainer.mapper.weights]
+    losses = trainer.fit(sub, shapes["train_emb"][:60])["loss"]
+    scale = float(trainer.optimizer.dynamic_scale)
+    assert 1 < scale < 2.0**20 and len(losses) == 12 and np.isfinite(losses).all()  # skipped, then trained
+    assert losses[-1] < losses[0] and (tmp_path / "run" / "model").is_dir()
+    assert all(not np.array_equal(b, w.numpy()) for b, w in zip(before, trainer.mapper.weights))
+    # the same overflow with the floor above the scale: the gradients themselves overflow, a failure
+    monkeypatch.setattr(trainer_module, "MIN_LOSS_SCALE", 2.0**25)
+    failing = Trainer(tiny_model(shapes, hp), hp, tmp_path / "run2", loggers=quiet(), progress=False)
+    failing._build(steps_per_epoch=6)
+    failing.optimizer.dynamic_scale.assign(2.0**20)
+    with pytest.raises(trainer_module.TrainingDiverged, match="step 1 .*gradients hold NaN or infinity with the "
+                                                              "loss scale already at or below 3.35544e[+]07"):
+        failing.fit(sub, shapes["train_emb"][:60])
+
+
+def test_steps_csv_has_no_repeated_rows_after_a_kill_before_the_first_checkpoint(shapes, tmp_path, monkeypatch):
+    """A run killed before its first checkpoint restarts from step 0: the rows it logged are dropped."""
+    hp = small_hp(epochs=1, batch_size=10)
+    sub, emb = shapes["train"].select_images(range(40)), shapes["train_emb"][:40]
+    run = tmp_path / "run"
+
+    def killed(*_):
+        raise KeyboardInterrupt  # as kill -9 before the end-of-epoch checkpoint: the rows are on disk
+
+    with monkeypatch.context() as m:
+        m.setattr(Trainer, "_save_checkpoint", killed)
+        with pytest.raises(KeyboardInterrupt):
+            Trainer(tiny_model(shapes, hp), hp, run, progress=False).fit(sub, emb)
+    assert not (run / "checkpoints").exists()
+    with open(run / "logs" / "steps.csv") as f:
+        assert [int(r["step"]) for r in csv.DictReader(f)] == [1, 2, 3, 4]
+    Trainer(tiny_model(shapes, hp), hp, run, progress=False).fit(sub, emb)
+    with open(run / "logs" / "steps.csv") as f:
+        assert [int(r["step"]) for r in csv.DictReader(f)] == [1, 2, 3, 4]
+    with open(run / "logs" / "epochs.csv") as f:
+        assert [int(r["epoch"]) for r in csv.DictReader(f)] == [1]
+
+
+def test_csv_logger_resume_drops_a_torn_row(tmp_path):
+    """A kill in the middle of a row: its step cut short ("1" of "12") would pass for an early step."""
+    from loggers.training_loggers import CSVLogger
+
+    logs = CSVLogger(tmp_path)
+    for step in range(1, 12):
+        logs.log_step(step, {"loss": 1.0 / step})
+    with open(tmp_path / "steps.csv", "a") as f:
+        f.write("1")  # the first byte of the row of step 12
+    logs.resume(10)
+    logs.log_step(11, {"loss": 0.5})
+    with open(tmp_path / "steps.csv") as f:
+        assert [int(r["step"]) for r in csv.DictReader(f)] == list(range(1, 12))
+
+
+def test_train_output_that_is_a_file_or_under_one_is_refused_before_any_work(shapes, tmp_path, capsys):
+    """(was a FileExistsError / NotADirectoryError traceback once the model was built)"""
+    from main import main
+    from utils.file_utils import UnsafePathError
+
+    notes = tmp_path / "notes.txt"
+    notes.write_text("mine")
+    tok_dir = tmp_path / "tokenizer"
+    shapes["tokenizer"].save_pretrained(str(tok_dir))
+    valid = ["--tokenizer", str(tok_dir), "--gpt2-config", json.dumps(TINY_GPT2), "--prefix-length", str(PREFIX)]
+    npz = str(_embedded_npz(shapes, tmp_path / "train.npz", n=20))
+    for output, says in ((notes, "is a regular file"), (notes / "run", f"is under {notes}, which is a regular")):
+        # a valid run but for its output; then one whose training file does not exist: the output comes first
+        for args in ([npz, *valid], [str(tmp_path / "missing.npz")]):
+            assert main(["train", *args, "--output", str(output), "--no-progress"]) == 2
+            err = capsys.readouterr().err
+            assert f"the output folder {output} {says}" in err and "Traceback" not in err
+        with pytest.raises(UnsafePathError, match="not a folder"):
+            Trainer(None, small_hp(), output, loggers=quiet())
+    assert notes.read_text() == "mine"
