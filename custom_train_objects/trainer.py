@@ -79,6 +79,7 @@ from utils.file_utils import (  # noqa: E402
     check_replaceable,
     describe_kind,
     publish_dir,
+    read_json,
     staging_dir,
 )
 
@@ -534,8 +535,7 @@ class Trainer:
             json.dump(state, f)
 
     def _restore(self, directory, max_length):
-        with open(Path(directory) / STATE_FILENAME) as f:
-            state = json.load(f)
+        state = read_json(Path(directory) / STATE_FILENAME, 64 << 20)  # bounded, depth-limited
         saved = state["hparams"]
         current = self.hp.to_dict()
         differ = sorted(k for k in current if k not in RESUME_MUTABLE and saved.get(k) != current[k])

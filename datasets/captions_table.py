@@ -14,11 +14,10 @@ Example (``captions.csv``)::
 """
 
 import csv
-import json
 from pathlib import Path
 
 from datasets.caption_dataset import CaptionDataset, DatasetError
-from utils.file_utils import open_regular_file
+from utils.file_utils import open_regular_file, parse_json
 
 #: the longest physical line read from a table, in bytes (a CSV field stays under the csv module's own limit,
 #: 131072 characters, which is kept: a field that long is in practice a quote left open)
@@ -75,10 +74,10 @@ def _rows_jsonl(path):
             line = lines.number
             if not text.strip():
                 continue
-            try:
-                row = json.loads(text)
-            except json.JSONDecodeError as e:
-                raise DatasetError(f"{path}:{line}: not valid JSON: {e}") from e
+            try:  # depth-limited: a line of 100,000 nested brackets is an error, not a RecursionError
+                row = parse_json(text.encode("utf-8"), f"{path}:{line}")
+            except ValueError as e:
+                raise DatasetError(str(e)) from e
             if not isinstance(row, dict):
                 raise DatasetError(f"{path}:{line}: each line must be a JSON object")
             yield line, row

@@ -17,12 +17,11 @@ Example::
 
 import argparse
 import dataclasses
-import json
 import os
 import typing
 from dataclasses import dataclass, fields
 
-from utils.file_utils import json_file_matches, write_json_atomic
+from utils.file_utils import json_file_matches, read_json, write_json_atomic
 
 MAPPING_TYPES = ("mlp", "linear", "transformer")
 PRECISIONS = (None, "mixed_float16", "mixed_bfloat16")
@@ -115,8 +114,7 @@ class TrainingHParams:
 
     @classmethod
     def load(cls, path):
-        with open(path) as f:
-            return cls.from_dict(json.load(f))
+        return cls.from_dict(read_json(path, 1 << 20))  # bounded, depth-limited, the file named in errors
 
     # --- command line ----------------------------------------------------------------------------------
 

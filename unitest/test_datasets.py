@@ -100,6 +100,9 @@ def test_captions_table_csv_and_jsonl(tmp_path):
     (tmp_path / "bad.jsonl").write_text('{"image": "a.png", "caption": "x"}\n{oops\n')
     with pytest.raises(DatasetError, match="bad.jsonl:2"):
         load_captions_table(tmp_path / "bad.jsonl")
+    (tmp_path / "deep.jsonl").write_text('{"image": "a.png", "caption": "x"}\n' + "[" * 100_000 + "]" * 100_000)
+    with pytest.raises(DatasetError, match="deep.jsonl:2: JSON nested more than"):  # not a RecursionError
+        load_captions_table(tmp_path / "deep.jsonl")
     with pytest.raises(DatasetError, match="unknown table format"):
         load_captions_table(_write(tmp_path / "t.xml", {}))
 

@@ -22,7 +22,6 @@ Example::
     gpt2, used = gpt2_from_state_dict(clipcap_sd, prefix="gpt.")  # ClipCap checkpoint, GPT-2 part
 """
 
-import json
 import os
 import re
 from collections.abc import Mapping
@@ -31,6 +30,7 @@ import numpy as np
 
 from utils.convert.common import CheckpointError, load_torch_state_dict
 from utils.convert.porting import IDENTITY, WeightPorter, layer_norm_entries
+from utils.file_utils import read_json
 
 _BLOCK_KEY = re.compile(r"h\.(\d+)\.")
 _LEGACY_BUFFERS = r"h\.\d+\.attn\.(masked_)?bias"
@@ -192,8 +192,10 @@ def load_gpt2(path_or_state_dict, **config_overrides):
         if os.path.isdir(path):
             config_path = os.path.join(path, "config.json")
             if os.path.exists(config_path):
-                with open(config_path, encoding="utf-8") as f:
-                    hf_config = json.load(f)
+                try:
+                    hf_config = read_json(config_path, 1 << 20)
+                except (OSError, ValueError) as e:
+                    raise CheckpointError(f"cannot read {config_path}: {e}") from e
             candidates = [os.path.join(path, n) for n in ("model.safetensors", "pytorch_model.bin")]
             found = [c for c in candidates if os.path.exists(c)]
             if not found:
