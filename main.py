@@ -205,12 +205,21 @@ def cmd_convert(args):
         clip = fetch_clip(args.clip) if args.clip in CLIP_SOURCES else args.clip
         tokenizer = fetch_gpt2_tokenizer(args.tokenizer)
         extra = {} if args.normalize_prefix is None else {"normalize_prefix": args.normalize_prefix}
+        start = time.perf_counter()
         convert_model(ClipCap, args.checkpoint, clip, tokenizer, directory, name=name, overwrite=args.overwrite,
-                      clip_name=args.clip if args.clip in CLIP_SOURCES else None, **extra)
+                      clip_name=args.clip if args.clip in CLIP_SOURCES else None, status=_stderr_line, **extra)
     except MODEL_ERRORS as e:
         return _fail(f"conversion failed: {e}", EXIT_MODEL)
     print(directory)
+    model_arg = name if args.output is None else str(directory)
+    _stderr_line(f"converted in {time.perf_counter() - start:.1f} s; caption with:\n"
+                 f"  python main.py caption IMAGES --model {model_arg}")
     return EXIT_OK
+
+
+def _stderr_line(line):
+    """A status line on stderr (stdout keeps what a script reads: the folder)."""
+    print(line, file=sys.stderr, flush=True)
 
 
 # --------------------------------------------------------------------------------------------- download

@@ -48,8 +48,8 @@ OPTION_METHODS = {"beam_size": ("beam",), "temperature": ("sample",), "top_p": (
 CSS = """
 #results table { table-layout: fixed; width: 100%; }
 #results td, #results th { overflow-wrap: anywhere; word-break: break-word; white-space: normal; vertical-align: top; }
-#results td:first-child { width: 170px; }
-#results td:last-child { width: 110px; }
+#results tr > :first-child { width: 180px; }
+#results tr > :last-child { width: 120px; }
 #results img { max-width: 100%; }
 """
 
