@@ -20,6 +20,7 @@ LONG = " ".join(["a very long caption that goes on and on"] * 8)
 
 def _row_extents(figure, ncols):
     """(top, bottom) in display pixels of each row: its axes with every text drawn on them."""
+    figure.canvas.draw()  # axis labels take their place when drawn
     renderer = figure.canvas.get_renderer()
     rows = {}
     for i, ax in enumerate(figure.axes):

@@ -93,8 +93,7 @@ def plot_captions(images, captions, ncols=4, width=4.0, wrap=32, titles=None, fi
         if titles is not None:
             ax.set_title(str(titles[i]), fontsize=9)
         if lines:
-            ax.text(0.5, -0.02, "\n".join(lines), transform=ax.transAxes, ha="center", va="top",
-                    fontsize=_CAPTION_FONT, gid="caption")
+            ax.set_xlabel("\n".join(lines), fontsize=_CAPTION_FONT)
     return figure
 
 
