@@ -66,8 +66,11 @@ def cmd_caption(args):
         return _fail(str(e), EXIT_USAGE)
     if not images:
         return _fail(f"no images listed in {', '.join(args.from_file)}", EXIT_USAGE)
+    if args.grid and (problem := _grid_problem(args.grid)):  # before any work
+        return _fail(problem, EXIT_USAGE)
     results = None if args.no_save or args.overwrite else _answers_from_map(args, images)
     if results is not None:  # every image already captioned with these settings: no model loaded
+        _save_grid(args, results)
         return _report(args, results)
     problem = None if args.no_save else _output_problem(args)
     if problem is not None:  # before the model is loaded: captions that could not be saved cost no load
@@ -110,6 +113,7 @@ def cmd_caption(args):
         return _fail(str(e), EXIT_FAILED_INPUTS)
     except (TypeError, ValueError) as e:  # e.g. arguments the decoding method does not accept
         return _fail(str(e), EXIT_USAGE)
+    _save_grid(args, results)
     return _report(args, results)
 
 
@@ -125,6 +129,45 @@ def _output_problem(args):
     except (OSError, ValueError) as e:
         return str(e)
     return None
+
+
+def _grid_problem(path):
+    """Why ``--grid`` cannot be written there (not a .png name, or an existing file that is not a PNG image:
+    never overwritten), or None."""
+    from utils.file_utils import UnsafePathError, check_overwritable
+
+    if Path(path).suffix.lower() != ".png":
+        return f"--grid {path}: give a .png file name"
+    try:
+        check_overwritable(path, _is_png, "a PNG image")
+    except UnsafePathError as e:
+        return str(e)
+    return None
+
+
+def _is_png(path):
+    with open(path, "rb") as f:
+        return f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def _save_grid(args, results):
+    """``--grid``: the captioned local images in a contact sheet (failed inputs and URLs left out)."""
+    if not args.grid:
+        return
+    from utils.plot_utils import save_captions_grid
+
+    shown = [r for r in results if r["error"] is None and isinstance(r["image"], str) and os.path.isfile(r["image"])]
+    if not shown:
+        print("no grid: no image was captioned", file=sys.stderr)
+        return
+    try:
+        save_captions_grid(args.grid, [r["image"] for r in shown], [r["caption"] for r in shown],
+                           titles=[os.path.basename(r["image"]) for r in shown])
+    except (OSError, ValueError) as e:  # an image gone since, a folder not writable: the captions still print
+        print(f"error: cannot write the grid {args.grid}: {e}", file=sys.stderr)
+        return
+    if not args.no_progress:
+        print(f"grid of {len(shown)} image(s) saved in {args.grid}", file=sys.stderr)
 
 
 def _answers_from_map(args, images):
@@ -237,12 +280,21 @@ def cmd_convert(args):
         clip = fetch_clip(args.clip) if args.clip in CLIP_SOURCES else args.clip
         tokenizer = fetch_gpt2_tokenizer(args.tokenizer)
         extra = {} if args.normalize_prefix is None else {"normalize_prefix": args.normalize_prefix}
+        start = time.perf_counter()
         convert_model(ClipCap, args.checkpoint, clip, tokenizer, directory, name=name, overwrite=args.overwrite,
-                      clip_name=args.clip if args.clip in CLIP_SOURCES else None, **extra)
+                      clip_name=args.clip if args.clip in CLIP_SOURCES else None, status=_stderr_line, **extra)
     except MODEL_ERRORS as e:
         return _fail(f"conversion failed: {e}", EXIT_MODEL)
     print(directory)
+    model_arg = name if args.output is None else str(directory)
+    _stderr_line(f"converted in {time.perf_counter() - start:.1f} s; caption with:\n"
+                 f"  python main.py caption IMAGES --model {model_arg}")
     return EXIT_OK
+
+
+def _stderr_line(line):
+    """A status line on stderr (stdout keeps what a script reads: the folder)."""
+    print(line, file=sys.stderr, flush=True)
 
 
 # --------------------------------------------------------------------------------------------- download
@@ -372,6 +424,8 @@ def build_parser():
                                         "name>, outside the model's folder)")
     p.add_argument("--overwrite", action="store_true", help="caption again images already in map.json")
     p.add_argument("--no-save", action="store_true", help="neither read nor write map.json")
+    p.add_argument("--grid", metavar="FILE.png",
+                   help="also save a contact sheet: the images in a grid with their captions (PNG; default: none)")
     p.add_argument("--no-progress", action="store_true",
                    help="no progress bar nor status lines (loading, compiling) on stderr")
     p.add_argument("--no-exif-transpose", action="store_true",

@@ -31,6 +31,7 @@ def test_notebook_runs_against_tiny_model(tiny_model_dir, monkeypatch):
     assert "loaded 'tiny'" in text
     for name in ("astronaut.jpg", "cat.jpg", "coffee.jpg", "rocket.jpg", "camera.jpg"):
         assert name in text
+    assert "web_demo.png" not in text  # a screenshot of the web demo, not one of the photographs
     assert "beam (5)" in text and "images/s" in text
     images = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs if "image/png" in o.get("data", {})]
     assert len(images) == 1  # the grid

@@ -7,17 +7,25 @@ Gradio's own client against the same server. Set ``IMAGE_CAPTIONING_SCREENSHOT=d
 the page as README shows it.
 """
 
+import logging
 import os
 import shutil
 import socket
+import subprocess
+import sys
+import time
 
 import pytest
 
-from unitest.tiny_models import DEMO_DIR, build_tiny_clipcap, shared_tiny_files
+from unitest.tiny_models import DEMO_DIR, ROOT, build_tiny_clipcap, shared_tiny_files
 
 CHROMIUM = os.environ.get("IMAGE_CAPTIONING_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
 pytest.importorskip("gradio")
 playwright_api = pytest.importorskip("playwright.sync_api")
+
+
+#: the server's upload limit (small, so that a test file over it is quick to write)
+UPLOAD_LIMIT = 2**20
 
 
 def _free_port():
@@ -38,10 +46,11 @@ def server(tmp_path_factory):
     checkpoint = build_tiny_clipcap(directory / "clipcap.pt", files["tokenizer"], stop_boost=1.5)
     convert_model(ClipCap, checkpoint, files["clip"], files["tokenizer"], directory / "model", name="tiny_demo")
     model = ClipCap.load(str(directory / "model"))
-    demo = build_demo(model)
+    demo = build_demo(model, max_file_bytes=UPLOAD_LIMIT)
     demo.queue(default_concurrency_limit=1)
     port = _free_port()
-    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
+    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True,
+                max_file_size=UPLOAD_LIMIT)
     yield f"http://127.0.0.1:{port}/", model
     demo.close()
 
@@ -101,12 +110,13 @@ def test_browser_shows_the_error_of_a_text_file(server, browser, tmp_path):
 
 
 def test_gradio_client_api(server):
+    """The /caption API returns the page and the results as data (captions, scores, errors)."""
     from gradio_client import Client, handle_file
 
     url, model = server
     client = Client(url, verbose=False)
-    page = client.predict([handle_file(str(DEMO_DIR / "coffee.jpg"))], "", "beam", 3, 1.0, 0.9, 2, 67,
-                          api_name="/caption")
+    page, data = client.predict([handle_file(str(DEMO_DIR / "coffee.jpg"))], "", "beam", 3, 1.0, 0.9, 2, 67,
+                                api_name="/caption")
     import html
 
     best = model.generate(model.encode_images([str(DEMO_DIR / "coffee.jpg")]), method="beam", beam_size=3,
@@ -114,3 +124,128 @@ def test_gradio_client_api(server):
     for candidate in best:
         assert html.escape(candidate["text"]) in page
     assert page.count('class="caption"') == 2
+    assert data["errors"] == 0 and [r["name"] for r in data["results"]] == ["coffee.jpg"]
+    assert data["results"][0]["captions"] == [c["text"] for c in best]
+    assert data["results"][0]["scores"] == pytest.approx([float(c["score"]) for c in best], abs=1e-4)
+
+
+def test_api_data_reports_errors(server, tmp_path):
+    from gradio_client import Client, handle_file
+
+    url, _ = server
+    fake = tmp_path / "notes.jpg"
+    fake.write_text("not an image")
+    _, data = Client(url, verbose=False).predict([handle_file(str(fake))], "", "greedy", 5, 1.0, 0.9, 1, 10,
+                                                 api_name="/caption")
+    assert data["errors"] == 1 and data["results"][0]["captions"] == []
+    assert "not an image" in data["results"][0]["error"]
+
+
+def _visible(page, elem_id):
+    return page.locator(f"#{elem_id}").is_visible()
+
+
+def test_decoding_controls_follow_the_method(server, browser):
+    url, _ = server
+    page = browser.new_page()
+    try:
+        page.goto(url)
+        page.wait_for_selector("#caption-button")
+        controls = ("beam-size", "temperature", "top-p", "num-captions")
+        assert [_visible(page, c) for c in controls] == [False] * 4  # greedy: none
+        page.get_by_label("beam", exact=True).check()
+        page.wait_for_selector("#beam-size", state="visible")
+        assert [_visible(page, c) for c in controls] == [True, False, False, True]
+        page.get_by_label("sample", exact=True).check()
+        page.wait_for_selector("#temperature", state="visible")
+        assert [_visible(page, c) for c in controls] == [False, True, True, True]
+    finally:
+        page.close()
+
+
+def test_header_describes_the_model_in_words_and_the_picker_offers_images(server, browser):
+    url, model = server
+    page = browser.new_page()
+    try:
+        page.goto(url)
+        header = page.locator("#header").inner_text()
+        assert "ClipCap(" not in header and "tiny_demo" in header
+        assert "CLIP" in header and "MLP mapper (4 prefix tokens)" in header and "GPT-2 (2 layers, width 64" in header
+        accept = page.locator("#images input[type=file]").get_attribute("accept") or ""
+        assert "image" in accept
+    finally:
+        page.close()
+
+
+def test_long_names_and_captions_wrap_inside_the_page(server, browser, tmp_path):
+    """A long unbroken file name (as a long caption) wraps: the results table is no wider than its column."""
+    url, _ = server
+    long_name = tmp_path / ("a" * 180 + ".jpg")
+    shutil.copy(DEMO_DIR / "cat.jpg", long_name)
+    page = browser.new_page(viewport={"width": 1280, "height": 900})
+    try:
+        page.goto(url)
+        page.set_input_files("#images input[type=file]", [str(long_name)])
+        page.wait_for_timeout(500)
+        page.click("#caption-button")
+        page.wait_for_selector("#results tr.ok", timeout=120_000)
+        table = page.locator("#results table").bounding_box()
+        column = page.locator("#output").bounding_box()
+        assert table["x"] + table["width"] <= column["x"] + column["width"] + 1, (table, column)
+    finally:
+        page.close()
+
+
+def test_refused_upload_is_reported(server, browser, tmp_path):
+    """A file over the upload limit is refused by the browser; the results then say so, by name."""
+    url, _ = server
+    big = tmp_path / "huge_photo.jpg"
+    big.write_bytes(b"\xff" * (UPLOAD_LIMIT + 1000))
+    page = browser.new_page()
+    try:
+        page.goto(url)
+        page.wait_for_selector("#caption-button")
+        page.wait_for_timeout(300)  # the page's load script has run
+        page.set_input_files("#images input[type=file]", [str(big)])
+        page.wait_for_timeout(500)
+        page.click("#caption-button")
+        page.wait_for_selector("#results tr.error", timeout=60_000)
+        text = page.locator("#results").inner_text()
+        assert "huge_photo.jpg" in text and "not uploaded" in text and "1 MiB" in text
+        assert "drop or upload images" not in text
+    finally:
+        page.close()
+
+
+def test_one_log_line_per_request(server, caplog):
+    from gradio_client import Client, handle_file
+
+    url, _ = server
+    caplog.set_level(logging.INFO, logger="models.image_captioning.web_demo")
+    Client(url, verbose=False).predict([handle_file(str(DEMO_DIR / "cat.jpg"))], "", "greedy", 5, 1.0, 0.9, 1, 10,
+                                       api_name="/caption")
+    lines = [r.getMessage() for r in caplog.records if r.name == "models.image_captioning.web_demo"]
+    assert len(lines) == 1 and lines[0].startswith("caption request: 1 image(s), greedy, ")
+    assert lines[0].endswith(", 0 error(s)")
+
+
+def test_serve_prints_only_its_own_line(tmp_path_factory, tmp_path):
+    """``main.py serve`` at the default verbosity: no TensorFlow lines, no Gradio share hint, one line of ours."""
+    from unitest.tiny_models import shared_tiny_model
+
+    model = str(shared_tiny_model(tmp_path_factory))
+    env = {k: v for k, v in os.environ.items() if k not in ("TF_CPP_MIN_LOG_LEVEL", "TF_XLA_FLAGS",
+                                                             "IMAGE_CAPTIONING_XLA_CACHE_DIR")}
+    env.update(IMAGE_CAPTIONING_HOME=str(tmp_path / "home"), IMAGE_CAPTIONING_OFFLINE="1")
+    port = _free_port()
+    process = subprocess.Popen([sys.executable, "main.py", "serve", "--model", model, "--port", str(port)], cwd=ROOT,
+                               env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        first = process.stdout.readline()  # blocks until the server is up (or the process ended)
+        time.sleep(1)
+    finally:
+        process.terminate()
+        out, err = process.communicate(timeout=60)
+    assert first == f"serving tiny on http://127.0.0.1:{port}/ (Ctrl-C to stop)\n", (first, err)
+    assert "share=True" not in out + err and "absl" not in err and "oneDNN" not in err
+    assert err.strip() == "", err

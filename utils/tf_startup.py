@@ -13,6 +13,26 @@ TensorFlow's C++ runtime writes to file descriptor 2 on its own: the oneDNN noti
 
 Neither imports TensorFlow at module import (``main.py --help`` stays instant).
 
+The library does the same (`import_tensorflow_for_library`, run by `models.image_captioning.clip_cap` and
+`models.siamese.clip` before their TensorFlow imports): a script or notebook that imports the models sees no
+start-up lines. A ``TF_CPP_MIN_LOG_LEVEL`` the user set is kept and applied to the lines absl writes before
+TensorFlow reads it too (`filtered_stderr`'s ``level``); ``main.py -v`` sets it to 0: every line.
+
+What the lines at run time mean (TensorFlow 2.21, read in XLA's source), hidden at level 3 because they are
+harmless here:
+
+- ``text_format.cc ... Error parsing text-format tensorflow.XlaSerializedCacheEntry: 2:1: Expected
+  identifier``: TensorFlow reads a persistent XLA cache entry (`utils.compile_cache`) as a text protobuf
+  first and, when that fails, as the binary one it wrote; the entry loads (no program is compiled anew:
+  ``unitest/test_cold_start.py`` checks that a second process writes no entry).
+- ``cpu_aot_loader.cc ... Target machine feature +prefer-no-scatter (+prefer-no-gather) is not supported on
+  the host machine``: this XLA compares the compile-time LLVM features with the host's, and the ``prefer-*``
+  tuning features are never among the host's, so it fires on the very machine that compiled the program
+  (newer XLA skips ``prefer-`` / ``fast-`` features). It only logs: the program is loaded and run. A real
+  mismatch (a cache written on an AVX-512 machine run on an AVX2-only one) would also only log, and could end
+  in SIGILL: the cache folder's key includes the CPU's feature flags (`utils.compile_cache.cache_key`), so a
+  program is never loaded on another kind of CPU.
+
 ``import_tensorflow(lean=True)`` (the ``caption`` command) also keeps out the optional libraries that Keras
 imports when they are installed and that captioning never uses: pandas (DataFrames given to ``fit``),
 matplotlib's pyplot (``keras.visualization``) and IPython (Keras' notebook file editor). They cost about
@@ -36,6 +56,9 @@ import tempfile
 
 LOG_LEVEL_ENV = "TF_CPP_MIN_LOG_LEVEL"
 _QUIET_LEVEL = "3"
+_VERBOSE_LEVEL = "0"
+#: a C++ log line's severity letter, as TF_CPP_MIN_LOG_LEVEL counts: a line shows when its rank >= the level
+_SEVERITY = {"I": 0, "W": 1, "E": 2, "F": 3}
 #: a C++ log line of absl / TensorFlow ("I0000 00:00:1795968758.151061   24179 cudart_stub.cc:31] ..."), the
 #: absl pre-initialisation banner, and the continuation line of cpu_feature_guard's notice
 _LOG_LINE = re.compile(
@@ -45,14 +68,24 @@ _LOG_LINE = re.compile(
 
 
 def quiet_environment(verbose=False):
-    """Set ``TF_CPP_MIN_LOG_LEVEL=3`` unless ``verbose`` or the user set it; True when set here.
+    """Set ``TF_CPP_MIN_LOG_LEVEL`` unless the user set it: 3 (no C++ log lines), or 0 (every line) when
+    ``verbose``; True when set here.
 
-    Only effective before TensorFlow is imported (it reads the variable when it loads).
+    Only effective before TensorFlow is imported (it reads the variable when it loads). ``verbose`` sets 0
+    explicitly, so that the library (`import_tensorflow_for_library`) does not quiet a ``-v`` run.
     """
-    if verbose or LOG_LEVEL_ENV in os.environ:
+    if LOG_LEVEL_ENV in os.environ:
         return False
-    os.environ[LOG_LEVEL_ENV] = _QUIET_LEVEL
+    os.environ[LOG_LEVEL_ENV] = _VERBOSE_LEVEL if verbose else _QUIET_LEVEL
     return True
+
+
+def log_level() -> int:
+    """``TF_CPP_MIN_LOG_LEVEL`` as TensorFlow reads it: 0 (everything) to 3 (no INFO, WARNING or ERROR line)."""
+    try:
+        return max(0, min(3, int(os.environ.get(LOG_LEVEL_ENV, "0"))))
+    except ValueError:
+        return 0
 
 
 def is_log_line(line: str) -> bool:
@@ -60,11 +93,20 @@ def is_log_line(line: str) -> bool:
     return bool(_LOG_LINE.match(line))
 
 
+def is_hidden_at(line: str, level: int) -> bool:
+    """Whether TensorFlow at ``TF_CPP_MIN_LOG_LEVEL=level`` would hide this C++ log line (absl's pre-start
+    banner and the notice's continuation ignore the variable: counted as a WARNING and an INFO line)."""
+    if not is_log_line(line):
+        return False
+    severity = "W" if line.startswith("WARNING: ") else "I" if line.startswith("To enable ") else line[0]
+    return _SEVERITY[severity] < level
+
+
 @contextlib.contextmanager
-def filtered_stderr():
+def filtered_stderr(level=3):
     """Send fd 2 (C and Python writes alike) to a temporary file for the block, then write back to the real
-    stderr every line that `is_log_line` does not recognise. A file, not a pipe: it cannot fill up and
-    block the writer."""
+    stderr every line except the C++ log lines hidden at ``level`` (`is_hidden_at`; 3: all of them). A file,
+    not a pipe: it cannot fill up and block the writer."""
     sys.stderr.flush()
     saved = os.dup(2)
     with tempfile.TemporaryFile() as capture:
@@ -77,7 +119,7 @@ def filtered_stderr():
             os.close(saved)
             capture.seek(0)
             kept = [line for line in capture.read().decode("utf-8", "replace").splitlines(keepends=True)
-                    if not is_log_line(line)]
+                    if not is_hidden_at(line, level)]
             if kept:
                 sys.stderr.write("".join(kept))
                 sys.stderr.flush()
@@ -121,14 +163,26 @@ def keep_triton_out():
 
 def import_tensorflow(quiet=True, lean=False):
     """Import TensorFlow and Keras (TensorFlow returned), with their start-up log lines filtered out when
-    ``quiet``, and, when ``lean``, without Keras' optional pandas / matplotlib / IPython integrations
-    (`KERAS_OPTIONAL_IMPORTS`)."""
+    ``quiet`` (those ``TF_CPP_MIN_LOG_LEVEL`` hides; unset: all), and, when ``lean``, without Keras' optional
+    pandas / matplotlib / IPython integrations (`KERAS_OPTIONAL_IMPORTS`)."""
     if "tensorflow" in sys.modules:
         import tensorflow as tf
 
         return tf
+    level = log_level() if LOG_LEVEL_ENV in os.environ else 3
     with modules_absent(KERAS_OPTIONAL_IMPORTS if lean else ()), \
-            (filtered_stderr() if quiet else contextlib.nullcontext()):
+            (filtered_stderr(level) if quiet else contextlib.nullcontext()):
         import keras  # noqa: F401 (TensorFlow imports only part of Keras; the rest's optional imports too)
         import tensorflow as tf
     return tf
+
+
+def import_tensorflow_for_library():
+    """What the library's TensorFlow modules run before they import it: ``TF_CPP_MIN_LOG_LEVEL=3`` unless the
+    user (or ``main.py``) set a level, then TensorFlow imported with the start-up lines that level hides
+    filtered out (absl's pre-start banner, oneDNN, cudart_stub, cpu_feature_guard). A no-op once TensorFlow
+    is imported."""
+    if "tensorflow" in sys.modules:
+        return sys.modules["tensorflow"]
+    quiet_environment()
+    return import_tensorflow(quiet=True)

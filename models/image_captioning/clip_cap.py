@@ -25,6 +25,10 @@ from types import MappingProxyType
 
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 
+from utils.tf_startup import import_tensorflow_for_library  # noqa: E402
+
+import_tensorflow_for_library()  # no C++ start-up lines unless the user set TF_CPP_MIN_LOG_LEVEL
+
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 

@@ -439,6 +439,11 @@ def predict(model, images, batch_size=16, method="greedy", save=True, overwrite=
 
     compiling = CompileStatus(model, status)
     details = ", ".join([method, *(f"{k}={v}" for k, v in sorted(generate_kwargs.items()))])
+    if status and todo:  # what is about to happen, before the first batch's silent seconds
+        status(f"captioning {len(todo)} image(s), batches of {batch_size}, {details}"
+               + (f" ({len(entries) - len(todo)} more answered from {map_path})" if len(todo) < len(entries) else ""))
+    # one batch: the progress bar would appear only at the end (it counts captions), so say each stage
+    stage_lines = status if status and len(todo) <= batch_size else None
 
     # one compiled shape per run: a last, partial batch is padded (with copies of its last item, results
     # dropped) to the bucket of the full ones, where the stage compiles per shape (XLA). Under "auto" a
@@ -452,12 +457,16 @@ def predict(model, images, batch_size=16, method="greedy", save=True, overwrite=
     def encode(batch):
         compiles = clip.will_compile(len(batch), long_run)
         padded = _pad(batch, clip_bucket) if compiles else batch
+        if stage_lines:
+            stage_lines(f"encoding {len(batch)} image(s) with CLIP ...")
         with compiling.first_call("the CLIP encoder", len(padded)) if compiles else contextlib.nullcontext():
             return list(embedder.encode_batch(padded, compile_now=long_run))[:len(batch)]  # B x (D,)
 
     def generate(batch):
         compiles = model.decoder_will_compile(len(batch), sampler, max_length, long_run)
         padded = np.stack(_pad(batch, decode_bucket) if compiles else batch)  # rows are decoded independently
+        if stage_lines:
+            stage_lines(f"decoding {len(batch)} caption(s) ({details}) ...")
         with (compiling.first_call("the decoder", power_of_two_at_least(len(padded)), details) if compiles
               else contextlib.nullcontext()):
             return model.generate(padded, method=method, compile_now=long_run, **generate_kwargs)[:len(batch)]
@@ -504,6 +513,8 @@ def predict(model, images, batch_size=16, method="greedy", save=True, overwrite=
         raise
     if pending:
         saver.save(pending)
+    if status and save and saver.error is None and any(r["error"] is None and not r.get("cached") for r in results):
+        status(f"captions saved in {map_path}")
 
     if not return_candidates:
         for r in results:

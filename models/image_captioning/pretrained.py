@@ -67,7 +67,7 @@ def offline_route(spec):
 
 
 def convert_model(model_class, checkpoint, clip, tokenizer, directory, name=None, overwrite=False, clip_name=None,
-                  **clipcap_kwargs):
+                  status=None, **clipcap_kwargs):
     """Convert an official ClipCap ``.pt`` + CLIP ``.pt`` + tokenizer with ``model_class`` (`ClipCap`) and save
     it to ``directory`` atomically.
 
@@ -78,7 +78,8 @@ def convert_model(model_class, checkpoint, clip, tokenizer, directory, name=None
     leaves a half-saved model that would be picked up later. An existing ``directory`` is replaced only when
     it is empty or a saved ClipCap (`is_saved_model`) and ``overwrite``; anything else raises `UnsafePathError`
     before the conversion starts (nothing is deleted). ``name`` (default: the folder's name) goes into the
-    config; it must be a plain model name. Returns the loaded model.
+    config; it must be a plain model name. ``status``: a callable given a line as each step starts (the
+    ``convert`` command prints them: a conversion takes tens of seconds). Returns the loaded model.
     """
     from models.siamese.clip import CLIP
     from utils.tokenizer import load_gpt2_tokenizer
@@ -86,13 +87,24 @@ def convert_model(model_class, checkpoint, clip, tokenizer, directory, name=None
     directory = Path(directory)
     name = check_model_name(name if name is not None else directory.name)
     check_replaceable(directory, is_saved_model, overwrite)  # refuse before the (long) conversion
+    say = status or (lambda line: None)
     # ClipCap needs only the image encoder: the text encoder is neither converted nor saved
-    clip_model = clip if not isinstance(clip, str | os.PathLike) else CLIP.from_pretrained(str(clip), visual_only=True)
-    tok = load_gpt2_tokenizer(str(tokenizer)) if isinstance(tokenizer, str | os.PathLike) else tokenizer
+    if isinstance(clip, str | os.PathLike):
+        say(f"reading and converting the CLIP image encoder {clip} ...")
+        clip_model = CLIP.from_pretrained(str(clip), visual_only=True)
+    else:
+        clip_model = clip
+    if isinstance(tokenizer, str | os.PathLike):
+        say(f"reading the GPT-2 tokenizer {tokenizer} ...")
+        tok = load_gpt2_tokenizer(str(tokenizer))
+    else:
+        tok = tokenizer
+    say(f"reading and converting the ClipCap checkpoint {checkpoint} (mapper and GPT-2) ...")
     # name=None: from_pretrained would save into the model store itself; we save once, atomically, below
     model = model_class.from_pretrained(str(checkpoint), clip=clip_model, tokenizer=tok,
                                         clip_name=None if clip_name is None else str(clip_name), **clipcap_kwargs)
     model.name = name
+    say(f"saving {directory} ...")
     model.save(directory, overwrite=overwrite)  # a complete new folder renamed into place (replace_dir)
     return model
 

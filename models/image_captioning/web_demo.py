@@ -24,6 +24,7 @@ Example::
 import base64
 import html
 import io
+import logging
 import os
 import time
 
@@ -40,6 +41,19 @@ MAX_IMAGES = 16
 #: must not hold the others for long)
 URL_BUDGET_S = 30.0
 THUMBNAIL = 160
+#: the decoding methods that show each option (the others hide it: `_visibility`)
+OPTION_METHODS = {"beam_size": ("beam",), "temperature": ("sample",), "top_p": ("sample",),
+                  "num_captions": ("beam", "sample")}
+#: long captions and file names wrap inside the results table instead of widening it past the page
+CSS = """
+#results table { table-layout: fixed; width: 100%; }
+#results td, #results th { overflow-wrap: anywhere; word-break: break-word; white-space: normal; vertical-align: top; }
+#results tr > :first-child { width: 180px; }
+#results tr > :last-child { width: 120px; }
+#results img { max-width: 100%; }
+"""
+
+logger = logging.getLogger(__name__)
 
 
 def _thumbnail(image):
@@ -67,6 +81,38 @@ def _render(rows, total_s):
                    f"<td><ol>{captions}</ol></td><td><small>{html.escape(timing)}</small></td></tr>")
     out.append("</table></div>")
     return "\n".join(out)
+
+
+def describe_model(model) -> str:
+    """The model in words for the page's header: name, CLIP, mapper and GPT-2 (not a Python repr)."""
+    clip = model.clip
+    if clip is None:
+        clip_text = "no CLIP image encoder"
+    else:
+        kind = "ResNet" if type(clip.visual).__name__ == "ModifiedResNet" else "ViT"
+        official = model.info.get("clip_name")
+        clip_text = (f"CLIP {official}" if official else f"CLIP {kind}") + \
+            f" image encoder ({clip.input_resolution} px, {clip.embed_dim}-d embedding)"
+    mapper = model.config["mapping_type"]
+    mapper_text = f"{'MLP' if mapper == 'mlp' else mapper} mapper ({model.prefix_length} prefix tokens)"
+    gpt2 = model.gpt2
+    gpt2_text = f"GPT-2 ({gpt2.n_layer} layers, width {gpt2.n_embd}, {gpt2.vocab_size:,} tokens)"
+    return f"{model.name}: {clip_text} → {mapper_text} → {gpt2_text}"
+
+
+def _visibility(method):
+    """One ``gr.update(visible=...)`` per option of `OPTION_METHODS` (in its order) for ``method``."""
+    import gradio as gr
+
+    return [gr.update(visible=method in methods) for methods in OPTION_METHODS.values()]
+
+
+def _summary(rows, refused=()):
+    """The structured results, as the JSON output (and gradio_client) gives them."""
+    return {"results": [{"name": r["name"], "error": r["error"],
+                         "captions": [c["text"] for c in r.get("candidates", [])],
+                         "scores": [c["score"] for c in r.get("candidates", [])]} for r in rows],
+            "errors": sum(r["error"] is not None for r in rows)}
 
 
 class Captioner:
@@ -148,54 +194,109 @@ def _gradio():
     return gradio
 
 
+#: run at page load: remember the files the browser refuses to upload (over the size limit: Gradio shows a
+#: passing notice and uploads nothing), so that the next request's results say what was refused
+REFUSED_JS = """() => {
+  const limit = %d;
+  const note = (files) => {
+    window.clipcapRefused = Array.from(files || []).filter((f) => f.size > limit)
+      .map((f) => f.name + " (" + (f.size / 1048576).toFixed(1) + " MiB)");
+  };
+  const inside = (e) => e.target instanceof Element && e.target.closest("#images");
+  document.addEventListener("change", (e) => { if (inside(e) && e.target.files) note(e.target.files); }, true);
+  document.addEventListener("drop", (e) => { if (inside(e) && e.dataTransfer) note(e.dataTransfer.files); }, true);
+}"""
+#: run on the button before the request: the refused files' names go to the hidden ``refused`` input
+SEND_REFUSED_JS = """(...args) => { args[%d] = (window.clipcapRefused || []).join("\\n"); return args; }"""
+
+
+def _refused_rows(refused, max_file_bytes, limit):
+    """Error rows for the files the browser refused (names it reports; at most ``limit``, each shortened)."""
+    names = [line.strip()[:200] for line in (refused or "").splitlines() if line.strip()][:limit]
+    return [{"name": name, "error": f"not uploaded: larger than the {max_file_bytes // 2**20} MiB limit"}
+            for name in names]
+
+
+def _log_request(rows, method, seconds):
+    logger.info("caption request: %d image(s), %s, %.2f s, %d error(s)", len(rows), method, seconds,
+                sum(row["error"] is not None for row in rows))
+
+
 def build_demo(model, allow_private_urls=False, **limits):
     """The Gradio Blocks app for ``model`` (compiled by a warm-up first); `launch` starts it.
-    ``allow_private_urls``: let the URL box fetch loopback / private / link-local addresses (see `serve`)."""
+    ``allow_private_urls``: let the URL box fetch loopback / private / link-local addresses (see `serve`).
+
+    The ``/caption`` API takes (files, urls, method, beam_size, temperature, top_p, num_captions, max_length,
+    refused) and returns (the results page as HTML, the results as data: ``{"results": [{"name", "error",
+    "captions", "scores"}], "errors": N}``)."""
     gr = _gradio()
 
     captioner = Captioner(model, allow_private_urls=allow_private_urls, **limits)
     captioner.warm_up()
 
-    def run(files, urls, method, beam_size, temperature, top_p, num_captions, max_length):
+    def run(files, urls, method, beam_size, temperature, top_p, num_captions, max_length, refused=""):
         start = time.perf_counter()
+        refused_rows = _refused_rows(refused, captioner.max_file_bytes, captioner.max_images)
         try:
-            rows = captioner.caption([getattr(f, "name", f) for f in files or []], urls, method, beam_size,
-                                     temperature, top_p, num_captions, max_length)
+            rows = refused_rows + captioner.caption([getattr(f, "name", f) for f in files or []], urls, method,
+                                                    beam_size, temperature, top_p, num_captions, max_length)
         except ValueError as e:  # too many images, or decoding options the method refuses
-            return f'<div id="results"><p style="color:#c00">error: {html.escape(str(e))}</p></div>'
+            _log_request(refused_rows, method, time.perf_counter() - start)
+            return (f'<div id="results"><p style="color:#c00">error: {html.escape(str(e))}</p></div>',
+                    {"results": [], "errors": 1, "error": str(e)})
+        seconds = time.perf_counter() - start
+        _log_request(rows, method, seconds)
         if not rows:
-            return '<div id="results"><p>drop or upload images, or paste image URLs</p></div>'
-        return _render(rows, time.perf_counter() - start)
+            return '<div id="results"><p>drop or upload images, or paste image URLs</p></div>', _summary(rows)
+        return _render(rows, seconds), _summary(rows)
 
     with gr.Blocks(title="ClipCap captioning", analytics_enabled=False) as demo:
-        gr.Markdown(f"## ClipCap image captioning\nModel `{model.name}`: {html.escape(repr(model))}. "
+        gr.Markdown(f"## ClipCap image captioning\n{html.escape(describe_model(model))}\n\n"
                     f"Up to {captioner.max_images} images per request, {captioner.max_file_bytes // 2**20} MiB "
-                    f"and {captioner.max_pixels // 10**6} megapixels each.")
+                    f"and {captioner.max_pixels // 10**6} megapixels each.", elem_id="header")
+        gr.HTML(f"<style>{CSS}</style>")
         with gr.Row():
             with gr.Column():
-                files = gr.File(label="images", file_count="multiple", elem_id="images")
+                files = gr.File(label="images", file_count="multiple", file_types=["image"], elem_id="images")
                 urls = gr.Textbox(label="or image URLs (one per line)", lines=2, elem_id="urls")
                 method = gr.Radio(list(SAMPLERS), value="greedy", label="decoding", elem_id="method")
-                beam_size = gr.Slider(1, 10, value=5, step=1, label="beam size (beam)")
-                temperature = gr.Slider(0.1, 2.0, value=1.0, step=0.05, label="temperature (sample)")
-                top_p = gr.Slider(0.05, 1.0, value=0.9, step=0.05, label="top-p (sample)")
-                num_captions = gr.Slider(1, 5, value=1, step=1, label="captions per image (beam, sample)")
+                options = {  # shown for the methods that use them (`OPTION_METHODS`; greedy: none)
+                    "beam_size": gr.Slider(1, 10, value=5, step=1, label="beam size", elem_id="beam-size", visible=False),
+                    "temperature": gr.Slider(0.1, 2.0, value=1.0, step=0.05, label="temperature",
+                                             elem_id="temperature", visible=False),
+                    "top_p": gr.Slider(0.05, 1.0, value=0.9, step=0.05, label="top-p", elem_id="top-p", visible=False),
+                    "num_captions": gr.Slider(1, 5, value=1, step=1, label="captions per image",
+                                              elem_id="num-captions", visible=False),
+                }
                 max_length = gr.Slider(5, 67, value=67, step=1, label="max tokens")
+                refused = gr.Textbox(value="", visible=False, label="files refused by the browser")
                 button = gr.Button("Caption", variant="primary", elem_id="caption-button")
             with gr.Column():
                 output = gr.HTML('<div id="results"><p>results appear here</p></div>', elem_id="output")
-        button.click(run, [files, urls, method, beam_size, temperature, top_p, num_captions, max_length], output,
-                     api_name="caption")
+                with gr.Accordion("results as data (also what the API returns)", open=False):
+                    data = gr.JSON(elem_id="results-json")
+        method.change(_visibility, method, list(options.values()), api_visibility="private")
+        inputs = [files, urls, method, *options.values(), max_length, refused]
+        button.click(run, inputs, [output, data], api_name="caption", js=SEND_REFUSED_JS % (len(inputs) - 1))
+        demo.load(None, js=REFUSED_JS % captioner.max_file_bytes)
     return demo
 
 
 def serve(model, host="127.0.0.1", port=7860, allow_private_urls=False, **limits):
-    """Build the demo, queue requests one at a time, and serve until interrupted.
+    """Build the demo, queue requests one at a time, and serve until interrupted (one INFO log line per
+    request: images, method, seconds, errors).
 
     ``allow_private_urls=True`` lets visitors' URLs reach loopback, private, link-local and other non-public
     addresses, i.e. whatever this machine reaches (its own services, the local network, a cloud's metadata
     service): only for a demo whose every visitor is trusted."""
     demo = build_demo(model, allow_private_urls=allow_private_urls, **limits)
     demo.queue(default_concurrency_limit=1, max_size=64)
+    if logger.level == logging.NOTSET:  # the request lines show at the CLI's default (WARNING) level
+        logger.setLevel(logging.INFO)
     demo.launch(server_name=host, server_port=port, max_file_size=limits.get("max_file_bytes", MAX_FILE_BYTES),
-                show_error=True)
+                show_error=True, quiet=True, prevent_thread_lock=True)
+    print(f"serving {model.name} on http://{host}:{demo.server_port}/ (Ctrl-C to stop)", flush=True)
+    try:
+        demo.block_thread()
+    finally:
+        demo.close()

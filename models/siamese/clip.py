@@ -21,6 +21,10 @@ import os
 
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 
+from utils.tf_startup import import_tensorflow_for_library  # noqa: E402
+
+import_tensorflow_for_library()  # no C++ start-up lines unless the user set TF_CPP_MIN_LOG_LEVEL
+
 import numpy as np  # noqa: E402
 
 from custom_architectures.batching import pad_batch, power_of_two_at_least  # noqa: E402
