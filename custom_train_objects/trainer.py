@@ -34,7 +34,6 @@ import contextlib
 import json
 import logging
 import os
-import shutil
 import time
 from pathlib import Path
 
@@ -58,7 +57,14 @@ from custom_train_objects.optimizers import build_optimizer  # noqa: E402
 from datasets.tf_dataset import caption_batches, encode_captions, num_batches  # noqa: E402
 from hparams.training import TrainingHParams, is_hparams_file  # noqa: E402
 from loggers.training_loggers import LoggerList, build_loggers  # noqa: E402
-from utils.file_utils import check_overwritable, check_replaceable, publish_dir, staging_dir  # noqa: E402
+from utils.file_utils import (  # noqa: E402
+    check_overwritable,
+    check_replaceable,
+    publish_dir,
+    recover_replacements,
+    remove_dir,
+    staging_dir,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -401,11 +407,12 @@ class Trainer:
             self._write_checkpoint(staging, epoch, batch, step)
             publish_dir(staging, final, is_ours=is_checkpoint, overwrite=True)
         for old in self._checkpoints()[: -self.keep_checkpoints]:
-            shutil.rmtree(old)
+            remove_dir(old)  # renamed aside and marked first: a kill half-way leaves nothing anonymous
         logger.info("checkpoint %s (epoch %d, batch %d)", final, epoch, batch)
         return final
 
     def _checkpoints(self):
+        recover_replacements(self.checkpoint_dir())  # what a killed run left: staged or half-deleted checkpoints
         return list_checkpoints(self.checkpoint_dir())
 
     def _write_checkpoint(self, staging, epoch, batch, step):
