@@ -206,9 +206,9 @@ if pause_at in ("between_renames", "deleting_old"):
         real_rename(a, b)
         if pause_at == "between_renames" and ".old." in str(b):  # the target renamed aside
             pause()
-    def unlink(path):
-        real_unlink(path)
-        if pause_at == "deleting_old" and ".old." in str(path):
+    def unlink(path, *args, **kwargs):
+        real_unlink(path, *args, **kwargs)
+        if pause_at == "deleting_old" and (".old." in str(path) or kwargs.get("dir_fd") is not None):
             pause()
     fu.os.rename, fu.os.unlink = rename, unlink
 fu.replace_dir(target, write, is_ours=lambda p: (p / "config.json").is_file())
