@@ -271,3 +271,29 @@ def test_torchvision_and_transformers_torch_models_after_the_library_do_not_cras
     assert "triton" in sys.modules  # conftest imported torchvision (and triton) first
     kept = sys.modules["triton"]
     assert keep_triton_out() is False and sys.modules["triton"] is kept
+
+
+def test_tensorflows_cache_temporaries_of_dead_processes_are_removed(tmp_path, monkeypatch):
+    """A process killed while TensorFlow wrote a cache entry (or whose write failed on a full disk) leaves
+    ``<entry>.pb<host>-<thread>-<pid>-<time>.tmp`` in our key folder; the next process's `enable` removes it.
+    A live process's, another machine's, and anything that is not such a temporary stay."""
+    import socket
+    import subprocess
+
+    monkeypatch.delitem(sys.modules, "tensorflow", raising=False)
+    monkeypatch.setenv("IMAGE_CAPTIONING_HOME", str(tmp_path / "home"))
+    for name in ("TF_XLA_FLAGS", "IMAGE_CAPTIONING_XLA_CACHE_DIR", "IMAGE_CAPTIONING_XLA_CACHE"):
+        monkeypatch.delenv(name, raising=False)
+    key_dir = tmp_path / "home" / "xla_cache" / compile_cache.cache_key()
+    key_dir.mkdir(parents=True)
+    dead = int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                              text=True, check=True).stdout)
+    host, entry = socket.gethostname(), "xla_compile_cache__57423201__28653714__XLA_CPU_JIT"
+    stale = key_dir / f"{entry}.pb{host}-e9ef46e003d73e2b-{dead}-661daae5ac8d5.tmp"
+    kept = [key_dir / f"{entry}.pb{host}-e9ef46e003d73e2b-{os.getppid()}-661daae5ac8d5.tmp",  # alive
+            key_dir / f"{entry}.pbelsewhere-e9ef46e003d73e2b-{dead}-661daae5ac8d5.tmp",  # another machine's
+            key_dir / f"{entry}.pb"]
+    for path in [stale, *kept]:
+        path.write_bytes(b"")
+    assert compile_cache.enable() == key_dir
+    assert not stale.exists() and all(p.exists() for p in kept)

@@ -434,6 +434,11 @@ def _pid_alive(name) -> bool:
     pid = int(name.rsplit("~w", 1)[1].split("-", 1)[0])
     if pid == os.getpid():
         return False  # this process: its own live writers hold the lock (threads included)
+    return process_alive(pid)
+
+
+def process_alive(pid) -> bool:
+    """Whether a process with id ``pid`` exists on this machine (ours or another user's)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
