@@ -252,7 +252,7 @@ def staging_dir(target):
         yield staging
     finally:
         try:
-            if os.path.lexists(staging) and _read_marker(staging) is not None:
+            if os.path.lexists(staging):  # not published: made by this call, so ours (marker or not)
                 _remove_marked_dir(staging)
         finally:
             if fd is not None:

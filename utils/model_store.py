@@ -73,5 +73,7 @@ def recover_model_dir(directory) -> Path:
     back) and removing the temporaries of dead writers beside it. Called wherever a model folder is resolved
     or loaded, so a kill -9 during a save never leaves "unknown model" behind."""
     directory = Path(directory)
-    recover_replacements(directory.parent, directory.name)
+    absolute = Path(os.path.abspath(directory))  # "." and "runs/x/.." name their folder too
+    if absolute.name:
+        recover_replacements(absolute.parent, absolute.name)
     return directory
