@@ -41,7 +41,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 TINY_GPT2 = dict(n_positions=48, n_embd=64, n_layer=2, n_head=4)
-STALE = re.compile(r"^\..*\.tmp$|^\..*\.old\..*|.*\.lock$")
+IMAGES_PER_RUN = 16
+#: a killed writer's leftovers: hidden temporaries and previous copies, lock files, TensorFlow's cache temporaries
+STALE = re.compile(r"^\..*\.tmp$|^\..*\.old\..*|.*\.lock$|^xla_compile_cache__.*\.tmp$")
 
 
 def cpu_line() -> str:
@@ -72,14 +74,15 @@ def stale_entries(*roots):
 
 
 # ------------------------------------------------------------------------------------------------- set-up
-def build_inputs(tmp):
+def build_inputs(tmp, kills):
     """The tiny model's source files, images to caption, and the training embeddings + tokenizer."""
     from datasets.synthetic_shapes import make_shapes_dataset, train_shapes_tokenizer
     from main import main as cli
     from unitest.tiny_models import build_tiny_files
 
     files = build_tiny_files(tmp / "tiny")
-    images = make_shapes_dataset(tmp / "shapes" / "caption", num_images=24, seed=2, image_size=32).images
+    images = make_shapes_dataset(tmp / "shapes" / "caption", num_images=IMAGES_PER_RUN * (kills + 3), seed=2,
+                                 image_size=32).images
     make_shapes_dataset(tmp / "shapes" / "train", num_images=80, seed=0, image_size=32)
     tokenizer = train_shapes_tokenizer(tmp / "shapes_tokenizer_src")
     tokenizer.save_pretrained(str(tmp / "shapes_tokenizer"))
@@ -95,8 +98,14 @@ class Command:
     def __init__(self, name, argv, watch):
         self.name, self.argv, self.watch = name, argv, watch
 
+    #: where the kills start, as a fraction of the run's first write (convert, train: start-up only imports)
+    window_start = 0.9
+
     def phase(self, before):
         raise NotImplementedError
+
+    def prepare(self, finished):
+        """Set ``argv`` for the next run (``finished``: whether the previous one ended by itself)."""
 
     def active(self):
         """Whether a run has made its first write (the kills are spread from there to the run's end)."""
@@ -139,7 +148,7 @@ def _replacement_phase(folder, name, target_exists):
 class Convert(Command):
     def __init__(self, files, home):
         super().__init__("convert", ["convert", str(files["checkpoint"]), "--clip", str(files["clip"]),
-                                     "--tokenizer", str(files["tokenizer"]), "--name", "m", "--overwrite"], home)
+                                     "--tokenizer", str(files["tokenizer"]), "--name", "m", "--overwrite"], (home,))
         self.home = home
 
     def active(self):
@@ -155,9 +164,11 @@ class Convert(Command):
 
 
 class Caption(Command):
+    window_start = 0.0  # map.json is written at the end: kills spread over loading and captioning
+
     def __init__(self, images, home, out):
         super().__init__("caption", ["caption", *images, "--model", "m", "--output-dir", str(out),
-                                     "--batch-size", "4", "--no-progress"], out)
+                                     "--batch-size", "4", "--no-progress"], (out, home))
         self.out, self.images = out, images
 
     def active(self):
@@ -188,12 +199,11 @@ class Caption(Command):
             failures.append(f"map.json lost {len(snapshot - now)} entries")
         return failures
 
-    def reset(self):
-        """A fresh output for the next run (so that each run has work to do)."""
-        from utils.file_utils import file_lock
-
-        with file_lock(self.out / "map.json"):
-            (self.out / "map.json").unlink(missing_ok=True)
+    def prepare(self, finished):
+        """The next run captions images no run has captioned (its work is real; earlier entries must stay)."""
+        self.batch = getattr(self, "batch", -1) + 1
+        chunk = self.images[self.batch * IMAGES_PER_RUN:(self.batch + 1) * IMAGES_PER_RUN]
+        self.argv = ["caption", *chunk, *self.argv[self.argv.index("--model"):]]
 
 
 class Train(Command):
@@ -203,14 +213,16 @@ class Train(Command):
                      json.dumps(TINY_GPT2), "--clip", str(clip), "--epochs", "3", "--batch-size", "10",
                      "--lr", "1e-3", "--warmup-steps", "5", "--prefix-length", "4", "--checkpoint-every-steps",
                      "4", "--no-progress"]
-        super().__init__("train", self.base + ["--output", str(self.run_dir())], runs)
+        super().__init__("train", self.base + ["--output", str(self.run_dir())], (runs,))
 
     def run_dir(self):
         return self.runs / f"run{self.run_index}"
 
-    def next_run(self):
-        self.run_index += 1
-        self.argv = self.base + ["--output", str(self.run_dir())]
+    def prepare(self, finished):
+        """A finished run: the next one starts a new run folder; a killed one: the next resumes it."""
+        if finished:
+            self.run_index += 1
+            self.argv = self.base + ["--output", str(self.run_dir())]
 
     def active(self):
         return (self.run_dir() / "checkpoints").exists()
@@ -246,8 +258,6 @@ class Train(Command):
             failures.append(f"checkpoint {snapshot} lost")
         if (self.run_dir() / "model").exists() or exit_code == 0:
             failures += _loads(str(self.run_dir() / "model"))
-            if exit_code == 0:
-                self.next_run()  # finished: the next kills hit a new run
         return failures
 
 
@@ -295,27 +305,30 @@ def run_to_end(command, env, tmp, tag, timeout):
 
 def kill_series(command, kills, env, tmp, rng, timeout, stats):
     """Time one run, then ``kills`` runs killed at random points; fills ``stats``."""
+    command.prepare(True)
     run_to_end(command, env, tmp, f"{command.name}-cold", timeout)  # compiles: the cache makes later runs faster
-    if hasattr(command, "reset"):
-        command.reset()
+    command.prepare(True)
     first_write, duration = run_to_end(command, env, tmp, f"{command.name}-first", timeout)
     stats["duration"], stats["first_write"] = duration, first_write
     stats["runs"] += 2
-    if hasattr(command, "reset"):
-        command.reset()
+    finished = True
     for i in range(kills):
         tag = f"{command.name}-{i}"
+        command.prepare(finished)
         proc = start(command.argv, env, tmp, tag)
+        t0, started = time.monotonic(), time.time()
         # spread over the part of the run that works and writes (the start-up only imports), a little beyond
-        delay = rng.uniform(min(0.9 * first_write, 0.5 * duration), duration * 1.05)
-        started = time.time()
+        delay = rng.uniform(command.window_start * first_write, duration * 1.05)
         deadline = time.monotonic() + delay
         snapshot = command.snapshot()
         while time.monotonic() < deadline and proc.poll() is None:
             time.sleep(0.01)
             snapshot = command.snapshot()  # what was finished just before the kill
         finished = proc.poll() is not None
-        if not finished:
+        if finished:  # a busy machine makes run times vary: aim the next kills within this shorter run
+            duration = min(duration, time.monotonic() - t0)
+            first_write = min(first_write, duration)
+        else:
             proc.send_signal(signal.SIGKILL)
         code = proc.wait(timeout)
         printed = (tmp / f"{tag}.out").stat().st_size > 0
@@ -327,12 +340,11 @@ def kill_series(command, kills, env, tmp, rng, timeout, stats):
             stats["failures"][f"exit {code} without a kill"] += 1
         for failure in command.check(snapshot, code if finished else None):
             stats["failures"][failure] += 1
-        if hasattr(command, "reset") and rng.random() < 0.5:
-            command.reset()
     # the next run, to completion: after it nothing of the killed runs may be left
+    command.prepare(finished)
     run_to_end(command, env, tmp, f"{command.name}-last", timeout)
     stats["runs"] += 1
-    for path in stale_entries(command.watch):
+    for path in stale_entries(*command.watch):
         stats["failures"][f"stale after the next run: {Path(path).name}"] += 1
 
 
@@ -354,7 +366,7 @@ def main(argv=None):
         os.environ["IMAGE_CAPTIONING_HOME"] = str(home)  # this process's loads read the same store
         env = {**os.environ, "IMAGE_CAPTIONING_OFFLINE": "1"}
         print("building the tiny model, images and training embeddings ...", flush=True)
-        files, images, embeddings, tokenizer_dir, _ = build_inputs(tmp)
+        files, images, embeddings, tokenizer_dir, _ = build_inputs(tmp, args.kills)
         commands = {"convert": Convert(files, home), "caption": Caption(images, home, tmp / "out"),
                     "train": Train(embeddings, tokenizer_dir, files["clip"], tmp / "runs")}
         if "convert" not in args.commands:
