@@ -150,6 +150,7 @@ def atomic_open(path, mode="w", encoding="utf-8", newline=None):
 PARTIAL_MARKER = ".image_captioning.partial"
 _LIBRARY = "image_captioning"
 _MARKER_MAX_BYTES = 4096
+_STATES = ("writing", "complete", "old", "trash")
 #: ``.<target>.<pid>-<random>.tmp`` (staging) and ``.<target>.old.<pid>-<random>`` (previous copy or trash)
 _STAGING_RE = re.compile(r"\.(?P<target>.+)\.\d+-[A-Za-z0-9_]+\.tmp")
 _OLD_RE = re.compile(r"\.(?P<target>.+)\.old\.\d+-[A-Za-z0-9_]+")
@@ -202,9 +203,6 @@ def _read_marker(directory):
             or not isinstance(marker.get("target"), str) or marker.get("state") not in _STATES):
         return None
     return marker
-
-
-_STATES = ("writing", "complete", "old", "trash")
 
 
 def _unique_sibling(target, kind):
@@ -415,7 +413,11 @@ def _recover_target(target, partials, done):
 
 def _drop_stale_target_marker(target):
     """Remove a marker that a killed writer left inside a live ``target`` (killed just after marking it "old",
-    or just after publishing it): only our marker for that target, when no live writer holds the folder."""
+    or just after publishing it): only our marker for that target, when no live writer holds the folder; and
+    the temporary of a marker write killed half-way."""
+    target = Path(target)
+    if not target.is_symlink() and target.is_dir():
+        _remove_stale_temp_files(target, _temp_file_entries(target / PARTIAL_MARKER), {"removed": []})
     if _read_marker(target) is None or _read_marker(target)["target"] != Path(target).name:
         return
     fd = _open_dir_locked(target, blocking=False)
