@@ -48,7 +48,6 @@ import contextlib
 import json
 import logging
 import os
-import shutil
 import time
 from pathlib import Path
 
@@ -80,6 +79,8 @@ from utils.file_utils import (  # noqa: E402
     describe_kind,
     publish_dir,
     read_json,
+    recover_replacements,
+    remove_dir,
     staging_dir,
 )
 
@@ -519,11 +520,12 @@ class Trainer:
             self._write_checkpoint(staging, epoch, batch, step)
             publish_dir(staging, final, is_ours=is_checkpoint, overwrite=True)
         for old in self._checkpoints()[: -self.keep_checkpoints]:
-            shutil.rmtree(old)
+            remove_dir(old)  # renamed aside and marked first: a kill half-way leaves nothing anonymous
         logger.info("checkpoint %s (epoch %d, batch %d)", final, epoch, batch)
         return final
 
     def _checkpoints(self):
+        recover_replacements(self.checkpoint_dir())  # what a killed run left: staged or half-deleted checkpoints
         return list_checkpoints(self.checkpoint_dir())
 
     def _write_checkpoint(self, staging, epoch, batch, step):

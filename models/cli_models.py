@@ -8,6 +8,7 @@ Example::
     model, code = model_or_exit_code(args.model)     # (ClipCap, None) or (None, 2 | 3) with the error printed
 """
 
+import contextlib
 import logging
 import os
 
@@ -22,8 +23,10 @@ def resolve_model_dir(name_or_dir, download=True):
     """The saved model a ``--model`` value names: a directory as given (``.`` too), a saved name in the model
     store (`utils.model_store.model_dir`), or an official name (downloaded and converted once when
     ``download``, else returned as the name); `UnknownModelError` if it is none of them."""
-    from utils.model_store import home_dir, is_saved_model, model_dir, saved_model_dir
+    from utils.model_store import home_dir, is_saved_model, model_dir, recover_model_dir, saved_model_dir
 
+    with contextlib.suppress(ValueError):
+        recover_model_dir(model_dir(name_or_dir))  # a save killed half-way: finished or rolled back first
     if os.path.isdir(name_or_dir):
         return os.path.abspath(name_or_dir)  # also what every worker of a distributed job reads
     try:

@@ -200,3 +200,44 @@ def test_reads_from_other_file_systems_are_bounded(tmp_path):
         beam_inference.load_pixels(readable(len(data)), capped)
     with pytest.raises(ImageReadError, match="more than"):  # a size the metadata does not tell
         beam_inference.load_pixels(readable(None), capped)
+
+
+class _Stop(Exception):
+    pass
+
+
+def test_a_killed_jobs_sink_folders_are_removed_by_the_next_job_and_a_live_job_is_not_disturbed(tmp_path,
+                                                                                              monkeypatch):
+    """A batch killed with SIGKILL leaves Beam's ``beam-temp-<prefix>-<uuid>`` folders; the next job on that prefix
+    removes them (only those: another prefix's, or a folder of another shape, stay); a second job on a prefix
+    that a live job holds is refused."""
+    import uuid
+
+    from utils.file_utils import UnsafePathError, file_lock
+
+    out = tmp_path / "out" / "captions"
+    out.parent.mkdir()
+    stale = out.parent / f"beam-temp-captions-{uuid.uuid1().hex}"  # what the sink of a killed job left
+    stale.mkdir()
+    (stale / f"{uuid.uuid4()}.jsonl").write_text('{"image": "a.jpg"}\n')
+    keep = [out.parent / f"beam-temp-other-{uuid.uuid1().hex}", out.parent / "beam-temp-captions-notes",
+            out.parent / f"beam-temp-captions-{uuid.uuid1().hex}"]
+    for k in keep:
+        k.mkdir()
+    (keep[2] / "sub").mkdir()  # not the sink's flat layout
+    seen = {}
+
+    def pipeline_stub(*args, **kwargs):
+        seen["stale"] = stale.exists()
+        raise _Stop
+
+    monkeypatch.setattr(beam_inference, "caption_pipeline", pipeline_stub)
+    with file_lock(out):  # a live job on this prefix
+        with pytest.raises(UnsafePathError, match="another batch job"):
+            beam_inference.run_batch(["x.jpg"], "model", str(out))
+    assert stale.exists()
+    with pytest.raises(_Stop):
+        beam_inference.run_batch(["x.jpg"], "model", str(out))
+    assert seen == {"stale": False}
+    assert all(k.exists() for k in keep)
+    assert not (out.parent / "captions.lock").exists()

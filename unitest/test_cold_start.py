@@ -129,9 +129,10 @@ def test_cache_command_clears_only_our_files(tmp_path, monkeypatch, capsys):
 
 
 def _break_weights(model_dir):
-    """Truncate every file of a saved model but config.json: any attempt to load it fails."""
+    """Truncate every file of a saved model but config.json and metadata.json (its name and identity, all that
+    an answer from map.json reads): any attempt to load it fails."""
     for path in Path(model_dir).rglob("*"):
-        if path.is_file() and path.name != "config.json":
+        if path.is_file() and path.relative_to(model_dir).as_posix() not in ("config.json", "metadata.json"):
             path.write_bytes(b"\0")
 
 
@@ -166,7 +167,10 @@ def test_rerun_answers_from_map_without_loading_the_model(tiny_model, tmp_path, 
                     [str(ROOT / "demo" / "cat.jpg")]):
         assert main.main([*argv, *changed]) == 3, changed  # needs the model, which cannot load
         assert "cannot load model" in capsys.readouterr().err
-    os.utime(images / "cat.jpg", ns=(1, 1))  # the file changed since: captioned again
+    os.utime(images / "cat.jpg", ns=(1, 1))  # touched, same bytes: still answered (freshness is by content)
+    assert main.main(argv) == 0
+    capsys.readouterr()
+    shutil.copy(ROOT / "demo" / "coffee.jpg", images / "cat.jpg")  # other bytes since: captioned again
     assert main.main(argv) == 3
     capsys.readouterr()
 
@@ -301,3 +305,29 @@ def test_captions_with_a_store_that_cannot_be_written(tiny_model, tmp_path):
     assert len(result.stdout.splitlines()) == 3
     assert result.stderr.count("the compile cache cannot be written") == 1, result.stderr
     assert (tmp_path / "store").read_text() == "not a folder"
+
+
+def test_tensorflows_cache_temporaries_of_dead_processes_are_removed(tmp_path, monkeypatch):
+    """A process killed while TensorFlow wrote a cache entry (or whose write failed on a full disk) leaves
+    ``<entry>.pb<host>-<thread>-<pid>-<time>.tmp`` in our key folder; the next process's `enable` removes it.
+    A live process's, another machine's, and anything that is not such a temporary stay."""
+    import socket
+    import subprocess
+
+    monkeypatch.delitem(sys.modules, "tensorflow", raising=False)
+    monkeypatch.setenv("IMAGE_CAPTIONING_HOME", str(tmp_path / "home"))
+    for name in ("TF_XLA_FLAGS", "IMAGE_CAPTIONING_XLA_CACHE_DIR", "IMAGE_CAPTIONING_XLA_CACHE"):
+        monkeypatch.delenv(name, raising=False)
+    key_dir = tmp_path / "home" / "xla_cache" / compile_cache.cache_key()
+    key_dir.mkdir(parents=True)
+    dead = int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                              text=True, check=True).stdout)
+    host, entry = socket.gethostname(), "xla_compile_cache__57423201__28653714__XLA_CPU_JIT"
+    stale = key_dir / f"{entry}.pb{host}-e9ef46e003d73e2b-{dead}-661daae5ac8d5.tmp"
+    kept = [key_dir / f"{entry}.pb{host}-e9ef46e003d73e2b-{os.getppid()}-661daae5ac8d5.tmp",  # alive
+            key_dir / f"{entry}.pbelsewhere-e9ef46e003d73e2b-{dead}-661daae5ac8d5.tmp",  # another machine's
+            key_dir / f"{entry}.pb"]
+    for path in [stale, *kept]:
+        path.write_bytes(b"")
+    assert compile_cache.enable() == key_dir
+    assert not stale.exists() and all(p.exists() for p in kept)

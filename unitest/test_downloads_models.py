@@ -58,6 +58,19 @@ def test_offline_error_names_file_and_place(server, tmp_path, monkeypatch):
     assert server.requests == []
 
 
+def test_a_failed_offline_attempt_leaves_no_lock_files(server, tmp_path, monkeypatch):
+    """`caption --model coco` offline fails with the list of missing files, and leaves the store as it was: no
+    ``<store>/coco.lock``, no ``downloads/*.lock`` (each lock file is deleted by its holder on release)."""
+    import huggingface_hub.constants
+
+    monkeypatch.setenv(downloads.OFFLINE_ENV, "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hf_cache"))
+    with pytest.raises(OfflineError):
+        get_pretrained(ClipCap, "coco", root=tmp_path / "store", progress=False)
+    assert [p for p in (tmp_path / "store").rglob("*") if p.name.endswith(".lock")] == []
+
+
+
 def test_names_and_listing(tmp_path):
     assert presets.resolve_model("coco_transformer").clip == "RN50x4"
     with pytest.raises(KeyError, match="known ClipCap models: coco, conceptual, coco_transformer"):

@@ -1,20 +1,30 @@
 """The safety helpers every write, replace, lock and read of the library goes through."""
 
+import fcntl
 import json
 import multiprocessing
 import os
+import shutil
+import signal
 import stat
+import subprocess
+import sys
 import threading
+import time
+from pathlib import Path
 
 import pytest
 
 from utils.file_utils import (
+    PARTIAL_MARKER,
     UnsafePathError,
     atomic_write,
     check_model_name,
+    check_replaceable,
     file_lock,
     path_problem,
     read_regular_file,
+    recover_replacements,
     replace_dir,
     write_json_atomic,
 )
@@ -245,3 +255,195 @@ def test_check_writable_dir(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="no space left on the device") as info:
         check_writable_dir(tmp_path)
     assert info.value.errno == errno.ENOSPC
+
+
+# ------------------------------------------------------------------------------- kill -9 during a replacement
+# A writer killed (SIGKILL) at any point of `replace_dir` leaves a state that the next run touching the folder
+# finishes or rolls back; stale temporaries of dead writers are removed; live writers and foreign folders are
+# never touched. The child processes below pause at a chosen point (a patched function signals, then sleeps)
+# and are killed there: the states are those of a real kill, reached deterministically.
+
+ROOT = Path(__file__).resolve().parents[1]
+
+_CHILD = r'''
+import os, sys, time
+from pathlib import Path
+import utils.file_utils as fu
+
+target, pause_at, signal_file = Path(sys.argv[1]), sys.argv[2], Path(sys.argv[3])
+
+def pause():
+    signal_file.write_text("paused")
+    time.sleep(600)
+
+def write(staging):
+    (staging / "config.json").write_text("new")
+    (staging / "weights").write_bytes(b"n" * 1000)
+    if pause_at == "write":
+        pause()
+
+if pause_at in ("between_renames", "deleting_old"):
+    real_rename, real_unlink = os.rename, os.unlink
+    def rename(a, b):
+        real_rename(a, b)
+        if pause_at == "between_renames" and ".old." in str(b):  # the target renamed aside
+            pause()
+    def unlink(path, *args, **kwargs):
+        real_unlink(path, *args, **kwargs)
+        if pause_at == "deleting_old" and (".old." in str(path) or kwargs.get("dir_fd") is not None):
+            pause()
+    fu.os.rename, fu.os.unlink = rename, unlink
+fu.replace_dir(target, write, is_ours=lambda p: (p / "config.json").is_file())
+'''
+
+
+def _start_paused_writer(target, pause_at, tmp_path):
+    """A child process replacing ``target``, paused at ``pause_at``; returns it once it is there."""
+    signal_file = tmp_path / f"paused-{pause_at}"
+    child = subprocess.Popen([sys.executable, "-c", _CHILD, str(target), pause_at, str(signal_file)], cwd=ROOT,
+                             env={**os.environ, "PYTHONPATH": str(ROOT)})
+    deadline = time.monotonic() + 60
+    while not signal_file.exists():
+        assert child.poll() is None and time.monotonic() < deadline, "the writer did not reach its pause"
+        time.sleep(0.02)
+    return child
+
+
+def _kill(child):
+    child.send_signal(signal.SIGKILL)
+    child.wait(30)
+
+
+def _old_model(tmp_path):
+    target = tmp_path / "m"
+    target.mkdir()
+    (target / "config.json").write_text("old")
+    (target / "weights").write_bytes(b"o" * 1000)
+    return target
+
+
+def test_a_writer_killed_between_the_two_renames_is_finished_by_the_next_run(tmp_path):
+    target = _old_model(tmp_path)
+    child = _start_paused_writer(target, "between_renames", tmp_path)
+    assert not target.exists()  # the window of the kill: the old copy aside, the new one not yet in place
+    assert recover_replacements(tmp_path, "m") == {"published": [], "restored": [], "removed": []}  # alive
+    assert len(list(tmp_path.glob(".m.*"))) == 2
+    _kill(child)
+    done = recover_replacements(tmp_path, "m")
+    assert done["published"] == [str(target)]
+    assert (target / "config.json").read_text() == "new"
+    assert sorted(p.name for p in target.iterdir()) == ["config.json", "weights"]  # no marker in a published folder
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".m")) == []
+
+
+def test_a_writer_killed_while_writing_leaks_nothing_and_keeps_the_old_copy(tmp_path):
+    target = _old_model(tmp_path)
+    _kill(_start_paused_writer(target, "write", tmp_path))
+    assert len(list(tmp_path.glob(".m.*.tmp"))) == 1  # the staged copy of the dead writer
+    replace_dir(target, _write, is_ours=_ours)  # the next save removes it
+    assert (target / "weights").read_text() == "new"
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".m")] == []
+
+
+def test_a_writer_killed_while_deleting_the_old_copy_leaves_it_to_the_next_run(tmp_path):
+    target = _old_model(tmp_path)
+    _kill(_start_paused_writer(target, "deleting_old", tmp_path))
+    assert (target / "config.json").read_text() == "new"
+    assert len(list(tmp_path.glob(".m.old.*"))) == 1  # half deleted
+    check_replaceable(target, _ours)  # any run touching the folder (here: the check before a save)
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".m")] == []
+    assert sorted(p.name for p in target.iterdir()) == ["config.json", "weights"]
+
+
+def _mark(directory, target, state):
+    directory.mkdir()
+    (directory / "config.json").write_text(state)
+    (directory / PARTIAL_MARKER).write_text(json.dumps({"library": "image_captioning", "target": target,
+                                                        "state": state, "pid": 1}))
+    return directory
+
+
+def test_recovery_rolls_back_when_no_complete_copy_exists(tmp_path):
+    _mark(tmp_path / ".m.12-ab.tmp", "m", "writing")
+    _mark(tmp_path / ".m.old.12-cd", "m", "old")
+    done = recover_replacements(tmp_path)
+    assert done["restored"] == [str(tmp_path / "m")]
+    assert (tmp_path / "m" / "config.json").read_text() == "old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]
+    assert sorted(p.name for p in (tmp_path / "m").iterdir()) == ["config.json"]
+
+
+def test_recovery_never_touches_foreign_folders_or_a_live_writer(tmp_path):
+    foreign = [tmp_path / ".m.12-ab.tmp", tmp_path / ".m.old.12-cd", tmp_path / ".m.13-ef.tmp",
+               tmp_path / ".m.14-gh.tmp", tmp_path / "m.old.12-cd", tmp_path / ".m.old.15-ij"]
+    foreign[0].mkdir()  # our name, no marker
+    (foreign[0] / "data").write_text("someone's")
+    foreign[1].mkdir()
+    _mark(foreign[2], "other", "complete")  # a marker for another target
+    foreign[3].mkdir()
+    (foreign[3] / PARTIAL_MARKER).write_text(json.dumps({"library": "elsewhere", "target": "m", "state": "writing"}))
+    _mark(foreign[4], "m", "old")  # our marker, not our name
+    os.symlink(tmp_path / "m.old.12-cd", foreign[5])  # a link named like ours
+    stray_file = tmp_path / ".map.json.12345.tmp"  # another tool's temporary, not atomic_open's pattern
+    stray_file.write_text("x")
+    recover_replacements(tmp_path)
+    assert all(os.path.lexists(p) for p in [*foreign, stray_file])
+    assert (foreign[0] / "data").read_text() == "someone's"
+    assert not (tmp_path / "m").exists()
+
+
+def test_recovery_skips_a_folder_whose_writer_holds_its_lock(tmp_path):
+    staged = _mark(tmp_path / ".m.12-ab.tmp", "m", "complete")
+    fd = os.open(staged, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)  # as its (live) writer does
+        assert recover_replacements(tmp_path)["published"] == []
+        assert staged.is_dir()
+    finally:
+        os.close(fd)
+    assert recover_replacements(tmp_path)["published"] == [str(tmp_path / "m")]
+
+
+def test_stale_atomic_write_temporaries_are_removed_by_the_next_write(tmp_path):
+    path = tmp_path / "map.json"
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True, check=True).stdout.strip()
+    stale = tmp_path / f".map.json.~w{dead}-abc123.tmp"
+    stale.write_text("half")
+    live = tmp_path / f".map.json.~w{os.getppid()}-def456.tmp"  # a live process's (its pid exists)
+    live.write_text("being written")
+    write_json_atomic(path, {"a": 1})
+    assert not stale.exists() and live.exists()
+
+
+def test_file_lock_leaves_no_lock_file_and_still_excludes(tmp_path):
+    path = tmp_path / "shared.json"
+    with file_lock(path):
+        assert (tmp_path / "shared.json.lock").exists()
+        with pytest.raises(TimeoutError):
+            with file_lock(path, timeout=0.1):
+                pass
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+    # a holder killed with the lock: the kernel released it; the next locker takes it and cleans up
+    (tmp_path / "shared.json.lock").write_text("")
+    with file_lock(path, timeout=1):
+        pass
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_a_model_replaced_by_a_killed_save_still_loads_by_name(tiny_model_dir, tmp_path, monkeypatch):
+    from models.cli_models import resolve_model_dir
+    from models.image_captioning.clip_cap import ClipCap
+
+    store = tmp_path / "home"
+    monkeypatch.setenv("IMAGE_CAPTIONING_HOME", str(store))
+    staged = store / ".m.12-ab.tmp"  # the new copy, complete; the previous one renamed aside: then kill -9
+    shutil.copytree(tiny_model_dir, staged)
+    (staged / PARTIAL_MARKER).write_text(json.dumps({"library": "image_captioning", "target": "m",
+                                                     "state": "complete", "pid": 1}))
+    shutil.copytree(tiny_model_dir, store / ".m.old.12-cd")
+    (store / ".m.old.12-cd" / PARTIAL_MARKER).write_text(json.dumps({"library": "image_captioning", "target": "m",
+                                                                    "state": "old", "pid": 1}))
+    assert resolve_model_dir("m", download=False) == str(store / "m")
+    assert ClipCap.load("m").generate  # loads
+    assert sorted(p.name for p in store.iterdir()) == ["m"]

@@ -31,6 +31,8 @@ from utils.weights_io import (
     variables_to_be_loaded,
 )
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
 
 def small_model(seed=0):
     """Dense (random kernel, zero bias) -> LayerNorm (ones, zeros) -> Dense: 6 weights, every Keras kind."""
@@ -371,3 +373,50 @@ def test_the_index_pairs_variables_like_keras_and_a_wrong_index_falls_back_to_ke
     load_weights_strict(walked, path)
     for a, b in zip(walked.weights, reference.weights, strict=True):
         np.testing.assert_array_equal(a.numpy(), b.numpy())
+
+
+_FULL_DISK_CHILD = r"""
+import json, os, resource, signal, sys
+sys.path.insert(0, sys.argv[1])
+os.environ["CUDA_VISIBLE_DEVICES"] = "-1"
+import keras
+from utils.weights_io import save_weights
+
+model = keras.Sequential([keras.Input((300,)), keras.layers.Dense(300), keras.layers.Dense(300)])
+out = {}
+for case, path in (("full", sys.argv[2]), ("limit", sys.argv[3])):
+    if case == "limit":  # the file-size limit is hit half-way, as a disk filling up while writing
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, 100_000))
+    try:
+        save_weights(model, path)
+        out[case] = None
+    except BaseException as e:
+        out[case] = [type(e).__name__, getattr(e, "errno", None), str(e)]
+print("RESULT" + json.dumps(out))
+"""
+
+
+def test_a_weights_file_that_cannot_be_written_gets_a_clear_os_error(tmp_path):
+    """A full disk (``/dev/full``: every write fails with ENOSPC) and a limit reached half-way (RLIMIT_FSIZE:
+    EFBIG, where closing the half-written file fails again with HDF5's "Can't decrement id ref count", which
+    used to be the whole message): an OSError with the error number, naming the file and the cause. Run in a
+    child process (the file-size limit would stay for the session)."""
+    import subprocess
+
+    if not os.path.exists("/dev/full"):
+        pytest.skip("no /dev/full")
+    full = tmp_path / "full.weights.h5"
+    os.symlink("/dev/full", full)
+    limit = tmp_path / "limit.weights.h5"
+    result = subprocess.run([sys.executable, "-c", _FULL_DISK_CHILD, str(ROOT), str(full), str(limit)],
+                            capture_output=True, text=True, timeout=300)
+    line = [x for x in result.stdout.splitlines() if x.startswith("RESULT")]
+    assert line, result.stderr[-3000:]
+    out = json.loads(line[0][len("RESULT"):])
+    kind, code, message = out["full"]
+    assert (kind, code) == ("OSError", 28) and message.startswith(f"[Errno 28] cannot write the weights file {full}: "
+                                                                   "no space left on device"), message
+    assert "\n" not in message
+    kind, code, message = out["limit"]
+    assert (kind, code) == ("OSError", 27) and str(limit) in message and "Can't decrement" not in message, message

@@ -35,12 +35,14 @@ Example::
     import tensorflow as tf                # compiled programs now persist in compile_cache.cache_dir()
 """
 
+import contextlib
 import hashlib
 import json
 import logging
 import os
 import platform
 import re
+import socket
 import sys
 from pathlib import Path
 
@@ -65,6 +67,8 @@ _SOURCE_DIRS = ("custom_architectures", "custom_layers", "models", "utils")
 _KEY_RE = re.compile(r"[0-9a-f]{16}")
 #: files TensorFlow writes in a key folder: entries, and the temporary files it renames into them
 _ENTRY_RE = re.compile(r"xla_compile_cache__.*")
+#: TensorFlow's temporary file for an entry (tsl ``Env::CreateUniqueFileName``): host, thread, pid, microseconds
+_TEMP_RE = re.compile(r"xla_compile_cache__[\w]+\.pb(?P<host>.+)-[0-9a-f]+-(?P<pid>\d+)-[0-9a-f]+\.tmp")
 _OFF = ("0", "false", "no", "off")
 
 
@@ -178,6 +182,7 @@ def enable(home=None):
     own = [f"{FLAG}={directory}", *([READ_ONLY_FLAG] if problem is not None else [])]
     os.environ[FLAGS_ENV] = " ".join([*flags.split(), *own])
     os.environ[_OURS_ENV] = str(directory)
+    remove_stale_temporaries(directory)
     return directory
 
 
@@ -191,6 +196,28 @@ def unwritable(directory):
     except OSError as e:
         return str(e)
     return None
+
+
+def remove_stale_temporaries(directory) -> list:
+    """Delete the temporary files that TensorFlow's cache writers left in our key folder ``directory`` when they
+    died (kill -9, or a full disk that failed the write): ``<entry>.pb<host>-<thread>-<pid>-<time>.tmp`` of this
+    machine whose process no longer exists. A live writer's (its pid exists) and anything else stay. Returns
+    the paths removed."""
+    from utils.file_utils import process_alive
+
+    directory, removed = Path(directory), []
+    if directory.is_symlink() or not directory.is_dir() or not _KEY_RE.fullmatch(directory.name):
+        return removed
+    host = socket.gethostname()
+    for entry in os.scandir(directory):
+        match = _TEMP_RE.fullmatch(entry.name)
+        if (match is None or match.group("host") != host or not entry.is_file(follow_symlinks=False)
+                or process_alive(int(match.group("pid")))):
+            continue
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(entry.path)
+            removed.append(entry.path)
+    return removed
 
 
 def _is_key_dir(path: Path) -> bool:

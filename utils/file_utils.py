@@ -10,8 +10,12 @@ Every path the library writes, deletes or reads goes through these helpers, whic
 - **Folders** (`replace_dir`): a complete new folder is built beside the target and renamed into place; an
   existing target is replaced only when the caller proved it is one of ours (``is_ours``), otherwise
   `UnsafePathError`. Nothing is deleted that this library did not create.
-- **Locks** (`file_lock`): an inter-process lock (``filelock``, ``flock`` on POSIX) on ``<path>.lock``, so
-  concurrent runs can read-merge-write a shared file without losing each other's results.
+- **Locks** (`file_lock`): an inter-process lock (``flock`` on POSIX) on ``<path>.lock``, so concurrent runs
+  can read-merge-write a shared file without losing each other's results; the lock file is deleted on release.
+- **Crash recovery** (`recover_replacements`): every folder built beside a target or renamed aside carries a
+  marker and is ``flock``-ed by its writer; the next run that touches the target finishes (publishes a complete
+  staged copy) or rolls back (renames the previous copy back) a replacement whose writer was killed, and
+  removes the stale temporaries of dead writers: only entries named and marked as ours.
 - **Bounded reads** (`read_regular_file`): only regular files are read (a FIFO, device or socket gets its
   own error instead of blocking or reading forever), and never more than ``max_bytes``; JSON files through
   `read_json`, which also bounds their nesting (`MAX_JSON_DEPTH`: no RecursionError from a crafted file).
@@ -32,9 +36,15 @@ import re
 import shutil
 import stat
 import tempfile
+import time
 from pathlib import Path
 
 from filelock import FileLock, Timeout
+
+try:
+    import fcntl
+except ImportError:  # Windows
+    fcntl = None
 
 #: The default cap on the bytes read from one input file (images, lists of paths).
 DEFAULT_MAX_BYTES = 256 * 1024 * 1024
@@ -108,6 +118,14 @@ def write_json_atomic(path, data, indent=1):
     return atomic_write(path, json_text(data, indent=indent))
 
 
+def _temp_file_entries(path):
+    """The entries of ``path``'s folder that may be `atomic_open` temporaries of ``path``."""
+    try:
+        return [e for e in os.scandir(path.parent) if e.name.startswith(f".{path.name}.~w")]
+    except OSError:
+        return []
+
+
 @contextlib.contextmanager
 def atomic_open(path, mode="w", encoding="utf-8", newline=None):
     """An atomic write for writers that need a file object (``np.savez``, ``csv``): yields the temporary file,
@@ -120,8 +138,10 @@ def atomic_open(path, mode="w", encoding="utf-8", newline=None):
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    _remove_stale_temp_files(path.parent, _temp_file_entries(path), {"removed": []})
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.~w{os.getpid()}-", suffix=".tmp", dir=path.parent)
     try:
+        _lock_fd(fd)  # tells a later run that this temporary's writer is alive (`recover_replacements`)
         os.fchmod(fd, default_file_mode())
         text = {} if "b" in mode else {"encoding": encoding, "newline": newline}
         with os.fdopen(fd, mode, **text) as f:
@@ -135,44 +155,330 @@ def atomic_open(path, mode="w", encoding="utf-8", newline=None):
         raise
 
 
+#: The marker file inside every folder this library builds beside a target or renames aside: JSON saying whose
+#: it is (``library``), for which target (``target``) and in which state: "writing" (a staging folder being
+#: filled), "complete" (a staging folder ready to publish), "old" (the previous copy, renamed aside) or "trash"
+#: (a folder being deleted). Only folders carrying it are ever finished, rolled back or removed by recovery.
+PARTIAL_MARKER = ".image_captioning.partial"
+_LIBRARY = "image_captioning"
+_MARKER_MAX_BYTES = 4096
+_STATES = ("writing", "complete", "old", "trash")
+#: ``.<target>.<pid>-<random>.tmp`` (staging) and ``.<target>.old.<pid>-<random>`` (previous copy or trash)
+_STAGING_RE = re.compile(r"\.(?P<target>.+)\.\d+-[A-Za-z0-9_]+\.tmp")
+_OLD_RE = re.compile(r"\.(?P<target>.+)\.old\.\d+-[A-Za-z0-9_]+")
+#: atomic_open's temporaries: ``.<name>.~w<pid>-<random>.tmp``
+_TEMP_FILE_RE = re.compile(r"\.(?P<target>.+)\.~w\d+-[A-Za-z0-9_]+\.tmp")
+
+
+def _lock_fd(fd, blocking=True) -> bool:
+    """``flock`` an open descriptor (a folder's or a file's) exclusively; False when ``blocking`` is off and
+    another process holds it. The lock lives as long as the descriptor, follows the inode through renames
+    and dies with its process (kill -9 included): how recovery tells a live writer from a dead one."""
+    if fcntl is None:  # no flock (Windows): every writer is taken as alive, nothing is recovered
+        return blocking
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
+    except BlockingIOError:
+        return False
+    return True
+
+
+def _open_dir_locked(path, blocking=True):
+    """An open descriptor on folder ``path``, locked (`_lock_fd`), or None when busy or gone."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | getattr(os, "O_CLOEXEC", 0)
+                     | getattr(os, "O_NOFOLLOW", 0))
+    except OSError:
+        return None
+    if _lock_fd(fd, blocking):
+        return fd
+    os.close(fd)
+    return None
+
+
+def _write_marker(directory, target, state):
+    """Write (atomically) the `PARTIAL_MARKER` of ``directory``."""
+    atomic_write(Path(directory) / PARTIAL_MARKER,
+                 json.dumps({"library": _LIBRARY, "target": target, "state": state, "pid": os.getpid()}))
+
+
+def _read_marker(directory):
+    """The marker dict of ``directory`` (a real folder holding our marker as a small regular file), or None."""
+    directory = Path(directory)
+    if directory.is_symlink() or not directory.is_dir():
+        return None
+    try:
+        marker = json.loads(read_regular_file(directory / PARTIAL_MARKER, _MARKER_MAX_BYTES))
+    except (OSError, ValueError):
+        return None
+    if (not isinstance(marker, dict) or marker.get("library") != _LIBRARY
+            or not isinstance(marker.get("target"), str) or marker.get("state") not in _STATES):
+        return None
+    return marker
+
+
+def _unique_sibling(target, kind):
+    """A fresh unused name beside ``target``: ``.<name>.<pid>-<rnd>.tmp`` (kind "tmp") or
+    ``.<name>.old.<pid>-<rnd>`` (kind "old"); created as an empty folder (mkdtemp), so no one else takes it."""
+    target = Path(target)
+    prefix = f".{target.name}.{os.getpid()}-" if kind == "tmp" else f".{target.name}.old.{os.getpid()}-"
+    return Path(tempfile.mkdtemp(prefix=prefix, suffix=".tmp" if kind == "tmp" else "", dir=target.parent))
+
+
+def _remove_marked_dir(path):
+    """Delete a folder of ours, its marker last: a deletion killed half-way leaves a folder that is still
+    recognisable (and so removed by the next recovery), never an anonymous half folder."""
+    path = Path(path)
+    with contextlib.suppress(FileNotFoundError):
+        for entry in os.scandir(path):
+            if entry.name == PARTIAL_MARKER:
+                continue
+            if entry.is_dir(follow_symlinks=False):
+                shutil.rmtree(entry.path)
+            else:
+                os.unlink(entry.path)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path / PARTIAL_MARKER)
+        os.rmdir(path)
+
+
 @contextlib.contextmanager
 def staging_dir(target):
     """A new empty folder beside ``target`` (same file system, so it can be renamed onto it), removed on
-    error; yields its Path. Use with `publish_dir`, or through `replace_dir`."""
+    error; yields its Path. Use with `publish_dir`, or through `replace_dir`.
+
+    The folder is ``.<target>.<pid>-<random>.tmp``, locked (``flock``) by this process until the block ends and
+    marked (`PARTIAL_MARKER`, "writing"): if the process dies (kill -9, power), the next run that touches
+    ``target`` removes it (`recover_replacements`, which is run here first).
+    """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
-    os.chmod(staging, default_dir_mode())
+    recover_replacements(target.parent, target.name)
+    staging = _unique_sibling(target, "tmp")
+    fd = _open_dir_locked(staging)
     try:
+        os.chmod(staging, default_dir_mode())
+        _write_marker(staging, target.name, "writing")
         yield staging
     finally:
-        if staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)
+        try:
+            if os.path.lexists(staging):  # not published: made by this call, so ours (marker or not)
+                _remove_marked_dir(staging)
+        finally:
+            if fd is not None:
+                os.close(fd)
 
 
 def publish_dir(staging, target, is_ours=None, overwrite=True):
-    """Rename the complete folder ``staging`` to ``target``.
+    """Rename the complete folder ``staging`` (from `staging_dir`) to ``target``.
 
-    An existing ``target`` is replaced only when it is empty, or when ``overwrite`` and ``is_ours(target)`` (a folder this
-    library wrote, e.g. a saved model); it is first renamed aside, then the old copy (ours) removed. Raises
-    `UnsafePathError` for anything else: an existing file, a symlink, a folder that is not ours, or one that
-    is ours without ``overwrite``.
+    An existing ``target`` is replaced only when it is empty, or when ``overwrite`` and ``is_ours(target)`` (a
+    folder this library wrote, e.g. a saved model); it is first renamed aside, then the old copy (ours)
+    removed. Raises `UnsafePathError` for anything else: an existing file, a symlink, a folder that is not
+    ours, or one that is ours without ``overwrite``.
+
+    Crash-safe: the staging folder is marked "complete" first and the previous copy "old" before it is renamed
+    aside, so a process killed between the two renames leaves a state the next run finishes
+    (`recover_replacements` publishes the complete copy); killed while deleting the old copy, it leaves a
+    marked folder that the next run removes.
     """
     staging, target = Path(staging), Path(target)
-    if os.path.lexists(target):
-        check_replaceable(target, is_ours, overwrite)
-        old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old.", dir=target.parent))
+    if _read_marker(staging) is not None:
+        _write_marker(staging, target.name, "complete")
+    if not os.path.lexists(target):
+        _rename_published(staging, target)
+        return target
+    check_replaceable(target, is_ours, overwrite)
+    target_fd = _lock_target(target)  # held while the previous copy is renamed aside and deleted
+    try:
+        _write_marker(target, target.name, "old")
+        old = _unique_sibling(target, "old")
         os.rmdir(old)  # a fresh unique name to rename the previous folder to
         os.rename(target, old)
         try:
-            os.rename(staging, target)
+            _rename_published(staging, target)
         except BaseException:
             os.rename(old, target)  # put the previous one back
+            with contextlib.suppress(OSError):
+                os.unlink(target / PARTIAL_MARKER)
             raise
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.rename(staging, target)
+        _write_marker(old, target.name, "trash")
+        _remove_marked_dir(old)
+    finally:
+        if target_fd is not None:
+            os.close(target_fd)
     return target
+
+
+def _lock_target(target):
+    """`_open_dir_locked` on the folder now at ``target`` (retried if another writer replaced it meanwhile)."""
+    while True:
+        fd = _open_dir_locked(target)
+        with contextlib.suppress(FileNotFoundError):
+            if fd is not None and not os.path.samestat(os.fstat(fd), os.stat(target)):
+                os.close(fd)
+                continue
+        return fd
+
+
+def _rename_published(staging, target):
+    """Rename ``staging`` to ``target``, then drop its marker (a published folder carries none)."""
+    os.rename(staging, target)
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(Path(target) / PARTIAL_MARKER)
+
+
+def remove_dir(path):
+    """Delete a folder of ours (e.g. an old checkpoint) so that a kill half-way leaves nothing anonymous: it is
+    marked "trash" and renamed to ``.<name>.old.<pid>-<random>`` first, then deleted marker last; the next
+    `recover_replacements` on its parent finishes a deletion that was killed."""
+    path = Path(path)
+    fd = _open_dir_locked(path)
+    try:
+        _write_marker(path, path.name, "trash")
+        trash = _unique_sibling(path, "old")
+        os.rmdir(trash)
+        os.rename(path, trash)
+        _remove_marked_dir(trash)
+    finally:
+        if fd is not None:
+            os.close(fd)
+
+
+def recover_replacements(parent, name=None) -> dict:
+    """Finish or roll back the folder replacements and deletions that a dead process left in ``parent`` (for
+    target ``name`` only, or every target), and remove its temporaries; returns what was done
+    (``{"published": [...], "restored": [...], "removed": [...]}``, paths).
+
+    Only entries of ours are touched: folders named like `staging_dir` / `publish_dir` names
+    (``.<name>.<pid>-<rnd>.tmp``, ``.<name>.old.<pid>-<rnd>``) that carry our `PARTIAL_MARKER` for that very
+    target, and `atomic_open` temporaries (``.<name>.~w<pid>-<rnd>.tmp`` files); and only when no live process
+    holds their lock (``flock``, released by the kernel when its process dies, whatever its pid became).
+    For a target that is missing: a complete staged copy is published (the new model), else the previous copy
+    is renamed back. Every other stale staged, previous or trashed copy is removed.
+    """
+    parent = Path(parent)
+    done = {"published": [], "restored": [], "removed": []}
+    try:
+        entries = [e for e in os.scandir(parent) if e.name.startswith(".")
+                   and (name is None or e.name.startswith(f".{name}."))]
+    except OSError:  # no such folder (nothing to recover), or unreadable (nothing we may touch)
+        return done
+    _remove_stale_temp_files(parent, entries, done)
+    held, by_target = [], {}
+    try:
+        for entry in entries:
+            found = _stale_partial(entry, name, held)
+            if found is not None:
+                by_target.setdefault(found[0]["target"], []).append(found)
+        for target, partials in by_target.items():
+            _recover_target(parent / target, partials, done)
+        for target in ([name] if name is not None else by_target):
+            _drop_stale_target_marker(parent / target)
+    finally:
+        for fd in held:
+            os.close(fd)
+    return done
+
+
+def _stale_partial(entry, name, held):
+    """``(marker, path)`` for a folder of ours left by a dead process (its lock acquired and kept in
+    ``held`` while recovering), else None."""
+    if not entry.is_dir(follow_symlinks=False):
+        return None
+    match = _STAGING_RE.fullmatch(entry.name) or _OLD_RE.fullmatch(entry.name)
+    if match is None:
+        return None
+    marker = _read_marker(entry.path)
+    if marker is None or marker["target"] != match.group("target") or (name is not None and marker["target"] != name):
+        return None
+    if (marker["state"] in ("writing", "complete")) != (match.re is _STAGING_RE):
+        return None  # a staging state on an "old" name, or the reverse: not a folder we would have written
+    fd = _open_dir_locked(entry.path, blocking=False)
+    if fd is None:
+        return None  # its writer is alive
+    held.append(fd)
+    marker = _read_marker(entry.path)  # re-read under the lock: the writer may have moved on meanwhile
+    if marker is None or not os.path.isdir(entry.path):
+        return None
+    return marker, Path(entry.path)
+
+
+def _recover_target(target, partials, done):
+    """Make ``target`` whole again from its stale ``partials``, then remove the rest (see
+    `recover_replacements`)."""
+    if not os.path.lexists(target):
+        complete = [p for m, p in partials if m["state"] == "complete"]
+        previous = [p for m, p in partials if m["state"] == "old"]
+        for candidates, kind in ((complete, "published"), (previous, "restored")):
+            if candidates:
+                chosen = max(candidates, key=lambda p: p.stat().st_mtime_ns)
+                _rename_published(chosen, target)
+                done[kind].append(str(target))
+                partials = [(m, p) for m, p in partials if p != chosen]
+                break
+    for _, path in partials:
+        with contextlib.suppress(OSError):
+            _remove_marked_dir(path)
+            done["removed"].append(str(path))
+
+
+def _drop_stale_target_marker(target):
+    """Remove a marker that a killed writer left inside a live ``target`` (killed just after marking it "old",
+    or just after publishing it): only our marker for that target, when no live writer holds the folder; and
+    the temporary of a marker write killed half-way."""
+    target = Path(target)
+    if not target.is_symlink() and target.is_dir():
+        _remove_stale_temp_files(target, _temp_file_entries(target / PARTIAL_MARKER), {"removed": []})
+    if _read_marker(target) is None or _read_marker(target)["target"] != Path(target).name:
+        return
+    fd = _open_dir_locked(target, blocking=False)
+    if fd is None:
+        return
+    try:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(Path(target) / PARTIAL_MARKER)
+    finally:
+        os.close(fd)
+
+
+def _pid_alive(name) -> bool:
+    """Whether the process whose id is in temporary file ``name`` (``...~w<pid>-...``) exists. A file is
+    created before its writer locks it: a live pid protects that instant (a reused pid only delays cleanup)."""
+    pid = int(name.rsplit("~w", 1)[1].split("-", 1)[0])
+    if pid == os.getpid():
+        return False  # this process: its own live writers hold the lock (threads included)
+    return process_alive(pid)
+
+
+def process_alive(pid) -> bool:
+    """Whether a process with id ``pid`` exists on this machine (ours or another user's)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):
+        return True
+    return True
+
+
+def _remove_stale_temp_files(parent, entries, done):
+    """Remove `atomic_open` temporaries whose writer died: our name pattern, a regular file, unlocked."""
+    for entry in entries:
+        if not _TEMP_FILE_RE.fullmatch(entry.name) or not entry.is_file(follow_symlinks=False):
+            continue
+        try:
+            fd = os.open(entry.path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0))
+        except OSError:
+            continue
+        try:
+            if fcntl is not None and not _pid_alive(entry.name) and _lock_fd(fd, blocking=False):
+                os.unlink(entry.path)
+                done["removed"].append(entry.path)
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
 
 
 def replace_dir(target, write, is_ours=None, overwrite=True):
@@ -193,6 +499,7 @@ def check_replaceable(target, is_ours=None, overwrite=True):
     """Raise `UnsafePathError` unless ``target`` is absent, an empty folder, or (with ``overwrite``) a folder
     ``is_ours`` recognises: what `replace_dir` checks, to refuse before a long job rather than after it."""
     target = Path(target)
+    recover_replacements(target.parent, target.name)  # a replacement a killed run left half-done
     if not os.path.lexists(target):
         return
     if not target.is_symlink() and target.is_dir() and not any(target.iterdir()):
@@ -315,21 +622,58 @@ def parse_json(data: bytes, source, max_depth=MAX_JSON_DEPTH):
 
 @contextlib.contextmanager
 def file_lock(path, timeout=-1):
-    """An exclusive inter-process lock for ``path`` (held on ``<path>.lock``, which is left in place).
+    """An exclusive inter-process lock for ``path``, held on ``<path>.lock``.
 
-    ``timeout`` seconds (-1: wait forever) before `TimeoutError`.
+    ``timeout`` seconds (-1: wait forever) before `TimeoutError`. On POSIX the lock file exists only while
+    someone holds or waits for the lock: the holder deletes it on release, and every locker checks after
+    locking that the file it locked is still the one at ``<path>.lock`` (else it retries), so deleting it
+    never lets two processes hold the lock. A killed holder leaves the file, whose lock the kernel released:
+    the next locker takes it and deletes it. (Elsewhere ``filelock``'s lock file is left in place.)
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    lock = FileLock(str(path) + ".lock", mode=default_file_mode())
-    try:
-        lock.acquire(timeout=timeout)
-    except Timeout as e:
-        raise TimeoutError(f"{path} is locked by another process ({path}.lock) for more than {timeout} s") from e
+    lock_path = str(path) + ".lock"
+    if fcntl is None:
+        lock = FileLock(lock_path, mode=default_file_mode())
+        try:
+            lock.acquire(timeout=timeout)
+        except Timeout as e:
+            raise TimeoutError(f"{path} is locked by another process ({lock_path}) for more than {timeout} s") from e
+        try:
+            yield
+        finally:
+            lock.release()
+        return
+    fd = _acquire_lock_file(lock_path, timeout)
     try:
         yield
     finally:
-        lock.release()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(lock_path)  # still ours: `_acquire_lock_file` checked it, and we hold it
+        os.close(fd)
+
+
+def _acquire_lock_file(lock_path, timeout):
+    """An open descriptor holding ``flock`` on the file now at ``lock_path`` (created if needed)."""
+    deadline = None if timeout is None or timeout < 0 else time.monotonic() + timeout
+    while True:
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0),
+                     default_file_mode())
+        try:
+            while not _lock_fd(fd, blocking=deadline is None):
+                if deadline is not None and time.monotonic() >= deadline:
+                    raise TimeoutError(f"{lock_path[:-5]} is locked by another process ({lock_path}) for more "
+                                       f"than {timeout} s")
+                time.sleep(0.01 if deadline is not None else 0.05)
+            try:
+                if os.path.samestat(os.fstat(fd), os.stat(lock_path, follow_symlinks=False)):
+                    return fd
+            except FileNotFoundError:
+                pass  # the previous holder deleted it on release: lock the new one
+        except BaseException:
+            os.close(fd)
+            raise
+        os.close(fd)
 
 
 def describe_kind(st_mode) -> str:

@@ -18,7 +18,12 @@ Example::
 import os
 from pathlib import Path
 
-from utils.file_utils import UnsafePathError, check_model_name, read_json
+from utils.file_utils import (
+    UnsafePathError,
+    check_model_name,
+    read_json,
+    recover_replacements,
+)
 
 HOME_ENV = "IMAGE_CAPTIONING_HOME"
 CONFIG_FILENAME = "config.json"
@@ -82,3 +87,15 @@ def is_saved_model(directory, architecture="clipcap") -> bool:
     except (UnsafePathError, OSError, ValueError):
         return False
     return isinstance(config, dict) and config.get("architecture") == architecture
+
+
+def recover_model_dir(directory) -> Path:
+    """``directory``, after finishing or rolling back a replacement of it that a killed run left half-done
+    (`utils.file_utils.recover_replacements`: a complete new copy is published, else the previous copy is put
+    back) and removing the temporaries of dead writers beside it. Called wherever a model folder is resolved
+    or loaded, so a kill -9 during a save never leaves "unknown model" behind."""
+    directory = Path(directory)
+    absolute = Path(os.path.abspath(directory))  # "." and "runs/x/.." name their folder too
+    if absolute.name:
+        recover_replacements(absolute.parent, absolute.name)
+    return directory

@@ -37,8 +37,11 @@ Example::
 """
 
 import contextlib
+import errno
 import json
 import os
+import re
+import shutil
 
 import numpy as np
 
@@ -270,6 +273,32 @@ def variables_to_be_loaded():
         _TFVariable._initialize_with_initializer = original
 
 
+_HDF5_WRITE_FAILURE = re.compile(r"errno = (\d+), error message = '([^']*)'")
+
+
+@contextlib.contextmanager
+def _clear_write_errors(path):
+    """Turn HDF5's failed-write errors (an ``OSError`` or ``RuntimeError`` whose text is a multi-line HDF5 report,
+    e.g. "Can't decrement id ref count (file write failed: ...)" on a full disk) into an ``OSError`` with the
+    system error number, naming the file and the cause ("no space left on device", with the bytes free)."""
+    try:
+        yield
+    except (OSError, RuntimeError) as e:
+        match = _HDF5_WRITE_FAILURE.search(str(e))
+        if match is None:
+            raise
+        code, reason = int(match.group(1)), match.group(2)
+        message = f"cannot write the weights file {path}: {reason}"
+        if code == errno.ENOSPC:
+            message = f"cannot write the weights file {path}: no space left on device"
+            with contextlib.suppress(OSError):
+                free = shutil.disk_usage(os.path.dirname(os.path.abspath(path))).free
+                message += f" ({free} bytes free on its file system)"
+        elif code == errno.EFBIG:
+            message += " (over the file-size limit of this process or file system)"
+        raise OSError(code, message) from e
+
+
 def save_weights(model, path, float16_where_exact=False):
     """``model.save_weights(path)`` with every dataset aligned (see the module docstring) and an index of
     the datasets by variable (`INDEX_DATASET`), and with ``float16_where_exact`` every float32 tensor that
@@ -280,7 +309,8 @@ def save_weights(model, path, float16_where_exact=False):
 
     path = os.fspath(path)
     if not FAST_PATH:  # Keras' own file: no alignment, no index (loaded through Keras' walk)
-        model.save_weights(path)
+        with _clear_write_errors(path):
+            model.save_weights(path)
         with h5py.File(path, "r") as f:
             counts = {}
             f.visititems(lambda _, obj: counts.__setitem__(obj.dtype.name, counts.get(obj.dtype.name, 0) + 1)
@@ -289,15 +319,19 @@ def save_weights(model, path, float16_where_exact=False):
                 **({"other": sum(counts.values())} if counts else {})}
     if not path.endswith(".weights.h5"):
         raise ValueError(f"a weights file name must end in .weights.h5, got {path}")
-    store = _WritingStore(path, float16_where_exact)
-    try:
-        _saving_lib._save_state(model, weights_store=store, assets_store=None, inner_path="",
-                                visited_saveables=set())
-        keys = variable_keys(model.weights)
-        if all(id(v) in store.index for v in model.weights):  # else: loaded by Keras' walk
-            index = {key: store.index[id(v)] for key, v in zip(keys, model.weights, strict=True)}
-            data = json.dumps(index, separators=(",", ":")).encode()
-            store.h5_file.create_dataset(INDEX_DATASET, data=np.frombuffer(data, np.uint8))
-    finally:
+    with _clear_write_errors(path):
+        store = _WritingStore(path, float16_where_exact)
+        try:
+            _saving_lib._save_state(model, weights_store=store, assets_store=None, inner_path="",
+                                    visited_saveables=set())
+            keys = variable_keys(model.weights)
+            if all(id(v) in store.index for v in model.weights):  # else: loaded by Keras' walk
+                index = {key: store.index[id(v)] for key, v in zip(keys, model.weights, strict=True)}
+                data = json.dumps(index, separators=(",", ":")).encode()
+                store.h5_file.create_dataset(INDEX_DATASET, data=np.frombuffer(data, np.uint8))
+        except BaseException:
+            with contextlib.suppress(Exception):  # closing a file whose write failed fails again ("Can't
+                store.close()                     # decrement id ref count"): the first error is the one
+            raise
         store.close()
     return store.counts

@@ -32,11 +32,14 @@ Example::
     # -> out/captions-records-00000-of-00001.jsonl, out/captions-errors-00000-of-00001.jsonl
 """
 
+import contextlib
 import csv
 import io
 import json
 import logging
 import os
+import re
+import shutil
 from pathlib import Path
 
 import apache_beam as beam
@@ -48,7 +51,7 @@ from apache_beam.options.pipeline_options import PipelineOptions
 from custom_architectures.samplers import sampler_class
 from models.image_captioning.freshness import answers, content_stamp, file_stamp, stream_stamp
 from models.siamese.image_embedding import ImageEmbedder
-from utils.file_utils import DEFAULT_MAX_BYTES, UnsafePathError, json_text, read_json
+from utils.file_utils import DEFAULT_MAX_BYTES, UnsafePathError, file_lock, json_text, read_json
 from utils.image_io import IMAGE_EXTENSIONS, ImageReadError, read_image_file
 
 logger = logging.getLogger(__name__)
@@ -440,15 +443,61 @@ def run_batch(inputs, model_dir, output, method="greedy", batch_size=16, generat
     if any(record_key(str(prefix).rstrip("/")) == record_key(str(output).rstrip("/")) for prefix in skip_existing):
         raise ValueError(f"--skip-existing {output} is the output prefix itself: write the new run to another "
                          "prefix (the earlier files would be overwritten)")
-    clear_output_prefix([f"{output}-{name}-*-of-*{OUTPUT_SUFFIX}" for name in (RECORDS_NAME, ERRORS_NAME)],
-                        output, overwrite)
-    _export_pythonpath()
-    options = PipelineOptions(list(pipeline_args))
-    with beam.Pipeline(options=options) as pipeline:
-        caption_pipeline(pipeline, inputs, model_dir, output, method=method, batch_size=batch_size,
-                         generate_kwargs=generate_kwargs, exif_transpose=exif_transpose, input_lists=input_lists,
-                         skip_existing=skip_existing, num_shards=num_shards)
+    with _output_lock(output):
+        clear_output_prefix([f"{output}-{name}-*-of-*{OUTPUT_SUFFIX}" for name in (RECORDS_NAME, ERRORS_NAME)],
+                            output, overwrite)
+        _export_pythonpath()
+        options = PipelineOptions(list(pipeline_args))
+        with beam.Pipeline(options=options) as pipeline:
+            caption_pipeline(pipeline, inputs, model_dir, output, method=method, batch_size=batch_size,
+                             generate_kwargs=generate_kwargs, exif_transpose=exif_transpose,
+                             input_lists=input_lists, skip_existing=skip_existing, num_shards=num_shards)
     return sorted(output_files(output) + output_files(output, ERRORS_NAME))
+
+
+def _is_local(path):
+    return "://" not in str(path)
+
+
+@contextlib.contextmanager
+def _output_lock(output):
+    """For a local output prefix: an exclusive lock on ``<output>.lock`` for the whole job (a second job on the
+    same prefix is refused: the two would mix their shards), under which the sink folders of killed jobs are
+    removed (`remove_stale_sink_folders`). Remote prefixes are left to their file system."""
+    if not _is_local(output):
+        yield
+        return
+    with contextlib.ExitStack() as stack:
+        try:
+            stack.enter_context(file_lock(output, timeout=0))
+        except TimeoutError as e:
+            raise UnsafePathError(f"another batch job is writing to {output} (it holds {output}.lock): wait for "
+                                  "it or choose another output prefix") from e
+        remove_stale_sink_folders(output)
+        yield
+
+
+def remove_stale_sink_folders(output):
+    """Delete the temporary folders that Beam's text sink left beside a local output prefix when its job was
+    killed: ``<dir>/beam-temp-<prefix name>-<uuid hex>`` holding only regular files (the sink's temporary
+    shards). Called while holding the prefix's lock (`_output_lock`), so no live job of ours writes there;
+    anything else (another prefix's, or another shape) is left alone. Returns the folders removed."""
+    output = Path(output)
+    pattern = re.compile(rf"beam-temp-{re.escape(output.name)}-[0-9a-f]{{32}}")
+    removed = []
+    try:
+        entries = list(os.scandir(output.parent))
+    except OSError:
+        return removed
+    for entry in entries:
+        if not pattern.fullmatch(entry.name) or not entry.is_dir(follow_symlinks=False):
+            continue
+        if all(e.is_file(follow_symlinks=False) for e in os.scandir(entry.path)):
+            shutil.rmtree(entry.path)
+            removed.append(entry.path)
+    if removed:
+        logger.info("removed the temporary folders of killed jobs: %s", ", ".join(removed))
+    return removed
 
 
 def _export_pythonpath():

@@ -3,14 +3,14 @@
 neither imports the other back."""
 
 from models.image_captioning.saving import ARCHITECTURE, ModelLoadError, load_parts
-from utils.model_store import model_dir
+from utils.model_store import model_dir, recover_model_dir
 
 
 def load_clipcap(cls, name_or_directory, clip=None, jit_compile="auto"):
     """`ClipCap.load`: a format-2 folder, a format-1 folder, or an official name (converted once)."""
     from utils.preset_utils import CONFIG_FILE, read_json_file
 
-    directory = model_dir(name_or_directory)
+    directory = recover_model_dir(model_dir(name_or_directory))  # a save killed half-way: finished first
     config_path = directory / CONFIG_FILE
     if not config_path.is_file() and clip is None:
         from models.image_captioning.presets import MODELS

@@ -25,7 +25,7 @@ from utils.convert.common import CheckpointError
 from utils.download_manifest import OfflineError, downloads_dir
 from utils.downloads import fetch, fetch_gpt2_tokenizer
 from utils.file_utils import check_model_name, check_replaceable, file_lock
-from utils.model_store import is_saved_model, saved_model_dir
+from utils.model_store import is_saved_model, recover_model_dir, saved_model_dir
 
 
 def fetch_checkpoint(name_or_spec, root=None, progress=True) -> Path:
@@ -121,7 +121,7 @@ def get_pretrained(model_class, name_or_spec, root=None, force_convert=False, pr
     then load its folder (a second conversion would find the folder taken and fail).
     """
     spec = resolve_model(name_or_spec)
-    directory = saved_model_dir(spec.name, root)
+    directory = recover_model_dir(saved_model_dir(spec.name, root))  # a save killed half-way: finished first
     if is_saved_model(directory) and not force_convert:
         return model_class.load(str(directory))
     with file_lock(directory):

@@ -152,9 +152,9 @@ class CLIP:
         before it) or a name in the model store. Strict: every weight present, nothing left over; a damaged
         config.json or weights file raises `utils.convert.common.CheckpointError` naming the file."""
         from models.siamese.clip_saving import load_clip
-        from utils.model_store import model_dir
+        from utils.model_store import model_dir, recover_model_dir
 
-        return load_clip(cls, model_dir(name_or_directory), jit_compile=jit_compile)
+        return load_clip(cls, recover_model_dir(model_dir(name_or_directory)), jit_compile=jit_compile)
 
     # --- properties ----------------------------------------------------------------------------------
 
