@@ -141,6 +141,7 @@ class Sampler:
 
     num_sequences = 1
     deterministic = True
+    single_caption = False  # True: one caption per image (num_captions must be 1)
     guided = False  # True: runs in `guided_decoding.GuidedDecoder` (needs a CLIP text scorer), not the loop
 
     def key(self):
@@ -198,11 +199,10 @@ class Greedy(_IndependentRows):
     ``num_captions`` must be 1 (there is one most likely caption).
     """
 
+    single_caption = True
+
     def __init__(self, num_captions=1):
-        if check_integer("num_captions", num_captions, minimum=1) != 1:
-            others = _or(name for name, cls in SAMPLERS.items() if cls is not Greedy)
-            raise ValueError(f"greedy decoding gives one caption per image: use method={others} for "
-                             "num_captions > 1")
+        check_single_caption("greedy decoding", num_captions)
 
     def choose(self, logits, seed, step):
         import tensorflow as tf  # here, not at the top: the CLI imports the registry
@@ -336,11 +336,10 @@ class Magic(Sampler):
     """
 
     guided = True
+    single_caption = True
 
     def __init__(self, magic_k=None, magic_alpha=None, magic_beta=None, num_captions=1):
-        if check_integer("num_captions", num_captions, minimum=1) != 1:
-            raise ValueError("MAGIC search gives one caption per image: use method='beam' or 'sample' for "
-                             "num_captions > 1")
+        check_single_caption("MAGIC search", num_captions)
         self.k = check_integer("magic_k", MAGIC_DEFAULTS["magic_k"] if magic_k is None else magic_k, minimum=1)
         self.alpha = check_real("magic_alpha", MAGIC_DEFAULTS["magic_alpha"] if magic_alpha is None else magic_alpha)
         if not 0.0 <= self.alpha <= 1.0:
@@ -376,6 +375,13 @@ IGNORABLE_OPTIONS = {
     "beam_size": lambda value: check_integer("beam_size", value),
     "temperature": check_temperature,
 }
+
+
+def check_single_caption(what, num_captions):
+    """ValueError unless ``num_captions`` is 1, naming the methods that give several captions."""
+    if check_integer("num_captions", num_captions, minimum=1) != 1:
+        others = _or(name for name, cls in SAMPLERS.items() if not cls.single_caption)
+        raise ValueError(f"{what} gives one caption per image: use method={others} for num_captions > 1")
 
 
 def _or(names):
@@ -420,9 +426,11 @@ def get_sampler(name, **options):
     if unknown:
         raise TypeError(f"unknown decoding option(s) {unknown}: the methods take {sorted(known)}")
     exclusive = [key for key in sorted(known - set(taken)) if key not in IGNORABLE_OPTIONS]
-    if any(options.get(key) is not None for key in exclusive):
-        takers = _or(method for method in SAMPLERS if set(exclusive) & set(sampler_options(method)))
-        raise ValueError(f"{' / '.join(exclusive)} apply to method={takers}, not {name!r}")
+    given = {key for key in exclusive if options.get(key) is not None}
+    if given:  # named with the other options of the methods that take them
+        takers = [method for method in SAMPLERS if given & set(sampler_options(method))]
+        theirs = [key for key in exclusive if any(key in sampler_options(method) for method in takers)]
+        raise ValueError(f"{' / '.join(theirs)} apply to method={_or(takers)}, not {name!r}")
     for key, value in options.items():
         if key not in taken and key in IGNORABLE_OPTIONS:  # the others are None here
             IGNORABLE_OPTIONS[key](value)
