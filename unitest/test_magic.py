@@ -186,3 +186,15 @@ def test_cli_caption_with_magic(magic_setup, tiny_files, tmp_path, monkeypatch, 
     assert settings["method"] == "magic" and (settings["magic_k"], settings["magic_alpha"]) == (4, 0.2)
     code = main.main(argv[:-1] + ["--magic-alpha", "1.5", "--no-progress"])
     assert code == 2 and "magic_alpha must be in [0, 1]" in capsys.readouterr().err
+
+    # evaluate: the settings that ran (defaults included) are in metrics.json
+    from datasets.synthetic_shapes import make_shapes_dataset
+
+    make_shapes_dataset(tmp_path / "data", num_images=2, seed=0, image_size=32)
+    code = main.main(["evaluate", str(tmp_path / "data" / "captions.json"), "--model", str(model_dir), "--output",
+                      str(tmp_path / "eval"), "--metrics", "BLEU", "--cache-dir", str(tmp_path / "cache"),
+                      "--method", "magic", "--magic-k", "3", "--max-length", "5", "--no-progress"])
+    assert code == 0, capsys.readouterr().err
+    report = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert report["method"] == "magic" and report["generate_kwargs"] == {
+        "max_length": 5, "magic_k": 3, "magic_alpha": 0.1, "magic_beta": 2.0}
