@@ -198,3 +198,14 @@ def test_cli_caption_with_magic(magic_setup, tiny_files, tmp_path, monkeypatch, 
     report = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     assert report["method"] == "magic" and report["generate_kwargs"] == {
         "max_length": 5, "magic_k": 3, "magic_alpha": 0.1, "magic_beta": 2.0}
+
+
+def test_text_features_of_trimmed_token_ids_equal_the_full_context(magic_setup):
+    """MAGIC's scorer cuts the padding after the longest text (`CLIP.encode_token_ids`): same features."""
+    clip = magic_setup["model"].clip
+    texts = ["a", "a photo of a cat on a mat", "word " * 100, ""]  # one cut to the context (truncate)
+    token_ids = clip.tokenize(texts, truncate=True)
+    np.testing.assert_allclose(clip.encode_token_ids(token_ids), clip.encode_text(texts, truncate=True), atol=1e-5)
+    short = clip.tokenize(texts[:2])
+    np.testing.assert_allclose(clip.encode_token_ids(short), clip.encode_text(texts[:2]), atol=1e-5)
+    assert clip.encode_token_ids(short[:0]).shape == (0, clip.embed_dim)

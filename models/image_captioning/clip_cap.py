@@ -421,7 +421,7 @@ class ClipCap:
 
         def guide(rows, token_lists):
             texts = [self.tokenizer.decode(tokens) for tokens in token_lists]
-            features = np.asarray(clip.encode_text(texts, truncate=True), np.float32)
+            features = np.asarray(clip.encode_token_ids(clip.tokenize(texts, truncate=True)), np.float32)
             features = features / np.linalg.norm(features, axis=-1, keepdims=True)
             return scale * np.sum(images[np.asarray(rows)] * features, axis=-1)
 
