@@ -9,6 +9,10 @@ the compiled decoding loop and chooses the next tokens:
   finished beams frozen with their sum and length, competing by their average in one slot.
 - `Sample` (``"sample"``): temperature / top-k / top-p sampling, seeded; ``num_captions`` > 1 draws several
   captions per image.
+- `Magic` (``"magic"``): MAGIC (Su et al. 2022), CLIP-guided: top-k tokens scored by the language model, a
+  degeneration penalty and CLIP's image-text similarity. It needs CLIP's text tower and Python between steps
+  (GPT-2 text -> CLIP tokens), so it runs in `custom_architectures.guided_decoding`, not in the compiled loop
+  (``guided = True``).
 
 `SAMPLERS` maps each method's name to its class (keras-hub's ``samplers/serialization.py`` idea), and
 `get_sampler` builds one from ``generate``'s decoding options, so that no caller lists method names: adding
@@ -23,7 +27,7 @@ the registry (``--method`` choices) without loading it.
 Example::
 
     sampler = get_sampler("beam", beam_size=5, num_captions=3)     # Beam(beam_size=5)
-    sorted(SAMPLERS)                                               # ['beam', 'greedy', 'sample']
+    sorted(SAMPLERS)                                               # ['beam', 'greedy', 'magic', 'sample']
 """
 
 import inspect
@@ -137,6 +141,8 @@ class Sampler:
 
     num_sequences = 1
     deterministic = True
+    single_caption = False  # True: one caption per image (num_captions must be 1)
+    guided = False  # True: runs in `guided_decoding.GuidedDecoder` (needs a CLIP text scorer), not the loop
 
     def key(self):
         """Hashable description of everything that changes the compiled graph."""
@@ -193,11 +199,10 @@ class Greedy(_IndependentRows):
     ``num_captions`` must be 1 (there is one most likely caption).
     """
 
+    single_caption = True
+
     def __init__(self, num_captions=1):
-        if check_integer("num_captions", num_captions, minimum=1) != 1:
-            others = _or(name for name, cls in SAMPLERS.items() if cls is not Greedy)
-            raise ValueError(f"greedy decoding gives one caption per image: use method={others} for "
-                             "num_captions > 1")
+        check_single_caption("greedy decoding", num_captions)
 
     def choose(self, logits, seed, step):
         import tensorflow as tf  # here, not at the top: the CLI imports the registry
@@ -307,10 +312,62 @@ class Beam(Sampler):
         return tokens, state, parents
 
 
+#: MAGIC's defaults for image captioning: ``k``, ``alpha``, ``beta`` of yxuansu/MAGIC's
+#: ``image_captioning/sh_folder/mscoco_magic.sh`` (its Flickr30k script uses k = 25).
+MAGIC_DEFAULTS = {"magic_k": 45, "magic_alpha": 0.1, "magic_beta": 2.0}
+#: The generated tokens MAGIC's CLIP scorer reads: the last 60 (``clip_text_max_len`` of its inference script).
+MAGIC_TEXT_TOKENS = 60
+
+
+class Magic(Sampler):
+    """MAGIC search (Su et al. 2022, "Language Models Can See"; github yxuansu/MAGIC), one caption per image.
+
+    At each step, among the ``magic_k`` tokens of highest logit, choose the argmax of::
+
+        (1 - alpha) * p_LM(v) - alpha * max_j cos(h_v, h_j) + beta * softmax_k(CLIP logits(image, text + v))
+
+    p_LM: softmax probability (temperature 1); h_v: GPT-2's final hidden state (after ``ln_f``) with v fed,
+    h_j: those of every earlier position (the prefix included, as MAGIC's prompt); CLIP logits:
+    exp(logit_scale) * cos(image, text), the text being the decoded last `MAGIC_TEXT_TOKENS` generated tokens
+    plus v, softmax over the k candidates of each image. All as MAGIC's ``PlugAndPlayContrastiveDecodingOneStepFast``
+    and ``CLIP.compute_image_text_similarity_via_embeddings``. ``None`` options take `MAGIC_DEFAULTS`.
+
+    Example: ``Magic(magic_k=45, magic_alpha=0.1, magic_beta=2.0)``
+    """
+
+    guided = True
+    single_caption = True
+
+    def __init__(self, magic_k=None, magic_alpha=None, magic_beta=None, num_captions=1):
+        check_single_caption("MAGIC search", num_captions)
+        self.k = check_integer("magic_k", MAGIC_DEFAULTS["magic_k"] if magic_k is None else magic_k, minimum=1)
+        self.alpha = check_real("magic_alpha", MAGIC_DEFAULTS["magic_alpha"] if magic_alpha is None else magic_alpha)
+        if not 0.0 <= self.alpha <= 1.0:
+            raise ValueError(f"magic_alpha must be in [0, 1], got {self.alpha}")
+        self.beta = check_real("magic_beta", MAGIC_DEFAULTS["magic_beta"] if magic_beta is None else magic_beta)
+        if self.beta < 0.0:
+            raise ValueError(f"magic_beta must be >= 0, got {self.beta}")
+
+    def rank(self, probs, penalty, clip_logits):
+        """Each row's chosen candidate: (R, k) LM probabilities, max cosine to the context, CLIP logits ->
+        (R,) int indices in [0, k) (ties: the first, i.e. the most likely token, as ``torch.max``)."""
+        clip_logits = np.asarray(clip_logits, np.float64)
+        shifted = np.exp(clip_logits - clip_logits.max(axis=1, keepdims=True))
+        clip_probs = shifted / shifted.sum(axis=1, keepdims=True)
+        scores = (1.0 - self.alpha) * np.asarray(probs, np.float64) - self.alpha * np.asarray(penalty, np.float64)
+        return np.argmax(scores + self.beta * clip_probs, axis=1)
+
+    def first(self, *args, **kwargs):
+        raise TypeError("MAGIC search runs in guided_decoding.GuidedDecoder (it needs CLIP's text tower between "
+                        "steps), not in PrefixDecoder's compiled loop")
+
+    next = first
+
+
 # ------------------------------------------------------------------------------------------------- registry
 
 #: Every decoding method by name, in the order they are listed to users.
-SAMPLERS = {"greedy": Greedy, "beam": Beam, "sample": Sample}
+SAMPLERS = {"greedy": Greedy, "beam": Beam, "sample": Sample, "magic": Magic}
 
 #: Options a method may be given without taking them (``generate`` passes its defaults to every method):
 #: checked with these, then ignored. Any other option a method does not take is refused when given (not None).
@@ -318,6 +375,13 @@ IGNORABLE_OPTIONS = {
     "beam_size": lambda value: check_integer("beam_size", value),
     "temperature": check_temperature,
 }
+
+
+def check_single_caption(what, num_captions):
+    """ValueError unless ``num_captions`` is 1, naming the methods that give several captions."""
+    if check_integer("num_captions", num_captions, minimum=1) != 1:
+        others = _or(name for name, cls in SAMPLERS.items() if not cls.single_caption)
+        raise ValueError(f"{what} gives one caption per image: use method={others} for num_captions > 1")
 
 
 def _or(names):
@@ -362,9 +426,11 @@ def get_sampler(name, **options):
     if unknown:
         raise TypeError(f"unknown decoding option(s) {unknown}: the methods take {sorted(known)}")
     exclusive = [key for key in sorted(known - set(taken)) if key not in IGNORABLE_OPTIONS]
-    if any(options.get(key) is not None for key in exclusive):
-        takers = _or(method for method in SAMPLERS if set(exclusive) & set(sampler_options(method)))
-        raise ValueError(f"{' / '.join(exclusive)} apply to method={takers}, not {name!r}")
+    given = {key for key in exclusive if options.get(key) is not None}
+    if given:  # named with the other options of the methods that take them
+        takers = [method for method in SAMPLERS if given & set(sampler_options(method))]
+        theirs = [key for key in exclusive if any(key in sampler_options(method) for method in takers)]
+        raise ValueError(f"{' / '.join(theirs)} apply to method={_or(takers)}, not {name!r}")
     for key, value in options.items():
         if key not in taken and key in IGNORABLE_OPTIONS:  # the others are None here
             IGNORABLE_OPTIONS[key](value)

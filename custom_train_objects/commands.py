@@ -12,7 +12,7 @@ import json
 import logging
 import sys
 
-from custom_architectures.samplers import deterministic_methods, sampler_options
+from custom_architectures.samplers import MAGIC_DEFAULTS, deterministic_methods, sampler_options
 from hparams.training import TrainingHParams
 from models.cli_models import UnknownModelError, load_model
 from utils.cli import EXIT_FAILED_INPUTS as EXIT_FAILED
@@ -226,9 +226,10 @@ def cmd_evaluate(args):
         return _fail(e.args[0], EXIT_USAGE)
     except MODEL_ERRORS as e:  # a damaged saved model: exit 3 naming the file
         return _fail(f"cannot load model: {e}", EXIT_MODEL)
-    kwargs = {k: getattr(args, k) for k in ("beam_size", "max_length") if getattr(args, k) is not None}
-    defaults = sampler_options(args.method)  # the method's own beam size too, so that metrics.json says what ran
-    kwargs.update({k: defaults[k] for k in ("beam_size",) if k in defaults and k not in kwargs})
+    kwargs = {k: getattr(args, k) for k in ("beam_size", "max_length", *MAGIC_DEFAULTS) if getattr(args, k) is not None}
+    # the method's own beam size / MAGIC settings too, so that metrics.json says what ran
+    defaults = {**sampler_options(args.method), **(MAGIC_DEFAULTS if args.method == "magic" else {})}
+    kwargs.update({k: defaults[k] for k in ("beam_size", *MAGIC_DEFAULTS) if k in defaults and k not in kwargs})
     try:
         with quiet_logger("custom_train_objects.evaluation"):  # skipped metrics: noted below
             report = evaluate_model(model, dataset, args.output, method=args.method, batch_size=args.batch_size,
@@ -342,6 +343,9 @@ def register(subparsers):
     p.add_argument("--method", choices=deterministic_methods(), default="greedy",
                    help="decoding method (those that always give the same captions)")
     p.add_argument("--beam-size", type=int, help="beams for --method beam (default: 5)")
+    p.add_argument("--magic-k", type=int, help="--method magic: candidate tokens per step (default: 45)")
+    p.add_argument("--magic-alpha", type=float, help="--method magic: degeneration penalty weight (default: 0.1)")
+    p.add_argument("--magic-beta", type=float, help="--method magic: CLIP score weight (default: 2.0)")
     p.add_argument("--max-length", type=int, help="most generated tokens per caption (default: 67)")
     p.add_argument("--batch-size", type=int, default=32, help="images per encoding / decoding batch")
     p.add_argument("--metrics", nargs="+", choices=ALL_METRICS, default=list(ALL_METRICS),

@@ -12,6 +12,7 @@ from custom_architectures.samplers import (
     SAMPLERS,
     Beam,
     Greedy,
+    Magic,
     Sample,
     deterministic_methods,
     get_sampler,
@@ -25,11 +26,11 @@ GENERATE_DEFAULTS = dict(beam_size=5, temperature=1.0, top_k=None, top_p=None, n
 
 
 def test_registry_names_and_classes():
-    assert SAMPLERS == {"greedy": Greedy, "beam": Beam, "sample": Sample}
-    assert deterministic_methods() == ("greedy", "beam")
+    assert SAMPLERS == {"greedy": Greedy, "beam": Beam, "sample": Sample, "magic": Magic}
+    assert deterministic_methods() == ("greedy", "beam", "magic")
     assert sampler_options("beam") == {"beam_size": 5, "temperature": 1.0, "num_captions": 1}
     assert sampler_options("greedy") == {"num_captions": 1}
-    with pytest.raises(ValueError, match=r"method must be one of \('greedy', 'beam', 'sample'\), got 'nucleus'"):
+    with pytest.raises(ValueError, match=r"method must be one of \('greedy', 'beam', 'sample', 'magic'\), got 'nucleus'"):
         sampler_class("nucleus")
 
 
@@ -79,7 +80,7 @@ def test_the_command_line_lists_the_registry():
     assert tuple(method.choices) == tuple(SAMPLERS)
     help_text = subprocess.run([sys.executable, "main.py", "evaluate", "--help"], cwd=ROOT, capture_output=True,
                                text=True, timeout=120).stdout
-    assert "{greedy,beam}" in help_text  # evaluate offers the deterministic methods
+    assert "{greedy,beam,magic}" in help_text  # evaluate offers the deterministic methods
 
 
 def test_the_registry_imports_without_tensorflow():

@@ -22,7 +22,8 @@ EXIT_USAGE = 2  # bad command line (argparse's own code too)
 EXIT_MODEL = 3  # the model could not be downloaded, converted or loaded
 EXIT_INTERRUPTED = 130
 
-DECODING_KEYS = ("beam_size", "max_length", "temperature", "top_k", "top_p", "num_captions", "seed")
+DECODING_KEYS = ("beam_size", "max_length", "temperature", "top_k", "top_p", "num_captions", "seed", "magic_k",
+                 "magic_alpha", "magic_beta")
 
 #: what loading a model may raise besides `UnknownModelError`: CheckpointError / ModelLoadError (ValueError),
 #: DownloadError / OfflineError (RuntimeError), missing files (OSError), damaged configs (KeyError, TypeError)
@@ -110,7 +111,8 @@ def add_decoding_arguments(p, batch_help="images per encoding / decoding batch")
     Unset options keep ``ClipCap.generate``'s defaults, which their help states (only the options given are
     passed on: `decoding_kwargs`)."""
     p.add_argument("--method", choices=tuple(SAMPLERS), default="greedy",
-                   help="decoding method: greedy (= the official generate2), beam (= generate_beam) or sample")
+                   help="decoding method: greedy (= the official generate2), beam (= generate_beam), sample, or "
+                        "magic (MAGIC search, guided by CLIP's text tower: slower, see --magic-k)")
     p.add_argument("--beam-size", type=int, help="beams for --method beam (default: 5)")
     p.add_argument("--max-length", type=int, help="most generated tokens per caption (default: 67)")
     p.add_argument("--temperature", type=float,
@@ -125,6 +127,12 @@ def add_decoding_arguments(p, batch_help="images per encoding / decoding batch")
                         "text output numbers them (default: 1)")
     p.add_argument("--seed", type=int,
                    help="random seed for --method sample, in [0, 2**32) (default: a new random seed per run)")
+    p.add_argument("--magic-k", type=int,
+                   help="--method magic: candidate tokens per step, the most likely ones (default: 45)")
+    p.add_argument("--magic-alpha", type=float,
+                   help="--method magic: weight of the degeneration penalty, in [0, 1] (default: 0.1)")
+    p.add_argument("--magic-beta", type=float,
+                   help="--method magic: weight of CLIP's image-text score, >= 0 (default: 2.0)")
     p.add_argument("--batch-size", type=int, default=16, help=batch_help)
 
 

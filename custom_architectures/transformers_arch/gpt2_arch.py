@@ -150,7 +150,8 @@ class GPT2(keras.Model):
         shape = (2, batch_size, self.n_head, max_length, self.head_dim)
         return tuple(ops.zeros(shape, self.compute_dtype) for _ in range(self.n_layer))
 
-    def call_with_cache(self, inputs_embeds, cache, cache_index, all_logits=False, block_fn=None):
+    def call_with_cache(self, inputs_embeds, cache, cache_index, all_logits=False, block_fn=None,
+                        return_hidden=False):
         """Run a chunk through the model, reading and writing the KV cache (inference, no dropout).
 
         Args:
@@ -190,6 +191,11 @@ class GPT2(keras.Model):
             else:
                 x, layer_cache = block_fn(x, layer_cache, cache_index, bias, block.inference_weights())
             new_cache.append(layer_cache)
+        if return_hidden:
+            hidden = ops.cast(layer_norm(x, self.ln_f.gamma.value, self.ln_f.beta.value, self.layer_norm_epsilon),
+                              self.compute_dtype)  # (B, T, C)
+            logits = self.lm_logits(hidden if all_logits else hidden[:, -1])
+            return logits, hidden, tuple(new_cache)
         if not all_logits:
             x = x[:, -1]  # (B, C): the head only where it is needed
         x = layer_norm(x, self.ln_f.gamma.value, self.ln_f.beta.value, self.layer_norm_epsilon)

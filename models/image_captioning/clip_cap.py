@@ -35,6 +35,7 @@ import tensorflow as tf  # noqa: E402
 from custom_architectures.batching import pad_batch, power_of_two_at_least  # noqa: E402
 from custom_architectures.compile_policy import CompilePolicy  # noqa: E402
 from custom_architectures.generation_utils import PrefixDecoder  # noqa: E402
+from custom_architectures.guided_decoding import GuidedDecoder  # noqa: E402
 from custom_architectures.samplers import SAMPLERS, check_integer, check_seed, get_sampler  # noqa: E402
 from custom_architectures.transformers_arch.clip_cap_arch import ClipCapBackbone  # noqa: E402
 from models import check_jit_compile  # noqa: E402
@@ -44,20 +45,23 @@ from utils.devices import device_scope  # noqa: E402
 METHODS = tuple(SAMPLERS)  # the decoding methods (`custom_architectures.samplers`)
 
 
-def make_sampler(method="greedy", beam_size=5, temperature=1.0, top_k=None, top_p=None, num_captions=1):
+def make_sampler(method="greedy", beam_size=5, temperature=1.0, top_k=None, top_p=None, num_captions=1,
+                 magic_k=None, magic_alpha=None, magic_beta=None):
     """The sampler for `ClipCap.generate`'s arguments (`custom_architectures.samplers.get_sampler`), validated
     without a model (so a command line can fail before loading one): integers must be integers (numpy's too;
     not bool, not 2.0), ``temperature`` finite and > 0, ``top_p`` in (0, 1], ``top_k`` >= 1, whatever the
-    method (a wrong value is an error even where the method ignores it)."""
+    method (a wrong value is an error even where the method ignores it); MAGIC's ``magic_k`` >= 1,
+    ``magic_alpha`` in [0, 1], ``magic_beta`` >= 0 (given to another method: an error)."""
     return get_sampler(method, beam_size=beam_size, temperature=temperature, top_k=top_k, top_p=top_p,
-                       num_captions=num_captions)
+                       num_captions=num_captions, magic_k=magic_k, magic_alpha=magic_alpha, magic_beta=magic_beta)
 
 
 def check_decoding_args(method="greedy", beam_size=5, max_length=67, temperature=1.0, top_k=None, top_p=None,
-                        num_captions=1, seed=None):
+                        num_captions=1, seed=None, magic_k=None, magic_alpha=None, magic_beta=None):
     """Validate `ClipCap.generate`'s arguments that need no model (all but ``stop_token``); returns
     (sampler, max_length, seed). Raises ValueError / TypeError as ``generate`` does."""
-    sampler = make_sampler(method, beam_size, temperature, top_k, top_p, num_captions)
+    sampler = make_sampler(method, beam_size, temperature, top_k, top_p, num_captions, magic_k, magic_alpha,
+                           magic_beta)
     max_length = check_integer("max_length", max_length, minimum=1)
     return sampler, max_length, None if seed is None else check_seed(seed)
 
@@ -117,6 +121,7 @@ class ClipCap:
     def _compile(self):
         backbone = self.backbone
         self.decoder = PrefixDecoder(backbone.gpt2)
+        self.guided_decoder = GuidedDecoder(backbone.gpt2)  # MAGIC (method="magic")
         self._project = tf.function(lambda e: backbone.prefix(e), jit_compile=self._xla)
         self._logits = tf.function(lambda e, ids: backbone(e, ids), jit_compile=self._xla)
 
@@ -336,17 +341,23 @@ class ClipCap:
 
     # --- captions ------------------------------------------------------------------------------------
 
-    def sampler(self, method="greedy", beam_size=5, temperature=1.0, top_k=None, top_p=None, num_captions=1):
+    def sampler(self, method="greedy", beam_size=5, temperature=1.0, top_k=None, top_p=None, num_captions=1,
+                magic_k=None, magic_alpha=None, magic_beta=None):
         """The `generation_utils` sampler for these `generate` arguments, validated (`make_sampler`)."""
-        return make_sampler(method, beam_size, temperature, top_k, top_p, num_captions)
+        return make_sampler(method, beam_size, temperature, top_k, top_p, num_captions, magic_k, magic_alpha,
+                            magic_beta)
 
     def generate(self, embeddings, method="greedy", beam_size=5, max_length=67, stop_token=".", temperature=1.0,
-                 top_k=None, top_p=None, num_captions=1, seed=None, compile_now=None):
+                 top_k=None, top_p=None, num_captions=1, seed=None, compile_now=None, magic_k=None, magic_alpha=None,
+                 magic_beta=None):
         """Captions for CLIP embeddings (N, D) (raw, as `encode_images` returns them).
 
         Args:
-            method: 'greedy' (= the official ``generate2``), 'beam' (= the official ``generate_beam``) or
-                'sample' (temperature, top_k, top_p; ``num_captions`` different captions per image).
+            method: 'greedy' (= the official ``generate2``), 'beam' (= the official ``generate_beam``),
+                'sample' (temperature, top_k, top_p; ``num_captions`` different captions per image) or
+                'magic' (MAGIC search, Su et al. 2022: each token chosen among the ``magic_k`` most likely by
+                ``(1 - magic_alpha) * p - magic_alpha * degeneration penalty + magic_beta * CLIP score``; needs
+                CLIP's text tower, `custom_architectures.samplers.Magic`).
             beam_size: beams per image for 'beam'.
             max_length: most generated tokens per caption (the stop token included).
             stop_token: a string that is one token of the vocabulary ('.'), kept in the caption; None never
@@ -358,6 +369,7 @@ class ClipCap:
             compile_now: None follows `jit_compile`; True compiles the mapper and the decoding loop now even
                 under "auto"
                 (for a caller that knows the shape will recur: `predict` on a long run).
+            magic_k, magic_alpha, magic_beta: MAGIC's k, alpha, beta (None: 45, 0.1, 2.0, MAGIC's COCO setting).
 
         Raises:
             ValueError: for NaN / infinite embeddings (naming the rows), a non-integer ``beam_size`` /
@@ -369,15 +381,20 @@ class ClipCap:
             best first; ``score`` is the average log-probability per generated token.
         """
         sampler, max_length, stop, seed = self.check_generate_args(
-            method, beam_size, max_length, stop_token, temperature, top_k, top_p, num_captions, seed)
+            method, beam_size, max_length, stop_token, temperature, top_k, top_p, num_captions, seed, magic_k,
+            magic_alpha, magic_beta)
         if seed is None:
             seed = int(np.random.default_rng().integers(0, 2**31 - 1))
         prefix = self.prefix(embeddings, compile_now=compile_now)
         if len(prefix) == 0:
             return []
         with device_scope(self.device):
-            out = self.decoder(prefix, sampler, max_length=max_length, stop_token_id=stop, seed=seed,
-                               jit_compile=self._decode_mode(compile_now))
+            if sampler.guided:
+                out = self.guided_decoder(prefix, sampler, self._magic_guide(embeddings), max_length=max_length,
+                                          stop_token_id=stop, jit_compile=self._decode_mode(compile_now))
+            else:
+                out = self.decoder(prefix, sampler, max_length=max_length, stop_token_id=stop, seed=seed,
+                                   jit_compile=self._decode_mode(compile_now))
         results = []
         for tokens, scores in zip(out.tokens, out.scores):
             results.append([
@@ -385,6 +402,34 @@ class ClipCap:
                 for t, s in list(zip(tokens, scores))[:num_captions]
             ])
         return results
+
+    def _text_clip(self):
+        """The CLIP whose text tower MAGIC scores partial captions with; ValueError saying how to get one."""
+        how = ("load the model with a CLIP that has it: ClipCap.load(name, clip=CLIP.from_pretrained('ViT-B/32')) "
+               "(a CLIP name, an OpenAI .pt file or a saved CLIP folder, not visual_only), the CLIP this model "
+               "was trained with")
+        if self.clip is None:
+            raise ValueError(f"method='magic' needs CLIP's text tower and this model has no CLIP: {how}")
+        if self.clip.model.text is None or self.clip.tokenizer is None:
+            raise ValueError(f"method='magic' needs CLIP's text tower and this model's CLIP is image-only: {how}")
+        return self.clip
+
+    def _magic_guide(self, embeddings):
+        """MAGIC's CLIP scorer for these image embeddings (`guided_decoding.GuidedDecoder`'s ``guide``):
+        (image rows (M,), M token-id lists) -> (M,) exp(logit_scale) * cos(image, CLIP text features of the
+        decoded tokens), texts cut to CLIP's context as OpenAI's ``truncate=True`` (MAGIC: ``truncation=True``)."""
+        clip = self._text_clip()
+        images = np.asarray(embeddings, np.float32)
+        images = images / np.linalg.norm(images, axis=-1, keepdims=True)
+        scale = clip.logit_scale
+
+        def guide(rows, token_lists):
+            texts = [self.tokenizer.decode(tokens) for tokens in token_lists]
+            features = np.asarray(clip.encode_token_ids(clip.tokenize(texts, truncate=True)), np.float32)
+            features = features / np.linalg.norm(features, axis=-1, keepdims=True)
+            return scale * np.sum(images[np.asarray(rows)] * features, axis=-1)
+
+        return guide
 
     def _decode_mode(self, compile_now):
         """The decoder's ``jit_compile`` for a call: the model's, or True when the caller asks."""
@@ -396,13 +441,17 @@ class ClipCap:
                                          self._decode_mode(compile_now))
 
     def check_generate_args(self, method="greedy", beam_size=5, max_length=67, stop_token=".", temperature=1.0,
-                            top_k=None, top_p=None, num_captions=1, seed=None):
+                            top_k=None, top_p=None, num_captions=1, seed=None, magic_k=None, magic_alpha=None,
+                            magic_beta=None):
         """Validate `generate`'s arguments without decoding (so a long run fails before any work); returns
-        (sampler, max_length, stop_token_id, seed). Raises ValueError / TypeError as `generate` does."""
+        (sampler, max_length, stop_token_id, seed). Raises ValueError / TypeError as `generate` does (MAGIC
+        without CLIP's text tower: ValueError saying how to add it)."""
         from utils.tokenizer import stop_token_id
 
         sampler, max_length, seed = check_decoding_args(method, beam_size, max_length, temperature, top_k, top_p,
-                                                        num_captions, seed)
+                                                        num_captions, seed, magic_k, magic_alpha, magic_beta)
+        if sampler.guided:
+            self._text_clip()
         stop = None if stop_token is None else stop_token_id(self.tokenizer, stop_token)
         return sampler, max_length, stop, seed
 
