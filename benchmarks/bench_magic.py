@@ -29,6 +29,8 @@ os.environ.setdefault("CUDA_VISIBLE_DEVICES", "-1")
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
+from benchmarks.machine import print_machine  # noqa: E402
+
 
 def build_real(directory, tokenizer_dir):
     """Random full-size ClipCap (MLP, GPT-2 124M) with a random ViT-B/32 CLIP that keeps its text tower."""
@@ -110,6 +112,7 @@ def main():
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
+    print_machine()
     tf.config.threading.set_intra_op_parallelism_threads(args.threads)
     tf.config.threading.set_inter_op_parallelism_threads(args.threads)
     torch.set_num_threads(args.threads)
