@@ -28,7 +28,6 @@ import argparse
 import collections
 import json
 import os
-import platform
 import random
 import re
 import signal
@@ -41,28 +40,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.machine import describe_machine, print_machine  # noqa: E402
+
 TINY_GPT2 = dict(n_positions=48, n_embd=64, n_layer=2, n_head=4)
 IMAGES_PER_RUN = 16
 #: a killed writer's leftovers: hidden temporaries and previous copies, lock files, TensorFlow's cache temporaries
 STALE = re.compile(r"^\..*\.tmp$|^\..*\.old\..*|.*\.lock$|^xla_compile_cache__.*\.tmp$")
-
-
-def cpu_line() -> str:
-    """The CPU model, its vector flags and the core count (every benchmark prints them)."""
-    model, flags = platform.processor() or "unknown CPU", set()
-    try:
-        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
-            for line in f:
-                key, _, value = line.partition(":")
-                if key.strip() == "model name":
-                    model = value.strip()
-                elif key.strip() == "flags":
-                    flags = set(value.split())
-                    break
-    except OSError:
-        pass
-    shown = [f for f in ("sse4_2", "avx", "avx2", "fma", "avx512f", "avx512_vnni", "amx_tile") if f in flags]
-    return f"{model}; flags: {' '.join(shown) or 'n/a'}; {os.cpu_count()} cores"
 
 
 def stale_entries(*roots):
@@ -359,7 +342,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     rng = random.Random(args.seed)
     os.environ.update({"CUDA_VISIBLE_DEVICES": "-1", "TF_CPP_MIN_LOG_LEVEL": "3"})
-    print(cpu_line(), flush=True)
+    print_machine()
     t_start = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="fault_injection_") as tmp:
         tmp = Path(tmp)
@@ -385,7 +368,7 @@ def main(argv=None):
 def print_table(results, seconds, args):
     print(f"\nfault injection: SIGKILL at a uniform random delay from 0.9 x the first write (convert, train; caption: "
           f"0) to 1.05 x the run (timed on a warm run, shortened by runs that end sooner); seed {args.seed}")
-    print(cpu_line())
+    print(describe_machine())
     print(f"\n{'command':<9} {'one run':>8} {'1st write':>10} {'runs':>5} {'killed':>7} {'failures':>9}")
     for name, s in results.items():
         print(f"{name:<9} {s['duration']:>7.1f}s {s['first_write']:>9.1f}s {s['runs']:>5} {s['kills']:>7} "
