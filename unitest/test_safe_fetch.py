@@ -13,12 +13,12 @@ import http.server
 import ipaddress
 import socket
 import ssl
-import threading
 import time
 from pathlib import Path
 
 import pytest
 
+from unitest.http_helpers import QuietHandler, closed_port, running, start
 from utils import safe_fetch
 from utils.safe_fetch import REFUSED, URLRefused, fetch_untrusted, is_public_address
 
@@ -26,7 +26,7 @@ CAT = (Path(__file__).resolve().parents[1] / "demo" / "cat.jpg").read_bytes()
 PUBLIC_IP = "93.184.216.34"  # a global unicast address; tests never connect to it (the connector redirects)
 
 
-class _Handler(http.server.BaseHTTPRequestHandler):
+class _Handler(QuietHandler):
     def do_GET(self):  # noqa: N802 (http.server's naming)
         server = self.server
         server.requests.append((self.path, self.headers.get("Host")))
@@ -36,7 +36,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             self.send_header("Content-Length", "0")
             self.end_headers()
         elif self.path == "/cat.jpg":
-            self._send(CAT)
+            self.send_bytes(CAT)
         elif self.path == "/big-unannounced":
             self.send_response(200)
             self.end_headers()
@@ -64,38 +64,11 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         else:
             self.send_error(404)
 
-    def _send(self, data):
-        self.send_response(200)
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-    def log_message(self, *args):
-        pass
-
-
-def _start(httpd):
-    httpd.daemon_threads = True
-    httpd.requests, httpd.redirects = [], {}
-    httpd.port = httpd.server_address[1]
-    thread = threading.Thread(target=httpd.serve_forever, args=(0.05,), daemon=True)
-    thread.start()
-    return thread
-
 
 @pytest.fixture
 def server():
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
-    _start(httpd)
-    yield httpd
-    httpd.shutdown()
-    httpd.server_close()
-
-
-def _closed_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    with running(_Handler, requests=[], redirects={}) as httpd:
+        yield httpd
 
 
 def public_names(port, names=("public.test",), calls=None):
@@ -149,7 +122,7 @@ def test_every_local_form_and_every_path_is_refused_alike(server, tmp_path):
             f"http://017700000001:{port}/cat.jpg", f"http://127.1:{port}/cat.jpg", f"http://0.0.0.0:{port}/cat.jpg",
             f"http://[::1]:{port}/cat.jpg", f"http://[::ffff:127.0.0.1]:{port}/cat.jpg",
             f"HTTP://LOCALHOST:{port}/cat.jpg", f"https://127.0.0.1:{port}/cat.jpg",
-            f"http://127.0.0.1:{_closed_port()}/cat.jpg", f"http://x@127.0.0.1:{port}/cat.jpg",
+            f"http://127.0.0.1:{closed_port()}/cat.jpg", f"http://x@127.0.0.1:{port}/cat.jpg",
             str(photo), "/etc/passwd", str(tmp_path), str(tmp_path / "missing.jpg"), "x.jpg", "~/x.jpg",
             f"file://{photo}", "file:///etc/passwd", "ftp://127.0.0.1/x.jpg", "gopher://127.0.0.1:70/",
             "data:image/jpeg;base64,AAAA", "http://", "http:///cat.jpg", f"http://127.0.0.1:{port}x/cat.jpg",
@@ -165,7 +138,7 @@ def test_private_addresses_with_the_operators_flag(server):
                 f"http://2130706433:{port}/cat.jpg"):
         assert fetch_untrusted(url, max_bytes=10**6, allow_private=True) == CAT
     # the flag opens addresses, not failures: a closed port, a 404, another scheme, a path read the same
-    for url in (f"http://127.0.0.1:{_closed_port()}/cat.jpg", f"http://127.0.0.1:{port}/missing.jpg",
+    for url in (f"http://127.0.0.1:{closed_port()}/cat.jpg", f"http://127.0.0.1:{port}/missing.jpg",
                 "file:///etc/passwd", "/etc/passwd"):
         _refused(url, allow_private=True)
 
@@ -249,7 +222,8 @@ def test_https_checks_the_certificate_against_the_name(tmp_path):
     server_context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     server_context.load_cert_chain(cert, key)
     httpd.socket = server_context.wrap_socket(httpd.socket, server_side=True)
-    _start(httpd)
+    httpd.requests, httpd.redirects = [], {}
+    start(httpd)
     try:
         resolver, connector = public_names(httpd.port, names=("public.test", "other.test"))
         trust = ssl.create_default_context(cafile=str(cert))

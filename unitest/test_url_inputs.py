@@ -2,8 +2,6 @@
 a loopback HTTP server on 127.0.0.1 (no network): a good image, a 404, an oversized body (announced or not),
 a server that goes silent, a redirect to another scheme; each bad URL fails alone."""
 
-import http.server
-import threading
 import time
 from pathlib import Path
 
@@ -11,16 +9,17 @@ import pytest
 
 import main
 from unitest import tiny_models
+from unitest.http_helpers import QuietHandler, running
 from utils.image_io import ImageReadError, expand_paths, read_image, read_url
 
 ROOT = Path(__file__).resolve().parents[1]
 CAT = (ROOT / "demo" / "cat.jpg").read_bytes()
 
 
-class _Handler(http.server.BaseHTTPRequestHandler):
+class _Handler(QuietHandler):
     def do_GET(self):  # noqa: N802 (http.server's naming)
         if self.path == "/cat.jpg":
-            self._send(CAT)
+            self.send_bytes(CAT)
         elif self.path == "/big-announced":
             self.send_response(200)
             self.send_header("Content-Length", str(10**9))
@@ -43,29 +42,15 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             self.send_header("Location", "file:///etc/passwd")
             self.end_headers()
         elif self.path == "/empty":
-            self._send(b"")
+            self.send_bytes(b"")
         else:
             self.send_error(404)
-
-    def _send(self, data):
-        self.send_response(200)
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-    def log_message(self, *args):
-        pass
 
 
 @pytest.fixture(scope="module")
 def server():
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
-    httpd.daemon_threads = True
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{httpd.server_address[1]}"
-    httpd.shutdown()
-    httpd.server_close()
+    with running(_Handler) as httpd:
+        yield f"http://127.0.0.1:{httpd.port}"
 
 
 def test_read_url(server):

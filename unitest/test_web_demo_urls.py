@@ -6,23 +6,22 @@ URLs (a live server, a closed port) all get one and the same message and no thum
 stay off. The browser and Gradio-client tests of the page are in ``test_web_demo.py``.
 """
 
-import http.server
 import os
 import shutil
 import socket
-import threading
 import time
 
 import pytest
 
 import main
+from unitest.http_helpers import QuietHandler, closed_port, running
 from unitest.tiny_models import DEMO_DIR
 from utils.safe_fetch import REFUSED
 
 CAT = DEMO_DIR / "cat.jpg"
 
 
-class _Handler(http.server.BaseHTTPRequestHandler):
+class _Handler(QuietHandler):
     def do_GET(self):  # noqa: N802 (http.server's naming)
         self.server.requests.append(self.path)
         if self.path == "/silent":  # headers, then nothing for 3 s
@@ -32,31 +31,13 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             self.wfile.flush()
             time.sleep(3)
             return
-        data = CAT.read_bytes()
-        self.send_response(200)
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-    def log_message(self, *args):
-        pass
+        self.send_bytes(CAT.read_bytes())
 
 
 @pytest.fixture
 def server():
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
-    httpd.daemon_threads, httpd.requests = True, []
-    thread = threading.Thread(target=httpd.serve_forever, args=(0.05,), daemon=True)
-    thread.start()
-    yield httpd
-    httpd.shutdown()
-    httpd.server_close()
-
-
-def _closed_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    with running(_Handler, requests=[]) as httpd:
+        yield httpd
 
 
 def _captioner(model, **kwargs):
@@ -91,7 +72,7 @@ def test_url_box_reads_no_server_path(tiny_clipcap, tmp_path, monkeypatch):
 
 def test_url_box_refuses_loopback_unless_the_operator_allows_it(tiny_clipcap, server):
     port = server.server_address[1]
-    closed = f"http://127.0.0.1:{_closed_port()}/cat.jpg"
+    closed = f"http://127.0.0.1:{closed_port()}/cat.jpg"
     local = [f"http://127.0.0.1:{port}/cat.jpg", f"http://localhost:{port}/cat.jpg", f"http://[::1]:{port}/cat.jpg",
              f"http://[::ffff:127.0.0.1]:{port}/cat.jpg", f"http://2130706433:{port}/cat.jpg",
              f"http://0x7f.1:{port}/cat.jpg", f"http://0.0.0.0:{port}/cat.jpg", closed]
@@ -126,7 +107,7 @@ def test_launched_demo_sends_no_analytics_and_takes_no_server_path(tiny_clipcap,
     monkeypatch.setattr(web_demo.Captioner, "caption",
                         lambda self, files, *a, **k: files_seen.append(files) or caption(self, files, *a, **k))
     demo = web_demo.build_demo(tiny_clipcap)
-    port = _closed_port()
+    port = closed_port()
     try:
         assert demo.analytics_enabled is False and os.environ["GRADIO_ANALYTICS_ENABLED"] == "False"
         demo.queue(default_concurrency_limit=1)
