@@ -50,10 +50,13 @@ def make_sampler(method="greedy", beam_size=5, temperature=1.0, top_k=None, top_
 
 
 def check_decoding_args(method="greedy", beam_size=5, max_length=67, temperature=1.0, top_k=None, top_p=None,
-                        num_captions=1, seed=None):
+                        num_captions=1, seed=None, rerank=None, rerank_weight=0.0):
     """Validate `ClipCap.generate`'s arguments that need no model (all but ``stop_token``); returns
     (sampler, max_length, seed). Raises ValueError / TypeError as ``generate`` does."""
+    from models.image_captioning.rerank import check_rerank
+
     sampler = make_sampler(method, beam_size, temperature, top_k, top_p, num_captions)
+    check_rerank(rerank, rerank_weight, method)
     max_length = check_integer("max_length", max_length, minimum=1)
     return sampler, max_length, None if seed is None else check_seed(seed)
 
@@ -259,9 +262,16 @@ class ClipCap:
         The official models' names (``coco``, ``conceptual``, ``coco_transformer``; `models.image_captioning.presets.MODELS`)
         are downloaded and converted on first use (no torch needed), then simply loaded.
 
-        ``clip``: a `CLIP` instance to use instead of the saved one (checked for the embedding size).
+        ``clip``: a CLIP to use instead of the saved one (checked for the embedding size): a `CLIP` instance,
+        an OpenAI CLIP name ("ViT-B/32", downloaded once), the path of an OpenAI CLIP ``.pt`` or of a saved CLIP
+        folder (e.g. to add the text encoder re-ranking needs to a model saved with an image-only CLIP).
         """
         from models.image_captioning.loading import load_clipcap
+
+        if isinstance(clip, str | os.PathLike):
+            from models.siamese.clip import CLIP
+
+            clip = CLIP.from_pretrained(os.fspath(clip), jit_compile=jit_compile)
 
         return load_clipcap(cls, name_or_directory, clip=clip, jit_compile=jit_compile)
 
@@ -337,7 +347,8 @@ class ClipCap:
         return make_sampler(method, beam_size, temperature, top_k, top_p, num_captions)
 
     def generate(self, embeddings, method="greedy", beam_size=5, max_length=67, stop_token=".", temperature=1.0,
-                 top_k=None, top_p=None, num_captions=1, seed=None, compile_now=None):
+                 top_k=None, top_p=None, num_captions=1, seed=None, compile_now=None, rerank=None,
+                 rerank_weight=0.0):
         """Captions for CLIP embeddings (N, D) (raw, as `encode_images` returns them).
 
         Args:
@@ -354,6 +365,12 @@ class ClipCap:
             compile_now: None follows `jit_compile`; True compiles the mapper and the decoding loop now even
                 under "auto"
                 (for a caller that knows the shape will recur: `predict` on a long run).
+            rerank: None (the decoder's order) or "clip": every candidate the method produced (beam: all
+                ``beam_size`` beams; sample: the ``num_captions`` draws) is scored by CLIPScore
+                (``2.5 * max(cos(image, "A photo depicts " + text), 0)``, `models.image_captioning.rerank`)
+                with ``model.clip``'s text encoder, re-ordered, and the best ``num_captions`` returned, each
+                with its ``clip_score``. The embeddings must be ``model.clip``'s image features.
+            rerank_weight: A in the rank score ``clip_score + A * score`` (default 0: CLIPScore alone decides).
 
         Raises:
             ValueError: for NaN / infinite embeddings (naming the rows), a non-integer ``beam_size`` /
@@ -362,10 +379,12 @@ class ClipCap:
 
         Returns:
             one list per image of ``num_captions`` dicts ``{"tokens": [ids], "text": str, "score": float}``,
-            best first; ``score`` is the average log-probability per generated token.
+            best first; ``score`` is the average log-probability per generated token (with ``rerank``, also
+            ``clip_score``, and best first by the rank score).
         """
         sampler, max_length, stop, seed = self.check_generate_args(
-            method, beam_size, max_length, stop_token, temperature, top_k, top_p, num_captions, seed)
+            method, beam_size, max_length, stop_token, temperature, top_k, top_p, num_captions, seed, rerank,
+            rerank_weight)
         if seed is None:
             seed = int(np.random.default_rng().integers(0, 2**31 - 1))
         prefix = self.prefix(embeddings, compile_now=compile_now)
@@ -374,12 +393,19 @@ class ClipCap:
         with device_scope(self.device):
             out = self.decoder(prefix, sampler, max_length=max_length, stop_token_id=stop, seed=seed,
                                jit_compile=self._decode_mode(compile_now))
+        keep = None if rerank else num_captions  # re-ranking scores every candidate, then keeps the best
         results = []
         for tokens, scores in zip(out.tokens, out.scores):
             results.append([
                 {"tokens": t, "text": self.tokenizer.decode(t).strip(), "score": float(s)}
-                for t, s in list(zip(tokens, scores))[:num_captions]
+                for t, s in list(zip(tokens, scores))[:keep]
             ])
+        if rerank:
+            from models.image_captioning.rerank import rerank_candidates
+
+            results = rerank_candidates(self.clip, self._embeddings(embeddings), results, rerank_weight,
+                                        compile_now=compile_now)
+            results = [candidates[:num_captions] for candidates in results]
         return results
 
     def _decode_mode(self, compile_now):
@@ -392,13 +418,18 @@ class ClipCap:
                                          self._decode_mode(compile_now))
 
     def check_generate_args(self, method="greedy", beam_size=5, max_length=67, stop_token=".", temperature=1.0,
-                            top_k=None, top_p=None, num_captions=1, seed=None):
+                            top_k=None, top_p=None, num_captions=1, seed=None, rerank=None, rerank_weight=0.0):
         """Validate `generate`'s arguments without decoding (so a long run fails before any work); returns
-        (sampler, max_length, stop_token_id, seed). Raises ValueError / TypeError as `generate` does."""
+        (sampler, max_length, stop_token_id, seed). Raises ValueError / TypeError as `generate` does (and
+        `rerank.MissingTextEncoderError`, saying how to add one, for ``rerank`` without CLIP's text encoder)."""
         from utils.tokenizer import stop_token_id
 
         sampler, max_length, seed = check_decoding_args(method, beam_size, max_length, temperature, top_k, top_p,
-                                                        num_captions, seed)
+                                                        num_captions, seed, rerank, rerank_weight)
+        if rerank:
+            from models.image_captioning.rerank import check_text_encoder
+
+            check_text_encoder(self)
         stop = None if stop_token is None else stop_token_id(self.tokenizer, stop_token)
         return sampler, max_length, stop, seed
 

@@ -86,8 +86,8 @@ def convert_model(model_class, checkpoint, clip, tokenizer, directory, name=None
     directory = Path(directory)
     name = check_model_name(name if name is not None else directory.name)
     check_replaceable(directory, is_saved_model, overwrite)  # refuse before the (long) conversion
-    # ClipCap needs only the image encoder: the text encoder is neither converted nor saved
-    clip_model = clip if not isinstance(clip, str | os.PathLike) else CLIP.from_pretrained(str(clip), visual_only=True)
+    # the text encoder is kept too: re-ranking captions by CLIPScore needs it (`models.image_captioning.rerank`)
+    clip_model = clip if not isinstance(clip, str | os.PathLike) else CLIP.from_pretrained(str(clip))
     tok = load_gpt2_tokenizer(str(tokenizer)) if isinstance(tokenizer, str | os.PathLike) else tokenizer
     # name=None: from_pretrained would save into the model store itself; we save once, atomically, below
     model = model_class.from_pretrained(str(checkpoint), clip=clip_model, tokenizer=tok,

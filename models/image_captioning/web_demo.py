@@ -61,7 +61,9 @@ def _render(rows, total_s):
                        f'{html.escape(row["error"])}</td><td></td></tr>')
             continue
         captions = "".join(f'<li><span class="caption">{html.escape(c["text"])}</span> '
-                           f'<small>({c["score"]:.3f})</small></li>' for c in row["candidates"])
+                           f'<small>({c["score"]:.3f}'
+                           + (f', CLIPScore {c["clip_score"]:.3f}' if "clip_score" in c else "")
+                           + ")</small></li>" for c in row["candidates"])
         timing = ", ".join(f"{k} {v * 1000:.0f} ms" for k, v in row["timings"].items())
         out.append(f'<tr class="ok"><td><img src="{row["thumbnail"]}" alt="{name}"><br>{name}</td>'
                    f"<td><ol>{captions}</ol></td><td><small>{html.escape(timing)}</small></td></tr>")
@@ -113,13 +115,16 @@ class Captioner:
         return images
 
     def caption(self, files, urls="", method="greedy", beam_size=5, temperature=1.0, top_p=1.0, num_captions=1,
-                max_length=67):
-        """Rows ``{name, error, candidates, timings, thumbnail}`` for uploaded files and URLs."""
+                max_length=67, rerank=False):
+        """Rows ``{name, error, candidates, timings, thumbnail}`` for uploaded files and URLs. ``rerank``: choose
+        the captions of beam / sample by CLIPScore (`models.image_captioning.rerank`)."""
         kwargs = {"max_length": int(max_length)}
         if method == "beam":
             kwargs.update(beam_size=int(beam_size), num_captions=min(int(num_captions), int(beam_size)))
         elif method == "sample":
             kwargs.update(temperature=float(temperature), top_p=float(top_p), num_captions=int(num_captions))
+        if rerank:
+            kwargs["rerank"] = "clip"
         start = time.perf_counter()
         images = self._read(files, urls)
         read_s = time.perf_counter() - start
@@ -134,7 +139,9 @@ class Captioner:
             row = {"name": name, "error": error}
             if error is None:
                 timings = {"read": read_s / len(images), **r["timings"]}
-                row.update(candidates=[{"text": c["text"], "score": float(c["score"])} for c in r["candidates"]],
+                row.update(candidates=[{"text": c["text"], "score": float(c["score"]),
+                                        **({"clip_score": c["clip_score"]} if "clip_score" in c else {})}
+                                       for c in r["candidates"]],
                            timings=timings, thumbnail=_thumbnail(image))
             rows.append(row)
         return rows
@@ -156,11 +163,11 @@ def build_demo(model, allow_private_urls=False, **limits):
     captioner = Captioner(model, allow_private_urls=allow_private_urls, **limits)
     captioner.warm_up()
 
-    def run(files, urls, method, beam_size, temperature, top_p, num_captions, max_length):
+    def run(files, urls, method, beam_size, temperature, top_p, num_captions, max_length, rerank):
         start = time.perf_counter()
         try:
             rows = captioner.caption([getattr(f, "name", f) for f in files or []], urls, method, beam_size,
-                                     temperature, top_p, num_captions, max_length)
+                                     temperature, top_p, num_captions, max_length, rerank=rerank)
         except ValueError as e:  # too many images, or decoding options the method refuses
             return f'<div id="results"><p style="color:#c00">error: {html.escape(str(e))}</p></div>'
         if not rows:
@@ -181,10 +188,13 @@ def build_demo(model, allow_private_urls=False, **limits):
                 top_p = gr.Slider(0.05, 1.0, value=0.9, step=0.05, label="top-p (sample)")
                 num_captions = gr.Slider(1, 5, value=1, step=1, label="captions per image (beam, sample)")
                 max_length = gr.Slider(5, 67, value=67, step=1, label="max tokens")
+                rerank = gr.Checkbox(value=False, label="choose by CLIPScore (beam, sample: every candidate "
+                                     "re-ranked with CLIP's text encoder)", elem_id="rerank")
                 button = gr.Button("Caption", variant="primary", elem_id="caption-button")
             with gr.Column():
                 output = gr.HTML('<div id="results"><p>results appear here</p></div>', elem_id="output")
-        button.click(run, [files, urls, method, beam_size, temperature, top_p, num_captions, max_length], output,
+        button.click(run, [files, urls, method, beam_size, temperature, top_p, num_captions, max_length, rerank],
+                     output,
                      api_name="caption")
     return demo
 

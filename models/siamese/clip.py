@@ -222,17 +222,23 @@ class CLIP:
             raise ValueError("this CLIP model has no text encoder (loaded with visual_only=True)")
         return self.tokenizer.tokenize(texts, truncate=truncate)
 
-    def encode_text(self, texts, truncate=False):
-        """A string or list of strings -> raw text features (N, embed_dim)."""
+    def encode_text(self, texts, truncate=False, compile_now=None):
+        """A string or list of strings -> raw text features (N, embed_dim).
+
+        Compiled as `encode_pixels` is: batches padded to a power of two, and under "auto" a bucket's first
+        call runs eagerly (a one-image re-ranking compiles nothing); ``compile_now=True`` compiles now."""
         token_ids = self.tokenize(texts, truncate=truncate)
         if self._encode_tokens is None:
             raise ValueError("this CLIP model has no text encoder (loaded with visual_only=True)")
         count = len(token_ids)
         if count == 0:
             return np.zeros((0, self.embed_dim), np.float32)
-        if self._text_jit:  # as encode_pixels: few compiled shapes
-            token_ids = pad_batch(token_ids, power_of_two_at_least(count))
+        bucket = power_of_two_at_least(count)
         with device_scope(self.device):
+            if not self._policy.compiles(("text", bucket), force=compile_now):
+                return np.asarray(self.model.text(token_ids, training=False))  # eager: nothing compiled
+            if self._text_jit:  # as encode_pixels: few compiled shapes
+                token_ids = pad_batch(token_ids, bucket)
             return np.asarray(self._encode_tokens(token_ids))[:count]
 
     def similarity(self, images, texts, batch_size=32):
