@@ -34,7 +34,14 @@ from pathlib import Path
 
 import numpy as np
 
-from models.siamese.clip_score import CLIP_SCORE_PROMPT, CLIP_SCORE_W, clip_scores, encode_texts, normalize
+from models.siamese.clip_score import (
+    CLIP_SCORE_PROMPT,
+    CLIP_SCORE_W,
+    clip_scores,
+    encode_texts,
+    has_text_encoder,
+    normalize,
+)
 from utils.file_utils import atomic_write, check_overwritable, json_file_matches
 
 logger = logging.getLogger(__name__)
@@ -291,7 +298,7 @@ def evaluate_model(model, dataset, output_dir, embeddings=None, method="greedy",
         image_features = scored_images.embeddings if not scored_images.failed else None
     if image_features is None:
         report["skipped"]["CLIPScore"] = "the scoring CLIP could not read every captioned image"
-    elif clip is not None and getattr(clip, "tokenizer", None) is not None:
+    elif has_text_encoder(clip):
         refs = [references[k] for k in dataset.image_ids]
         cs = clip_score(clip, image_features, captions, references=refs if all(refs) else None)
         report["metrics"]["CLIPScore"] = cs["CLIPScore"]

@@ -206,7 +206,8 @@ def load_parts(cls, directory, config, backbone, clip, jit_compile):
     if clip is None and config.get("clip") is not None:
         from models.siamese.clip import CLIP
 
-        clip = CLIP.load(str(directory / str(config["clip"])), jit_compile=jit_compile)
+        # the text encoder (re-ranking only) is read when first used: captioning's start-up does not pay it
+        clip = CLIP.load(str(directory / str(config["clip"])), jit_compile=jit_compile, lazy_text=True)
     info = {k: config.get(k) for k in cls.INFO_KEYS}
     info["name"] = valid_name(config.get("name"), config_path) or folder_name(directory)
     model = cls(backbone, tokenizer, clip=clip, jit_compile=jit_compile, info=info)

@@ -55,7 +55,8 @@ class CLIP:
             "gpu:N" set with `to` (`utils.devices`).
     """
 
-    def __init__(self, model: CLIPModel, tokenizer: CLIPTokenizer | None = None, jit_compile="auto"):
+    def __init__(self, model: CLIPModel, tokenizer: CLIPTokenizer | None = None, jit_compile="auto",
+                 text_loader=None):
         import tensorflow as tf
 
         jit_compile = check_jit_compile(jit_compile)
@@ -65,7 +66,7 @@ class CLIP:
         self.tokenizer = tokenizer
         self.source = self.source_sha256 = None
         self.device = None  # TensorFlow device string (utils.devices.resolve_device); see `to`
-        self._text_jit = text_jit = bool(jit_compile)
+        self._text_jit = bool(jit_compile)
         if jit_compile == "auto":
             jit_compile = not isinstance(model.visual, ModifiedResNet)
         self.jit_compile = bool(jit_compile)
@@ -73,9 +74,33 @@ class CLIP:
         self._encode_pixels = tf.function(lambda x: model.visual(x, training=False), jit_compile=self.jit_compile,
                                           reduce_retracing=not self.jit_compile)
         self._encode_tokens = None
+        # () -> (text tower, tokenizer): a text encoder saved with the model but not loaded yet (`load_text`)
+        self._text_loader = text_loader if model.text is None else None
         if model.text is not None:
-            self._encode_tokens = tf.function(lambda t: model.text(t, training=False), jit_compile=text_jit,
-                                              reduce_retracing=not text_jit)
+            self._compile_text()
+
+    def _compile_text(self):
+        import tensorflow as tf
+
+        text, text_jit = self.model.text, self._text_jit
+        self._encode_tokens = tf.function(lambda t: text(t, training=False), jit_compile=text_jit,
+                                          reduce_retracing=not text_jit)
+
+    @property
+    def has_text(self) -> bool:
+        """Whether this CLIP has its text encoder and tokenizer (loaded, or saved and loaded when first used)."""
+        return self._text_loader is not None or (self.model.text is not None and self.tokenizer is not None)
+
+    def load_text(self):
+        """Load the text encoder and tokenizer now if they were left for later (`CLIP.load` with
+        ``lazy_text``, as `ClipCap.load` does); ``model`` then holds both towers. Returns self."""
+        if self._text_loader is not None:
+            text, tokenizer = self._text_loader()
+            model = CLIPModel(self.model.visual, text, name=self.model.name)
+            model.logit_scale.assign(self.model.logit_scale)
+            self.model, self.tokenizer, self._text_loader = model, tokenizer, None
+            self._compile_text()
+        return self
 
     def to(self, device):
         """Run the encoders on ``device`` ("cpu", "gpu", "gpu:N", or None for TensorFlow's placement);
@@ -143,14 +168,15 @@ class CLIP:
         return save_clip(self, directory, overwrite=overwrite)
 
     @classmethod
-    def load(cls, name_or_directory, jit_compile="auto"):
+    def load(cls, name_or_directory, jit_compile="auto", lazy_text=False):
         """Rebuild a saved CLIP (no torch needed): a folder written by `save` (format 2, or format 1 from
         before it) or a name in the model store. Strict: every weight present, nothing left over; a damaged
-        config.json or weights file raises `utils.convert.common.CheckpointError` naming the file."""
+        config.json or weights file raises `utils.convert.common.CheckpointError` naming the file.
+        ``lazy_text``: the text encoder and tokenizer are read when first used (`load_text`), not now."""
         from models.siamese.clip_saving import load_clip
         from utils.model_store import model_dir
 
-        return load_clip(cls, model_dir(name_or_directory), jit_compile=jit_compile)
+        return load_clip(cls, model_dir(name_or_directory), jit_compile=jit_compile, lazy_text=lazy_text)
 
     # --- properties ----------------------------------------------------------------------------------
 
@@ -218,6 +244,7 @@ class CLIP:
     # --- texts ---------------------------------------------------------------------------------------
 
     def tokenize(self, texts, truncate=False):
+        self.load_text()
         if self.tokenizer is None:
             raise ValueError("this CLIP model has no text encoder (loaded with visual_only=True)")
         return self.tokenizer.tokenize(texts, truncate=truncate)

@@ -20,8 +20,11 @@ TEXT_BATCH = 256
 
 def has_text_encoder(clip) -> bool:
     """Whether ``clip`` (a `models.siamese.clip.CLIP`) has its text encoder and tokenizer."""
-    model = getattr(clip, "model", None)
-    return getattr(clip, "tokenizer", None) is not None and getattr(model, "text", None) is not None
+    if clip is None:
+        return False
+    if hasattr(clip, "has_text"):  # a `CLIP`: also a text encoder saved and not loaded yet
+        return bool(clip.has_text)
+    return getattr(clip, "tokenizer", None) is not None and getattr(getattr(clip, "model", None), "text", None) is not None
 
 
 def normalize(x):
