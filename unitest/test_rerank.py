@@ -21,7 +21,7 @@ from models.image_captioning.rerank import MissingTextEncoderError, rerank_candi
 
 ROOT = Path(__file__).resolve().parents[1]
 PHOTOS = sorted(glob.glob(str(ROOT / "demo" / "*.jpg")))
-BEAM = dict(method="beam", beam_size=5, num_captions=5, max_length=10)
+BEAM = dict(method="beam", beam_size=5, num_captions=5, max_length=12)
 # hand-written candidates: enough of them that several have a positive cosine with each photo (a random CLIP)
 TEXTS = ["a cat on a couch.", "a dog running on the beach.", "two people riding bikes.", "a plate of food.",
          "a red car parked on a street.", "a man holding an umbrella.", "a bowl of fruit on a table.",
@@ -79,13 +79,17 @@ def test_generate_reranks_every_beam_and_keeps_the_best(tiny_clipcap, reference)
     top2 = model.generate(embeddings, **{**BEAM, "num_captions": 2}, rerank="clip")
     changed = 0
     for i, (before, after) in enumerate(zip(plain, ranked)):
-        assert sorted((c["text"], c["score"]) for c in before) == sorted((c["text"], c["score"]) for c in after)
+        # the same beams with the same LM scores (up to the compiled decoder's rounding: the first call of a
+        # shape runs eagerly, the next ones compiled)
+        lm = {tuple(c["tokens"]): c["score"] for c in after}
+        assert sorted(lm) == sorted(tuple(c["tokens"]) for c in before)
+        np.testing.assert_allclose([lm[tuple(c["tokens"])] for c in before], [c["score"] for c in before], atol=1e-5)
         expected = reference_clip_scores(reference, PHOTOS[i : i + 1], [c["text"] for c in after])[0]
         np.testing.assert_allclose([c["clip_score"] for c in after], expected, atol=1e-4)
         assert after[0]["clip_score"] == max(c["clip_score"] for c in after)  # the chosen one: the best CLIP-S
         assert [c["clip_score"] for c in after] == sorted((c["clip_score"] for c in after), reverse=True)
-        assert top2[i] == after[:2]
-        changed += [c["text"] for c in before] != [c["text"] for c in after]
+        assert [c["tokens"] for c in top2[i]] == [c["tokens"] for c in after[:2]]
+        changed += [c["tokens"] for c in before] != [c["tokens"] for c in after]
     assert changed  # re-ranking changed some order: the test can fail
 
 
@@ -99,7 +103,7 @@ def test_rerank_weight_mixes_the_language_model_score(tiny_clipcap):
         for group in mixed:
             rank = [c["clip_score"] + weight * c["score"] for c in group]
             assert rank == sorted(rank, reverse=True)
-    assert [[c["text"] for c in g] for g in mixed] == [[c["text"] for c in g] for g in plain]
+    assert [[c["tokens"] for c in g] for g in mixed] == [[c["tokens"] for c in g] for g in plain]
     with pytest.raises(ValueError, match="'beam' or 'sample'"):
         model.generate(embeddings, method="greedy", rerank="clip")
     with pytest.raises(ValueError, match="rerank must be"):
@@ -116,15 +120,16 @@ def test_sample_candidates_are_reranked(tiny_clipcap):
     plain = model.generate(embeddings, method="sample", num_captions=4, seed=3, max_length=8)
     ranked = model.generate(embeddings, method="sample", num_captions=4, seed=3, max_length=8, rerank="clip")
     for before, after in zip(plain, ranked):
-        assert sorted(c["text"] for c in before) == sorted(c["text"] for c in after)
+        assert sorted(c["tokens"] for c in before) == sorted(c["tokens"] for c in after)
         assert [c["clip_score"] for c in after] == sorted((c["clip_score"] for c in after), reverse=True)
 
 
 def test_the_text_encoder_is_kept_saved_and_loaded_exactly(tiny_model_dir, tiny_files, tmp_path):
-    """convert keeps CLIP's text encoder; save + load gives back the same weights, which are OpenAI's fp16
-    values exactly."""
+    """convert keeps CLIP's text encoder; save + load gives back the same weights exactly (stored as the image
+    tower's: float32, mapped at load), the checkpoint's values exactly."""
     model = ClipCap.load(str(tiny_model_dir))
-    assert model.clip.model.text is not None and model.clip.tokenizer is not None
+    assert model.clip.model.text is None and model.clip.has_text  # saved, read when first used
+    assert model.clip.load_text().model.text is not None and model.clip.tokenizer is not None
     state_dict = torch.load(str(tiny_files["clip"]), map_location="cpu")
     text = {v.path: v.numpy() for v in model.clip.model.text.weights}
     embedding = [w for path, w in text.items() if "token_embedding" in path]
@@ -132,9 +137,8 @@ def test_the_text_encoder_is_kept_saved_and_loaded_exactly(tiny_model_dir, tiny_
     np.testing.assert_array_equal(embedding[0], state_dict["token_embedding.weight"].float().numpy())
     model.save(tmp_path / "again")
     loaded = ClipCap.load(str(tmp_path / "again"))
-    for a, b in zip(model.clip.model.text.weights, loaded.clip.model.text.weights):
+    for a, b in zip(model.clip.model.text.weights, loaded.clip.load_text().model.text.weights, strict=True):
         np.testing.assert_array_equal(a.numpy(), b.numpy())
-        assert np.array_equal(a.numpy(), a.numpy().astype(np.float16).astype(np.float32))  # fp16-exact
     assert "text encoder (re-ranking): included" in (tmp_path / "again" / "README.md").read_text()
 
 
@@ -152,9 +156,9 @@ def test_an_image_only_folder_loads_and_rerank_says_how_to_add_the_text_encoder(
                                                                                  tmp_path):
     model = ClipCap.load(image_only_dir)
     assert model.caption(PHOTOS[:1], max_length=5)  # captioning without re-ranking works as before
-    with pytest.raises(MissingTextEncoderError, match=r"--overwrite.*clip='ViT-B/32'"):
+    with pytest.raises(MissingTextEncoderError, match=r"convert CHECKPOINT --clip CLIP --name tiny --overwrite.*clip='ViT-B/32'"):
         model.generate(model.encode_images(PHOTOS[:1]), **BEAM, rerank="clip")
-    with pytest.raises(MissingTextEncoderError, match="old_model"):  # raised before any image is read
+    with pytest.raises(MissingTextEncoderError, match="text encoder"):  # raised before any image is read
         model.predict(["no such image.jpg"], **BEAM, rerank="clip", save=False)
     for clip in (tiny_files["clip"], str(tiny_files["clip"])):  # the fix the error names: a CLIP file given
         fixed = ClipCap.load(image_only_dir, clip=clip)

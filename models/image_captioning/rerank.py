@@ -46,12 +46,15 @@ def check_rerank(rerank, rerank_weight, method):
 
 def text_encoder_help(model_name=None) -> str:
     """How to give a ClipCap model CLIP's text encoder (the error of `check_text_encoder`)."""
+    from models.image_captioning.presets import MODELS
+
     name = model_name or "NAME"
+    convert = (f"python main.py download {name} --force" if name in MODELS else
+               f"python main.py convert CHECKPOINT --clip CLIP --name {name} --overwrite")
     return ("re-ranking needs CLIP's text encoder, and this model's CLIP is image-only (a clip/ folder saved "
-            "before text encoders were kept, or none). Add it: convert the model again "
-            f"(python main.py convert ... --name {name} --overwrite, or for an official model python main.py "
-            f"download {name} --force), or load it with a CLIP that has one: ClipCap.load({name!r}, "
-            "clip='ViT-B/32' or the path of an OpenAI CLIP .pt file or a saved CLIP folder)")
+            f"before text encoders were kept, or none). Add it: convert the model again ({convert}), or load it "
+            f"with a CLIP that has one: ClipCap.load({name!r}, clip='ViT-B/32' or the path of an OpenAI CLIP .pt "
+            "file or of a saved CLIP folder)")
 
 
 def check_text_encoder(model):
