@@ -66,8 +66,9 @@ class ClipCap:
 
     Attributes:
         backbone: the `ClipCapBackbone` (one Keras model: mapper, GPT-2, ``normalize_prefix``).
-        clip: a `models.siamese.clip.CLIP` (image encoder) or None (then caption CLIP embeddings given to
-            `generate`).
+        clip: a `models.siamese.clip.CLIP` (image encoder, and the text encoder that ``rerank="clip"`` uses:
+            ``clip.has_text``; a loaded model reads it when first used, ``clip.load_text()``) or None (then
+            caption CLIP embeddings given to `generate`).
         tokenizer: a `utils.gpt2_tokenizer.GPT2Tokenizer` (what `load_gpt2_tokenizer` gives; a
             ``GPT2TokenizerFast`` works too).
         info: what is not architecture: ``name`` (where `save` / `predict` write by default), ``checkpoint``
