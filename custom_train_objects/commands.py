@@ -226,7 +226,8 @@ def cmd_evaluate(args):
         return _fail(e.args[0], EXIT_USAGE)
     except MODEL_ERRORS as e:  # a damaged saved model: exit 3 naming the file
         return _fail(f"cannot load model: {e}", EXIT_MODEL)
-    kwargs = {k: getattr(args, k) for k in ("beam_size", "max_length", *MAGIC_DEFAULTS) if getattr(args, k) is not None}
+    kwargs = {k: getattr(args, k) for k in ("beam_size", "max_length", *MAGIC_DEFAULTS, "rerank", "rerank_weight")
+              if getattr(args, k) is not None}
     # the method's own beam size / MAGIC settings too, so that metrics.json says what ran
     defaults = {**sampler_options(args.method), **(MAGIC_DEFAULTS if args.method == "magic" else {})}
     kwargs.update({k: defaults[k] for k in ("beam_size", *MAGIC_DEFAULTS) if k in defaults and k not in kwargs})
@@ -347,6 +348,11 @@ def register(subparsers):
     p.add_argument("--magic-alpha", type=float, help="--method magic: degeneration penalty weight (default: 0.1)")
     p.add_argument("--magic-beta", type=float, help="--method magic: CLIP score weight (default: 2.0)")
     p.add_argument("--max-length", type=int, help="most generated tokens per caption (default: 67)")
+    p.add_argument("--rerank", choices=("clip",),
+                   help="with --method beam: choose each caption among the beams by CLIPScore (the model's CLIP "
+                        "text encoder; scoring CLIPScore with that same CLIP then favours it)")
+    p.add_argument("--rerank-weight", type=float,
+                   help="with --rerank clip: rank by clip_score + A * the language model's score (default: 0)")
     p.add_argument("--batch-size", type=int, default=32, help="images per encoding / decoding batch")
     p.add_argument("--metrics", nargs="+", choices=ALL_METRICS, default=list(ALL_METRICS),
                    help="the metrics to compute (default: all of them)")

@@ -34,13 +34,19 @@ from pathlib import Path
 
 import numpy as np
 
+from models.siamese.clip_score import (
+    CLIP_SCORE_PROMPT,
+    CLIP_SCORE_W,
+    clip_scores,
+    encode_texts,
+    has_text_encoder,
+    normalize,
+)
 from utils.file_utils import atomic_write, check_overwritable, json_file_matches
 
 logger = logging.getLogger(__name__)
 
 ALL_METRICS = ("BLEU", "METEOR", "ROUGE_L", "CIDEr", "SPICE")
-CLIP_SCORE_PROMPT = "A photo depicts "
-CLIP_SCORE_W = 2.5
 SPICE_JARS = ("stanford-corenlp-3.6.0.jar", "stanford-corenlp-3.6.0-models.jar")
 # PTBTokenizer's punctuation list (pycocoevalcap.tokenizer.ptbtokenizer.PUNCTUATIONS)
 _PUNCTUATION = {"''", "'", "``", "`", "-LRB-", "-RRB-", "-LCB-", "-RCB-", ".", "?", "!", ",", ":", "-", "--",
@@ -170,11 +176,6 @@ def caption_metrics(references, predictions, metrics=ALL_METRICS, tokenize=True)
             "num_images": len(ids)}
 
 
-def _normalize(x):
-    x = np.asarray(x, np.float64)
-    return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
-
-
 def clip_score(clip, image_features, captions, references=None, w=CLIP_SCORE_W, prompt=CLIP_SCORE_PROMPT):
     """CLIP-S (and RefCLIP-S with ``references``) of Hessel et al. (2021) with a Keras `CLIP`.
 
@@ -188,17 +189,11 @@ def clip_score(clip, image_features, captions, references=None, w=CLIP_SCORE_W, 
     Returns:
         ``{"CLIPScore": mean, "per_image": [...], ("RefCLIPScore": mean, "ref_per_image": [...])}``.
     """
-    if getattr(clip, "tokenizer", None) is None:
-        raise ValueError("CLIPScore needs a CLIP with its text encoder (this one was loaded image-only)")
-    if len(image_features) != len(captions):
-        raise ValueError(f"{len(image_features)} images but {len(captions)} captions")
-    images = _normalize(image_features)
-    texts = _normalize(_encode_texts(clip, [prompt + c for c in captions]))
-    per = w * np.clip(np.sum(images * texts, axis=1), 0, None)
+    per, texts = clip_scores(clip, image_features, captions, w=w, prompt=prompt)  # models.siamese.clip_score
     out = {"CLIPScore": float(per.mean()) if len(per) else float("nan"), "per_image": per.tolist()}
     if references is not None:
         flat = [r for refs in references for r in refs]
-        refs = _normalize(_encode_texts(clip, flat))
+        refs = normalize(encode_texts(clip, flat))
         best, start = [], 0
         for k, group in enumerate(references):
             sims = refs[start : start + len(group)] @ texts[k]
@@ -208,11 +203,6 @@ def clip_score(clip, image_features, captions, references=None, w=CLIP_SCORE_W, 
         ref = np.where(per + best > 0, 2 * per * best / np.maximum(per + best, 1e-12), 0.0)
         out.update({"RefCLIPScore": float(ref.mean()), "ref_per_image": ref.tolist()})
     return out
-
-
-def _encode_texts(clip, texts, batch_size=256):
-    parts = [clip.encode_text(texts[i : i + batch_size], truncate=True) for i in range(0, len(texts), batch_size)]
-    return np.concatenate(parts) if parts else np.zeros((0, clip.embed_dim), np.float32)
 
 
 def generate_captions(model, embeddings, batch_size=32, method="greedy", **generate_kwargs):
@@ -252,7 +242,8 @@ def evaluate_model(model, dataset, output_dir, embeddings=None, method="greedy",
         output_dir: where ``results.json`` ([{"image_id", "caption"}]) and ``metrics.json`` go.
         embeddings: (N_images, D) CLIP embeddings of ``dataset.images`` (default: extracted with
             ``model.clip``, cached in ``cache_dir``; unreadable images are reported and not scored).
-        method, batch_size, generate_kwargs: decoding (``model.generate``).
+        method, batch_size, generate_kwargs: decoding (``model.generate``; ``rerank="clip"`` chooses each
+            caption by CLIPScore with ``model.clip``, which the CLIPScore reported here then favours).
         metrics: pycocoevalcap metrics to compute.
         clip_for_score: a `CLIP` with a text encoder for CLIPScore (default: ``model.clip`` when it has one;
             otherwise CLIPScore is skipped with a message).
@@ -262,6 +253,8 @@ def evaluate_model(model, dataset, output_dir, embeddings=None, method="greedy",
     """
     from datasets.coco import write_coco_results
 
+    if hasattr(model, "check_generate_args"):  # bad decoding options (rerank without a text encoder...) first
+        model.check_generate_args(method, **generate_kwargs)
     output_dir = Path(output_dir)
     # a previous evaluation's files are replaced; anyone else's are refused before the (long) work
     check_overwritable(output_dir / "results.json", _is_results_file, "a captions results file")
@@ -305,7 +298,7 @@ def evaluate_model(model, dataset, output_dir, embeddings=None, method="greedy",
         image_features = scored_images.embeddings if not scored_images.failed else None
     if image_features is None:
         report["skipped"]["CLIPScore"] = "the scoring CLIP could not read every captioned image"
-    elif clip is not None and getattr(clip, "tokenizer", None) is not None:
+    elif has_text_encoder(clip):
         refs = [references[k] for k in dataset.image_ids]
         cs = clip_score(clip, image_features, captions, references=refs if all(refs) else None)
         report["metrics"]["CLIPScore"] = cs["CLIPScore"]

@@ -146,14 +146,19 @@ def test_magic_defaults_and_options_of_other_methods():
         sampler.first(None, None, None, None)
 
 
-def test_magic_without_text_tower_says_how_to_get_one(tiny_clipcap):
+def test_magic_without_text_tower_says_how_to_get_one(tiny_files, tiny_model_dir):
+    """An image-only CLIP (a folder saved before text encoders were kept), or none: the error says how to add it."""
+    from models.image_captioning.clip_cap import ClipCap
+    from models.siamese import CLIP
+
+    model = ClipCap.load(tiny_model_dir, clip=CLIP.from_pretrained(tiny_files["clip"], visual_only=True))
     embeddings = random_embeddings(1, EMBED_DIM)
-    assert tiny_clipcap.clip is not None and tiny_clipcap.clip.model.text is None  # the saved CLIP: image only
-    with pytest.raises(ValueError, match=r"text tower and this model's CLIP is image-only: .*ClipCap.load\(name, clip="):
-        tiny_clipcap.generate(embeddings, method="magic")
-    tiny_clipcap.clip = None
-    with pytest.raises(ValueError, match=r"text tower and this model has no CLIP: .*ClipCap.load\(name, clip="):
-        tiny_clipcap.check_generate_args("magic")
+    assert not model.clip.has_text
+    with pytest.raises(ValueError, match=r"method='magic' needs CLIP's text encoder.*ClipCap.load\("):
+        model.generate(embeddings, method="magic")
+    model.clip = None
+    with pytest.raises(ValueError, match=r"method='magic' needs CLIP's text encoder.*ClipCap.load\("):
+        model.check_generate_args("magic")
 
 
 def test_cli_caption_with_magic(magic_setup, tiny_files, tmp_path, monkeypatch, capsys):

@@ -23,7 +23,7 @@ EXIT_MODEL = 3  # the model could not be downloaded, converted or loaded
 EXIT_INTERRUPTED = 130
 
 DECODING_KEYS = ("beam_size", "max_length", "temperature", "top_k", "top_p", "num_captions", "seed", "magic_k",
-                 "magic_alpha", "magic_beta")
+                 "magic_alpha", "magic_beta", "rerank", "rerank_weight")
 
 #: what loading a model may raise besides `UnknownModelError`: CheckpointError / ModelLoadError (ValueError),
 #: DownloadError / OfflineError (RuntimeError), missing files (OSError), damaged configs (KeyError, TypeError)
@@ -133,6 +133,13 @@ def add_decoding_arguments(p, batch_help="images per encoding / decoding batch")
                    help="--method magic: weight of the degeneration penalty, in [0, 1] (default: 0.1)")
     p.add_argument("--magic-beta", type=float,
                    help="--method magic: weight of CLIP's image-text score, >= 0 (default: 2.0)")
+    p.add_argument("--rerank", choices=("clip",),
+                   help="re-rank every candidate of --method beam (all --beam-size beams) or sample (the "
+                        "--num-captions draws) by CLIPScore with the model's CLIP text encoder, and keep the best "
+                        "--num-captions (default: the decoder's order)")
+    p.add_argument("--rerank-weight", type=float,
+                   help="with --rerank clip, rank by clip_score + A * the language model's score (average "
+                        "log-probability per token) (default: 0, CLIPScore alone)")
     p.add_argument("--batch-size", type=int, default=16, help=batch_help)
 
 

@@ -247,6 +247,41 @@ def load_weights_strict(model, path):
         raise ValueError(f"the file holds {len(names)} tensors, the model has {len(model.weights)} weights")
 
 
+def load_weights_part(model, path, in_part, inner_path=""):
+    """Load ``model`` (one part of a larger saved model, e.g. a CLIP without its text tower, or that tower
+    alone) from the datasets of a `save_weights` file for which ``in_part(name)`` is true, strictly: every
+    weight of ``model`` from there, every tensor of that part used (the other tensors are not read).
+
+    Through the file's variable index restricted to the part when it describes exactly ``model``'s variables,
+    else Keras' walk from ``inner_path`` (where ``model`` sits in the saved model: "layers/text_transformer")
+    with mapped reads. A missing, mis-shaped or left-over tensor is a ValueError. Returns the names read."""
+    import h5py
+
+    path = os.fspath(path)
+    with h5py.File(path, "r") as f:
+        names = []
+        f.visititems(lambda name, obj: names.append(name)
+                     if isinstance(obj, h5py.Dataset) and name != INDEX_DATASET and in_part(name) else None)
+        index = _read_index(f)
+        part = None if index is None else {k: v for k, v in index.items() if in_part(v.lstrip("/"))}
+        used = None if part is None else _load_indexed(model, path, f, part)
+    if used is None:
+        if not FAST_PATH:
+            raise ValueError(f"{path}: loading a part of a saved model needs Keras' saving module (not found)")
+        store = _MappedStore(path)
+        try:
+            _saving_lib._load_state(model, weights_store=store, assets_store=None, inner_path=inner_path,
+                                    visited_saveables=set())
+        finally:
+            store.close()
+        used = store.used
+    unexpected = sorted(set(names) - used)
+    if unexpected or len(used) != len(model.weights) or not used <= set(names):
+        raise ValueError(f"{path}: the part read does not match the model: {len(used)} tensors read for "
+                         f"{len(model.weights)} weights, {len(unexpected)} left over ({unexpected[:5]})")
+    return used
+
+
 @contextlib.contextmanager
 def variables_to_be_loaded():
     """Inside, a Keras variable whose initializer is random is created uninitialised (its memory is never

@@ -10,7 +10,7 @@ The same pipeline runs on the local DirectRunner / PrismRunner and on Dataflow, 
       -> one JSON line per input in sharded files ``<output>-records-SSSSS-of-NNNNN.jsonl``;
          error records also in ``<output>-errors-SSSSS-of-NNNNN.jsonl`` (the dead-letter output)
 
-A record is ``{"image", "caption", "candidates": [{"text", "tokens", "score"}], "error", "model",
+A record is ``{"image", "caption", "candidates": [{"text", "tokens", "score"(, "clip_score")}], "error", "model",
 "settings"}`` plus, when captioned, the ``size`` and ``sha256`` of the bytes captioned; ``error`` is None when
 captioned, ``settings`` is `prediction.generation_settings` (what map.json stores: the model's identity, its
 name for display, the method and its arguments). For the same model, images, settings and batch size the captions and scores are those of
@@ -72,7 +72,8 @@ def make_record(image, settings, candidates=None, error=None, stamp=None):
     """One output line: the image, its best caption, every candidate (text, token ids, score), the error, and
     the ``size`` / ``sha256`` of the bytes captioned (``stamp``, `freshness.content_stamp`)."""
     if candidates is not None:
-        candidates = [{"text": c["text"], "tokens": [int(t) for t in c["tokens"]], "score": float(c["score"])}
+        candidates = [{"text": c["text"], "tokens": [int(t) for t in c["tokens"]], "score": float(c["score"]),
+                       **({"clip_score": float(c["clip_score"])} if "clip_score" in c else {})}
                       for c in candidates]
     return {"image": image, "caption": candidates[0]["text"] if candidates else None, "candidates": candidates,
             "error": error, "model": settings.get("model"), "settings": settings, **(stamp or {})}
@@ -287,6 +288,7 @@ class ClipCapModelHandler(ModelHandler):
         model = ClipCap.load(self.model_dir)
         if model.clip is None:
             raise ValueError(f"{self.model_dir} has no CLIP image encoder: batch captioning needs one")
+        model.check_generate_args(self.method, **self.generate_kwargs)  # rerank: CLIP's text encoder is there
         return model
 
     def run_inference(self, batch, model, inference_args=None):

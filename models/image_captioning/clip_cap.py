@@ -57,11 +57,15 @@ def make_sampler(method="greedy", beam_size=5, temperature=1.0, top_k=None, top_
 
 
 def check_decoding_args(method="greedy", beam_size=5, max_length=67, temperature=1.0, top_k=None, top_p=None,
-                        num_captions=1, seed=None, magic_k=None, magic_alpha=None, magic_beta=None):
+                        num_captions=1, seed=None, magic_k=None, magic_alpha=None, magic_beta=None, rerank=None,
+                        rerank_weight=0.0):
     """Validate `ClipCap.generate`'s arguments that need no model (all but ``stop_token``); returns
     (sampler, max_length, seed). Raises ValueError / TypeError as ``generate`` does."""
+    from models.image_captioning.rerank import check_rerank
+
     sampler = make_sampler(method, beam_size, temperature, top_k, top_p, num_captions, magic_k, magic_alpha,
                            magic_beta)
+    check_rerank(rerank, rerank_weight, method)
     max_length = check_integer("max_length", max_length, minimum=1)
     return sampler, max_length, None if seed is None else check_seed(seed)
 
@@ -71,8 +75,9 @@ class ClipCap:
 
     Attributes:
         backbone: the `ClipCapBackbone` (one Keras model: mapper, GPT-2, ``normalize_prefix``).
-        clip: a `models.siamese.clip.CLIP` (image encoder) or None (then caption CLIP embeddings given to
-            `generate`).
+        clip: a `models.siamese.clip.CLIP` (image encoder, and the text encoder that ``rerank="clip"`` uses:
+            ``clip.has_text``; a loaded model reads it when first used, ``clip.load_text()``) or None (then
+            caption CLIP embeddings given to `generate`).
         tokenizer: a `utils.gpt2_tokenizer.GPT2Tokenizer` (what `load_gpt2_tokenizer` gives; a
             ``GPT2TokenizerFast`` works too).
         info: what is not architecture: ``name`` (where `save` / `predict` write by default), ``checkpoint``
@@ -268,9 +273,16 @@ class ClipCap:
         The official models' names (``coco``, ``conceptual``, ``coco_transformer``; `models.image_captioning.presets.MODELS`)
         are downloaded and converted on first use (no torch needed), then simply loaded.
 
-        ``clip``: a `CLIP` instance to use instead of the saved one (checked for the embedding size).
+        ``clip``: a CLIP to use instead of the saved one (checked for the embedding size): a `CLIP` instance,
+        an OpenAI CLIP name ("ViT-B/32", downloaded once), the path of an OpenAI CLIP ``.pt`` or of a saved CLIP
+        folder (e.g. to add the text encoder re-ranking needs to a model saved with an image-only CLIP).
         """
         from models.image_captioning.loading import load_clipcap
+
+        if isinstance(clip, str | os.PathLike):
+            from models.siamese.clip import CLIP
+
+            clip = CLIP.from_pretrained(os.fspath(clip), jit_compile=jit_compile)
 
         return load_clipcap(cls, name_or_directory, clip=clip, jit_compile=jit_compile)
 
@@ -349,7 +361,7 @@ class ClipCap:
 
     def generate(self, embeddings, method="greedy", beam_size=5, max_length=67, stop_token=".", temperature=1.0,
                  top_k=None, top_p=None, num_captions=1, seed=None, compile_now=None, magic_k=None, magic_alpha=None,
-                 magic_beta=None):
+                 magic_beta=None, rerank=None, rerank_weight=0.0):
         """Captions for CLIP embeddings (N, D) (raw, as `encode_images` returns them).
 
         Args:
@@ -370,6 +382,12 @@ class ClipCap:
                 under "auto"
                 (for a caller that knows the shape will recur: `predict` on a long run).
             magic_k, magic_alpha, magic_beta: MAGIC's k, alpha, beta (None: 45, 0.1, 2.0, MAGIC's COCO setting).
+            rerank: None (the decoder's order) or "clip": every candidate the method produced (beam: all
+                ``beam_size`` beams; sample: the ``num_captions`` draws) is scored by CLIPScore
+                (``2.5 * max(cos(image, "A photo depicts " + text), 0)``, `models.image_captioning.rerank`)
+                with ``model.clip``'s text encoder, re-ordered, and the best ``num_captions`` returned, each
+                with its ``clip_score``. The embeddings must be ``model.clip``'s image features.
+            rerank_weight: A in the rank score ``clip_score + A * score`` (default 0: CLIPScore alone decides).
 
         Raises:
             ValueError: for NaN / infinite embeddings (naming the rows), a non-integer ``beam_size`` /
@@ -378,11 +396,12 @@ class ClipCap:
 
         Returns:
             one list per image of ``num_captions`` dicts ``{"tokens": [ids], "text": str, "score": float}``,
-            best first; ``score`` is the average log-probability per generated token.
+            best first; ``score`` is the average log-probability per generated token (with ``rerank``, also
+            ``clip_score``, and best first by the rank score).
         """
         sampler, max_length, stop, seed = self.check_generate_args(
             method, beam_size, max_length, stop_token, temperature, top_k, top_p, num_captions, seed, magic_k,
-            magic_alpha, magic_beta)
+            magic_alpha, magic_beta, rerank, rerank_weight)
         if seed is None:
             seed = int(np.random.default_rng().integers(0, 2**31 - 1))
         prefix = self.prefix(embeddings, compile_now=compile_now)
@@ -395,24 +414,28 @@ class ClipCap:
             else:
                 out = self.decoder(prefix, sampler, max_length=max_length, stop_token_id=stop, seed=seed,
                                    jit_compile=self._decode_mode(compile_now))
+        keep = None if rerank else num_captions  # re-ranking scores every candidate, then keeps the best
         results = []
         for tokens, scores in zip(out.tokens, out.scores):
             results.append([
                 {"tokens": t, "text": self.tokenizer.decode(t).strip(), "score": float(s)}
-                for t, s in list(zip(tokens, scores))[:num_captions]
+                for t, s in list(zip(tokens, scores))[:keep]
             ])
+        if rerank:
+            from models.image_captioning.rerank import rerank_candidates
+
+            results = rerank_candidates(self.clip, self._embeddings(embeddings), results, rerank_weight,
+                                        compile_now=compile_now)
+            results = [candidates[:num_captions] for candidates in results]
         return results
 
     def _text_clip(self):
         """The CLIP whose text tower MAGIC scores partial captions with; ValueError saying how to get one."""
-        how = ("load the model with a CLIP that has it: ClipCap.load(name, clip=CLIP.from_pretrained('ViT-B/32')) "
-               "(a CLIP name, an OpenAI .pt file or a saved CLIP folder, not visual_only), the CLIP this model "
-               "was trained with")
-        if self.clip is None:
-            raise ValueError(f"method='magic' needs CLIP's text tower and this model has no CLIP: {how}")
-        if self.clip.model.text is None or self.clip.tokenizer is None:
-            raise ValueError(f"method='magic' needs CLIP's text tower and this model's CLIP is image-only: {how}")
-        return self.clip
+        from models.image_captioning.rerank import text_encoder_help
+
+        if self.clip is None or not self.clip.has_text:
+            raise ValueError(text_encoder_help(self.name, needs="method='magic'"))
+        return self.clip.load_text()  # read now if `ClipCap.load` left it for first use
 
     def _magic_guide(self, embeddings):
         """MAGIC's CLIP scorer for these image embeddings (`guided_decoding.GuidedDecoder`'s ``guide``):
@@ -442,16 +465,22 @@ class ClipCap:
 
     def check_generate_args(self, method="greedy", beam_size=5, max_length=67, stop_token=".", temperature=1.0,
                             top_k=None, top_p=None, num_captions=1, seed=None, magic_k=None, magic_alpha=None,
-                            magic_beta=None):
+                            magic_beta=None, rerank=None, rerank_weight=0.0):
         """Validate `generate`'s arguments without decoding (so a long run fails before any work); returns
         (sampler, max_length, stop_token_id, seed). Raises ValueError / TypeError as `generate` does (MAGIC
-        without CLIP's text tower: ValueError saying how to add it)."""
+        without CLIP's text tower: ValueError saying how to add it; ``rerank`` without it:
+        `rerank.MissingTextEncoderError`, saying how to add one)."""
         from utils.tokenizer import stop_token_id
 
         sampler, max_length, seed = check_decoding_args(method, beam_size, max_length, temperature, top_k, top_p,
-                                                        num_captions, seed, magic_k, magic_alpha, magic_beta)
+                                                        num_captions, seed, magic_k, magic_alpha, magic_beta,
+                                                        rerank, rerank_weight)
         if sampler.guided:
             self._text_clip()
+        if rerank:
+            from models.image_captioning.rerank import check_text_encoder
+
+            check_text_encoder(self)
         stop = None if stop_token is None else stop_token_id(self.tokenizer, stop_token)
         return sampler, max_length, stop, seed
 

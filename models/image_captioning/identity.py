@@ -86,6 +86,8 @@ def compute_identity(model) -> str:
     if clip is None:
         _update_json(digest, "clip", None)
     else:
+        if hasattr(clip, "load_text"):  # a text encoder left for later counts as loaded (re-ranking uses it)
+            clip.load_text()
         _update_keras_model(digest, "clip", clip.model)
     return _PREFIX + digest.hexdigest()
 

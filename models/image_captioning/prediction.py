@@ -288,8 +288,23 @@ def generation_settings_for(model_name, model_identity, method, generate_kwargs,
     identity is in its metadata.json, `models.image_captioning.identity.recorded_identity`)."""
     if not model_identity:
         raise ValueError("generation settings need the model's identity (its name may be another model's)")
+    generate_kwargs = _rerank_settings(generate_kwargs)
     return {"model": model_name, "model_identity": model_identity, "method": method,
             "exif_transpose": bool(exif_transpose), **{k: _jsonable(v) for k, v in sorted(generate_kwargs.items())}}
+
+
+def _rerank_settings(generate_kwargs):
+    """The re-ranking options in one form, so that equal requests key equal entries: none without
+    re-ranking (entries made before it existed still answer), ``rerank`` and ``rerank_weight`` (default 0.0)
+    with it."""
+    kwargs = dict(generate_kwargs)
+    if kwargs.get("rerank") is None:
+        kwargs.pop("rerank", None)
+        if not kwargs.get("rerank_weight"):  # 0 without re-ranking means nothing (another value is refused)
+            kwargs.pop("rerank_weight", None)
+    else:
+        kwargs["rerank_weight"] = float(kwargs.get("rerank_weight", 0.0))
+    return kwargs
 
 
 # ---------------------------------------------------------------------------------------------- the model
@@ -347,8 +362,10 @@ def _check_model(model):
 
 
 def _candidates(generated):
-    """Every returned caption, best first: text, score and token ids (as `ClipCap.generate` gives them)."""
+    """Every returned caption, best first: text, score, CLIPScore when re-ranked, and token ids (as
+    `ClipCap.generate` gives them)."""
     return [{"text": c["text"], "score": float(c["score"]),
+             **({"clip_score": float(c["clip_score"])} if "clip_score" in c else {}),
              **({"tokens": [int(t) for t in c["tokens"]]} if "tokens" in c else {})} for c in generated]
 
 
@@ -377,7 +394,8 @@ def predict(model, images, batch_size=16, method="greedy", save=True, overwrite=
         status: a callable given a line before and after each first compilation (`compile_status`); the
             progress bar starts after the first results, so its ETA does not count the compilation.
         **generate_kwargs: passed to ``model.generate`` (``beam_size``, ``max_length``, ``temperature``,
-            ``top_k``, ``top_p``, ``num_captions``, ``seed``, ``stop_token``).
+            ``top_k``, ``top_p``, ``num_captions``, ``seed``, ``stop_token``, ``rerank``, ``rerank_weight``);
+            all of them key the results in map.json.
 
     Returns:
         a list of dicts ``{"image": path or index, "caption": str or None, "error": None or message,

@@ -88,10 +88,10 @@ def convert_model(model_class, checkpoint, clip, tokenizer, directory, name=None
     name = check_model_name(name if name is not None else directory.name)
     check_replaceable(directory, is_saved_model, overwrite)  # refuse before the (long) conversion
     say = status or (lambda line: None)
-    # ClipCap needs only the image encoder: the text encoder is neither converted nor saved
+    # the text encoder is kept too: re-ranking captions by CLIPScore needs it (`models.image_captioning.rerank`)
     if isinstance(clip, str | os.PathLike):
-        say(f"reading and converting the CLIP image encoder {clip} ...")
-        clip_model = CLIP.from_pretrained(str(clip), visual_only=True)
+        say(f"reading and converting the CLIP {clip} (image and text encoders) ...")
+        clip_model = CLIP.from_pretrained(str(clip))
     else:
         clip_model = clip
     if isinstance(tokenizer, str | os.PathLike):

@@ -8,7 +8,7 @@ config.json        {"architecture": "clipcap", "format_version": 2, "name", "che
                     "model": keras.saving.serialize_keras_object(ClipCapBackbone)}
 model.weights.h5   the backbone's weights (Keras save_weights: mapper and GPT-2)
 tokenizer/         the GPT-2 tokenizer files (save_pretrained)
-clip/              the CLIP image encoder, a saved CLIP folder of the same format (when there is one)
+clip/              the CLIP (image encoder, and the text encoder since re-ranking), a saved CLIP folder of the same format (when there is one)
 metadata.json      format version, library version, UTC date, source checkpoint and its SHA-256, the model's
                    ``identity`` (`models.image_captioning.identity`: what its cached captions are keyed by)
 README.md          a short model card
@@ -96,7 +96,7 @@ def convert_official(cls, source, clip=None, tokenizer="gpt2", name=None, normal
         clip_source = os.fspath(clip)
         if clip_source in CLIP_SOURCES and clip_name is None:  # an OpenAI name: recorded, for save_official
             info["clip_name"] = clip_source
-        clip = CLIP.from_pretrained(clip_source, visual_only=True, jit_compile=jit_compile)
+        clip = CLIP.from_pretrained(clip_source, jit_compile=jit_compile)  # with its text encoder (rerank)
         check_clip_matches(clip.embed_dim, config, clip_name=clip_source, checkpoint_name=info["checkpoint"])
     if isinstance(tokenizer, str | os.PathLike):
         tokenizer = load_gpt2_tokenizer(os.fspath(tokenizer))
@@ -116,6 +116,8 @@ def convert_official(cls, source, clip=None, tokenizer="gpt2", name=None, normal
 
 def model_card(model) -> str:
     """A short README.md for a saved ClipCap: what it is, its sizes, where it comes from, how to load it."""
+    from models.siamese.clip_score import has_text_encoder
+
     c = model.config
     gpt2 = c["gpt2"]
     source = c.get("checkpoint") or "trained or built with this library"
@@ -127,6 +129,8 @@ def model_card(model) -> str:
         f"{c['prefix_size']}, embedding L2-normalised first: {'yes' if c['normalize_prefix'] else 'no'}",
         f"- GPT-2: {gpt2['n_layer']} layers x {gpt2['n_embd']}, {gpt2['vocab_size']} tokens",
         f"- CLIP image encoder: {'included (clip/)' if model.clip is not None else 'not included'}"
+        + (", text encoder (re-ranking): " + ("included" if has_text_encoder(model.clip) else "not included")
+           if model.clip is not None else "")
         + (f", expects {c['clip_name']}" if c.get("clip_name") else ""),
         f"- source: {source}" + (f" (SHA-256 {c['checkpoint_sha256']})" if c.get("checkpoint_sha256") else ""),
         "", "Load it (no torch needed):", "", "```python", "from models.image_captioning import ClipCap",
@@ -202,7 +206,8 @@ def load_parts(cls, directory, config, backbone, clip, jit_compile):
     if clip is None and config.get("clip") is not None:
         from models.siamese.clip import CLIP
 
-        clip = CLIP.load(str(directory / str(config["clip"])), jit_compile=jit_compile)
+        # the text encoder (re-ranking only) is read when first used: captioning's start-up does not pay it
+        clip = CLIP.load(str(directory / str(config["clip"])), jit_compile=jit_compile, lazy_text=True)
     info = {k: config.get(k) for k in cls.INFO_KEYS}
     info["name"] = valid_name(config.get("name"), config_path) or folder_name(directory)
     model = cls(backbone, tokenizer, clip=clip, jit_compile=jit_compile, info=info)

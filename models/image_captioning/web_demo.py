@@ -43,7 +43,7 @@ URL_BUDGET_S = 30.0
 THUMBNAIL = 160
 #: the decoding methods that show each option (the others hide it: `_visibility`)
 OPTION_METHODS = {"beam_size": ("beam",), "temperature": ("sample",), "top_p": ("sample",),
-                  "num_captions": ("beam", "sample")}
+                  "num_captions": ("beam", "sample"), "rerank": ("beam", "sample")}
 #: long captions and file names wrap inside the results table instead of widening it past the page
 CSS = """
 #results table { table-layout: fixed; width: 100%; }
@@ -75,7 +75,9 @@ def _render(rows, total_s):
                        f'{html.escape(row["error"])}</td><td></td></tr>')
             continue
         captions = "".join(f'<li><span class="caption">{html.escape(c["text"])}</span> '
-                           f'<small>({c["score"]:.3f})</small></li>' for c in row["candidates"])
+                           f'<small>({c["score"]:.3f}'
+                           + (f', CLIPScore {c["clip_score"]:.3f}' if "clip_score" in c else "")
+                           + ")</small></li>" for c in row["candidates"])
         timing = ", ".join(f"{k} {v * 1000:.0f} ms" for k, v in row["timings"].items())
         out.append(f'<tr class="ok"><td><img src="{row["thumbnail"]}" alt="{name}"><br>{name}</td>'
                    f"<td><ol>{captions}</ol></td><td><small>{html.escape(timing)}</small></td></tr>")
@@ -159,13 +161,16 @@ class Captioner:
         return images
 
     def caption(self, files, urls="", method="greedy", beam_size=5, temperature=1.0, top_p=1.0, num_captions=1,
-                max_length=67):
-        """Rows ``{name, error, candidates, timings, thumbnail}`` for uploaded files and URLs."""
+                max_length=67, rerank=False):
+        """Rows ``{name, error, candidates, timings, thumbnail}`` for uploaded files and URLs. ``rerank``: choose
+        the captions of beam / sample by CLIPScore (`models.image_captioning.rerank`)."""
         kwargs = {"max_length": int(max_length)}
         if method == "beam":
             kwargs.update(beam_size=int(beam_size), num_captions=min(int(num_captions), int(beam_size)))
         elif method == "sample":
             kwargs.update(temperature=float(temperature), top_p=float(top_p), num_captions=int(num_captions))
+        if rerank and method in OPTION_METHODS["rerank"]:  # a hidden checkbox left ticked does not apply
+            kwargs["rerank"] = "clip"
         start = time.perf_counter()
         images = self._read(files, urls)
         read_s = time.perf_counter() - start
@@ -180,7 +185,9 @@ class Captioner:
             row = {"name": name, "error": error}
             if error is None:
                 timings = {"read": read_s / len(images), **r["timings"]}
-                row.update(candidates=[{"text": c["text"], "score": float(c["score"])} for c in r["candidates"]],
+                row.update(candidates=[{"text": c["text"], "score": float(c["score"]),
+                                        **({"clip_score": c["clip_score"]} if "clip_score" in c else {})}
+                                       for c in r["candidates"]],
                            timings=timings, thumbnail=_thumbnail(image))
             rows.append(row)
         return rows
@@ -234,12 +241,13 @@ def build_demo(model, allow_private_urls=False, **limits):
     captioner = Captioner(model, allow_private_urls=allow_private_urls, **limits)
     captioner.warm_up()
 
-    def run(files, urls, method, beam_size, temperature, top_p, num_captions, max_length, refused=""):
+    def run(files, urls, method, beam_size, temperature, top_p, num_captions, max_length, rerank=False, refused=""):
         start = time.perf_counter()
         refused_rows = _refused_rows(refused, captioner.max_file_bytes, captioner.max_images)
         try:
             rows = refused_rows + captioner.caption([getattr(f, "name", f) for f in files or []], urls, method,
-                                                    beam_size, temperature, top_p, num_captions, max_length)
+                                                    beam_size, temperature, top_p, num_captions, max_length,
+                                                    rerank=rerank)
         except ValueError as e:  # too many images, or decoding options the method refuses
             _log_request(refused_rows, method, time.perf_counter() - start)
             return (f'<div id="results"><p style="color:#c00">error: {html.escape(str(e))}</p></div>',
@@ -269,14 +277,16 @@ def build_demo(model, allow_private_urls=False, **limits):
                                               elem_id="num-captions", visible=False),
                 }
                 max_length = gr.Slider(5, 67, value=67, step=1, label="max tokens")
+                rerank = gr.Checkbox(value=False, label="choose by CLIPScore (every candidate re-ranked with CLIP's "
+                                     "text encoder)", elem_id="rerank", visible=False)
                 refused = gr.Textbox(value="", visible=False, label="files refused by the browser")
                 button = gr.Button("Caption", variant="primary", elem_id="caption-button")
             with gr.Column():
                 output = gr.HTML('<div id="results"><p>results appear here</p></div>', elem_id="output")
                 with gr.Accordion("results as data (also what the API returns)", open=False):
                     data = gr.JSON(elem_id="results-json")
-        method.change(_visibility, method, list(options.values()), api_visibility="private")
-        inputs = [files, urls, method, *options.values(), max_length, refused]
+        method.change(_visibility, method, [*options.values(), rerank], api_visibility="private")
+        inputs = [files, urls, method, *options.values(), max_length, rerank, refused]
         button.click(run, inputs, [output, data], api_name="caption", js=SEND_REFUSED_JS % (len(inputs) - 1))
         demo.load(None, js=REFUSED_JS % captioner.max_file_bytes)
     return demo

@@ -59,7 +59,8 @@ class CLIP:
             "gpu:N" set with `to` (`utils.devices`).
     """
 
-    def __init__(self, model: CLIPModel, tokenizer: CLIPTokenizer | None = None, jit_compile="auto"):
+    def __init__(self, model: CLIPModel, tokenizer: CLIPTokenizer | None = None, jit_compile="auto",
+                 text_loader=None):
         import tensorflow as tf
 
         jit_compile = check_jit_compile(jit_compile)
@@ -69,7 +70,7 @@ class CLIP:
         self.tokenizer = tokenizer
         self.source = self.source_sha256 = None
         self.device = None  # TensorFlow device string (utils.devices.resolve_device); see `to`
-        self._text_jit = text_jit = bool(jit_compile)
+        self._text_jit = bool(jit_compile)
         if jit_compile == "auto":
             jit_compile = not isinstance(model.visual, ModifiedResNet)
         self.jit_compile = bool(jit_compile)
@@ -77,9 +78,33 @@ class CLIP:
         self._encode_pixels = tf.function(lambda x: model.visual(x, training=False), jit_compile=self.jit_compile,
                                           reduce_retracing=not self.jit_compile)
         self._encode_tokens = None
+        # () -> (text tower, tokenizer): a text encoder saved with the model but not loaded yet (`load_text`)
+        self._text_loader = text_loader if model.text is None else None
         if model.text is not None:
-            self._encode_tokens = tf.function(lambda t: model.text(t, training=False), jit_compile=text_jit,
-                                              reduce_retracing=not text_jit)
+            self._compile_text()
+
+    def _compile_text(self):
+        import tensorflow as tf
+
+        text, text_jit = self.model.text, self._text_jit
+        self._encode_tokens = tf.function(lambda t: text(t, training=False), jit_compile=text_jit,
+                                          reduce_retracing=not text_jit)
+
+    @property
+    def has_text(self) -> bool:
+        """Whether this CLIP has its text encoder and tokenizer (loaded, or saved and loaded when first used)."""
+        return self._text_loader is not None or (self.model.text is not None and self.tokenizer is not None)
+
+    def load_text(self):
+        """Load the text encoder and tokenizer now if they were left for later (`CLIP.load` with
+        ``lazy_text``, as `ClipCap.load` does); ``model`` then holds both towers. Returns self."""
+        if self._text_loader is not None:
+            text, tokenizer = self._text_loader()
+            model = CLIPModel(self.model.visual, text, name=self.model.name)
+            model.logit_scale.assign(self.model.logit_scale)
+            self.model, self.tokenizer, self._text_loader = model, tokenizer, None
+            self._compile_text()
+        return self
 
     def to(self, device):
         """Run the encoders on ``device`` ("cpu", "gpu", "gpu:N", or None for TensorFlow's placement);
@@ -147,14 +172,16 @@ class CLIP:
         return save_clip(self, directory, overwrite=overwrite)
 
     @classmethod
-    def load(cls, name_or_directory, jit_compile="auto"):
+    def load(cls, name_or_directory, jit_compile="auto", lazy_text=False):
         """Rebuild a saved CLIP (no torch needed): a folder written by `save` (format 2, or format 1 from
         before it) or a name in the model store. Strict: every weight present, nothing left over; a damaged
-        config.json or weights file raises `utils.convert.common.CheckpointError` naming the file."""
+        config.json or weights file raises `utils.convert.common.CheckpointError` naming the file.
+        ``lazy_text``: the text encoder and tokenizer are read when first used (`load_text`), not now."""
         from models.siamese.clip_saving import load_clip
         from utils.model_store import model_dir, recover_model_dir
 
-        return load_clip(cls, recover_model_dir(model_dir(name_or_directory)), jit_compile=jit_compile)
+        return load_clip(cls, recover_model_dir(model_dir(name_or_directory)), jit_compile=jit_compile,
+                         lazy_text=lazy_text)
 
     # --- properties ----------------------------------------------------------------------------------
 
@@ -222,21 +249,29 @@ class CLIP:
     # --- texts ---------------------------------------------------------------------------------------
 
     def tokenize(self, texts, truncate=False):
+        self.load_text()
         if self.tokenizer is None:
             raise ValueError("this CLIP model has no text encoder (loaded with visual_only=True)")
         return self.tokenizer.tokenize(texts, truncate=truncate)
 
-    def encode_text(self, texts, truncate=False):
-        """A string or list of strings -> raw text features (N, embed_dim)."""
+    def encode_text(self, texts, truncate=False, compile_now=None):
+        """A string or list of strings -> raw text features (N, embed_dim).
+
+        Compiled as `encode_pixels` is: batches padded to a power of two, and under "auto" a bucket's first
+        call runs eagerly (a one-image re-ranking compiles nothing); ``compile_now=True`` compiles now."""
         token_ids = self.tokenize(texts, truncate=truncate)
         if self._encode_tokens is None:
             raise ValueError("this CLIP model has no text encoder (loaded with visual_only=True)")
         count = len(token_ids)
         if count == 0:
             return np.zeros((0, self.embed_dim), np.float32)
-        if self._text_jit:  # as encode_pixels: few compiled shapes
-            token_ids = pad_batch(token_ids, power_of_two_at_least(count))
+        token_ids = _trim_context(token_ids)
+        bucket = power_of_two_at_least(count)
         with device_scope(self.device):
+            if not self._policy.compiles(("text", bucket, token_ids.shape[1]), force=compile_now):
+                return np.asarray(self.model.text(token_ids, training=False))  # eager: nothing compiled
+            if self._text_jit:  # as encode_pixels: few compiled shapes
+                token_ids = pad_batch(token_ids, bucket)
             return np.asarray(self._encode_tokens(token_ids))[:count]
 
     def encode_token_ids(self, token_ids, multiple=8):
@@ -263,6 +298,16 @@ class CLIP:
         text_features = self.encode_text(texts)
         return np.asarray(self.model.logits(image_features, text_features))
 
+
+
+def _trim_context(token_ids):
+    """(N, context) token ids -> the first columns that hold every row's tokens, their count rounded up to a
+    power of two (>= 8, few compiled shapes). The text encoder is causal and reads its features at the
+    end-of-text token, so the padding after it changes nothing: a caption of 20 tokens costs ~4x less than the
+    full 77 columns, with the same features (to float rounding)."""
+    used = np.flatnonzero(np.any(token_ids != 0, axis=0))
+    width = min(token_ids.shape[1], max(8, power_of_two_at_least(int(used[-1]) + 1 if len(used) else 1)))
+    return token_ids[:, :width]
 
 
 def is_saved_clip(directory) -> bool:
