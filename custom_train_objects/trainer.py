@@ -203,6 +203,12 @@ class Trainer:
     def __init__(self, model, hparams: TrainingHParams, output_dir, strategy=None, loggers=None, progress=True,
                  keep_checkpoints=2):
         self.model = model
+        # the captions end with the model's stop token unless the hyper-parameters name one (checked against
+        # the tokenizer now, not at the first batch); the checkpoints record the one used
+        if hparams.stop_token is None:
+            hparams = hparams.replace(stop_token=model.stop_token)
+        elif hparams.stop_token != model.stop_token:
+            model.stop_token = hparams.stop_token
         self.hp = hparams
         self.strategy = strategy or tf.distribute.get_strategy()
         self.output_dir = check_output_dir(Path(output_dir) / _worker_subdir(self.strategy))
