@@ -232,7 +232,6 @@ def cmd_convert(args):
     from models.image_captioning.pretrained import convert_model
     from models.siamese.presets import CLIP_SOURCES, fetch_clip
     from utils.downloads import fetch_gpt2_tokenizer
-
     from utils.tokenizer import load_gpt2_tokenizer, stop_token_id
 
     try:

@@ -156,8 +156,9 @@ class ClipCap:
     @property
     def config(self):
         """A read-only mapping: the backbone's `describe` (architecture, ``normalize_prefix``, ``gpt2``) and
-        `info`. Change ``info`` / ``normalize_prefix`` through their attributes."""
-        return MappingProxyType({**self.backbone.describe(), **self.info})
+        `info` (``stop_token``: the one in effect). Change ``info`` / ``normalize_prefix`` through their
+        attributes."""
+        return MappingProxyType({**self.backbone.describe(), **self.info, "stop_token": self.stop_token})
 
     @property
     def name(self):
