@@ -13,7 +13,8 @@ from unitest.parity import assert_close
 from utils.convert.common import CheckpointError
 from utils.convert.hf_gpt2 import gpt2_config_from_state_dict, gpt2_from_state_dict, load_gpt2
 
-# n_embd // 64 == n_head, so shapes alone give the right n_head (as for every released GPT-2)
+# n_embd // 64 == n_head: what ClipCap's reader assumes (head_width=64); a folder or state dict without
+# config.json needs n_head, as this is no released GPT-2 size
 TINY = dict(vocab_size=101, n_positions=24, n_embd=128, n_layer=2, n_head=2)
 
 

@@ -245,6 +245,25 @@ def test_a_distilled_gpt2_size_converts_from_a_hugging_face_folder_and_captions(
     assert "n_head" in err and "config.json" in err, err
 
 
+def test_convert_records_the_stop_token_and_official_models_keep_the_full_stop(tiny_files, tmp_path):
+    """``convert --stop-token`` records it in config.json; without it the converted model ends with "." (the
+    official English models' captions unchanged), and its identity is what it was."""
+    from main import main
+    from models.image_captioning.clip_cap import ClipCap
+
+    common = [str(tiny_files["checkpoint"]), "--clip", str(tiny_files["clip"]), "--tokenizer",
+              str(tiny_files["tokenizer"])]
+    assert main(["convert", *common, "--output", str(tmp_path / "eos"), "--stop-token", "<|endoftext|>"]) == 0
+    assert main(["convert", *common, "--output", str(tmp_path / "dot")]) == 0
+    assert json.loads((tmp_path / "eos" / "config.json").read_text())["stop_token"] == "<|endoftext|>"
+    eos, dot = ClipCap.load(str(tmp_path / "eos")), ClipCap.load(str(tmp_path / "dot"))
+    assert (eos.stop_token, dot.stop_token) == ("<|endoftext|>", ".")
+    embeddings = np.random.default_rng(0).normal(size=(3, dot.prefix_size)).astype(np.float32)
+    tokens = [[c["tokens"] for c in out] for out in dot.generate(embeddings, max_length=20)]
+    assert tokens == [[c["tokens"] for c in out] for out in dot.generate(embeddings, max_length=20, stop_token=".")]
+    assert eos.identity != dot.identity
+
+
 def _with_gpt2(args, folder):
     """``args`` with ``--gpt2 folder`` instead of ``--gpt2-config``."""
     at = args.index("--gpt2-config")
