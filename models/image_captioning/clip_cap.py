@@ -377,8 +377,7 @@ class ClipCap:
         return make_sampler(method, beam_size, temperature, top_k, top_p, num_captions)
 
     def generate(self, embeddings, method="greedy", beam_size=5, max_length=67, stop_token=MODEL_STOP_TOKEN,
-                 temperature=1.0,
-                 top_k=None, top_p=None, num_captions=1, seed=None, compile_now=None):
+                 temperature=1.0, top_k=None, top_p=None, num_captions=1, seed=None, compile_now=None):
         """Captions for CLIP embeddings (N, D) (raw, as `encode_images` returns them).
 
         Args:
