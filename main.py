@@ -275,11 +275,16 @@ def cmd_convert(args):
     from models.image_captioning.pretrained import convert_model
     from models.siamese.presets import CLIP_SOURCES, fetch_clip
     from utils.downloads import fetch_gpt2_tokenizer
+    from utils.tokenizer import load_gpt2_tokenizer, stop_token_id
 
     try:
+        tokenizer = load_gpt2_tokenizer(fetch_gpt2_tokenizer(args.tokenizer))
+        if args.stop_token is not None:  # not one token of the vocabulary: refused before any download
+            stop_token_id(tokenizer, args.stop_token)
         clip = fetch_clip(args.clip) if args.clip in CLIP_SOURCES else args.clip
-        tokenizer = fetch_gpt2_tokenizer(args.tokenizer)
         extra = {} if args.normalize_prefix is None else {"normalize_prefix": args.normalize_prefix}
+        if args.stop_token is not None:
+            extra["stop_token"] = args.stop_token
         start = time.perf_counter()
         convert_model(ClipCap, args.checkpoint, clip, tokenizer, directory, name=name, overwrite=args.overwrite,
                       clip_name=args.clip if args.clip in CLIP_SOURCES else None, status=_stderr_line, **extra)
@@ -444,6 +449,8 @@ def build_parser():
     p.add_argument("--clip", required=True, help="a CLIP name (ViT-B/32, RN50x4, ...: downloaded) or an OpenAI "
                                                  "CLIP .pt file")
     p.add_argument("--tokenizer", default="gpt2", help="a GPT-2 tokenizer directory or hub name")
+    p.add_argument("--stop-token", help="the token that ends the captions, one token of the tokenizer's vocabulary, "
+                                        "recorded in the model (default: '.')")
     p.add_argument("--normalize-prefix", action=argparse.BooleanOptionalAction, default=None,
                    help="L2-normalise the CLIP embedding before the mapper (default: by checkpoint kind, as the "
                         "released weights expect: transformer yes, MLP no)")

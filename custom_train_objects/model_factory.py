@@ -45,12 +45,15 @@ def _load_language_model(gpt2, gpt2_config, vocab_size, seed):
     if isinstance(gpt2, GPT2):
         return gpt2
     from utils.convert.hf_gpt2 import load_gpt2
+    from utils.downloads import fetch_gpt2_model, is_hub_name
 
     path = os.fspath(gpt2)
-    if not os.path.exists(path):
-        from huggingface_hub import snapshot_download
+    if not os.path.exists(path):  # a hub repository: its config.json and model.safetensors (cache or fetched)
+        path = fetch_gpt2_model(path)
+        if is_hub_name(path) and not os.path.isdir(path):  # in the Hugging Face cache
+            from huggingface_hub import snapshot_download
 
-        path = snapshot_download(path, allow_patterns=["config.json", "*.safetensors", "pytorch_model.bin"])
+            path = snapshot_download(path, allow_patterns=["config.json", "model.safetensors"])
     return load_gpt2(path)
 
 
@@ -79,12 +82,17 @@ def build_clipcap_for_training(hparams, prefix_size, tokenizer="gpt2", gpt2=None
                 raise ValueError(f"{init_model} has {key}={model.config.get(key)!r} but training asks for {wanted!r}")
         if clip is not None:
             model.clip = clip
+        if hparams.stop_token is not None and hparams.stop_token != model.stop_token:
+            model.stop_token = hparams.stop_token  # checked against its tokenizer
         return model
 
-    from utils.tokenizer import load_gpt2_tokenizer
+    from utils.downloads import fetch_gpt2_tokenizer
+    from utils.tokenizer import DEFAULT_STOP_TOKEN, load_gpt2_tokenizer, stop_token_id
 
-    if isinstance(tokenizer, str | os.PathLike):
-        tokenizer = load_gpt2_tokenizer(os.fspath(tokenizer))
+    if isinstance(tokenizer, str | os.PathLike):  # a hub name: the cache, or fetched as convert fetches it
+        tokenizer = load_gpt2_tokenizer(fetch_gpt2_tokenizer(os.fspath(tokenizer)))
+    if hparams.stop_token is not None:  # before loading the language model
+        stop_token_id(tokenizer, hparams.stop_token)
     gpt2 = _load_language_model(gpt2, gpt2_config, len(tokenizer), hparams.seed)
     if gpt2.vocab_size < len(tokenizer):
         raise ValueError(f"the tokenizer has {len(tokenizer)} tokens but the language model only {gpt2.vocab_size}")
@@ -95,4 +103,6 @@ def build_clipcap_for_training(hparams, prefix_size, tokenizer="gpt2", gpt2=None
     keras.utils.set_random_seed(hparams.seed)
     mapper = new_mapper(hparams, prefix_size, gpt2.n_embd)
     backbone = ClipCapBackbone(mapper, gpt2, normalize_prefix=hparams.normalize)
-    return ClipCap(backbone, tokenizer, clip=clip, info={"name": name})
+    # the stop token is recorded with the model, and refused here unless it is one token of the vocabulary
+    stop_token = DEFAULT_STOP_TOKEN if hparams.stop_token is None else hparams.stop_token
+    return ClipCap(backbone, tokenizer, clip=clip, info={"name": name, "stop_token": stop_token})

@@ -204,9 +204,9 @@ class Trainer:
     def __init__(self, model, hparams: TrainingHParams, output_dir, strategy=None, loggers=None, progress=True,
                  keep_checkpoints=2):
         self.model = model
-        self.hp = hparams
         self.strategy = strategy or tf.distribute.get_strategy()
         self.output_dir = check_output_dir(Path(output_dir) / _worker_subdir(self.strategy))
+        self.hp = self._with_stop_token(model, hparams)
         self.progress = progress
         self.keep_checkpoints = max(1, int(keep_checkpoints))
         self.loggers = loggers if loggers is not None else build_loggers(self.output_dir, progress=progress)
@@ -217,6 +217,17 @@ class Trainer:
         self.history = {"loss": [], "epochs": []}
         self.max_length = None
         self._built = False
+
+    @staticmethod
+    def _with_stop_token(model, hparams):
+        """``hparams`` with the stop token the captions end with: the model's unless they name one, which then
+        becomes the model's (checked against its tokenizer now, not at the first batch: `TokenizerError`).
+        The checkpoints and hparams.json record the one used."""
+        if hparams.stop_token is None:
+            return hparams.replace(stop_token=model.stop_token)
+        if hparams.stop_token != model.stop_token:
+            model.stop_token = hparams.stop_token
+        return hparams
 
     # ------------------------------------------------------------------------------------------ building
     def _build(self, steps_per_epoch):

@@ -3,6 +3,8 @@
 "a red circle on a blue background." — shapes, colours and a little jitter of position and size are drawn
 from a seeded generator, so the same seed gives the same images (byte for byte) and captions. It is small
 and offline: the training tests and the README's worked example use it to show that a ClipCap learns.
+Captions come in English (default), French ("un cercle rouge sur fond bleu.") or Chinese
+("蓝色背景上的红色圆形。"): `LANGUAGES`, to show a model learning another language.
 
 Example::
 
@@ -24,16 +26,37 @@ SHAPES = ("circle", "square", "triangle")
 COLORS = {"red": (220, 30, 30), "green": (30, 170, 50), "blue": (40, 60, 220), "yellow": (240, 220, 40),
           "white": (250, 250, 250), "black": (15, 15, 15)}
 ANNOTATIONS_FILENAME = "captions.json"
+#: Each language's words and template. French: every shape and "fond" are masculine, so the colours take
+#: their masculine form; Chinese: "{background}背景上的{color}{shape}。" (the full stop is "。").
+LANGUAGES = {
+    "en": {"template": "a {color} {shape} on a {background} background.",
+           "words": {**{s: s for s in SHAPES}, **{c: c for c in COLORS}}},
+    "fr": {"template": "un {shape} {color} sur fond {background}.",
+           "words": {"circle": "cercle", "square": "carré", "triangle": "triangle", "red": "rouge",
+                     "green": "vert", "blue": "bleu", "yellow": "jaune", "white": "blanc", "black": "noir"}},
+    "zh": {"template": "{background}背景上的{color}{shape}。",
+           "words": {"circle": "圆形", "square": "正方形", "triangle": "三角形", "red": "红色", "green": "绿色",
+                     "blue": "蓝色", "yellow": "黄色", "white": "白色", "black": "黑色"}},
+}
 
 
-def caption_for(shape, color, background):
-    """The templated caption: ``"a {color} {shape} on a {background} background."``."""
-    return f"a {color} {shape} on a {background} background."
+def _language(language):
+    if language not in LANGUAGES:
+        raise ValueError(f"unknown caption language {language!r}; expected one of {tuple(LANGUAGES)}")
+    return LANGUAGES[language]
 
 
-def all_captions():
-    """Every caption the dataset can produce (e.g. to train a tokenizer)."""
-    return [caption_for(s, c, b) for s, c, b in itertools.product(SHAPES, COLORS, COLORS) if c != b]
+def caption_for(shape, color, background, language="en"):
+    """The templated caption in ``language`` (`LANGUAGES`): ``"a {color} {shape} on a {background}
+    background."``, ``"un {shape} {color} sur fond {background}."`` or ``"{background}背景上的{color}{shape}。"``."""
+    spec = _language(language)
+    words = spec["words"]
+    return spec["template"].format(shape=words[shape], color=words[color], background=words[background])
+
+
+def all_captions(language="en"):
+    """Every caption the dataset can produce in ``language`` (e.g. to train a tokenizer)."""
+    return [caption_for(s, c, b, language) for s, c, b in itertools.product(SHAPES, COLORS, COLORS) if c != b]
 
 
 def render_shape(shape, color, background, image_size=64, center=(0.5, 0.5), radius=0.3):
@@ -93,12 +116,14 @@ def shape_features(images, side=8):
     return np.stack(out).astype(np.float32)
 
 
-def make_shapes_dataset(directory, num_images=200, seed=0, image_size=64):
-    """Render ``num_images`` images into ``directory/images/`` and write ``directory/captions.json`` (COCO).
+def make_shapes_dataset(directory, num_images=200, seed=0, image_size=64, language="en"):
+    """Render ``num_images`` images into ``directory/images/`` and write ``directory/captions.json`` (COCO),
+    with captions in ``language`` (`LANGUAGES`; the images do not depend on it).
 
     Returns the `CaptionDataset` (one caption per image; image ids 0..N-1). Rendering again with the same
     arguments rewrites identical files.
     """
+    _language(language)  # an unknown language: refused before any file is written
     directory = Path(directory)
     (directory / "images").mkdir(parents=True, exist_ok=True)
     paths, captions = [], []
@@ -106,15 +131,16 @@ def make_shapes_dataset(directory, num_images=200, seed=0, image_size=64):
         path = directory / "images" / f"{k:05d}.png"
         render_shape(shape, color, background, image_size, center, radius).save(path)
         paths.append(str(path))
-        captions.append(caption_for(shape, color, background))
+        captions.append(caption_for(shape, color, background, language))
     dataset = CaptionDataset(paths, list(range(num_images)), captions, np.arange(num_images),
                              name=f"shapes:{directory.name}")
     write_coco_annotations(dataset, directory / ANNOTATIONS_FILENAME, image_dir=directory)
     return dataset
 
 
-def train_shapes_tokenizer(directory, vocab_size=300):
-    """A byte-level BPE trained on `all_captions`, saved in GPT-2's format (for the offline example)."""
+def train_shapes_tokenizer(directory, vocab_size=300, languages=("en",), texts=()):
+    """A byte-level BPE trained on `all_captions` of ``languages`` and on ``texts`` (any other sentences),
+    saved in GPT-2's format with ``<|endoftext|>`` (for the offline example, and models in other languages)."""
     from tokenizers import ByteLevelBPETokenizer
 
     from utils.gpt2_tokenizer import GPT2Tokenizer
@@ -122,7 +148,8 @@ def train_shapes_tokenizer(directory, vocab_size=300):
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     bpe = ByteLevelBPETokenizer()
-    bpe.train_from_iterator(all_captions() * 5, vocab_size=vocab_size, min_frequency=1,
+    corpus = [c for language in languages for c in all_captions(language)] + list(texts)
+    bpe.train_from_iterator(corpus * 5, vocab_size=vocab_size, min_frequency=1,
                             special_tokens=["<|endoftext|>"])
     bpe.save_model(str(directory))  # vocab.json + merges.txt: a GPT-2 format folder
     tokenizer = GPT2Tokenizer.from_directory(directory)
@@ -138,12 +165,14 @@ def main(argv=None):
     parser.add_argument("--num-images", type=int, default=200)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--image-size", type=int, default=64)
+    parser.add_argument("--language", choices=tuple(LANGUAGES), default="en", help="the captions' language")
     parser.add_argument("--tokenizer", help="also train a GPT-2-format BPE tokenizer on the captions, saved here")
     args = parser.parse_args(argv)
-    data = make_shapes_dataset(args.directory, args.num_images, args.seed, args.image_size)
+    data = make_shapes_dataset(args.directory, args.num_images, args.seed, args.image_size, args.language)
     print(f"{data.summary()} -> {Path(args.directory) / ANNOTATIONS_FILENAME}")
     if args.tokenizer:
-        print(f"tokenizer of {len(train_shapes_tokenizer(args.tokenizer))} tokens -> {args.tokenizer}")
+        tokenizer = train_shapes_tokenizer(args.tokenizer, languages=(args.language,))
+        print(f"tokenizer of {len(tokenizer)} tokens -> {args.tokenizer}")
 
 
 if __name__ == "__main__":

@@ -52,7 +52,7 @@ class TrainingHParams:
     prefix_only: bool = False  # train the mapper only; GPT-2 frozen, in inference mode
     # data
     max_length: int | None = None  # caption tokens; None: min(mean + 10 std, max) of the training captions
-    stop_token: str = "."
+    stop_token: str | None = None  # None: the model's (--init-model's, else "."); recorded in the saved model
     append_stop: bool = True  # append the stop token to captions that do not end with it
     shuffle: bool = True
     # run
@@ -121,7 +121,8 @@ class TrainingHParams:
     #: what an unset (None) default means, for ``--help``
     UNSET_HELP = {"gradient_clip_norm": "no clipping", "mixed_precision": "float32",
                   "max_length": "min(mean + 10 std, max) of the training captions' lengths",
-                  "checkpoint_every_steps": "at the end of every save_every-th epoch only"}
+                  "checkpoint_every_steps": "at the end of every save_every-th epoch only",
+                  "stop_token": "the --init-model's, else '.'"}
 
     #: what each field does, for ``--help`` (its default is appended)
     FIELD_HELP = {
@@ -138,7 +139,8 @@ class TrainingHParams:
         "normalize": "L2-normalise the CLIP embeddings before the mapper (the official --normalize_prefix)",
         "prefix_only": "train the mapper only, GPT-2 frozen without dropout (the official --only_prefix)",
         "max_length": "caption tokens kept (longer captions are cut)",
-        "stop_token": "the token that ends a caption", "append_stop": "append --stop-token to captions without it",
+        "stop_token": "the token that ends a caption, one token of the tokenizer's vocabulary ('.', '。', '!', "
+                      "'<|endoftext|>'), recorded in the saved model", "append_stop": "append --stop-token to captions without it",
         "shuffle": "shuffle the batches by (seed, epoch)", "seed": "seed of new weights, shuffling and dropout",
         "save_every": "checkpoint every N epochs (and at the end)",
         "checkpoint_every_steps": "also checkpoint every N steps (resume mid-epoch)",

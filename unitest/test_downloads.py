@@ -272,10 +272,9 @@ def test_mirror_tokenizer_files_never_replace_files_in_place(server, tiny_files,
 
 
 def _tokenizer_sources(monkeypatch, base):
-    monkeypatch.setattr(downloads, "GPT2_TOKENIZER_FILES", {
-        "vocab.json": Source("gpt2-vocab.json", url=f"{base}/gpt2-vocab.json"),
-        "merges.txt": Source("gpt2-merges.txt", url=f"{base}/gpt2-merges.txt")})
-    monkeypatch.setattr(downloads, "_in_hf_cache", lambda name: False)
+    """The hub at ``base`` (files at <base>/<repo>/resolve/main/<file>), its cache empty."""
+    monkeypatch.setattr(downloads, "HUB_URL", base)
+    monkeypatch.setattr(downloads, "_in_hf_cache", lambda name, files=None: False)
 
 
 def test_gpt2_tokenizer_without_the_hub_cache_comes_through_our_transport(server, tiny_files, tmp_path,
@@ -285,11 +284,13 @@ def test_gpt2_tokenizer_without_the_hub_cache_comes_through_our_transport(server
     from utils.tokenizer import load_gpt2_tokenizer
 
     monkeypatch.delenv(downloads.OFFLINE_ENV, raising=False)
-    serve_tiny(server, tiny_files)
+    for name in ("vocab.json", "merges.txt"):  # where the hub has them (GPT-2 moved under openai-community/)
+        server.files[f"openai-community/gpt2/resolve/main/{name}"] = (tiny_files["tokenizer"] / name).read_bytes()
     _tokenizer_sources(monkeypatch, server.base)
     directory = downloads.fetch_gpt2_tokenizer("gpt2", root=tmp_path, progress=False)
     assert directory == str(tmp_path / "downloads" / "gpt2-tokenizer")
-    assert sorted(server.requests) == [("gpt2-merges.txt", None), ("gpt2-vocab.json", None)]
+    assert sorted(server.requests) == [("openai-community/gpt2/resolve/main/merges.txt", None),
+                                       ("openai-community/gpt2/resolve/main/vocab.json", None)]
     assert set(read_manifest(tmp_path)) == {"gpt2-vocab.json", "gpt2-merges.txt"}
     assert len(load_gpt2_tokenizer(directory)) > 0
 
@@ -312,3 +313,40 @@ def test_gpt2_tokenizer_unreachable_or_offline_fails_at_once_naming_both_files(t
     with pytest.raises(OfflineError, match="merges.txt") as info:
         downloads.fetch_gpt2_tokenizer("gpt2", root=tmp_path, progress=False)
     assert str(directory / "vocab.json") in str(info.value)
+
+
+def test_any_hub_repository_tokenizer_and_model_come_through_our_transport(server, tiny_files, tmp_path,
+                                                                         monkeypatch):
+    """Not only "gpt2": any GPT-2-family repository name gets its tokenizer and language model the same way:
+    from the mirror (files named <owner>--<name>-<file>) or the hub (<repo>/resolve/main/<file>), verified,
+    recorded in the manifest, into downloads/<owner>--<name>-tokenizer|model/; and they load."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from utils.convert.hf_gpt2 import load_gpt2
+    from utils.tokenizer import load_gpt2_tokenizer
+
+    monkeypatch.delenv(downloads.OFFLINE_ENV, raising=False)
+    repo = "someone/gpt2-fr"
+    tokenizer_files = {name: (tiny_files["tokenizer"] / name).read_bytes() for name in ("vocab.json", "merges.txt")}
+    server.files.update({f"someone--gpt2-fr-{name}": data for name, data in tokenizer_files.items()})
+    hf_dir = tmp_path / "hf"
+    GPT2LMHeadModel(GPT2Config(vocab_size=50, n_positions=16, n_embd=24, n_layer=1, n_head=3)).save_pretrained(hf_dir)
+    server.files.update({f"{repo}/resolve/main/{name}": (hf_dir / name).read_bytes()
+                         for name in ("config.json", "model.safetensors")})
+    _tokenizer_sources(monkeypatch, server.base)
+    monkeypatch.setenv(downloads.MIRROR_ENV, server.base)  # the tokenizer from the mirror
+    directory = downloads.fetch_gpt2_tokenizer(repo, root=tmp_path, progress=False)
+    assert directory == str(tmp_path / "downloads" / "someone--gpt2-fr-tokenizer")
+    assert len(load_gpt2_tokenizer(directory)) > 0
+    monkeypatch.delenv(downloads.MIRROR_ENV)  # the model from the hub
+    model_dir = downloads.fetch_gpt2_model(repo, root=tmp_path, progress=False)
+    assert model_dir == str(tmp_path / "downloads" / "someone--gpt2-fr-model")
+    assert load_gpt2(model_dir).n_head == 3
+    assert set(read_manifest(tmp_path)) == {"someone--gpt2-fr-vocab.json", "someone--gpt2-fr-merges.txt",
+                                            "someone--gpt2-fr-config.json", "someone--gpt2-fr-model.safetensors"}
+    assert downloads.fetch_gpt2_model(repo, root=tmp_path, progress=False) == model_dir  # cached: no request
+    assert len(server.requests) == 4
+    with pytest.raises(OfflineError, match="someone--other-model"):  # another one offline: named at once
+        monkeypatch.setenv(downloads.OFFLINE_ENV, "1")
+        downloads.fetch_gpt2_model("someone/other", root=tmp_path, progress=False)
+    assert downloads.fetch_gpt2_tokenizer("../not/a repo", root=tmp_path) == "../not/a repo"  # the loader names it

@@ -13,7 +13,8 @@ from unitest.parity import assert_close
 from utils.convert.common import CheckpointError
 from utils.convert.hf_gpt2 import gpt2_config_from_state_dict, gpt2_from_state_dict, load_gpt2
 
-# n_embd // 64 == n_head, so shapes alone give the right n_head (as for every released GPT-2)
+# n_embd // 64 == n_head: what ClipCap's reader assumes (head_width=64); a folder or state dict without
+# config.json needs n_head, as this is no released GPT-2 size
 TINY = dict(vocab_size=101, n_positions=24, n_embd=128, n_layer=2, n_head=2)
 
 
@@ -46,18 +47,22 @@ def _with_legacy_buffers(sd, prefix):
 
 
 def test_config_from_state_dict(state_dict):
-    assert gpt2_config_from_state_dict(state_dict) == TINY
-    assert gpt2_config_from_state_dict({"gpt." + k: v for k, v in state_dict.items()}, prefix="gpt.") == TINY
+    # shapes give every size but n_head: known for released sizes only, or with the checkpoint's head width
+    unknown = {**TINY, "n_head": None}
+    assert gpt2_config_from_state_dict(state_dict) == unknown
+    assert gpt2_config_from_state_dict(state_dict, head_width=64) == TINY
+    assert gpt2_config_from_state_dict({"gpt." + k: v for k, v in state_dict.items()}, prefix="gpt.",
+                                       head_width=64) == TINY
 
 
 def test_in_memory_state_dict_with_legacy_buffers(state_dict, torch_model):
-    model = load_gpt2(_with_legacy_buffers(state_dict, "transformer."))
+    model = load_gpt2(_with_legacy_buffers(state_dict, "transformer."), n_head=TINY["n_head"])
     assert model.get_config()["n_layer"] == 2
     _check_logits(model, torch_model)
 
 
 def test_gpt2model_layout_without_transformer_prefix(torch_model):
-    _check_logits(load_gpt2(torch_model.transformer.state_dict()), torch_model)
+    _check_logits(load_gpt2(torch_model.transformer.state_dict(), n_head=TINY["n_head"]), torch_model)
 
 
 def test_hf_directory_safetensors_and_config(tmp_path, torch_model):
@@ -81,14 +86,14 @@ def test_hf_directory_bin_config_n_head(tmp_path):
 def test_clipcap_prefix_returns_used_keys(state_dict, torch_model):
     sd = {"gpt." + k: v for k, v in _with_legacy_buffers(state_dict, "transformer.").items()}
     sd["clip_project.model.0.weight"] = torch.zeros(3, 3)  # outside the prefix: the caller's business
-    model, used = gpt2_from_state_dict(sd, prefix="gpt.")
+    model, used = gpt2_from_state_dict(sd, prefix="gpt.", head_width=64)
     assert used == set(sd) - {"clip_project.model.0.weight"}
     _check_logits(model, torch_model)
 
 
 def test_fp16_weights_become_fp32(state_dict):
     half = {k: v.half() if v.is_floating_point() else v for k, v in state_dict.items()}
-    model = load_gpt2(half)
+    model = load_gpt2(half, n_head=TINY["n_head"])
     assert all(w.dtype == "float32" for w in model.weights)
     torch.manual_seed(0)
     rounded = GPT2LMHeadModel(GPT2Config(**TINY)).eval()
@@ -107,7 +112,7 @@ def test_strict_errors_name_the_key(tmp_path, state_dict, fmt):
     else:
         torch.save(state_dict, tmp_path / "pytorch_model.bin")
     with pytest.raises(CheckpointError) as info:
-        load_gpt2(tmp_path)
+        load_gpt2(tmp_path, n_head=TINY["n_head"])
     message = str(info.value)
     assert "missing keys: transformer.h.1.mlp.c_fc.bias" in message
     assert "unexpected keys: transformer.h.0.attn.extra_scale" in message
@@ -127,20 +132,20 @@ def test_strict_errors_name_the_key(tmp_path, state_dict, fmt):
 def test_each_defect_alone_is_named(state_dict, edit, key):
     edit(state_dict)
     with pytest.raises(CheckpointError, match=key.replace("(", r"\(").replace(")", r"\)")):
-        load_gpt2(state_dict)
+        load_gpt2(state_dict, n_head=TINY["n_head"])
 
 
 def test_unknown_key_under_clipcap_prefix_raises(state_dict):
     sd = {"gpt." + k: v for k, v in state_dict.items()}
     sd["gpt.transformer.h.0.mlp.c_fc.lora"] = torch.ones(2)
     with pytest.raises(CheckpointError, match=r"unexpected keys: gpt\.transformer\.h\.0\.mlp\.c_fc\.lora"):
-        gpt2_from_state_dict(sd, prefix="gpt.")
+        gpt2_from_state_dict(sd, prefix="gpt.", head_width=64)
 
 
 def test_untied_lm_head_raises(state_dict):
     state_dict["lm_head.weight"] = state_dict["lm_head.weight"] + 1.0
     with pytest.raises(CheckpointError, match="lm_head.weight differs"):
-        load_gpt2(state_dict)
+        load_gpt2(state_dict, n_head=TINY["n_head"])
 
 
 def test_bad_sources(tmp_path, state_dict):
@@ -162,3 +167,14 @@ def test_unsupported_config_option_raises(tmp_path, torch_model):
     (tmp_path / "config.json").write_text(json.dumps(config))
     with pytest.raises(CheckpointError, match="activation_function='relu' is not supported"):
         load_gpt2(tmp_path)
+
+
+def test_folder_without_config_json_needs_n_head(tmp_path, torch_model):
+    # a size that is not a released GPT-2's: its head count is an error naming what is missing, not a guess
+    torch_model.save_pretrained(tmp_path)
+    (tmp_path / "config.json").unlink()
+    with pytest.raises(CheckpointError, match=r"no config\.json.*n_head.*cannot be inferred.*n_embd=128, n_layer=2"):
+        load_gpt2(tmp_path)
+    with pytest.raises(CheckpointError, match="n_head"):
+        load_gpt2(torch_model.state_dict())
+    _check_logits(load_gpt2(tmp_path, n_head=TINY["n_head"]), torch_model)  # given by the caller: loads

@@ -9,6 +9,11 @@ batches can be padded. Padded positions are excluded by the attention/padding ma
 sharing the id with end-of-text is harmless. The stop token of generation is looked up in the vocabulary
 (`stop_token_id`), never written as a literal id: another vocabulary gives another id.
 
+Which token ends a caption is the model's choice, recorded with it (``ClipCap.stop_token``, in its
+config.json): ``.`` (`DEFAULT_STOP_TOKEN`) for the English GPT-2 checkpoints and every folder that records
+none; another language may end its sentences with ``。`` or ``!``, and a multilingual vocabulary may have no
+single-token full stop at all: its end-of-text token (``<|endoftext|>``, `is_special_token`) then serves.
+
 Example::
 
     tokenizer = load_gpt2_tokenizer("gpt2")                 # HF cache, or a local directory
@@ -19,6 +24,8 @@ import os
 
 from utils.gpt2_tokenizer import MAX_FILE_BYTES  # GPT-2's files are ~1-2 MB: a larger one is refused
 
+#: The stop token of a model that records none (English GPT-2: captions end with a full stop).
+DEFAULT_STOP_TOKEN = "."
 TOKENIZER_FILES = ("vocab.json", "merges.txt")  # or tokenizer.json alone
 #: Every file of a tokenizer directory that is read.
 _READ_FILES = (*TOKENIZER_FILES, "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
@@ -62,6 +69,7 @@ def load_gpt2_tokenizer(name_or_dir):
         )
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.name_or_path = name_or_dir  # named by `stop_token_id`'s errors
     return tokenizer
 
 
@@ -117,19 +125,37 @@ def _check_files(directory):
                                  f"than any tokenizer file ({MAX_FILE_BYTES} bytes)")
 
 
-def stop_token_id(tokenizer, stop_token="."):
-    """The id of `stop_token`, which must encode to exactly one token (clear error otherwise).
+def describe_tokenizer(tokenizer):
+    """``"the tokenizer 'tok/' (300 tokens)"``: how errors name a tokenizer (its source when it was loaded by
+    `load_gpt2_tokenizer`, else its class)."""
+    name = getattr(tokenizer, "name_or_path", None) or type(tokenizer).__name__
+    return f"the tokenizer {str(name)!r} ({len(tokenizer)} tokens)"
+
+
+def is_special_token(tokenizer, token):
+    """Whether ``token`` is one of the tokenizer's special tokens (``<|endoftext|>``): as a stop token it ends
+    the caption without being written in its text."""
+    return token in tuple(getattr(tokenizer, "all_special_tokens", ()) or ())
+
+
+def stop_token_id(tokenizer, stop_token=DEFAULT_STOP_TOKEN):
+    """The id of `stop_token`, which must encode to exactly one token of ``tokenizer``'s vocabulary; a
+    `TokenizerError` naming the token and the tokenizer otherwise (with what the vocabulary offers instead).
 
     Example::
 
         stop_token_id(load_gpt2_tokenizer("gpt2"), ".")   # 13
+        stop_token_id(chinese_tokenizer, "。")             # when "。" is one token of its vocabulary
     """
     if not isinstance(stop_token, str) or not stop_token:
         raise TokenizerError(f"stop_token must be a non-empty string, got {stop_token!r}")
     ids = tokenizer.encode(stop_token, add_special_tokens=False)
     if len(ids) != 1:
+        eos = getattr(tokenizer, "eos_token", None)
+        hint = f", or its end-of-text token {eos!r}" if eos and eos != stop_token else ""
         raise TokenizerError(
-            f"stop token {stop_token!r} is not a single token for this tokenizer: it encodes to {ids} "
-            f"({tokenizer.convert_ids_to_tokens(ids)}); choose a token of its vocabulary"
+            f"stop token {stop_token!r} is not a single token of {describe_tokenizer(tokenizer)}: it encodes "
+            f"to {len(ids)} tokens {ids} ({tokenizer.convert_ids_to_tokens(ids)}); choose a token of its "
+            f"vocabulary (--stop-token: the mark its captions end with, e.g. '.', '。' or '!'{hint})"
         )
     return int(ids[0])

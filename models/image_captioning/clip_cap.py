@@ -45,6 +45,18 @@ from utils.devices import device_scope  # noqa: E402
 METHODS = tuple(SAMPLERS)  # the decoding methods (`custom_architectures.samplers`)
 
 
+class _ModelStopToken:
+    """The default of ``stop_token`` arguments: the model's own stop token (`ClipCap.stop_token`)."""
+
+    def __repr__(self):
+        return "MODEL_STOP_TOKEN"
+
+
+#: ``stop_token=MODEL_STOP_TOKEN`` (the default of `ClipCap.generate` and what calls it): the model's stop
+#: token, ``.`` for English GPT-2 (`ClipCap.stop_token`); a string: that token; None: never stop early.
+MODEL_STOP_TOKEN = _ModelStopToken()
+
+
 def make_sampler(method="greedy", beam_size=5, temperature=1.0, top_k=None, top_p=None, num_captions=1,
                  magic_k=None, magic_alpha=None, magic_beta=None):
     """The sampler for `ClipCap.generate`'s arguments (`custom_architectures.samplers.get_sampler`), validated
@@ -81,7 +93,9 @@ class ClipCap:
         tokenizer: a `utils.gpt2_tokenizer.GPT2Tokenizer` (what `load_gpt2_tokenizer` gives; a
             ``GPT2TokenizerFast`` works too).
         info: what is not architecture: ``name`` (where `save` / `predict` write by default), ``checkpoint``
-            and ``checkpoint_sha256`` (the converted file), ``clip_name`` (the OpenAI CLIP the mapper expects).
+            and ``checkpoint_sha256`` (the converted file), ``clip_name`` (the OpenAI CLIP the mapper expects),
+            ``stop_token`` (the token that ends its captions; None: "." as for every English GPT-2, see
+            `stop_token`).
         mapper, gpt2, config: read-only views (``backbone.mapper``, ``backbone.gpt2``, and a mapping of the
             backbone's description with ``info``: mapping_type, prefix_length, prefix_size, normalize_prefix,
             gpt2, name, checkpoint, ...).
@@ -94,7 +108,7 @@ class ClipCap:
             "gpu:N" set with `to` (`utils.devices`; a device TensorFlow does not see is an error).
     """
 
-    INFO_KEYS = ("name", "checkpoint", "checkpoint_sha256", "clip_name")
+    INFO_KEYS = ("name", "checkpoint", "checkpoint_sha256", "clip_name", "stop_token")
     #: replacing one of these drops the recorded identity (`identity`)
     _IDENTITY_PARTS = ("backbone", "tokenizer", "clip")
 
@@ -108,6 +122,8 @@ class ClipCap:
         self._identity = None  # (identity, normalize_prefix) recorded at load / save, see `identity`
         self.backbone = backbone
         self.tokenizer = tokenizer
+        if info.get("stop_token") is not None:  # a recorded stop token: refused now if not one token
+            self._check_stop_token(info["stop_token"])
         self.info = {k: info.get(k) for k in self.INFO_KEYS}
         self.clip = clip
         self.jit_compile = check_jit_compile(jit_compile)
@@ -154,8 +170,9 @@ class ClipCap:
     @property
     def config(self):
         """A read-only mapping: the backbone's `describe` (architecture, ``normalize_prefix``, ``gpt2``) and
-        `info`. Change ``info`` / ``normalize_prefix`` through their attributes."""
-        return MappingProxyType({**self.backbone.describe(), **self.info})
+        `info` (``stop_token``: the one in effect). Change ``info`` / ``normalize_prefix`` through their
+        attributes."""
+        return MappingProxyType({**self.backbone.describe(), **self.info, "stop_token": self.stop_token})
 
     @property
     def name(self):
@@ -193,6 +210,27 @@ class ClipCap:
         self._identity = None
 
     @property
+    def stop_token(self) -> str:
+        """The token that ends this model's captions (kept in the text, unless it is a special token such as
+        ``<|endoftext|>``): the one recorded with the model (``convert`` / ``train --stop-token``, saved in
+        config.json), else ``"."`` (English GPT-2; folders saved before it was recorded). Setting it checks
+        that it is one token of the vocabulary (`utils.tokenizer.TokenizerError` naming both otherwise)."""
+        from utils.tokenizer import DEFAULT_STOP_TOKEN
+
+        return self.info.get("stop_token") or DEFAULT_STOP_TOKEN
+
+    @stop_token.setter
+    def stop_token(self, value):
+        self._check_stop_token(value)
+        self.info["stop_token"] = value
+        self._identity = None  # another stop token, other captions: `identity` covers it
+
+    def _check_stop_token(self, token):
+        from utils.tokenizer import stop_token_id
+
+        return stop_token_id(self.tokenizer, token)
+
+    @property
     def normalize_prefix(self) -> bool:
         return self.backbone.normalize_prefix
 
@@ -217,7 +255,7 @@ class ClipCap:
 
     @classmethod
     def from_pretrained(cls, source, clip=None, tokenizer="gpt2", name=None, normalize_prefix=None,
-                        jit_compile="auto", overwrite=False, clip_name=None):
+                        jit_compile="auto", overwrite=False, clip_name=None, stop_token=None):
         """Convert an official ClipCap checkpoint (no torch needed), or download and convert an official name.
 
         Args:
@@ -234,12 +272,14 @@ class ClipCap:
             overwrite: replace an existing saved model of that name (see `save`).
             clip_name: the OpenAI name of the CLIP the mapper expects (recorded for `save_official`; found
                 by itself when ``clip`` is such a name).
+            stop_token: the token that ends the captions, recorded with the model (None: "."); refused before
+                any conversion unless it is one token of the tokenizer's vocabulary.
         """
         from models.image_captioning.saving import convert_official
 
         return convert_official(cls, source, clip=clip, tokenizer=tokenizer, name=name,
                                 normalize_prefix=normalize_prefix, jit_compile=jit_compile, overwrite=overwrite,
-                                clip_name=clip_name)
+                                clip_name=clip_name, stop_token=stop_token)
 
     def save(self, name_or_directory=None, overwrite=False):
         """Write this model as a saved-model folder (format 2, `models.image_captioning.saving`): config.json,
@@ -359,9 +399,9 @@ class ClipCap:
         return make_sampler(method, beam_size, temperature, top_k, top_p, num_captions, magic_k, magic_alpha,
                             magic_beta)
 
-    def generate(self, embeddings, method="greedy", beam_size=5, max_length=67, stop_token=".", temperature=1.0,
-                 top_k=None, top_p=None, num_captions=1, seed=None, compile_now=None, magic_k=None, magic_alpha=None,
-                 magic_beta=None, rerank=None, rerank_weight=0.0):
+    def generate(self, embeddings, method="greedy", beam_size=5, max_length=67, stop_token=MODEL_STOP_TOKEN,
+                 temperature=1.0, top_k=None, top_p=None, num_captions=1, seed=None, compile_now=None, magic_k=None,
+                 magic_alpha=None, magic_beta=None, rerank=None, rerank_weight=0.0):
         """Captions for CLIP embeddings (N, D) (raw, as `encode_images` returns them).
 
         Args:
@@ -372,8 +412,9 @@ class ClipCap:
                 CLIP's text tower, `custom_architectures.samplers.Magic`).
             beam_size: beams per image for 'beam'.
             max_length: most generated tokens per caption (the stop token included).
-            stop_token: a string that is one token of the vocabulary ('.'), kept in the caption; None never
-                stops early.
+            stop_token: the model's own by default (`stop_token`: '.' for English GPT-2); a string that is one
+                token of the vocabulary, kept in the caption unless it is a special token (``<|endoftext|>``);
+                None never stops early.
             temperature: divides the logits (changes beam and sampling decisions, and every score).
             num_captions: candidates returned per image (beam: the best num_captions of the beams).
             seed: makes sampling reproducible (None: a fresh random seed); an integer in [0, 2**32), since
@@ -414,11 +455,13 @@ class ClipCap:
             else:
                 out = self.decoder(prefix, sampler, max_length=max_length, stop_token_id=stop, seed=seed,
                                    jit_compile=self._decode_mode(compile_now))
+        silent = self.hides_stop_token(stop)
         keep = None if rerank else num_captions  # re-ranking scores every candidate, then keeps the best
         results = []
         for tokens, scores in zip(out.tokens, out.scores):
             results.append([
-                {"tokens": t, "text": self.tokenizer.decode(t).strip(), "score": float(s)}
+                {"tokens": t, "text": self.tokenizer.decode(t[:-1] if silent and t and t[-1] == stop else t).strip(),
+                 "score": float(s)}
                 for t, s in list(zip(tokens, scores))[:keep]
             ])
         if rerank:
@@ -454,6 +497,13 @@ class ClipCap:
 
         return guide
 
+    def hides_stop_token(self, stop_id):
+        """Whether the stop token ``stop_id`` stays out of the captions' text: a special token (``<|endoftext|>``)
+        ends a caption without being part of it; a mark ('.', '。') is kept, as the official code keeps '.'."""
+        from utils.tokenizer import is_special_token
+
+        return stop_id is not None and is_special_token(self.tokenizer, self.tokenizer.convert_ids_to_tokens(stop_id))
+
     def _decode_mode(self, compile_now):
         """The decoder's ``jit_compile`` for a call: the model's, or True when the caller asks."""
         return True if compile_now and self.jit_compile == "auto" else self.jit_compile
@@ -463,9 +513,9 @@ class ClipCap:
         return self.decoder.will_compile(batch_size, self.prefix_length, max_length, sampler,
                                          self._decode_mode(compile_now))
 
-    def check_generate_args(self, method="greedy", beam_size=5, max_length=67, stop_token=".", temperature=1.0,
-                            top_k=None, top_p=None, num_captions=1, seed=None, magic_k=None, magic_alpha=None,
-                            magic_beta=None, rerank=None, rerank_weight=0.0):
+    def check_generate_args(self, method="greedy", beam_size=5, max_length=67, stop_token=MODEL_STOP_TOKEN,
+                            temperature=1.0, top_k=None, top_p=None, num_captions=1, seed=None, magic_k=None,
+                            magic_alpha=None, magic_beta=None, rerank=None, rerank_weight=0.0):
         """Validate `generate`'s arguments without decoding (so a long run fails before any work); returns
         (sampler, max_length, stop_token_id, seed). Raises ValueError / TypeError as `generate` does (MAGIC
         without CLIP's text tower: ValueError saying how to add it; ``rerank`` without it:
@@ -481,8 +531,13 @@ class ClipCap:
             from models.image_captioning.rerank import check_text_encoder
 
             check_text_encoder(self)
+        stop_token = self.resolve_stop_token(stop_token)
         stop = None if stop_token is None else stop_token_id(self.tokenizer, stop_token)
         return sampler, max_length, stop, seed
+
+    def resolve_stop_token(self, stop_token=MODEL_STOP_TOKEN):
+        """``stop_token`` as a string (or None): `MODEL_STOP_TOKEN` -> this model's `stop_token`."""
+        return self.stop_token if stop_token is MODEL_STOP_TOKEN else stop_token
 
     def caption(self, images, **generate_kwargs):
         """Images (paths, PIL images, arrays, or one) -> the best caption of each, a list of str."""

@@ -11,7 +11,9 @@ What the identity covers (`compute_identity`, from the model in memory):
 - the GPT-2 tokenizer (its whole ``tokenizer.json`` serialization: vocabulary, merges, added tokens,
   decoder);
 - the CLIP image encoder (its Keras config, which holds the input resolution, and every weight), or its
-  absence.
+  absence;
+- the stop token, when it is not ``.`` (the default every English model has: their identities stay those
+  computed before the stop token was recorded).
 
 Where it comes from:
 
@@ -36,6 +38,8 @@ import hashlib
 import json
 
 import numpy as np
+
+from utils.tokenizer import DEFAULT_STOP_TOKEN
 
 #: the metadata.json entry holding a saved folder's identity
 IDENTITY_KEY = "identity"
@@ -89,6 +93,9 @@ def compute_identity(model) -> str:
         if hasattr(clip, "load_text"):  # a text encoder left for later counts as loaded (re-ranking uses it)
             clip.load_text()
         _update_keras_model(digest, "clip", clip.model)
+    stop_token = getattr(model, "stop_token", DEFAULT_STOP_TOKEN)
+    if stop_token != DEFAULT_STOP_TOKEN:
+        _update_json(digest, "stop_token", stop_token)
     return _PREFIX + digest.hexdigest()
 
 

@@ -4,7 +4,8 @@ Format 2 (`utils.preset_utils`; written by ``ClipCap.save``, ``convert``, ``down
 
 ```
 config.json        {"architecture": "clipcap", "format_version": 2, "name", "checkpoint", "checkpoint_sha256",
-                    "clip_name", "tokenizer": "tokenizer", "clip": "clip" | null,
+                    "clip_name", "stop_token" (absent in older folders: "."), "tokenizer": "tokenizer",
+                    "clip": "clip" | null,
                     "model": keras.saving.serialize_keras_object(ClipCapBackbone)}
 model.weights.h5   the backbone's weights (Keras save_weights: mapper and GPT-2)
 tokenizer/         the GPT-2 tokenizer files (save_pretrained)
@@ -62,7 +63,7 @@ def folder_name(directory):
 
 
 def convert_official(cls, source, clip=None, tokenizer="gpt2", name=None, normalize_prefix=None,
-                     jit_compile="auto", overwrite=False, clip_name=None):
+                     jit_compile="auto", overwrite=False, clip_name=None, stop_token=None):
     """`ClipCap.from_pretrained`: an official ``.pt`` converted (no torch needed), or an official model name
     downloaded and converted once (`models.image_captioning.pretrained.get_pretrained`)."""
     from custom_architectures.transformers_arch.clip_cap_arch import ClipCapBackbone
@@ -72,12 +73,12 @@ def convert_official(cls, source, clip=None, tokenizer="gpt2", name=None, normal
     from utils.download_manifest import sha256_of
     from utils.file_utils import check_replaceable
     from utils.model_store import is_saved_model, saved_model_dir
-    from utils.tokenizer import load_gpt2_tokenizer
+    from utils.tokenizer import load_gpt2_tokenizer, stop_token_id
 
     path = os.fspath(source)
     if not os.path.exists(path) and path in MODELS:
         given = {k: v for k, v in dict(clip=clip, name=name, normalize_prefix=normalize_prefix,
-                                       clip_name=clip_name).items() if v is not None}
+                                       clip_name=clip_name, stop_token=stop_token).items() if v is not None}
         if given or tokenizer != "gpt2":
             raise ValueError(f"{path!r} is an official model: its CLIP, tokenizer and settings are fixed "
                              f"(got {sorted(given) + (['tokenizer'] if tokenizer != 'gpt2' else [])}); give the "
@@ -85,8 +86,13 @@ def convert_official(cls, source, clip=None, tokenizer="gpt2", name=None, normal
         return get_pretrained(cls, path)
     if name is not None:  # refuse a bad name, or a store folder that is not ours, before converting
         check_replaceable(saved_model_dir(name), is_saved_model, overwrite)
+    if isinstance(tokenizer, str | os.PathLike):
+        tokenizer = load_gpt2_tokenizer(os.fspath(tokenizer))
+    if stop_token is not None:  # a stop token that is not one token: refused before converting
+        stop_token_id(tokenizer, stop_token)
     mapper, gpt2, config = load_clipcap(path)
-    info = {"checkpoint": os.path.basename(path), "checkpoint_sha256": sha256_of(path), "clip_name": clip_name}
+    info = {"checkpoint": os.path.basename(path), "checkpoint_sha256": sha256_of(path), "clip_name": clip_name,
+            "stop_token": stop_token}
     if normalize_prefix is not None:
         config["normalize_prefix"] = bool(normalize_prefix)
     if clip is not None and not hasattr(clip, "embed_dim"):
@@ -98,8 +104,6 @@ def convert_official(cls, source, clip=None, tokenizer="gpt2", name=None, normal
             info["clip_name"] = clip_source
         clip = CLIP.from_pretrained(clip_source, jit_compile=jit_compile)  # with its text encoder (rerank)
         check_clip_matches(clip.embed_dim, config, clip_name=clip_source, checkpoint_name=info["checkpoint"])
-    if isinstance(tokenizer, str | os.PathLike):
-        tokenizer = load_gpt2_tokenizer(os.fspath(tokenizer))
     if len(tokenizer) > gpt2.vocab_size:
         raise ValueError(f"the tokenizer has {len(tokenizer)} tokens but the checkpoint's GPT-2 only "
                          f"{gpt2.vocab_size}: they do not belong together")
@@ -127,7 +131,8 @@ def model_card(model) -> str:
         "a GPT-2 prefix, and GPT-2 continues it with a caption.", "",
         f"- mapper: {c['mapping_type']}, prefix length K={c['prefix_length']}, CLIP embedding size "
         f"{c['prefix_size']}, embedding L2-normalised first: {'yes' if c['normalize_prefix'] else 'no'}",
-        f"- GPT-2: {gpt2['n_layer']} layers x {gpt2['n_embd']}, {gpt2['vocab_size']} tokens",
+        f"- GPT-2: {gpt2['n_layer']} layers x {gpt2['n_embd']}, {gpt2['vocab_size']} tokens; captions end with "
+        f"{model.stop_token!r}",
         f"- CLIP image encoder: {'included (clip/)' if model.clip is not None else 'not included'}"
         + (", text encoder (re-ranking): " + ("included" if has_text_encoder(model.clip) else "not included")
            if model.clip is not None else "")
@@ -150,7 +155,8 @@ def save_clipcap(model, name_or_directory=None, overwrite=False):
     if target is None:
         raise ValueError("save needs a name or directory (this model has no name)")
     directory = model_dir(target)
-    header = {**model.info, "tokenizer": TOKENIZER_DIR, "clip": CLIP_DIR if model.clip is not None else None}
+    header = {**model.info, "stop_token": model.stop_token, "tokenizer": TOKENIZER_DIR,
+              "clip": CLIP_DIR if model.clip is not None else None}
     identity = compute_identity(model)  # from the weights in memory, as they are written
     metadata = preset_metadata(__version__, source=model.info.get("checkpoint"),
                                source_sha256=model.info.get("checkpoint_sha256"), **{IDENTITY_KEY: identity})

@@ -42,7 +42,7 @@ os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 import tensorflow as tf  # noqa: E402
 
 from models.image_captioning import serving_ops as ops  # noqa: E402
-from models.image_captioning.clip_cap import check_decoding_args  # noqa: E402
+from models.image_captioning.clip_cap import MODEL_STOP_TOKEN, check_decoding_args  # noqa: E402
 
 METADATA_FILE = os.path.join("assets.extra", "clipcap_serving.json")
 FORMAT = "clipcap-serving-savedmodel"
@@ -61,7 +61,7 @@ def is_exported_savedmodel(directory) -> bool:
 class CaptionModule(tf.Module):
     """The exported object: the weights (as variables), the token table and the two serving functions."""
 
-    def __init__(self, model, method="greedy", beam_size=5, max_length=67, stop_token=".", max_batch_size=16,
+    def __init__(self, model, method="greedy", beam_size=5, max_length=67, stop_token=MODEL_STOP_TOKEN, max_batch_size=16,
                  max_pixels=ops.DEFAULT_MAX_PIXELS, max_request_pixels=ops.DEFAULT_MAX_REQUEST_PIXELS):
         super().__init__(name="clipcap_serving")
         if model.clip is None:
@@ -70,6 +70,7 @@ class CaptionModule(tf.Module):
         if method not in EXPORT_METHODS:
             raise ValueError(f"a SavedModel decodes with fixed settings: method must be one of {EXPORT_METHODS}, "
                              f"got {method!r}")
+        stop_token = model.resolve_stop_token(stop_token)  # the model's own by default
         sampler, max_length, stop, _ = model.check_generate_args(method, beam_size, max_length, stop_token)
         if model.prefix_length + max_length - 1 > model.gpt2.n_positions:
             raise ValueError(f"prefix length {model.prefix_length} + max_length {max_length} - 1 exceeds GPT-2's "
@@ -85,7 +86,10 @@ class CaptionModule(tf.Module):
         self._prefix_size = model.prefix_size
         self.model_variables = list(model.clip.visual.variables) + list(model.mapper.variables) + \
             list(model.gpt2.variables)
-        self._pieces = tf.constant(ops.token_pieces(model.tokenizer, model.gpt2.vocab_size).tolist(), tf.string)
+        pieces = ops.token_pieces(model.tokenizer, model.gpt2.vocab_size)
+        if model.hides_stop_token(stop):  # <|endoftext|> ends a caption, out of its text (as `generate`)
+            pieces[stop] = b""
+        self._pieces = tf.constant(pieces.tolist(), tf.string)
         self.metadata_json = json.dumps({
             "format": FORMAT, "model": model.name, "method": method,
             "beam_size": sampler.num_sequences if method == "beam" else None, "max_length": max_length,
@@ -188,7 +192,7 @@ class CaptionModule(tf.Module):
         return self._caption(embeddings, ok)
 
 
-def export_savedmodel(model, directory, method="greedy", beam_size=5, max_length=67, stop_token=".",
+def export_savedmodel(model, directory, method="greedy", beam_size=5, max_length=67, stop_token=MODEL_STOP_TOKEN,
                       max_batch_size=16, max_pixels=ops.DEFAULT_MAX_PIXELS,
                       max_request_pixels=ops.DEFAULT_MAX_REQUEST_PIXELS, overwrite=False):
     """Write ``model`` as a serving SavedModel to ``directory`` (atomically: built beside it, then renamed).

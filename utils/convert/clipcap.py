@@ -248,7 +248,7 @@ def load_clipcap(path_or_state_dict, source=None, **gpt2_overrides):
     in-memory state dict.
     ``config`` holds the mapper's architecture (see `clipcap_config_from_state_dict`) and ``"gpt2"``, the
     GPT-2 config. ``gpt2_overrides`` go to `gpt2_from_state_dict` (e.g. ``n_head``, which shapes cannot
-    tell; by default ``n_embd // 64``, right for every released GPT-2). Raises `CheckpointError` for unreadable files, non-ClipCap state dicts and any missing,
+    tell; by default ``n_embd // 64``: the official code builds its GPT-2 from ``gpt2``, 64-wide heads). Raises `CheckpointError` for unreadable files, non-ClipCap state dicts and any missing,
     unexpected or mis-shaped key.
     """
     from utils.convert.hf_gpt2 import gpt2_from_state_dict
@@ -265,7 +265,8 @@ def load_clipcap(path_or_state_dict, source=None, **gpt2_overrides):
     porter = WeightPorter(state_dict, source=source)
     mapper = mapper_from_state_dict(porter, config)
     gpt_state = {k: v for k, v in state_dict.items() if k.startswith(GPT_PREFIX)}
-    gpt2, used = gpt2_from_state_dict(gpt_state, prefix=GPT_PREFIX, source=source, **gpt2_overrides)
+    # no config in the file: heads 64 wide, as every GPT-2 the official code builds (`hf_gpt2.KNOWN_HEADS`)
+    gpt2, used = gpt2_from_state_dict(gpt_state, prefix=GPT_PREFIX, source=source, head_width=64, **gpt2_overrides)
     porter.ignore(used)  # accounted for by GPT-2's own porter
     porter.finish()
     config["gpt2"] = gpt2_arch_config(gpt2)

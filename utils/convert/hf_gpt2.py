@@ -13,8 +13,12 @@ transformers <= 4.x also hold per-block ``attn.bias`` (causal mask) and ``attn.m
 are ignored. fp16/bf16 weights become fp32. Every other key under the prefix must be consumed: missing,
 unexpected or mis-shaped keys raise `CheckpointError` naming them.
 
-``n_head`` cannot be inferred from shapes: it comes from ``config.json`` when there is one, otherwise it is
-``n_embd // 64`` (every released GPT-2 size uses 64-wide heads: 768/12, 1024/16, 1280/20, 1600/25).
+``n_head`` cannot be inferred from shapes: it comes from ``config.json`` (or the caller's ``n_head``); without
+either, only the released sizes are known (`KNOWN_HEADS`: GPT-2 124M / 355M / 774M / 1.5B and distilgpt2), and
+any other size is a `CheckpointError` naming what is missing, never a guess (a 6-layer 96-wide model may have
+2, 3, 4, 6... heads: each gives other logits). An official ClipCap checkpoint stores no GPT-2 config either:
+its reader (`utils.convert.clipcap`) passes ``head_width=64``, the width of every released GPT-2's heads, as
+the official code only ever builds its GPT-2 from ``gpt2`` (124M: 12 heads of 64).
 
 Example::
 
@@ -32,6 +36,8 @@ from utils.convert.common import CheckpointError, load_torch_state_dict
 from utils.convert.porting import IDENTITY, WeightPorter, layer_norm_entries
 from utils.file_utils import read_json
 
+#: n_head of the released GPT-2-family sizes, by (n_embd, n_layer): shapes tell these apart, not their heads
+KNOWN_HEADS = {(768, 12): 12, (1024, 24): 16, (1280, 36): 20, (1600, 48): 25, (768, 6): 12}
 _BLOCK_KEY = re.compile(r"h\.(\d+)\.")
 _LEGACY_BUFFERS = r"h\.\d+\.attn\.(masked_)?bias"
 # config.json fields whose non-default values change the computation in ways this model does not implement
@@ -55,10 +61,11 @@ def _inner_prefix(state_dict, prefix):
     )
 
 
-def gpt2_config_from_state_dict(state_dict, prefix=""):
-    """Infer ``vocab_size, n_positions, n_embd, n_layer`` from shapes, and ``n_head = n_embd // 64``.
+def gpt2_config_from_state_dict(state_dict, prefix="", head_width=None):
+    """Infer ``vocab_size, n_positions, n_embd, n_layer`` from shapes, and ``n_head`` where it is known.
 
-    ``n_head`` is None when ``n_embd`` is not a multiple of 64 (the caller must then supply it).
+    ``n_head``: that of a released size (`KNOWN_HEADS`); else ``n_embd // head_width`` when ``head_width`` is
+    given and divides ``n_embd``; else None (the caller must supply it: shapes cannot tell it).
 
     Example::
 
@@ -78,8 +85,10 @@ def gpt2_config_from_state_dict(state_dict, prefix=""):
     n_layer = max(blocks) + 1 if blocks else 0
     if n_layer == 0:
         raise CheckpointError(f"no transformer blocks found under '{inner}h.'")
-    return dict(vocab_size=vocab_size, n_positions=n_positions, n_embd=n_embd, n_layer=n_layer,
-                n_head=n_embd // 64 if n_embd % 64 == 0 else None)
+    n_head = KNOWN_HEADS.get((n_embd, n_layer))
+    if n_head is None and head_width and n_embd % head_width == 0:
+        n_head = n_embd // head_width
+    return dict(vocab_size=vocab_size, n_positions=n_positions, n_embd=n_embd, n_layer=n_layer, n_head=n_head)
 
 
 def gpt2_config_from_hf_config(hf_config: Mapping):
@@ -118,13 +127,15 @@ def gpt2_weight_map(gpt2, inner="transformer."):
     return entries
 
 
-def gpt2_from_state_dict(state_dict, prefix="", source="checkpoint", **config_overrides):
+def gpt2_from_state_dict(state_dict, prefix="", source="checkpoint", head_width=None, **config_overrides):
     """Build a `GPT2` and load the weights found under `prefix`.
 
     Args:
         state_dict: mapping of names to torch tensors or numpy arrays (may hold other keys outside `prefix`).
         prefix: e.g. ``"gpt."`` for ClipCap checkpoints, ``""`` for HF ones.
         source: named in error messages.
+        head_width: for a checkpoint known to use heads of that width (ClipCap's: 64), ``n_head = n_embd //
+            head_width`` when no override or released size gives it.
         **config_overrides: GPT2 kwargs overriding the inferred ones (e.g. ``n_head`` from config.json).
 
     Returns:
@@ -138,10 +149,14 @@ def gpt2_from_state_dict(state_dict, prefix="", source="checkpoint", **config_ov
     own = {k: v for k, v in state_dict.items() if k.startswith(prefix)}
     if not own:
         raise CheckpointError(f"{source}: no keys start with '{prefix}'")
-    config = gpt2_config_from_state_dict(own, prefix)
+    config = gpt2_config_from_state_dict(own, prefix, head_width=head_width)
     config.update(config_overrides)
     if config["n_head"] is None:
-        raise CheckpointError(f"{source}: n_embd={config['n_embd']} is not a multiple of 64; pass n_head")
+        raise CheckpointError(
+            f"{source}: the number of attention heads (n_head) is missing: it cannot be inferred from the "
+            f"weights' shapes (n_embd={config['n_embd']}, n_layer={config['n_layer']} is not a released GPT-2 "
+            "size); give the checkpoint's config.json (a Hugging Face folder holds it beside the weights) or "
+            "pass n_head")
     inner = _inner_prefix(own, prefix)
     model = GPT2(**config)
     porter = WeightPorter(own, source=source)
@@ -175,7 +190,8 @@ def load_gpt2(path_or_state_dict, **config_overrides):
     """A `GPT2` from an HF GPT-2 directory, a weights file, or an in-memory state dict; strict.
 
     A directory must hold ``model.safetensors`` or ``pytorch_model.bin`` (``config.json`` is read when
-    present, for ``n_head``, ``layer_norm_epsilon`` and dropout rates, and checked for unsupported options).
+    present, for ``n_head``, ``layer_norm_epsilon`` and dropout rates, and checked for unsupported options;
+    without it, a size that is not a released one needs ``n_head=``: `CheckpointError` naming config.json).
     Sharded checkpoints are not supported. Every tensor must be accounted for.
 
     Example::
@@ -212,5 +228,7 @@ def load_gpt2(path_or_state_dict, **config_overrides):
         source = weights_path
     config = gpt2_config_from_hf_config(hf_config)
     config.update(config_overrides)
+    if "n_head" not in config and not hf_config and not isinstance(path_or_state_dict, Mapping):
+        source = f"{source} (no config.json beside it)"  # what is missing, named in the n_head error
     model, _ = gpt2_from_state_dict(state_dict, prefix="", source=source, **config)  # prefix "": all keys
     return model
