@@ -214,3 +214,28 @@ def test_text_features_of_trimmed_token_ids_equal_the_full_context(magic_setup):
     short = clip.tokenize(texts[:2])
     np.testing.assert_allclose(clip.encode_token_ids(short), clip.encode_text(texts[:2]), atol=1e-5)
     assert clip.encode_token_ids(short[:0]).shape == (0, clip.embed_dim)
+
+
+def test_batch_handler_and_web_demo_decode_with_magic(magic_setup, tiny_files, tmp_path):
+    """`batch`'s RunInference handler and the web demo's Captioner run MAGIC as `generate` does (the same
+    tokens), on a saved model whose CLIP keeps its text tower."""
+    from models.image_captioning import ClipCap, beam_inference
+    from models.image_captioning.pretrained import convert_model
+    from models.image_captioning.web_demo import Captioner
+    from unitest.test_cli import ROOT
+
+    model_dir = tmp_path / "model"
+    convert_model(ClipCap, tiny_files["checkpoint"], magic_setup["model"].clip, tiny_files["tokenizer"], model_dir,
+                  name="tiny_text")
+    photos = [str(ROOT / "demo" / name) for name in ("cat.jpg", "rocket.jpg")]
+    options = dict(magic_k=4, magic_alpha=0.2, magic_beta=1.5, max_length=6)
+    model = ClipCap.load(str(model_dir))
+    expected = [c[0]["text"] for c in model.generate(model.encode_images(photos), method="magic", **options)]
+    handler = beam_inference.ClipCapModelHandler(str(model_dir), method="magic", batch_size=2, **options)
+    loaded = handler.load_model()
+    results = handler.run_inference(list(zip(photos, [loaded.clip.preprocess(p) for p in photos])), loaded)
+    assert [beam_inference.make_record(p, {}, candidates=r.inference)["caption"]
+            for p, r in zip(photos, results)] == expected
+    rows = Captioner(model).caption(photos, method="magic", max_length=6)
+    default = [c[0]["text"] for c in model.generate(model.encode_images(photos), method="magic", max_length=6)]
+    assert [row["candidates"][0]["text"] for row in rows] == default
