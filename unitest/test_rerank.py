@@ -233,3 +233,6 @@ def test_batch_records_and_web_demo_carry_clip_scores(tiny_model_dir, tiny_clipc
                                            rerank=True)
     assert [c["clip_score"] for c in rows[0]["candidates"]] == sorted((c["clip_score"] for c in rows[0]["candidates"]),
                                                                       reverse=True)
+    from models.image_captioning.web_demo import _summary  # what the API (gradio_client) answers
+
+    assert _summary(rows)["results"][0]["clip_scores"] == [c["clip_score"] for c in rows[0]["candidates"]]

@@ -111,10 +111,17 @@ def _visibility(method):
 
 def _summary(rows, refused=()):
     """The structured results, as the JSON output (and gradio_client) gives them."""
-    return {"results": [{"name": r["name"], "error": r["error"],
-                         "captions": [c["text"] for c in r.get("candidates", [])],
-                         "scores": [c["score"] for c in r.get("candidates", [])]} for r in rows],
-            "errors": sum(r["error"] is not None for r in rows)}
+    return {"results": [_summary_row(r) for r in rows], "errors": sum(r["error"] is not None for r in rows)}
+
+
+def _summary_row(row):
+    """One image's structured result: its captions and scores (and CLIPScores when CLIP chose them)."""
+    candidates = row.get("candidates", [])
+    summary = {"name": row["name"], "error": row["error"], "captions": [c["text"] for c in candidates],
+               "scores": [c["score"] for c in candidates]}
+    if any("clip_score" in c for c in candidates):
+        summary["clip_scores"] = [c.get("clip_score") for c in candidates]
+    return summary
 
 
 class Captioner:
