@@ -470,3 +470,22 @@ def test_converters_work_with_torch_unimportable(files, tiny_files, tmp_path):
         expected = {n: hashlib.sha256(_as_numpy(t).tobytes()).hexdigest() for n, t in reference.items()}
         assert sums[kind] == expected, kind
     assert (out_dir / "config.json").is_file()
+
+
+def test_a_crafted_file_cannot_change_how_later_files_are_read(files, tmp_path):
+    """A pickle BUILD on an allowed global (a storage type, a rebuild function) changes only that file's copy:
+    the next checkpoint in the same process reads as before."""
+    from utils.convert import torch_file
+
+    payload = (b"\x80\x02ctorch\nFloatStorage\n}X\x05\x00\x00\x00dtypeX\x03\x00\x00\x00<f2sb"
+               b"ctorch._utils\n_rebuild_tensor_v2\n}X\x07\x00\x00\x00changedK\x01sb\x86.")
+    path = _replace_record(files["zip"], tmp_path / "crafted.pt", "/data.pkl", payload)
+    expected = load_torch_state_dict(files["zip"])
+    with pytest.raises(CheckpointError):
+        load_torch_state_dict(path)  # not a state dict
+    assert torch_file.ALLOWED_GLOBALS[("torch", "FloatStorage")].dtype == "<f4"
+    assert not hasattr(torch_file.ALLOWED_GLOBALS[("torch._utils", "_rebuild_tensor_v2")], "changed")
+    again = load_torch_state_dict(files["zip"])
+    assert list(again) == list(expected)
+    for key in expected:
+        assert np.array_equal(np.asarray(again[key]), np.asarray(expected[key]), equal_nan=True)

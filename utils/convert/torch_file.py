@@ -31,11 +31,13 @@ Example::
 
 import ast
 import collections
+import functools
 import io
 import os
 import pickle
 import re
 import struct
+import types
 import zipfile
 import zlib
 from collections.abc import Mapping
@@ -284,6 +286,19 @@ ALLOWED_GLOBALS = {
 _SCRIPT_NAME = re.compile(r"__torch__(\.[A-Za-z_]\w*)*")
 
 
+def _fresh(value):
+    """A per-load copy of an allowed global: a pickle's BUILD sets attributes on what ``find_class`` returned,
+    which must never reach `ALLOWED_GLOBALS` (a crafted file would change how later files in the process are
+    read, e.g. a storage type's dtype)."""
+    if isinstance(value, StorageType):
+        return StorageType(value.name, value.dtype)
+    if isinstance(value, TorchDtype):
+        return TorchDtype(value)
+    if isinstance(value, types.FunctionType):
+        return functools.partial(value)  # its own attributes; the function's stay untouched
+    return value  # collections.OrderedDict: a built-in type, whose attributes a BUILD cannot set
+
+
 class RestrictedUnpickler(pickle.Unpickler):
     """A pickle reader that builds only `ALLOWED_GLOBALS` (and, with ``script_classes``, inert
     `ScriptObject` subclasses for ``__torch__.*`` names); persistent ids are resolved by ``storage_for``."""
@@ -295,7 +310,7 @@ class RestrictedUnpickler(pickle.Unpickler):
 
     def find_class(self, module, name):
         if (module, name) in ALLOWED_GLOBALS:
-            return ALLOWED_GLOBALS[(module, name)]
+            return _fresh(ALLOWED_GLOBALS[(module, name)])
         if self._script and _SCRIPT_NAME.fullmatch(module) and name.isidentifier():
             qualified = f"{module}.{name}"
             if qualified not in self._classes:
