@@ -132,22 +132,21 @@ def _output_problem(args):
 
 
 def _grid_problem(path):
-    """Why ``--grid`` cannot be written there (not a .png name, or an existing file that is not a PNG image:
-    never overwritten), or None."""
+    """Why ``--grid`` cannot be written there (not a .png name, or an existing file that is not a grid this
+    library wrote, e.g. a user's photo: never overwritten), or None."""
     from utils.file_utils import UnsafePathError, check_overwritable
+    from utils.plot_utils import is_captions_grid
 
     if Path(path).suffix.lower() != ".png":
         return f"--grid {path}: give a .png file name"
     try:
-        check_overwritable(path, _is_png, "a PNG image")
-    except UnsafePathError as e:
+        check_overwritable(path, is_captions_grid, "a captions grid")
+    except (UnsafePathError, OSError) as e:
         return str(e)
     return None
 
 
-def _is_png(path):
-    with open(path, "rb") as f:
-        return f.read(8) == b"\x89PNG\r\n\x1a\n"
+GRID_MAX_IMAGES = 64
 
 
 def _save_grid(args, results):
@@ -160,6 +159,9 @@ def _save_grid(args, results):
     if not shown:
         print("no grid: no image was captioned", file=sys.stderr)
         return
+    if len(shown) > GRID_MAX_IMAGES:  # one figure holds every image decoded: bounded
+        print(f"grid: the first {GRID_MAX_IMAGES} of {len(shown)} captioned images", file=sys.stderr)
+        shown = shown[:GRID_MAX_IMAGES]
     try:
         save_captions_grid(args.grid, [r["image"] for r in shown], [r["caption"] for r in shown],
                            titles=[os.path.basename(r["image"]) for r in shown])

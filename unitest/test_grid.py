@@ -66,6 +66,19 @@ def test_caption_grid_cli(tiny_model_dir, tmp_path, monkeypatch, capsys):
         assert sheet.format == "PNG"
         assert sheet.size == (4 * 4 * 100, pytest.approx(round(height * 100), abs=1))  # 100 dpi: 4 columns, 2 rows
     assert sorted(p.name for p in tmp_path.iterdir() if p.name != "home") == ["sheet.png"]  # no temporary left
+    code = main.main(["caption", PHOTOS[0], "--model", str(tiny_model_dir), "--max-length", "8", "--no-save",
+                      "--grid", str(grid)])  # its own earlier grid: replaced
+    assert code == 0 and "grid of 1 image(s)" in capsys.readouterr().err
+
+
+def test_grid_never_replaces_a_users_png(tiny_model_dir, tmp_path, capsys):
+    """A PNG the library did not write (a photo, even one of the inputs) is refused, not overwritten."""
+    photo = tmp_path / "photo.png"
+    Image.open(PHOTOS[0]).save(photo)
+    before = photo.read_bytes()
+    code = main.main(["caption", str(photo), "--model", str(tiny_model_dir), "--no-save", "--grid", str(photo)])
+    assert code == main.EXIT_USAGE and "not a captions grid written by this library" in capsys.readouterr().err
+    assert photo.read_bytes() == before
 
 
 @pytest.mark.parametrize("name, content", [("notes.png", b"my notes"), ("sheet.jpg", None)])
@@ -75,5 +88,5 @@ def test_grid_refuses_a_file_that_is_not_a_png(tiny_model_dir, tmp_path, capsys,
         target.write_bytes(content)
     code = main.main(["caption", PHOTOS[0], "--model", str(tiny_model_dir), "--no-save", "--grid", str(target)])
     assert code == main.EXIT_USAGE
-    assert ("not a PNG image" if content else "give a .png file name") in capsys.readouterr().err
+    assert ("not a captions grid" if content else "give a .png file name") in capsys.readouterr().err
     assert (target.read_bytes() == content) if content else not target.exists()

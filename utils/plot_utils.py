@@ -97,6 +97,21 @@ def plot_captions(images, captions, ncols=4, width=4.0, wrap=32, titles=None, fi
     return figure
 
 
+#: the PNG ``Software`` text of a grid this library wrote: the only existing file ``--grid`` may replace
+GRID_SOFTWARE = "image_captioning captions grid"
+
+
+def is_captions_grid(path) -> bool:
+    """Whether ``path`` is a PNG that `save_captions_grid` wrote (its ``Software`` text chunk, looked for in the
+    first 64 KiB: matplotlib writes it before the pixels); False for any other or unreadable file."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(1 << 16)
+    except OSError:
+        return False
+    return head.startswith(b"\x89PNG\r\n\x1a\n") and GRID_SOFTWARE.encode() in head
+
+
 def save_captions_grid(path, images, captions, titles=None, ncols=4, dpi=100):
     """`plot_captions` saved as a PNG at ``path``, written atomically (`utils.file_utils.atomic_open`);
     no pyplot (no GUI backend, no global figure). Returns the path."""
@@ -106,5 +121,5 @@ def save_captions_grid(path, images, captions, titles=None, ncols=4, dpi=100):
 
     figure = plot_captions(images, captions, ncols=ncols, titles=titles, figure=Figure())
     with atomic_open(path, "wb") as f:
-        figure.savefig(f, format="png", dpi=dpi)
+        figure.savefig(f, format="png", dpi=dpi, metadata={"Software": GRID_SOFTWARE})
     return Path(path)
