@@ -186,7 +186,10 @@ def cmd_train(args):
             model.info["clip_name"] = args.clip
     except (OSError, ValueError, RuntimeError, KeyError) as e:
         return _fail(f"cannot build the model: {e}", EXIT_MODEL)
-    trainer = Trainer(model, hp, args.output, strategy=strategy, progress=not args.no_progress)
+    try:
+        trainer = Trainer(model, hp, args.output, strategy=strategy, progress=not args.no_progress)
+    except (ValueError, OSError) as e:  # an output folder (a worker's too) that cannot be used
+        return _fail(str(e), EXIT_USAGE)
     try:
         history = trainer.fit(train, embeddings, val_dataset=val[0] if val else None,
                               val_embeddings=val[1] if val else None, resume=not args.no_resume,

@@ -37,6 +37,12 @@ def cmd_batch(args):
     missing = missing_extra("apache_beam", "-r requirements-beam.txt", "batch")
     if missing:
         return fail(missing, EXIT_USAGE)
+    from models.image_captioning.clip_cap import check_decoding_args
+
+    try:  # bad values fail here, before the model is looked at and the job starts (not on its workers)
+        check_decoding_args(args.method, **decoding_kwargs(args))
+    except (TypeError, ValueError) as e:
+        return fail(str(e), EXIT_USAGE)
     model_dir, code = model_or_exit_code(args.model, load=resolve_model_dir)
     if model_dir is None:
         return code

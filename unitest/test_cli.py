@@ -292,3 +292,12 @@ def test_requirements_split():
     text = (ROOT / "requirements-test.txt").read_text()
     for extra in ("requirements-serve.txt", "requirements-beam.txt", "requirements-notebook.txt"):
         assert f"-r {extra}" in text
+
+
+@pytest.mark.parametrize("options, message", [(["--rerank", "clip"], "rerank"), (["--method", "beam", "--beam-size", "0"], "beam_size"),
+                                              (["--magic-k", "3"], "magic_k")])
+def test_batch_refuses_bad_decoding_options_before_the_job(options, message, capsys):
+    """Checked in the launching process (the model is not even looked up), not on the job's workers."""
+    code, out, err = _run(capsys, "batch", "x.jpg", "--model", "no_such_model", "--output", "out/captions",
+                          "--method", "greedy", *options)
+    assert code == 2 and message in err and "unknown model" not in err

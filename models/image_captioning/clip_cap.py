@@ -509,7 +509,10 @@ class ClipCap:
         return True if compile_now and self.jit_compile == "auto" else self.jit_compile
 
     def decoder_will_compile(self, batch_size, sampler, max_length, compile_now=None):
-        """Whether `generate` on ``batch_size`` rows with this sampler would compile a new decoding loop."""
+        """Whether `generate` on ``batch_size`` rows with this sampler would compile a new decoding loop (never
+        for a guided method: `guided_decoding.GuidedDecoder` runs instead)."""
+        if getattr(sampler, "guided", False):
+            return False
         return self.decoder.will_compile(batch_size, self.prefix_length, max_length, sampler,
                                          self._decode_mode(compile_now))
 

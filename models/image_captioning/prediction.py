@@ -416,7 +416,10 @@ def predict(model, images, batch_size=16, method="greedy", save=True, overwrite=
     entries = expand_inputs(images)
     settings = generation_settings(model, method, generate_kwargs, exif_transpose) if save else None
     if save and output_dir is None and getattr(model, "name", None):
-        migrate_legacy_outputs(model.name)
+        try:
+            migrate_legacy_outputs(model.name)
+        except OSError as e:  # a read-only store: the old results stay where they are, this run goes on
+            logger.warning("earlier results of %s not moved to %s: %s", model.name, default_output_dir(model), e)
     map_path = Path(output_dir if output_dir is not None else default_output_dir(model)) / MAP_FILENAME
     # before any image is read: results that could not be written at the end would be lost
     stored = check_map_writable(map_path) if save else {}
