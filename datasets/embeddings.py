@@ -37,11 +37,21 @@ from pathlib import Path
 import numpy as np
 
 from datasets.caption_dataset import CaptionDataset, DatasetError
-from utils.file_utils import atomic_open, atomic_write, check_overwritable, file_lock, json_text, read_json
+from utils.file_utils import (
+    atomic_open,
+    atomic_write,
+    check_overwritable,
+    file_lock,
+    json_text,
+    parse_json,
+    read_json,
+    read_regular_file,
+)
 from utils.image_io import ImageReadError, read_image
 
 logger = logging.getLogger(__name__)
 _SHARD_NAME = re.compile(r"shard_[0-9]{6}\.npy")
+INDEX_MAX_BYTES = 1 << 30  # the index of the cache: about 10 million images' keys
 
 INDEX_FILENAME = "index.jsonl"
 MODEL_FILENAME = "model.json"
@@ -136,16 +146,16 @@ class EmbeddingCache:
         index = self.directory / INDEX_FILENAME
         if not index.exists():
             return
-        lines = index.read_text(encoding="utf-8").split("\n")
+        lines = read_regular_file(index, INDEX_MAX_BYTES).split(b"\n")  # bounded
         for number, line in enumerate(lines, start=1):
             if not line.strip():
                 continue
-            try:
-                entry = json.loads(line)
+            try:  # depth-limited: a crafted line is an unreadable line, not a RecursionError
+                entry = parse_json(line, f"{index}:{number}")
                 shard, keys = entry["shard"], entry["keys"]
                 if not _SHARD_NAME.fullmatch(shard):  # only our own shard files, never a path elsewhere
                     raise TypeError(shard)
-            except (json.JSONDecodeError, KeyError, TypeError):
+            except (ValueError, KeyError, TypeError):
                 # a torn line (interrupted append): its shard is recomputed
                 logger.warning("%s:%d: unreadable index line ignored", index, number)
                 continue

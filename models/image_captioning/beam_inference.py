@@ -35,7 +35,6 @@ Example::
 import contextlib
 import csv
 import io
-import json
 import logging
 import os
 import re
@@ -51,7 +50,7 @@ from apache_beam.options.pipeline_options import PipelineOptions
 from custom_architectures.samplers import sampler_class
 from models.image_captioning.freshness import answers, content_stamp, file_stamp, stream_stamp
 from models.siamese.image_embedding import ImageEmbedder
-from utils.file_utils import DEFAULT_MAX_BYTES, UnsafePathError, file_lock, json_text, read_json
+from utils.file_utils import DEFAULT_MAX_BYTES, UnsafePathError, file_lock, json_text, parse_json, read_json
 from utils.image_io import IMAGE_EXTENSIONS, ImageReadError, read_image_file
 
 logger = logging.getLogger(__name__)
@@ -338,7 +337,9 @@ class _SkipDone(beam.DoFn):
 def _done_keys(line, settings):
     """An earlier output line -> (image key, the record's settings and stamp) when it holds a caption made
     with ``settings`` (whether its bytes are those of the file now is `_SkipDone`'s question)."""
-    record = json.loads(line)
+    record = parse_json(line.encode("utf-8") if isinstance(line, str) else line, "an earlier output record")
+    if not isinstance(record, dict):
+        return
     if record.get("error") is None and record.get("caption") is not None and record.get("settings") == settings:
         yield record_key(record["image"]), {k: record.get(k) for k in ("settings", "size", "sha256")}
 
@@ -531,5 +532,5 @@ def read_records(output, name=RECORDS_NAME):
     records = []
     for path in output_files(output, name):
         with FileSystems.open(path) as f:
-            records.extend(json.loads(line) for line in f.read().decode("utf-8").splitlines() if line.strip())
+            records.extend(parse_json(line, path) for line in f.read().splitlines() if line.strip())
     return records
