@@ -241,8 +241,8 @@ def build_demo(model, allow_private_urls=False, **limits):
     ``allow_private_urls``: let the URL box fetch loopback / private / link-local addresses (see `serve`).
 
     The ``/caption`` API takes (files, urls, method, beam_size, temperature, top_p, num_captions, max_length,
-    refused) and returns (the results page as HTML, the results as data: ``{"results": [{"name", "error",
-    "captions", "scores"}], "errors": N}``)."""
+    rerank, refused; the last two optional) and returns (the results page as HTML, the results as data:
+    ``{"results": [{"name", "error", "captions", "scores"[, "clip_scores"]}], "errors": N}``)."""
     gr = _gradio()
 
     captioner = Captioner(model, allow_private_urls=allow_private_urls, **limits)
