@@ -112,7 +112,7 @@ def _colour_table(packed):
 def _gif_first_frame(body, start):
     """Walk a GIF's records from ``start`` (after the global colour table) to the end of its first frame.
 
-    ``body``: the file as int64 bytes. Extension records (0x21, label, data sub-blocks) are skipped; the first
+    ``body``: the file as uint8 bytes (read one at a time as int64: no widened copy of the whole file). Extension records (0x21, label, data sub-blocks) are skipped; the first
     image descriptor (0x2C) gives the frame's width and height; its data sub-blocks are followed to their
     zero-length terminator, as giflib follows them. Returns (width, height, end: the offset just past that
     terminator, ok); not ok for a truncated file, an unknown record, a trailer before any image, or more than
@@ -121,7 +121,7 @@ def _gif_first_frame(body, start):
     n = tf.size(body, out_type=tf.int64)
 
     def at(i):
-        return tf.where(i < n, tf.gather(body, tf.minimum(i, n - 1)), tf.constant(-1, tf.int64))
+        return tf.where(i < n, tf.cast(tf.gather(body, tf.minimum(i, n - 1)), tf.int64), tf.constant(-1, tf.int64))
 
     def step(pos, mode, status, width, height):
         # mode 0: at a record; 1: in an extension's sub-blocks; 2: in the first image's sub-blocks
@@ -156,7 +156,7 @@ def _gif(data):
     # screen), and TensorFlow's canvas is the largest frame: so the graph decodes the bytes up to the end of
     # the first frame followed by a trailer (";"), and counts max(screen, first frame) pixels
     head = _head_bytes(data)
-    body = tf.cast(tf.io.decode_raw(data, tf.uint8), tf.int64)
+    body = tf.io.decode_raw(data, tf.uint8)
     width, height, end, ok = _gif_first_frame(body, 13 + _colour_table(head[10]))
     screen = _uint(head, 6, 2) * _uint(head, 8, 2)
     valid = ok & (head[12] >= 0) & (width > 0) & (height > 0)
