@@ -280,6 +280,7 @@ def cmd_convert(args):
     from utils.tokenizer import load_gpt2_tokenizer, stop_token_id
 
     try:
+        _stderr_line(f"reading the GPT-2 tokenizer {args.tokenizer} ...")  # first: the stop token is checked on it
         tokenizer = load_gpt2_tokenizer(fetch_gpt2_tokenizer(args.tokenizer))
         if args.stop_token is not None:  # not one token of the vocabulary: refused before any download
             stop_token_id(tokenizer, args.stop_token)

@@ -44,8 +44,8 @@ def test_convert_shows_its_steps_and_the_next_command(tiny_files, tmp_path, monk
     assert code == 0, err
     assert out.strip() == str(tmp_path / "home" / "mine")  # stdout: the folder alone, as before
     lines = err.splitlines()
-    steps = [f"reading and converting the CLIP {tiny_files['clip']} (image and text encoders) ...",
-             f"reading the GPT-2 tokenizer {tiny_files['tokenizer']} ...",
+    steps = [f"reading the GPT-2 tokenizer {tiny_files['tokenizer']} ...",
+             f"reading and converting the CLIP {tiny_files['clip']} (image and text encoders) ...",
              f"reading and converting the ClipCap checkpoint {tiny_files['checkpoint']} (mapper and GPT-2) ...",
              f"saving {tmp_path / 'home' / 'mine'} ..."]
     assert _in_order(lines, steps), err
