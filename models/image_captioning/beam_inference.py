@@ -356,6 +356,10 @@ def caption_pipeline(pipeline, inputs, model_dir, output, method="greedy", batch
                      exif_transpose=True, input_lists=(), skip_existing=(), num_shards=0, settings=None):
     """Add the captioning transforms to ``pipeline``; returns the (records, errors) PCollections.
 
+    `run_batch` holds an inter-process lock on a local ``output`` prefix for the whole job and removes the
+    ``beam-temp-*`` folders killed jobs left there; a pipeline built here directly does not take that lock, so
+    do not run it beside a ``batch`` job on the same local prefix (that job would remove this one's temporaries).
+
     Args:
         inputs: file paths, directories or glob patterns (any Beam file system).
         model_dir: a saved ClipCap directory readable by every worker.
