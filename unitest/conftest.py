@@ -41,6 +41,14 @@ from unitest import tiny_models as factory  # noqa: E402
 from unitest.tokenizer_utils import train_gpt2_tokenizer  # noqa: E402
 
 
+@pytest.fixture
+def isolated_home(tmp_path, monkeypatch):
+    """A model store of the test's own (``<tmp>/home``) and no network: for suites that run commands
+    (``pytestmark = pytest.mark.usefixtures("isolated_home")``)."""
+    monkeypatch.setenv("IMAGE_CAPTIONING_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("IMAGE_CAPTIONING_OFFLINE", "1")
+
+
 @pytest.fixture(scope="session")
 def gpt2_tokenizer_dir(tmp_path_factory):
     """A byte-level BPE tokenizer trained locally and saved as GPT-2 files (vocab.json, merges.txt)."""

@@ -9,6 +9,7 @@ import contextlib
 import http.server
 import socket
 import threading
+import time
 
 
 class QuietHandler(http.server.BaseHTTPRequestHandler):
@@ -19,6 +20,15 @@ class QuietHandler(http.server.BaseHTTPRequestHandler):
         self.send_header("Content-Length", str(len(data)))
         self.end_headers()
         self.wfile.write(data)
+
+    def send_silence(self, seconds=3):
+        """Announce 1000 bytes, send one, then nothing for ``seconds`` (a server gone quiet mid-body)."""
+        self.send_response(200)
+        self.send_header("Content-Length", "1000")
+        self.end_headers()
+        self.wfile.write(b"x")
+        self.wfile.flush()
+        time.sleep(seconds)
 
     def log_message(self, *args):
         pass

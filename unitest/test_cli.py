@@ -15,10 +15,7 @@ import main
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True)
-def isolated_home(tmp_path, monkeypatch):
-    monkeypatch.setenv("IMAGE_CAPTIONING_HOME", str(tmp_path / "home"))
-    monkeypatch.setenv("IMAGE_CAPTIONING_OFFLINE", "1")
+pytestmark = pytest.mark.usefixtures("isolated_home")  # conftest: a per-test model store, offline
 
 
 def _run(capsys, *argv):

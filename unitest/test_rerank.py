@@ -28,16 +28,13 @@ TEXTS = ["a cat on a couch.", "a dog running on the beach.", "two people riding 
          "a train at the station.", "a child flying a kite.", "a city at night."]
 
 
-@pytest.fixture(autouse=True)
-def isolated_home(tmp_path, monkeypatch):
-    monkeypatch.setenv("IMAGE_CAPTIONING_HOME", str(tmp_path / "home"))
-    monkeypatch.setenv("IMAGE_CAPTIONING_OFFLINE", "1")
+pytestmark = pytest.mark.usefixtures("isolated_home")  # conftest: a per-test model store, offline
 
 
 @pytest.fixture(scope="module")
 def reference(tiny_files):
     """OpenAI's PyTorch CLIP on the tiny model's CLIP file (fp32), and OpenAI's preprocessing."""
-    state_dict = torch.load(str(tiny_files["clip"]), map_location="cpu")
+    state_dict = torch.load(str(tiny_files["clip"]), map_location="cpu", weights_only=True)
     model = build_model(dict(state_dict)).float().eval()
     return model, _transform(model.visual.input_resolution)
 
@@ -130,7 +127,7 @@ def test_the_text_encoder_is_kept_saved_and_loaded_exactly(tiny_model_dir, tiny_
     model = ClipCap.load(str(tiny_model_dir))
     assert model.clip.model.text is None and model.clip.has_text  # saved, read when first used
     assert model.clip.load_text().model.text is not None and model.clip.tokenizer is not None
-    state_dict = torch.load(str(tiny_files["clip"]), map_location="cpu")
+    state_dict = torch.load(str(tiny_files["clip"]), map_location="cpu", weights_only=True)
     text = {v.path: v.numpy() for v in model.clip.model.text.weights}
     embedding = [w for path, w in text.items() if "token_embedding" in path]
     assert len(embedding) == 1

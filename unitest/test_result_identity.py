@@ -29,10 +29,7 @@ DEMO = sorted(str(p) for p in (ROOT / "demo").glob("*.jpg"))[:2]
 DECODING = ["--max-length", "5", "--batch-size", "2"]
 
 
-@pytest.fixture(autouse=True)
-def isolated_home(tmp_path, monkeypatch):
-    monkeypatch.setenv("IMAGE_CAPTIONING_HOME", str(tmp_path / "home"))
-    monkeypatch.setenv("IMAGE_CAPTIONING_OFFLINE", "1")
+pytestmark = pytest.mark.usefixtures("isolated_home")  # conftest: a per-test model store, offline
 
 
 @pytest.fixture(scope="module")

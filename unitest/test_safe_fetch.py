@@ -55,12 +55,7 @@ class _Handler(QuietHandler):
             self.wfile.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(CAT) + CAT[:1000])
             self.close_connection = True
         elif self.path == "/silent":
-            self.send_response(200)
-            self.send_header("Content-Length", "1000")
-            self.end_headers()
-            self.wfile.write(b"x")
-            self.wfile.flush()
-            time.sleep(3)
+            self.send_silence()
         else:
             self.send_error(404)
 

@@ -31,12 +31,7 @@ class _Handler(QuietHandler):
             for _ in range(100):
                 self.wfile.write(b"x" * 10_000)
         elif self.path == "/silent":
-            self.send_response(200)
-            self.send_header("Content-Length", "1000")
-            self.end_headers()
-            self.wfile.write(b"x")
-            self.wfile.flush()
-            time.sleep(3)
+            self.send_silence()
         elif self.path == "/to-file":
             self.send_response(302)
             self.send_header("Location", "file:///etc/passwd")
