@@ -29,7 +29,6 @@ import time
 import torch  # noqa: F401, I001 - torchvision before TensorFlow
 import torchvision  # noqa: F401
 
-os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "-1")
 

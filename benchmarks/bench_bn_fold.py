@@ -21,18 +21,17 @@ import time
 import torch  # noqa: F401, I001
 import torchvision  # noqa: F401
 
-os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "-1")
 
-import numpy as np  # noqa: E402
-import tensorflow as tf  # noqa: E402
+import numpy as np
+import tensorflow as tf
 
-from custom_architectures.clip_arch import ModifiedResNet  # noqa: E402
-from models.siamese.clip import CLIP  # noqa: E402
-from unitest.clip_reference import OPENAI_CONFIGS, random_clip_state_dict  # noqa: E402
-from utils.convert.openai_clip import clip_from_state_dict  # noqa: E402
-from utils.weights_io import variables_to_be_loaded  # noqa: E402
+from custom_architectures.clip_arch import ModifiedResNet
+from models.siamese.clip import CLIP
+from unitest.clip_reference import OPENAI_CONFIGS, random_clip_state_dict
+from utils.convert.openai_clip import clip_from_state_dict
+from utils.weights_io import variables_to_be_loaded
 
 
 def timed(fn, *args):

@@ -37,7 +37,6 @@ def _device_arg(argv):
 
 
 DEVICE = _device_arg(sys.argv[1:])
-os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 if DEVICE == "cpu":
     os.environ.setdefault("CUDA_VISIBLE_DEVICES", "-1")

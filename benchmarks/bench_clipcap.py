@@ -49,16 +49,15 @@ with warnings.catch_warnings():
     from clip.clip import _transform
     from clip.model import CLIP as TorchCLIP
 
-os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "-1")
 
-import tensorflow as tf  # noqa: E402
-from PIL import Image  # noqa: E402
+import tensorflow as tf
+from PIL import Image
 
-from benchmarks.flops import matmul_peak  # noqa: E402
-from benchmarks.machine import print_machine  # noqa: E402
-from unitest.reference import clipcap_official as ref  # noqa: E402
+from benchmarks.flops import matmul_peak
+from benchmarks.machine import print_machine
+from unitest.reference import clipcap_official as ref
 
 PHOTOS = ("astronaut", "camera", "cat", "chelsea", "clock", "coffee", "coins", "grass", "gravel",
           "hubble_deep_field", "immunohistochemistry", "moon", "page", "retina", "rocket", "brick")

@@ -11,17 +11,16 @@ import argparse
 import os
 import time
 
-os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-import torch  # noqa: E402  (torch + torchvision before TensorFlow: see ARCHITECTURE.md)
-import torchvision  # noqa: E402, F401
-from transformers import GPT2Config, GPT2LMHeadModel  # noqa: E402
+import torch  #  (torch + torchvision before TensorFlow: see ARCHITECTURE.md)
+import torchvision  # noqa: F401
+from transformers import GPT2Config, GPT2LMHeadModel
 
 # isort: split
-import tensorflow as tf  # noqa: E402
+import tensorflow as tf
 
-from utils.convert.hf_gpt2 import load_gpt2  # noqa: E402
+from utils.convert.hf_gpt2 import load_gpt2
 
 PREFIX, MAX_LENGTH = 10, 77
 

@@ -22,14 +22,13 @@ import warnings
 import torch  # noqa: I001 - torchvision before TensorFlow
 import torchvision  # noqa: F401
 
-os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "-1")
 
-import numpy as np  # noqa: E402
-import tensorflow as tf  # noqa: E402
+import numpy as np
+import tensorflow as tf
 
-from benchmarks.machine import print_machine  # noqa: E402
+from benchmarks.machine import print_machine
 
 
 def build_real(directory, tokenizer_dir):

@@ -22,18 +22,17 @@ import sys
 import tempfile
 import time
 
-os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "-1")
 
-import torch  # noqa: E402, F401  (torch + torchvision before TensorFlow)
-import torchvision  # noqa: E402, F401
+import torch  # noqa: F401  (torch + torchvision before TensorFlow)
+import torchvision  # noqa: F401
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from unitest.tokenizer_utils import train_gpt2_tokenizer  # noqa: E402
-from unitest.training_step_check import compare_training_steps  # noqa: E402
-from utils.tokenizer import load_gpt2_tokenizer  # noqa: E402
+from unitest.tokenizer_utils import train_gpt2_tokenizer
+from unitest.training_step_check import compare_training_steps
+from utils.tokenizer import load_gpt2_tokenizer
 
 
 def main(argv=None):

@@ -21,16 +21,13 @@ Example::
     feats = model.visual(keras.ops.zeros((2, 224, 224, 3)))   # (2, 512) for ViT-B/32
 """
 
-import os
 import re
 from collections.abc import Mapping
 
-os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+import keras
+from keras import ops
 
-import keras  # noqa: E402
-from keras import ops  # noqa: E402
-
-from custom_layers.clip_layers import (  # noqa: E402
+from custom_layers.clip_layers import (
     AttentionPool2d,
     Bottleneck,
     ClassTokenAndPositions,

@@ -19,17 +19,14 @@ Example::
     out.tokens[0][0]          # best token ids of image 0 (stop token included)
 """
 
-import os
 from dataclasses import dataclass
 
-os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+import numpy as np
+import tensorflow as tf
 
-import numpy as np  # noqa: E402
-import tensorflow as tf  # noqa: E402
-
-from custom_architectures.batching import pad_batch, power_of_two_at_least  # noqa: E402
-from custom_architectures.compile_policy import CompilePolicy  # noqa: E402
-from custom_architectures.samplers import (  # noqa: E402
+from custom_architectures.batching import pad_batch, power_of_two_at_least
+from custom_architectures.compile_policy import CompilePolicy
+from custom_architectures.samplers import (
     SAMPLERS,
     Beam,
     Greedy,

@@ -10,11 +10,8 @@ Example::
 """
 
 import math
-import os
 
-os.environ.setdefault("KERAS_BACKEND", "tensorflow")
-
-import keras  # noqa: E402
+import keras
 
 _SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
 

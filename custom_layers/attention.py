@@ -22,11 +22,7 @@ Example::
     out = dot_product_attention(q, k, v, bias=bias)               # (B, T, H, D)
 """
 
-import os
-
-os.environ.setdefault("KERAS_BACKEND", "tensorflow")
-
-from keras import ops  # noqa: E402
+from keras import ops
 
 # Added to the scores of masked slots (future or padded keys); see the module docstring for why finite.
 MASK_VALUE = -1e9

@@ -21,15 +21,11 @@ Example::
     y = block(keras.ops.ones((2, 50, 768)))  # (B, T, C)
 """
 
-import os
+import keras
+from keras import ops
 
-os.environ.setdefault("KERAS_BACKEND", "tensorflow")
-
-import keras  # noqa: E402
-from keras import ops  # noqa: E402
-
-from custom_layers.activations import quick_gelu  # noqa: E402
-from custom_layers.attention import (  # noqa: E402
+from custom_layers.activations import quick_gelu
+from custom_layers.attention import (
     causal_bias,
     dot_product_attention,
     heads_first,

@@ -13,14 +13,10 @@ Example::
     y = attn(x, attention_bias=bias)                                  # (B, T, C)
 """
 
-import os
+import keras
+from keras import ops
 
-os.environ.setdefault("KERAS_BACKEND", "tensorflow")
-
-import keras  # noqa: E402
-from keras import ops  # noqa: E402
-
-from custom_layers.attention import dot_product_attention, merge_heads  # noqa: E402
+from custom_layers.attention import dot_product_attention, merge_heads
 
 
 @keras.saving.register_keras_serializable(package="image_captioning")

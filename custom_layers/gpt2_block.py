@@ -15,18 +15,14 @@ Example::
     y = block(x, attention_bias=bias)          # (B, T, C)
 """
 
-import os
+import keras
+import tensorflow as tf
+from keras import ops
 
-os.environ.setdefault("KERAS_BACKEND", "tensorflow")
-
-import keras  # noqa: E402
-import tensorflow as tf  # noqa: E402
-from keras import ops  # noqa: E402
-
-from custom_layers.activations import gelu_new  # noqa: E402
-from custom_layers.attention import dot_product_attention  # noqa: E402
-from custom_layers.gpt2_attention import GPT2Attention  # noqa: E402
-from custom_layers.inference_ops import dense, layer_norm, variable_value  # noqa: E402
+from custom_layers.activations import gelu_new
+from custom_layers.attention import dot_product_attention
+from custom_layers.gpt2_attention import GPT2Attention
+from custom_layers.inference_ops import dense, layer_norm, variable_value
 
 
 def cached_block_step(x, layer_cache, cache_index, attention_bias, weights, n_head, epsilon):

@@ -13,11 +13,7 @@ Example::
     y = dense(layer_norm(x, gamma, beta, 1e-5), kernel, bias)      # == c_fc(ln_2(x))
 """
 
-import os
-
-os.environ.setdefault("KERAS_BACKEND", "tensorflow")
-
-import tensorflow as tf  # noqa: E402
+import tensorflow as tf
 
 
 def dense(x, kernel, bias=None):

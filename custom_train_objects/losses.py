@@ -12,11 +12,7 @@ Example::
     loss = caption_loss(logits, tokens, mask, prefix_length=K)                  # mean over real tokens
 """
 
-import os
-
-os.environ.setdefault("KERAS_BACKEND", "tensorflow")
-
-import tensorflow as tf  # noqa: E402
+import tensorflow as tf
 
 
 def caption_loss_sum(logits, token_ids, mask, prefix_length):

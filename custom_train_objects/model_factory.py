@@ -14,9 +14,7 @@ Example::
 import json
 import os
 
-os.environ.setdefault("KERAS_BACKEND", "tensorflow")
-
-import keras  # noqa: E402
+import keras
 
 MAPPER_MLP_RATIO = 2.0  # the official TransformerMapper's MLP width ratio
 

@@ -30,13 +30,9 @@ Example::
     optimizer = build_optimizer(hparams, total_steps=epochs * steps_per_epoch)
 """
 
-import os
+import keras
 
-os.environ.setdefault("KERAS_BACKEND", "tensorflow")
-
-import keras  # noqa: E402
-
-from custom_train_objects.schedules import LinearWarmupDecay  # noqa: E402
+from custom_train_objects.schedules import LinearWarmupDecay
 
 
 def build_optimizer(hparams, total_steps):

@@ -11,12 +11,8 @@ Example::
     optimizer = keras.optimizers.AdamW(learning_rate=schedule)
 """
 
-import os
-
-os.environ.setdefault("KERAS_BACKEND", "tensorflow")
-
-import keras  # noqa: E402
-from keras import ops  # noqa: E402
+import keras
+from keras import ops
 
 
 @keras.saving.register_keras_serializable(package="image_captioning")

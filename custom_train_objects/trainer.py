@@ -51,15 +51,12 @@ import os
 import time
 from pathlib import Path
 
+import keras
 import numpy as np
+import tensorflow as tf
 
-os.environ.setdefault("KERAS_BACKEND", "tensorflow")
-
-import keras  # noqa: E402
-import tensorflow as tf  # noqa: E402
-
-from custom_architectures.transformers_arch.clip_cap_arch import ClipCapBackbone  # noqa: E402
-from custom_train_objects.checkpoints import (  # noqa: E402, F401 (is_checkpoint: its historical place)
+from custom_architectures.transformers_arch.clip_cap_arch import ClipCapBackbone
+from custom_train_objects.checkpoints import (  # noqa: F401 (is_checkpoint: its historical place)
     STATE_FILENAME,
     is_checkpoint,
     list_checkpoints,
@@ -67,12 +64,12 @@ from custom_train_objects.checkpoints import (  # noqa: E402, F401 (is_checkpoin
     restore_variables,
     write_variables,
 )
-from custom_train_objects.losses import caption_loss_sum  # noqa: E402
-from custom_train_objects.optimizers import build_optimizer  # noqa: E402
-from datasets.tf_dataset import caption_batches, encode_captions, num_batches  # noqa: E402
-from hparams.training import TrainingHParams, is_hparams_file  # noqa: E402
-from loggers.training_loggers import LoggerList, build_loggers  # noqa: E402
-from utils.file_utils import (  # noqa: E402
+from custom_train_objects.losses import caption_loss_sum
+from custom_train_objects.optimizers import build_optimizer
+from datasets.tf_dataset import caption_batches, encode_captions, num_batches
+from hparams.training import TrainingHParams, is_hparams_file
+from loggers.training_loggers import LoggerList, build_loggers
+from utils.file_utils import (
     UnsafePathError,
     check_overwritable,
     check_replaceable,

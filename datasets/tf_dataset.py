@@ -22,13 +22,9 @@ Example::
     for embedding, token_ids, mask in ds: ...     # (40, D) float32, (40, T) int32, (40, 10 + T) float32
 """
 
-import os
-
 import numpy as np
 
 from utils.tokenizer import stop_token_id
-
-os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 
 
 def official_max_length(lengths):

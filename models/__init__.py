@@ -9,6 +9,7 @@ it is already imported (`utils.tf_startup.keep_triton_out`): loaded after Tensor
 process, so ``import torchvision`` or a transformers PyTorch model after this library would.
 """
 
+import custom_layers  # noqa: F401  (chooses Keras' backend before anything imports Keras)
 from utils import compile_cache as _compile_cache
 from utils.tf_startup import keep_triton_out as _keep_triton_out
 

@@ -17,7 +17,6 @@ import os
 import shutil
 import tempfile
 
-os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "-1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -33,12 +32,12 @@ if "IMAGE_CAPTIONING_HOME" not in os.environ:
 
 # torchvision's extension crashes the process (SIGSEGV) when it is loaded after TensorFlow, and transformers'
 # PyTorch models load it when it is installed: the PyTorch references must come first.
-import pytest  # noqa: E402
-import torch  # noqa: E402, F401
-import torchvision  # noqa: E402, F401
+import pytest
+import torch  # noqa: F401
+import torchvision  # noqa: F401
 
-from unitest import tiny_models as factory  # noqa: E402
-from unitest.tokenizer_utils import train_gpt2_tokenizer  # noqa: E402
+from unitest import tiny_models as factory
+from unitest.tokenizer_utils import train_gpt2_tokenizer
 
 
 @pytest.fixture

@@ -18,16 +18,12 @@ Command line (imports torch and torchvision before TensorFlow, as required)::
     IMAGE_CAPTIONING_NOTEBOOK_MODEL=/tmp/tiny/model jupyter nbconvert --execute image_captioning.ipynb
 """
 
-import os
 import warnings
-
-os.environ.setdefault("KERAS_BACKEND", "tensorflow")
-
-from pathlib import Path  # noqa: E402
+from pathlib import Path
 
 # torchvision (imported by the `clip` package) must be loaded before TensorFlow
-import torch  # noqa: E402
-import torchvision  # noqa: E402, F401
+import torch
+import torchvision  # noqa: F401
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO_DIR = ROOT / "demo"

@@ -22,15 +22,11 @@ Example::
     prefix = mapper(np.zeros((2, 640), "float32"))      # (2, 40, 768)
 """
 
-import os
+import keras
+from keras import ops
 
-os.environ.setdefault("KERAS_BACKEND", "tensorflow")
-
-import keras  # noqa: E402
-from keras import ops  # noqa: E402
-
-from custom_architectures.transformers_arch.gpt2_arch import GPT2  # noqa: E402, F401 (registered: a backbone's child)
-from custom_layers.attention import dot_product_attention, heads_first, merge_heads, split_heads  # noqa: E402
+from custom_architectures.transformers_arch.gpt2_arch import GPT2  # noqa: F401 (registered: a backbone's child)
+from custom_layers.attention import dot_product_attention, heads_first, merge_heads, split_heads
 
 
 @keras.saving.register_keras_serializable(package="image_captioning")

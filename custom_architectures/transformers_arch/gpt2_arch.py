@@ -23,17 +23,13 @@ Example::
     logits, cache = gpt2.call_with_cache(gpt2.embed_tokens(next_ids), cache, 10)
 """
 
-import os
+import keras
+import tensorflow as tf
+from keras import ops
 
-os.environ.setdefault("KERAS_BACKEND", "tensorflow")
-
-import keras  # noqa: E402
-import tensorflow as tf  # noqa: E402
-from keras import ops  # noqa: E402
-
-from custom_layers.attention import causal_bias  # noqa: E402
-from custom_layers.gpt2_block import GPT2Block, cached_block_step  # noqa: E402
-from custom_layers.inference_ops import layer_norm  # noqa: E402
+from custom_layers.attention import causal_bias
+from custom_layers.gpt2_block import GPT2Block, cached_block_step
+from custom_layers.inference_ops import layer_norm
 
 
 @keras.saving.register_keras_serializable(package="image_captioning")

@@ -23,9 +23,7 @@ Example::
 import os
 from types import MappingProxyType
 
-os.environ.setdefault("KERAS_BACKEND", "tensorflow")
-
-from utils.tf_startup import import_tensorflow_for_library  # noqa: E402
+from utils.tf_startup import import_tensorflow_for_library
 
 import_tensorflow_for_library()  # no C++ start-up lines unless the user set TF_CPP_MIN_LOG_LEVEL
 
@@ -39,7 +37,7 @@ from custom_architectures.guided_decoding import GuidedDecoder  # noqa: E402
 from custom_architectures.samplers import SAMPLERS, check_integer, check_seed, get_sampler  # noqa: E402
 from custom_architectures.transformers_arch.clip_cap_arch import ClipCapBackbone  # noqa: E402
 from models import check_jit_compile  # noqa: E402
-from models.image_captioning.saving import ModelLoadError  # noqa: E402, F401 (its historical place)
+from models.image_captioning.saving import ModelLoadError  # noqa: E402, F401
 from utils.devices import device_scope  # noqa: E402
 
 METHODS = tuple(SAMPLERS)  # the decoding methods (`custom_architectures.samplers`)

@@ -37,12 +37,10 @@ import os
 import time
 from pathlib import Path
 
-os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+import tensorflow as tf
 
-import tensorflow as tf  # noqa: E402
-
-from models.image_captioning import serving_ops as ops  # noqa: E402
-from models.image_captioning.clip_cap import MODEL_STOP_TOKEN, check_decoding_args  # noqa: E402
+from models.image_captioning import serving_ops as ops
+from models.image_captioning.clip_cap import MODEL_STOP_TOKEN, check_decoding_args
 
 METADATA_FILE = os.path.join("assets.extra", "clipcap_serving.json")
 FORMAT = "clipcap-serving-savedmodel"

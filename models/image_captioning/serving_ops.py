@@ -15,14 +15,10 @@ repository once traced.
   U+FFFD as the tokenizers library does, then Python's ``str.strip`` whitespace removed).
 """
 
-import os
+import numpy as np
+import tensorflow as tf
 
-os.environ.setdefault("KERAS_BACKEND", "tensorflow")
-
-import numpy as np  # noqa: E402
-import tensorflow as tf  # noqa: E402
-
-from utils.clip_preprocessing import MAX_RESIZED_PIXELS, tf_preprocess  # noqa: E402
+from utils.clip_preprocessing import MAX_RESIZED_PIXELS, tf_preprocess
 
 #: PIL's default decompression-bomb bound (``Image.MAX_IMAGE_PIXELS``), which `utils.image_io` applies too
 DEFAULT_MAX_PIXELS = 89_478_485

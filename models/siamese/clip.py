@@ -19,9 +19,7 @@ Example::
 
 import os
 
-os.environ.setdefault("KERAS_BACKEND", "tensorflow")
-
-from utils.tf_startup import import_tensorflow_for_library  # noqa: E402
+from utils.tf_startup import import_tensorflow_for_library
 
 import_tensorflow_for_library()  # no C++ start-up lines unless the user set TF_CPP_MIN_LOG_LEVEL
 
@@ -297,7 +295,6 @@ class CLIP:
         image_features = self.encode_image(images, batch_size=batch_size)
         text_features = self.encode_text(texts)
         return np.asarray(self.model.logits(image_features, text_features))
-
 
 
 def _trim_context(token_ids):
