@@ -95,7 +95,8 @@ def test_save_load_round_trip_is_exact(kind, tiny_models, tmp_path):
     assert {k: v for k, v in loaded.config.items() if k != "name"} == {
         k: v for k, v in model.config.items() if k != "name"}
     e = random_embeddings(2, model.prefix_size, seed=9)
-    np.testing.assert_array_equal(loaded.prefix(e), model.prefix(e))
+    # the same path on both sides (the session's model may have compiled this shape in an earlier test)
+    np.testing.assert_array_equal(loaded.prefix(e, compile_now=False), model.prefix(e, compile_now=False))
     ids = np.array([[1, 2, 3], [4, 5, 6]])
     np.testing.assert_array_equal(loaded.logits(e, ids), model.logits(e, ids))
     assert loaded.generate(e, method="beam", beam_size=3, max_length=10) == model.generate(
