@@ -16,17 +16,17 @@ import os
 
 import keras
 
-MAPPER_MLP_RATIO = 2.0  # the official TransformerMapper's MLP width ratio
-
 
 def new_mapper(hparams, prefix_size, n_embd):
-    """A new mapper of the hyper-parameters' architecture (`clip_cap_arch.build_mapper`; random weights)."""
+    """A new mapper of the hyper-parameters' architecture (random weights): the ``mapping_type``'s class
+    (`mapper_registry.MAPPERS`) given ``prefix_size``, ``n_embd`` and every hyper-parameter named like one of its
+    constructor arguments (`mapper_arguments`: ``prefix_length``, and the transformer's ``clip_length``,
+    ``num_layers``, ``num_heads``); its other arguments keep the class's defaults."""
     from custom_architectures.transformers_arch.clip_cap_arch import build_mapper
+    from custom_architectures.transformers_arch.mapper_registry import mapper_arguments
 
-    kwargs = {"prefix_size": int(prefix_size), "prefix_length": hparams.prefix_length, "n_embd": int(n_embd)}
-    if hparams.mapping_type == "transformer":
-        kwargs.update(clip_length=hparams.clip_length, num_layers=hparams.num_layers, num_heads=hparams.num_heads,
-                      mlp_ratio=MAPPER_MLP_RATIO)
+    values = {**hparams.to_dict(), "prefix_size": int(prefix_size), "n_embd": int(n_embd)}
+    kwargs = {k: values[k] for k in mapper_arguments(hparams.mapping_type) if k in values}
     return build_mapper(hparams.mapping_type, **kwargs)
 
 
