@@ -42,8 +42,8 @@ def _load_language_model(gpt2, gpt2_config, vocab_size, seed):
         return GPT2(**kwargs)
     if isinstance(gpt2, GPT2):
         return gpt2
+    from models.image_captioning.gpt2_hub import fetch_gpt2_model, is_hub_name
     from utils.convert.hf_gpt2 import load_gpt2
-    from utils.downloads import fetch_gpt2_model, is_hub_name
 
     path = os.fspath(gpt2)
     if not os.path.exists(path):  # a hub repository: its config.json and model.safetensors (cache or fetched)
@@ -84,7 +84,7 @@ def build_clipcap_for_training(hparams, prefix_size, tokenizer="gpt2", gpt2=None
             model.stop_token = hparams.stop_token  # checked against its tokenizer
         return model
 
-    from utils.downloads import fetch_gpt2_tokenizer
+    from models.image_captioning.gpt2_hub import fetch_gpt2_tokenizer
     from utils.tokenizer import DEFAULT_STOP_TOKEN, load_gpt2_tokenizer, stop_token_id
 
     if isinstance(tokenizer, str | os.PathLike):  # a hub name: the cache, or fetched as convert fetches it
