@@ -23,8 +23,8 @@ What a download guarantees (`fetch`):
 - **One download per file** at a time, across threads and processes (a lock on ``<file>.lock``, left in
   place); the others wait, then use (and check) the downloaded file.
 
-A file another client downloaded (``huggingface_hub``, for the hub's files) is published by `publish` under
-the same rules.
+Another client may download from a file's origin (``fetch(..., client=)``: huggingface_hub for the hub's
+files); what it downloads is published under the same rules.
 
 Environment variables:
 
@@ -65,7 +65,7 @@ from utils.download_manifest import (
 from utils.file_utils import file_lock, path_problem
 
 __all__ = ["MAX_DOWNLOAD_BYTES", "MIRROR_ENV", "OFFLINE_ENV", "DownloadError", "OfflineError", "Source",
-           "downloads_dir", "fetch", "is_offline", "mirror_url", "publish", "sha256_of"]
+           "downloads_dir", "fetch", "is_offline", "mirror_url", "sha256_of"]
 
 logger = logging.getLogger(__name__)
 
@@ -103,7 +103,7 @@ def _where_from(source):
 # -------------------------------------------------------------------------------------------- downloading
 
 
-def fetch(source: Source, root=None, progress=True, verify=None, dest=None) -> Path:
+def fetch(source: Source, root=None, progress=True, verify=None, dest=None, client=None) -> Path:
     """The cached path of ``source``, downloading and verifying it first if needed.
 
     A file is published in the cache only once it is proven whole and right: its SHA-256 equals the pinned
@@ -111,7 +111,10 @@ def fetch(source: Source, root=None, progress=True, verify=None, dest=None) -> P
     without a pinned hash, the server announced its length and it all arrived, or ``verify`` accepted it
     (then its size and SHA-256 are recorded in the manifest, and every later use is checked against them).
     ``verify(path)`` is an extra check (e.g. the checkpoint's identity) run on every download and cached file;
-    it raises (e.g. `CheckpointError`) to refuse. ``dest`` overrides the cache path.
+    it raises (e.g. `CheckpointError`) to refuse. ``dest`` overrides the cache path. ``client(dest)`` downloads
+    from the origin instead of this module's HTTP (not from a mirror): it returns the path of a file it proved
+    whole (a staging path on ``dest``'s file system), or raises `OfflineError` / `DownloadError`; the file is
+    then checked and published as this module's own downloads are.
 
     Raises `OfflineError` (offline mode, or the network is unreachable) naming the URL and the exact path
     where to place the file by hand; `DownloadError` when a transfer fails (the ``.part`` file is kept and
@@ -132,7 +135,9 @@ def fetch(source: Source, root=None, progress=True, verify=None, dest=None) -> P
             return _check_cached(dest, source, pin_of(source, root), verify)
         pin = pin_of(source, root)
         url = mirror_url(source)
-        if url is None and source.url is None and source.drive_id is not None:
+        if url is None and client is not None:
+            part, url, whole = Path(client(dest)), source.origin, True
+        elif url is None and source.url is None and source.drive_id is not None:
             part, url, whole = _drive_download(source, dest, progress), source.origin, False
         else:
             url = url or source.url
@@ -323,15 +328,6 @@ def _verify_and_publish(part, dest, source, url, pin, verify, whole, root):
     if pin is None:
         record(source, size, actual, url, root)
     logger.info("downloaded %s to %s", source.filename, dest)
-
-
-def publish(staged, dest, source, url, root=None) -> Path:
-    """Publish ``staged``, a file another client downloaded from ``url`` and proved whole (huggingface_hub
-    checks the announced length), as ``dest`` under `fetch`'s rules: checked against its pin (else recorded
-    in the manifest), deleted when it is not the expected file."""
-    staged, dest = Path(staged), Path(dest)
-    _verify_and_publish(staged, dest, source, url, pin_of(source, root), None, True, root)
-    return dest
 
 
 def _not_a_torch_file(path):

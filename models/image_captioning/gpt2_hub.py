@@ -4,14 +4,14 @@ training, its language model (``config.json``, ``model.safetensors``), of any re
 
 Where a repository's files go: ``<store>/downloads/<repo>-tokenizer/`` and ``<repo>-model/`` (``owner--name``
 for ``owner/name``), unless the user's Hugging Face cache already holds them all (the name is returned, and
-the loaders read that cache). A file is fetched by ``huggingface_hub.hf_hub_download`` from `HUB_URL` (staged
-in ``downloads/.huggingface/``), then published by the transport's `utils.downloads.publish` exactly as its
-own downloads are: checked against the SHA-256 recorded in ``downloads/manifest.json`` at its first download
-(trust on first use; a different new file is deleted), recorded otherwise. ``IMAGE_CAPTIONING_MIRROR``
+the loaders read that cache). Each file goes through the transport (`utils.downloads.fetch`) with
+``huggingface_hub.hf_hub_download`` as its client for `HUB_URL` (staged in ``downloads/.huggingface/``): the
+transport publishes it as its own downloads, checked against the SHA-256 recorded in
+``downloads/manifest.json`` at its first download (trust on first use; a different new file is deleted),
+recorded otherwise; a file already in the folder is checked and never replaced; ``IMAGE_CAPTIONING_MIRROR``
 (files named ``<repo>-<file>``: ``gpt2-vocab.json``, ``owner--name-model.safetensors``) and
-``IMAGE_CAPTIONING_OFFLINE`` go through the transport (`utils.downloads.fetch`) as for every other file; a file
-already in the folder is checked and never replaced. An unreachable hub (one metadata request, no retries)
-or ``HF_HUB_OFFLINE`` is an `OfflineError` at once naming every missing file and where to place it.
+``IMAGE_CAPTIONING_OFFLINE`` as for every file. An unreachable hub (one metadata request, no retries) or
+``HF_HUB_OFFLINE`` is an `OfflineError` at once naming every missing file and where to place it.
 
 Light on purpose (``huggingface_hub`` is imported when a file is fetched): `models.image_captioning.presets`
 lists these files for ``download --list`` without it.
@@ -26,8 +26,7 @@ import os
 import re
 
 from utils.download_manifest import DownloadError, OfflineError, Source, downloads_dir
-from utils.downloads import MIRROR_ENV, fetch, is_offline, publish
-from utils.file_utils import file_lock
+from utils.downloads import MIRROR_ENV, fetch
 
 #: Where hub repositories' files come from (``<HUB_URL>/<repo>/resolve/main/<file>``).
 HUB_URL = "https://huggingface.co"
@@ -105,18 +104,11 @@ def fetch_hub_files(name, files, kind, root=None, progress=True):
 
 
 def fetch_hub_file(name, file, source, dest, root=None, progress=True):
-    """``dest``, holding repository ``name``'s ``file``: a file already there, the mirror and offline mode go
-    through the transport (`utils.downloads.fetch`: checked, never replaced; the mirror's ``<repo>-<file>``;
-    the offline message); otherwise ``huggingface_hub`` downloads it and the transport publishes it
-    (`utils.downloads.publish`), one process at a time (a lock on ``dest``)."""
-    if os.path.lexists(dest) or is_offline() or os.environ.get(MIRROR_ENV, "").strip():
-        return fetch(source, root, progress, dest=dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    with file_lock(dest):
-        if os.path.lexists(dest):  # another process published it meanwhile
-            return fetch(source, root, progress, dest=dest)
-        staged = _hub_download(hub_repo(name), file, source, dest, root, progress)
-        return publish(staged, dest, source, source.url, root)
+    """``dest``, holding repository ``name``'s ``file``: fetched by the transport (`utils.downloads.fetch`: a
+    file already there checked and never replaced, the mirror's ``<repo>-<file>``, offline mode, one process
+    at a time, the manifest) with ``huggingface_hub`` as its client for the hub (`_hub_download`)."""
+    return fetch(source, root, progress, dest=dest,
+                 client=lambda dest: _hub_download(hub_repo(name), file, source, dest, root, progress))
 
 
 def _hub_download(repo, file, source, dest, root, progress):
