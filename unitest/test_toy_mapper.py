@@ -8,6 +8,8 @@ model, and the serving SavedModel (its ``embeddings`` and image-bytes signatures
 """
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import keras
@@ -56,6 +58,16 @@ def toy_registered():
     assert "toy" not in MAPPERS
 
 
+def test_the_registry_is_read_without_keras():
+    """The command line lists the mapper types (``--mapping-type`` choices) without importing Keras."""
+    code = ("import sys, main, hparams.training as h; from custom_architectures.transformers_arch.mapper_registry "
+            "import MAPPERS; assert tuple(MAPPERS) == ('mlp', 'linear', 'transformer'); "
+            "assert 'keras' not in sys.modules and 'tensorflow' not in sys.modules")
+    out = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[1], capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+
+
 def _captions(results):
     return [[c["tokens"] for c in r] for r in results]
 
@@ -82,6 +94,10 @@ def test_a_backbone_on_the_toy_mapper_generates_and_saves(tiny_files, tmp_path):
     assert _captions(loaded.generate(embeddings, max_length=8)) == _captions(expected)
     beam = dict(method="beam", beam_size=2, num_captions=2, max_length=8)
     assert _captions(loaded.generate(embeddings, **beam)) == _captions(model.generate(embeddings, **beam))
+    from utils.convert.clipcap_export import mapper_state_dict  # the official .pt: only the official mappers
+
+    with pytest.raises(ValueError, match="'toy' mapper has no official checkpoint format"):
+        mapper_state_dict(loaded.mapper, loaded.config)
 
 
 @pytest.fixture(scope="module")
