@@ -274,9 +274,9 @@ def cmd_convert(args):
     except ValueError as e:  # an invalid name, or an UnsafePathError: a destination that is not ours
         return _fail(str(e), EXIT_USAGE)
     from models.image_captioning.clip_cap import ClipCap
+    from models.image_captioning.gpt2_hub import fetch_gpt2_tokenizer
     from models.image_captioning.pretrained import convert_model
     from models.siamese.presets import CLIP_SOURCES, fetch_clip
-    from utils.downloads import fetch_gpt2_tokenizer
     from utils.tokenizer import load_gpt2_tokenizer, stop_token_id
 
     try:

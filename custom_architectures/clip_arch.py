@@ -67,18 +67,13 @@ class VisionTransformer(keras.Model):
         self.output_dim = output_dim
 
     def get_config(self):
-        return {
-            "name": self.name,
-            "input_resolution": self.input_resolution,
-            "patch_size": self.patch_size,
-            "width": self.width,
-            "layers": self.num_layers,
-            "heads": self.heads,
-            "output_dim": self.output_dim,
-        }
+        config = super().get_config()
+        config.update(input_resolution=self.input_resolution, patch_size=self.patch_size, width=self.width,
+                      layers=self.num_layers, heads=self.heads, output_dim=self.output_dim)
+        return config
 
     @classmethod
-    def from_config(cls, config):
+    def from_config(cls, config):  # the constructor's kwargs (Functional's would read a layer graph)
         return cls(**config)
 
 
@@ -133,18 +128,14 @@ class ModifiedResNet(keras.Model):
         self.fold_batch_norm = fold_batch_norm
 
     def get_config(self):
-        return {
-            "name": self.name,
-            "layers": list(self.layer_counts),
-            "output_dim": self.output_dim,
-            "heads": self.heads,
-            "input_resolution": self.input_resolution,
-            "width": self.width,
-            "fold_batch_norm": self.fold_batch_norm,
-        }
+        config = super().get_config()
+        config.update(layers=list(self.layer_counts), output_dim=self.output_dim, heads=self.heads,
+                      input_resolution=self.input_resolution, width=self.width,
+                      fold_batch_norm=self.fold_batch_norm)
+        return config
 
     @classmethod
-    def from_config(cls, config):
+    def from_config(cls, config):  # the constructor's kwargs (Functional's would read a layer graph)
         return cls(**config)
 
 
@@ -174,18 +165,13 @@ class TextTransformer(keras.Model):
         self.num_layers = layers
 
     def get_config(self):
-        return {
-            "name": self.name,
-            "embed_dim": self.embed_dim,
-            "context_length": self.context_length,
-            "vocab_size": self.vocab_size,
-            "width": self.width,
-            "heads": self.heads,
-            "layers": self.num_layers,
-        }
+        config = super().get_config()
+        config.update(embed_dim=self.embed_dim, context_length=self.context_length, vocab_size=self.vocab_size,
+                      width=self.width, heads=self.heads, layers=self.num_layers)
+        return config
 
     @classmethod
-    def from_config(cls, config):
+    def from_config(cls, config):  # the constructor's kwargs (Functional's would read a layer graph)
         return cls(**config)
 
 
@@ -236,12 +222,10 @@ class CLIPModel(keras.Model):
         return self.logits(self.encode_image(images), self.encode_text(token_ids))
 
     def get_config(self):
-        return {
-            "name": self.name,
-            "trainable": self.trainable,
-            "visual": keras.layers.serialize(self.visual),
-            "text": None if self.text is None else keras.layers.serialize(self.text),
-        }
+        config = super().get_config()
+        config.update(visual=keras.layers.serialize(self.visual),
+                      text=None if self.text is None else keras.layers.serialize(self.text))
+        return config
 
     @classmethod
     def from_config(cls, config):

@@ -90,7 +90,9 @@ class MultiHeadAttention(keras.layers.Layer):
         return tuple(query_shape[:-1]) + (self.width,)
 
     def get_config(self):
-        return {**super().get_config(), "width": self.width, "heads": self.heads, "causal": self.causal}
+        config = super().get_config()
+        config.update(width=self.width, heads=self.heads, causal=self.causal)
+        return config
 
 
 @keras.saving.register_keras_serializable(package="image_captioning")
@@ -124,7 +126,9 @@ class ResidualAttentionBlock(keras.layers.Layer):
         return input_shape
 
     def get_config(self):
-        return {**super().get_config(), "width": self.width, "heads": self.heads, "causal": self.causal}
+        config = super().get_config()
+        config.update(width=self.width, heads=self.heads, causal=self.causal)
+        return config
 
 
 @keras.saving.register_keras_serializable(package="image_captioning")
@@ -155,7 +159,9 @@ class ClassTokenAndPositions(keras.layers.Layer):
         return (input_shape[0], self.num_positions, self.width)
 
     def get_config(self):
-        return {**super().get_config(), "num_positions": self.num_positions, "width": self.width}
+        config = super().get_config()
+        config.update(num_positions=self.num_positions, width=self.width)
+        return config
 
 
 @keras.saving.register_keras_serializable(package="image_captioning")
@@ -180,7 +186,9 @@ class PositionalEmbedding(keras.layers.Layer):
         return input_shape
 
     def get_config(self):
-        return {**super().get_config(), "context_length": self.context_length, "width": self.width}
+        config = super().get_config()
+        config.update(context_length=self.context_length, width=self.width)
+        return config
 
 
 @keras.saving.register_keras_serializable(package="image_captioning")
@@ -281,8 +289,10 @@ class Bottleneck(keras.layers.Layer):
         return (batch, None if h is None else h // s, None if w is None else w // s, self.planes * self.expansion)
 
     def get_config(self):
-        return {**super().get_config(), "inplanes": self.inplanes, "planes": self.planes, "stride": self.stride,
-                "fold_batch_norm": self.fold_batch_norm}
+        config = super().get_config()
+        config.update(inplanes=self.inplanes, planes=self.planes, stride=self.stride,
+                      fold_batch_norm=self.fold_batch_norm)
+        return config
 
 
 @keras.saving.register_keras_serializable(package="image_captioning")
@@ -329,10 +339,7 @@ class AttentionPool2d(keras.layers.Layer):
         return (input_shape[0], self.output_dim)
 
     def get_config(self):
-        return {
-            **super().get_config(),
-            "spacial_dim": self.spacial_dim,
-            "embed_dim": self.embed_dim,
-            "heads": self.heads,
-            "output_dim": self.output_dim,
-        }
+        config = super().get_config()
+        config.update(spacial_dim=self.spacial_dim, embed_dim=self.embed_dim, heads=self.heads,
+                      output_dim=self.output_dim)
+        return config

@@ -16,17 +16,17 @@ import os
 
 import keras
 
-MAPPER_MLP_RATIO = 2.0  # the official TransformerMapper's MLP width ratio
-
 
 def new_mapper(hparams, prefix_size, n_embd):
-    """A new mapper of the hyper-parameters' architecture (`clip_cap_arch.build_mapper`; random weights)."""
+    """A new mapper of the hyper-parameters' architecture (random weights): the ``mapping_type``'s class
+    (`mapper_registry.MAPPERS`) given ``prefix_size``, ``n_embd`` and every hyper-parameter named like one of its
+    constructor arguments (`mapper_arguments`: ``prefix_length``, and the transformer's ``clip_length``,
+    ``num_layers``, ``num_heads``); its other arguments keep the class's defaults."""
     from custom_architectures.transformers_arch.clip_cap_arch import build_mapper
+    from custom_architectures.transformers_arch.mapper_registry import mapper_arguments
 
-    kwargs = {"prefix_size": int(prefix_size), "prefix_length": hparams.prefix_length, "n_embd": int(n_embd)}
-    if hparams.mapping_type == "transformer":
-        kwargs.update(clip_length=hparams.clip_length, num_layers=hparams.num_layers, num_heads=hparams.num_heads,
-                      mlp_ratio=MAPPER_MLP_RATIO)
+    values = {**hparams.to_dict(), "prefix_size": int(prefix_size), "n_embd": int(n_embd)}
+    kwargs = {k: values[k] for k in mapper_arguments(hparams.mapping_type) if k in values}
     return build_mapper(hparams.mapping_type, **kwargs)
 
 
@@ -42,8 +42,8 @@ def _load_language_model(gpt2, gpt2_config, vocab_size, seed):
         return GPT2(**kwargs)
     if isinstance(gpt2, GPT2):
         return gpt2
+    from models.image_captioning.gpt2_hub import fetch_gpt2_model, is_hub_name
     from utils.convert.hf_gpt2 import load_gpt2
-    from utils.downloads import fetch_gpt2_model, is_hub_name
 
     path = os.fspath(gpt2)
     if not os.path.exists(path):  # a hub repository: its config.json and model.safetensors (cache or fetched)
@@ -84,7 +84,7 @@ def build_clipcap_for_training(hparams, prefix_size, tokenizer="gpt2", gpt2=None
             model.stop_token = hparams.stop_token  # checked against its tokenizer
         return model
 
-    from utils.downloads import fetch_gpt2_tokenizer
+    from models.image_captioning.gpt2_hub import fetch_gpt2_tokenizer
     from utils.tokenizer import DEFAULT_STOP_TOKEN, load_gpt2_tokenizer, stop_token_id
 
     if isinstance(tokenizer, str | os.PathLike):  # a hub name: the cache, or fetched as convert fetches it

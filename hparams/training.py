@@ -21,9 +21,9 @@ import os
 import typing
 from dataclasses import dataclass, fields
 
+from custom_architectures.transformers_arch.mapper_registry import MAPPERS
 from utils.file_utils import json_file_matches, read_json, write_json_atomic
 
-MAPPING_TYPES = ("mlp", "linear", "transformer")
 PRECISIONS = (None, "mixed_float16", "mixed_bfloat16")
 
 
@@ -44,7 +44,7 @@ class TrainingHParams:
     mixed_precision: str | None = None  # None, "mixed_float16" (loss scaling) or "mixed_bfloat16"
     # model
     prefix_length: int = 10
-    mapping_type: str = "mlp"
+    mapping_type: str = "mlp"  # a `mapper_registry.MAPPERS` name; the fields named like its arguments build it
     clip_length: int = 10  # transformer mapper only
     num_layers: int = 8  # transformer mapper only
     num_heads: int = 8  # transformer mapper only
@@ -78,8 +78,8 @@ class TrainingHParams:
                           f"{self.weight_decay}, epsilon={self.epsilon}, betas=({self.beta_1}, {self.beta_2})")
         if self.warmup_steps < 0:
             errors.append(f"warmup_steps must be >= 0, got {self.warmup_steps}")
-        if self.mapping_type not in MAPPING_TYPES:
-            errors.append(f"mapping_type must be one of {MAPPING_TYPES}, got {self.mapping_type!r}")
+        if self.mapping_type not in MAPPERS:
+            errors.append(f"mapping_type must be one of {tuple(MAPPERS)}, got {self.mapping_type!r}")
         if self.mixed_precision not in PRECISIONS:
             errors.append(f"mixed_precision must be one of {PRECISIONS}, got {self.mixed_precision!r}")
         if self.gradient_clip_norm is not None and self.gradient_clip_norm <= 0:
@@ -133,7 +133,7 @@ class TrainingHParams:
         "beta_2": "Adam's beta_2", "epsilon": "Adam's epsilon, added to sqrt(v) (transformers.AdamW's place)",
         "gradient_clip_norm": "clip the global gradient norm to this value",
         "mixed_precision": "Keras mixed-precision policy", "prefix_length": "prefix positions K fed to GPT-2",
-        "mapping_type": "the mapper: mlp, linear or transformer",
+        "mapping_type": "the mapper type (its other arguments: the hyper-parameters of the same names)",
         "clip_length": "transformer mapper: learned constant positions", "num_layers": "transformer mapper: layers",
         "num_heads": "transformer mapper: attention heads",
         "normalize": "L2-normalise the CLIP embeddings before the mapper (the official --normalize_prefix)",
@@ -164,7 +164,7 @@ class TrainingHParams:
             base = next((t for t in typing.get_args(kind) if t is not type(None)), kind)
             choices = None
             if f.name == "mapping_type":
-                choices = MAPPING_TYPES
+                choices = tuple(MAPPERS)  # the registry, as it stands when the parser is built
             elif f.name == "mixed_precision":
                 choices = [p for p in PRECISIONS if p]
             group.add_argument(flag, dest=f"hp_{f.name}", type=base, default=None, choices=choices,

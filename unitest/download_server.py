@@ -86,6 +86,22 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             return
         self.wfile.write(body)
 
+    def do_HEAD(self):  # noqa: N802 (http.server's naming)
+        """The hub's file metadata (what huggingface_hub reads before a download): the repository's commit, the
+        file's ETag and length, for the files served under ``<repo>/resolve/<revision>/``."""
+        server = self.server
+        name = urllib.parse.unquote(self.path.lstrip("/"))
+        server.heads.append(name)
+        data = server.files.get(name)
+        if data is None or "/resolve/" not in name:
+            self.send_error(404)
+            return
+        self.send_response(200)
+        self.send_header("X-Repo-Commit", "0" * 40)
+        self.send_header("ETag", f'"{hashlib.sha1(data).hexdigest()}"')
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+
     def log_message(self, *args):
         pass
 
@@ -93,7 +109,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 @pytest.fixture
 def server():
     httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
-    httpd.files, httpd.requests, httpd.support_range, httpd.cut_after = {}, [], True, None
+    httpd.files, httpd.requests, httpd.heads, httpd.support_range, httpd.cut_after = {}, [], [], True, None
     httpd.chunked = httpd.no_length = False
     httpd.reset_after = httpd.hang_after = None
     httpd.delay, httpd.hang = 0, threading.Event()

@@ -4,7 +4,8 @@ Covered: a verified, atomic download; a corrupted download detected and deleted;
 checkpoint; resumable partial downloads (HTTP Range) and a server that ignores Range; an unreachable server;
 the mirror variable, which also replaces Google Drive; transport errors that keep the ``.part``; downloads
 that cannot be proven whole; trust on first use (`utils.download_manifest`); special files in the cache;
-concurrent fetches; the GPT-2 tokenizer's files. Whole official models: test_downloads_models.py.
+concurrent fetches; the GPT-2 tokenizer's and language model's files (`models.image_captioning.gpt2_hub`:
+huggingface_hub, against the server's hub paths). Whole official models: test_downloads_models.py.
 """
 
 import json
@@ -15,7 +16,7 @@ import time
 
 import pytest
 
-from models.image_captioning import presets
+from models.image_captioning import gpt2_hub, presets
 from models.siamese.presets import fetch_clip
 from unitest import download_server
 from unitest.download_server import cached_files, leftovers, serve_tiny, served_source, sha, torch_bytes
@@ -264,7 +265,7 @@ def test_mirror_tokenizer_files_never_replace_files_in_place(server, tiny_files,
     directory = tmp_path / "downloads" / "gpt2-tokenizer"
     directory.mkdir(parents=True)
     (directory / "vocab.json").write_text('{"mine": 0}')
-    assert downloads.fetch_gpt2_tokenizer("gpt2", root=tmp_path, progress=False) == str(directory)
+    assert gpt2_hub.fetch_gpt2_tokenizer("gpt2", root=tmp_path, progress=False) == str(directory)
     assert (directory / "vocab.json").read_text() == '{"mine": 0}'
     assert (directory / "merges.txt").read_bytes() == server.files["gpt2-merges.txt"]
     assert server.requests == [("gpt2-merges.txt", None)]
@@ -272,27 +273,62 @@ def test_mirror_tokenizer_files_never_replace_files_in_place(server, tiny_files,
 
 
 def _tokenizer_sources(monkeypatch, base):
-    """The hub at ``base`` (files at <base>/<repo>/resolve/main/<file>), its cache empty."""
-    monkeypatch.setattr(downloads, "HUB_URL", base)
-    monkeypatch.setattr(downloads, "_in_hf_cache", lambda name, files=None: False)
+    """The hub at ``base`` (files at <base>/<repo>/resolve/main/<file>), its cache empty, huggingface_hub online
+    (conftest sets HF_HUB_OFFLINE for every other test)."""
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(gpt2_hub, "HUB_URL", base)
+    monkeypatch.setattr(gpt2_hub, "_in_hf_cache", lambda name, files=None: False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
 
 
-def test_gpt2_tokenizer_without_the_hub_cache_comes_through_our_transport(server, tiny_files, tmp_path,
-                                                                          monkeypatch):
-    """Not in the Hugging Face cache: both files are downloaded by our transport (verified, recorded in the
-    manifest) into downloads/gpt2-tokenizer/, and load as a tokenizer."""
+def _serve_gpt2_tokenizer(server, tiny_files):
+    for name in ("vocab.json", "merges.txt"):  # where the hub has them (GPT-2 moved under openai-community/)
+        server.files[f"openai-community/gpt2/resolve/main/{name}"] = (tiny_files["tokenizer"] / name).read_bytes()
+
+
+def test_the_transport_knows_no_model():
+    """utils/downloads.py moves bytes: the hub's GPT-2 files live beside the presets (gpt2_hub)."""
+    text = open(downloads.__file__, encoding="utf-8").read()
+    assert "gpt2" not in text and "huggingface.co" not in text
+    assert not any(hasattr(downloads, name) for name in ("fetch_gpt2_tokenizer", "fetch_gpt2_model", "hub_sources"))
+
+
+def test_gpt2_tokenizer_without_the_hub_cache_comes_through_huggingface_hub(server, tiny_files, tmp_path,
+                                                                           monkeypatch):
+    """Not in the Hugging Face cache: both files are downloaded by huggingface_hub (the hub's metadata, then the
+    file) and published by our transport (verified, recorded in the manifest) into downloads/gpt2-tokenizer/,
+    and load as a tokenizer."""
     from utils.tokenizer import load_gpt2_tokenizer
 
     monkeypatch.delenv(downloads.OFFLINE_ENV, raising=False)
-    for name in ("vocab.json", "merges.txt"):  # where the hub has them (GPT-2 moved under openai-community/)
-        server.files[f"openai-community/gpt2/resolve/main/{name}"] = (tiny_files["tokenizer"] / name).read_bytes()
+    _serve_gpt2_tokenizer(server, tiny_files)
     _tokenizer_sources(monkeypatch, server.base)
-    directory = downloads.fetch_gpt2_tokenizer("gpt2", root=tmp_path, progress=False)
+    directory = gpt2_hub.fetch_gpt2_tokenizer("gpt2", root=tmp_path, progress=False)
     assert directory == str(tmp_path / "downloads" / "gpt2-tokenizer")
     assert sorted(server.requests) == [("openai-community/gpt2/resolve/main/merges.txt", None),
                                        ("openai-community/gpt2/resolve/main/vocab.json", None)]
+    assert set(server.heads) == {"openai-community/gpt2/resolve/main/merges.txt",
+                                 "openai-community/gpt2/resolve/main/vocab.json"}  # huggingface_hub's protocol
     assert set(read_manifest(tmp_path)) == {"gpt2-vocab.json", "gpt2-merges.txt"}
+    assert sorted(os.listdir(directory)) == ["merges.txt", "vocab.json"]
     assert len(load_gpt2_tokenizer(directory)) > 0
+    assert gpt2_hub.fetch_gpt2_tokenizer("gpt2", root=tmp_path, progress=False) == directory
+    assert len(server.requests) == 2  # cached: checked against the manifest, not fetched again
+
+
+def test_a_hub_file_that_differs_from_its_recorded_hash_is_deleted(server, tiny_files, tmp_path, monkeypatch):
+    """Trust on first use holds for hub files: a later download of gpt2-vocab.json that is not the file recorded
+    the first time is deleted, and nothing is published."""
+    monkeypatch.delenv(downloads.OFFLINE_ENV, raising=False)
+    _serve_gpt2_tokenizer(server, tiny_files)
+    _tokenizer_sources(monkeypatch, server.base)
+    first = gpt2_hub.fetch_gpt2_tokenizer("gpt2", root=tmp_path, progress=False)
+    os.remove(os.path.join(first, "vocab.json"))  # the user removes it; the hub's file then changes
+    server.files["openai-community/gpt2/resolve/main/vocab.json"] = b'{"changed": 0}'
+    with pytest.raises(DownloadError, match="SHA-256 mismatch.*deleted"):
+        gpt2_hub.fetch_gpt2_tokenizer("gpt2", root=tmp_path, progress=False)
+    assert sorted(os.listdir(first)) == ["merges.txt"]
 
 
 def test_gpt2_tokenizer_unreachable_or_offline_fails_at_once_naming_both_files(tmp_path, monkeypatch):
@@ -305,13 +341,13 @@ def test_gpt2_tokenizer_unreachable_or_offline_fails_at_once_naming_both_files(t
     monkeypatch.delenv(downloads.OFFLINE_ENV, raising=False)
     start = time.monotonic()
     with pytest.raises(OfflineError) as info:
-        downloads.fetch_gpt2_tokenizer("gpt2", root=tmp_path, progress=False)
+        gpt2_hub.fetch_gpt2_tokenizer("gpt2", root=tmp_path, progress=False)
     assert time.monotonic() - start < 10
     directory = tmp_path / "downloads" / "gpt2-tokenizer"
     assert str(directory / "vocab.json") in str(info.value) and str(directory / "merges.txt") in str(info.value)
     monkeypatch.setenv(downloads.OFFLINE_ENV, "1")
     with pytest.raises(OfflineError, match="merges.txt") as info:
-        downloads.fetch_gpt2_tokenizer("gpt2", root=tmp_path, progress=False)
+        gpt2_hub.fetch_gpt2_tokenizer("gpt2", root=tmp_path, progress=False)
     assert str(directory / "vocab.json") in str(info.value)
 
 
@@ -335,18 +371,18 @@ def test_any_hub_repository_tokenizer_and_model_come_through_our_transport(serve
                          for name in ("config.json", "model.safetensors")})
     _tokenizer_sources(monkeypatch, server.base)
     monkeypatch.setenv(downloads.MIRROR_ENV, server.base)  # the tokenizer from the mirror
-    directory = downloads.fetch_gpt2_tokenizer(repo, root=tmp_path, progress=False)
+    directory = gpt2_hub.fetch_gpt2_tokenizer(repo, root=tmp_path, progress=False)
     assert directory == str(tmp_path / "downloads" / "someone--gpt2-fr-tokenizer")
     assert len(load_gpt2_tokenizer(directory)) > 0
     monkeypatch.delenv(downloads.MIRROR_ENV)  # the model from the hub
-    model_dir = downloads.fetch_gpt2_model(repo, root=tmp_path, progress=False)
+    model_dir = gpt2_hub.fetch_gpt2_model(repo, root=tmp_path, progress=False)
     assert model_dir == str(tmp_path / "downloads" / "someone--gpt2-fr-model")
     assert load_gpt2(model_dir).n_head == 3
     assert set(read_manifest(tmp_path)) == {"someone--gpt2-fr-vocab.json", "someone--gpt2-fr-merges.txt",
                                             "someone--gpt2-fr-config.json", "someone--gpt2-fr-model.safetensors"}
-    assert downloads.fetch_gpt2_model(repo, root=tmp_path, progress=False) == model_dir  # cached: no request
+    assert gpt2_hub.fetch_gpt2_model(repo, root=tmp_path, progress=False) == model_dir  # cached: no request
     assert len(server.requests) == 4
     with pytest.raises(OfflineError, match="someone--other-model"):  # another one offline: named at once
         monkeypatch.setenv(downloads.OFFLINE_ENV, "1")
-        downloads.fetch_gpt2_model("someone/other", root=tmp_path, progress=False)
-    assert downloads.fetch_gpt2_tokenizer("../not/a repo", root=tmp_path) == "../not/a repo"  # the loader names it
+        gpt2_hub.fetch_gpt2_model("someone/other", root=tmp_path, progress=False)
+    assert gpt2_hub.fetch_gpt2_tokenizer("../not/a repo", root=tmp_path) == "../not/a repo"  # the loader names it

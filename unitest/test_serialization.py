@@ -57,6 +57,7 @@ def run_model_saving_test(model, inputs, tmp_path):
     _shift_every_variable(model)
     serialized = keras.saving.serialize_keras_object(model)
     assert serialized["registered_name"] == f"{PACKAGE}>{type(model).__name__}"
+    assert {"name", "trainable", "dtype"} <= set(serialized["config"])  # Keras' base entries: get_config chains
     text = json.dumps(serialized)
     restored = keras.saving.deserialize_keras_object(json.loads(text))
     assert type(restored) is type(model)
@@ -95,6 +96,18 @@ def test_every_layer_and_model_is_registered_under_one_package():
     for cls in classes:
         assert keras.saving.get_registered_name(cls) == f"{PACKAGE}>{cls.__name__}"
         assert keras.saving.get_registered_object(f"{PACKAGE}>{cls.__name__}") is cls
+
+
+def test_every_get_config_is_written_one_way():
+    """keras-hub's way: ``config = super().get_config()``, ``config.update(<constructor kwargs>)``,
+    ``return config`` (Keras' base entries, then the class's own, flat)."""
+    classes = [c for module in MODULES for _, c in inspect.getmembers(module, inspect.isclass)
+               if issubclass(c, keras.layers.Layer) and c.__module__ == module.__name__ and "get_config" in vars(c)]
+    assert len(classes) >= 15
+    for cls in classes:
+        body = [line.strip() for line in inspect.getsource(cls.get_config).splitlines()[1:] if line.strip()]
+        assert body[0] == "config = super().get_config()", cls.__name__
+        assert body[1].startswith("config.update(") and body[-1] == "return config", cls.__name__
 
 
 # ------------------------------------------------------------------------------------------------ CLIP
@@ -147,6 +160,30 @@ def test_clip_model(config, tmp_path):
     assert restored.config == model.config == config  # the flat config other code reads
     assert restored.is_vit == model.is_vit
     assert [v.path for v in build_clip(restored.config).weights] == [v.path for v in model.weights]
+
+
+def _without_base_entries(serialized):
+    """A serialized model as the library wrote CLIP configs before their get_config chained to Keras': no
+    ``trainable`` / ``dtype`` in the CLIP model's and its towers' configs."""
+    serialized = json.loads(json.dumps(serialized))
+    configs = [serialized["config"]] + [serialized["config"][k]["config"] for k in ("visual", "text")
+                                        if serialized["config"].get(k)]
+    for config in configs:
+        config.pop("dtype"), config.pop("trainable")
+    return serialized
+
+
+@pytest.mark.parametrize("config", [TINY_CLIP, dict(TINY_CLIP_RN, fold_batch_norm=True)], ids=["ViT", "RN-folded"])
+def test_a_clip_config_written_before_the_base_entries_loads(config, tmp_path):
+    model = build_clip(config)
+    _shift_every_variable(model)
+    model.save_weights(str(tmp_path / "m.weights.h5"))
+    old = keras.saving.deserialize_keras_object(_without_base_entries(keras.saving.serialize_keras_object(model)))
+    old.load_weights(str(tmp_path / "m.weights.h5"))
+    assert old.config == config and old.trainable and old.visual.dtype_policy.name == "float32"
+    assert keras.saving.serialize_keras_object(old) == keras.saving.serialize_keras_object(model)
+    inputs = (_images(config["image_resolution"]), _token_ids())
+    np.testing.assert_array_equal(np.asarray(old(inputs)), np.asarray(model(inputs)))
 
 
 def test_image_only_clip_model(tmp_path):

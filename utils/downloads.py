@@ -23,18 +23,13 @@ What a download guarantees (`fetch`):
 - **One download per file** at a time, across threads and processes (a lock on ``<file>.lock``, left in
   place); the others wait, then use (and check) the downloaded file.
 
-A GPT-2-family tokenizer of any Hugging Face repository (``gpt2``, ``distilgpt2``, ``owner/gpt2-french``...):
-its ``vocab.json`` and ``merges.txt`` are fetched like every file into ``downloads/<repo>-tokenizer/``
-(``owner--name`` for ``owner/name``), unless the Hugging Face cache already holds them
-(`fetch_gpt2_tokenizer`); a language model's ``config.json`` and ``model.safetensors`` likewise into
-``downloads/<repo>-model/`` (`fetch_gpt2_model`).
+Another client may download from a file's origin (``fetch(..., client=)``: huggingface_hub for the hub's
+files); what it downloads is published under the same rules.
 
 Environment variables:
 
 - ``IMAGE_CAPTIONING_MIRROR=<base URL>``: fetch every file from ``<base URL>/<file name>`` instead of its
-  origin (file names: see ``python main.py download --list``; a hub repository's files are
-  ``<repo>-<file>``: ``gpt2-vocab.json``, ``gpt2-merges.txt``, ``owner--name-model.safetensors``). Checksums
-  are still verified.
+  origin (file names: see ``python main.py download --list``). Checksums are still verified.
 - ``IMAGE_CAPTIONING_OFFLINE=1``: never download; a missing file raises `OfflineError` saying which file
   to put where. The same error is raised when the network cannot be reached.
 - ``IMAGE_CAPTIONING_HOME=<dir>``: where the model store lives (`utils.model_store`).
@@ -49,7 +44,6 @@ import contextlib
 import http.client
 import logging
 import os
-import re
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -71,8 +65,7 @@ from utils.download_manifest import (
 from utils.file_utils import file_lock, path_problem
 
 __all__ = ["MAX_DOWNLOAD_BYTES", "MIRROR_ENV", "OFFLINE_ENV", "DownloadError", "OfflineError", "Source",
-           "downloads_dir", "fetch", "fetch_gpt2_model", "fetch_gpt2_tokenizer", "hub_sources", "is_offline",
-           "mirror_url", "sha256_of"]
+           "downloads_dir", "fetch", "is_offline", "mirror_url", "sha256_of"]
 
 logger = logging.getLogger(__name__)
 
@@ -83,31 +76,6 @@ _CHUNK = 1 << 20
 _TIMEOUT_S = 60  # seconds without a byte before a transfer counts as failed
 #: The most bytes accepted for a file without a pinned size (the largest official file is ~1.3 GB).
 MAX_DOWNLOAD_BYTES = 8 * 1024**3
-
-#: Where hub repositories' files come from (``<HUB_URL>/<repo>/resolve/main/<file>``).
-HUB_URL = "https://huggingface.co"
-#: GPT-2's own repositories, which the hub moved under ``openai-community/`` (the old name still names them).
-RENAMED_GPT2 = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
-#: A GPT-2-family tokenizer's files, and a language model's (one safetensors file: sharded ones unsupported).
-TOKENIZER_FILES = ("vocab.json", "merges.txt")
-MODEL_FILES = ("config.json", "model.safetensors")
-_REPO_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,95}(/[A-Za-z0-9][A-Za-z0-9._-]{0,95})?")
-
-
-def is_hub_name(name) -> bool:
-    """Whether ``name`` is a hub repository id (``name`` or ``owner/name``; no ``..``), not a path."""
-    return isinstance(name, str) and _REPO_ID.fullmatch(name) is not None and ".." not in name
-
-
-def hub_sources(name, files):
-    """{file: `Source`} of hub repository ``name``'s ``files``: named ``<repo>-<file>`` (``owner--name-<file>``:
-    one plain file name, on a mirror and in the manifest), from ``<HUB_URL>/<repo>/resolve/main/<file>``."""
-    if not is_hub_name(name):
-        raise ValueError(f"{name!r} is not a Hugging Face repository name (name or owner/name)")
-    repo = f"openai-community/{name}" if name in RENAMED_GPT2 else name
-    stem = name.replace("/", "--")
-    return {file: Source(f"{stem}-{file}", url=f"{HUB_URL}/{repo}/resolve/main/{file}") for file in files}
-
 
 # ------------------------------------------------------------------------------------------------ places
 
@@ -135,7 +103,7 @@ def _where_from(source):
 # -------------------------------------------------------------------------------------------- downloading
 
 
-def fetch(source: Source, root=None, progress=True, verify=None, dest=None) -> Path:
+def fetch(source: Source, root=None, progress=True, verify=None, dest=None, client=None) -> Path:
     """The cached path of ``source``, downloading and verifying it first if needed.
 
     A file is published in the cache only once it is proven whole and right: its SHA-256 equals the pinned
@@ -143,7 +111,10 @@ def fetch(source: Source, root=None, progress=True, verify=None, dest=None) -> P
     without a pinned hash, the server announced its length and it all arrived, or ``verify`` accepted it
     (then its size and SHA-256 are recorded in the manifest, and every later use is checked against them).
     ``verify(path)`` is an extra check (e.g. the checkpoint's identity) run on every download and cached file;
-    it raises (e.g. `CheckpointError`) to refuse. ``dest`` overrides the cache path.
+    it raises (e.g. `CheckpointError`) to refuse. ``dest`` overrides the cache path. ``client(dest)`` downloads
+    from the origin instead of this module's HTTP (not from a mirror): it returns the path of a file it proved
+    whole (a staging path on ``dest``'s file system), or raises `OfflineError` / `DownloadError`; the file is
+    then checked and published as this module's own downloads are.
 
     Raises `OfflineError` (offline mode, or the network is unreachable) naming the URL and the exact path
     where to place the file by hand; `DownloadError` when a transfer fails (the ``.part`` file is kept and
@@ -164,7 +135,9 @@ def fetch(source: Source, root=None, progress=True, verify=None, dest=None) -> P
             return _check_cached(dest, source, pin_of(source, root), verify)
         pin = pin_of(source, root)
         url = mirror_url(source)
-        if url is None and source.url is None and source.drive_id is not None:
+        if url is None and client is not None:
+            part, url, whole = Path(client(dest)), source.origin, True
+        elif url is None and source.url is None and source.drive_id is not None:
             part, url, whole = _drive_download(source, dest, progress), source.origin, False
         else:
             url = url or source.url
@@ -365,61 +338,3 @@ def _not_a_torch_file(path):
     if head.lstrip()[:1] == b"<":
         return "an HTML page, not a checkpoint (Google Drive's quota or confirmation page?)"
     return f"not a PyTorch checkpoint (starts with {head[:16]!r})"
-
-
-# ----------------------------------------------------------------------------- GPT-2-family hub repositories
-
-
-def fetch_gpt2_tokenizer(name="gpt2", root=None, progress=True):
-    """A directory or hub name that ``utils.tokenizer.load_gpt2_tokenizer`` loads.
-
-    A local directory is returned as is. A hub repository name (``gpt2``, ``distilgpt2``, ``owner/name``): the
-    Hugging Face cache when it already holds the tokenizer (the name is returned); otherwise ``vocab.json``
-    and ``merges.txt`` are fetched by this module's transport (from the mirror, else the hub) straight into
-    ``downloads/<repo>-tokenizer/`` (`fetch_hub_files`). Anything else is returned as is (the loader names it).
-    """
-    if os.path.isdir(name) or not is_hub_name(name):
-        return str(name)
-    return fetch_hub_files(name, TOKENIZER_FILES, "tokenizer", root, progress)
-
-
-def fetch_gpt2_model(name, root=None, progress=True):
-    """A directory that ``utils.convert.hf_gpt2.load_gpt2`` loads (or the hub name when the Hugging Face cache
-    holds it): a local directory as is, a hub repository's ``config.json`` and ``model.safetensors`` fetched
-    into ``downloads/<repo>-model/`` as `fetch_gpt2_tokenizer` fetches a tokenizer."""
-    if os.path.isdir(name) or not is_hub_name(name):
-        return str(name)
-    return fetch_hub_files(name, MODEL_FILES, "model", root, progress)
-
-
-def fetch_hub_files(name, files, kind, root=None, progress=True):
-    """Hub repository ``name``'s ``files``: the name itself when the Hugging Face cache holds them all (and no
-    mirror is set), else the folder ``downloads/<repo>-<kind>/`` they were fetched into by this transport:
-    verified and recorded like every download (`hub_sources`: named ``<repo>-<file>`` on a mirror), files
-    already there checked and never overwritten, and an unreachable network an `OfflineError` at once (not
-    the hub's minutes of retries) naming every missing file and where to place it."""
-    sources = hub_sources(name, files)
-    directory = downloads_dir(root) / f"{name.replace('/', '--')}-{kind}"
-    present = all(os.path.lexists(directory / local) for local in sources)
-    if not present and not os.environ.get(MIRROR_ENV, "").strip() and _in_hf_cache(name, files):
-        return name
-    missing = []
-    for local, source in sources.items():
-        try:
-            fetch(source, root, progress, dest=directory / local)
-        except OfflineError as e:  # name every missing file at once
-            missing.append(str(e))
-    if missing:  # lines at a terminal
-        raise OfflineError(f"the {kind} {name!r}:\n    - " + "\n    - ".join(missing))
-    return str(directory)
-
-
-def _in_hf_cache(name, files=TOKENIZER_FILES):
-    from huggingface_hub import try_to_load_from_cache
-
-    repos = (name, f"openai-community/{name}") if name in RENAMED_GPT2 else (name,)
-    for repo in repos:
-        found = [try_to_load_from_cache(repo, local) for local in files]
-        if all(isinstance(path, str) for path in found):
-            return True
-    return False

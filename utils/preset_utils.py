@@ -119,7 +119,7 @@ _CONFIG_MODULES = ("keras", "custom_architectures", "custom_layers")
 
 def check_model_config(value, config_path, error, where="model"):
     """Refuse (``error`` naming ``config_path`` and the entry) a serialized model that names anything but
-    Keras' and this library's classes, or a dtype other than `DTYPE_NAMES` (a plain name or a Keras
+    Keras' and this library's classes (and the registered mapper types': `_is_registered_mapper`), or a dtype other than `DTYPE_NAMES` (a plain name or a Keras
     ``DTypePolicy``): Keras would resolve e.g. ``{"class_name": "function", "module": "os"}`` as a dtype
     and load. Checked before ``deserialize_keras_object`` sees the config (read by `read_json_file`: its
     nesting is bounded, so this walk is too)."""
@@ -131,8 +131,8 @@ def check_model_config(value, config_path, error, where="model"):
         return
     if "class_name" in value or "module" in value:
         module, class_name = value.get("module"), value.get("class_name")
-        if (not isinstance(module, str) or module.split(".")[0] not in _CONFIG_MODULES
-                or not isinstance(class_name, str) or class_name in ("function", "__lambda__")):
+        if (not isinstance(module, str) or not isinstance(class_name, str) or class_name in ("function", "__lambda__")
+                or not (module.split(".")[0] in _CONFIG_MODULES or _is_registered_mapper(module, class_name))):
             raise error(f"{config_path}: {where} names {module!r}.{class_name!r}, not a Keras or image_captioning "
                         "class: refused (the saved model is damaged or was edited); save or convert it again")
     for key, item in value.items():
@@ -141,6 +141,15 @@ def check_model_config(value, config_path, error, where="model"):
                         f"{', '.join(sorted(DTYPE_NAMES))} (or a Keras DTypePolicy of one): refused; save or convert "
                         "the model again")
         check_model_config(item, config_path, error, f"{where}.{key}")
+
+
+def _is_registered_mapper(module, class_name):
+    """Whether ``module.class_name`` is a mapper type this process registered (`mapper_registry.MAPPERS`): a
+    mapper class written outside the library's packages loads, and a config still names no other class."""
+    from custom_architectures.transformers_arch.mapper_registry import MAPPERS
+
+    classes = (entry.resolve() for entry in MAPPERS.values())
+    return any(cls.__module__ == module and cls.__qualname__ == class_name for cls in classes)
 
 
 def _is_known_dtype(value):

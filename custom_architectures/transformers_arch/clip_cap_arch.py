@@ -13,8 +13,9 @@ Layer names mirror the checkpoint's module names (``model_0`` <- ``clip_project.
 ``layers_3/attn/to_keys_values`` <- ``clip_project.transformer.layers.3.attn.to_keys_values``), so that
 `utils.convert.clipcap` maps keys one to one.
 
-`ClipCapBackbone` holds a mapper and GPT-2 (and the normalisation policy) as one serializable Keras model;
-`MAPPERS` / `build_mapper` / `mapper_config` are the only place that knows the mappers' arguments.
+`ClipCapBackbone` holds a mapper and GPT-2 (and the normalisation policy) as one serializable Keras model.
+The mapper types are named in `mapper_registry.MAPPERS` (readable without Keras); `build_mapper` /
+`mapping_type_of` / `mapper_config` read it, and each class's ``get_config`` holds its arguments.
 
 Example::
 
@@ -26,6 +27,7 @@ import keras
 from keras import ops
 
 from custom_architectures.transformers_arch.gpt2_arch import GPT2  # noqa: F401 (registered: a backbone's child)
+from custom_architectures.transformers_arch.mapper_registry import MAPPERS, mapper_type
 from custom_layers.attention import dot_product_attention, heads_first, merge_heads, split_heads
 
 
@@ -218,39 +220,30 @@ class ClipCapTransformerMapper(keras.Model):
         return config
 
 
-#: The mapper types: name -> (class, the constructor arguments the name fixes). Adding a mapper type means
-#: one entry here (and its key mapping in `utils.convert.clipcap`); nothing else lists mapper arguments.
-MAPPERS = {
-    "mlp": (ClipCapMLP, {"num_hidden_layers": 1}),
-    "linear": (ClipCapMLP, {"num_hidden_layers": 0}),
-    "transformer": (ClipCapTransformerMapper, {}),
-}
 _KERAS_KEYS = ("name", "trainable", "dtype")
 _GPT2_ARCH_KEYS = ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head", "layer_norm_epsilon")
 
 
 def build_mapper(mapping_type, **kwargs):
-    """'mlp' | 'linear' | 'transformer' -> the mapper; kwargs are the mapper's constructor kwargs (those of
-    `mapper_config` without ``mapping_type``)."""
-    if mapping_type not in MAPPERS:
-        raise ValueError(f"unknown mapping_type {mapping_type!r}: expected one of {', '.join(map(repr, MAPPERS))}")
-    cls, fixed = MAPPERS[mapping_type]
-    return cls(**kwargs, **fixed)
+    """A `MAPPERS` name ('mlp', 'linear', 'transformer', ...) -> the mapper; kwargs are the mapper's constructor
+    kwargs (those of `mapper_config` without ``mapping_type``)."""
+    entry = mapper_type(mapping_type)
+    return entry.resolve()(**kwargs, **entry.fixed)
 
 
 def mapping_type_of(mapper) -> str:
     """The `MAPPERS` name of a mapper instance."""
-    for name, (cls, fixed) in MAPPERS.items():
-        if type(mapper) is cls and all(getattr(mapper, k) == v for k, v in fixed.items()):
+    for name, entry in MAPPERS.items():
+        if type(mapper) is entry.resolve() and all(getattr(mapper, k) == v for k, v in entry.fixed.items()):
             return name
-    raise ValueError(f"{type(mapper).__name__} is not a registered ClipCap mapper")
+    raise ValueError(f"{type(mapper).__name__} is not a registered ClipCap mapper (mapper_registry.MAPPERS)")
 
 
 def mapper_config(mapper) -> dict:
     """``{"mapping_type", **architecture}``: the mapper's ``get_config`` without Keras' own entries (name,
     trainable, dtype) and without what the type fixes, so ``build_mapper(**mapper_config(m))`` rebuilds it."""
     kind = mapping_type_of(mapper)
-    config = {k: v for k, v in mapper.get_config().items() if k not in _KERAS_KEYS and k not in MAPPERS[kind][1]}
+    config = {k: v for k, v in mapper.get_config().items() if k not in _KERAS_KEYS and k not in MAPPERS[kind].fixed}
     return {"mapping_type": kind, **config}
 
 

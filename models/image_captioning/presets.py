@@ -18,9 +18,9 @@ Example::
 
 from dataclasses import dataclass, field
 
+from models.image_captioning.gpt2_hub import TOKENIZER_FILES, hub_folder, hub_sources, is_hub_name
 from models.siamese.presets import CLIP_SOURCES, clip_source
 from utils.download_manifest import DownloadError, Source, describe_pin, downloads_dir, read_manifest
-from utils.downloads import TOKENIZER_FILES, hub_sources, is_hub_name
 from utils.model_store import saved_model_dir
 
 
@@ -84,8 +84,8 @@ def spec_files(spec, root=None):
     clip = clip_source(spec.clip)
     files = [(spec.checkpoint, downloads_dir(root) / spec.checkpoint.filename),
              (clip, downloads_dir(root) / clip.filename)]
-    if is_hub_name(spec.tokenizer):  # fetched as `utils.downloads.fetch_gpt2_tokenizer` does
-        folder = downloads_dir(root) / f"{spec.tokenizer.replace('/', '--')}-tokenizer"
+    if is_hub_name(spec.tokenizer):  # fetched as `gpt2_hub.fetch_gpt2_tokenizer` does
+        folder = hub_folder(spec.tokenizer, "tokenizer", root)
         files += [(s, folder / local) for local, s in hub_sources(spec.tokenizer, TOKENIZER_FILES).items()]
     return files
 

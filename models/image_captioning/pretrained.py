@@ -19,11 +19,12 @@ Example::
 import os
 from pathlib import Path
 
+from models.image_captioning.gpt2_hub import fetch_gpt2_tokenizer
 from models.image_captioning.presets import resolve_model
 from models.siamese.presets import clip_source, fetch_clip
 from utils.convert.common import CheckpointError
 from utils.download_manifest import OfflineError, downloads_dir
-from utils.downloads import fetch, fetch_gpt2_tokenizer
+from utils.downloads import fetch
 from utils.file_utils import check_model_name, check_replaceable, file_lock
 from utils.model_store import is_saved_model, recover_model_dir, saved_model_dir
 

@@ -18,9 +18,9 @@ the config.
 
 Each mapper type's key map is written once, in `MAPPER_FORMATS` (Keras variable <-> checkpoint key + hook);
 the import here and the export (`utils.convert.clipcap_export`) both read it, as they share GPT-2's
-`utils.convert.hf_gpt2.gpt2_weight_map`. Adding a mapper type therefore touches two files: its class in
-``custom_architectures/transformers_arch/clip_cap_arch.py`` (with its `build_mapper` case) and, here, its
-`MapperFormat` entry and its detection in `clipcap_config_from_state_dict`.
+`utils.convert.hf_gpt2.gpt2_weight_map`. A mapper type with an official checkpoint format has, beside its class
+and its `mapper_registry.MAPPERS` entry, its `MapperFormat` entry here and its detection in
+`clipcap_config_from_state_dict`; the mapper's arguments are its class's (`mapper_registry.mapper_arguments`).
 
 Example::
 
@@ -193,27 +193,27 @@ def _official_transformer_only(config):
 
 @dataclass(frozen=True)
 class MapperFormat:
-    """How one mapper type is stored in an official checkpoint.
+    """How one mapper type is stored in an official checkpoint (its architecture is the mapper class's:
+    `mapper_registry.mapper_arguments`).
 
-    config_keys: the `build_mapper` kwargs read from the ClipCap config.
     weights: mapper -> its weight table, ``[(variable, "clip_project...." key, hook)]``, in the official order.
+    official_arguments: the config entries the official ``ClipCaptionModel`` constructor needs for this type
+        beyond ``prefix_length``, ``prefix_size`` and ``mapping_type`` (written in the export's description).
     check_exportable: config -> None; raises `ValueError` when the official code cannot represent the mapper.
     """
 
-    config_keys: tuple
     weights: Callable
+    official_arguments: tuple = ()
     check_exportable: Callable = lambda config: None
 
 
-_BASE_KEYS = ("prefix_size", "prefix_length", "n_embd")
-#: mapping_type -> `MapperFormat`. A new mapper type: its class (and `build_mapper` case) in
-#: custom_architectures/transformers_arch/clip_cap_arch.py, its entry here and its detection in
+#: mapping_type -> `MapperFormat`, for the mapper types that have an official checkpoint format. A new such
+#: type: its `mapper_registry.MAPPERS` entry, its entry here and its detection in
 #: `clipcap_config_from_state_dict`; import and export then follow.
 MAPPER_FORMATS = {
-    "mlp": MapperFormat(_BASE_KEYS, _mlp_weights),
-    "linear": MapperFormat(_BASE_KEYS, _single_linear_weights),
-    "transformer": MapperFormat(_BASE_KEYS + ("clip_length", "num_layers", "num_heads", "mlp_ratio"),
-                                _transformer_weights, _official_transformer_only),
+    "mlp": MapperFormat(_mlp_weights),
+    "linear": MapperFormat(_single_linear_weights),
+    "transformer": MapperFormat(_transformer_weights, ("clip_length", "num_layers"), _official_transformer_only),
 }
 
 
@@ -232,10 +232,11 @@ def mapper_from_state_dict(porter: WeightPorter, config: dict):
     over are for the caller's `WeightPorter.finish`.
     """
     from custom_architectures.transformers_arch.clip_cap_arch import build_mapper
+    from custom_architectures.transformers_arch.mapper_registry import mapper_arguments
 
     kind = config["mapping_type"]
     fmt = mapper_format(kind)
-    mapper = build_mapper(kind, **{k: config[k] for k in fmt.config_keys})
+    mapper = build_mapper(kind, **{k: config[k] for k in mapper_arguments(kind) if k in config})
     porter.port_all(fmt.weights(mapper))
     porter.assign()  # nothing is assigned from a checkpoint with missing or mis-shaped keys
     return mapper

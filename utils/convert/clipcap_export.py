@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from utils.convert.clipcap import MAPPER_FORMATS
+from utils.convert.clipcap import MAPPER_FORMATS, mapper_format
 from utils.convert.hf_gpt2 import gpt2_weight_map
 from utils.convert.porting import export_weights
 from utils.file_utils import UnsafePathError, atomic_open, write_json_atomic
@@ -47,11 +47,17 @@ def _torch(value):
 
 def mapper_state_dict(mapper, config):
     """The ``clip_project.*`` entries of a Keras mapper, from its type's weight table (`MAPPER_FORMATS`)."""
-    fmt = MAPPER_FORMATS.get(config["mapping_type"])
-    if fmt is None:
-        raise ValueError(f"unknown mapping_type {config['mapping_type']!r}")
+    fmt = _official_format(config)
     fmt.check_exportable(config)
     return export_weights(fmt.weights(mapper), to_tensor=_torch)
+
+
+def _official_format(config):
+    """The `MapperFormat` of the config's mapper type; `ValueError` for a type without an official format."""
+    if config["mapping_type"] not in MAPPER_FORMATS:
+        raise ValueError(f"the {config['mapping_type']!r} mapper has no official checkpoint format: the official "
+                         f"code has {', '.join(map(repr, MAPPER_FORMATS))}")
+    return mapper_format(config["mapping_type"])
 
 
 def gpt2_state_dict(gpt2, prefix="gpt.", legacy_buffers=False):
@@ -100,8 +106,7 @@ def official_description(config, clip_name=None):
         "normalize_prefix": bool(config.get("normalize_prefix", False)),
         "gpt2": dict(config.get("gpt2", {})),
     }
-    if config["mapping_type"] == "transformer":
-        desc.update(clip_length=int(config["clip_length"]), num_layers=int(config["num_layers"]))
+    desc.update({k: int(config[k]) for k in _official_format(config).official_arguments})
     if clip_name is None:
         hint = _CLIP_HINTS.get(prefix_size)
         desc["clip_note"] = (f"unknown CLIP: the model does not record it. It must produce {prefix_size}-d image "
