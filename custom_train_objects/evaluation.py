@@ -212,7 +212,7 @@ def generate_captions(model, embeddings, batch_size=32, method="greedy", **gener
     request = as_decoding(method, generate_kwargs)
     captions = []
     for start in range(0, len(embeddings), batch_size):
-        out = model.generate(np.asarray(embeddings[start : start + batch_size]), request)
+        out = model.generate(np.asarray(embeddings[start : start + batch_size]), method=request)
         captions.extend(candidates[0]["text"].strip() for candidates in out)
     return captions
 

@@ -285,7 +285,7 @@ class ClipCapModelHandler(ModelHandler):
     def run_inference(self, batch, model, inference_args=None):
         paths = [path for path, _ in batch]
         embeddings = model.clip.image_embedder().encode_batch([pixels for _, pixels in batch])
-        generated = model.generate(embeddings, self.request)
+        generated = model.generate(embeddings, method=self.request)
         return [PredictionResult(path, candidates, model.name) for path, candidates in zip(paths, generated)]
 
     def get_num_bytes(self, batch):

@@ -491,7 +491,7 @@ def predict(model, images, batch_size=16, method="greedy", save=True, overwrite=
             stage_lines(f"decoding {len(batch)} caption(s) ({details}) ...")
         with (compiling.first_call("the decoder", power_of_two_at_least(len(padded)), details) if compiles
               else contextlib.nullcontext()):
-            return model.generate(padded, request, compile_now=long_run)[:len(batch)]
+            return model.generate(padded, method=request, compile_now=long_run)[:len(batch)]
 
     pipeline = Pipeline([
         Stage(read, name="read", workers=2),
