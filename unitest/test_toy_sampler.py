@@ -142,3 +142,22 @@ def test_the_serving_export_decodes_with_it(toy, tiny_clipcap, tiny_model_dir, t
     captions = [t.decode("utf-8") for t in served["captions"].numpy()]
     assert captions == tiny_clipcap.caption(PHOTOS, method=toy, toy_option=3, max_length=MAX_LENGTH)
     assert np.all(np.isfinite(served["scores"].numpy()))
+
+
+def test_a_run_checks_its_decoding_arguments_once(monkeypatch, tiny_model_dir, capsys):
+    """``main.py caption`` over two batches builds (and so checks) its sampler once, at the entry, and carries
+    it to every batch (it was built three times and more: the command, ``predict``, each ``generate``)."""
+    import main
+
+    built = []
+
+    class Counted(Greedy):
+        def __init__(self, num_captions=None):
+            built.append(num_captions)
+            super().__init__(num_captions)
+
+    monkeypatch.setitem(SAMPLERS, "greedy", Counted)
+    argv = ["caption", *PHOTOS, "--model", str(tiny_model_dir), "--batch-size", "1", "--max-length", "3",
+            "--no-save", "--no-progress"]
+    assert main.main(argv) == 0
+    assert len(capsys.readouterr().out.splitlines()) == len(PHOTOS) and len(built) == 1
