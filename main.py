@@ -34,7 +34,7 @@ from utils.cli import (  # noqa: F401 (escape_field: part of main's API)
     MODEL_ARG_HELP,
     MODEL_ERRORS,
     add_decoding_arguments,
-    decoding_kwargs,
+    decoding_from_args,
     epilog,
     escape_field,
     exit_now,
@@ -68,7 +68,11 @@ def cmd_caption(args):
         return _fail(f"no images listed in {', '.join(args.from_file)}", EXIT_USAGE)
     if args.grid and (problem := _grid_problem(args.grid)):  # before any work
         return _fail(problem, EXIT_USAGE)
-    results = None if args.no_save or args.overwrite else _answers_from_map(args, images)
+    try:  # the one check of the decoding options, before anything is read or loaded: carried from here
+        request = decoding_from_args(args)
+    except (TypeError, ValueError) as e:
+        return _fail(str(e), EXIT_USAGE)
+    results = None if args.no_save or args.overwrite else _answers_from_map(args, images, request)
     if results is not None:  # every image already captioned with these settings: no model loaded
         _save_grid(args, results)
         return _report(args, results)
@@ -78,12 +82,10 @@ def cmd_caption(args):
 
     import_tensorflow(quiet=not args.verbose, lean=True)  # Keras without pandas / pyplot: ~1 s
     from loggers.console import quiet_logger
-    from models.image_captioning.clip_cap import check_decoding_args
     from models.image_captioning.prediction import MapWriteError, predict
     from utils.devices import resolve_device
 
-    try:  # before the model is loaded: a wrong option costs no load
-        check_decoding_args(args.method, **decoding_kwargs(args))
+    try:  # before the model is loaded: a wrong device costs no load
         device = resolve_device(args.device)
     except (TypeError, ValueError) as e:
         return _fail(str(e), EXIT_USAGE)
@@ -99,11 +101,11 @@ def cmd_caption(args):
         status(f"{args.model} loaded in {time.perf_counter() - start:.1f} s")
     try:
         with quiet_logger("models.image_captioning.prediction"):  # failures are listed below
-            results = predict(model, images, batch_size=args.batch_size, method=args.method,
+            results = predict(model, images, batch_size=args.batch_size, method=request,
                               save=not args.no_save, overwrite=args.overwrite, output_dir=args.output_dir,
                               return_candidates=_want_candidates(args), progress=not args.no_progress,
                               exif_transpose=not args.no_exif_transpose, max_file_bytes=_max_bytes(args),
-                              status=status, **decoding_kwargs(args))
+                              status=status)
     except KeyboardInterrupt:
         return _fail("interrupted; every caption made so far is saved in map.json", EXIT_INTERRUPTED)
     except MapWriteError as e:  # the output folder is unusable (found before any image is read), or a write
@@ -172,7 +174,7 @@ def _save_grid(args, results):
         print(f"grid of {len(shown)} image(s) saved in {args.grid}", file=sys.stderr)
 
 
-def _answers_from_map(args, images):
+def _answers_from_map(args, images, request):
     """``predict``'s results from map.json alone when the saved model's every input is there with these
     settings (`models.image_captioning.cached_answers`), else None (the model is needed)."""
     from models.cli_models import resolve_model_dir
@@ -184,9 +186,8 @@ def _answers_from_map(args, images):
         return None  # reported when loading
     if not os.path.isdir(model_dir):  # an official model not downloaded yet
         return None
-    return answers_from_map(model_dir, images, method=args.method, output_dir=args.output_dir,
-                            return_candidates=_want_candidates(args), exif_transpose=not args.no_exif_transpose,
-                            **decoding_kwargs(args))
+    return answers_from_map(model_dir, images, method=request, output_dir=args.output_dir,
+                            return_candidates=_want_candidates(args), exif_transpose=not args.no_exif_transpose)
 
 
 def _read_list(path):

@@ -14,15 +14,14 @@ the compiled decoding loop and chooses the next tokens:
   (GPT-2 text -> CLIP tokens), so it runs in `custom_architectures.guided_decoding`, not in the compiled loop
   (``guided = True``).
 
-`SAMPLERS` maps each method's name to its class (keras-hub's ``samplers/serialization.py`` idea), and
-`get_sampler` builds one from ``generate``'s decoding options, so that no caller lists method names: adding
-a method is a class and a `SAMPLERS` entry here (plus, if it has new options, the CLI's decoding arguments).
-Each sampler validates its own arguments in its constructor; `get_sampler` adds the rules across methods
-(an option a method does not take is still checked, then ignored, or refused where ignoring it would
-silently change nothing the user asked for).
+`SAMPLERS` maps each method's name to its class (keras-hub's ``samplers/serialization.py`` idea), and each
+class declares its own options (``options``: `decoding_options.Option`, name, type, default, bounds, help,
+web-demo control); ``generate``, ``predict``, Beam, ``evaluate``, the command line's flags, the web demo's
+controls and the serving export read the registry and the declarations, so that adding a method is a class
+and a `SAMPLERS` entry (`custom_architectures.decoding.decoding` checks a whole request once).
 
 TensorFlow is imported inside the methods that run in the compiled loop, so that the command line can read
-the registry (``--method`` choices) without loading it.
+the registry without loading it.
 
 Example::
 
@@ -30,65 +29,26 @@ Example::
     sorted(SAMPLERS)                                               # ['beam', 'greedy', 'magic', 'sample']
 """
 
-import inspect
-import math
-
 import numpy as np
 
+from custom_architectures.decoding_options import (  # noqa: F401 (the checks: importable from here too)
+    MIN_TEMPERATURE,
+    NUM_CAPTIONS,
+    SEED_LIMIT,
+    TEMPERATURE,
+    Control,
+    Option,
+    check_integer,
+    check_real,
+    check_seed,
+    check_temperature,
+)
+
 NEG_INF = float("-inf")
-#: The smallest temperature accepted: logits divided by less could overflow float32 to inf (NaN scores).
-MIN_TEMPERATURE = 1e-6
-#: Seeds are keyed by 32 bits (`counter_uniform`): larger ones are refused rather than folded onto smaller.
-SEED_LIMIT = 2**32
-
-
-# ---------------------------------------------------------------------------------------------- validation
-
-
-def check_integer(name, value, minimum=None):
-    """``value`` as an int if it is an integer (Python or numpy, not bool) >= ``minimum``; else ValueError.
-
-    A float such as 2.5 (or 3.0) is refused rather than truncated, so a typo never silently changes the search.
-    """
-    if isinstance(value, bool) or not isinstance(value, int | np.integer):
-        raise ValueError(f"{name} must be an integer, got {value!r} ({type(value).__name__})")
-    value = int(value)
-    if minimum is not None and value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-    return value
-
-
-def check_real(name, value):
-    """``value`` as a float if it is a finite real number (not bool); else ValueError."""
-    if isinstance(value, bool) or not isinstance(value, int | float | np.integer | np.floating):
-        raise ValueError(f"{name} must be a number, got {value!r} ({type(value).__name__})")
-    value = float(value)
-    if not math.isfinite(value):
-        raise ValueError(f"{name} must be a finite number, got {value}")
-    return value
-
-
-def check_temperature(temperature):
-    """A finite temperature >= `MIN_TEMPERATURE` as a float; else ValueError (NaN, inf, 0 and negatives give
-    NaN scores or meaningless captions)."""
-    value = check_real("temperature", temperature)
-    if value < MIN_TEMPERATURE:
-        raise ValueError(f"temperature must be >= {MIN_TEMPERATURE:g}, got {value}"
-                         + (" (for the most likely caption use method='greedy')" if value <= 0 else ""))
-    return value
-
-
-def check_seed(seed):
-    """A seed in [0, 2**32) as an int; else ValueError (the draws are keyed by 32 bits, and a larger seed
-    would silently give the same captions as a smaller one)."""
-    seed = check_integer("seed", seed)
-    if not 0 <= seed < SEED_LIMIT:
-        raise ValueError(f"seed must be in [0, 2**32) (sampling is keyed by 32 bits; a larger seed would be "
-                         f"folded onto a smaller one), got {seed}")
-    return seed
 
 
 def check_beam_size(beam_size):
+    """``beam_size`` as an int >= 1; else ValueError (0 said in words: it is a common slip)."""
     beam_size = check_integer("beam_size", beam_size)
     if beam_size == 0:
         raise ValueError("beam_size=0: beam search needs at least one beam; use beam_size >= 1 (beam_size=1 is "
@@ -96,6 +56,21 @@ def check_beam_size(beam_size):
     if beam_size < 0:
         raise ValueError(f"beam_size must be >= 1, got {beam_size}")
     return beam_size
+
+
+def check_top_p(top_p):
+    """``top_p`` as a float in (0, 1]; else ValueError."""
+    if not 0.0 < check_real("top_p", top_p) <= 1.0:
+        raise ValueError(f"top_p must be in (0, 1] or None, got {top_p}")
+    return float(top_p)
+
+
+BEAM_SIZE = Option("beam_size", int, 5, "beams for --method beam", check=check_beam_size, ignorable=True,
+                   control=Control(1, 10, 1, label="beam size"))
+TOP_K = Option("top_k", int, None, "sample among the k most likely tokens only", minimum=1, default_text="no limit")
+TOP_P = Option("top_p", float, None, "nucleus sampling: sample among the most likely tokens whose probability "
+               "reaches p", check=check_top_p, default_text="1.0, no limit",
+               control=Control(0.05, 1.0, 0.05, value=0.9, label="top-p"))
 
 
 # ------------------------------------------------------------------------------------------------- samplers
@@ -129,8 +104,12 @@ def counter_uniform(shape, seed, step):
 class Sampler:
     """Chooses next tokens from logits, inside the compiled loop.
 
-    Class attributes: ``deterministic`` (the same inputs always give the same captions: what an evaluation
-    may use) and ``num_sequences`` (rows per image; an instance may set its own).
+    Class attributes: ``options`` (the method's own `Option` declarations: its constructor's keyword
+    arguments besides ``num_captions``, which every method takes and refuses if it cannot give that many;
+    the constructor validates them with their declarations), ``summary`` (a few words for ``--help``),
+    ``deterministic`` (the same inputs always give the same captions: what an evaluation may use),
+    ``servable`` (it can be baked into the serving SavedModel: its loop compiles and its captions depend
+    on the image alone), ``single_caption`` and ``num_sequences`` (rows per image; an instance may set its own).
 
     The loop calls ``first`` once on the prefill logits (B, V) (one row per image) and ``next`` on the
     logits (N, V) of every later step, N = B * `num_sequences`. Both get and return a ``state`` dict of
@@ -139,8 +118,11 @@ class Sampler:
     new row continues (beam search), or None when rows never swap.
     """
 
+    options = ()
+    summary = ""
     num_sequences = 1
     deterministic = True
+    servable = True
     single_caption = False  # True: one caption per image (num_captions must be 1)
     guided = False  # True: runs in `guided_decoding.GuidedDecoder` (needs a CLIP text scorer), not the loop
 
@@ -199,9 +181,10 @@ class Greedy(_IndependentRows):
     ``num_captions`` must be 1 (there is one most likely caption).
     """
 
+    summary = "= the official generate2"
     single_caption = True
 
-    def __init__(self, num_captions=1):
+    def __init__(self, num_captions=None):
         check_single_caption("greedy decoding", num_captions)
 
     def choose(self, logits, seed, step):
@@ -219,15 +202,17 @@ class Sample(_IndependentRows):
     Example: ``Sample(temperature=0.7, top_p=0.9, num_captions=3)``
     """
 
+    options = (TEMPERATURE, TOP_K, TOP_P)
+    summary = "random draws: --temperature, --top-k, --top-p, --seed"
     deterministic = False
+    servable = False  # a SavedModel has no seed input: every request would get the same draws
 
-    def __init__(self, temperature=1.0, top_k=None, top_p=None, num_captions=1):
-        self.temperature = check_temperature(temperature)
-        self.top_k = None if top_k is None else check_integer("top_k", top_k, minimum=1)
-        if top_p is not None and not 0.0 < check_real("top_p", top_p) <= 1.0:
-            raise ValueError(f"top_p must be in (0, 1] or None, got {top_p}")
-        self.top_p = None if top_p is None or float(top_p) >= 1.0 else float(top_p)
-        self.num_sequences = check_integer("num_captions", num_captions, minimum=1)
+    def __init__(self, temperature=None, top_k=None, top_p=None, num_captions=None):
+        self.temperature = TEMPERATURE.validate(temperature)
+        self.top_k = TOP_K.validate(top_k)
+        top_p = TOP_P.validate(top_p)
+        self.top_p = None if top_p is None or top_p >= 1.0 else top_p
+        self.num_sequences = NUM_CAPTIONS.validate(num_captions)
 
     def choose(self, logits, seed, step):
         import tensorflow as tf  # here, not at the top: the CLI imports the registry
@@ -258,10 +243,13 @@ class Beam(Sampler):
     here and not kept: it does not change the search.
     """
 
-    def __init__(self, beam_size=5, temperature=1.0, num_captions=1):
-        num_captions = check_integer("num_captions", num_captions, minimum=1)
-        self.num_sequences = check_beam_size(beam_size)
-        self.temperature = check_temperature(temperature)
+    options = (BEAM_SIZE, TEMPERATURE)
+    summary = "= generate_beam"
+
+    def __init__(self, beam_size=None, temperature=None, num_captions=None):
+        num_captions = NUM_CAPTIONS.validate(num_captions)
+        self.num_sequences = BEAM_SIZE.validate(beam_size)
+        self.temperature = TEMPERATURE.validate(temperature)
         if num_captions > self.num_sequences:
             raise ValueError(f"num_captions={num_captions} exceeds beam_size={self.num_sequences}")
 
@@ -312,9 +300,15 @@ class Beam(Sampler):
         return tokens, state, parents
 
 
-#: MAGIC's defaults for image captioning: ``k``, ``alpha``, ``beta`` of yxuansu/MAGIC's
-#: ``image_captioning/sh_folder/mscoco_magic.sh`` (its Flickr30k script uses k = 25).
-MAGIC_DEFAULTS = {"magic_k": 45, "magic_alpha": 0.1, "magic_beta": 2.0}
+#: MAGIC's options; the defaults are ``k``, ``alpha``, ``beta`` of yxuansu/MAGIC's
+#: ``image_captioning/sh_folder/mscoco_magic.sh`` for image captioning (its Flickr30k script uses k = 25).
+MAGIC_OPTIONS = (
+    Option("magic_k", int, 45, "--method magic: candidate tokens per step, the most likely ones", minimum=1),
+    Option("magic_alpha", float, 0.1, "--method magic: weight of the degeneration penalty, in [0, 1]", minimum=0,
+           maximum=1),
+    Option("magic_beta", float, 2.0, "--method magic: weight of CLIP's image-text score, >= 0", minimum=0),
+)
+MAGIC_DEFAULTS = {option.name: option.default for option in MAGIC_OPTIONS}
 #: The generated tokens MAGIC's CLIP scorer reads: the last 60 (``clip_text_max_len`` of its inference script).
 MAGIC_TEXT_TOKENS = 60
 
@@ -335,18 +329,18 @@ class Magic(Sampler):
     Example: ``Magic(magic_k=45, magic_alpha=0.1, magic_beta=2.0)``
     """
 
+    options = MAGIC_OPTIONS
+    summary = "MAGIC search, guided by CLIP's text tower: slower, see --magic-k"
     guided = True
+    servable = False  # Python between steps: no compiled loop to export
     single_caption = True
 
-    def __init__(self, magic_k=None, magic_alpha=None, magic_beta=None, num_captions=1):
+    def __init__(self, magic_k=None, magic_alpha=None, magic_beta=None, num_captions=None):
         check_single_caption("MAGIC search", num_captions)
-        self.k = check_integer("magic_k", MAGIC_DEFAULTS["magic_k"] if magic_k is None else magic_k, minimum=1)
-        self.alpha = check_real("magic_alpha", MAGIC_DEFAULTS["magic_alpha"] if magic_alpha is None else magic_alpha)
-        if not 0.0 <= self.alpha <= 1.0:
-            raise ValueError(f"magic_alpha must be in [0, 1], got {self.alpha}")
-        self.beta = check_real("magic_beta", MAGIC_DEFAULTS["magic_beta"] if magic_beta is None else magic_beta)
-        if self.beta < 0.0:
-            raise ValueError(f"magic_beta must be >= 0, got {self.beta}")
+        k_option, alpha_option, beta_option = MAGIC_OPTIONS
+        self.k = k_option.validate(magic_k)
+        self.alpha = alpha_option.validate(magic_alpha)
+        self.beta = beta_option.validate(magic_beta)
 
     def rank(self, probs, penalty, clip_logits):
         """Each row's chosen candidate: (R, k) LM probabilities, max cosine to the context, CLIP logits ->
@@ -369,17 +363,11 @@ class Magic(Sampler):
 #: Every decoding method by name, in the order they are listed to users.
 SAMPLERS = {"greedy": Greedy, "beam": Beam, "sample": Sample, "magic": Magic}
 
-#: Options a method may be given without taking them (``generate`` passes its defaults to every method):
-#: checked with these, then ignored. Any other option a method does not take is refused when given (not None).
-IGNORABLE_OPTIONS = {
-    "beam_size": lambda value: check_integer("beam_size", value),
-    "temperature": check_temperature,
-}
 
 
 def check_single_caption(what, num_captions):
-    """ValueError unless ``num_captions`` is 1, naming the methods that give several captions."""
-    if check_integer("num_captions", num_captions, minimum=1) != 1:
+    """ValueError unless ``num_captions`` is 1 (None: the default, 1), naming the methods that give several."""
+    if NUM_CAPTIONS.validate(num_captions) != 1:
         others = _or(name for name, cls in SAMPLERS.items() if not cls.single_caption)
         raise ValueError(f"{what} gives one caption per image: use method={others} for num_captions > 1")
 
@@ -397,10 +385,23 @@ def sampler_class(name):
     return SAMPLERS[name]
 
 
+def methods_options(methods=None):
+    """``{name: Option}`` of the options of ``methods`` (names; None: every registered method), each once, in
+    the order the command line lists them: the methods' own in registry order (`NUM_CAPTIONS` not included:
+    it is the decoder's, `decoding_options.DECODER_OPTIONS`). Two methods sharing an option share its
+    declaration (the same `Option`); two different declarations of one name are an error."""
+    found = {}
+    for method in SAMPLERS if methods is None else methods:
+        for option in sampler_class(method).options:
+            if found.setdefault(option.name, option) is not option:
+                raise ValueError(f"two declarations of the decoding option {option.name!r}: methods sharing an "
+                                 "option must share its Option")
+    return found
+
+
 def sampler_options(name):
-    """``{option: default}`` of the options method ``name`` takes (its constructor's keyword arguments)."""
-    parameters = inspect.signature(sampler_class(name).__init__).parameters
-    return {key: p.default for key, p in parameters.items() if key != "self"}
+    """``{option: default}`` of the options method ``name``'s constructor takes: its own and ``num_captions``."""
+    return {**{o.name: o.default for o in sampler_class(name).options}, NUM_CAPTIONS.name: NUM_CAPTIONS.default}
 
 
 def deterministic_methods():
@@ -408,30 +409,40 @@ def deterministic_methods():
     return tuple(name for name, cls in SAMPLERS.items() if cls.deterministic)
 
 
-def get_sampler(name, **options):
-    """The sampler of method ``name`` built from decoding options (``generate``'s keyword arguments).
+def servable_methods():
+    """The names of the methods a serving SavedModel can decode with (``Sampler.servable``)."""
+    return tuple(name for name, cls in SAMPLERS.items() if cls.servable)
 
-    Options the method takes go to its constructor, which validates them; the others are checked with
-    `IGNORABLE_OPTIONS` and ignored (a wrong value is an error whatever the method), or refused when given.
-    Raises ValueError (TypeError for an option no method knows).
+
+def several_caption_methods():
+    """The names of the methods that give several candidates per image (what re-ranking chooses among)."""
+    return tuple(name for name, cls in SAMPLERS.items() if not cls.single_caption)
+
+
+def get_sampler(name, **options):
+    """The sampler of method ``name`` built from its options (``generate``'s keyword arguments).
+
+    Options the method takes go to its constructor, which validates them with their declarations; an option
+    of another method is checked and ignored when declared ``ignorable`` (a wrong value is an error whatever
+    the method), refused when given otherwise. Raises ValueError (TypeError for an option no method knows).
 
     Example::
 
         get_sampler("sample", temperature=0.7, top_p=0.9, num_captions=3, beam_size=5)   # beam_size ignored
     """
     cls = sampler_class(name)
-    taken = sampler_options(name)
-    known = {key for method in SAMPLERS for key in sampler_options(method)}
-    unknown = sorted(set(options) - known)
+    declared = methods_options()
+    taken = {option.name for option in cls.options} | {NUM_CAPTIONS.name}
+    unknown = sorted(set(options) - set(declared) - taken)
     if unknown:
-        raise TypeError(f"unknown decoding option(s) {unknown}: the methods take {sorted(known)}")
-    exclusive = [key for key in sorted(known - set(taken)) if key not in IGNORABLE_OPTIONS]
+        raise TypeError(f"unknown decoding option(s) {unknown}: the methods take {sorted(set(declared) | taken)}")
+    exclusive = [key for key in sorted(set(declared) - taken) if not declared[key].ignorable]
     given = {key for key in exclusive if options.get(key) is not None}
     if given:  # named with the other options of the methods that take them
-        takers = [method for method in SAMPLERS if given & set(sampler_options(method))]
-        theirs = [key for key in exclusive if any(key in sampler_options(method) for method in takers)]
+        takers = [method for method in SAMPLERS if given & {o.name for o in SAMPLERS[method].options}]
+        theirs = [key for key in exclusive if any(key in {o.name for o in SAMPLERS[m].options} for m in takers)]
         raise ValueError(f"{' / '.join(theirs)} apply to method={_or(takers)}, not {name!r}")
     for key, value in options.items():
-        if key not in taken and key in IGNORABLE_OPTIONS:  # the others are None here
-            IGNORABLE_OPTIONS[key](value)
+        if key not in taken:  # ignorable here: checked, then ignored
+            declared[key].validate(value)
     return cls(**{key: value for key, value in options.items() if key in taken})

@@ -12,7 +12,7 @@ import json
 import logging
 import sys
 
-from custom_architectures.samplers import MAGIC_DEFAULTS, deterministic_methods, sampler_options
+from custom_architectures.samplers import deterministic_methods
 from hparams.training import TrainingHParams
 from models.cli_models import UnknownModelError, load_model
 from utils.cli import EXIT_FAILED_INPUTS as EXIT_FAILED
@@ -22,6 +22,8 @@ from utils.cli import (
     EXIT_OK,
     EXIT_USAGE,
     MODEL_ERRORS,
+    add_decoding_arguments,
+    decoding_from_args,
     epilog,
     missing_extra,
     report_skipped,
@@ -219,8 +221,9 @@ def cmd_evaluate(args):
     from loggers.console import quiet_logger
 
     try:
+        request = decoding_from_args(args)  # the one check of the decoding options, before any work
         dataset = load_dataset(args)
-    except DatasetError as e:
+    except (DatasetError, TypeError, ValueError) as e:
         return _fail(str(e), EXIT_USAGE)
     try:
         model = load_model(args.model)
@@ -229,16 +232,11 @@ def cmd_evaluate(args):
         return _fail(e.args[0], EXIT_USAGE)
     except MODEL_ERRORS as e:  # a damaged saved model: exit 3 naming the file
         return _fail(f"cannot load model: {e}", EXIT_MODEL)
-    kwargs = {k: getattr(args, k) for k in ("beam_size", "max_length", *MAGIC_DEFAULTS, "rerank", "rerank_weight")
-              if getattr(args, k) is not None}
-    # the method's own beam size / MAGIC settings too, so that metrics.json says what ran
-    defaults = {**sampler_options(args.method), **(MAGIC_DEFAULTS if args.method == "magic" else {})}
-    kwargs.update({k: defaults[k] for k in ("beam_size", *MAGIC_DEFAULTS) if k in defaults and k not in kwargs})
     try:
         with quiet_logger("custom_train_objects.evaluation"):  # skipped metrics: noted below
-            report = evaluate_model(model, dataset, args.output, method=args.method, batch_size=args.batch_size,
+            report = evaluate_model(model, dataset, args.output, method=request, batch_size=args.batch_size,
                                     metrics=args.metrics, clip_for_score=clip_for_score, cache_dir=args.cache_dir,
-                                    progress=not args.no_progress, **kwargs)
+                                    progress=not args.no_progress)
     except NoImagesError as e:  # every image unreadable: listed, as extract lists them; nothing written
         names = list(e.failed)
         report_skipped(dict(enumerate(e.failed.values())), names, len(names))
@@ -340,23 +338,14 @@ def register(subparsers):
         description="Caption every image of a split and score the captions: BLEU-1..4, METEOR, ROUGE-L, CIDEr, "
                     "SPICE (pycocoevalcap; METEOR, SPICE and the PTB tokenizer need Java, SPICE also Stanford "
                     "CoreNLP: skipped with a message when missing) and CLIPScore. Writes OUTPUT/results.json "
-                    "(COCO results format) and OUTPUT/metrics.json.")
+                    "(COCO results format) and OUTPUT/metrics.json. With --rerank clip the captions are chosen by "
+                    "the model's CLIP, which CLIPScore then favours when that same CLIP scores them.")
     _add_data_arguments(p)
     p.add_argument("--model", required=True, help="a saved ClipCap directory or model name")
     p.add_argument("--output", required=True, help="where results.json and metrics.json go")
-    p.add_argument("--method", choices=deterministic_methods(), default="greedy",
-                   help="decoding method (those that always give the same captions)")
-    p.add_argument("--beam-size", type=int, help="beams for --method beam (default: 5)")
-    p.add_argument("--magic-k", type=int, help="--method magic: candidate tokens per step (default: 45)")
-    p.add_argument("--magic-alpha", type=float, help="--method magic: degeneration penalty weight (default: 0.1)")
-    p.add_argument("--magic-beta", type=float, help="--method magic: CLIP score weight (default: 2.0)")
-    p.add_argument("--max-length", type=int, help="most generated tokens per caption (default: 67)")
-    p.add_argument("--rerank", choices=("clip",),
-                   help="with --method beam: choose each caption among the beams by CLIPScore (the model's CLIP "
-                        "text encoder; scoring CLIPScore with that same CLIP then favours it)")
-    p.add_argument("--rerank-weight", type=float,
-                   help="with --rerank clip: rank by clip_score + A * the language model's score (default: 0)")
-    p.add_argument("--batch-size", type=int, default=32, help="images per encoding / decoding batch")
+    # the methods that always give the same captions; the best caption of each image is scored (so neither
+    # --num-captions nor --seed)
+    add_decoding_arguments(p, methods=deterministic_methods(), skip=("num_captions", "seed"), batch_size=32)
     p.add_argument("--metrics", nargs="+", choices=ALL_METRICS, default=list(ALL_METRICS),
                    help="the metrics to compute (default: all of them)")
     p.add_argument("--clip-score-model", help="a CLIP with its text encoder for CLIPScore (default: the model's "

@@ -34,6 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
+from custom_architectures.decoding import as_decoding
 from models.siamese.clip_score import (
     CLIP_SCORE_PROMPT,
     CLIP_SCORE_W,
@@ -206,11 +207,12 @@ def clip_score(clip, image_features, captions, references=None, w=CLIP_SCORE_W, 
 
 
 def generate_captions(model, embeddings, batch_size=32, method="greedy", **generate_kwargs):
-    """Captions (the best of each image) for (N, D) CLIP embeddings, batch by batch."""
+    """Captions (the best of each image) for (N, D) CLIP embeddings, batch by batch (``method``: a name with
+    its ``generate_kwargs``, or a checked `custom_architectures.decoding.Decoding`)."""
+    request = as_decoding(method, generate_kwargs)
     captions = []
     for start in range(0, len(embeddings), batch_size):
-        out = model.generate(np.asarray(embeddings[start : start + batch_size]), method=method,
-                             **generate_kwargs)
+        out = model.generate(np.asarray(embeddings[start : start + batch_size]), method=request)
         captions.extend(candidates[0]["text"].strip() for candidates in out)
     return captions
 
@@ -243,7 +245,8 @@ def evaluate_model(model, dataset, output_dir, embeddings=None, method="greedy",
         embeddings: (N_images, D) CLIP embeddings of ``dataset.images`` (default: extracted with
             ``model.clip``, cached in ``cache_dir``; unreadable images are reported and not scored).
         method, batch_size, generate_kwargs: decoding (``model.generate``; ``rerank="clip"`` chooses each
-            caption by CLIPScore with ``model.clip``, which the CLIPScore reported here then favours).
+            caption by CLIPScore with ``model.clip``, which the CLIPScore reported here then favours); metrics.json
+            records the method's options (defaults included) and the others given.
         metrics: pycocoevalcap metrics to compute.
         clip_for_score: a `CLIP` with a text encoder for CLIPScore (default: ``model.clip`` when it has one;
             otherwise CLIPScore is skipped with a message).
@@ -253,8 +256,9 @@ def evaluate_model(model, dataset, output_dir, embeddings=None, method="greedy",
     """
     from datasets.coco import write_coco_results
 
-    if hasattr(model, "check_generate_args"):  # bad decoding options (rerank without a text encoder...) first
-        model.check_generate_args(method, **generate_kwargs)
+    request = as_decoding(method, generate_kwargs)  # checked once, first
+    if hasattr(model, "check_generate_args"):  # what needs the model (rerank without a text encoder...) first
+        model.check_generate_args(request)
     output_dir = Path(output_dir)
     # a previous evaluation's files are replaced; anyone else's are refused before the (long) work
     check_overwritable(output_dir / "results.json", _is_results_file, "a captions results file")
@@ -276,7 +280,7 @@ def evaluate_model(model, dataset, output_dir, embeddings=None, method="greedy",
         raise NoImagesError(f"no image of {dataset.name} could be read: nothing was captioned or written",
                             failed)
     start = time.perf_counter()
-    captions = generate_captions(model, embeddings, batch_size=batch_size, method=method, **generate_kwargs)
+    captions = generate_captions(model, embeddings, batch_size=batch_size, method=request)
     seconds = time.perf_counter() - start
     predictions = dict(zip(dataset.image_ids, captions))
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -309,8 +313,8 @@ def evaluate_model(model, dataset, output_dir, embeddings=None, method="greedy",
     else:
         report["skipped"]["CLIPScore"] = ("needs a CLIP with its text encoder: the model's CLIP is image-only "
                                           "or absent (pass --clip-score-model)")
-    report.update({"model": getattr(model, "name", None), "dataset": dataset.name, "method": method,
-                   "generate_kwargs": {k: v for k, v in generate_kwargs.items()},
+    report.update({"model": getattr(model, "name", None), "dataset": dataset.name, "method": request.method,
+                   "generate_kwargs": {**request.own_values(), **request.given},  # what ran
                    "failed_images": failed, "captioning_seconds": round(seconds, 3)})
     report["per_image"] = {str(k): v for k, v in report["per_image"].items()}
     atomic_write(output_dir / "metrics.json", json.dumps(report, indent=1, default=str))

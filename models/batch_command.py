@@ -19,7 +19,7 @@ from utils.cli import (
     EXIT_USAGE,
     Formatter,
     add_decoding_arguments,
-    decoding_kwargs,
+    decoding_from_args,
     epilog,
     fail,
     missing_extra,
@@ -37,10 +37,8 @@ def cmd_batch(args):
     missing = missing_extra("apache_beam", "-r requirements-beam.txt", "batch")
     if missing:
         return fail(missing, EXIT_USAGE)
-    from models.image_captioning.clip_cap import check_decoding_args
-
     try:  # bad values fail here, before the model is looked at and the job starts (not on its workers)
-        check_decoding_args(args.method, **decoding_kwargs(args))
+        request = decoding_from_args(args)  # checked once, carried to the workers
     except (TypeError, ValueError) as e:
         return fail(str(e), EXIT_USAGE)
     model_dir, code = model_or_exit_code(args.model, load=resolve_model_dir)
@@ -49,8 +47,8 @@ def cmd_batch(args):
     from models.image_captioning.beam_inference import read_records, run_batch
 
     try:
-        files = run_batch(args.images, model_dir, args.output, method=args.method, batch_size=args.batch_size,
-                          generate_kwargs=decoding_kwargs(args), exif_transpose=not args.no_exif_transpose,
+        files = run_batch(args.images, model_dir, args.output, method=request, batch_size=args.batch_size,
+                          exif_transpose=not args.no_exif_transpose,
                           input_lists=args.input_list or (), skip_existing=args.skip_existing or (),
                           num_shards=args.num_shards, pipeline_args=pipeline_args(args), overwrite=args.overwrite)
     except KeyboardInterrupt:

@@ -6,14 +6,28 @@ import json
 import os
 import sys
 
+from custom_architectures.decoding import request_options
+from custom_architectures.samplers import servable_methods
 from models.cli_models import model_or_exit_code
-from utils.cli import EXIT_MODEL, EXIT_OK, EXIT_USAGE, MODEL_ARG_HELP, Formatter, epilog, missing_extra
+from utils.cli import (
+    EXIT_MODEL,
+    EXIT_OK,
+    EXIT_USAGE,
+    MODEL_ARG_HELP,
+    Formatter,
+    add_decoding_arguments,
+    decoding_from_args,
+    epilog,
+    missing_extra,
+)
 from utils.cli import fail as _fail
 
 # ----------------------------------------------------------------------------------------------- export
 
 
 EXPORT_FORMATS = ("savedmodel", "official")
+#: what a SavedModel cannot do: several captions per image, draws, re-ranking (`serving.check_servable`)
+NOT_EXPORTED = ("num_captions", "seed", "rerank", "rerank_weight")
 
 
 def _export_format(args):
@@ -30,8 +44,7 @@ def cmd_export(args):
     from utils.convert.clipcap_export import sidecar_path
     from utils.file_utils import UnsafePathError
 
-    given = [f"--{k.replace('_', '-')}" for k in ("method", "beam_size", "max_length", "max_batch_size")
-             if getattr(args, k) is not None]
+    given = [flag for flag, value in _decoding_flags(args) if value is not None]
     if given:
         return _fail(f"{', '.join(given)}: decoding settings apply to --format savedmodel only", EXIT_USAGE)
     missing = missing_extra("torch", '"torch>=2.13"', "export --format official (it writes a PyTorch file)")
@@ -62,20 +75,24 @@ def cmd_export(args):
     return EXIT_OK
 
 
+def _decoding_flags(args):
+    """(flag, value) of the savedmodel-only options: ``--method``, the decoding options, ``--max-batch-size``."""
+    options = [(o.flag, getattr(args, o.name, None)) for o in request_options(servable_methods())]
+    return [("--method", args.method), *options, ("--max-batch-size", args.max_batch_size)]
+
+
 def cmd_export_savedmodel(args):
-    from models.image_captioning.clip_cap import check_decoding_args
-    from models.image_captioning.serving import export_savedmodel, is_exported_savedmodel
+    from models.image_captioning.serving import check_servable, export_savedmodel, is_exported_savedmodel
     from models.image_captioning.serving_ops import bucket_sizes
     from utils.file_utils import UnsafePathError, check_replaceable
 
     if args.clip_name is not None or args.legacy_buffers:
         return _fail("--clip-name / --legacy-buffers apply to --format official only", EXIT_USAGE)
-    settings = {"method": args.method or "greedy", "beam_size": 5 if args.beam_size is None else args.beam_size,
-                "max_length": 67 if args.max_length is None else args.max_length,
-                "max_batch_size": 16 if args.max_batch_size is None else args.max_batch_size}
+    max_batch_size = 16 if args.max_batch_size is None else args.max_batch_size
     try:  # every check before the model is loaded
-        check_decoding_args(settings["method"], beam_size=settings["beam_size"], max_length=settings["max_length"])
-        bucket_sizes(settings["max_batch_size"])
+        request = decoding_from_args(args)  # checked once, carried to the export
+        check_servable(request)
+        bucket_sizes(max_batch_size)
         check_replaceable(args.output, is_exported_savedmodel, args.overwrite)
     except ValueError as e:  # UnsafePathError included
         return _fail(str(e), EXIT_USAGE)
@@ -83,7 +100,8 @@ def cmd_export_savedmodel(args):
     if model is None:
         return code
     try:
-        directory, metadata, seconds = export_savedmodel(model, args.output, overwrite=args.overwrite, **settings)
+        directory, metadata, seconds = export_savedmodel(model, args.output, request, max_batch_size=max_batch_size,
+                                                         overwrite=args.overwrite)
     except UnsafePathError as e:
         return _fail(str(e), EXIT_USAGE)
     except (OSError, ValueError, RuntimeError) as e:
@@ -140,10 +158,9 @@ def register(subparsers):
                                   "--overwrite); official: the .pt file (written atomically, the .json beside it)")
     p.add_argument("--format", choices=EXPORT_FORMATS,
                    help="the output format (default: official when OUTPUT ends with .pt, else savedmodel)")
-    p.add_argument("--method", choices=("greedy", "beam"), help="savedmodel: the decoding method baked in "
-                                                                "(default: greedy)")
-    p.add_argument("--beam-size", type=int, help="savedmodel: beams for --method beam (default: 5)")
-    p.add_argument("--max-length", type=int, help="savedmodel: most generated tokens per caption (default: 67)")
+    # the decoding baked in: the methods whose sampler can be compiled into the graph, and their options
+    add_decoding_arguments(p, methods=servable_methods(), skip=NOT_EXPORTED, prefix="savedmodel: ",
+                           method_default=None, batch_size=None)
     p.add_argument("--max-batch-size", type=int, help="savedmodel: largest compiled batch, a power of two; larger "
                                                       "requests run in chunks (default: 16)")
     p.add_argument("--clip-name", help="official: the CLIP the model expects (ViT-B/32, RN50x4, ...), written to "

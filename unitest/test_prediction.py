@@ -67,6 +67,7 @@ class FakeModel:
         return False  # plain numpy: nothing is ever compiled
 
     def generate(self, embeddings, method="greedy", num_captions=1, **kwargs):
+        num_captions = getattr(method, "num_captions", num_captions)  # predict hands over its checked Decoding
         self.generate_calls.append(len(embeddings))
         if self.interrupt_at_call == len(self.generate_calls):
             raise KeyboardInterrupt

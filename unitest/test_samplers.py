@@ -43,8 +43,10 @@ def test_generate_defaults_build_every_method(name):
 def test_options_reach_the_constructor_or_are_checked_and_ignored():
     beam = get_sampler("beam", **dict(GENERATE_DEFAULTS, beam_size=3, temperature=0.5, num_captions=2))
     assert (beam.num_sequences, beam.temperature) == (3, 0.5)
-    sample = get_sampler("sample", **dict(GENERATE_DEFAULTS, top_k=4, top_p=0.9, num_captions=2, beam_size=0))
+    sample = get_sampler("sample", **dict(GENERATE_DEFAULTS, top_k=4, top_p=0.9, num_captions=2, beam_size=2))
     assert (sample.top_k, sample.top_p, sample.num_sequences) == (4, 0.9, 2)
+    with pytest.raises(ValueError, match="beam_size=0"):  # an ignored option is checked by its declaration
+        get_sampler("sample", beam_size=0)
     assert get_sampler("greedy", beam_size=9, temperature=3.0).key() == Greedy().key()
     with pytest.raises(ValueError, match="beam_size must be an integer"):
         get_sampler("greedy", beam_size="5")

@@ -155,7 +155,7 @@ def test_decoding_controls_follow_the_method(server, browser):
         assert [_visible(page, c) for c in controls] == [False] * 4  # greedy: none
         page.get_by_label("beam", exact=True).check()
         page.wait_for_selector("#beam-size", state="visible")
-        assert [_visible(page, c) for c in controls] == [True, False, False, True]
+        assert [_visible(page, c) for c in controls] == [True, True, False, True]  # beam takes a temperature
         page.get_by_label("sample", exact=True).check()
         page.wait_for_selector("#temperature", state="visible")
         assert [_visible(page, c) for c in controls] == [False, True, True, True]

@@ -1,29 +1,27 @@
 """What every command of ``main.py`` shares: exit codes, the help formatter, error lines and the decoding
-options (so ``caption`` and ``batch`` cannot drift apart).
+options (made from the samplers' declarations, so that no command lists them and none can drift apart).
 
 Light on purpose (no TensorFlow, no torch at import), so that ``main.py --help`` stays instant.
 
 Example::
 
-    from utils.cli import EXIT_USAGE, add_decoding_arguments, decoding_kwargs, fail
+    from utils.cli import EXIT_USAGE, add_decoding_arguments, decoding_from_args, fail
     add_decoding_arguments(parser)
-    kwargs = decoding_kwargs(parser.parse_args())      # only the options given
+    request = decoding_from_args(parser.parse_args())  # checked once: a Decoding, carried to generate
 """
 
 import argparse
 import os
 import sys
 
-from custom_architectures.samplers import SAMPLERS
+from custom_architectures.decoding import decoding, request_options
+from custom_architectures.samplers import SAMPLERS, sampler_class
 
 EXIT_OK = 0  # every input captioned
 EXIT_FAILED_INPUTS = 1  # some inputs could not be captioned / read (listed on stderr)
 EXIT_USAGE = 2  # bad command line (argparse's own code too)
 EXIT_MODEL = 3  # the model could not be downloaded, converted or loaded
 EXIT_INTERRUPTED = 130
-
-DECODING_KEYS = ("beam_size", "max_length", "temperature", "top_k", "top_p", "num_captions", "seed", "magic_k",
-                 "magic_alpha", "magic_beta", "rerank", "rerank_weight")
 
 #: what loading a model may raise besides `UnknownModelError`: CheckpointError / ModelLoadError (ValueError),
 #: DownloadError / OfflineError (RuntimeError), missing files (OSError), damaged configs (KeyError, TypeError)
@@ -105,47 +103,45 @@ def report_skipped(failed, names, total):
     return bool(failed)
 
 
-def add_decoding_arguments(p, batch_help="images per encoding / decoding batch"):
-    """``--method``, ``--beam-size`` ... ``--seed`` and ``--batch-size`` (the arguments of ``generate``).
+def add_decoding_arguments(p, batch_help="images per encoding / decoding batch", methods=None, skip=(), prefix="",
+                           method_default="greedy", batch_size=16):
+    """``--method`` and one flag per decoding option of ``methods`` (names; None: every registered method), made
+    from the declarations (`custom_architectures.decoding.request_options`: flag, type, choices, help and
+    default), then ``--batch-size`` (default ``batch_size``; None: no such flag).
 
-    Unset options keep ``ClipCap.generate``'s defaults, which their help states (only the options given are
-    passed on: `decoding_kwargs`)."""
-    p.add_argument("--method", choices=tuple(SAMPLERS), default="greedy",
-                   help="decoding method: greedy (= the official generate2), beam (= generate_beam), sample, or "
-                        "magic (MAGIC search, guided by CLIP's text tower: slower, see --magic-k)")
-    p.add_argument("--beam-size", type=int, help="beams for --method beam (default: 5)")
-    p.add_argument("--max-length", type=int, help="most generated tokens per caption (default: 67)")
-    p.add_argument("--temperature", type=float,
-                   help="divide the logits by this before softmax (sample, beam) (default: 1.0)")
-    p.add_argument("--top-k", type=int,
-                   help="sample among the k most likely tokens only (--method sample) (default: no limit)")
-    p.add_argument("--top-p", type=float,
-                   help="nucleus sampling: sample among the most likely tokens whose probability reaches p "
-                        "(--method sample) (default: 1.0, no limit)")
-    p.add_argument("--num-captions", type=int,
-                   help="captions per image, best first (beam: <= --beam-size; sample: independent draws); "
-                        "text output numbers them (default: 1)")
-    p.add_argument("--seed", type=int,
-                   help="random seed for --method sample, in [0, 2**32) (default: a new random seed per run)")
-    p.add_argument("--magic-k", type=int,
-                   help="--method magic: candidate tokens per step, the most likely ones (default: 45)")
-    p.add_argument("--magic-alpha", type=float,
-                   help="--method magic: weight of the degeneration penalty, in [0, 1] (default: 0.1)")
-    p.add_argument("--magic-beta", type=float,
-                   help="--method magic: weight of CLIP's image-text score, >= 0 (default: 2.0)")
-    p.add_argument("--rerank", choices=("clip",),
-                   help="re-rank every candidate of --method beam (all --beam-size beams) or sample (the "
-                        "--num-captions draws) by CLIPScore with the model's CLIP text encoder, and keep the best "
-                        "--num-captions (default: the decoder's order)")
-    p.add_argument("--rerank-weight", type=float,
-                   help="with --rerank clip, rank by clip_score + A * the language model's score (average "
-                        "log-probability per token) (default: 0, CLIPScore alone)")
-    p.add_argument("--batch-size", type=int, default=16, help=batch_help)
+    ``skip``: options a command does not offer; ``prefix``: put before every help text (``"savedmodel: "``);
+    ``method_default``: None lets a command tell whether ``--method`` was given. Unset options keep their
+    declared defaults, which their help states (only the options given are passed on: `decoding_kwargs`)."""
+    methods = tuple(SAMPLERS) if methods is None else tuple(methods)
+    named = ", ".join(f"{m} ({sampler_class(m).summary})" if sampler_class(m).summary else m for m in methods)
+    p.add_argument("--method", choices=methods, default=method_default,
+                   help=f"{prefix}decoding method: {named} (default: greedy)")
+    for option in request_options(methods):
+        if option.name not in skip:
+            p.add_argument(option.flag, type=option.type, choices=option.choices,
+                           help=f"{prefix}{_option_help(option, methods)} (default: {option.default_words()})")
+    if batch_size is not None:
+        p.add_argument("--batch-size", type=int, default=batch_size, help=batch_help)
+
+
+def _option_help(option, methods):
+    """An option's help, saying which of ``methods`` take it unless all do or the help says so already."""
+    takers = [m for m in methods if option in sampler_class(m).options]
+    if not takers or len(takers) == len(methods) or "--method" in option.help:
+        return option.help
+    return f"{option.help} (--method {', '.join(takers)})"
 
 
 def decoding_kwargs(args):
     """The decoding options given on the command line, as ``generate`` keyword arguments."""
-    return {k: getattr(args, k) for k in DECODING_KEYS if getattr(args, k, None) is not None}
+    return {o.name: getattr(args, o.name) for o in request_options() if getattr(args, o.name, None) is not None}
+
+
+def decoding_from_args(args):
+    """The checked `custom_architectures.decoding.Decoding` of the command line's ``--method`` and decoding
+    options: the one check of a run's decoding arguments, before anything is read or loaded. Raises
+    ValueError / TypeError naming the option."""
+    return decoding(args.method or "greedy", **decoding_kwargs(args))
 
 
 #: the environment variables every command reads (part of every command's --help epilog: `epilog`)

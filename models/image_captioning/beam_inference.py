@@ -47,7 +47,7 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.ml.inference.base import ModelHandler, PredictionResult, RunInference
 from apache_beam.options.pipeline_options import PipelineOptions
 
-from custom_architectures.samplers import sampler_class
+from custom_architectures.decoding import as_decoding
 from models.image_captioning.freshness import answers, content_stamp, file_stamp, stream_stamp
 from models.siamese.image_embedding import ImageEmbedder
 from utils.file_utils import DEFAULT_MAX_BYTES, UnsafePathError, file_lock, json_text, parse_json, read_json
@@ -252,7 +252,8 @@ class ClipCapModelHandler(ModelHandler):
     (``path``: any key, passed through).
 
     The decoding settings are the handler's arguments (``method`` and ``model.generate``'s keyword
-    arguments). Batches hold exactly ``batch_size`` elements (``BatchElements(min = max = batch_size)``; the
+    arguments, or a checked `custom_architectures.decoding.Decoding` as ``method``), checked here, at
+    pipeline construction, and carried to every worker. Batches hold exactly ``batch_size`` elements (``BatchElements(min = max = batch_size)``; the
     last of a bundle may be smaller and is padded to the next power of two by the model), so that the
     XLA-compiled shapes are the few power-of-two buckets. The model is loaded once per worker process by
     RunInference and shared by that process's threads.
@@ -264,22 +265,13 @@ class ClipCapModelHandler(ModelHandler):
     """
 
     def __init__(self, model_dir, method="greedy", batch_size=16, **generate_kwargs):
-        sampler_class(method)  # ValueError naming the decoding methods
+        request = as_decoding(method, generate_kwargs)  # bad settings fail here, not on every worker
         if batch_size < 1 or batch_size & (batch_size - 1):
             raise ValueError(f"batch_size must be a power of two (the compiled batch shapes), got {batch_size}")
-        import inspect
-
-        from models.image_captioning.clip_cap import ClipCap
-
-        try:  # unknown arguments fail here, at pipeline construction, not on every worker
-            inspect.signature(ClipCap.generate).bind(None, None, method=method, **generate_kwargs)
-        except TypeError as e:
-            raise TypeError(f"model.generate does not accept these settings: {e}") from e
         super().__init__(min_batch_size=batch_size, max_batch_size=batch_size)
         self.model_dir = str(model_dir)
-        self.method = method
+        self.request = request
         self.batch_size = batch_size
-        self.generate_kwargs = dict(generate_kwargs)
 
     def load_model(self):
         from models.image_captioning.clip_cap import ClipCap
@@ -287,13 +279,13 @@ class ClipCapModelHandler(ModelHandler):
         model = ClipCap.load(self.model_dir)
         if model.clip is None:
             raise ValueError(f"{self.model_dir} has no CLIP image encoder: batch captioning needs one")
-        model.check_generate_args(self.method, **self.generate_kwargs)  # rerank: CLIP's text encoder is there
+        model.check_generate_args(self.request)  # what needs the model: the stop token, CLIP's text encoder
         return model
 
     def run_inference(self, batch, model, inference_args=None):
         paths = [path for path, _ in batch]
         embeddings = model.clip.image_embedder().encode_batch([pixels for _, pixels in batch])
-        generated = model.generate(embeddings, method=self.method, **self.generate_kwargs)
+        generated = model.generate(embeddings, method=self.request)
         return [PredictionResult(path, candidates, model.name) for path, candidates in zip(paths, generated)]
 
     def get_num_bytes(self, batch):
@@ -371,10 +363,10 @@ def caption_pipeline(pipeline, inputs, model_dir, output, method="greedy", batch
         num_shards: output shards (0: the runner decides).
         settings: the records' settings (default: `prediction.generation_settings` of the saved model).
     """
-    generate_kwargs = dict(generate_kwargs or {})
+    request = as_decoding(method, dict(generate_kwargs or {}))  # checked once, carried to the workers
     if settings is None:
-        settings = batch_settings(model_dir, method, generate_kwargs, exif_transpose)
-    handler = ClipCapModelHandler(model_dir, method=method, batch_size=batch_size, **generate_kwargs)
+        settings = batch_settings(model_dir, request.method, request.given, exif_transpose)
+    handler = ClipCapModelHandler(model_dir, request, batch_size=batch_size)
     n_px = clip_input_resolution(model_dir)
 
     matched = (pipeline | "Inputs" >> beam.Create(list(inputs))

@@ -21,6 +21,7 @@ Example::
 import logging
 from pathlib import Path
 
+from custom_architectures.decoding import as_decoding
 from models.image_captioning.freshness import is_fresh
 from models.image_captioning.identity import recorded_identity
 from models.image_captioning.prediction import (
@@ -57,8 +58,10 @@ def answers_from_map(model_dir, images, method="greedy", output_dir=None, return
     (not in map.json, made with other settings, file changed since, an input that cannot be expanded).
 
     ``model_dir`` is a saved model's folder (only its config.json and metadata.json are read); ``output_dir``
-    as in ``predict`` (default `prediction.default_output_dir`: ``<model store>/.outputs/<name>``).
+    as in ``predict`` (default `prediction.default_output_dir`: ``<model store>/.outputs/<name>``); ``method``
+    a method's name with its ``generate_kwargs``, or a checked `custom_architectures.decoding.Decoding`.
     """
+    request = as_decoding(method, generate_kwargs)
     try:
         name = saved_model_name(model_dir)
     except (OSError, ValueError, UnsafePathError) as e:
@@ -73,7 +76,7 @@ def answers_from_map(model_dir, images, method="greedy", output_dir=None, return
         stored = load_map(directory / MAP_FILENAME)
     except ValueError:  # a damaged map.json: predict reports it
         return None
-    settings = generation_settings_for(name, identity, method, generate_kwargs, exif_transpose)
+    settings = generation_settings_for(name, identity, request.method, request.given, exif_transpose)
     results = []
     for entry in expand_inputs(images):
         cached = stored.get(entry.key) if entry.error is None and entry.key is not None else None

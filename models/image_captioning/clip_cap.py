@@ -32,52 +32,14 @@ import tensorflow as tf  # noqa: E402
 
 from custom_architectures.batching import pad_batch, power_of_two_at_least  # noqa: E402
 from custom_architectures.compile_policy import CompilePolicy  # noqa: E402
+from custom_architectures.decoding import as_decoding  # noqa: E402
+from custom_architectures.decoding_options import MODEL_STOP_TOKEN  # noqa: E402
 from custom_architectures.generation_utils import PrefixDecoder  # noqa: E402
 from custom_architectures.guided_decoding import GuidedDecoder  # noqa: E402
-from custom_architectures.samplers import SAMPLERS, check_integer, check_seed, get_sampler  # noqa: E402
 from custom_architectures.transformers_arch.clip_cap_arch import ClipCapBackbone  # noqa: E402
 from models import check_jit_compile  # noqa: E402
 from models.image_captioning.saving import ModelLoadError  # noqa: E402, F401
 from utils.devices import device_scope  # noqa: E402
-
-METHODS = tuple(SAMPLERS)  # the decoding methods (`custom_architectures.samplers`)
-
-
-class _ModelStopToken:
-    """The default of ``stop_token`` arguments: the model's own stop token (`ClipCap.stop_token`)."""
-
-    def __repr__(self):
-        return "MODEL_STOP_TOKEN"
-
-
-#: ``stop_token=MODEL_STOP_TOKEN`` (the default of `ClipCap.generate` and what calls it): the model's stop
-#: token, ``.`` for English GPT-2 (`ClipCap.stop_token`); a string: that token; None: never stop early.
-MODEL_STOP_TOKEN = _ModelStopToken()
-
-
-def make_sampler(method="greedy", beam_size=5, temperature=1.0, top_k=None, top_p=None, num_captions=1,
-                 magic_k=None, magic_alpha=None, magic_beta=None):
-    """The sampler for `ClipCap.generate`'s arguments (`custom_architectures.samplers.get_sampler`), validated
-    without a model (so a command line can fail before loading one): integers must be integers (numpy's too;
-    not bool, not 2.0), ``temperature`` finite and > 0, ``top_p`` in (0, 1], ``top_k`` >= 1, whatever the
-    method (a wrong value is an error even where the method ignores it); MAGIC's ``magic_k`` >= 1,
-    ``magic_alpha`` in [0, 1], ``magic_beta`` >= 0 (given to another method: an error)."""
-    return get_sampler(method, beam_size=beam_size, temperature=temperature, top_k=top_k, top_p=top_p,
-                       num_captions=num_captions, magic_k=magic_k, magic_alpha=magic_alpha, magic_beta=magic_beta)
-
-
-def check_decoding_args(method="greedy", beam_size=5, max_length=67, temperature=1.0, top_k=None, top_p=None,
-                        num_captions=1, seed=None, magic_k=None, magic_alpha=None, magic_beta=None, rerank=None,
-                        rerank_weight=0.0):
-    """Validate `ClipCap.generate`'s arguments that need no model (all but ``stop_token``); returns
-    (sampler, max_length, seed). Raises ValueError / TypeError as ``generate`` does."""
-    from models.image_captioning.rerank import check_rerank
-
-    sampler = make_sampler(method, beam_size, temperature, top_k, top_p, num_captions, magic_k, magic_alpha,
-                           magic_beta)
-    check_rerank(rerank, rerank_weight, method)
-    max_length = check_integer("max_length", max_length, minimum=1)
-    return sampler, max_length, None if seed is None else check_seed(seed)
 
 
 class ClipCap:
@@ -391,56 +353,55 @@ class ClipCap:
 
     # --- captions ------------------------------------------------------------------------------------
 
-    def sampler(self, method="greedy", beam_size=5, temperature=1.0, top_k=None, top_p=None, num_captions=1,
-                magic_k=None, magic_alpha=None, magic_beta=None):
-        """The `generation_utils` sampler for these `generate` arguments, validated (`make_sampler`)."""
-        return make_sampler(method, beam_size, temperature, top_k, top_p, num_captions, magic_k, magic_alpha,
-                            magic_beta)
+    def sampler(self, method="greedy", **options):
+        """The `generation_utils` sampler for these `generate` arguments, checked
+        (`custom_architectures.decoding.decoding`)."""
+        return as_decoding(method, options).sampler
 
-    def generate(self, embeddings, method="greedy", beam_size=5, max_length=67, stop_token=MODEL_STOP_TOKEN,
-                 temperature=1.0, top_k=None, top_p=None, num_captions=1, seed=None, compile_now=None, magic_k=None,
-                 magic_alpha=None, magic_beta=None, rerank=None, rerank_weight=0.0):
+    def generate(self, embeddings, method="greedy", compile_now=None, **options):
         """Captions for CLIP embeddings (N, D) (raw, as `encode_images` returns them).
 
         Args:
-            method: 'greedy' (= the official ``generate2``), 'beam' (= the official ``generate_beam``),
-                'sample' (temperature, top_k, top_p; ``num_captions`` different captions per image) or
-                'magic' (MAGIC search, Su et al. 2022: each token chosen among the ``magic_k`` most likely by
-                ``(1 - magic_alpha) * p - magic_alpha * degeneration penalty + magic_beta * CLIP score``; needs
-                CLIP's text tower, `custom_architectures.samplers.Magic`).
-            beam_size: beams per image for 'beam'.
-            max_length: most generated tokens per caption (the stop token included).
-            stop_token: the model's own by default (`stop_token`: '.' for English GPT-2); a string that is one
-                token of the vocabulary, kept in the caption unless it is a special token (``<|endoftext|>``);
-                None never stops early.
-            temperature: divides the logits (changes beam and sampling decisions, and every score).
-            num_captions: candidates returned per image (beam: the best num_captions of the beams).
-            seed: makes sampling reproducible (None: a fresh random seed); an integer in [0, 2**32), since
-                the draws are keyed by 32 bits (a larger seed is refused rather than folded onto a smaller one).
+            method: a decoding method's name (`custom_architectures.samplers.SAMPLERS`): 'greedy' (= the official
+                ``generate2``), 'beam' (= the official ``generate_beam``), 'sample' (temperature, top_k, top_p;
+                ``num_captions`` different captions per image), 'magic' (MAGIC search, Su et al. 2022: needs
+                CLIP's text tower, `custom_architectures.samplers.Magic`); or a `Decoding` checked already
+                (`custom_architectures.decoding.decoding`: what ``predict`` carries; then no ``options``).
             compile_now: None follows `jit_compile`; True compiles the mapper and the decoding loop now even
-                under "auto"
-                (for a caller that knows the shape will recur: `predict` on a long run).
-            magic_k, magic_alpha, magic_beta: MAGIC's k, alpha, beta (None: 45, 0.1, 2.0, MAGIC's COCO setting).
-            rerank: None (the decoder's order) or "clip": every candidate the method produced (beam: all
-                ``beam_size`` beams; sample: the ``num_captions`` draws) is scored by CLIPScore
-                (``2.5 * max(cos(image, "A photo depicts " + text), 0)``, `models.image_captioning.rerank`)
-                with ``model.clip``'s text encoder, re-ordered, and the best ``num_captions`` returned, each
-                with its ``clip_score``. The embeddings must be ``model.clip``'s image features.
-            rerank_weight: A in the rank score ``clip_score + A * score`` (default 0: CLIPScore alone decides).
+                under "auto" (for a caller that knows the shape will recur: `predict` on a long run).
+            **options: the decoding options, each declared once with its type, default, bounds and help
+                (`custom_architectures.decoding.request_options`; ``python main.py caption --help`` lists them):
+                the method's own (``beam_size``; ``temperature``, ``top_k``, ``top_p``; ``magic_k``,
+                ``magic_alpha``, ``magic_beta``) and every method's:
+
+                - ``num_captions``: candidates returned per image (beam: the best num_captions of the beams).
+                - ``max_length``: most generated tokens per caption (the stop token included).
+                - ``seed``: makes sampling reproducible (None: a fresh random seed); an integer in [0, 2**32),
+                  since the draws are keyed by 32 bits (a larger seed is refused rather than folded).
+                - ``rerank``: None (the decoder's order) or "clip": every candidate the method produced (beam:
+                  all ``beam_size`` beams; sample: the ``num_captions`` draws) is scored by CLIPScore
+                  (``2.5 * max(cos(image, "A photo depicts " + text), 0)``, `models.image_captioning.rerank`)
+                  with ``model.clip``'s text encoder, re-ordered, and the best ``num_captions`` returned, each
+                  with its ``clip_score``. The embeddings must be ``model.clip``'s image features.
+                - ``rerank_weight``: A in the rank score ``clip_score + A * score`` (default 0).
+                - ``stop_token``: the model's own by default (`stop_token`: '.' for English GPT-2); a string
+                  that is one token of the vocabulary, kept in the caption unless it is a special token
+                  (``<|endoftext|>``); None never stops early.
 
         Raises:
-            ValueError: for NaN / infinite embeddings (naming the rows), a non-integer ``beam_size`` /
-                ``max_length`` / ``num_captions`` / ``seed`` / ``top_k``, ``beam_size=0``, a temperature that is
-                not a finite number > 0, ``top_p`` outside (0, 1].
+            ValueError: for NaN / infinite embeddings (naming the rows), an option outside its declared type or
+                bounds (``beam_size=0``, a temperature that is not a finite number > 0, ``top_p`` outside
+                (0, 1], a non-integer ``max_length`` ...) or one the method refuses; TypeError for an option no
+                method knows.
 
         Returns:
             one list per image of ``num_captions`` dicts ``{"tokens": [ids], "text": str, "score": float}``,
             best first; ``score`` is the average log-probability per generated token (with ``rerank``, also
             ``clip_score``, and best first by the rank score).
         """
-        sampler, max_length, stop, seed = self.check_generate_args(
-            method, beam_size, max_length, stop_token, temperature, top_k, top_p, num_captions, seed, magic_k,
-            magic_alpha, magic_beta, rerank, rerank_weight)
+        request, stop = self.check_generate_args(method, **options)
+        sampler, max_length, rerank = request.sampler, request.max_length, request.rerank
+        seed = request.seed
         if seed is None:
             seed = int(np.random.default_rng().integers(0, 2**31 - 1))
         prefix = self.prefix(embeddings, compile_now=compile_now)
@@ -454,7 +415,7 @@ class ClipCap:
                 out = self.decoder(prefix, sampler, max_length=max_length, stop_token_id=stop, seed=seed,
                                    jit_compile=self._decode_mode(compile_now))
         silent = self.hides_stop_token(stop)
-        keep = None if rerank else num_captions  # re-ranking scores every candidate, then keeps the best
+        keep = None if rerank else request.num_captions  # re-ranking scores every candidate, then keeps the best
         results = []
         for tokens, scores in zip(out.tokens, out.scores):
             results.append([
@@ -465,9 +426,9 @@ class ClipCap:
         if rerank:
             from models.image_captioning.rerank import rerank_candidates
 
-            results = rerank_candidates(self.clip, self._embeddings(embeddings), results, rerank_weight,
+            results = rerank_candidates(self.clip, self._embeddings(embeddings), results, request.rerank_weight,
                                         compile_now=compile_now)
-            results = [candidates[:num_captions] for candidates in results]
+            results = [candidates[:request.num_captions] for candidates in results]
         return results
 
     def _text_clip(self):
@@ -514,27 +475,23 @@ class ClipCap:
         return self.decoder.will_compile(batch_size, self.prefix_length, max_length, sampler,
                                          self._decode_mode(compile_now))
 
-    def check_generate_args(self, method="greedy", beam_size=5, max_length=67, stop_token=MODEL_STOP_TOKEN,
-                            temperature=1.0, top_k=None, top_p=None, num_captions=1, seed=None, magic_k=None,
-                            magic_alpha=None, magic_beta=None, rerank=None, rerank_weight=0.0):
-        """Validate `generate`'s arguments without decoding (so a long run fails before any work); returns
-        (sampler, max_length, stop_token_id, seed). Raises ValueError / TypeError as `generate` does (MAGIC
-        without CLIP's text tower: ValueError saying how to add it; ``rerank`` without it:
+    def check_generate_args(self, method="greedy", **options):
+        """Check `generate`'s arguments without decoding (so a long run fails before any work): ``method`` and
+        ``options`` as `generate` takes them (a `Decoding` is not checked again), then what needs this model.
+        Returns (the `Decoding`, the stop token's id or None). Raises ValueError / TypeError as `generate` does
+        (MAGIC without CLIP's text tower: ValueError saying how to add it; ``rerank`` without it:
         `rerank.MissingTextEncoderError`, saying how to add one)."""
         from utils.tokenizer import stop_token_id
 
-        sampler, max_length, seed = check_decoding_args(method, beam_size, max_length, temperature, top_k, top_p,
-                                                        num_captions, seed, magic_k, magic_alpha, magic_beta,
-                                                        rerank, rerank_weight)
-        if sampler.guided:
+        request = as_decoding(method, options)
+        if request.sampler.guided:
             self._text_clip()
-        if rerank:
+        if request.rerank:
             from models.image_captioning.rerank import check_text_encoder
 
             check_text_encoder(self)
-        stop_token = self.resolve_stop_token(stop_token)
-        stop = None if stop_token is None else stop_token_id(self.tokenizer, stop_token)
-        return sampler, max_length, stop, seed
+        stop_token = self.resolve_stop_token(request.stop_token)
+        return request, None if stop_token is None else stop_token_id(self.tokenizer, stop_token)
 
     def resolve_stop_token(self, stop_token=MODEL_STOP_TOKEN):
         """``stop_token`` as a string (or None): `MODEL_STOP_TOKEN` -> this model's `stop_token`."""

@@ -62,7 +62,7 @@ from pathlib import Path
 import numpy as np
 
 from custom_architectures.batching import power_of_two_at_least
-from custom_architectures.samplers import sampler_class
+from custom_architectures.decoding import as_decoding
 from models.image_captioning.compile_status import CompileStatus
 from models.image_captioning.freshness import answers, content_stamp, is_fresh
 from utils.file_utils import (
@@ -381,7 +381,8 @@ def predict(model, images, batch_size=16, method="greedy", save=True, overwrite=
         model: a `ClipCap` (with its CLIP).
         images: a path, directory, glob pattern, PIL image or numpy array, or a list of them.
         batch_size: images per CLIP-encoding and decoding batch.
-        method: a decoding method (``"greedy"``, ``"beam"``, ``"sample"``: `custom_architectures.samplers`).
+        method: a decoding method (``"greedy"``, ``"beam"``, ``"sample"``: `custom_architectures.samplers`), or
+            a `custom_architectures.decoding.Decoding` checked already (then no ``generate_kwargs``).
         save: write map.json (and reuse what it holds); False captions everything and writes nothing.
         overwrite: caption again images that map.json already holds with the same settings.
         display: show the captioned images in a grid with their captions (matplotlib).
@@ -406,13 +407,13 @@ def predict(model, images, batch_size=16, method="greedy", save=True, overwrite=
 
         results = predict(model, "demo/", method="beam", beam_size=3, return_candidates=True)
     """
-    sampler_class(method)  # ValueError naming the decoding methods
+    request = as_decoding(method, generate_kwargs)  # the one check of the decoding arguments: carried from here
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     clip = _check_model(model)
-    sampler, max_length = method, None  # what the decoder's compile check is given (a model without checks)
-    if hasattr(model, "check_generate_args"):  # bad decoding arguments fail before any image is read
-        sampler, max_length, _, _ = model.check_generate_args(method, **generate_kwargs)
+    if hasattr(model, "check_generate_args"):  # what needs the model (stop token, CLIP's text tower), first
+        model.check_generate_args(request)
+    method, generate_kwargs = request.method, request.given
     entries = expand_inputs(images)
     settings = generation_settings(model, method, generate_kwargs, exif_transpose) if save else None
     if save and output_dir is None and getattr(model, "name", None):
@@ -484,13 +485,13 @@ def predict(model, images, batch_size=16, method="greedy", save=True, overwrite=
             return list(embedder.encode_batch(padded, compile_now=long_run))[:len(batch)]  # B x (D,)
 
     def generate(batch):
-        compiles = model.decoder_will_compile(len(batch), sampler, max_length, long_run)
+        compiles = model.decoder_will_compile(len(batch), request.sampler, request.max_length, long_run)
         padded = np.stack(_pad(batch, decode_bucket) if compiles else batch)  # rows are decoded independently
         if stage_lines:
             stage_lines(f"decoding {len(batch)} caption(s) ({details}) ...")
         with (compiling.first_call("the decoder", power_of_two_at_least(len(padded)), details) if compiles
               else contextlib.nullcontext()):
-            return model.generate(padded, method=method, compile_now=long_run, **generate_kwargs)[:len(batch)]
+            return model.generate(padded, method=request, compile_now=long_run)[:len(batch)]
 
     pipeline = Pipeline([
         Stage(read, name="read", workers=2),

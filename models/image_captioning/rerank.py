@@ -7,7 +7,9 @@ Each is scored by CLIP-S = ``2.5 * max(cos(image, "A photo depicts " + caption),
     rank score = clip_score + rerank_weight * score
 
 where ``score`` is the language model's average log-probability per token (<= 0). ``rerank_weight=0`` (the
-default): CLIP-S alone decides; ties keep the decoder's order. The text encoder runs once over the B * W
+default): CLIP-S alone decides; ties keep the decoder's order. Both options are declared and checked with
+the other decoding options (`custom_architectures.decoding_options.RERANK`; only for the methods that give
+several candidates per image, `custom_architectures.decoding.decoding`). The text encoder runs once over the B * W
 candidates of a batch (`CLIP.encode_text`: padded to a power of two, compiled as the image encoder is).
 
 Example::
@@ -18,30 +20,11 @@ Example::
 
 import numpy as np
 
-from custom_architectures.samplers import check_real
 from models.siamese.clip_score import clip_scores, has_text_encoder
-
-RERANKERS = ("clip",)
-#: the decoding methods whose candidates can be re-ranked (several per image)
-RERANK_METHODS = ("beam", "sample")
 
 
 class MissingTextEncoderError(ValueError):
     """Re-ranking asked of a model whose CLIP has no text encoder (an image-only ``clip/`` folder)."""
-
-
-def check_rerank(rerank, rerank_weight, method):
-    """Validate the re-ranking options; returns (rerank, rerank_weight as float). ValueError for an unknown
-    reranker, a weight that is not a finite number, or a method with one candidate per image (greedy)."""
-    if rerank is not None and rerank not in RERANKERS:
-        raise ValueError(f"rerank must be None or one of {RERANKERS}, got {rerank!r}")
-    weight = check_real("rerank_weight", rerank_weight)
-    if rerank is not None and method not in RERANK_METHODS:
-        raise ValueError(f"rerank={rerank!r} re-ranks several candidates per image: use method 'beam' or 'sample' "
-                         f"(got {method!r}, which gives one)")
-    if rerank is None and weight != 0.0:
-        raise ValueError("rerank_weight is used only with rerank='clip'")
-    return rerank, weight
 
 
 def text_encoder_help(model_name=None, needs="re-ranking") -> str:

@@ -18,8 +18,9 @@ text table. Signatures (see README "Serving"):
 - ``embeddings``: ``embeddings`` (N, D) float32 CLIP features -> the same outputs; a row with NaN / inf
   values (or all zeros for a normalising mapper) gets ``""`` and NaN.
 
-The decoding settings (method, beam size, max length, stop token) are fixed at export, as TF Serving needs;
-they are written to ``assets.extra/clipcap_serving.json`` and returned by the loaded object's
+The decoding settings (method and its options, max length, stop token) are fixed at export, as TF Serving
+needs; the methods that can be are those whose sampler says so (``Sampler.servable``: a compiled loop whose
+captions depend on the image alone, `custom_architectures.samplers.servable_methods`). They are written to ``assets.extra/clipcap_serving.json`` and returned by the loaded object's
 ``metadata()`` function (a JSON string). Batches are cut into chunks of at most ``max_batch_size`` images,
 each padded to a power of two, exactly as `ClipCap` pads them (one compiled program per bucket, compiled
 at the first request that uses it).
@@ -39,12 +40,12 @@ from pathlib import Path
 
 import tensorflow as tf
 
+from custom_architectures.decoding import as_decoding
+from custom_architectures.samplers import methods_options, servable_methods
 from models.image_captioning import serving_ops as ops
-from models.image_captioning.clip_cap import MODEL_STOP_TOKEN, check_decoding_args
 
 METADATA_FILE = os.path.join("assets.extra", "clipcap_serving.json")
 FORMAT = "clipcap-serving-savedmodel"
-EXPORT_METHODS = ("greedy", "beam")
 
 
 def is_exported_savedmodel(directory) -> bool:
@@ -56,20 +57,31 @@ def is_exported_savedmodel(directory) -> bool:
         directory / METADATA_FILE, lambda d: isinstance(d, dict) and d.get("format") == FORMAT)
 
 
-class CaptionModule(tf.Module):
-    """The exported object: the weights (as variables), the token table and the two serving functions."""
+def check_servable(request):
+    """ValueError unless the checked decoding ``request`` (`custom_architectures.decoding.Decoding`) can be
+    baked into a SavedModel: a servable method (`Sampler.servable`), one caption per image, no re-ranking."""
+    if not request.sampler.servable:
+        raise ValueError(f"a SavedModel decodes with fixed settings in one compiled loop: method must be one of "
+                         f"{servable_methods()}, got {request.method!r}")
+    if request.num_captions != 1 or request.rerank is not None:
+        raise ValueError("a SavedModel gives one caption per image, the decoder's best: num_captions and rerank "
+                         "do not apply")
 
-    def __init__(self, model, method="greedy", beam_size=5, max_length=67, stop_token=MODEL_STOP_TOKEN, max_batch_size=16,
-                 max_pixels=ops.DEFAULT_MAX_PIXELS, max_request_pixels=ops.DEFAULT_MAX_REQUEST_PIXELS):
+
+class CaptionModule(tf.Module):
+    """The exported object: the weights (as variables), the token table and the two serving functions.
+    ``method`` and ``options`` as `ClipCap.generate` takes them (or a checked `Decoding` as ``method``)."""
+
+    def __init__(self, model, method="greedy", max_batch_size=16, max_pixels=ops.DEFAULT_MAX_PIXELS,
+                 max_request_pixels=ops.DEFAULT_MAX_REQUEST_PIXELS, **options):
         super().__init__(name="clipcap_serving")
         if model.clip is None:
             raise ValueError("this ClipCap model has no CLIP image encoder: the SavedModel captions images; give "
                              "the model a CLIP (ClipCap.load(..., clip=...))")
-        if method not in EXPORT_METHODS:
-            raise ValueError(f"a SavedModel decodes with fixed settings: method must be one of {EXPORT_METHODS}, "
-                             f"got {method!r}")
-        stop_token = model.resolve_stop_token(stop_token)  # the model's own by default
-        sampler, max_length, stop, _ = model.check_generate_args(method, beam_size, max_length, stop_token)
+        request, stop = model.check_generate_args(method, **options)
+        check_servable(request)
+        stop_token = model.resolve_stop_token(request.stop_token)  # the model's own by default
+        sampler, max_length = request.sampler, request.max_length
         if model.prefix_length + max_length - 1 > model.gpt2.n_positions:
             raise ValueError(f"prefix length {model.prefix_length} + max_length {max_length} - 1 exceeds GPT-2's "
                              f"n_positions={model.gpt2.n_positions}")
@@ -89,8 +101,10 @@ class CaptionModule(tf.Module):
             pieces[stop] = b""
         self._pieces = tf.constant(pieces.tolist(), tf.string)
         self.metadata_json = json.dumps({
-            "format": FORMAT, "model": model.name, "method": method,
-            "beam_size": sampler.num_sequences if method == "beam" else None, "max_length": max_length,
+            "format": FORMAT, "model": model.name, "method": request.method,
+            # every servable method's options: the value baked in, None where this method takes none
+            **{name: request.values.get(name) for name in methods_options(servable_methods())},
+            "max_length": max_length,
             "stop_token": stop_token, "stop_token_id": stop, "normalize_prefix": self._normalize,
             "mapping_type": model.config["mapping_type"], "prefix_length": model.prefix_length,
             "embedding_size": model.prefix_size, "input_resolution": self._n_px,
@@ -190,10 +204,11 @@ class CaptionModule(tf.Module):
         return self._caption(embeddings, ok)
 
 
-def export_savedmodel(model, directory, method="greedy", beam_size=5, max_length=67, stop_token=MODEL_STOP_TOKEN,
-                      max_batch_size=16, max_pixels=ops.DEFAULT_MAX_PIXELS,
-                      max_request_pixels=ops.DEFAULT_MAX_REQUEST_PIXELS, overwrite=False):
-    """Write ``model`` as a serving SavedModel to ``directory`` (atomically: built beside it, then renamed).
+def export_savedmodel(model, directory, method="greedy", max_batch_size=16, max_pixels=ops.DEFAULT_MAX_PIXELS,
+                      max_request_pixels=ops.DEFAULT_MAX_REQUEST_PIXELS, overwrite=False, **options):
+    """Write ``model`` as a serving SavedModel to ``directory`` (atomically: built beside it, then renamed),
+    decoding with ``method`` and ``options`` (`ClipCap.generate`'s: ``beam_size``, ``max_length``,
+    ``stop_token`` ...; or a checked `Decoding` as ``method``).
 
     An existing ``directory`` is replaced only when it is empty, or a SavedModel written here and
     ``overwrite``; anything else raises `utils.file_utils.UnsafePathError` before any work. Returns
@@ -201,11 +216,11 @@ def export_savedmodel(model, directory, method="greedy", beam_size=5, max_length
     """
     from utils.file_utils import check_replaceable, replace_dir
 
-    check_decoding_args(method, beam_size=beam_size, max_length=max_length)
+    request = as_decoding(method, options)  # checked once, before any work
+    check_servable(request)
     check_replaceable(directory, is_exported_savedmodel, overwrite)
     start = time.perf_counter()
-    module = CaptionModule(model, method=method, beam_size=beam_size, max_length=max_length,
-                           stop_token=stop_token, max_batch_size=max_batch_size, max_pixels=max_pixels,
+    module = CaptionModule(model, request, max_batch_size=max_batch_size, max_pixels=max_pixels,
                            max_request_pixels=max_request_pixels)
     signatures = {"serving_default": module.serve_images.get_concrete_function(),
                   "embeddings": module.serve_embeddings.get_concrete_function()}

@@ -30,7 +30,9 @@ import time
 
 from PIL import Image
 
-from custom_architectures.samplers import SAMPLERS
+from custom_architectures.decoding import request_options
+from custom_architectures.decoding_options import SEVERAL_CAPTIONS_OPTIONS
+from custom_architectures.samplers import SAMPLERS, several_caption_methods
 from utils.image_io import ImageReadError, read_image
 from utils.safe_fetch import URLRefused, fetch_untrusted
 
@@ -41,9 +43,6 @@ MAX_IMAGES = 16
 #: must not hold the others for long)
 URL_BUDGET_S = 30.0
 THUMBNAIL = 160
-#: the decoding methods that show each option (the others hide it: `_visibility`)
-OPTION_METHODS = {"beam_size": ("beam",), "temperature": ("sample",), "top_p": ("sample",),
-                  "num_captions": ("beam", "sample"), "rerank": ("beam", "sample")}
 #: long captions and file names wrap inside the results table instead of widening it past the page
 CSS = """
 #results table { table-layout: fixed; width: 100%; }
@@ -102,11 +101,50 @@ def describe_model(model) -> str:
     return f"{model.name}: {clip_text} → {mapper_text} → {gpt2_text}"
 
 
+def demo_options():
+    """``{name: (Option, methods)}``: the decoding options the page has a control for (those declared with a
+    `decoding_options.Control`), in the order of the ``/caption`` API's arguments after the method, each with
+    the methods that show it: those taking it, or for an option of every method, all of them (those giving
+    several captions for `SEVERAL_CAPTIONS_OPTIONS`). Read from the registry at each call: a method
+    registered later is on the next page built."""
+    shown = {}
+    for option in request_options():
+        if option.control is None:
+            continue
+        methods = tuple(name for name, cls in SAMPLERS.items() if option in cls.options)
+        if not methods:
+            methods = several_caption_methods() if option in SEVERAL_CAPTIONS_OPTIONS else tuple(SAMPLERS)
+        shown[option.name] = (option, methods)
+    return shown
+
+
+def control_value(option, value):
+    """A control's value as the option's: a checkbox gives its single choice or None, a slider a number of
+    the option's type."""
+    if value is None:
+        return None
+    if option.choices is not None and len(option.choices) == 1:
+        return option.choices[0] if value else None
+    return option.type(value)
+
+
+def _control(gr, option, visible):
+    """The Gradio component of ``option`` (`decoding_options.Control`): a checkbox for a single choice, else a
+    slider; its elem_id is the option's name with dashes (``beam-size``)."""
+    control = option.control
+    label, elem_id = control.label or option.name.replace("_", " "), option.name.replace("_", "-")
+    if option.choices is not None and len(option.choices) == 1:
+        return gr.Checkbox(value=bool(control.value), label=label, elem_id=elem_id, visible=visible)
+    value = option.default if control.value is None else control.value
+    return gr.Slider(control.minimum, control.maximum, value=value, step=control.step, label=label,
+                     elem_id=elem_id, visible=visible)
+
+
 def _visibility(method):
-    """One ``gr.update(visible=...)`` per option of `OPTION_METHODS` (in its order) for ``method``."""
+    """One ``gr.update(visible=...)`` per control of `demo_options` (in its order) for ``method``."""
     import gradio as gr
 
-    return [gr.update(visible=method in methods) for methods in OPTION_METHODS.values()]
+    return [gr.update(visible=method in methods) for _, methods in demo_options().values()]
 
 
 def _summary(rows, refused=()):
@@ -167,17 +205,13 @@ class Captioner:
                 images.append((short, None, str(e).replace(str(name), short)))
         return images
 
-    def caption(self, files, urls="", method="greedy", beam_size=5, temperature=1.0, top_p=1.0, num_captions=1,
-                max_length=67, rerank=False):
-        """Rows ``{name, error, candidates, timings, thumbnail}`` for uploaded files and URLs. ``rerank``: choose
-        the captions of beam / sample by CLIPScore (`models.image_captioning.rerank`)."""
-        kwargs = {"max_length": int(max_length)}
-        if method == "beam":
-            kwargs.update(beam_size=int(beam_size), num_captions=min(int(num_captions), int(beam_size)))
-        elif method == "sample":
-            kwargs.update(temperature=float(temperature), top_p=float(top_p), num_captions=int(num_captions))
-        if rerank and method in OPTION_METHODS["rerank"]:  # a hidden checkbox left ticked does not apply
-            kwargs["rerank"] = "clip"
+    def caption(self, files, urls="", method="greedy", **controls):
+        """Rows ``{name, error, candidates, timings, thumbnail}`` for uploaded files and URLs; ``controls``: the
+        values of the page's controls by option name (`demo_options`; ``rerank``: a checkbox, choose the
+        captions by CLIPScore, `models.image_captioning.rerank`). Only the controls ``method`` shows apply: a
+        hidden one left set is ignored."""
+        kwargs = {name: control_value(option, controls[name]) for name, (option, methods) in demo_options().items()
+                  if name in controls and method in methods}
         start = time.perf_counter()
         images = self._read(files, urls)
         read_s = time.perf_counter() - start
@@ -240,21 +274,25 @@ def build_demo(model, allow_private_urls=False, **limits):
     """The Gradio Blocks app for ``model`` (compiled by a warm-up first); `launch` starts it.
     ``allow_private_urls``: let the URL box fetch loopback / private / link-local addresses (see `serve`).
 
-    The ``/caption`` API takes (files, urls, method, beam_size, temperature, top_p, num_captions, max_length,
-    rerank, refused; the last two optional) and returns (the results page as HTML, the results as data:
+    The ``/caption`` API takes (files, urls, method, one value per control of `demo_options`, refused): for
+    the built-in methods (files, urls, method, beam_size, temperature, top_p, num_captions, max_length, rerank,
+    refused; the last two optional), and returns (the results page as HTML, the results as data:
     ``{"results": [{"name", "error", "captions", "scores"[, "clip_scores"]}], "errors": N}``)."""
     gr = _gradio()
 
     captioner = Captioner(model, allow_private_urls=allow_private_urls, **limits)
     captioner.warm_up()
 
-    def run(files, urls, method, beam_size, temperature, top_p, num_captions, max_length, rerank=False, refused=""):
+    names = list(demo_options())
+
+    def run(files, urls, method, *values):  # values: the controls' (in `names`' order), then `refused`
         start = time.perf_counter()
+        controls = dict(zip(names, values))
+        refused = values[len(names)] if len(values) > len(names) else ""
         refused_rows = _refused_rows(refused, captioner.max_file_bytes, captioner.max_images)
         try:
             rows = refused_rows + captioner.caption([getattr(f, "name", f) for f in files or []], urls, method,
-                                                    beam_size, temperature, top_p, num_captions, max_length,
-                                                    rerank=rerank)
+                                                    **controls)
         except ValueError as e:  # too many images, or decoding options the method refuses
             _log_request(refused_rows, method, time.perf_counter() - start)
             return (f'<div id="results"><p style="color:#c00">error: {html.escape(str(e))}</p></div>',
@@ -275,25 +313,16 @@ def build_demo(model, allow_private_urls=False, **limits):
                 files = gr.File(label="images", file_count="multiple", file_types=["image"], elem_id="images")
                 urls = gr.Textbox(label="or image URLs (one per line)", lines=2, elem_id="urls")
                 method = gr.Radio(list(SAMPLERS), value="greedy", label="decoding", elem_id="method")
-                options = {  # shown for the methods that use them (`OPTION_METHODS`; greedy: none)
-                    "beam_size": gr.Slider(1, 10, value=5, step=1, label="beam size", elem_id="beam-size", visible=False),
-                    "temperature": gr.Slider(0.1, 2.0, value=1.0, step=0.05, label="temperature",
-                                             elem_id="temperature", visible=False),
-                    "top_p": gr.Slider(0.05, 1.0, value=0.9, step=0.05, label="top-p", elem_id="top-p", visible=False),
-                    "num_captions": gr.Slider(1, 5, value=1, step=1, label="captions per image",
-                                              elem_id="num-captions", visible=False),
-                }
-                max_length = gr.Slider(5, 67, value=67, step=1, label="max tokens")
-                rerank = gr.Checkbox(value=False, label="choose by CLIPScore (every candidate re-ranked with CLIP's "
-                                     "text encoder)", elem_id="rerank", visible=False)
+                # one control per declared option, shown for the methods that use it (greedy: max tokens)
+                controls = [_control(gr, option, "greedy" in methods) for option, methods in demo_options().values()]
                 refused = gr.Textbox(value="", visible=False, label="files refused by the browser")
                 button = gr.Button("Caption", variant="primary", elem_id="caption-button")
             with gr.Column():
                 output = gr.HTML('<div id="results"><p>results appear here</p></div>', elem_id="output")
                 with gr.Accordion("results as data (also what the API returns)", open=False):
                     data = gr.JSON(elem_id="results-json")
-        method.change(_visibility, method, [*options.values(), rerank], api_visibility="private")
-        inputs = [files, urls, method, *options.values(), max_length, rerank, refused]
+        method.change(_visibility, method, controls, api_visibility="private")
+        inputs = [files, urls, method, *controls, refused]
         button.click(run, inputs, [output, data], api_name="caption", js=SEND_REFUSED_JS % (len(inputs) - 1))
         demo.load(None, js=REFUSED_JS % captioner.max_file_bytes)
     return demo
