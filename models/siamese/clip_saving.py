@@ -82,18 +82,14 @@ def load_clip(cls, directory, jit_compile="auto", lazy_text=False):
     from utils.preset_utils import (
         CONFIG_FILE,
         load_preset_model,
-        read_json_file,
         read_metadata,
         read_preset_config,
+        read_saved_header,
     )
 
     directory = Path(directory)
     config_path = directory / CONFIG_FILE
-    if not config_path.is_file():
-        raise FileNotFoundError(f"{directory} is not a saved CLIP model: {CONFIG_FILE} missing")
-    config = read_json_file(config_path, CheckpointError)
-    if config.get("architecture") != ARCHITECTURE:
-        raise ValueError(f"{config_path} does not describe a CLIP model: {config.get('architecture')!r}")
+    config = read_saved_header(directory, ARCHITECTURE, CheckpointError, "CLIP")
     metadata = {}
     text_loader = None
     if config.get("format_version") == 1:
