@@ -145,8 +145,7 @@ def _load_text_part(directory, config):
     try:
         with variables_to_be_loaded():
             text = keras.layers.deserialize(config["model"]["config"]["text"])
-        load_weights_part(text, weights_path, lambda name: name.startswith(TEXT_PART),
-                          inner_path=TEXT_PART.rstrip("/"))
+        load_weights_part(text, weights_path, lambda name: name.startswith(TEXT_PART))
     except (OSError, ValueError, KeyError, TypeError, RuntimeError) as e:
         raise CheckpointError(f"cannot load CLIP's text encoder from {weights_path} ({type(e).__name__}: {e}); "
                               "the file is damaged or does not match config.json: save or convert it again") from e
