@@ -217,7 +217,10 @@ def load_weights(model, path):
             used = _load_indexed(model, path, f)
         if used is not None:
             return used
-    model.load_weights(path)
+    try:
+        model.load_weights(path)
+    except ValueError as e:  # Keras lists what it could not load over several lines: one line, all of it
+        raise ValueError(" ".join(str(e).split())) from e
     return None
 
 
