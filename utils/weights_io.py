@@ -133,13 +133,22 @@ def _read_index(f):
 
 
 def _keys_in(index, model, root):
-    """`variable_keys` of ``model`` as the index names them: the model's own name read as the saved one's
-    (a model built again gets another default name: ``sequential_1`` for ``sequential``)."""
+    """(`variable_keys` of ``model``, the index) as they pair: as written, else both without their model's
+    name (a model built again gets another default name, ``sequential_1`` for ``sequential``, and a model
+    deserialized from its config builds its layers outside its own name scope); (None, None) when the
+    names collide once stripped."""
     keys = variable_keys(model.weights)
-    if root and not set(keys) <= set(index):
-        own = f"{model.name}/"
-        keys = [f"{root}/{key[len(own):]}" if key.startswith(own) else key for key in keys]
-    return keys
+    if set(keys) <= set(index):
+        return keys, index
+
+    def strip(key, name):
+        return key[len(name) + 1:] if name and key.startswith(f"{name}/") else key
+
+    stripped = {strip(key, root): name for key, name in index.items()}
+    keys = [strip(key, model.name) for key in keys]
+    if len(stripped) != len(index) or len(set(keys)) != len(keys):
+        return None, None
+    return keys, stripped
 
 
 def _pair(keys, index, twins, available):
@@ -183,8 +192,8 @@ def _load_indexed(model, path, f, in_part=lambda name: True):
     if index is None:
         return None
     names = _tensor_names(f, in_part)
-    keys = _keys_in(index, model, root)
-    chosen = _pair(keys, index, twins, set(names))
+    keys, index = _keys_in(index, model, root)
+    chosen = None if keys is None else _pair(keys, index, twins, set(names))
     if chosen is None:
         return None
     variables = model.weights
@@ -322,6 +331,32 @@ def _clear_write_errors(path):
         raise OSError(code, message) from e
 
 
+class _DLPackTensor:
+    """A TensorFlow tensor seen by numpy through DLPack: its buffer, not a copy (``tensor.numpy()`` copies)."""
+
+    def __init__(self, tensor):
+        self.tensor = tensor
+
+    def __dlpack__(self, stream=None, **kwargs):
+        import tensorflow as tf
+
+        return tf.experimental.dlpack.to_dlpack(self.tensor)
+
+    def __dlpack_device__(self):
+        return (1, 0)  # the CPU (callers check the tensor's device)
+
+
+def _host_values(variable):
+    """A Keras variable's values as a numpy array: a view of a CPU tensor's buffer (copying 800 MB of fresh
+    memory costs seconds on some machines), else a copy (another device, a dtype numpy's DLPack lacks)."""
+    value = variable.value
+    tensor = value.read_value() if hasattr(value, "read_value") else value
+    if "GPU" not in getattr(tensor, "device", "") and "TPU" not in getattr(tensor, "device", ""):
+        with contextlib.suppress(Exception):  # TypeError / BufferError / RuntimeError: copied below
+            return np.from_dlpack(_DLPackTensor(tensor))
+    return np.asarray(variable.numpy())
+
+
 def _digest(array):
     """What identifies a tensor's values: its shape and the SHA-256 of its bytes."""
     array = np.ascontiguousarray(array)
@@ -363,7 +398,7 @@ def _content_index(model, digests):
     alike = [list(names) for names in by_content.values() if len(names) > 1]  # (the lists are consumed below)
     index = {}
     for key, variable in zip(variable_keys(model.weights), model.weights, strict=True):
-        names = by_content.get(_digest(np.asarray(variable.numpy())))
+        names = by_content.get(_digest(_host_values(variable)))
         if not names:
             return None
         index[key] = names.pop(0)
