@@ -17,7 +17,6 @@ import h5py
 import keras
 import numpy as np
 import pytest
-import tensorflow as tf
 
 from utils import weights_io
 from utils.file_utils import replace_dir
@@ -64,22 +63,10 @@ def sha256(path):
     return hashlib.sha256(open(path, "rb").read()).hexdigest()
 
 
-class _DLPack:
-    """A TensorFlow tensor seen by numpy through DLPack (no copy, unlike ``tensor.numpy()``)."""
-
-    def __init__(self, tensor):
-        self.tensor = tensor
-
-    def __dlpack__(self, stream=None, **kwargs):
-        return tf.experimental.dlpack.to_dlpack(self.tensor)
-
-    def __dlpack_device__(self):
-        return (1, 0)  # CPU
-
-
 def buffer_address(variable):
-    """Where a Keras variable's values are in memory (its TensorFlow buffer, read without a copy)."""
-    return np.from_dlpack(_DLPack(variable.value.read_value())).ctypes.data
+    """Where a Keras variable's values are in memory (its TensorFlow buffer, read without a copy through
+    DLPack, as `save_weights` reads them to find their tensors)."""
+    return weights_io._host_values(variable).ctypes.data
 
 
 def file_mappings(path):
