@@ -58,7 +58,7 @@ def main():
     from benchmarks.bench_clipcap import build
     from models.image_captioning.beam_inference import read_records, run_batch
     from models.image_captioning.clip_cap import ClipCap
-    from unitest.tiny_models import train_tiny_tokenizer
+    from testing.tiny_models import train_tiny_tokenizer
 
     settings = dict(method="greedy", max_length=args.max_length, stop_token=None)
     rows = []

@@ -29,7 +29,7 @@ import tensorflow as tf
 
 from custom_architectures.clip_arch import ModifiedResNet
 from models.siamese.clip import CLIP
-from unitest.clip_reference import OPENAI_CONFIGS, random_clip_state_dict
+from testing.clip_reference import OPENAI_CONFIGS, random_clip_state_dict
 from utils.convert.openai_clip import clip_from_state_dict
 from utils.weights_io import variables_to_be_loaded
 

@@ -46,13 +46,9 @@ import tensorflow as tf  # noqa: E402
 
 from benchmarks.flops import image_encoder_flops, matmul_probe  # noqa: E402
 from benchmarks.machine import print_machine  # noqa: E402
+from testing.clip_configs import bench_clip_config  # noqa: E402
 
-MODELS = {
-    "ViT-B/32": dict(embed_dim=512, image_resolution=224, vision_layers=12, vision_width=768, vision_patch_size=32),
-    "RN50x4": dict(embed_dim=640, image_resolution=288, vision_layers=(4, 6, 10, 6), vision_width=80,
-                   vision_patch_size=None),
-}
-TEXT = dict(context_length=77, vocab_size=49408, transformer_width=512, transformer_heads=8, transformer_layers=1)
+MODELS = ("ViT-B/32", "RN50x4")  # OpenAI's image towers (`testing.clip_configs.bench_clip_config`)
 
 
 def time_interleaved(fns, repeats):
@@ -89,11 +85,11 @@ def bench_model(name, batch_size, repeats, bf16=True):
     from utils.convert.openai_clip import clip_from_state_dict
 
     torch.manual_seed(0)
-    reference = TorchCLIP(**MODELS[name], **TEXT).float().eval()
+    reference = TorchCLIP(**bench_clip_config(name)).float().eval()
     torch_device = "cuda" if DEVICE == "gpu" else "cpu"
     state_dict = {k: v for k, v in reference.state_dict().items() if k.startswith("visual.") or k == "logit_scale"}
     model = clip_from_state_dict(state_dict, visual_only=True)
-    n_px = MODELS[name]["image_resolution"]
+    n_px = bench_clip_config(name)["image_resolution"]
     pixels = torch.randn(batch_size, 3, n_px, n_px, generator=torch.Generator().manual_seed(1))
     pixels_nhwc = tf.constant(pixels.permute(0, 2, 3, 1).numpy())
     visual, pixels = reference.visual.to(torch_device), pixels.to(torch_device)

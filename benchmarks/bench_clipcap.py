@@ -10,7 +10,7 @@ does the same number of steps.
 Columns (images per second; the decode rows start from the same CLIP embeddings / prefixes):
 
 - ours: `ClipCap` (one batch of 16: CLIP encoding, mapper, compiled decoding loop);
-- official: the released ClipCap code path (``unitest/reference/clipcap_official.py``): one image at a time,
+- official: the released ClipCap code path (``testing/clipcap_official.py``): one image at a time,
   no KV cache, the whole sequence recomputed each step (``generate2`` / ``generate_beam``). It is slow, so
   it runs on fewer images (said in the table);
 - transformers: ``GPT2LMHeadModel.generate(inputs_embeds=prefix, ...)``, batched over the 16 images with its
@@ -57,16 +57,11 @@ from PIL import Image
 
 from benchmarks.flops import matmul_peak
 from benchmarks.machine import print_machine
-from unitest.reference import clipcap_official as ref
+from testing import clipcap_official as ref
+from testing.clip_configs import bench_clip_config
 
 PHOTOS = ("astronaut", "camera", "cat", "chelsea", "clock", "coffee", "coins", "grass", "gravel",
           "hubble_deep_field", "immunohistochemistry", "moon", "page", "retina", "rocket", "brick")
-CLIPS = {
-    "ViT-B/32": dict(embed_dim=512, image_resolution=224, vision_layers=12, vision_width=768, vision_patch_size=32),
-    "RN50x4": dict(embed_dim=640, image_resolution=288, vision_layers=(4, 6, 10, 6), vision_width=80,
-                   vision_patch_size=None),
-}
-TEXT = dict(context_length=77, vocab_size=49408, transformer_width=512, transformer_heads=8, transformer_layers=1)
 CONFIGS = {
     "transformer": ("RN50x4", "transformer"),
     "mlp": ("ViT-B/32", "mlp"),
@@ -152,7 +147,7 @@ def build(clip_name, kind, directory, tokenizer_dir):
     from models.image_captioning.clip_cap import ClipCap
 
     torch.manual_seed(0)
-    torch_clip = TorchCLIP(**CLIPS[clip_name], **TEXT).float().eval()
+    torch_clip = TorchCLIP(**bench_clip_config(clip_name)).float().eval()
     clip_path = os.path.join(directory, f"{kind}_clip.pt")
     torch.save(torch_clip.state_dict(), clip_path)
     torch_model = ref.build_random_clipcap(kind, "real", seed=1)
@@ -237,7 +232,7 @@ def main():
     torch.set_num_threads(args.threads)
     tf.config.threading.set_intra_op_parallelism_threads(args.threads)
     tf.config.threading.set_inter_op_parallelism_threads(args.threads)
-    from unitest.tiny_models import train_tiny_tokenizer
+    from testing.tiny_models import train_tiny_tokenizer
 
     images = photos()
     peak = matmul_peak()

@@ -17,7 +17,7 @@ quadratically):
   import, compile cache), whose whole process is the column *script*;
 - ours, warm: the same again, the compiled programs (if any) now on disk;
 - official: ``import torch`` + OpenAI's ``clip`` + the official ClipCap model code
-  (``unitest/reference/clipcap_official.py``); ``clip.load`` of the CLIP file, ``ClipCaptionModel`` with
+  (``testing/clipcap_official.py``); ``clip.load`` of the CLIP file, ``ClipCaptionModel`` with
   ``load_state_dict`` of the checkpoint (GPT-2 built from its config: the official script's
   ``GPT2LMHeadModel.from_pretrained('gpt2')`` needs the network), preprocessing + ``encode_image`` +
   ``clip_project``, ``generate2``.
@@ -46,12 +46,6 @@ _T0 = time.perf_counter()
 ROOT = Path(__file__).resolve().parents[1]
 IMAGE = ROOT / "demo" / "cat.jpg"
 KINDS = {"mlp": "ViT-B/32", "transformer": "RN50x4"}
-CLIPS = {
-    "ViT-B/32": dict(embed_dim=512, image_resolution=224, vision_layers=12, vision_width=768, vision_patch_size=32),
-    "RN50x4": dict(embed_dim=640, image_resolution=288, vision_layers=(4, 6, 10, 6), vision_width=80,
-                   vision_patch_size=None),
-}
-TEXT = dict(context_length=77, vocab_size=49408, transformer_width=512, transformer_heads=8, transformer_layers=1)
 MAX_LENGTH = int(os.environ.get("BENCH_COLD_START_MAX_LENGTH", "67"))  # set by --max-length, read by the children
 
 
@@ -105,7 +99,7 @@ def child_official(kind, files):
     from PIL import Image
     from transformers import GPT2TokenizerFast
 
-    from unitest.reference import clipcap_official as ref
+    from testing import clipcap_official as ref
 
     torch.set_grad_enabled(False)
     t = [time.perf_counter()]
@@ -136,7 +130,8 @@ def build(kind, directory, tokenizer_dir, env):
     import torch
     import torchvision  # noqa: F401
 
-    from unitest.reference import clipcap_official as ref
+    from testing import clipcap_official as ref
+    from testing.clip_configs import bench_clip_config
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # clip imports pkg_resources (deprecated)
@@ -144,7 +139,7 @@ def build(kind, directory, tokenizer_dir, env):
         from clip.model import convert_weights
     clip_name = KINDS[kind]
     torch.manual_seed(0)
-    torch_clip = TorchCLIP(**CLIPS[clip_name], **TEXT).eval()
+    torch_clip = TorchCLIP(**bench_clip_config(clip_name)).eval()
     convert_weights(torch_clip)  # fp16, as OpenAI's files
     clip_path = directory / f"clip_{kind}.pt"
     torch.save(torch_clip.state_dict(), clip_path)
@@ -203,7 +198,7 @@ def main():
     if args.child == "official":
         return child_official(args.kind, json.loads(args.files))
 
-    from unitest.tiny_models import train_tiny_tokenizer
+    from testing.tiny_models import train_tiny_tokenizer
     from utils import compile_cache
 
     rows = []

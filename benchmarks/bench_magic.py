@@ -33,17 +33,17 @@ from benchmarks.machine import print_machine
 
 def build_real(directory, tokenizer_dir):
     """Random full-size ClipCap (MLP, GPT-2 124M) with a random ViT-B/32 CLIP that keeps its text tower."""
-    from benchmarks.bench_clipcap import CLIPS, TEXT
     from models.image_captioning.clip_cap import ClipCap
     from models.siamese import CLIP
-    from unitest.reference import clipcap_official as ref
+    from testing import clipcap_official as ref
+    from testing.clip_configs import bench_clip_config
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # clip imports pkg_resources (deprecated)
         from clip.model import CLIP as TorchCLIP
 
     torch.manual_seed(0)
-    torch_clip = TorchCLIP(**CLIPS["ViT-B/32"], **dict(TEXT, transformer_layers=12)).float().eval()
+    torch_clip = TorchCLIP(**bench_clip_config("ViT-B/32", transformer_layers=12)).float().eval()
     clip_path = os.path.join(directory, "clip.pt")
     torch.save(torch_clip.state_dict(), clip_path)
     checkpoint = ref.save_official(ref.build_random_clipcap("mlp", "real", seed=1), os.path.join(directory, "m.pt"))
@@ -56,7 +56,7 @@ def build_tiny(directory):
     from models.image_captioning.clip_cap import ClipCap
     from models.image_captioning.pretrained import convert_model
     from models.siamese import CLIP
-    from unitest.tiny_models import build_tiny_files
+    from testing.tiny_models import build_tiny_files
 
     files = build_tiny_files(directory)
     convert_model(ClipCap, files["checkpoint"], files["clip"], files["tokenizer"], os.path.join(directory, "model"),
@@ -115,7 +115,7 @@ def main():
     tf.config.threading.set_intra_op_parallelism_threads(args.threads)
     tf.config.threading.set_inter_op_parallelism_threads(args.threads)
     torch.set_num_threads(args.threads)
-    from unitest.tiny_models import train_tiny_tokenizer
+    from testing.tiny_models import train_tiny_tokenizer
 
     with tempfile.TemporaryDirectory() as directory:
         if args.size == "tiny":

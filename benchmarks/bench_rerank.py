@@ -1,7 +1,7 @@
 """What re-ranking by CLIP (``rerank="clip"``) costs next to beam search alone, and what the text encoder
 costs a `ClipCap.load`, on random weights, CPU.
 
-Models: the tests' tiny model (``unitest.tiny_models``), and with ``--real`` the released sizes: CLIP
+Models: the tests' tiny model (``testing.tiny_models``), and with ``--real`` the released sizes: CLIP
 ViT-B/32 (random, OpenAI's format, converted) + MLP mapper (K = 10) + GPT-2 124M. Inputs: the demo photos
 (``demo/*.jpg``). For each model: ``generate`` with beam search (5 beams) and the same with
 ``rerank="clip"`` (the text encoder over the B * 5 candidates), both compiled (a warm-up call first), the
@@ -39,7 +39,7 @@ def best_of(fn, repeats):
 
 
 def tiny_model(directory):
-    from unitest.tiny_models import build_tiny_model
+    from testing.tiny_models import build_tiny_model
 
     return build_tiny_model(directory), Path(directory) / "tiny_clip.pt"
 
@@ -48,9 +48,9 @@ def real_model(directory):
     """A saved ClipCap of the released MLP size with a random ViT-B/32 (OpenAI's format, converted)."""
     from models.image_captioning.clip_cap import ClipCap
     from models.image_captioning.pretrained import convert_model
-    from unitest.clip_reference import OPENAI_CONFIGS, as_fp16_checkpoint, random_clip_state_dict
-    from unitest.reference import clipcap_official as ref
-    from unitest.tokenizer_utils import train_gpt2_tokenizer
+    from testing import clipcap_official as ref
+    from testing.clip_reference import OPENAI_CONFIGS, as_fp16_checkpoint, random_clip_state_dict
+    from testing.tiny_models import train_gpt2_tokenizer
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)

@@ -62,7 +62,7 @@ def main():
     from benchmarks.bench_beam import write_photos
     from benchmarks.bench_clipcap import build
     from models.image_captioning.serving import export_savedmodel
-    from unitest.tiny_models import train_tiny_tokenizer
+    from testing.tiny_models import train_tiny_tokenizer
 
     with tempfile.TemporaryDirectory() as directory:
         tokenizer_dir = train_tiny_tokenizer(os.path.join(directory, "tokenizer"))  # decoding only

@@ -30,8 +30,8 @@ import torchvision  # noqa: F401
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from unitest.tokenizer_utils import train_gpt2_tokenizer
-from unitest.training_step_check import compare_training_steps
+from testing.tiny_models import train_gpt2_tokenizer
+from testing.training_step_check import compare_training_steps
 from utils.tokenizer import load_gpt2_tokenizer
 
 

@@ -1,6 +1,6 @@
 """Fault injection: ``convert``, ``caption`` and ``train`` killed with SIGKILL at random points, many times.
 
-Builds everything locally in a temporary folder (the tiny random model of ``unitest/tiny_models.py``, a few
+Builds everything locally in a temporary folder (the tiny random model of ``testing/tiny_models.py``, a few
 small images, the synthetic-shapes training set and its embeddings: nothing downloaded), then, for each
 command, runs it once to completion to time it, and ``--kills`` times starts it, waits a random delay
 (uniform from 0.9 x the time of its first write, for ``convert`` and ``train`` whose start-up only imports, or
@@ -62,7 +62,7 @@ def build_inputs(tmp, kills):
     """The tiny model's source files, images to caption, and the training embeddings + tokenizer."""
     from datasets.synthetic_shapes import make_shapes_dataset, train_shapes_tokenizer
     from main import main as cli
-    from unitest.tiny_models import build_tiny_files
+    from testing.tiny_models import build_tiny_files
 
     files = build_tiny_files(tmp / "tiny")
     images = make_shapes_dataset(tmp / "shapes" / "caption", num_images=IMAGES_PER_RUN * (kills + 3), seed=2,

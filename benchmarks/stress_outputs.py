@@ -1,6 +1,6 @@
 """Stress test of map.json under concurrent runs: 4 ``python main.py caption`` processes, one killed.
 
-Builds the tiny random model (``unitest/tiny_models.py``, nothing downloaded) and a set of small test
+Builds the tiny random model (``testing/tiny_models.py``, nothing downloaded) and a set of small test
 images in a temporary folder, starts 4 caption processes over overlapping subsets that all write the same
 ``--output-dir`` (so the same map.json), kills one of them at random with SIGKILL while the others run, and
 then checks:
@@ -86,7 +86,7 @@ def main(argv=None):
         if model is None:
             print("building the tiny random model ...", flush=True)
             sys.path.insert(0, str(ROOT))
-            from unitest.tiny_models import build_tiny_model
+            from testing.tiny_models import build_tiny_model
 
             model = str(build_tiny_model(tmp / "tiny"))
         paths = make_images(tmp / "images", args.images)

@@ -94,6 +94,19 @@ MIN_LOSS_SCALE = 1.0
 STEP_FLAGS = ("loss", "gradients", "weights", "skipped")
 
 
+def _summed_over_replicas(strategy, replica_fn):
+    """A `tf.function` of a batch: ``replica_fn(*batch)`` on every replica of ``strategy``, each of its two
+    outputs summed over the replicas (the training step's loss and flags, the evaluation's sums)."""
+
+    @tf.function
+    def step(batch):
+        first, second = strategy.run(replica_fn, args=batch)
+        return (strategy.reduce(tf.distribute.ReduceOp.SUM, first, axis=None),
+                strategy.reduce(tf.distribute.ReduceOp.SUM, second, axis=None))
+
+    return step
+
+
 class TrainingStopped(Exception):
     """Raised by `Trainer.fit` when ``stop_after_steps`` is reached (a checkpoint was written)."""
 
@@ -291,13 +304,7 @@ class Trainer:
                       tf.logical_not(_all_finite(trainable))]  # read after the update (program order)
             return loss, tf.cast(tf.stack(failed + [skipped]), tf.float32)
 
-        @tf.function
-        def train_step(batch):
-            losses, flags = strategy.run(replica_step, args=batch)
-            return (strategy.reduce(tf.distribute.ReduceOp.SUM, losses, axis=None),
-                    strategy.reduce(tf.distribute.ReduceOp.SUM, flags, axis=None))
-
-        return train_step
+        return _summed_over_replicas(strategy, replica_step)  # (loss, flags)
 
     def _make_eval_step(self):
         strategy, k = self.strategy, self.prefix_length
@@ -306,13 +313,7 @@ class Trainer:
             logits = self._forward(embeddings, tokens, mask, training=False)
             return caption_loss_sum(logits, tokens, mask, k)
 
-        @tf.function
-        def eval_step(batch):
-            total, count = strategy.run(replica_eval, args=batch)
-            return (strategy.reduce(tf.distribute.ReduceOp.SUM, total, axis=None),
-                    strategy.reduce(tf.distribute.ReduceOp.SUM, count, axis=None))
-
-        return eval_step
+        return _summed_over_replicas(strategy, replica_eval)  # (loss sum, token count)
 
     # ---------------------------------------------------------------------------------------------- data
     def encode(self, dataset, max_length=None):

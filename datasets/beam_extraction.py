@@ -34,12 +34,10 @@ from apache_beam.ml.inference.base import ModelHandler, PredictionResult, RunInf
 from apache_beam.options.pipeline_options import PipelineOptions
 
 from datasets.embeddings import ExtractionResult, save_embedded_dataset
-from models.siamese.image_embedding import ImageEmbedder
-from utils.image_io import ImageReadError
+from models.image_captioning.beam_inference import ERRORS, ReadAndPreprocess
 
 logger = logging.getLogger(__name__)
 
-ERRORS = "errors"
 EMBEDDINGS_NAME, ERRORS_NAME = "embeddings", "errors"
 
 
@@ -54,28 +52,10 @@ def decode_record(data):
     return data[4 : 4 + length].decode("utf-8"), np.frombuffer(data[4 + length :], "<f4").astype(np.float32)
 
 
-class _ReadAndPreprocess(beam.DoFn):
-    """A ReadableFile -> (path, pixels); an unreadable image -> (path, message) on the errors output."""
-
-    def __init__(self, n_px, exif_transpose=True):
-        self._embedder = ImageEmbedder(None, n_px, exif_transpose=exif_transpose)  # reads, no model
-
-    def process(self, readable):
-        from models.image_captioning.beam_inference import load_pixels
-
-        path = readable.metadata.path
-        try:
-            pixels = load_pixels(readable, self._embedder)
-        except Exception as e:  # one image's failure is that image's error
-            message = str(e) if isinstance(e, ImageReadError) else f"{type(e).__name__}: {e}"
-            yield beam.pvalue.TaggedOutput(ERRORS, (path, message))
-            return
-        yield path, pixels
-
-
 class ClipEmbeddingHandler(ModelHandler):
-    """RunInference's handler for a CLIP image encoder: (path, pixels) batches -> PredictionResult(path,
-    raw (unnormalised) embedding), batches of exactly ``batch_size`` (the compiled shape)."""
+    """RunInference's handler for a CLIP image encoder: (key, pixels) batches, ``key`` the ``(path, size,
+    sha256)`` of `ReadAndPreprocess` -> PredictionResult(path, raw (unnormalised) embedding), batches of
+    exactly ``batch_size`` (the compiled shape)."""
 
     def __init__(self, clip_path, batch_size=64):
         if batch_size < 1:
@@ -90,7 +70,7 @@ class ClipEmbeddingHandler(ModelHandler):
 
     def run_inference(self, batch, model, inference_args=None):
         vectors = np.asarray(model.image_embedder().encode_batch([pixels for _, pixels in batch]), np.float32)
-        return [PredictionResult(path, vector) for (path, _), vector in zip(batch, vectors)]
+        return [PredictionResult(key[0], vector) for (key, _), vector in zip(batch, vectors)]
 
     def get_num_bytes(self, batch):
         return sum(pixels.nbytes for _, pixels in batch)
@@ -103,7 +83,7 @@ def extraction_pipeline(pipeline, paths, clip_path, n_px, shards, batch_size=64,
     """Add the extraction transforms to ``pipeline`` (``paths``: unique image paths)."""
     read = (pipeline | "Paths" >> beam.Create(list(paths))
             | "ReadMatches" >> fileio.ReadMatches()
-            | "Preprocess" >> beam.ParDo(_ReadAndPreprocess(n_px, exif_transpose)).with_outputs(ERRORS, main="pixels"))
+            | "Preprocess" >> beam.ParDo(ReadAndPreprocess(n_px, exif_transpose)).with_outputs(ERRORS, main="pixels"))
     (read.pixels
      | "RunInference" >> RunInference(ClipEmbeddingHandler(clip_path, batch_size))
      | "Encode" >> beam.Map(lambda r: encode_record(r.example, r.inference))

@@ -140,21 +140,12 @@ def make_shapes_dataset(directory, num_images=200, seed=0, image_size=64, langua
 
 def train_shapes_tokenizer(directory, vocab_size=300, languages=("en",), texts=()):
     """A byte-level BPE trained on `all_captions` of ``languages`` and on ``texts`` (any other sentences),
-    saved in GPT-2's format with ``<|endoftext|>`` (for the offline example, and models in other languages)."""
-    from tokenizers import ByteLevelBPETokenizer
+    saved in GPT-2's format with ``<|endoftext|>`` (for the offline example, and models in other languages);
+    `utils.gpt2_tokenizer.train_gpt2_tokenizer`. Returns the `GPT2Tokenizer`."""
+    from utils.gpt2_tokenizer import train_gpt2_tokenizer
 
-    from utils.gpt2_tokenizer import GPT2Tokenizer
-
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    bpe = ByteLevelBPETokenizer()
     corpus = [c for language in languages for c in all_captions(language)] + list(texts)
-    bpe.train_from_iterator(corpus * 5, vocab_size=vocab_size, min_frequency=1,
-                            special_tokens=["<|endoftext|>"])
-    bpe.save_model(str(directory))  # vocab.json + merges.txt: a GPT-2 format folder
-    tokenizer = GPT2Tokenizer.from_directory(directory)
-    tokenizer.save_pretrained(directory)  # + tokenizer.json / tokenizer_config.json, as transformers writes
-    return tokenizer
+    return train_gpt2_tokenizer(directory, corpus, vocab_size=vocab_size, repeats=5)
 
 
 def main(argv=None):

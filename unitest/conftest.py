@@ -2,7 +2,7 @@
 
 No test reaches the network: tokenizers are trained here and saved in GPT-2's file format, and weights are
 random PyTorch modules saved in the official checkpoint formats. Every tiny model comes from one factory,
-`unitest.tiny_models`; the expensive fixtures are session-scoped (built once, shared by every suite):
+`testing.tiny_models`; the expensive fixtures are session-scoped (built once, shared by every suite):
 
 - ``gpt2_tokenizer_dir`` / ``clipcap_tokenizer`` / ``stop_id``: a locally trained GPT-2-format tokenizer.
 - ``tiny_checkpoints`` / ``real_checkpoints``: ``{kind: (torch ClipCaptionModel, .pt path)}`` for kind in
@@ -36,8 +36,8 @@ import pytest
 import torch  # noqa: F401
 import torchvision  # noqa: F401
 
-from unitest import tiny_models as factory
-from unitest.tokenizer_utils import train_gpt2_tokenizer
+from testing import tiny_models as factory
+from testing.tiny_models import train_gpt2_tokenizer
 
 
 @pytest.fixture

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from models.image_captioning.presets import ModelSpec
-from unitest import tiny_models
+from testing import tiny_models
 from utils import downloads, model_store
 from utils.downloads import Source
 

@@ -45,7 +45,7 @@ def torch_prefix(model, embeddings, normalize):
     """The official projection of CLIP embeddings (N, D) numpy -> (N, K, C) torch."""
     import torch
 
-    from unitest.reference import clipcap_official as ref
+    from testing import clipcap_official as ref
 
     e = torch.from_numpy(np.asarray(embeddings, np.float32))
     with torch.no_grad():

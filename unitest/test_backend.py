@@ -26,7 +26,7 @@ def test_one_place_sets_the_backend():
 
 def test_every_package_imports_the_backend_first():
     for package in ("custom_architectures", "utils", "models", "datasets", "custom_train_objects", "hparams",
-                    "loggers", "benchmarks", "unitest"):
+                    "loggers", "testing", "benchmarks", "unitest"):
         text = (ROOT / package / "__init__.py").read_text(encoding="utf-8")
         code = [line for line in text.splitlines() if line.startswith(("import ", "from "))]
         assert code and code[0].startswith("import custom_layers"), package

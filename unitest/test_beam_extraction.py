@@ -12,7 +12,7 @@ from datasets.synthetic_shapes import make_shapes_dataset
 
 def test_extract_on_beam_writes_what_local_extract_writes(tmp_path, capsys):
     from main import main
-    from unitest.tiny_models import build_tiny_clip
+    from testing.tiny_models import build_tiny_clip
 
     clip_path = build_tiny_clip(tmp_path / "clip.pt", seed=0)
     data = make_shapes_dataset(tmp_path / "data", num_images=10, seed=0, image_size=32)

@@ -1,6 +1,6 @@
 """Batch captioning on Apache Beam (models/image_captioning/beam_inference.py, ``main.py batch``).
 
-The tiny ClipCap (`unitest.tiny_models`) captions the demo photos and every bad-input kind of the pipeline
+The tiny ClipCap (`testing.tiny_models`) captions the demo photos and every bad-input kind of the pipeline
 tests on the DirectRunner, in process and with two worker processes; the records must be those of
 ``ClipCap.predict`` for the same model, images, settings and batch size (captions, candidates, scores and
 error messages), bad inputs must become records (and dead letters), and a rerun must skip what was done.
@@ -15,8 +15,8 @@ from PIL import Image
 
 from models.image_captioning import beam_inference
 from models.image_captioning.prediction import generation_settings
+from testing.tiny_models import DEMO_DIR
 from unitest.test_prediction import _jpeg_bytes, image_dir  # noqa: F401 - the pipeline tests' bad inputs
-from unitest.tiny_models import DEMO_DIR
 
 SETTINGS = dict(method="beam", beam_size=3, num_captions=2, max_length=8)
 BATCH = 4
@@ -241,3 +241,28 @@ def test_a_killed_jobs_sink_folders_are_removed_by_the_next_job_and_a_live_job_i
     assert seen == {"stale": False}
     assert all(k.exists() for k in keep)
     assert not (out.parent / "captions.lock").exists()
+
+
+def test_one_reading_stage_serves_batch_captioning_and_extraction(tmp_path):
+    """Beam captioning and Beam extraction read and preprocess through one DoFn: a good image -> its
+    ``(path, size, sha256)`` key and pixels, a bad one -> ``(path, message)`` on the errors output."""
+    import hashlib
+    from types import SimpleNamespace
+
+    from datasets import beam_extraction
+
+    assert beam_extraction.ReadAndPreprocess is beam_inference.ReadAndPreprocess
+    data = _jpeg_bytes((40, 30))
+    good, bad = tmp_path / "a.jpg", tmp_path / "b.jpg"
+    good.write_bytes(data)
+    bad.write_bytes(b"not an image")
+
+    def readable(path):
+        return SimpleNamespace(metadata=SimpleNamespace(path=str(path), size_in_bytes=path.stat().st_size),
+                               open=lambda: open(path, "rb"))
+
+    stage = beam_inference.ReadAndPreprocess(16)
+    ((key, pixels),) = stage.process(readable(good))
+    assert key == (str(good), len(data), hashlib.sha256(data).hexdigest()) and pixels.shape == (16, 16, 3)
+    (error,) = stage.process(readable(bad))
+    assert error.tag == beam_inference.ERRORS and error.value[0] == str(bad) and error.value[1]

@@ -14,7 +14,7 @@ from clip import tokenize
 from clip.model import CLIP as TorchCLIP
 
 from custom_architectures.clip_arch import ModifiedResNet, VisionTransformer, clip_config_from_shapes
-from unitest.clip_reference import (
+from testing.clip_reference import (
     OPENAI_CONFIGS,
     TINY_CONFIGS,
     max_rel_diff,

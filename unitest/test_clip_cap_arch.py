@@ -12,8 +12,8 @@ from custom_architectures.transformers_arch.clip_cap_arch import (
     ClipCapTransformerMapper,
     build_mapper,
 )
+from testing import clipcap_official as ref
 from unitest.parity import assert_close
-from unitest.reference import clipcap_official as ref
 from utils.convert.clipcap import mapper_from_state_dict
 from utils.convert.porting import WeightPorter
 

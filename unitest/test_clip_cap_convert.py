@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 
+from testing import clipcap_official as ref
+from testing.tiny_models import KINDS, random_embeddings
 from unitest.parity import max_abs_diff, torch_prefix
-from unitest.reference import clipcap_official as ref
-from unitest.tiny_models import KINDS, random_embeddings
 from utils.convert.clipcap import clipcap_config_from_state_dict, load_clipcap
 from utils.convert.common import CheckpointError
 
@@ -136,7 +136,7 @@ def test_unexpected_missing_and_misshaped_keys_are_named(tiny_state):
 def test_mismatched_clip_is_refused(tiny_checkpoints, gpt2_tokenizer_dir, tmp_path):
     """A real (tiny, 32-d) OpenAI-format CLIP file against a mapper expecting 24-d embeddings."""
     from models.image_captioning.clip_cap import ClipCap
-    from unitest.tiny_models import EMBED_DIM, build_tiny_clip
+    from testing.tiny_models import EMBED_DIM, build_tiny_clip
 
     clip_path = build_tiny_clip(tmp_path / "tiny_clip.pt")
     prefix_size = ref.SIZES["tiny"]["mlp"]["prefix_size"]

@@ -17,8 +17,8 @@ import torch
 from PIL import Image
 
 from models.image_captioning import ClipCap
-from unitest.reference import clipcap_official as ref
-from unitest.tiny_models import KINDS, TINY_INIT_SCALE, random_embeddings
+from testing import clipcap_official as ref
+from testing.tiny_models import KINDS, TINY_INIT_SCALE, random_embeddings
 from utils.convert.common import CheckpointError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -29,7 +29,7 @@ def with_clip(tmp_path_factory, clipcap_tokenizer, stop_id, gpt2_tokenizer_dir):
     """(torch CLIP, torch ClipCap, ClipCap with its CLIP): transformer mapper on a 32-d tiny ViT CLIP."""
     from clip.model import build_model
 
-    from unitest.tiny_models import EMBED_DIM, build_tiny_clip
+    from testing.tiny_models import EMBED_DIM, build_tiny_clip
 
     directory = tmp_path_factory.mktemp("clipcap_with_clip")
     clip_path = build_tiny_clip(directory / "clip.pt")

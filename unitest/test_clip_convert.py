@@ -7,7 +7,7 @@ import pytest
 import torch
 from clip import tokenize
 
-from unitest.clip_reference import (
+from testing.clip_reference import (
     TINY_CONFIGS,
     as_fp16_checkpoint,
     max_rel_diff,

@@ -14,7 +14,7 @@ from PIL import Image
 
 from models.siamese import CLIP
 from models.siamese.clip_tokenizer import VOCAB_FILENAME, CLIPTokenizer, default_vocab_path
-from unitest.clip_reference import TINY_CONFIGS, max_rel_diff, random_clip_state_dict, reference_model
+from testing.clip_reference import TINY_CONFIGS, max_rel_diff, random_clip_state_dict, reference_model
 from utils.convert.common import CheckpointError
 
 TOLERANCE = 1e-4

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 import main
-from unitest import tiny_models
+from testing import tiny_models
 from utils import compile_cache
 from utils.file_utils import UnsafePathError
 from utils.tf_startup import is_log_line

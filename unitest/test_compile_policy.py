@@ -15,7 +15,7 @@ import pytest
 
 from custom_architectures.compile_policy import CompilePolicy
 from custom_architectures.generation_utils import Beam, Greedy, PrefixDecoder, Sample
-from unitest.tiny_models import random_embeddings, shared_tiny_files, tiny_clipcap
+from testing.tiny_models import random_embeddings, shared_tiny_files, tiny_clipcap
 
 DEMO = sorted(str(p) for p in (Path(__file__).resolve().parents[1] / "demo").glob("*.jpg"))
 

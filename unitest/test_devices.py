@@ -9,7 +9,7 @@ import tensorflow as tf
 
 import main
 from models.image_captioning.clip_cap import ClipCap
-from unitest import tiny_models
+from testing import tiny_models
 from utils.devices import device_scope, resolve_device
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -21,7 +21,8 @@ from models.image_captioning.presets import ModelSpec
 from models.image_captioning.pretrained import fetch_checkpoint, get_pretrained
 from models.siamese import presets as siamese_presets
 from models.siamese.presets import fetch_clip
-from unitest import download_server, tiny_models
+from testing import tiny_models
+from unitest import download_server
 from unitest.download_server import cached_files, leftovers, serve_tiny, sha, torch_bytes
 from utils import downloads
 from utils.download_manifest import read_manifest

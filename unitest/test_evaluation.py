@@ -86,7 +86,7 @@ def test_bad_inputs():
 
 def test_clip_score_formula(tmp_path):
     from models.siamese.clip import CLIP
-    from unitest.tiny_models import build_tiny_clip
+    from testing.tiny_models import build_tiny_clip
 
     clip = CLIP.from_pretrained(str(build_tiny_clip(tmp_path / "clip.pt", seed=1)))
     rng = np.random.default_rng(0)
@@ -120,7 +120,7 @@ def test_clip_score_with_another_clip_encodes_the_images_with_it(tmp_path):
     from datasets.synthetic_shapes import make_shapes_dataset
     from models.image_captioning import ClipCap
     from models.siamese.clip import CLIP
-    from unitest.tiny_models import build_tiny_clip, build_tiny_model
+    from testing.tiny_models import build_tiny_clip, build_tiny_model
 
     model = ClipCap.load(build_tiny_model(tmp_path / "model", seed=0))
     scorer = CLIP.from_pretrained(str(build_tiny_clip(tmp_path / "scorer.pt", seed=5)))
@@ -159,7 +159,7 @@ def test_evaluate_with_no_readable_image_fails_clearly_and_writes_nothing(tmp_pa
     empty results.json was written)."""
     from datasets.synthetic_shapes import make_shapes_dataset
     from main import main
-    from unitest.tiny_models import build_tiny_model
+    from testing.tiny_models import build_tiny_model
 
     model_dir = build_tiny_model(tmp_path / "model", seed=0)
     data = make_shapes_dataset(tmp_path / "data", num_images=2, seed=0, image_size=32)

@@ -137,7 +137,7 @@ def test_bare_callables_cannot_cache(shapes, tmp_path):
 
 def test_clip_encoder_matches_encode_image_and_identifies_the_weights(shapes, tmp_path):
     from models.siamese.clip import CLIP
-    from unitest.tiny_models import build_tiny_clip
+    from testing.tiny_models import build_tiny_clip
 
     clip = CLIP.from_pretrained(str(build_tiny_clip(tmp_path / "clip.pt", seed=0)), visual_only=True)
     encoder = clip_encoder(clip)

@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from custom_architectures.generation_utils import Beam, Greedy, PrefixDecoder, Sample
+from testing import clipcap_official as ref
+from testing.tiny_models import KINDS, random_embeddings
 from unitest.parity import assert_same_tokens, torch_prefix
-from unitest.reference import clipcap_official as ref
-from unitest.tiny_models import KINDS, random_embeddings
 from utils.tokenizer import TokenizerError
 
 MIN_GAP = 2e-5  # decisions closer than this could flip on fp32 round-off (logits agree to ~1e-5)

@@ -14,7 +14,9 @@ Rules checked:
   builds layers from weights and configs; it neither imports a model wrapper nor a ``utils`` helper that
   does (the path from the architecture to the model is printed);
 - no package imports one on a higher floor (`FLOORS`, ARCHITECTURE.md's picture): layers, architectures,
-  utils, then the models, then data, then training, then the command line, benchmarks and tests.
+  utils, then the models, then data, then training, then what tests and benchmarks share (``testing/``),
+  then the command line, benchmarks and tests;
+- only the tests and the benchmarks import ``testing/`` (its PyTorch references are never on a user's path).
 
 The synthetic trees at the end prove that each rule can fail.
 """
@@ -29,7 +31,11 @@ ARCHITECTURES = ("custom_layers", "custom_architectures")
 MODELS = "models"
 # the floors of the house, bottom first: a package imports its own floor or lower ones only
 FLOORS = {"custom_layers": 0, "custom_architectures": 1, "utils": 2, "hparams": 3, "loggers": 3, "models": 3,
-          "datasets": 4, "custom_train_objects": 5, "main": 6, "benchmarks": 6, "unitest": 6}
+          "datasets": 4, "custom_train_objects": 5, "testing": 6, "main": 7, "benchmarks": 7, "unitest": 7}
+# what the tests and benchmarks share (tiny models, PyTorch references: torch, transformers, OpenAI's clip):
+# only they import it, never the library nor main.py (a user's path)
+TEST_SUPPORT = "testing"
+TEST_SUPPORT_USERS = ("testing", "benchmarks", "unitest")
 
 
 def _module_name(path, root):
@@ -196,6 +202,23 @@ def imports_upward(graph, floors=FLOORS):
 def test_no_package_imports_a_higher_floor(graph):
     found = imports_upward(graph)
     assert not found, "imports that run upward (FLOORS):\n" + "\n".join(f"  {a} -> {b}" for a, b in found)
+
+
+def imports_of_test_support(graph):
+    """[(importer, imported)] where a module outside the tests and benchmarks imports ``testing/``."""
+    return sorted((a, b) for a, targets in graph.items() for b in targets
+                  if _in(b, TEST_SUPPORT) and not any(_in(a, user) for user in TEST_SUPPORT_USERS))
+
+
+def test_only_tests_and_benchmarks_import_the_test_support(graph):
+    found = imports_of_test_support(graph)
+    assert not found, "the library imports testing/:\n" + "\n".join(f"  {a} -> {b}" for a, b in found)
+    assert any(_in(b, TEST_SUPPORT) for b in graph["unitest.conftest"])  # the rule sees the real users
+
+
+def test_a_library_import_of_the_test_support_is_found():
+    graph = {"main": {"testing.tiny_models"}, "models.x": {"testing"}, "unitest.conftest": {"testing.tiny_models"}}
+    assert imports_of_test_support(graph) == [("main", "testing.tiny_models"), ("models.x", "testing")]
 
 
 def test_an_upward_import_is_found():

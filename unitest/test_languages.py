@@ -21,7 +21,7 @@ import pytest
 import torch
 
 from datasets.synthetic_shapes import caption_for, make_shapes_dataset, train_shapes_tokenizer
-from unitest.tiny_models import build_tiny_clip
+from testing.tiny_models import build_tiny_clip
 
 # text in the tokenizer's training corpus beside the shapes' captions: other words, other sentence ends
 TEXTS = [

@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from custom_architectures.samplers import MAGIC_DEFAULTS, MAGIC_TEXT_TOKENS, Magic, get_sampler
+from testing.tiny_models import EMBED_DIM, GPT, PREFIX_LENGTH, random_embeddings
 from unitest.parity import torch_prefix
-from unitest.tiny_models import EMBED_DIM, GPT, PREFIX_LENGTH, random_embeddings
 
 MIN_GAP = 1e-5  # a decision closer than this could flip on float32 round-off: the comparison would mean nothing
 
@@ -27,7 +27,7 @@ def magic_setup(tiny_files, tiny_model_dir):
 
     from models.image_captioning.clip_cap import ClipCap
     from models.siamese import CLIP
-    from unitest.reference.clipcap_official import ClipCaptionModel
+    from testing.clipcap_official import ClipCaptionModel
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # clip imports pkg_resources (deprecated)

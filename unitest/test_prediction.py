@@ -303,7 +303,7 @@ def test_map_json_is_valid_json_with_paths(image_dir, tmp_path):
 @pytest.fixture(scope="module", params=["mlp", "transformer"])
 def tiny_clipcap(request, tmp_path_factory):
     """Both mapper kinds of the factory's tiny model (conftest's ``tiny_clipcap`` is the MLP alone)."""
-    from unitest import tiny_models
+    from testing import tiny_models
 
     return tiny_models.tiny_clipcap(tmp_path_factory, kind=request.param)
 
@@ -311,7 +311,7 @@ def tiny_clipcap(request, tmp_path_factory):
 def test_tiny_clipcap_predict_matches_generate(tiny_clipcap, tmp_path):
     """The pipeline gives the captions of ``generate(encode_images(...))``: same embeddings (the transformer
     weights expect a normalised one), same decoding, whatever the batching."""
-    from unitest.tiny_models import DEMO_DIR
+    from testing.tiny_models import DEMO_DIR
 
     demo = [str(p) for p in sorted(DEMO_DIR.glob("*.jpg"))]
     kwargs = dict(method="beam", beam_size=3, num_captions=2, max_length=8)
@@ -370,7 +370,7 @@ def test_map_json_damaged_during_a_run_keeps_the_batch_in_a_sidecar(tmp_path, mo
 def test_a_partial_last_batch_compiles_no_new_shape(tmp_path_factory):
     """5 images in batches of 2 (2, 2, 1): the last batch is padded to 2, so one decoder program serves the run
     (was two: batch 2 and batch 1), and the padding changes no caption."""
-    from unitest.tiny_models import tiny_clipcap
+    from testing.tiny_models import tiny_clipcap
 
     model = tiny_clipcap(tmp_path_factory)  # a fresh copy: its compiled functions are counted
     images = sorted(str(p) for p in (Path(__file__).resolve().parents[1] / "demo").glob("*.jpg"))

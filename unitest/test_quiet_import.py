@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from unitest import tiny_models
+from testing import tiny_models
 from utils import compile_cache
 from utils.tf_startup import filtered_stderr, is_hidden_at, quiet_environment
 

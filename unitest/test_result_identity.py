@@ -22,7 +22,7 @@ from models.image_captioning import beam_inference
 from models.image_captioning.cached_answers import answers_from_map
 from models.image_captioning.clip_cap import ClipCap
 from models.image_captioning.identity import compute_identity, recorded_identity
-from unitest.tiny_models import shared_tiny_model
+from testing.tiny_models import shared_tiny_model
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = sorted(str(p) for p in (ROOT / "demo").glob("*.jpg"))[:2]

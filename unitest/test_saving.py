@@ -20,7 +20,7 @@ from custom_architectures.transformers_arch.gpt2_arch import GPT2
 from models import __version__, check_jit_compile
 from models.image_captioning import ClipCap
 from models.siamese import CLIP
-from unitest.tiny_models import KINDS, random_embeddings, shared_tiny_files, shared_tiny_model
+from testing.tiny_models import KINDS, random_embeddings, shared_tiny_files, shared_tiny_model
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = [str(ROOT / "demo" / name) for name in ("cat.jpg", "rocket.jpg", "coffee.jpg")]
@@ -100,6 +100,29 @@ def test_config_is_a_read_only_view(tiny_models):
     with pytest.raises(TypeError):
         model.config["normalize_prefix"] = True
     assert model.mapper is model.backbone.mapper and model.gpt2 is model.backbone.gpt2
+
+
+def test_both_loaders_check_a_folder_header_the_same_way(tmp_path):
+    """`ClipCap.load` and `CLIP.load` read a folder's header through `read_saved_header`: no config.json is
+    FileNotFoundError, another model's config a ValueError, a damaged one the loader's error naming the file."""
+    from models.image_captioning.saving import ModelLoadError
+    from utils.preset_utils import read_saved_header
+
+    empty, other, damaged = (tmp_path / name for name in ("empty", "other", "damaged"))
+    for folder in (empty, other, damaged):
+        folder.mkdir()
+    (other / "config.json").write_text(json.dumps({"architecture": "something_else", "format_version": 2}))
+    (damaged / "config.json").write_text("{not json")
+    for load, what in ((ClipCap.load, "ClipCap"), (CLIP.load, "CLIP")):
+        with pytest.raises(FileNotFoundError, match=f"not a saved {what} model"):
+            load(str(empty))
+        with pytest.raises(ValueError, match=f"does not describe a {what} model: 'something_else'"):
+            load(str(other))
+        with pytest.raises(Exception, match="config.json is not a readable config"):
+            load(str(damaged))
+    with pytest.raises(ModelLoadError, match="not a readable config"):
+        read_saved_header(damaged, "clipcap", ModelLoadError, "ClipCap")
+    assert read_saved_header(other, "something_else", ModelLoadError)["format_version"] == 2
 
 
 def test_clip_is_saved_in_float32_aligned_and_indexed(tmp_path_factory, tmp_path):

@@ -28,7 +28,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from unitest.tiny_models import DEMO_DIR, build_tiny_clipcap, shared_tiny_files
+from testing.tiny_models import DEMO_DIR, build_tiny_clipcap, shared_tiny_files
 
 CLIENT = Path(__file__).with_name("savedmodel_client.py")
 MEMORY_CLIENT = Path(__file__).with_name("savedmodel_memory_client.py")
@@ -152,7 +152,7 @@ def test_tokens_to_text_equals_tokenizer_decode(gpt2_tokenizer_dir):
     import tensorflow as tf
 
     from models.image_captioning.serving_ops import token_pieces, tokens_to_text
-    from unitest.tokenizer_utils import SAMPLE_TEXT
+    from testing.tiny_models import SAMPLE_TEXT
     from utils.tokenizer import load_gpt2_tokenizer
 
     tok = load_gpt2_tokenizer(gpt2_tokenizer_dir)  # trained here, on text with non-ASCII characters

@@ -1,5 +1,7 @@
 """GPT-2 tokenizer loading (local directory, hub name offline), padding and the stop token id."""
 
+import os
+
 import pytest
 
 from utils.tokenizer import TokenizerError, load_gpt2_tokenizer, stop_token_id
@@ -67,3 +69,31 @@ def test_special_or_huge_tokenizer_files_are_refused(kind, gpt2_tokenizer_dir, t
     message = {"fifo": "FIFO", "device link": "character device", "huge": "more than any tokenizer file"}[kind]
     with pytest.raises(TokenizerError, match=message):
         load_gpt2_tokenizer(directory)
+
+
+def test_the_one_bpe_trainer_writes_a_folder_transformers_reads(tmp_path):
+    """`utils.gpt2_tokenizer.train_gpt2_tokenizer` (the synthetic dataset's and the tests' trainer): GPT-2's
+    four files, read by transformers to the same ids, deterministic, retrained in place, and never written
+    over a file that is not a tokenizer's."""
+    from transformers import GPT2TokenizerFast
+
+    from utils.file_utils import UnsafePathError
+    from utils.gpt2_tokenizer import train_gpt2_tokenizer
+
+    texts = ["A cat on a mat.", "Two dogs playing in the park.", "Une personne sous la pluie."]
+    ours = train_gpt2_tokenizer(tmp_path / "tok", texts, vocab_size=300, repeats=3)
+    assert sorted(os.listdir(tmp_path / "tok")) == ["merges.txt", "tokenizer.json", "tokenizer_config.json",
+                                                    "vocab.json"]
+    theirs = GPT2TokenizerFast.from_pretrained(str(tmp_path / "tok"))
+    for text in (*texts, "A dog on a cat, sous la pluie."):
+        assert ours.encode(text) == theirs.encode(text)
+    assert ours.eos_token == "<|endoftext|>" and len(ours) == len(theirs)
+    vocab = (tmp_path / "tok" / "vocab.json").read_bytes()
+    train_gpt2_tokenizer(tmp_path / "tok", texts, vocab_size=300, repeats=3)  # again, over its own files
+    assert (tmp_path / "tok" / "vocab.json").read_bytes() == vocab
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "vocab.json").write_text("my notes")
+    with pytest.raises(UnsafePathError):
+        train_gpt2_tokenizer(other, texts, vocab_size=300)
+    assert (other / "vocab.json").read_text() == "my notes"

@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 import torch
 
-from unitest.clip_reference import TINY_CONFIGS, random_clip_state_dict, reference_model
+from testing.clip_reference import TINY_CONFIGS, random_clip_state_dict, reference_model
 from utils.convert.common import CheckpointError, load_torch_state_dict
 from utils.convert.openai_clip import load_openai_clip, load_openai_state_dict
 from utils.convert.torch_file import TensorRecord, load_state_dict

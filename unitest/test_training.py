@@ -280,7 +280,7 @@ def test_extract_train_evaluate_commands_and_predict(shapes, tmp_path, capsys):
     """The README's worked example, smaller: a tiny random CLIP, extract, train, evaluate, then predict."""
     from main import main
     from models.image_captioning.clip_cap import ClipCap
-    from unitest.tiny_models import build_tiny_clip
+    from testing.tiny_models import build_tiny_clip
 
     clip_path = build_tiny_clip(tmp_path / "clip.pt", seed=0)
     make_shapes_dataset(tmp_path / "data" / "train", num_images=60, seed=0, image_size=32)

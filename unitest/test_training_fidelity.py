@@ -3,7 +3,7 @@
 - the default optimizer is transformers' AdamW of the official ``train.py`` (eps 1e-6, weight decay 0.0), checked
   update by update against the formula over gradients from 1e-9 to 10;
 - 3 steps of our trainer give the weights of 3 official training steps in PyTorch (MLP and transformer mappers,
-  prefix-only and full fine-tuning), see `unitest.training_step_check`;
+  prefix-only and full fine-tuning), see `testing.training_step_check`;
 - ``main.py export --format official`` / `ClipCap.save_official` write a state dict that the official modules
   load with ``strict=True`` and that gives our logits; convert -> export -> convert is bit-exact.
 """
@@ -15,10 +15,10 @@ import pytest
 import torch
 
 from hparams.training import TrainingHParams
+from testing import clipcap_official as ref
+from testing.tiny_models import random_embeddings
+from testing.training_step_check import compare_training_steps
 from unitest.parity import torch_prefix
-from unitest.reference import clipcap_official as ref
-from unitest.tiny_models import random_embeddings
-from unitest.training_step_check import compare_training_steps
 
 WEIGHT_ATOL = 1e-6  # float32: measured max 2.4e-7 (half an ulp of the largest weights, ~4)
 

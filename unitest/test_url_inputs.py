@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 import main
-from unitest import tiny_models
+from testing import tiny_models
 from unitest.http_helpers import QuietHandler, running
 from utils.image_io import ImageReadError, expand_paths, read_image, read_url
 

@@ -17,7 +17,7 @@ import time
 
 import pytest
 
-from unitest.tiny_models import DEMO_DIR, ROOT, build_tiny_clipcap, shared_tiny_files
+from testing.tiny_models import DEMO_DIR, ROOT, build_tiny_clipcap, shared_tiny_files
 
 CHROMIUM = os.environ.get("IMAGE_CAPTIONING_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
 pytest.importorskip("gradio")
@@ -231,7 +231,7 @@ def test_one_log_line_per_request(server, caplog):
 
 def test_serve_prints_only_its_own_line(tmp_path_factory, tmp_path):
     """``main.py serve`` at the default verbosity: no TensorFlow lines, no Gradio share hint, one line of ours."""
-    from unitest.tiny_models import shared_tiny_model
+    from testing.tiny_models import shared_tiny_model
 
     model = str(shared_tiny_model(tmp_path_factory))
     env = {k: v for k, v in os.environ.items() if k not in ("TF_CPP_MIN_LOG_LEVEL", "TF_XLA_FLAGS",

@@ -14,8 +14,8 @@ import time
 import pytest
 
 import main
+from testing.tiny_models import DEMO_DIR
 from unitest.http_helpers import QuietHandler, closed_port, running
-from unitest.tiny_models import DEMO_DIR
 from utils.safe_fetch import REFUSED
 
 CAT = DEMO_DIR / "cat.jpg"

@@ -30,6 +30,7 @@ Example::
 
 import json
 import os
+import tempfile
 
 from tokenizers import AddedToken, Tokenizer, decoders, pre_tokenizers, processors
 from tokenizers.models import BPE
@@ -342,14 +343,46 @@ class GPT2Tokenizer:
         return tuple(paths.values())
 
 
+def train_gpt2_tokenizer(directory, texts, vocab_size=400, repeats=1):
+    """Train a byte-level BPE on ``texts`` (each seen ``repeats`` times, merges down to frequency 1, GPT-2's
+    ``<|endoftext|>`` as its special token) and save it in GPT-2's format into ``directory`` (created if
+    needed): ``vocab.json`` + ``merges.txt`` as `tokenizers` writes them, then ``tokenizer.json`` +
+    ``tokenizer_config.json`` (`GPT2Tokenizer.save_pretrained`); each file written atomically, an existing
+    one replaced only when it is a tokenizer file. Returns the `GPT2Tokenizer`.
+
+    The one trainer of the synthetic dataset's tokenizers (`datasets.synthetic_shapes`) and of the tests'
+    and benchmarks' tiny ones (`testing.tiny_models`); training is deterministic for the same texts.
+    """
+    from tokenizers import ByteLevelBPETokenizer
+
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(list(texts) * repeats, vocab_size=vocab_size, min_frequency=1,
+                            special_tokens=[GPT2_SPECIAL_TOKEN])
+    os.makedirs(directory, exist_ok=True)
+    with tempfile.TemporaryDirectory() as scratch:
+        for written in bpe.save_model(scratch):  # vocab.json, merges.txt
+            name = os.path.basename(written)
+            target = check_overwritable(os.path.join(directory, name), lambda p, n=name: _is_tokenizer_file(p, n),
+                                        what=f"a tokenizer's {name}")
+            atomic_write(target, read_regular_file(written, MAX_FILE_BYTES), mode="wb")
+    tokenizer = GPT2Tokenizer.from_directory(directory)
+    tokenizer.save_pretrained(directory)
+    return tokenizer
+
+
 def _is_tokenizer_file(path, name):
     """Whether ``path`` (named ``name``) is a GPT-2 tokenizer file a save may replace."""
+    if name == "merges.txt":
+        with open(path, "rb") as f:
+            return f.read(9) == b"#version:"
     try:
         data = read_json_file(path, MAX_FILE_BYTES)
     except (OSError, ValueError, UnsafePathError):
         return False
     if name == "tokenizer.json":
         return isinstance(data, dict) and (data.get("model") or {}).get("type") == "BPE"
+    if name == "vocab.json":
+        return isinstance(data, dict) and all(isinstance(v, int) for v in data.values())
     return isinstance(data, dict) and data.get("tokenizer_class") in ("GPT2Tokenizer", "GPT2TokenizerFast")
 
 

@@ -92,14 +92,31 @@ def read_json_file(path, error, what="config"):
     return value
 
 
+def _check_architecture(config, architecture, path, what):
+    if config.get("architecture") != architecture:
+        raise ValueError(f"{path} does not describe a {what} model: {config.get('architecture')!r}")
+
+
+def read_saved_header(directory, architecture, error, what=None):
+    """``config.json`` of a saved folder of any format version, checked to be ``architecture``'s (``what``:
+    the model's name in messages): FileNotFoundError when the folder has none (not a saved model), ``error``
+    when it is unreadable, ValueError when it describes another model. Which reader the folder needs is the
+    caller's (its ``format_version``)."""
+    path = Path(directory) / CONFIG_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{directory} is not a saved {what or architecture} model: {CONFIG_FILE} not found")
+    config = read_json_file(path, error)
+    _check_architecture(config, architecture, path, what or architecture)
+    return config
+
+
 def read_preset_config(directory, architecture, error, required=()):
     """``config.json`` of a format-2 folder, checked: ``architecture`` (ValueError for another model's
     folder), ``format_version`` 2 and the ``model`` entry plus ``required`` keys (``error`` naming the file
     and the key)."""
     path = Path(directory) / CONFIG_FILE
     config = read_json_file(path, error)
-    if config.get("architecture") != architecture:
-        raise ValueError(f"{path} does not describe a {architecture} model: {config.get('architecture')!r}")
+    _check_architecture(config, architecture, path, architecture)
     if config.get("format_version") != FORMAT_VERSION:
         raise error(f"{path}: format_version {config.get('format_version')!r}, expected {FORMAT_VERSION}")
     for key in ("model", *required):

@@ -6,27 +6,30 @@ GPT-2 plus a CLIP encoder (~800 MB of float32) that was 3-4 s of a 5-6 s load, a
 is itself slow on a machine whose transparent huge pages stall on first use (measured here: 0.4-2.2 s for
 600 MB, against 0.02 s for mapping the same bytes from the page cache).
 
-- `save_weights` writes Keras' file (same groups, same names, readable by ``model.load_weights``) with
-  every dataset stored contiguously at a 64-byte-aligned offset (HDF5's alignment property), optionally
-  float16 where float16 is exact (OpenAI's CLIP weights are float16 values).
-- `load_weights` pairs file entries and variables exactly as Keras does (its ``_load_state`` walk and each
-  layer's ``load_own_variables``, so every Keras check, a layer expecting N variables and receiving M, a
-  shape mismatch, still raises), but an aligned, contiguous, uncompressed dataset is handed to TensorFlow
-  as a view of a private (copy-on-write) memory map of the file, through DLPack, without a copy: the
-  variable's assignment shares that memory. Pages come from the page cache when first used; a write to a
-  variable (training) copies its page, never the file. Other datasets (a file written by Keras itself,
-  unaligned; chunked, compressed, external, bfloat16) are copied or read by Keras' reader.
-- `variables_to_be_loaded`: inside, a Keras variable with a random initializer is created with
-  uninitialised memory (``tf.raw_ops.Empty``) instead of drawing 200M random numbers (or filling zeros)
-  that the load overwrites. Only for a model whose every weight is loaded next: `load_weights_strict`
-  refuses a file that misses any.
+Only public APIs: Keras' ``save_weights`` / ``load_weights`` and initializer classes, and h5py (the file is
+an HDF5 file whose layout, one group per saved object with its tensors under ``vars/0``, ``vars/1``..., Keras
+keeps readable across its releases). Nothing of Keras' private package: a Keras release can slow a load down, never
+break it (`unitest/test_keras_public_api.py`).
+
+- `save_weights` has Keras write its own file (``model.save_weights``, beside the target), then copies it
+  with h5py: the same groups, names and attributes, every dataset stored contiguously at a 64-byte-aligned
+  offset (HDF5's alignment property), optionally float16 where float16 is exact (OpenAI's CLIP weights are
+  float16 values), and an index naming, for each variable, the dataset that holds its values (found by
+  content: a variable and its dataset hold the same bytes; tensors of identical bytes are recorded as
+  interchangeable). A layer that stores computed values (not its variables) leaves the file without index.
+- `load_weights` pairs variables and datasets through that index and hands an aligned, contiguous,
+  uncompressed dataset to TensorFlow as a view of a private (copy-on-write) memory map of the file, through
+  DLPack, without a copy: the variable's assignment shares that memory. Pages come from the page cache when
+  first used; a write to a variable (training) copies its page, never the file. A file without a usable
+  index (written by Keras itself, another model's, or edited: a tensor missing, mis-shaped or one too many
+  in a layer's group) is loaded by Keras' ``model.load_weights``, whose checks and errors then apply.
+- `variables_to_be_loaded`: inside, Keras' random initializers (their public classes) return uninitialised
+  memory (``tf.raw_ops.Empty``) instead of drawing 200M random numbers that the load overwrites. Only for a
+  model whose every weight is loaded next: `load_weights_strict` refuses a file that misses any.
 
 Mapping, not reading, means the file must not be rewritten *in place* while a process uses the model
 (a copy with ``cp`` over it, say): the library never does (it replaces folders by renaming new ones into
 place, `utils.file_utils.replace_dir`, which leaves a mapped file intact).
-
-Keras' private saving module is used; `FAST_PATH` says whether it was found (a test fails if it was not,
-so a Keras upgrade cannot silently bring the slow load back).
 
 Example::
 
@@ -38,34 +41,27 @@ Example::
 
 import contextlib
 import errno
+import hashlib
 import json
 import os
 import re
 import shutil
+import uuid
 
 import numpy as np
 
 from utils.file_utils import parse_json
 
-try:  # Keras 3's private saving and variable classes (TensorFlow backend)
-    from keras.src.backend.tensorflow.core import Variable as _TFVariable
-    from keras.src.initializers.random_initializers import RandomInitializer as _RandomInitializer
-    from keras.src.saving import saving_lib as _saving_lib
-
-    FAST_PATH = all(hasattr(_saving_lib, name) for name in ("H5IOStore", "_load_state", "safe_get_h5_dataset")) \
-        and hasattr(_TFVariable, "_initialize_with_initializer")
-except ImportError:  # another Keras layout: Keras' public load_weights and initializers (slower, same values)
-    FAST_PATH = False
-
 #: the dataset of a file written by `save_weights` that maps each variable (`variable_keys`) to its dataset
-#: (JSON bytes), recorded from Keras' own walk at saving: the load pairs variables and tensors by it, without
-#: walking the layers again. Keras ignores it.
+#: (JSON bytes), with ``"#root"`` (the saved model's name) and ``"#alike"`` (groups of datasets holding
+#: identical bytes, any of which serves); Keras ignores it.
 INDEX_DATASET = "image_captioning_variable_index"
+_ROOT, _ALIKE = "#root", "#alike"
 #: a 124M GPT-2's index is ~15 kB: a larger one is refused before it is read
 MAX_INDEX_BYTES = 16 << 20
 #: alignment of the buffers handed to TensorFlow (Eigen's and XLA's requirement for CPU kernels)
 ALIGNMENT = 64
-#: dtypes read directly (native byte order); others go through Keras' reader
+#: dtypes read directly (native byte order); others are read by h5py (a copy)
 _DIRECT_DTYPES = {np.dtype(t).newbyteorder("=") for t in ("float32", "float16", "float64", "int32", "int64")}
 
 
@@ -108,54 +104,6 @@ def _as_tensor(array):
     return tf.cast(tensor, tf.float32) if array.dtype == np.float16 else tensor
 
 
-if FAST_PATH:
-
-    class _MappedStore(_saving_lib.H5IOStore):
-        """Keras' h5 store whose entries are views of a private memory map of the file (`dataset_view`)."""
-
-        def __init__(self, path):
-            super().__init__(path, mode="r")
-            self._mapped = np.memmap(path, dtype=np.uint8, mode="c")  # copy-on-write: the file is never written
-            self.used = set()  # the datasets read (their h5 names without the leading "/")
-
-        def __getitem__(self, key):
-            group = self._h5_entry_group
-            if not hasattr(group, "id"):  # no such group in the file: Keras' own error
-                return super().__getitem__(key)
-            dataset = _saving_lib.safe_get_h5_dataset(group, key)  # Keras' checks (no links out of the file)
-            self.used.add(dataset.name.lstrip("/"))
-            array = dataset_view(self._mapped, dataset)
-            return super().__getitem__(key) if array is None else _as_tensor(array)
-
-
-    class _WritingStore(_saving_lib.H5IOStore):
-        """Keras' h5 store writing aligned datasets (HDF5's alignment property), optionally float16 where
-        exact, and recording which dataset holds which variable (``index``: id(variable) -> dataset)."""
-
-        def __init__(self, path, float16_where_exact):
-            self.float16_where_exact = float16_where_exact
-            self.index, self.counts = {}, {"float16": 0, "float32": 0}
-            super().__init__(path, mode="w")
-
-        def _get_h5_file(self, path_or_io, mode=None):
-            import h5py
-
-            return h5py.File(path_or_io, mode or self.mode, alignment_threshold=1, alignment_interval=ALIGNMENT)
-
-        def __setitem__(self, key, value):
-            variable = value if hasattr(value, "path") else None  # a layer may store a computed array
-            array = np.asarray(value.numpy() if hasattr(value, "numpy") else value)
-            if (self.float16_where_exact and array.dtype == np.float32
-                    and np.array_equal(array.astype(np.float16).astype(np.float32), array)):
-                array = array.astype(np.float16)
-            kind = array.dtype.name if array.dtype.name in ("float16", "float32") else "other"
-            self.counts[kind] = self.counts.get(kind, 0) + 1
-            super().__setitem__(key, array)
-            if variable is not None:  # (the id of a temporary array could be reused by another object)
-                self.index[id(variable)] = f"{self._h5_entry_path}/vars/{key}" if self._h5_entry_path \
-                    else f"vars/{key}"
-
-
 def variable_keys(variables):
     """One key per variable: ``"<path>#<k>"``, the k-th variable of that path in ``model.weights`` order (a
     path repeats where sub-layers were built outside their parent's name scope, as the mapper's are)."""
@@ -169,64 +117,120 @@ def variable_keys(variables):
 
 
 def _read_index(f):
-    """The variable-path -> dataset index a file written by `save_weights` holds (None without one)."""
+    """(index {variable key: dataset}, saved model's name, {dataset: its alike group}) of a file written by
+    `save_weights`; (None, None, {}) without one."""
     if INDEX_DATASET not in f:
-        return None
+        return None, None, {}
     if f[INDEX_DATASET].size > MAX_INDEX_BYTES:
         raise ValueError(f"{f.filename}: the variable index holds {f[INDEX_DATASET].size} bytes, more than "
                          f"{MAX_INDEX_BYTES}: not a file this library wrote")
     index = parse_json(bytes(np.asarray(f[INDEX_DATASET][()], np.uint8)), f"{f.filename}: {INDEX_DATASET}")
-    return index if isinstance(index, dict) else None
+    if not isinstance(index, dict):
+        return None, None, {}
+    root, alike = index.pop(_ROOT, None), index.pop(_ALIKE, [])
+    twins = {name: group for group in alike if isinstance(group, list) for name in group}
+    return index, root, twins
 
 
-def _load_indexed(model, path, f, index):
-    """Assign every variable of ``model`` its dataset through ``index``; returns the datasets used, or None
-    (nothing assigned) when the index does not describe exactly this model's variables (then Keras' walk
-    pairs them)."""
+def _keys_in(index, model, root):
+    """(`variable_keys` of ``model``, the index) as they pair: as written, else both without their model's
+    name (a model built again gets another default name, ``sequential_1`` for ``sequential``, and a model
+    deserialized from its config builds its layers outside its own name scope); (None, None) when the
+    names collide once stripped."""
+    keys = variable_keys(model.weights)
+    if set(keys) <= set(index):
+        return keys, index
+
+    def strip(key, name):
+        return key[len(name) + 1:] if name and key.startswith(f"{name}/") else key
+
+    stripped = {strip(key, root): name for key, name in index.items()}
+    keys = [strip(key, model.name) for key in keys]
+    if len(stripped) != len(index) or len(set(keys)) != len(keys):
+        return None, None
+    return keys, stripped
+
+
+def _pair(keys, index, twins, available):
+    """{key: dataset} for every key, each dataset of ``available`` used once: the indexed one, else one of
+    identical bytes (``twins``) that no other key takes; None when a key cannot be paired."""
+    chosen, pending = {}, []
+    for key in keys:
+        name = index.get(key)
+        if name is None:
+            return None
+        if name in available and name not in chosen.values():
+            chosen[key] = name
+        else:
+            pending.append(key)
+    taken = set(chosen.values())
+    for key in pending:
+        name = next((n for n in twins.get(index[key], ()) if n in available and n not in taken), None)
+        if name is None:
+            return None
+        chosen[key] = name
+        taken.add(name)
+    return chosen
+
+
+def _tensor_names(f, in_part=lambda name: True):
+    """The names of the file's tensors (the variable index aside) for which ``in_part`` is true."""
     import h5py
 
-    variables = model.weights
-    keys = variable_keys(variables)
-    if set(keys) != set(index) or len(set(index.values())) != len(index):
+    names = []
+    f.visititems(lambda name, obj: names.append(name)
+                 if isinstance(obj, h5py.Dataset) and name != INDEX_DATASET and in_part(name) else None)
+    return names
+
+
+def _load_indexed(model, path, f, in_part=lambda name: True):
+    """Assign every variable of ``model`` its dataset through the file's index (restricted to the datasets
+    ``in_part``); returns the names of the datasets used, or None (nothing assigned) when the index does not
+    describe this model in this file: a variable it does not name, a dataset missing or of another shape, a
+    layer's group holding tensors the index does not pair."""
+    index, root, twins = _read_index(f)
+    if index is None:
         return None
+    names = _tensor_names(f, in_part)
+    keys, index = _keys_in(index, model, root)
+    chosen = None if keys is None else _pair(keys, index, twins, set(names))
+    if chosen is None:
+        return None
+    variables = model.weights
+    datasets = [f[chosen[key]] for key in keys]
+    if any(tuple(d.shape) != tuple(v.shape) for d, v in zip(datasets, variables, strict=True)):
+        return None
+    used = set(chosen.values())
+    groups = {name.rpartition("/")[0] for name in used}
+    if any(name not in used and name.rpartition("/")[0] in groups for name in names):
+        return None  # a layer's group holds a tensor more than the model's variables: the layer decides
     mapped = np.memmap(path, dtype=np.uint8, mode="c")  # copy-on-write: the file is never written
-    for key, variable in zip(keys, variables, strict=True):
-        dataset = f.get(index[key], getlink=False)
-        if not isinstance(dataset, h5py.Dataset):
-            raise ValueError(f"{path}: the index names {index[key]!r} for {key}, which is not a tensor of the file")
-        if tuple(dataset.shape) != tuple(variable.shape):
-            raise ValueError(f"{path}: {index[key]} has shape {tuple(dataset.shape)}, the model's {key} has "
-                             f"{tuple(variable.shape)}")
+    for variable, dataset in zip(variables, datasets, strict=True):
         array = dataset_view(mapped, dataset)
         variable.assign(dataset[()] if array is None else _as_tensor(array))
-    return {name.lstrip("/") for name in index.values()}
+    return used
 
 
 def load_weights(model, path):
     """``model.load_weights(path)`` for a ``.weights.h5`` file, quickly (module docstring): through the
-    variable index of a file `save_weights` wrote, else Keras' walk with mapped reads (Keras' own load when
-    `FAST_PATH` is False). A missing or mis-shaped tensor is a ValueError naming it. Returns the names of the
-    datasets read (None after Keras' own load)."""
+    variable index of a file `save_weights` wrote, with mapped reads; otherwise Keras' own load (its errors:
+    a missing or mis-shaped tensor is a ValueError naming it). Returns the names of the datasets read (None
+    after Keras' own load)."""
     import h5py
 
     path = os.fspath(path)
-    if not FAST_PATH or not path.endswith(".weights.h5") or os.path.getsize(path) == 0:
-        model.load_weights(path)
-        return None
     if not model.built:
         raise ValueError(f"the model must be built before its weights are loaded from {path}")
-    with h5py.File(path, "r") as f:
-        index = _read_index(f)
-        used = None if index is None else _load_indexed(model, path, f, index)
+    if path.endswith(".weights.h5") and os.path.getsize(path) > 0:
+        with h5py.File(path, "r") as f:
+            used = _load_indexed(model, path, f)
         if used is not None:
             return used
-    store = _MappedStore(path)
     try:
-        _saving_lib._load_state(model, weights_store=store, assets_store=None, inner_path="",
-                                visited_saveables=set())
-    finally:
-        store.close()
-    return store.used
+        model.load_weights(path)
+    except ValueError as e:  # Keras lists what it could not load over several lines: one line, all of it
+        raise ValueError(" ".join(str(e).split())) from e
+    return None
 
 
 def load_weights_strict(model, path):
@@ -236,9 +240,7 @@ def load_weights_strict(model, path):
 
     used = load_weights(model, path)
     with h5py.File(path, "r") as f:
-        names = []
-        f.visititems(lambda name, obj: names.append(name)
-                     if isinstance(obj, h5py.Dataset) and name != INDEX_DATASET else None)
+        names = _tensor_names(f)
     unexpected = sorted(set(names) - used) if used is not None else []
     if unexpected:
         shown = ", ".join(unexpected[:10]) + (f" and {len(unexpected) - 10} more" if len(unexpected) > 10 else "")
@@ -247,65 +249,60 @@ def load_weights_strict(model, path):
         raise ValueError(f"the file holds {len(names)} tensors, the model has {len(model.weights)} weights")
 
 
-def load_weights_part(model, path, in_part, inner_path=""):
+def load_weights_part(model, path, in_part):
     """Load ``model`` (one part of a larger saved model, e.g. a CLIP without its text tower, or that tower
     alone) from the datasets of a `save_weights` file for which ``in_part(name)`` is true, strictly: every
     weight of ``model`` from there, every tensor of that part used (the other tensors are not read).
 
-    Through the file's variable index restricted to the part when it describes exactly ``model``'s variables,
-    else Keras' walk from ``inner_path`` (where ``model`` sits in the saved model: "layers/text_transformer")
-    with mapped reads. A missing, mis-shaped or left-over tensor is a ValueError. Returns the names read."""
+    Through the file's variable index (tensors of identical bytes are interchangeable: a part takes its own);
+    a file without an index that describes ``model`` is a ValueError, as is a missing, mis-shaped or
+    left-over tensor. Returns the names read."""
     import h5py
 
     path = os.fspath(path)
     with h5py.File(path, "r") as f:
-        names = []
-        f.visititems(lambda name, obj: names.append(name)
-                     if isinstance(obj, h5py.Dataset) and name != INDEX_DATASET and in_part(name) else None)
-        index = _read_index(f)
-        part = None if index is None else {k: v for k, v in index.items() if in_part(v.lstrip("/"))}
-        used = None if part is None else _load_indexed(model, path, f, part)
+        names = _tensor_names(f, in_part)
+        used = _load_indexed(model, path, f, in_part)
     if used is None:
-        if not FAST_PATH:
-            raise ValueError(f"{path}: loading a part of a saved model needs Keras' saving module (not found)")
-        store = _MappedStore(path)
-        try:
-            _saving_lib._load_state(model, weights_store=store, assets_store=None, inner_path=inner_path,
-                                    visited_saveables=set())
-        finally:
-            store.close()
-        used = store.used
+        raise ValueError(f"{path}: the file's variable index does not describe this part of the model "
+                         f"({len(model.weights)} weights, {len(names)} tensors in the part)")
     unexpected = sorted(set(names) - used)
-    if unexpected or len(used) != len(model.weights) or not used <= set(names):
+    if unexpected or len(used) != len(model.weights):
         raise ValueError(f"{path}: the part read does not match the model: {len(used)} tensors read for "
                          f"{len(model.weights)} weights, {len(unexpected)} left over ({unexpected[:5]})")
     return used
+
+
+def _random_initializers():
+    """Keras' random initializer classes (public names); their subclasses (Glorot, He, LeCun...) inherit
+    their ``__call__``."""
+    import keras
+
+    return (keras.initializers.RandomNormal, keras.initializers.RandomUniform, keras.initializers.TruncatedNormal,
+            keras.initializers.VarianceScaling, keras.initializers.Orthogonal)
 
 
 @contextlib.contextmanager
 def variables_to_be_loaded():
     """Inside, a Keras variable whose initializer is random is created uninitialised (its memory is never
     written: the load that follows replaces it); see the module docstring. Variables with other
-    initializers (constants, seed-generator states) are created as usual. Not thread-safe: it replaces a
-    Keras method for the duration of the block."""
-    if not FAST_PATH:
-        yield
-        return
+    initializers (constants, seed-generator states) are created as usual. Not thread-safe: it replaces the
+    ``__call__`` of Keras' random initializer classes for the duration of the block."""
+    import keras
     import tensorflow as tf
 
-    original = _TFVariable._initialize_with_initializer
+    def uninitialised(self, shape, dtype=None):
+        dtype = keras.backend.standardize_dtype(dtype or keras.config.floatx())
+        return tf.raw_ops.Empty(shape=tuple(shape), dtype=tf.as_dtype(dtype), init=False)
 
-    def initialize(self, initializer):
-        if isinstance(initializer, _RandomInitializer):
-            self._initialize(lambda: tf.raw_ops.Empty(shape=self._shape, dtype=self._dtype, init=False))
-        else:
-            original(self, initializer)
-
-    _TFVariable._initialize_with_initializer = initialize
+    originals = {cls: cls.__dict__["__call__"] for cls in _random_initializers()}
     try:
+        for cls in originals:
+            cls.__call__ = uninitialised
         yield
     finally:
-        _TFVariable._initialize_with_initializer = original
+        for cls, call in originals.items():
+            cls.__call__ = call
 
 
 _HDF5_WRITE_FAILURE = re.compile(r"errno = (\d+), error message = '([^']*)'")
@@ -334,6 +331,82 @@ def _clear_write_errors(path):
         raise OSError(code, message) from e
 
 
+class _DLPackTensor:
+    """A TensorFlow tensor seen by numpy through DLPack: its buffer, not a copy (``tensor.numpy()`` copies)."""
+
+    def __init__(self, tensor):
+        self.tensor = tensor
+
+    def __dlpack__(self, stream=None, **kwargs):
+        import tensorflow as tf
+
+        return tf.experimental.dlpack.to_dlpack(self.tensor)
+
+    def __dlpack_device__(self):
+        return (1, 0)  # the CPU (callers check the tensor's device)
+
+
+def _host_values(variable):
+    """A Keras variable's values as a numpy array: a view of a CPU tensor's buffer (copying 800 MB of fresh
+    memory costs seconds on some machines), else a copy (another device, a dtype numpy's DLPack lacks)."""
+    value = variable.value
+    tensor = value.read_value() if hasattr(value, "read_value") else value
+    if "GPU" not in getattr(tensor, "device", "") and "TPU" not in getattr(tensor, "device", ""):
+        with contextlib.suppress(Exception):  # TypeError / BufferError / RuntimeError: copied below
+            return np.from_dlpack(_DLPackTensor(tensor))
+    return np.asarray(variable.numpy())
+
+
+def _digest(array):
+    """What identifies a tensor's values: its shape and the SHA-256 of its bytes."""
+    array = np.ascontiguousarray(array)
+    return tuple(array.shape), hashlib.sha256(array.view(np.uint8).reshape(-1)).hexdigest()
+
+
+def _copy_aligned(source, target, float16_where_exact):
+    """Copy every group, dataset and attribute of the h5 file ``source`` into ``target`` (aligned by its
+    file properties), float32 tensors float16 where exact; returns (counts, {dataset name: `_digest`})."""
+    import h5py
+
+    counts, digests = {"float16": 0, "float32": 0}, {}
+    target.attrs.update(source.attrs)
+
+    def copy(name, obj):
+        if isinstance(obj, h5py.Group):
+            target.require_group(name).attrs.update(obj.attrs)
+            return
+        array = obj[()]
+        digests[name] = _digest(array)
+        if (float16_where_exact and array.dtype == np.float32
+                and np.array_equal(array.astype(np.float16).astype(np.float32), array)):
+            array = array.astype(np.float16)
+        kind = array.dtype.name if array.dtype.name in ("float16", "float32") else "other"
+        counts[kind] = counts.get(kind, 0) + 1
+        target.create_dataset(name, data=array).attrs.update(obj.attrs)
+
+    source.visititems(copy)
+    return counts, digests
+
+
+def _content_index(model, digests):
+    """The variable index (`INDEX_DATASET`'s JSON) pairing each variable of ``model`` with a dataset of the
+    same bytes, and the groups of datasets of identical bytes; None when a variable's values are in no
+    dataset, or a dataset holds no variable's (a layer that stores computed values)."""
+    by_content = {}
+    for name in sorted(digests):
+        by_content.setdefault(digests[name], []).append(name)
+    alike = [list(names) for names in by_content.values() if len(names) > 1]  # (the lists are consumed below)
+    index = {}
+    for key, variable in zip(variable_keys(model.weights), model.weights, strict=True):
+        names = by_content.get(_digest(_host_values(variable)))
+        if not names:
+            return None
+        index[key] = names.pop(0)
+    if any(by_content.values()):
+        return None
+    return {**index, _ROOT: model.name, _ALIKE: alike}
+
+
 def save_weights(model, path, float16_where_exact=False):
     """``model.save_weights(path)`` with every dataset aligned (see the module docstring) and an index of
     the datasets by variable (`INDEX_DATASET`), and with ``float16_where_exact`` every float32 tensor that
@@ -343,30 +416,21 @@ def save_weights(model, path, float16_where_exact=False):
     import h5py
 
     path = os.fspath(path)
-    if not FAST_PATH:  # Keras' own file: no alignment, no index (loaded through Keras' walk)
-        with _clear_write_errors(path):
-            model.save_weights(path)
-        with h5py.File(path, "r") as f:
-            counts = {}
-            f.visititems(lambda _, obj: counts.__setitem__(obj.dtype.name, counts.get(obj.dtype.name, 0) + 1)
-                         if isinstance(obj, h5py.Dataset) else None)
-        return {"float16": counts.pop("float16", 0), "float32": counts.pop("float32", 0),
-                **({"other": sum(counts.values())} if counts else {})}
     if not path.endswith(".weights.h5"):
         raise ValueError(f"a weights file name must end in .weights.h5, got {path}")
-    with _clear_write_errors(path):
-        store = _WritingStore(path, float16_where_exact)
-        try:
-            _saving_lib._save_state(model, weights_store=store, assets_store=None, inner_path="",
-                                    visited_saveables=set())
-            keys = variable_keys(model.weights)
-            if all(id(v) in store.index for v in model.weights):  # else: loaded by Keras' walk
-                index = {key: store.index[id(v)] for key, v in zip(keys, model.weights, strict=True)}
-                data = json.dumps(index, separators=(",", ":")).encode()
-                store.h5_file.create_dataset(INDEX_DATASET, data=np.frombuffer(data, np.uint8))
-        except BaseException:
-            with contextlib.suppress(Exception):  # closing a file whose write failed fails again ("Can't
-                store.close()                     # decrement id ref count"): the first error is the one
-            raise
-        store.close()
-    return store.counts
+    directory, name = os.path.split(os.path.abspath(path))
+    keras_file = os.path.join(directory, f".{name}.keras-{os.getpid()}-{uuid.uuid4().hex[:8]}.weights.h5")
+    try:
+        with _clear_write_errors(path):
+            model.save_weights(keras_file)  # Keras' layout, by Keras
+            with h5py.File(keras_file, "r") as source, h5py.File(
+                    path, "w", alignment_threshold=1, alignment_interval=ALIGNMENT) as target:
+                counts, digests = _copy_aligned(source, target, float16_where_exact)
+                index = _content_index(model, digests)
+                if index is not None:  # else: loaded by Keras' own load
+                    data = json.dumps(index, separators=(",", ":")).encode()
+                    target.create_dataset(INDEX_DATASET, data=np.frombuffer(data, np.uint8))
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(keras_file)
+    return counts

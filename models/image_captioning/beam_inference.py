@@ -220,26 +220,27 @@ def clip_input_resolution(model_dir):
     return int(saved_clip_config(Path(model_dir) / clip_dir)["image_resolution"])
 
 
-class _ReadAndPreprocess(beam.DoFn):
+class ReadAndPreprocess(beam.DoFn):
     """A ReadableFile -> ((path, size, sha256), (n_px, n_px, 3) float32 pixels), OpenAI's CLIP preprocessing,
-    as `predict`; size and SHA-256 are those of the bytes decoded (the record's stamp).
+    as `predict`; size and SHA-256 are those of the bytes decoded (a record's stamp). A bad image -> (path,
+    message) on the ``ERRORS`` output (logged). The one reading stage of Beam captioning and of
+    `datasets.beam_extraction`.
 
     Local files go through ``ImageEmbedder.read(path)`` (exactly what `predict` does); other file systems are
-    read through Beam (``ReadableFile.read``) and decoded by the same code. A bad image -> an error record.
+    read through Beam (``ReadableFile.read``) and decoded by the same code.
     """
 
-    def __init__(self, n_px, settings, exif_transpose=True):
+    def __init__(self, n_px, exif_transpose=True):
         self._embedder = ImageEmbedder(None, n_px, exif_transpose=exif_transpose)  # reads, no model
-        self._settings = settings
 
     def process(self, readable):
         path = readable.metadata.path
         try:
             pixels, stamp = load_pixels_and_stamp(readable, self._embedder)
-        except Exception as e:  # any failure of one image is that image's error record
+        except Exception as e:  # any failure of one image is that image's error
             message = str(e) if isinstance(e, ImageReadError) else f"{type(e).__name__} in preprocess: {e}"
-            logger.warning("cannot caption %s: %s", path, message)
-            yield beam.pvalue.TaggedOutput(ERRORS, make_record(path, self._settings, error=message))
+            logger.warning("cannot read %s: %s", path, message)
+            yield beam.pvalue.TaggedOutput(ERRORS, (path, message))
             return
         yield (path, stamp["size"], stamp["sha256"]), pixels
 
@@ -389,13 +390,16 @@ def caption_pipeline(pipeline, inputs, model_dir, output, method="greedy", batch
                  | "SkipDone" >> beam.ParDo(_SkipDone(settings)))
     preprocessed = (paths
                     | "ReadMatches" >> fileio.ReadMatches()
-                    | "Preprocess" >> beam.ParDo(_ReadAndPreprocess(n_px, settings, exif_transpose))
+                    | "Preprocess" >> beam.ParDo(ReadAndPreprocess(n_px, exif_transpose))
                     .with_outputs(ERRORS, main="pixels"))
+    unreadable = (preprocessed[ERRORS]
+                  | "UnreadableRecords" >> beam.MapTuple(lambda path, message: make_record(path, settings,
+                                                                                           error=message)))
     captioned = (preprocessed.pixels
                  | "RunInference" >> RunInference(handler)
                  | "ToRecords" >> beam.Map(lambda r: make_record(r.example[0], settings, candidates=r.inference,
                                                                  stamp={"size": r.example[1], "sha256": r.example[2]})))
-    errors = (matched[ERRORS], preprocessed[ERRORS]) | "FlattenErrors" >> beam.Flatten()
+    errors = (matched[ERRORS], unreadable) | "FlattenErrors" >> beam.Flatten()
     records = (captioned, errors) | "FlattenRecords" >> beam.Flatten()
     (records | "RecordsToJson" >> beam.Map(json_text, indent=None)  # a non-UTF-8 file name stays valid
      | "WriteRecords" >> beam.io.WriteToText(f"{output}-{RECORDS_NAME}", file_name_suffix=OUTPUT_SUFFIX,

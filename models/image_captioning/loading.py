@@ -8,7 +8,7 @@ from utils.model_store import model_dir, recover_model_dir
 
 def load_clipcap(cls, name_or_directory, clip=None, jit_compile="auto"):
     """`ClipCap.load`: a format-2 folder, a format-1 folder, or an official name (converted once)."""
-    from utils.preset_utils import CONFIG_FILE, read_json_file
+    from utils.preset_utils import CONFIG_FILE, read_saved_header
 
     directory = recover_model_dir(model_dir(name_or_directory))  # a save killed half-way: finished first
     config_path = directory / CONFIG_FILE
@@ -18,11 +18,7 @@ def load_clipcap(cls, name_or_directory, clip=None, jit_compile="auto"):
 
         if str(name_or_directory) in MODELS:  # an official model: downloaded and converted once
             return get_pretrained(cls, str(name_or_directory))
-    if not config_path.is_file():
-        raise FileNotFoundError(f"{directory} is not a saved ClipCap model: {CONFIG_FILE} not found")
-    config = read_json_file(config_path, ModelLoadError)
-    if config.get("architecture") != ARCHITECTURE:
-        raise ValueError(f"{config_path} does not describe a ClipCap model: {config.get('architecture')!r}")
+    config = read_saved_header(directory, ARCHITECTURE, ModelLoadError, "ClipCap")
     if config.get("format_version") == 1:
         from models.image_captioning.format1 import load_format1
 

@@ -82,18 +82,14 @@ def load_clip(cls, directory, jit_compile="auto", lazy_text=False):
     from utils.preset_utils import (
         CONFIG_FILE,
         load_preset_model,
-        read_json_file,
         read_metadata,
         read_preset_config,
+        read_saved_header,
     )
 
     directory = Path(directory)
     config_path = directory / CONFIG_FILE
-    if not config_path.is_file():
-        raise FileNotFoundError(f"{directory} is not a saved CLIP model: {CONFIG_FILE} missing")
-    config = read_json_file(config_path, CheckpointError)
-    if config.get("architecture") != ARCHITECTURE:
-        raise ValueError(f"{config_path} does not describe a CLIP model: {config.get('architecture')!r}")
+    config = read_saved_header(directory, ARCHITECTURE, CheckpointError, "CLIP")
     metadata = {}
     text_loader = None
     if config.get("format_version") == 1:
@@ -149,8 +145,7 @@ def _load_text_part(directory, config):
     try:
         with variables_to_be_loaded():
             text = keras.layers.deserialize(config["model"]["config"]["text"])
-        load_weights_part(text, weights_path, lambda name: name.startswith(TEXT_PART),
-                          inner_path=TEXT_PART.rstrip("/"))
+        load_weights_part(text, weights_path, lambda name: name.startswith(TEXT_PART))
     except (OSError, ValueError, KeyError, TypeError, RuntimeError) as e:
         raise CheckpointError(f"cannot load CLIP's text encoder from {weights_path} ({type(e).__name__}: {e}); "
                               "the file is damaged or does not match config.json: save or convert it again") from e

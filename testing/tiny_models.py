@@ -5,7 +5,7 @@ session; `tiny_clipcap`: loaded, with or without its CLIP; ``unitest/conftest.py
 fixtures) and of the notebook's CI run. Everything is built locally, nothing is downloaded:
 
 - ``tiny_clipcap.pt``: an official-format ClipCap checkpoint (``torch.save(model.state_dict())`` of the
-  reference ``ClipCaptionModel`` in ``unitest/reference/clipcap_official.py``), MLP mapper, 4 prefix tokens,
+  reference ``ClipCaptionModel`` in ``testing/clipcap_official.py``), MLP mapper, 4 prefix tokens,
   a 2-layer GPT-2 of width 64 (one head) whose vocabulary is the tokenizer's;
 - ``tiny_clip.pt``: an OpenAI-format CLIP state dict (OpenAI's own ``clip.model.CLIP``, weights cast to fp16
   as in the released files): ViT, 32 px input, 16 px patches, embedding size 32;
@@ -14,7 +14,7 @@ fixtures) and of the notebook's CI run. Everything is built locally, nothing is 
 
 Command line (imports torch and torchvision before TensorFlow, as required)::
 
-    python -m unitest.tiny_models /tmp/tiny          # prints /tmp/tiny/model
+    python -m testing.tiny_models /tmp/tiny           # prints /tmp/tiny/model
     IMAGE_CAPTIONING_NOTEBOOK_MODEL=/tmp/tiny/model jupyter nbconvert --execute image_captioning.ipynb
 """
 
@@ -57,7 +57,7 @@ def build_tiny_clipcap(path, tokenizer_dir, seed=0, stop_boost=3.0, kind="mlp"):
     """
     from transformers import GPT2Config, GPT2TokenizerFast
 
-    from unitest.reference.clipcap_official import ClipCaptionModel
+    from testing.clipcap_official import ClipCaptionModel
 
     tokenizer = GPT2TokenizerFast.from_pretrained(str(tokenizer_dir))
     vocab = len(tokenizer)
@@ -75,24 +75,48 @@ def build_tiny_clipcap(path, tokenizer_dir, seed=0, stop_boost=3.0, kind="mlp"):
     return Path(path)
 
 
-def train_tiny_tokenizer(directory):
-    """The locally trained byte-level BPE (`unitest.tokenizer_utils`), saved in GPT-2's format; checked.
+#: the sentences the tests' and benchmarks' tokenizers are trained on
+SAMPLE_TEXT = [
+    "A man riding a wave on top of a surfboard.",
+    "A red circle on a blue background.",
+    "A green square on a yellow background.",
+    "Two dogs playing with a frisbee in the park.",
+    "A plate of food with broccoli and rice.",
+    "A cat sitting on a wooden table next to a laptop.",
+    "A train traveling down the tracks near a station.",
+    "Une personne qui marche dans la rue, sous la pluie.",
+]
+
+
+def train_gpt2_tokenizer(directory, vocab_size=400, texts=None):
+    """A byte-level BPE trained on ``texts`` (default `SAMPLE_TEXT`) by the library's trainer
+    (`utils.gpt2_tokenizer.train_gpt2_tokenizer`), then saved by transformers' ``GPT2TokenizerFast`` too, so
+    that the folder holds the files a hub GPT-2 snapshot holds, as transformers writes them (what the
+    tokenizer tests read); checked to hold the whole vocabulary. Returns the directory (str).
 
     transformers 5's ``GPT2TokenizerFast`` takes ``vocab=`` / ``merges=`` (``vocab_file=`` / ``merges_file=``
-    are silently ignored and give an empty ``tokenizer.json``), so the files are saved again from
-    ``vocab.json`` + ``merges.txt`` here and the result is checked to hold the whole vocabulary.
+    are silently ignored and give an empty ``tokenizer.json``).
     """
     from transformers import GPT2TokenizerFast
 
-    from unitest.tokenizer_utils import train_gpt2_tokenizer
+    from utils.gpt2_tokenizer import GPT2_SPECIAL_TOKEN
+    from utils.gpt2_tokenizer import train_gpt2_tokenizer as train_bpe
 
-    directory = Path(train_gpt2_tokenizer(directory, vocab_size=400))
-    tokenizer = GPT2TokenizerFast(vocab=str(directory / "vocab.json"), merges=str(directory / "merges.txt"))
-    tokenizer.save_pretrained(str(directory))
+    directory = Path(directory)
+    trained = len(train_bpe(directory, texts or SAMPLE_TEXT, vocab_size=vocab_size, repeats=20))
+    GPT2TokenizerFast(vocab=str(directory / "vocab.json"), merges=str(directory / "merges.txt"),
+                      unk_token=GPT2_SPECIAL_TOKEN, bos_token=GPT2_SPECIAL_TOKEN,
+                      eos_token=GPT2_SPECIAL_TOKEN).save_pretrained(str(directory))
     loaded = GPT2TokenizerFast.from_pretrained(str(directory))
-    if len(loaded) < 300 or not loaded.encode("."):
-        raise RuntimeError(f"the tiny tokenizer in {directory} did not save correctly ({len(loaded)} tokens)")
-    return directory
+    if len(loaded) != trained or not loaded.encode("."):
+        raise RuntimeError(f"the tokenizer in {directory} did not save correctly ({len(loaded)} tokens, "
+                           f"{trained} trained)")
+    return str(directory)
+
+
+def train_tiny_tokenizer(directory):
+    """The tiny models' tokenizer (`train_gpt2_tokenizer` at its defaults); returns the directory (Path)."""
+    return Path(train_gpt2_tokenizer(directory))
 
 
 def build_tiny_files(directory, seed=0):
@@ -190,7 +214,7 @@ def random_embeddings(n, dim, seed=0):
 def build_parity_checkpoints(directory, size, stop_id, vocab_size=None):
     """{kind: (torch ClipCaptionModel, official .pt path)} for every kind of `KINDS` at ``size`` ("tiny" or
     "real"; the real ones share one GPT-2)."""
-    from unitest.reference import clipcap_official as ref
+    from testing import clipcap_official as ref
 
     directory = Path(directory)
     out, gpt = {}, None

@@ -5,7 +5,7 @@
 of N batches (no shuffling) and compares every weight afterwards through the official state dict
 (`utils.convert.clipcap_export`):
 
-- PyTorch: the official ``train()`` body (`reference.clipcap_official.official_train_steps`): attention mask
+- PyTorch: the official ``train()`` body (`testing.clipcap_official.official_train_steps`): attention mask
   over prefix + tokens, logits ``[:, K-1:-1]``, ``cross_entropy(ignore_index=0)`` on tokens padded with 0,
   transformers' AdamW (written out in the reference: transformers 5 no longer ships it) at its defaults,
   ``get_linear_schedule_with_warmup``, ``optimizer.step(); scheduler.step()``;
@@ -20,8 +20,8 @@ gives the same embedding). Captions end with the stop token, so our trainer appe
 import numpy as np
 import torch
 
-from unitest.reference import clipcap_official as ref
-from unitest.tokenizer_utils import SAMPLE_TEXT
+from testing import clipcap_official as ref
+from testing.tiny_models import SAMPLE_TEXT
 
 CAPTIONS = [
     *SAMPLE_TEXT,
