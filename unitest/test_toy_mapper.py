@@ -105,7 +105,7 @@ def trained(tmp_path_factory):
     """The toy mapper trained by the ``train`` command on the synthetic shapes (embedded by the tiny CLIP):
     {"model": saved folder, "images": a few image paths}."""
     from main import main
-    from unitest.tiny_models import shared_tiny_files
+    from testing.tiny_models import shared_tiny_files
 
     files = shared_tiny_files(tmp_path_factory)
     root = tmp_path_factory.mktemp("toy_training")

@@ -16,7 +16,7 @@ import pytest
 
 from custom_architectures.decoding_options import Control, Option
 from custom_architectures.samplers import SAMPLERS, Greedy
-from unitest.tiny_models import DEMO_DIR
+from testing.tiny_models import DEMO_DIR
 
 PHOTOS = [str(p) for p in sorted(DEMO_DIR.glob("*.jpg"))[:2]]
 MAX_LENGTH = 6
