@@ -171,6 +171,17 @@ print(json.dumps(logits.tolist()))
     np.testing.assert_allclose(logits, expected_logits, rtol=0, atol=1e-5)
 
 
+def test_text_tower_loaded_later_is_its_own(setup):
+    """A lazily loaded text tower takes its own tensors: its paths repeat the image tower's
+    (``transformer.resblocks.0/...`` in both towers of a ViT CLIP)."""
+    clip = setup["clip"]
+    saved = str(setup["dir"] / "saved_lazy")
+    clip.save(saved)
+    lazy = CLIP.load(saved, lazy_text=True)
+    texts = ["a cat", "a diagram"]
+    np.testing.assert_array_equal(lazy.encode_text(texts), clip.encode_text(texts))
+
+
 def test_visual_only(setup):
     clip = CLIP.from_pretrained(setup["checkpoint"], visual_only=True)
     assert clip.tokenizer is None and clip.model.text is None

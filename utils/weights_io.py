@@ -183,6 +183,27 @@ def _tensor_names(f, in_part=lambda name: True):
     return names
 
 
+def _index_of_part(index, twins, available):
+    """The index entries of one part of the saved model (the datasets ``available``, or one of identical
+    bytes among them), numbered again within the part: a path can repeat across the parts (CLIP's image and
+    text towers both hold ``transformer.resblocks.0/ln_1/gamma``, ``#0`` and ``#1`` in the whole model), and
+    the part, built alone, numbers its own variables from ``#0`` in the same order."""
+    def in_part(name):
+        return name in available or any(twin in available for twin in twins.get(name, ()))
+
+    def order(key):
+        path, _, k = key.rpartition("#")
+        return path, int(k) if k.isdigit() else -1
+
+    part, seen = {}, {}
+    for key in sorted(index, key=order):
+        if in_part(index[key]):
+            path = key.rpartition("#")[0]
+            part[f"{path}#{seen.get(path, 0)}"] = index[key]
+            seen[path] = seen.get(path, 0) + 1
+    return part
+
+
 def _load_indexed(model, path, f, in_part=lambda name: True):
     """Assign every variable of ``model`` its dataset through the file's index (restricted to the datasets
     ``in_part``); returns the names of the datasets used, or None (nothing assigned) when the index does not
@@ -192,6 +213,7 @@ def _load_indexed(model, path, f, in_part=lambda name: True):
     if index is None:
         return None
     names = _tensor_names(f, in_part)
+    index = _index_of_part(index, twins, set(names))
     keys, index = _keys_in(index, model, root)
     chosen = None if keys is None else _pair(keys, index, twins, set(names))
     if chosen is None:
