@@ -4,7 +4,9 @@
 give the same 8-bit pixels, so this module follows Pillow's C code (``libImaging/Resample.c`` for BICUBIC,
 ``Geometry.c``'s ``ImagingScaleAffine`` for NEAREST, ``Convert.c`` for premultiplied alpha; Pillow 12):
 
-- BICUBIC (`resize_bicubic_crop`): two separable passes, horizontal first, each rounded and clipped to 8 bits.
+- BICUBIC (`resize_bicubic_crop`): two separable passes, each rounded and clipped to 8 bits: horizontal first
+  (``ImagingResampleInner``), vertical first for an image over 100 times taller than wide that shrinks
+  vertically (``Image.resize``'s own rule since Pillow 11).
   Per output pixel, a window of input pixels (support 2 x the downscale factor, at least 2) whose double
   filter weights are normalised by their sum (added in window order, as C adds them), then turned into
   fixed point with ``PRECISION_BITS = 22`` (rounded away from zero); the sum ``2**21 + sum(pixel * weight)``
@@ -74,33 +76,50 @@ class _Windows:
         return self.xmin[0], self.xmin[-1] + self.xmax[-1]
 
 
-def _pass(image, windows, axis, offset=0):
-    """One separable pass of Pillow's ``ImagingResample{Horizontal,Vertical}_8bpc`` along ``axis``:
-    uint8 image -> uint8, one output per window; ``offset``: the input index of ``image``'s first row/column."""
-    limit = tf.shape(image)[axis] - 1
-    shape = [1, 1, 1]
-    shape[axis] = -1
+def _pass(image, windows, offset):
+    """One separable pass of Pillow's ``ImagingResample{Horizontal,Vertical}_8bpc`` along axis 0: uint8 (N, M, C)
+    -> uint8 (outputs, M, C); ``offset``: the input index of ``image``'s first row. One int32 accumulator,
+    one window tap at a time (a gather of whole rows: contiguous copies)."""
+    limit = tf.shape(image)[0] - 1
 
     def tap(t, acc):
         index = tf.minimum(windows.xmin - offset + t, limit)  # past the window: weight 0
-        pixels = tf.cast(tf.gather(image, index, axis=axis), tf.int32)
-        return t + 1, acc + pixels * tf.reshape(windows.weights(t), shape)
+        pixels = tf.cast(tf.gather(image, index), tf.int32)
+        return t + 1, acc + pixels * windows.weights(t)[:, None, None]
 
-    out_shape = tf.tensor_scatter_nd_update(tf.shape(image), [[axis]], tf.shape(windows.xmin))
+    out_shape = tf.concat([tf.shape(windows.xmin), tf.shape(image)[1:]], 0)
     acc = tf.fill(out_shape, tf.constant(1 << (PRECISION_BITS - 1), tf.int32))
     _, acc = tf.while_loop(lambda t, acc: t < windows.ksize, tap, (tf.constant(0), acc))
     return tf.cast(tf.clip_by_value(tf.bitwise.right_shift(acc, PRECISION_BITS), 0, 255), tf.uint8)
 
 
+def _swap(image):
+    return tf.transpose(image, [1, 0, 2])
+
+
 def resize_bicubic_crop(image, size, corner, n):
     """``Image.fromarray(image).resize((size[1], size[0]), BICUBIC)`` cropped to ``n`` x ``n`` from ``corner``
-    (top, left), for a uint8 (H, W, C) image: the same pixels, computing only the crop."""
+    (top, left), for a uint8 (H, W, C) image: the same pixels, computing only the crop (from the input rows
+    and columns its windows read).
+
+    Horizontal pass first, as ``ImagingResampleInner``; except, as ``Image.resize`` (Pillow >= 11) does, for an
+    image more than 100 times taller than wide that shrinks vertically: vertical pass first.
+    """
     in_h, in_w = tf.shape(image)[0], tf.shape(image)[1]
     rows = _Windows(in_h, size[0], corner[0], n)
     cols = _Windows(in_w, size[1], corner[1], n)
-    first, end = rows.first_and_end()  # the only input rows the vertical pass reads
-    horizontal = _pass(image[first:end], cols, axis=1)
-    return _pass(horizontal, rows, axis=0, offset=first)
+    top, bottom = rows.first_and_end()
+    left, right = cols.first_and_end()
+    image = image[top:bottom, left:right]
+
+    def horizontal_first():
+        return _pass(_swap(_pass(_swap(image), cols, left)), rows, top)
+
+    def vertical_first():
+        return _swap(_pass(_swap(_pass(image, rows, top)), cols, left))
+
+    tall = (in_h > in_w * 100) & (tf.cast(size[0], tf.int32) < in_h)
+    return tf.cond(tall, vertical_first, horizontal_first)
 
 
 def _nearest_index(in_size, out_size, start, count):
@@ -131,17 +150,17 @@ def _muldiv255(a, b):
 
 
 def premultiply(image):
-    """RGBA -> RGBa (Pillow's ``rgbA2rgba``) of a uint8 (H, W, 4) image."""
+    """RGBA -> RGBa, LA -> La (Pillow's ``rgbA2rgba``) of a uint8 (H, W, C) image whose last channel is alpha."""
     x = tf.cast(image, tf.int32)
-    colour = _muldiv255(x[..., :3], x[..., 3:])
-    return tf.cast(tf.concat([colour, x[..., 3:]], -1), tf.uint8)
+    colour = _muldiv255(x[..., :-1], x[..., -1:])
+    return tf.cast(tf.concat([colour, x[..., -1:]], -1), tf.uint8)
 
 
 def unpremultiply(image):
-    """RGBa -> RGBA (Pillow's ``rgba2rgbA``): colour * 255 / alpha (integer division), clipped; alpha 0 and
+    """RGBa -> RGBA, La -> LA (Pillow's ``rgba2rgbA``): colour * 255 / alpha (integer division), clipped; alpha 0 and
     255 keep the colour."""
     x = tf.cast(image, tf.int32)
-    alpha = x[..., 3:]
-    divided = tf.minimum((255 * x[..., :3]) // tf.maximum(alpha, 1), 255)
-    colour = tf.where((alpha == 0) | (alpha == 255), x[..., :3], divided)
+    alpha = x[..., -1:]
+    divided = tf.minimum((255 * x[..., :-1]) // tf.maximum(alpha, 1), 255)
+    colour = tf.where((alpha == 0) | (alpha == 255), x[..., :-1], divided)
     return tf.cast(tf.concat([colour, alpha], -1), tf.uint8)
