@@ -173,7 +173,7 @@ def test_tokens_to_text_equals_tokenizer_decode(gpt2_tokenizer_dir):
 def test_decode_images_drops_bad_rows():
     import tensorflow as tf
 
-    from models.image_captioning.serving_ops import decode_images
+    from models.image_captioning.serving_pixels import decode_images
 
     good = DEMO[0].read_bytes()
     wide = io.BytesIO()
@@ -277,7 +277,7 @@ def test_truncated_and_unknown_bytes_never_fail():
     """0, 5 and 20 bytes of every format, garbage, other formats: refused from the header, the rest captioned."""
     import tensorflow as tf
 
-    from models.image_captioning.serving_ops import decode_images
+    from models.image_captioning.serving_pixels import decode_images
 
     photo = DEMO[0].read_bytes()
     rgb = Image.open(DEMO[0]).convert("RGB")
@@ -296,7 +296,7 @@ def test_request_pixel_budget():
     """Rows are admitted in order while they fit in what is left of max_request_pixels."""
     import tensorflow as tf
 
-    from models.image_captioning.serving_ops import decode_images
+    from models.image_captioning.serving_pixels import decode_images
 
     square = _encode(Image.new("RGB", (100, 100), (20, 140, 60)), "PNG")  # 10,000 pixels
     small = _encode(Image.new("RGB", (50, 50), (200, 10, 60)), "PNG")  # 2,500 pixels
@@ -310,7 +310,7 @@ def test_gif_frames_larger_than_the_screen_are_counted():
     """giflib decodes each frame at the size its own descriptor gives, whatever the logical screen says."""
     import tensorflow as tf
 
-    from models.image_captioning.serving_ops import decode_images
+    from models.image_captioning.serving_pixels import decode_images
 
     data = bytearray(_encode(Image.new("L", (300, 300), 90), "GIF"))
     data[6:10] = struct.pack("<HH", 10, 10)  # the screen says 100 pixels, the frame holds 90,000
@@ -326,7 +326,7 @@ def test_gif_is_decoded_up_to_its_first_frame():
     frame announcing 60000 x 60000 pixels, whose data is missing)."""
     import tensorflow as tf
 
-    from models.image_captioning.serving_ops import decode_images
+    from models.image_captioning.serving_pixels import decode_images
     from utils.clip_preprocessing import tf_preprocess
 
     frames = [Image.fromarray(np.random.default_rng(i).integers(0, 255, (60, 80), np.uint8)) for i in range(3)]

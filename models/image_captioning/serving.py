@@ -40,6 +40,7 @@ from pathlib import Path
 import tensorflow as tf
 
 from models.image_captioning import serving_ops as ops
+from models.image_captioning import serving_pixels
 from models.image_captioning.clip_cap import MODEL_STOP_TOKEN, check_decoding_args
 
 METADATA_FILE = os.path.join("assets.extra", "clipcap_serving.json")
@@ -183,7 +184,7 @@ class CaptionModule(tf.Module):
 
     def _serve_images(self, images):
         n = tf.shape(images)[0]
-        rows, pixels = ops.decode_images(images, self._n_px, self._max_pixels, self._max_request_pixels)
+        rows, pixels = serving_pixels.decode_images(images, self._n_px, self._max_pixels, self._max_request_pixels)
         (features,) = ops.run_bucketed(self._encoders, [pixels], [0.0], [(tf.float32, (self._prefix_size,))])
         embeddings = tf.scatter_nd(rows[:, None], features, tf.stack([n, self._prefix_size]))
         ok = tf.scatter_nd(rows[:, None], tf.ones_like(rows, tf.bool), tf.reshape(n, (1,)))
