@@ -1,8 +1,8 @@
 """Export a `ClipCap` as a TensorFlow SavedModel that captions encoded image bytes: no repository, no torch.
 
 The graph holds everything: decoding the bytes (JPEG, PNG, GIF first frame, BMP; headers checked first),
-OpenAI's preprocessing (`utils.clip_preprocessing.tf_preprocess`: bicubic antialiased resize done as PIL
-does it, centre crop, normalisation), the CLIP image encoder, the mapper (with the model's
+the pixels `ClipCap.caption` sees, bit for bit (`serving_pixels`: PIL's JPEG IDCT, EXIF orientation, PIL's
+fixed-point resize in the image's PIL mode, centre crop, normalisation), the CLIP image encoder, the mapper (with the model's
 ``normalize_prefix`` policy) and the XLA-compiled decoding loop (`PrefixDecoder`), then the token ids ->
 text table. Signatures (see README "Serving"):
 
@@ -101,7 +101,8 @@ class CaptionModule(tf.Module):
                         "max_pixels, or beyond max_request_pixels: rows are admitted in order while they fit)",
             "gif": "first frame only",
             "score": "mean log-probability per generated token (stop token included)",
-            "exif_orientation": "not applied (as OpenAI's preprocessing)",
+            "exif_orientation": "applied (JPEG), as ClipCap.caption",
+            "pixels": "ClipCap.caption's (utils.clip_preprocessing.preprocess_image of utils.image_io.read_image)",
         }, indent=1)
 
         visual, mapper, gpt2, decoder = model.clip.visual, model.mapper, model.gpt2, model.decoder
