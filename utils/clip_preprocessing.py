@@ -101,19 +101,30 @@ def preprocess_image(image, n_px):
     return (pixels - _MEAN) / _STD  # (n_px, n_px, 3)
 
 
+#: the resamplings of `tf_resize_crop`, by index (a graph may choose one per image: an int32 tensor)
+RESAMPLINGS = ("bicubic", "premultiplied", "nearest")
+
+
 def tf_resize_crop(image, n_px, resample="bicubic"):
     """`preprocess_image`'s resize and centre crop in graph: uint8 (H, W, C) -> uint8 (n_px, n_px, C).
 
-    ``resample``: "bicubic" (PIL's BICUBIC, for RGB, L and CMYK images), "premultiplied" (BICUBIC on
-    premultiplied alpha, what PIL does for RGBA and LA: the last channel is alpha; returns it too) or
-    "nearest" (what PIL does for palette and 1-bit images, here on their colours). Bit-identical to
-    ``image.resize(size, BICUBIC).crop(box)`` of the PIL image of that mode (`utils.tf_resample`). An image
-    whose resize would exceed ``MAX_RESIZED_PIXELS`` fails with InvalidArgumentError (as `preprocess_image`).
+    ``resample`` (a name of `RESAMPLINGS`, or its index as an int32 tensor, chosen per image in a graph):
+    "bicubic" (PIL's BICUBIC, for RGB, L and CMYK images), "premultiplied" (BICUBIC on premultiplied alpha,
+    what PIL does for RGBA and LA: the last channel is alpha; returns it too) or "nearest" (what PIL does for
+    palette and 1-bit images, here on their colours). Bit-identical to ``image.resize(size, BICUBIC).crop(box)``
+    of the PIL image of that mode (`utils.tf_resample`); the graph holds one BICUBIC resize whatever the choice.
+    An image whose resize would exceed ``MAX_RESIZED_PIXELS`` fails with InvalidArgumentError (as
+    `preprocess_image`).
     """
     import tensorflow as tf
 
     from utils.tf_resample import premultiply, resize_bicubic_crop, resize_nearest_crop, unpremultiply
 
+    if isinstance(resample, str):
+        if resample not in RESAMPLINGS:
+            raise ValueError(f"resample must be one of {RESAMPLINGS}, got {resample!r}")
+        resample = RESAMPLINGS.index(resample)
+    resample = tf.convert_to_tensor(resample, tf.int32)
     shape = tf.shape(image)
     height, width = tf.cast(shape[0], tf.float64), tf.cast(shape[1], tf.float64)
     short = tf.minimum(height, width)
@@ -126,15 +137,17 @@ def tf_resize_crop(image, n_px, resample="bicubic"):
     top = tf.cast(tf.round(tf.cast(new_h - n_px, tf.float64) / 2.0), tf.int32)  # half to even, like round()
     left = tf.cast(tf.round(tf.cast(new_w - n_px, tf.float64) / 2.0), tf.int32)
     size, corner = (new_h, new_w), (top, left)
-    if resample == "nearest":
-        return resize_nearest_crop(image, size, corner, n_px)
-    if resample == "premultiplied":  # PIL leaves an image of the right size as it is (no round trip)
-        same = tf.equal(new_h, shape[0]) & tf.equal(new_w, shape[1])
-        return tf.cond(same, lambda: image[top : top + n_px, left : left + n_px],
-                       lambda: unpremultiply(resize_bicubic_crop(premultiply(image), size, corner, n_px)))
-    if resample != "bicubic":
-        raise ValueError(f"resample must be 'bicubic', 'premultiplied' or 'nearest', got {resample!r}")
-    return resize_bicubic_crop(image, size, corner, n_px)
+    same = tf.equal(new_h, shape[0]) & tf.equal(new_w, shape[1])  # PIL leaves such an image as it is
+    premultiplied = tf.equal(resample, 1)
+
+    def bicubic():
+        x = tf.cond(premultiplied, lambda: premultiply(image), lambda: image)
+        x = resize_bicubic_crop(x, size, corner, n_px)
+        return tf.cond(premultiplied, lambda: unpremultiply(x), lambda: x)
+
+    return tf.cond(same, lambda: image[top : top + n_px, left : left + n_px],
+                   lambda: tf.cond(tf.equal(resample, 2), lambda: resize_nearest_crop(image, size, corner, n_px),
+                                   bicubic))
 
 
 def _normalized_values():

@@ -75,6 +75,14 @@ class _Windows:
         """The input range every output's window lies in: [xmin[0], xmin[-1] + xmax[-1])."""
         return self.xmin[0], self.xmin[-1] + self.xmax[-1]
 
+    @classmethod
+    def choose(cls, condition, a, b):
+        """``a``'s windows where ``condition`` (a scalar bool tensor), else ``b``'s (both of the same length)."""
+        chosen = cls.__new__(cls)
+        for name in ("ksize", "ss", "center", "xmin", "xmax", "total"):
+            setattr(chosen, name, tf.where(condition, getattr(a, name), getattr(b, name)))
+        return chosen
+
 
 def _pass(image, windows, offset):
     """One separable pass of Pillow's ``ImagingResample{Horizontal,Vertical}_8bpc`` along axis 0: uint8 (N, M, C)
@@ -111,15 +119,14 @@ def resize_bicubic_crop(image, size, corner, n):
     top, bottom = rows.first_and_end()
     left, right = cols.first_and_end()
     image = image[top:bottom, left:right]
-
-    def horizontal_first():
-        return _pass(_swap(_pass(_swap(image), cols, left)), rows, top)
-
-    def vertical_first():
-        return _swap(_pass(_swap(_pass(image, rows, top)), cols, left))
-
+    # one pair of passes in the graph, whichever comes first: the pass runs along axis 0 (image transposed)
     tall = (in_h > in_w * 100) & (tf.cast(size[0], tf.int32) < in_h)
-    return tf.cond(tall, vertical_first, horizontal_first)
+    first, second = _Windows.choose(tall, rows, cols), _Windows.choose(tall, cols, rows)
+    offsets = tf.where(tall, tf.stack([top, left]), tf.stack([left, top]))
+    x = tf.cond(tall, lambda: image, lambda: _swap(image))
+    x = _swap(_pass(x, first, offsets[0]))
+    x = _pass(x, second, offsets[1])
+    return tf.cond(tall, lambda: _swap(x), lambda: x)
 
 
 def _nearest_index(in_size, out_size, start, count):

@@ -27,7 +27,7 @@ import tensorflow as tf
 
 from models.image_captioning import serving_ops as ops
 from models.image_captioning.serving_ops import _colour_table, _gif_first_frame
-from utils.clip_preprocessing import tf_normalize, tf_resize_crop
+from utils.clip_preprocessing import RESAMPLINGS, tf_normalize, tf_resize_crop
 
 #: a JPEG's markers are walked up to its first scan (SOS) looking for the EXIF segment, at most this many
 MAX_JPEG_MARKERS = 1024
@@ -123,33 +123,31 @@ def orient(image, orientation):
     return tf.switch_case(tf.cast(orientation, tf.int32) - 1, branches)
 
 
-def _jpeg(data, n_px):
+# Each format's reader returns (uint8 (H, W, C) image, C = 3 or 4 with alpha last, its `RESAMPLINGS` index):
+# `row_pixels` then resizes once (one resize in the graph: each copy costs seconds of graph optimisation).
+_BICUBIC, _PREMULTIPLIED, _NEAREST = (RESAMPLINGS.index(name) for name in ("bicubic", "premultiplied", "nearest"))
+
+
+def _jpeg(data):
     image = tf.io.decode_jpeg(data, channels=3, dct_method="INTEGER_ACCURATE")
-    return tf_resize_crop(orient(image, exif_orientation(data)), n_px)
+    return orient(image, exif_orientation(data)), _BICUBIC
 
 
 # ---------------------------------------------------------------------------------------------------- PNG
 
 
 def _rgb(pixels):
-    """The crop's colour channels as RGB: alpha dropped, grey repeated (PIL's ``convert("RGB")``)."""
-    channels = pixels.shape[-1]
-    pixels = pixels[..., : 1 if channels <= 2 else 3]
-    return tf.image.grayscale_to_rgb(pixels) if channels <= 2 else pixels
+    """The crop's colours (3 channels, or 4 with alpha last) as RGB: alpha dropped (PIL's ``convert("RGB")``)."""
+    return pixels[..., :3]
 
 
-def _png(data, n_px):
+def _png(data):
     head = _bytes_at(data, 24, 2)  # IHDR bit depth, colour type
     depth, colour = head[0], head[1]
     nearest = tf.equal(colour, 3) | (tf.equal(colour, 0) & tf.equal(depth, 1))  # P, "1"
     alpha = tf.equal(colour, 4) | tf.equal(colour, 6)  # LA (as RGBA: grey repeated), RGBA
-    kind = tf.where(nearest, 1, tf.where(alpha, 2, 0))
-    branches = [
-        lambda: tf_resize_crop(tf.io.decode_png(data, channels=3), n_px),
-        lambda: tf_resize_crop(tf.io.decode_png(data, channels=3), n_px, "nearest"),
-        lambda: _rgb(tf_resize_crop(tf.io.decode_png(data, channels=4), n_px, "premultiplied")),
-    ]
-    return tf.switch_case(tf.cast(kind, tf.int32), branches)
+    image = tf.cond(alpha, lambda: tf.io.decode_png(data, channels=4), lambda: tf.io.decode_png(data, channels=3))
+    return image, tf.where(nearest, _NEAREST, tf.where(alpha, _PREMULTIPLIED, _BICUBIC))
 
 
 # ---------------------------------------------------------------------------------------------------- GIF
@@ -171,7 +169,7 @@ def _with_byte(data, pos, value):
                             tf.strings.substr(data, pos + 1, tf.constant(-1, tf.int64))])
 
 
-def _gif(data, size, n_px):
+def _gif(data, size):
     body = tf.io.decode_raw(data, tf.uint8)
     global_table = _colour_table(_bytes_at(data, 10, 1)[0])
     _, _, _, _, descriptor, control = _gif_first_frame(body, 13 + global_table, stop_at_descriptor=True)
@@ -186,13 +184,13 @@ def _gif(data, size, n_px):
     first_frame = tf.cond(control >= 0, lambda: _with_byte(first_frame, control, tf.bitwise.bitwise_and(flags, 0xFE)),
                           lambda: first_frame)
     image = tf.io.decode_gif(tf.strings.join([first_frame, b";"]))[0]
-    return tf.cond(grey, lambda: tf_resize_crop(image, n_px), lambda: tf_resize_crop(image, n_px, "nearest"))
+    return image, tf.where(grey, _BICUBIC, _NEAREST)
 
 
 # ---------------------------------------------------------------------------------------------------- BMP
 
 
-def _bmp(data, n_px):
+def _bmp(data):
     head = _bytes_at(data, 14, 36)  # from the info header: its size, ..., bit count (14), compression (16)
     header_size, bits = _number(head[0:4], True), _number(head[14:16], True)
     compression, used = _number(head[16:20], True), _number(head[32:36], True)
@@ -208,18 +206,18 @@ def _bmp(data, n_px):
         indices = image[..., 0]
         colours_of = tf.gather(tf.cast(tf.maximum(table, 0), tf.uint8), tf.cast(indices, tf.int32))
         grey = ~tf.equal(colours, 2) & _is_grey_ramp(table, colours)  # PIL's "L" (2 colours: "1", NEAREST)
-        return tf.cond(grey, lambda: tf_resize_crop(image, n_px),
-                       lambda: tf_resize_crop(colours_of, n_px, "nearest"))
+        return tf.cond(grey, lambda: (image, _BICUBIC), lambda: (colours_of, _NEAREST))
 
-    return tf.cond(tf.equal(bits, 8), palette, lambda: tf_resize_crop(image, n_px))
+    return tf.cond(tf.equal(bits, 8), palette, lambda: (image, _BICUBIC))
 
 
 def row_pixels(index, data, size, n_px):
     """The uint8 (n_px, n_px, 3) crop of an admitted row: ``index`` its format (`serving_ops.FORMATS`), ``size``
     the bytes to decode (`serving_ops.read_header`)."""
-    branches = [lambda: _jpeg(data, n_px), lambda: _png(data, n_px),
-                lambda: _gif(data, size, n_px), lambda: _bmp(data, n_px)]
-    return tf.ensure_shape(tf.switch_case(index, branches), (n_px, n_px, 3))
+    branches = [lambda: _jpeg(data), lambda: _png(data), lambda: _gif(data, size), lambda: _bmp(data)]
+    image, resample = tf.switch_case(index, branches)
+    image = tf.ensure_shape(image, (None, None, None))
+    return tf.ensure_shape(_rgb(tf_resize_crop(image, n_px, resample)), (n_px, n_px, 3))
 
 
 def decode_images(images, n_px, max_pixels=ops.DEFAULT_MAX_PIXELS, max_request_pixels=ops.DEFAULT_MAX_REQUEST_PIXELS):
