@@ -12,11 +12,13 @@ from utils.clip_preprocessing import (
     center_crop_box,
     preprocess_image,
     resized_size,
+    tf_normalize,
     tf_preprocess,
+    tf_resize_crop,
 )
 
-PHOTOS = ["astronaut", "coffee", "chelsea", "rocket", "hubble_deep_field", "camera"]
 ONE_LEVEL = 1 / 255 / min(STD)  # one grey level after normalisation
+PHOTOS = ["astronaut", "coffee", "chelsea", "rocket", "hubble_deep_field", "camera"]
 
 
 @pytest.fixture(scope="module")
@@ -91,25 +93,82 @@ def test_non_pil_input_is_refused():
         preprocess_image(np.zeros((10, 10, 3), np.uint8), 224)
 
 
-@pytest.mark.parametrize("n_px", [224, 288])
-def test_tf_preprocess_stays_within_its_documented_deviation(photos, n_px):
-    for name, array in photos.items():
-        expected = reference(Image.fromarray(array), n_px)
-        ours = tf_preprocess(array if array.ndim == 3 else array[..., None], n_px).numpy()
-        diff = np.abs(ours - expected)
-        assert ours.shape == (n_px, n_px, 3)
-        assert diff.max() <= 0.0151, name  # one grey level, as the docstring states
-        assert (diff > 1e-5).mean() <= 0.0012, name  # at most 0.12% of the values differ
+def _pil_pixels(image, n_px):
+    """`preprocess_image`'s 8-bit pixels before normalisation (its own resize and crop)."""
+    size = resized_size(*image.size, n_px)
+    resized = image.resize(size, Image.BICUBIC) if size != image.size else image
+    return np.asarray(resized.crop(center_crop_box(*size, n_px)).convert("RGB"))
 
 
-def test_tf_preprocess_in_tf_data_with_gray_and_alpha(photos):
+@pytest.fixture(scope="module")
+def tf_pixels():
+    """A function array -> (tf_resize_crop's uint8 crop as RGB, tf_preprocess' float32 values); traced once per
+    channel count and resampling (any size)."""
     import tensorflow as tf
 
-    rgba = np.asarray(Image.fromarray(photos["coffee"]).convert("RGBA"))
-    gray = photos["camera"][..., None]
-    for array, reference_image in ((rgba, Image.fromarray(rgba[..., :3])), (gray, Image.fromarray(gray[..., 0]))):
-        dataset = tf.data.Dataset.from_tensors(array).map(lambda x: tf_preprocess(x, 224))
-        ours = next(iter(dataset)).numpy()
-        assert np.abs(ours - reference(reference_image, 224)).max() <= 0.0151
+    functions = {}
+
+    def build(channels, resample):
+        def both(x):
+            pixels = tf_resize_crop(x, 224, resample)[..., : 1 if channels <= 2 else 3]
+            pixels = tf.image.grayscale_to_rgb(pixels) if channels <= 2 else pixels
+            values = tf_normalize(pixels) if resample == "nearest" else tf_preprocess(x, 224)
+            return pixels, values
+
+        return tf.function(both, input_signature=[tf.TensorSpec((None, None, channels), tf.uint8)])
+
+    def run(array, resample=None):
+        resample = resample or ("premultiplied" if array.shape[-1] in (2, 4) else "bicubic")
+        key = (array.shape[-1], resample)
+        functions[key] = functions.get(key) or build(*key)
+        return [t.numpy() for t in functions[key](array)]
+    return run
+
+
+# sizes: 1 x N, N x 1, exactly n_px, one off, odd, upscaled, huge downscales and aspect ratios, and a shrinking
+# image over 100 times taller than wide (PIL resizes it vertically first)
+TF_SIZES = [(1, 1), (1, 300), (300, 1), (224, 224), (225, 224), (224, 223), (17, 33), (50, 37), (7, 1500),
+            (1500, 7), (640, 480), (999, 1001), (3000, 2000), (223, 5000), (230, 23100)]
+
+
+def test_tf_preprocess_is_bit_identical_on_photos(photos, tf_pixels):
+    """The in-graph resize is PIL's fixed-point one: same uint8 pixels, same float32 values."""
+    for name, array in photos.items():
+        image = Image.fromarray(array)
+        pixels, values = tf_pixels(array if array.ndim == 3 else array[..., None])
+        np.testing.assert_array_equal(pixels, _pil_pixels(image, 224), err_msg=name)
+        np.testing.assert_array_equal(values, preprocess_image(image, 224), err_msg=name)
+
+
+@pytest.mark.parametrize("mode", ["RGB", "L", "RGBA", "LA", "P"])
+def test_tf_resize_crop_is_bit_identical_at_every_size(photos, tf_pixels, mode):
+    """Every size of TF_SIZES (textured crops of a photo, semi-transparent alpha), in the mode's own resampling:
+    BICUBIC, BICUBIC on premultiplied alpha (RGBA, LA), NEAREST (palette)."""
+    rng = np.random.default_rng(len(mode))
+    source = Image.fromarray(photos["chelsea"]).convert("RGBA")
+    for width, height in TF_SIZES:
+        image = source.resize((width, height), Image.BILINEAR)
+        rgba = np.asarray(image).copy()
+        rgba[..., 3] = rng.integers(0, 256, rgba.shape[:2])  # alpha 0, 255 and everything between
+        image = Image.fromarray(rgba).convert(mode)
+        array = np.asarray(image.convert("RGB") if mode == "P" else image)
+        array = array[..., None] if array.ndim == 2 else array
+        pixels, values = tf_pixels(array, "nearest" if mode == "P" else None)
+        np.testing.assert_array_equal(pixels, _pil_pixels(image, 224), err_msg=f"{mode} {width}x{height}")
+        np.testing.assert_array_equal(values, preprocess_image(image, 224), err_msg=f"{mode} {width}x{height}")
+
+
+def test_tf_preprocess_refuses_other_inputs():
     with pytest.raises(TypeError, match="uint8"):
         tf_preprocess(np.zeros((10, 10, 3), np.float32), 224)
+    with pytest.raises(ValueError, match="resample must be"):
+        tf_resize_crop(np.zeros((10, 10, 3), np.uint8), 224, "lanczos")
+
+
+def test_tf_preprocess_in_tf_data(photos):
+    import tensorflow as tf
+
+    for array in (photos["coffee"], photos["camera"][..., None]):
+        dataset = tf.data.Dataset.from_tensors(array).map(lambda x: tf_preprocess(x, 224))
+        image = Image.fromarray(array if array.shape[-1] == 3 else array[..., 0])
+        np.testing.assert_array_equal(next(iter(dataset)).numpy(), preprocess_image(image, 224))

@@ -3,9 +3,10 @@
 Each mapper kind is exported once (tiny random models: MLP greedy, transformer beam 3) through the CLI, then
 loaded in a separate ``python -I`` process whose working directory and ``sys.path`` exclude the repository
 (`unitest/savedmodel_client.py`). Its captions must equal `ClipCap`'s: token-exact (same text, same score)
-for the ``embeddings`` signature; for image bytes, the demo photos (JPEG) and lossless PNG / BMP copies give
-the captions of ``ClipCap.caption`` (the in-graph resize is within 1 grey level of PIL's, see
-`utils.clip_preprocessing.tf_preprocess`, and here never changes a decision); a bad row gives "" and NaN.
+for the ``embeddings`` signature; for image bytes, the demo photos (JPEG) and copies in other formats and modes
+(PNG RGB / palette / RGBA, BMP, GIF, a JPEG with an EXIF rotation) give the captions of ``ClipCap.caption`` (the
+graph's pixels are `preprocess_image`'s, bit for bit: `unitest/test_serving_pixels.py`); a bad row gives "" and
+NaN.
 
 Images are judged by their headers before any decoding (`serving_ops.read_headers` / `admit`): small files
 announcing sizes just above and below PIL's pixel cap in each format, truncated and unknown bytes, the request's
@@ -36,14 +37,26 @@ KINDS = {"mlp": ["--method", "greedy"], "transformer": ["--method", "beam", "--b
 DEMO = sorted(DEMO_DIR.glob("*.jpg"))
 
 
-def _lossless_copies(directory):
-    """PNG and BMP copies of two demo photos (same pixels as the JPEG decoded by PIL) and a GIF."""
+def _other_formats(directory):
+    """Demo photos in the other formats and modes the graph decodes: PNG (RGB, palette, RGBA with varied alpha),
+    BMP, GIF (palette), and a JPEG whose EXIF orientation (6) turns it a quarter."""
     paths = []
-    for source, fmt in ((DEMO[0], "png"), (DEMO[1], "bmp"), (DEMO[2], "gif")):
-        path = directory / f"{source.stem}.{fmt}"
-        Image.open(source).convert("RGB").save(path)
+    for i, (fmt, mode) in enumerate((("png", "RGB"), ("bmp", "RGB"), ("gif", "RGB"), ("png", "P"), ("png", "RGBA"))):
+        image = Image.open(DEMO[i % len(DEMO)]).convert("RGB")
+        if mode == "P":
+            image = image.quantize(64)
+        elif mode == "RGBA":
+            rgba = np.asarray(image.convert("RGBA")).copy()
+            rgba[..., 3] = np.linspace(0, 255, rgba.shape[1], dtype=np.uint8)[None]
+            image = Image.fromarray(rgba)
+        path = directory / f"{DEMO[i % len(DEMO)].stem}_{mode}.{fmt}"
+        image.save(path)
         paths.append(path)
-    return paths
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    path = directory / "rotated.jpg"
+    Image.open(DEMO[-1]).save(path, exif=exif.tobytes())
+    return paths + [path]
 
 
 @pytest.fixture(scope="module", params=sorted(KINDS))
@@ -61,7 +74,7 @@ def exported(request, tmp_path_factory):
     model = ClipCap.load(str(directory / "model"))
     out = directory / "export"
     assert main(["export", str(directory / "model"), str(out), "--max-batch-size", "4", *KINDS[kind]]) == 0
-    images = DEMO + _lossless_copies(directory)
+    images = DEMO + _other_formats(directory)
     instances = [{"b64": base64.b64encode(p.read_bytes()).decode()} for p in images]
     truncated = DEMO[0].read_bytes()[:600]
     bomb = io.BytesIO()
@@ -120,18 +133,16 @@ def test_embeddings_signature_is_token_exact(exported):
 
 def test_bytes_signature_matches_caption(exported):
     kind, model, _, result, images, _ = exported
-    lossless = images[: len(DEMO) + 2]  # the JPEG photos, the PNG and the BMP copies
-    expected = model.caption([str(p) for p in lossless], **_decoding(kind))
+    photos = images[: len(DEMO) + 6]  # the JPEG photos and their copies in other formats, modes, orientation
+    expected = model.caption([str(p) for p in photos], **_decoding(kind))
     got = result["images"]
     agreement = sum(a == b for a, b in zip(got["captions"], expected))
     print(f"{kind}: {agreement} of {len(expected)} captions equal ClipCap.caption's")
     assert got["captions"][: len(expected)] == expected
-    reference = [c[0]["score"] for c in model.generate(model.encode_images([str(p) for p in lossless]),
+    reference = [c[0]["score"] for c in model.generate(model.encode_images([str(p) for p in photos]),
                                                        **_decoding(kind))]
     np.testing.assert_allclose(got["scores"][: len(expected)], reference, atol=2e-3)
-    gif = len(expected)
-    assert got["captions"][gif] and np.isfinite(got["scores"][gif])  # the GIF decodes (palette: not compared)
-    for i in range(gif + 1, len(got["captions"])):  # text, truncated, decompression bomb, empty
+    for i in range(len(expected), len(got["captions"])):  # text, truncated, decompression bomb, empty
         assert got["captions"][i] == "" and np.isnan(got["scores"][i]), i
 
 
@@ -173,7 +184,7 @@ def test_tokens_to_text_equals_tokenizer_decode(gpt2_tokenizer_dir):
 def test_decode_images_drops_bad_rows():
     import tensorflow as tf
 
-    from models.image_captioning.serving_ops import decode_images
+    from models.image_captioning.serving_pixels import decode_images
 
     good = DEMO[0].read_bytes()
     wide = io.BytesIO()
@@ -277,7 +288,7 @@ def test_truncated_and_unknown_bytes_never_fail():
     """0, 5 and 20 bytes of every format, garbage, other formats: refused from the header, the rest captioned."""
     import tensorflow as tf
 
-    from models.image_captioning.serving_ops import decode_images
+    from models.image_captioning.serving_pixels import decode_images
 
     photo = DEMO[0].read_bytes()
     rgb = Image.open(DEMO[0]).convert("RGB")
@@ -296,7 +307,7 @@ def test_request_pixel_budget():
     """Rows are admitted in order while they fit in what is left of max_request_pixels."""
     import tensorflow as tf
 
-    from models.image_captioning.serving_ops import decode_images
+    from models.image_captioning.serving_pixels import decode_images
 
     square = _encode(Image.new("RGB", (100, 100), (20, 140, 60)), "PNG")  # 10,000 pixels
     small = _encode(Image.new("RGB", (50, 50), (200, 10, 60)), "PNG")  # 2,500 pixels
@@ -310,7 +321,7 @@ def test_gif_frames_larger_than_the_screen_are_counted():
     """giflib decodes each frame at the size its own descriptor gives, whatever the logical screen says."""
     import tensorflow as tf
 
-    from models.image_captioning.serving_ops import decode_images
+    from models.image_captioning.serving_pixels import decode_images
 
     data = bytearray(_encode(Image.new("L", (300, 300), 90), "GIF"))
     data[6:10] = struct.pack("<HH", 10, 10)  # the screen says 100 pixels, the frame holds 90,000
@@ -322,12 +333,13 @@ def test_gif_frames_larger_than_the_screen_are_counted():
 
 
 def test_gif_is_decoded_up_to_its_first_frame():
-    """The first frame's pixels, as tf.io.decode_image gives them; later frames are never read (here a second
+    """The first frame's pixels, as `ClipCap.caption` reads them; later frames are never read (here a second
     frame announcing 60000 x 60000 pixels, whose data is missing)."""
     import tensorflow as tf
 
-    from models.image_captioning.serving_ops import decode_images
-    from utils.clip_preprocessing import tf_preprocess
+    from models.image_captioning.serving_pixels import decode_images
+    from utils.clip_preprocessing import preprocess_image
+    from utils.image_io import read_image
 
     frames = [Image.fromarray(np.random.default_rng(i).integers(0, 255, (60, 80), np.uint8)) for i in range(3)]
     animated = _encode(frames[0], "GIF", save_all=True, append_images=frames[1:])
@@ -335,9 +347,9 @@ def test_gif_is_decoded_up_to_its_first_frame():
     huge_second = single[:-1] + b"," + struct.pack("<HHHHB", 0, 0, 60000, 60000, 0) + b"\x02\x02\x4c\x01\x00;"
     rows, pixels = decode_images(tf.constant([animated, huge_second]), 224)
     assert rows.numpy().tolist() == [0, 1]
-    expected = tf_preprocess(tf.io.decode_image(animated, channels=3, expand_animations=False), 224)
-    np.testing.assert_array_equal(pixels[0].numpy(), expected.numpy())
-    np.testing.assert_array_equal(pixels[1].numpy(), expected.numpy())
+    expected = preprocess_image(read_image(animated), 224)
+    np.testing.assert_array_equal(pixels[0].numpy(), expected)
+    np.testing.assert_array_equal(pixels[1].numpy(), expected)
 
 
 def test_gif_walk_is_bounded():

@@ -12,7 +12,8 @@ OpenAI's pipeline (torchvision on PIL images) is, in this order:
 
 `preprocess_image` runs exactly these PIL operations, then the same float32 arithmetic, and returns
 (n_px, n_px, 3) instead of (3, n_px, n_px). Its only deliberate deviation concerns 16-bit images (see its
-docstring). `tf_preprocess` is an in-graph approximation for ``tf.data``.
+docstring). `tf_preprocess` / `tf_resize_crop` do the same in graph (``tf.data``, the serving SavedModel), bit
+for bit: PIL's fixed-point resampling written with integer tensor ops (`utils.tf_resample`).
 
 Memory is bounded whatever the image's shape: step 1 resizes the *whole* image before the crop, so a 40000x1
 line would become 8,960,000x224 (6 GB) to keep 224x224 of it. Both functions refuse an image whose resized
@@ -100,16 +101,78 @@ def preprocess_image(image, n_px):
     return (pixels - _MEAN) / _STD  # (n_px, n_px, 3)
 
 
-def tf_preprocess(image, n_px):
-    """In-graph (``tf.data``-friendly) CLIP preprocessing of one uint8 (H, W, C) image, C in {1, 3, 4}.
+#: the resamplings of `tf_resize_crop`, by index (a graph may choose one per image: an int32 tensor)
+RESAMPLINGS = ("bicubic", "premultiplied", "nearest")
 
-    Same size rule, crop offsets, alpha dropping and normalisation as `preprocess_image`; the resampling is
-    ``tf.image.resize(bicubic, antialias=True)`` done as PIL does it (horizontal pass, rounded to 8 bits,
-    then vertical pass, rounded), which is close to PIL's fixed-point kernel but not identical. Measured on
-    the scikit-image sample photos (astronaut, coffee, chelsea, rocket, hubble_deep_field, camera; 224 and
-    288 px): at most 1 grey level (1/255) on a pixel, i.e. at most 0.0151 after normalisation, on at most
-    0.12% of the values (all others identical); ``unitest/test_clip_preprocessing.py`` checks these bounds. For RGBA images OpenAI
-    resizes with premultiplied alpha; here the alpha is dropped first, so semi-transparent edges differ.
+
+def tf_resize_crop(image, n_px, resample="bicubic"):
+    """`preprocess_image`'s resize and centre crop in graph: uint8 (H, W, C) -> uint8 (n_px, n_px, C).
+
+    ``resample`` (a name of `RESAMPLINGS`, or its index as an int32 tensor, chosen per image in a graph):
+    "bicubic" (PIL's BICUBIC, for RGB, L and CMYK images), "premultiplied" (BICUBIC on premultiplied alpha,
+    what PIL does for RGBA and LA: the last channel is alpha; returns it too) or "nearest" (what PIL does for
+    palette and 1-bit images, here on their colours). Bit-identical to ``image.resize(size, BICUBIC).crop(box)``
+    of the PIL image of that mode (`utils.tf_resample`); the graph holds one BICUBIC resize whatever the choice.
+    An image whose resize would exceed ``MAX_RESIZED_PIXELS`` fails with InvalidArgumentError (as
+    `preprocess_image`).
+    """
+    import tensorflow as tf
+
+    from utils.tf_resample import premultiply, resize_bicubic_crop, resize_nearest_crop, unpremultiply
+
+    if isinstance(resample, str):
+        if resample not in RESAMPLINGS:
+            raise ValueError(f"resample must be one of {RESAMPLINGS}, got {resample!r}")
+        resample = RESAMPLINGS.index(resample)
+    resample = tf.convert_to_tensor(resample, tf.int32)
+    shape = tf.shape(image)
+    height, width = tf.cast(shape[0], tf.float64), tf.cast(shape[1], tf.float64)
+    short = tf.minimum(height, width)
+    new_h = tf.cast(tf.floor(n_px * height / short), tf.int32)  # n_px for the shorter side (exact)
+    new_w = tf.cast(tf.floor(n_px * width / short), tf.int32)
+    tf.debugging.assert_less_equal(
+        tf.cast(new_h, tf.int64) * tf.cast(new_w, tf.int64), tf.constant(MAX_RESIZED_PIXELS, tf.int64),
+        message=f"the image would be resized to more than {MAX_RESIZED_PIXELS} pixels before the {n_px}x{n_px} "
+                "centre crop: refused to bound memory; crop the image first")
+    top = tf.cast(tf.round(tf.cast(new_h - n_px, tf.float64) / 2.0), tf.int32)  # half to even, like round()
+    left = tf.cast(tf.round(tf.cast(new_w - n_px, tf.float64) / 2.0), tf.int32)
+    size, corner = (new_h, new_w), (top, left)
+    same = tf.equal(new_h, shape[0]) & tf.equal(new_w, shape[1])  # PIL leaves such an image as it is
+    premultiplied = tf.equal(resample, 1)
+
+    def bicubic():
+        x = tf.cond(premultiplied, lambda: premultiply(image), lambda: image)
+        x = resize_bicubic_crop(x, size, corner, n_px)
+        return tf.cond(premultiplied, lambda: unpremultiply(x), lambda: x)
+
+    return tf.cond(same, lambda: image[top : top + n_px, left : left + n_px],
+                   lambda: tf.cond(tf.equal(resample, 2), lambda: resize_nearest_crop(image, size, corner, n_px),
+                                   bicubic))
+
+
+def _normalized_values():
+    """(256, 3) float32: `preprocess_image`'s value of each 8-bit level in each channel (its own numpy ops)."""
+    levels = np.arange(256, dtype=np.uint8)[:, None].astype(np.float32) / np.float32(255)
+    return (levels - _MEAN) / _STD
+
+
+def tf_normalize(pixels):
+    """uint8 (..., 3) RGB pixels -> `preprocess_image`'s float32 values: looked up in the table of its own
+    numpy arithmetic (a graph's ``x / 255`` may be rewritten, e.g. as a multiplication, and differ in the last
+    bit)."""
+    import tensorflow as tf
+
+    table = tf.constant(_normalized_values().reshape(-1))  # level * 3 + channel
+    return tf.gather(table, tf.cast(pixels, tf.int32) * 3 + tf.range(3))
+
+
+def tf_preprocess(image, n_px):
+    """In-graph (``tf.data``-friendly) CLIP preprocessing of one uint8 (H, W, C) image, C in {1, 2, 3, 4}.
+
+    Bit-identical to `preprocess_image` of the PIL image of mode L, LA, RGB or RGBA holding these pixels
+    (same size rule, PIL's fixed-point BICUBIC resize with premultiplied alpha when there is an alpha
+    channel, same crop, alpha dropped, same float32 normalisation): `tf_resize_crop`. Palette images must be
+    resized with ``tf_resize_crop(..., resample="nearest")`` as PIL does.
 
     An image whose resize would exceed ``MAX_RESIZED_PIXELS`` fails with InvalidArgumentError (bounded
     memory, as in `preprocess_image`).
@@ -124,31 +187,13 @@ def tf_preprocess(image, n_px):
     if image.dtype != tf.uint8:
         raise TypeError(f"tf_preprocess expects a uint8 image, got {image.dtype}")
     channels = image.shape[-1]
-    if channels == 1:
-        image = tf.image.grayscale_to_rgb(image)
-    elif channels == 4:
-        image = image[..., :3]
-    elif channels != 3:
+    if channels not in (1, 2, 3, 4):
         raise ValueError(
-            f"tf_preprocess expects 1, 3 or 4 channels (statically known: decode with channels=3), "
+            f"tf_preprocess expects 1, 2, 3 or 4 channels (statically known: decode with channels=3), "
             f"got shape {image.shape}"
         )
-    shape = tf.shape(image)
-    height, width = tf.cast(shape[0], tf.float64), tf.cast(shape[1], tf.float64)
-    short = tf.minimum(height, width)
-    new_h = tf.cast(tf.floor(n_px * height / short), tf.int32)  # n_px for the shorter side (exact)
-    new_w = tf.cast(tf.floor(n_px * width / short), tf.int32)
-    tf.debugging.assert_less_equal(
-        tf.cast(new_h, tf.int64) * tf.cast(new_w, tf.int64), tf.constant(MAX_RESIZED_PIXELS, tf.int64),
-        message=f"the image would be resized to more than {MAX_RESIZED_PIXELS} pixels before the {n_px}x{n_px} "
-                "centre crop: refused to bound memory; crop the image first")
-    x = tf.cast(image, tf.float32)[None]  # (1, H, W, 3)
-    x = tf.image.resize(x, tf.stack([shape[0], new_w]), method="bicubic", antialias=True)  # horizontal
-    x = tf.clip_by_value(tf.round(x), 0.0, 255.0)
-    x = tf.image.resize(x, tf.stack([new_h, new_w]), method="bicubic", antialias=True)  # vertical
-    x = tf.clip_by_value(tf.round(x), 0.0, 255.0)[0]  # (new_h, new_w, 3)
-    top = tf.cast(tf.round(tf.cast(new_h - n_px, tf.float64) / 2.0), tf.int32)  # half to even, like round()
-    left = tf.cast(tf.round(tf.cast(new_w - n_px, tf.float64) / 2.0), tf.int32)
-    x = x[top : top + n_px, left : left + n_px]
-    x = tf.ensure_shape(x, (n_px, n_px, 3)) / 255.0
-    return (x - tf.constant(_MEAN)) / tf.constant(_STD)  # (n_px, n_px, 3)
+    pixels = tf_resize_crop(image, n_px, "premultiplied" if channels in (2, 4) else "bicubic")
+    pixels = pixels[..., : 1 if channels <= 2 else 3]  # alpha dropped after the resize, as convert("RGB")
+    if channels <= 2:
+        pixels = tf.image.grayscale_to_rgb(pixels)
+    return tf_normalize(tf.ensure_shape(pixels, (n_px, n_px, 3)))

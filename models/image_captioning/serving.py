@@ -1,8 +1,8 @@
 """Export a `ClipCap` as a TensorFlow SavedModel that captions encoded image bytes: no repository, no torch.
 
 The graph holds everything: decoding the bytes (JPEG, PNG, GIF first frame, BMP; headers checked first),
-OpenAI's preprocessing (`utils.clip_preprocessing.tf_preprocess`: bicubic antialiased resize done as PIL
-does it, centre crop, normalisation), the CLIP image encoder, the mapper (with the model's
+the pixels `ClipCap.caption` sees, bit for bit (`serving_pixels`: PIL's JPEG IDCT, EXIF orientation, PIL's
+fixed-point resize in the image's PIL mode, centre crop, normalisation), the CLIP image encoder, the mapper (with the model's
 ``normalize_prefix`` policy) and the XLA-compiled decoding loop (`PrefixDecoder`), then the token ids ->
 text table. Signatures (see README "Serving"):
 
@@ -43,6 +43,7 @@ import tensorflow as tf
 from custom_architectures.decoding import as_decoding
 from custom_architectures.samplers import methods_options, servable_methods
 from models.image_captioning import serving_ops as ops
+from models.image_captioning import serving_pixels
 
 METADATA_FILE = os.path.join("assets.extra", "clipcap_serving.json")
 FORMAT = "clipcap-serving-savedmodel"
@@ -114,7 +115,8 @@ class CaptionModule(tf.Module):
                         "max_pixels, or beyond max_request_pixels: rows are admitted in order while they fit)",
             "gif": "first frame only",
             "score": "mean log-probability per generated token (stop token included)",
-            "exif_orientation": "not applied (as OpenAI's preprocessing)",
+            "exif_orientation": "applied (JPEG), as ClipCap.caption",
+            "pixels": "ClipCap.caption's (utils.clip_preprocessing.preprocess_image of utils.image_io.read_image)",
         }, indent=1)
 
         visual, mapper, gpt2, decoder = model.clip.visual, model.mapper, model.gpt2, model.decoder
@@ -197,7 +199,7 @@ class CaptionModule(tf.Module):
 
     def _serve_images(self, images):
         n = tf.shape(images)[0]
-        rows, pixels = ops.decode_images(images, self._n_px, self._max_pixels, self._max_request_pixels)
+        rows, pixels = serving_pixels.decode_images(images, self._n_px, self._max_pixels, self._max_request_pixels)
         (features,) = ops.run_bucketed(self._encoders, [pixels], [0.0], [(tf.float32, (self._prefix_size,))])
         embeddings = tf.scatter_nd(rows[:, None], features, tf.stack([n, self._prefix_size]))
         ok = tf.scatter_nd(rows[:, None], tf.ones_like(rows, tf.bool), tf.reshape(n, (1,)))

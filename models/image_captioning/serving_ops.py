@@ -4,10 +4,7 @@ repository once traced.
 - `read_header` / `read_headers`: the format, width and height an encoded JPEG / PNG / GIF / BMP announces,
   read without decoding (never failing on short or garbage bytes); `admit`: which rows may be decoded (the
   per-image bound ``max_pixels``, the preprocessing's resize bound, the request's ``max_request_pixels``).
-- `decode_images`: a 1-D batch of encoded images -> preprocessed pixels of the rows that decode, and which
-  rows those are. Only admitted rows reach a decoder (so a decompression bomb is refused before any pixel
-  buffer is allocated); each is decoded in a ``tf.data`` pipeline with ``ignore_errors()``: a row whose data
-  is corrupt is dropped there instead of failing the whole request.
+- the decoding of admitted rows (`models.image_captioning.serving_pixels.decode_images`) uses them.
 - `run_bucketed`: call XLA-compiled functions of static batch sizes (powers of two up to a maximum) on a
   batch of any size: chunks of at most the maximum, each padded to the next bucket, as `ClipCap` pads.
 - `token_pieces` / `tokens_to_text`: GPT-2 byte-level token ids -> text, equal to
@@ -18,7 +15,7 @@ repository once traced.
 import numpy as np
 import tensorflow as tf
 
-from utils.clip_preprocessing import MAX_RESIZED_PIXELS, tf_preprocess
+from utils.clip_preprocessing import MAX_RESIZED_PIXELS
 
 #: PIL's default decompression-bomb bound (``Image.MAX_IMAGE_PIXELS``), which `utils.image_io` applies too
 DEFAULT_MAX_PIXELS = 89_478_485
@@ -105,21 +102,23 @@ def _colour_table(packed):
     return tf.where(present, size, tf.constant(0, tf.int64))
 
 
-def _gif_first_frame(body, start):
+def _gif_first_frame(body, start, stop_at_descriptor=False):
     """Walk a GIF's records from ``start`` (after the global colour table) to the end of its first frame.
 
     ``body``: the file as uint8 bytes (read one at a time as int64: no widened copy of the whole file). Extension records (0x21, label, data sub-blocks) are skipped; the first
     image descriptor (0x2C) gives the frame's width and height; its data sub-blocks are followed to their
     zero-length terminator, as giflib follows them. Returns (width, height, end: the offset just past that
-    terminator, ok); not ok for a truncated file, an unknown record, a trailer before any image, or more than
-    `MAX_GIF_BLOCKS` steps.
+    terminator, ok, descriptor: the image descriptor's offset, control: the offset of the packed flags of the
+    last graphic control extension before it, -1 if none); not ok for a truncated file, an unknown record, a
+    trailer before any image, or more than `MAX_GIF_BLOCKS` steps. ``stop_at_descriptor``: stop there (``end``
+    is then meaningless): what `serving_pixels` needs of an admitted GIF.
     """
     n = tf.size(body, out_type=tf.int64)
 
     def at(i):
         return tf.where(i < n, tf.cast(tf.gather(body, tf.minimum(i, n - 1)), tf.int64), tf.constant(-1, tf.int64))
 
-    def step(pos, mode, status, width, height):
+    def step(pos, mode, status, width, height, descriptor, control):
         # mode 0: at a record; 1: in an extension's sub-blocks; 2: in the first image's sub-blocks
         # status 0: walking, 1: found the end of the first frame, 2: not a GIF giflib decodes
         byte = at(pos)
@@ -131,20 +130,24 @@ def _gif_first_frame(body, start):
         terminator = chain & tf.equal(byte, 0)
         broken = (tf.equal(mode, 0) & ~extension & ~image) | (chain & (byte < 0)) | \
             (image & tf.reduce_any(tf.stack(fields) < 0))
+        control = tf.where(extension & tf.equal(at(pos + 1), 0xF9) & tf.equal(at(pos + 2), 4), pos + 3, control)
+        descriptor = tf.where(image, pos, descriptor)
         pos = tf.where(extension, pos + 2,  # the label, then its sub-blocks
                        tf.where(image, pos + 10 + table + 1,  # descriptor, local table, LZW code size
                                 tf.where(chain, pos + tf.maximum(byte, 0) + 1, pos)))
         width = tf.where(image, fields[0] + 256 * fields[1], width)
         height = tf.where(image, fields[2] + 256 * fields[3], height)
-        status = tf.where(broken, 2, tf.where(terminator & tf.equal(mode, 2), 1, status))
+        found = (terminator & tf.equal(mode, 2)) | (image & stop_at_descriptor)
+        status = tf.where(broken, 2, tf.where(found, 1, status))
         mode = tf.where(extension, 1, tf.where(image, 2, tf.where(terminator & tf.equal(mode, 1), 0, mode)))
-        return pos, mode, status, width, height
+        return pos, mode, status, width, height, descriptor, control
 
     minus_one = tf.constant(-1, tf.int64)
-    pos, _, status, width, height = tf.while_loop(
-        lambda pos, mode, status, w, h: tf.equal(status, 0), step,
-        (start, tf.constant(0), tf.constant(0), minus_one, minus_one), maximum_iterations=MAX_GIF_BLOCKS)
-    return width, height, pos, tf.equal(status, 1)
+    pos, _, status, width, height, descriptor, control = tf.while_loop(
+        lambda pos, mode, status, *_: tf.equal(status, 0), step,
+        (start, tf.constant(0), tf.constant(0), minus_one, minus_one, minus_one, minus_one),
+        maximum_iterations=MAX_GIF_BLOCKS)
+    return width, height, pos, tf.equal(status, 1), descriptor, control
 
 
 def _gif(data):
@@ -153,7 +156,7 @@ def _gif(data):
     # the first frame followed by a trailer (";"), and counts max(screen, first frame) pixels
     head = _head_bytes(data)
     body = tf.io.decode_raw(data, tf.uint8)
-    width, height, end, ok = _gif_first_frame(body, 13 + _colour_table(head[10]))
+    width, height, end, ok, _, _ = _gif_first_frame(body, 13 + _colour_table(head[10]))
     screen = _uint(head, 6, 2) * _uint(head, 8, 2)
     valid = ok & (head[12] >= 0) & (width > 0) & (height > 0)
     return _result(valid, width, height, tf.maximum(screen, width * height), end)
@@ -201,7 +204,7 @@ def read_headers(images):
 
 
 def _resize_fits(width, height, n_px):
-    """Whether `utils.clip_preprocessing.tf_preprocess` accepts the size (its resize within MAX_RESIZED_PIXELS),
+    """Whether `utils.clip_preprocessing.tf_resize_crop` accepts the size (its resize within MAX_RESIZED_PIXELS),
     computed as it computes it, so that such a row is refused before decoding."""
     width, height = tf.cast(width, tf.float64), tf.cast(height, tf.float64)
     short = tf.maximum(tf.minimum(width, height), 1.0)
@@ -226,38 +229,6 @@ def admit(headers, n_px, max_pixels=DEFAULT_MAX_PIXELS, max_request_pixels=DEFAU
 
     _, admitted = tf.scan(take, (pixels, ok), initializer=(tf.constant(0, tf.int64), tf.constant(False)))
     return admitted
-
-
-def _decode(index, data, size):
-    """Decode an admitted row with the decoder of the format its header was read for (uint8 (H, W, 3))."""
-    branches = [
-        lambda: tf.io.decode_jpeg(data, channels=3),  # the settings tf.io.decode_image uses (dct_method "")
-        lambda: tf.io.decode_png(data, channels=3),
-        lambda: tf.io.decode_gif(tf.strings.join([tf.strings.substr(data, tf.constant(0, tf.int64), size),
-                                                  b";"]))[0],
-        lambda: tf.io.decode_bmp(data, channels=3),
-    ]
-    return tf.ensure_shape(tf.switch_case(index, branches), (None, None, 3))
-
-
-def decode_images(images, n_px, max_pixels=DEFAULT_MAX_PIXELS, max_request_pixels=DEFAULT_MAX_REQUEST_PIXELS):
-    """Encoded images (N,) string -> (rows (M,) int32 of the images that decoded, pixels (M, n_px, n_px, 3)).
-
-    Rows keep their order; a row that is refused by `admit` (never decoded) or fails to decode (corrupt data
-    after a valid header) is left out, so one bad image never fails the others. Pixels: OpenAI's
-    preprocessing in graph (`utils.clip_preprocessing.tf_preprocess`).
-    """
-    headers = read_headers(images)
-    admitted = admit(headers, n_px, max_pixels, max_request_pixels) & (headers["format"] >= 0)
-    n = tf.shape(images)[0]
-    ds = tf.data.Dataset.from_tensor_slices((tf.range(n), images, headers["format"], headers["size"], admitted))
-    ds = ds.filter(lambda i, data, index, size, admitted: admitted)
-    ds = ds.map(lambda i, data, index, size, admitted: (i, tf_preprocess(_decode(index, data, size), n_px)),
-                num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).ignore_errors()
-    # one sentinel row, so the single batch below exists even when every image failed (or N == 0)
-    sentinel = tf.data.Dataset.from_tensors((tf.constant(-1, tf.int32), tf.zeros((n_px, n_px, 3), tf.float32)))
-    rows, pixels = ds.concatenate(sentinel).batch(tf.cast(n, tf.int64) + 1).get_single_element()
-    return rows[:-1], pixels[:-1]
 
 
 # ---------------------------------------------------------------------------------------------- batching
