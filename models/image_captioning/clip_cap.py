@@ -129,7 +129,6 @@ class ClipCap:
         self.info = {k: info.get(k) for k in self.INFO_KEYS}
         self.clip = clip
         self.jit_compile = check_jit_compile(jit_compile)
-        self._xla = bool(self.jit_compile)  # the compiled form: XLA ("auto": after a shape's first call)
         self._policy = CompilePolicy(self.jit_compile)
         self.device = None  # TensorFlow device string (utils.devices.resolve_device); see `to`
         self.precision = DEFAULT_PRECISION  # models.precision: see `to_precision`
@@ -142,9 +141,17 @@ class ClipCap:
             self.__dict__["_identity"] = None
         super().__setattr__(name, value)
 
+    @property
+    def uses_xla(self) -> bool:
+        """Whether the compiled form of mapper and decoding is XLA (else a plain TensorFlow graph): XLA
+        unless ``jit_compile`` is False, or "auto" with a precision XLA runs slowly (bfloat16 on CPU,
+        `models.precision.Precision.xla`)."""
+        return self.jit_compile is True or (bool(self.jit_compile) and resolve_precision(self.precision).xla)
+
     def _compile(self):
         backbone = self.backbone
-        self.decoder = PrefixDecoder(backbone.gpt2)
+        self._xla = self.uses_xla  # the compiled form ("auto": after a shape's first call)
+        self.decoder = PrefixDecoder(backbone.gpt2, xla=self._xla)
         self.guided_decoder = GuidedDecoder(backbone.gpt2)  # MAGIC (method="magic")
         self._project = tf.function(lambda e: backbone.prefix(e), jit_compile=self._xla)
         self._logits = tf.function(lambda e, ids: backbone(e, ids), jit_compile=self._xla)

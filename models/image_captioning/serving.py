@@ -89,7 +89,7 @@ class CaptionModule(tf.Module):
             pieces[stop] = b""
         self._pieces = tf.constant(pieces.tolist(), tf.string)
         self.metadata_json = json.dumps({
-            "format": FORMAT, "model": model.name, "method": method,
+            "format": FORMAT, "model": model.name, "precision": model.precision, "method": method,
             "beam_size": sampler.num_sequences if method == "beam" else None, "max_length": max_length,
             "stop_token": stop_token, "stop_token_id": stop, "normalize_prefix": self._normalize,
             "mapping_type": model.config["mapping_type"], "prefix_length": model.prefix_length,
@@ -112,9 +112,9 @@ class CaptionModule(tf.Module):
                 lambda x: (visual(x, training=False),), jit_compile=clip_jit, autograph=False,
                 input_signature=[tf.TensorSpec((s, self._n_px, self._n_px, 3), tf.float32)]))
             self._projectors.append(tf.function(
-                self._project(mapper), jit_compile=True, autograph=False, input_signature=[tf.TensorSpec((s, self._prefix_size))]))
+                self._project(mapper), jit_compile=model.uses_xla, autograph=False, input_signature=[tf.TensorSpec((s, self._prefix_size))]))
             self._decoders.append(tf.function(
-                self._decode(decoder, sampler, max_length), jit_compile=True,
+                self._decode(decoder, sampler, max_length), jit_compile=model.uses_xla,
                 input_signature=[tf.TensorSpec((s, k, c)), tf.TensorSpec((s,), tf.bool), tf.TensorSpec((), tf.int32),
                                  tf.TensorSpec((), tf.int32)]))
 

@@ -73,6 +73,7 @@ class CLIP:
         self.device = None  # TensorFlow device string (utils.devices.resolve_device); see `to`
         self.precision = DEFAULT_PRECISION  # models.precision: see `to_precision`
         self._text_jit = bool(jit_compile)
+        self._jit_request = jit_compile  # as given: "auto" lets `to_precision` choose the compiled form
         if jit_compile == "auto":
             jit_compile = not isinstance(model.visual, ModifiedResNet)
         self.jit_compile = bool(jit_compile)
@@ -141,6 +142,8 @@ class CLIP:
         model = CLIPModel(precision.apply(self.model.visual), text, name=self.model.name)
         model.logit_scale.assign(self.model.logit_scale)
         self.model, self.precision = model, precision.name
+        if self._jit_request == "auto" and not precision.xla:  # graph mode: oneDNN's kernels, not XLA's
+            self.jit_compile = self._text_jit = False
         self._compile_visual()
         if text is not None:
             self._compile_text()
