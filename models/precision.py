@@ -170,3 +170,22 @@ def precision_identity(identity, precision):
         return identity
     digest = hashlib.sha256(f"clipcap-precision-1\n{identity}\n{precision.name}\n".encode())
     return f"sha256:{digest.hexdigest()}"
+
+
+def precision_name(text):
+    """argparse ``type=`` of ``--precision``: a name or alias of `PRECISIONS` -> the canonical name; anything
+    else an ``argparse.ArgumentTypeError`` listing the accepted ones (usage error, exit 2)."""
+    import argparse
+
+    try:
+        return resolve_precision(text).name
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def add_precision_argument(parser):
+    """Add ``--precision`` (names and aliases from `PRECISIONS` only; default float32) to a command's parser."""
+    choices = ", ".join(f"{p.name} ({'/'.join(p.aliases)}): {p.summary}" for p in PRECISIONS.values())
+    parser.add_argument("--precision", type=precision_name, default=DEFAULT_PRECISION, metavar="NAME",
+                        help=f"the numeric precision the model runs in: {choices}. Results of another precision "
+                             "than float32 are cached apart")
