@@ -425,10 +425,10 @@ def batch_settings(model_dir, method, generate_kwargs, exif_transpose=True, prec
     """`prediction.generation_settings` for a saved model: its name (config.json) and identity (metadata.json,
     in ``precision``: `models.precision.precision_identity`), no weights loaded; a folder that records no
     identity (saved by an earlier version) is loaded once here to compute it."""
-    from models.precision import precision_identity
     from models.image_captioning.cached_answers import saved_model_name
     from models.image_captioning.identity import recorded_identity
     from models.image_captioning.prediction import generation_settings_for
+    from models.precision import precision_identity
 
     identity = recorded_identity(model_dir)
     if identity is None:

@@ -29,8 +29,8 @@ from custom_architectures.batching import pad_batch, power_of_two_at_least  # no
 from custom_architectures.clip_arch import CLIPModel, ModifiedResNet  # noqa: E402
 from custom_architectures.compile_policy import CompilePolicy  # noqa: E402
 from models import check_jit_compile  # noqa: E402
-from models.siamese.clip_tokenizer import CLIPTokenizer  # noqa: E402
 from models.precision import DEFAULT_PRECISION  # noqa: E402
+from models.siamese.clip_tokenizer import CLIPTokenizer  # noqa: E402
 from models.siamese.image_embedding import ImageEmbedder  # noqa: E402
 from utils.devices import device_scope  # noqa: E402
 from utils.file_utils import DEFAULT_MAX_BYTES  # noqa: E402
@@ -62,7 +62,6 @@ class CLIP:
 
     def __init__(self, model: CLIPModel, tokenizer: CLIPTokenizer | None = None, jit_compile="auto",
                  text_loader=None):
-        import tensorflow as tf
 
         jit_compile = check_jit_compile(jit_compile)
         # "auto": eager on a bucket's first call, then compiled; True / False: compiled from the first call
