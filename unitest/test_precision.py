@@ -209,3 +209,23 @@ def test_export_official_refuses_bf16(tiny_model_dir, tmp_path, capsys):
     code = main.main(["export", str(tiny_model_dir), str(tmp_path / "m.pt"), "--precision", "bf16"])
     assert code == 2 and "--precision apply to --format savedmodel only" in capsys.readouterr().err
     assert not (tmp_path / "m.pt").exists()
+
+
+def test_bf16_transformer_mapper(tiny_pair):
+    """The transformer mapper (L2-normalised input, learned constant, its own attention) in bf16, built in
+    memory with random weights (the tiny model's tokenizer)."""
+    from custom_architectures.transformers_arch.clip_cap_arch import ClipCapBackbone, build_mapper
+    from custom_architectures.transformers_arch.gpt2_arch import GPT2
+    from models.image_captioning.clip_cap import ClipCap
+    from unitest.tiny_models import random_embeddings
+
+    tokenizer = tiny_pair[0].tokenizer
+    mapper = build_mapper("transformer", prefix_size=32, prefix_length=4, clip_length=3, n_embd=64, num_layers=2,
+                          num_heads=4)
+    gpt2 = GPT2(vocab_size=tiny_pair[0].gpt2.vocab_size, n_positions=32, n_embd=64, n_layer=2, n_head=4)
+    backbone = ClipCapBackbone(mapper, gpt2, normalize_prefix=True)
+    fp32, bf16 = ClipCap(backbone, tokenizer), ClipCap(backbone, tokenizer).to_precision("bf16")
+    assert fp32.backbone is backbone and bf16.backbone is not backbone  # a twin: the float32 one is untouched
+    embeddings = random_embeddings(3, 32)
+    assert _relative(bf16.prefix(embeddings), fp32.prefix(embeddings)) < 3e-2
+    assert [len(c) for c in bf16.generate(embeddings, method="beam", beam_size=2, max_length=5)] == [1, 1, 1]
