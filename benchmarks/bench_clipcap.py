@@ -199,8 +199,10 @@ def bench_config(name, args, directory, tokenizer_dir, images, peak):
     torch_clip, torch_model, model, bf16 = build(clip_name, kind, directory, tokenizer_dir)
     if not args.bf16:
         bf16 = None
-    pipeline = (f"{clip_name} + {kind}", bench_pipeline(model, rotated(images), args))
-    print(f"  done: {pipeline[0]}, pipeline", flush=True)
+    pipeline = None
+    if not args.no_pipeline:
+        pipeline = (f"{clip_name} + {kind}", bench_pipeline(model, rotated(images), args))
+        print(f"  done: {pipeline[0]}, pipeline", flush=True)
     if args.pipeline_only:
         return [], pipeline
     transform = _transform(torch_clip.visual.input_resolution)
@@ -276,6 +278,7 @@ def main():
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--pipeline-only", action="store_true", help="only the predict-over-64-photos table")
+    parser.add_argument("--no-pipeline", action="store_true", help="skip the predict-over-64-photos table")
     parser.add_argument("--no-bf16", dest="bf16", action="store_false",
                         help="skip the bfloat16 columns (ours loaded with precision='bfloat16')")
     args = parser.parse_args()
@@ -294,7 +297,7 @@ def main():
         for name in args.configs:
             config_rows, pipeline = bench_config(name, args, directory, tokenizer_dir, images, peak)
             rows += config_rows
-            pipelines.append(pipeline)
+            pipelines += [pipeline] if pipeline else []
 
     print(f"\n{len(images)} photographs (skimage.data), {args.max_length} generated tokens without early stop, "
           f"torch and TF on {args.threads} threads; fp32 matmul peak measured: {peak / 1e9:.0f} GFLOP/s\n")
@@ -313,7 +316,8 @@ def main():
         print(f"| {label} | {stage} | {ours:.2f} | {off:.3f} ({n_off} img) | {hf:.2f} | {r_off:.1f}x | "
               f"{r_hf:.2f}x | {'' if eff is None else f'{100 * eff:.0f}%'} | "
               f"{'' if stage != 'decode' else f'{compile_s:.0f}'} | {bf16} |")
-    print_pipelines(pipelines, rows, 4 * len(images))
+    if pipelines:
+        print_pipelines(pipelines, rows, 4 * len(images))
 
 
 def print_pipelines(pipelines, rows, n):

@@ -362,7 +362,8 @@ class ClipCap:
 
         ``precision``: "float32" (default: the model as saved) or "bfloat16" ("bf16"): weights cast once at
         load, bf16 matmuls and convolutions, float32 layer norms, softmax and scores (`to_precision`,
-        `models.precision`); an unknown name is a ValueError raised before anything is read.
+        `models.precision`; a `CLIP` instance given as ``clip`` is cast in place); an unknown name is a
+        ValueError raised before anything is read.
         """
         from models.image_captioning.loading import load_clipcap
 
