@@ -229,3 +229,20 @@ def test_bf16_transformer_mapper(tiny_pair):
     embeddings = random_embeddings(3, 32)
     assert _relative(bf16.prefix(embeddings), fp32.prefix(embeddings)) < 3e-2
     assert [len(c) for c in bf16.generate(embeddings, method="beam", beam_size=2, max_length=5)] == [1, 1, 1]
+
+
+def test_export_savedmodel_bf16(tiny_pair, tmp_path):
+    """A bf16 model exports (graph-mode mapper and loop): the embeddings signature gives generate's captions
+    and records the precision in its metadata."""
+    import tensorflow as tf
+
+    from models.image_captioning.serving import export_savedmodel
+
+    bf16 = tiny_pair[1]
+    directory, metadata, _ = export_savedmodel(bf16, tmp_path / "export", max_length=5, max_batch_size=2)
+    assert metadata["precision"] == "bfloat16"
+    embeddings = tiny_pair[0].encode_images(PHOTOS[:2])
+    got = tf.saved_model.load(directory).signatures["embeddings"](embeddings=tf.constant(embeddings))
+    expected = bf16.generate(embeddings, max_length=5, compile_now=True)
+    assert [c.decode() for c in got["captions"].numpy()] == [c[0]["text"] for c in expected]
+    np.testing.assert_allclose(got["scores"].numpy(), [c[0]["score"] for c in expected], atol=1e-3)

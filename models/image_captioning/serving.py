@@ -109,7 +109,7 @@ class CaptionModule(tf.Module):
         self._encoders, self._projectors, self._decoders = [], [], []
         for s in self._sizes:  # one compiled program per bucket and stage, as ClipCap compiles them
             self._encoders.append(tf.function(
-                lambda x: (visual(x, training=False),), jit_compile=clip_jit, autograph=False,
+                lambda x: (tf.cast(visual(x, training=False), tf.float32),), jit_compile=clip_jit, autograph=False,
                 input_signature=[tf.TensorSpec((s, self._n_px, self._n_px, 3), tf.float32)]))
             self._projectors.append(tf.function(
                 self._project(mapper), jit_compile=model.uses_xla, autograph=False, input_signature=[tf.TensorSpec((s, self._prefix_size))]))
@@ -130,7 +130,7 @@ class CaptionModule(tf.Module):
         def project(embeddings):  # (s, D) -> (s, K, C), the policy of ClipCap.prefix
             if normalize:
                 embeddings = embeddings / tf.norm(embeddings, axis=-1, keepdims=True)
-            return (mapper(embeddings),)
+            return (tf.cast(mapper(embeddings), tf.float32),)  # float32 also from a bfloat16 model
         return project
 
     @staticmethod
