@@ -23,6 +23,7 @@ from pathlib import Path
 from custom_train_objects import commands as train_commands
 from models import batch_command, export_commands  # import neither Beam nor TensorFlow
 from models.cli_models import UnknownModelError, load_model, model_or_exit_code  # noqa: F401 (load_model: main's API)
+from models.precision import add_precision_argument
 from utils import compile_cache
 from utils.cli import (  # noqa: F401 (escape_field: part of main's API)
     ESCAPING_HELP,
@@ -93,7 +94,7 @@ def cmd_caption(args):
     if status:
         status(f"loading {args.model} ...")
     start = time.perf_counter()
-    model, code = model_or_exit_code(args.model)
+    model, code = model_or_exit_code(args.model, load=lambda name: load_model(name, args.precision))
     if model is None:
         return code
     model.to(device)
@@ -187,7 +188,8 @@ def _answers_from_map(args, images, request):
     if not os.path.isdir(model_dir):  # an official model not downloaded yet
         return None
     return answers_from_map(model_dir, images, method=request, output_dir=args.output_dir,
-                            return_candidates=_want_candidates(args), exif_transpose=not args.no_exif_transpose)
+                            return_candidates=_want_candidates(args), exif_transpose=not args.no_exif_transpose,
+                            precision=args.precision)
 
 
 def _read_list(path):
@@ -443,6 +445,7 @@ def build_parser():
                    help="refuse image files larger than this many bytes (0: no limit)")
     p.add_argument("--device", help="run the models on 'cpu', 'gpu' or 'gpu:N' (default: TensorFlow's placement, "
                                      "a GPU when one is visible); a device TensorFlow does not see is an error")
+    add_precision_argument(p)
     p.set_defaults(func=cmd_caption)
 
     p = sub.add_parser("convert", formatter_class=_Formatter, epilog=CONVERT_EPILOG,

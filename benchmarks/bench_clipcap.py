@@ -16,6 +16,12 @@ Columns (images per second; the decode rows start from the same CLIP embeddings 
 - transformers: ``GPT2LMHeadModel.generate(inputs_embeds=prefix, ...)``, batched over the 16 images with its
   KV cache (greedy, and ``num_beams=5``); the end-to-end row adds OpenAI's batched CLIP encoding.
 
+- ours bf16: the same model loaded in bfloat16 (``ClipCap.load(..., precision="bfloat16")``, here
+  ``to_precision``: bf16 weights, matmuls and convolutions, float32 layer norms, softmax and scores), timed
+  in the same rounds as ours (interleaved), with its agreement with ours on these photos: the rate of
+  identical captions and the mean token agreement (position by position over the float32 caption's tokens;
+  a length difference counts as disagreement). ``--no-bf16`` skips it.
+
 Also printed: decode FLOP/s of our loop (matmul FLOPs of the prefill and of every step, lm head included)
 as a fraction of this machine's measured fp32 matmul peak (a large TF matmul).
 
@@ -131,6 +137,31 @@ def best_of(fn, repeats):
     return min(_timed(fn) for _ in range(repeats))
 
 
+def best_of_each(fns, repeats):
+    """Best time of each function of ``{name: fn}``, after a warm-up call each, the functions taking turns
+    within each of ``repeats`` rounds (a busy machine slows all of them alike)."""
+    for fn in fns.values():
+        fn()
+    best = dict.fromkeys(fns, float("inf"))
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            best[name] = min(best[name], _timed(fn))
+    return best
+
+
+def agreement(candidates, reference):
+    """(exact caption rate, mean token agreement) of ``generate`` results against ``reference``'s: the best
+    caption of each image; tokens compared position by position over the reference's length (a shorter or
+    longer caption disagrees where it differs)."""
+    exact, tokens = [], []
+    for mine, theirs in zip(candidates, reference):
+        a, b = mine[0]["tokens"], theirs[0]["tokens"]
+        exact.append(a == b)
+        same = sum(x == y for x, y in zip(a, b))
+        tokens.append(same / max(len(a), len(b), 1))
+    return sum(exact) / len(exact), sum(tokens) / len(tokens)
+
+
 def decode_flops(gpt2, k, max_length, rows_per_image):
     """Matmul FLOPs per image of our decode: prefill of K positions (head on the last one only), then
     max_length - 1 steps for `rows_per_image` rows (attention over the cache included)."""
@@ -153,15 +184,20 @@ def build(clip_name, kind, directory, tokenizer_dir):
     torch_model = ref.build_random_clipcap(kind, "real", seed=1)
     checkpoint = ref.save_official(torch_model, os.path.join(directory, f"{kind}.pt"))
     model = ClipCap.from_pretrained(checkpoint, clip=clip_path, tokenizer=tokenizer_dir)
-    return torch_clip, torch_model, model
+    bf16 = ClipCap.from_pretrained(checkpoint, clip=clip_path, tokenizer=tokenizer_dir).to_precision("bfloat16")
+    return torch_clip, torch_model, model, bf16
 
 
 def bench_config(name, args, directory, tokenizer_dir, images, peak):
     """(rows of the first table, row of the pipeline table) for one model kind."""
     clip_name, kind = CONFIGS[name]
-    torch_clip, torch_model, model = build(clip_name, kind, directory, tokenizer_dir)
-    pipeline = (f"{clip_name} + {kind}", bench_pipeline(model, rotated(images), args))
-    print(f"  done: {pipeline[0]}, pipeline", flush=True)
+    torch_clip, torch_model, model, bf16 = build(clip_name, kind, directory, tokenizer_dir)
+    if not args.bf16:
+        bf16 = None
+    pipeline = None
+    if not args.no_pipeline:
+        pipeline = (f"{clip_name} + {kind}", bench_pipeline(model, rotated(images), args))
+        print(f"  done: {pipeline[0]}, pipeline", flush=True)
     if args.pipeline_only:
         return [], pipeline
     transform = _transform(torch_clip.visual.input_resolution)
@@ -200,18 +236,29 @@ def bench_config(name, args, directory, tokenizer_dir, images, peak):
         start = time.perf_counter()
         model.generate(embeddings, **gen_kw)
         compile_s = time.perf_counter() - start
-        ours_decode = best_of(lambda kw=gen_kw: model.generate(embeddings, **kw), args.repeats)
-        ours_e2e = best_of(lambda kw=gen_kw: model.caption(images, **kw), args.repeats)
+        fns = {"decode": lambda kw=gen_kw: model.generate(embeddings, **kw),
+               "e2e": lambda kw=gen_kw: model.caption(images, **kw)}
+        if bf16 is not None:
+            fns.update({"bf16 decode": lambda kw=gen_kw: bf16.generate(embeddings, **kw),
+                        "bf16 e2e": lambda kw=gen_kw: bf16.caption(images, **kw)})
+        times = best_of_each(fns, args.repeats)
+        ours_decode, ours_e2e = times["decode"], times["e2e"]
+        agree = None
+        if bf16 is not None:
+            agree = agreement(bf16.generate(bf16.encode_images(images), **gen_kw),
+                              model.generate(embeddings, **gen_kw))
         official_dec = _timed(lambda m=n_official: official_decode(prefix_torch[:m])) / n_official
         official_e2e = official_dec + _timed(lambda m=n_official: [torch_embed([im]) for im in images[:m]]) / n_official
         hf_dec = best_of(lambda: hf_decode(prefix_torch), 1)
         hf_e2e = hf_dec + _timed(lambda: torch_embed(images))
         flops = decode_flops(model.gpt2, model.prefix_length, length, beams) * n / ours_decode
         label = f"{clip_name} + {kind} K={model.prefix_length}, {method}" + (f" {beams}" if beams > 1 else "")
-        for stage, ours_s, off_s, hf_s in (("decode", ours_decode, official_dec * n, hf_dec),
-                                          ("end to end", ours_e2e, official_e2e * n, hf_e2e)):
+        for stage, ours_s, off_s, hf_s, bf16_s in (
+                ("decode", ours_decode, official_dec * n, hf_dec, times.get("bf16 decode")),
+                ("end to end", ours_e2e, official_e2e * n, hf_e2e, times.get("bf16 e2e"))):
             rows.append((label, stage, n / ours_s, n / off_s, n / hf_s, off_s / ours_s, hf_s / ours_s,
-                         n_official, flops / peak if stage == "decode" else None, compile_s))
+                         n_official, flops / peak if stage == "decode" else None, compile_s,
+                         None if bf16_s is None else (n / bf16_s, ours_s / bf16_s, off_s / bf16_s, agree)))
         print(f"  done: {label}", flush=True)
     return rows, pipeline
 
@@ -226,6 +273,9 @@ def main():
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--pipeline-only", action="store_true", help="only the predict-over-64-photos table")
+    parser.add_argument("--no-pipeline", action="store_true", help="skip the predict-over-64-photos table")
+    parser.add_argument("--no-bf16", dest="bf16", action="store_false",
+                        help="skip the bfloat16 columns (ours loaded with precision='bfloat16')")
     args = parser.parse_args()
     print_machine()
 
@@ -242,20 +292,27 @@ def main():
         for name in args.configs:
             config_rows, pipeline = bench_config(name, args, directory, tokenizer_dir, images, peak)
             rows += config_rows
-            pipelines.append(pipeline)
+            pipelines += [pipeline] if pipeline else []
 
     print(f"\n{len(images)} photographs (skimage.data), {args.max_length} generated tokens without early stop, "
           f"torch and TF on {args.threads} threads; fp32 matmul peak measured: {peak / 1e9:.0f} GFLOP/s\n")
     if not rows:
         return print_pipelines(pipelines, rows, 4 * len(images))
     print("| model, method | stage | ours img/s | official img/s | transformers img/s | ours / official "
-          "| ours / transformers | decode FLOP/s / peak | compile s |")
-    print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
-    for label, stage, ours, off, hf, r_off, r_hf, n_off, eff, compile_s in rows:
+          "| ours / transformers | decode FLOP/s / peak | compile s | bf16 img/s | bf16 / fp32 | bf16 / official "
+          "| bf16 agreement: exact captions, tokens |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
+    for label, stage, ours, off, hf, r_off, r_hf, n_off, eff, compile_s, half in rows:
+        bf16 = " | | | "
+        if half is not None:
+            speed, vs_fp32, vs_official, (exact, tokens) = half
+            bf16 = (f"{speed:.2f} | {vs_fp32:.2f}x | {vs_official:.1f}x | "
+                    + (f"{100 * exact:.0f}%, {100 * tokens:.1f}%" if stage == "decode" else ""))
         print(f"| {label} | {stage} | {ours:.2f} | {off:.3f} ({n_off} img) | {hf:.2f} | {r_off:.1f}x | "
               f"{r_hf:.2f}x | {'' if eff is None else f'{100 * eff:.0f}%'} | "
-              f"{'' if stage != 'decode' else f'{compile_s:.0f}'} |")
-    print_pipelines(pipelines, rows, 4 * len(images))
+              f"{'' if stage != 'decode' else f'{compile_s:.0f}'} | {bf16} |")
+    if pipelines:
+        print_pipelines(pipelines, rows, 4 * len(images))
 
 
 def print_pipelines(pipelines, rows, n):

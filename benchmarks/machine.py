@@ -9,41 +9,24 @@ Example::
 """
 
 import os
-import platform
 
-#: the /proc/cpuinfo flags that decide fp32 / bf16 matmul speed here
-FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
+from utils.cpu_features import CPUINFO, cpu_info, has_fast_bfloat16
 
-CPUINFO = "/proc/cpuinfo"
-#: /proc/cpuinfo of a many-core machine is ~100 KB: read at most this much (the first processor is enough)
-MAX_CPUINFO_BYTES = 1 << 20
-
-
-def cpu_info(path=CPUINFO):
-    """``(model name, set of flags)`` of the first processor in ``path`` (Linux' /proc/cpuinfo); the model is
-    `platform.processor()` (or "unknown") and the flags empty where the file cannot be read."""
-    try:
-        with open(path, encoding="utf-8", errors="replace") as f:
-            text = f.read(MAX_CPUINFO_BYTES)
-    except OSError:
-        return platform.processor() or "unknown", set()
-    model, flags = None, set()
-    for line in text.splitlines():
-        key, _, value = line.partition(":")
-        key = key.strip()
-        if key == "model name" and model is None:
-            model = value.strip()
-        elif key in ("flags", "Features") and not flags:  # x86 / ARM
-            flags = set(value.split())
-    return model or platform.processor() or "unknown", flags
+#: the /proc/cpuinfo flags that decide fp32 / bf16 / int8 matmul speed here
+FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16", "amx_int8")
 
 
 def describe_machine(path=CPUINFO):
-    """One line: the CPU model, the CPUs this process may use, and whether each of `FLAGS` is present."""
+    """One line: the CPU model (the CPU reading is `utils.cpu_features`, which the library's bf16 warning
+    uses too), the CPUs this process may use, whether each of `FLAGS` is present, and whether bfloat16
+    matmuls are native here (``precision="bfloat16"`` is then faster than float32) or emulated (slower)."""
     model, flags = cpu_info(path)
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    known = ", ".join(f"{flag} {'yes' if flag in flags else 'no'}" for flag in FLAGS) if flags else "flags unknown"
-    return f"machine: {model}, {cpus} CPUs; {known}"
+    if not flags:
+        return f"machine: {model}, {cpus} CPUs; flags unknown; bfloat16 unknown"
+    known = ", ".join(f"{flag} {'yes' if flag in flags else 'no'}" for flag in FLAGS)
+    bf16 = "native" if has_fast_bfloat16(flags) else "emulated (slower than float32)"
+    return f"machine: {model}, {cpus} CPUs; {known}; bfloat16 {bf16}"
 
 
 def print_machine():

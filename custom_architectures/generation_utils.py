@@ -68,8 +68,9 @@ class PrefixDecoder:
         out = decoder(prefix, Greedy(), max_length=20, stop_token_id=13)
     """
 
-    def __init__(self, gpt2, max_batch_size=32):
+    def __init__(self, gpt2, max_batch_size=32, xla=True):
         self.gpt2 = gpt2
+        self.xla = bool(xla)  # the compiled form: XLA, or False: a plain graph (a bfloat16 model's, on CPU)
         self.max_batch_size = int(max_batch_size)
         self._compiled = {}
         self._block_fn = None  # the traced block of the uncompiled path (`GPT2.block_step_function`)
@@ -137,7 +138,7 @@ class PrefixDecoder:
             return lambda *args: self.decode_loop(*args, sampler=sampler, max_length=max_length,
                                                   block_fn=self._block_fn)
         if key not in self._compiled:
-            self._compiled[key] = tf.function(_Loop(self, sampler, max_length), jit_compile=True)
+            self._compiled[key] = tf.function(_Loop(self, sampler, max_length), jit_compile=self.xla)
         return self._compiled[key]
 
     def decode_loop(self, prefix, valid, stop_id, seed, sampler, max_length, block_fn=None):

@@ -22,7 +22,7 @@ Example::
     out = dot_product_attention(q, k, v, bias=bias)               # (B, T, H, D)
 """
 
-from keras import ops
+from keras import backend, ops
 
 # Added to the scores of masked slots (future or padded keys); see the module docstring for why finite.
 MASK_VALUE = -1e9
@@ -82,14 +82,18 @@ def dot_product_attention(q, k, v, bias=None, dropout=None, training=False, scal
         scale: multiplies the queries before the product; default ``D ** -0.5``.
 
     Returns:
-        (B, Tq, H, D) in the queries' dtype.
+        (B, Tq, H, D) in the queries' dtype. Half-precision scores (a bfloat16 model's) are cast to float32
+        for the bias and the softmax, and the probabilities back for the product with ``v``.
     """
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     q = q * ops.cast(scale, q.dtype)
     scores = ops.einsum("bthd,bhsd->bhts", q, k)  # (B, H, Tq, Tk)
+    dtype = backend.standardize_dtype(scores.dtype)
+    if dtype in ("bfloat16", "float16"):  # softmax in float32 (a bf16 model's), the product in bf16 again
+        scores = ops.cast(scores, "float32")
     if bias is not None:
         scores = scores + ops.cast(bias, scores.dtype)
     probs = ops.softmax(scores, axis=-1)
     if dropout is not None:
         probs = dropout(probs, training=training)
-    return ops.einsum("bhts,bhsd->bthd", probs, v)  # (B, Tq, H, D)
+    return ops.einsum("bhts,bhsd->bthd", ops.cast(probs, dtype), v)  # (B, Tq, H, D)

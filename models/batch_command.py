@@ -12,6 +12,7 @@ Apache Beam is imported only when the command runs.
 import sys
 
 from models.cli_models import model_or_exit_code, resolve_model_dir
+from models.precision import add_precision_argument
 from utils.cli import (
     EXIT_FAILED_INPUTS,
     EXIT_INTERRUPTED,
@@ -50,7 +51,8 @@ def cmd_batch(args):
         files = run_batch(args.images, model_dir, args.output, method=request, batch_size=args.batch_size,
                           exif_transpose=not args.no_exif_transpose,
                           input_lists=args.input_list or (), skip_existing=args.skip_existing or (),
-                          num_shards=args.num_shards, pipeline_args=pipeline_args(args), overwrite=args.overwrite)
+                          num_shards=args.num_shards, pipeline_args=pipeline_args(args), overwrite=args.overwrite,
+                          precision=args.precision)
     except KeyboardInterrupt:
         return fail("interrupted (the output is written when the job ends: nothing of this run was kept)",
                      EXIT_INTERRUPTED)
@@ -96,6 +98,7 @@ def register(subparsers):
                                                    "saved name or an official name (coco, conceptual, ...)")
     p.add_argument("--output", required=True, help="the output prefix (local path or gs://... / s3://...)")
     add_decoding_arguments(p, batch_help="images per model call: a power of two")
+    add_precision_argument(p)
     p.add_argument("--overwrite", action="store_true",
                    help="replace the shards of an earlier run at the same --output prefix (default: refuse)")
     p.add_argument("--num-shards", type=int, default=0, help="output files (0: the runner decides)")

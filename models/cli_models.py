@@ -49,14 +49,14 @@ def resolve_model_dir(name_or_dir, download=True):
                             f"{home_dir()}, and not one of {', '.join(MODELS)}")
 
 
-def load_model(name_or_dir):
-    """A `ClipCap` from a ``--model`` value (see `resolve_model_dir`); official names are downloaded and
-    converted on first use by ``ClipCap.load``."""
+def load_model(name_or_dir, precision="float32"):
+    """A `ClipCap` from a ``--model`` value (see `resolve_model_dir`), in ``precision`` (`models.precision`);
+    official names are downloaded and converted on first use by ``ClipCap.load``."""
     target = resolve_model_dir(name_or_dir, download=False)
     logging.getLogger(__name__).info("loading model %s", name_or_dir)
     from models.image_captioning.clip_cap import ClipCap
 
-    return ClipCap.load(target)
+    return ClipCap.load(target, precision=precision)
 
 
 def model_or_exit_code(name_or_dir, load=load_model):

@@ -8,7 +8,8 @@ import sys
 
 from custom_architectures.decoding import request_options
 from custom_architectures.samplers import servable_methods
-from models.cli_models import model_or_exit_code
+from models.cli_models import load_model, model_or_exit_code
+from models.precision import DEFAULT_PRECISION, add_precision_argument
 from utils.cli import (
     EXIT_MODEL,
     EXIT_OK,
@@ -45,8 +46,11 @@ def cmd_export(args):
     from utils.file_utils import UnsafePathError
 
     given = [flag for flag, value in _decoding_flags(args) if value is not None]
+    if args.precision != DEFAULT_PRECISION:
+        given.append("--precision")
     if given:
-        return _fail(f"{', '.join(given)}: decoding settings apply to --format savedmodel only", EXIT_USAGE)
+        return _fail(f"{', '.join(given)}: decoding settings and --precision apply to --format savedmodel only "
+                     "(the official file holds the float32 weights)", EXIT_USAGE)
     missing = missing_extra("torch", '"torch>=2.13"', "export --format official (it writes a PyTorch file)")
     if missing:
         return _fail(missing, EXIT_USAGE)
@@ -96,7 +100,7 @@ def cmd_export_savedmodel(args):
         check_replaceable(args.output, is_exported_savedmodel, args.overwrite)
     except ValueError as e:  # UnsafePathError included
         return _fail(str(e), EXIT_USAGE)
-    model, code = model_or_exit_code(args.model)
+    model, code = model_or_exit_code(args.model, load=lambda name: load_model(name, args.precision))
     if model is None:
         return code
     try:
@@ -120,7 +124,7 @@ def cmd_serve(args):
         return _fail(missing, EXIT_USAGE)
     from models.image_captioning.web_demo import serve
 
-    model, code = model_or_exit_code(args.model)
+    model, code = model_or_exit_code(args.model, load=lambda name: load_model(name, args.precision))
     if model is None:
         return code
     serve(model, host=args.host, port=args.port, max_file_bytes=args.max_file_bytes, max_pixels=args.max_pixels,
@@ -170,6 +174,7 @@ def register(subparsers):
                         "(4.x of the official code's time) expect for a strict load")
     p.add_argument("--overwrite", action="store_true", help="replace existing output files (savedmodel: only a "
                                                             "SavedModel this command wrote)")
+    add_precision_argument(p)
     p.set_defaults(func=cmd_export)
 
     p = subparsers.add_parser("serve", formatter_class=Formatter, epilog=SERVE_EPILOG,
@@ -189,4 +194,5 @@ def register(subparsers):
                         "this machine reaches: its own services, the local network, a cloud's metadata service. "
                         "Only for a demo whose every visitor you trust. Without it such URLs are refused; server "
                         "paths and other schemes are refused either way")
+    add_precision_argument(p)
     p.set_defaults(func=cmd_serve)

@@ -29,6 +29,19 @@ def test_cpu_model_and_flags(tmp_path):
     assert "flags unknown" in describe_machine(tmp_path / "missing")
 
 
+def test_machine_line_names_bf16_and_amx(tmp_path):
+    """The line says whether bfloat16 is native (AMX or AVX512_BF16) or emulated, and lists the int8 flags."""
+    (tmp_path / "intel").write_text(INTEL)
+    (tmp_path / "amd").write_text(AMD)
+    (tmp_path / "cooper").write_text(AMD.replace("AMD EPYC 7B13", "Xeon 8380H").replace("fma", "fma avx512_bf16"))
+    intel = describe_machine(tmp_path / "intel")
+    assert "amx_bf16 yes" in intel and "amx_int8 no" in intel and "avx512_vnni no" in intel
+    assert intel.endswith("; bfloat16 native")
+    assert describe_machine(tmp_path / "cooper").endswith("; bfloat16 native")
+    assert describe_machine(tmp_path / "amd").endswith("; bfloat16 emulated (slower than float32)")
+    assert describe_machine(tmp_path / "missing").endswith("bfloat16 unknown")
+
+
 def test_every_benchmark_prints_its_machine():
     """Each script of benchmarks/ with a ``main`` calls `print_machine` in it."""
     scripts = [p for p in sorted((ROOT / "benchmarks").glob("*.py"))

@@ -90,12 +90,13 @@ class GPT2(keras.Model):
         return ops.take(self.wte.embeddings, ops.cast(token_ids, "int32"), axis=0)
 
     def lm_logits(self, hidden):
-        """(..., C) final hidden states (after ``ln_f``) -> (..., V) logits with the tied head."""
+        """(..., C) final hidden states (after ``ln_f``) -> (..., V) float32 logits with the tied head (a
+        bfloat16 model's matmul runs in bfloat16; its logits, hence log-probabilities and scores, are float32)."""
         shape = ops.shape(hidden)
         flat = ops.reshape(hidden, (-1, self.n_embd))  # (N, C)
         wte = ops.cast(self.wte.embeddings, flat.dtype)  # (V, C)
         logits = tf.matmul(flat, wte, transpose_b=True)  # (N, V): no (C, V) transpose of wte is materialised
-        return ops.reshape(logits, (*shape[:-1], self.vocab_size))
+        return ops.reshape(ops.cast(logits, "float32"), (*shape[:-1], self.vocab_size))
 
     def _input_embeddings(self, token_ids, inputs_embeds):
         if token_ids is None and inputs_embeds is None:

@@ -265,8 +265,11 @@ class ClipCapModelHandler(ModelHandler):
         results = pixels_by_path | RunInference(handler)       # PredictionResult(path, [candidates])
     """
 
-    def __init__(self, model_dir, method="greedy", batch_size=16, **generate_kwargs):
+    def __init__(self, model_dir, method="greedy", batch_size=16, precision="float32", **generate_kwargs):
+        from models.precision import resolve_precision
+
         request = as_decoding(method, generate_kwargs)  # bad settings fail here, not on every worker
+        self.precision = resolve_precision(precision).name  # an unknown name fails here, not on the workers
         if batch_size < 1 or batch_size & (batch_size - 1):
             raise ValueError(f"batch_size must be a power of two (the compiled batch shapes), got {batch_size}")
         super().__init__(min_batch_size=batch_size, max_batch_size=batch_size)
@@ -277,7 +280,7 @@ class ClipCapModelHandler(ModelHandler):
     def load_model(self):
         from models.image_captioning.clip_cap import ClipCap
 
-        model = ClipCap.load(self.model_dir)
+        model = ClipCap.load(self.model_dir, precision=self.precision)
         if model.clip is None:
             raise ValueError(f"{self.model_dir} has no CLIP image encoder: batch captioning needs one")
         model.check_generate_args(self.request)  # what needs the model: the stop token, CLIP's text encoder
@@ -346,7 +349,8 @@ def previous_outputs(prefix):
 
 
 def caption_pipeline(pipeline, inputs, model_dir, output, method="greedy", batch_size=16, generate_kwargs=None,
-                     exif_transpose=True, input_lists=(), skip_existing=(), num_shards=0, settings=None):
+                     exif_transpose=True, input_lists=(), skip_existing=(), num_shards=0, settings=None,
+                     precision="float32"):
     """Add the captioning transforms to ``pipeline``; returns the (records, errors) PCollections.
 
     `run_batch` holds an inter-process lock on a local ``output`` prefix for the whole job and removes the
@@ -363,11 +367,13 @@ def caption_pipeline(pipeline, inputs, model_dir, output, method="greedy", batch
         skip_existing: earlier output prefixes: images captioned there with the same settings are skipped.
         num_shards: output shards (0: the runner decides).
         settings: the records' settings (default: `prediction.generation_settings` of the saved model).
+        precision: the workers load the model in it (`models.precision`; "bfloat16": records keyed by the
+            bfloat16 model's identity).
     """
     request = as_decoding(method, dict(generate_kwargs or {}))  # checked once, carried to the workers
     if settings is None:
-        settings = batch_settings(model_dir, request.method, request.given, exif_transpose)
-    handler = ClipCapModelHandler(model_dir, request, batch_size=batch_size)
+        settings = batch_settings(model_dir, request.method, request.given, exif_transpose, precision)
+    handler = ClipCapModelHandler(model_dir, request, batch_size=batch_size, precision=precision)
     n_px = clip_input_resolution(model_dir)
 
     matched = (pipeline | "Inputs" >> beam.Create(list(inputs))
@@ -410,25 +416,27 @@ def caption_pipeline(pipeline, inputs, model_dir, output, method="greedy", batch
     return records, errors
 
 
-def batch_settings(model_dir, method, generate_kwargs, exif_transpose=True):
-    """`prediction.generation_settings` for a saved model: its name (config.json) and identity (metadata.json),
-    no weights loaded; a folder that records no identity (saved by an earlier version) is loaded once here to
-    compute it."""
+def batch_settings(model_dir, method, generate_kwargs, exif_transpose=True, precision="float32"):
+    """`prediction.generation_settings` for a saved model: its name (config.json) and identity (metadata.json,
+    in ``precision``: `models.precision.precision_identity`), no weights loaded; a folder that records no
+    identity (saved by an earlier version) is loaded once here to compute it."""
     from models.image_captioning.cached_answers import saved_model_name
     from models.image_captioning.identity import recorded_identity
     from models.image_captioning.prediction import generation_settings_for
+    from models.precision import precision_identity
 
     identity = recorded_identity(model_dir)
     if identity is None:
         from models.image_captioning.clip_cap import ClipCap
 
         identity = ClipCap.load(str(model_dir)).identity
+    identity = precision_identity(identity, precision)
     # the name as ClipCap.load gives it
     return generation_settings_for(saved_model_name(model_dir), identity, method, generate_kwargs, exif_transpose)
 
 
 def run_batch(inputs, model_dir, output, method="greedy", batch_size=16, generate_kwargs=None, exif_transpose=True,
-              input_lists=(), skip_existing=(), num_shards=0, pipeline_args=(), overwrite=False):
+              input_lists=(), skip_existing=(), num_shards=0, pipeline_args=(), overwrite=False, precision="float32"):
     """Build and run the captioning pipeline (Beam options from ``pipeline_args``); returns the output files.
 
     An output prefix that already holds shards (``<output>-records-*`` / ``<output>-errors-*``, an earlier
@@ -453,7 +461,7 @@ def run_batch(inputs, model_dir, output, method="greedy", batch_size=16, generat
         options = PipelineOptions(list(pipeline_args))
         with beam.Pipeline(options=options) as pipeline:
             caption_pipeline(pipeline, inputs, model_dir, output, method=method, batch_size=batch_size,
-                             generate_kwargs=generate_kwargs, exif_transpose=exif_transpose,
+                             generate_kwargs=generate_kwargs, exif_transpose=exif_transpose, precision=precision,
                              input_lists=input_lists, skip_existing=skip_existing, num_shards=num_shards)
     return sorted(output_files(output) + output_files(output, ERRORS_NAME))
 

@@ -53,21 +53,24 @@ def saved_model_name(model_dir):
 
 
 def answers_from_map(model_dir, images, method="greedy", output_dir=None, return_candidates=False,
-                     exif_transpose=True, **generate_kwargs):
+                     exif_transpose=True, precision="float32", **generate_kwargs):
     """``predict``'s results for ``images`` taken from map.json alone, or None when any input needs the model
     (not in map.json, made with other settings, file changed since, an input that cannot be expanded).
 
     ``model_dir`` is a saved model's folder (only its config.json and metadata.json are read); ``output_dir``
     as in ``predict`` (default `prediction.default_output_dir`: ``<model store>/.outputs/<name>``); ``method``
-    a method's name with its ``generate_kwargs``, or a checked `custom_architectures.decoding.Decoding`.
+    a method's name with its ``generate_kwargs``, or a checked `custom_architectures.decoding.Decoding`;
+    ``precision``: the one the model would be loaded in (`models.precision`: its results are keyed apart).
     """
+    from models.precision import precision_identity
+
     request = as_decoding(method, generate_kwargs)
     try:
         name = saved_model_name(model_dir)
     except (OSError, ValueError, UnsafePathError) as e:
         logger.debug("no answer from map.json: %s", e)
         return None
-    identity = recorded_identity(model_dir)
+    identity = precision_identity(recorded_identity(model_dir), precision)
     if identity is None:
         logger.debug("no answer from map.json: %s records no identity", model_dir)
         return None

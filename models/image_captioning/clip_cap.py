@@ -39,6 +39,7 @@ from custom_architectures.guided_decoding import GuidedDecoder  # noqa: E402
 from custom_architectures.transformers_arch.clip_cap_arch import ClipCapBackbone  # noqa: E402
 from models import check_jit_compile  # noqa: E402
 from models.image_captioning.saving import ModelLoadError  # noqa: E402, F401
+from models.precision import DEFAULT_PRECISION, precision_identity, resolve_precision, warn_if_slow  # noqa: E402
 from utils.devices import device_scope  # noqa: E402
 
 
@@ -66,6 +67,9 @@ class ClipCap:
             with the model gets the same value.
         device: where mapper, GPT-2 and CLIP run: None (TensorFlow's placement, the default) or "cpu", "gpu",
             "gpu:N" set with `to` (`utils.devices`; a device TensorFlow does not see is an error).
+        precision: the numeric precision mapper, GPT-2 and CLIP run in, a name of `models.precision.PRECISIONS`:
+            "float32" (the default) or "bfloat16", set at load (``load(..., precision=...)``) or with
+            `to_precision`. A bfloat16 model has its own `identity` and is not saved (save the float32 one).
     """
 
     INFO_KEYS = ("name", "checkpoint", "checkpoint_sha256", "clip_name", "stop_token")
@@ -87,9 +91,9 @@ class ClipCap:
         self.info = {k: info.get(k) for k in self.INFO_KEYS}
         self.clip = clip
         self.jit_compile = check_jit_compile(jit_compile)
-        self._xla = bool(self.jit_compile)  # the compiled form: XLA ("auto": after a shape's first call)
         self._policy = CompilePolicy(self.jit_compile)
         self.device = None  # TensorFlow device string (utils.devices.resolve_device); see `to`
+        self.precision = DEFAULT_PRECISION  # models.precision: see `to_precision`
         self._compile()
         if clip is not None:
             self._check_clip(clip, "the given CLIP model")
@@ -99,9 +103,17 @@ class ClipCap:
             self.__dict__["_identity"] = None
         super().__setattr__(name, value)
 
+    @property
+    def uses_xla(self) -> bool:
+        """Whether the compiled form of mapper and decoding is XLA (else a plain TensorFlow graph): XLA
+        unless ``jit_compile`` is False, or "auto" with a precision XLA runs slowly (bfloat16 on CPU,
+        `models.precision.Precision.xla`)."""
+        return self.jit_compile is True or (bool(self.jit_compile) and resolve_precision(self.precision).xla)
+
     def _compile(self):
         backbone = self.backbone
-        self.decoder = PrefixDecoder(backbone.gpt2)
+        self._xla = self.uses_xla  # the compiled form ("auto": after a shape's first call)
+        self.decoder = PrefixDecoder(backbone.gpt2, xla=self._xla)
         self.guided_decoder = GuidedDecoder(backbone.gpt2)  # MAGIC (method="magic")
         self._project = tf.function(lambda e: backbone.prefix(e), jit_compile=self._xla)
         self._logits = tf.function(lambda e, ids: backbone(e, ids), jit_compile=self._xla)
@@ -115,6 +127,30 @@ class ClipCap:
         if self.clip is not None:
             self.clip.to(device)
         self.device = device
+        return self
+
+    def to_precision(self, precision):
+        """Run mapper, GPT-2 and the CLIP (when there is one) in ``precision`` (a name or alias of
+        `models.precision.PRECISIONS`: "float32", "bfloat16" / "bf16"); returns self.
+
+        The float32 weights are cast once, now (`models.precision.cast_model`); the compiled functions are
+        rebuilt. Only a float32 model changes precision (the rounded weights cannot give float32 back: load the
+        model again). Logs one warning line when this CPU lacks the instructions that make ``precision``
+        fast (`models.precision.warn_if_slow`). Raises ValueError for an unknown name."""
+        precision = resolve_precision(precision)
+        if precision.name == self.precision:
+            return self
+        if self.precision != DEFAULT_PRECISION:
+            raise ValueError(f"this model runs in {self.precision}; only a float32 model changes precision "
+                             f"(load it again with precision={precision.name!r})")
+        warn_if_slow(precision)
+        recorded = self._identity  # the float32 weights' identity: `identity` adds the precision to it
+        self.backbone = precision.apply(self.backbone)
+        if self.clip is not None:
+            self.clip.to_precision(precision, warn=False)
+        self._identity = recorded
+        self.precision = precision.name
+        self._compile()
         return self
 
     # --- construction --------------------------------------------------------------------------------
@@ -157,8 +193,8 @@ class ClipCap:
         if self._identity is not None and self._identity[1] == self.normalize_prefix:
             if self._identity[0] is None:  # loaded from a folder that records none: computed once
                 self._identity = (compute_identity(self), self._identity[1])
-            return self._identity[0]
-        return compute_identity(self)
+            return precision_identity(self._identity[0], self.precision)
+        return precision_identity(compute_identity(self), self.precision)
 
     def record_identity(self, identity):
         """Set the identity of this model as it is now (`identity`): done by `load` and `save`; None: the
@@ -252,7 +288,15 @@ class ClipCap:
         """
         from models.image_captioning.saving import save_clipcap
 
+        self._check_saveable()
         return save_clipcap(self, name_or_directory, overwrite=overwrite)
+
+    def _check_saveable(self):
+        """ValueError unless the weights are float32: a bfloat16 model's are rounded copies of the model's."""
+        if self.precision != DEFAULT_PRECISION:
+            raise ValueError(f"this model runs in {self.precision} (weights rounded at load): saved models are "
+                             "float32; save the model loaded without precision= (load it with precision= to run "
+                             "it so)")
 
     def save_official(self, path, clip_name=None, legacy_buffers=False, overwrite=False):
         """Write this model as an official ClipCap checkpoint: ``path`` (.pt, ``torch.save`` of the official
@@ -262,11 +306,12 @@ class ClipCap:
         (pt path, json path)."""
         from utils.convert.clipcap_export import export_official
 
+        self._check_saveable()
         return export_official(self, path, clip_name=clip_name, legacy_buffers=legacy_buffers,
                                overwrite=overwrite)
 
     @classmethod
-    def load(cls, name_or_directory, clip=None, jit_compile="auto"):
+    def load(cls, name_or_directory, clip=None, jit_compile="auto", precision=DEFAULT_PRECISION):
         """Restore a saved model (no torch needed): a directory or a name in ``pretrained_models``. Folders of
         format 2 (`save`) and of format 1 (before it: mapper.weights.h5 + gpt2.weights.h5) both load.
 
@@ -276,15 +321,21 @@ class ClipCap:
         ``clip``: a CLIP to use instead of the saved one (checked for the embedding size): a `CLIP` instance,
         an OpenAI CLIP name ("ViT-B/32", downloaded once), the path of an OpenAI CLIP ``.pt`` or of a saved CLIP
         folder (e.g. to add the text encoder re-ranking needs to a model saved with an image-only CLIP).
+
+        ``precision``: "float32" (default: the model as saved) or "bfloat16" ("bf16"): weights cast once at
+        load, bf16 matmuls and convolutions, float32 layer norms, softmax and scores (`to_precision`,
+        `models.precision`; a `CLIP` instance given as ``clip`` is cast in place); an unknown name is a
+        ValueError raised before anything is read.
         """
         from models.image_captioning.loading import load_clipcap
 
+        precision = resolve_precision(precision)  # an unknown name fails before any work
         if isinstance(clip, str | os.PathLike):
             from models.siamese.clip import CLIP
 
             clip = CLIP.from_pretrained(os.fspath(clip), jit_compile=jit_compile)
 
-        return load_clipcap(cls, name_or_directory, clip=clip, jit_compile=jit_compile)
+        return load_clipcap(cls, name_or_directory, clip=clip, jit_compile=jit_compile).to_precision(precision)
 
     # --- embeddings ----------------------------------------------------------------------------------
 
@@ -330,9 +381,9 @@ class ClipCap:
         with device_scope(self.device):
             if self._policy.compiles(("prefix", bucket), force=compile_now):  # few compiled shapes:
                 embeddings = pad_batch(embeddings, bucket, fill=1.0)  # padded with ones (L2-normalisable)
-                prefix = np.asarray(self._project(tf.constant(embeddings)))[:n]
+                prefix = np.asarray(self._project(tf.constant(embeddings)), np.float32)[:n]
             else:  # a shape's first call under "auto": eager, nothing compiled
-                prefix = np.asarray(self.backbone.prefix(tf.constant(embeddings)))
+                prefix = np.asarray(self.backbone.prefix(tf.constant(embeddings)), np.float32)
         bad = ~np.all(np.isfinite(prefix), axis=(1, 2))
         if bad.any():  # finite inputs, non-finite outputs: overflow in the mapper, or damaged weights
             raise ValueError(f"the mapper turned the CLIP embeddings of rows {np.flatnonzero(bad).tolist()} (of {n}) "

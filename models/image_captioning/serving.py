@@ -102,7 +102,7 @@ class CaptionModule(tf.Module):
             pieces[stop] = b""
         self._pieces = tf.constant(pieces.tolist(), tf.string)
         self.metadata_json = json.dumps({
-            "format": FORMAT, "model": model.name, "method": request.method,
+            "format": FORMAT, "model": model.name, "precision": model.precision, "method": request.method,
             # every servable method's options: the value baked in, None where this method takes none
             **{name: request.values.get(name) for name in methods_options(servable_methods())},
             "max_length": max_length,
@@ -125,12 +125,12 @@ class CaptionModule(tf.Module):
         self._encoders, self._projectors, self._decoders = [], [], []
         for s in self._sizes:  # one compiled program per bucket and stage, as ClipCap compiles them
             self._encoders.append(tf.function(
-                lambda x: (visual(x, training=False),), jit_compile=clip_jit, autograph=False,
+                lambda x: (tf.cast(visual(x, training=False), tf.float32),), jit_compile=clip_jit, autograph=False,
                 input_signature=[tf.TensorSpec((s, self._n_px, self._n_px, 3), tf.float32)]))
             self._projectors.append(tf.function(
-                self._project(mapper), jit_compile=True, autograph=False, input_signature=[tf.TensorSpec((s, self._prefix_size))]))
+                self._project(mapper), jit_compile=model.uses_xla, autograph=False, input_signature=[tf.TensorSpec((s, self._prefix_size))]))
             self._decoders.append(tf.function(
-                self._decode(decoder, sampler, max_length), jit_compile=True,
+                self._decode(decoder, sampler, max_length), jit_compile=model.uses_xla,
                 input_signature=[tf.TensorSpec((s, k, c)), tf.TensorSpec((s,), tf.bool), tf.TensorSpec((), tf.int32),
                                  tf.TensorSpec((), tf.int32)]))
 
@@ -146,7 +146,7 @@ class CaptionModule(tf.Module):
         def project(embeddings):  # (s, D) -> (s, K, C), the policy of ClipCap.prefix
             if normalize:
                 embeddings = embeddings / tf.norm(embeddings, axis=-1, keepdims=True)
-            return (mapper(embeddings),)
+            return (tf.cast(mapper(embeddings), tf.float32),)  # float32 also from a bfloat16 model
         return project
 
     @staticmethod

@@ -29,6 +29,7 @@ from custom_architectures.batching import pad_batch, power_of_two_at_least  # no
 from custom_architectures.clip_arch import CLIPModel, ModifiedResNet  # noqa: E402
 from custom_architectures.compile_policy import CompilePolicy  # noqa: E402
 from models import check_jit_compile  # noqa: E402
+from models.precision import DEFAULT_PRECISION  # noqa: E402
 from models.siamese.clip_tokenizer import CLIPTokenizer  # noqa: E402
 from models.siamese.image_embedding import ImageEmbedder  # noqa: E402
 from utils.devices import device_scope  # noqa: E402
@@ -55,11 +56,12 @@ class CLIP:
             unknown), recorded in a saved folder's metadata.json.
         device: where the encoders run: None (TensorFlow's placement, the default), or "cpu", "gpu",
             "gpu:N" set with `to` (`utils.devices`).
+        precision: "float32" (the default) or "bfloat16" (`models.precision`), set at load or with
+            `to_precision`; features come out float32 either way.
     """
 
     def __init__(self, model: CLIPModel, tokenizer: CLIPTokenizer | None = None, jit_compile="auto",
                  text_loader=None):
-        import tensorflow as tf
 
         jit_compile = check_jit_compile(jit_compile)
         # "auto": eager on a bucket's first call, then compiled; True / False: compiled from the first call
@@ -68,18 +70,26 @@ class CLIP:
         self.tokenizer = tokenizer
         self.source = self.source_sha256 = None
         self.device = None  # TensorFlow device string (utils.devices.resolve_device); see `to`
+        self.precision = DEFAULT_PRECISION  # models.precision: see `to_precision`
         self._text_jit = bool(jit_compile)
+        self._jit_request = jit_compile  # as given: "auto" lets `to_precision` choose the compiled form
         if jit_compile == "auto":
             jit_compile = not isinstance(model.visual, ModifiedResNet)
         self.jit_compile = bool(jit_compile)
-        # graph mode (no XLA) is not padded: one trace with a free batch dimension serves every batch size
-        self._encode_pixels = tf.function(lambda x: model.visual(x, training=False), jit_compile=self.jit_compile,
-                                          reduce_retracing=not self.jit_compile)
+        self._compile_visual()
         self._encode_tokens = None
         # () -> (text tower, tokenizer): a text encoder saved with the model but not loaded yet (`load_text`)
         self._text_loader = text_loader if model.text is None else None
         if model.text is not None:
             self._compile_text()
+
+    def _compile_visual(self):
+        import tensorflow as tf
+
+        visual = self.model.visual
+        # graph mode (no XLA) is not padded: one trace with a free batch dimension serves every batch size
+        self._encode_pixels = tf.function(lambda x: visual(x, training=False), jit_compile=self.jit_compile,
+                                          reduce_retracing=not self.jit_compile)
 
     def _compile_text(self):
         import tensorflow as tf
@@ -110,6 +120,35 @@ class CLIP:
         from utils.devices import resolve_device
 
         self.device = resolve_device(device)
+        return self
+
+    def to_precision(self, precision, warn=True):
+        """Run the encoders (the text one too, when it is read later) in ``precision`` (a name or alias of
+        `models.precision.PRECISIONS`: "float32", "bfloat16" / "bf16"); returns self. Weights cast once, now;
+        only a float32 model changes precision. ``warn``: log one line when this CPU lacks the instructions
+        that make ``precision`` fast (`models.precision.warn_if_slow`)."""
+        from models.precision import resolve_precision, warn_if_slow
+
+        precision = resolve_precision(precision)
+        if precision.name == self.precision:
+            return self
+        if self.precision != DEFAULT_PRECISION:
+            raise ValueError(f"this CLIP runs in {self.precision}; only a float32 model changes precision "
+                             f"(load it again with precision={precision.name!r})")
+        if warn:
+            warn_if_slow(precision)
+        text = None if self.model.text is None else precision.apply(self.model.text)
+        model = CLIPModel(precision.apply(self.model.visual), text, name=self.model.name)
+        model.logit_scale.assign(self.model.logit_scale)
+        self.model, self.precision = model, precision.name
+        if self._jit_request == "auto" and not precision.xla:  # graph mode: oneDNN's kernels, not XLA's
+            self.jit_compile = self._text_jit = False
+        self._compile_visual()
+        if text is not None:
+            self._compile_text()
+        if self._text_loader is not None:  # read later: cast when read
+            loader = self._text_loader
+            self._text_loader = lambda: _cast_text(loader(), precision)
         return self
 
     # --- construction --------------------------------------------------------------------------------
@@ -167,19 +206,27 @@ class CLIP:
         """
         from models.siamese.clip_saving import save_clip
 
+        if self.precision != DEFAULT_PRECISION:
+            raise ValueError(f"this CLIP runs in {self.precision} (weights rounded at load): saved models are "
+                             "float32; save the model loaded without precision=")
         return save_clip(self, directory, overwrite=overwrite)
 
     @classmethod
-    def load(cls, name_or_directory, jit_compile="auto", lazy_text=False):
+    def load(cls, name_or_directory, jit_compile="auto", lazy_text=False, precision=DEFAULT_PRECISION):
         """Rebuild a saved CLIP (no torch needed): a folder written by `save` (format 2, or format 1 from
         before it) or a name in the model store. Strict: every weight present, nothing left over; a damaged
         config.json or weights file raises `utils.convert.common.CheckpointError` naming the file.
-        ``lazy_text``: the text encoder and tokenizer are read when first used (`load_text`), not now."""
+        ``lazy_text``: the text encoder and tokenizer are read when first used (`load_text`), not now.
+        ``precision``: "float32" (default) or "bfloat16" ("bf16"), see `to_precision`; an unknown name is a
+        ValueError raised before anything is read."""
+        from models.precision import resolve_precision
         from models.siamese.clip_saving import load_clip
         from utils.model_store import model_dir, recover_model_dir
 
-        return load_clip(cls, recover_model_dir(model_dir(name_or_directory)), jit_compile=jit_compile,
+        precision = resolve_precision(precision)
+        clip = load_clip(cls, recover_model_dir(model_dir(name_or_directory)), jit_compile=jit_compile,
                          lazy_text=lazy_text)
+        return clip.to_precision(precision)
 
     # --- properties ----------------------------------------------------------------------------------
 
@@ -231,10 +278,10 @@ class CLIP:
         bucket = power_of_two_at_least(count)
         with device_scope(self.device):
             if not self._policy.compiles(("image", bucket), force=compile_now):
-                return np.asarray(self.model.visual(pixels, training=False))  # eager: nothing compiled
+                return np.asarray(self.model.visual(pixels, training=False), np.float32)  # eager: no compile
             if self.jit_compile:  # XLA compiles once per shape: pad to a power of two (few shapes, < 2x work)
                 pixels = pad_batch(pixels, bucket)
-            return np.asarray(self._encode_pixels(pixels))[:count]
+            return np.asarray(self._encode_pixels(pixels), np.float32)[:count]
 
     def will_compile(self, count, compile_now=None):
         """Whether `encode_pixels` on ``count`` images would run a compiled form (for status lines)."""
@@ -267,10 +314,10 @@ class CLIP:
         bucket = power_of_two_at_least(count)
         with device_scope(self.device):
             if not self._policy.compiles(("text", bucket, token_ids.shape[1]), force=compile_now):
-                return np.asarray(self.model.text(token_ids, training=False))  # eager: nothing compiled
+                return np.asarray(self.model.text(token_ids, training=False), np.float32)  # eager: no compile
             if self._text_jit:  # as encode_pixels: few compiled shapes
                 token_ids = pad_batch(token_ids, bucket)
-            return np.asarray(self._encode_tokens(token_ids))[:count]
+            return np.asarray(self._encode_tokens(token_ids), np.float32)[:count]
 
     def encode_token_ids(self, token_ids, multiple=8):
         """(N, context_length) token ids (`tokenize`) -> raw text features (N, embed_dim), the padding columns
@@ -288,13 +335,19 @@ class CLIP:
         if self._text_jit:  # as encode_pixels: few compiled shapes
             token_ids = pad_batch(token_ids, power_of_two_at_least(count))
         with device_scope(self.device):
-            return np.asarray(self._encode_tokens(token_ids))[:count]
+            return np.asarray(self._encode_tokens(token_ids), np.float32)[:count]
 
     def similarity(self, images, texts, batch_size=32):
         """CLIP logits (N_img, N_txt): exp(logit_scale) * cosine similarity (OpenAI's logits_per_image)."""
         image_features = self.encode_image(images, batch_size=batch_size)
         text_features = self.encode_text(texts)
         return np.asarray(self.model.logits(image_features, text_features))
+
+
+def _cast_text(loaded, precision):
+    """(text tower, tokenizer) of `CLIP.load_text`'s loader with the tower in ``precision``."""
+    text, tokenizer = loaded
+    return precision.apply(text), tokenizer
 
 
 def _trim_context(token_ids):

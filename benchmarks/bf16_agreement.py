@@ -1,0 +1,112 @@
+"""How often bfloat16 gives float32's captions: ``precision="bfloat16"`` vs float32, same weights, same photos.
+
+For each model and decoding method, the photos are captioned end to end twice (``ClipCap.caption``'s path:
+CLIP encoding, mapper, decoding), once by the float32 model and once by the same model loaded in bfloat16
+(`models.precision`), and the table gives:
+
+- exact captions: the share of photos whose best caption is the same (the same tokens);
+- token agreement: the mean, over photos, of the share of positions where the two captions hold the same
+  token (over the longer of the two: a length difference counts as disagreement);
+- CLIP rel diff: max |bf16 - fp32| / max |fp32| of the image embeddings;
+- score diff: the mean |bf16 - fp32| of the best captions' scores (mean log-probability per token) where the
+  captions are the same.
+
+Photos: the 16 ``skimage.data`` photographs of ``benchmarks/bench_clipcap.py`` and ``demo/*.jpg``.
+Models: by default random full-size weights (CLIP RN50x4 + transformer mapper + GPT-2 124M, and CLIP ViT-B/32
++ MLP mapper + GPT-2 124M, as ``bench_clipcap`` builds them, with the parity suites' init scale so that
+next-token choices are not near-ties); ``--model NAME_OR_DIR`` (repeatable) runs saved models instead (a
+converted official model such as ``coco``, when it is in the model store: real weights, real captions).
+
+Run from the repository root::
+
+    python -m benchmarks.bf16_agreement                       # random full-size weights, ~5 min on 2 cores
+    python -m benchmarks.bf16_agreement --model coco --model coco_transformer
+"""
+
+import argparse
+import os
+import tempfile
+from pathlib import Path
+
+# torchvision (imported by the clip package) must come before TensorFlow
+import torch  # noqa: I001
+import torchvision  # noqa: F401
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("CUDA_VISIBLE_DEVICES", "-1")
+
+import numpy as np
+import tensorflow as tf
+
+from benchmarks.bench_clipcap import CONFIGS, agreement, build, photos
+from benchmarks.machine import print_machine
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def demo_photos():
+    """The repository's demo photographs (PIL images, in name order)."""
+    from PIL import Image
+
+    return [Image.open(p).convert("RGB") for p in sorted((ROOT / "demo").glob("*.jpg"))]
+
+
+def compare(fp32, bf16, images, method, max_length, beam_size):
+    """One row's figures: (exact captions, token agreement, CLIP rel diff, mean score diff)."""
+    kw = dict(method=method, beam_size=beam_size, max_length=max_length)
+    e32, e16 = fp32.encode_images(images), bf16.encode_images(images)
+    want, got = fp32.generate(e32, **kw), bf16.generate(e16, **kw)
+    exact, tokens = agreement(got, want)
+    same = [abs(a[0]["score"] - b[0]["score"]) for a, b in zip(got, want) if a[0]["tokens"] == b[0]["tokens"]]
+    clip_diff = float(np.abs(e16 - e32).max() / np.abs(e32).max())
+    return exact, tokens, clip_diff, float(np.mean(same)) if same else float("nan")
+
+
+def models(args, directory):
+    """(label, float32 model, bfloat16 model) for each model to compare."""
+    from models.image_captioning.clip_cap import ClipCap
+
+    if args.model:
+        for name in args.model:
+            yield name, ClipCap.load(name), ClipCap.load(name, precision="bfloat16")
+        return
+    from unitest.tiny_models import train_tiny_tokenizer
+
+    tokenizer_dir = train_tiny_tokenizer(os.path.join(directory, "tokenizer"))
+    for config in args.configs:
+        clip_name, kind = CONFIGS[config]
+        _, _, fp32, bf16 = build(clip_name, kind, directory, tokenizer_dir)
+        yield f"{clip_name} + {kind} (random weights)", fp32, bf16
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", action="append", help="a saved ClipCap (name or folder) instead of random weights")
+    parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
+    parser.add_argument("--max-length", type=int, default=20)
+    parser.add_argument("--beam-size", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    print_machine()
+    torch.set_num_threads(args.threads)
+    tf.config.threading.set_intra_op_parallelism_threads(args.threads)
+    tf.config.threading.set_inter_op_parallelism_threads(args.threads)
+
+    images = photos() + demo_photos()
+    rows = []
+    with tempfile.TemporaryDirectory() as directory:
+        for label, fp32, bf16 in models(args, directory):
+            for method in ("greedy", "beam"):
+                rows.append((label, method, *compare(fp32, bf16, images, method, args.max_length, args.beam_size)))
+                print(f"  done: {label}, {method}", flush=True)
+            del fp32, bf16
+    print(f"\nbfloat16 vs float32 on {len(images)} photographs (16 skimage.data + demo/), best caption, at most "
+          f"{args.max_length} tokens, the model's stop token; beam: {args.beam_size} beams\n")
+    print("| model | method | exact captions | token agreement | CLIP rel diff | score diff (same captions) |")
+    print("|---|---|---:|---:|---:|---:|")
+    for label, method, exact, tokens, clip_diff, score_diff in rows:
+        print(f"| {label} | {method} | {100 * exact:.0f}% | {100 * tokens:.1f}% | {clip_diff:.1e} | {score_diff:.3f} |")
+
+
+if __name__ == "__main__":
+    main()

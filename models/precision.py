@@ -1,0 +1,191 @@
+"""The numeric precisions a model can run in: ONE registry, `PRECISIONS` (name -> how to apply it).
+
+``ClipCap.load(..., precision=...)``, ``CLIP.load(..., precision=...)``, their ``to_precision`` methods and the
+``--precision`` option of ``caption``, ``batch``, ``serve`` and ``export`` all read this registry; the command
+line accepts a name or one of its aliases (``fp32``, ``bf16``), nothing else.
+
+- ``float32`` (alias ``fp32``, the default): the model as saved.
+- ``bfloat16`` (alias ``bf16``): every Keras layer rebuilt under Keras' ``"bfloat16"`` dtype policy, the
+  float32 weights cast once at load (`cast_model`: nothing is cast per step, the KV cache is bfloat16 too).
+  Matmuls and convolutions run in bfloat16 with float32 accumulation (oneDNN's AMX / AVX512_BF16 kernels);
+  layer norms (Keras' and `custom_layers.inference_ops.layer_norm` compute in float32), attention's
+  softmax (`custom_layers.attention`) and GPT-2's logits (`GPT2.lm_logits`, hence every sampler's
+  log-probabilities and scores) are float32. What leaves a model (CLIP embeddings, prefixes, scores) is
+  float32. Fast where the CPU has ``amx_bf16`` or ``avx512_bf16`` (`utils.cpu_features`); elsewhere it
+  runs correctly, slower than float32, and `warn_if_slow` says so at load.
+
+A model in another precision than float32 has another identity (`precision_identity`: its cached captions
+are not float32's) and is not saved (``save`` refuses: the float32 weights it was cast from are the model;
+load them again with the precision wanted).
+
+Adding a precision is one entry: a `Precision` whose ``apply`` takes a float32 Keras model and returns the
+model to run (a twin, or the same one changed in place).
+
+Example::
+
+    precision = resolve_precision("bf16")          # PRECISIONS["bfloat16"]
+    backbone = precision.apply(backbone)           # a bfloat16 twin of a float32 Keras model
+"""
+
+import dataclasses
+import hashlib
+import logging
+from collections.abc import Callable
+
+from utils.cpu_features import BFLOAT16_FLAGS, cpu_info
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_PRECISION = "float32"
+
+
+@dataclasses.dataclass(frozen=True)
+class Precision:
+    """One entry of `PRECISIONS`.
+
+    Attributes:
+        name: the canonical name (``precision=`` and ``--precision`` values, the identity's suffix).
+        aliases: other names the command line and the API accept for it (``bf16``).
+        apply: float32 Keras model -> the Keras model to run in this precision.
+        native_flags: /proc/cpuinfo flags of which one makes it fast on a CPU (empty: fast everywhere);
+            without any, `warn_if_slow` warns at load.
+        xla: whether a model in this precision compiles with XLA under ``jit_compile="auto"``; False: its
+            compiled form is a plain TensorFlow graph (oneDNN's kernels). bfloat16: False, XLA's CPU backend
+            has no AMX / AVX512_BF16 matmuls (measured here: ViT-B/32 4.5 img/s under XLA vs 19.3 in graph
+            mode; greedy decoding 6.1 s vs 2.7 s), while TensorFlow's graph mode runs oneDNN's.
+        summary: one line for ``--help`` and the docs.
+    """
+
+    name: str
+    aliases: tuple
+    apply: Callable
+    native_flags: tuple = ()
+    xla: bool = True
+    summary: str = ""
+
+
+def _floating_policy(value):
+    """Whether a serialized ``dtype`` entry of a Keras config is a floating dtype policy (float32 etc.)."""
+    if isinstance(value, dict) and value.get("class_name") == "DTypePolicy":
+        value = value.get("config", {}).get("name")
+    return isinstance(value, str) and value in ("float32", "float16", "bfloat16", "mixed_bfloat16",
+                                                "mixed_float16", "float64")
+
+
+def _with_policy(config, policy):
+    """A serialized Keras config with every layer's floating ``dtype`` policy replaced by ``policy`` (input
+    layers keep theirs: the model takes float32 and int32 inputs as before and casts them itself)."""
+    if isinstance(config, list):
+        return [_with_policy(v, policy) for v in config]
+    if not isinstance(config, dict):
+        return config
+    if config.get("class_name") == "InputLayer":
+        return config
+    return {k: (policy if k == "dtype" and _floating_policy(v) else _with_policy(v, policy))
+            for k, v in config.items()}
+
+
+def cast_model(model, policy):
+    """A twin of the built Keras ``model`` whose every layer runs under the Keras dtype ``policy``
+    (``"bfloat16"``: bfloat16 weights and compute), holding ``model``'s weights cast once.
+
+    The twin is rebuilt from ``model``'s config with Keras' global dtype policy set to ``policy`` for the
+    duration of the rebuild (sub-layers built in a constructor take the global policy), then restored."""
+    import keras
+
+    config = _with_policy(keras.saving.serialize_keras_object(model), policy)
+    previous = keras.config.dtype_policy()
+    keras.config.set_dtype_policy(policy)
+    try:
+        twin = keras.saving.deserialize_keras_object(config)
+    finally:
+        keras.config.set_dtype_policy(previous)
+    weights = model.get_weights()
+    if len(twin.weights) != len(weights):  # a model that creates its weights when first called
+        raise ValueError(f"cannot cast {type(model).__name__} to {policy}: its rebuilt twin has "
+                         f"{len(twin.weights)} weights, not {len(weights)} (weights created on first call)")
+    twin.set_weights(weights)
+    return twin
+
+
+def _as_is(model):
+    return model
+
+
+def _bfloat16(model):
+    return cast_model(model, "bfloat16")
+
+
+#: name -> `Precision`; the one list of precisions (the command line's choices come from it)
+PRECISIONS = {
+    "float32": Precision("float32", ("fp32",), _as_is, (),
+                         summary="float32 weights and compute, the model as saved (the default)"),
+    "bfloat16": Precision("bfloat16", ("bf16",), _bfloat16, BFLOAT16_FLAGS, xla=False,
+                          summary="bfloat16 weights, matmuls and convolutions (float32 accumulation, layer norms, softmax "
+                          "and log-probabilities): fast where the CPU has AMX or AVX512_BF16"),
+}
+
+
+def precision_names():
+    """Every name `resolve_precision` accepts: the canonical names, then their aliases."""
+    return [*PRECISIONS, *(alias for p in PRECISIONS.values() for alias in p.aliases)]
+
+
+def resolve_precision(name):
+    """The `Precision` of a name or alias (``"bf16"`` -> ``PRECISIONS["bfloat16"]``); None: float32.
+
+    Raises:
+        ValueError: an unknown name (the message lists the accepted ones).
+    """
+    if name is None:
+        name = DEFAULT_PRECISION
+    if isinstance(name, Precision):
+        name = name.name
+    if isinstance(name, str):
+        for precision in PRECISIONS.values():
+            if name == precision.name or name in precision.aliases:
+                return precision
+    raise ValueError(f"unknown precision {name!r}: expected one of {', '.join(precision_names())}")
+
+
+def warn_if_slow(precision, cpuinfo=None):
+    """Log one warning line when ``precision`` needs CPU flags this machine lacks (it still runs, slower);
+    returns whether it warned. ``cpuinfo``: the file to read instead of /proc/cpuinfo (tests)."""
+    if not precision.native_flags:
+        return False
+    model, flags = cpu_info() if cpuinfo is None else cpu_info(cpuinfo)
+    if any(flag in flags for flag in precision.native_flags):
+        return False
+    logger.warning("precision %s: this CPU (%s) has none of %s, so it runs emulated and slower than float32 "
+                   "(results are correct)", precision.name, model, "/".join(precision.native_flags))
+    return True
+
+
+def precision_identity(identity, precision):
+    """A model's identity (``"sha256:<hex>"``, `models.image_captioning.identity`) in ``precision``: the same
+    for float32; otherwise the SHA-256 of the float32 identity and the precision's name, so that results of
+    a bfloat16 run are never taken for float32's (nor the reverse). None stays None."""
+    precision = resolve_precision(precision)
+    if identity is None or precision.name == DEFAULT_PRECISION:
+        return identity
+    digest = hashlib.sha256(f"clipcap-precision-1\n{identity}\n{precision.name}\n".encode())
+    return f"sha256:{digest.hexdigest()}"
+
+
+def precision_name(text):
+    """argparse ``type=`` of ``--precision``: a name or alias of `PRECISIONS` -> the canonical name; anything
+    else an ``argparse.ArgumentTypeError`` listing the accepted ones (usage error, exit 2)."""
+    import argparse
+
+    try:
+        return resolve_precision(text).name
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def add_precision_argument(parser):
+    """Add ``--precision`` (names and aliases from `PRECISIONS` only; default float32) to a command's parser."""
+    choices = ", ".join(f"{p.name} ({'/'.join(p.aliases)}): {p.summary}" for p in PRECISIONS.values())
+    parser.add_argument("--precision", type=precision_name, default=DEFAULT_PRECISION, metavar="NAME",
+                        help=f"the numeric precision the model runs in: {choices}. Results of another precision "
+                             "than float32 are cached apart")
