@@ -304,7 +304,7 @@ class ClipCap:
                                overwrite=overwrite)
 
     @classmethod
-    def load(cls, name_or_directory, clip=None, jit_compile="auto"):
+    def load(cls, name_or_directory, clip=None, jit_compile="auto", precision=None):
         """Restore a saved model (no torch needed): a directory or a name in ``pretrained_models``. Folders of
         format 2 (`save`) and of format 1 (before it: mapper.weights.h5 + gpt2.weights.h5) both load.
 
@@ -314,6 +314,10 @@ class ClipCap:
         ``clip``: a CLIP to use instead of the saved one (checked for the embedding size): a `CLIP` instance,
         an OpenAI CLIP name ("ViT-B/32", downloaded once), the path of an OpenAI CLIP ``.pt`` or of a saved CLIP
         folder (e.g. to add the text encoder re-ranking needs to a model saved with an image-only CLIP).
+
+        ``precision``: None (as saved), "float32", or "int8": GPT-2's blocks and LM head with int8 weights per
+        output channel, for one-image latency (`models.image_captioning.int8`; a float32 folder is quantized
+        at load, an int8 folder saved by `save` loads as int8). Inference only.
         """
         from models.image_captioning.loading import load_clipcap
 
@@ -322,7 +326,9 @@ class ClipCap:
 
             clip = CLIP.from_pretrained(os.fspath(clip), jit_compile=jit_compile)
 
-        return load_clipcap(cls, name_or_directory, clip=clip, jit_compile=jit_compile)
+        from models.image_captioning.int8 import apply_precision
+
+        return apply_precision(load_clipcap(cls, name_or_directory, clip=clip, jit_compile=jit_compile), precision)
 
     # --- embeddings ----------------------------------------------------------------------------------
 
