@@ -137,8 +137,8 @@ def test_load_int8_quantizes_float_folder(tiny_pair):
 
 
 def test_int8_greedy_agrees_with_float32(tiny_pair):
-    """Greedy tokens of int8 against float32 on the demo photos and random embeddings (the tiny model's
-    random weights give small margins: agreement asserted, identical where margins allow)."""
+    """Greedy tokens of int8 against float32 on the demo photos and random embeddings: identical here (the
+    rates are printed with -s: exact captions, mean token agreement)."""
     _, fp32, int8 = tiny_pair
     photos = sorted(DEMO_DIR.glob("*.jpg"))
     embeddings = np.concatenate([fp32.encode_images([str(p) for p in photos]),
@@ -147,7 +147,7 @@ def test_int8_greedy_agrees_with_float32(tiny_pair):
     exact = np.mean([x == y for x, y in zip(a, b, strict=True)])
     agree = np.mean([np.mean([s == t for s, t in zip(x, y, strict=False)] or [1.0]) for x, y in zip(a, b, strict=True)])
     print(f"int8 vs float32: exact {exact:.0%}, mean token agreement {agree:.1%} over {len(a)} captions")
-    assert exact >= 0.75 and agree >= 0.85, (exact, agree)
+    assert a == b, (exact, agree)  # measured: identical on all 13 (5 photos + 8 random embeddings)
     # compiled (XLA) and uncompiled int8 decoding give the same tokens
     assert _tokens(int8, embeddings, compile_now=True) == b
 
