@@ -1,10 +1,11 @@
 """One-image (batch 1) greedy decoding, ms per token: float32 against ``precision="int8"``, with peers.
 
-Random full-size GPT-2 124M (the same weights everywhere), a 10-position prefix, cache 77, greedy, warm:
-the average step inside one compiled ``tf.while_loop`` (how ClipCap decodes a recurring shape), for the
-float32 GPT-2 and its int8 copy (`custom_architectures.quantization.quantize_gpt2`); transformers'
-PyTorch model (cached steps) in float32 and under ``torch.ao.quantization.quantize_dynamic`` (int8
-``nn.Linear``: HF's ``Conv1D`` projections are turned into ``nn.Linear`` first, the LM head is one already).
+Random full-size GPT-2 124M (the same weights everywhere), a 10-position prefix, greedy, warm: ClipCap's
+decoder (`PrefixDecoder`, one image) compiled (a recurring shape: one XLA ``tf.while_loop``) and uncompiled
+(a shape's first call under ``jit_compile="auto"``), for the float32 GPT-2 and its int8 copy
+(`custom_architectures.quantization.quantize_gpt2`); transformers' PyTorch model (cached steps) in float32
+and under ``torch.ao.quantization.quantize_dynamic`` (int8 ``nn.Linear``: HF's ``Conv1D`` projections are
+turned into ``nn.Linear`` first, the LM head is one already).
 The runs are interleaved and repeated (``--repeats``), medians reported, so a shared machine loads them alike.
 Also the greedy tokens' agreement of int8 with float32 on random prefixes (random weights: a lower bound on
 what trained weights give, whose logits have larger margins).
@@ -35,42 +36,26 @@ from transformers import GPT2Config, GPT2LMHeadModel
 import numpy as np
 import tensorflow as tf
 
+from custom_architectures.generation_utils import Greedy, PrefixDecoder
 from custom_architectures.quantization import quantize_gpt2
 from custom_layers.quantized import quantize_rows
 from utils.convert.hf_gpt2 import load_gpt2
 
-PREFIX, MAX_LENGTH = 10, 77
+PREFIX = 10
 SHAPES = ((768, 2304), (768, 3072), (3072, 768), (768, 50257))
 COPIES = 12  # distinct weight matrices per shape in the kernel study (one per block)
 
 
 # ------------------------------------------------------------------ decoding
-def keras_greedy(model, steps):
-    """A compiled greedy loop of ``steps`` tokens after the prefix; returns (run(prefix) -> ids, n)."""
-    @tf.function(jit_compile=True)
-    def greedy(prefix, n):
-        logits, cache = model.call_with_cache(prefix, model.init_cache(1, MAX_LENGTH), 0)
-        ids = tf.TensorArray(tf.int32, size=n)
-
-        def body(i, logits, cache, ids):
-            token = tf.argmax(logits, -1, output_type=tf.int32)  # (1,)
-            ids = ids.write(i, token[0])
-            logits, cache = model.call_with_cache(model.embed_tokens(token[:, None]), cache, PREFIX + i)
-            return i + 1, logits, cache, ids
-
-        return tf.while_loop(lambda i, *_: i < n, body, (tf.constant(0), logits, cache, ids))[3].stack()
-
-    return greedy
-
-
-def time_keras(greedy, prefix, steps):
-    """ms per token: (time of steps + 1 tokens - time of 1) / steps."""
-    start = time.perf_counter()
-    greedy(prefix, tf.constant(1)).numpy()
-    one = time.perf_counter() - start
-    start = time.perf_counter()
-    greedy(prefix, tf.constant(steps + 1)).numpy()
-    return (time.perf_counter() - start - one) / steps * 1e3
+def time_decoder(decoder, prefix, steps, compiled):
+    """ms per token of `PrefixDecoder` greedy at one image: (time of steps + 1 tokens - time of 1) / steps;
+    ``compiled``: the XLA loop (a recurring shape), else the uncompiled path (a shape's first call)."""
+    times = []
+    for length in (1, steps + 1):
+        start = time.perf_counter()
+        decoder(prefix, Greedy(), max_length=length, jit_compile=compiled)
+        times.append(time.perf_counter() - start)
+    return (times[1] - times[0]) / steps * 1e3
 
 
 def torch_linear_gpt2(model):
@@ -108,20 +93,25 @@ def decoding(steps, repeats, agreement_prefixes):
     int8 = quantize_gpt2(fp32)
     torch_int8 = torch.ao.quantization.quantize_dynamic(torch_linear_gpt2(copy.deepcopy(torch_model)),
                                                         {torch.nn.Linear}, dtype=torch.qint8)
-    prefix = tf.random.stateless_normal((1, PREFIX, 768), (1, 2))
-    loops = {"keras fp32": keras_greedy(fp32, steps), "keras int8": keras_greedy(int8, steps)}
-    for loop in loops.values():
-        loop(prefix, tf.constant(steps + 1)).numpy()  # compile
-        loop(prefix, tf.constant(1)).numpy()  # and warm
-    torch_prefix = torch.from_numpy(prefix.numpy())
-    runs = {name: [] for name in ("keras fp32", "keras int8", "torch fp32", "torch dynamic int8")}
+    prefix = tf.random.stateless_normal((1, PREFIX, 768), (1, 2)).numpy()
+    decoders = {"fp32": PrefixDecoder(fp32), "int8": PrefixDecoder(int8)}
+    for decoder in decoders.values():
+        for length in (1, steps + 1):
+            decoder(prefix, Greedy(), max_length=length, jit_compile=True)  # compile
+            decoder(prefix, Greedy(), max_length=length, jit_compile=False)  # trace the block step
+    torch_prefix = torch.from_numpy(prefix)
+    columns = ("keras fp32", "keras int8", "torch fp32", "torch dynamic int8", "keras fp32 uncompiled",
+               "keras int8 uncompiled")
+    runs = {name: [] for name in columns}
     for _ in range(repeats):  # interleaved: a shared machine loads every column alike
-        for name, loop in loops.items():
-            runs[name].append(time_keras(loop, prefix, steps))
+        for name, decoder in decoders.items():
+            runs[f"keras {name}"].append(time_decoder(decoder, prefix, steps, True))
         runs["torch fp32"].append(time_torch(torch_model, torch_prefix, steps))
         runs["torch dynamic int8"].append(time_torch(torch_int8, torch_prefix, steps))
+        for name, decoder in decoders.items():
+            runs[f"keras {name} uncompiled"].append(time_decoder(decoder, prefix, steps, False))
     med = {name: statistics.median(v) for name, v in runs.items()}
-    print(f"\nGPT-2 124M, batch 1, greedy, cache {MAX_LENGTH}, prefix {PREFIX}, {steps} tokens, median of {repeats} "
+    print(f"\nGPT-2 124M, batch 1, greedy, prefix {PREFIX}, {steps} tokens, median of {repeats} "
           f"interleaved runs, {torch.get_num_threads()} torch threads")
     print(f"{'what':<20} | {'ms/token':>8} | {'fp32/this':>9} | runs (ms/token)")
     for name, value in med.items():
@@ -129,19 +119,20 @@ def decoding(steps, repeats, agreement_prefixes):
               + " ".join(f"{v:.1f}" for v in runs[name]))
     print(f"keras int8 vs torch fp32: {med['torch fp32'] / med['keras int8']:.2f}x; "
           f"vs torch dynamic int8: {med['torch dynamic int8'] / med['keras int8']:.2f}x")
-    agreement(loops, steps, agreement_prefixes)
+    agreement(decoders, steps, agreement_prefixes)
 
 
-def agreement(loops, steps, count):
-    """Greedy tokens of int8 against float32 on ``count`` random prefixes: exact rate and mean agreement."""
+def agreement(decoders, steps, count):
+    """Greedy tokens of int8 against float32 on ``count`` random prefixes (one batch, compiled): the rate of
+    identical captions and the mean share of tokens before the first difference."""
+    prefixes = tf.random.stateless_normal((count, PREFIX, 768), (7, 7)).numpy()
+    tokens = {name: decoder(prefixes, Greedy(), max_length=steps + 1).tokens for name, decoder in decoders.items()}
     exact, agree = 0, []
-    for seed in range(count):
-        prefix = tf.random.stateless_normal((1, PREFIX, 768), (seed, 7))
-        a = loops["keras fp32"](prefix, tf.constant(steps + 1)).numpy()
-        b = loops["keras int8"](prefix, tf.constant(steps + 1)).numpy()
-        exact += bool((a == b).all())
-        diverge = int(np.argmax(a != b)) if (a != b).any() else len(a)
-        agree.append(diverge / len(a))
+    for a, b in zip(tokens["fp32"], tokens["int8"], strict=True):
+        a, b = a[0], b[0]
+        exact += a == b
+        same = next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
+        agree.append(same / max(len(a), len(b)))
     print(f"agreement on {count} random prefixes (random weights): identical {exact}/{count}, mean prefix of "
           f"agreeing tokens {np.mean(agree):.2%}")
 
