@@ -164,14 +164,14 @@ def test_int8_save_load_round_trip(tiny_pair, tmp_path):
         f.visititems(lambda name, obj: dtypes.add(obj.dtype.name) if isinstance(obj, h5py.Dataset) else None)
     assert "int8" in dtypes  # int8 values and their scales, not float copies
     assert (tmp_path / "tiny8" / "model.weights.h5").stat().st_size < (folder / "model.weights.h5").stat().st_size
-    for precision in (None, "int8"):
+    for precision in (None, "int8"):  # as saved, or asked: the same int8 weights, not quantized again
         loaded = ClipCap.load(saved, precision=precision)
         assert is_quantized(loaded.gpt2)
         for x, y in zip(int8.gpt2.weights, loaded.gpt2.weights, strict=True):
             np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
-        embeddings = random_embeddings(4, int8.mapper.prefix_size, seed=5)
-        assert _tokens(loaded, embeddings) == _tokens(int8, embeddings)
-    assert ClipCap.load(saved).identity == int8.identity
+    embeddings = random_embeddings(4, int8.mapper.prefix_size, seed=5)
+    assert _tokens(loaded, embeddings) == _tokens(int8, embeddings)
+    assert loaded.identity == int8.identity
     with pytest.raises(ValueError, match="int8 weights"):
         ClipCap.load(saved, precision="float32")
     with pytest.raises(ValueError, match="precision="):
