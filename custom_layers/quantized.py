@@ -6,13 +6,16 @@ int8 (one row per *output* channel, the layout of the tied LM head ``wte`` (V, C
 float32, symmetric (``w ~= q * scale``, ``|q| <= 127``, ``scale = max|w[n]| / 127``: the rounding error of
 every weight is at most ``scale[n] / 2``). Activations stay float: ``y = (x @ q^T) * scale + bias``.
 
-The kernel: ``tf.matmul(x, cast(q), transpose_b=True) * scale``. Compiled by XLA (the decoding loop of
-`custom_architectures.generation_utils` once a shape is compiled), a one-row product is rewritten as a
-multiply-and-reduce that reads the int8 rows directly, fused with the cast, so no float32 copy of the
-weights is made (measured by ``benchmarks/bench_int8.py --kernels``; the (K, N) layout of Keras'
-``Dense.quantize("int8")`` is much slower there, an int8 x int8 -> int32 ``XlaDotV2`` and TensorFlow's
-quantized matmul ops slower than float32). Uncompiled (a shape's first call under ``jit_compile="auto"``)
-the cast makes a float copy of each kernel per call: correct but slower than float32.
+The kernel: ``tf.matmul(x, cast(q), transpose_b=True) * scale``, always run as an XLA program. Compiled,
+a one-row product is rewritten as a multiply-and-reduce that reads the int8 rows directly, fused with the
+cast: no float32 copy of the weights is made. Two things keep it so: `_in_loop` (XLA would otherwise hoist
+the cast of a loop-invariant weight out of the decoding ``tf.while_loop``, which then reads float32 copies),
+and `compiled_kernel` for eager and uncompiled-graph callers (a shape's first call under
+``jit_compile="auto"``), where TensorFlow's own kernels would cast the whole matrix at every call. Measured
+by ``benchmarks/bench_int8.py --kernels``: the (K, N) layout of Keras' ``Dense.quantize("int8")``, an int8 x
+int8 -> int32 ``XlaDotV2`` after quantizing the activation row, ``UniformQuantizedDotHybrid`` and oneDNN's
+``QuantizedMatMulWithBiasAndDequantize`` are all slower than float32 at one row on this CPU. Nothing here is
+CPU-specific (AVX2-only machines run the same XLA code).
 
 - `quantize_rows`: float (N, K) -> (q, scale).
 - `Int8Kernel`: the (q, scale) pair `custom_layers.inference_ops.dense` accepts in place of a kernel.
