@@ -17,6 +17,7 @@ import keras
 from keras import ops
 
 from custom_layers.attention import dot_product_attention, merge_heads
+from custom_layers.quantized import check_quantization, projection
 
 
 @keras.saving.register_keras_serializable(package="image_captioning")
@@ -31,7 +32,8 @@ class GPT2Attention(keras.layers.Layer):
         initializer_range: stddev of the normal kernel initialiser (GPT-2: 0.02).
     """
 
-    def __init__(self, n_embd, n_head, attn_pdrop=0.0, resid_pdrop=0.0, initializer_range=0.02, **kwargs):
+    def __init__(self, n_embd, n_head, attn_pdrop=0.0, resid_pdrop=0.0, initializer_range=0.02, quantization=None,
+                 **kwargs):
         super().__init__(**kwargs)
         if n_embd % n_head:
             raise ValueError(f"n_embd={n_embd} is not a multiple of n_head={n_head}")
@@ -41,9 +43,9 @@ class GPT2Attention(keras.layers.Layer):
         self.attn_pdrop = attn_pdrop
         self.resid_pdrop = resid_pdrop
         self.initializer_range = initializer_range
-        init = keras.initializers.RandomNormal(stddev=initializer_range)
-        self.c_attn = keras.layers.Dense(3 * n_embd, kernel_initializer=init, name="c_attn")
-        self.c_proj = keras.layers.Dense(n_embd, kernel_initializer=init, name="c_proj")
+        self.quantization = check_quantization(quantization)
+        self.c_attn = projection(3 * n_embd, initializer_range, quantization, name="c_attn")
+        self.c_proj = projection(n_embd, initializer_range, quantization, name="c_proj")
         self.attn_dropout = keras.layers.Dropout(attn_pdrop, name="attn_dropout")
         self.resid_dropout = keras.layers.Dropout(resid_pdrop, name="resid_dropout")
 
@@ -79,4 +81,6 @@ class GPT2Attention(keras.layers.Layer):
             n_embd=self.n_embd, n_head=self.n_head, attn_pdrop=self.attn_pdrop,
             resid_pdrop=self.resid_pdrop, initializer_range=self.initializer_range,
         )
+        if self.quantization is not None:  # absent for float weights: float configs (and identities) unchanged
+            config.update(quantization=self.quantization)
         return config

@@ -23,6 +23,7 @@ from custom_layers.activations import gelu_new
 from custom_layers.attention import dot_product_attention
 from custom_layers.gpt2_attention import GPT2Attention
 from custom_layers.inference_ops import dense, layer_norm, variable_value
+from custom_layers.quantized import Int8Dense, check_quantization, projection
 
 
 def cached_block_step(x, layer_cache, cache_index, attention_bias, weights, n_head, epsilon):
@@ -52,15 +53,15 @@ def cached_block_step(x, layer_cache, cache_index, attention_bias, weights, n_he
 class GPT2MLP(keras.layers.Layer):
     """``c_proj(gelu_new(c_fc(x)))`` with residual dropout; hidden width ``4 * n_embd`` as in GPT-2."""
 
-    def __init__(self, n_embd, n_inner=None, resid_pdrop=0.0, initializer_range=0.02, **kwargs):
+    def __init__(self, n_embd, n_inner=None, resid_pdrop=0.0, initializer_range=0.02, quantization=None, **kwargs):
         super().__init__(**kwargs)
         self.n_embd = n_embd
         self.n_inner = n_inner or 4 * n_embd
         self.resid_pdrop = resid_pdrop
         self.initializer_range = initializer_range
-        init = keras.initializers.RandomNormal(stddev=initializer_range)
-        self.c_fc = keras.layers.Dense(self.n_inner, kernel_initializer=init, name="c_fc")
-        self.c_proj = keras.layers.Dense(n_embd, kernel_initializer=init, name="c_proj")
+        self.quantization = check_quantization(quantization)
+        self.c_fc = projection(self.n_inner, initializer_range, quantization, name="c_fc")
+        self.c_proj = projection(n_embd, initializer_range, quantization, name="c_proj")
         self.dropout = keras.layers.Dropout(resid_pdrop, name="dropout")
 
     def build(self, input_shape=None):
@@ -75,6 +76,8 @@ class GPT2MLP(keras.layers.Layer):
         config = super().get_config()
         config.update(n_embd=self.n_embd, n_inner=self.n_inner, resid_pdrop=self.resid_pdrop,
                       initializer_range=self.initializer_range)
+        if self.quantization is not None:  # absent for float weights: float configs (and identities) unchanged
+            config.update(quantization=self.quantization)
         return config
 
 
@@ -83,7 +86,7 @@ class GPT2Block(keras.layers.Layer):
     """One GPT-2 transformer block (pre-LayerNorm attention and MLP, each with a residual)."""
 
     def __init__(self, n_embd, n_head, layer_norm_epsilon=1e-5, attn_pdrop=0.0, resid_pdrop=0.0,
-                 initializer_range=0.02, **kwargs):
+                 initializer_range=0.02, quantization=None, **kwargs):
         super().__init__(**kwargs)
         self.n_embd = n_embd
         self.n_head = n_head
@@ -91,11 +94,13 @@ class GPT2Block(keras.layers.Layer):
         self.attn_pdrop = attn_pdrop
         self.resid_pdrop = resid_pdrop
         self.initializer_range = initializer_range
+        self.quantization = check_quantization(quantization)
         self.ln_1 = keras.layers.LayerNormalization(epsilon=layer_norm_epsilon, name="ln_1")
         self.attn = GPT2Attention(n_embd, n_head, attn_pdrop=attn_pdrop, resid_pdrop=resid_pdrop,
-                                  initializer_range=initializer_range, name="attn")
+                                  initializer_range=initializer_range, quantization=quantization, name="attn")
         self.ln_2 = keras.layers.LayerNormalization(epsilon=layer_norm_epsilon, name="ln_2")
-        self.mlp = GPT2MLP(n_embd, resid_pdrop=resid_pdrop, initializer_range=initializer_range, name="mlp")
+        self.mlp = GPT2MLP(n_embd, resid_pdrop=resid_pdrop, initializer_range=initializer_range,
+                           quantization=quantization, name="mlp")
 
     def build(self, input_shape=None):
         shape = (None, None, self.n_embd)
@@ -112,11 +117,13 @@ class GPT2Block(keras.layers.Layer):
         """The block's weights as tensors in its compute dtype, in `cached_block_step`'s order."""
         dtype = tf.as_dtype(self.compute_dtype)
         attn, mlp, ln_1, ln_2 = self.attn, self.mlp, self.ln_1, self.ln_2
-        dense_ = (attn.c_attn.kernel, attn.c_attn.bias, attn.c_proj.kernel, attn.c_proj.bias)
-        mlp_ = (mlp.c_fc.kernel, mlp.c_fc.bias, mlp.c_proj.kernel, mlp.c_proj.bias)
+        def kernel_and_bias(layer):  # an Int8Dense's kernel is an Int8Kernel (custom_layers.quantized)
+            kernel = layer.inference_kernel() if isinstance(layer, Int8Dense) else variable_value(layer.kernel, dtype)
+            return kernel, variable_value(layer.bias, dtype)
+
         # layer norms compute in float32 from their float32 weights, as Keras' LayerNormalization does
-        return (ln_1.gamma.value, ln_1.beta.value, *(variable_value(v, dtype) for v in dense_),
-                ln_2.gamma.value, ln_2.beta.value, *(variable_value(v, dtype) for v in mlp_))
+        return (ln_1.gamma.value, ln_1.beta.value, *kernel_and_bias(attn.c_attn), *kernel_and_bias(attn.c_proj),
+                ln_2.gamma.value, ln_2.beta.value, *kernel_and_bias(mlp.c_fc), *kernel_and_bias(mlp.c_proj))
 
     def call_with_cache(self, x, layer_cache, cache_index, attention_bias):
         """`cached_block_step` with this block's weights; returns (y (B, T, C), layer_cache)."""
@@ -129,4 +136,6 @@ class GPT2Block(keras.layers.Layer):
             n_embd=self.n_embd, n_head=self.n_head, layer_norm_epsilon=self.layer_norm_epsilon,
             attn_pdrop=self.attn_pdrop, resid_pdrop=self.resid_pdrop, initializer_range=self.initializer_range,
         )
+        if self.quantization is not None:
+            config.update(quantization=self.quantization)
         return config

@@ -15,10 +15,16 @@ Example::
 
 import tensorflow as tf
 
+from custom_layers.quantized import Int8Kernel, int8_matmul
+
 
 def dense(x, kernel, bias=None):
     """x (..., Cin) @ kernel (Cin, Cout) + bias (Cout,) -> (..., Cout): ``keras.layers.Dense`` without
-    activation, as its call computes it (one matmul on the input flattened to 2-D)."""
+    activation, as its call computes it (one matmul on the input flattened to 2-D). ``kernel`` may be an
+    `Int8Kernel` (q (Cout, Cin) int8, scale (Cout,)): `custom_layers.quantized`, ``precision="int8"``."""
+    if isinstance(kernel, Int8Kernel):
+        y = int8_matmul(x, kernel.q, kernel.scale)
+        return y if bias is None else tf.nn.bias_add(y, bias)
     if x.shape.rank == 2:
         y = tf.matmul(x, kernel)
     else:

@@ -55,6 +55,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from custom_architectures.quantization import check_trainable
 from custom_architectures.transformers_arch.clip_cap_arch import ClipCapBackbone
 from custom_train_objects.checkpoints import (  # noqa: F401 (is_checkpoint: its historical place)
     STATE_FILENAME,
@@ -213,6 +214,7 @@ class Trainer:
 
     def __init__(self, model, hparams: TrainingHParams, output_dir, strategy=None, loggers=None, progress=True,
                  keep_checkpoints=2):
+        check_trainable(model.gpt2)  # int8 weights (precision="int8") are inference only: a clear error now
         self.model = model
         self.strategy = strategy or tf.distribute.get_strategy()
         self.output_dir = check_output_dir(Path(output_dir) / _worker_subdir(self.strategy))

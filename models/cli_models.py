@@ -49,7 +49,7 @@ def resolve_model_dir(name_or_dir, download=True):
                             f"{home_dir()}, and not one of {', '.join(MODELS)}")
 
 
-def load_model(name_or_dir, precision="float32"):
+def load_model(name_or_dir, precision=None):
     """A `ClipCap` from a ``--model`` value (see `resolve_model_dir`), in ``precision`` (`models.precision`);
     official names are downloaded and converted on first use by ``ClipCap.load``."""
     target = resolve_model_dir(name_or_dir, download=False)

@@ -5,6 +5,11 @@
 line accepts a name or one of its aliases (``fp32``, ``bf16``), nothing else.
 
 - ``float32`` (alias ``fp32``, the default): the model as saved.
+- ``int8``: GPT-2's block projections and tied LM head with int8 weights per output channel (per vocabulary
+  row for the head), dequantized inside the matmul (`custom_architectures.quantization`,
+  `custom_layers.quantized`): for one-image latency (decoding one row is memory-bound). The mapper and the
+  CLIP stay float32. Unlike bfloat16 it is saved (``save`` writes the int8 values and their scales; the
+  folder loads as int8) and it is inference only.
 - ``bfloat16`` (alias ``bf16``): every Keras layer rebuilt under Keras' ``"bfloat16"`` dtype policy, the
   float32 weights cast once at load (`cast_model`: nothing is cast per step, the KV cache is bfloat16 too).
   Matmuls and convolutions run in bfloat16 with float32 accumulation (oneDNN's AMX / AVX512_BF16 kernels);
@@ -15,8 +20,11 @@ line accepts a name or one of its aliases (``fp32``, ``bf16``), nothing else.
   runs correctly, slower than float32, and `warn_if_slow` says so at load.
 
 A model in another precision than float32 has another identity (`precision_identity`: its cached captions
-are not float32's) and is not saved (``save`` refuses: the float32 weights it was cast from are the model;
-load them again with the precision wanted).
+are not float32's). A bfloat16 model is not saved (``save`` refuses: the float32 weights it was cast from are
+the model; load them again with the precision wanted); an int8 one is (``savable``).
+
+``precision=None`` (the API's and the command line's default) means "as saved": float32, or int8 for a folder
+saved from an int8 model.
 
 Adding a precision is one entry: a `Precision` whose ``apply`` takes a float32 Keras model and returns the
 model to run (a twin, or the same one changed in place).
@@ -54,6 +62,8 @@ class Precision:
             has no AMX / AVX512_BF16 matmuls (measured here: ViT-B/32 4.5 img/s under XLA vs 19.3 in graph
             mode; greedy decoding 6.1 s vs 2.7 s), while TensorFlow's graph mode runs oneDNN's.
         summary: one line for ``--help`` and the docs.
+        clip: whether it applies to the CLIP too (int8: GPT-2 only; a `CLIP` refuses it).
+        savable: whether a model in it is saved as it is (int8's values and scales), rather than refused.
     """
 
     name: str
@@ -62,6 +72,8 @@ class Precision:
     native_flags: tuple = ()
     xla: bool = True
     summary: str = ""
+    clip: bool = True
+    savable: bool = False
 
 
 def _floating_policy(value):
@@ -116,6 +128,12 @@ def _bfloat16(model):
     return cast_model(model, "bfloat16")
 
 
+def _int8(backbone):
+    from custom_architectures.quantization import quantize_backbone
+
+    return quantize_backbone(backbone)
+
+
 #: name -> `Precision`; the one list of precisions (the command line's choices come from it)
 PRECISIONS = {
     "float32": Precision("float32", ("fp32",), _as_is, (),
@@ -123,6 +141,9 @@ PRECISIONS = {
     "bfloat16": Precision("bfloat16", ("bf16",), _bfloat16, BFLOAT16_FLAGS, xla=False,
                           summary="bfloat16 weights, matmuls and convolutions (float32 accumulation, layer norms, softmax "
                           "and log-probabilities): fast where the CPU has AMX or AVX512_BF16"),
+    "int8": Precision("int8", (), _int8, (), clip=False, savable=True,
+                      summary="GPT-2's weights in int8 per output channel (mapper and CLIP float32): one-image "
+                      "latency; saved as int8, inference only"),
 }
 
 
@@ -132,7 +153,8 @@ def precision_names():
 
 
 def resolve_precision(name):
-    """The `Precision` of a name or alias (``"bf16"`` -> ``PRECISIONS["bfloat16"]``); None: float32.
+    """The `Precision` of a name or alias (``"bf16"`` -> ``PRECISIONS["bfloat16"]``); None: float32 (callers
+    that load a folder read None as "as saved" first).
 
     Raises:
         ValueError: an unknown name (the message lists the accepted ones).
@@ -184,8 +206,10 @@ def precision_name(text):
 
 
 def add_precision_argument(parser):
-    """Add ``--precision`` (names and aliases from `PRECISIONS` only; default float32) to a command's parser."""
+    """Add ``--precision`` (names and aliases from `PRECISIONS` only; default None: as saved) to a parser."""
     choices = ", ".join(f"{p.name} ({'/'.join(p.aliases)}): {p.summary}" for p in PRECISIONS.values())
-    parser.add_argument("--precision", type=precision_name, default=DEFAULT_PRECISION, metavar="NAME",
-                        help=f"the numeric precision the model runs in: {choices}. Results of another precision "
-                             "than float32 are cached apart")
+    choices = choices.replace(" (): ", ": ")
+    parser.add_argument("--precision", type=precision_name, default=None, metavar="NAME",
+                        help=f"the numeric precision the model runs in: {choices}. Default: as saved (float32, or "
+                             "int8 for a folder saved from an int8 model). Results of another precision than "
+                             "float32 are cached apart")

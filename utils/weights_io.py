@@ -62,7 +62,7 @@ MAX_INDEX_BYTES = 16 << 20
 #: alignment of the buffers handed to TensorFlow (Eigen's and XLA's requirement for CPU kernels)
 ALIGNMENT = 64
 #: dtypes read directly (native byte order); others are read by h5py (a copy)
-_DIRECT_DTYPES = {np.dtype(t).newbyteorder("=") for t in ("float32", "float16", "float64", "int32", "int64")}
+_DIRECT_DTYPES = {np.dtype(t).newbyteorder("=") for t in ("float32", "float16", "float64", "int32", "int64", "int8")}
 
 
 def aligned_empty(shape, dtype, alignment=ALIGNMENT):

@@ -30,6 +30,7 @@ from keras import ops
 from custom_layers.attention import causal_bias
 from custom_layers.gpt2_block import GPT2Block, cached_block_step
 from custom_layers.inference_ops import layer_norm
+from custom_layers.quantized import Int8Embedding, check_quantization
 
 
 @keras.saving.register_keras_serializable(package="image_captioning")
@@ -43,13 +44,16 @@ class GPT2(keras.Model):
         layer_norm_epsilon: epsilon of every LayerNorm.
         embd_pdrop, attn_pdrop, resid_pdrop: dropout rates (applied only with ``training=True``).
         initializer_range: stddev of the normal initialisers (GPT-2: 0.02).
+        quantization: None (float weights) or "int8": the blocks' projections and the tied ``wte`` / LM head
+            int8 per output channel (`custom_layers.quantized`; built by
+            `custom_architectures.quantization.quantize_gpt2`), for inference only.
 
     Weights are created in the constructor, so a converter can assign them right away.
     """
 
     def __init__(self, vocab_size=50257, n_positions=1024, n_embd=768, n_layer=12, n_head=12,
                  layer_norm_epsilon=1e-5, embd_pdrop=0.1, attn_pdrop=0.1, resid_pdrop=0.1,
-                 initializer_range=0.02, **kwargs):
+                 initializer_range=0.02, quantization=None, **kwargs):
         kwargs.setdefault("name", "gpt2")
         super().__init__(**kwargs)
         if n_embd % n_head:
@@ -65,14 +69,19 @@ class GPT2(keras.Model):
         self.attn_pdrop = attn_pdrop
         self.resid_pdrop = resid_pdrop
         self.initializer_range = initializer_range
+        self.quantization = check_quantization(quantization)
 
         init = keras.initializers.RandomNormal(stddev=initializer_range)
-        self.wte = keras.layers.Embedding(vocab_size, n_embd, embeddings_initializer=init, name="wte")
+        if quantization == "int8":  # int8 rows, one scale per token: embedding and LM head (inference only)
+            self.wte = Int8Embedding(vocab_size, n_embd, name="wte")
+        else:
+            self.wte = keras.layers.Embedding(vocab_size, n_embd, embeddings_initializer=init, name="wte")
         self.wpe = keras.layers.Embedding(n_positions, n_embd, embeddings_initializer=init, name="wpe")
         self.drop = keras.layers.Dropout(embd_pdrop, name="drop")
         self.h = [
             GPT2Block(n_embd, n_head, layer_norm_epsilon=layer_norm_epsilon, attn_pdrop=attn_pdrop,
-                      resid_pdrop=resid_pdrop, initializer_range=initializer_range, name=f"h_{i}")
+                      resid_pdrop=resid_pdrop, initializer_range=initializer_range, quantization=quantization,
+                      name=f"h_{i}")
             for i in range(n_layer)
         ]
         self.ln_f = keras.layers.LayerNormalization(epsilon=layer_norm_epsilon, name="ln_f")
@@ -87,6 +96,8 @@ class GPT2(keras.Model):
     # ------------------------------------------------------------------ embeddings and head
     def embed_tokens(self, token_ids):
         """(B, T) int token ids -> (B, T, C) token embeddings (``wte`` only, no positions)."""
+        if isinstance(self.wte, Int8Embedding):
+            return self.wte.lookup(token_ids, self.compute_dtype)
         return ops.take(self.wte.embeddings, ops.cast(token_ids, "int32"), axis=0)
 
     def lm_logits(self, hidden):
@@ -94,6 +105,8 @@ class GPT2(keras.Model):
         bfloat16 model's matmul runs in bfloat16; its logits, hence log-probabilities and scores, are float32)."""
         shape = ops.shape(hidden)
         flat = ops.reshape(hidden, (-1, self.n_embd))  # (N, C)
+        if isinstance(self.wte, Int8Embedding):
+            return ops.reshape(self.wte.logits(flat), (*shape[:-1], self.vocab_size))
         wte = ops.cast(self.wte.embeddings, flat.dtype)  # (V, C)
         logits = tf.matmul(flat, wte, transpose_b=True)  # (N, V): no (C, V) transpose of wte is materialised
         return ops.reshape(ops.cast(logits, "float32"), (*shape[:-1], self.vocab_size))
@@ -235,4 +248,6 @@ class GPT2(keras.Model):
             embd_pdrop=self.embd_pdrop, attn_pdrop=self.attn_pdrop, resid_pdrop=self.resid_pdrop,
             initializer_range=self.initializer_range,
         )
+        if self.quantization is not None:  # absent for float weights: float configs (and identities) unchanged
+            config.update(quantization=self.quantization)
         return config

@@ -265,11 +265,12 @@ class ClipCapModelHandler(ModelHandler):
         results = pixels_by_path | RunInference(handler)       # PredictionResult(path, [candidates])
     """
 
-    def __init__(self, model_dir, method="greedy", batch_size=16, precision="float32", **generate_kwargs):
+    def __init__(self, model_dir, method="greedy", batch_size=16, precision=None, **generate_kwargs):
         from models.precision import resolve_precision
 
         request = as_decoding(method, generate_kwargs)  # bad settings fail here, not on every worker
-        self.precision = resolve_precision(precision).name  # an unknown name fails here, not on the workers
+        resolve_precision(precision)  # an unknown name fails here, not on the workers
+        self.precision = precision  # None: as saved
         if batch_size < 1 or batch_size & (batch_size - 1):
             raise ValueError(f"batch_size must be a power of two (the compiled batch shapes), got {batch_size}")
         super().__init__(min_batch_size=batch_size, max_batch_size=batch_size)
@@ -350,7 +351,7 @@ def previous_outputs(prefix):
 
 def caption_pipeline(pipeline, inputs, model_dir, output, method="greedy", batch_size=16, generate_kwargs=None,
                      exif_transpose=True, input_lists=(), skip_existing=(), num_shards=0, settings=None,
-                     precision="float32"):
+                     precision=None):
     """Add the captioning transforms to ``pipeline``; returns the (records, errors) PCollections.
 
     `run_batch` holds an inter-process lock on a local ``output`` prefix for the whole job and removes the
@@ -416,7 +417,7 @@ def caption_pipeline(pipeline, inputs, model_dir, output, method="greedy", batch
     return records, errors
 
 
-def batch_settings(model_dir, method, generate_kwargs, exif_transpose=True, precision="float32"):
+def batch_settings(model_dir, method, generate_kwargs, exif_transpose=True, precision=None):
     """`prediction.generation_settings` for a saved model: its name (config.json) and identity (metadata.json,
     in ``precision``: `models.precision.precision_identity`), no weights loaded; a folder that records no
     identity (saved by an earlier version) is loaded once here to compute it."""
@@ -436,7 +437,7 @@ def batch_settings(model_dir, method, generate_kwargs, exif_transpose=True, prec
 
 
 def run_batch(inputs, model_dir, output, method="greedy", batch_size=16, generate_kwargs=None, exif_transpose=True,
-              input_lists=(), skip_existing=(), num_shards=0, pipeline_args=(), overwrite=False, precision="float32"):
+              input_lists=(), skip_existing=(), num_shards=0, pipeline_args=(), overwrite=False, precision=None):
     """Build and run the captioning pipeline (Beam options from ``pipeline_args``); returns the output files.
 
     An output prefix that already holds shards (``<output>-records-*`` / ``<output>-errors-*``, an earlier

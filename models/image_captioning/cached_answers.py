@@ -53,7 +53,7 @@ def saved_model_name(model_dir):
 
 
 def answers_from_map(model_dir, images, method="greedy", output_dir=None, return_candidates=False,
-                     exif_transpose=True, precision="float32", **generate_kwargs):
+                     exif_transpose=True, precision=None, **generate_kwargs):
     """``predict``'s results for ``images`` taken from map.json alone, or None when any input needs the model
     (not in map.json, made with other settings, file changed since, an input that cannot be expanded).
 

@@ -36,6 +36,7 @@ from custom_architectures.decoding import as_decoding  # noqa: E402
 from custom_architectures.decoding_options import MODEL_STOP_TOKEN  # noqa: E402
 from custom_architectures.generation_utils import PrefixDecoder  # noqa: E402
 from custom_architectures.guided_decoding import GuidedDecoder  # noqa: E402
+from custom_architectures.quantization import is_quantized  # noqa: E402
 from custom_architectures.transformers_arch.clip_cap_arch import ClipCapBackbone  # noqa: E402
 from models import check_jit_compile  # noqa: E402
 from models.image_captioning.saving import ModelLoadError  # noqa: E402, F401
@@ -93,7 +94,8 @@ class ClipCap:
         self.jit_compile = check_jit_compile(jit_compile)
         self._policy = CompilePolicy(self.jit_compile)
         self.device = None  # TensorFlow device string (utils.devices.resolve_device); see `to`
-        self.precision = DEFAULT_PRECISION  # models.precision: see `to_precision`
+        # models.precision (see `to_precision`): a GPT-2 built with int8 weights (an int8 folder) runs in int8
+        self.precision = "int8" if is_quantized(backbone.gpt2) else DEFAULT_PRECISION
         self._compile()
         if clip is not None:
             self._check_clip(clip, "the given CLIP model")
@@ -140,13 +142,19 @@ class ClipCap:
         precision = resolve_precision(precision)
         if precision.name == self.precision:
             return self
+        if resolve_precision(self.precision).savable:
+            raise ValueError(f"this model holds {self.precision} weights (saved so); its float32 weights are not "
+                             "here: load the float32 model it was made from")
         if self.precision != DEFAULT_PRECISION:
             raise ValueError(f"this model runs in {self.precision}; only a float32 model changes precision "
                              f"(load it again with precision={precision.name!r})")
         warn_if_slow(precision)
         recorded = self._identity  # the float32 weights' identity: `identity` adds the precision to it
+        if precision.savable and recorded is not None and recorded[0] is not None:
+            # saved as it is: the identity it will record is the float32 one's in this precision
+            recorded = (precision_identity(recorded[0], precision.name), recorded[1])
         self.backbone = precision.apply(self.backbone)
-        if self.clip is not None:
+        if self.clip is not None and precision.clip:
             self.clip.to_precision(precision, warn=False)
         self._identity = recorded
         self.precision = precision.name
@@ -193,8 +201,14 @@ class ClipCap:
         if self._identity is not None and self._identity[1] == self.normalize_prefix:
             if self._identity[0] is None:  # loaded from a folder that records none: computed once
                 self._identity = (compute_identity(self), self._identity[1])
-            return precision_identity(self._identity[0], self.precision)
-        return precision_identity(compute_identity(self), self.precision)
+            return self._in_precision(self._identity[0])
+        return self._in_precision(compute_identity(self))
+
+    def _in_precision(self, identity):
+        """The identity of the weights held, in this model's precision: a precision applied at load
+        (bfloat16) keys the float32 identity apart (`models.precision.precision_identity`); one whose weights
+        are saved (int8) recorded its own identity when it was made (`to_precision`), kept as it is."""
+        return identity if resolve_precision(self.precision).savable else precision_identity(identity, self.precision)
 
     def record_identity(self, identity):
         """Set the identity of this model as it is now (`identity`): done by `load` and `save`; None: the
@@ -292,8 +306,9 @@ class ClipCap:
         return save_clipcap(self, name_or_directory, overwrite=overwrite)
 
     def _check_saveable(self):
-        """ValueError unless the weights are float32: a bfloat16 model's are rounded copies of the model's."""
-        if self.precision != DEFAULT_PRECISION:
+        """ValueError unless the weights are the model (float32, or int8's values and scales): a bfloat16
+        model's are rounded copies of the float32 model's."""
+        if not resolve_precision(self.precision).savable and self.precision != DEFAULT_PRECISION:
             raise ValueError(f"this model runs in {self.precision} (weights rounded at load): saved models are "
                              "float32; save the model loaded without precision= (load it with precision= to run "
                              "it so)")
@@ -311,7 +326,7 @@ class ClipCap:
                                overwrite=overwrite)
 
     @classmethod
-    def load(cls, name_or_directory, clip=None, jit_compile="auto", precision=DEFAULT_PRECISION):
+    def load(cls, name_or_directory, clip=None, jit_compile="auto", precision=None):
         """Restore a saved model (no torch needed): a directory or a name in ``pretrained_models``. Folders of
         format 2 (`save`) and of format 1 (before it: mapper.weights.h5 + gpt2.weights.h5) both load.
 
@@ -322,20 +337,23 @@ class ClipCap:
         an OpenAI CLIP name ("ViT-B/32", downloaded once), the path of an OpenAI CLIP ``.pt`` or of a saved CLIP
         folder (e.g. to add the text encoder re-ranking needs to a model saved with an image-only CLIP).
 
-        ``precision``: "float32" (default: the model as saved) or "bfloat16" ("bf16"): weights cast once at
-        load, bf16 matmuls and convolutions, float32 layer norms, softmax and scores (`to_precision`,
-        `models.precision`; a `CLIP` instance given as ``clip`` is cast in place); an unknown name is a
-        ValueError raised before anything is read.
+        ``precision``: None (the default: as saved, float32 or int8), or a name of `models.precision.PRECISIONS`:
+        "float32", "bfloat16" ("bf16"): weights cast once at load, bf16 matmuls and convolutions, float32 layer
+        norms, softmax and scores (a `CLIP` instance given as ``clip`` is cast in place); "int8": GPT-2's blocks
+        and LM head with int8 weights per output channel, for one-image latency (a float32 folder is quantized
+        at load; an int8 folder, saved from such a model, loads as int8 and cannot give float32 back). See
+        `to_precision`; an unknown name is a ValueError raised before anything is read.
         """
         from models.image_captioning.loading import load_clipcap
 
-        precision = resolve_precision(precision)  # an unknown name fails before any work
+        precision_given, precision = precision, resolve_precision(precision)  # unknown: fails before any work
         if isinstance(clip, str | os.PathLike):
             from models.siamese.clip import CLIP
 
             clip = CLIP.from_pretrained(os.fspath(clip), jit_compile=jit_compile)
 
-        return load_clipcap(cls, name_or_directory, clip=clip, jit_compile=jit_compile).to_precision(precision)
+        model = load_clipcap(cls, name_or_directory, clip=clip, jit_compile=jit_compile)
+        return model if precision_given is None else model.to_precision(precision)
 
     # --- embeddings ----------------------------------------------------------------------------------
 

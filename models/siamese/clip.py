@@ -130,6 +130,8 @@ class CLIP:
         from models.precision import resolve_precision, warn_if_slow
 
         precision = resolve_precision(precision)
+        if not precision.clip:
+            raise ValueError(f"precision {precision.name!r} applies to ClipCap's GPT-2 only, not to a CLIP")
         if precision.name == self.precision:
             return self
         if self.precision != DEFAULT_PRECISION:
