@@ -70,7 +70,7 @@ def models(args, directory):
         for name in args.model:
             yield name, ClipCap.load(name), ClipCap.load(name, precision="bfloat16")
         return
-    from unitest.tiny_models import train_tiny_tokenizer
+    from testing.tiny_models import train_tiny_tokenizer
 
     tokenizer_dir = train_tiny_tokenizer(os.path.join(directory, "tokenizer"))
     for config in args.configs:

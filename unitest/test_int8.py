@@ -16,7 +16,7 @@ import tensorflow as tf
 from custom_architectures.quantization import is_quantized, quantize_gpt2
 from custom_architectures.transformers_arch.gpt2_arch import GPT2
 from custom_layers.quantized import QMAX, dequantize_rows, int8_matmul, quantize_rows
-from unitest.tiny_models import DEMO_DIR, random_embeddings
+from testing.tiny_models import DEMO_DIR, random_embeddings
 
 #: int8 logits against float32 on the small GPT-2 below: max |difference| over max |logit|. Each weight is off
 #: by at most scale/2 = max|row|/254 (0.4 % of its row's largest), which through 2 blocks and the head
@@ -117,7 +117,7 @@ def test_compiled_loop_reads_int8_weights(gpt2_pair):
 @pytest.fixture(scope="module")
 def tiny_pair(tmp_path_factory):
     from models.image_captioning.clip_cap import ClipCap
-    from unitest.tiny_models import shared_tiny_model
+    from testing.tiny_models import shared_tiny_model
 
     folder = shared_tiny_model(tmp_path_factory)
     return folder, ClipCap.load(str(folder)), ClipCap.load(str(folder), precision="int8")

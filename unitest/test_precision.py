@@ -37,7 +37,7 @@ AMD = "processor\t: 0\nmodel name\t: AMD EPYC 7B13\nflags\t\t: fpu avx2 fma\n"
 def tiny_pair(tmp_path_factory):
     """(float32, bfloat16) loads of the session's tiny MLP ClipCap."""
     from models.image_captioning.clip_cap import ClipCap
-    from unitest.tiny_models import shared_tiny_model
+    from testing.tiny_models import shared_tiny_model
 
     directory = str(shared_tiny_model(tmp_path_factory))
     return ClipCap.load(directory), ClipCap.load(directory, precision="bf16")
@@ -217,7 +217,7 @@ def test_bf16_transformer_mapper(tiny_pair):
     from custom_architectures.transformers_arch.clip_cap_arch import ClipCapBackbone, build_mapper
     from custom_architectures.transformers_arch.gpt2_arch import GPT2
     from models.image_captioning.clip_cap import ClipCap
-    from unitest.tiny_models import random_embeddings
+    from testing.tiny_models import random_embeddings
 
     tokenizer = tiny_pair[0].tokenizer
     mapper = build_mapper("transformer", prefix_size=32, prefix_length=4, clip_length=3, n_embd=64, num_layers=2,

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from unitest.tiny_models import DEMO_DIR
+from testing.tiny_models import DEMO_DIR
 
 SIZES = [(301, 203), (203, 301), (224, 224), (40, 33), (1000, 7)]
 
