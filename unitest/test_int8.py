@@ -187,3 +187,25 @@ def test_int8_refuses_training(tiny_pair, tmp_path):
         Trainer(int8, TrainingHParams(), tmp_path / "out", progress=False)
     with pytest.raises(RuntimeError, match="inference only"):
         int8.backbone(random_embeddings(1, int8.mapper.prefix_size), tf.constant([[1, 2]]), training=True)
+
+
+def test_int8_is_one_entry_of_the_precision_registry(tiny_pair, tmp_path, capsys):
+    """int8 comes from `models.precision.PRECISIONS` like bfloat16: keyed apart from float32 before any load
+    (cached answers, Beam records), GPT-2 only (a CLIP refuses it), and ``--precision int8`` on the command line."""
+    import main
+    from models.precision import PRECISIONS, precision_identity
+    from models.image_captioning.identity import recorded_identity
+
+    folder, fp32, int8 = tiny_pair
+    assert PRECISIONS["int8"].savable and not PRECISIONS["int8"].clip
+    assert int8.precision == "int8" and int8.identity != fp32.identity
+    assert int8.identity == precision_identity(recorded_identity(folder), "int8")  # what map.json / Beam key by
+    assert int8.clip is fp32.clip or int8.clip.precision == "float32"
+    with pytest.raises(ValueError, match="GPT-2 only"):
+        int8.clip.to_precision("int8")
+    image = str(DEMO_DIR / "astronaut.jpg")
+    code = main.main(["caption", image, "--model", str(folder), "--precision", "int8", "--no-progress",
+                      "--output-dir", str(tmp_path / "out"), "--max-length", "12"])
+    assert code == 0
+    out = capsys.readouterr().out
+    assert int8.caption([image], max_length=12)[0] in out

@@ -201,7 +201,7 @@ def test_every_model_command_takes_precision():
     commands = parser._subparsers._group_actions[0].choices
     for name in ("caption", "batch", "serve", "export"):
         action = next(a for a in commands[name]._actions if "--precision" in a.option_strings)
-        assert action.default == "float32" and action.type("bf16") == "bfloat16", name
+        assert action.default is None and action.type("bf16") == "bfloat16" and action.type("int8") == "int8", name
 
 
 @pytest.mark.usefixtures("isolated_home")
