@@ -366,16 +366,28 @@ class ClipCap:
             return np.zeros((0, self.prefix_length, self.gpt2.n_embd), np.float32)
         bucket = power_of_two_at_least(n)
         with device_scope(self.device):
-            if self._policy.compiles(("prefix", bucket), force=compile_now):  # few compiled shapes:
-                embeddings = pad_batch(embeddings, bucket, fill=1.0)  # padded with ones (L2-normalisable)
-                prefix = np.asarray(self._project(tf.constant(embeddings)))[:n]
-            else:  # a shape's first call under "auto": eager, nothing compiled
-                prefix = np.asarray(self.backbone.prefix(tf.constant(embeddings)))
+            with self._policy.tier(("prefix", bucket), self._prefix_build(bucket, embeddings.shape[1]),
+                                   force=compile_now) as compiled:
+                if compiled:  # few compiled shapes:
+                    embeddings = pad_batch(embeddings, bucket, fill=1.0)  # padded with ones (L2-normalisable)
+                    prefix = np.asarray(self._project(tf.constant(embeddings)))[:n]
+                else:  # "auto" until the shape's program is built in the background: eager, nothing compiled
+                    prefix = np.asarray(self.backbone.prefix(tf.constant(embeddings)))
         bad = ~np.all(np.isfinite(prefix), axis=(1, 2))
         if bad.any():  # finite inputs, non-finite outputs: overflow in the mapper, or damaged weights
             raise ValueError(f"the mapper turned the CLIP embeddings of rows {np.flatnonzero(bad).tolist()} (of {n}) "
                              "into NaN or infinite prefixes (embeddings far out of range, or damaged mapper weights)")
         return prefix
+
+    def _prefix_build(self, bucket, width):
+        """The background build of the mapper for ``bucket`` rows (`CompilePolicy.tier`): one call on ones."""
+        device = self.device
+
+        def build():
+            with device_scope(device):
+                self._project(tf.ones((bucket, width)))
+
+        return build
 
     def logits(self, embeddings, token_ids):
         """Teacher-forced logits (N, K+T, vocab) of GPT-2 on [prefix, token_ids (N, T)] (`ClipCapBackbone`)."""
