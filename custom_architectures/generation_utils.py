@@ -194,8 +194,8 @@ class PrefixDecoder:
             embedded = gpt2.embed_tokens(tokens[:, None])  # (N, 1, C)
             logits, cache = gpt2.call_with_cache(embedded, cache, k + step - 1, block_fn=block_fn)  # (N, V)
             tokens, state, parents = sampler.next(logits, state, stop_id, seed, step)
-            if parents is not None:
-                cache = gpt2.reorder_cache(cache, parents)
+            if parents is not None:  # parents are rows of the same image: the prefix slots are shared
+                cache = gpt2.reorder_cache(cache, parents, from_slot=k)
                 history = tf.gather(history, parents)
             history = tf.where(columns == step, tokens[:, None], history)
             return step + 1, tokens, history, cache, state
