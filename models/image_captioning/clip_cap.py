@@ -431,7 +431,9 @@ class ClipCap:
                 the draws are keyed by 32 bits (a larger seed is refused rather than folded onto a smaller one).
             compile_now: None follows `jit_compile`; True compiles the mapper and the decoding loop now even
                 under "auto"
-                (for a caller that knows the shape will recur: `predict` on a long run).
+                (for a caller that knows the shape will recur: `predict` on a long run); False (under
+                "auto") runs them uncompiled and builds nothing in the background (a caller that knows
+                this is the shape's last call: `predict`'s last batch of a short run).
             magic_k, magic_alpha, magic_beta: MAGIC's k, alpha, beta (None: 45, 0.1, 2.0, MAGIC's COCO setting).
             rerank: None (the decoder's order) or "clip": every candidate the method produced (beam: all
                 ``beam_size`` beams; sample: the ``num_captions`` draws) is scored by CLIPScore
@@ -515,8 +517,9 @@ class ClipCap:
         return stop_id is not None and is_special_token(self.tokenizer, self.tokenizer.convert_ids_to_tokens(stop_id))
 
     def _decode_mode(self, compile_now):
-        """The decoder's ``jit_compile`` for a call: the model's, or True when the caller asks."""
-        return True if compile_now and self.jit_compile == "auto" else self.jit_compile
+        """The decoder's ``jit_compile`` for a call: the model's, or under "auto" ``compile_now`` when given
+        (True: compile now; False: the caller knows the shape will not recur, so nothing is built)."""
+        return bool(compile_now) if compile_now is not None and self.jit_compile == "auto" else self.jit_compile
 
     def decoder_will_compile(self, batch_size, sampler, max_length, compile_now=None):
         """Whether `generate` on ``batch_size`` rows with this sampler would compile a new decoding loop (never
