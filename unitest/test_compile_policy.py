@@ -334,7 +334,7 @@ def test_predict_one_image_compiles_nothing_and_says_nothing(tmp_path_factory):
     assert recorder.compiling() == [], recorder.events
     assert model.decoder._compiled == {}
     assert model.clip._encode_pixels.experimental_get_tracing_count() == 0
-    assert recorder.generate_calls == [(1, None, 0)]
+    assert recorder.generate_calls == [(1, False, 0)]  # the run's last batch: nothing built in the background
 
 
 def test_predict_one_image_does_not_compile_the_mapper(tmp_path_factory):
