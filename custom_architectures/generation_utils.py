@@ -19,6 +19,7 @@ Example::
     out.tokens[0][0]          # best token ids of image 0 (stop token included)
 """
 
+import contextlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -59,8 +60,9 @@ class PrefixDecoder:
     second call with the same shapes reuses the compiled loop. Batches are padded up to a power of two
     (at most `max_batch_size`) to bound the number of compilations; larger inputs are split in chunks.
     ``jit_compile``: True (XLA), False (never: the loop runs eagerly over one traced block function,
-    `GPT2.block_step_function`, no compilation and no padding) or "auto" (`CompilePolicy`: uncompiled the
-    first time a key is decoded, compiled when it recurs).
+    `GPT2.block_step_function`, no compilation and no padding) or "auto" (`CompilePolicy.tier`: uncompiled
+    until the key recurs and its loop, compiled in a background thread meanwhile, is ready; no call waits
+    for the compiler).
 
     Example::
 
@@ -96,16 +98,15 @@ class PrefixDecoder:
         for start in range(0, len(prefix), self.max_batch_size):
             chunk = prefix[start : start + self.max_batch_size]
             key = self._key(len(chunk), k, max_length, sampler)
-            compiled = jit_compile if isinstance(jit_compile, bool) else (
-                key in self._compiled or self._auto.compiles(key))
-            size = key[0] if compiled else len(chunk)
-            valid = np.arange(size) < len(chunk)
-            padded = pad_batch(chunk, size)
-            fn = self._function(key, sampler, compiled)
-            out_tokens, lengths, sums, n_steps = (
-                t.numpy() for t in fn(tf.constant(padded), tf.constant(valid), tf.constant(stop, tf.int32),
-                                      tf.constant(seed_bits, tf.int32))
-            )
+            with self._mode(key, sampler, jit_compile) as compiled:
+                size = key[0] if compiled else len(chunk)
+                valid = np.arange(size) < len(chunk)
+                padded = pad_batch(chunk, size)
+                fn = self._function(key, sampler, compiled)
+                out_tokens, lengths, sums, n_steps = (
+                    t.numpy() for t in fn(tf.constant(padded), tf.constant(valid), tf.constant(stop, tf.int32),
+                                          tf.constant(seed_bits, tf.int32))
+                )
             w = sampler.num_sequences
             out_tokens = out_tokens.reshape(size, w, max_length)[: len(chunk)]
             lengths = lengths.reshape(size, w)[: len(chunk)].astype(np.int64)
@@ -123,12 +124,39 @@ class PrefixDecoder:
         return (min(power_of_two_at_least(batch_size), self.max_batch_size), prefix_length, max_length,
                 sampler.key())
 
+    def _mode(self, key, sampler, jit_compile):
+        """A context yielding whether this call of ``key`` runs compiled: ``jit_compile`` when a bool, else the
+        tiered "auto" (`CompilePolicy.tier`: uncompiled until the loop, built in the background from the key's
+        second call on, is ready)."""
+        if isinstance(jit_compile, bool):
+            return contextlib.nullcontext(jit_compile)
+        device = tf.zeros(()).device  # the caller's device scope (thread-local), for the build's thread
+        return self._auto.tier(key, lambda: self._build(key, sampler, device))
+
+    def _build(self, key, sampler, device):
+        """Compile the loop of ``key`` on ``device`` (a background build): one call on a batch of padding rows,
+        every row finished from the start, so that only the prefill runs besides XLA's compilation."""
+        size, k = key[0], key[1]
+        fn = self._function(key, sampler, True)
+        with tf.device(device):
+            fn(tf.zeros((size, k, self.gpt2.n_embd)), tf.zeros((size,), tf.bool), tf.constant(-1, tf.int32),
+               tf.constant(0, tf.int32))
+
+    def ready(self, batch_size, prefix_length, max_length, sampler):
+        """Whether "auto"'s compiled loop for this shape is built (a background build has finished)."""
+        return self._auto.ready(self._key(batch_size, prefix_length, max_length, sampler))
+
+    def wait_for_builds(self, timeout=None):
+        """Wait for the loops being compiled in the background (`CompilePolicy.wait`); True when all are done."""
+        return self._auto.wait(timeout)
+
     def will_compile(self, batch_size, prefix_length, max_length, sampler, jit_compile=True):
-        """Whether a call on ``batch_size`` rows would compile a new loop (for status lines said before it)."""
+        """Whether a call on ``batch_size`` rows would compile a new loop in the foreground (for status lines
+        said before it): under "auto" never, since a recurring shape is compiled in the background."""
         key = self._key(batch_size, prefix_length, max_length, sampler)
         if key in self._compiled:
             return False
-        return jit_compile if isinstance(jit_compile, bool) else self._auto.would_compile(key)
+        return jit_compile if isinstance(jit_compile, bool) else False
 
     def _function(self, key, sampler, compiled):
         max_length = key[2]
@@ -137,8 +165,8 @@ class PrefixDecoder:
                 self._block_fn = self.gpt2.block_step_function()
             return lambda *args: self.decode_loop(*args, sampler=sampler, max_length=max_length,
                                                   block_fn=self._block_fn)
-        if key not in self._compiled:
-            self._compiled[key] = tf.function(_Loop(self, sampler, max_length), jit_compile=self.xla)
+        if key not in self._compiled:  # setdefault: a background build may create it at the same time
+            self._compiled.setdefault(key, tf.function(_Loop(self, sampler, max_length), jit_compile=self.xla))
         return self._compiled[key]
 
     def decode_loop(self, prefix, valid, stop_id, seed, sampler, max_length, block_fn=None):
@@ -167,8 +195,8 @@ class PrefixDecoder:
             embedded = gpt2.embed_tokens(tokens[:, None])  # (N, 1, C)
             logits, cache = gpt2.call_with_cache(embedded, cache, k + step - 1, block_fn=block_fn)  # (N, V)
             tokens, state, parents = sampler.next(logits, state, stop_id, seed, step)
-            if parents is not None:
-                cache = gpt2.reorder_cache(cache, parents)
+            if parents is not None:  # parents are rows of the same image: the prefix slots are shared
+                cache = gpt2.reorder_cache(cache, parents, from_slot=k)
                 history = tf.gather(history, parents)
             history = tf.where(columns == step, tokens[:, None], history)
             return step + 1, tokens, history, cache, state

@@ -115,7 +115,8 @@ class Sampler:
     logits (N, V) of every later step, N = B * `num_sequences`. Both get and return a ``state`` dict of
     tensors with at least ``finished`` (N,) bool, ``lengths`` (N,) float32 (generated tokens counted),
     ``scores`` (N,) float32 (sum of log-probs); ``next`` may return ``parents`` (N,) int32, the rows each
-    new row continues (beam search), or None when rows never swap.
+    new row continues (beam search; always a row of the same image: the decoder gathers only the cache
+    slots after the shared prefix), or None when rows never swap.
     """
 
     options = ()

@@ -5,9 +5,11 @@ Sub-layer names mirror the PyTorch module (``ln_1``, ``attn``, ``ln_2``, ``mlp.c
 The KV-cached inference step is `cached_block_step`, a function of the block's weight tensors
 (`GPT2Block.inference_weights`) rather than a method: the same function, traced once, serves all the blocks
 of a model (`GPT2.call_with_cache`'s ``block_fn``), which is what makes a process's first caption cheap.
-The cache of one block is one tensor ``(2, B, n_head, max_length, head_dim)`` (keys then values), written
-in place with ``dynamic_update_slice`` at a possibly symbolic ``cache_index`` (so one compiled step serves
-every position) and read by attention as a batched ``(B, H)`` matmul without a transpose.
+The cache of one block is a pair of tensors ``(keys, values)``, each ``(B, n_head, max_length, head_dim)``,
+written in place with ``dynamic_update_slice`` at a possibly symbolic ``cache_index`` (so one compiled step
+serves every position) and read by attention as a batched ``(B, H)`` matmul without a transpose. Two
+tensors, not one stacked ``(2, ...)``: XLA copied each half out of a stacked cache before attention read
+it (two cache-sized copies per block and step, 70 MB a step at 16 rows and 59 slots).
 
 Example::
 
@@ -29,20 +31,22 @@ from custom_layers.quantized import Int8Dense, check_quantization, projection
 def cached_block_step(x, layer_cache, cache_index, attention_bias, weights, n_head, epsilon):
     """One GPT-2 block on a chunk x (B, T, C) at positions ``cache_index + [0, T)``, inference only.
 
-    Writes the chunk's keys/values into ``layer_cache`` (2, B, H, L, D) at ``cache_index`` and attends over
-    all L slots with ``attention_bias`` (1, 1, T, L) masking the slots after each query. ``weights``: the
-    block's tensors in `GPT2Block.inference_weights` order. Returns (y (B, T, C), updated layer_cache).
-    The computation of `GPT2Block.call` (same ops, same kernel), with direct TensorFlow ops.
+    Writes the chunk's keys/values into ``layer_cache`` = (keys, values), each (B, H, L, D), at
+    ``cache_index`` and attends over all L slots with ``attention_bias`` (1, 1, T, L) masking the slots after
+    each query. ``weights``: the block's tensors in `GPT2Block.inference_weights` order. Returns
+    (y (B, T, C), updated layer_cache). The computation of `GPT2Block.call` (same ops, same kernel), with
+    direct TensorFlow ops.
     """
     ln_1_g, ln_1_b, attn_w, attn_b, proj_w, proj_b, ln_2_g, ln_2_b, fc_w, fc_b, mlp_w, mlp_b = weights
     batch, length, width = tf.shape(x)[0], x.shape[1], x.shape[2]
     qkv = dense(layer_norm(x, ln_1_g, ln_1_b, epsilon), attn_w, attn_b)  # (B, T, 3C)
     q, k, v = tf.unstack(tf.reshape(qkv, (batch, length, 3, n_head, width // n_head)), axis=2)  # (B, T, H, D)
-    kv = tf.transpose(tf.stack([k, v]), (0, 1, 3, 2, 4))  # (2, B, H, T, D)
     zero = tf.zeros((), tf.int32)
-    index = tf.cast(cache_index, tf.int32)
-    layer_cache = ops.slice_update(layer_cache, (zero, zero, zero, index, zero), kv)  # (2, B, H, L, D)
-    keys, values = tf.unstack(layer_cache)
+    start = (zero, zero, tf.cast(cache_index, tf.int32), zero)
+    keys, values = layer_cache
+    keys = ops.slice_update(keys, start, tf.transpose(k, (0, 2, 1, 3)))  # (B, H, L, D)
+    values = ops.slice_update(values, start, tf.transpose(v, (0, 2, 1, 3)))
+    layer_cache = (keys, values)
     out = dot_product_attention(q, keys, values, bias=attention_bias)  # (B, T, H, D)
     x = x + dense(tf.reshape(out, (batch, length, width)), proj_w, proj_b)
     h = dense(gelu_new(dense(layer_norm(x, ln_2_g, ln_2_b, epsilon), fc_w, fc_b)), mlp_w, mlp_b)

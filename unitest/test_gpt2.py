@@ -136,7 +136,7 @@ def test_traced_block_step_equals_the_default_path(pair):
         traced, traced_cache = keras_model.call_with_cache(x, traced_cache, 3 + t, block_fn=block_fn)
         assert_close(traced, default, 1e-5, f"step {t} logits, traced block vs default")
         _assert_close(traced.numpy(), reference[:, 3 + t])
-    for a, b in zip(traced_cache, default_cache, strict=True):
+    for a, b in zip(tf.nest.flatten(traced_cache), tf.nest.flatten(default_cache), strict=True):
         assert_close(a, b, 1e-5, "cache, traced block vs default")
 
 
@@ -156,7 +156,7 @@ def test_xla_step_equals_eager(tiny_pair):
         eager, eager_cache = keras_model.call_with_cache(x, eager_cache, 4 + t)
         xla, xla_cache = step(x, xla_cache, tf.constant(4 + t))
         np.testing.assert_allclose(xla.numpy(), eager.numpy(), atol=1e-5, rtol=0)
-    for a, b in zip(xla_cache, eager_cache, strict=True):
+    for a, b in zip(tf.nest.flatten(xla_cache), tf.nest.flatten(eager_cache), strict=True):
         np.testing.assert_allclose(a.numpy(), b.numpy(), atol=1e-5, rtol=0)
     # one trace for the prefix shape, one for the single-token shape: the index does not retrace
     assert step.experimental_get_tracing_count() == 2
@@ -173,6 +173,24 @@ def test_reorder_cache_follows_the_batch(tiny_pair):
     _, cache2 = keras_model.call_with_cache(prefix[order], keras_model.init_cache(3, 8), 0)
     direct, _ = keras_model.call_with_cache(tf.gather(nxt, order), cache2, 4)
     np.testing.assert_allclose(reordered.numpy(), direct.numpy(), atol=1e-6, rtol=0)
+
+
+def test_reorder_cache_from_a_slot_keeps_the_slots_before_it(tiny_pair):
+    """Beam search's reorder (`from_slot=K`): the slots after the shared prefix follow the new row order, the
+    prefix slots stay; the result equals a full gather when the rows share their prefix slots."""
+    _, keras_model = tiny_pair
+    rng = np.random.default_rng(7)
+    _, cache = keras_model.call_with_cache(rng.normal(size=(1, 4, 64)).astype("float32"),
+                                           keras_model.init_cache(1, 8), 0)
+    cache = keras_model.reorder_cache(cache, np.zeros(3, np.int32))  # 3 rows, one prefix (as the decoder)
+    _, cache = keras_model.call_with_cache(keras_model.embed_tokens(np.array([[1], [2], [3]])), cache, 4)
+    order = np.array([2, 2, 0])
+    full = tf.nest.flatten(keras_model.reorder_cache(cache, order))
+    tail = tf.nest.flatten(keras_model.reorder_cache(cache, order, from_slot=4))
+    for a, b, before in zip(tail, full, tf.nest.flatten(cache), strict=True):
+        np.testing.assert_array_equal(a.numpy(), b.numpy())
+        np.testing.assert_array_equal(a.numpy()[:, :, :4], before.numpy()[:, :, :4])  # prefix slots kept
+    assert not np.array_equal(tail[0].numpy()[:, :, 4], tf.nest.flatten(cache)[0].numpy()[:, :, 4])
 
 
 def test_cache_bounds_are_checked(tiny_pair):

@@ -193,8 +193,8 @@ def test_int8_is_one_entry_of_the_precision_registry(tiny_pair, tmp_path, capsys
     """int8 comes from `models.precision.PRECISIONS` like bfloat16: keyed apart from float32 before any load
     (cached answers, Beam records), GPT-2 only (a CLIP refuses it), and ``--precision int8`` on the command line."""
     import main
-    from models.precision import PRECISIONS, precision_identity
     from models.image_captioning.identity import recorded_identity
+    from models.precision import PRECISIONS, precision_identity
 
     folder, fp32, int8 = tiny_pair
     assert PRECISIONS["int8"].savable and not PRECISIONS["int8"].clip

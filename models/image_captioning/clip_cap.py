@@ -397,16 +397,28 @@ class ClipCap:
             return np.zeros((0, self.prefix_length, self.gpt2.n_embd), np.float32)
         bucket = power_of_two_at_least(n)
         with device_scope(self.device):
-            if self._policy.compiles(("prefix", bucket), force=compile_now):  # few compiled shapes:
-                embeddings = pad_batch(embeddings, bucket, fill=1.0)  # padded with ones (L2-normalisable)
-                prefix = np.asarray(self._project(tf.constant(embeddings)), np.float32)[:n]
-            else:  # a shape's first call under "auto": eager, nothing compiled
-                prefix = np.asarray(self.backbone.prefix(tf.constant(embeddings)), np.float32)
+            with self._policy.tier(("prefix", bucket), self._prefix_build(bucket, embeddings.shape[1]),
+                                   force=compile_now) as compiled:
+                if compiled:  # few compiled shapes:
+                    embeddings = pad_batch(embeddings, bucket, fill=1.0)  # padded with ones (L2-normalisable)
+                    prefix = np.asarray(self._project(tf.constant(embeddings)), np.float32)[:n]
+                else:  # "auto" until the shape's program is built in the background: eager, nothing compiled
+                    prefix = np.asarray(self.backbone.prefix(tf.constant(embeddings)), np.float32)
         bad = ~np.all(np.isfinite(prefix), axis=(1, 2))
         if bad.any():  # finite inputs, non-finite outputs: overflow in the mapper, or damaged weights
             raise ValueError(f"the mapper turned the CLIP embeddings of rows {np.flatnonzero(bad).tolist()} (of {n}) "
                              "into NaN or infinite prefixes (embeddings far out of range, or damaged mapper weights)")
         return prefix
+
+    def _prefix_build(self, bucket, width):
+        """The background build of the mapper for ``bucket`` rows (`CompilePolicy.tier`): one call on ones."""
+        device = self.device
+
+        def build():
+            with device_scope(device):
+                self._project(tf.ones((bucket, width)))
+
+        return build
 
     def logits(self, embeddings, token_ids):
         """Teacher-forced logits (N, K+T, vocab) of GPT-2 on [prefix, token_ids (N, T)] (`ClipCapBackbone`)."""
@@ -437,7 +449,9 @@ class ClipCap:
                 CLIP's text tower, `custom_architectures.samplers.Magic`); or a `Decoding` checked already
                 (`custom_architectures.decoding.decoding`: what ``predict`` carries; then no ``options``).
             compile_now: None follows `jit_compile`; True compiles the mapper and the decoding loop now even
-                under "auto" (for a caller that knows the shape will recur: `predict` on a long run).
+                under "auto" (for a caller that knows the shape will recur: `predict` on a long run); False
+                (under "auto") runs them uncompiled and builds nothing in the background (a caller that knows
+                this is the shape's last call: `predict`'s last batch of a short run).
             **options: the decoding options, each declared once with its type, default, bounds and help
                 (`custom_architectures.decoding.request_options`; ``python main.py caption --help`` lists them):
                 the method's own (``beam_size``; ``temperature``, ``top_k``, ``top_p``; ``magic_k``,
@@ -533,8 +547,9 @@ class ClipCap:
         return stop_id is not None and is_special_token(self.tokenizer, self.tokenizer.convert_ids_to_tokens(stop_id))
 
     def _decode_mode(self, compile_now):
-        """The decoder's ``jit_compile`` for a call: the model's, or True when the caller asks."""
-        return True if compile_now and self.jit_compile == "auto" else self.jit_compile
+        """The decoder's ``jit_compile`` for a call: the model's, or under "auto" ``compile_now`` when given
+        (True: compile now; False: the caller knows the shape will not recur, so nothing is built)."""
+        return bool(compile_now) if compile_now is not None and self.jit_compile == "auto" else self.jit_compile
 
     def decoder_will_compile(self, batch_size, sampler, max_length, compile_now=None):
         """Whether `generate` on ``batch_size`` rows with this sampler would compile a new decoding loop (never

@@ -484,14 +484,20 @@ def predict(model, images, batch_size=16, method="greedy", save=True, overwrite=
         with compiling.first_call("the CLIP encoder", len(padded)) if compiles else contextlib.nullcontext():
             return list(embedder.encode_batch(padded, compile_now=long_run))[:len(batch)]  # B x (D,)
 
+    decoded = [0]  # batches decoded so far (the generate stage is one thread)
+
     def generate(batch):
-        compiles = model.decoder_will_compile(len(batch), request.sampler, request.max_length, long_run)
+        decoded[0] += 1
+        # a short run's last batch: its shape will not recur, so nothing is built in the background (a
+        # build still running when the process ends delays its exit by the compilation)
+        compile_now = long_run if long_run or decoded[0] * batch_size < len(todo) else False
+        compiles = model.decoder_will_compile(len(batch), request.sampler, request.max_length, compile_now)
         padded = np.stack(_pad(batch, decode_bucket) if compiles else batch)  # rows are decoded independently
         if stage_lines:
             stage_lines(f"decoding {len(batch)} caption(s) ({details}) ...")
         with (compiling.first_call("the decoder", power_of_two_at_least(len(padded)), details) if compiles
               else contextlib.nullcontext()):
-            return model.generate(padded, method=request, compile_now=long_run)[:len(batch)]
+            return model.generate(padded, method=request, compile_now=compile_now)[:len(batch)]
 
     pipeline = Pipeline([
         Stage(read, name="read", workers=2),

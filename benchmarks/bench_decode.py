@@ -1,0 +1,133 @@
+"""Batched decoding against transformers' cached ``GPT2LMHeadModel.generate``, interleaved, and the tiered
+"auto" calls of a new shape.
+
+GPT-2 124M with random weights (the same in both: ours converted from the PyTorch model), a prefix of K
+random embeddings per image (ClipCap's transformer mapper: K = 40), 16 images, 20 generated tokens without
+early stop (no stop token, no EOS). Greedy and beam search (5 beams). Each round runs ours (the compiled
+`PrefixDecoder` loop) then transformers on the same prefix; the table gives the median of the rounds and
+the ratio (transformers' seconds / ours: > 1 means ours is faster), so a busy machine slows both alike.
+
+The second table times calls 1..4 of a shape never seen before under ``jit_compile="auto"``: 1 runs
+uncompiled, 2 recurs (uncompiled too; the loop is compiled in the background after it), 3 and 4 run
+uncompiled until the compiled loop is ready, then compiled (`custom_architectures.compile_policy.tier`).
+
+Run from the repository root (about 5 minutes on 2 quiet cores)::
+
+    python -m benchmarks.bench_decode
+    python -m benchmarks.bench_decode --rounds 5 --methods beam --no-tiering
+"""
+
+import argparse
+import os
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import torch  # noqa: I001  (torch + torchvision before TensorFlow: see ARCHITECTURE.md)
+import torchvision  # noqa: F401
+from transformers import GPT2Config, GPT2LMHeadModel
+
+# isort: split
+import numpy as np
+import tensorflow as tf
+
+from benchmarks.machine import print_machine
+from custom_architectures.generation_utils import Beam, Greedy, PrefixDecoder
+from utils.convert.hf_gpt2 import load_gpt2
+
+
+def _timed(fn):
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def hf_generate(model, prefix, max_length, beams):
+    """transformers' cached generate from embeddings, greedy or beam, exactly max_length new tokens."""
+    with torch.no_grad():
+        return model.generate(inputs_embeds=prefix, attention_mask=torch.ones(prefix.shape[:2], dtype=torch.long),
+                              max_new_tokens=max_length, min_new_tokens=max_length, do_sample=False,
+                              num_beams=beams, pad_token_id=0)
+
+
+def compare(decoder, torch_model, prefix, method, args):
+    """(ours s, transformers s, rounds of both) for one method: medians of interleaved rounds."""
+    sampler = Greedy() if method == "greedy" else Beam(beam_size=args.beam_size)
+    beams = 1 if method == "greedy" else args.beam_size
+    prefix_torch = torch.from_numpy(prefix)
+
+    def ours():
+        return decoder(prefix, sampler, max_length=args.max_length, stop_token_id=None, jit_compile=True)
+
+    def theirs():
+        return hf_generate(torch_model, prefix_torch, args.max_length, beams)
+
+    compile_s = _timed(ours)  # compiles the loop
+    theirs()  # warm-up
+    rounds = [(_timed(ours), _timed(theirs)) for _ in range(args.rounds)]
+    ours_s, theirs_s = (float(np.median(column)) for column in zip(*rounds, strict=True))
+    return ours_s, theirs_s, rounds, compile_s
+
+
+def tiering(gpt2, prefix, args):
+    """Seconds of calls 1..4 of a new shape under "auto", and whether each ran compiled."""
+    decoder = PrefixDecoder(gpt2)
+    sampler = Greedy()
+    warm = prefix[:1]  # another shape first: the process's one-off costs (block trace) are not the shape's
+    decoder(warm, sampler, max_length=args.max_length, jit_compile="auto")
+    calls = []
+    for _ in range(4):
+        compiled = decoder.ready(len(prefix), prefix.shape[1], args.max_length, sampler)
+        calls.append((_timed(lambda: decoder(prefix, sampler, max_length=args.max_length, jit_compile="auto")),
+                      compiled))
+    decoder.wait_for_builds()
+    return calls
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--images", type=int, default=16)
+    parser.add_argument("--prefix-length", type=int, default=40)
+    parser.add_argument("--max-length", type=int, default=20)
+    parser.add_argument("--beam-size", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--methods", nargs="+", default=["greedy", "beam"], choices=["greedy", "beam"])
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--no-tiering", action="store_true", help="skip the tiered-'auto' table")
+    args = parser.parse_args()
+    print_machine()
+    torch.set_num_threads(args.threads)
+    tf.config.threading.set_intra_op_parallelism_threads(args.threads)
+    tf.config.threading.set_inter_op_parallelism_threads(args.threads)
+
+    torch.manual_seed(0)
+    torch_model = GPT2LMHeadModel(GPT2Config()).eval()
+    gpt2 = load_gpt2(torch_model.state_dict())
+    prefix = np.random.default_rng(0).normal(0.0, 1.0, (args.images, args.prefix_length, 768)).astype(np.float32)
+    decoder = PrefixDecoder(gpt2)
+
+    print(f"\nGPT-2 124M (random weights), {args.images} images, prefix K={args.prefix_length}, {args.max_length} "
+          f"tokens without early stop, {args.threads} threads, medians of {args.rounds} interleaved rounds; "
+          f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores\n")
+    print("| method | ours s | transformers generate s | transformers / ours | ours compile s | rounds (ours, theirs) |")
+    print("|---|---:|---:|---:|---:|---|")
+    for method in args.methods:
+        ours_s, theirs_s, rounds, compile_s = compare(decoder, torch_model, prefix, method, args)
+        label = method if method == "greedy" else f"beam {args.beam_size}"
+        shown = ", ".join(f"({a:.2f}, {b:.2f})" for a, b in rounds)
+        print(f"| {label} | {ours_s:.2f} | {theirs_s:.2f} | {theirs_s / ours_s:.2f}x | {compile_s:.0f} | {shown} |",
+              flush=True)
+
+    if args.no_tiering:
+        return
+    calls = tiering(gpt2, prefix, args)
+    print(f"\njit_compile='auto', a new shape ({args.images} images, greedy): calls 1..4 (call 1 is the "
+          "uncompiled time every later call must stay under, plus noise)\n")
+    print("| call | seconds | / call 1 | ran |")
+    print("|---:|---:|---:|---|")
+    for i, (seconds, compiled) in enumerate(calls, 1):
+        print(f"| {i} | {seconds:.2f} | {seconds / calls[0][0]:.2f}x | {'compiled' if compiled else 'uncompiled'} |")
+
+
+if __name__ == "__main__":
+    main()
