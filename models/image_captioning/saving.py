@@ -157,7 +157,9 @@ def save_clipcap(model, name_or_directory=None, overwrite=False):
     directory = model_dir(target)
     header = {**model.info, "stop_token": model.stop_token, "tokenizer": TOKENIZER_DIR,
               "clip": CLIP_DIR if model.clip is not None else None}
-    identity = compute_identity(model)  # from the weights in memory, as they are written
+    # from the weights in memory, as they are written; a model quantized at load (int8) keeps the identity it
+    # was given then (the float32 model's, in its precision: what cached answers and Beam key it by before loading)
+    identity = model.identity if model.precision != "float32" else compute_identity(model)
     metadata = preset_metadata(__version__, source=model.info.get("checkpoint"),
                                source_sha256=model.info.get("checkpoint_sha256"), **{IDENTITY_KEY: identity})
 
