@@ -46,7 +46,7 @@ def cmd_export(args):
     from utils.file_utils import UnsafePathError
 
     given = [flag for flag, value in _decoding_flags(args) if value is not None]
-    if args.precision != DEFAULT_PRECISION:
+    if args.precision not in (None, DEFAULT_PRECISION):  # None: as saved
         given.append("--precision")
     if given:
         return _fail(f"{', '.join(given)}: decoding settings and --precision apply to --format savedmodel only "

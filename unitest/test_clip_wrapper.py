@@ -179,7 +179,8 @@ def test_text_tower_loaded_later_is_its_own(setup):
     clip.save(saved)
     lazy = CLIP.load(saved, lazy_text=True)
     texts = ["a cat", "a diagram"]
-    np.testing.assert_array_equal(lazy.encode_text(texts), clip.encode_text(texts))
+    # the same weights (another tower's would differ by far more); the session's CLIP may have compiled the shape
+    np.testing.assert_allclose(lazy.encode_text(texts), clip.encode_text(texts), rtol=0, atol=1e-5)
 
 
 def test_visual_only(setup):
