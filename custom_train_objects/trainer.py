@@ -214,10 +214,10 @@ class Trainer:
 
     def __init__(self, model, hparams: TrainingHParams, output_dir, strategy=None, loggers=None, progress=True,
                  keep_checkpoints=2):
-        check_trainable(model.gpt2)  # int8 weights (precision="int8") are inference only: a clear error now
         self.model = model
         self.strategy = strategy or tf.distribute.get_strategy()
-        self.output_dir = check_output_dir(Path(output_dir) / _worker_subdir(self.strategy))
+        self.output_dir = check_output_dir(Path(output_dir) / _worker_subdir(self.strategy))  # before any work
+        check_trainable(model.gpt2)  # int8 weights (precision="int8") are inference only: a clear error now
         self.hp = self._with_stop_token(model, hparams)
         self.progress = progress
         self.keep_checkpoints = max(1, int(keep_checkpoints))

@@ -157,7 +157,8 @@ def test_decoding_controls_follow_the_method(server, browser):
         page.wait_for_selector("#beam-size", state="visible")
         assert [_visible(page, c) for c in controls] == [True, True, False, True]  # beam takes a temperature
         page.get_by_label("sample", exact=True).check()
-        page.wait_for_selector("#temperature", state="visible")
+        page.wait_for_selector("#top-p", state="visible")  # sample's own control (beam's temperature stays)
+        page.wait_for_selector("#beam-size", state="hidden")
         assert [_visible(page, c) for c in controls] == [False, True, True, True]
     finally:
         page.close()
