@@ -64,6 +64,8 @@ class Precision:
         summary: one line for ``--help`` and the docs.
         clip: whether it applies to the CLIP too (int8: GPT-2 only; a `CLIP` refuses it).
         savable: whether a model in it is saved as it is (int8's values and scales), rather than refused.
+        version: of how ``apply`` turns float32 weights into this precision's, part of `precision_identity`:
+            bump it when that changes (e.g. int8's rounding), so no result of the old weights answers the new.
     """
 
     name: str
@@ -74,6 +76,7 @@ class Precision:
     summary: str = ""
     clip: bool = True
     savable: bool = False
+    version: int = 1
 
 
 def _floating_policy(value):
@@ -190,7 +193,7 @@ def precision_identity(identity, precision):
     precision = resolve_precision(precision)
     if identity is None or precision.name == DEFAULT_PRECISION:
         return identity
-    digest = hashlib.sha256(f"clipcap-precision-1\n{identity}\n{precision.name}\n".encode())
+    digest = hashlib.sha256(f"clipcap-precision-1\n{identity}\n{precision.name}\n{precision.version}\n".encode())
     return f"sha256:{digest.hexdigest()}"
 
 

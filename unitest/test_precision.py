@@ -246,3 +246,17 @@ def test_export_savedmodel_bf16(tiny_pair, tmp_path):
     expected = bf16.generate(embeddings, max_length=5, compile_now=True)
     assert [c.decode() for c in got["captions"].numpy()] == [c[0]["text"] for c in expected]
     np.testing.assert_allclose(got["scores"].numpy(), [c[0]["score"] for c in expected], atol=1e-3)
+
+
+def test_a_new_version_of_a_precision_keys_its_results_apart(monkeypatch):
+    """How float32 weights become int8 (or bfloat16) is part of the identity: a changed quantizer bumps its
+    `Precision.version`, and no result of the old weights answers the new."""
+    import dataclasses
+
+    from models import precision as registry
+
+    identity = "sha256:" + "0" * 64
+    before = registry.precision_identity(identity, "int8")
+    monkeypatch.setitem(registry.PRECISIONS, "int8", dataclasses.replace(registry.PRECISIONS["int8"], version=2))
+    assert registry.precision_identity(identity, "int8") != before
+    assert registry.precision_identity(identity, "float32") == identity
