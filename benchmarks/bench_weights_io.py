@@ -6,13 +6,15 @@ last one on Keras' private saving module, or ``c0b8577``, the SHA-256 pairing).
 Model: `ClipCapBackbone` with random weights at the released size (MLP mapper 512 -> 10 x 768 and GPT-2
 124M: ~156M parameters, ~620 MB of float32; ``--layers`` shrinks GPT-2 for a quick run). Each repeat runs
 every row once, in turn (interleaved), into the same folder; medians are reported, so a shared machine
-loads the rows alike. Loads go into the same built model (variables assigned, as ``ClipCap.load`` does
+loads the rows alike; each save writes a new file (the previous one removed first, untimed), as a save
+into a new folder does. Loads go into the same built model (variables assigned, as ``ClipCap.load`` does
 after `variables_to_be_loaded`); every loaded model is checked bit for bit against the saved one.
 
     python -m benchmarks.bench_weights_io [--repeats 5] [--layers 12] [--reference 1bc0256^]
 """
 
 import argparse
+import contextlib
 import importlib.util
 import os
 import statistics
@@ -105,6 +107,8 @@ def main():
         times = {name: {"save": [], "load": []} for name in table}
         for _ in range(args.repeats):
             for name, (save, load) in table.items():
+                with contextlib.suppress(FileNotFoundError):  # each save writes a new file, as into a new
+                    os.remove(directory / f"{files[name]}.weights.h5")  # folder (not a truncation, untimed)
                 times[name]["save"].append(timed(save))
                 times[name]["load"].append(timed(load))
                 check_identical(model, expected, name)
