@@ -1,16 +1,17 @@
 """Saving and loading a ClipCap-size model's weights: `utils.weights_io` against Keras' own ``save_weights`` /
 ``load_weights`` (the floor: Keras' file, unaligned and without index, is what ours starts from), and
-optionally against the ``weights_io.py`` of another git revision (``--reference``, e.g. ``1bc0256^``, the
-last one on Keras' private saving module, or ``c0b8577``, the SHA-256 pairing).
+optionally against the ``weights_io.py`` of other git revisions (``--reference``, e.g. ``1bc0256^``, the
+last one on Keras' private saving module, and ``c0b8577``, the SHA-256 pairing).
 
 Model: `ClipCapBackbone` with random weights at the released size (MLP mapper 512 -> 10 x 768 and GPT-2
 124M: ~156M parameters, ~620 MB of float32; ``--layers`` shrinks GPT-2 for a quick run). Each repeat runs
 every row once, in turn (interleaved), into the same folder; medians are reported, so a shared machine
 loads the rows alike; each save writes a new file (the previous one removed first, untimed), as a save
-into a new folder does. Loads go into the same built model (variables assigned, as ``ClipCap.load`` does
-after `variables_to_be_loaded`); every loaded model is checked bit for bit against the saved one.
+into a new folder does. Saves read the one model; loads go into a second one (built under
+`variables_to_be_loaded`, as ``ClipCap.load`` does; its variables assigned), checked bit for bit against
+the first after each load.
 
-    python -m benchmarks.bench_weights_io [--repeats 5] [--layers 12] [--reference 1bc0256^]
+    python -m benchmarks.bench_weights_io [--repeats 5] [--layers 12] [--reference 1bc0256^ c0b8577]
 """
 
 import argparse
@@ -68,19 +69,20 @@ def check_identical(model, expected, what):
             raise AssertionError(f"{what}: {variable.path} differs after loading")
 
 
-def rows(model, directory, references):
-    """{name: (save function, load function)}; every save writes its own file in ``directory``
-    (``references``: {git revision: its weights_io module})."""
+def rows(model, loaded, directory, references):
+    """{name: (save function, load function)}: every save writes ``model`` to its own file in ``directory``,
+    every load reads it into ``loaded`` (so that each save reads the same variables, whatever the last load
+    did to ``loaded``'s); ``references``: {git revision: its weights_io module}."""
     keras_file, ours_file = str(directory / "keras.weights.h5"), str(directory / "ours.weights.h5")
     table = {
-        "keras": (lambda: model.save_weights(keras_file), lambda: model.load_weights(keras_file)),
+        "keras": (lambda: model.save_weights(keras_file), lambda: loaded.load_weights(keras_file)),
         "ours": (lambda: weights_io.save_weights(model, ours_file),
-                 lambda: weights_io.load_weights_strict(model, ours_file)),
+                 lambda: weights_io.load_weights_strict(loaded, ours_file)),
     }
     for number, (revision, module) in enumerate(references.items()):
         file = str(directory / f"reference{number}.weights.h5")
         table[f"weights_io of {revision}"] = (lambda m=module, f=file: m.save_weights(model, f),
-                                              lambda m=module, f=file: m.load_weights_strict(model, f))
+                                              lambda m=module, f=file: m.load_weights_strict(loaded, f))
     return table
 
 
@@ -102,7 +104,9 @@ def main():
     with tempfile.TemporaryDirectory(prefix="bench_weights_io-") as tmp:
         directory = Path(tmp)
         references = {rev: reference_module(rev, directory, i) for i, rev in enumerate(args.reference)}
-        table = rows(model, directory, references)
+        with weights_io.variables_to_be_loaded():
+            loaded = build_model(args.layers, seed=1)
+        table = rows(model, loaded, directory, references)
         files = dict(zip(table, ["keras", "ours"] + [f"reference{i}" for i in range(len(references))]))
         times = {name: {"save": [], "load": []} for name in table}
         for _ in range(args.repeats):
@@ -111,7 +115,7 @@ def main():
                     os.remove(directory / f"{files[name]}.weights.h5")  # folder (not a truncation, untimed)
                 times[name]["save"].append(timed(save))
                 times[name]["load"].append(timed(load))
-                check_identical(model, expected, name)
+                check_identical(loaded, expected, name)
         sizes = {name: os.path.getsize(directory / f"{files[name]}.weights.h5") for name in table}
     median = {name: {op: statistics.median(t) for op, t in ops.items()} for name, ops in times.items()}
     print("\n| weights_io | save (s) | save / keras | save / ours | load (s) | load / keras | load / ours | file (MiB) |")

@@ -437,7 +437,7 @@ def _classes_of_identical_bytes(arrays):
 def _copy_aligned(source, mapped, target, float16_where_exact):
     """Copy every group, dataset and attribute of the h5 file ``source`` (whose bytes are ``mapped``) into
     ``target`` (aligned by its file properties), float32 tensors float16 where exact. Datasets are copied by
-    HDF5 itself (``H5Ocopy``: file to file, through one reused buffer), a converted one from its values.
+    HDF5 itself (``H5Ocopy``, file to file: no numpy copy), a converted one from its values.
     Returns (counts, {dataset name: its values}): views of ``mapped`` where a dataset is a plain block (no
     copy in memory), used to pair the variables."""
     import h5py
