@@ -98,7 +98,10 @@ def fused_int8_matmul(x, q, scale):
 
 #: `fused_int8_matmul` as one XLA program per (x, q) shape and dtype, like an op's kernel: compiled on the
 #: first call of a shape (~0.1 s; a one-image caption meets ~10: 5 weight shapes x prefix and step rows),
-#: inlined when called from a compiled function
+#: inlined when called from a compiled function. Module-level on purpose, not owned by a model: it holds no
+#: weights (they are arguments) and its programs depend on shapes only; one per model would compile them
+#: again for every model loaded, and TensorFlow's XLA cache keeps a function's programs for the process
+#: anyway (`benchmarks/bench_int8_owner.py`: ~0.1 s per shape and ~1.5 MiB per model, never given back).
 compiled_kernel = tf.function(fused_int8_matmul, jit_compile=True, autograph=False)
 
 

@@ -105,7 +105,10 @@ def cast_model(model, policy):
     (``"bfloat16"``: bfloat16 weights and compute), holding ``model``'s weights cast once.
 
     The twin is rebuilt from ``model``'s config with Keras' global dtype policy set to ``policy`` for the
-    duration of the rebuild (sub-layers built in a constructor take the global policy), then restored."""
+    duration of the rebuild (sub-layers built in a constructor take the global policy), then restored. Keras
+    keeps that policy per thread (its global state is a ``threading.local``): a model built meanwhile in
+    another thread stays float32 (`unitest/test_precision_threads.py`). Passing the policy per layer instead
+    would need every composite layer to hand its ``dtype_policy`` to the sub-layers it builds."""
     import keras
 
     config = _with_policy(keras.saving.serialize_keras_object(model), policy)

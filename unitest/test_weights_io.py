@@ -458,3 +458,95 @@ def test_a_weights_file_that_cannot_be_written_gets_a_clear_os_error(tmp_path):
     assert "\n" not in message
     kind, code, message = out["limit"]
     assert (kind, code) == ("OSError", 27) and str(limit) in message and "Can't decrement" not in message, message
+
+
+# ------------------------------------------------------------------ saving without hashing; files of earlier releases
+
+DATA = os.path.join(ROOT, "unitest", "data", "weights_io")
+
+
+def _towers(seed=0):
+    """The two towers of `test_a_part_takes_its_own_tensors_of_identical_bytes` (LayerNorm ones / zeros and
+    zero biases in both: identical tensors across the parts) as one model."""
+    keras.utils.set_random_seed(seed)
+    inputs = keras.Input((4,))
+    second, first = _tower("second"), _tower("first", functional=True)
+    return keras.Model(inputs, [second(inputs), first(inputs)], name="towers"), second
+
+
+@pytest.mark.parametrize("name", ["towers_c0b8577.weights.h5", "towers_c0b8577_float16.weights.h5"])
+def test_files_written_by_the_hashing_release_still_load_through_their_index(name):
+    """Files written by c0b8577's `save_weights` (Keras' file copied aligned, paired by SHA-256; made with
+    that revision's ``utils/weights_io.py`` from `_towers` (seed 0), plain and ``float16_where_exact``) load
+    through their index, whole and by part, bit-identical to Keras' own load of the same file."""
+    path = os.path.join(DATA, name)
+    model, _ = _towers(seed=3)
+    assert load_weights(model, path) == set(datasets(path))  # the index, not Keras' walk
+    reference, reference_second = _towers(seed=4)
+    reference.load_weights(path)
+    assert_bit_identical(values(model), values(reference))
+    alone = _tower("second")
+    in_second = lambda dataset: dataset.startswith("layers/sequential/")  # noqa: E731
+    assert weights_io.load_weights_part(alone, path, in_second) == {d for d in datasets(path) if in_second(d)}
+    assert_bit_identical(values(alone), values(reference_second))
+
+
+def _sha256_index(model, path):
+    """The variable index as c0b8577 computed it (the reference of the format): datasets and variables paired
+    by the SHA-256 of their bytes (and shape), datasets of identical bytes taken in name order."""
+    def digest(array):
+        array = np.ascontiguousarray(array)
+        return array.shape, hashlib.sha256(array.view(np.uint8).reshape(-1)).hexdigest()
+
+    with h5py.File(path, "r") as f:
+        stored = {name: digest(f[name][()]) for name in datasets(path)}
+    by_content = {}
+    for name in sorted(stored):
+        by_content.setdefault(stored[name], []).append(name)
+    alike = [list(names) for names in by_content.values() if len(names) > 1]
+    index = {key: by_content[digest(v.numpy())].pop(0)
+             for key, v in zip(weights_io.variable_keys(model.weights), model.weights, strict=True)}
+    return {**index, "#root": model.name, "#alike": alike}
+
+
+def test_saving_pairs_by_bytes_without_hashing_and_writes_the_hashing_release_index(tmp_path, monkeypatch):
+    """`save_weights` compares bytes (a sample first, then the whole tensor) instead of hashing every tensor
+    twice with SHA-256 (3x Keras' save time for a 100M-parameter model): no ``hashlib.sha256`` call. Its
+    index is the one the SHA-256 pairing wrote (the same pairs, the same groups of identical tensors)."""
+    model, _ = _towers()
+    path = tmp_path / "m.weights.h5"
+
+    def no_hashing(*args, **kwargs):
+        raise AssertionError("save_weights hashed a tensor")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(hashlib, "sha256", no_hashing)
+        save_weights(model, path)
+    with h5py.File(path, "r") as f:
+        index = json.loads(bytes(f[weights_io.INDEX_DATASET][()]).decode())
+    assert index == _sha256_index(model, path)
+
+
+def test_tensors_that_differ_only_between_sampled_elements_are_told_apart(tmp_path):
+    """Two kernels equal at every sampled element (one element in 64) but one, and a third equal to the first:
+    each variable is paired with a dataset of exactly its bytes (the sample only narrows the candidates), the
+    equal ones recorded as interchangeable; the load equals Keras'."""
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((64,)), *(keras.layers.Dense(64, use_bias=False, name=f"d{i}")
+                                                    for i in range(3))])
+    base = np.random.default_rng(0).standard_normal((64, 64)).astype(np.float32)
+    other = base.copy()
+    other.reshape(-1)[1] += 1.0  # not a sampled element (every 64th)
+    for layer, kernel in zip(model.layers, (base, other, base), strict=True):
+        layer.kernel.assign(kernel)
+    assert weights_io._sample_key(base) == weights_io._sample_key(other)
+    path = tmp_path / "m.weights.h5"
+    save_weights(model, path)
+    with h5py.File(path, "r") as f:
+        index = json.loads(bytes(f[weights_io.INDEX_DATASET][()]).decode())
+    assert index == _sha256_index(model, path)
+    assert len(index["#alike"]) == 1 and len(index["#alike"][0]) == 2
+    loaded = keras.Sequential([keras.Input((64,)), *(keras.layers.Dense(64, use_bias=False, name=f"d{i}")
+                                                     for i in range(3))])
+    assert load_weights(loaded, path) == set(datasets(path))
+    assert_bit_identical(values(loaded), [base, other, base])

@@ -12,11 +12,14 @@ keeps readable across its releases). Nothing of Keras' private package: a Keras 
 break it (`unitest/test_keras_public_api.py`).
 
 - `save_weights` has Keras write its own file (``model.save_weights``, beside the target), then copies it
-  with h5py: the same groups, names and attributes, every dataset stored contiguously at a 64-byte-aligned
-  offset (HDF5's alignment property), optionally float16 where float16 is exact (OpenAI's CLIP weights are
-  float16 values), and an index naming, for each variable, the dataset that holds its values (found by
-  content: a variable and its dataset hold the same bytes; tensors of identical bytes are recorded as
-  interchangeable). A layer that stores computed values (not its variables) leaves the file without index.
+  with HDF5's object copy: the same groups, names and attributes, every dataset stored contiguously at a
+  64-byte-aligned offset (HDF5's alignment property), optionally float16 where float16 is exact (OpenAI's
+  CLIP weights are float16 values), and an index naming, for each variable, the dataset that holds its
+  values (found by content: a variable and its dataset hold the same bytes, compared byte for byte after a
+  sample of each narrowed the candidates, Keras' file read as a memory map; tensors of identical bytes are
+  recorded as interchangeable). A layer that stores computed values (not its variables) leaves the file
+  without index. Keras' public API writes only its own layout, unaligned, so the data is written twice:
+  ``benchmarks/bench_weights_io.py`` times it against Keras' ``save_weights``.
 - `load_weights` pairs variables and datasets through that index and hands an aligned, contiguous,
   uncompressed dataset to TensorFlow as a view of a private (copy-on-write) memory map of the file, through
   DLPack, without a copy: the variable's assignment shares that memory. Pages come from the page cache when
@@ -41,7 +44,6 @@ Example::
 
 import contextlib
 import errno
-import hashlib
 import json
 import os
 import re
@@ -74,24 +76,31 @@ def aligned_empty(shape, dtype, alignment=ALIGNMENT):
     return raw[start : start + nbytes].view(dtype).reshape(shape)
 
 
-def dataset_view(mapped, dataset):
-    """An aligned numpy array with the values of the h5py ``dataset``: a view of ``mapped`` (the file's
-    bytes, a numpy memory map) when the dataset is stored there aligned, else an aligned copy; None when the
-    dataset is not a plain contiguous block of a directly readable dtype (Keras' reader then decides)."""
+def _stored_block(mapped, dataset):
+    """The h5py ``dataset``'s values as a read-only view of ``mapped`` (its file's bytes) when it is stored
+    there as one plain contiguous block of a directly readable dtype, at any offset; else None."""
     dtype = dataset.dtype
     if (dtype not in _DIRECT_DTYPES or dtype.byteorder == ">" or dataset.chunks is not None
             or dataset.compression is not None or dataset.external or dataset.is_virtual
             or dataset.attrs.get("dtype") == "bfloat16"):
         return None
     offset = dataset.id.get_offset()
-    shape = dataset.shape
-    nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    nbytes = int(np.prod(dataset.shape, dtype=np.int64)) * dtype.itemsize
     if offset is None or dataset.id.get_storage_size() != nbytes or offset + nbytes > len(mapped):
-        return None  # not stored as one block of exactly its size inside the file
-    view = mapped[offset : offset + nbytes].view(dtype).reshape(shape)
+        return None
+    return mapped[offset : offset + nbytes].view(dtype).reshape(dataset.shape)
+
+
+def dataset_view(mapped, dataset):
+    """An aligned numpy array with the values of the h5py ``dataset``: a view of ``mapped`` (the file's
+    bytes, a numpy memory map) when the dataset is stored there aligned, else an aligned copy; None when the
+    dataset is not a plain contiguous block of a directly readable dtype (Keras' reader then decides)."""
+    view = _stored_block(mapped, dataset)
+    if view is None:
+        return None  # not stored as one plain block of exactly its size inside the file
     if view.ctypes.data % ALIGNMENT == 0:
         return view
-    copy = aligned_empty(shape, dtype)
+    copy = aligned_empty(view.shape, view.dtype)
     np.copyto(copy, view)
     return copy
 
@@ -379,52 +388,99 @@ def _host_values(variable):
     return np.asarray(variable.numpy())
 
 
-def _digest(array):
-    """What identifies a tensor's values: its shape and the SHA-256 of its bytes."""
-    array = np.ascontiguousarray(array)
-    return tuple(array.shape), hashlib.sha256(array.view(np.uint8).reshape(-1)).hexdigest()
+#: elements sampled (evenly spaced) to tell tensors apart before their bytes are compared
+_SAMPLES = 64
+#: bytes compared at a time (a bounded temporary)
+_COMPARE_CHUNK = 1 << 20
 
 
-def _copy_aligned(source, target, float16_where_exact):
-    """Copy every group, dataset and attribute of the h5 file ``source`` into ``target`` (aligned by its
-    file properties), float32 tensors float16 where exact; returns (counts, {dataset name: `_digest`})."""
+def _bytes_of(array):
+    """``array``'s bytes as a flat view of 8-byte words where its size allows (fewer, faster comparisons), else
+    of bytes; a copy only when it is not C-contiguous."""
+    flat = np.ascontiguousarray(array).reshape(-1).view(np.uint8)
+    return flat.view(np.uint64) if flat.size % 8 == 0 and flat.ctypes.data % 8 == 0 else flat
+
+
+def _sample_key(array):
+    """What tells most tensors apart at almost no cost: shape, dtype and `_SAMPLES` evenly spaced elements'
+    bytes (a memory-mapped dataset reads only their pages). Equal keys are confirmed by `_same_bytes`."""
+    flat = array.reshape(-1)
+    picked = flat[:: max(1, flat.size // _SAMPLES)]
+    return tuple(array.shape), array.dtype.str, np.ascontiguousarray(picked).tobytes()
+
+
+def _same_bytes(a, b):
+    """Whether two arrays of one shape and dtype hold the same bytes (NaNs compared as bits), chunk by chunk."""
+    if a.nbytes != b.nbytes:
+        return False
+    a, b = _bytes_of(a), _bytes_of(b)
+    if a.dtype != b.dtype:  # (one of them not 8-byte aligned)
+        a, b = a.view(np.uint8), b.view(np.uint8)
+    step = _COMPARE_CHUNK // a.itemsize
+    return all(np.array_equal(a[i : i + step], b[i : i + step]) for i in range(0, a.size, step))
+
+
+def _classes_of_identical_bytes(arrays):
+    """The datasets ``arrays`` ({name: array}) grouped by identical bytes (same shape and dtype): {`_sample_key`:
+    [[names of one content], ...]}, names sorted. Only tensors whose samples agree are compared in full."""
+    classes = {}
+    for name in sorted(arrays):
+        candidates = classes.setdefault(_sample_key(arrays[name]), [])
+        same = next((names for names in candidates if _same_bytes(arrays[names[0]], arrays[name])), None)
+        if same is None:
+            candidates.append([name])
+        else:
+            same.append(name)
+    return classes
+
+
+def _copy_aligned(source, mapped, target, float16_where_exact):
+    """Copy every group, dataset and attribute of the h5 file ``source`` (whose bytes are ``mapped``) into
+    ``target`` (aligned by its file properties), float32 tensors float16 where exact. Datasets are copied by
+    HDF5 itself (``H5Ocopy``, file to file: no numpy copy), a converted one from its values.
+    Returns (counts, {dataset name: its values}): views of ``mapped`` where a dataset is a plain block (no
+    copy in memory), used to pair the variables."""
     import h5py
 
-    counts, digests = {"float16": 0, "float32": 0}, {}
+    counts, arrays = {"float16": 0, "float32": 0}, {}
     target.attrs.update(source.attrs)
 
     def copy(name, obj):
         if isinstance(obj, h5py.Group):
             target.require_group(name).attrs.update(obj.attrs)
             return
-        array = obj[()]
-        digests[name] = _digest(array)
+        array = _stored_block(mapped, obj)
+        arrays[name] = array = np.asarray(obj[()]) if array is None else array
         if (float16_where_exact and array.dtype == np.float32
                 and np.array_equal(array.astype(np.float16).astype(np.float32), array)):
-            array = array.astype(np.float16)
-        kind = array.dtype.name if array.dtype.name in ("float16", "float32") else "other"
+            target.create_dataset(name, data=array.astype(np.float16)).attrs.update(obj.attrs)
+            kind = "float16"
+        else:
+            source.copy(obj, target, name=name)
+            kind = array.dtype.name if array.dtype.name in ("float16", "float32") else "other"
         counts[kind] = counts.get(kind, 0) + 1
-        target.create_dataset(name, data=array).attrs.update(obj.attrs)
 
     source.visititems(copy)
-    return counts, digests
+    return counts, arrays
 
 
-def _content_index(model, digests):
+def _content_index(model, arrays):
     """The variable index (`INDEX_DATASET`'s JSON) pairing each variable of ``model`` with a dataset of the
-    same bytes, and the groups of datasets of identical bytes; None when a variable's values are in no
-    dataset, or a dataset holds no variable's (a layer that stores computed values)."""
-    by_content = {}
-    for name in sorted(digests):
-        by_content.setdefault(digests[name], []).append(name)
-    alike = [list(names) for names in by_content.values() if len(names) > 1]  # (the lists are consumed below)
+    same shape, dtype and bytes (``arrays``: {dataset name: values}), and the groups of datasets of
+    identical bytes (their names sorted; variables of one content take them in that order); None when a
+    variable's values are in no dataset, or a dataset holds no variable's (a layer that stores computed
+    values). Bytes are compared, not hashed: a tensor is read once more, at memory speed."""
+    classes = _classes_of_identical_bytes(arrays)
+    alike = [list(names) for candidates in classes.values() for names in candidates if len(names) > 1]
     index = {}
     for key, variable in zip(variable_keys(model.weights), model.weights, strict=True):
-        names = by_content.get(_digest(_host_values(variable)))
+        values = _host_values(variable)
+        names = next((names for names in classes.get(_sample_key(values), ())
+                      if names and _same_bytes(arrays[names[0]], values)), None)
         if not names:
             return None
         index[key] = names.pop(0)
-    if any(by_content.values()):
+    if any(names for candidates in classes.values() for names in candidates):
         return None
     return {**index, _ROOT: model.name, _ALIKE: alike}
 
@@ -445,10 +501,11 @@ def save_weights(model, path, float16_where_exact=False):
     try:
         with _clear_write_errors(path):
             model.save_weights(keras_file)  # Keras' layout, by Keras
+            mapped = np.memmap(keras_file, dtype=np.uint8, mode="r")  # (read-only: Keras' file is only read)
             with h5py.File(keras_file, "r") as source, h5py.File(
                     path, "w", alignment_threshold=1, alignment_interval=ALIGNMENT) as target:
-                counts, digests = _copy_aligned(source, target, float16_where_exact)
-                index = _content_index(model, digests)
+                counts, arrays = _copy_aligned(source, mapped, target, float16_where_exact)
+                index = _content_index(model, arrays)
                 if index is not None:  # else: loaded by Keras' own load
                     data = json.dumps(index, separators=(",", ":")).encode()
                     target.create_dataset(INDEX_DATASET, data=np.frombuffer(data, np.uint8))
