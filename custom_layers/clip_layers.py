@@ -22,7 +22,8 @@ Example::
 """
 
 import keras
-from keras import ops
+import tensorflow as tf
+from keras import backend, ops
 
 from custom_layers.activations import quick_gelu
 from custom_layers.attention import (
@@ -32,13 +33,22 @@ from custom_layers.attention import (
     merge_heads,
     split_heads,
 )
+from custom_layers.inference_ops import layer_norm as layer_norm_values
+from custom_layers.inference_ops import variable_value
 
 TORCH_EPSILON = 1e-5  # nn.LayerNorm / nn.BatchNorm2d default
+QUICK_GELU_ALPHA = 1.702  # QuickGELU(x) = x * sigmoid(1.702 x)
 
 
 def layer_norm(name):
     """``nn.LayerNorm(width)`` with PyTorch's epsilon."""
     return keras.layers.LayerNormalization(epsilon=TORCH_EPSILON, name=name)
+
+
+def onednn_bfloat16(layer):
+    """Whether ``layer`` computes in bfloat16, where the blocks take the graph form that TensorFlow's oneDNN
+    kernels run fast (`ResidualAttentionBlock._mlp_bfloat16`); float32 layers keep their plain form."""
+    return backend.standardize_dtype(layer.compute_dtype) == "bfloat16"
 
 
 def batch_norm(name):
@@ -120,7 +130,31 @@ class ResidualAttentionBlock(keras.layers.Layer):
 
     def call(self, x):  # (B, T, C)
         x = x + self.attn(self.ln_1(x))
+        if onednn_bfloat16(self):
+            return x + self._mlp_bfloat16(x)
         return x + self.c_proj(quick_gelu(self.c_fc(self.ln_2(x))))
+
+    def _mlp_bfloat16(self, x):
+        """``c_proj(quick_gelu(c_fc(ln_2(x))))`` (B, T, C) in the form oneDNN runs fast in bfloat16; same function.
+
+        QuickGELU is ``x sigmoid(1.702 x) = swish(1.702 x) / 1.702``: TensorFlow's remapper turns
+        ``u * sigmoid(u)`` into one oneDNN eltwise op (``_MklSwish``, float32 inside) where bfloat16 Sigmoid
+        and Mul kernels take 3-5x longer. The 1.702 goes into ``ln_2``'s gamma and beta and ``c_fc``'s bias
+        (vectors, scaled in float32), so ``u = 1.702 c_fc(ln_2(x))`` comes straight out of the matmul; the
+        ``1 / 1.702`` scales ``c_proj``'s product before its bias (a (B, T, C) tensor, 4x smaller than the
+        swish's output; scaling the swish's output itself is reassociated by grappler's arithmetic optimizer
+        into ``u * (c * sigmoid(u))``, which no longer fuses). The matmuls stay tensordots with a separate
+        bias add, as Keras' Dense runs them: a 2-D MatMul + BiasAdd becomes oneDNN's fused matmul, measured
+        slower here. The layer norm computes in float32 (`inference_ops.layer_norm`)."""
+        alpha = QUICK_GELU_ALPHA
+        dtype = x.dtype
+        h = layer_norm_values(x, variable_value(self.ln_2.gamma, tf.float32) * alpha,
+                              variable_value(self.ln_2.beta, tf.float32) * alpha, self.ln_2.epsilon)
+        c_fc_bias = tf.cast(variable_value(self.c_fc.bias, tf.float32) * alpha, dtype)
+        u = tf.tensordot(h, variable_value(self.c_fc.kernel, dtype), 1) + c_fc_bias  # 1.702 c_fc(ln_2(x))
+        swish = u * tf.sigmoid(u)  # grappler: _MklSwish
+        out = tf.tensordot(swish, variable_value(self.c_proj.kernel, dtype), 1) * tf.constant(1.0 / alpha, dtype)
+        return out + variable_value(self.c_proj.bias, dtype)  # (B, T, C)
 
     def compute_output_shape(self, input_shape):
         return input_shape
