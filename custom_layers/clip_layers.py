@@ -37,7 +37,6 @@ from custom_layers.inference_ops import layer_norm as layer_norm_values
 from custom_layers.inference_ops import variable_value
 
 TORCH_EPSILON = 1e-5  # nn.LayerNorm / nn.BatchNorm2d default
-QUICK_GELU_ALPHA = 1.702  # QuickGELU(x) = x * sigmoid(1.702 x)
 
 
 def layer_norm(name):
@@ -47,7 +46,7 @@ def layer_norm(name):
 
 def onednn_bfloat16(layer):
     """Whether ``layer`` computes in bfloat16, where the blocks take the graph form that TensorFlow's oneDNN
-    kernels run fast (`ResidualAttentionBlock._mlp_bfloat16`); float32 layers keep their plain form."""
+    kernels run fast (`ResidualAttentionBlock._call_bfloat16`); float32 layers keep their plain form."""
     return backend.standardize_dtype(layer.compute_dtype) == "bfloat16"
 
 
@@ -68,18 +67,30 @@ def fused_elementwise(fn):
 
 
 @fused_elementwise
-def residual_norm(x, residual, gamma, beta, epsilon):
-    """(x + residual, layer_norm(x + residual)) in x's dtype, summed and normalised in float32 (``residual``
-    None: x, layer_norm(x)); ``gamma``, ``beta`` float32."""
-    total = tf.cast(x, tf.float32) if residual is None else tf.cast(x, tf.float32) + tf.cast(residual, tf.float32)
-    normed = layer_norm_values(total, gamma, beta, epsilon)
-    return tf.cast(total, x.dtype), tf.cast(normed, x.dtype)
+def norm(x, gamma, beta, epsilon):
+    """``layer_norm(x)`` computed in float32 (``gamma``, ``beta`` float32), returned in x's dtype."""
+    return tf.cast(layer_norm_values(tf.cast(x, tf.float32), gamma, beta, epsilon), x.dtype)
 
 
 @fused_elementwise
-def residual_scaled(x, y, scale, bias):
-    """``x + y * scale + bias`` in float32, returned in x's dtype (``bias`` float32)."""
-    return tf.cast(tf.cast(x, tf.float32) + tf.cast(y, tf.float32) * scale + bias, x.dtype)
+def residual_norm(x, residual, gamma, beta, epsilon):
+    """(x + residual, layer_norm(x + residual)) in x's dtype, summed and normalised in float32 (``gamma``,
+    ``beta`` float32)."""
+    total = tf.cast(x, tf.float32) + tf.cast(residual, tf.float32)
+    return tf.cast(total, x.dtype), tf.cast(layer_norm_values(total, gamma, beta, epsilon), x.dtype)
+
+
+@fused_elementwise
+def bias_quick_gelu(x, bias):
+    """``quick_gelu(x + bias)`` in float32 (``bias`` float32), returned in x's dtype."""
+    return tf.cast(quick_gelu(tf.cast(x, tf.float32) + bias), x.dtype)
+
+
+@fused_elementwise
+def bias_residual(x, y, bias):
+    """``x + (y + bias)`` in float32 (``bias`` float32), returned in x's dtype: a Dense's bias and the
+    residual sum after it."""
+    return tf.cast(tf.cast(x, tf.float32) + (tf.cast(y, tf.float32) + bias), x.dtype)
 
 
 def batch_norm(name):
@@ -165,36 +176,28 @@ class ResidualAttentionBlock(keras.layers.Layer):
         x = x + self.attn(self.ln_1(x))
         return x + self.c_proj(quick_gelu(self.c_fc(self.ln_2(x))))
 
-    def _norm_weights(self, norm, scale=1.0):
-        """(gamma, beta) of a LayerNormalization in float32, times ``scale``."""
-        return variable_value(norm.gamma, tf.float32) * scale, variable_value(norm.beta, tf.float32) * scale
+    @staticmethod
+    def _norm_weights(norm):
+        """(gamma, beta) of a LayerNormalization in float32."""
+        return variable_value(norm.gamma, tf.float32), variable_value(norm.beta, tf.float32)
 
     def _call_bfloat16(self, x):
         """The block in bfloat16, in the form TensorFlow runs fast on oneDNN; the same function.
 
-        - Matmuls: bfloat16 tensordots with float32 accumulation (oneDNN's AMX / AVX512_BF16 kernels) and
-          a separate bias add, as Keras' Dense runs them (a 2-D MatMul + BiasAdd becomes oneDNN's fused
-          matmul, measured slower here).
-        - QuickGELU is ``x sigmoid(1.702 x) = swish(1.702 x) / 1.702``: grappler's remapper turns
-          ``u * sigmoid(u)`` into one oneDNN eltwise op (``_MklSwish``, float32 inside), 3-5x faster than
-          bfloat16 Sigmoid and Mul kernels. The 1.702 goes into ``ln_2``'s gamma and beta and ``c_fc``'s bias
-          (vectors, scaled in float32), so ``u = 1.702 c_fc(ln_2(x))`` comes straight out of the matmul; the
-          ``1 / 1.702`` scales ``c_proj``'s product (scaling the swish's output is reassociated by grappler's
-          arithmetic optimizer into ``u * (c * sigmoid(u))``, which no longer fuses).
-        - Layer norms, residual adds and bias adds between the matmuls run as a few XLA-fused float32
-          kernels (`fused_elementwise`): one pass over the activations each instead of ~8 bfloat16 / float32
-          TensorFlow kernels per layer norm. Normalisation statistics and residual sums are float32.
+        Matmuls are bfloat16 tensordots with float32 accumulation (oneDNN's AMX / AVX512_BF16 kernels), as
+        Keras' Dense runs them. Everything between them runs as XLA-fused float32 kernels
+        (`fused_elementwise`), one pass over the activations each: layer norm (with the residual sum before
+        it), bias + QuickGELU, bias + residual. TensorFlow's own kernels take ~8 bfloat16 / float32 passes
+        per layer norm and 3 for QuickGELU. Normalisation statistics and residual sums are float32; the
+        residual stream between kernels is bfloat16, as in the plain form.
         """
-        alpha = QUICK_GELU_ALPHA
         dtype = x.dtype
-        x, h = residual_norm(x, None, *self._norm_weights(self.ln_1), self.ln_1.epsilon)
-        a = self.attn(h)
-        x, h = residual_norm(x, a, *self._norm_weights(self.ln_2, alpha), self.ln_2.epsilon)  # 1.702 ln_2(x)
-        c_fc_bias = tf.cast(variable_value(self.c_fc.bias, tf.float32) * alpha, dtype)
-        u = tf.tensordot(h, variable_value(self.c_fc.kernel, dtype), 1) + c_fc_bias  # 1.702 c_fc(ln_2(x))
-        swish = u * tf.sigmoid(u)  # grappler: _MklSwish
-        y = tf.tensordot(swish, variable_value(self.c_proj.kernel, dtype), 1)
-        return residual_scaled(x, y, 1.0 / alpha, variable_value(self.c_proj.bias, tf.float32))  # (B, T, C)
+        a = self.attn(norm(x, *self._norm_weights(self.ln_1), self.ln_1.epsilon))
+        x, h = residual_norm(x, a, *self._norm_weights(self.ln_2), self.ln_2.epsilon)
+        u = tf.tensordot(h, variable_value(self.c_fc.kernel, dtype), 1)  # (B, T, 4 C)
+        u = bias_quick_gelu(u, variable_value(self.c_fc.bias, tf.float32))
+        y = tf.tensordot(u, variable_value(self.c_proj.kernel, dtype), 1)  # (B, T, C)
+        return bias_residual(x, y, variable_value(self.c_proj.bias, tf.float32))
 
     def compute_output_shape(self, input_shape):
         return input_shape
