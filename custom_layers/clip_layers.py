@@ -93,6 +93,29 @@ def bias_residual(x, y, bias):
     return tf.cast(tf.cast(x, tf.float32) + (tf.cast(y, tf.float32) + bias), x.dtype)
 
 
+@fused_elementwise
+def attention_heads(q, k, v, q_bias, k_bias, v_bias, heads):
+    """Projections without their biases (B, T, H D) -> queries (B, Tq, H, D) plus bias, times D^-1/2, and
+    keys, values (B, H, Tk, D) plus bias (`custom_layers.attention`'s layout), in the inputs' dtype."""
+    def split(x, bias):
+        return split_heads(tf.cast(x, tf.float32) + bias, heads)
+
+    q_heads = split(q, q_bias)
+    q_heads = q_heads * (q_heads.shape[-1] ** -0.5)
+    return (tf.cast(q_heads, q.dtype), tf.cast(heads_first(split(k, k_bias)), k.dtype),
+            tf.cast(heads_first(split(v, v_bias)), v.dtype))
+
+
+@fused_elementwise
+def attention_softmax(scores, causal):
+    """``softmax(scores)`` over the keys in float32 (``causal``: a query attends to keys at or before its
+    position, `custom_layers.attention.causal_bias`), returned in the scores' dtype. (B, H, Tq, Tk)."""
+    logits = tf.cast(scores, tf.float32)
+    if causal:
+        logits = logits + causal_bias(tf.range(tf.shape(logits)[2]), tf.range(tf.shape(logits)[3]))
+    return tf.cast(tf.nn.softmax(logits, axis=-1), scores.dtype)
+
+
 def batch_norm(name):
     """``nn.BatchNorm2d`` in inference mode over the channels-last axis, PyTorch's epsilon."""
     return keras.layers.BatchNormalization(axis=-1, epsilon=TORCH_EPSILON, momentum=0.9, name=name)
@@ -129,6 +152,8 @@ class MultiHeadAttention(keras.layers.Layer):
 
     def call(self, query, key_value=None):
         key_value = query if key_value is None else key_value
+        if onednn_bfloat16(self):
+            return self._call_bfloat16(query, key_value)
         q = split_heads(self.q_proj(query), self.heads)  # (B, Tq, H, Dh)
         k = heads_first(split_heads(self.k_proj(key_value), self.heads))  # (B, H, Tk, Dh)
         v = heads_first(split_heads(self.v_proj(key_value), self.heads))  # (B, H, Tk, Dh)
@@ -137,6 +162,23 @@ class MultiHeadAttention(keras.layers.Layer):
             bias = causal_bias(ops.arange(ops.shape(q)[1]), ops.arange(ops.shape(k)[2]))  # (1, 1, Tq, Tk)
         out = dot_product_attention(q, k, v, bias=bias)  # (B, Tq, H, Dh)
         return self.out_proj(merge_heads(out))  # (B, Tq, C)
+
+    def _call_bfloat16(self, query, key_value):
+        """`call` in bfloat16 as TensorFlow runs it fast on oneDNN; the same function (see
+        `ResidualAttentionBlock._call_bfloat16`): bfloat16 projections and attention products with float32
+        accumulation (oneDNN), the biases, head split and query scale in one XLA-fused kernel
+        (`attention_heads`), the softmax (with the causal mask) in float32 in another (`attention_softmax`)."""
+        dtype = query.dtype
+        kernels = [variable_value(d.kernel, dtype) for d in (self.q_proj, self.k_proj, self.v_proj)]
+        biases = [variable_value(d.bias, tf.float32) for d in (self.q_proj, self.k_proj, self.v_proj)]
+        q, k, v = attention_heads(tf.tensordot(query, kernels[0], 1), tf.tensordot(key_value, kernels[1], 1),
+                                  tf.tensordot(key_value, kernels[2], 1), *biases, self.heads)
+        causal = self.causal
+        scores = tf.einsum("bthd,bhsd->bhts", q, k)  # (B, H, Tq, Tk)
+        probs = attention_softmax(scores, causal)
+        out = tf.einsum("bhts,bhsd->bthd", probs, v)  # (B, Tq, H, Dh)
+        out = tf.tensordot(merge_heads(out), variable_value(self.out_proj.kernel, dtype), 1)
+        return tf.nn.bias_add(out, variable_value(self.out_proj.bias, dtype))  # (B, Tq, C)
 
     def compute_output_shape(self, query_shape, key_value_shape=None):
         return tuple(query_shape[:-1]) + (self.width,)
