@@ -15,8 +15,10 @@ line accepts a name or one of its aliases (``fp32``, ``bf16``), nothing else.
   Matmuls and convolutions run in bfloat16 with float32 accumulation (oneDNN's AMX / AVX512_BF16 kernels);
   layer norms (Keras' and `custom_layers.inference_ops.layer_norm` compute in float32), attention's
   softmax (`custom_layers.attention`) and GPT-2's logits (`GPT2.lm_logits`, hence every sampler's
-  log-probabilities and scores) are float32. What leaves a model (CLIP embeddings, prefixes, scores) is
-  float32. Fast where the CPU has ``amx_bf16`` or ``avx512_bf16`` (`utils.cpu_features`); elsewhere it
+  log-probabilities and scores) are float32. CLIP's transformer blocks (`custom_layers.clip_layers`) run
+  everything between their bfloat16 matmuls (layer norms, QuickGELU, biases, residual sums, softmax) as
+  XLA-fused float32 kernels inside the plain graph. What leaves a model (CLIP embeddings, prefixes, scores)
+  is float32. Fast where the CPU has ``amx_bf16`` or ``avx512_bf16`` (`utils.cpu_features`); elsewhere it
   runs correctly, slower than float32, and `warn_if_slow` says so at load.
 
 A model in another precision than float32 has another identity (`precision_identity`: its cached captions
