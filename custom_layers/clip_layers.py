@@ -122,6 +122,13 @@ def attention_softmax(scores, causal):
     return tf.cast(tf.nn.softmax(logits, axis=-1), scores.dtype)
 
 
+def compiles_per_shape(model):
+    """Whether ``model`` (a Keras functional model) holds bfloat16 `ResidualAttentionBlock` layers, whose
+    graph form has XLA-compiled parts (`fused_elementwise`): a traced function of it compiles those once per
+    input shape, so its callers pad batches to few shapes (as for a model compiled with XLA)."""
+    return any(isinstance(layer, ResidualAttentionBlock) and onednn_bfloat16(layer) for layer in model.layers)
+
+
 def batch_norm(name):
     """``nn.BatchNorm2d`` in inference mode over the channels-last axis, PyTorch's epsilon."""
     return keras.layers.BatchNormalization(axis=-1, epsilon=TORCH_EPSILON, momentum=0.9, name=name)

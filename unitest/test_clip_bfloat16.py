@@ -1,9 +1,9 @@
 """CLIP's transformer blocks in bfloat16 (`custom_layers.clip_layers`): the graph form that runs fast on oneDNN
 (bfloat16 matmuls, everything between them in XLA-fused float32 kernels) computes the float32 function.
 
-The ViT and the text transformer (causal) are built small with several heads, cast with `models.precision`
-and compared with their float32 selves, traced (the XLA-fused form) and eager (plain TensorFlow ops). The
-bound is `test_precision`'s (3e-2 of the largest feature: bfloat16 rounds each matmul input to 8 bits).
+The ViT (OpenAI's heads rule: width / 64) and the text transformer (causal) are built small with several
+heads, cast with `models.precision` and compared with their float32 selves, traced (the XLA-fused form) and
+eager (plain TensorFlow ops). The bound is `test_precision`'s (3e-2 of the largest feature: bfloat16 rounds each matmul input to 8 bits).
 """
 
 import numpy as np
@@ -24,7 +24,7 @@ def _relative(a, b):
 
 @pytest.fixture(scope="module")
 def vit_pair():
-    visual = VisionTransformer(input_resolution=32, patch_size=8, width=64, layers=2, heads=4, output_dim=32)
+    visual = VisionTransformer(input_resolution=32, patch_size=8, width=128, layers=2, heads=2, output_dim=32)
     pixels = np.random.RandomState(0).normal(size=(3, 32, 32, 3)).astype(np.float32)
     visual(pixels[:1])
     _randomize(visual)
@@ -88,3 +88,26 @@ def test_causal_text_bf16_close_to_float32():
     changed[0, 4:] = [8, 8, 8, 8]  # after the first row's end of text: its features must not move
     first = tf.cast(traced(tf.constant(ids)), tf.float32).numpy()[0]
     assert np.array_equal(tf.cast(traced(tf.constant(changed)), tf.float32).numpy()[0], first)
+
+
+def test_bf16_vit_clip_pads_batches_to_few_shapes(vit_pair):
+    """A bf16 ViT's graph compiles its XLA parts once per input shape, so `CLIP.encode_pixels` pads batches
+    to a power of two in graph mode as it does under XLA (3 and 4 images: one shape), and cuts the result."""
+    from custom_architectures.clip_arch import CLIPModel
+    from models.siamese.clip import CLIP
+
+    visual, _, pixels = vit_pair
+    clip = CLIP(CLIPModel(visual), jit_compile="auto").to_precision("bf16", warn=False)
+    assert not clip.jit_compile  # graph mode: oneDNN's bf16 matmuls
+    shapes, compiled = [], clip._encode_pixels
+
+    def recording(x):
+        shapes.append(tuple(x.shape))
+        return compiled(x)
+
+    clip._encode_pixels = recording
+    four = np.concatenate([pixels, pixels[:1]])
+    features = [clip.encode_pixels(batch, compile_now=True) for batch in (pixels, four)]
+    assert shapes == [(4, 32, 32, 3), (4, 32, 32, 3)]
+    assert [f.shape for f in features] == [(3, 32), (4, 32)]
+    assert _relative(features[0], visual(pixels, training=False).numpy()) < 3e-2
