@@ -15,8 +15,10 @@ line accepts a name or one of its aliases (``fp32``, ``bf16``), nothing else.
   Matmuls and convolutions run in bfloat16 with float32 accumulation (oneDNN's AMX / AVX512_BF16 kernels);
   layer norms (Keras' and `custom_layers.inference_ops.layer_norm` compute in float32), attention's
   softmax (`custom_layers.attention`) and GPT-2's logits (`GPT2.lm_logits`, hence every sampler's
-  log-probabilities and scores) are float32. What leaves a model (CLIP embeddings, prefixes, scores) is
-  float32. Fast where the CPU has ``amx_bf16`` or ``avx512_bf16`` (`utils.cpu_features`); elsewhere it
+  log-probabilities and scores) are float32. CLIP's transformer blocks (`custom_layers.clip_layers`) run
+  everything between their bfloat16 matmuls (layer norms, QuickGELU, biases, residual sums, softmax) as
+  XLA-fused float32 kernels inside the plain graph. What leaves a model (CLIP embeddings, prefixes, scores)
+  is float32. Fast where the CPU has ``amx_bf16`` or ``avx512_bf16`` (`utils.cpu_features`); elsewhere it
   runs correctly, slower than float32, and `warn_if_slow` says so at load.
 
 A model in another precision than float32 has another identity (`precision_identity`: its cached captions
@@ -144,9 +146,11 @@ def _int8(backbone):
 PRECISIONS = {
     "float32": Precision("float32", ("fp32",), _as_is, (),
                          summary="float32 weights and compute, the model as saved (the default)"),
+    # version 2: CLIP's blocks compute their layer norms, QuickGELU, biases and residual sums in fused float32
+    # kernels (custom_layers.clip_layers), so features differ from version 1's in the last bits
     "bfloat16": Precision("bfloat16", ("bf16",), _bfloat16, BFLOAT16_FLAGS, xla=False,
                           summary="bfloat16 weights, matmuls and convolutions (float32 accumulation, layer norms, softmax "
-                          "and log-probabilities): fast where the CPU has AMX or AVX512_BF16"),
+                          "and log-probabilities): fast where the CPU has AMX or AVX512_BF16", version=2),
     "int8": Precision("int8", (), _int8, (), clip=False, savable=True,
                       summary="GPT-2's weights in int8 per output channel (mapper and CLIP float32): one-image "
                       "latency; saved as int8, inference only"),

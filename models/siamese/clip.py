@@ -28,6 +28,7 @@ import numpy as np  # noqa: E402
 from custom_architectures.batching import pad_batch, power_of_two_at_least  # noqa: E402
 from custom_architectures.clip_arch import CLIPModel, ModifiedResNet  # noqa: E402
 from custom_architectures.compile_policy import CompilePolicy  # noqa: E402
+from custom_layers.clip_layers import compiles_per_shape  # noqa: E402
 from models import check_jit_compile  # noqa: E402
 from models.precision import DEFAULT_PRECISION  # noqa: E402
 from models.siamese.clip_tokenizer import CLIPTokenizer  # noqa: E402
@@ -87,14 +88,17 @@ class CLIP:
         import tensorflow as tf
 
         visual = self.model.visual
-        # graph mode (no XLA) is not padded: one trace with a free batch dimension serves every batch size
+        # graph mode (no XLA) is not padded: one trace with a free batch dimension serves every batch size,
+        # unless the graph holds XLA-compiled parts (a bfloat16 ViT's blocks), which compile once per shape
         self._encode_pixels = tf.function(lambda x: visual(x, training=False), jit_compile=self.jit_compile,
                                           reduce_retracing=not self.jit_compile)
+        self._pad_pixels = self.jit_compile or compiles_per_shape(visual)
 
     def _compile_text(self):
         import tensorflow as tf
 
         text, text_jit = self.model.text, self._text_jit
+        self._pad_tokens = text_jit or compiles_per_shape(text)  # as `_pad_pixels`
         self._encode_tokens = tf.function(lambda t: text(t, training=False), jit_compile=text_jit,
                                           reduce_retracing=not text_jit)
 
@@ -281,7 +285,7 @@ class CLIP:
         with device_scope(self.device):
             if not self._policy.compiles(("image", bucket), force=compile_now):
                 return np.asarray(self.model.visual(pixels, training=False), np.float32)  # eager: no compile
-            if self.jit_compile:  # XLA compiles once per shape: pad to a power of two (few shapes, < 2x work)
+            if self._pad_pixels:  # XLA compiles once per shape: pad to a power of two (few shapes, < 2x work)
                 pixels = pad_batch(pixels, bucket)
             return np.asarray(self._encode_pixels(pixels), np.float32)[:count]
 
@@ -317,7 +321,7 @@ class CLIP:
         with device_scope(self.device):
             if not self._policy.compiles(("text", bucket, token_ids.shape[1]), force=compile_now):
                 return np.asarray(self.model.text(token_ids, training=False), np.float32)  # eager: no compile
-            if self._text_jit:  # as encode_pixels: few compiled shapes
+            if self._pad_tokens:  # as encode_pixels: few compiled shapes
                 token_ids = pad_batch(token_ids, bucket)
             return np.asarray(self._encode_tokens(token_ids), np.float32)[:count]
 
@@ -334,7 +338,7 @@ class CLIP:
             return np.zeros((0, self.embed_dim), np.float32)
         used = int(np.max(np.flatnonzero(token_ids.any(axis=0)), initial=0)) + 1
         token_ids = token_ids[:, : min(-(-used // multiple) * multiple, token_ids.shape[1])]
-        if self._text_jit:  # as encode_pixels: few compiled shapes
+        if self._pad_tokens:  # as encode_pixels: few compiled shapes
             token_ids = pad_batch(token_ids, power_of_two_at_least(count))
         with device_scope(self.device):
             return np.asarray(self._encode_tokens(token_ids), np.float32)[:count]
