@@ -281,6 +281,30 @@ def test_the_build_of_a_decoding_loop_skips_the_prefill(tiny_models, monkeypatch
     assert len(decoder._compiled) == 1 and int(prefills.numpy()) == 1
 
 
+def test_the_build_of_the_mapper_computes_nothing(tmp_path_factory, monkeypatch):
+    """The mapper's background build compiles the same program the calls then use, by one call that skips the
+    mapper (``run`` False): its computation (an 8-layer transformer over B x 50 tokens at full size) would
+    share the cores with the decoding call it overlaps."""
+    import tensorflow as tf
+
+    model = tiny_clipcap(tmp_path_factory)  # a fresh load: its compiled mapper is counted
+    backbone = model.backbone
+    runs = tf.Variable(0)
+    prefix = backbone.prefix
+
+    def counting(embeddings, training=False):
+        runs.assign_add(1)
+        return prefix(embeddings, training=training)
+
+    monkeypatch.setattr(backbone, "prefix", counting)
+    model._prefix_build(4, model.prefix_size)()
+    assert model._project.experimental_get_tracing_count() == 1 and int(runs.numpy()) == 0
+    e = random_embeddings(3, model.prefix_size, seed=25)
+    compiled = model.prefix(e, compile_now=True)  # bucket 4: the program the build compiled
+    assert model._project.experimental_get_tracing_count() == 1 and int(runs.numpy()) == 1
+    np.testing.assert_allclose(compiled, np.asarray(prefix(tf.constant(e))), atol=1e-5, rtol=0)
+
+
 def test_auto_calls_of_a_new_shape_never_wait_for_the_compiler(tiny_models):
     """Tiering (issue 24, item 2): calls 1, 2 and 3 of a new shape each take at most the uncompiled first
     call's time plus noise. Before, the second call compiled the mapper and the decoding loop in the
