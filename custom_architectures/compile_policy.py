@@ -22,7 +22,8 @@ other threads is lowered too (`CompileWorkers`): XLA compiles LLVM code on a Ten
 (``tf_Compute`` threads that serve no steady-state call), so the TensorFlow-named threads that served none of
 the key's last uncompiled call and work while the build runs are set to the same niceness for the build's
 duration, then restored; threads that served that call (TensorFlow's intra- and inter-op pools) and Python's
-own threads are never touched. Where a lowered niceness could not be restored (an unprivileged process
+own threads are never touched (a call too small to show those pools, as the mapper's few eager ops, asks
+``lower_workers=False``: its build lowers only its own thread). Where a lowered niceness could not be restored (an unprivileged process
 without ``RLIMIT_NICE``: raising a priority back needs it) only the build's own thread is lowered, said once.
 A build runs its program only on padding rows, which the stage skips (the decoder's prefill is a ``tf.cond``
 on any valid row), so no computation of the build runs on the pools that serve the calls. A build that
@@ -81,11 +82,13 @@ class CompilePolicy:
             return bool(force) if force is not None else key in self._seen
 
     @contextlib.contextmanager
-    def tier(self, key, build, force=None):
+    def tier(self, key, build, force=None, lower_workers=True):
         """Tiered "auto" (module docstring): yields whether this call of ``key`` runs compiled. Under "auto",
         False until ``build()`` (which compiles the key's program; called once, in a background thread started
         when a recurring call of the key returns) has finished, True after; ``force`` and True / False as in
-        `compiles` (``force=True`` compiles in the foreground). Raises, once, the error of a failed build."""
+        `compiles` (``force=True`` compiles in the foreground). Raises, once, the error of a failed build.
+        ``lower_workers``: lower the build's compile workers (`CompileWorkers`), told from the threads that served
+        this call; False where this call is too small to show them (only the build's thread is lowered)."""
         if self.jit_compile != "auto" or force is not None:
             yield self.compiles(key, force=force)
             return
@@ -101,10 +104,10 @@ class CompilePolicy:
                 yield True
                 return
         starts_build = seen and current is None  # a recurring key: built once this uncompiled call has returned
-        before = thread_times() if starts_build else None
+        before = thread_times() if starts_build and lower_workers else None
         yield False
         if starts_build:
-            foreground = busy_threads(before, thread_times())  # the threads that served this call
+            foreground = busy_threads(before, thread_times()) if before is not None else None  # served this call
             with self._lock:
                 if key not in self._builds:
                     self._builds[key] = BackgroundBuild(key, build, foreground=foreground, say=self._say_once)

@@ -404,8 +404,10 @@ class ClipCap:
             return np.zeros((0, self.prefix_length, self.gpt2.n_embd), np.float32)
         bucket = power_of_two_at_least(n)
         with device_scope(self.device):
+            # lower_workers=False: this call (a few eager ops) does not show which TensorFlow threads serve the
+            # calls, and the decoding call its build overlaps runs on the inter-op pool
             with self._policy.tier(("prefix", bucket), self._prefix_build(bucket, embeddings.shape[1]),
-                                   force=compile_now) as compiled:
+                                   force=compile_now, lower_workers=False) as compiled:
                 if compiled:  # few compiled shapes:
                     embeddings = pad_batch(embeddings, bucket, fill=1.0)  # padded with ones (L2-normalisable)
                     prefix = np.asarray(self._project(tf.constant(embeddings), tf.constant(True)))[:n]
