@@ -17,7 +17,16 @@ as long as running it uncompiled (12.8-17 s against 4.5 s for 16 images on 2 cor
 compiles in the foreground is the slowest of all. Under `tier` no call waits for a compiler: when a key
 recurs, its call still runs uncompiled, and once it has returned the program is built by ``build`` in a
 background thread (`BackgroundBuild`, at the lowest CPU priority so that it takes the cores only when the
-calls leave them idle); every call runs uncompiled until the program is ready, then compiled. A build that
+calls leave them idle); every call runs uncompiled until the program is ready, then compiled. Its work on
+other threads is lowered too (`CompileWorkers`): XLA compiles LLVM code on a TensorFlow worker pool
+(``tf_Compute`` threads that serve no steady-state call), so the TensorFlow-named threads that served none of
+the key's last uncompiled call and work while the build runs are set to the same niceness for the build's
+duration, then restored; threads that served that call (TensorFlow's intra- and inter-op pools) and Python's
+own threads are never touched (a call too small to show those pools, as the mapper's few eager ops, asks
+``lower_workers=False``: its build lowers only its own thread). Where a lowered niceness could not be restored (an unprivileged process
+without ``RLIMIT_NICE``: raising a priority back needs it) only the build's own thread is lowered, said once.
+A build runs its program only on padding rows, which the stage skips (the decoder's prefill is a ``tf.cond``
+on any valid row), so no computation of the build runs on the pools that serve the calls. A build that
 fails raises its error at the key's next call (as a foreground compilation would have), and the key is
 built again at the call after. ``force=True`` (a long run) still compiles in the foreground at once.
 
@@ -53,6 +62,7 @@ class CompilePolicy:
         self._seen = set()
         self._lock = threading.Lock()
         self._builds = {}  # key -> BackgroundBuild (tiered keys whose program is built or being built)
+        self._said = set()  # notes logged once per policy (`BackgroundBuild`'s ``say``)
 
     def compiles(self, key, force=None) -> bool:
         """Whether this call of ``key`` runs compiled; ``force`` (True / False) overrides "auto". Records the
@@ -72,11 +82,13 @@ class CompilePolicy:
             return bool(force) if force is not None else key in self._seen
 
     @contextlib.contextmanager
-    def tier(self, key, build, force=None):
+    def tier(self, key, build, force=None, lower_workers=True):
         """Tiered "auto" (module docstring): yields whether this call of ``key`` runs compiled. Under "auto",
         False until ``build()`` (which compiles the key's program; called once, in a background thread started
         when a recurring call of the key returns) has finished, True after; ``force`` and True / False as in
-        `compiles` (``force=True`` compiles in the foreground). Raises, once, the error of a failed build."""
+        `compiles` (``force=True`` compiles in the foreground). Raises, once, the error of a failed build.
+        ``lower_workers``: lower the build's compile workers (`CompileWorkers`), told from the threads that served
+        this call; False where this call is too small to show them (only the build's thread is lowered)."""
         if self.jit_compile != "auto" or force is not None:
             yield self.compiles(key, force=force)
             return
@@ -91,11 +103,21 @@ class CompilePolicy:
             if current.done:
                 yield True
                 return
+        starts_build = seen and current is None  # a recurring key: built once this uncompiled call has returned
+        before = thread_times() if starts_build and lower_workers else None
         yield False
-        if seen and current is None:  # a recurring key: build it now that its uncompiled call has returned
+        if starts_build:
+            foreground = busy_threads(before, thread_times()) if before is not None else None  # served this call
             with self._lock:
                 if key not in self._builds:
-                    self._builds[key] = BackgroundBuild(key, build)
+                    self._builds[key] = BackgroundBuild(key, build, foreground=foreground, say=self._say_once)
+
+    def _say_once(self, note):
+        with self._lock:
+            said = note in self._said
+            self._said.add(note)
+        if not said:
+            logger.info(note)
 
     def ready(self, key) -> bool:
         """Whether a tiered key's program is built (the next call of it runs compiled)."""
@@ -111,21 +133,34 @@ class CompilePolicy:
 
 
 class BackgroundBuild:
-    """``build()`` run once in a daemon thread at the lowest CPU priority (`BUILD_NICENESS`); `done` once it has
-    returned or raised, `failed` / `raise_failure` for the error it raised."""
+    """``build()`` run once in a daemon thread at the lowest CPU priority (`BUILD_NICENESS`), with the compile
+    workers it keeps busy lowered as long as it runs (`CompileWorkers`; ``foreground``: the native ids of the
+    threads that served the key's last uncompiled call, never lowered; None lowers no other thread); `done` once
+    it has returned or raised, `failed` / `raise_failure` for the error it raised. ``say``: where a note that
+    the workers stay at their priority goes (logged once per policy)."""
 
-    def __init__(self, key, build):
+    def __init__(self, key, build, foreground=None, say=logger.info):
         self.key = key
         self._build = build
+        self._foreground = foreground
+        self._say = say
         self._error = None
         self._finished = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"compile {key}", daemon=True)
         self._thread.start()
 
     def _run(self):
-        _lower_priority()
+        restorable = _lower_priority()
+        workers = None
+        if self._foreground is not None:
+            if restorable:
+                workers = CompileWorkers(exclude=self._foreground | {threading.get_native_id()})
+            else:
+                self._say("compile workers of background builds stay at normal priority: this process may not "
+                          "raise a thread's priority back (RLIMIT_NICE), so only the build's own thread is lowered")
         try:
-            self._build()
+            with workers if workers is not None else contextlib.nullcontext():
+                self._build()
         except BaseException as error:  # kept for the key's next call, which raises it
             self._error = error
             logger.warning("compiling %s in the background failed: %s: %s", self.key, type(error).__name__, error)
@@ -150,13 +185,122 @@ class BackgroundBuild:
         return self._finished.wait(timeout)
 
 
-def _lower_priority():
+def _lower_priority() -> bool:
     """The calling thread to `BUILD_NICENESS` (Linux sets niceness per thread; the threads it starts inherit
-    it). Elsewhere the build runs at normal priority: said at debug level, it is a scheduling hint only."""
+    it). Returns whether this process may raise a thread's priority back (tried on this thread, whose own
+    priority is the one it started with: `CompileWorkers` lowers other threads only then). Elsewhere the build
+    runs at normal priority: said at debug level, it is a scheduling hint only."""
     if not sys.platform.startswith("linux"):  # elsewhere a thread id is not a process id setpriority takes
         logger.debug("background build at normal priority (%s)", sys.platform)
-        return
+        return False
+    tid = threading.get_native_id()
     try:
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), BUILD_NICENESS)
+        previous = os.getpriority(os.PRIO_PROCESS, tid)
+        os.setpriority(os.PRIO_PROCESS, tid, BUILD_NICENESS)
     except (AttributeError, OSError) as error:  # no setpriority (Windows), or refused
         logger.debug("background build at normal priority: %s", error)
+        return False
+    if previous >= BUILD_NICENESS:
+        return True  # nothing to raise back: a lowered worker's priority is this one
+    try:
+        os.setpriority(os.PRIO_PROCESS, tid, previous)  # the restore `CompileWorkers` would need
+    except OSError:
+        return False
+    os.setpriority(os.PRIO_PROCESS, tid, BUILD_NICENESS)
+    return True
+
+
+# --------------------------------------------------------------------------------------- compile workers
+
+#: how often `CompileWorkers` looks for busy threads (seconds): a worker runs at most this long unlowered
+WATCH_INTERVAL = 0.05
+_CLOCK_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+def thread_times() -> dict:
+    """This process's threads, ``{native id: (name, CPU ticks, start time)}`` from ``/proc/self/task`` (Linux;
+    {} elsewhere). Only this process is read."""
+    try:
+        tids = os.listdir("/proc/self/task")
+    except OSError:
+        return {}
+    out = {}
+    for tid in tids:
+        try:
+            with open(f"/proc/self/task/{tid}/stat", "rb") as f:
+                stat = f.read(4096).decode("ascii", "replace")
+        except OSError:  # the thread ended meanwhile
+            continue
+        name = stat[stat.find("(") + 1 : stat.rfind(")")]
+        fields = stat[stat.rfind(")") + 2 :].split()  # field 3 (state) on: the name may hold spaces
+        try:
+            out[int(tid)] = (name, int(fields[11]) + int(fields[12]), int(fields[19]))  # utime + stime, starttime
+        except (IndexError, ValueError):
+            continue
+    return out
+
+
+def busy_threads(before, after) -> set:
+    """Native ids of the threads that used CPU between two `thread_times` snapshots (new threads included)."""
+    return {tid for tid, (_, ticks, start) in after.items()
+            if ticks > (before[tid][1] if tid in before and before[tid][2] == start else 0)}
+
+
+class CompileWorkers:
+    """While entered: every TensorFlow-named thread (``tf_*``: XLA compiles LLVM code on such a pool) of this
+    process that uses CPU and is not in ``exclude`` is lowered to `BUILD_NICENESS`; on exit each is restored
+    to the niceness it had (if it still runs). A daemon thread looks every `WATCH_INTERVAL` seconds. ``lowered``
+    keeps ``{native id: niceness before}`` of the threads it lowered.
+
+    Python's threads and the pools that served the foreground (``exclude``) are never touched, nor any other
+    process; a thread that refuses (it ended, or the system refused) is left as it is."""
+
+    def __init__(self, exclude):
+        self.exclude = set(exclude)
+        self.lowered = {}
+        self._starts = {}  # native id -> start time (a reused id is not the thread that was lowered)
+        self._stop = threading.Event()
+        self._watcher = None
+
+    def __enter__(self):
+        self._last = thread_times()
+        self._watcher = threading.Thread(target=self._watch, name="compile workers", daemon=True)
+        self._watcher.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._watcher.join()
+        self._restore()
+        return False
+
+    def _watch(self):
+        self.exclude.add(threading.get_native_id())
+        while not self._stop.wait(WATCH_INTERVAL):
+            self._lower_busy()
+        self._lower_busy()
+
+    def _lower_busy(self):
+        now = thread_times()
+        for tid in busy_threads(self._last, now):
+            name, _, start = now[tid]
+            if tid in self.exclude or tid in self.lowered or not name.startswith("tf_"):
+                continue
+            try:
+                previous = os.getpriority(os.PRIO_PROCESS, tid)
+                if previous < BUILD_NICENESS:
+                    os.setpriority(os.PRIO_PROCESS, tid, BUILD_NICENESS)
+                    self.lowered[tid], self._starts[tid] = previous, start
+            except OSError:  # ended meanwhile, or refused: left as it is
+                continue
+        self._last = now
+
+    def _restore(self):
+        now = thread_times()
+        for tid, previous in self.lowered.items():
+            if tid not in now or now[tid][2] != self._starts[tid]:
+                continue  # ended: nothing to restore
+            try:
+                os.setpriority(os.PRIO_PROCESS, tid, previous)
+            except OSError as error:
+                logger.warning("could not restore the priority of compile worker %d (%s): %s", tid, now[tid][0], error)

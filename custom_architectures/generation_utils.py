@@ -179,7 +179,9 @@ class PrefixDecoder:
         batch, k = prefix.shape[0], prefix.shape[1]
         n = batch * w
         cache = gpt2.init_cache(batch, k + max_length - 1)
-        logits, cache = gpt2.call_with_cache(prefix, cache, 0, block_fn=block_fn)  # (B, V): prefill, last head
+        logits, cache = tf.cond(  # (B, V): prefill, last head; skipped when every row is padding (a build)
+            tf.reduce_any(valid), lambda: gpt2.call_with_cache(prefix, cache, 0, block_fn=block_fn),
+            lambda: (tf.zeros((batch, gpt2.vocab_size), tf.float32), cache))
         if w > 1:  # every row of an image starts from the same prefix cache
             cache = gpt2.reorder_cache(cache, tf.repeat(tf.range(batch), w))
         state = sampler.initial_state(tf.repeat(valid, w) if w > 1 else valid)

@@ -44,6 +44,13 @@ from models.precision import DEFAULT_PRECISION, precision_identity, resolve_prec
 from utils.devices import device_scope  # noqa: E402
 
 
+def _project(backbone, embeddings, run):
+    """The compiled mapper (`ClipCap._project`): float32 prefixes (B, K, C) of ``embeddings``, or zeros when
+    ``run`` is False (a background build compiles the program without computing: ``tf.cond``)."""
+    shape = (tf.shape(embeddings)[0], backbone.prefix_length, backbone.gpt2.n_embd)
+    return tf.cond(run, lambda: tf.cast(backbone.prefix(embeddings), tf.float32), lambda: tf.zeros(shape, tf.float32))
+
+
 class ClipCap:
     """A ClipCap captioner: ``clip`` (optional) -> ``backbone`` (mapper + GPT-2), with its GPT-2 ``tokenizer``.
 
@@ -117,7 +124,7 @@ class ClipCap:
         self._xla = self.uses_xla  # the compiled form ("auto": after a shape's first call)
         self.decoder = PrefixDecoder(backbone.gpt2, xla=self._xla)
         self.guided_decoder = GuidedDecoder(backbone.gpt2)  # MAGIC (method="magic")
-        self._project = tf.function(lambda e: backbone.prefix(e), jit_compile=self._xla)
+        self._project = tf.function(lambda e, run: _project(backbone, e, run), jit_compile=self._xla)
         self._logits = tf.function(lambda e, ids: backbone(e, ids), jit_compile=self._xla)
 
     def to(self, device):
@@ -397,11 +404,13 @@ class ClipCap:
             return np.zeros((0, self.prefix_length, self.gpt2.n_embd), np.float32)
         bucket = power_of_two_at_least(n)
         with device_scope(self.device):
+            # lower_workers=False: this call (a few eager ops) does not show which TensorFlow threads serve the
+            # calls, and the decoding call its build overlaps runs on the inter-op pool
             with self._policy.tier(("prefix", bucket), self._prefix_build(bucket, embeddings.shape[1]),
-                                   force=compile_now) as compiled:
+                                   force=compile_now, lower_workers=False) as compiled:
                 if compiled:  # few compiled shapes:
                     embeddings = pad_batch(embeddings, bucket, fill=1.0)  # padded with ones (L2-normalisable)
-                    prefix = np.asarray(self._project(tf.constant(embeddings)), np.float32)[:n]
+                    prefix = np.asarray(self._project(tf.constant(embeddings), tf.constant(True)))[:n]
                 else:  # "auto" until the shape's program is built in the background: eager, nothing compiled
                     prefix = np.asarray(self.backbone.prefix(tf.constant(embeddings)), np.float32)
         bad = ~np.all(np.isfinite(prefix), axis=(1, 2))
@@ -411,12 +420,13 @@ class ClipCap:
         return prefix
 
     def _prefix_build(self, bucket, width):
-        """The background build of the mapper for ``bucket`` rows (`CompilePolicy.tier`): one call on ones."""
+        """The background build of the mapper for ``bucket`` rows (`CompilePolicy.tier`): compiled by one call
+        that computes nothing (``run`` False: the build's computation would share the cores with the calls)."""
         device = self.device
 
         def build():
             with device_scope(device):
-                self._project(tf.ones((bucket, width)))
+                self._project(tf.ones((bucket, width)), tf.constant(False))
 
         return build
 
