@@ -133,7 +133,7 @@ class CompilePolicy:
 
 
 class BackgroundBuild:
-    """``build()`` run once in a daemon thread at the lowest CPU priority (`BUILD_NICENESS`), with the compile
+    """``build()`` run once in a thread at the lowest CPU priority (`BUILD_NICENESS`), with the compile
     workers it keeps busy lowered as long as it runs (`CompileWorkers`; ``foreground``: the native ids of the
     threads that served the key's last uncompiled call, never lowered; None lowers no other thread); `done` once
     it has returned or raised, `failed` / `raise_failure` for the error it raised. ``say``: where a note that
@@ -146,7 +146,9 @@ class BackgroundBuild:
         self._say = say
         self._error = None
         self._finished = threading.Event()
-        self._thread = threading.Thread(target=self._run, name=f"compile {key}", daemon=True)
+        # not a daemon: a process that ends while a build runs waits for it (the rest of its compilation, at the
+        # lowest priority) rather than abort, as a daemon thread inside XLA's C++ code does at interpreter exit
+        self._thread = threading.Thread(target=self._run, name=f"compile {key}", daemon=False)
         self._thread.start()
 
     def _run(self):

@@ -101,9 +101,9 @@ def test_bf16_vit_clip_pads_batches_to_few_shapes(vit_pair):
     assert not clip.jit_compile  # graph mode: oneDNN's bf16 matmuls
     shapes, compiled = [], clip._encode_pixels
 
-    def recording(x):
+    def recording(x, run):
         shapes.append(tuple(x.shape))
-        return compiled(x)
+        return compiled(x, run)
 
     clip._encode_pixels = recording
     four = np.concatenate([pixels, pixels[:1]])

@@ -476,13 +476,18 @@ def predict(model, images, batch_size=16, method="greedy", save=True, overwrite=
     clip_bucket = bucket if getattr(clip, "jit_compile", False) else None
     decode_bucket = bucket if getattr(model, "jit_compile", False) else None
 
+    encoded = [0]  # batches encoded so far (the encode stage is one thread)
+
     def encode(batch):
-        compiles = clip.will_compile(len(batch), long_run)
+        encoded[0] += 1
+        # as `generate`'s: a short run's last batch builds nothing in the background
+        compile_now = long_run if long_run or encoded[0] * batch_size < len(todo) else False
+        compiles = clip.will_compile(len(batch), compile_now)
         padded = _pad(batch, clip_bucket) if compiles else batch
         if stage_lines:
             stage_lines(f"encoding {len(batch)} image(s) with CLIP ...")
         with compiling.first_call("the CLIP encoder", len(padded)) if compiles else contextlib.nullcontext():
-            return list(embedder.encode_batch(padded, compile_now=long_run))[:len(batch)]  # B x (D,)
+            return list(embedder.encode_batch(padded, compile_now=compile_now))[:len(batch)]  # B x (D,)
 
     decoded = [0]  # batches decoded so far (the generate stage is one thread)
 

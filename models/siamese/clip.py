@@ -24,6 +24,7 @@ from utils.tf_startup import import_tensorflow_for_library
 import_tensorflow_for_library()  # no C++ start-up lines unless the user set TF_CPP_MIN_LOG_LEVEL
 
 import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
 
 from custom_architectures.batching import pad_batch, power_of_two_at_least  # noqa: E402
 from custom_architectures.clip_arch import CLIPModel, ModifiedResNet  # noqa: E402
@@ -85,22 +86,34 @@ class CLIP:
             self._compile_text()
 
     def _compile_visual(self):
-        import tensorflow as tf
-
         visual = self.model.visual
         # graph mode (no XLA) is not padded: one trace with a free batch dimension serves every batch size,
         # unless the graph holds XLA-compiled parts (a bfloat16 ViT's blocks), which compile once per shape
-        self._encode_pixels = tf.function(lambda x: visual(x, training=False), jit_compile=self.jit_compile,
-                                          reduce_retracing=not self.jit_compile)
+        self._encode_pixels = tf.function(lambda x, run: _encode_or_zeros(visual, x, run, self.embed_dim),
+                                          jit_compile=self.jit_compile, reduce_retracing=not self.jit_compile)
         self._pad_pixels = self.jit_compile or compiles_per_shape(visual)
 
     def _compile_text(self):
-        import tensorflow as tf
-
         text, text_jit = self.model.text, self._text_jit
         self._pad_tokens = text_jit or compiles_per_shape(text)  # as `_pad_pixels`
-        self._encode_tokens = tf.function(lambda t: text(t, training=False), jit_compile=text_jit,
-                                          reduce_retracing=not text_jit)
+        self._encode_tokens = tf.function(lambda t, run: _encode_or_zeros(text, t, run, self.embed_dim),
+                                          jit_compile=text_jit, reduce_retracing=not text_jit)
+
+    def _build(self, call):
+        """A background build (`CompilePolicy.tier`): ``call`` (one call of a compiled encoder with ``run`` False,
+        which compiles its program and computes nothing) on this model's device as it is now."""
+        device = self.device
+
+        def build():
+            with device_scope(device):
+                call()
+
+        return build
+
+    def wait_for_builds(self, timeout=None):
+        """Wait for the encoders' programs being compiled in the background (`CompilePolicy.wait`); True when
+        all are done (tests, benchmarks)."""
+        return self._policy.wait(timeout)
 
     @property
     def has_text(self) -> bool:
@@ -282,15 +295,20 @@ class CLIP:
         if count == 0:
             return np.zeros((0, self.embed_dim), np.float32)
         bucket = power_of_two_at_least(count)
-        with device_scope(self.device):
-            if not self._policy.compiles(("image", bucket), force=compile_now):
-                return np.asarray(self.model.visual(pixels, training=False), np.float32)  # eager: no compile
-            if self._pad_pixels:  # XLA compiles once per shape: pad to a power of two (few shapes, < 2x work)
-                pixels = pad_batch(pixels, bucket)
-            return np.asarray(self._encode_pixels(pixels), np.float32)[:count]
+        size = bucket if self._pad_pixels else count  # XLA compiles once per shape: a power of two (< 2x work)
+        build = self._build(lambda: self._encode_pixels(tf.zeros((size, n, n, 3)), tf.constant(False)))
+        with device_scope(self.device), self._policy.tier(("image", bucket), build, force=compile_now) as compiled:
+            if not compiled:  # a bucket's first calls (until its program is built in the background): eager
+                return np.asarray(self.model.visual(pixels, training=False), np.float32)
+            pixels = pad_batch(pixels, size)
+            return np.asarray(self._encode_pixels(tf.constant(pixels), tf.constant(True)), np.float32)[:count]
 
     def will_compile(self, count, compile_now=None):
-        """Whether `encode_pixels` on ``count`` images would run a compiled form (for status lines)."""
+        """Whether `encode_pixels` on ``count`` images would compile in the foreground (for status lines said
+        before it): under "auto" only when ``compile_now`` is True, since a recurring bucket is compiled in the
+        background while its calls run eagerly."""
+        if self._policy.jit_compile == "auto" and compile_now is None:
+            return False
         return self._policy.would_compile(("image", power_of_two_at_least(count)), force=compile_now)
 
     def encode_image(self, images, batch_size=32, exif_transpose=True):
@@ -318,12 +336,15 @@ class CLIP:
             return np.zeros((0, self.embed_dim), np.float32)
         token_ids = _trim_context(token_ids)
         bucket = power_of_two_at_least(count)
-        with device_scope(self.device):
-            if not self._policy.compiles(("text", bucket, token_ids.shape[1]), force=compile_now):
-                return np.asarray(self.model.text(token_ids, training=False), np.float32)  # eager: no compile
-            if self._pad_tokens:  # as encode_pixels: few compiled shapes
-                token_ids = pad_batch(token_ids, bucket)
-            return np.asarray(self._encode_tokens(token_ids), np.float32)[:count]
+        size = bucket if self._pad_tokens else count  # as encode_pixels: few compiled shapes
+        build = self._build(lambda: self._encode_tokens(tf.zeros((size, token_ids.shape[1]), tf.int32),
+                                                        tf.constant(False)))
+        key = ("text", bucket, token_ids.shape[1])
+        with device_scope(self.device), self._policy.tier(key, build, force=compile_now) as compiled:
+            if not compiled:  # as encode_pixels: eager until the bucket's program is built
+                return np.asarray(self.model.text(token_ids, training=False), np.float32)
+            token_ids = pad_batch(token_ids, size)
+            return np.asarray(self._encode_tokens(tf.constant(token_ids), tf.constant(True)), np.float32)[:count]
 
     def encode_token_ids(self, token_ids, multiple=8):
         """(N, context_length) token ids (`tokenize`) -> raw text features (N, embed_dim), the padding columns
@@ -341,13 +362,20 @@ class CLIP:
         if self._pad_tokens:  # as encode_pixels: few compiled shapes
             token_ids = pad_batch(token_ids, power_of_two_at_least(count))
         with device_scope(self.device):
-            return np.asarray(self._encode_tokens(token_ids), np.float32)[:count]
+            return np.asarray(self._encode_tokens(tf.constant(token_ids), tf.constant(True)), np.float32)[:count]
 
     def similarity(self, images, texts, batch_size=32):
         """CLIP logits (N_img, N_txt): exp(logit_scale) * cosine similarity (OpenAI's logits_per_image)."""
         image_features = self.encode_image(images, batch_size=batch_size)
         text_features = self.encode_text(texts)
         return np.asarray(self.model.logits(image_features, text_features))
+
+
+def _encode_or_zeros(tower, inputs, run, width):
+    """A compiled encoder's body: the tower's float32 features (B, width) of ``inputs``, or zeros when ``run`` is
+    False (a background build compiles the program without computing, as the mapper's: ``tf.cond``)."""
+    return tf.cond(run, lambda: tf.cast(tower(inputs, training=False), tf.float32),
+                   lambda: tf.zeros((tf.shape(inputs)[0], width), tf.float32))
 
 
 def _cast_text(loaded, precision):
