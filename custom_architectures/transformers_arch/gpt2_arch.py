@@ -23,6 +23,8 @@ Example::
     logits, cache = gpt2.call_with_cache(gpt2.embed_tokens(next_ids), cache, 10)
 """
 
+import logging
+
 import keras
 import tensorflow as tf
 from keras import ops
@@ -94,6 +96,10 @@ class GPT2(keras.Model):
         self.ln_f = keras.layers.LayerNormalization(epsilon=layer_norm_epsilon, name="ln_f")
         for layer in self.float_projections():
             layer.stored_layout = check_kernel_layout(weights_layout)
+        if weights_layout == IN_OUT and self.float_projections():
+            logging.getLogger(__name__).info(
+                "%s: a GPT-2 saved before its projections were stored (out, in): its kernels are transposed as "
+                "they are read (save the model again to store them so: it then loads mapped, faster)", self.name)
 
         self.wte.build((None, None))
         self.wpe.build((None, None))
