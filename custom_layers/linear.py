@@ -23,7 +23,6 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-
 #: a kernel stored (units, in): what `Linear` holds and what it saves
 OUT_IN = "out_in"
 #: a kernel stored (in, units): ``keras.layers.Dense``'s layout, that of GPT-2 files saved before `Linear`
