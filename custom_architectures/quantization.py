@@ -38,7 +38,7 @@ def quantize_gpt2(gpt2):
         target.ln_2.set_weights(source.ln_2.get_weights())
         for name in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"):
             group, layer = name.split(".")
-            getattr(getattr(target, group), layer).set_from_dense(getattr(getattr(source, group), layer))
+            getattr(getattr(target, group), layer).set_from_linear(getattr(getattr(source, group), layer))
     return quantized
 
 

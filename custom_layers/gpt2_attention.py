@@ -1,8 +1,8 @@
 """GPT-2's causal self-attention, with a preallocated key/value cache for compiled decoding.
 
 Layer names mirror the PyTorch module (``c_attn``: fused q/k/v projection, ``c_proj``: output projection),
-so a converter maps ``h.{i}.attn.c_attn.weight`` (stored ``(in, out)`` by HF's Conv1D) straight onto the
-Dense kernel.
+so a converter maps ``h.{i}.attn.c_attn.weight`` (stored ``(in, out)`` by HF's Conv1D) onto the kernel of a
+`custom_layers.linear.Linear` (``(out, in)``: transposed once, at conversion).
 
 The KV-cached inference step of a block, attention included, is
 `custom_layers.gpt2_block.cached_block_step` (one function of the weights for every block).

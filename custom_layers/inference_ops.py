@@ -1,9 +1,10 @@
-"""Inference-only forms of Keras' ``Dense`` and ``LayerNormalization``, on weight tensors passed in.
+"""Inference-only forms of GPT-2's projection (`custom_layers.linear.Linear`) and Keras' ``LayerNormalization``,
+on weight tensors passed in.
 
 The KV-cached decoding step (`GPT2.call_with_cache`) runs ~60 small ops per block for each token. Through
 Keras' ``Layer.__call__`` each layer call cost ~1-2 ms of Python in eager mode and extra graph ops
-(``tensordot`` reshapes) when traced. These functions compute the same values (the matmul on the
-flattened input Keras runs, and Keras' own layer-norm formula) with direct TensorFlow ops and take the
+(``tensordot`` reshapes) when traced. These functions compute the same values (`Linear`'s matmul on the
+flattened input, and Keras' own layer-norm formula) with direct TensorFlow ops and take the
 weights as tensors, so that one traced function of a block serves every block of the model
 (`custom_layers.gpt2_block.cached_block_step`). No dropout, regularisers or masking: inference only;
 training and the full forward pass still call the layers.
@@ -15,23 +16,15 @@ Example::
 
 import tensorflow as tf
 
+from custom_layers.linear import linear
 from custom_layers.quantized import Int8Kernel, int8_matmul
 
 
 def dense(x, kernel, bias=None):
-    """x (..., Cin) @ kernel (Cin, Cout) + bias (Cout,) -> (..., Cout): ``keras.layers.Dense`` without
-    activation, as its call computes it (one matmul on the input flattened to 2-D). ``kernel`` may be an
-    `Int8Kernel` (q (Cout, Cin) int8, scale (Cout,)): `custom_layers.quantized`, ``precision="int8"``."""
-    if isinstance(kernel, Int8Kernel):
-        y = int8_matmul(x, kernel.q, kernel.scale)
-        return y if bias is None else tf.nn.bias_add(y, bias)
-    if x.shape.rank == 2:
-        y = tf.matmul(x, kernel)
-    else:
-        lead = x.shape[:-1]
-        lead = lead.as_list() if lead.is_fully_defined() else tf.shape(x)[:-1]
-        y = tf.matmul(tf.reshape(x, (-1, kernel.shape[0])), kernel)
-        y = tf.reshape(y, tf.concat([lead, [kernel.shape[1]]], 0) if tf.is_tensor(lead) else [*lead, kernel.shape[1]])
+    """x (..., Cin) @ kernel^T + bias (Cout,) -> (..., Cout), kernel (Cout, Cin) as `custom_layers.linear.Linear`
+    stores it: its call's computation (one ``transpose_b`` matmul on the input flattened to 2-D). ``kernel``
+    may be an `Int8Kernel` (q (Cout, Cin) int8, scale (Cout,)): `custom_layers.quantized`, ``precision="int8"``."""
+    y = int8_matmul(x, kernel.q, kernel.scale) if isinstance(kernel, Int8Kernel) else linear(x, kernel)
     return y if bias is None else tf.nn.bias_add(y, bias)
 
 

@@ -19,19 +19,21 @@ CPU-specific (AVX2-only machines run the same XLA code).
 
 - `quantize_rows`: float (N, K) -> (q, scale).
 - `Int8Kernel`: the (q, scale) pair `custom_layers.inference_ops.dense` accepts in place of a kernel.
-- `Int8Dense`: ``keras.layers.Dense`` (no activation) with an int8 kernel; inference only.
+- `Int8Dense`: `custom_layers.linear.Linear` with an int8 kernel (the same (units, in) layout); inference only.
 - `Int8Embedding`: a token embedding of int8 rows, also the LM head (``logits = h @ wte^T``).
 
 Example::
 
-    q, scale = quantize_rows(tf.transpose(dense.kernel))                   # (N, K) int8, (N,)
-    y = int8_matmul(x, q, scale)                                         # ~= x @ dense.kernel
+    q, scale = quantize_rows(linear.kernel)                              # (N, K) int8, (N,)
+    y = int8_matmul(x, q, scale)                                         # ~= x @ linear.kernel^T
 """
 
 from typing import NamedTuple
 
 import keras
 import tensorflow as tf
+
+from custom_layers.linear import Linear
 
 #: the weight quantizations a GPT-2 can be built with (None: float weights)
 QUANTIZATIONS = (None, "int8")
@@ -118,12 +120,12 @@ def _in_loop(q, x):
 
 
 def projection(units, initializer_range, quantization, name):
-    """A GPT-2 block's projection: ``keras.layers.Dense`` (float weights, GPT-2's initialiser) or `Int8Dense`
-    (``quantization="int8"``)."""
+    """A GPT-2 block's projection, kernel (units, in): `Linear` (float weights, GPT-2's initialiser) or
+    `Int8Dense` (``quantization="int8"``)."""
     if check_quantization(quantization) == "int8":
         return Int8Dense(units, name=name)
     init = keras.initializers.RandomNormal(stddev=initializer_range)
-    return keras.layers.Dense(units, kernel_initializer=init, name=name)
+    return Linear(units, kernel_initializer=init, name=name)
 
 
 def _refuse_training(layer, training):
@@ -134,10 +136,11 @@ def _refuse_training(layer, training):
 
 @keras.saving.register_keras_serializable(package="image_captioning")
 class Int8Dense(keras.layers.Layer):
-    """``keras.layers.Dense(units)`` (no activation) whose kernel is int8 per output channel; inference only.
+    """`custom_layers.linear.Linear` (``keras.layers.Dense`` without activation, kernel (units, in)) whose kernel
+    is int8 per output channel; inference only.
 
     Variables: ``kernel_q`` (units, in) int8, ``kernel_scale`` (units,) and ``bias`` (units,), none
-    trainable. `set_from_dense` fills them from a float Dense; ``call(training=True)`` raises."""
+    trainable. `set_from_linear` fills them from a float `Linear`; ``call(training=True)`` raises."""
 
     def __init__(self, units, **kwargs):
         super().__init__(**kwargs)
@@ -153,12 +156,12 @@ class Int8Dense(keras.layers.Layer):
                                     trainable=False)
         self.built = True
 
-    def set_from_dense(self, dense):
-        """Quantize a float ``keras.layers.Dense`` (kernel (in, units), with bias) into this layer."""
-        q, scale = quantize_rows(tf.transpose(dense.kernel))
+    def set_from_linear(self, linear):
+        """Quantize a float `Linear` (kernel (units, in), with bias) into this layer."""
+        q, scale = quantize_rows(linear.kernel)
         self.kernel_q.assign(q)
         self.kernel_scale.assign(scale)
-        self.bias.assign(tf.cast(dense.bias, tf.float32))
+        self.bias.assign(tf.cast(linear.bias, tf.float32))
 
     def inference_kernel(self):
         """The kernel as `Int8Kernel` (what `custom_layers.inference_ops.dense` takes)."""

@@ -1,8 +1,11 @@
 """One Keras model, one saved format: `ClipCapBackbone` serialization, format-2 folders (ClipCap and CLIP),
-and format-1 folders (written as the library wrote them before) loading with identical captions."""
+and format-1 folders and format-2 folders of before GPT-2's `Linear` projections (written as the library wrote
+them before) loading with identical captions."""
 
 import hashlib
 import json
+import re
+import shutil
 from pathlib import Path
 
 import h5py
@@ -27,6 +30,23 @@ DEMO = [str(ROOT / "demo" / name) for name in ("cat.jpg", "rocket.jpg", "coffee.
 # the mapper arguments of a format-1 config.json (flat at its top level), as the library wrote them
 FORMAT1_MAPPER_KEYS = ("prefix_size", "prefix_length", "n_embd", "clip_length", "num_layers", "num_heads",
                        "mlp_ratio")
+# a GPT-2 block projection's kernel in a Keras weights file (of a backbone: under gpt2/; of a GPT2 alone: h/...)
+PROJECTION_KERNEL = re.compile(r"(^|/)h/[^/]+/(attn/c_attn|attn/c_proj|mlp/c_fc|mlp/c_proj)/vars/0$")
+
+
+def store_dense_layout(weights_path):
+    """Rewrite a Keras weights file as the library wrote it when GPT-2's projections were ``keras.layers.Dense``:
+    every projection kernel (in, out), the transpose of `custom_layers.linear.Linear`'s (out, in). Returns the
+    names of the datasets rewritten."""
+    with h5py.File(weights_path, "r+") as f:
+        names = []
+        f.visititems(lambda name, obj: names.append(name)
+                     if isinstance(obj, h5py.Dataset) and PROJECTION_KERNEL.search(name) else None)
+        for name in names:
+            value = np.ascontiguousarray(f[name][()].T)
+            del f[name]
+            f.create_dataset(name, data=value)
+    return names
 
 
 def tiny_backbone(kind, normalize_prefix=False, seed=0):
@@ -174,6 +194,7 @@ def _write_format1(model, directory):
               "clip": "clip" if model.clip is not None else None, "tokenizer": "tokenizer"}
     model.mapper.save_weights(str(directory / "mapper.weights.h5"))
     model.gpt2.save_weights(str(directory / "gpt2.weights.h5"))
+    assert len(store_dense_layout(directory / "gpt2.weights.h5")) == 4 * model.gpt2.n_layer  # format 1's GPT-2 was Dense
     model.tokenizer.save_pretrained(str(directory / "tokenizer"))
     if model.clip is not None:
         _write_format1_clip(model.clip, directory / "clip")
@@ -204,6 +225,52 @@ def test_format1_folders_still_load_with_identical_captions(kind, tmp_path_facto
     again = ClipCap.load(loaded.save(tmp_path / "new"))
     assert json.loads((tmp_path / "new" / "config.json").read_text())["format_version"] == 2
     assert again.caption(DEMO) == model.caption(DEMO)
+
+
+def _write_before_linear(folder, directory):
+    """A copy of the saved format-2 ``folder`` as the library wrote it before GPT-2's projections were `Linear`:
+    the GPT-2 config without ``weights_layout``, the projection kernels (in, out) in model.weights.h5 (its
+    variable index as it was: it names the datasets, which now have other shapes than the model's)."""
+    shutil.copytree(folder, directory)
+    config = json.loads((directory / "config.json").read_text())
+    gpt2_config = config["model"]["config"]["gpt2"]["config"]
+    assert gpt2_config.pop("weights_layout") == "out_in"
+    (directory / "config.json").write_text(json.dumps(config, indent=2))
+    return store_dense_layout(directory / "model.weights.h5")
+
+
+@pytest.mark.parametrize("kind", ["mlp", "transformer"])
+def test_a_folder_saved_before_linear_projections_loads_the_same_weights(kind, tmp_path_factory, tmp_path):
+    """A format-2 folder whose GPT-2 kernels are stored (in, out) (its config has no ``weights_layout``) loads
+    transposed: the same weights (``attn.c_proj``, square, included: no shape could tell), captions and identity;
+    saved again, it is written (out, in) with ``weights_layout`` and loads through the mapped path."""
+    from models.image_captioning.identity import compute_identity
+
+    folder = shared_tiny_model(tmp_path_factory, kind)
+    model = ClipCap.load(folder)
+    assert len(_write_before_linear(folder, tmp_path / "old")) == 4 * model.gpt2.n_layer
+    loaded = ClipCap.load(tmp_path / "old")
+    assert [w.path for w in loaded.backbone.weights] == [w.path for w in model.backbone.weights]
+    for a, b in zip(model.backbone.weights, loaded.backbone.weights, strict=True):
+        np.testing.assert_array_equal(a.numpy(), b.numpy(), err_msg=a.path)
+    assert loaded.identity == model.identity  # recorded in metadata.json
+    assert compute_identity(loaded) == compute_identity(model)  # and from the weights: layout-independent
+    embeddings = model.encode_images(DEMO)
+    assert loaded.generate(embeddings, method="beam", beam_size=3, max_length=12) == model.generate(
+        embeddings, method="beam", beam_size=3, max_length=12)
+    again = tmp_path / "again"
+    loaded.save(again)
+    assert json.loads((again / "config.json").read_text())["model"]["config"]["gpt2"]["config"]["weights_layout"] == "out_in"
+    with h5py.File(again / "model.weights.h5", "r") as f:
+        assert f["gpt2/h/gpt2_block/attn/c_attn/vars/0"].shape == (3 * model.gpt2.n_embd, model.gpt2.n_embd)
+    reloaded = ClipCap.load(again)
+    for a, b in zip(model.backbone.weights, reloaded.backbone.weights, strict=True):
+        np.testing.assert_array_equal(a.numpy(), b.numpy(), err_msg=a.path)
+
+
+def test_a_kernel_layout_is_one_of_two():
+    with pytest.raises(ValueError, match="kernel layout 'io'"):
+        GPT2(vocab_size=30, n_positions=16, n_embd=16, n_layer=1, n_head=2, weights_layout="io")
 
 
 def test_jit_compile_takes_the_same_values_in_both(tiny_models, tmp_path_factory):

@@ -23,6 +23,8 @@ Example::
     logits, cache = gpt2.call_with_cache(gpt2.embed_tokens(next_ids), cache, 10)
 """
 
+import logging
+
 import keras
 import tensorflow as tf
 from keras import ops
@@ -30,6 +32,7 @@ from keras import ops
 from custom_layers.attention import causal_bias
 from custom_layers.gpt2_block import GPT2Block, cached_block_step
 from custom_layers.inference_ops import layer_norm
+from custom_layers.linear import IN_OUT, OUT_IN, Linear, check_kernel_layout
 from custom_layers.quantized import Int8Embedding, check_quantization
 
 
@@ -47,13 +50,19 @@ class GPT2(keras.Model):
         quantization: None (float weights) or "int8": the blocks' projections and the tied ``wte`` / LM head
             int8 per output channel (`custom_layers.quantized`; built by
             `custom_architectures.quantization.quantize_gpt2`), for inference only.
+        weights_layout: the layout of the blocks' float projection kernels in the weights file this model
+            will read: ``"out_in"`` (`custom_layers.linear.OUT_IN`, the default: the layout they have in memory
+            and in every file saved since it exists, whose GPT-2 config records it) or ``"in_out"`` (files
+            saved before, when the projections were ``keras.layers.Dense``: transposed as Keras reads them).
+            `from_config` takes a config without the entry for such a file's; `get_config` always writes
+            ``"out_in"`` (a save writes the memory's layout). See `custom_layers.linear`.
 
     Weights are created in the constructor, so a converter can assign them right away.
     """
 
     def __init__(self, vocab_size=50257, n_positions=1024, n_embd=768, n_layer=12, n_head=12,
                  layer_norm_epsilon=1e-5, embd_pdrop=0.1, attn_pdrop=0.1, resid_pdrop=0.1,
-                 initializer_range=0.02, quantization=None, **kwargs):
+                 initializer_range=0.02, quantization=None, weights_layout=OUT_IN, **kwargs):
         kwargs.setdefault("name", "gpt2")
         super().__init__(**kwargs)
         if n_embd % n_head:
@@ -85,6 +94,12 @@ class GPT2(keras.Model):
             for i in range(n_layer)
         ]
         self.ln_f = keras.layers.LayerNormalization(epsilon=layer_norm_epsilon, name="ln_f")
+        for layer in self.float_projections():
+            layer.stored_layout = check_kernel_layout(weights_layout)
+        if weights_layout == IN_OUT and self.float_projections():
+            logging.getLogger(__name__).info(
+                "%s: a GPT-2 saved before its projections were stored (out, in): its kernels are transposed as "
+                "they are read (save the model again to store them so: it then loads mapped, faster)", self.name)
 
         self.wte.build((None, None))
         self.wpe.build((None, None))
@@ -92,6 +107,13 @@ class GPT2(keras.Model):
             block.build((None, None, n_embd))
         self.ln_f.build((None, None, n_embd))
         self.built = True
+
+    def float_projections(self):
+        """The blocks' float projections (`custom_layers.linear.Linear`, kernel (out, in)), block by block:
+        ``attn.c_attn``, ``attn.c_proj``, ``mlp.c_fc``, ``mlp.c_proj``; none in an int8 model."""
+        layers = [layer for block in self.h for layer in (block.attn.c_attn, block.attn.c_proj, block.mlp.c_fc,
+                                                           block.mlp.c_proj)]
+        return [layer for layer in layers if isinstance(layer, Linear)]
 
     # ------------------------------------------------------------------ embeddings and head
     def embed_tokens(self, token_ids):
@@ -264,4 +286,11 @@ class GPT2(keras.Model):
         )
         if self.quantization is not None:  # absent for float weights: float configs (and identities) unchanged
             config.update(quantization=self.quantization)
+        config.update(weights_layout=OUT_IN)  # what a save writes, whatever file the model was read from
         return config
+
+    @classmethod
+    def from_config(cls, config):
+        """A config without ``weights_layout`` was saved before GPT-2's projections were `Linear` (kernel
+        (out, in)): its weights file stores them (in, out) (``"in_out"``), transposed as they are read."""
+        return cls(**{"weights_layout": IN_OUT, **config})

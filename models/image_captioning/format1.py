@@ -37,7 +37,8 @@ def load_format1(cls, directory, config, clip=None, jit_compile="auto"):
     mapper = build_or_explain("mapper", config_path, lambda: build_mapper(config["mapping_type"], **mapper_kwargs))
     build_or_explain("mapper weights", directory / MAPPER_WEIGHTS,
                      lambda: mapper.load_weights(str(directory / MAPPER_WEIGHTS)))
-    gpt2 = build_or_explain("GPT-2", config_path, lambda: GPT2(**config["gpt2"]))
+    # a config of before GPT-2's Linear projections: from_config reads their kernels as Dense stored them (in, out)
+    gpt2 = build_or_explain("GPT-2", config_path, lambda: GPT2.from_config(config["gpt2"]))
     build_or_explain("GPT-2 weights", directory / GPT2_WEIGHTS,
                      lambda: gpt2.load_weights(str(directory / GPT2_WEIGHTS)))
     backbone = build_or_explain("model", config_path, lambda: ClipCapBackbone(

@@ -7,7 +7,10 @@ different identities. The name stays in the records, for display.
 What the identity covers (`compute_identity`, from the model in memory):
 
 - the backbone's Keras config (mapper, GPT-2, ``normalize_prefix``; not the layer names, which Keras numbers
-  per process) and every weight (shape, dtype, bytes);
+  per process, nor GPT-2's ``weights_layout``, how a file stores them) and every weight (shape, dtype, bytes),
+  GPT-2's block projections in the (in, out) layout they had before they were `custom_layers.linear.Linear`
+  (kernel (out, in) in memory, `_dense_layout`): the same weights keep the identity they had, whatever their
+  layout in memory;
 - the GPT-2 tokenizer (its whole ``tokenizer.json`` serialization: vocabulary, merges, added tokens,
   decoder);
 - the CLIP image encoder (its Keras config, which holds the input resolution, and every weight), or its
@@ -53,25 +56,49 @@ def _update_json(digest, label, value):
     digest.update(text.encode())
 
 
+#: config entries that do not change a caption: layer names (Keras numbers those of layers built in one
+#: process: ``clip_cap_mlp``, ``clip_cap_mlp_1``...) and GPT-2's ``weights_layout`` (how a file stores the kernels)
+_NOT_HASHED = ("name", "weights_layout")
+
+
 def _without_names(value):
-    """A serialized Keras config without its ``name`` entries: Keras numbers the names of layers built in one
-    process (``clip_cap_mlp``, ``clip_cap_mlp_1``...), and they do not change a caption."""
+    """A serialized Keras config without its `_NOT_HASHED` entries (layer names, weights layout)."""
     if isinstance(value, dict):
-        return {k: _without_names(v) for k, v in value.items() if k != "name"}
+        return {k: _without_names(v) for k, v in value.items() if k not in _NOT_HASHED}
     if isinstance(value, list | tuple):
         return [_without_names(v) for v in value]
     return value
 
 
+def _dense_layout(model):
+    """The ids of ``model``'s variables hashed transposed: the kernels of its GPT-2's float projections
+    (`custom_layers.linear.Linear`, (out, in)), hashed (in, out) as when they were ``keras.layers.Dense``."""
+    gpt2 = getattr(model, "gpt2", None)
+    return {id(layer.kernel) for layer in gpt2.float_projections()} if gpt2 is not None else set()
+
+
+def _update_array(digest, array, rows=256):
+    """``array``'s bytes (C order), fed in blocks of ``rows`` rows: a transposed view is copied a block at a
+    time, never whole."""
+    if array.flags.c_contiguous:
+        digest.update(memoryview(array).cast("B"))
+        return
+    for start in range(0, array.shape[0], rows):
+        digest.update(memoryview(np.ascontiguousarray(array[start:start + rows])).cast("B"))
+
+
 def _update_keras_model(digest, label, model):
-    """Its Keras config (less layer names), then each weight's shape, dtype and bytes, in the model's order."""
+    """Its Keras config (less `_NOT_HASHED`), then each weight's shape, dtype and bytes, in the model's order
+    (`_dense_layout`'s kernels transposed)."""
     import keras
 
     _update_json(digest, f"{label}.config", _without_names(keras.saving.serialize_keras_object(model)))
+    transposed = _dense_layout(model)
     for i, variable in enumerate(model.weights):
-        array = np.ascontiguousarray(keras.ops.convert_to_numpy(variable))
+        array = np.asarray(keras.ops.convert_to_numpy(variable))
+        array = array.T if id(variable) in transposed else np.ascontiguousarray(array)
         digest.update(f"{label}.weight {i} {array.dtype.str} {array.shape}\n".encode())
-        digest.update(memoryview(array).cast("B"))
+        _update_array(digest, array)
 
 
 def _tokenizer_text(tokenizer):

@@ -6,7 +6,9 @@ Accepted layouts (``P`` is the caller's prefix, e.g. ``""`` for HF, ``"gpt."`` f
   with ``P + "lm_head.weight"``;
 - ``P + "wte.weight"`` ... (``GPT2Model`` layout, as in the hub's ``gpt2/model.safetensors``).
 
-HF's Conv1D stores weights ``(in, out)``, the same as a Keras Dense kernel, so they are copied as they are.
+HF's Conv1D stores weights ``(in, out)``; the model's projections (`custom_layers.linear.Linear`) keep them
+``(out, in)``, as torch's ``nn.Linear`` does (faster decoding matmuls): they are transposed once, here
+(`CONV1D`), and back by the official-format export.
 ``lm_head.weight`` is tied to ``wte`` in GPT-2: when present it is checked to be equal to ``wte.weight``
 (an untied head cannot be represented and raises) and then counted as consumed. Checkpoints saved with
 transformers <= 4.x also hold per-block ``attn.bias`` (causal mask) and ``attn.masked_bias`` buffers; they
@@ -33,11 +35,13 @@ from collections.abc import Mapping
 import numpy as np
 
 from utils.convert.common import CheckpointError, load_torch_state_dict
-from utils.convert.porting import IDENTITY, WeightPorter, layer_norm_entries
+from utils.convert.porting import IDENTITY, Transpose, WeightPorter, layer_norm_entries
 from utils.file_utils import read_json
 
 #: n_head of the released GPT-2-family sizes, by (n_embd, n_layer): shapes tell these apart, not their heads
 KNOWN_HEADS = {(768, 12): 12, (1024, 24): 16, (1280, 36): 20, (1600, 48): 25, (768, 6): 12}
+#: HF's Conv1D weight (in, out) <-> a block's `custom_layers.linear.Linear` kernel (out, in)
+CONV1D = Transpose((1, 0))
 _BLOCK_KEY = re.compile(r"h\.(\d+)\.")
 _LEGACY_BUFFERS = r"h\.\d+\.attn\.(masked_)?bias"
 # config.json fields whose non-default values change the computation in ways this model does not implement
@@ -108,12 +112,12 @@ def gpt2_weight_map(gpt2, inner="transformer."):
     """GPT-2's weight table: ``(keras variable, checkpoint key, hook)`` in ``GPT2Model.state_dict()`` order.
 
     ``inner`` is the prefix of ``wte.weight`` (``"transformer."`` for ``GPT2LMHeadModel``, ``""`` for
-    ``GPT2Model``, ``"gpt.transformer."`` in ClipCap files). HF's Conv1D weights are (in, out) like Keras
-    kernels, so every hook is the identity. `gpt2_from_state_dict` ports it; the official-format export
-    (`utils.convert.clipcap_export`) writes it back.
+    ``GPT2Model``, ``"gpt.transformer."`` in ClipCap files). HF's Conv1D weights are (in, out), the blocks'
+    `Linear` kernels (out, in): `CONV1D` transposes; every other hook is the identity. `gpt2_from_state_dict`
+    ports it; the official-format export (`utils.convert.clipcap_export`) writes it back.
     """
-    def conv1d(layer, key):  # HF Conv1D: weight (in, out) = the Keras kernel, bias
-        return [(layer.kernel, f"{key}.weight", IDENTITY), (layer.bias, f"{key}.bias", IDENTITY)]
+    def conv1d(layer, key):  # HF Conv1D: weight (in, out) = the Linear kernel (out, in) transposed, bias
+        return [(layer.kernel, f"{key}.weight", CONV1D), (layer.bias, f"{key}.bias", IDENTITY)]
 
     entries = [(gpt2.wte.embeddings, f"{inner}wte.weight", IDENTITY),
                (gpt2.wpe.embeddings, f"{inner}wpe.weight", IDENTITY)]
