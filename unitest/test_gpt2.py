@@ -162,35 +162,36 @@ def test_xla_step_equals_eager(tiny_pair):
     assert step.experimental_get_tracing_count() == 2
 
 
-def test_reorder_cache_follows_the_batch(tiny_pair):
+def test_prefill_shares_the_prefix_and_reorder_follows_the_parents(tiny_pair):
+    """`GPT2.prefill(rows=W)`: the prefix's keys/values stored once per image, W rows decoding from it; after
+    `reorder_cache` each row's logits equal a full pass over its parent's sequence then its own token, as
+    beam search needs (rows of image 1 reordered too: the rows of each image stay its own)."""
     _, keras_model = tiny_pair
     rng = np.random.default_rng(6)
-    prefix = rng.normal(size=(3, 4, 64)).astype("float32")
-    nxt = keras_model.embed_tokens(rng.integers(0, 97, (3, 1)))
-    order = np.array([2, 2, 0])
-    _, cache = keras_model.call_with_cache(prefix, keras_model.init_cache(3, 8), 0)
-    reordered, _ = keras_model.call_with_cache(tf.gather(nxt, order), keras_model.reorder_cache(cache, order), 4)
-    _, cache2 = keras_model.call_with_cache(prefix[order], keras_model.init_cache(3, 8), 0)
-    direct, _ = keras_model.call_with_cache(tf.gather(nxt, order), cache2, 4)
-    np.testing.assert_allclose(reordered.numpy(), direct.numpy(), atol=1e-6, rtol=0)
+    prefix = rng.normal(size=(2, 4, 64)).astype("float32")
+    first, second = rng.integers(0, 97, (6, 1)), rng.integers(0, 97, (6, 1))
+    parents = np.array([2, 2, 0, 4, 3, 3])
+    _, cache = keras_model.prefill(prefix, 8, rows=3)
+    assert cache.layers[0][0].shape == (2, 4, 4, 16) and cache.layers[0][2].shape == (2, 4, 3, 4, 16)
+    _, cache = keras_model.call_with_cache(keras_model.embed_tokens(first), cache, 4)
+    reordered = keras_model.reorder_cache(cache, parents)
+    logits, _ = keras_model.call_with_cache(keras_model.embed_tokens(second), reordered, 5)
+    full = keras_model(token_ids=np.concatenate([first[parents], second], axis=1),
+                       inputs_embeds=np.repeat(prefix, 3, axis=0)).numpy()[:, -1]  # (6, V)
+    np.testing.assert_allclose(logits.numpy(), full, atol=1e-5, rtol=0)
 
 
-def test_reorder_cache_from_a_slot_keeps_the_slots_before_it(tiny_pair):
-    """Beam search's reorder (`from_slot=K`): the slots after the shared prefix follow the new row order, the
-    prefix slots stay; the result equals a full gather when the rows share their prefix slots."""
+def test_reorder_cache_moves_no_keys(tiny_pair):
+    """Beam search's reorder copies no cache (issue 24: a gather of the loop-carried keys cost a cache-sized
+    copy per step and block): the keys/values are the same tensors after it, only the (B, W, L) sources move;
+    a parent from another image is refused."""
     _, keras_model = tiny_pair
-    rng = np.random.default_rng(7)
-    _, cache = keras_model.call_with_cache(rng.normal(size=(1, 4, 64)).astype("float32"),
-                                           keras_model.init_cache(1, 8), 0)
-    cache = keras_model.reorder_cache(cache, np.zeros(3, np.int32))  # 3 rows, one prefix (as the decoder)
-    _, cache = keras_model.call_with_cache(keras_model.embed_tokens(np.array([[1], [2], [3]])), cache, 4)
-    order = np.array([2, 2, 0])
-    full = tf.nest.flatten(keras_model.reorder_cache(cache, order))
-    tail = tf.nest.flatten(keras_model.reorder_cache(cache, order, from_slot=4))
-    for a, b, before in zip(tail, full, tf.nest.flatten(cache), strict=True):
-        np.testing.assert_array_equal(a.numpy(), b.numpy())
-        np.testing.assert_array_equal(a.numpy()[:, :, :4], before.numpy()[:, :, :4])  # prefix slots kept
-    assert not np.array_equal(tail[0].numpy()[:, :, 4], tf.nest.flatten(cache)[0].numpy()[:, :, 4])
+    _, cache = keras_model.prefill(np.zeros((2, 4, 64), "float32"), 8, rows=3)
+    reordered = keras_model.reorder_cache(cache, [1, 1, 0, 3, 5, 5])
+    for kept, before in zip(tf.nest.flatten(reordered.layers), tf.nest.flatten(cache.layers), strict=True):
+        assert kept is before
+    with pytest.raises(ValueError, match="same prefix"):
+        keras_model.reorder_cache(cache, [3, 1, 0, 3, 5, 5])
 
 
 def test_cache_bounds_are_checked(tiny_pair):
