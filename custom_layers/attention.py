@@ -99,39 +99,34 @@ def dot_product_attention(q, k, v, bias=None, dropout=None, training=False, scal
     return ops.einsum("bhts,bhsd->bthd", ops.cast(probs, dtype), v)  # (B, Tq, H, D)
 
 
-def grouped_cached_attention(q, context_keys, context_values, keys, values, bias):
-    """`dot_product_attention` for a cached decoding step of W rows per group (the beams of one image).
+def segmented_attention(q, segments, bias):
+    """`dot_product_attention` over keys/values held in several tensors (a cached decoding step's).
 
-    The rows of a group share the keys/values of their context (the prefix, stored once per group) and read
-    their own generated positions from the group's slots: every query of a group is scored against the
-    context and against all W * L slots of its group in one batched (B, H) matmul each, and ``bias`` masks
-    the slots a row does not own (another lineage's, a future position). The same math as one softmax over
-    each row's own K + L keys: masked scores add exact zeros to the softmax and to the product with values.
+    The scores against each segment are concatenated before one softmax, and the output is the sum of each
+    segment's probabilities times its values: the same math as one attention over the concatenated keys,
+    without concatenating (copying) the keys. GPT-2's cached step attends to the context (a prefix stored
+    once for its W rows), the slots generated before the chunk, and the chunk's own keys
+    (`custom_layers.gpt2_block.cached_block_step`).
 
     Args:
-        q: (B, W, T, H, D) queries of the W rows of each of B groups.
-        context_keys, context_values: (B, H, K, D), shared by the W rows of a group (K may be 0).
-        keys, values: (B, H, W, L, D), the group's generated slots (row-major: slot l of row w at w * L + l).
-        bias: additive float32 mask broadcastable to (B, 1, W * T, K + W * L), queries row-major ((w, t) at
-            w * T + t), keys as ``[context, slots]``.
+        q: (B, H, Q, D) head-major queries (all the queries of a group of rows).
+        segments: sequence of (keys, values) pairs, each (B, H, S_i, D); empty ones (S_i = 0) are skipped.
+        bias: additive float32 mask broadcastable to (B, H, Q, sum S_i), keys in segment order.
 
     Returns:
-        (B, W, T, H, D) in the queries' dtype; scores and softmax in float32 for half-precision queries.
+        (B, H, Q, D) in the queries' dtype; scores and softmax in float32 for half-precision queries.
     """
-    rows, length, heads, depth = q.shape[1], q.shape[2], q.shape[3], q.shape[4]
-    context_length, slots = context_keys.shape[2], keys.shape[2] * keys.shape[3]
-    q = q * ops.cast(depth**-0.5, q.dtype)
-    q = ops.reshape(ops.transpose(q, (0, 3, 1, 2, 4)), (-1, heads, rows * length, depth))  # (B, H, W*T, D)
-    keys = ops.reshape(keys, (-1, heads, slots, depth))  # (B, H, W*L, D): a bitcast
-    values = ops.reshape(values, (-1, heads, slots, depth))
-    scores = ops.einsum("bhqd,bhsd->bhqs", q, keys)  # (B, H, W*T, W*L)
-    if context_length:
-        scores = ops.concatenate([ops.einsum("bhqd,bhsd->bhqs", q, context_keys), scores], axis=-1)
+    q = q * ops.cast(q.shape[-1] ** -0.5, q.dtype)
+    lengths = [keys.shape[2] for keys, _ in segments]
+    scores = ops.concatenate([ops.einsum("bhqd,bhsd->bhqs", q, keys) for (keys, _), n in zip(segments, lengths)
+                              if n], axis=-1)  # (B, H, Q, S)
     dtype = backend.standardize_dtype(scores.dtype)
     if dtype in ("bfloat16", "float16"):  # softmax in float32 (a bf16 model's), the products in bf16 again
         scores = ops.cast(scores, "float32")
-    probs = ops.cast(ops.softmax(scores + ops.cast(bias, scores.dtype), axis=-1), dtype)  # (B, H, W*T, K+W*L)
-    out = ops.einsum("bhqs,bhsd->bhqd", probs[..., context_length:], values)  # (B, H, W*T, D)
-    if context_length:
-        out = out + ops.einsum("bhqs,bhsd->bhqd", probs[..., :context_length], context_values)
-    return ops.transpose(ops.reshape(out, (-1, heads, rows, length, depth)), (0, 2, 3, 1, 4))  # (B, W, T, H, D)
+    probs = ops.cast(ops.softmax(scores + ops.cast(bias, scores.dtype), axis=-1), dtype)
+    out, start = None, 0
+    for (_, values), n in zip(segments, lengths):
+        if n:
+            part = ops.einsum("bhqs,bhsd->bhqd", probs[..., start : start + n], values)
+            out, start = (part if out is None else out + part), start + n
+    return out

@@ -172,7 +172,7 @@ def test_prefill_shares_the_prefix_and_reorder_follows_the_parents(tiny_pair):
     first, second = rng.integers(0, 97, (6, 1)), rng.integers(0, 97, (6, 1))
     parents = np.array([2, 2, 0, 4, 3, 3])
     _, cache = keras_model.prefill(prefix, 8, rows=3)
-    assert cache.layers[0][0].shape == (2, 4, 4, 16) and cache.layers[0][2].shape == (2, 4, 3, 4, 16)
+    assert cache.layers[0][0].shape == (2, 4, 4, 16) and cache.layers[0][2].shape == (2, 4, 4 * 3, 16)
     _, cache = keras_model.call_with_cache(keras_model.embed_tokens(first), cache, 4)
     reordered = keras_model.reorder_cache(cache, parents)
     logits, _ = keras_model.call_with_cache(keras_model.embed_tokens(second), reordered, 5)

@@ -163,10 +163,10 @@ class GPT2(keras.Model):
         return self._empty_cache(batch_size, 0, 1, max_length)
 
     def _empty_cache(self, batch_size, context_length, rows, slots):
-        """A `KVCache` of zeros: context (B, H, K, D), slots (B, H, W, L, D), sources (B, W, L)."""
-        def zeros(*shape):
-            return ops.zeros((batch_size, self.n_head, *shape, self.head_dim), self.compute_dtype)
-        layers = tuple((zeros(context_length), zeros(context_length), zeros(rows, slots), zeros(rows, slots))
+        """A `KVCache` of zeros: context (B, H, K, D), slots (B, H, L * W, D), sources (B, W, L)."""
+        def zeros(length):
+            return ops.zeros((batch_size, self.n_head, length, self.head_dim), self.compute_dtype)
+        layers = tuple((zeros(context_length), zeros(context_length), zeros(slots * rows), zeros(slots * rows))
                        for _ in range(self.n_layer))
         return KVCache(layers, ops.zeros((batch_size, rows, slots), "int32"))
 
@@ -190,7 +190,7 @@ class GPT2(keras.Model):
         *outputs, cache = self.call_with_cache(x, self._empty_cache(batch, 0, 1, length), 0, block_fn=block_fn,
                                                return_hidden=return_hidden)
         empty = self._empty_cache(batch, 0, rows, max_length - length)
-        layers = tuple((keys[:, :, 0], values[:, :, 0], *slots)  # the prefix's (B, H, 1, K, D) as the context
+        layers = tuple((keys, values, *slots)  # the prefix's keys/values (B, H, K * 1, D) as the context
                        for (_, _, keys, values), (_, _, *slots) in zip(cache.layers, empty.layers, strict=True))
         return (*outputs, KVCache(layers, empty.sources))
 
@@ -231,7 +231,7 @@ class GPT2(keras.Model):
         slot = cache_index - context_length
         written = ops.logical_and(ops.arange(slots) >= slot, ops.arange(slots) < slot + length)  # (L,)
         sources = ops.where(written[None, None], ops.arange(rows, dtype="int32")[None, :, None], cache.sources)
-        bias = _cache_bias(query_positions, context_length, sources)  # (B, 1, W*T, K + W*L)
+        bias = _cache_bias(query_positions, context_length, sources)  # (B, 1, W*T, K + L*W)
 
         layers = []
         for block, layer_cache in zip(self.h, cache.layers, strict=True):
@@ -308,7 +308,8 @@ class KVCache(NamedTuple):
 
     ``layers``: per block (context_keys, context_values, keys, values): the context (B, H, K, D), positions
     [0, K), stored once for its W rows (a prefix, written by `GPT2.prefill`; K = 0 from `GPT2.init_cache`),
-    and the slots (B, H, W, L, D), positions [K, K + L), each row's own, written in place.
+    and the slots (B, H, L * W, D), positions [K, K + L) of the W rows (slot-major: slot l of row w at
+    l * W + w), written in place.
     ``sources``: (B, W, L) int32, the row (of the W) whose slot l row w reads at position K + l: itself for
     what it wrote, its ancestors' after `GPT2.reorder_cache` (beam search moves these ints, never the keys).
     A NamedTuple of tensors: a ``tf.while_loop`` variable and a ``tf.function`` argument as it is."""
@@ -330,15 +331,16 @@ class KVCache(NamedTuple):
 
 
 def _cache_bias(query_positions, context_length, sources):
-    """The additive bias (B, 1, W*T, K + W*L) of `grouped_cached_attention` for T queries per row at
-    ``query_positions`` (T,): the context's positions up to each query, and of the group's W*L slots those
-    that row w reads (``sources[b, w, l]`` is the slot's row) at positions up to the query."""
+    """The additive bias (B, 1, W*T, K + L*W) of `cached_block_step`'s attention for T queries per row at
+    ``query_positions`` (T,), queries row-major ((w, t) at w * T + t), keys as the cache holds them: the
+    context's positions up to each query, and of the group's slots (slot-major: (l, w') at l * W + w') those
+    up to each query that row w reads (``sources[b, w, l] == w'``)."""
     batch, rows, slots = ops.shape(sources)[0], sources.shape[1], sources.shape[2]
     length = query_positions.shape[0]
     context = causal_bias(query_positions, ops.arange(context_length, dtype="int32"))[0, 0]  # (T, K)
     context = ops.broadcast_to(ops.tile(context, (rows, 1))[None, None], (batch, 1, rows * length, context_length))
     visible = ops.arange(slots, dtype="int32")[None] + context_length <= query_positions[:, None]  # (T, L)
-    owner = sources[:, :, None, None, :] == ops.arange(rows, dtype="int32")[:, None]  # (B, W, 1, W', L)
-    allowed = ops.logical_and(owner, visible[None, None, :, None])  # (B, W, T, W', L)
-    own = mask_bias(ops.reshape(allowed, (batch, 1, rows * length, rows * slots)))
+    owner = sources[:, :, None, :, None] == ops.arange(rows, dtype="int32")  # (B, W, 1, L, W')
+    allowed = ops.logical_and(owner, visible[None, None, :, :, None])  # (B, W, T, L, W')
+    own = mask_bias(ops.reshape(allowed, (batch, 1, rows * length, slots * rows)))
     return ops.concatenate([context, own], axis=-1)
