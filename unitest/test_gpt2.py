@@ -6,6 +6,7 @@ in training, save/restore is exact.
 """
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -203,6 +204,14 @@ def test_cache_bounds_are_checked(tiny_pair):
         keras_model.call_with_cache(np.zeros((1, 2, 64), "float32"), cache, 4)
     with pytest.raises(ValueError, match="token_ids, inputs_embeds"):
         keras_model()
+    prefix = np.zeros((1, 4, 64), "float32")
+    with pytest.raises(ValueError, match="prefix's 4 positions"):
+        keras_model.prefill(prefix, 3)
+    with pytest.raises(ValueError, match="rows must be"):
+        keras_model.prefill(prefix, 8, rows=0)
+    _, cache = keras_model.prefill(prefix, 8, rows=2)  # positions [4, 8) after the context
+    with pytest.raises(ValueError, match="do not fit"):
+        keras_model.call_with_cache(np.zeros((2, 1, 64), "float32"), cache, 3)
 
 
 def test_greedy_20_tokens_same_ids_as_torch():
@@ -265,3 +274,33 @@ def test_save_restore_exact(tmp_path, tiny_pair):
         np.testing.assert_array_equal(a.numpy(), b.numpy())
     ids = np.random.default_rng(9).integers(0, 97, (2, 5))
     np.testing.assert_array_equal(restored(token_ids=ids).numpy(), model(token_ids=ids).numpy())
+
+
+def _loop_body_hlo(hlo):
+    """The text of the while loop's body computation in an optimized HLO module."""
+    body = re.search(r"\bwhile\(.*?body=(%[\w.\-]+)", hlo).group(1)
+    start = hlo.index(f"\n{body} ")
+    return hlo[start : hlo.index("\n}", start)]
+
+
+def test_compiled_beam_step_copies_no_cache(tiny_pair):
+    """Issue 24: in the compiled beam loop, a step writes the cache in place and copies none of it. Per step
+    and block, the only instructions as large as a layer's keys are the two in-place writes (keys, values):
+    the old tail reorder gathered the loop-carried cache and XLA copied it (cache-sized copies each step)."""
+    from custom_architectures.generation_utils import Beam, PrefixDecoder
+
+    _, keras_model = tiny_pair
+    decoder, beam, max_length = PrefixDecoder(keras_model), Beam(beam_size=3), 12
+    loop = tf.function(lambda *args: decoder.decode_loop(*args, sampler=beam, max_length=max_length),
+                       jit_compile=True)
+    args = (tf.zeros((2, 4, 64)), tf.ones((2,), tf.bool), tf.constant(-1), tf.constant(0))
+    body = _loop_body_hlo(loop.experimental_get_compiler_ir(*args)(stage="optimized_hlo"))
+    layer_elements = 2 * 4 * 3 * (max_length - 1) * 16  # (B, H, W * L, D) of one layer's keys
+    large = []  # (op, name) of every instruction writing as many elements as a layer's keys, or more
+    for line in body.splitlines():
+        match = re.match(r"\s*(?:ROOT )?%(\S+) = \w+\[([\d,]*)\]\S* (\S+?)\(", line)
+        moves = match and match.group(3) not in ("parameter", "get-tuple-element", "bitcast", "tuple", "constant")
+        if moves and np.prod([int(d) for d in match.group(2).split(",") if d]) >= layer_elements:
+            large.append((match.group(3), match.group(1)))
+    assert len(large) == 2 * keras_model.n_layer, large
+    assert all("dynamic-update-slice" in name and "copy" not in name for _, name in large), large

@@ -5,9 +5,11 @@ What it adds over a plain transformer, for ClipCap:
 - inputs as token ids, as embeddings (a ClipCap prefix), or both concatenated (prefix then tokens), with
   learned positions starting at 0 at the first prefix position (as PyTorch with ``inputs_embeds``);
 - a right-padding mask for batches of different lengths;
-- a preallocated key/value cache (`init_cache`, `call_with_cache`, `reorder_cache`) with static shapes,
-  written in place at a possibly symbolic ``cache_index``, so one ``tf.function(jit_compile=True)`` step (or
-  one compiled ``tf.while_loop``) serves every decoding position.
+- a preallocated key/value cache (`KVCache`: `init_cache` or `prefill`, `call_with_cache`, `reorder_cache`)
+  with static shapes, written in place at a possibly symbolic ``cache_index``, so one
+  ``tf.function(jit_compile=True)`` step (or one compiled ``tf.while_loop``) serves every decoding position;
+  `prefill` stores a prefix's keys/values once for the W rows (beams) decoding from it, and beam search's
+  `reorder_cache` moves (B, W, L) ints, never keys (no cache-sized copy in a step).
 
 The LM head is tied to ``wte`` (``logits = hidden @ wte^T``), as in GPT-2. Layer names mirror the
 checkpoint (``wte``, ``wpe``, ``h_{i}`` with ``ln_1``, ``attn.c_attn``, ``attn.c_proj``, ``ln_2``,
@@ -21,6 +23,10 @@ Example::
     logits, cache = gpt2.call_with_cache(prefix, cache, 0)          # prefix (4, 10, 768) -> (4, V)
     next_ids = keras.ops.argmax(logits, -1)[:, None]
     logits, cache = gpt2.call_with_cache(gpt2.embed_tokens(next_ids), cache, 10)
+
+    logits, cache = gpt2.prefill(prefix, max_length=30, rows=5)    # 5 rows (beams) per prefix: 20 rows
+    logits, cache = gpt2.call_with_cache(gpt2.embed_tokens(ids), cache, 10)   # ids (20, 1)
+    cache = gpt2.reorder_cache(cache, parents)                      # parents (20,): rows of the same prefix
 """
 
 from typing import NamedTuple
@@ -183,9 +189,12 @@ class GPT2(keras.Model):
         """
         x = ops.convert_to_tensor(inputs_embeds, self.compute_dtype)
         batch, length = x.shape[0], x.shape[1]
-        if length is None or max_length < length or max_length > self.n_positions:
-            raise ValueError(f"a prefix of {length} positions and max_length={max_length} do not fit "
+        if length is None or not length <= max_length <= self.n_positions:
+            raise ValueError(f"max_length={max_length} must hold the prefix's {length} positions and be at most "
                              f"n_positions={self.n_positions}")
+        if isinstance(rows, bool) or not isinstance(rows, (int, np.integer)) or rows < 1:
+            raise ValueError(f"rows must be a positive int, got {rows!r}")
+        rows = int(rows)
         batch = ops.shape(x)[0] if batch is None else batch
         *outputs, cache = self.call_with_cache(x, self._empty_cache(batch, 0, 1, length), 0, block_fn=block_fn,
                                                return_hidden=return_hidden)
