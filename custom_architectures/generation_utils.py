@@ -2,9 +2,9 @@
 
 One loop serves every decoding method: the K prefix positions of a batch of B images are prefilled into a
 preallocated cache with one `GPT2.prefill` call (stored once per image, shared by its beams), then one
-token per step is fed in a ``tf.while_loop`` that exits early once every sequence is finished. The whole loop is one
-``tf.function(jit_compile=True)`` with static shapes, compiled once per (batch size, prefix length,
-max_length, sampler) and cached on the `PrefixDecoder` instance.
+token per step is fed in a ``tf.while_loop`` that exits early once every sequence is finished. The whole
+loop is one ``tf.function(jit_compile=True)`` with static shapes, compiled once per (batch size, prefix
+length, max_length, sampler) and cached on the `PrefixDecoder` instance.
 
 What differs between methods lives in the samplers of `custom_architectures.samplers` (`Greedy`, `Beam`,
 `Sample`, registered by name in `SAMPLERS`, built by `get_sampler`); they are importable from here too.

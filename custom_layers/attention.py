@@ -2,7 +2,8 @@
 
 CLIP's `MultiHeadAttention` and `AttentionPool2d`, GPT-2's `GPT2Attention` (full pass and KV-cached step)
 and the ClipCap mapper's `MapperAttention` differ only in their projections; the attention itself is
-`dot_product_attention`, and every mask is an additive bias built by `mask_bias` / `causal_bias`.
+`dot_product_attention` (`segmented_attention` for GPT-2's cached step, whose keys are held in several
+tensors), and every mask is an additive bias built by `mask_bias` / `causal_bias`.
 
 Head layout (one for every caller):
 
@@ -105,8 +106,7 @@ def segmented_attention(q, segments, bias):
     The scores against each segment are concatenated before one softmax, and the output is the sum of each
     segment's probabilities times its values: the same math as one attention over the concatenated keys,
     without concatenating (copying) the keys. GPT-2's cached step attends to the context (a prefix stored
-    once for its W rows), the slots generated before the chunk, and the chunk's own keys
-    (`custom_layers.gpt2_block.cached_block_step`).
+    once for its W rows) and to the group's generated slots (`custom_layers.gpt2_block.cached_block_step`).
 
     Args:
         q: (B, H, Q, D) head-major queries (all the queries of a group of rows).

@@ -211,8 +211,9 @@ class GPT2(keras.Model):
             inputs_embeds: (N, T, C) embedded inputs (a prefix, or ``embed_tokens(ids)``) of the cache's N rows;
                 T static.
             cache: from `init_cache` or `prefill` (or a previous call); its positions bound ``cache_index + T``.
-            cache_index: int32 scalar, the position of the first of the T inputs (after the context's K);
-                may be symbolic. The caller keeps it in range (XLA clamps out-of-range writes silently).
+            cache_index: int32 scalar, the position of the first of the T inputs, K or later (the context's K
+                positions are `prefill`'s); may be symbolic. The caller keeps it in range (XLA clamps
+                out-of-range writes silently).
             all_logits: return logits for all T positions instead of the last one only.
             block_fn: the function run for each block (default `cached_block_step`, inlined where this is
                 traced); `block_step_function` gives a traced one that serves all blocks when called eagerly.
