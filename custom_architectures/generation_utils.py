@@ -1,10 +1,10 @@
 """Batched, KV-cached, XLA-compiled decoding of GPT-2 from a prefix of embeddings (ClipCap).
 
 One loop serves every decoding method: the K prefix positions of a batch of B images are prefilled into a
-preallocated cache with one `GPT2.call_with_cache` call, then one token per step is fed in a
-``tf.while_loop`` that exits early once every sequence is finished. The whole loop is one
-``tf.function(jit_compile=True)`` with static shapes, compiled once per (batch size, prefix length,
-max_length, sampler) and cached on the `PrefixDecoder` instance.
+preallocated cache with one `GPT2.prefill` call (stored once per image, shared by its beams), then one
+token per step is fed in a ``tf.while_loop`` that exits early once every sequence is finished. The whole
+loop is one ``tf.function(jit_compile=True)`` with static shapes, compiled once per (batch size, prefix
+length, max_length, sampler) and cached on the `PrefixDecoder` instance.
 
 What differs between methods lives in the samplers of `custom_architectures.samplers` (`Greedy`, `Beam`,
 `Sample`, registered by name in `SAMPLERS`, built by `get_sampler`); they are importable from here too.
@@ -178,12 +178,9 @@ class PrefixDecoder:
         w = sampler.num_sequences
         batch, k = prefix.shape[0], prefix.shape[1]
         n = batch * w
-        cache = gpt2.init_cache(batch, k + max_length - 1)
-        logits, cache = tf.cond(  # (B, V): prefill, last head; skipped when every row is padding (a build)
-            tf.reduce_any(valid), lambda: gpt2.call_with_cache(prefix, cache, 0, block_fn=block_fn),
-            lambda: (tf.zeros((batch, gpt2.vocab_size), tf.float32), cache))
-        if w > 1:  # every row of an image starts from the same prefix cache
-            cache = gpt2.reorder_cache(cache, tf.repeat(tf.range(batch), w))
+        # (B, V): the prefill's last head; the W rows of an image share its prefix keys/values in the cache;
+        # skipped when every row is padding (a background build compiles the loop without computing)
+        logits, cache = gpt2.prefill(prefix, k + max_length - 1, rows=w, block_fn=block_fn, run=tf.reduce_any(valid))
         state = sampler.initial_state(tf.repeat(valid, w) if w > 1 else valid)
         tokens, state = sampler.first(logits, state, stop_id, seed)  # (N,)
         state["finished"] = tf.logical_or(state["finished"], tf.logical_not(tf.repeat(valid, w)))
@@ -197,8 +194,8 @@ class PrefixDecoder:
             embedded = gpt2.embed_tokens(tokens[:, None])  # (N, 1, C)
             logits, cache = gpt2.call_with_cache(embedded, cache, k + step - 1, block_fn=block_fn)  # (N, V)
             tokens, state, parents = sampler.next(logits, state, stop_id, seed, step)
-            if parents is not None:  # parents are rows of the same image: the prefix slots are shared
-                cache = gpt2.reorder_cache(cache, parents, from_slot=k)
+            if parents is not None:  # rows of the same image: only which slots each row reads moves
+                cache = gpt2.reorder_cache(cache, parents)
                 history = tf.gather(history, parents)
             history = tf.where(columns == step, tokens[:, None], history)
             return step + 1, tokens, history, cache, state

@@ -102,11 +102,9 @@ class GuidedDecoder:
 
             def prefill(prefix, total_length, k):
                 """Prefix (B, K, C) -> last logits (B, V), context (B, total, C) holding the K prefix hidden
-                states, and the cache of B*k rows (each image's k rows identical)."""
-                batch, length = prefix.shape[0], prefix.shape[1]
-                cache = gpt2.init_cache(batch, total_length)
-                logits, hidden, cache = gpt2.call_with_cache(prefix, cache, 0, return_hidden=True)
-                cache = gpt2.reorder_cache(cache, tf.repeat(tf.range(batch), k))
+                states, and the cache of B*k rows (each image's k rows share its prefix)."""
+                length = prefix.shape[1]
+                logits, hidden, cache = gpt2.prefill(prefix, total_length, rows=k, return_hidden=True)
                 context = tf.pad(tf.cast(hidden, tf.float32), [[0, 0], [0, total_length - length], [0, 0]])
                 return tf.cast(logits, tf.float32), context, cache
 

@@ -2,7 +2,8 @@
 
 CLIP's `MultiHeadAttention` and `AttentionPool2d`, GPT-2's `GPT2Attention` (full pass and KV-cached step)
 and the ClipCap mapper's `MapperAttention` differ only in their projections; the attention itself is
-`dot_product_attention`, and every mask is an additive bias built by `mask_bias` / `causal_bias`.
+`dot_product_attention` (`segmented_attention` for GPT-2's cached step, whose keys are held in several
+tensors), and every mask is an additive bias built by `mask_bias` / `causal_bias`.
 
 Head layout (one for every caller):
 
@@ -97,3 +98,35 @@ def dot_product_attention(q, k, v, bias=None, dropout=None, training=False, scal
     if dropout is not None:
         probs = dropout(probs, training=training)
     return ops.einsum("bhts,bhsd->bthd", ops.cast(probs, dtype), v)  # (B, Tq, H, D)
+
+
+def segmented_attention(q, segments, bias):
+    """`dot_product_attention` over keys/values held in several tensors (a cached decoding step's).
+
+    The scores against each segment are concatenated before one softmax, and the output is the sum of each
+    segment's probabilities times its values: the same math as one attention over the concatenated keys,
+    without concatenating (copying) the keys. GPT-2's cached step attends to the context (a prefix stored
+    once for its W rows) and to the group's generated slots (`custom_layers.gpt2_block.cached_block_step`).
+
+    Args:
+        q: (B, H, Q, D) head-major queries (all the queries of a group of rows).
+        segments: sequence of (keys, values) pairs, each (B, H, S_i, D); empty ones (S_i = 0) are skipped.
+        bias: additive float32 mask broadcastable to (B, H, Q, sum S_i), keys in segment order.
+
+    Returns:
+        (B, H, Q, D) in the queries' dtype; scores and softmax in float32 for half-precision queries.
+    """
+    q = q * ops.cast(q.shape[-1] ** -0.5, q.dtype)
+    lengths = [keys.shape[2] for keys, _ in segments]
+    scores = ops.concatenate([ops.einsum("bhqd,bhsd->bhqs", q, keys) for (keys, _), n in zip(segments, lengths)
+                              if n], axis=-1)  # (B, H, Q, S)
+    dtype = backend.standardize_dtype(scores.dtype)
+    if dtype in ("bfloat16", "float16"):  # softmax in float32 (a bf16 model's), the products in bf16 again
+        scores = ops.cast(scores, "float32")
+    probs = ops.cast(ops.softmax(scores + ops.cast(bias, scores.dtype), axis=-1), dtype)
+    out, start = None, 0
+    for (_, values), n in zip(segments, lengths):
+        if n:
+            part = ops.einsum("bhqs,bhsd->bhqd", probs[..., start : start + n], values)
+            out, start = (part if out is None else out + part), start + n
+    return out

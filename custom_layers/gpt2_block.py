@@ -5,11 +5,16 @@ Sub-layer names mirror the PyTorch module (``ln_1``, ``attn``, ``ln_2``, ``mlp.c
 The KV-cached inference step is `cached_block_step`, a function of the block's weight tensors
 (`GPT2Block.inference_weights`) rather than a method: the same function, traced once, serves all the blocks
 of a model (`GPT2.call_with_cache`'s ``block_fn``), which is what makes a process's first caption cheap.
-The cache of one block is a pair of tensors ``(keys, values)``, each ``(B, n_head, max_length, head_dim)``,
-written in place with ``dynamic_update_slice`` at a possibly symbolic ``cache_index`` (so one compiled step
-serves every position) and read by attention as a batched ``(B, H)`` matmul without a transpose. Two
-tensors, not one stacked ``(2, ...)``: XLA copied each half out of a stacked cache before attention read
-it (two cache-sized copies per block and step, 70 MB a step at 16 rows and 59 slots).
+The cache of one block is four tensors ``(context_keys, context_values, keys, values)``: the context
+(B, n_head, K, head_dim), keys/values of a prefix stored once for the W rows (beams) that share it, and the
+generated slots (B, n_head, L * W, head_dim), slot-major, written in place with one ``dynamic_update_slice``
+at a possibly symbolic slot (so one compiled step serves every position) and read by attention as batched
+``(B, H)`` matmuls without a transpose or a reshape (`custom_layers.attention.segmented_attention`; a
+(B, H, W, L, D) layout needed a reshape between the write and the read, and XLA then copied the cache).
+Beam search never moves them: a reorder changes which row's slots each row reads (`GPT2.reorder_cache`),
+so no step copies a cache.
+Separate tensors, not one stacked ``(2, ...)``: XLA copied each half out of a stacked cache before attention
+read it (two cache-sized copies per block and step, 70 MB a step at 16 rows and 59 slots).
 
 Example::
 
@@ -22,35 +27,53 @@ import tensorflow as tf
 from keras import ops
 
 from custom_layers.activations import gelu_new
-from custom_layers.attention import dot_product_attention
+from custom_layers.attention import segmented_attention
 from custom_layers.gpt2_attention import GPT2Attention
 from custom_layers.inference_ops import dense, layer_norm, variable_value
 from custom_layers.quantized import Int8Dense, check_quantization, projection
 
 
-def cached_block_step(x, layer_cache, cache_index, attention_bias, weights, n_head, epsilon):
-    """One GPT-2 block on a chunk x (B, T, C) at positions ``cache_index + [0, T)``, inference only.
+def cached_block_step(x, layer_cache, slot, attention_bias, weights, n_head, epsilon):
+    """One GPT-2 block on a chunk x (N, T, C) of N = B * W rows (W rows per group), inference only.
 
-    Writes the chunk's keys/values into ``layer_cache`` = (keys, values), each (B, H, L, D), at
-    ``cache_index`` and attends over all L slots with ``attention_bias`` (1, 1, T, L) masking the slots after
-    each query. ``weights``: the block's tensors in `GPT2Block.inference_weights` order. Returns
-    (y (B, T, C), updated layer_cache). The computation of `GPT2Block.call` (same ops, same kernel), with
-    direct TensorFlow ops.
+    ``layer_cache`` = (context_keys, context_values, keys, values): the context (B, H, K, D) shared by the W
+    rows of a group (a prefix), and the group's generated slots (B, H, L * W, D), slot-major (slot l of row w
+    at l * W + w). The chunk's keys/values are written in place at slots ``[slot, slot + T)`` (its first
+    position minus K; may be symbolic) of every row, one contiguous ``dynamic_update_slice``, then every
+    row attends over its group's context and slots (`segmented_attention`) with ``attention_bias``
+    (B or 1, 1, W * T, K + L * W) masking what it may not see (later positions, another row's lineage: see
+    `GPT2.call_with_cache`). ``weights``: the block's tensors in `GPT2Block.inference_weights` order.
+    Returns (y (N, T, C), updated layer_cache). The computation of `GPT2Block.call` (same ops, same
+    kernel), with direct TensorFlow ops.
     """
     ln_1_g, ln_1_b, attn_w, attn_b, proj_w, proj_b, ln_2_g, ln_2_b, fc_w, fc_b, mlp_w, mlp_b = weights
-    batch, length, width = tf.shape(x)[0], x.shape[1], x.shape[2]
-    qkv = dense(layer_norm(x, ln_1_g, ln_1_b, epsilon), attn_w, attn_b)  # (B, T, 3C)
-    q, k, v = tf.unstack(tf.reshape(qkv, (batch, length, 3, n_head, width // n_head)), axis=2)  # (B, T, H, D)
+    context_keys, context_values, keys, values = layer_cache
+    length, width = x.shape[1], x.shape[2]
+    head_dim = width // n_head
+    rows = _rows_per_group(x, context_keys)
+    qkv = dense(layer_norm(x, ln_1_g, ln_1_b, epsilon), attn_w, attn_b)  # (N, T, 3C)
+    q, k, v = tf.unstack(tf.reshape(qkv, (-1, rows, length, 3, n_head, head_dim)), axis=3)  # (B, W, T, H, D)
+
+    def slot_major(t):  # (B, W, T, H, D) -> (B, H, T * W, D): the chunk's slots, as the cache holds them
+        return tf.reshape(tf.transpose(t, (0, 3, 2, 1, 4)), (-1, n_head, length * rows, head_dim))
+
     zero = tf.zeros((), tf.int32)
-    start = (zero, zero, tf.cast(cache_index, tf.int32), zero)
-    keys, values = layer_cache
-    keys = ops.slice_update(keys, start, tf.transpose(k, (0, 2, 1, 3)))  # (B, H, L, D)
-    values = ops.slice_update(values, start, tf.transpose(v, (0, 2, 1, 3)))
-    layer_cache = (keys, values)
-    out = dot_product_attention(q, keys, values, bias=attention_bias)  # (B, T, H, D)
-    x = x + dense(tf.reshape(out, (batch, length, width)), proj_w, proj_b)
+    start = (zero, zero, tf.cast(slot, tf.int32) * rows, zero)
+    keys = ops.slice_update(keys, start, slot_major(k))  # (B, H, L * W, D), in place
+    values = ops.slice_update(values, start, slot_major(v))
+    q = tf.reshape(tf.transpose(q, (0, 3, 1, 2, 4)), (-1, n_head, rows * length, head_dim))  # (B, H, W * T, D)
+    out = segmented_attention(q, [(context_keys, context_values), (keys, values)], attention_bias)
+    out = tf.transpose(tf.reshape(out, (-1, n_head, rows, length, head_dim)), (0, 2, 3, 1, 4))  # (B, W, T, H, D)
+    x = x + dense(tf.reshape(out, (-1, length, width)), proj_w, proj_b)
     h = dense(gelu_new(dense(layer_norm(x, ln_2_g, ln_2_b, epsilon), fc_w, fc_b)), mlp_w, mlp_b)
-    return x + h, layer_cache
+    return x + h, (context_keys, context_values, keys, values)
+
+
+def _rows_per_group(x, context_keys):
+    """W = N / B: the rows of x (N, T, C) per group of the context (B, H, K, D) (static where both are)."""
+    if x.shape[0] is not None and context_keys.shape[0] is not None:
+        return x.shape[0] // context_keys.shape[0]
+    return tf.shape(x)[0] // tf.shape(context_keys)[0]
 
 
 @keras.saving.register_keras_serializable(package="image_captioning")
@@ -129,9 +152,9 @@ class GPT2Block(keras.layers.Layer):
         return (ln_1.gamma.value, ln_1.beta.value, *kernel_and_bias(attn.c_attn), *kernel_and_bias(attn.c_proj),
                 ln_2.gamma.value, ln_2.beta.value, *kernel_and_bias(mlp.c_fc), *kernel_and_bias(mlp.c_proj))
 
-    def call_with_cache(self, x, layer_cache, cache_index, attention_bias):
-        """`cached_block_step` with this block's weights; returns (y (B, T, C), layer_cache)."""
-        return cached_block_step(x, layer_cache, cache_index, attention_bias, self.inference_weights(),
+    def call_with_cache(self, x, layer_cache, slot, attention_bias):
+        """`cached_block_step` with this block's weights; returns (y (N, T, C), layer_cache)."""
+        return cached_block_step(x, layer_cache, slot, attention_bias, self.inference_weights(),
                                  self.n_head, self.layer_norm_epsilon)
 
     def get_config(self):

@@ -6,6 +6,7 @@ in training, save/restore is exact.
 """
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -162,35 +163,36 @@ def test_xla_step_equals_eager(tiny_pair):
     assert step.experimental_get_tracing_count() == 2
 
 
-def test_reorder_cache_follows_the_batch(tiny_pair):
+def test_prefill_shares_the_prefix_and_reorder_follows_the_parents(tiny_pair):
+    """`GPT2.prefill(rows=W)`: the prefix's keys/values stored once per image, W rows decoding from it; after
+    `reorder_cache` each row's logits equal a full pass over its parent's sequence then its own token, as
+    beam search needs (rows of image 1 reordered too: the rows of each image stay its own)."""
     _, keras_model = tiny_pair
     rng = np.random.default_rng(6)
-    prefix = rng.normal(size=(3, 4, 64)).astype("float32")
-    nxt = keras_model.embed_tokens(rng.integers(0, 97, (3, 1)))
-    order = np.array([2, 2, 0])
-    _, cache = keras_model.call_with_cache(prefix, keras_model.init_cache(3, 8), 0)
-    reordered, _ = keras_model.call_with_cache(tf.gather(nxt, order), keras_model.reorder_cache(cache, order), 4)
-    _, cache2 = keras_model.call_with_cache(prefix[order], keras_model.init_cache(3, 8), 0)
-    direct, _ = keras_model.call_with_cache(tf.gather(nxt, order), cache2, 4)
-    np.testing.assert_allclose(reordered.numpy(), direct.numpy(), atol=1e-6, rtol=0)
+    prefix = rng.normal(size=(2, 4, 64)).astype("float32")
+    first, second = rng.integers(0, 97, (6, 1)), rng.integers(0, 97, (6, 1))
+    parents = np.array([2, 2, 0, 4, 3, 3])
+    _, cache = keras_model.prefill(prefix, 8, rows=3)
+    assert cache.layers[0][0].shape == (2, 4, 4, 16) and cache.layers[0][2].shape == (2, 4, 4 * 3, 16)
+    _, cache = keras_model.call_with_cache(keras_model.embed_tokens(first), cache, 4)
+    reordered = keras_model.reorder_cache(cache, parents)
+    logits, _ = keras_model.call_with_cache(keras_model.embed_tokens(second), reordered, 5)
+    full = keras_model(token_ids=np.concatenate([first[parents], second], axis=1),
+                       inputs_embeds=np.repeat(prefix, 3, axis=0)).numpy()[:, -1]  # (6, V)
+    np.testing.assert_allclose(logits.numpy(), full, atol=1e-5, rtol=0)
 
 
-def test_reorder_cache_from_a_slot_keeps_the_slots_before_it(tiny_pair):
-    """Beam search's reorder (`from_slot=K`): the slots after the shared prefix follow the new row order, the
-    prefix slots stay; the result equals a full gather when the rows share their prefix slots."""
+def test_reorder_cache_moves_no_keys(tiny_pair):
+    """Beam search's reorder copies no cache (issue 24: a gather of the loop-carried keys cost a cache-sized
+    copy per step and block): the keys/values are the same tensors after it, only the (B, W, L) sources move;
+    a parent from another image is refused."""
     _, keras_model = tiny_pair
-    rng = np.random.default_rng(7)
-    _, cache = keras_model.call_with_cache(rng.normal(size=(1, 4, 64)).astype("float32"),
-                                           keras_model.init_cache(1, 8), 0)
-    cache = keras_model.reorder_cache(cache, np.zeros(3, np.int32))  # 3 rows, one prefix (as the decoder)
-    _, cache = keras_model.call_with_cache(keras_model.embed_tokens(np.array([[1], [2], [3]])), cache, 4)
-    order = np.array([2, 2, 0])
-    full = tf.nest.flatten(keras_model.reorder_cache(cache, order))
-    tail = tf.nest.flatten(keras_model.reorder_cache(cache, order, from_slot=4))
-    for a, b, before in zip(tail, full, tf.nest.flatten(cache), strict=True):
-        np.testing.assert_array_equal(a.numpy(), b.numpy())
-        np.testing.assert_array_equal(a.numpy()[:, :, :4], before.numpy()[:, :, :4])  # prefix slots kept
-    assert not np.array_equal(tail[0].numpy()[:, :, 4], tf.nest.flatten(cache)[0].numpy()[:, :, 4])
+    _, cache = keras_model.prefill(np.zeros((2, 4, 64), "float32"), 8, rows=3)
+    reordered = keras_model.reorder_cache(cache, [1, 1, 0, 3, 5, 5])
+    for kept, before in zip(tf.nest.flatten(reordered.layers), tf.nest.flatten(cache.layers), strict=True):
+        assert kept is before
+    with pytest.raises(ValueError, match="same prefix"):
+        keras_model.reorder_cache(cache, [3, 1, 0, 3, 5, 5])
 
 
 def test_cache_bounds_are_checked(tiny_pair):
@@ -202,6 +204,14 @@ def test_cache_bounds_are_checked(tiny_pair):
         keras_model.call_with_cache(np.zeros((1, 2, 64), "float32"), cache, 4)
     with pytest.raises(ValueError, match="token_ids, inputs_embeds"):
         keras_model()
+    prefix = np.zeros((1, 4, 64), "float32")
+    with pytest.raises(ValueError, match="prefix's 4 positions"):
+        keras_model.prefill(prefix, 3)
+    with pytest.raises(ValueError, match="rows must be"):
+        keras_model.prefill(prefix, 8, rows=0)
+    _, cache = keras_model.prefill(prefix, 8, rows=2)  # positions [4, 8) after the context
+    with pytest.raises(ValueError, match="do not fit"):
+        keras_model.call_with_cache(np.zeros((2, 1, 64), "float32"), cache, 3)
 
 
 def test_greedy_20_tokens_same_ids_as_torch():
@@ -289,3 +299,33 @@ def test_projection_kernels_are_out_in_and_read_so_by_the_compiled_step(tiny_pai
     hlo = greedy.experimental_get_compiler_ir(tf.zeros((1, 4, 64)), tf.constant(3))(stage="optimized_hlo")
     assert "f32[192,64]" in hlo  # c_attn (3C, C), read as stored
     assert "f32[64,192]" not in hlo  # ...and never transposed to (C, 3C)
+
+
+def _loop_body_hlo(hlo):
+    """The text of the while loop's body computation in an optimized HLO module."""
+    body = re.search(r"\bwhile\(.*?body=(%[\w.\-]+)", hlo).group(1)
+    start = hlo.index(f"\n{body} ")
+    return hlo[start : hlo.index("\n}", start)]
+
+
+def test_compiled_beam_step_copies_no_cache(tiny_pair):
+    """Issue 24: in the compiled beam loop, a step writes the cache in place and copies none of it. Per step
+    and block, the only instructions as large as a layer's keys are the two in-place writes (keys, values):
+    the old tail reorder gathered the loop-carried cache and XLA copied it (cache-sized copies each step)."""
+    from custom_architectures.generation_utils import Beam, PrefixDecoder
+
+    _, keras_model = tiny_pair
+    decoder, beam, max_length = PrefixDecoder(keras_model), Beam(beam_size=3), 12
+    loop = tf.function(lambda *args: decoder.decode_loop(*args, sampler=beam, max_length=max_length),
+                       jit_compile=True)
+    args = (tf.zeros((2, 4, 64)), tf.ones((2,), tf.bool), tf.constant(-1), tf.constant(0))
+    body = _loop_body_hlo(loop.experimental_get_compiler_ir(*args)(stage="optimized_hlo"))
+    layer_elements = 2 * 4 * 3 * (max_length - 1) * 16  # (B, H, W * L, D) of one layer's keys
+    large = []  # (op, name) of every instruction writing as many elements as a layer's keys, or more
+    for line in body.splitlines():
+        match = re.match(r"\s*(?:ROOT )?%(\S+) = \w+\[([\d,]*)\]\S* (\S+?)\(", line)
+        moves = match and match.group(3) not in ("parameter", "get-tuple-element", "bitcast", "tuple", "constant")
+        if moves and np.prod([int(d) for d in match.group(2).split(",") if d]) >= layer_elements:
+            large.append((match.group(3), match.group(1)))
+    assert len(large) == 2 * keras_model.n_layer, large
+    assert all("dynamic-update-slice" in name and "copy" not in name for _, name in large), large

@@ -5,9 +5,11 @@ What it adds over a plain transformer, for ClipCap:
 - inputs as token ids, as embeddings (a ClipCap prefix), or both concatenated (prefix then tokens), with
   learned positions starting at 0 at the first prefix position (as PyTorch with ``inputs_embeds``);
 - a right-padding mask for batches of different lengths;
-- a preallocated key/value cache (`init_cache`, `call_with_cache`, `reorder_cache`) with static shapes,
-  written in place at a possibly symbolic ``cache_index``, so one ``tf.function(jit_compile=True)`` step (or
-  one compiled ``tf.while_loop``) serves every decoding position.
+- a preallocated key/value cache (`KVCache`: `init_cache` or `prefill`, `call_with_cache`, `reorder_cache`)
+  with static shapes, written in place at a possibly symbolic ``cache_index``, so one
+  ``tf.function(jit_compile=True)`` step (or one compiled ``tf.while_loop``) serves every decoding position;
+  `prefill` stores a prefix's keys/values once for the W rows (beams) decoding from it, and beam search's
+  `reorder_cache` moves (B, W, L) ints, never keys (no cache-sized copy in a step).
 
 The LM head is tied to ``wte`` (``logits = hidden @ wte^T``), as in GPT-2. Layer names mirror the
 checkpoint (``wte``, ``wpe``, ``h_{i}`` with ``ln_1``, ``attn.c_attn``, ``attn.c_proj``, ``ln_2``,
@@ -21,15 +23,21 @@ Example::
     logits, cache = gpt2.call_with_cache(prefix, cache, 0)          # prefix (4, 10, 768) -> (4, V)
     next_ids = keras.ops.argmax(logits, -1)[:, None]
     logits, cache = gpt2.call_with_cache(gpt2.embed_tokens(next_ids), cache, 10)
+
+    logits, cache = gpt2.prefill(prefix, max_length=30, rows=5)    # 5 rows (beams) per prefix: 20 rows
+    logits, cache = gpt2.call_with_cache(gpt2.embed_tokens(ids), cache, 10)   # ids (20, 1)
+    cache = gpt2.reorder_cache(cache, parents)                      # parents (20,): rows of the same prefix
 """
 
 import logging
+from typing import NamedTuple
 
 import keras
+import numpy as np
 import tensorflow as tf
 from keras import ops
 
-from custom_layers.attention import causal_bias
+from custom_layers.attention import causal_bias, mask_bias
 from custom_layers.gpt2_block import GPT2Block, cached_block_step
 from custom_layers.inference_ops import layer_norm
 from custom_layers.linear import IN_OUT, OUT_IN, Linear, check_kernel_layout
@@ -172,67 +180,118 @@ class GPT2(keras.Model):
 
     # ------------------------------------------------------------------ cached decoding
     def init_cache(self, batch_size, max_length):
-        """A zero cache for `batch_size` sequences of up to `max_length` positions (prefix included).
+        """A zero cache for `batch_size` sequences of up to `max_length` positions, one row each, no context.
 
-        A tuple with one pair (keys, values) of tensors (B, n_head, max_length, head_dim) per layer; opaque to
-        callers, fixed shapes, so it can be a ``tf.while_loop`` loop variable.
+        A `KVCache` (opaque to callers; fixed shapes, so it can be a ``tf.while_loop`` loop variable): every
+        position is written by `call_with_cache` from 0 on. `prefill` gives the cache of rows sharing a prefix.
         """
         if max_length > self.n_positions:
             raise ValueError(f"max_length={max_length} exceeds n_positions={self.n_positions}")
-        shape = (batch_size, self.n_head, max_length, self.head_dim)
-        return tuple((ops.zeros(shape, self.compute_dtype), ops.zeros(shape, self.compute_dtype))
-                     for _ in range(self.n_layer))
+        return self._empty_cache(batch_size, 0, 1, max_length)
+
+    def _empty_cache(self, batch_size, context_length, rows, slots):
+        """A `KVCache` of zeros: context (B, H, K, D), slots (B, H, L * W, D), sources (B, W, L)."""
+        def zeros(length):
+            return ops.zeros((batch_size, self.n_head, length, self.head_dim), self.compute_dtype)
+        layers = tuple((zeros(context_length), zeros(context_length), zeros(slots * rows), zeros(slots * rows))
+                       for _ in range(self.n_layer))
+        return KVCache(layers, ops.zeros((batch_size, rows, slots), "int32"))
+
+    def prefill(self, inputs_embeds, max_length, rows=1, block_fn=None, return_hidden=False, run=None):
+        """Run a prefix (B, K, C) once and return a cache of ``rows`` rows per prefix, ready to decode.
+
+        The prefix's keys/values become the cache's context, stored once per prefix and attended by all its
+        rows (B * rows of them: the beams of beam search, MAGIC's candidates; row i * rows + j is row j of
+        prefix i); each row has its own ``max_length - K`` slots for the positions that follow.
+
+        ``run``: None, or a scalar bool tensor; False skips the computation (zero logits and cache of the same
+        shapes, through a ``tf.cond``): a background build compiles the program on padding rows without
+        computing (`custom_architectures.compile_policy`).
+
+        Returns:
+            (logits (B, V) at the last prefix position, cache), or (logits, hidden (B, K, C), cache) with
+            ``return_hidden`` (the final hidden states, after ``ln_f``).
+        """
+        x = ops.convert_to_tensor(inputs_embeds, self.compute_dtype)
+        batch, length = x.shape[0], x.shape[1]
+        if length is None or not length <= max_length <= self.n_positions:
+            raise ValueError(f"max_length={max_length} must hold the prefix's {length} positions and be at most "
+                             f"n_positions={self.n_positions}")
+        if isinstance(rows, bool) or not isinstance(rows, (int, np.integer)) or rows < 1:
+            raise ValueError(f"rows must be a positive int, got {rows!r}")
+        rows = int(rows)
+        batch = ops.shape(x)[0] if batch is None else batch
+        if run is not None:
+            def skipped():
+                hidden = (ops.zeros((batch, length, self.n_embd), self.compute_dtype),) if return_hidden else ()
+                return (ops.zeros((batch, self.vocab_size), "float32"), *hidden,
+                        self._empty_cache(batch, length, rows, max_length - length))
+
+            return tf.cond(run, lambda: self.prefill(x, max_length, rows, block_fn, return_hidden), skipped)
+        *outputs, cache = self.call_with_cache(x, self._empty_cache(batch, 0, 1, length), 0, block_fn=block_fn,
+                                               return_hidden=return_hidden)
+        empty = self._empty_cache(batch, 0, rows, max_length - length)
+        layers = tuple((keys, values, *slots)  # the prefix's keys/values (B, H, K * 1, D) as the context
+                       for (_, _, keys, values), (_, _, *slots) in zip(cache.layers, empty.layers, strict=True))
+        return (*outputs, KVCache(layers, empty.sources))
 
     def call_with_cache(self, inputs_embeds, cache, cache_index, all_logits=False, block_fn=None,
                         return_hidden=False):
         """Run a chunk through the model, reading and writing the KV cache (inference, no dropout).
 
         Args:
-            inputs_embeds: (B, T, C) embedded inputs (a prefix, or ``embed_tokens(ids)``); T static.
-            cache: from `init_cache` (or a previous call); its length L bounds ``cache_index + T``.
-            cache_index: int32 scalar, the position of the first of the T inputs; may be symbolic.
-                The caller keeps ``cache_index + T <= L`` (XLA clamps out-of-range writes silently).
+            inputs_embeds: (N, T, C) embedded inputs (a prefix, or ``embed_tokens(ids)``) of the cache's N rows;
+                T static.
+            cache: from `init_cache` or `prefill` (or a previous call); its positions bound ``cache_index + T``.
+            cache_index: int32 scalar, the position of the first of the T inputs, K or later (the context's K
+                positions are `prefill`'s); may be symbolic. The caller keeps it in range (XLA clamps
+                out-of-range writes silently).
             all_logits: return logits for all T positions instead of the last one only.
             block_fn: the function run for each block (default `cached_block_step`, inlined where this is
                 traced); `block_step_function` gives a traced one that serves all blocks when called eagerly.
+            return_hidden: also return the final hidden states (N, T, C) (after ``ln_f``).
 
         Returns:
-            (logits, cache): logits (B, V), or (B, T, V) if ``all_logits``; the updated cache.
+            (logits, cache): logits (N, V), or (N, T, V) if ``all_logits``; the updated cache.
+            (logits, hidden, cache) with ``return_hidden``.
         """
-        x = ops.convert_to_tensor(inputs_embeds, self.compute_dtype)  # (B, T, C)
+        x = ops.convert_to_tensor(inputs_embeds, self.compute_dtype)  # (N, T, C)
         length = x.shape[1]
         if length is None:
             raise ValueError("call_with_cache needs a static chunk length T")
-        max_length = cache[0][0].shape[2]
+        context_length, rows, slots = cache.context_length, cache.rows, cache.slots
         cache_index = ops.cast(cache_index, "int32")
         start = tf.get_static_value(cache_index)  # known in eager mode / for constants: check the bounds
         if start is not None:
             start = int(start)
-            if start < 0 or start + length > max_length:
-                raise ValueError(f"positions [{start}, {start + length}) do not fit a cache of {max_length}")
+            if start < context_length or start + length > context_length + slots:
+                raise ValueError(f"positions [{start}, {start + length}) do not fit a cache of positions "
+                                 f"[{context_length}, {context_length + slots})")
 
         query_positions = cache_index + ops.arange(length, dtype="int32")  # (T,)
         x = x + ops.take(self.wpe.embeddings, query_positions, axis=0)[None]  # (1, T, C)
+        slot = cache_index - context_length
+        written = ops.logical_and(ops.arange(slots) >= slot, ops.arange(slots) < slot + length)  # (L,)
+        sources = ops.where(written[None, None], ops.arange(rows, dtype="int32")[None, :, None], cache.sources)
+        bias = _cache_bias(query_positions, context_length, sources)  # (B, 1, W*T, K + L*W)
 
-        slots = ops.arange(max_length, dtype="int32")  # (L,)
-        bias = causal_bias(query_positions, slots)  # (1, 1, T, L): no slot after each query
-
-        new_cache = []
-        for block, layer_cache in zip(self.h, cache, strict=True):
+        layers = []
+        for block, layer_cache in zip(self.h, cache.layers, strict=True):
             if block_fn is None:
-                x, layer_cache = block.call_with_cache(x, layer_cache, cache_index, bias)
+                x, layer_cache = block.call_with_cache(x, layer_cache, slot, bias)
             else:
-                x, layer_cache = block_fn(x, layer_cache, cache_index, bias, block.inference_weights())
-            new_cache.append(layer_cache)
+                x, layer_cache = block_fn(x, layer_cache, slot, bias, block.inference_weights())
+            layers.append(layer_cache)
+        cache = KVCache(tuple(layers), sources)
         if return_hidden:
             hidden = ops.cast(layer_norm(x, self.ln_f.gamma.value, self.ln_f.beta.value, self.layer_norm_epsilon),
-                              self.compute_dtype)  # (B, T, C)
+                              self.compute_dtype)  # (N, T, C)
             logits = self.lm_logits(hidden if all_logits else hidden[:, -1])
-            return logits, hidden, tuple(new_cache)
+            return logits, hidden, cache
         if not all_logits:
-            x = x[:, -1]  # (B, C): the head only where it is needed
+            x = x[:, -1]  # (N, C): the head only where it is needed
         x = layer_norm(x, self.ln_f.gamma.value, self.ln_f.beta.value, self.layer_norm_epsilon)
-        return self.lm_logits(ops.cast(x, self.compute_dtype)), tuple(new_cache)
+        return self.lm_logits(ops.cast(x, self.compute_dtype)), cache
 
     def block_step_function(self):
         """`cached_block_step` as a traced function (graph mode, no XLA) for ``call_with_cache(...,
@@ -242,38 +301,35 @@ class GPT2(keras.Model):
         default inlines the blocks instead.)"""
         n_head, epsilon = self.n_head, self.layer_norm_epsilon
 
-        def step(x, layer_cache, cache_index, attention_bias, weights):
-            return cached_block_step(x, layer_cache, cache_index, attention_bias, weights, n_head, epsilon)
+        def step(x, layer_cache, slot, attention_bias, weights):
+            return cached_block_step(x, layer_cache, slot, attention_bias, weights, n_head, epsilon)
 
         traced = tf.function(step, autograph=False)
         concrete = {}
 
-        def block_fn(x, layer_cache, cache_index, attention_bias, weights):
-            index = tf.cast(cache_index, tf.int32)  # a tensor: a Python int would be a trace per position
-            key = (tuple(x.shape), tuple(layer_cache[0].shape), tuple(attention_bias.shape), x.dtype)
+        def block_fn(x, layer_cache, slot, attention_bias, weights):
+            slot = tf.cast(slot, tf.int32)  # a tensor: a Python int would be a trace per position
+            key = (tuple(x.shape), tuple(tuple(c.shape) for c in layer_cache), tuple(attention_bias.shape), x.dtype)
             if key not in concrete:
-                concrete[key] = traced.get_concrete_function(x, layer_cache, index, attention_bias, weights)
-            return concrete[key](x, layer_cache, index, attention_bias, weights)
+                concrete[key] = traced.get_concrete_function(x, layer_cache, slot, attention_bias, weights)
+            return concrete[key](x, layer_cache, slot, attention_bias, weights)
 
         return block_fn
 
-    def reorder_cache(self, cache, indices, from_slot=0):
-        """Gather every layer's cache along the batch axis (beam search); indices (B',) int.
+    def reorder_cache(self, cache, parents):
+        """The cache after beam search's reorder: row n continues row ``parents[n]`` (N,) int.
 
-        ``from_slot`` > 0 gathers only the slots from there on and keeps the ones before in place (B' = B):
-        exact when every row and its new source row hold the same slots before ``from_slot``, as the beams
-        of one image do over their shared prefix; beam search then copies the generated slots only, not
-        the prefix's (2/3 of the cache for ClipCap's K = 40 and 20 tokens)."""
-        indices = ops.cast(indices, "int32")
-        if from_slot == 0:
-            return tf.nest.map_structure(lambda c: ops.take(c, indices, axis=0), cache)
-        zero = tf.zeros((), tf.int32)
-
-        def gather_tail(c):  # (B, H, L, D): slots [from_slot, L) gathered, written back in place
-            return ops.slice_update(c, (zero, zero, tf.constant(from_slot, tf.int32), zero),
-                                    ops.take(c[:, :, from_slot:], indices, axis=0))
-
-        return tf.nest.map_structure(gather_tail, cache)
+        Each parent is a row of the same prefix (``parents[n] // W == n // W``, W = ``cache.rows``): nothing is
+        copied, only which rows' slots each row reads (`KVCache.sources`, (B, W, L) ints) follows its parent.
+        Checked when ``parents`` is known (eager mode)."""
+        rows = cache.rows
+        parents = ops.cast(parents, "int32")
+        known = tf.get_static_value(parents)
+        if known is not None and np.any(known // rows != np.arange(len(known)) // rows):
+            raise ValueError(f"reorder_cache: every parent must be a row of the same prefix ({rows} rows each), "
+                             f"got {known.tolist()}")
+        local = ops.reshape(parents, (-1, rows)) % rows  # (B, W): the parent's row within its prefix
+        return KVCache(cache.layers, tf.gather(cache.sources, local, batch_dims=1))
 
     # ------------------------------------------------------------------ serialisation
     def get_config(self):
@@ -294,3 +350,45 @@ class GPT2(keras.Model):
         """A config without ``weights_layout`` was saved before GPT-2's projections were `Linear` (kernel
         (out, in)): its weights file stores them (in, out) (``"in_out"``), transposed as they are read."""
         return cls(**{"weights_layout": IN_OUT, **config})
+
+class KVCache(NamedTuple):
+    """The key/value cache of `GPT2.call_with_cache`: N = B * W rows, W rows sharing each of B contexts.
+
+    ``layers``: per block (context_keys, context_values, keys, values): the context (B, H, K, D), positions
+    [0, K), stored once for its W rows (a prefix, written by `GPT2.prefill`; K = 0 from `GPT2.init_cache`),
+    and the slots (B, H, L * W, D), positions [K, K + L) of the W rows (slot-major: slot l of row w at
+    l * W + w), written in place.
+    ``sources``: (B, W, L) int32, the row (of the W) whose slot l row w reads at position K + l: itself for
+    what it wrote, its ancestors' after `GPT2.reorder_cache` (beam search moves these ints, never the keys).
+    A NamedTuple of tensors: a ``tf.while_loop`` variable and a ``tf.function`` argument as it is."""
+
+    layers: tuple
+    sources: tf.Tensor
+
+    @property
+    def context_length(self):
+        return self.layers[0][0].shape[2]
+
+    @property
+    def rows(self):
+        return self.sources.shape[1]
+
+    @property
+    def slots(self):
+        return self.sources.shape[2]
+
+
+def _cache_bias(query_positions, context_length, sources):
+    """The additive bias (B, 1, W*T, K + L*W) of `cached_block_step`'s attention for T queries per row at
+    ``query_positions`` (T,), queries row-major ((w, t) at w * T + t), keys as the cache holds them: the
+    context's positions up to each query, and of the group's slots (slot-major: (l, w') at l * W + w') those
+    up to each query that row w reads (``sources[b, w, l] == w'``)."""
+    batch, rows, slots = ops.shape(sources)[0], sources.shape[1], sources.shape[2]
+    length = query_positions.shape[0]
+    context = causal_bias(query_positions, ops.arange(context_length, dtype="int32"))[0, 0]  # (T, K)
+    context = ops.broadcast_to(ops.tile(context, (rows, 1))[None, None], (batch, 1, rows * length, context_length))
+    visible = ops.arange(slots, dtype="int32")[None] + context_length <= query_positions[:, None]  # (T, L)
+    owner = sources[:, :, None, :, None] == ops.arange(rows, dtype="int32")  # (B, W, 1, L, W')
+    allowed = ops.logical_and(owner, visible[None, None, :, :, None])  # (B, W, T, L, W')
+    own = mask_bias(ops.reshape(allowed, (batch, 1, rows * length, slots * rows)))
+    return ops.concatenate([context, own], axis=-1)
