@@ -56,6 +56,7 @@ import numpy as np
 import tensorflow as tf
 
 from custom_architectures.quantization import check_trainable
+from custom_layers.linear import IN_OUT
 from custom_architectures.transformers_arch.clip_cap_arch import ClipCapBackbone
 from custom_train_objects.checkpoints import (  # noqa: F401 (is_checkpoint: its historical place)
     STATE_FILENAME,
@@ -543,7 +544,7 @@ class Trainer:
         shapes = write_variables(staging, self.backbone, self.optimizer)
         state = {"epoch": epoch, "batch": batch, "step": step, "max_length": self.max_length,
                  "hparams": self.hp.to_dict(), "loss": self.history["loss"], "epochs": self.history["epochs"],
-                 "shapes": shapes}
+                 "shapes": shapes, "gpt2_weights_layout": self.gpt2.get_config()["weights_layout"]}
         with open(staging / STATE_FILENAME, "w") as f:
             json.dump(state, f)
 
@@ -558,6 +559,12 @@ class Trainer:
         if state.get("max_length") != max_length:
             raise ValueError(f"cannot resume from {directory}: captions padded to {state.get('max_length')} "
                              f"tokens there, {max_length} now (different data?)")
+        layout = self.gpt2.get_config()["weights_layout"]
+        if state.get("gpt2_weights_layout", IN_OUT) != layout:  # absent: written before GPT-2's kernels were (out, in)
+            raise ValueError(f"cannot resume from {directory}: its GPT-2 projection kernels (and their optimizer "
+                             f"moments) are stored {state.get('gpt2_weights_layout', IN_OUT)!r}, this version trains "
+                             f"them {layout!r} (torch's nn.Linear layout); finish that run with the version that "
+                             "started it, or start a new run from its saved model (saved models load in either layout)")
         restore_variables(directory, self.backbone, self.optimizer, self._variable_groups())
         bad = non_finite_variables(self.backbone.weights + list(self.optimizer.variables))
         if bad:  # written before the trainer checked: resuming would only propagate them

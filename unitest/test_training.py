@@ -428,6 +428,26 @@ def test_a_checkpoint_or_model_with_non_finite_weights_is_never_written(shapes, 
         fresh.fit(sub, shapes["train_emb"][:40])
 
 
+def test_a_checkpoint_of_in_out_gpt2_kernels_is_refused_by_name(shapes, tmp_path):
+    """A training checkpoint written before GPT-2's projection kernels were (out, in) (its state.json has no
+    ``gpt2_weights_layout``): resuming says what it is and what to do, not "damaged, or another model's"."""
+    import json
+
+    hp = small_hp(epochs=1)
+    sub = shapes["train"].select_images(range(40))
+    trainer = Trainer(tiny_model(shapes, hp), hp, tmp_path / "run", loggers=quiet(), progress=False)
+    with pytest.raises(TrainingStopped):
+        trainer.fit(sub, shapes["train_emb"][:40], stop_after_steps=1)
+    state_path = trainer.latest_checkpoint() / "state.json"
+    state = json.loads(state_path.read_text())
+    assert state["gpt2_weights_layout"] == "out_in"
+    del state["gpt2_weights_layout"]  # as the trainer wrote it before
+    state_path.write_text(json.dumps(state))
+    fresh = Trainer(tiny_model(shapes, hp), hp, tmp_path / "run", loggers=quiet(), progress=False)
+    with pytest.raises(ValueError, match="stored 'in_out', this version trains them 'out_in'"):
+        fresh.fit(sub, shapes["train_emb"][:40])
+
+
 def test_float16_overflows_skipped_by_the_loss_scale_are_not_failures(shapes, tmp_path, monkeypatch):
     """mixed_float16 with a loss scale so high that the first steps overflow: the LossScaleOptimizer skips them
     while it halves the scale, and training goes on; an overflow with the scale already at its floor stops."""
