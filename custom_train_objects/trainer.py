@@ -56,8 +56,8 @@ import numpy as np
 import tensorflow as tf
 
 from custom_architectures.quantization import check_trainable
-from custom_layers.linear import IN_OUT
 from custom_architectures.transformers_arch.clip_cap_arch import ClipCapBackbone
+from custom_layers.linear import IN_OUT
 from custom_train_objects.checkpoints import (  # noqa: F401 (is_checkpoint: its historical place)
     STATE_FILENAME,
     is_checkpoint,
