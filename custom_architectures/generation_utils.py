@@ -200,6 +200,8 @@ class PrefixDecoder:
             history = tf.where(columns == step, tokens[:, None], history)
             return step + 1, tokens, history, cache, state
 
+        if max_length == 1:  # the prefill's token is all: no loop (its body would write a cache of no slots)
+            return history, state["lengths"], state["scores"], tf.constant(1, tf.int32)
         step, _, history, _, state = tf.while_loop(
             cond, body, (tf.constant(1, tf.int32), tokens, history, cache, state),
             maximum_iterations=max_length - 1)

@@ -395,6 +395,19 @@ def test_uncompiled_first_call_equals_the_compiled_second(kind, sampler, tiny_mo
     assert any(len(t) < 20 for candidates in compiled.tokens for t in candidates)  # some stopped early
 
 
+@pytest.mark.parametrize("sampler", [Greedy(), Beam(beam_size=3, num_captions=3)], ids=["greedy", "beam"])
+def test_one_token_compiles_and_equals_the_uncompiled_token(sampler, tiny_models):
+    """max_length=1: the prefill's token is the caption. The compiled program has no loop (its body would write
+    a cache of no slots: XLA refused to compile it) and gives the uncompiled token and score."""
+    model = tiny_models["mlp"]
+    decoder = PrefixDecoder(model.gpt2)
+    prefix = model.prefix(random_embeddings(3, model.prefix_size, seed=23))
+    compiled = decoder(prefix, sampler, max_length=1, stop_token_id=None, jit_compile=True)
+    uncompiled = decoder(prefix, sampler, max_length=1, stop_token_id=None, jit_compile=False)
+    assert compiled.tokens == uncompiled.tokens and all(len(t) == 1 for c in compiled.tokens for t in c)
+    np.testing.assert_allclose(compiled.scores, uncompiled.scores, atol=1e-5, rtol=0)
+
+
 def test_generate_compile_now_compiles_at_the_first_call(tiny_models):
     model = tiny_models["linear"]
     e = random_embeddings(2, model.prefix_size, seed=23)

@@ -561,6 +561,15 @@ class ClipCap:
         (True: compile now; False: the caller knows the shape will not recur, so nothing is built)."""
         return bool(compile_now) if compile_now is not None and self.jit_compile == "auto" else self.jit_compile
 
+    def wait_for_builds(self, timeout=None):
+        """Wait for the programs being compiled in the background under "auto" (`CompilePolicy.tier`: CLIP's
+        encoders, the mapper, the decoding loops); True when all are done (benchmarks and tests that time the
+        compiled forms)."""
+        waits = [self._policy.wait, self.decoder.wait_for_builds]
+        if self.clip is not None:
+            waits.append(self.clip.wait_for_builds)
+        return all([wait(timeout) for wait in waits])
+
     def decoder_will_compile(self, batch_size, sampler, max_length, compile_now=None):
         """Whether `generate` on ``batch_size`` rows with this sampler would compile a new decoding loop (never
         for a guided method: `guided_decoding.GuidedDecoder` runs instead)."""
