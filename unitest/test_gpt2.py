@@ -15,6 +15,7 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from custom_architectures.transformers_arch.gpt2_arch import GPT2
+from unitest.hlo import greedy_loop_hlo
 from unitest.parity import assert_close, max_abs_diff
 from utils.convert.hf_gpt2 import load_gpt2
 
@@ -286,17 +287,7 @@ def test_projection_kernels_are_out_in_and_read_so_by_the_compiled_step(tiny_pai
                             (block.mlp.c_fc, hf_block.mlp.c_fc), (block.mlp.c_proj, hf_block.mlp.c_proj)):
         np.testing.assert_array_equal(layer.kernel.numpy(), hf_layer.weight.detach().numpy().T)
 
-    @tf.function(jit_compile=True)
-    def greedy(prefix, n):
-        logits, cache = model.call_with_cache(prefix, model.init_cache(1, 16), 0)
-
-        def body(i, logits, cache):
-            token = tf.argmax(logits, -1, output_type=tf.int32)[:, None]
-            return (i + 1, *model.call_with_cache(model.embed_tokens(token), cache, 4 + i))
-
-        return tf.while_loop(lambda i, *_: i < n, body, (tf.constant(0), logits, cache))[1]
-
-    hlo = greedy.experimental_get_compiler_ir(tf.zeros((1, 4, 64)), tf.constant(3))(stage="optimized_hlo")
+    hlo = greedy_loop_hlo(model)
     assert "f32[192,64]" in hlo  # c_attn (3C, C), read as stored
     assert "f32[64,192]" not in hlo  # ...and never transposed to (C, 3C)
 

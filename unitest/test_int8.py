@@ -17,6 +17,7 @@ from custom_architectures.quantization import is_quantized, quantize_gpt2
 from custom_architectures.transformers_arch.gpt2_arch import GPT2
 from custom_layers.quantized import QMAX, dequantize_rows, int8_matmul, quantize_rows
 from testing.tiny_models import DEMO_DIR, random_embeddings
+from unitest.hlo import greedy_loop_hlo
 
 #: int8 logits against float32 on the small GPT-2 below: max |difference| over max |logit|. Each weight is off
 #: by at most scale/2 = max|row|/254 (0.4 % of its row's largest), which through 2 blocks and the head
@@ -95,18 +96,7 @@ def test_compiled_loop_reads_int8_weights(gpt2_pair):
     cast of a loop-invariant tensor out of a loop; the loop then reads float32 copies, no faster than float32.)"""
     _, int8 = gpt2_pair
 
-    @tf.function(jit_compile=True)
-    def greedy(prefix, n):
-        logits, cache = int8.call_with_cache(prefix, int8.init_cache(1, 16), 0)
-
-        def body(i, logits, cache):
-            token = tf.argmax(logits, -1, output_type=tf.int32)[:, None]
-            return (i + 1, *int8.call_with_cache(int8.embed_tokens(token), cache, 4 + i))
-
-        return tf.while_loop(lambda i, *_: i < n, body, (tf.constant(0), logits, cache))[1]
-
-    prefix = tf.zeros((1, 4, 64))
-    hlo = greedy.experimental_get_compiler_ir(prefix, tf.constant(3))(stage="optimized_hlo")
+    hlo = greedy_loop_hlo(int8)
     bodies = [line for line in hlo.splitlines() if " while(" in line]
     assert bodies, "no while loop in the compiled decoding"
     for kernel in ("s8[192,64]", "s8[256,64]", "s8[64,256]"):  # c_attn, c_fc, mlp.c_proj: (out, in)
