@@ -198,3 +198,24 @@ def test_bar_from_first_result_counts_the_first_batch_before_its_clock(capsys):
     err = capsys.readouterr().err.replace(" ", "")
     assert err.startswith("\rdoubling:40%") and "4/10[00:00<?,?item/s]" in err  # no rate from the start-up
     assert "10/10" in err
+
+
+def test_bar_from_first_result_does_not_hold_results_while_the_stages_run():
+    """The first results are handed over once their batch is out, not held while later items keep coming:
+    a caller that saves each result as it comes (prediction's map.json, which concurrent runs read) must get
+    the first one while the stages are bounded by the queues. The old code waited until no result came for
+    50 ms, so a stage producing one every 20 ms had finished everything before the first was yielded."""
+    produced = []
+
+    def slow(x):
+        time.sleep(0.02)
+        produced.append(x)
+        return x
+
+    pipe = Pipeline([Stage(slow, name="slow")], queue_size=2, progress=False, bar_from_first_result=True)
+    seen_at_first = None
+    for item in pipe.run(range(20)):
+        if seen_at_first is None:
+            seen_at_first = len(produced)
+    # item 0, at most queue_size more in the output queue and one in the worker's hands
+    assert seen_at_first is not None and seen_at_first <= 4, seen_at_first

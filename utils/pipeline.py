@@ -131,6 +131,7 @@ class Pipeline:
         self.unit = unit
         self.join_timeout = join_timeout
         self.bar_from_first_result = bar_from_first_result
+        self._burst = max(s.batch_size or 1 for s in self.stages)  # results that come out together
         self._running = False
 
     # ---------------------------------------------------------------------------------------------- run
@@ -181,8 +182,10 @@ class Pipeline:
                     break
                 pending[item.index] = item
                 if bar is None and next_index in pending:
-                    # the first results (a batch comes out item by item): done before the bar's clock starts
-                    while True:
+                    # the first results (a batch comes out item by item): done before the bar's clock starts.
+                    # At most the rest of one batch is waited for: results are handed over (and a caller may
+                    # act on them, e.g. save them) as they come, never held while the stages run on
+                    for _ in range(self._burst - 1):
                         try:
                             extra = out.get(timeout=_POLL_S)
                         except queue.Empty:
