@@ -99,8 +99,10 @@ def test_save_load_round_trip_is_exact(kind, tiny_models, tmp_path):
     np.testing.assert_array_equal(loaded.prefix(e, compile_now=False), model.prefix(e, compile_now=False))
     ids = np.array([[1, 2, 3], [4, 5, 6]])
     np.testing.assert_array_equal(loaded.logits(e, ids), model.logits(e, ids))
-    assert loaded.generate(e, method="beam", beam_size=3, max_length=10) == model.generate(
-        e, method="beam", beam_size=3, max_length=10)
+    # uncompiled on both sides too: an earlier test may have built this shape's program for the session's model,
+    # and XLA's sums differ from the graph's in the last digits of the beam scores
+    assert loaded.generate(e, method="beam", beam_size=3, max_length=10, compile_now=False) == model.generate(
+        e, method="beam", beam_size=3, max_length=10, compile_now=False)
 
 
 def test_saved_model_with_clip_loads_without_torch(with_clip, tmp_path):
