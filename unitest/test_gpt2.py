@@ -327,8 +327,8 @@ def test_compiled_loop_traces_one_block_function(tiny_pair, monkeypatch):
     inlined 2 x 12 blocks took 1.6-1.9 s of Python to trace, and an uncompiled call running beside that
     background trace waited for the GIL; tokens are those of the uncompiled loop."""
     from custom_architectures.generation_utils import Greedy, PrefixDecoder
-    from custom_layers import gpt2_block
     from custom_architectures.transformers_arch import gpt2_arch
+    from custom_layers import gpt2_block
 
     _, keras_model = tiny_pair
     assert keras_model.n_layer >= 2
