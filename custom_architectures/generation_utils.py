@@ -75,7 +75,7 @@ class PrefixDecoder:
         self.xla = bool(xla)  # the compiled form: XLA, or False: a plain graph (a bfloat16 model's, on CPU)
         self.max_batch_size = int(max_batch_size)
         self._compiled = {}
-        self._block_fn = None  # the traced block of the uncompiled path (`GPT2.block_step_function`)
+        self._block_fn = None  # the traced block of both forms (`GPT2.block_step_function`; `block_function`)
         self._auto = CompilePolicy("auto")  # which keys recur, for jit_compile="auto"
 
     def __call__(self, prefix, sampler, max_length=67, stop_token_id=None, seed=0, jit_compile=True):
@@ -161,13 +161,23 @@ class PrefixDecoder:
     def _function(self, key, sampler, compiled):
         max_length = key[2]
         if not compiled:
-            if self._block_fn is None:
-                self._block_fn = self.gpt2.block_step_function()
             return lambda *args: self.decode_loop(*args, sampler=sampler, max_length=max_length,
-                                                  block_fn=self._block_fn)
+                                                  block_fn=self.block_function())
         if key not in self._compiled:  # setdefault: a background build may create it at the same time
-            self._compiled.setdefault(key, tf.function(_Loop(self, sampler, max_length), jit_compile=self.xla))
+            # autograph off: the loop is written with tf.while_loop / tf.cond, and converting it took a second
+            self._compiled.setdefault(key, tf.function(_Loop(self, sampler, max_length), jit_compile=self.xla,
+                                                       autograph=False))
         return self._compiled[key]
+
+    def block_function(self):
+        """The block both forms run (`GPT2.block_step_function`, made once per decoder): called eagerly by the
+        uncompiled loop, one graph call per block; traced into the compiled loop as a call of that one function
+        per block, which XLA inlines. Tracing a loop that inlined the 2 x 12 blocks in Python took 1.6-1.9 s of
+        the GIL (3.4 s for a process's first), and an uncompiled call running beside that background trace
+        waits for the GIL at each of its Python steps; with one traced block the trace takes ~0.5 s."""
+        if self._block_fn is None:
+            self._block_fn = self.gpt2.block_step_function()
+        return self._block_fn
 
     def decode_loop(self, prefix, valid, stop_id, seed, sampler, max_length, block_fn=None):
         """The decoding loop itself, traceable (one ``tf.while_loop`` over a static KV cache): prefix (B, K, C),
@@ -217,4 +227,5 @@ class _Loop:
         self.decoder, self.sampler, self.max_length = decoder, sampler, max_length
 
     def __call__(self, prefix, valid, stop_id, seed):
-        return self.decoder.decode_loop(prefix, valid, stop_id, seed, sampler=self.sampler, max_length=self.max_length)
+        return self.decoder.decode_loop(prefix, valid, stop_id, seed, sampler=self.sampler, max_length=self.max_length,
+                                        block_fn=self.decoder.block_function())

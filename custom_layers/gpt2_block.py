@@ -29,7 +29,7 @@ from keras import ops
 from custom_layers.activations import gelu_new
 from custom_layers.attention import segmented_attention
 from custom_layers.gpt2_attention import GPT2Attention
-from custom_layers.inference_ops import dense, layer_norm, variable_value
+from custom_layers.inference_ops import dense, gpt2_gelu, layer_norm, variable_value
 from custom_layers.quantized import Int8Dense, check_quantization, projection
 
 
@@ -65,7 +65,7 @@ def cached_block_step(x, layer_cache, slot, attention_bias, weights, n_head, eps
     out = segmented_attention(q, [(context_keys, context_values), (keys, values)], attention_bias)
     out = tf.transpose(tf.reshape(out, (-1, n_head, rows, length, head_dim)), (0, 2, 3, 1, 4))  # (B, W, T, H, D)
     x = x + dense(tf.reshape(out, (-1, length, width)), proj_w, proj_b)
-    h = dense(gelu_new(dense(layer_norm(x, ln_2_g, ln_2_b, epsilon), fc_w, fc_b)), mlp_w, mlp_b)
+    h = dense(dense(layer_norm(x, ln_2_g, ln_2_b, epsilon), fc_w, fc_b, activation=gpt2_gelu), mlp_w, mlp_b)
     return x + h, (context_keys, context_values, keys, values)
 
 

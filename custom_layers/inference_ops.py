@@ -16,16 +16,41 @@ Example::
 
 import tensorflow as tf
 
-from custom_layers.linear import linear
+from custom_layers.activations import gelu_new
 from custom_layers.quantized import Int8Kernel, int8_matmul
 
 
-def dense(x, kernel, bias=None):
-    """x (..., Cin) @ kernel^T + bias (Cout,) -> (..., Cout), kernel (Cout, Cin) as `custom_layers.linear.Linear`
-    stores it: its call's computation (one ``transpose_b`` matmul on the input flattened to 2-D). ``kernel``
-    may be an `Int8Kernel` (q (Cout, Cin) int8, scale (Cout,)): `custom_layers.quantized`, ``precision="int8"``."""
-    y = int8_matmul(x, kernel.q, kernel.scale) if isinstance(kernel, Int8Kernel) else linear(x, kernel)
-    return y if bias is None else tf.nn.bias_add(y, bias)
+def dense(x, kernel, bias=None, activation=None):
+    """activation(x (..., Cin) @ kernel^T + bias (Cout,)) -> (..., Cout), kernel (Cout, Cin) as
+    `custom_layers.linear.Linear` stores it: its call's computation (one ``transpose_b`` matmul on the input
+    flattened to 2-D). ``kernel`` may be an `Int8Kernel` (q (Cout, Cin) int8, scale (Cout,)):
+    `custom_layers.quantized`, ``precision="int8"``.
+
+    The bias and the activation (a function of a tensor, or None) apply to the 2-D product, before it is
+    reshaped back: in a plain graph (the uncompiled step, a bfloat16 model's decoding) TensorFlow's remapper
+    then fuses matmul, bias and a ``tf.nn.gelu`` into one oneDNN kernel (`gpt2_gelu`); under XLA it is the
+    same program."""
+    if isinstance(kernel, Int8Kernel):
+        y = int8_matmul(x, kernel.q, kernel.scale)
+        y = y if bias is None else tf.nn.bias_add(y, bias)
+        return y if activation is None else activation(y)
+    units, fan_in = kernel.shape
+    lead = x.shape[:-1]
+    y = tf.matmul(x if x.shape.rank == 2 else tf.reshape(x, (-1, fan_in)), kernel, transpose_b=True)  # (rows, Cout)
+    y = y if bias is None else tf.nn.bias_add(y, bias)
+    y = y if activation is None else activation(y)
+    if x.shape.rank == 2:
+        return y
+    lead = lead.as_list() if lead.is_fully_defined() else tf.shape(x)[:-1]
+    return tf.reshape(y, tf.concat([lead, [units]], 0) if tf.is_tensor(lead) else [*lead, units])
+
+
+def gpt2_gelu(x):
+    """GPT-2's GELU (tanh form) for the cached decoding step: `custom_layers.activations.gelu_new` (the
+    PyTorch original's order of operations) in float32; in bfloat16 TensorFlow's ``tf.nn.gelu(approximate=True)``,
+    the same formula, which the remapper fuses with the matmul and bias before it into one oneDNN kernel
+    (computed in float32 inside it, where the written-out form rounded each of its 8 steps to bfloat16)."""
+    return tf.nn.gelu(x, approximate=True) if x.dtype == tf.bfloat16 else gelu_new(x)
 
 
 def layer_norm(x, gamma, beta, epsilon):

@@ -147,10 +147,11 @@ PRECISIONS = {
     "float32": Precision("float32", ("fp32",), _as_is, (),
                          summary="float32 weights and compute, the model as saved (the default)"),
     # version 2: CLIP's blocks compute their layer norms, QuickGELU, biases and residual sums in fused float32
-    # kernels (custom_layers.clip_layers), so features differ from version 1's in the last bits
+    # kernels (custom_layers.clip_layers), so features differ from version 1's in the last bits; version 3:
+    # GPT-2's MLP runs matmul, bias and GELU as one oneDNN kernel (custom_layers.inference_ops.gpt2_gelu)
     "bfloat16": Precision("bfloat16", ("bf16",), _bfloat16, BFLOAT16_FLAGS, xla=False,
                           summary="bfloat16 weights, matmuls and convolutions (float32 accumulation, layer norms, softmax "
-                          "and log-probabilities): fast where the CPU has AMX or AVX512_BF16", version=2),
+                          "and log-probabilities): fast where the CPU has AMX or AVX512_BF16", version=3),
     "int8": Precision("int8", (), _int8, (), clip=False, savable=True,
                       summary="GPT-2's weights in int8 per output channel (mapper and CLIP float32): one-image "
                       "latency; saved as int8, inference only"),

@@ -307,8 +307,7 @@ def test_compiled_beam_step_copies_no_cache(tiny_pair):
 
     _, keras_model = tiny_pair
     decoder, beam, max_length = PrefixDecoder(keras_model), Beam(beam_size=3), 12
-    loop = tf.function(lambda *args: decoder.decode_loop(*args, sampler=beam, max_length=max_length),
-                       jit_compile=True)
+    loop = decoder._function(decoder._key(2, 4, max_length, beam), beam, compiled=True)  # as the decoder compiles
     args = (tf.zeros((2, 4, 64)), tf.ones((2,), tf.bool), tf.constant(-1), tf.constant(0))
     body = _loop_body_hlo(loop.experimental_get_compiler_ir(*args)(stage="optimized_hlo"))
     layer_elements = 2 * 4 * 3 * (max_length - 1) * 16  # (B, H, W * L, D) of one layer's keys
@@ -320,3 +319,30 @@ def test_compiled_beam_step_copies_no_cache(tiny_pair):
             large.append((match.group(3), match.group(1)))
     assert len(large) == 2 * keras_model.n_layer, large
     assert all("dynamic-update-slice" in name and "copy" not in name for _, name in large), large
+
+
+def test_compiled_loop_traces_one_block_function(tiny_pair, monkeypatch):
+    """Issue 24 (tiering): the compiled decoding loop is traced with one block function that every block calls
+    (traced once per chunk shape: the prefill's and the step's), not the blocks inlined one by one. A loop that
+    inlined 2 x 12 blocks took 1.6-1.9 s of Python to trace, and an uncompiled call running beside that
+    background trace waited for the GIL; tokens are those of the uncompiled loop."""
+    from custom_architectures.generation_utils import Greedy, PrefixDecoder
+    from custom_architectures.transformers_arch import gpt2_arch
+    from custom_layers import gpt2_block
+
+    _, keras_model = tiny_pair
+    assert keras_model.n_layer >= 2
+    traced = []
+    original = gpt2_block.cached_block_step
+
+    def counting(*args, **kwargs):
+        traced.append(tf.executing_eagerly())
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(gpt2_block, "cached_block_step", counting)
+    monkeypatch.setattr(gpt2_arch, "cached_block_step", counting)
+    prefix = np.random.default_rng(3).normal(0, 1, (2, 4, keras_model.n_embd)).astype(np.float32)
+    decoder = PrefixDecoder(keras_model)
+    compiled = decoder(prefix, Greedy(), max_length=6, jit_compile=True)
+    assert traced == [False, False], traced  # the prefill's chunk and the step's, each traced once
+    assert compiled.tokens == PrefixDecoder(keras_model)(prefix, Greedy(), max_length=6, jit_compile=False).tokens

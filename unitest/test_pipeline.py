@@ -214,7 +214,7 @@ def test_bar_from_first_result_does_not_hold_results_while_the_stages_run():
 
     pipe = Pipeline([Stage(slow, name="slow")], queue_size=2, progress=False, bar_from_first_result=True)
     seen_at_first = None
-    for item in pipe.run(range(20)):
+    for _item in pipe.run(range(20)):
         if seen_at_first is None:
             seen_at_first = len(produced)
     # item 0, at most queue_size more in the output queue and one in the worker's hands
