@@ -30,6 +30,15 @@ on any valid row), so no computation of the build runs on the pools that serve t
 fails raises its error at the key's next call (as a foreground compilation would have), and the key is
 built again at the call after. ``force=True`` (a long run) still compiles in the foreground at once.
 
+What a build still costs the calls beside it (measured on 2 cores, GPT-2 124M, 16 images, greedy): the
+build's Python (tracing the loop) holds the GIL, which an uncompiled call needs between its graph calls (a
+thread spinning in Python made such a call 7.7x slower), so the decoder traces its loop with one block
+function (`PrefixDecoder.block_function`: ~0.5 s of Python instead of 1.6-1.9 s). Its XLA compilation (~2.5
+s) releases the GIL, yet any other work on the same 2 cores, whatever its priority, slows a call: a
+``while True`` loop in another process under SCHED_IDLE made it 1.2x slower. The calls that run beside a
+build (one or two) are therefore ~1.3x the uncompiled time, where a foreground compilation made one of them
+3-4x.
+
 Example::
 
     policy = CompilePolicy("auto")
