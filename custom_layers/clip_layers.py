@@ -21,17 +21,14 @@ accumulation) and, between them, a few XLA-fused float32 kernels (`fused_element
 biases, residual sums, softmax) instead of ~40 bfloat16 / float32 TensorFlow kernels per block, which took
 half of a bf16 ViT-B/32's time. Float32 layers run the plain form.
 
-Traced into a graph (a compiled encoder, `shared_block_steps`), a tower's blocks run one traced function
-with each block's weights as arguments, so the tower's trace does not repeat a block's Python per block.
+Traced into a graph inside `custom_layers.shared_steps.shared_steps` (a compiled encoder's), a tower's
+`ResidualAttentionBlock`s run as calls of one traced function with each block's weights as arguments.
 
 Example::
 
     block = ResidualAttentionBlock(width=768, heads=12, name="transformer.resblocks.0")
     y = block(keras.ops.ones((2, 50, 768)))  # (B, T, C)
 """
-
-import contextlib
-import contextvars
 
 import keras
 import tensorflow as tf
@@ -47,6 +44,7 @@ from custom_layers.attention import (
 )
 from custom_layers.inference_ops import layer_norm as layer_norm_values
 from custom_layers.inference_ops import variable_value
+from custom_layers.shared_steps import shared_step
 
 TORCH_EPSILON = 1e-5  # nn.LayerNorm / nn.BatchNorm2d default
 
@@ -207,57 +205,6 @@ class MultiHeadAttention(keras.layers.Layer):
         return config
 
 
-# {id(block): its `_SharedBlockStep`} while `shared_block_steps` is tracing a tower in this thread; None otherwise
-_SHARED_STEPS = contextvars.ContextVar("clip_shared_block_steps", default=None)
-
-
-class _SharedBlockStep:
-    """One traced function for blocks of one configuration: ``template``'s computation (`Layer.stateless_call`)
-    with the weights of the block it serves passed as arguments, traced once per input shape."""
-
-    def __init__(self, template):
-        self.template = template
-        self._fn = tf.function(self._step, autograph=False)
-
-    def _step(self, trainable, non_trainable, x):
-        token = _SHARED_STEPS.set(None)  # the template's own call runs its body, not this step again
-        try:
-            return self.template.stateless_call(trainable, non_trainable, x)[0]
-        finally:
-            _SHARED_STEPS.reset(token)
-
-    def __call__(self, block, x):
-        return self._fn([v.value for v in block.trainable_variables],
-                        [v.value for v in block.non_trainable_variables], x)
-
-
-def _step_key(block):
-    """Blocks that one traced step serves: same class, configuration, dtype policy and weight shapes."""
-    return (type(block), block.width, block.heads, block.causal, block.dtype_policy.name,
-            tuple((tuple(v.shape), v.trainable) for v in block.weights))
-
-
-@contextlib.contextmanager
-def shared_block_steps(tower):
-    """While a graph (a ``tf.function``) is traced in this context, the `ResidualAttentionBlock`s of ``tower``
-    (a Keras model) run as calls of one traced function per configuration, their weights as arguments, instead
-    of each block's ops traced anew: the tower's trace is shorter (a compiled encoder built in the background
-    holds the GIL while it traces, which the calls running beside it need). Eager calls are not affected, nor
-    other threads (a context variable). The function computed is the same."""
-    blocks = [layer for layer in tower._flatten_layers(include_self=False) if isinstance(layer, ResidualAttentionBlock)]
-    templates, steps = {}, {}
-    for block in blocks:
-        key = _step_key(block)
-        if key not in templates:
-            templates[key] = _SharedBlockStep(block)
-        steps[id(block)] = templates[key]
-    token = _SHARED_STEPS.set(steps)
-    try:
-        yield
-    finally:
-        _SHARED_STEPS.reset(token)
-
-
 @keras.saving.register_keras_serializable(package="image_captioning")
 class ResidualAttentionBlock(keras.layers.Layer):
     """``x + attn(ln_1(x))`` then ``x + mlp(ln_2(x))`` with a 4x QuickGELU MLP (OpenAI's block)."""
@@ -282,9 +229,9 @@ class ResidualAttentionBlock(keras.layers.Layer):
         self.built = True
 
     def call(self, x):  # (B, T, C)
-        steps = _SHARED_STEPS.get()
-        if steps is not None and id(self) in steps and not tf.executing_eagerly():
-            return steps[id(self)](self, x)  # `shared_block_steps`: one traced function serves every block
+        step = shared_step(self)
+        if step is not None:  # traced inside `shared_steps`: one traced function serves every block
+            return step(self, x)
         if onednn_bfloat16(self):
             return self._call_bfloat16(x)
         x = x + self.attn(self.ln_1(x))
