@@ -21,6 +21,9 @@ accumulation) and, between them, a few XLA-fused float32 kernels (`fused_element
 biases, residual sums, softmax) instead of ~40 bfloat16 / float32 TensorFlow kernels per block, which took
 half of a bf16 ViT-B/32's time. Float32 layers run the plain form.
 
+Traced into a graph inside `custom_layers.shared_steps.shared_steps` (a compiled encoder's), a tower's
+`ResidualAttentionBlock`s run as calls of one traced function with each block's weights as arguments.
+
 Example::
 
     block = ResidualAttentionBlock(width=768, heads=12, name="transformer.resblocks.0")
@@ -41,6 +44,7 @@ from custom_layers.attention import (
 )
 from custom_layers.inference_ops import layer_norm as layer_norm_values
 from custom_layers.inference_ops import variable_value
+from custom_layers.shared_steps import shared_step
 
 TORCH_EPSILON = 1e-5  # nn.LayerNorm / nn.BatchNorm2d default
 
@@ -225,6 +229,9 @@ class ResidualAttentionBlock(keras.layers.Layer):
         self.built = True
 
     def call(self, x):  # (B, T, C)
+        step = shared_step(self)
+        if step is not None:  # traced inside `shared_steps`: one traced function serves every block
+            return step(self, x)
         if onednn_bfloat16(self):
             return self._call_bfloat16(x)
         x = x + self.attn(self.ln_1(x))

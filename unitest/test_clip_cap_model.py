@@ -147,3 +147,31 @@ def test_clear_errors(tiny_models, tmp_path, with_clip):
     with pytest.raises(FileNotFoundError, match="model.weights.h5 missing"):
         ClipCap.load(tmp_path / "m")
     assert model.generate(np.zeros((0, model.prefix_size), np.float32)) == []
+
+
+def test_compiled_mapper_traces_one_layer_step(tiny_models, monkeypatch):
+    """Issue 24 (tiering): the compiled transformer mapper's trace runs its layers as one traced function (each
+    layer's weights as arguments), not each layer's ops anew (the trace of a background build holds the GIL that
+    the calls beside it need); the compiled prefixes are the eager ones."""
+    import tensorflow as tf
+
+    from custom_architectures.transformers_arch import clip_cap_arch
+    from models.image_captioning.clip_cap import _project
+
+    model = tiny_models["transformer"]
+    assert model._policy.wait(timeout=300)  # earlier tests' background builds trace this mapper too
+    layers = [x for x in model.backbone._flatten_layers() if isinstance(x, clip_cap_arch.MapperLayer)]
+    assert len(layers) >= 2
+    traced = []
+    original = clip_cap_arch.MapperAttention.call
+
+    def counting(self, *args, **kwargs):
+        traced.append(tf.executing_eagerly())
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(clip_cap_arch.MapperAttention, "call", counting)
+    e = random_embeddings(3, model.prefix_size, seed=41)
+    project = tf.function(lambda e, run: _project(model.backbone, e, run), jit_compile=True)  # `ClipCap._project`
+    compiled = project(tf.constant(e), tf.constant(True)).numpy()
+    assert traced == [False], traced  # every layer, one trace
+    np.testing.assert_allclose(compiled, model.prefix(e, compile_now=False), rtol=0, atol=1e-5)

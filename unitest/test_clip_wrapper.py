@@ -7,6 +7,7 @@ import sys
 
 import numpy as np
 import pytest
+import tensorflow as tf
 import torch
 from clip import tokenize
 from clip.clip import _transform
@@ -216,3 +217,32 @@ def test_clear_errors(setup, tmp_path, monkeypatch):
     # the file and the variable it lacks are named
     with pytest.raises(CheckpointError, match=r"cannot load the weights from .*model\.weights\.h5.*logit_scale"):
         CLIP.load(saved)
+
+
+def test_compiled_encoders_trace_one_block_step(setup, monkeypatch):
+    """Issue 24 (tiering): a compiled encoder's trace runs the transformer blocks as one traced function (each
+    block's weights as its arguments), not each block's ops anew: a background build holds the GIL while it
+    traces, and CLIP's eager calls beside it need it at every layer (ViT-B/32's trace 0.62 -> ~0.2 s). The
+    compiled features are the eager tower's."""
+    from custom_layers import clip_layers
+
+    model = setup["clip"].model
+    assert setup["clip"].wait_for_builds(timeout=300)  # earlier tests' background builds trace this tower too
+    traced = []
+    original = clip_layers.MultiHeadAttention.call
+
+    def counting(self, *args, **kwargs):
+        traced.append(tf.executing_eagerly())
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(clip_layers.MultiHeadAttention, "call", counting)
+    pixels = np.random.default_rng(5).normal(0, 1, (3, 32, 32, 3)).astype(np.float32)
+    compiled = CLIP(model, jit_compile=True).encode_pixels(pixels)
+    assert traced == [False], traced  # 2 blocks, one trace
+    traced.clear()
+    eager = np.asarray(model.visual(pixels, training=False))
+    assert traced == [True, True]  # eager calls run every block as before
+    np.testing.assert_allclose(compiled, eager, rtol=0, atol=1e-5)
+    traced.clear()
+    CLIP(model, tokenizer=setup["clip"].tokenizer, jit_compile=True).encode_text(["a photo of a cat", "two dogs"])
+    assert traced == [False], traced  # the text tower's (causal) blocks: one trace too

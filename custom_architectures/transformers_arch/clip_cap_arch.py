@@ -29,6 +29,7 @@ from keras import ops
 from custom_architectures.transformers_arch.gpt2_arch import GPT2  # noqa: F401 (registered: a backbone's child)
 from custom_architectures.transformers_arch.mapper_registry import MAPPERS, mapper_type
 from custom_layers.attention import dot_product_attention, heads_first, merge_heads, split_heads
+from custom_layers.shared_steps import shared_step
 
 
 @keras.saving.register_keras_serializable(package="image_captioning")
@@ -153,6 +154,9 @@ class MapperLayer(keras.layers.Layer):
         self.built = True
 
     def call(self, x):
+        step = shared_step(self)
+        if step is not None:  # traced inside `shared_steps` (the compiled mapper): one function serves all layers
+            return step(self, x)
         x = x + self.attn(self.norm1(x))
         return x + self.mlp(self.norm2(x))
 

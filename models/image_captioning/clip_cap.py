@@ -37,7 +37,8 @@ from custom_architectures.decoding_options import MODEL_STOP_TOKEN  # noqa: E402
 from custom_architectures.generation_utils import PrefixDecoder  # noqa: E402
 from custom_architectures.guided_decoding import GuidedDecoder  # noqa: E402
 from custom_architectures.quantization import is_quantized  # noqa: E402
-from custom_architectures.transformers_arch.clip_cap_arch import ClipCapBackbone  # noqa: E402
+from custom_architectures.transformers_arch.clip_cap_arch import ClipCapBackbone, MapperLayer  # noqa: E402
+from custom_layers.shared_steps import shared_steps  # noqa: E402
 from models import check_jit_compile  # noqa: E402
 from models.image_captioning.saving import ModelLoadError  # noqa: E402, F401
 from models.precision import DEFAULT_PRECISION, precision_identity, resolve_precision, warn_if_slow  # noqa: E402
@@ -48,7 +49,12 @@ def _project(backbone, embeddings, run):
     """The compiled mapper (`ClipCap._project`): float32 prefixes (B, K, C) of ``embeddings``, or zeros when
     ``run`` is False (a background build compiles the program without computing: ``tf.cond``)."""
     shape = (tf.shape(embeddings)[0], backbone.prefix_length, backbone.gpt2.n_embd)
-    return tf.cond(run, lambda: tf.cast(backbone.prefix(embeddings), tf.float32), lambda: tf.zeros(shape, tf.float32))
+
+    def prefix():
+        with shared_steps(backbone, MapperLayer):  # a transformer mapper's layers traced once, not once each
+            return tf.cast(backbone.prefix(embeddings), tf.float32)
+
+    return tf.cond(run, prefix, lambda: tf.zeros(shape, tf.float32))
 
 
 class ClipCap:

@@ -29,7 +29,8 @@ import tensorflow as tf  # noqa: E402
 from custom_architectures.batching import pad_batch, power_of_two_at_least  # noqa: E402
 from custom_architectures.clip_arch import CLIPModel, ModifiedResNet  # noqa: E402
 from custom_architectures.compile_policy import CompilePolicy  # noqa: E402
-from custom_layers.clip_layers import compiles_per_shape  # noqa: E402
+from custom_layers.clip_layers import ResidualAttentionBlock, compiles_per_shape  # noqa: E402
+from custom_layers.shared_steps import shared_steps  # noqa: E402
 from models import check_jit_compile  # noqa: E402
 from models.precision import DEFAULT_PRECISION  # noqa: E402
 from models.siamese.clip_tokenizer import CLIPTokenizer  # noqa: E402
@@ -374,8 +375,11 @@ class CLIP:
 def _encode_or_zeros(tower, inputs, run, width):
     """A compiled encoder's body: the tower's float32 features (B, width) of ``inputs``, or zeros when ``run`` is
     False (a background build compiles the program without computing, as the mapper's: ``tf.cond``)."""
-    return tf.cond(run, lambda: tf.cast(tower(inputs, training=False), tf.float32),
-                   lambda: tf.zeros((tf.shape(inputs)[0], width), tf.float32))
+    def features():
+        with shared_steps(tower, ResidualAttentionBlock):  # the blocks traced once, not once each
+            return tf.cast(tower(inputs, training=False), tf.float32)
+
+    return tf.cond(run, features, lambda: tf.zeros((tf.shape(inputs)[0], width), tf.float32))
 
 
 def _cast_text(loaded, precision):
