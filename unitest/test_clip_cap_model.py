@@ -157,19 +157,13 @@ def test_compiled_mapper_traces_one_layer_step(tiny_models, monkeypatch):
 
     from custom_architectures.transformers_arch import clip_cap_arch
     from models.image_captioning.clip_cap import _project
+    from unitest.tracing import record_traces
 
     model = tiny_models["transformer"]
     assert model._policy.wait(timeout=300)  # earlier tests' background builds trace this mapper too
     layers = [x for x in model.backbone._flatten_layers() if isinstance(x, clip_cap_arch.MapperLayer)]
     assert len(layers) >= 2
-    traced = []
-    original = clip_cap_arch.MapperAttention.call
-
-    def counting(self, *args, **kwargs):
-        traced.append(tf.executing_eagerly())
-        return original(self, *args, **kwargs)
-
-    monkeypatch.setattr(clip_cap_arch.MapperAttention, "call", counting)
+    traced = record_traces(monkeypatch, clip_cap_arch.MapperAttention.call, clip_cap_arch.MapperAttention)
     e = random_embeddings(3, model.prefix_size, seed=41)
     project = tf.function(lambda e, run: _project(model.backbone, e, run), jit_compile=True)  # `ClipCap._project`
     compiled = project(tf.constant(e), tf.constant(True)).numpy()

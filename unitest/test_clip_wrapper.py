@@ -7,7 +7,6 @@ import sys
 
 import numpy as np
 import pytest
-import tensorflow as tf
 import torch
 from clip import tokenize
 from clip.clip import _transform
@@ -225,17 +224,11 @@ def test_compiled_encoders_trace_one_block_step(setup, monkeypatch):
     traces, and CLIP's eager calls beside it need it at every layer (ViT-B/32's trace 0.62 -> ~0.2 s). The
     compiled features are the eager tower's."""
     from custom_layers import clip_layers
+    from unitest.tracing import record_traces
 
     model = setup["clip"].model
     assert setup["clip"].wait_for_builds(timeout=300)  # earlier tests' background builds trace this tower too
-    traced = []
-    original = clip_layers.MultiHeadAttention.call
-
-    def counting(self, *args, **kwargs):
-        traced.append(tf.executing_eagerly())
-        return original(self, *args, **kwargs)
-
-    monkeypatch.setattr(clip_layers.MultiHeadAttention, "call", counting)
+    traced = record_traces(monkeypatch, clip_layers.MultiHeadAttention.call, clip_layers.MultiHeadAttention)
     pixels = np.random.default_rng(5).normal(0, 1, (3, 32, 32, 3)).astype(np.float32)
     compiled = CLIP(model, jit_compile=True).encode_pixels(pixels)
     assert traced == [False], traced  # 2 blocks, one trace

@@ -329,18 +329,11 @@ def test_compiled_loop_traces_one_block_function(tiny_pair, monkeypatch):
     from custom_architectures.generation_utils import Greedy, PrefixDecoder
     from custom_architectures.transformers_arch import gpt2_arch
     from custom_layers import gpt2_block
+    from unitest.tracing import record_traces
 
     _, keras_model = tiny_pair
     assert keras_model.n_layer >= 2
-    traced = []
-    original = gpt2_block.cached_block_step
-
-    def counting(*args, **kwargs):
-        traced.append(tf.executing_eagerly())
-        return original(*args, **kwargs)
-
-    monkeypatch.setattr(gpt2_block, "cached_block_step", counting)
-    monkeypatch.setattr(gpt2_arch, "cached_block_step", counting)
+    traced = record_traces(monkeypatch, gpt2_block.cached_block_step, gpt2_block, gpt2_arch)
     prefix = np.random.default_rng(3).normal(0, 1, (2, 4, keras_model.n_embd)).astype(np.float32)
     decoder = PrefixDecoder(keras_model)
     compiled = decoder(prefix, Greedy(), max_length=6, jit_compile=True)
