@@ -17,32 +17,20 @@ Example::
 import tensorflow as tf
 
 from custom_layers.activations import gelu_new
+from custom_layers.linear import linear
 from custom_layers.quantized import Int8Kernel, int8_matmul
 
 
 def dense(x, kernel, bias=None, activation=None):
     """activation(x (..., Cin) @ kernel^T + bias (Cout,)) -> (..., Cout), kernel (Cout, Cin) as
-    `custom_layers.linear.Linear` stores it: its call's computation (one ``transpose_b`` matmul on the input
-    flattened to 2-D). ``kernel`` may be an `Int8Kernel` (q (Cout, Cin) int8, scale (Cout,)):
-    `custom_layers.quantized`, ``precision="int8"``.
-
-    The bias and the activation (a function of a tensor, or None) apply to the 2-D product, before it is
-    reshaped back: in a plain graph (the uncompiled step, a bfloat16 model's decoding) TensorFlow's remapper
-    then fuses matmul, bias and a ``tf.nn.gelu`` into one oneDNN kernel (`gpt2_gelu`); under XLA it is the
-    same program."""
-    if isinstance(kernel, Int8Kernel):
-        y = int8_matmul(x, kernel.q, kernel.scale)
-        y = y if bias is None else tf.nn.bias_add(y, bias)
-        return y if activation is None else activation(y)
-    units, fan_in = kernel.shape
-    lead = x.shape[:-1]
-    y = tf.matmul(x if x.shape.rank == 2 else tf.reshape(x, (-1, fan_in)), kernel, transpose_b=True)  # (rows, Cout)
+    `custom_layers.linear.Linear` stores it: `custom_layers.linear.linear` (bias and activation fused with the
+    matmul in a plain graph). ``kernel`` may be an `Int8Kernel` (q (Cout, Cin) int8, scale (Cout,)):
+    `custom_layers.quantized`, ``precision="int8"``."""
+    if not isinstance(kernel, Int8Kernel):
+        return linear(x, kernel, bias, activation)
+    y = int8_matmul(x, kernel.q, kernel.scale)
     y = y if bias is None else tf.nn.bias_add(y, bias)
-    y = y if activation is None else activation(y)
-    if x.shape.rank == 2:
-        return y
-    lead = lead.as_list() if lead.is_fully_defined() else tf.shape(x)[:-1]
-    return tf.reshape(y, tf.concat([lead, [units]], 0) if tf.is_tensor(lead) else [*lead, units])
+    return y if activation is None else activation(y)
 
 
 def gpt2_gelu(x):

@@ -87,16 +87,22 @@ class Linear(keras.layers.Layer):
         return config
 
 
-def linear(x, kernel):
-    """x (..., in) @ kernel (out, in)^T -> (..., out): one 2-D ``matmul(..., transpose_b=True)`` on x flattened
-    to rows (no transposed copy of the kernel is made; `Linear.call` and the cached decoding step's
-    `custom_layers.inference_ops.dense` both run it)."""
+def linear(x, kernel, bias=None, activation=None):
+    """activation(x (..., in) @ kernel (out, in)^T + bias (out,)) -> (..., out): one 2-D
+    ``matmul(..., transpose_b=True)`` on x flattened to rows (no transposed copy of the kernel is made;
+    `Linear.call` and the cached decoding step's `custom_layers.inference_ops.dense` both run it).
+
+    The bias and the activation (a function of a tensor, or None) apply to the 2-D product, before it is
+    reshaped back: in a plain graph TensorFlow's remapper then fuses matmul, bias and a ``tf.nn.gelu`` into one
+    oneDNN kernel (`custom_layers.inference_ops.gpt2_gelu`); under XLA it is the same program."""
     units, fan_in = kernel.shape
+    y = tf.matmul(x if x.shape.rank == 2 else tf.reshape(x, (-1, fan_in)), kernel, transpose_b=True)  # (rows, out)
+    y = y if bias is None else tf.nn.bias_add(y, bias)
+    y = y if activation is None else activation(y)
     if x.shape.rank == 2:
-        return tf.matmul(x, kernel, transpose_b=True)
+        return y
     lead = x.shape[:-1]
     lead = lead.as_list() if lead.is_fully_defined() else tf.shape(x)[:-1]
-    y = tf.matmul(tf.reshape(x, (-1, fan_in)), kernel, transpose_b=True)
     return tf.reshape(y, tf.concat([lead, [units]], 0) if tf.is_tensor(lead) else [*lead, units])
 
 
