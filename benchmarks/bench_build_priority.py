@@ -22,9 +22,8 @@ import time
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import numpy as np
-import tensorflow as tf
 
-from benchmarks.machine import print_machine
+from benchmarks.machine import print_machine, use_threads
 from custom_architectures.compile_policy import thread_times
 from custom_architectures.generation_utils import Greedy, PrefixDecoder
 from custom_architectures.transformers_arch.gpt2_arch import GPT2
@@ -66,8 +65,7 @@ def main():
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     print_machine()
-    tf.config.threading.set_intra_op_parallelism_threads(args.threads)
-    tf.config.threading.set_inter_op_parallelism_threads(args.threads)
+    use_threads(args.threads)
     gpt2 = GPT2()
     prefix = np.random.default_rng(0).normal(0.0, 1.0, (args.images, args.prefix_length, 768)).astype(np.float32)
     per_thread, wall = build_cpu(PrefixDecoder(gpt2), prefix, args.max_length)

@@ -58,11 +58,10 @@ with warnings.catch_warnings():
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "-1")
 
-import tensorflow as tf
 from PIL import Image
 
 from benchmarks.flops import matmul_peak
-from benchmarks.machine import print_machine
+from benchmarks.machine import print_machine, use_threads
 from testing import clipcap_official as ref
 from testing.clip_configs import bench_clip_config
 
@@ -285,9 +284,7 @@ def main():
     args = parser.parse_args()
     print_machine()
 
-    torch.set_num_threads(args.threads)
-    tf.config.threading.set_intra_op_parallelism_threads(args.threads)
-    tf.config.threading.set_inter_op_parallelism_threads(args.threads)
+    use_threads(args.threads)
     from testing.tiny_models import train_tiny_tokenizer
 
     images = photos()

@@ -32,9 +32,8 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 # isort: split
 import numpy as np
-import tensorflow as tf
 
-from benchmarks.machine import print_machine
+from benchmarks.machine import print_machine, use_threads
 from custom_architectures.generation_utils import Beam, Greedy, PrefixDecoder
 from utils.convert.hf_gpt2 import load_gpt2
 
@@ -126,9 +125,7 @@ def main():
     parser.add_argument("--only-tiering", action="store_true", help="the tiered-'auto' table only")
     args = parser.parse_args()
     print_machine()
-    torch.set_num_threads(args.threads)
-    tf.config.threading.set_intra_op_parallelism_threads(args.threads)
-    tf.config.threading.set_inter_op_parallelism_threads(args.threads)
+    use_threads(args.threads)
 
     torch.manual_seed(0)
     torch_model = GPT2LMHeadModel(GPT2Config()).eval()

@@ -26,9 +26,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "-1")
 
 import numpy as np
-import tensorflow as tf
 
-from benchmarks.machine import print_machine
+from benchmarks.machine import print_machine, use_threads
 
 
 def build_real(directory, tokenizer_dir):
@@ -112,9 +111,7 @@ def main():
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     print_machine()
-    tf.config.threading.set_intra_op_parallelism_threads(args.threads)
-    tf.config.threading.set_inter_op_parallelism_threads(args.threads)
-    torch.set_num_threads(args.threads)
+    use_threads(args.threads)
     from testing.tiny_models import train_tiny_tokenizer
 
     with tempfile.TemporaryDirectory() as directory:

@@ -29,17 +29,16 @@ import tempfile
 from pathlib import Path
 
 # torchvision (imported by the clip package) must come before TensorFlow
-import torch  # noqa: I001
+import torch  # noqa: F401, I001  (before TensorFlow; `use_threads` sets its threads)
 import torchvision  # noqa: F401
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "-1")
 
 import numpy as np
-import tensorflow as tf
 
 from benchmarks.bench_clipcap import CONFIGS, agreement, build, photos
-from benchmarks.machine import print_machine
+from benchmarks.machine import print_machine, use_threads
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -88,9 +87,7 @@ def main():
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     print_machine()
-    torch.set_num_threads(args.threads)
-    tf.config.threading.set_intra_op_parallelism_threads(args.threads)
-    tf.config.threading.set_inter_op_parallelism_threads(args.threads)
+    use_threads(args.threads)
 
     images = photos() + demo_photos()
     rows = []

@@ -9,6 +9,7 @@ Example::
 """
 
 import os
+import sys
 
 from utils.cpu_features import CPUINFO, cpu_info, has_fast_bfloat16
 
@@ -32,3 +33,14 @@ def describe_machine(path=CPUINFO):
 def print_machine():
     """Print `describe_machine` (a benchmark's first line of output)."""
     print(describe_machine(), flush=True)
+
+
+def use_threads(threads, inter_op=None):
+    """The same number of threads on both sides of a comparison: TensorFlow's intra-op pool and its inter-op
+    pool (``inter_op``, default the same), and torch's when the script loaded it."""
+    import tensorflow as tf
+
+    tf.config.threading.set_intra_op_parallelism_threads(threads)
+    tf.config.threading.set_inter_op_parallelism_threads(threads if inter_op is None else inter_op)
+    if "torch" in sys.modules:
+        sys.modules["torch"].set_num_threads(threads)
