@@ -75,7 +75,7 @@ class PrefixDecoder:
         self.xla = bool(xla)  # the compiled form: XLA, or False: a plain graph (a bfloat16 model's, on CPU)
         self.max_batch_size = int(max_batch_size)
         self._compiled = {}
-        self._block_fn = None  # the traced block of both forms (`GPT2.block_step_function`; `block_function`)
+        self._block_fns = {}  # the traced block of both forms, by ``inplace`` (`block_function`)
         self._auto = CompilePolicy("auto")  # which keys recur, for jit_compile="auto"
 
     def __call__(self, prefix, sampler, max_length=67, stop_token_id=None, seed=0, jit_compile=True):
@@ -162,35 +162,40 @@ class PrefixDecoder:
         max_length = key[2]
         if not compiled:
             return lambda *args: self.decode_loop(*args, sampler=sampler, max_length=max_length,
-                                                  block_fn=self.block_function())
+                                                  block_fn=self.block_function(inplace=True), inplace=True)
         if key not in self._compiled:  # setdefault: a background build may create it at the same time
             # autograph off: the loop is written with tf.while_loop / tf.cond, and converting it took a second
             self._compiled.setdefault(key, tf.function(_Loop(self, sampler, max_length), jit_compile=self.xla,
                                                        autograph=False))
         return self._compiled[key]
 
-    def block_function(self):
-        """The block both forms run (`GPT2.block_step_function`, made once per decoder): called eagerly by the
-        uncompiled loop, one graph call per block; traced into the compiled loop as a call of that one function
-        per block, which XLA inlines. Tracing a loop that inlined the 2 x 12 blocks in Python took 1.6-1.9 s of
-        the GIL (3.4 s for a process's first), and an uncompiled call running beside that background trace
-        waits for the GIL at each of its Python steps; with one traced block the trace takes ~0.5 s."""
-        if self._block_fn is None:
-            self._block_fn = self.gpt2.block_step_function()
-        return self._block_fn
+    def block_function(self, inplace=False):
+        """The block both forms run (`GPT2.block_step_function`, made once per decoder and ``inplace``): called
+        eagerly by the uncompiled loop, one graph call per block; traced into the compiled loop as a call of
+        that one function per block, which XLA inlines. Tracing a loop that inlined the 2 x 12 blocks in Python
+        took 1.6-1.9 s of the GIL (3.4 s for a process's first), and an uncompiled call running beside that
+        background trace waits for the GIL at each of its Python steps; with one traced block the trace takes
+        ~0.5 s. ``inplace``: the form that writes the cache in place (the uncompiled and plain-graph loops')."""
+        if inplace not in self._block_fns:  # setdefault: two threads may make it at once; one is kept
+            self._block_fns.setdefault(inplace, self.gpt2.block_step_function(inplace=inplace))
+        return self._block_fns[inplace]
 
-    def decode_loop(self, prefix, valid, stop_id, seed, sampler, max_length, block_fn=None):
+    def decode_loop(self, prefix, valid, stop_id, seed, sampler, max_length, block_fn=None, inplace=False):
         """The decoding loop itself, traceable (one ``tf.while_loop`` over a static KV cache): prefix (B, K, C),
         valid (B,) -> tokens (N, T), lengths (N,), sums (N,), steps run. `__call__` compiles it per shape, or
         runs it eagerly with ``block_fn`` (`GPT2.block_step_function`); the serving SavedModel
-        (`models.image_captioning.serving`) traces it into its own graph."""
+        (`models.image_captioning.serving`) traces it into its own graph.
+        ``inplace`` (not under XLA): the loop's cache is made fresh and written in place (`GPT2.prefill`); a
+        plain graph or eager loop otherwise copies the whole cache at every write (XLA writes in place
+        anyway). ``block_fn`` must then be ``block_function(inplace=True)``."""
         gpt2 = self.gpt2
         w = sampler.num_sequences
         batch, k = prefix.shape[0], prefix.shape[1]
         n = batch * w
         # (B, V): the prefill's last head; the W rows of an image share its prefix keys/values in the cache;
         # skipped when every row is padding (a background build compiles the loop without computing)
-        logits, cache = gpt2.prefill(prefix, k + max_length - 1, rows=w, block_fn=block_fn, run=tf.reduce_any(valid))
+        logits, cache = gpt2.prefill(prefix, k + max_length - 1, rows=w, block_fn=block_fn, run=tf.reduce_any(valid),
+                                     inplace=inplace)
         state = sampler.initial_state(tf.repeat(valid, w) if w > 1 else valid)
         tokens, state = sampler.first(logits, state, stop_id, seed)  # (N,)
         state["finished"] = tf.logical_or(state["finished"], tf.logical_not(tf.repeat(valid, w)))
@@ -202,7 +207,8 @@ class PrefixDecoder:
 
         def body(step, tokens, history, cache, state):
             embedded = gpt2.embed_tokens(tokens[:, None])  # (N, 1, C)
-            logits, cache = gpt2.call_with_cache(embedded, cache, k + step - 1, block_fn=block_fn)  # (N, V)
+            logits, cache = gpt2.call_with_cache(embedded, cache, k + step - 1, block_fn=block_fn,
+                                                 inplace=inplace)  # (N, V)
             tokens, state, parents = sampler.next(logits, state, stop_id, seed, step)
             if parents is not None:  # rows of the same image: only which slots each row reads moves
                 cache = gpt2.reorder_cache(cache, parents)
@@ -227,5 +233,6 @@ class _Loop:
         self.decoder, self.sampler, self.max_length = decoder, sampler, max_length
 
     def __call__(self, prefix, valid, stop_id, seed):
+        inplace = not self.decoder.xla  # a plain graph's loop (a bfloat16 model's) writes its cache in place
         return self.decoder.decode_loop(prefix, valid, stop_id, seed, sampler=self.sampler, max_length=self.max_length,
-                                        block_fn=self.decoder.block_function())
+                                        block_fn=self.decoder.block_function(inplace), inplace=inplace)

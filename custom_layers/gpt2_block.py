@@ -33,16 +33,18 @@ from custom_layers.inference_ops import dense, gpt2_gelu, layer_norm, variable_v
 from custom_layers.quantized import Int8Dense, check_quantization, projection
 
 
-def cached_block_step(x, layer_cache, slot, attention_bias, weights, n_head, epsilon):
+def cached_block_step(x, layer_cache, slot, attention_bias, weights, n_head, epsilon, inplace=False):
     """One GPT-2 block on a chunk x (N, T, C) of N = B * W rows (W rows per group), inference only.
 
     ``layer_cache`` = (context_keys, context_values, keys, values): the context (B, H, K, D) shared by the W
     rows of a group (a prefix), and the group's generated slots (B, H, L * W, D), slot-major (slot l of row w
-    at l * W + w). The chunk's keys/values are written in place at slots ``[slot, slot + T)`` (its first
-    position minus K; may be symbolic) of every row, one contiguous ``dynamic_update_slice``, then every
-    row attends over its group's context and slots (`segmented_attention`) with ``attention_bias``
-    (B or 1, 1, W * T, K + L * W) masking what it may not see (later positions, another row's lineage: see
+    at l * W + w). The chunk's keys/values are written at slots ``[slot, slot + T)`` (its first position
+    minus K; may be symbolic) of every row, one contiguous write (`write_slots`), then every row attends over
+    its group's context and slots (`segmented_attention`) with ``attention_bias`` (B or 1, 1, W * T,
+    K + L * W) masking what it may not see (later positions, another row's lineage: see
     `GPT2.call_with_cache`). ``weights``: the block's tensors in `GPT2Block.inference_weights` order.
+    ``inplace``: `write_slots` writes into the cache's own buffer (for a cache the caller made fresh with
+    `GPT2.prefill(..., inplace=True)` and never reads again; not under XLA).
     Returns (y (N, T, C), updated layer_cache). The computation of `GPT2Block.call` (same ops, same
     kernel), with direct TensorFlow ops.
     """
@@ -57,16 +59,40 @@ def cached_block_step(x, layer_cache, slot, attention_bias, weights, n_head, eps
     def slot_major(t):  # (B, W, T, H, D) -> (B, H, T * W, D): the chunk's slots, as the cache holds them
         return tf.reshape(tf.transpose(t, (0, 3, 2, 1, 4)), (-1, n_head, length * rows, head_dim))
 
-    zero = tf.zeros((), tf.int32)
-    start = (zero, zero, tf.cast(slot, tf.int32) * rows, zero)
-    keys = ops.slice_update(keys, start, slot_major(k))  # (B, H, L * W, D), in place
-    values = ops.slice_update(values, start, slot_major(v))
+    start = tf.cast(slot, tf.int32) * rows
+    keys = write_slots(keys, start, slot_major(k), inplace)  # (B, H, L * W, D)
+    values = write_slots(values, start, slot_major(v), inplace)
     q = tf.reshape(tf.transpose(q, (0, 3, 1, 2, 4)), (-1, n_head, rows * length, head_dim))  # (B, H, W * T, D)
     out = segmented_attention(q, [(context_keys, context_values), (keys, values)], attention_bias)
     out = tf.transpose(tf.reshape(out, (-1, n_head, rows, length, head_dim)), (0, 2, 3, 1, 4))  # (B, W, T, H, D)
     x = x + dense(tf.reshape(out, (-1, length, width)), proj_w, proj_b)
     h = dense(dense(layer_norm(x, ln_2_g, ln_2_b, epsilon), fc_w, fc_b, activation=gpt2_gelu), mlp_w, mlp_b)
     return x + h, (context_keys, context_values, keys, values)
+
+
+def write_slots(cache, start, update, inplace=False):
+    """``cache`` (B, H, S, D) with ``update`` (B, H, n, D) written at slots ``[start, start + n)`` (start may be
+    symbolic).
+
+    Not ``inplace``: one ``dynamic_update_slice``, in place inside an XLA program (a loop variable's buffer) but a
+    copy of the whole cache outside one (TensorFlow runs it as its own small XLA program: 263 ms of a 2.0 s
+    bfloat16 beam call at 80 rows). ``inplace``: TensorFlow's ``InplaceUpdate`` on the cache's rows viewed as
+    (B * H * S, D), which writes into the input's buffer and returns it: the old tensor *is* the new one, so
+    the cache must be one the caller created fresh (`GPT2.prefill(..., inplace=True)` makes it with ``Empty``,
+    an op TensorFlow never folds into a constant nor shares between calls) and passes along without keeping
+    the old value. ``start`` is clamped to ``[0, S - n]`` as ``dynamic_update_slice`` clamps it (``InplaceUpdate``
+    does not check its rows: an index past the buffer would write outside it). Plain graphs and eager only."""
+    if not inplace:
+        zero = tf.zeros((), tf.int32)
+        return ops.slice_update(cache, (zero, zero, start, zero), update)
+    shape = tf.shape(cache)
+    slots, depth = shape[2], shape[3]
+    n = tf.shape(update)[2]
+    start = tf.clip_by_value(start, 0, slots - n)  # dynamic_update_slice's clamp: every row inside the buffer
+    rows = tf.range(shape[0] * shape[1])[:, None] * slots + start + tf.range(n)[None]  # (B * H, n)
+    flat = tf.raw_ops.InplaceUpdate(x=tf.reshape(cache, (-1, depth)), i=tf.reshape(rows, (-1,)),
+                                    v=tf.reshape(update, (-1, depth)))  # the cache's buffer, written
+    return tf.ensure_shape(tf.reshape(flat, shape), cache.shape)
 
 
 def _rows_per_group(x, context_keys):
@@ -152,10 +178,10 @@ class GPT2Block(keras.layers.Layer):
         return (ln_1.gamma.value, ln_1.beta.value, *kernel_and_bias(attn.c_attn), *kernel_and_bias(attn.c_proj),
                 ln_2.gamma.value, ln_2.beta.value, *kernel_and_bias(mlp.c_fc), *kernel_and_bias(mlp.c_proj))
 
-    def call_with_cache(self, x, layer_cache, slot, attention_bias):
+    def call_with_cache(self, x, layer_cache, slot, attention_bias, inplace=False):
         """`cached_block_step` with this block's weights; returns (y (N, T, C), layer_cache)."""
         return cached_block_step(x, layer_cache, slot, attention_bias, self.inference_weights(),
-                                 self.n_head, self.layer_norm_epsilon)
+                                 self.n_head, self.layer_norm_epsilon, inplace=inplace)
 
     def get_config(self):
         config = super().get_config()

@@ -339,3 +339,79 @@ def test_compiled_loop_traces_one_block_function(tiny_pair, monkeypatch):
     compiled = decoder(prefix, Greedy(), max_length=6, jit_compile=True)
     assert traced == [False, False], traced  # the prefill's chunk and the step's, each traced once
     assert compiled.tokens == PrefixDecoder(keras_model)(prefix, Greedy(), max_length=6, jit_compile=False).tokens
+
+
+def _graph_ops(concrete):
+    """Op types of a concrete function's graph and of every function it calls (a while loop's body...)."""
+    graph_def = concrete.graph.as_graph_def()
+    ops = {node.op for node in graph_def.node}
+    for function in graph_def.library.function:
+        ops.update(node.op for node in function.node_def)
+    return ops
+
+
+def test_inplace_cache_writes_equal_copies_and_write_the_buffer_passed_in(tiny_pair):
+    """Issue 24 (bf16 decoding): outside XLA a ``dynamic_update_slice`` copies the whole cache at every write
+    (263 ms of a 2.0 s bfloat16 beam call). ``prefill(inplace=True)`` / ``call_with_cache(inplace=True)``
+    write into the cache's own buffer: the same logits and caches as the copying path, the traced block's
+    (``block_step_function(inplace=True)``) too, and the cache passed in *is* the one returned (it holds the
+    new keys). An out-of-range start is clamped as ``dynamic_update_slice`` clamps it (``InplaceUpdate``
+    itself does not check its rows)."""
+    from custom_layers.gpt2_block import write_slots
+
+    _, keras_model = tiny_pair
+    rng = np.random.default_rng(8)
+    prefix = rng.normal(size=(2, 4, 64)).astype("float32")
+    ids = rng.integers(0, 97, (6, 3))
+    for block_fn in (None, keras_model.block_step_function(inplace=True)):
+        copied_logits, copied = keras_model.prefill(prefix, 8, rows=3)
+        logits, cache = keras_model.prefill(prefix, 8, rows=3, inplace=True, block_fn=block_fn)
+        np.testing.assert_array_equal(logits.numpy(), copied_logits.numpy())
+        for t in range(3):
+            x = keras_model.embed_tokens(ids[:, t : t + 1])
+            copied_logits, copied = keras_model.call_with_cache(x, copied, 4 + t)
+            before = cache
+            logits, cache = keras_model.call_with_cache(x, cache, 4 + t, inplace=True, block_fn=block_fn)
+            np.testing.assert_allclose(logits.numpy(), copied_logits.numpy(), atol=1e-6, rtol=0)
+            for old, new in zip(tf.nest.flatten(before.layers), tf.nest.flatten(cache.layers), strict=True):
+                np.testing.assert_array_equal(old.numpy(), new.numpy())  # written in the buffer passed in
+        for a, b in zip(tf.nest.flatten(cache), tf.nest.flatten(copied), strict=True):
+            np.testing.assert_allclose(a.numpy(), b.numpy(), atol=1e-6, rtol=0)
+    update = tf.reshape(tf.range(1, 17, dtype=tf.float32), (1, 2, 2, 4))
+    for start in (-1, 0, 1, 2, 5):  # out of range: clamped as dynamic_update_slice clamps, never outside
+        cache = tf.raw_ops.Empty(shape=[1, 2, 3, 4], dtype=tf.float32, init=True)
+        written = write_slots(cache, tf.constant(start), update, inplace=True)
+        np.testing.assert_array_equal(written.numpy(), write_slots(tf.zeros((1, 2, 3, 4)), tf.constant(start), update))
+
+
+def test_plain_graph_loop_writes_in_place_with_a_cache_per_call(tiny_pair):
+    """The plain-graph decoding loop (a bfloat16 model's, ``PrefixDecoder(xla=False)``) writes its cache with
+    ``InplaceUpdate`` and never runs ``XlaDynamicUpdateSlice`` (a whole-cache copy per write); its caches are
+    made at each run (``Empty``, never folded into a shared constant): two threads running the same loop at
+    once get the tokens each gets alone (with ``tf.zeros``, folded into one constant, they do not)."""
+    import threading
+
+    from custom_architectures.generation_utils import Beam, PrefixDecoder
+
+    _, keras_model = tiny_pair
+    decoder, beam = PrefixDecoder(keras_model, xla=False), Beam(beam_size=3)
+    rng = np.random.default_rng(4)
+    prefixes = [rng.normal(0, 1, (2, 4, 64)).astype(np.float32) for _ in range(2)]
+    loop = decoder._function(decoder._key(2, 4, 10, beam), beam, compiled=True)
+    ops = _graph_ops(loop.get_concrete_function(tf.constant(prefixes[0]), tf.ones((2,), tf.bool), tf.constant(-1),
+                                                tf.constant(0)))
+    assert "InplaceUpdate" in ops and "Empty" in ops and "XlaDynamicUpdateSlice" not in ops, sorted(ops)
+    alone = [decoder(p, beam, max_length=10).tokens for p in prefixes]
+    assert alone[0] != alone[1]
+    results = [[None] * 2 for _ in range(4)]
+
+    def run(i):
+        for j in range(4):
+            results[j][i] = decoder(prefixes[i], beam, max_length=10).tokens
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert all(result == alone for result in results)

@@ -189,15 +189,21 @@ class GPT2(keras.Model):
             raise ValueError(f"max_length={max_length} exceeds n_positions={self.n_positions}")
         return self._empty_cache(batch_size, 0, 1, max_length)
 
-    def _empty_cache(self, batch_size, context_length, rows, slots):
-        """A `KVCache` of zeros: context (B, H, K, D), slots (B, H, L * W, D), sources (B, W, L)."""
+    def _empty_cache(self, batch_size, context_length, rows, slots, fresh=False):
+        """A `KVCache` of zeros: context (B, H, K, D), slots (B, H, L * W, D), sources (B, W, L). ``fresh``: each
+        tensor a new buffer of every run, even in a graph (``Empty``, which TensorFlow never folds into a
+        constant), for writes in place (`custom_layers.gpt2_block.write_slots`)."""
         def zeros(length):
-            return ops.zeros((batch_size, self.n_head, length, self.head_dim), self.compute_dtype)
+            shape = (batch_size, self.n_head, length, self.head_dim)
+            if fresh:
+                return tf.raw_ops.Empty(shape=tf.stack(shape), dtype=self.compute_dtype, init=True)
+            return ops.zeros(shape, self.compute_dtype)
         layers = tuple((zeros(context_length), zeros(context_length), zeros(slots * rows), zeros(slots * rows))
                        for _ in range(self.n_layer))
         return KVCache(layers, ops.zeros((batch_size, rows, slots), "int32"))
 
-    def prefill(self, inputs_embeds, max_length, rows=1, block_fn=None, return_hidden=False, run=None):
+    def prefill(self, inputs_embeds, max_length, rows=1, block_fn=None, return_hidden=False, run=None,
+                inplace=False):
         """Run a prefix (B, K, C) once and return a cache of ``rows`` rows per prefix, ready to decode.
 
         The prefix's keys/values become the cache's context, stored once per prefix and attended by all its
@@ -207,6 +213,12 @@ class GPT2(keras.Model):
         ``run``: None, or a scalar bool tensor; False skips the computation (zero logits and cache of the same
         shapes, through a ``tf.cond``): a background build compiles the program on padding rows without
         computing (`custom_architectures.compile_policy`).
+
+        ``inplace``: the cache's buffers are made fresh (`_empty_cache`), and this call and the caller's
+        `call_with_cache(..., inplace=True)` write into them instead of copying the cache at each write (a
+        plain graph's or eager loop's: never under XLA). Then a cache is used once: each call's returned cache
+        is the same buffers as the one passed in, so an old cache must not be read again (a decoding loop
+        passes it on; branching from one needs the default).
 
         Returns:
             (logits (B, V) at the last prefix position, cache), or (logits, hidden (B, K, C), cache) with
@@ -225,18 +237,19 @@ class GPT2(keras.Model):
             def skipped():
                 hidden = (ops.zeros((batch, length, self.n_embd), self.compute_dtype),) if return_hidden else ()
                 return (ops.zeros((batch, self.vocab_size), "float32"), *hidden,
-                        self._empty_cache(batch, length, rows, max_length - length))
+                        self._empty_cache(batch, length, rows, max_length - length, fresh=inplace))
 
-            return tf.cond(run, lambda: self.prefill(x, max_length, rows, block_fn, return_hidden), skipped)
-        *outputs, cache = self.call_with_cache(x, self._empty_cache(batch, 0, 1, length), 0, block_fn=block_fn,
-                                               return_hidden=return_hidden)
-        empty = self._empty_cache(batch, 0, rows, max_length - length)
+            return tf.cond(run, lambda: self.prefill(x, max_length, rows, block_fn, return_hidden, inplace=inplace),
+                           skipped)
+        *outputs, cache = self.call_with_cache(x, self._empty_cache(batch, 0, 1, length, fresh=inplace), 0,
+                                               block_fn=block_fn, return_hidden=return_hidden, inplace=inplace)
+        empty = self._empty_cache(batch, 0, rows, max_length - length, fresh=inplace)
         layers = tuple((keys, values, *slots)  # the prefix's keys/values (B, H, K * 1, D) as the context
                        for (_, _, keys, values), (_, _, *slots) in zip(cache.layers, empty.layers, strict=True))
         return (*outputs, KVCache(layers, empty.sources))
 
     def call_with_cache(self, inputs_embeds, cache, cache_index, all_logits=False, block_fn=None,
-                        return_hidden=False):
+                        return_hidden=False, inplace=False):
         """Run a chunk through the model, reading and writing the KV cache (inference, no dropout).
 
         Args:
@@ -250,6 +263,8 @@ class GPT2(keras.Model):
             block_fn: the function run for each block (default `cached_block_step`, inlined where this is
                 traced); `block_step_function` gives a traced one that serves all blocks when called eagerly.
             return_hidden: also return the final hidden states (N, T, C) (after ``ln_f``).
+            inplace: write into the cache's own buffers (a cache from `prefill(..., inplace=True)`, used once:
+                see there); ``block_fn`` must then be ``block_step_function(inplace=True)``.
 
         Returns:
             (logits, cache): logits (N, V), or (N, T, V) if ``all_logits``; the updated cache.
@@ -278,7 +293,7 @@ class GPT2(keras.Model):
         layers = []
         for block, layer_cache in zip(self.h, cache.layers, strict=True):
             if block_fn is None:
-                x, layer_cache = block.call_with_cache(x, layer_cache, slot, bias)
+                x, layer_cache = block.call_with_cache(x, layer_cache, slot, bias, inplace=inplace)
             else:
                 x, layer_cache = block_fn(x, layer_cache, slot, bias, block.inference_weights())
             layers.append(layer_cache)
@@ -293,17 +308,18 @@ class GPT2(keras.Model):
         x = layer_norm(x, self.ln_f.gamma.value, self.ln_f.beta.value, self.layer_norm_epsilon)
         return self.lm_logits(ops.cast(x, self.compute_dtype)), cache
 
-    def block_step_function(self):
+    def block_step_function(self, inplace=False):
         """`cached_block_step` as a traced function (graph mode, no XLA) for ``call_with_cache(...,
         block_fn=...)``: traced once per chunk shape (~60 ops, ~0.2 s), its concrete function serves every
         block and every position. Called eagerly, a decoding step runs one graph call per block instead of ~60
         Python-dispatched ops, with nothing compiled; traced into a loop (the decoder's compiled one), each
         block is a call of that one function, which XLA inlines, so the loop's trace does not repeat the
-        block's Python per block. (The default, ``block_fn=None``, inlines the blocks one by one.)"""
+        block's Python per block. (The default, ``block_fn=None``, inlines the blocks one by one.)
+        ``inplace``: the block writes into the cache's buffers (`call_with_cache`'s ``inplace``; not for XLA)."""
         n_head, epsilon = self.n_head, self.layer_norm_epsilon
 
         def step(x, layer_cache, slot, attention_bias, weights):
-            return cached_block_step(x, layer_cache, slot, attention_bias, weights, n_head, epsilon)
+            return cached_block_step(x, layer_cache, slot, attention_bias, weights, n_head, epsilon, inplace=inplace)
 
         traced = tf.function(step, autograph=False)
         concrete = {}

@@ -130,7 +130,7 @@ class CaptionModule(tf.Module):
             self._projectors.append(tf.function(
                 self._project(mapper), jit_compile=model.uses_xla, autograph=False, input_signature=[tf.TensorSpec((s, self._prefix_size))]))
             self._decoders.append(tf.function(
-                self._decode(decoder, sampler, max_length), jit_compile=model.uses_xla,
+                self._decode(decoder, sampler, max_length, inplace=not model.uses_xla), jit_compile=model.uses_xla,
                 input_signature=[tf.TensorSpec((s, k, c)), tf.TensorSpec((s,), tf.bool), tf.TensorSpec((), tf.int32),
                                  tf.TensorSpec((), tf.int32)]))
 
@@ -150,9 +150,11 @@ class CaptionModule(tf.Module):
         return project
 
     @staticmethod
-    def _decode(decoder, sampler, max_length):
+    def _decode(decoder, sampler, max_length, inplace):
         def decode(prefix, valid, stop_id, seed):  # -> tokens (s*W, T), lengths (s*W,), sums (s*W,)
-            return decoder.decode_loop(prefix, valid, stop_id, seed, sampler=sampler, max_length=max_length)[:3]
+            # a plain graph's loop (a bfloat16 model's) writes its cache in place; each run makes its own
+            return decoder.decode_loop(prefix, valid, stop_id, seed, sampler=sampler, max_length=max_length,
+                                       inplace=inplace)[:3]
         return decode
 
     # --- the graph ---------------------------------------------------------------------------------------
