@@ -7,9 +7,11 @@ early stop (no stop token, no EOS). Greedy and beam search (5 beams). Each round
 `PrefixDecoder` loop) then transformers on the same prefix; the table gives the median of the rounds and
 the ratio (transformers' seconds / ours: > 1 means ours is faster), so a busy machine slows both alike.
 
-The second table times calls 1..4 of a shape never seen before under ``jit_compile="auto"``: 1 runs
-uncompiled, 2 recurs (uncompiled too; the loop is compiled in the background after it), 3 and 4 run
-uncompiled until the compiled loop is ready, then compiled (`custom_architectures.compile_policy.tier`).
+The second table times calls 1..6 (``--tier-calls``) of a shape never seen before under ``jit_compile="auto"``:
+1 runs uncompiled, 2 recurs (uncompiled too; the loop is then compiled in the background, starting in idle
+time or with call 4), the next calls run uncompiled until the compiled loop is ready, then compiled
+(`custom_architectures.compile_policy.tier`). ``--tier-pause S`` waits S seconds before each call after
+the first (a notebook's pause between cells).
 Each round takes a fresh decoder (the shape is new to it) and first times two uncompiled calls
 (``jit_compile=False``) as its reference; the table gives, per call, the median over rounds of its seconds
 and of its ratio to the round's reference (the target: every call <= 1.1x, the uncompiled time plus noise).
@@ -72,7 +74,7 @@ def compare(decoder, torch_model, prefix, method, args):
 
 
 def tiering_round(gpt2, prefix, args):
-    """One round: (reference s, [(seconds, ran compiled) for calls 1..4])."""
+    """One round: (reference s, [(seconds, ran compiled) for calls 1..args.tier_calls])."""
     decoder = PrefixDecoder(gpt2)
     sampler = Greedy()
     warm = prefix[:1]  # another shape first: the process's one-off costs (block trace) are not the shape's
@@ -83,7 +85,9 @@ def tiering_round(gpt2, prefix, args):
 
     reference = float(np.median([call(False) for _ in range(2)]))
     calls = []
-    for _ in range(4):
+    for i in range(args.tier_calls):
+        if i:
+            time.sleep(args.tier_pause)
         compiled = decoder.ready(len(prefix), prefix.shape[1], args.max_length, sampler)
         calls.append((call("auto"), compiled))
     decoder.wait_for_builds()
@@ -97,11 +101,12 @@ def tiering(gpt2, prefix, args):
 
 def print_tiering(rounds, args):
     print(f"\njit_compile='auto', a new shape ({args.images} images, greedy), {len(rounds)} rounds (each a fresh "
-          f"decoder): calls 1..4 against the round's uncompiled reference (median of 2 jit_compile=False calls "
-          f"just before call 1); medians over rounds; load average {os.getloadavg()[0]:.1f}\n")
+          f"decoder): calls 1..{args.tier_calls} against the round's uncompiled reference (median of 2 "
+          f"jit_compile=False calls just before call 1), {args.tier_pause:g} s pause before each call after the "
+          f"first; medians over rounds; load average {os.getloadavg()[0]:.1f}\n")
     print("| call | seconds | / reference | / call 1 | ran compiled (rounds) | per round / reference |")
     print("|---:|---:|---:|---:|---:|---|")
-    for i in range(4):
+    for i in range(args.tier_calls):
         seconds = [calls[i][0] for _, calls in rounds]
         ratios = [calls[i][0] / reference for reference, calls in rounds]
         to_first = [calls[i][0] / calls[0][0] for _, calls in rounds]
@@ -122,6 +127,9 @@ def main():
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--no-tiering", action="store_true", help="skip the tiered-'auto' table")
     parser.add_argument("--tier-rounds", type=int, default=3, help="rounds of the tiered-'auto' table")
+    parser.add_argument("--tier-calls", type=int, default=6, help="calls per round of the tiered-'auto' table")
+    parser.add_argument("--tier-pause", type=float, default=0.0,
+                        help="seconds before each tiered call after the first (a notebook's pause between cells)")
     parser.add_argument("--only-tiering", action="store_true", help="the tiered-'auto' table only")
     args = parser.parse_args()
     print_machine()

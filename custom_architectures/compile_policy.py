@@ -17,7 +17,11 @@ as long as running it uncompiled (12.8-17 s against 4.5 s for 16 images on 2 cor
 compiles in the foreground is the slowest of all. Under `tier` no call waits for a compiler: when a key
 recurs, its call still runs uncompiled, and once it has returned the program is built by ``build`` in a
 background thread (`BackgroundBuild`, at the lowest CPU priority so that it takes the cores only when the
-calls leave them idle); every call runs uncompiled until the program is ready, then compiled. Its work on
+calls leave them idle); every call runs uncompiled until the program is ready, then compiled. The build
+starts in idle time: once no call of the policy has run for `IDLE_SECONDS` (1 s: a notebook's pause
+between cells, a server's quiet moment; the next call then usually runs compiled), or, for calls that follow
+each other without such a pause, with the key's `BUILD_BESIDE_CALL`-th call (the 4th), so that calls 1-3 of
+a new shape never share the cores with its compilation (why, below). Its work on
 other threads is lowered too (`CompileWorkers`): XLA compiles LLVM code on a TensorFlow worker pool
 (``tf_Compute`` threads that serve no steady-state call), so the TensorFlow-named threads that served none of
 the key's last uncompiled call and work while the build runs are set to the same niceness for the build's
@@ -37,7 +41,8 @@ function (`PrefixDecoder.block_function`: ~0.5 s of Python instead of 1.6-1.9 s)
 s) releases the GIL, yet any other work on the same 2 cores, whatever its priority, slows a call: a
 ``while True`` loop in another process under SCHED_IDLE made it 1.2x slower. The calls that run beside a
 build (one or two) are therefore ~1.3x the uncompiled time, where a foreground compilation made one of them
-3-4x.
+3-4x: hence a build waits for idle time, and runs beside calls only from a key's 4th call on. (Builds of other
+policies, say CLIP's beside the decoder's calls, are not held back: each policy sees its own calls.)
 
 Example::
 
@@ -54,22 +59,33 @@ import logging
 import os
 import sys
 import threading
+import time
 
 logger = logging.getLogger(__name__)
 
 #: the niceness of a background build's thread (Linux: per thread); the lowest priority
 BUILD_NICENESS = 19
+#: seconds without a call of the policy in flight after which a waiting build starts (`CompilePolicy.idle_s`)
+IDLE_SECONDS = 1.0
+#: the call of a key from which its build may run beside calls: calls 1-3 never share the cores with it
+BUILD_BESIDE_CALL = 4
 
 
 class CompilePolicy:
     """Decides, per call key, whether a stage runs compiled (see the module docstring)."""
 
-    def __init__(self, jit_compile="auto"):
+    def __init__(self, jit_compile="auto", idle_s=IDLE_SECONDS):
+        """``idle_s``: the pause in this policy's calls that starts a waiting build (`_build_may_start`)."""
         if jit_compile != "auto" and not isinstance(jit_compile, bool):
             raise ValueError(f"jit_compile must be True, False or 'auto', got {jit_compile!r}")
         self.jit_compile = jit_compile
+        self.idle_s = float(idle_s)
         self._seen = set()
         self._lock = threading.Lock()
+        self._activity = threading.Condition(self._lock)  # notified when a tiered call starts or ends
+        self._calls = {}  # key -> tiered calls started
+        self._in_flight = 0  # tiered calls running now (all keys)
+        self._idle_since = time.monotonic()
         self._builds = {}  # key -> BackgroundBuild (tiered keys whose program is built or being built)
         self._said = set()  # notes logged once per policy (`BackgroundBuild`'s ``say``)
 
@@ -93,11 +109,28 @@ class CompilePolicy:
     @contextlib.contextmanager
     def tier(self, key, build, force=None, lower_workers=True):
         """Tiered "auto" (module docstring): yields whether this call of ``key`` runs compiled. Under "auto",
-        False until ``build()`` (which compiles the key's program; called once, in a background thread started
-        when a recurring call of the key returns) has finished, True after; ``force`` and True / False as in
-        `compiles` (``force=True`` compiles in the foreground). Raises, once, the error of a failed build.
-        ``lower_workers``: lower the build's compile workers (`CompileWorkers`), told from the threads that served
-        this call; False where this call is too small to show them (only the build's thread is lowered)."""
+        False until ``build()`` (which compiles the key's program; called once, in a background thread made
+        when a recurring call of the key returns, started in idle time: `_build_may_start`) has finished, True
+        after; ``force`` and True / False as in `compiles` (``force=True`` compiles in the foreground). Raises,
+        once, the error of a failed build. ``lower_workers``: lower the build's compile workers
+        (`CompileWorkers`), told from the threads that served this call; False where this call is too small to
+        show them (only the build's thread is lowered)."""
+        with self._activity:
+            self._calls[key] = self._calls.get(key, 0) + 1
+            self._in_flight += 1
+            self._activity.notify_all()
+        try:
+            with self._tier(key, build, force, lower_workers) as compiled:
+                yield compiled
+        finally:
+            with self._activity:
+                self._in_flight -= 1
+                if not self._in_flight:
+                    self._idle_since = time.monotonic()
+                self._activity.notify_all()
+
+    @contextlib.contextmanager
+    def _tier(self, key, build, force, lower_workers):
         if self.jit_compile != "auto" or force is not None:
             yield self.compiles(key, force=force)
             return
@@ -119,7 +152,25 @@ class CompilePolicy:
             foreground = busy_threads(before, thread_times()) if before is not None else None  # served this call
             with self._lock:
                 if key not in self._builds:
-                    self._builds[key] = BackgroundBuild(key, build, foreground=foreground, say=self._say_once)
+                    self._builds[key] = BackgroundBuild(key, build, foreground=foreground, say=self._say_once,
+                                                        start_when=lambda: self._build_may_start(key))
+
+    def _build_may_start(self, key, poll=0.1):
+        """Blocks a key's build until it may take the cores: when no call of this policy has run for
+        `idle_s` seconds (a notebook's pause between cells, a server's quiet moment), or when the key's
+        `BUILD_BESIDE_CALL`-th call starts (calls that follow each other with no pause: the build then runs beside
+        them, costing those it overlaps ~1.3x on 2 cores). Returns False, so that nothing is built, once the
+        main thread has ended (the interpreter is exiting: a build would only delay the exit)."""
+        with self._activity:
+            while True:
+                if self._calls.get(key, 0) >= BUILD_BESIDE_CALL:
+                    return True
+                if not self._in_flight and time.monotonic() - self._idle_since >= self.idle_s:
+                    return True
+                if not threading.main_thread().is_alive():
+                    return False
+                wait = poll if self._in_flight else min(poll, self.idle_s - (time.monotonic() - self._idle_since))
+                self._activity.wait(max(wait, 0.0))
 
     def _say_once(self, note):
         with self._lock:
@@ -146,11 +197,13 @@ class BackgroundBuild:
     workers it keeps busy lowered as long as it runs (`CompileWorkers`; ``foreground``: the native ids of the
     threads that served the key's last uncompiled call, never lowered; None lowers no other thread); `done` once
     it has returned or raised, `failed` / `raise_failure` for the error it raised. ``say``: where a note that
-    the workers stay at their priority goes (logged once per policy)."""
+    the workers stay at their priority goes (logged once per policy). ``start_when``: called first on the
+    build's thread, blocks until the build may start (`CompilePolicy._build_may_start`); False skips it."""
 
-    def __init__(self, key, build, foreground=None, say=logger.info):
+    def __init__(self, key, build, foreground=None, say=logger.info, start_when=None):
         self.key = key
         self._build = build
+        self._start_when = start_when
         self._foreground = foreground
         self._say = say
         self._error = None
@@ -161,6 +214,11 @@ class BackgroundBuild:
         self._thread.start()
 
     def _run(self):
+        if self._start_when is not None and not self._start_when():
+            self._error = RuntimeError("not built: the process was exiting")
+            self._build = None
+            self._finished.set()
+            return
         restorable = _lower_priority()
         workers = None
         if self._foreground is not None:
