@@ -126,8 +126,8 @@ class PrefixDecoder:
 
     def _mode(self, key, sampler, jit_compile):
         """A context yielding whether this call of ``key`` runs compiled: ``jit_compile`` when a bool, else the
-        tiered "auto" (`CompilePolicy.tier`: uncompiled until the loop, built in the background from the key's
-        second call on, is ready)."""
+        tiered "auto" (`CompilePolicy.tier`: uncompiled until the loop, built in the background once the key has
+        recurred, from idle time or its 4th call on, is ready)."""
         if isinstance(jit_compile, bool):
             return contextlib.nullcontext(jit_compile)
         device = tf.zeros(()).device  # the caller's device scope (thread-local), for the build's thread
