@@ -180,17 +180,14 @@ class PrefixDecoder:
             self._block_fns.setdefault(inplace, self.gpt2.block_step_function(inplace=inplace))
         return self._block_fns[inplace]
 
-    def decode_loop(self, prefix, valid, stop_id, seed, sampler, max_length, block_fn=None, inplace=False,
-                    xla_sampler=False):
+    def decode_loop(self, prefix, valid, stop_id, seed, sampler, max_length, block_fn=None, inplace=False):
         """The decoding loop itself, traceable (one ``tf.while_loop`` over a static KV cache): prefix (B, K, C),
         valid (B,) -> tokens (N, T), lengths (N,), sums (N,), steps run. `__call__` compiles it per shape, or
         runs it eagerly with ``block_fn`` (`GPT2.block_step_function`); the serving SavedModel
         (`models.image_captioning.serving`) traces it into its own graph.
         ``inplace`` (not under XLA): the loop's cache is made fresh and written in place (`GPT2.prefill`); a
         plain graph or eager loop otherwise copies the whole cache at every write (XLA writes in place
-        anyway). ``block_fn`` must then be ``block_function(inplace=True)``. ``xla_sampler`` (a plain graph's
-        loop): the sampler's steps run as XLA programs (log-softmax and top-k over the vocabulary fused, where a
-        plain graph runs ~20 kernels over (N, V) floats a step)."""
+        anyway). ``block_fn`` must then be ``block_function(inplace=True)``."""
         gpt2 = self.gpt2
         w = sampler.num_sequences
         batch, k = prefix.shape[0], prefix.shape[1]
@@ -200,10 +197,7 @@ class PrefixDecoder:
         logits, cache = gpt2.prefill(prefix, k + max_length - 1, rows=w, block_fn=block_fn, run=tf.reduce_any(valid),
                                      inplace=inplace)
         state = sampler.initial_state(tf.repeat(valid, w) if w > 1 else valid)
-        first, following = sampler.first, sampler.next
-        if xla_sampler:
-            first, following = (tf.function(f, jit_compile=True, autograph=False) for f in (first, following))
-        tokens, state = first(logits, state, stop_id, seed)  # (N,)
+        tokens, state = sampler.first(logits, state, stop_id, seed)  # (N,)
         state["finished"] = tf.logical_or(state["finished"], tf.logical_not(tf.repeat(valid, w)))
         columns = tf.range(max_length)[None]  # (1, T)
         history = tf.where(columns == 0, tokens[:, None], tf.zeros((n, max_length), tf.int32))  # (N, T)
@@ -215,7 +209,7 @@ class PrefixDecoder:
             embedded = gpt2.embed_tokens(tokens[:, None])  # (N, 1, C)
             logits, cache = gpt2.call_with_cache(embedded, cache, k + step - 1, block_fn=block_fn,
                                                  inplace=inplace)  # (N, V)
-            tokens, state, parents = following(logits, state, stop_id, seed, step)
+            tokens, state, parents = sampler.next(logits, state, stop_id, seed, step)
             if parents is not None:  # rows of the same image: only which slots each row reads moves
                 cache = gpt2.reorder_cache(cache, parents)
                 history = tf.gather(history, parents)
@@ -239,6 +233,6 @@ class _Loop:
         self.decoder, self.sampler, self.max_length = decoder, sampler, max_length
 
     def __call__(self, prefix, valid, stop_id, seed):
-        plain = not self.decoder.xla  # a plain graph's loop (a bfloat16 model's): cache in place, sampler in XLA
+        inplace = not self.decoder.xla  # a plain graph's loop (a bfloat16 model's) writes its cache in place
         return self.decoder.decode_loop(prefix, valid, stop_id, seed, sampler=self.sampler, max_length=self.max_length,
-                                        block_fn=self.decoder.block_function(plain), inplace=plain, xla_sampler=plain)
+                                        block_fn=self.decoder.block_function(inplace), inplace=inplace)

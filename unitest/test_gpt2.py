@@ -388,9 +388,7 @@ def test_plain_graph_loop_writes_in_place_with_a_cache_per_call(tiny_pair):
     """The plain-graph decoding loop (a bfloat16 model's, ``PrefixDecoder(xla=False)``) writes its cache with
     ``InplaceUpdate`` and never runs ``XlaDynamicUpdateSlice`` (a whole-cache copy per write); its caches are
     made at each run (``Empty``, never folded into a shared constant): two threads running the same loop at
-    once get the tokens each gets alone (with ``tf.zeros``, folded into one constant, they do not). Its
-    sampler's steps are XLA programs (the vocabulary-wide log-softmax and top-k fused), with the tokens of
-    the XLA loop."""
+    once get the tokens each gets alone (with ``tf.zeros``, folded into one constant, they do not)."""
     import threading
 
     from custom_architectures.generation_utils import Beam, PrefixDecoder
@@ -403,13 +401,8 @@ def test_plain_graph_loop_writes_in_place_with_a_cache_per_call(tiny_pair):
     ops = _graph_ops(loop.get_concrete_function(tf.constant(prefixes[0]), tf.ones((2,), tf.bool), tf.constant(-1),
                                                 tf.constant(0)))
     assert "InplaceUpdate" in ops and "Empty" in ops and "XlaDynamicUpdateSlice" not in ops, sorted(ops)
-    graph_def = loop.get_concrete_function(tf.constant(prefixes[0]), tf.ones((2,), tf.bool), tf.constant(-1),
-                                           tf.constant(0)).graph.as_graph_def()
-    compiled = sorted(f.signature.name.split("_")[3] for f in graph_def.library.function if f.attr["_XlaMustCompile"].b)
-    assert compiled == ["first", "next"], compiled
     alone = [decoder(p, beam, max_length=10).tokens for p in prefixes]
     assert alone[0] != alone[1]
-    assert alone == [PrefixDecoder(keras_model)(p, beam, max_length=10).tokens for p in prefixes]
     results = [[None] * 2 for _ in range(4)]
 
     def run(i):
