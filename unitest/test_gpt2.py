@@ -415,3 +415,17 @@ def test_plain_graph_loop_writes_in_place_with_a_cache_per_call(tiny_pair):
     for thread in threads:
         thread.join()
     assert all(result == alone for result in results)
+
+
+def test_guided_decoding_outside_xla_writes_its_cache_in_place(tiny_pair):
+    """MAGIC's default steps (`GuidedDecoder`, a plain graph) write their cache of B * k rows in place, as the
+    decoder's plain-graph loop does: a copying write moved the whole cache at each step and block."""
+    from custom_architectures.guided_decoding import GuidedDecoder
+
+    _, keras_model = tiny_pair
+    prefill, propose, _ = GuidedDecoder(keras_model)._step_functions(False)
+    prefix = tf.constant(np.random.default_rng(2).normal(0, 1, (2, 4, 64)).astype(np.float32))
+    logits, context, cache = prefill(prefix, 10, 3)
+    for ops in (_graph_ops(prefill.get_concrete_function(prefix, 10, 3)),
+                _graph_ops(propose.get_concrete_function(logits, cache, context, tf.constant(4), 3))):
+        assert "InplaceUpdate" in ops and "XlaDynamicUpdateSlice" not in ops, sorted(ops)
