@@ -183,15 +183,16 @@ class PrefixDecoder:
         return self._block_fns[key]
 
     def decode_loop(self, prefix, valid, stop_id, seed, sampler, max_length, block_fn=None, inplace=False,
-                    column_block_fn=None):
+                    columns=False, column_block_fn=None):
         """The decoding loop itself, traceable (one ``tf.while_loop`` over a static KV cache): prefix (B, K, C),
         valid (B,) -> tokens (N, T), lengths (N,), sums (N,), steps run. `__call__` compiles it per shape, or
         runs it eagerly with ``block_fn`` (`GPT2.block_step_function`); the serving SavedModel
         (`models.image_captioning.serving`) traces it into its own graph.
         ``inplace`` (not under XLA): the loop's cache is made fresh and written in place (`GPT2.prefill`); a
         plain graph or eager loop otherwise copies the whole cache at every write (XLA writes in place
-        anyway). ``block_fn`` must then be ``block_function(inplace=True)``. ``column_block_fn``
-        (``block_function(columns=True)``, XLA): the steps run the blocks in column form (`column_rows`)."""
+        anyway). ``block_fn`` must then be ``block_function(inplace=True)``. ``columns`` (XLA, see
+        `column_rows`): the steps run the blocks in column form, with ``column_block_fn``
+        (``block_function(columns=True)``) or inlined (None)."""
         gpt2 = self.gpt2
         w = sampler.num_sequences
         batch, k = prefix.shape[0], prefix.shape[1]
@@ -203,25 +204,25 @@ class PrefixDecoder:
         state = sampler.initial_state(tf.repeat(valid, w) if w > 1 else valid)
         tokens, state = sampler.first(logits, state, stop_id, seed)  # (N,)
         state["finished"] = tf.logical_or(state["finished"], tf.logical_not(tf.repeat(valid, w)))
-        columns = tf.range(max_length)[None]  # (1, T)
-        history = tf.where(columns == 0, tokens[:, None], tf.zeros((n, max_length), tf.int32))  # (N, T)
+        positions = tf.range(max_length)[None]  # (1, T)
+        history = tf.where(positions == 0, tokens[:, None], tf.zeros((n, max_length), tf.int32))  # (N, T)
 
         def cond(step, tokens, history, cache, state):
             return tf.logical_and(step < max_length, tf.logical_not(tf.reduce_all(state["finished"])))
 
         def body(step, tokens, history, cache, state):
             embedded = gpt2.embed_tokens(tokens[:, None])  # (N, 1, C)
-            if column_block_fn is None:
-                logits, cache = gpt2.call_with_cache(embedded, cache, k + step - 1, block_fn=block_fn,
-                                                     inplace=inplace)  # (N, V)
-            else:
+            if columns:
                 logits, cache = gpt2.call_with_cache(embedded, cache, k + step - 1, block_fn=column_block_fn,
-                                                     columns=True)
+                                                     columns=True)  # (N, V)
+            else:
+                logits, cache = gpt2.call_with_cache(embedded, cache, k + step - 1, block_fn=block_fn,
+                                                     inplace=inplace)
             tokens, state, parents = sampler.next(logits, state, stop_id, seed, step)
             if parents is not None:  # rows of the same image: only which slots each row reads moves
                 cache = gpt2.reorder_cache(cache, parents)
                 history = tf.gather(history, parents)
-            history = tf.where(columns == step, tokens[:, None], history)
+            history = tf.where(positions == step, tokens[:, None], history)
             return step + 1, tokens, history, cache, state
 
         if max_length == 1:  # the prefill's token is all: no loop (its body would write a cache of no slots)
@@ -245,7 +246,7 @@ class _Loop:
         inplace = not decoder.xla  # a plain graph's loop (a bfloat16 model's) writes its cache in place
         columns = decoder.xla and column_rows(prefix.shape[0] * self.sampler.num_sequences, decoder.gpt2)
         return decoder.decode_loop(prefix, valid, stop_id, seed, sampler=self.sampler, max_length=self.max_length,
-                                   block_fn=decoder.block_function(inplace), inplace=inplace,
+                                   block_fn=decoder.block_function(inplace), inplace=inplace, columns=columns,
                                    column_block_fn=decoder.block_function(columns=True) if columns else None)
 
 
