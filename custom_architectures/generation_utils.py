@@ -75,7 +75,7 @@ class PrefixDecoder:
         self.xla = bool(xla)  # the compiled form: XLA, or False: a plain graph (a bfloat16 model's, on CPU)
         self.max_batch_size = int(max_batch_size)
         self._compiled = {}
-        self._block_fns = {}  # the traced block of both forms, by ``inplace`` (`block_function`)
+        self._block_fns = {}  # the traced block of both forms, by (``inplace``, ``columns``) (`block_function`)
         self._auto = CompilePolicy("auto")  # which keys recur, for jit_compile="auto"
 
     def __call__(self, prefix, sampler, max_length=67, stop_token_id=None, seed=0, jit_compile=True):
@@ -169,25 +169,30 @@ class PrefixDecoder:
                                                        autograph=False))
         return self._compiled[key]
 
-    def block_function(self, inplace=False):
+    def block_function(self, inplace=False, columns=False):
         """The block both forms run (`GPT2.block_step_function`, made once per decoder and ``inplace``): called
         eagerly by the uncompiled loop, one graph call per block; traced into the compiled loop as a call of
         that one function per block, which XLA inlines. Tracing a loop that inlined the 2 x 12 blocks in Python
         took 1.6-1.9 s of the GIL (3.4 s for a process's first), and an uncompiled call running beside that
         background trace waits for the GIL at each of its Python steps; with one traced block the trace takes
-        ~0.5 s. ``inplace``: the form that writes the cache in place (the uncompiled and plain-graph loops')."""
-        if inplace not in self._block_fns:  # setdefault: two threads may make it at once; one is kept
-            self._block_fns.setdefault(inplace, self.gpt2.block_step_function(inplace=inplace))
-        return self._block_fns[inplace]
+        ~0.5 s. ``inplace``: the form that writes the cache in place (the uncompiled and plain-graph loops').
+        ``columns``: the XLA loop's step at a few rows (`GPT2.call_with_cache`'s ``columns``)."""
+        key = (inplace, columns)
+        if key not in self._block_fns:  # setdefault: two threads may make it at once; one is kept
+            self._block_fns.setdefault(key, self.gpt2.block_step_function(inplace=inplace, columns=columns))
+        return self._block_fns[key]
 
-    def decode_loop(self, prefix, valid, stop_id, seed, sampler, max_length, block_fn=None, inplace=False):
+    def decode_loop(self, prefix, valid, stop_id, seed, sampler, max_length, block_fn=None, inplace=False,
+                    columns=False, column_block_fn=None):
         """The decoding loop itself, traceable (one ``tf.while_loop`` over a static KV cache): prefix (B, K, C),
         valid (B,) -> tokens (N, T), lengths (N,), sums (N,), steps run. `__call__` compiles it per shape, or
         runs it eagerly with ``block_fn`` (`GPT2.block_step_function`); the serving SavedModel
         (`models.image_captioning.serving`) traces it into its own graph.
         ``inplace`` (not under XLA): the loop's cache is made fresh and written in place (`GPT2.prefill`); a
         plain graph or eager loop otherwise copies the whole cache at every write (XLA writes in place
-        anyway). ``block_fn`` must then be ``block_function(inplace=True)``."""
+        anyway). ``block_fn`` must then be ``block_function(inplace=True)``. ``columns`` (XLA, see
+        `column_rows`): the steps run the blocks in column form, with ``column_block_fn``
+        (``block_function(columns=True)``) or inlined (None)."""
         gpt2 = self.gpt2
         w = sampler.num_sequences
         batch, k = prefix.shape[0], prefix.shape[1]
@@ -199,21 +204,25 @@ class PrefixDecoder:
         state = sampler.initial_state(tf.repeat(valid, w) if w > 1 else valid)
         tokens, state = sampler.first(logits, state, stop_id, seed)  # (N,)
         state["finished"] = tf.logical_or(state["finished"], tf.logical_not(tf.repeat(valid, w)))
-        columns = tf.range(max_length)[None]  # (1, T)
-        history = tf.where(columns == 0, tokens[:, None], tf.zeros((n, max_length), tf.int32))  # (N, T)
+        positions = tf.range(max_length)[None]  # (1, T)
+        history = tf.where(positions == 0, tokens[:, None], tf.zeros((n, max_length), tf.int32))  # (N, T)
 
         def cond(step, tokens, history, cache, state):
             return tf.logical_and(step < max_length, tf.logical_not(tf.reduce_all(state["finished"])))
 
         def body(step, tokens, history, cache, state):
             embedded = gpt2.embed_tokens(tokens[:, None])  # (N, 1, C)
-            logits, cache = gpt2.call_with_cache(embedded, cache, k + step - 1, block_fn=block_fn,
-                                                 inplace=inplace)  # (N, V)
+            if columns:
+                logits, cache = gpt2.call_with_cache(embedded, cache, k + step - 1, block_fn=column_block_fn,
+                                                     columns=True)  # (N, V)
+            else:
+                logits, cache = gpt2.call_with_cache(embedded, cache, k + step - 1, block_fn=block_fn,
+                                                     inplace=inplace)
             tokens, state, parents = sampler.next(logits, state, stop_id, seed, step)
             if parents is not None:  # rows of the same image: only which slots each row reads moves
                 cache = gpt2.reorder_cache(cache, parents)
                 history = tf.gather(history, parents)
-            history = tf.where(columns == step, tokens[:, None], history)
+            history = tf.where(positions == step, tokens[:, None], history)
             return step + 1, tokens, history, cache, state
 
         if max_length == 1:  # the prefill's token is all: no loop (its body would write a cache of no slots)
@@ -233,6 +242,21 @@ class _Loop:
         self.decoder, self.sampler, self.max_length = decoder, sampler, max_length
 
     def __call__(self, prefix, valid, stop_id, seed):
-        inplace = not self.decoder.xla  # a plain graph's loop (a bfloat16 model's) writes its cache in place
-        return self.decoder.decode_loop(prefix, valid, stop_id, seed, sampler=self.sampler, max_length=self.max_length,
-                                        block_fn=self.decoder.block_function(inplace), inplace=inplace)
+        decoder = self.decoder
+        inplace = not decoder.xla  # a plain graph's loop (a bfloat16 model's) writes its cache in place
+        columns = decoder.xla and column_rows(prefix.shape[0] * self.sampler.num_sequences, decoder.gpt2)
+        return decoder.decode_loop(prefix, valid, stop_id, seed, sampler=self.sampler, max_length=self.max_length,
+                                   block_fn=decoder.block_function(inplace), inplace=inplace, columns=columns,
+                                   column_block_fn=decoder.block_function(columns=True) if columns else None)
+
+
+#: the most rows at which the XLA loop's steps run in column form (`GPT2.call_with_cache`'s ``columns``)
+COLUMN_ROWS = 32
+
+
+def column_rows(rows, gpt2):
+    """Whether an XLA decoding loop of ``rows`` rows runs its steps in column form: from 2 to `COLUMN_ROWS`
+    rows, float kernels. GPT-2 124M's 48 block matmuls of a step, chained, under XLA (2 cores): 28.4 / 21.7
+    ms at 8 rows, 32.9 / 27.8 at 16, 36.3 / 31.2 at 32 (row form / column form); the same at 1 row, and
+    57.4 / 81.5 ms at 80 rows (`custom_layers.gpt2_block.cached_column_step`)."""
+    return 2 <= rows <= COLUMN_ROWS and gpt2.quantization is None

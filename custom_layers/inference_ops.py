@@ -41,16 +41,22 @@ def gpt2_gelu(x):
     return tf.nn.gelu(x, approximate=True) if x.dtype == tf.bfloat16 else gelu_new(x)
 
 
-def layer_norm(x, gamma, beta, epsilon):
+def layer_norm(x, gamma, beta, epsilon, axis=-1):
     """``keras.layers.LayerNormalization`` over the last axis: Keras' formula (``x * inv + (beta - mean *
-    inv)`` with ``inv = gamma / sqrt(var + eps)``), computed in float32 at least, returned in x's dtype."""
+    inv)`` with ``inv = gamma / sqrt(var + eps)``), computed in float32 at least, returned in x's dtype.
+    ``axis=0``: over the first axis of x (C, N), columns normalised (`gpt2_block.cached_column_step`)."""
     dtype = x.dtype
     compute = tf.float64 if dtype == tf.float64 else tf.float32
     x = tf.cast(x, compute) if dtype != compute else x
-    mean = tf.reduce_mean(x, axis=-1, keepdims=True)
-    variance = tf.reduce_mean(tf.math.squared_difference(x, mean), axis=-1, keepdims=True)
-    inv = tf.math.rsqrt(variance + epsilon) * tf.cast(gamma, compute)
-    out = x * inv + (tf.cast(beta, compute) - mean * inv)
+    gamma, beta = tf.cast(gamma, compute), tf.cast(beta, compute)
+    if axis == 0:
+        gamma, beta = gamma[:, None], beta[:, None]
+    elif axis != -1:
+        raise ValueError(f"layer_norm normalises axis -1 or 0, not {axis}")
+    mean = tf.reduce_mean(x, axis=axis, keepdims=True)
+    variance = tf.reduce_mean(tf.math.squared_difference(x, mean), axis=axis, keepdims=True)
+    inv = tf.math.rsqrt(variance + epsilon) * gamma
+    out = x * inv + (beta - mean * inv)
     return out if out.dtype == dtype else tf.cast(out, dtype)
 
 

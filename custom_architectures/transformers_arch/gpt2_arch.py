@@ -38,7 +38,7 @@ import tensorflow as tf
 from keras import ops
 
 from custom_layers.attention import causal_bias, mask_bias
-from custom_layers.gpt2_block import GPT2Block, cached_block_step
+from custom_layers.gpt2_block import GPT2Block, cached_block_step, cached_column_step
 from custom_layers.inference_ops import layer_norm
 from custom_layers.linear import IN_OUT, OUT_IN, Linear, check_kernel_layout
 from custom_layers.quantized import Int8Embedding, check_quantization
@@ -249,7 +249,7 @@ class GPT2(keras.Model):
         return (*outputs, KVCache(layers, empty.sources))
 
     def call_with_cache(self, inputs_embeds, cache, cache_index, all_logits=False, block_fn=None,
-                        return_hidden=False, inplace=False):
+                        return_hidden=False, inplace=False, columns=False):
         """Run a chunk through the model, reading and writing the KV cache (inference, no dropout).
 
         Args:
@@ -265,6 +265,9 @@ class GPT2(keras.Model):
             return_hidden: also return the final hidden states (N, T, C) (after ``ln_f``).
             inplace: write into the cache's own buffers (a cache from `prefill(..., inplace=True)`, used once:
                 see there); ``block_fn`` must then be ``block_step_function(inplace=True)``.
+            columns: one token per row (T = 1), the blocks run on the activations as columns (C, N)
+                (`custom_layers.gpt2_block.cached_column_step`: faster under XLA at a few rows); float
+                kernels, not in place; ``block_fn`` must then be ``block_step_function(columns=True)``.
 
         Returns:
             (logits, cache): logits (N, V), or (N, T, V) if ``all_logits``; the updated cache.
@@ -291,12 +294,21 @@ class GPT2(keras.Model):
         bias = _cache_bias(query_positions, context_length, sources)  # (B, 1, W*T, K + L*W)
 
         layers = []
+        if columns:
+            if length != 1 or inplace or self.quantization is not None:
+                raise ValueError("columns=True takes one token per row, float kernels, and not inplace")
+            x = tf.transpose(x[:, 0])  # (C, N)
         for block, layer_cache in zip(self.h, cache.layers, strict=True):
-            if block_fn is None:
-                x, layer_cache = block.call_with_cache(x, layer_cache, slot, bias, inplace=inplace)
-            else:
+            if block_fn is not None:
                 x, layer_cache = block_fn(x, layer_cache, slot, bias, block.inference_weights())
+            elif columns:
+                x, layer_cache = cached_column_step(x, layer_cache, slot, bias, block.inference_weights(),
+                                                    self.n_head, self.layer_norm_epsilon)
+            else:
+                x, layer_cache = block.call_with_cache(x, layer_cache, slot, bias, inplace=inplace)
             layers.append(layer_cache)
+        if columns:
+            x = tf.transpose(x)[:, None]  # (N, 1, C)
         cache = KVCache(tuple(layers), sources)
         if return_hidden:
             hidden = ops.cast(layer_norm(x, self.ln_f.gamma.value, self.ln_f.beta.value, self.layer_norm_epsilon),
@@ -308,17 +320,20 @@ class GPT2(keras.Model):
         x = layer_norm(x, self.ln_f.gamma.value, self.ln_f.beta.value, self.layer_norm_epsilon)
         return self.lm_logits(ops.cast(x, self.compute_dtype)), cache
 
-    def block_step_function(self, inplace=False):
+    def block_step_function(self, inplace=False, columns=False):
         """`cached_block_step` as a traced function (graph mode, no XLA) for ``call_with_cache(...,
         block_fn=...)``: traced once per chunk shape (~60 ops, ~0.2 s), its concrete function serves every
         block and every position. Called eagerly, a decoding step runs one graph call per block instead of ~60
         Python-dispatched ops, with nothing compiled; traced into a loop (the decoder's compiled one), each
         block is a call of that one function, which XLA inlines, so the loop's trace does not repeat the
         block's Python per block. (The default, ``block_fn=None``, inlines the blocks one by one.)
-        ``inplace``: the block writes into the cache's buffers (`call_with_cache`'s ``inplace``; not for XLA)."""
+        ``inplace``: the block writes into the cache's buffers (`call_with_cache`'s ``inplace``; not for XLA).
+        ``columns``: the column form (`call_with_cache`'s ``columns``: x (C, N), for XLA)."""
         n_head, epsilon = self.n_head, self.layer_norm_epsilon
 
         def step(x, layer_cache, slot, attention_bias, weights):
+            if columns:
+                return cached_column_step(x, layer_cache, slot, attention_bias, weights, n_head, epsilon)
             return cached_block_step(x, layer_cache, slot, attention_bias, weights, n_head, epsilon, inplace=inplace)
 
         traced = tf.function(step, autograph=False)

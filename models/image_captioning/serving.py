@@ -41,6 +41,7 @@ from pathlib import Path
 import tensorflow as tf
 
 from custom_architectures.decoding import as_decoding
+from custom_architectures.generation_utils import column_rows
 from custom_architectures.samplers import methods_options, servable_methods
 from models.image_captioning import serving_ops as ops
 from models.image_captioning import serving_pixels
@@ -130,7 +131,9 @@ class CaptionModule(tf.Module):
             self._projectors.append(tf.function(
                 self._project(mapper), jit_compile=model.uses_xla, autograph=False, input_signature=[tf.TensorSpec((s, self._prefix_size))]))
             self._decoders.append(tf.function(
-                self._decode(decoder, sampler, max_length, inplace=not model.uses_xla), jit_compile=model.uses_xla,
+                self._decode(decoder, sampler, max_length, inplace=not model.uses_xla,
+                             columns=model.uses_xla and column_rows(s * sampler.num_sequences, gpt2)),
+                jit_compile=model.uses_xla,
                 input_signature=[tf.TensorSpec((s, k, c)), tf.TensorSpec((s,), tf.bool), tf.TensorSpec((), tf.int32),
                                  tf.TensorSpec((), tf.int32)]))
 
@@ -150,11 +153,12 @@ class CaptionModule(tf.Module):
         return project
 
     @staticmethod
-    def _decode(decoder, sampler, max_length, inplace):
+    def _decode(decoder, sampler, max_length, inplace, columns):
         def decode(prefix, valid, stop_id, seed):  # -> tokens (s*W, T), lengths (s*W,), sums (s*W,)
-            # a plain graph's loop (a bfloat16 model's) writes its cache in place; each run makes its own
+            # a plain graph's loop (a bfloat16 model's) writes its cache in place; each run makes its own.
+            # XLA's steps at a few rows in column form, as `PrefixDecoder` runs them (the same tokens)
             return decoder.decode_loop(prefix, valid, stop_id, seed, sampler=sampler, max_length=max_length,
-                                       inplace=inplace)[:3]
+                                       inplace=inplace, columns=columns)[:3]
         return decode
 
     # --- the graph ---------------------------------------------------------------------------------------
