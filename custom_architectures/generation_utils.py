@@ -170,7 +170,7 @@ class PrefixDecoder:
         return self._compiled[key]
 
     def block_function(self, inplace=False, columns=False):
-        """The block both forms run (`GPT2.block_step_function`, made once per decoder and ``inplace``): called
+        """The block both forms run (`GPT2.block_step_function`, made once per decoder and form): called
         eagerly by the uncompiled loop, one graph call per block; traced into the compiled loop as a call of
         that one function per block, which XLA inlines. Tracing a loop that inlined the 2 x 12 blocks in Python
         took 1.6-1.9 s of the GIL (3.4 s for a process's first), and an uncompiled call running beside that

@@ -117,7 +117,8 @@ def write_slots(cache, start, update, inplace=False):
     the cache must be one the caller created fresh (`GPT2.prefill(..., inplace=True)` makes it with ``Empty``,
     an op TensorFlow never folds into a constant nor shares between calls) and passes along without keeping
     the old value. ``start`` is clamped to ``[0, S - n]`` as ``dynamic_update_slice`` clamps it (``InplaceUpdate``
-    does not check its rows: an index past the buffer would write outside it). Plain graphs and eager only."""
+    wraps an out-of-range row around, modulo the rows: it would write another head's slots). Plain graphs and
+    eager only."""
     if not inplace:
         zero = tf.zeros((), tf.int32)
         return ops.slice_update(cache, (zero, zero, start, zero), update)

@@ -362,7 +362,7 @@ def test_inplace_cache_writes_equal_copies_and_write_the_buffer_passed_in(tiny_p
     write into the cache's own buffer: the same logits and caches as the copying path, the traced block's
     (``block_step_function(inplace=True)``) too, and the cache passed in *is* the one returned (it holds the
     new keys). An out-of-range start is clamped as ``dynamic_update_slice`` clamps it (``InplaceUpdate``
-    itself does not check its rows)."""
+    itself wraps an out-of-range row around, into another head's slots)."""
     from custom_layers.gpt2_block import write_slots
 
     _, keras_model = tiny_pair
