@@ -14,7 +14,8 @@ time or with call 4), the next calls run uncompiled until the compiled loop is r
 the first (a notebook's pause between cells).
 Each round takes a fresh decoder (the shape is new to it) and first times two uncompiled calls
 (``jit_compile=False``) as its reference; the table gives, per call, the median over rounds of its seconds
-and of its ratio to the round's reference (the target: every call <= 1.1x, the uncompiled time plus noise).
+and of its ratio to the round's reference (the target: calls 1-3 <= 1.1x, the uncompiled time plus noise; back to
+back, calls 4-5 run beside the build).
 
 Run from the repository root (about 5 minutes on 2 quiet cores)::
 
