@@ -33,7 +33,8 @@ from custom_layers.inference_ops import dense, gpt2_gelu, layer_norm, variable_v
 from custom_layers.quantized import Int8Dense, check_quantization, projection
 
 
-def cached_block_step(x, layer_cache, slot, attention_bias, weights, n_head, epsilon, inplace=False):
+def cached_block_step(x, layer_cache, slot, attention_bias, weights, n_head, epsilon, inplace=False,
+                      packed=False):
     """One GPT-2 block on a chunk x (N, T, C) of N = B * W rows (W rows per group), inference only.
 
     ``layer_cache`` = (context_keys, context_values, keys, values): the context (B, H, K, D) shared by the W
@@ -45,6 +46,8 @@ def cached_block_step(x, layer_cache, slot, attention_bias, weights, n_head, eps
     `GPT2.call_with_cache`). ``weights``: the block's tensors in `GPT2Block.inference_weights` order.
     ``inplace``: `write_slots` writes into the cache's own buffer (for a cache the caller made fresh with
     `GPT2.prefill(..., inplace=True)` and never reads again; not under XLA).
+    ``packed``: the four projections keep their kernels packed (`custom_layers.packed_weights`: the weights of
+    a frozen model, read in the graph being built; a plain graph, not a function shared by the blocks).
     Returns (y (N, T, C), updated layer_cache). The computation of `GPT2Block.call` (same ops, same
     kernel), with direct TensorFlow ops.
     """
@@ -53,7 +56,7 @@ def cached_block_step(x, layer_cache, slot, attention_bias, weights, n_head, eps
     length, width = x.shape[1], x.shape[2]
     head_dim = width // n_head
     rows = _rows_per_group(x, context_keys)
-    qkv = dense(layer_norm(x, ln_1_g, ln_1_b, epsilon), attn_w, attn_b)  # (N, T, 3C)
+    qkv = dense(layer_norm(x, ln_1_g, ln_1_b, epsilon), attn_w, attn_b, packed=packed)  # (N, T, 3C)
     q, k, v = tf.unstack(tf.reshape(qkv, (-1, rows, length, 3, n_head, head_dim)), axis=3)  # (B, W, T, H, D)
 
     def slot_major(t):  # (B, W, T, H, D) -> (B, H, T * W, D): the chunk's slots, as the cache holds them
@@ -65,9 +68,9 @@ def cached_block_step(x, layer_cache, slot, attention_bias, weights, n_head, eps
     q = tf.reshape(tf.transpose(q, (0, 3, 1, 2, 4)), (-1, n_head, rows * length, head_dim))  # (B, H, W * T, D)
     out = segmented_attention(q, [(context_keys, context_values), (keys, values)], attention_bias)
     out = tf.transpose(tf.reshape(out, (-1, n_head, rows, length, head_dim)), (0, 2, 3, 1, 4))  # (B, W, T, H, D)
-    x = x + dense(tf.reshape(out, (-1, length, width)), proj_w, proj_b)
-    h = dense(dense(layer_norm(x, ln_2_g, ln_2_b, epsilon), fc_w, fc_b, activation=gpt2_gelu), mlp_w, mlp_b)
-    return x + h, (context_keys, context_values, keys, values)
+    x = x + dense(tf.reshape(out, (-1, length, width)), proj_w, proj_b, packed=packed)
+    h = dense(layer_norm(x, ln_2_g, ln_2_b, epsilon), fc_w, fc_b, activation=gpt2_gelu, packed=packed)
+    return x + dense(h, mlp_w, mlp_b, packed=packed), (context_keys, context_values, keys, values)
 
 
 def cached_column_step(xt, layer_cache, slot, attention_bias, weights, n_head, epsilon):
@@ -215,10 +218,10 @@ class GPT2Block(keras.layers.Layer):
         return (ln_1.gamma.value, ln_1.beta.value, *kernel_and_bias(attn.c_attn), *kernel_and_bias(attn.c_proj),
                 ln_2.gamma.value, ln_2.beta.value, *kernel_and_bias(mlp.c_fc), *kernel_and_bias(mlp.c_proj))
 
-    def call_with_cache(self, x, layer_cache, slot, attention_bias, inplace=False):
+    def call_with_cache(self, x, layer_cache, slot, attention_bias, inplace=False, packed=False):
         """`cached_block_step` with this block's weights; returns (y (N, T, C), layer_cache)."""
         return cached_block_step(x, layer_cache, slot, attention_bias, self.inference_weights(),
-                                 self.n_head, self.layer_norm_epsilon, inplace=inplace)
+                                 self.n_head, self.layer_norm_epsilon, inplace=inplace, packed=packed)
 
     def get_config(self):
         config = super().get_config()

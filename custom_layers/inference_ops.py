@@ -18,14 +18,21 @@ import tensorflow as tf
 
 from custom_layers.activations import gelu_new
 from custom_layers.linear import linear
+from custom_layers.packed_weights import packed_linear
 from custom_layers.quantized import Int8Kernel, int8_matmul
 
 
-def dense(x, kernel, bias=None, activation=None):
+def dense(x, kernel, bias=None, activation=None, packed=False):
     """activation(x (..., Cin) @ kernel^T + bias (Cout,)) -> (..., Cout), kernel (Cout, Cin) as
     `custom_layers.linear.Linear` stores it: `custom_layers.linear.linear` (bias and activation fused with the
     matmul in a plain graph). ``kernel`` may be an `Int8Kernel` (q (Cout, Cin) int8, scale (Cout,)):
-    `custom_layers.quantized`, ``precision="int8"``."""
+    `custom_layers.quantized`, ``precision="int8"``. ``packed``: one oneDNN kernel that keeps ``kernel``
+    packed (`custom_layers.packed_weights.packed_linear`: a frozen model's variable read in this graph, graph
+    mode; ``activation`` None or `gpt2_gelu` on bfloat16)."""
+    if packed:
+        if activation not in (None, gpt2_gelu) or (activation is gpt2_gelu and x.dtype != tf.bfloat16):
+            raise ValueError("a packed dense applies no activation or gpt2_gelu's bfloat16 form (GELU, tanh)")
+        return packed_linear(x, kernel, bias, activation=None if activation is None else "gelu_approximate")
     if not isinstance(kernel, Int8Kernel):
         return linear(x, kernel, bias, activation)
     y = int8_matmul(x, kernel.q, kernel.scale)

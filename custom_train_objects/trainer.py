@@ -58,6 +58,7 @@ import tensorflow as tf
 from custom_architectures.quantization import check_trainable
 from custom_architectures.transformers_arch.clip_cap_arch import ClipCapBackbone
 from custom_layers.linear import IN_OUT
+from custom_layers.packed_weights import weights_frozen
 from custom_train_objects.checkpoints import (  # noqa: F401 (is_checkpoint: its historical place)
     STATE_FILENAME,
     is_checkpoint,
@@ -219,6 +220,9 @@ class Trainer:
         self.strategy = strategy or tf.distribute.get_strategy()
         self.output_dir = check_output_dir(Path(output_dir) / _worker_subdir(self.strategy))  # before any work
         check_trainable(model.gpt2)  # int8 weights (precision="int8") are inference only: a clear error now
+        if weights_frozen(model.gpt2) or weights_frozen(model.mapper):  # not at the end, when fit writes them
+            raise ValueError(f"this model runs in {model.precision}, its weights fixed at load (an inference "
+                             "twin): train the float32 model (ClipCap.load(name) without precision)")
         self.hp = self._with_stop_token(model, hparams)
         self.progress = progress
         self.keep_checkpoints = max(1, int(keep_checkpoints))

@@ -21,8 +21,10 @@ line accepts a name or one of its aliases (``fp32``, ``bf16``), nothing else.
   is float32. Fast where the CPU has ``amx_bf16`` or ``avx512_bf16`` (`utils.cpu_features`); elsewhere it
   runs correctly, slower than float32, and `warn_if_slow` says so at load.
 
-A model in another precision than float32 has another identity (`precision_identity`: its cached captions
-are not float32's). A bfloat16 model is not saved (``save`` refuses: the float32 weights it was cast from are
+A bfloat16 model is an inference twin: its weights are frozen (`custom_layers.packed_weights.freeze_weights`;
+assigning raises), so that its compiled decoding steps keep them packed in oneDNN's layout, and training
+refuses it. A model in another precision than float32 has another identity (`precision_identity`: its cached
+captions are not float32's). A bfloat16 model is not saved (``save`` refuses: the float32 weights it was cast from are
 the model; load them again with the precision wanted); an int8 one is (``savable``).
 
 ``precision=None`` (the API's and the command line's default) means "as saved": float32, or int8 for a folder
@@ -133,7 +135,10 @@ def _as_is(model):
 
 
 def _bfloat16(model):
-    return cast_model(model, "bfloat16")
+    from custom_layers.packed_weights import freeze_weights
+
+    # frozen: the plain-graph decoding loop keeps the weights packed in oneDNN's layout (packed_weights)
+    return freeze_weights(cast_model(model, "bfloat16"))
 
 
 def _int8(backbone):
@@ -148,10 +153,12 @@ PRECISIONS = {
                          summary="float32 weights and compute, the model as saved (the default)"),
     # version 2: CLIP's blocks compute their layer norms, QuickGELU, biases and residual sums in fused float32
     # kernels (custom_layers.clip_layers), so features differ from version 1's in the last bits; version 3:
-    # GPT-2's MLP runs matmul, bias and GELU as one oneDNN kernel (custom_layers.inference_ops.gpt2_gelu)
+    # GPT-2's MLP runs matmul, bias and GELU as one oneDNN kernel (custom_layers.inference_ops.gpt2_gelu);
+    # version 4: the compiled decoding steps' matmuls keep their weights packed (custom_layers.packed_weights),
+    # another oneDNN kernel, and the twin's weights are frozen
     "bfloat16": Precision("bfloat16", ("bf16",), _bfloat16, BFLOAT16_FLAGS, xla=False,
                           summary="bfloat16 weights, matmuls and convolutions (float32 accumulation, layer norms, softmax "
-                          "and log-probabilities): fast where the CPU has AMX or AVX512_BF16", version=3),
+                          "and log-probabilities): fast where the CPU has AMX or AVX512_BF16", version=4),
     "int8": Precision("int8", (), _int8, (), clip=False, savable=True,
                       summary="GPT-2's weights in int8 per output channel (mapper and CLIP float32): one-image "
                       "latency; saved as int8, inference only"),

@@ -41,6 +41,7 @@ from custom_layers.attention import causal_bias, mask_bias
 from custom_layers.gpt2_block import GPT2Block, cached_block_step, cached_column_step
 from custom_layers.inference_ops import layer_norm
 from custom_layers.linear import IN_OUT, OUT_IN, Linear, check_kernel_layout
+from custom_layers.packed_weights import packed_linear, weights_frozen
 from custom_layers.quantized import Int8Embedding, check_quantization
 
 
@@ -130,15 +131,19 @@ class GPT2(keras.Model):
             return self.wte.lookup(token_ids, self.compute_dtype)
         return ops.take(self.wte.embeddings, ops.cast(token_ids, "int32"), axis=0)
 
-    def lm_logits(self, hidden):
+    def lm_logits(self, hidden, packed=False):
         """(..., C) final hidden states (after ``ln_f``) -> (..., V) float32 logits with the tied head (a
-        bfloat16 model's matmul runs in bfloat16; its logits, hence log-probabilities and scores, are float32)."""
+        bfloat16 model's matmul runs in bfloat16; its logits, hence log-probabilities and scores, are float32).
+        ``packed``: the head keeps wte packed (`custom_layers.packed_weights`; see `call_with_cache`)."""
         shape = ops.shape(hidden)
         flat = ops.reshape(hidden, (-1, self.n_embd))  # (N, C)
         if isinstance(self.wte, Int8Embedding):
             return ops.reshape(self.wte.logits(flat), (*shape[:-1], self.vocab_size))
         wte = ops.cast(self.wte.embeddings, flat.dtype)  # (V, C)
-        logits = tf.matmul(flat, wte, transpose_b=True)  # (N, V): no (C, V) transpose of wte is materialised
+        if packed:  # the fused kernel takes a bias: zeros
+            logits = packed_linear(flat, wte, tf.zeros((self.vocab_size,), flat.dtype))  # (N, V)
+        else:
+            logits = tf.matmul(flat, wte, transpose_b=True)  # (N, V): no (C, V) transpose of wte is materialised
         return ops.reshape(ops.cast(logits, "float32"), (*shape[:-1], self.vocab_size))
 
     def _input_embeddings(self, token_ids, inputs_embeds):
@@ -249,7 +254,7 @@ class GPT2(keras.Model):
         return (*outputs, KVCache(layers, empty.sources))
 
     def call_with_cache(self, inputs_embeds, cache, cache_index, all_logits=False, block_fn=None,
-                        return_hidden=False, inplace=False, columns=False):
+                        return_hidden=False, inplace=False, columns=False, packed=False):
         """Run a chunk through the model, reading and writing the KV cache (inference, no dropout).
 
         Args:
@@ -268,6 +273,9 @@ class GPT2(keras.Model):
             columns: one token per row (T = 1), the blocks run on the activations as columns (C, N)
                 (`custom_layers.gpt2_block.cached_column_step`: faster under XLA at a few rows); float
                 kernels, not in place; ``block_fn`` must then be ``block_step_function(columns=True)``.
+            packed: the projections and the head keep their kernels packed in oneDNN's layout
+                (`custom_layers.packed_weights`): for a graph being traced (a plain one, not XLA) from a model
+                whose weights are frozen (a bfloat16 twin's), with the blocks inlined (``block_fn`` None).
 
         Returns:
             (logits, cache): logits (N, V), or (N, T, V) if ``all_logits``; the updated cache.
@@ -294,6 +302,9 @@ class GPT2(keras.Model):
         bias = _cache_bias(query_positions, context_length, sources)  # (B, 1, W*T, K + L*W)
 
         layers = []
+        if packed and (block_fn is not None or columns or not weights_frozen(self)):
+            raise ValueError("packed=True needs the blocks inlined (no block_fn), the row form, and a model whose "
+                             "weights are frozen (custom_layers.packed_weights.freeze_weights)")
         if columns:
             if length != 1 or inplace or self.quantization is not None:
                 raise ValueError("columns=True takes one token per row, float kernels, and not inplace")
@@ -305,7 +316,7 @@ class GPT2(keras.Model):
                 x, layer_cache = cached_column_step(x, layer_cache, slot, bias, block.inference_weights(),
                                                     self.n_head, self.layer_norm_epsilon)
             else:
-                x, layer_cache = block.call_with_cache(x, layer_cache, slot, bias, inplace=inplace)
+                x, layer_cache = block.call_with_cache(x, layer_cache, slot, bias, inplace=inplace, packed=packed)
             layers.append(layer_cache)
         if columns:
             x = tf.transpose(x)[:, None]  # (N, 1, C)
@@ -313,12 +324,12 @@ class GPT2(keras.Model):
         if return_hidden:
             hidden = ops.cast(layer_norm(x, self.ln_f.gamma.value, self.ln_f.beta.value, self.layer_norm_epsilon),
                               self.compute_dtype)  # (N, T, C)
-            logits = self.lm_logits(hidden if all_logits else hidden[:, -1])
+            logits = self.lm_logits(hidden if all_logits else hidden[:, -1], packed=packed)
             return logits, hidden, cache
         if not all_logits:
             x = x[:, -1]  # (N, C): the head only where it is needed
         x = layer_norm(x, self.ln_f.gamma.value, self.ln_f.beta.value, self.layer_norm_epsilon)
-        return self.lm_logits(ops.cast(x, self.compute_dtype)), cache
+        return self.lm_logits(ops.cast(x, self.compute_dtype), packed=packed), cache
 
     def block_step_function(self, inplace=False, columns=False):
         """`cached_block_step` as a traced function (graph mode, no XLA) for ``call_with_cache(...,
