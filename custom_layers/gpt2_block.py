@@ -59,15 +59,19 @@ def cached_block_step(x, layer_cache, slot, attention_bias, weights, n_head, eps
     qkv = dense(layer_norm(x, ln_1_g, ln_1_b, epsilon), attn_w, attn_b, packed=packed)  # (N, T, 3C)
     q, k, v = tf.unstack(tf.reshape(qkv, (-1, rows, length, 3, n_head, head_dim)), axis=3)  # (B, W, T, H, D)
 
+    one = rows * length == 1  # one query per group (a greedy step): the transposes below only move size-1 axes
+
     def slot_major(t):  # (B, W, T, H, D) -> (B, H, T * W, D): the chunk's slots, as the cache holds them
-        return tf.reshape(tf.transpose(t, (0, 3, 2, 1, 4)), (-1, n_head, length * rows, head_dim))
+        t = t if one else tf.transpose(t, (0, 3, 2, 1, 4))
+        return tf.reshape(t, (-1, n_head, length * rows, head_dim))
 
     start = tf.cast(slot, tf.int32) * rows
     keys = write_slots(keys, start, slot_major(k), inplace)  # (B, H, L * W, D)
     values = write_slots(values, start, slot_major(v), inplace)
-    q = tf.reshape(tf.transpose(q, (0, 3, 1, 2, 4)), (-1, n_head, rows * length, head_dim))  # (B, H, W * T, D)
+    q = tf.reshape(q if one else tf.transpose(q, (0, 3, 1, 2, 4)), (-1, n_head, rows * length, head_dim))  # (B, H, W * T, D)
     out = segmented_attention(q, [(context_keys, context_values), (keys, values)], attention_bias)
-    out = tf.transpose(tf.reshape(out, (-1, n_head, rows, length, head_dim)), (0, 2, 3, 1, 4))  # (B, W, T, H, D)
+    out = tf.reshape(out, (-1, n_head, rows, length, head_dim))
+    out = out if one else tf.transpose(out, (0, 2, 3, 1, 4))  # (B, W, T, H, D)
     x = x + dense(tf.reshape(out, (-1, length, width)), proj_w, proj_b, packed=packed)
     h = dense(layer_norm(x, ln_2_g, ln_2_b, epsilon), fc_w, fc_b, activation=gpt2_gelu, packed=packed)
     return x + dense(h, mlp_w, mlp_b, packed=packed), (context_keys, context_values, keys, values)

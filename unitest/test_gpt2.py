@@ -183,6 +183,32 @@ def test_prefill_shares_the_prefix_and_reorder_follows_the_parents(tiny_pair):
     np.testing.assert_allclose(logits.numpy(), full, atol=1e-5, rtol=0)
 
 
+def test_merged_prefill_keeps_the_prefix_in_the_row_slots(pair):
+    """One row per prefix (greedy, sampling): ``prefill(merged=True)`` leaves the prefix's keys/values in the
+    row's first K slots of a cache with no context, so that a step's attention reads one segment (issue 24:
+    half the small batched matmuls of a bf16 greedy step). The same logits as PyTorch's (<= 1e-4) and as the
+    default layout (<= 1e-5), row and column forms, written in place or not; several rows are refused."""
+    name, torch_model, keras_model = pair
+    rng = np.random.default_rng(11)
+    prefix = rng.normal(size=(2, 3, CONFIGS[name]["n_embd"])).astype("float32")
+    ids = rng.integers(0, CONFIGS[name]["vocab_size"], (2, 2))
+    reference = _torch_logits(torch_model, ids=ids, embeds=prefix)  # (2, 5, V)
+    for form in ("rows", "columns", "inplace"):
+        inplace = form == "inplace"
+        logits, cache = keras_model.prefill(prefix, 6, merged=True, inplace=inplace)
+        _, default = keras_model.prefill(prefix, 6)
+        assert cache.context_length == 0 and cache.slots == 6 and default.context_length == 3
+        _assert_close(logits.numpy(), reference[:, 2])
+        for t in range(2):
+            x = keras_model.embed_tokens(ids[:, t : t + 1])
+            logits, cache = keras_model.call_with_cache(x, cache, 3 + t, columns=form == "columns", inplace=inplace)
+            expected, default = keras_model.call_with_cache(x, default, 3 + t)
+            assert_close(logits, expected, 1e-5, f"{form}, step {t}: merged vs default layout")
+            _assert_close(logits.numpy(), reference[:, 3 + t])
+    with pytest.raises(ValueError, match="merged"):
+        keras_model.prefill(prefix, 6, rows=2, merged=True)
+
+
 def test_reorder_cache_moves_no_keys(tiny_pair):
     """Beam search's reorder copies no cache (issue 24: a gather of the loop-carried keys cost a cache-sized
     copy per step and block): the keys/values are the same tensors after it, only the (B, W, L) sources move;

@@ -208,7 +208,7 @@ class GPT2(keras.Model):
         return KVCache(layers, ops.zeros((batch_size, rows, slots), "int32"))
 
     def prefill(self, inputs_embeds, max_length, rows=1, block_fn=None, return_hidden=False, run=None,
-                inplace=False):
+                inplace=False, merged=False):
         """Run a prefix (B, K, C) once and return a cache of ``rows`` rows per prefix, ready to decode.
 
         The prefix's keys/values become the cache's context, stored once per prefix and attended by all its
@@ -225,6 +225,12 @@ class GPT2(keras.Model):
         is the same buffers as the one passed in, so an old cache must not be read again (a decoding loop
         passes it on; branching from one needs the default).
 
+        ``merged`` (one row per prefix): the prefix's keys/values stay where they were written, in the row's
+        first K slots of a cache with no context and ``max_length`` slots, so that a step's attention reads
+        one segment (one batched matmul for the keys, one for the values) instead of context and slots apart
+        (a bfloat16 greedy step of GPT-2 124M at 16 rows outside XLA: 12 layers' attention 4.3 -> 3.0 ms).
+        Positions, masks and results are the same.
+
         Returns:
             (logits (B, V) at the last prefix position, cache), or (logits, hidden (B, K, C), cache) with
             ``return_hidden`` (the final hidden states, after ``ln_f``).
@@ -237,17 +243,23 @@ class GPT2(keras.Model):
         if isinstance(rows, bool) or not isinstance(rows, (int, np.integer)) or rows < 1:
             raise ValueError(f"rows must be a positive int, got {rows!r}")
         rows = int(rows)
+        if merged and rows != 1:
+            raise ValueError(f"merged=True keeps the prefix in the slots of its one row; got rows={rows}")
         batch = ops.shape(x)[0] if batch is None else batch
         if run is not None:
             def skipped():
                 hidden = (ops.zeros((batch, length, self.n_embd), self.compute_dtype),) if return_hidden else ()
-                return (ops.zeros((batch, self.vocab_size), "float32"), *hidden,
-                        self._empty_cache(batch, length, rows, max_length - length, fresh=inplace))
+                cache = (self._empty_cache(batch, 0, 1, max_length, fresh=inplace) if merged else
+                         self._empty_cache(batch, length, rows, max_length - length, fresh=inplace))
+                return (ops.zeros((batch, self.vocab_size), "float32"), *hidden, cache)
 
-            return tf.cond(run, lambda: self.prefill(x, max_length, rows, block_fn, return_hidden, inplace=inplace),
-                           skipped)
-        *outputs, cache = self.call_with_cache(x, self._empty_cache(batch, 0, 1, length, fresh=inplace), 0,
+            return tf.cond(run, lambda: self.prefill(x, max_length, rows, block_fn, return_hidden, inplace=inplace,
+                                                     merged=merged), skipped)
+        slots = max_length if merged else length  # merged: the prefix's slots are the row's first K
+        *outputs, cache = self.call_with_cache(x, self._empty_cache(batch, 0, 1, slots, fresh=inplace), 0,
                                                block_fn=block_fn, return_hidden=return_hidden, inplace=inplace)
+        if merged:
+            return (*outputs, cache)
         empty = self._empty_cache(batch, 0, rows, max_length - length, fresh=inplace)
         layers = tuple((keys, values, *slots)  # the prefix's keys/values (B, H, K * 1, D) as the context
                        for (_, _, keys, values), (_, _, *slots) in zip(cache.layers, empty.layers, strict=True))
