@@ -68,7 +68,8 @@ def cached_block_step(x, layer_cache, slot, attention_bias, weights, n_head, eps
     start = tf.cast(slot, tf.int32) * rows
     keys = write_slots(keys, start, slot_major(k), inplace)  # (B, H, L * W, D)
     values = write_slots(values, start, slot_major(v), inplace)
-    q = tf.reshape(q if one else tf.transpose(q, (0, 3, 1, 2, 4)), (-1, n_head, rows * length, head_dim))  # (B, H, W * T, D)
+    q = q if one else tf.transpose(q, (0, 3, 1, 2, 4))
+    q = tf.reshape(q, (-1, n_head, rows * length, head_dim))  # (B, H, W * T, D)
     out = segmented_attention(q, [(context_keys, context_values), (keys, values)], attention_bias)
     out = tf.reshape(out, (-1, n_head, rows, length, head_dim))
     out = out if one else tf.transpose(out, (0, 2, 3, 1, 4))  # (B, W, T, H, D)
