@@ -89,3 +89,30 @@ def test_the_registry_imports_without_tensorflow():
     code = "import sys, main, custom_architectures.samplers; assert 'tensorflow' not in sys.modules"
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
+
+
+@pytest.mark.parametrize("jit_compile", [False, True])
+def test_two_stage_top_k_equals_tf_top_k(jit_compile):
+    """Same values and indices as tf.math.top_k, ties included (to the lowest index), on the three paths: a
+    vocabulary with a divisor (GPT-2's), one padded to chunks of 256 (a prime), and k too large (one stage)."""
+    import numpy as np
+    import tensorflow as tf
+
+    from custom_architectures.samplers import _top_k_chunk, two_stage_top_k
+
+    assert _top_k_chunk(50257, 5) == 1733 and _top_k_chunk(8191, 5) == 256 and _top_k_chunk(8191, 17) is None
+    rng = np.random.default_rng(0)
+    for vocab, ks in ((50257, (1, 5, 16)), (8191, (2, 5, 8, 17))):
+        x = rng.normal(0.0, 3.0, (12, vocab)).astype(np.float32)
+        x[1] = np.round(x[1])  # many ties
+        x[2] = 0.0  # all tied: the lowest indices
+        x[3, : vocab // 2] = -np.inf  # -inf in half the row
+        x[4, 100:140] = 50.0 + np.arange(40)  # the best values in one chunk
+        x[5, -3:] = 99.0  # the best values in the last (padded) chunk
+        x[6, ::997] = 42.0  # equal best values spread over chunks
+        for k in ks:
+            top = tf.function(lambda v, k=k: two_stage_top_k(v, k), jit_compile=jit_compile)
+            values, indices = top(tf.constant(x))
+            expected = tf.math.top_k(x, k)
+            np.testing.assert_array_equal(values.numpy(), expected.values.numpy(), err_msg=f"{vocab=} {k=}")
+            np.testing.assert_array_equal(indices.numpy(), expected.indices.numpy(), err_msg=f"{vocab=} {k=}")
