@@ -55,11 +55,12 @@ def image_encoder_flops(visual) -> int:
     raise TypeError(f"not a CLIP image encoder: {type(visual).__name__}")
 
 
-def matmul_probe(size=4096):
-    """``(fn, flops)``: a (size x size) fp32 TF matmul to time beside a benchmark's own functions, so the
-    peak is measured under the same load as what it is compared with."""
-    a = tf.random.normal((size, size))
-    b = tf.random.normal((size, size))
+def matmul_probe(size=4096, dtype="float32"):
+    """``(fn, flops)``: a (size x size) TF matmul (fp32, or ``dtype="bfloat16"``: the bound of a bf16 model
+    on this CPU) to time beside a benchmark's own functions, so the peak is measured under the same load as
+    what it is compared with."""
+    a = tf.cast(tf.random.normal((size, size)), dtype)
+    b = tf.cast(tf.random.normal((size, size)), dtype)
     fn = tf.function(lambda x, y: tf.reduce_sum(tf.matmul(x, y)))
     return (lambda: fn(a, b).numpy()), 2 * size**3
 
