@@ -208,9 +208,9 @@ class PrefixDecoder:
         w = sampler.num_sequences
         batch, k = prefix.shape[0], prefix.shape[1]
         n = batch * w
-        # (B, V): the prefill's last head; the W rows of an image share its prefix keys/values in the cache (one row:
-        # they are its first slots);
-        # skipped when every row is padding (a background build compiles the loop without computing)
+        # (B, V): the prefill's last head; the W rows of an image share its prefix keys/values in the cache (one
+        # row: they are its first slots); skipped when every row is padding (a background build compiles the loop
+        # without computing)
         logits, cache = gpt2.prefill(prefix, k + max_length - 1, rows=w, block_fn=block_fn, run=tf.reduce_any(valid),
                                      inplace=inplace, merged=w == 1)  # one row: one attention segment
         state = sampler.initial_state(tf.repeat(valid, w) if w > 1 else valid)
