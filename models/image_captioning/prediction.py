@@ -26,7 +26,9 @@ argument) from the same bytes (`models.image_captioning.freshness`, the rule ``b
 too); otherwise (or with ``overwrite=True``) it is captioned again and the entry replaced. The
 run's view of map.json is refreshed at every write (and every few seconds while reading images), so an
 image that a concurrent run captioned meanwhile with the same settings is taken from map.json instead of
-being read and captioned again. Images given in memory (PIL, numpy) and http(s) URLs (what a URL serves
+being read and captioned again. A file given more than once in a run (a folder and a glob over it, or two
+spellings of one path) is read and captioned once: its later copies get the first one's result
+(``"cached": True``, no timings). Images given in memory (PIL, numpy) and http(s) URLs (what a URL serves
 may change) are captioned but never written to map.json.
 
 Only regular files are read (`utils.image_io`): a FIFO, device or dangling link inside a directory gets its
@@ -400,7 +402,8 @@ def predict(model, images, batch_size=16, method="greedy", save=True, overwrite=
 
     Returns:
         a list of dicts ``{"image": path or index, "caption": str or None, "error": None or message,
-        "cached": bool, "timings": {stage: seconds}}`` (+ ``"candidates"``). Per-image timings of the
+        "cached": bool (answered from map.json or by an earlier copy of the file in this run),
+        "timings": {stage: seconds}}`` (+ ``"candidates"``). Per-image timings of the
         batched stages are the batch's time divided by its size.
 
     Example::
@@ -427,11 +430,17 @@ def predict(model, images, batch_size=16, method="greedy", save=True, overwrite=
 
     results = [None] * len(entries)
     todo = []
+    first_of, repeats = {}, {}  # a file given twice (a folder and a glob over it): read and captioned once
     for i, entry in enumerate(entries):
         if entry.error is not None:
             results[i] = _result(entry, error=entry.error)
             logger.warning("cannot caption %s: %s", entry.label, entry.error)
             continue
+        if entry.key is not None:
+            if entry.key in first_of:
+                repeats[i] = first_of[entry.key]
+                continue
+            first_of[entry.key] = i
         if save and not overwrite and entry.key is not None:
             cached = stored.get(entry.key)
             if is_fresh(cached, settings, entry.key, max_file_bytes):
@@ -439,6 +448,7 @@ def predict(model, images, batch_size=16, method="greedy", save=True, overwrite=
                                      cached=True)
                 continue
         todo.append(i)
+    answered = len(entries) - len(todo) - len(repeats) - sum(e.error is not None for e in entries)
 
     view = _MapView(map_path, stored)
     skip_others = save and not overwrite
@@ -463,7 +473,7 @@ def predict(model, images, batch_size=16, method="greedy", save=True, overwrite=
     details = ", ".join([method, *(f"{k}={v}" for k, v in sorted(generate_kwargs.items()))])
     if status and todo:  # what is about to happen, before the first batch's silent seconds
         status(f"captioning {len(todo)} image(s), batches of {batch_size}, {details}"
-               + (f" ({len(entries) - len(todo)} more answered from {map_path})" if len(todo) < len(entries) else ""))
+               + (f" ({answered} more answered from {map_path})" if answered else ""))
     # one batch: the progress bar would appear only at the end (it counts captions), so say each stage
     stage_lines = status if status and len(todo) <= batch_size else None
 
@@ -546,6 +556,9 @@ def predict(model, images, batch_size=16, method="greedy", save=True, overwrite=
         raise
     if pending:
         saver.save(pending)
+    for i, first in repeats.items():  # the first copy's result; nothing was done for this one
+        results[i] = dict(results[first], image=entries[i].label, timings={},
+                          cached=results[first]["error"] is None)
     if status and save and saver.error is None and any(r["error"] is None and not r.get("cached") for r in results):
         status(f"captions saved in {map_path}")
 
