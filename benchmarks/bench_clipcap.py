@@ -178,8 +178,22 @@ def decode_flops(gpt2, k, max_length, rows_per_image):
     return prefill + rows_per_image * (max_length - 1) * step
 
 
-def build(clip_name, kind, directory, tokenizer_dir):
-    """Random full-size torch CLIP + official ClipCap, saved in the official formats and converted."""
+def offset_logits(gpt, offset, seed=2):
+    """Give a random GPT-2 (torch ``GPT2LMHeadModel``) logits around ``offset``, as a trained GPT-2's lie
+    around -100 (its final hidden states and its token embeddings share a direction): wte and ln_f's bias each
+    gain a unit vector u, times 1 and ``offset`` (each logit then gains ``offset``, plus token and row terms
+    of a few units). Still a random model: what it changes is the scale bfloat16 rounds logits at."""
+    generator = torch.Generator().manual_seed(seed)
+    u = torch.randn(gpt.config.n_embd, generator=generator)
+    u /= u.norm()
+    with torch.no_grad():
+        gpt.transformer.wte.weight += u  # tied: lm_head.weight is the same tensor
+        gpt.transformer.ln_f.bias += offset * u
+
+
+def build(clip_name, kind, directory, tokenizer_dir, logit_offset=0.0):
+    """Random full-size torch CLIP + official ClipCap, saved in the official formats and converted;
+    ``logit_offset``: GPT-2's logits moved there (`offset_logits`)."""
     from models.image_captioning.clip_cap import ClipCap
 
     torch.manual_seed(0)
@@ -187,6 +201,8 @@ def build(clip_name, kind, directory, tokenizer_dir):
     clip_path = os.path.join(directory, f"{kind}_clip.pt")
     torch.save(torch_clip.state_dict(), clip_path)
     torch_model = ref.build_random_clipcap(kind, "real", seed=1)
+    if logit_offset:
+        offset_logits(torch_model.gpt, logit_offset)
     checkpoint = ref.save_official(torch_model, os.path.join(directory, f"{kind}.pt"))
     model = ClipCap.from_pretrained(checkpoint, clip=clip_path, tokenizer=tokenizer_dir)
     bf16 = ClipCap.from_pretrained(checkpoint, clip=clip_path, tokenizer=tokenizer_dir).to_precision("bfloat16")

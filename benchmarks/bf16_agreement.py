@@ -15,13 +15,15 @@ the weights packed); the table gives, per form:
 Photos: the 16 ``skimage.data`` photographs of ``benchmarks/bench_clipcap.py`` and ``demo/*.jpg``.
 Models: by default random full-size weights (CLIP RN50x4 + transformer mapper + GPT-2 124M, and CLIP ViT-B/32
 + MLP mapper + GPT-2 124M, as ``bench_clipcap`` builds them, with the parity suites' init scale so that
-next-token choices are not near-ties); ``--model NAME_OR_DIR`` (repeatable) runs saved models instead (a
+next-token choices are not near-ties; ``--logit-offset -100`` moves their logits to a trained GPT-2's scale,
+where bfloat16's rounding step is 0.5); ``--model NAME_OR_DIR`` (repeatable) runs saved models instead (a
 converted official model such as ``coco``, when it is in the model store: real weights, real captions).
 
 Run from the repository root::
 
     python -m benchmarks.bf16_agreement                       # random full-size weights, ~5 min on 2 cores
     python -m benchmarks.bf16_agreement --model coco --model coco_transformer
+    python -m benchmarks.bf16_agreement --logit-offset -100   # random weights, logits at a trained GPT-2's scale
 """
 
 import argparse
@@ -85,8 +87,9 @@ def models(args, directory):
     tokenizer_dir = train_tiny_tokenizer(os.path.join(directory, "tokenizer"))
     for config in args.configs:
         clip_name, kind = CONFIGS[config]
-        _, _, fp32, bf16 = build(clip_name, kind, directory, tokenizer_dir)
-        yield f"{clip_name} + {kind} (random weights)", fp32, bf16
+        _, _, fp32, bf16 = build(clip_name, kind, directory, tokenizer_dir, logit_offset=args.logit_offset)
+        offset = f", logits around {args.logit_offset:g}" if args.logit_offset else ""
+        yield f"{clip_name} + {kind} (random weights{offset})", fp32, bf16
 
 
 def main():
@@ -96,6 +99,9 @@ def main():
     parser.add_argument("--max-length", type=int, default=20)
     parser.add_argument("--beam-size", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--logit-offset", type=float, default=0.0,
+                        help="move the random GPT-2's logits there, as a trained one's lie around -100 "
+                        "(bench_clipcap.offset_logits): bfloat16 rounds them at that scale")
     args = parser.parse_args()
     print_machine()
     use_threads(args.threads)

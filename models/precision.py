@@ -15,7 +15,8 @@ line accepts a name or one of its aliases (``fp32``, ``bf16``), nothing else.
   Matmuls and convolutions run in bfloat16 with float32 accumulation (oneDNN's AMX / AVX512_BF16 kernels);
   layer norms (Keras' and `custom_layers.inference_ops.layer_norm` compute in float32), attention's
   softmax (`custom_layers.attention`) and GPT-2's logits (`GPT2.lm_logits`, hence every sampler's
-  log-probabilities and scores) are float32. CLIP's transformer blocks (`custom_layers.clip_layers`) run
+  log-probabilities and scores) are float32; the head's matmul output is rounded to bfloat16 by TensorFlow's
+  CPU kernel, so each row's largest logits are recomputed in float32 (`refine_top_logits`). CLIP's transformer blocks (`custom_layers.clip_layers`) run
   everything between their bfloat16 matmuls (layer norms, QuickGELU, biases, residual sums, softmax) as
   XLA-fused float32 kernels inside the plain graph. What leaves a model (CLIP embeddings, prefixes, scores)
   is float32. Fast where the CPU has ``amx_bf16`` or ``avx512_bf16`` (`utils.cpu_features`); elsewhere it
@@ -155,10 +156,11 @@ PRECISIONS = {
     # kernels (custom_layers.clip_layers), so features differ from version 1's in the last bits; version 3:
     # GPT-2's MLP runs matmul, bias and GELU as one oneDNN kernel (custom_layers.inference_ops.gpt2_gelu);
     # version 4: the compiled decoding steps' matmuls keep their weights packed (custom_layers.packed_weights),
-    # another oneDNN kernel, and the twin's weights are frozen
+    # another oneDNN kernel, and the twin's weights are frozen; version 5: the head's largest logits of each row
+    # are recomputed in float32 (GPT2.lm_logits, refine_top_logits) instead of rounded to bfloat16
     "bfloat16": Precision("bfloat16", ("bf16",), _bfloat16, BFLOAT16_FLAGS, xla=False,
                           summary="bfloat16 weights, matmuls and convolutions (float32 accumulation, layer norms, softmax "
-                          "and log-probabilities): fast where the CPU has AMX or AVX512_BF16", version=4),
+                          "and log-probabilities): fast where the CPU has AMX or AVX512_BF16", version=5),
     "int8": Precision("int8", (), _int8, (), clip=False, savable=True,
                       summary="GPT-2's weights in int8 per output channel (mapper and CLIP float32): one-image "
                       "latency; saved as int8, inference only"),

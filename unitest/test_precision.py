@@ -260,3 +260,38 @@ def test_a_new_version_of_a_precision_keys_its_results_apart(monkeypatch):
     monkeypatch.setitem(registry.PRECISIONS, "int8", dataclasses.replace(registry.PRECISIONS["int8"], version=2))
     assert registry.precision_identity(identity, "int8") != before
     assert registry.precision_identity(identity, "float32") == identity
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_bf16_head_ranks_its_largest_logits_in_float32(packed):
+    """A trained GPT-2's logits share a large offset (its hidden states lean on wte's mean direction): at
+    |logits| of 128-256 bfloat16's step is 1, so the head's rounded output ties the best tokens and the lowest
+    id wins. A bf16 model's head recomputes each row's `REFINED_LOGITS` largest in float32: they equal the
+    float32 dot products of the hidden state with the bf16 rows of wte and pick float32's best token; the
+    rest stay as the matmul rounded them. ``packed``: the compiled steps' head (`custom_layers.packed_weights`),
+    traced in a plain graph."""
+    import tensorflow as tf
+
+    from custom_architectures.transformers_arch.gpt2_arch import GPT2, REFINED_LOGITS
+    from models.precision import _bfloat16
+
+    rng = np.random.default_rng(0)
+    fp32 = GPT2(vocab_size=50257, n_positions=8, n_embd=64, n_layer=1, n_head=4)  # GPT-2's vocabulary: two stages
+    spread = 0.3 * rng.standard_normal((50257, 64))
+    fp32.wte.embeddings.assign((0.5 + spread - spread.mean(-1, keepdims=True)).astype(np.float32))
+    bf16 = _bfloat16(fp32)
+    hidden = (rng.standard_normal((24, 64)) + 6.0).astype(np.float32)  # logits 192 + N(0, 2.4): each row its own best
+    head = tf.function(lambda h: bf16.lm_logits(h, packed=True)) if packed else bf16.lm_logits
+    logits = np.asarray(head(tf.constant(hidden)))
+    wte = bf16.wte.embeddings.value  # (V, C) bfloat16
+    rounded = tf.cast(tf.matmul(tf.cast(hidden, tf.bfloat16), wte, transpose_b=True), tf.float32).numpy()
+    exact = hidden.astype(np.float64) @ tf.cast(wte, tf.float64).numpy().T  # (N, V)
+    assert 128 < exact.max() < 256
+    assert (rounded.argmax(-1) != exact.argmax(-1)).mean() > 0.1  # the rounded head's pick: a tie's lowest id
+    refined = tf.math.top_k(rounded, REFINED_LOGITS).indices.numpy()  # (N, 16)
+    np.testing.assert_allclose(np.take_along_axis(logits, refined, -1), np.take_along_axis(exact, refined, -1),
+                               rtol=0, atol=2e-4)
+    np.testing.assert_array_equal(logits.argmax(-1), exact.argmax(-1))
+    others = np.ones_like(exact, bool)
+    np.put_along_axis(others, refined, False, -1)
+    assert np.abs(logits - rounded)[others].max() <= 1.0 and (logits == rounded)[others].mean() > 0.99

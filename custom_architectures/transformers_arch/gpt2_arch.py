@@ -37,12 +37,37 @@ import numpy as np
 import tensorflow as tf
 from keras import ops
 
+from custom_architectures.samplers import two_stage_top_k
 from custom_layers.attention import causal_bias, mask_bias
 from custom_layers.gpt2_block import GPT2Block, cached_block_step, cached_column_step
 from custom_layers.inference_ops import layer_norm
 from custom_layers.linear import IN_OUT, OUT_IN, Linear, check_kernel_layout
 from custom_layers.packed_weights import packed_linear, weights_frozen
 from custom_layers.quantized import Int8Embedding, check_quantization
+
+
+#: how many of each row's largest logits a bfloat16 head recomputes in float32 (`refine_top_logits`): beam
+#: widths and top-k up to this rank at float32 precision (`two_stage_top_k` serves k up to 16)
+REFINED_LOGITS = 16
+
+
+def refine_top_logits(logits, hidden, wte, count=REFINED_LOGITS):
+    """(N, V) float32 ``logits`` from a bfloat16 matmul (rounded to bfloat16) with their ``count`` largest
+    of each row recomputed in float32: the dot products of ``hidden`` (N, C) with those rows of ``wte``
+    (V, C), upcast. The others are kept: they move the log-softmax's normaliser by a fraction of the top
+    values' rounding at most. Ties in the rounded logits are common at large |logits| (a step of 0.5 at
+    64-128); recomputed, the picked tokens are ranked as float32 ranks them from the same hidden state.
+
+    Example::
+
+        logits = refine_top_logits(tf.cast(hidden_bf16 @ wte_bf16.T, "float32"), hidden_f32, wte_bf16)
+    """
+    count = min(count, logits.shape[-1])
+    _, tokens = two_stage_top_k(logits, count)  # (N, M)
+    rows = tf.cast(tf.gather(wte, tokens), "float32")  # (N, M, C)
+    exact = tf.einsum("nc,nmc->nm", tf.cast(hidden, "float32"), rows)  # (N, M)
+    row_ids = tf.broadcast_to(tf.range(tf.shape(tokens)[0])[:, None], tf.shape(tokens))
+    return tf.tensor_scatter_nd_update(logits, tf.stack([row_ids, tokens], axis=-1), exact)
 
 
 @keras.saving.register_keras_serializable(package="image_captioning")
@@ -132,19 +157,30 @@ class GPT2(keras.Model):
         return ops.take(self.wte.embeddings, ops.cast(token_ids, "int32"), axis=0)
 
     def lm_logits(self, hidden, packed=False):
-        """(..., C) final hidden states (after ``ln_f``) -> (..., V) float32 logits with the tied head (a
-        bfloat16 model's matmul runs in bfloat16; its logits, hence log-probabilities and scores, are float32).
-        ``packed``: the head keeps wte packed (`custom_layers.packed_weights`; see `call_with_cache`)."""
+        """(..., C) final hidden states (after ``ln_f``) -> (..., V) float32 logits with the tied head.
+
+        A bfloat16 model's head runs in bfloat16 and TensorFlow's CPU matmul rounds its output to bfloat16 (8
+        significant bits: a step of 0.5 at |logits| of 64-128, where a trained GPT-2's are): the
+        `REFINED_LOGITS` largest of each row are then recomputed in float32 from ``hidden`` (float32 when the
+        caller has it) and the bfloat16 rows of wte (`refine_top_logits`), so that the tokens a sampler picks
+        are ranked at float32 precision; the others (hence the log-softmax's normaliser, mostly) keep the
+        rounded values. ``packed``: the head keeps wte packed (`custom_layers.packed_weights`; see
+        `call_with_cache`)."""
         shape = ops.shape(hidden)
         flat = ops.reshape(hidden, (-1, self.n_embd))  # (N, C)
         if isinstance(self.wte, Int8Embedding):
             return ops.reshape(self.wte.logits(flat), (*shape[:-1], self.vocab_size))
-        wte = ops.cast(self.wte.embeddings, flat.dtype)  # (V, C)
+        compute = self.compute_dtype
+        x = ops.cast(flat, compute)
+        wte = ops.cast(self.wte.embeddings, compute)  # (V, C)
         if packed:  # the fused kernel takes a bias: zeros
-            logits = packed_linear(flat, wte, tf.zeros((self.vocab_size,), flat.dtype))  # (N, V)
+            logits = packed_linear(x, wte, tf.zeros((self.vocab_size,), compute))  # (N, V)
         else:
-            logits = tf.matmul(flat, wte, transpose_b=True)  # (N, V): no (C, V) transpose of wte is materialised
-        return ops.reshape(ops.cast(logits, "float32"), (*shape[:-1], self.vocab_size))
+            logits = tf.matmul(x, wte, transpose_b=True)  # (N, V): no (C, V) transpose of wte is materialised
+        logits = ops.cast(logits, "float32")
+        if compute != "float32":
+            logits = refine_top_logits(logits, flat, wte)
+        return ops.reshape(logits, (*shape[:-1], self.vocab_size))
 
     def _input_embeddings(self, token_ids, inputs_embeds):
         if token_ids is None and inputs_embeds is None:
@@ -181,6 +217,9 @@ class GPT2(keras.Model):
 
         for block in self.h:
             x = block(x, attention_bias=bias, training=training)
+        if self.compute_dtype != "float32":  # as the cached path: ln_f's output kept in float32 for the head
+            return self.lm_logits(layer_norm(ops.cast(x, "float32"), self.ln_f.gamma.value, self.ln_f.beta.value,
+                                             self.layer_norm_epsilon))
         return self.lm_logits(self.ln_f(x))
 
     # ------------------------------------------------------------------ cached decoding
@@ -333,15 +372,16 @@ class GPT2(keras.Model):
         if columns:
             x = tf.transpose(x)[:, None]  # (N, 1, C)
         cache = KVCache(tuple(layers), sources)
+        # ln_f in float32 (`layer_norm`): the head casts to the compute dtype itself and refines in float32
         if return_hidden:
-            hidden = ops.cast(layer_norm(x, self.ln_f.gamma.value, self.ln_f.beta.value, self.layer_norm_epsilon),
-                              self.compute_dtype)  # (N, T, C)
+            hidden = layer_norm(ops.cast(x, "float32"), self.ln_f.gamma.value, self.ln_f.beta.value,
+                                self.layer_norm_epsilon)  # (N, T, C)
             logits = self.lm_logits(hidden if all_logits else hidden[:, -1], packed=packed)
-            return logits, hidden, cache
+            return logits, ops.cast(hidden, self.compute_dtype), cache
         if not all_logits:
             x = x[:, -1]  # (N, C): the head only where it is needed
-        x = layer_norm(x, self.ln_f.gamma.value, self.ln_f.beta.value, self.layer_norm_epsilon)
-        return self.lm_logits(ops.cast(x, self.compute_dtype), packed=packed), cache
+        x = layer_norm(ops.cast(x, "float32"), self.ln_f.gamma.value, self.ln_f.beta.value, self.layer_norm_epsilon)
+        return self.lm_logits(x, packed=packed), cache
 
     def block_step_function(self, inplace=False, columns=False):
         """`cached_block_step` as a traced function (graph mode, no XLA) for ``call_with_cache(...,
