@@ -45,7 +45,6 @@ from custom_layers.linear import IN_OUT, OUT_IN, Linear, check_kernel_layout
 from custom_layers.packed_weights import packed_linear, weights_frozen
 from custom_layers.quantized import Int8Embedding, check_quantization
 
-
 #: how many of each row's largest logits a bfloat16 head recomputes in float32 (`refine_top_logits`): beam
 #: widths and top-k up to this rank at float32 precision (`two_stage_top_k` serves k up to 16)
 REFINED_LOGITS = 16
