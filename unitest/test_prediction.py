@@ -133,9 +133,12 @@ def test_order_completeness_bad_inputs_and_modes(image_dir, tmp_path, caplog):
     inputs = [str(d / "rgb.jpg"), str(tmp_path / "missing.jpg"), str(d), str(tmp_path / "no_images"),
               str(d / "*.png"), np.zeros((12, 13, 3), np.uint8), Image.new("RGB", (14, 15))]
     model = FakeModel()
-    results = predict(model, inputs, batch_size=3, output_dir=tmp_path / "out", progress=False)
+    lines = []
+    results = predict(model, inputs, batch_size=3, output_dir=tmp_path / "out", progress=False, status=lines.append)
 
     files = sorted(str(p) for p in d.rglob("*") if p.is_file())
+    # each file once, and the two images in memory; nothing was in map.json
+    assert lines[0].startswith(f"captioning {len(files) + 2} image(s),") and "answered" not in lines[0], lines[0]
     pngs = sorted(str(p) for p in d.glob("*.png"))
     expected_labels = ([str(d / "rgb.jpg"), str(tmp_path / "missing.jpg")] + files + [str(tmp_path / "no_images")]
                        + pngs + [len(files) + len(pngs) + 3, len(files) + len(pngs) + 4])
@@ -174,6 +177,13 @@ def test_order_completeness_bad_inputs_and_modes(image_dir, tmp_path, caplog):
     assert entry["caption"] == "20x50" and entry["settings"] == {"model": "fake", "model_identity": "sha256:fake", "method": "greedy",
                                                       "exif_transpose": True}
     assert entry["candidates"] == [{"text": "20x50", "score": 0.0, "tokens": [1, 2]}]
+
+    # again: the good files are answered by map.json (counted once each), the bad ones and those in memory are not
+    lines = []
+    again = predict(FakeModel(), inputs, batch_size=3, output_dir=tmp_path / "out", progress=False, status=lines.append)
+    assert [r["caption"] for r in again] == [r["caption"] for r in results]
+    assert lines[0].startswith(f"captioning {len(bad) + 2} image(s),"), lines[0]
+    assert f"({len(good)} more answered from " in lines[0], lines[0]
 
 
 def test_exif_orientation_can_be_ignored(image_dir):

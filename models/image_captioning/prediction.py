@@ -448,7 +448,7 @@ def predict(model, images, batch_size=16, method="greedy", save=True, overwrite=
                                      cached=True)
                 continue
         todo.append(i)
-    answered = len(entries) - len(todo) - len(repeats) - sum(e.error is not None for e in entries)
+    answered = sum(r is not None and r["cached"] for r in results)  # by map.json
 
     view = _MapView(map_path, stored)
     skip_others = save and not overwrite
