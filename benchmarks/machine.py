@@ -11,14 +11,14 @@ Example::
 import os
 import sys
 
-from utils.cpu_features import CPUINFO, cpu_info, has_fast_bfloat16
+from custom_layers.cpu_features import CPUINFO, cpu_info, has_fast_bfloat16
 
 #: the /proc/cpuinfo flags that decide fp32 / bf16 / int8 matmul speed here
 FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16", "amx_int8")
 
 
 def describe_machine(path=CPUINFO):
-    """One line: the CPU model (the CPU reading is `utils.cpu_features`, which the library's bf16 warning
+    """One line: the CPU model (the CPU reading is `custom_layers.cpu_features`, which the library's bf16 warning
     uses too), the CPUs this process may use, whether each of `FLAGS` is present, and whether bfloat16
     matmuls are native here (``precision="bfloat16"`` is then faster than float32) or emulated (slower)."""
     model, flags = cpu_info(path)

@@ -172,11 +172,12 @@ class PrefixDecoder:
 
     def packs_weights(self):
         """Whether the compiled plain-graph loop (``xla=False``: a bfloat16 model's) keeps its steps' weights
-        packed in oneDNN's layout (`custom_layers.packed_weights`): where oneDNN runs (`packed_weights.available`)
-        and the model's weights are frozen (a bfloat16 twin's: `models.precision`). GPT-2 124M in bfloat16,
-        ViT-B/32's K = 10, 16 images, 20 tokens: greedy 0.81 -> 0.61 s, beam 5 1.87 -> 1.50 s (Xeon with AMX).
+        packed in oneDNN's layout (`custom_layers.packed_weights`): where oneDNN runs on the model's dtype
+        (`packed_weights.available`: not bfloat16 on an AVX2-only CPU) and the model's weights are frozen (a
+        bfloat16 twin's: `models.precision`). GPT-2 124M in bfloat16, ViT-B/32's K = 10, 16 images, 20 tokens:
+        greedy 0.81 -> 0.61 s, beam 5 1.87 -> 1.50 s (Xeon with AMX).
         Each compiled shape then holds its own packed copy (~250 MB for GPT-2 124M in bfloat16)."""
-        return packed_weights.available() and packed_weights.weights_frozen(self.gpt2)
+        return packed_weights.available(self.gpt2.compute_dtype) and packed_weights.weights_frozen(self.gpt2)
 
     def block_function(self, inplace=False, columns=False):
         """The block both forms run (`GPT2.block_step_function`, made once per decoder and form): called

@@ -18,7 +18,10 @@ two guarantees, both checked:
   block's kernel), and the op is refused in eager mode, where one kernel object serves every call of a shape.
 
 Only on a CPU with oneDNN on (`available`: TensorFlow's x86 builds, unless ``TF_ENABLE_ONEDNN_OPTS=0``), and
-no GPU in use. The packed copy lives as long as the traced function holding the node (one per decoding
+no GPU in use; for bfloat16 only where oneDNN has bfloat16 kernels (AVX-512 or AVX-NE-CONVERT, not capped by
+``ONEDNN_MAX_CPU_ISA``: `custom_layers.cpu_features.onednn_runs_bfloat16`). On an AVX2-only CPU the op would throw from
+inside TensorFlow's kernel and abort the process; `packed_linear` refuses it there, and decoding runs unpacked
+on TensorFlow's own bfloat16 kernels. The packed copy lives as long as the traced function holding the node (one per decoding
 shape): ~250 MB for GPT-2 124M in bfloat16.
 
 Example::
@@ -32,6 +35,8 @@ import tensorflow as tf
 from tensorflow.core.framework import attr_value_pb2
 from tensorflow.python.framework import kernels, op_def_library
 from tensorflow.python.util import _pywrap_util_port
+
+from custom_layers import cpu_features
 
 #: TensorFlow's oneDNN matmul with a bias (and an activation) fused; ``is_filter_const`` makes it keep its weight
 #: packed (TensorFlow's layout pass makes the same node from MatMul + BiasAdd, with is_filter_const only for a
@@ -81,13 +86,21 @@ def weights_frozen(model):
     return bool(model.weights) and all(isinstance(v, FrozenVariable) for v in model.weights)
 
 
-def available():
-    """Whether `packed_linear` can run here: oneDNN on (``TF_ENABLE_ONEDNN_OPTS`` not 0, an x86 build), its
-    fused matmul kernel registered, and no GPU visible to TensorFlow (the kernel is CPU-only)."""
+def available(dtype=tf.bfloat16):
+    """Whether `packed_linear` can run here on ``dtype`` (float32 or bfloat16): oneDNN on
+    (``TF_ENABLE_ONEDNN_OPTS`` not 0, an x86 build), its fused matmul kernel registered, no GPU visible to
+    TensorFlow (the kernel is CPU-only), and for bfloat16 a CPU where oneDNN has bfloat16 kernels
+    (`custom_layers.cpu_features.onednn_runs_bfloat16`: not an AVX2-only one)."""
     if not _pywrap_util_port.IsMklEnabled() or tf.config.list_logical_devices("GPU"):
+        return False
+    if tf.as_dtype(dtype) == tf.bfloat16 and not _onednn_bfloat16():
         return False
     registered = kernels.get_registered_kernels_for_op(_OP).kernel
     return any(k.device_type == "CPU" and k.label == _LABEL.decode() for k in registered)
+
+
+def _onednn_bfloat16():
+    return cpu_features.onednn_runs_bfloat16(cpu_features.cpu_info()[1])
 
 
 def packed_linear(x, kernel, bias, activation=None):
@@ -96,7 +109,8 @@ def packed_linear(x, kernel, bias, activation=None):
 
     ``kernel``: read from a variable of a frozen model in the graph being built (checked: a ``ReadVariableOp``),
     and the same one each time this node runs; ``activation``: a key of `ACTIVATIONS`. Graph mode only
-    (ValueError eagerly). The caller checks `available` and that the model is frozen."""
+    (ValueError eagerly; ValueError in bfloat16 where oneDNN has no bfloat16 kernel). The caller checks
+    ``available(x.dtype)`` and that the model is frozen."""
     if tf.executing_eagerly():
         raise ValueError("packed_linear is for a traced graph: eagerly one kernel would serve every call of a shape")
     if isinstance(kernel, tf.Variable):  # a Keras variable's value: read it here
@@ -110,6 +124,11 @@ def packed_linear(x, kernel, bias, activation=None):
     if x.dtype not in _DTYPES or kernel.dtype != x.dtype or bias.dtype != x.dtype:
         raise ValueError(f"packed_linear takes float32 or bfloat16, the same for x, kernel and bias; got "
                          f"{x.dtype.name}, {kernel.dtype.name}, {bias.dtype.name}")
+    if x.dtype == tf.bfloat16 and not _onednn_bfloat16():
+        model, _ = cpu_features.cpu_info()
+        raise ValueError(f"packed_linear in bfloat16 needs oneDNN's bfloat16 kernels, which this CPU ({model}) does "
+                         f"not have (they need AVX-512 or AVX-NE-CONVERT; ONEDNN_MAX_CPU_ISA="
+                         f"{cpu_features.onednn_isa_cap()}): the op would abort the process. Check available(dtype)")
     units, fan_in = kernel.shape
     rows = x if x.shape.rank == 2 else tf.reshape(x, (-1, fan_in))  # (N, in)
     _, _, op, _ = op_def_library._apply_op_helper(

@@ -19,8 +19,11 @@ line accepts a name or one of its aliases (``fp32``, ``bf16``), nothing else.
   CPU kernel, so each row's largest logits are recomputed in float32 (`refine_top_logits`). CLIP's transformer blocks (`custom_layers.clip_layers`) run
   everything between their bfloat16 matmuls (layer norms, QuickGELU, biases, residual sums, softmax) as
   XLA-fused float32 kernels inside the plain graph. What leaves a model (CLIP embeddings, prefixes, scores)
-  is float32. Fast where the CPU has ``amx_bf16`` or ``avx512_bf16`` (`utils.cpu_features`); elsewhere it
-  runs correctly, slower than float32, and `warn_if_slow` says so at load.
+  is float32. Fast where the CPU has ``amx_bf16`` or ``avx512_bf16`` (`custom_layers.cpu_features`); elsewhere it
+  runs correctly, slower than float32, and `warn_if_slow` says so at load (on an AVX2-only CPU on TensorFlow's
+  own kernels: oneDNN has no bfloat16 there, and decoding keeps no packed weights). `check_runnable` refuses
+  it, before anything is read, in the one setting where it cannot run: oneDNN capped by ``ONEDNN_MAX_CPU_ISA``
+  below its bfloat16 kernels on a CPU where TensorFlow still hands them bfloat16 ops (the process would abort).
 
 A bfloat16 model is an inference twin: its weights are frozen (`custom_layers.packed_weights.freeze_weights`;
 assigning raises), so that its compiled decoding steps keep them packed in oneDNN's layout, and training
@@ -45,7 +48,13 @@ import hashlib
 import logging
 from collections.abc import Callable
 
-from utils.cpu_features import BFLOAT16_FLAGS, cpu_info
+from custom_layers.cpu_features import (
+    BFLOAT16_FLAGS,
+    cpu_info,
+    onednn_isa_cap,
+    onednn_runs_bfloat16,
+    tensorflow_sends_bfloat16_to_onednn,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -71,6 +80,8 @@ class Precision:
         savable: whether a model in it is saved as it is (int8's values and scales), rather than refused.
         version: of how ``apply`` turns float32 weights into this precision's, part of `precision_identity`:
             bump it when that changes (e.g. int8's rounding), so no result of the old weights answers the new.
+        blocker: None, or a function of no argument returning why this precision cannot run in this process
+            (a sentence), or None where it can: `check_runnable` raises with it before any weight is read.
     """
 
     name: str
@@ -82,6 +93,7 @@ class Precision:
     clip: bool = True
     savable: bool = False
     version: int = 1
+    blocker: Callable | None = None
 
 
 def _floating_policy(value):
@@ -142,6 +154,24 @@ def _bfloat16(model):
     return freeze_weights(cast_model(model, "bfloat16"))
 
 
+def _bfloat16_blocker(flags=None, environ=None):
+    """Why bfloat16 cannot run in this process, or None. TensorFlow (oneDNN on) hands bfloat16 matmuls and
+    convolutions to oneDNN on a CPU with AVX-512 by its own CPUID test; with ``ONEDNN_MAX_CPU_ISA`` capping
+    oneDNN below its bfloat16 kernels, the first such op throws inside TensorFlow's kernel and aborts the
+    process (measured: ``ONEDNN_MAX_CPU_ISA=AVX2`` on an AMD Zen 4). An AVX2-only CPU is not blocked: there
+    TensorFlow keeps its own bfloat16 kernels."""
+    from tensorflow.python.util import _pywrap_util_port
+
+    flags = cpu_info()[1] if flags is None else flags
+    if (not _pywrap_util_port.IsMklEnabled() or not tensorflow_sends_bfloat16_to_onednn(flags)
+            or onednn_runs_bfloat16(flags, environ)):
+        return None
+    return (f"oneDNN is capped at ONEDNN_MAX_CPU_ISA={onednn_isa_cap(environ)}, below its bfloat16 kernels (AVX512_CORE), "
+            "while TensorFlow hands bfloat16 ops to oneDNN on this CPU (it has AVX-512): the first one would abort "
+            "the process. Unset the cap (or set it to AVX512_CORE or above), set TF_ENABLE_ONEDNN_OPTS=0 (TensorFlow's "
+            "own kernels, slower), or use float32")
+
+
 def _int8(backbone):
     from custom_architectures.quantization import quantize_backbone
 
@@ -160,7 +190,8 @@ PRECISIONS = {
     # are recomputed in float32 (GPT2.lm_logits, refine_top_logits) instead of rounded to bfloat16
     "bfloat16": Precision("bfloat16", ("bf16",), _bfloat16, BFLOAT16_FLAGS, xla=False,
                           summary="bfloat16 weights, matmuls and convolutions (float32 accumulation, layer norms, softmax "
-                          "and log-probabilities): fast where the CPU has AMX or AVX512_BF16", version=5),
+                          "and log-probabilities): fast where the CPU has AMX or AVX512_BF16", version=5,
+                          blocker=_bfloat16_blocker),
     "int8": Precision("int8", (), _int8, (), clip=False, savable=True,
                       summary="GPT-2's weights in int8 per output channel (mapper and CLIP float32): one-image "
                       "latency; saved as int8, inference only"),
@@ -190,6 +221,21 @@ def resolve_precision(name):
     raise ValueError(f"unknown precision {name!r}: expected one of {', '.join(precision_names())}")
 
 
+class PrecisionUnavailableError(RuntimeError):
+    """A precision that cannot run in this process (`Precision.blocker`): raised by `check_runnable`."""
+
+
+def check_runnable(precision):
+    """Raise `PrecisionUnavailableError` (a RuntimeError: the command line's exit 3) saying why, where
+    ``precision`` (a name or a `Precision`) cannot run in this process; loading calls it before reading any
+    weight. Returns the `Precision`."""
+    precision = resolve_precision(precision)
+    reason = precision.blocker() if precision.blocker is not None else None
+    if reason:
+        raise PrecisionUnavailableError(f"precision {precision.name} cannot run here: {reason}")
+    return precision
+
+
 def warn_if_slow(precision, cpuinfo=None):
     """Log one warning line when ``precision`` needs CPU flags this machine lacks (it still runs, slower);
     returns whether it warned. ``cpuinfo``: the file to read instead of /proc/cpuinfo (tests)."""
@@ -198,8 +244,10 @@ def warn_if_slow(precision, cpuinfo=None):
     model, flags = cpu_info() if cpuinfo is None else cpu_info(cpuinfo)
     if any(flag in flags for flag in precision.native_flags):
         return False
-    logger.warning("precision %s: this CPU (%s) has none of %s, so it runs emulated and slower than float32 "
-                   "(results are correct)", precision.name, model, "/".join(precision.native_flags))
+    how = ("emulated by oneDNN" if tensorflow_sends_bfloat16_to_onednn(flags) else
+           "on TensorFlow's own kernels (oneDNN has none for it without AVX-512)")
+    logger.warning("precision %s: this CPU (%s) has none of %s, so it runs %s and slower than float32 "
+                   "(results are correct)", precision.name, model, "/".join(precision.native_flags), how)
     return True
 
 

@@ -46,6 +46,7 @@ import socket
 import sys
 from pathlib import Path
 
+from custom_layers.cpu_features import cpu_info
 from utils.model_store import home_dir
 
 logger = logging.getLogger(__name__)
@@ -101,14 +102,9 @@ def _package_version(module, *names):
 
 
 def _cpu_flags() -> str:
-    try:
-        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
-            for line in f:
-                if line.startswith(("flags", "Features")):
-                    return " ".join(sorted(line.split(":", 1)[1].split()))
-    except OSError:
-        pass
-    return platform.processor()
+    """The CPU's flags, sorted, one string (`custom_layers.cpu_features.cpu_info`); its name where it has none."""
+    _, flags = cpu_info()
+    return " ".join(sorted(flags)) if flags else platform.processor()
 
 
 def library_fingerprint() -> str:

@@ -41,7 +41,13 @@ from custom_architectures.transformers_arch.clip_cap_arch import ClipCapBackbone
 from custom_layers.shared_steps import shared_steps  # noqa: E402
 from models import check_jit_compile  # noqa: E402
 from models.image_captioning.saving import ModelLoadError  # noqa: E402, F401
-from models.precision import DEFAULT_PRECISION, precision_identity, resolve_precision, warn_if_slow  # noqa: E402
+from models.precision import (  # noqa: E402
+    DEFAULT_PRECISION,
+    check_runnable,
+    precision_identity,
+    resolve_precision,
+    warn_if_slow,
+)
 from utils.devices import device_scope  # noqa: E402
 
 
@@ -151,7 +157,8 @@ class ClipCap:
         The float32 weights are cast once, now (`models.precision.cast_model`); the compiled functions are
         rebuilt. Only a float32 model changes precision (the rounded weights cannot give float32 back: load the
         model again). Logs one warning line when this CPU lacks the instructions that make ``precision``
-        fast (`models.precision.warn_if_slow`). Raises ValueError for an unknown name."""
+        fast (`models.precision.warn_if_slow`). Raises ValueError for an unknown name, and
+        `models.precision.PrecisionUnavailableError` for one this process cannot run (`check_runnable`)."""
         precision = resolve_precision(precision)
         if precision.name == self.precision:
             return self
@@ -161,6 +168,7 @@ class ClipCap:
         if self.precision != DEFAULT_PRECISION:
             raise ValueError(f"this model runs in {self.precision}; only a float32 model changes precision "
                              f"(load it again with precision={precision.name!r})")
+        check_runnable(precision)
         warn_if_slow(precision)
         recorded = self._identity  # the float32 weights' identity: `identity` adds the precision to it
         if precision.savable and recorded is not None and recorded[0] is not None:
@@ -355,11 +363,15 @@ class ClipCap:
         norms, softmax and scores (a `CLIP` instance given as ``clip`` is cast in place); "int8": GPT-2's blocks
         and LM head with int8 weights per output channel, for one-image latency (a float32 folder is quantized
         at load; an int8 folder, saved from such a model, loads as int8 and cannot give float32 back). See
-        `to_precision`; an unknown name is a ValueError raised before anything is read.
+        `to_precision`; an unknown name is a ValueError, a precision this process cannot run a
+        `models.precision.PrecisionUnavailableError` (`models.precision.check_runnable`), both raised before
+        anything is read.
         """
         from models.image_captioning.loading import load_clipcap
 
         precision_given, precision = precision, resolve_precision(precision)  # unknown: fails before any work
+        if precision_given is not None:
+            check_runnable(precision)  # so does a precision this process cannot run
         if isinstance(clip, str | os.PathLike):
             from models.siamese.clip import CLIP
 

@@ -145,7 +145,7 @@ class CLIP:
         `models.precision.PRECISIONS`: "float32", "bfloat16" / "bf16"); returns self. Weights cast once, now;
         only a float32 model changes precision. ``warn``: log one line when this CPU lacks the instructions
         that make ``precision`` fast (`models.precision.warn_if_slow`)."""
-        from models.precision import resolve_precision, warn_if_slow
+        from models.precision import check_runnable, resolve_precision, warn_if_slow
 
         precision = resolve_precision(precision)
         if not precision.clip:
@@ -155,6 +155,7 @@ class CLIP:
         if self.precision != DEFAULT_PRECISION:
             raise ValueError(f"this CLIP runs in {self.precision}; only a float32 model changes precision "
                              f"(load it again with precision={precision.name!r})")
+        check_runnable(precision)
         if warn:
             warn_if_slow(precision)
         text = None if self.model.text is None else precision.apply(self.model.text)
@@ -238,12 +239,13 @@ class CLIP:
         config.json or weights file raises `utils.convert.common.CheckpointError` naming the file.
         ``lazy_text``: the text encoder and tokenizer are read when first used (`load_text`), not now.
         ``precision``: "float32" (default) or "bfloat16" ("bf16"), see `to_precision`; an unknown name is a
-        ValueError raised before anything is read."""
-        from models.precision import resolve_precision
+        ValueError, one this process cannot run a `models.precision.PrecisionUnavailableError`
+        (`models.precision.check_runnable`), raised before anything is read."""
+        from models.precision import check_runnable
         from models.siamese.clip_saving import load_clip
         from utils.model_store import model_dir, recover_model_dir
 
-        precision = resolve_precision(precision)
+        precision = check_runnable(precision)  # an unknown name, or one this process cannot run: before reading
         clip = load_clip(cls, recover_model_dir(model_dir(name_or_directory)), jit_compile=jit_compile,
                          lazy_text=lazy_text)
         return clip.to_precision(precision)
