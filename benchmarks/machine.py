@@ -11,7 +11,14 @@ Example::
 import os
 import sys
 
-from custom_layers.cpu_features import CPUINFO, cpu_info, has_fast_bfloat16
+from custom_layers.cpu_features import (
+    CPUINFO,
+    cpu_info,
+    has_fast_bfloat16,
+    onednn_isa_cap,
+    onednn_runs_bfloat16,
+)
+from models.precision import bfloat16_blocker
 
 #: the /proc/cpuinfo flags that decide fp32 / bf16 / int8 matmul speed here
 FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16", "amx_int8")
@@ -19,15 +26,25 @@ FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "am
 
 def describe_machine(path=CPUINFO):
     """One line: the CPU model (the CPU reading is `custom_layers.cpu_features`, which the library's bf16 warning
-    uses too), the CPUs this process may use, whether each of `FLAGS` is present, and whether bfloat16
-    matmuls are native here (``precision="bfloat16"`` is then faster than float32) or emulated (slower)."""
+    uses too), the CPUs this process may use, whether each of `FLAGS` is present, whether bfloat16 matmuls
+    are native here (``precision="bfloat16"`` is then faster than float32), emulated by oneDNN, or on
+    TensorFlow's own kernels (no oneDNN bfloat16: an AVX2-only CPU; both slower) or refused
+    (`models.precision.bfloat16_blocker`), and a user's ``ONEDNN_MAX_CPU_ISA`` cap."""
     model, flags = cpu_info(path)
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     if not flags:
         return f"machine: {model}, {cpus} CPUs; flags unknown; bfloat16 unknown"
     known = ", ".join(f"{flag} {'yes' if flag in flags else 'no'}" for flag in FLAGS)
-    bf16 = "native" if has_fast_bfloat16(flags) else "emulated (slower than float32)"
-    return f"machine: {model}, {cpus} CPUs; {known}; bfloat16 {bf16}"
+    if bfloat16_blocker(flags):
+        bf16 = "refused here (oneDNN has no bfloat16 kernels here, and TensorFlow would hand it bfloat16 ops)"
+    elif has_fast_bfloat16(flags):
+        bf16 = "native"
+    elif onednn_runs_bfloat16(flags):
+        bf16 = "emulated by oneDNN (slower than float32)"
+    else:
+        bf16 = "on TensorFlow's own kernels, oneDNN has none here (slower than float32)"
+    cap = onednn_isa_cap()
+    return f"machine: {model}, {cpus} CPUs; {known}; bfloat16 {bf16}" + (f"; ONEDNN_MAX_CPU_ISA={cap}" if cap else "")
 
 
 def print_machine():

@@ -19,10 +19,10 @@ two guarantees, both checked:
 
 Only on a CPU with oneDNN on (`available`: TensorFlow's x86 builds, unless ``TF_ENABLE_ONEDNN_OPTS=0``), and
 no GPU in use; for bfloat16 only where oneDNN has bfloat16 kernels (AVX-512 or AVX-NE-CONVERT, not capped by
-``ONEDNN_MAX_CPU_ISA``: `custom_layers.cpu_features.onednn_runs_bfloat16`). On an AVX2-only CPU the op would throw from
-inside TensorFlow's kernel and abort the process; `packed_linear` refuses it there, and decoding runs unpacked
-on TensorFlow's own bfloat16 kernels. The packed copy lives as long as the traced function holding the node (one per decoding
-shape): ~250 MB for GPT-2 124M in bfloat16.
+``ONEDNN_MAX_CPU_ISA``: `custom_layers.cpu_features.onednn_runs_bfloat16`). On an AVX2-only CPU the op would
+throw from inside TensorFlow's kernel and abort the process; `packed_linear` refuses it there, and decoding
+runs unpacked, on TensorFlow's own bfloat16 kernels. The packed copy lives as long as the traced function
+holding the node (one per decoding shape): ~250 MB for GPT-2 124M in bfloat16.
 
 Example::
 
@@ -127,8 +127,9 @@ def packed_linear(x, kernel, bias, activation=None):
     if x.dtype == tf.bfloat16 and not _onednn_bfloat16():
         model, _ = cpu_features.cpu_info()
         raise ValueError(f"packed_linear in bfloat16 needs oneDNN's bfloat16 kernels, which this CPU ({model}) does "
-                         f"not have (they need AVX-512 or AVX-NE-CONVERT; ONEDNN_MAX_CPU_ISA="
-                         f"{cpu_features.onednn_isa_cap()}): the op would abort the process. Check available(dtype)")
+                         f"not offer here (they need AVX-512 or AVX-NE-CONVERT, and no ONEDNN_MAX_CPU_ISA below them; "
+                         f"it is {cpu_features.onednn_isa_cap()}): the op would abort the process. Check "
+                         "available(dtype) first")
     units, fan_in = kernel.shape
     rows = x if x.shape.rank == 2 else tf.reshape(x, (-1, fan_in))  # (N, in)
     _, _, op, _ = op_def_library._apply_op_helper(

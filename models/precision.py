@@ -19,11 +19,11 @@ line accepts a name or one of its aliases (``fp32``, ``bf16``), nothing else.
   CPU kernel, so each row's largest logits are recomputed in float32 (`refine_top_logits`). CLIP's transformer blocks (`custom_layers.clip_layers`) run
   everything between their bfloat16 matmuls (layer norms, QuickGELU, biases, residual sums, softmax) as
   XLA-fused float32 kernels inside the plain graph. What leaves a model (CLIP embeddings, prefixes, scores)
-  is float32. Fast where the CPU has ``amx_bf16`` or ``avx512_bf16`` (`custom_layers.cpu_features`); elsewhere it
-  runs correctly, slower than float32, and `warn_if_slow` says so at load (on an AVX2-only CPU on TensorFlow's
-  own kernels: oneDNN has no bfloat16 there, and decoding keeps no packed weights). `check_runnable` refuses
-  it, before anything is read, in the one setting where it cannot run: oneDNN capped by ``ONEDNN_MAX_CPU_ISA``
-  below its bfloat16 kernels on a CPU where TensorFlow still hands them bfloat16 ops (the process would abort).
+  is float32. Fast where the CPU has ``amx_bf16`` or ``avx512_bf16`` (`custom_layers.cpu_features`);
+  elsewhere it runs correctly, slower than float32, and `warn_if_slow` says so at load (on an AVX2-only CPU on
+  TensorFlow's own kernels: oneDNN has no bfloat16 there, and decoding keeps no packed weights). `check_runnable` refuses
+  it, before anything is read, where it cannot run: oneDNN without bfloat16 kernels (capped below them by
+  ``ONEDNN_MAX_CPU_ISA``) on a CPU where TensorFlow still hands it bfloat16 ops (the process would abort).
 
 A bfloat16 model is an inference twin: its weights are frozen (`custom_layers.packed_weights.freeze_weights`;
 assigning raises), so that its compiled decoding steps keep them packed in oneDNN's layout, and training
@@ -154,22 +154,25 @@ def _bfloat16(model):
     return freeze_weights(cast_model(model, "bfloat16"))
 
 
-def _bfloat16_blocker(flags=None, environ=None):
-    """Why bfloat16 cannot run in this process, or None. TensorFlow (oneDNN on) hands bfloat16 matmuls and
-    convolutions to oneDNN on a CPU with AVX-512 by its own CPUID test; with ``ONEDNN_MAX_CPU_ISA`` capping
-    oneDNN below its bfloat16 kernels, the first such op throws inside TensorFlow's kernel and aborts the
-    process (measured: ``ONEDNN_MAX_CPU_ISA=AVX2`` on an AMD Zen 4). An AVX2-only CPU is not blocked: there
-    TensorFlow keeps its own bfloat16 kernels."""
+def bfloat16_blocker(flags=None, environ=None):
+    """Why bfloat16 cannot run in this process, or None (``flags``: /proc/cpuinfo's, default this CPU's;
+    ``environ``: default ``os.environ``). TensorFlow (oneDNN on) hands bfloat16 matmuls and convolutions to
+    oneDNN on a CPU with AVX-512 by its own CPUID test; where oneDNN has no bfloat16 kernel (capped below them by
+    ``ONEDNN_MAX_CPU_ISA``, or AVX-512 without BW/VL/DQ), the first such op throws inside TensorFlow's kernel
+    and aborts the process (measured: ``ONEDNN_MAX_CPU_ISA=AVX2`` on an AMD Zen 4). An AVX2-only CPU is not
+    blocked: there TensorFlow keeps its own bfloat16 kernels."""
     from tensorflow.python.util import _pywrap_util_port
 
     flags = cpu_info()[1] if flags is None else flags
     if (not _pywrap_util_port.IsMklEnabled() or not tensorflow_sends_bfloat16_to_onednn(flags)
             or onednn_runs_bfloat16(flags, environ)):
         return None
-    return (f"oneDNN is capped at ONEDNN_MAX_CPU_ISA={onednn_isa_cap(environ)}, below its bfloat16 kernels (AVX512_CORE), "
-            "while TensorFlow hands bfloat16 ops to oneDNN on this CPU (it has AVX-512): the first one would abort "
-            "the process. Unset the cap (or set it to AVX512_CORE or above), set TF_ENABLE_ONEDNN_OPTS=0 (TensorFlow's "
-            "own kernels, slower), or use float32")
+    cap = onednn_isa_cap(environ)
+    why = (f"oneDNN is capped at ONEDNN_MAX_CPU_ISA={cap}, below its bfloat16 kernels (AVX512_CORE)" if cap else
+           "oneDNN has no bfloat16 kernels on this CPU (AVX-512 without AVX512BW/VL/DQ)")
+    return (f"{why}, while TensorFlow hands bfloat16 ops to oneDNN here (the CPU has AVX-512 or AVX-NE-CONVERT): the "
+            "first one would abort the process. " + ("Unset the cap (or set it to AVX512_CORE or above), " if cap else "")
+            + "set TF_ENABLE_ONEDNN_OPTS=0 (TensorFlow's own kernels, slower), or use float32")
 
 
 def _int8(backbone):
@@ -191,7 +194,7 @@ PRECISIONS = {
     "bfloat16": Precision("bfloat16", ("bf16",), _bfloat16, BFLOAT16_FLAGS, xla=False,
                           summary="bfloat16 weights, matmuls and convolutions (float32 accumulation, layer norms, softmax "
                           "and log-probabilities): fast where the CPU has AMX or AVX512_BF16", version=5,
-                          blocker=_bfloat16_blocker),
+                          blocker=bfloat16_blocker),
     "int8": Precision("int8", (), _int8, (), clip=False, savable=True,
                       summary="GPT-2's weights in int8 per output channel (mapper and CLIP float32): one-image "
                       "latency; saved as int8, inference only"),
@@ -245,7 +248,7 @@ def warn_if_slow(precision, cpuinfo=None):
     if any(flag in flags for flag in precision.native_flags):
         return False
     how = ("emulated by oneDNN" if tensorflow_sends_bfloat16_to_onednn(flags) else
-           "on TensorFlow's own kernels (oneDNN has none for it without AVX-512)")
+           "on TensorFlow's own kernels (oneDNN has none for it without AVX-512: decoding several times slower)")
     logger.warning("precision %s: this CPU (%s) has none of %s, so it runs %s and slower than float32 "
                    "(results are correct)", precision.name, model, "/".join(precision.native_flags), how)
     return True

@@ -85,7 +85,9 @@ def test_bfloat16_is_refused_where_onednn_is_capped_below_it(monkeypatch, tmp_pa
             load()
         assert "TF_ENABLE_ONEDNN_OPTS=0" in str(error.value) and isinstance(error.value, RuntimeError)
     assert precision.check_runnable("float32").name == "float32"
-    assert precision._bfloat16_blocker(ZEN3) is None  # AVX2 only: TensorFlow keeps bfloat16 to itself
+    assert precision.bfloat16_blocker(ZEN3) is None  # AVX2 only: TensorFlow keeps bfloat16 to itself
+    knights_landing = {"avx2", "avx512f"}  # AVX-512 for TensorFlow, no avx512_core for oneDNN: blocked uncapped
+    assert "no bfloat16 kernels on this CPU" in precision.bfloat16_blocker(knights_landing, environ={})
     monkeypatch.delenv("ONEDNN_MAX_CPU_ISA")
     assert precision.check_runnable("bf16").name == "bfloat16"
 

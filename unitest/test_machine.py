@@ -9,11 +9,11 @@ ROOT = Path(__file__).resolve().parents[1]
 
 INTEL = """processor\t: 0
 model name\t: Intel(R) Xeon(R) Platinum 8481C CPU @ 2.70GHz
-flags\t\t: fpu avx2 fma avx512f avx512_bf16 amx_bf16 amx_tile
+flags\t\t: fpu avx2 fma avx512f avx512bw avx512vl avx512dq avx512_bf16 amx_bf16 amx_tile
 
 processor\t: 1
 model name\t: Intel(R) Xeon(R) Platinum 8481C CPU @ 2.70GHz
-flags\t\t: fpu avx2 fma avx512f avx512_bf16 amx_bf16 amx_tile
+flags\t\t: fpu avx2 fma avx512f avx512bw avx512vl avx512dq avx512_bf16 amx_bf16 amx_tile
 """
 AMD = "processor\t: 0\nmodel name\t: AMD EPYC 7B13\nflags\t\t: fpu avx2 fma\n"
 
@@ -22,24 +22,44 @@ def test_cpu_model_and_flags(tmp_path):
     (tmp_path / "intel").write_text(INTEL)
     (tmp_path / "amd").write_text(AMD)
     assert cpu_info(tmp_path / "intel") == ("Intel(R) Xeon(R) Platinum 8481C CPU @ 2.70GHz",
-                                            {"fpu", "avx2", "fma", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile"})
+                                            {"fpu", "avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512dq",
+                                             "avx512_bf16", "amx_bf16", "amx_tile"})
     line = describe_machine(tmp_path / "amd")
     assert line.startswith("machine: AMD EPYC 7B13, ") and "avx2 yes" in line and "avx512_bf16 no" in line
     assert all(f"{flag} " in line for flag in FLAGS)
     assert "flags unknown" in describe_machine(tmp_path / "missing")
 
 
-def test_machine_line_names_bf16_and_amx(tmp_path):
-    """The line says whether bfloat16 is native (AMX or AVX512_BF16) or emulated, and lists the int8 flags."""
+def test_machine_line_names_bf16_and_amx(tmp_path, monkeypatch):
+    """The line says whether bfloat16 is native (AMX or AVX512_BF16), emulated by oneDNN (AVX-512), or on
+    TensorFlow's own kernels (AVX2 only: oneDNN has none), names a user's ONEDNN_MAX_CPU_ISA, and lists the
+    int8 flags."""
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
+    monkeypatch.delenv("DNNL_MAX_CPU_ISA", raising=False)
     (tmp_path / "intel").write_text(INTEL)
     (tmp_path / "amd").write_text(AMD)
-    (tmp_path / "cooper").write_text(AMD.replace("AMD EPYC 7B13", "Xeon 8380H").replace("fma", "fma avx512_bf16"))
+    (tmp_path / "cooper").write_text(AMD.replace("AMD EPYC 7B13", "Xeon 8380H").replace(
+        "fma", "fma avx512f avx512bw avx512vl avx512dq avx512_bf16"))
     intel = describe_machine(tmp_path / "intel")
     assert "amx_bf16 yes" in intel and "amx_int8 no" in intel and "avx512_vnni no" in intel
     assert intel.endswith("; bfloat16 native")
     assert describe_machine(tmp_path / "cooper").endswith("; bfloat16 native")
-    assert describe_machine(tmp_path / "amd").endswith("; bfloat16 emulated (slower than float32)")
+    assert describe_machine(tmp_path / "amd").endswith(
+        "; bfloat16 on TensorFlow's own kernels, oneDNN has none here (slower than float32)")
+    (tmp_path / "skylake").write_text(AMD.replace("fma", "fma avx512f avx512bw avx512vl avx512dq"))
+    assert describe_machine(tmp_path / "skylake").endswith("; bfloat16 emulated by oneDNN (slower than float32)")
     assert describe_machine(tmp_path / "missing").endswith("bfloat16 unknown")
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "avx2")
+    assert describe_machine(tmp_path / "amd").endswith(
+        "; bfloat16 on TensorFlow's own kernels, oneDNN has none here (slower than float32); ONEDNN_MAX_CPU_ISA=AVX2")
+    skylake = describe_machine(tmp_path / "skylake")  # TensorFlow still hands oneDNN bfloat16 there
+    assert skylake.endswith("ONEDNN_MAX_CPU_ISA=AVX2") and ("bfloat16 refused here" in skylake) == oneDNN_on()
+
+
+def oneDNN_on():
+    from tensorflow.python.util import _pywrap_util_port
+
+    return _pywrap_util_port.IsMklEnabled()
 
 
 def test_every_benchmark_prints_its_machine():
