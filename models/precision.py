@@ -248,7 +248,8 @@ def warn_if_slow(precision, cpuinfo=None):
     if any(flag in flags for flag in precision.native_flags):
         return False
     how = ("emulated by oneDNN" if tensorflow_sends_bfloat16_to_onednn(flags) else
-           "on TensorFlow's own kernels (oneDNN has none for it without AVX-512: decoding several times slower)")
+           "on TensorFlow's own kernels (oneDNN has none for it without AVX-512: decoding several times slower; "
+           "float32 is faster here)")
     logger.warning("precision %s: this CPU (%s) has none of %s, so it runs %s and slower than float32 "
                    "(results are correct)", precision.name, model, "/".join(precision.native_flags), how)
     return True

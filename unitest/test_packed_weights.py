@@ -31,8 +31,10 @@ from custom_layers.packed_weights import (
 )
 from models.precision import PRECISIONS, cast_model
 
-needs_onednn = pytest.mark.skipif(not packed_weights.available(),
+needs_onednn = pytest.mark.skipif(not packed_weights.available(tf.float32),
                                   reason="oneDNN is off here (TF_ENABLE_ONEDNN_OPTS=0, a GPU, or not an x86 build)")
+needs_onednn_bf16 = pytest.mark.skipif(not packed_weights.available(tf.bfloat16),
+                                       reason="no oneDNN bfloat16 here (oneDNN off, or a CPU without it: AVX2 only)")
 
 TINY = dict(vocab_size=97, n_positions=40, n_embd=64, n_layer=2, n_head=4)
 
@@ -55,6 +57,8 @@ def tiny_models():
                                                ("bfloat16", "gelu_approximate")])  # gpt2_gelu's bf16 form
 def test_packed_linear_equals_matmul_and_bias(dtype, activation):
     """The packed kernel computes `custom_layers.linear.linear` (bias, and GELU-tanh fused), 2-D and 3-D."""
+    if not packed_weights.available(dtype):
+        pytest.skip("no oneDNN bfloat16 here (a CPU without it: AVX2 only)")
     rng = np.random.default_rng(0)
     kernel = tf.Variable(tf.cast(rng.normal(0, 0.05, (48, 64)), dtype))  # (out, in)
     bias = tf.Variable(tf.cast(rng.normal(0, 0.5, (48,)), dtype))
@@ -141,7 +145,7 @@ def _step_logits(model, packed, prefix, ids):
     return np.stack(out, 1)
 
 
-@needs_onednn
+@needs_onednn_bf16
 @pytest.mark.parametrize("size", ["tiny", "real"])
 def test_packed_steps_match_float32_as_the_unpacked_ones_do(tiny_models, size):
     """A cached step with every projection and the head packed gives the float32 model's logits within
@@ -169,7 +173,7 @@ def test_packed_steps_match_float32_as_the_unpacked_ones_do(tiny_models, size):
             model.embed_tokens(ids[:, :1]), model.prefill(prefix, 5)[1])
 
 
-@needs_onednn
+@needs_onednn_bf16
 def test_the_compiled_plain_graph_loop_packs_each_projection_once(tiny_models):
     """A bfloat16 twin's compiled loop (plain graph) packs the 4 projections of every block and the head in
     its steps, each node reading its own variable; the prefill keeps the shared traced block (unpacked). An
