@@ -30,7 +30,6 @@ import os
 import subprocess
 import sys
 import tempfile
-import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -49,7 +48,7 @@ def worker(precision, repeats, threads, max_length=20, beam_size=5):
     import torch  # noqa: I001 - torch and torchvision before TensorFlow (ARCHITECTURE.md)
     import torchvision  # noqa: F401
 
-    from benchmarks.bench_clipcap import TorchCLIP, bench_clip_config, photos, ref
+    from benchmarks.bench_clipcap import TorchCLIP, bench_clip_config, best_of, photos, ref
     from benchmarks.machine import describe_machine, use_threads
     from models.image_captioning.clip_cap import ClipCap
     from testing.tiny_models import train_tiny_tokenizer
@@ -67,21 +66,12 @@ def worker(precision, repeats, threads, max_length=20, beam_size=5):
         if precision != "float32":
             model.to_precision(precision)
 
-    def best(fn):
-        fn()
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - start)
-        return min(times)
-
     result = {"machine": describe_machine(), "packed": model.decoder.packs_weights()}
-    result["encode"] = len(images) / best(lambda: model.encode_images(images))
+    result["encode"] = len(images) / best_of(lambda: model.encode_images(images), repeats)
     embeddings = model.encode_images(images)
     for method in ("greedy", "beam"):
         options = dict(method=method, beam_size=beam_size, max_length=max_length, stop_token=None, compile_now=True)
-        result[method] = len(images) / best(lambda o=options: model.generate(embeddings, **o))
+        result[method] = len(images) / best_of(lambda o=options: model.generate(embeddings, **o), repeats)
     print("RESULT " + json.dumps(result), flush=True)
 
 
