@@ -1,4 +1,4 @@
-"""What this machine's CPU can do fast: its model name and /proc/cpuinfo flags (read once per call, bounded).
+"""What this machine's CPU can do fast: its model name and /proc/cpuinfo flags (the first processor's, bounded).
 
 Shared by the library (``precision="bfloat16"`` warns at load where the CPU has no bf16 instructions:
 `models.precision`) and by ``benchmarks/machine.py`` (every benchmark prints the CPU and its flags first).
@@ -39,20 +39,24 @@ ISA_CAPS_WITHOUT_BFLOAT16 = ("SSE41", "AVX", "AVX2", "AVX2_VNNI")
 
 def cpu_info(path=CPUINFO):
     """``(model name, set of flags)`` of the first processor in ``path`` (Linux' /proc/cpuinfo); the model is
-    `platform.processor()` (or "unknown") and the flags empty where the file cannot be read (macOS, Windows)."""
+    `platform.processor()` (or "unknown") and the flags empty where the file cannot be read (macOS, Windows).
+    Reads up to the end of the first processor's block (a few KB whatever the number of cores: the library
+    asks at load and while tracing), `MAX_CPUINFO_BYTES` at most."""
+    model, flags, budget = None, set(), MAX_CPUINFO_BYTES
     try:
         with open(path, encoding="utf-8", errors="replace") as f:
-            text = f.read(MAX_CPUINFO_BYTES)
+            while budget > 0 and (line := f.readline(budget)):
+                budget -= len(line)
+                key, _, value = line.partition(":")
+                key = key.strip()
+                if not key and flags:  # a blank line after the flags: the first processor's block is over
+                    break
+                if key == "model name" and model is None:
+                    model = value.strip()
+                elif key in ("flags", "Features") and not flags:  # x86 / ARM
+                    flags = set(value.split())
     except OSError:
         return platform.processor() or "unknown", set()
-    model, flags = None, set()
-    for line in text.splitlines():
-        key, _, value = line.partition(":")
-        key = key.strip()
-        if key == "model name" and model is None:
-            model = value.strip()
-        elif key in ("flags", "Features") and not flags:  # x86 / ARM
-            flags = set(value.split())
     return model or platform.processor() or "unknown", flags
 
 

@@ -30,6 +30,38 @@ def test_cpu_model_and_flags(tmp_path):
     assert "flags unknown" in describe_machine(tmp_path / "missing")
 
 
+def test_cpu_info_reads_the_first_processor_only(tmp_path, monkeypatch):
+    """A many-core machine's /proc/cpuinfo repeats each processor's block: reading stops after the first one's
+    (a file whose later blocks are 8 MB, and one with no line end at all, are read no further)."""
+    many = tmp_path / "many"
+    many.write_text(INTEL.split("\n\n")[0] + "\n\n" + "processor\t: 1\nflags\t\t: " + "x" * (8 << 20) + "\n")
+    reads = []
+    real_open = open
+
+    class Counting:
+        def __init__(self, f):
+            self.f = f
+
+        def readline(self, limit):
+            line = self.f.readline(limit)
+            reads.append(len(line))
+            return line
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+    import custom_layers.cpu_features as cpu_features
+
+    monkeypatch.setattr(cpu_features, "open", lambda *a, **k: Counting(real_open(*a, **k)), raising=False)
+    model, flags = cpu_info(many)
+    assert model.startswith("Intel(R) Xeon(R)") and "amx_bf16" in flags and sum(reads) < 1000
+    (tmp_path / "one_line").write_text("flags : avx2 " + "y" * (4 << 20))
+    assert len(cpu_info(tmp_path / "one_line")[1]) == 2  # bounded: the first MAX_CPUINFO_BYTES of the line
+
+
 def test_machine_line_names_bf16_and_amx(tmp_path, monkeypatch):
     """The line says whether bfloat16 is native (AMX or AVX512_BF16), emulated by oneDNN (AVX-512), or on
     TensorFlow's own kernels (AVX2 only: oneDNN has none), names a user's ONEDNN_MAX_CPU_ISA, and lists the
