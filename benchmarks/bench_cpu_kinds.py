@@ -18,7 +18,7 @@ Model: CLIP ViT-B/32 + MLP mapper (K = 10) + GPT-2 124M, random full-size weight
 beam search (5 beams) decoding from the same embeddings, 20 tokens without early stop; then each bfloat16 row
 against the float32 row of the same CPU kind.
 
-Run from the repository root (about 10 minutes on 2 cores)::
+Run from the repository root (4 minutes on 2 cores, measured)::
 
     python -m benchmarks.bench_cpu_kinds
     python -m benchmarks.bench_cpu_kinds --repeats 3 --threads 2

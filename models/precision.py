@@ -23,7 +23,7 @@ line accepts a name or one of its aliases (``fp32``, ``bf16``), nothing else.
   elsewhere it runs correctly, slower than float32, and `warn_if_slow` says so at load (on an AVX2-only CPU on
   TensorFlow's own kernels: oneDNN has no bfloat16 there, and decoding keeps no packed weights). `check_runnable` refuses
   it, before anything is read, where it cannot run: oneDNN without bfloat16 kernels (capped below them by
-  ``ONEDNN_MAX_CPU_ISA``) on a CPU where TensorFlow still hands it bfloat16 ops (the process would abort).
+  ``ONEDNN_MAX_CPU_ISA``) on a CPU where TensorFlow still hands it bfloat16 ops (they would crash the process or fail).
 
 A bfloat16 model is an inference twin: its weights are frozen (`custom_layers.packed_weights.freeze_weights`;
 assigning raises), so that its compiled decoding steps keep them packed in oneDNN's layout, and training
@@ -158,9 +158,10 @@ def bfloat16_blocker(flags=None, environ=None):
     """Why bfloat16 cannot run in this process, or None (``flags``: /proc/cpuinfo's, default this CPU's;
     ``environ``: default ``os.environ``). TensorFlow (oneDNN on) hands bfloat16 matmuls and convolutions to
     oneDNN on a CPU with AVX-512 by its own CPUID test; where oneDNN has no bfloat16 kernel (capped below them by
-    ``ONEDNN_MAX_CPU_ISA``, or AVX-512 without BW/VL/DQ), the first such op throws inside TensorFlow's kernel
-    and aborts the process (measured: ``ONEDNN_MAX_CPU_ISA=AVX2`` on an AMD Zen 4). An AVX2-only CPU is not
-    blocked: there TensorFlow keeps its own bfloat16 kernels."""
+    ``ONEDNN_MAX_CPU_ISA``, or AVX-512 without BW/VL/DQ), the first such op throws inside TensorFlow's kernel.
+    Measured with ``ONEDNN_MAX_CPU_ISA=AVX2`` on an AMD Zen 4: an eager bf16 matmul killed the process (a
+    segmentation fault), the packed decoding matmul aborted it, an eager bf16 convolution raised an
+    ``AbortedError``. An AVX2-only CPU is not blocked: there TensorFlow keeps its own bfloat16 kernels."""
     from tensorflow.python.util import _pywrap_util_port
 
     flags = cpu_info()[1] if flags is None else flags
@@ -171,7 +172,7 @@ def bfloat16_blocker(flags=None, environ=None):
     why = (f"oneDNN is capped at ONEDNN_MAX_CPU_ISA={cap}, below its bfloat16 kernels (AVX512_CORE)" if cap else
            "oneDNN has no bfloat16 kernels on this CPU (AVX-512 without AVX512BW/VL/DQ)")
     return (f"{why}, while TensorFlow hands bfloat16 ops to oneDNN here (the CPU has AVX-512 or AVX-NE-CONVERT): the "
-            "first one would abort the process. " + ("Unset the cap (or set it to AVX512_CORE or above), " if cap else "")
+            "first one would abort or crash the process, or fail. " + ("Unset the cap (or set it to AVX512_CORE or above), " if cap else "")
             + "set TF_ENABLE_ONEDNN_OPTS=0 (TensorFlow's own kernels, slower), or use float32")
 
 

@@ -161,7 +161,7 @@ def _run(tiny_model_dir, **env):
     environ.update(env, TF_CPP_MIN_LOG_LEVEL="2")
     done = subprocess.run([sys.executable, "-c", SCRIPT.format(photos=PHOTOS, directory=str(tiny_model_dir))],
                           cwd=ROOT, env=environ, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, (done.returncode, done.stderr[-3000:])  # an abort is -6: never
+    assert done.returncode == 0, (done.returncode, done.stderr[-3000:])  # a crash (a signal: negative) never
     (line,) = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
     return json.loads(line[len("RESULT "):])
 
