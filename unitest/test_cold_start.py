@@ -99,6 +99,26 @@ def test_cache_opt_out_and_user_flags(tmp_path, monkeypatch):
     assert os.environ["TF_XLA_FLAGS"] == "--tf_xla_persistent_cache_directory=/mine"
 
 
+def test_cache_key_holds_the_compiler_flags_but_not_the_caches_own(monkeypatch):
+    """TensorFlow's cache loads an entry compiled under other XLA flags (an uncapped AVX-512 program in a process
+    capped at AVX2, seen with TensorFlow 2.21): the flags must change our key folder, the cache's own flags not."""
+    for name in ("XLA_FLAGS", "TF_XLA_FLAGS"):
+        monkeypatch.delenv(name, raising=False)
+    plain = compile_cache.cache_key()
+    monkeypatch.setenv("TF_XLA_FLAGS", f"--tf_xla_persistent_cache_directory=/somewhere {compile_cache.READ_ONLY_FLAG}")
+    assert compile_cache.cache_key() == plain
+    monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_max_isa=AVX2")
+    capped = compile_cache.cache_key()
+    assert capped != plain
+    monkeypatch.setenv("XLA_FLAGS", " --xla_cpu_max_isa=AVX2  ")  # the same flags, spaced otherwise
+    assert compile_cache.cache_key() == capped
+    monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_enable_fast_math=true")
+    assert compile_cache.cache_key() not in (plain, capped)
+    monkeypatch.delenv("XLA_FLAGS")
+    monkeypatch.setenv("TF_XLA_FLAGS", "--tf_xla_auto_jit=2")
+    assert compile_cache.cache_key() != plain
+
+
 def test_cache_command_clears_only_our_files(tmp_path, monkeypatch, capsys):
     home = tmp_path / "home"
     monkeypatch.setenv("IMAGE_CAPTIONING_HOME", str(home))

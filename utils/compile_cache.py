@@ -15,7 +15,10 @@ store is a cold cache), before TensorFlow is imported. It is called by ``main.py
   not show is the compiler and the machine: ``<key>`` hashes the TensorFlow, Keras and Python versions, the
   machine type and the CPU's feature flags (a store shared between machines never runs a program built for
   instructions the CPU lacks), and the library's own source files (`library_fingerprint`), so a changed
-  library never loads a program of another version. A new key starts an empty folder; old ones stay until
+  library never loads a program of another version. It also holds the compiler's flags (`compiler_flags`:
+  ``XLA_FLAGS`` and ``TF_XLA_FLAGS`` but the cache's own): TensorFlow's entry names and checks leave them
+  out, so a process with ``XLA_FLAGS=--xla_cpu_max_isa=AVX2`` loaded the AVX-512 programs an uncapped
+  process had written (seen with TensorFlow 2.21). A new key starts an empty folder; old ones stay until
   cleared.
 - Opt-out: ``IMAGE_CAPTIONING_XLA_CACHE=0``. A ``TF_XLA_FLAGS`` that already names a cache directory is the
   user's choice and is kept; their other flags are kept too (ours is appended).
@@ -56,6 +59,8 @@ FLAGS_ENV = "TF_XLA_FLAGS"
 FLAG = "--tf_xla_persistent_cache_directory"
 #: TensorFlow's switch to load cached programs without writing new ones (set when the store cannot be written)
 READ_ONLY_FLAG = "--tf_xla_persistent_cache_read_only=true"
+#: TensorFlow's flags of the persistent cache itself (where, read-only, ...): not part of the key
+_CACHE_FLAGS_PREFIX = "--tf_xla_persistent_cache"
 #: the free space the store needs for the cache to be written (an entry is a few MB; TensorFlow fails the
 #: compiling call itself, ResourceExhaustedError, when it cannot write one)
 MIN_FREE_BYTES = 64 << 20
@@ -107,6 +112,13 @@ def _cpu_flags() -> str:
     return " ".join(sorted(flags)) if flags else platform.processor()
 
 
+def compiler_flags() -> list:
+    """The flags that shape the programs XLA compiles and TensorFlow's cache does not key: ``XLA_FLAGS`` (the
+    target ISA, fast math, ...) and ``TF_XLA_FLAGS`` without its persistent-cache flags (ours), each sorted."""
+    tf_flags = [f for f in os.environ.get(FLAGS_ENV, "").split() if not f.startswith(_CACHE_FLAGS_PREFIX)]
+    return sorted(os.environ.get("XLA_FLAGS", "").split()) + sorted(tf_flags)
+
+
 def library_fingerprint() -> str:
     """SHA-256 of the library's Python sources (`_SOURCE_DIRS`): its version, as far as compiling goes."""
     digest = hashlib.sha256()
@@ -118,7 +130,7 @@ def library_fingerprint() -> str:
 
 
 def cache_key() -> str:
-    """16 hex digits naming what may share compiled programs: compiler versions, machine, library."""
+    """16 hex digits naming what may share compiled programs: compiler versions and flags, machine, library."""
     parts = {
         "tensorflow": _package_version("tensorflow", "tensorflow", "tensorflow-cpu", "tensorflow-intel",
                                        "tf-nightly"),
@@ -127,6 +139,7 @@ def cache_key() -> str:
         "machine": platform.machine(),
         "system": platform.system(),
         "cpu": _cpu_flags(),
+        "flags": compiler_flags(),
         "library": library_fingerprint(),
     }
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
