@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from utils.image_io import IMAGE_EXTENSIONS, ImageReadError, list_images, read_image
+from utils.image_io import IMAGE_EXTENSIONS, ImageReadError, glob_no_links, list_images, read_image
 
 
 @pytest.fixture()
@@ -119,6 +119,27 @@ def test_list_images_expands_files_directories_and_globs(tmp_path):
     assert list_images(os.path.join(root, "**", "*.webp")) == [os.path.join(root, "sub", "deeper", "d.webp")]
     assert list_images(tmp_path / "b.jpg") == [os.path.join(root, "b.jpg")]
     assert ".jpg" in IMAGE_EXTENSIONS and ".png" in IMAGE_EXTENSIONS
+
+
+def test_recursive_glob_does_not_follow_links_to_folders(tmp_path, monkeypatch):
+    """Python's ``**`` follows links to folders: one link to the folder itself listed x.jpg 41 times, two never
+    ended. Now as a folder input (`os.walk`): each file once, links not entered; the rest as glob gives it."""
+    for rel in ("d/x.jpg", "d/sub/y.jpg", "d/sub/.hidden/z.jpg", "d/.w.jpg"):
+        _touch_image(str(tmp_path / rel))
+    os.symlink(".", tmp_path / "d" / "loop_a")
+    os.symlink(".", tmp_path / "d" / "loop_b")
+    os.symlink("sub", tmp_path / "d" / "to_sub")
+    expected = [str(tmp_path / "d" / "sub" / "y.jpg"), str(tmp_path / "d" / "x.jpg")]
+    assert list_images(str(tmp_path / "d" / "**" / "*.jpg")) == expected
+    assert not [p for p in list_images(str(tmp_path / "d")) if "loop" in p or "to_sub" in p]  # as a folder input
+    monkeypatch.chdir(tmp_path)
+    assert list_images(os.path.join("**", "*.jpg")) == [os.path.join("d", "sub", "y.jpg"), os.path.join("d", "x.jpg")]
+    assert list_images(os.path.join("d", "s*", "**", "*.jpg")) == [os.path.join("d", "sub", "y.jpg")]
+    # no ** (no loop possible): glob's own, links one level down included
+    assert list_images(os.path.join("d", "*", "*.jpg")) == [os.path.join("d", *p) for p in (
+        ("loop_a", "x.jpg"), ("loop_b", "x.jpg"), ("sub", "y.jpg"), ("to_sub", "y.jpg"))]
+    assert sorted(glob_no_links(os.path.join("d", "**"))) == sorted(
+        os.path.join("d", n) for n in ("loop_a", "loop_b", "sub", "sub/y.jpg", "to_sub", "x.jpg"))
 
 
 def test_list_images_errors(tmp_path):

@@ -272,7 +272,7 @@ def expand_paths(paths_dirs_globs):
         elif os.path.lexists(item):
             matches = [(item, None)]  # named explicitly: kept whatever it is, read_image judges it
         elif _GLOB_CHARS & set(item):
-            candidates = sorted(p for p in glob.glob(item, recursive=True)
+            candidates = sorted(p for p in glob_no_links(item)
                                 if _has_image_extension(p) and not os.path.isdir(p))
             matches = [(p, path_problem(p)) for p in candidates]
             if not matches:
@@ -284,6 +284,37 @@ def expand_paths(paths_dirs_globs):
                 seen.add(path)
                 found.append((path, problem))
     return found
+
+
+def glob_no_links(pattern):
+    """``glob.glob(pattern, recursive=True)``, except that ``**`` does not follow symbolic links to
+    directories (as `os.walk` for a directory input): Python's ``**`` does, so a folder holding a link to
+    itself matched one file 40 times over (`d/x.jpg`, `d/a/x.jpg`, ...), and two such links never ended.
+    The parts around each ``**`` go through `glob.glob` (hidden names and character classes as it treats
+    them); a ``**`` lists the base folder and its non-hidden subfolders. Unsorted, without duplicates."""
+    parts = pattern.split(os.sep)
+    if "**" not in parts:
+        return glob.glob(pattern)
+    i = parts.index("**")
+    head, rest = os.sep.join(parts[:i]) or (os.sep if i == 1 and parts[0] == "" else ""), os.sep.join(parts[i + 1:])
+    if not head:
+        bases = [""]
+    elif glob.has_magic(head):
+        bases = [b for b in glob.glob(head) if os.path.isdir(b)]
+    else:
+        bases = [head] if os.path.isdir(head) else []
+    found = {}
+    for base in bases:
+        for root, dirs, files in os.walk(base or os.curdir):  # followlinks=False: links to folders not entered
+            dirs[:] = [d for d in dirs if not d.startswith(".")]
+            folder = root if base else os.path.relpath(root)
+            folder = "" if folder == os.curdir else folder
+            if rest:
+                matches = glob_no_links(os.path.join(glob.escape(folder), rest) if folder else rest)
+            else:  # a trailing **: everything below, as glob gives it
+                matches = [os.path.join(folder, n) for n in (*dirs, *files) if not n.startswith(".")]
+            found.update(dict.fromkeys(matches))
+    return list(found)
 
 
 def list_images(paths_dirs_globs):
