@@ -14,6 +14,7 @@ import io
 import json
 import os
 import pickle
+import struct
 import subprocess
 import sys
 import warnings
@@ -27,6 +28,7 @@ import torch
 from testing.clip_reference import TINY_CONFIGS, random_clip_state_dict, reference_model
 from utils.convert.common import CheckpointError, load_torch_state_dict
 from utils.convert.openai_clip import load_openai_clip, load_openai_state_dict
+from utils.convert import torch_file
 from utils.convert.torch_file import TensorRecord, load_state_dict
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -489,3 +491,75 @@ def test_a_crafted_file_cannot_change_how_later_files_are_read(files, tmp_path):
     assert list(again) == list(expected)
     for key in expected:
         assert np.array_equal(np.asarray(again[key]), np.asarray(expected[key]), equal_nan=True)
+
+
+def _zip_of(path, data_pkl, records=()):
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr("archive/data.pkl", data_pkl)
+        for name, data in records:
+            archive.writestr(f"archive/data/{name}", data)
+    return path
+
+
+def test_a_shared_container_is_built_once(tmp_path):
+    """A pickle's memo lets N nested ``[x, x]`` stand for 2^N references (a 500-byte file would keep a CPU busy
+    for ever at depth 60): each container is converted once and stays shared, as unpickling made it."""
+    body = b"]q\x00"  # memo 0: []
+    for depth in range(1, 21):  # memo d = [memo d-1, memo d-1]
+        body += b"(h" + bytes([depth - 1]) + b"h" + bytes([depth - 1]) + b"lq" + bytes([depth])
+    path = _zip_of(tmp_path / "nested.pt", b"\x80\x02" + body + b"0}X\x01\x00\x00\x00xh\x14s.")  # {"x": memo 20}
+    obj = torch_file.read_checkpoint(path)
+    assert obj["x"][0] is obj["x"][1] and obj["x"][0][0] is obj["x"][0][1]
+    with pytest.raises(CheckpointError, match="entry 'x' is a str -> list"):
+        load_torch_state_dict(path)  # and it is not a state dict
+
+
+def test_many_tensors_over_one_storage_stop_at_the_loads_budget(tmp_path):
+    """Each tensor a 128 MB stride-0 view of one float (each alone under MAX_EXPANDED_BYTES): a 1 KB file may
+    not make the reader allocate 128 MB per tensor without end."""
+    n = 2**25
+    buffer = io.BytesIO()
+    _StoragePickler(buffer, protocol=2).dump({f"t{i}": _FakeTensor(_FakeStorage(1), 0, (n,), (0,)) for i in range(3)})
+    path = _zip_of(tmp_path / "views.pt", buffer.getvalue(), [("0", np.ones(1, "<f4").tobytes())])
+    assert path.stat().st_size < 2048
+    with pytest.raises(CheckpointError, match="past .*many tensors over one storage"):
+        load_torch_state_dict(path)
+    assert set(load_torch_state_dict(path, shapes_only=True)) == {"t0", "t1", "t2"}  # shapes cost nothing
+
+
+def test_zip_entries_sharing_one_record_are_refused(tmp_path):
+    """Two directory entries pointing at one stored record (each within the file's size alone): refused."""
+    source = _crafted_checkpoint(tmp_path / "ok.pt", _FakeTensor(_FakeStorage(4), 0, (4,), (1,)),
+                                 np.arange(4, dtype="<f4").tobytes())
+    with zipfile.ZipFile(source) as archive:
+        infos = archive.infolist()
+        start = archive.start_dir
+    raw = source.read_bytes()
+    record = next(i for i in infos if i.filename == "archive/data/0")
+    central = b""
+    for info in [*infos, record]:  # the record listed twice, under a second name
+        name = (info.filename if info is not record or central.count(b"archive/data/0") == 0
+                else "archive/data/1").encode()
+        central += struct.pack("<4s6H3L5H2L", b"PK\x01\x02", 20, 20, 0, 0, 0, 0, info.CRC, info.compress_size,
+                               info.file_size, len(name), 0, 0, 0, 0, 0, info.header_offset) + name
+    end = struct.pack("<4s4H2LH", b"PK\x05\x06", 0, 0, len(infos) + 1, len(infos) + 1, len(central), start, 0)
+    path = tmp_path / "overlap.pt"
+    path.write_bytes(raw[:start] + central + end)
+    with pytest.raises(CheckpointError, match="overlaps the next entry"):
+        load_torch_state_dict(path)
+
+
+@pytest.mark.parametrize("size, stride", [((1,), (2**70,)), ((2**62, 2**62, 0), (1, 1, 1))])
+def test_sizes_and_strides_beyond_int64_are_refused(tmp_path, size, stride):
+    path = _crafted_checkpoint(tmp_path / "big.pt", _FakeTensor(_FakeStorage(2), 0, size, stride),
+                               np.zeros(2, "<f4").tobytes())
+    with pytest.raises(CheckpointError, match="2\\*\\*62 or more"):
+        load_torch_state_dict(path)
+
+
+def test_a_value_that_is_not_a_tensor_is_named(tmp_path):
+    buffer = io.BytesIO()
+    _StoragePickler(buffer, protocol=2).dump({"w": _FakeTensor(_FakeStorage(1), 0, (1,), (1,)), "step": 3, 7: "x"})
+    path = _zip_of(tmp_path / "mixed.pt", buffer.getvalue(), [("0", np.ones(1, "<f4").tobytes())])
+    with pytest.raises(CheckpointError, match="entry 'step' is a str -> int|entry '7' is a int -> str"):
+        load_torch_state_dict(path)

@@ -21,7 +21,10 @@ state: no ``__setstate__`` of the file runs, and its ``code/`` is read as text, 
 Tensors come back as numpy arrays, copied out of their storage with the pickled offset, size and stride (views
 of one storage stay correct). bfloat16, which numpy lacks, is returned as float32 (exact: its bits shifted into
 the high half). Reads are bounded: each record's size must match what the pickle declares, pickles and code
-are capped, and nothing larger than the file itself is allocated from it.
+are capped, zip entries may not overlap, and one load allocates at most `MAX_FILE_MULTIPLE` times the file's
+size plus `MAX_EXPANDED_BYTES` in all (`ReadBudget`: storages read and tensors copied out of them, so that
+neither many tensors over one storage nor many entries over one record multiply a small file). Shared
+containers are built once (a pickle's memo can make N nested ``[x, x]`` stand for 2^N references).
 
 Example::
 
@@ -50,6 +53,12 @@ MAX_PICKLE_BYTES = 256 * 1024 * 1024  # one data.pkl (OpenAI's ViT-L/14: ~0.1 MB
 MAX_CODE_BYTES = 64 * 1024 * 1024  # all TorchScript sources together
 MAX_COMPRESSION_RATIO = 1000  # a compressed record may not claim more than this many times its stored bytes
 MAX_EXPANDED_BYTES = 256 * 1024 * 1024  # a stride-0 (expanded) tensor may not copy out to more than this
+#: one load's allocations (storages read + tensors copied) may reach this many times the file's size, plus
+#: MAX_EXPANDED_BYTES: a state dict reads each storage once and copies at most the tensors that share one (GPT-2's
+#: tied head: ~1.3x its file)
+MAX_FILE_MULTIPLE = 3
+MAX_MODULES = 100_000  # TorchScript modules visited for a state dict (a shared submodule is visited per path)
+MAX_INDEX = 2**62  # sizes, strides and offsets beyond this are refused (numpy's index arithmetic is int64)
 LEGACY_MAGIC_NUMBER = 0x1950A86A20F9469CFC6C
 LEGACY_PROTOCOL_VERSION = 1001
 
@@ -69,6 +78,22 @@ class CheckpointError(ValueError):
 
     Defined here, the lowest module of ``utils.convert`` (every converter imports it from
     `utils.convert.common`, which re-exports it)."""
+
+
+class ReadBudget:
+    """The bytes one load may still allocate from its file (`MAX_FILE_MULTIPLE`); `take` raises
+    `CheckpointError` past it, naming what asked."""
+
+    def __init__(self, file_size, source):
+        self.left, self.source = MAX_FILE_MULTIPLE * file_size + MAX_EXPANDED_BYTES, source
+        self.limit = self.left
+
+    def take(self, nbytes, what):
+        if nbytes > self.left:
+            raise CheckpointError(f"{self.source}: {what} would take the bytes read from this file past "
+                                  f"{self.limit} ({MAX_FILE_MULTIPLE} times its size + {MAX_EXPANDED_BYTES}): "
+                                  "many tensors over one storage, or overlapping records; refused")
+        self.left -= nbytes
 
 
 class TorchDtype(str):
@@ -103,21 +128,26 @@ class Storage:
     on first use (once, shared by every tensor viewing it) by ``read_bytes`` or set from the legacy format's
     tail. ``users`` counts the tensors on it: a tensor alone on its whole storage takes the buffer, uncopied."""
 
-    def __init__(self, key, storage_type, numel, read_bytes=None):
+    def __init__(self, key, storage_type, numel, read_bytes=None, budget=None):
         self.key, self.storage_type, self.numel, self._read_bytes = key, storage_type, numel, read_bytes
-        self._raw, self.base, self.offset, self.users = None, None, 0, 0
+        self._raw, self.base, self.offset, self.users, self.budget = None, None, 0, 0, budget
 
     def view(self, key, offset, numel):
         """A legacy storage view: ``numel`` elements from ``offset`` of this storage."""
         if offset < 0 or numel < 0 or offset + numel > self.numel:
             raise CheckpointError(f"storage view {key!r} ({offset}+{numel}) lies outside storage {self.key!r} "
                                   f"of {self.numel} elements")
-        view = Storage(key, self.storage_type, numel)
+        view = Storage(key, self.storage_type, numel, budget=self.budget)
         view.base, view.offset = self, offset
         return view
 
     def set_bytes(self, raw):
         self._raw = raw
+
+    def take(self, nbytes, what):
+        """Count ``nbytes`` allocated for ``what`` against the load's `ReadBudget` (if any)."""
+        if self.budget is not None:
+            self.budget.take(nbytes, what)
 
     def close(self, why):
         """No more reading: a later `raw` raises `CheckpointError` saying ``why``."""
@@ -133,7 +163,7 @@ class Storage:
         if self._raw is None:
             if self._read_bytes is None:
                 raise CheckpointError(f"storage {self.key!r}: {getattr(self, '_closed', 'no data in the file')}")
-            self._raw = self._read_bytes()
+            self._raw = self._read_bytes()  # counted by the reader, after its own checks
         return self._raw
 
 
@@ -157,6 +187,9 @@ class TensorRecord:
         if self.offset < 0 or any(n < 0 for n in self.shape) or any(s < 0 for s in self.stride):
             raise CheckpointError(f"tensor on storage {self.storage.key!r} has a negative offset, size or stride "
                                   f"(offset {self.offset}, size {self.shape}, stride {self.stride})")
+        if max((self.offset, *self.shape, *self.stride)) >= MAX_INDEX:
+            raise CheckpointError(f"tensor on storage {self.storage.key!r} has an offset, size or stride of 2**62 "
+                                  f"or more (offset {self.offset}, size {self.shape}, stride {self.stride}); refused")
         if 0 in self.shape:
             return
         last = self.offset + sum((n - 1) * s for n, s in zip(self.shape, self.stride))
@@ -178,6 +211,8 @@ class TensorRecord:
         flat = self.storage.raw().view(dtype)
         if self._owns_storage() and not is_bf16 and dtype.isnative:
             return flat.reshape(self.shape)  # the storage's own buffer: nothing else views it
+        self.storage.take(int(np.prod(self.shape, dtype=object)) * (4 if is_bf16 else dtype.itemsize),
+                          f"a copy of size {self.shape} from storage {self.storage.key!r}")
         if 0 in self.shape:
             array = np.zeros(self.shape, dtype.newbyteorder("="))
         else:
@@ -371,6 +406,8 @@ class _ZipCheckpoint:
             raise CheckpointError(f"{source} is a zip archive but not a PyTorch checkpoint (no <root>/data.pkl)")
         self.root = pickles[0][:-len("data.pkl")]
         self.names = set(archive.namelist())
+        _check_no_overlap(archive, source)
+        self.budget = ReadBudget(file_size, source)
         byteorder = self.read(self.root + "byteorder", max_bytes=16) if self.root + "byteorder" in self.names \
             else b"little"
         if byteorder not in (b"little", b"big"):
@@ -403,6 +440,7 @@ class _ZipCheckpoint:
         if info.file_size > limit:
             raise CheckpointError(f"{self.source}: record {name} claims {info.file_size} bytes from "
                                   f"{info.compress_size} stored (truncated, corrupt or a zip bomb)")
+        self.budget.take(info.file_size, f"record {name}")
         try:
             if info.compress_type == zipfile.ZIP_STORED and info.file_size == info.compress_size:
                 data = self._read_stored(info)
@@ -447,7 +485,8 @@ class _ZipCheckpoint:
             if self.archive.getinfo(name).file_size != nbytes:
                 self.read(name, expected=nbytes)  # raises, naming the record and both sizes
             self.storages[key] = Storage(key, storage_type, numel,
-                                         lambda name=name, nbytes=nbytes: self.read_array(name, expected=nbytes))
+                                         lambda name=name, nbytes=nbytes: self.read_array(name, expected=nbytes),
+                                         budget=self.budget)
         storage = self.storages[key]
         if storage.storage_type.dtype != storage_type.dtype or storage.numel != numel:
             raise CheckpointError(f"{self.source}: storage {key} is declared twice with different types or sizes")
@@ -475,6 +514,27 @@ _CLASS_LINE = re.compile(r"class (\w+)\((.*)\):\s*$")
 _MEMBER_LINE = re.compile(r"\s+(__parameters__|__buffers__) = (\[.*\])\s*$")
 
 
+def _check_no_overlap(archive, source):
+    """`CheckpointError` unless every entry of the zip ``archive`` is named once and its stored bytes end before
+    the next entry's header (and the central directory): entries that share bytes would let one stored record
+    be read as many (`zipfile` checks this only in its own ``open``, which stored records bypass here)."""
+    infos = sorted(archive.infolist(), key=lambda i: i.header_offset)
+    names = [i.filename for i in infos]
+    if len(set(names)) != len(names):
+        twice = sorted({n for n in names if names.count(n) > 1})
+        raise CheckpointError(f"{source}: zip entries named twice ({', '.join(twice[:3])}); corrupt or crafted file")
+    ends = [i.header_offset for i in infos[1:]] + [archive.start_dir]
+    for info, end in zip(infos, ends):
+        encoding = "utf-8" if info.flag_bits & 0x800 else "cp437"
+        try:
+            name_length = len(info.orig_filename.encode(encoding))
+        except UnicodeEncodeError:
+            name_length = len(info.orig_filename.encode("utf-8"))
+        if info.header_offset + 30 + name_length + info.compress_size > end:
+            raise CheckpointError(f"{source}: zip entry {info.filename} overlaps the next entry (entries sharing "
+                                  "their bytes: corrupt or crafted file)")
+
+
 def _declared_members(text, module, source):
     """The classes of one TorchScript source file: ``{qualified name: (is_module, params, buffers)}``."""
     classes, current = {}, None
@@ -498,9 +558,13 @@ def _declared_members(text, module, source):
 def script_state_dict(root, declared, source):
     """What ``torch.jit.load(...).state_dict()`` gives, from the inert module tree: each module's declared
     parameters then buffers (None entries skipped), then its submodules', named by attribute path."""
-    out = collections.OrderedDict()
+    out, visits = collections.OrderedDict(), [0]
 
     def visit(obj, prefix):
+        visits[0] += 1
+        if visits[0] > MAX_MODULES:
+            raise CheckpointError(f"{source}: more than {MAX_MODULES} TorchScript modules (submodules shared "
+                                  "along many paths?); refused")
         members = declared.get(obj.qualified_name)
         if members is None:
             raise CheckpointError(f"{source}: TorchScript class {obj.qualified_name} has no source in code/")
@@ -556,6 +620,7 @@ class _LegacyCheckpoint:
 
     def __init__(self, file, source, file_size):
         self.file, self.source, self.file_size = file, source, file_size
+        self.budget = ReadBudget(file_size, source)
         self.storages = {}  # root key -> Storage
         self.views = {}
 
@@ -572,7 +637,7 @@ class _LegacyCheckpoint:
         if numel * storage_type.itemsize > self.file_size:
             raise CheckpointError(f"{self.source}: storage {key} of {numel} elements is larger than the file "
                                   "(truncated or corrupt)")
-        storage = self.storages.setdefault(key, Storage(key, storage_type, numel))
+        storage = self.storages.setdefault(key, Storage(key, storage_type, numel, budget=self.budget))
         if storage.storage_type.dtype != storage_type.dtype or storage.numel != numel:
             raise CheckpointError(f"{self.source}: storage {key} is declared twice with different types or sizes")
         if view is None:
@@ -624,6 +689,7 @@ class _LegacyCheckpoint:
             raise CheckpointError(f"{self.source}: storage {storage.key} is truncated ({max(available, 0)} of "
                                   f"{nbytes} bytes; truncated or corrupt download?)")
         if read_data:
+            storage.take(nbytes, f"storage {storage.key!r}")
             data = _buffer(nbytes)
             if self.file.readinto(memoryview(data)) != nbytes:
                 raise CheckpointError(f"{self.source}: storage {storage.key} is truncated (corrupt download?)")
@@ -720,21 +786,26 @@ def _records(obj):
             stack.append(getattr(item, "state", None))
 
 
-def _materialise(obj, arrays=None):
-    """``obj`` with each `TensorRecord` in a (nested) dict / list / tuple replaced by its numpy array (one
-    array per record: a tensor pickled once and referenced twice stays one object, as in torch)."""
-    arrays = {} if arrays is None else arrays
+def _materialise(obj, done=None):
+    """``obj`` with each `TensorRecord` in a (nested) dict / list / tuple replaced by its numpy array. Each
+    record and each container is converted once (``done``, by id): a tensor pickled once and referenced twice
+    stays one array, as in torch, and a container referenced twice is not rebuilt twice (nested ``[x, x]`` in a
+    pickle's memo would otherwise cost 2^depth)."""
+    done = {} if done is None else done
+    if id(obj) in done:
+        return done[id(obj)]
     if isinstance(obj, TensorRecord):
-        if id(obj) not in arrays:
-            arrays[id(obj)] = obj.numpy()
-        return arrays[id(obj)]
-    if isinstance(obj, dict):
-        return type(obj)((k, _materialise(v, arrays)) for k, v in obj.items())
-    if isinstance(obj, list):
-        return [_materialise(v, arrays) for v in obj]
-    if isinstance(obj, tuple):
-        return tuple(_materialise(v, arrays) for v in obj)
-    return obj
+        value = obj.numpy()
+    elif isinstance(obj, dict):
+        value = type(obj)((k, _materialise(v, done)) for k, v in obj.items())
+    elif isinstance(obj, list):
+        value = [_materialise(v, done) for v in obj]
+    elif isinstance(obj, tuple):
+        value = tuple(_materialise(v, done) for v in obj)
+    else:
+        return obj
+    done[id(obj)] = value
+    return value
 
 
 def load_state_dict(path, shapes_only=False):
@@ -750,4 +821,9 @@ def load_state_dict(path, shapes_only=False):
             obj = obj[wrapper]
     if not isinstance(obj, Mapping):
         raise CheckpointError(f"{os.fspath(path)} holds a {type(obj).__name__}, not a state dict")
+    kind = TensorRecord if shapes_only else np.ndarray
+    for key, value in obj.items():
+        if not isinstance(key, str) or not isinstance(value, kind):
+            raise CheckpointError(f"{os.fspath(path)}: entry {str(key)[:80]!r} is a {type(key).__name__} -> "
+                                  f"{type(value).__name__}; a state dict maps names (str) to tensors")
     return dict(obj)
