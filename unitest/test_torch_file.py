@@ -26,9 +26,9 @@ import pytest
 import torch
 
 from testing.clip_reference import TINY_CONFIGS, random_clip_state_dict, reference_model
+from utils.convert import torch_file
 from utils.convert.common import CheckpointError, load_torch_state_dict
 from utils.convert.openai_clip import load_openai_clip, load_openai_state_dict
-from utils.convert import torch_file
 from utils.convert.torch_file import TensorRecord, load_state_dict
 
 ROOT = Path(__file__).resolve().parents[1]
