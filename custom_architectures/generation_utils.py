@@ -35,6 +35,7 @@ from custom_architectures.samplers import (
     Sampler,
     check_integer,
     check_seed,
+    draw_key,
     get_sampler,
 )
 from custom_layers import packed_weights
@@ -79,7 +80,8 @@ class PrefixDecoder:
         self._block_fns = {}  # the traced block of both forms, by (``inplace``, ``columns``) (`block_function`)
         self._auto = CompilePolicy("auto")  # which keys recur, for jit_compile="auto"
 
-    def __call__(self, prefix, sampler, max_length=67, stop_token_id=None, seed=0, jit_compile=True):
+    def __call__(self, prefix, sampler, max_length=67, stop_token_id=None, seed=0, jit_compile=True,
+                 image_ids=None):
         prefix = np.asarray(prefix, np.float32)
         if prefix.ndim != 3 or prefix.shape[-1] != self.gpt2.n_embd:
             raise ValueError(f"prefix must be (B, K, {self.gpt2.n_embd}), got {prefix.shape}")
@@ -95,6 +97,11 @@ class PrefixDecoder:
                              f"n_positions={self.gpt2.n_positions}")
         stop = -1 if stop_token_id is None else check_integer("stop_token_id", stop_token_id, minimum=0)
         seed_bits = np.array(seed, np.uint32).view(np.int32)  # the same 32 bits, as the int32 the loop takes
+        # what each image's random draws are keyed by (`samplers.draw_key`): its index in the caller's input
+        ids = np.arange(len(prefix)) if image_ids is None else np.asarray(image_ids)
+        limit = 2**31  # the loop takes them as int32
+        if ids.shape != (len(prefix),) or ids.dtype.kind not in "iu" or (len(ids) and not 0 <= ids.min() <= ids.max() < limit):
+            raise ValueError(f"image_ids must be {len(prefix)} integers in [0, {limit}), got {image_ids!r}"[:300])
         tokens, scores, steps = [], [], 0
         for start in range(0, len(prefix), self.max_batch_size):
             chunk = prefix[start : start + self.max_batch_size]
@@ -103,10 +110,11 @@ class PrefixDecoder:
                 size = key[0] if compiled else len(chunk)
                 valid = np.arange(size) < len(chunk)
                 padded = pad_batch(chunk, size)
+                rows = pad_batch(ids[start : start + len(chunk)].astype(np.int32), size)  # padding: never drawn
                 fn = self._function(key, sampler, compiled)
                 out_tokens, lengths, sums, n_steps = (
                     t.numpy() for t in fn(tf.constant(padded), tf.constant(valid), tf.constant(stop, tf.int32),
-                                          tf.constant(seed_bits, tf.int32))
+                                          tf.constant(seed_bits, tf.int32), tf.constant(rows))
                 )
             w = sampler.num_sequences
             out_tokens = out_tokens.reshape(size, w, max_length)[: len(chunk)]
@@ -141,7 +149,7 @@ class PrefixDecoder:
         fn = self._function(key, sampler, True)
         with tf.device(device):
             fn(tf.zeros((size, k, self.gpt2.n_embd)), tf.zeros((size,), tf.bool), tf.constant(-1, tf.int32),
-               tf.constant(0, tf.int32))
+               tf.constant(0, tf.int32), tf.zeros((size,), tf.int32))
 
     def ready(self, batch_size, prefix_length, max_length, sampler):
         """Whether "auto"'s compiled loop for this shape is built (a background build has finished)."""
@@ -192,10 +200,11 @@ class PrefixDecoder:
             self._block_fns.setdefault(key, self.gpt2.block_step_function(inplace=inplace, columns=columns))
         return self._block_fns[key]
 
-    def decode_loop(self, prefix, valid, stop_id, seed, sampler, max_length, block_fn=None, inplace=False,
-                    columns=False, column_block_fn=None, packed=False):
+    def decode_loop(self, prefix, valid, stop_id, seed, rows=None, *, sampler, max_length, block_fn=None,
+                    inplace=False, columns=False, column_block_fn=None, packed=False):
         """The decoding loop itself, traceable (one ``tf.while_loop`` over a static KV cache): prefix (B, K, C),
-        valid (B,) -> tokens (N, T), lengths (N,), sums (N,), steps run. `__call__` compiles it per shape, or
+        valid (B,) -> tokens (N, T), lengths (N,), sums (N,), steps run. ``rows`` (B,) int32: each image's id
+        for the random draws (`samplers.draw_key`; None: its position). `__call__` compiles it per shape, or
         runs it eagerly with ``block_fn`` (`GPT2.block_step_function`); the serving SavedModel
         (`models.image_captioning.serving`) traces it into its own graph.
         ``inplace`` (not under XLA): the loop's cache is made fresh and written in place (`GPT2.prefill`); a
@@ -215,6 +224,7 @@ class PrefixDecoder:
         logits, cache = gpt2.prefill(prefix, k + max_length - 1, rows=w, block_fn=block_fn, run=tf.reduce_any(valid),
                                      inplace=inplace, merged=w == 1)  # one row: one attention segment
         state = sampler.initial_state(tf.repeat(valid, w) if w > 1 else valid)
+        seed = draw_key(seed, tf.range(batch) if rows is None else rows, w)
         tokens, state = sampler.first(logits, state, stop_id, seed)  # (N,)
         state["finished"] = tf.logical_or(state["finished"], tf.logical_not(tf.repeat(valid, w)))
         positions = tf.range(max_length)[None]  # (1, T)
@@ -255,11 +265,11 @@ class _Loop:
     def __init__(self, decoder, sampler, max_length):
         self.decoder, self.sampler, self.max_length = decoder, sampler, max_length
 
-    def __call__(self, prefix, valid, stop_id, seed):
+    def __call__(self, prefix, valid, stop_id, seed, rows):
         decoder = self.decoder
         inplace = not decoder.xla  # a plain graph's loop (a bfloat16 model's) writes its cache in place
         columns = decoder.xla and column_rows(prefix.shape[0] * self.sampler.num_sequences, decoder.gpt2)
-        return decoder.decode_loop(prefix, valid, stop_id, seed, sampler=self.sampler, max_length=self.max_length,
+        return decoder.decode_loop(prefix, valid, stop_id, seed, rows, sampler=self.sampler, max_length=self.max_length,
                                    block_fn=decoder.block_function(inplace), inplace=inplace, columns=columns,
                                    column_block_fn=decoder.block_function(columns=True) if columns else None,
                                    packed=not decoder.xla and decoder.packs_weights())

@@ -29,6 +29,8 @@ Example::
     sorted(SAMPLERS)                                               # ['beam', 'greedy', 'magic', 'sample']
 """
 
+import hashlib
+
 import numpy as np
 
 from custom_architectures.decoding_options import (  # noqa: F401 (the checks: importable from here too)
@@ -130,19 +132,45 @@ def _mix32(x):
     return tf.bitwise.bitwise_xor(x, tf.bitwise.right_shift(x, 16))
 
 
-def counter_uniform(shape, seed, step):
-    """Uniform floats in (0, 1) of a 2-D `shape`, a pure function of (seed, step, element index).
+def counter_uniform(shape, seed, step, rows=None):
+    """Uniform floats in (0, 1) of a 2-D `shape` (N, V), a pure function of (seed, step, row id, column).
 
+    ``rows`` (N,) int64: each row's id, what its draws are keyed by (`draw_key`: an image's index in the
+    caller's input and the caption's number), so that an image draws the same numbers wherever it sits in a
+    batch; None: the row's position. The element's counter is ``row * V + column`` in 64 bits, folded to 32
+    (its high half hashed in, a no-op below 2^32: the draws of positions are those of earlier versions).
     A counter-based hash written with integer ops, so that eager and XLA-compiled decoding draw exactly the
     same numbers (TensorFlow's stateless RNG kernels and XLA's do not agree bit for bit).
     """
     import tensorflow as tf  # here, not at the top: the CLI imports the registry
     xor = tf.bitwise.bitwise_xor
-    index = tf.cast(tf.reshape(tf.range(shape[0] * shape[1]), shape), tf.uint32)
+    rows = tf.range(shape[0]) if rows is None else rows
+    counter = (tf.cast(rows, tf.uint64)[:, None] * tf.cast(shape[1], tf.uint64)
+               + tf.cast(tf.range(shape[1]), tf.uint64)[None])  # (N, V)
+    low = tf.cast(tf.bitwise.bitwise_and(counter, tf.constant(0xFFFFFFFF, tf.uint64)), tf.uint32)
+    index = xor(low, _mix32(tf.cast(tf.bitwise.right_shift(counter, tf.constant(32, tf.uint64)), tf.uint32)))
     key = _mix32(xor(_mix32(tf.cast(seed, tf.uint32)), tf.cast(step, tf.uint32)))
     bits = _mix32(_mix32(xor(index, key)) + key)
     # top 24 bits -> (0, 1), never exactly 0 or 1
     return (tf.cast(tf.bitwise.right_shift(bits, 8), tf.float32) + 0.5) * (1.0 / (1 << 24))
+
+
+def draw_id(name):
+    """An image's id for its random draws (`draw_key`) from its name (an absolute path, a URL): the same name
+    draws the same numbers in any batch, run or process (what ``predict``, ``caption`` and ``batch`` pass, so
+    that a sampled caption stored under an image's path and the seed is what that path and seed give).
+    An integer in [0, 2**31); two names share their draws with a probability of 2**-31."""
+    digest = hashlib.sha256(name.encode("utf-8", "surrogateescape")).digest()
+    return int.from_bytes(digest[:4], "little") >> 1
+
+
+def draw_key(seed, rows, num_sequences):
+    """What the loop hands a sampler as ``seed``: (seed (), the (N,) ids of its rows' draws), the row of image
+    ``rows[b]``'s ``w``-th sequence being ``rows[b] * num_sequences + w`` (int64). ``rows`` (B,) int32: each
+    image's id (`PrefixDecoder`'s ``image_ids``: its position, or `draw_id` of its name)."""
+    import tensorflow as tf  # here, not at the top: the CLI imports the registry
+    ids = tf.cast(rows, tf.int64)[:, None] * num_sequences + tf.range(num_sequences, dtype=tf.int64)[None]  # (B, W)
+    return seed, tf.reshape(ids, (-1,))
 
 
 class Sampler:
@@ -158,7 +186,8 @@ class Sampler:
     The loop calls ``first`` once on the prefill logits (B, V) (one row per image) and ``next`` on the
     logits (N, V) of every later step, N = B * `num_sequences`. Both get and return a ``state`` dict of
     tensors with at least ``finished`` (N,) bool, ``lengths`` (N,) float32 (generated tokens counted),
-    ``scores`` (N,) float32 (sum of log-probs); ``next`` may return ``parents`` (N,) int32, the rows each
+    ``scores`` (N,) float32 (sum of log-probs); ``seed`` is `draw_key`'s pair (the seed and the rows' draw
+    ids); ``next`` may return ``parents`` (N,) int32, the rows each
     new row continues (beam search; always a row of the same image: the decoder gathers only the cache
     slots after the shared prefix), or None when rows never swap.
     """
@@ -241,8 +270,8 @@ class Sample(_IndependentRows):
     """Random sampling from softmax(logits / temperature), optionally restricted to the top-k tokens and/or
     the smallest set of most likely tokens whose probability reaches top_p (the first token is always
     kept). ``num_captions`` rows per image draw independently; the draws are a pure function of the seed,
-    the step and the row's position in the (padded) batch, so a given seed and batch layout always give the
-    same captions, compiled or eager.
+    the step, the image's id (its index in the caller's input: `draw_key`) and the caption's number, so a
+    given seed gives an image the same captions whatever else is in its batch, compiled or eager.
 
     Example: ``Sample(temperature=0.7, top_p=0.9, num_captions=3)``
     """
@@ -251,6 +280,9 @@ class Sample(_IndependentRows):
     summary = "random draws: --temperature, --top-k, --top-p, --seed"
     deterministic = False
     servable = False  # a SavedModel has no seed input: every request would get the same draws
+    #: the version of what the draws are keyed by (2: the image's id, `draw_key`; 1: its row in the batch), in
+    #: the settings results are stored under (`prediction.generation_settings`): another version's are not these
+    draws = 2
 
     def __init__(self, temperature=None, top_k=None, top_p=None, num_captions=None):
         self.temperature = TEMPERATURE.validate(temperature)
@@ -272,7 +304,8 @@ class Sample(_IndependentRows):
             keep = 1 + tf.reduce_sum(tf.cast(cumulative[:, :-1] <= self.top_p, tf.int32), axis=-1)  # (N,)
             threshold = tf.gather(sorted_logits, keep - 1, batch_dims=1)[:, None]  # (N, 1)
             logits = tf.where(logits < threshold, NEG_INF, logits)
-        uniform = counter_uniform(tf.shape(logits), seed, step)  # (N, V) in (0, 1)
+        seed, rows = seed if isinstance(seed, tuple) else (seed, None)
+        uniform = counter_uniform(tf.shape(logits), seed, step, rows)  # (N, V) in (0, 1)
         gumbel = -tf.math.log(-tf.math.log(uniform))  # Gumbel-max: argmax(logits + g) ~ softmax(logits)
         return tf.argmax(logits + gumbel, axis=-1, output_type=tf.int32)
 

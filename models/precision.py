@@ -256,14 +256,16 @@ def warn_if_slow(precision, cpuinfo=None):
     return True
 
 
-def precision_identity(identity, precision):
+def precision_identity(identity, precision, part=None):
     """A model's identity (``"sha256:<hex>"``, `models.image_captioning.identity`) in ``precision``: the same
     for float32; otherwise the SHA-256 of the float32 identity and the precision's name, so that results of
-    a bfloat16 run are never taken for float32's (nor the reverse). None stays None."""
+    a bfloat16 run are never taken for float32's (nor the reverse). ``part``: the precision is that of one
+    part only (``"clip"``: a CLIP running in another precision than the model's). None stays None."""
     precision = resolve_precision(precision)
-    if identity is None or precision.name == DEFAULT_PRECISION:
+    if identity is None or (precision.name == DEFAULT_PRECISION and part is None):
         return identity
-    digest = hashlib.sha256(f"clipcap-precision-1\n{identity}\n{precision.name}\n{precision.version}\n".encode())
+    of = "" if part is None else f"{part}\n"
+    digest = hashlib.sha256(f"clipcap-precision-1\n{identity}\n{of}{precision.name}\n{precision.version}\n".encode())
     return f"sha256:{digest.hexdigest()}"
 
 

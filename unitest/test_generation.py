@@ -108,17 +108,19 @@ def test_batched_equals_one_at_a_time_and_compiled_equals_eager(sampler, tiny_mo
     decoder = PrefixDecoder(model.gpt2)
     batched = decoder(prefix, sampler, max_length=15, stop_token_id=7, seed=3)
     eager = decoder(prefix, sampler, max_length=15, stop_token_id=7, seed=3, jit_compile=False)
-    if not isinstance(sampler, Sample):  # draws depend on the batch layout; decisions do not
-        for i in range(3):
-            alone = decoder(prefix[i : i + 1], sampler, max_length=15, stop_token_id=7, seed=3)
-            assert alone.tokens[0] == batched.tokens[i]
-            np.testing.assert_allclose(alone.scores[0], batched.scores[i], atol=1e-5)
-        assert eager.tokens == batched.tokens
-    else:
-        same_layout = decoder(prefix[:2], sampler, max_length=15, stop_token_id=7, seed=3, jit_compile=False)
-        compiled = decoder(prefix[:2], sampler, max_length=15, stop_token_id=7, seed=3)
-        assert same_layout.tokens == compiled.tokens
+    for i in range(3):  # an image's draws are keyed by its id (default: its position), not by its batch
+        alone = decoder(prefix[i : i + 1], sampler, max_length=15, stop_token_id=7, seed=3, image_ids=[i])
+        assert alone.tokens[0] == batched.tokens[i]
+        np.testing.assert_allclose(alone.scores[0], batched.scores[i], atol=1e-5)
+    assert eager.tokens == batched.tokens
     np.testing.assert_allclose(eager.scores, batched.scores, atol=1e-5)
+    ids = [900, 2**31 - 1, 5]  # any ids: the same draws in any order, chunking or padding
+    shuffled = decoder(prefix[::-1], sampler, max_length=15, stop_token_id=7, seed=3, image_ids=ids[::-1])
+    chunked = PrefixDecoder(model.gpt2, max_batch_size=2)(prefix, sampler, max_length=15, stop_token_id=7, seed=3,
+                                                          image_ids=ids)
+    assert shuffled.tokens[::-1] == chunked.tokens
+    if isinstance(sampler, Sample):
+        assert chunked.tokens != batched.tokens  # other ids, other draws
 
 
 def test_compiled_loops_are_cached_per_shape(tiny_models):

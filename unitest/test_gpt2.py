@@ -336,7 +336,8 @@ def test_compiled_beam_step_copies_no_cache(tiny_pair, images):
     _, keras_model = tiny_pair
     decoder, beam, max_length = PrefixDecoder(keras_model), Beam(beam_size=3), 12
     loop = decoder._function(decoder._key(images, 4, max_length, beam), beam, compiled=True)  # as the decoder compiles
-    args = (tf.zeros((images, 4, 64)), tf.ones((images,), tf.bool), tf.constant(-1), tf.constant(0))
+    args = (tf.zeros((images, 4, 64)), tf.ones((images,), tf.bool), tf.constant(-1), tf.constant(0),
+            tf.range(images))  # the images' draw ids, as the decoder passes them
     body = _loop_body_hlo(loop.experimental_get_compiler_ir(*args)(stage="optimized_hlo"))
     layer_elements = images * 4 * 3 * (max_length - 1) * 16  # (B, H, W * L, D) of one layer's keys
     large = []  # (op, name) of every instruction writing as many elements as a layer's keys, or more
@@ -431,7 +432,7 @@ def test_plain_graph_loop_writes_in_place_with_a_cache_per_call(tiny_pair):
     prefixes = [rng.normal(0, 1, (2, 4, 64)).astype(np.float32) for _ in range(2)]
     loop = decoder._function(decoder._key(2, 4, 10, beam), beam, compiled=True)
     ops = _graph_ops(loop.get_concrete_function(tf.constant(prefixes[0]), tf.ones((2,), tf.bool), tf.constant(-1),
-                                                tf.constant(0)))
+                                                tf.constant(0), tf.range(2)))
     assert "InplaceUpdate" in ops and "Empty" in ops and "XlaDynamicUpdateSlice" not in ops, sorted(ops)
     alone = [decoder(p, beam, max_length=10).tokens for p in prefixes]
     assert alone[0] != alone[1]
@@ -516,5 +517,5 @@ def test_compiled_loop_steps_in_column_form_up_to_32_rows(tiny_pair, monkeypatch
         traced.clear()
         loop = decoder._function(decoder._key(images, 4, 6, sampler), sampler, compiled=True)
         loop.get_concrete_function(tf.zeros((images, 4, 64)), tf.ones((images,), tf.bool), tf.constant(-1),
-                                   tf.constant(0))
+                                   tf.constant(0), tf.range(images))
         assert len(traced) == expected, (images, type(sampler).__name__, traced)

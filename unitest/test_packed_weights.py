@@ -189,7 +189,7 @@ def test_the_compiled_plain_graph_loop_packs_each_projection_once(tiny_models):
     for name, decoder in decoders.items():
         loop = decoder._function(decoder._key(2, 4, 6, beam), beam, compiled=True)
         graph = loop.get_concrete_function(tf.constant(prefix), tf.ones((2,), tf.bool), tf.constant(-1),
-                                           tf.constant(0)).graph
+                                           tf.constant(0), tf.range(2)).graph
         nodes = [node for function in graph.as_graph_def().library.function for node in function.node_def
                  if node.op == "_MklNativeFusedMatMul"]
         assert all(node.attr["is_filter_const"].b for node in nodes)

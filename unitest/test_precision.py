@@ -149,6 +149,23 @@ def test_bf16_identity_and_no_save(tiny_pair, tmp_path):
     assert not (tmp_path / "copy").exists()
 
 
+def test_a_clip_shared_with_a_float32_model_stays_float32(tiny_model_dir):
+    """``ClipCap.load(..., clip=a.clip, precision="bf16")`` cast ``a``'s CLIP in place: ``a`` then encoded in
+    bfloat16 while its identity still said float32. The twin gets its own cast CLIP; and a float32 model given
+    a bfloat16 CLIP is keyed apart from float32 results."""
+    from models.image_captioning.clip_cap import ClipCap
+
+    fp32 = ClipCap.load(str(tiny_model_dir))
+    identity, before = fp32.identity, fp32.encode_images(PHOTOS[:1])
+    bf16 = ClipCap.load(str(tiny_model_dir), clip=fp32.clip, precision="bf16")
+    assert bf16.clip is not fp32.clip and bf16.clip.precision == "bfloat16"
+    assert fp32.clip.precision == "float32" and fp32.identity == identity
+    np.testing.assert_array_equal(fp32.encode_images(PHOTOS[:1]), before)
+    assert bf16.identity != identity
+    mixed = ClipCap.load(str(tiny_model_dir), clip=bf16.clip)  # float32 GPT-2 on bfloat16 features
+    assert mixed.precision == "float32" and mixed.identity not in (identity, bf16.identity)
+
+
 def test_unknown_precision_fails_before_loading(tmp_path):
     from models.image_captioning.clip_cap import ClipCap
     from models.siamese.clip import CLIP

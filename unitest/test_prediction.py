@@ -491,3 +491,23 @@ def test_a_non_utf8_file_name_is_captioned_and_stored_losslessly(tmp_path):
     model = FakeModel()
     again = predict(model, str(folder), output_dir=out, progress=False)
     assert [r["cached"] for r in again] == [True] * 3 and model.generate_calls == []
+
+
+def test_sampled_captions_are_keyed_by_the_image_not_its_batch(tiny_model_dir):
+    """predict's read stage delivers images in any order, so an image's row in a batch is chance: its draws are
+    keyed by its path (`samplers.draw_id`). The same seed gives an image the same caption whatever its place in
+    the input, its batch or the call (`caption` and one image at a time agree)."""
+    from models.image_captioning.clip_cap import ClipCap
+
+    model = ClipCap.load(str(tiny_model_dir))
+    photos = [str(p) for p in sorted((Path(__file__).resolve().parents[1] / "demo").glob("*.jpg"))][:4]
+    kwargs = dict(method="sample", seed=0, max_length=8, save=False, return_candidates=True)
+
+    def texts(images, num_captions=2, **more):
+        return [[c["text"] for c in r["candidates"]] for r in model.predict(images, num_captions=num_captions,
+                                                                             **kwargs, **more)]
+
+    reference = texts(photos)
+    assert texts(photos[::-1])[::-1] == reference
+    assert [texts([p], batch_size=1)[0] for p in photos] == reference
+    assert model.caption(photos, method="sample", seed=0, max_length=8) == [r[0] for r in texts(photos, num_captions=1)]

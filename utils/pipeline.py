@@ -83,7 +83,9 @@ class Stage:
     order) for a batching stage (``batch_size`` set). ``workers`` > 1 runs the function in several threads
     (useful when it releases the GIL: file reads, image decoding); batching stages use one thread.
     ``errors="item"`` (default) turns an ``Exception`` into the item's error; ``errors="raise"`` aborts the
-    whole pipeline instead (for failures that would affect every item, e.g. a full disk).
+    whole pipeline instead (for failures that would affect every item, e.g. a full disk). ``with_inputs``:
+    ``fn`` also gets the items' inputs, ``fn(values, inputs)`` (a batching stage's value of an item must not
+    depend on which items share its batch: the batch is made of whatever arrived first).
     """
 
     fn: Callable
@@ -91,6 +93,7 @@ class Stage:
     batch_size: int | None = None
     workers: int = 1
     errors: str = "item"
+    with_inputs: bool = False
 
     def __post_init__(self):
         self.name = self.name or getattr(self.fn, "__name__", "stage")
@@ -323,12 +326,13 @@ class Pipeline:
         start = time.perf_counter()
         try:
             if batched:
-                values = list(stage.fn([it.value for it in items]))
+                args = [[it.value for it in items]] + ([[it.input for it in items]] if stage.with_inputs else [])
+                values = list(stage.fn(*args))
                 if len(values) != len(items):
                     raise ValueError(f"batching stage {stage.name!r} returned {len(values)} values for "
                                      f"{len(items)} inputs")
             else:
-                values = [stage.fn(items[0].value)]
+                values = [stage.fn(items[0].value, *([items[0].input] if stage.with_inputs else []))]
         except Exception as e:
             if stage.errors == "raise":
                 raise

@@ -175,8 +175,8 @@ class ClipCap:
             # saved as it is: the identity it will record is the float32 one's in this precision
             recorded = (precision_identity(recorded[0], precision.name), recorded[1])
         self.backbone = precision.apply(self.backbone)
-        if self.clip is not None and precision.clip:
-            self.clip.to_precision(precision, warn=False)
+        if self.clip is not None and precision.clip:  # a new CLIP: one shared with a float32 model stays float32
+            self.clip = self.clip.in_precision(precision, warn=False)
         self._identity = recorded
         self.precision = precision.name
         self._compile()
@@ -228,8 +228,15 @@ class ClipCap:
     def _in_precision(self, identity):
         """The identity of the weights held, in this model's precision: a precision applied at load
         (bfloat16) keys the float32 identity apart (`models.precision.precision_identity`); one whose weights
-        are saved (int8) recorded its own identity when it was made (`to_precision`), kept as it is."""
-        return identity if resolve_precision(self.precision).savable else precision_identity(identity, self.precision)
+        are saved (int8) recorded its own identity when it was made (`to_precision`), kept as it is. A CLIP
+        that runs in another precision than this model implies (a float32 model given a bfloat16 CLIP) keys it
+        apart again: its features, hence its captions, differ."""
+        precision = resolve_precision(self.precision)
+        identity = identity if precision.savable else precision_identity(identity, self.precision)
+        clip_precision = getattr(self.clip, "precision", DEFAULT_PRECISION)
+        if self.clip is not None and clip_precision != (precision.name if precision.clip else DEFAULT_PRECISION):
+            identity = precision_identity(identity, clip_precision, part="clip")
+        return identity
 
     def record_identity(self, identity):
         """Set the identity of this model as it is now (`identity`): done by `load` and `save`; None: the
@@ -467,7 +474,7 @@ class ClipCap:
         (`custom_architectures.decoding.decoding`)."""
         return as_decoding(method, options).sampler
 
-    def generate(self, embeddings, method="greedy", compile_now=None, **options):
+    def generate(self, embeddings, method="greedy", compile_now=None, image_ids=None, **options):
         """Captions for CLIP embeddings (N, D) (raw, as `encode_images` returns them).
 
         Args:
@@ -480,6 +487,9 @@ class ClipCap:
                 under "auto" (for a caller that knows the shape will recur: `predict` on a long run); False
                 (under "auto") runs them uncompiled and builds nothing in the background (a caller that knows
                 this is the shape's last call: `predict`'s last batch of a short run).
+            image_ids: what each image's random draws (``sample``) are keyed by, with the seed: N distinct
+                integers >= 0 (None: 0 .. N-1). `predict` passes each image's index in its input, so that an
+                image's sampled captions do not depend on which images share its batch.
             **options: the decoding options, each declared once with its type, default, bounds and help
                 (`custom_architectures.decoding.request_options`; ``python main.py caption --help`` lists them):
                 the method's own (``beam_size``; ``temperature``, ``top_k``, ``top_p``; ``magic_k``,
@@ -524,7 +534,7 @@ class ClipCap:
                                           stop_token_id=stop, jit_compile=self._decode_mode(compile_now))
             else:
                 out = self.decoder(prefix, sampler, max_length=max_length, stop_token_id=stop, seed=seed,
-                                   jit_compile=self._decode_mode(compile_now))
+                                   jit_compile=self._decode_mode(compile_now), image_ids=image_ids)
         silent = self.hides_stop_token(stop)
         keep = None if rerank else request.num_captions  # re-ranking scores every candidate, then keeps the best
         results = []
@@ -619,8 +629,17 @@ class ClipCap:
         return self.stop_token if stop_token is MODEL_STOP_TOKEN else stop_token
 
     def caption(self, images, **generate_kwargs):
-        """Images (paths, PIL images, arrays, or one) -> the best caption of each, a list of str."""
-        results = self.generate(self.encode_images(images), **generate_kwargs)
+        """Images (paths, PIL images, arrays, or one) -> the best caption of each, a list of str. Sampling
+        keys a file's draws by its absolute path (a URL's by itself), as `predict` does."""
+        from custom_architectures.samplers import draw_id
+        from utils.image_io import is_url
+
+        many = isinstance(images, list | tuple) or (isinstance(images, np.ndarray) and images.ndim == 4)
+        items = list(images) if many else [images]
+        names = [os.fspath(item) if isinstance(item, str | os.PathLike) else None for item in items]
+        ids = [i if name is None else draw_id(name if is_url(name) else os.path.abspath(name))
+               for i, name in enumerate(names)]
+        results = self.generate(self.encode_images(images), image_ids=ids, **generate_kwargs)
         return [candidates[0]["text"] for candidates in results]
 
     def predict(self, images, **kwargs):

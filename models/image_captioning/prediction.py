@@ -65,6 +65,7 @@ import numpy as np
 
 from custom_architectures.batching import power_of_two_at_least
 from custom_architectures.decoding import as_decoding
+from custom_architectures.samplers import draw_id
 from models.image_captioning.compile_status import CompileStatus
 from models.image_captioning.freshness import answers, content_stamp, is_fresh
 from utils.file_utils import (
@@ -96,6 +97,13 @@ class _Entry:
 
     def __init__(self, label, source=None, key=None, error=None):
         self.label, self.source, self.key, self.error = label, source, key, error
+
+
+def _draw_id(entry, index):
+    """What an entry's random draws are keyed by (`samplers.draw_id`): its map.json key (absolute path) or URL,
+    else (an image in memory) its index."""
+    name = entry.key if entry.key is not None else entry.source
+    return draw_id(name) if isinstance(name, str) else index
 
 
 def expand_inputs(images):
@@ -290,9 +298,13 @@ def generation_settings_for(model_name, model_identity, method, generate_kwargs,
     identity is in its metadata.json, `models.image_captioning.identity.recorded_identity`)."""
     if not model_identity:
         raise ValueError("generation settings need the model's identity (its name may be another model's)")
+    from custom_architectures.samplers import SAMPLERS
+
     generate_kwargs = _rerank_settings(generate_kwargs)
+    draws = getattr(SAMPLERS.get(method), "draws", None)  # how random draws are keyed (sampling)
     return {"model": model_name, "model_identity": model_identity, "method": method,
-            "exif_transpose": bool(exif_transpose), **{k: _jsonable(v) for k, v in sorted(generate_kwargs.items())}}
+            "exif_transpose": bool(exif_transpose), **({"draws": draws} if draws else {}),
+            **{k: _jsonable(v) for k, v in sorted(generate_kwargs.items())}}
 
 
 def _rerank_settings(generate_kwargs):
@@ -501,7 +513,7 @@ def predict(model, images, batch_size=16, method="greedy", save=True, overwrite=
 
     decoded = [0]  # batches decoded so far (the generate stage is one thread)
 
-    def generate(batch):
+    def generate(batch, indices):
         decoded[0] += 1
         # a short run's last batch: its shape will not recur, so nothing is built in the background (a
         # build still running when the process ends delays its exit by the compilation)
@@ -512,14 +524,17 @@ def predict(model, images, batch_size=16, method="greedy", save=True, overwrite=
             stage_lines(f"decoding {len(batch)} caption(s) ({details}) ...")
         with (compiling.first_call("the decoder", power_of_two_at_least(len(padded)), details) if compiles
               else contextlib.nullcontext()):
-            return model.generate(padded, method=request, compile_now=compile_now)[:len(batch)]
+            # each image's draws keyed by its name (`samplers.draw_id`): the same captions whichever images share
+            # the batch (the read stage's threads deliver them in any order) and wherever it is in the input
+            ids = [_draw_id(entries[i], i) for i in indices] + [0] * (len(padded) - len(batch))
+            return model.generate(padded, method=request, compile_now=compile_now, image_ids=ids)[:len(batch)]
 
     pipeline = Pipeline([
         Stage(read, name="read", workers=2),
         Stage(embedder.preprocess, name="preprocess"),
         # model stages fail for every image alike (bad arguments, memory): stop instead of retrying per image
         Stage(encode, name="encode", batch_size=batch_size, errors="raise"),
-        Stage(generate, name="generate", batch_size=batch_size, errors="raise"),
+        Stage(generate, name="generate", batch_size=batch_size, errors="raise", with_inputs=True),
     ], queue_size=2 * batch_size, progress=progress, desc=f"captioning ({method})", unit="image",
         bar_from_first_result=True)
 

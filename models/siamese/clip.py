@@ -172,6 +172,26 @@ class CLIP:
             self._text_loader = lambda: _cast_text(loader(), precision)
         return self
 
+    def in_precision(self, precision, warn=True):
+        """A new `CLIP` running in ``precision``, this one unchanged (`to_precision` on a copy: same weights
+        cast once, tokenizer, source, device and compile request; a text encoder left for later is cast when
+        read). What a ClipCap cast to bfloat16 uses: a CLIP it shares with a float32 model (``ClipCap.load(...,
+        clip=other.clip, precision="bf16")``) stays float32 for that model. Returns self when it already runs
+        in ``precision``.
+
+        Example::
+
+            fast = clip.in_precision("bf16")     # clip still encodes in float32
+        """
+        from models.precision import resolve_precision
+
+        if resolve_precision(precision).name == self.precision:
+            return self
+        twin = CLIP(self.model, self.tokenizer, jit_compile=self._jit_request, text_loader=self._text_loader)
+        twin.source, twin.source_sha256, twin.device, twin.precision = (self.source, self.source_sha256,
+                                                                         self.device, self.precision)
+        return twin.to_precision(precision, warn=warn)
+
     # --- construction --------------------------------------------------------------------------------
 
     @classmethod
