@@ -12,7 +12,12 @@ import torch
 from testing import clipcap_official as ref
 from testing.tiny_models import KINDS, random_embeddings
 from unitest.parity import max_abs_diff, torch_prefix
-from utils.convert.clipcap import clipcap_config_from_state_dict, load_clipcap
+from utils.convert.clipcap import (
+    MAPPER_FORMATS,
+    check_clipcap_checkpoint,
+    clipcap_config_from_state_dict,
+    load_clipcap,
+)
 from utils.convert.common import CheckpointError
 
 
@@ -143,3 +148,70 @@ def test_mismatched_clip_is_refused(tiny_checkpoints, gpt2_tokenizer_dir, tmp_pa
     assert EMBED_DIM != prefix_size
     with pytest.raises(CheckpointError, match=rf"{EMBED_DIM}-d image embeddings.*prefix_size={prefix_size}"):
         ClipCap.from_pretrained(tiny_checkpoints["mlp"][1], clip=clip_path, tokenizer=gpt2_tokenizer_dir)
+
+
+# ------------------------------------------------------------------ checked before the model is built
+
+
+@pytest.fixture()
+def no_build(monkeypatch):
+    """Building a mapper or a GPT-2 fails the test: the checks below must come before any build."""
+    from custom_architectures.transformers_arch import clip_cap_arch, gpt2_arch
+
+    def refuse(*args, **kwargs):
+        raise AssertionError(f"a model was built from a checkpoint that should have been refused: {args} {kwargs}")
+
+    monkeypatch.setattr(clip_cap_arch, "build_mapper", refuse)
+    monkeypatch.setattr(gpt2_arch, "GPT2", refuse)
+
+
+def test_mapper_parameter_counts_are_the_built_mappers(tiny_models):
+    """`MapperFormat.parameters` (shape arithmetic, checked before building) counts what the mapper holds."""
+    for kind in MAPPER_FORMATS:
+        mapper = tiny_models[kind].backbone.mapper
+        config = {**mapper.get_config(), "mapping_type": kind}
+        assert MAPPER_FORMATS[kind].parameters(config) == mapper.count_params(), kind
+
+
+def test_stray_mapper_layers_are_refused_before_building(tiny_state, no_build):
+    """Layers 2..999 of the transformer mapper, each one 1-element key: 1000 layers of the GPT-2's width from
+    a file of a few tensors; refused before the mapper is built."""
+    stray = dict(tiny_state["transformer"])
+    for i in range(2, 1000):
+        stray[f"clip_project.transformer.layers.{i}.norm1.weight"] = torch.ones(1)
+    assert clipcap_config_from_state_dict(stray)["num_layers"] == 1000
+    with pytest.raises(CheckpointError, match=r"state dict: the transformer mapper .* weights, but its tensors hold"):
+        load_clipcap(stray)
+
+
+def test_stray_gpt2_block_is_refused_before_building(tiny_state, no_build):
+    stray = dict(tiny_state["mlp"])
+    stray["gpt.transformer.h.2000.ln_1.weight"] = torch.ones(1)
+    with pytest.raises(CheckpointError, match=r"not numbered 0\.\.N-1.*2000"):
+        load_clipcap(stray)
+
+
+@pytest.mark.parametrize("kind, key, value, expected", [
+    ("linear", "gpt.transformer.wte.weight", torch.zeros(8), r"gpt\.transformer\.wte\.weight has shape \(8,\) \(1-D\), "
+     r"expected a 2-D"),
+    ("linear", "gpt.transformer.wte.weight", torch.zeros(8, 0), r"gpt\.transformer\.wte\.weight has shape \(8, 0\): every"),
+    ("transformer", "clip_project.prefix_const", torch.zeros(2, 2, 4),
+     r"clip_project\.prefix_const has shape \(2, 2, 4\) \(3-D\), expected a 2-D"),
+    ("transformer", "clip_project.linear.weight", torch.zeros(0, 4), r"clip_project\.linear\.weight has shape \(0, 4\)"),
+    ("transformer", "clip_project.linear.weight", None, r"missing keys: clip_project\.linear\.weight"),
+    ("mlp", "clip_project.model.2.weight", torch.zeros(3), r"clip_project\.model\.2\.weight has shape \(3,\) \(1-D\)"),
+    ("mlp", "gpt.transformer.wpe.weight", torch.zeros(()), r"gpt\.transformer\.wpe\.weight has shape \(\) \(0-D\)"),
+])
+def test_malformed_shapes_are_named(tiny_state, tmp_path, no_build, kind, key, value, expected):
+    """A crafted shape is a `CheckpointError` naming the key and the rank expected (never an IndexError,
+    ZeroDivisionError or unpacking error), from the download check (shapes only) and from the converter."""
+    state = dict(tiny_state[kind])
+    if value is None:
+        del state[key]
+    else:
+        state[key] = value
+    path = tmp_path / "crafted.pt"
+    torch.save(state, path)
+    for read in (check_clipcap_checkpoint, load_clipcap):
+        with pytest.raises(CheckpointError, match=expected):
+            read(path)

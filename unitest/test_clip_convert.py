@@ -16,7 +16,9 @@ from testing.clip_reference import (
 )
 from utils.convert.common import CheckpointError
 from utils.convert.openai_clip import (
+    clip_config_from_state_dict,
     clip_from_state_dict,
+    clip_parameter_count,
     load_openai_clip,
     load_openai_state_dict,
 )
@@ -242,3 +244,59 @@ def test_a_clip_converted_with_batch_norm_layers_folds_afterwards(resnet_state_d
     assert fold_clip_batch_norms(converted) is converted  # already folded
     vit = clip_from_state_dict(vit_state_dict)
     assert fold_clip_batch_norms(vit) is vit
+
+
+# ------------------------------------------------------------------ checked before the model is built
+
+
+@pytest.fixture()
+def no_build(monkeypatch):
+    """Building a CLIP fails the test: the checks below must come before any build."""
+    from custom_architectures import clip_arch
+
+    def refuse(config):
+        raise AssertionError(f"a CLIP was built from a checkpoint that should have been refused: {config}")
+
+    monkeypatch.setattr(clip_arch, "build_clip", refuse)
+
+
+@pytest.mark.parametrize("visual_only", [False, True])
+def test_parameter_count_is_the_built_models(vit_state_dict, resnet_state_dict, visual_only):
+    """`clip_parameter_count` (shape arithmetic, checked before building) counts OpenAI's layout of the model
+    (BatchNorms unfolded), which is also every element of the file's tensors."""
+    from custom_architectures.clip_arch import build_clip
+
+    for state_dict in (vit_state_dict, resnet_state_dict):
+        config = clip_config_from_state_dict(state_dict, visual_only=visual_only)
+        held = sum(int(np.prod(v.shape)) for k, v in state_dict.items() if not k.endswith("num_batches_tracked")
+                   and (not visual_only or k.startswith("visual.") or k == "logit_scale"))
+        assert clip_parameter_count(config, visual_only) == build_clip(config).count_params() == held
+
+
+@pytest.mark.parametrize("layers", ["visual.transformer.resblocks.{}.attn.in_proj_weight", "transformer.resblocks.{}.x",
+                                    "visual.layer4.{}.x"])
+def test_stray_layer_keys_are_refused_before_building(vit_state_dict, resnet_state_dict, no_build, layers):
+    """Layers counted from keys: 400 one-element keys would build 400 blocks of the tower's width; refused
+    before anything is built, as the model would be larger than what the file's tensors hold."""
+    state_dict = dict(resnet_state_dict if "layer4" in layers else vit_state_dict)
+    state_dict.update({layers.format(i): torch.zeros(1) for i in range(2, 400)})
+    with pytest.raises(CheckpointError, match=r"state dict: the CLIP its keys .* weights, but its tensors hold only"):
+        load_openai_clip(state_dict)
+
+
+@pytest.mark.parametrize("key, value, expected", [
+    ("visual.conv1.weight", torch.zeros(64, 3), r"visual\.conv1\.weight has shape \(64, 3\) \(2-D\), expected a 4-D"),
+    ("visual.positional_embedding", torch.zeros(0, 64), r"visual\.positional_embedding has shape \(0, 64\): every"),
+    ("visual.proj", torch.zeros(64), r"visual\.proj has shape \(64,\) \(1-D\), expected a 2-D"),
+    ("ln_final.weight", torch.zeros(()), r"ln_final\.weight has shape \(\) \(0-D\), expected a 1-D"),
+    ("text_projection", torch.zeros(64, 0), r"text_projection has shape \(64, 0\)"),
+    ("token_embedding.weight", torch.zeros(3, 2, 1), r"token_embedding\.weight has shape \(3, 2, 1\) \(3-D\)"),
+    ("visual.positional_embedding", torch.zeros(1, 64), r"no image patch"),
+    ("ln_final.weight", torch.zeros(32), r"the text encoder's width gives no attention head"),
+])
+def test_malformed_shapes_are_named(vit_state_dict, no_build, key, value, expected):
+    """A crafted shape is a `CheckpointError` naming the key and the rank expected, never a raw
+    IndexError / TypeError / unpacking error."""
+    state_dict = dict(vit_state_dict, **{key: value})
+    with pytest.raises(CheckpointError, match=expected):
+        load_openai_clip(state_dict)

@@ -13,6 +13,7 @@ import os
 import socket
 import threading
 import time
+import zipfile
 
 import pytest
 
@@ -205,6 +206,34 @@ def test_first_download_is_recorded_and_later_ones_are_checked(server, tmp_path)
     pinned = Source("weights.pt", url=source.url, sha256=sha(other), kind="torch")
     assert downloads.fetch(pinned, root=tmp_path, progress=False).read_bytes() == other
     assert read_manifest(tmp_path)["weights.pt"]["sha256"] == sha(data)  # TOFU record unchanged
+
+
+def _flip_a_storage_byte(data):
+    """``data`` (a torch zip) with one byte of its first storage record flipped: the zip's CRC-32 no longer
+    matches, every shape still reads."""
+    import io
+
+    with zipfile.ZipFile(io.BytesIO(data)) as archive:
+        info = next(i for i in archive.infolist() if "/data/" in i.filename)
+    start = info.header_offset + 30 + int.from_bytes(data[info.header_offset + 26:info.header_offset + 28], "little") \
+        + int.from_bytes(data[info.header_offset + 28:info.header_offset + 30], "little")
+    return data[:start] + bytes([data[start] ^ 0x40]) + data[start + 1:]
+
+
+def test_a_corrupt_zip_record_is_never_recorded(server, tmp_path):
+    """Trust on first use records a file's SHA-256 only once every zip record matches its CRC-32: a flipped
+    storage byte (which a shapes-only check does not see) is refused and deleted, nothing recorded, and the
+    good file then downloads."""
+    data = torch_bytes()
+    source = served_source(server, _flip_a_storage_byte(data), with_sha=False)
+    checked = []
+    with pytest.raises(DownloadError, match=r"zip record '.*/data/0' is damaged \(BadZipFile: Bad CRC-32.*deleted"):
+        downloads.fetch(source, root=tmp_path, progress=False, verify=checked.append)
+    assert cached_files(tmp_path) == [] and leftovers(tmp_path) == [] and checked == []
+    assert read_manifest(tmp_path) == {}
+    server.files["weights.pt"] = data
+    assert downloads.fetch(source, root=tmp_path, progress=False).read_bytes() == data
+    assert read_manifest(tmp_path)["weights.pt"]["sha256"] == sha(data)
 
 
 def test_damaged_manifest_is_refused_not_replaced(server, tmp_path):

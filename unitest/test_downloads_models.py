@@ -26,7 +26,7 @@ from unitest import download_server
 from unitest.download_server import cached_files, leftovers, serve_tiny, sha, torch_bytes
 from utils import downloads
 from utils.download_manifest import read_manifest
-from utils.downloads import OfflineError
+from utils.downloads import DownloadError, OfflineError
 from utils.model_store import is_saved_model
 
 #: the fixtures, bound here so that pytest finds them (clean_env is autouse)
@@ -102,15 +102,46 @@ def test_download_convert_caption_then_reuse(server, tiny_files, tmp_path, monke
     assert again.caption([str(tiny_models.DEMO_DIR / "cat.jpg")], max_length=8) == captions
 
 
-def test_truncated_checkpoint_fails_at_conversion_and_is_deleted(server, tiny_files, tmp_path, monkeypatch):
+def test_truncated_checkpoint_is_refused_at_download_and_deleted(server, tiny_files, tmp_path, monkeypatch):
+    """Half a zip: its records' CRCs are checked before anything is published or recorded (the conversion
+    deleting an unconvertible download is `test_an_unconvertible_download_is_deleted_and_forgotten_...`)."""
+    monkeypatch.setenv(downloads.MIRROR_ENV, server.base)
+    spec = serve_tiny(server, tiny_files, corrupt_checkpoint=True)
+    with pytest.raises(DownloadError, match="tiny_clipcap.pt .* is corrupt .* zip .*damaged.* it was deleted"):
+        get_pretrained(ClipCap, spec, root=tmp_path, progress=False)
+    assert not (tmp_path / "downloads" / "tiny_clipcap.pt").exists()
+    assert "tiny_clipcap.pt" not in read_manifest(tmp_path)
+    assert not (tmp_path / "tiny").exists() and not list(tmp_path.glob(".tiny.*"))
+
+
+def test_an_unconvertible_download_is_deleted_and_forgotten_by_the_manifest(server, tiny_files, tmp_path,
+                                                                            monkeypatch):
+    """A first download that passes the download check (shapes only) but cannot be converted is deleted, and
+    the SHA-256 its download recorded goes with it: the next, good download is accepted (not refused as
+    "not the expected file" until someone edits manifest.json)."""
+    import io
+
+    import torch
+
     from utils.convert.common import CheckpointError
 
     monkeypatch.setenv(downloads.MIRROR_ENV, server.base)
-    spec = serve_tiny(server, tiny_files, corrupt_checkpoint=True)
-    with pytest.raises(CheckpointError, match="was deleted"):
+    spec = serve_tiny(server, tiny_files)
+    good = server.files["tiny_clipcap.pt"]
+    state = torch.load(io.BytesIO(good), weights_only=True)
+    del state["gpt.transformer.h.1.mlp.c_fc.bias"]  # every identity entry the same; conversion fails
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    server.files["tiny_clipcap.pt"] = buffer.getvalue()
+    with pytest.raises(CheckpointError, match=r"h\.1\.mlp\.c_fc\.bias.*was deleted, and its record in the download "
+                                              r"manifest removed"):
         get_pretrained(ClipCap, spec, root=tmp_path, progress=False)
     assert not (tmp_path / "downloads" / "tiny_clipcap.pt").exists()
-    assert not (tmp_path / "tiny").exists() and not list(tmp_path.glob(".tiny.*"))
+    assert "tiny_clipcap.pt" not in read_manifest(tmp_path)
+    assert "tiny_clip.pt" not in read_manifest(tmp_path)  # pinned in code: never recorded
+    server.files["tiny_clipcap.pt"] = good
+    model = get_pretrained(ClipCap, spec, root=tmp_path, progress=False)
+    assert model.name == "tiny" and read_manifest(tmp_path)["tiny_clipcap.pt"]["sha256"] == sha(good)
 
 
 def test_names_resolve_in_clip_and_clipcap_entry_points(server, tiny_files, tmp_path, monkeypatch):

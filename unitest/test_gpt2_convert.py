@@ -11,7 +11,13 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 from unitest.parity import assert_close
 from utils.convert.common import CheckpointError
-from utils.convert.hf_gpt2 import gpt2_config_from_state_dict, gpt2_from_state_dict, load_gpt2
+from utils.convert.hf_gpt2 import (
+    gpt2_checkpoint_shapes,
+    gpt2_config_from_state_dict,
+    gpt2_from_state_dict,
+    gpt2_weight_map,
+    load_gpt2,
+)
 
 # n_embd // 64 == n_head: what ClipCap's reader assumes (head_width=64); a folder or state dict without
 # config.json needs n_head, as this is no released GPT-2 size
@@ -178,3 +184,74 @@ def test_folder_without_config_json_needs_n_head(tmp_path, torch_model):
     with pytest.raises(CheckpointError, match="n_head"):
         load_gpt2(torch_model.state_dict())
     _check_logits(load_gpt2(tmp_path, n_head=TINY["n_head"]), torch_model)  # given by the caller: loads
+
+
+# ------------------------------------------------------------------ checked before the model is built
+
+
+@pytest.fixture()
+def no_build(monkeypatch):
+    """GPT2's constructor replaced by one that fails the test: the checks below must come before any build."""
+    from custom_architectures.transformers_arch import gpt2_arch
+
+    def refuse(**config):
+        raise AssertionError(f"a GPT2 was built from a checkpoint that should have been refused: {config}")
+
+    monkeypatch.setattr(gpt2_arch, "GPT2", refuse)
+
+
+def test_checkpoint_shape_table_is_the_weight_map():
+    """`gpt2_checkpoint_shapes` (shape arithmetic, checked before building) is what `gpt2_weight_map` of a built
+    model asks for, key by key, shape by shape, in order; and every weight of the model is in it."""
+    from custom_architectures.transformers_arch.gpt2_arch import GPT2
+
+    model = GPT2(**TINY)
+    for inner in ("transformer.", "gpt.transformer.", ""):
+        table = {key: hook.checkpoint_shape(tuple(variable.shape))
+                 for variable, key, hook in gpt2_weight_map(model, inner)}
+        assert list(gpt2_checkpoint_shapes(TINY, inner).items()) == list(table.items())
+    assert sum(int(np.prod(s)) for s in gpt2_checkpoint_shapes(TINY).values()) == model.count_params()
+
+
+def test_a_stray_block_index_is_refused_before_building(state_dict, no_build):
+    """One key of block 2000 would ask for 2001 blocks (~56 GB at GPT-2's width): the block indices must be
+    0..n_layer-1, checked before anything is built."""
+    alone = {k: state_dict[k] for k in ("transformer.wte.weight", "transformer.wpe.weight")}
+    alone["transformer.h.2000.ln_1.weight"] = torch.ones(TINY["n_embd"])
+    with pytest.raises(CheckpointError, match=r"not numbered 0\.\.N-1.*2000"):
+        gpt2_from_state_dict(alone, n_head=2)
+    state_dict["transformer.h.7.ln_1.weight"] = torch.ones(TINY["n_embd"])  # a whole model and one stray key
+    with pytest.raises(CheckpointError, match=r"not numbered 0\.\.N-1.*7"):
+        load_gpt2(state_dict, n_head=2)
+    clipcap = {"gpt." + k: v for k, v in alone.items()}
+    with pytest.raises(CheckpointError, match=r"ClipCap file: .*not numbered"):
+        gpt2_from_state_dict(clipcap, prefix="gpt.", source="ClipCap file", head_width=64)
+
+
+def test_every_block_key_is_checked_before_building(state_dict, no_build):
+    """Blocks 0..N-1 each present by one key only: every key the config implies, missing or mis-shaped, is
+    named before a model is built (plain shape arithmetic from the embeddings' width)."""
+    sparse = {k: v for k, v in state_dict.items() if not k.startswith("transformer.h.1.") or k.endswith("ln_1.weight")}
+    sparse["transformer.h.0.mlp.c_fc.weight"] = torch.zeros(TINY["n_embd"], 3 * TINY["n_embd"])
+    del sparse["transformer.ln_f.bias"]
+    with pytest.raises(CheckpointError) as info:
+        load_gpt2(sparse, n_head=2)
+    message = str(info.value)
+    for key in ("transformer.h.1.attn.c_attn.weight", "transformer.h.1.mlp.c_proj.bias", "transformer.ln_f.bias"):
+        assert key in message.split("missing keys: ")[1].split(" | ")[0]
+    assert "mis-shaped keys: transformer.h.0.mlp.c_fc.weight: expected (128, 512), found (128, 384)" in message
+
+
+@pytest.mark.parametrize("key, value, expected", [
+    ("transformer.wte.weight", torch.zeros(101), r"transformer\.wte\.weight has shape \(101,\) \(1-D\), expected a 2-D"),
+    ("transformer.wte.weight", torch.zeros(101, 0), r"transformer\.wte\.weight has shape \(101, 0\): every dimension"),
+    ("transformer.wpe.weight", torch.zeros(()), r"transformer\.wpe\.weight has shape \(\) \(0-D\), expected a 2-D"),
+    ("transformer.wpe.weight", None, r"missing keys: transformer\.wpe\.weight"),
+])
+def test_malformed_embeddings_are_named(state_dict, no_build, key, value, expected):
+    if value is None:
+        del state_dict[key]
+    else:
+        state_dict[key] = value
+    with pytest.raises(CheckpointError, match=expected):
+        load_gpt2(state_dict, n_head=2)

@@ -135,6 +135,23 @@ def record(source, size, sha256, url, root=None):
     logger.info("recorded %s (%d bytes, sha256 %s) in %s", source.filename, size, sha256, path)
 
 
+def forget(source, sha256, root=None) -> bool:
+    """Remove the manifest's entry for ``source`` if it records ``sha256`` (under the manifest's lock): for a
+    file the library downloaded, recorded and then deleted (it could not be converted), so that its hash does
+    not stay pinned against every later, good download. True when an entry was removed; an entry recording
+    another hash (a file recorded by someone else meanwhile) is kept."""
+    path = manifest_path(root)
+    with file_lock(path):
+        files = read_manifest(root)
+        entry = files.get(source.filename)
+        if entry is None or entry["sha256"] != sha256:
+            return False
+        del files[source.filename]
+        write_json_atomic(path, {"version": 1, "files": dict(sorted(files.items()))})
+    logger.info("removed %s (sha256 %s) from %s: the file was deleted", source.filename, sha256, path)
+    return True
+
+
 def describe_pin(source, manifest):
     """One line for ``download --list``: the file's pinned or recorded SHA-256, or that it has none yet
     (``manifest``: `read_manifest`'s answer, None when it could not be read)."""

@@ -10,7 +10,8 @@ What a download guarantees (`fetch`):
 - **Nothing unproven is published.** A download goes to ``<file>.part`` and is renamed into the cache only
   once proven whole and right: its SHA-256 equals the pinned one; or, with no pinned hash, the server
   announced its length and every byte arrived, or (Google Drive, no length) the caller's ``verify`` check
-  (e.g. a ClipCap checkpoint's identity) accepted it. A bad download is deleted.
+  (e.g. a ClipCap checkpoint's identity) accepted it; a checkpoint (``kind="torch"``) without a pinned hash
+  also has every zip record's CRC-32 checked first. A bad download is deleted.
 - **Pinning, trust on first use.** `Source.sha256` / `Source.size` pin a file in code (OpenAI's CLIP URLs
   carry their SHA-256). The official ClipCap checkpoints and GPT-2 tokenizer files have no published hash:
   their size and SHA-256 are recorded in ``downloads/manifest.json`` at their first verified download, and
@@ -47,6 +48,8 @@ import os
 import urllib.error
 import urllib.parse
 import urllib.request
+import zipfile
+import zlib
 from pathlib import Path
 
 from tqdm.auto import tqdm
@@ -76,6 +79,9 @@ _CHUNK = 1 << 20
 _TIMEOUT_S = 60  # seconds without a byte before a transfer counts as failed
 #: The most bytes accepted for a file without a pinned size (the largest official file is ~1.3 GB).
 MAX_DOWNLOAD_BYTES = 8 * 1024**3
+#: A downloaded zip's records may unpack to at most this many times its size when their CRCs are checked (torch
+#: stores them uncompressed: 1x), so a small crafted archive cannot make the check read without end.
+_ZIP_CHECK_MULTIPLE = 4
 
 # ------------------------------------------------------------------------------------------------ places
 
@@ -305,7 +311,8 @@ def _verify_and_publish(part, dest, source, url, pin, verify, whole, root):
         problem = (f"SHA-256 mismatch: expected {pin.sha256} ({pin.size if pin.size is not None else '?'} bytes) "
                    f"{pin.where}, got {actual} ({size} bytes)")
     if problem is None and source.kind == "torch":
-        problem = _not_a_torch_file(part)
+        # without a pinned SHA-256, what is recorded below is trusted from now on: every record's CRC first
+        problem = _not_a_torch_file(part, check_records=pin is None and (whole or verify is not None))
     if problem:
         part.unlink(missing_ok=True)
         raise DownloadError(f"{source.filename} downloaded from {url} is corrupt or not the expected file "
@@ -330,11 +337,39 @@ def _verify_and_publish(part, dest, source, url, pin, verify, whole, root):
     logger.info("downloaded %s to %s", source.filename, dest)
 
 
-def _not_a_torch_file(path):
+def _not_a_torch_file(path, check_records=False):
+    """Why ``path`` is not a PyTorch checkpoint, or None. ``check_records``: a zip's every record is also read
+    (in chunks) and checked against its CRC-32, so a flipped byte anywhere is caught before the file's hash
+    is recorded (a legacy, non-zip file has no checksums to check)."""
     with open(path, "rb") as f:
         head = f.read(512)
-    if head.startswith(b"PK\x03\x04") or head[:1] == b"\x80":  # zip archive (torch>=1.6) or legacy pickle
+    if head.startswith(b"PK\x03\x04"):  # zip archive (torch>=1.6)
+        return _zip_problem(path) if check_records else None
+    if head[:1] == b"\x80":  # legacy pickle
         return None
     if head.lstrip()[:1] == b"<":
         return "an HTML page, not a checkpoint (Google Drive's quota or confirmation page?)"
     return f"not a PyTorch checkpoint (starts with {head[:16]!r})"
+
+
+def _zip_problem(path):
+    """Why the zip ``path`` is damaged (a record failing its CRC-32, a bad header, an unreadable directory), or
+    None; one streaming pass, `_CHUNK` bytes at a time, bounded by `_ZIP_CHECK_MULTIPLE` times the file."""
+    size = os.stat(path).st_size
+    name = None
+    try:
+        with zipfile.ZipFile(path) as archive:
+            infos = archive.infolist()
+            claimed = sum(info.file_size for info in infos)
+            if claimed > _ZIP_CHECK_MULTIPLE * size + _CHUNK:
+                return (f"its zip records claim {claimed} bytes in a file of {size} bytes: a corrupt archive "
+                        "or a zip bomb")
+            for info in infos:
+                name = info.filename
+                with archive.open(info) as member:
+                    while member.read(_CHUNK):
+                        pass
+    except (zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError, OSError, ValueError) as e:
+        where = f"its zip record {name!r}" if name is not None else "its zip directory"
+        return f"{where} is damaged ({type(e).__name__}: {e})"
+    return None

@@ -23,7 +23,14 @@ from models.image_captioning.gpt2_hub import fetch_gpt2_tokenizer
 from models.image_captioning.presets import resolve_model
 from models.siamese.presets import clip_source, fetch_clip
 from utils.convert.common import CheckpointError
-from utils.download_manifest import OfflineError, downloads_dir
+from utils.download_manifest import (
+    DownloadError,
+    OfflineError,
+    downloads_dir,
+    forget,
+    read_manifest,
+    sha256_of,
+)
 from utils.downloads import fetch
 from utils.file_utils import check_model_name, check_replaceable, file_lock
 from utils.model_store import is_saved_model, recover_model_dir, saved_model_dir
@@ -131,8 +138,18 @@ def get_pretrained(model_class, name_or_spec, root=None, force_convert=False, pr
         return _download_and_convert(model_class, spec, directory, root, force_convert, progress)
 
 
+def _recorded(source, root):
+    """Whether the manifest holds an entry for ``source`` (True when it cannot be read: then nothing of ours
+    is removed from it)."""
+    try:
+        return source.filename in read_manifest(root)
+    except DownloadError:  # damaged: `fetch` says so
+        return True
+
+
 def _download_and_convert(model_class, spec, directory, root, force_convert, progress):
     already_cached = (downloads_dir(root) / spec.checkpoint.filename).is_file()
+    recorded_before = already_cached or bool(spec.checkpoint.sha256) or _recorded(spec.checkpoint, root)
     checkpoint, clip, tokenizer = download_model(spec, root, progress)
     try:
         return convert_model(model_class, checkpoint, clip, tokenizer, directory, name=spec.name,
@@ -140,6 +157,12 @@ def _download_and_convert(model_class, spec, directory, root, force_convert, pro
                              **spec.clipcap_kwargs)
     except CheckpointError as e:
         if not already_cached:  # we downloaded it just now: do not keep a file that cannot be converted
+            # ... nor the SHA-256 its download recorded (trust on first use): it would refuse every later,
+            # good download of that name
+            sha256 = None if recorded_before else sha256_of(checkpoint)
             checkpoint.unlink(missing_ok=True)
-            raise CheckpointError(f"{e} (the downloaded file {checkpoint} was deleted)") from e
+            forgotten = sha256 is not None and forget(spec.checkpoint, sha256, root)
+            raise CheckpointError(f"{e} (the downloaded file {checkpoint} was deleted"
+                                  + (", and its record in the download manifest removed)" if forgotten else ")")
+                                  ) from e
         raise CheckpointError(f"{e} (delete or replace {checkpoint} and try again)") from e

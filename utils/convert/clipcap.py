@@ -32,7 +32,7 @@ import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
-from utils.convert.common import CheckpointError, load_torch_state_dict
+from utils.convert.common import CheckpointError, check_model_size, load_torch_state_dict, tensor_shape
 from utils.convert.porting import IDENTITY, WeightPorter, layer_norm_entries, linear_entries
 
 MAPPER_PREFIX = "clip_project."
@@ -69,10 +69,10 @@ def clipcap_config_from_state_dict(state_dict: Mapping) -> dict:
     if wte_key not in keys:
         raise CheckpointError(f"ClipCap checkpoint lacks {wte_key} (GPT-2 token embeddings); found GPT keys "
                               f"like {_describe_keys(gpt_keys)}")
-    n_embd = int(state_dict[wte_key].shape[1])
+    n_embd = tensor_shape(state_dict, wte_key, 2)[1]
 
-    def shape(key):
-        return tuple(int(s) for s in state_dict[key].shape)
+    def shape(key, ndim=2):  # present, of ndim dimensions, each >= 1 (else CheckpointError naming it)
+        return tensor_shape(state_dict, key, ndim)
 
     def prefix_length_from(out_features, key):
         if out_features % n_embd:
@@ -83,9 +83,6 @@ def clipcap_config_from_state_dict(state_dict: Mapping) -> dict:
         layer_ids = sorted({int(m.group(1)) for k in mapper_keys if (m := _LAYER_RE.match(k))})
         if layer_ids != list(range(len(layer_ids))) or not layer_ids:
             raise CheckpointError(f"transformer mapper layers are not numbered 0..N-1: found {layer_ids}")
-        for key in ("clip_project.linear.weight", "clip_project.transformer.layers.0.mlp.fc1.weight"):
-            if key not in keys:
-                raise CheckpointError(f"transformer ClipCap checkpoint lacks {key}")
         prefix_length, const_width = shape("clip_project.prefix_const")
         if const_width != n_embd:
             raise CheckpointError(f"clip_project.prefix_const is {(prefix_length, const_width)}, but GPT-2's "
@@ -126,9 +123,9 @@ def clipcap_identity(state_dict: Mapping) -> dict:
     config = clipcap_config_from_state_dict(state_dict)
     identity = {k: config[k] for k in IDENTITY_KEYS if k in config}
     identity["n_layer"] = len({int(m.group(1)) for k in state_dict if (m := _GPT_LAYER_RE.match(k))})
-    identity["vocab_size"] = int(state_dict["gpt.transformer.wte.weight"].shape[0])
+    identity["vocab_size"] = tensor_shape(state_dict, "gpt.transformer.wte.weight", 2)[0]
     if "gpt.transformer.wpe.weight" in state_dict:
-        identity["n_positions"] = int(state_dict["gpt.transformer.wpe.weight"].shape[0])
+        identity["n_positions"] = tensor_shape(state_dict, "gpt.transformer.wpe.weight", 2)[0]
     return identity
 
 
@@ -182,6 +179,28 @@ def _transformer_weights(mapper):
     return entries + linear_entries(mapper.linear, "clip_project.linear")
 
 
+def _linear_size(n_in, n_out):  # a Linear's weight and bias
+    return n_in * n_out + n_out
+
+
+def _mlp_parameters(config):
+    out = config["prefix_length"] * config["n_embd"]
+    return _linear_size(config["prefix_size"], out // 2) + _linear_size(out // 2, out)
+
+
+def _single_linear_parameters(config):
+    return _linear_size(config["prefix_size"], config["prefix_length"] * config["n_embd"])
+
+
+def _transformer_parameters(config):
+    c = config["n_embd"]
+    hidden = int(c * config["mlp_ratio"])
+    # norm1, norm2; to_queries, to_keys_values (no bias), project; fc1, fc2
+    layer = 4 * c + c * c + 2 * c * c + _linear_size(c, c) + _linear_size(c, hidden) + _linear_size(hidden, c)
+    return (config["prefix_length"] * c + config["num_layers"] * layer
+            + _linear_size(config["prefix_size"], config["clip_length"] * c))
+
+
 def _official_transformer_only(config):
     num_heads = int(config.get("num_heads", 8))
     if num_heads != 8:  # the official TransformerMapper hard-codes Transformer(dim, 8, num_layers)
@@ -197,12 +216,16 @@ class MapperFormat:
     `mapper_registry.mapper_arguments`).
 
     weights: mapper -> its weight table, ``[(variable, "clip_project...." key, hook)]``, in the official order.
+    parameters: config -> how many weights the mapper it describes has (shape arithmetic, nothing built):
+        `mapper_from_state_dict` refuses a config larger than the file's tensors before building it (a test
+        keeps it equal to the built mapper's ``count_params()``).
     official_arguments: the config entries the official ``ClipCaptionModel`` constructor needs for this type
         beyond ``prefix_length``, ``prefix_size`` and ``mapping_type`` (written in the export's description).
     check_exportable: config -> None; raises `ValueError` when the official code cannot represent the mapper.
     """
 
     weights: Callable
+    parameters: Callable
     official_arguments: tuple = ()
     check_exportable: Callable = lambda config: None
 
@@ -211,9 +234,10 @@ class MapperFormat:
 #: type: its `mapper_registry.MAPPERS` entry, its entry here and its detection in
 #: `clipcap_config_from_state_dict`; import and export then follow.
 MAPPER_FORMATS = {
-    "mlp": MapperFormat(_mlp_weights),
-    "linear": MapperFormat(_single_linear_weights),
-    "transformer": MapperFormat(_transformer_weights, ("clip_length", "num_layers"), _official_transformer_only),
+    "mlp": MapperFormat(_mlp_weights, _mlp_parameters),
+    "linear": MapperFormat(_single_linear_weights, _single_linear_parameters),
+    "transformer": MapperFormat(_transformer_weights, _transformer_parameters, ("clip_length", "num_layers"),
+                                _official_transformer_only),
 }
 
 
@@ -228,14 +252,17 @@ def mapper_format(mapping_type) -> MapperFormat:
 def mapper_from_state_dict(porter: WeightPorter, config: dict):
     """Build the Keras mapper described by `config` and load it from ``clip_project.*`` of `porter`.
 
-    Raises `CheckpointError` (nothing assigned) when a mapper key is missing or mis-shaped; the keys left
-    over are for the caller's `WeightPorter.finish`.
+    Raises `CheckpointError` (nothing assigned) when a mapper key is missing or mis-shaped, and before
+    anything is built when the mapper the config describes has more weights than the file's ``clip_project.*``
+    tensors hold (`check_model_size`: a few stray layer keys cannot build a huge mapper); the keys left over
+    are for the caller's `WeightPorter.finish`.
     """
     from custom_architectures.transformers_arch.clip_cap_arch import build_mapper
     from custom_architectures.transformers_arch.mapper_registry import mapper_arguments
 
     kind = config["mapping_type"]
     fmt = mapper_format(kind)
+    check_model_size(fmt.parameters(config), porter.shapes(MAPPER_PREFIX), f"{kind} mapper", porter.source)
     mapper = build_mapper(kind, **{k: config[k] for k in mapper_arguments(kind) if k in config})
     porter.port_all(fmt.weights(mapper))
     porter.assign()  # nothing is assigned from a checkpoint with missing or mis-shaped keys
@@ -252,7 +279,7 @@ def load_clipcap(path_or_state_dict, source=None, **gpt2_overrides):
     tell; by default ``n_embd // 64``: the official code builds its GPT-2 from ``gpt2``, 64-wide heads). Raises `CheckpointError` for unreadable files, non-ClipCap state dicts and any missing,
     unexpected or mis-shaped key.
     """
-    from utils.convert.hf_gpt2 import gpt2_from_state_dict
+    from utils.convert.hf_gpt2 import checked_gpt2_config, gpt2_from_state_dict
 
     if isinstance(path_or_state_dict, Mapping):
         state_dict, source = dict(path_or_state_dict), source or "ClipCap state dict"
@@ -263,11 +290,13 @@ def load_clipcap(path_or_state_dict, source=None, **gpt2_overrides):
         config = clipcap_config_from_state_dict(state_dict)
     except CheckpointError as e:
         raise CheckpointError(f"{source}: {e}") from None
-    porter = WeightPorter(state_dict, source=source)
-    mapper = mapper_from_state_dict(porter, config)
     gpt_state = {k: v for k, v in state_dict.items() if k.startswith(GPT_PREFIX)}
     # no config in the file: heads 64 wide, as every GPT-2 the official code builds (`hf_gpt2.KNOWN_HEADS`)
-    gpt2, used = gpt2_from_state_dict(gpt_state, prefix=GPT_PREFIX, source=source, head_width=64, **gpt2_overrides)
+    gpt2_arguments = dict(prefix=GPT_PREFIX, source=source, head_width=64, **gpt2_overrides)
+    checked_gpt2_config(gpt_state, **gpt2_arguments)  # every GPT-2 tensor there, shaped, before a build
+    porter = WeightPorter(state_dict, source=source)
+    mapper = mapper_from_state_dict(porter, config)  # checks the mapper's size before building it
+    gpt2, used = gpt2_from_state_dict(gpt_state, **gpt2_arguments)
     porter.ignore(used)  # accounted for by GPT-2's own porter
     porter.finish()
     config["gpt2"] = gpt2_arch_config(gpt2)

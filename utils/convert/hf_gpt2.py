@@ -34,8 +34,8 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from utils.convert.common import CheckpointError, load_torch_state_dict
-from utils.convert.porting import IDENTITY, Transpose, WeightPorter, layer_norm_entries
+from utils.convert.common import CheckpointError, load_torch_state_dict, tensor_shape
+from utils.convert.porting import IDENTITY, Transpose, WeightPorter, check_keys, layer_norm_entries
 from utils.file_utils import read_json
 
 #: n_head of the released GPT-2-family sizes, by (n_embd, n_layer): shapes tell these apart, not their heads
@@ -68,31 +68,63 @@ def _inner_prefix(state_dict, prefix):
 def gpt2_config_from_state_dict(state_dict, prefix="", head_width=None):
     """Infer ``vocab_size, n_positions, n_embd, n_layer`` from shapes, and ``n_head`` where it is known.
 
-    ``n_head``: that of a released size (`KNOWN_HEADS`); else ``n_embd // head_width`` when ``head_width`` is
-    given and divides ``n_embd``; else None (the caller must supply it: shapes cannot tell it).
+    ``wte`` / ``wpe`` must be 2-D with positive sizes, and the blocks ``h.{i}.`` numbered exactly
+    ``0 .. n_layer - 1`` (one stray ``h.2000.`` key would otherwise ask for 2001 blocks): `CheckpointError`
+    naming what is wrong. ``n_head``: that of a released size (`KNOWN_HEADS`); else ``n_embd // head_width``
+    when ``head_width`` is given and divides ``n_embd``; else None (the caller must supply it: shapes cannot
+    tell it).
 
     Example::
 
         config = gpt2_config_from_state_dict(load_torch_state_dict("coco_weights.pt"), prefix="gpt.")
     """
     inner = _inner_prefix(state_dict, prefix)
-    vocab_size, n_embd = (int(d) for d in state_dict[inner + "wte.weight"].shape)
-    if inner + "wpe.weight" not in state_dict:
-        raise CheckpointError(f"missing keys: {inner}wpe.weight")
-    n_positions = int(state_dict[inner + "wpe.weight"].shape[0])
+    vocab_size, n_embd = tensor_shape(state_dict, inner + "wte.weight", 2)
+    n_positions, _ = tensor_shape(state_dict, inner + "wpe.weight", 2)
     blocks = set()
     for key in state_dict:
         if key.startswith(inner):
             match = _BLOCK_KEY.match(key[len(inner):])
             if match:
                 blocks.add(int(match.group(1)))
-    n_layer = max(blocks) + 1 if blocks else 0
-    if n_layer == 0:
+    if not blocks:
         raise CheckpointError(f"no transformer blocks found under '{inner}h.'")
+    n_layer = len(blocks)
+    if sorted(blocks) != list(range(n_layer)):
+        stray = sorted(blocks - set(range(n_layer)))
+        raise CheckpointError(
+            f"the GPT-2 blocks under '{inner}h.' are not numbered 0..N-1: {n_layer} block indices found, "
+            f"among them {', '.join(map(str, stray[:5]))}{' ...' if len(stray) > 5 else ''}")
     n_head = KNOWN_HEADS.get((n_embd, n_layer))
     if n_head is None and head_width and n_embd % head_width == 0:
         n_head = n_embd // head_width
     return dict(vocab_size=vocab_size, n_positions=n_positions, n_embd=n_embd, n_layer=n_layer, n_head=n_head)
+
+
+def gpt2_checkpoint_shapes(config, inner="transformer."):
+    """``{checkpoint key: shape}`` of every tensor a GPT-2 of ``config`` (``vocab_size``, ``n_positions``,
+    ``n_embd``, ``n_layer``) reads, in the checkpoint's own layout (HF Conv1D weights (in, out)), in
+    `gpt2_weight_map`'s order. Shape arithmetic only, nothing built: `gpt2_from_state_dict` checks a file
+    against it before it builds the model (a test keeps it equal to `gpt2_weight_map` of a built model)."""
+    vocab, positions, c, n_layer = (int(config[k]) for k in ("vocab_size", "n_positions", "n_embd", "n_layer"))
+    shapes = {f"{inner}wte.weight": (vocab, c), f"{inner}wpe.weight": (positions, c)}
+
+    def norm(key):
+        shapes.update({f"{key}.weight": (c,), f"{key}.bias": (c,)})
+
+    def conv1d(key, n_in, n_out):
+        shapes.update({f"{key}.weight": (n_in, n_out), f"{key}.bias": (n_out,)})
+
+    for i in range(n_layer):
+        h = f"{inner}h.{i}."
+        norm(h + "ln_1")
+        conv1d(h + "attn.c_attn", c, 3 * c)
+        conv1d(h + "attn.c_proj", c, c)
+        norm(h + "ln_2")
+        conv1d(h + "mlp.c_fc", c, 4 * c)
+        conv1d(h + "mlp.c_proj", 4 * c, c)
+    norm(f"{inner}ln_f")
+    return shapes
 
 
 def gpt2_config_from_hf_config(hf_config: Mapping):
@@ -131,6 +163,40 @@ def gpt2_weight_map(gpt2, inner="transformer."):
     return entries
 
 
+def checked_gpt2_config(state_dict, prefix="", source="checkpoint", head_width=None, **config_overrides):
+    """The GPT-2 config of the keys under ``prefix`` (`gpt2_config_from_state_dict`, then
+    ``config_overrides``), once every tensor it implies is present with its shape (`gpt2_checkpoint_shapes`;
+    ``lm_head.weight`` and the legacy buffers may be there too) and ``n_head`` is known: `CheckpointError`
+    naming every missing, mis-shaped and unexpected key otherwise. Shape arithmetic only, nothing built, so a
+    caller (`utils.convert.clipcap.load_clipcap`) may check before it builds anything. Returns
+    ``(config, {key: value} under prefix)``."""
+    if not isinstance(state_dict, Mapping):
+        raise CheckpointError(f"{source}: expected a state dict (mapping), got {type(state_dict).__name__}")
+    own = {k: v for k, v in state_dict.items() if k.startswith(prefix)}
+    if not own:
+        raise CheckpointError(f"{source}: no keys start with '{prefix}'")
+    try:
+        config = gpt2_config_from_state_dict(own, prefix, head_width=head_width)
+    except CheckpointError as e:
+        raise CheckpointError(f"{source}: {e}") from None
+    config.update(config_overrides)
+    if config["n_head"] is None:
+        raise CheckpointError(
+            f"{source}: the number of attention heads (n_head) is missing: it cannot be inferred from the "
+            f"weights' shapes (n_embd={config['n_embd']}, n_layer={config['n_layer']} is not a released GPT-2 "
+            "size); give the checkpoint's config.json (a Hugging Face folder holds it beside the weights) or "
+            "pass n_head")
+    inner = _inner_prefix(own, prefix)
+    head_key = prefix + "lm_head.weight"
+    legacy = re.compile(re.escape(inner) + _LEGACY_BUFFERS)
+    # every tensor the config implies, present and of its shape, before anything is built: a few stray keys
+    # cannot make a model larger than the file
+    check_keys(gpt2_checkpoint_shapes(config, inner),
+               {k: tuple(getattr(v, "shape", ())) for k, v in own.items() if k != head_key and not legacy.fullmatch(k)},
+               source)
+    return config, own
+
+
 def gpt2_from_state_dict(state_dict, prefix="", source="checkpoint", head_width=None, **config_overrides):
     """Build a `GPT2` and load the weights found under `prefix`.
 
@@ -148,25 +214,14 @@ def gpt2_from_state_dict(state_dict, prefix="", source="checkpoint", head_width=
     """
     from custom_architectures.transformers_arch.gpt2_arch import GPT2
 
-    if not isinstance(state_dict, Mapping):
-        raise CheckpointError(f"{source}: expected a state dict (mapping), got {type(state_dict).__name__}")
-    own = {k: v for k, v in state_dict.items() if k.startswith(prefix)}
-    if not own:
-        raise CheckpointError(f"{source}: no keys start with '{prefix}'")
-    config = gpt2_config_from_state_dict(own, prefix, head_width=head_width)
-    config.update(config_overrides)
-    if config["n_head"] is None:
-        raise CheckpointError(
-            f"{source}: the number of attention heads (n_head) is missing: it cannot be inferred from the "
-            f"weights' shapes (n_embd={config['n_embd']}, n_layer={config['n_layer']} is not a released GPT-2 "
-            "size); give the checkpoint's config.json (a Hugging Face folder holds it beside the weights) or "
-            "pass n_head")
+    config, own = checked_gpt2_config(state_dict, prefix, source, head_width, **config_overrides)
     inner = _inner_prefix(own, prefix)
+    head_key = prefix + "lm_head.weight"
+    legacy = re.compile(re.escape(inner) + _LEGACY_BUFFERS)
     model = GPT2(**config)
     porter = WeightPorter(own, source=source)
     porter.port_all(gpt2_weight_map(model, inner))
-    porter.ignore_matching(re.escape(inner) + _LEGACY_BUFFERS)
-    head_key = prefix + "lm_head.weight"
+    porter.ignore_matching(legacy.pattern)
     if head_key in porter:
         wte_shape = tuple(model.wte.embeddings.shape)
         head, wte = porter.take(head_key, wte_shape), porter.take(inner + "wte.weight", wte_shape)

@@ -24,13 +24,24 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from utils.convert.common import CheckpointError, load_torch_state_dict
+from utils.convert.common import (
+    CheckpointError,
+    check_model_size,
+    load_torch_state_dict,
+    tensor_shape,
+    tensor_shapes,
+)
 from utils.convert.porting import CONV, LINEAR, Split, WeightPorter, layer_norm_entries, linear_entries
 
 # OpenAI's build_model deletes exactly these (metadata stored in the JIT archives)
 OPENAI_METADATA_KEYS = ("input_resolution", "context_length", "vocab_size")
 _VISION_MARKERS = ("visual.conv1.weight",)
 _TEXT_MARKERS = ("token_embedding.weight", "positional_embedding", "ln_final.weight", "text_projection")
+#: the tensors whose sizes give the architecture (`clip_config_from_shapes`), with their number of dimensions
+_VIT_SIZES = {"visual.conv1.weight": 4, "visual.positional_embedding": 2, "visual.proj": 2}
+_RESNET_SIZES = {"visual.layer1.0.conv1.weight": 4, "visual.attnpool.positional_embedding": 2,
+                 "visual.attnpool.c_proj.weight": 2}
+_TEXT_SIZES = {"token_embedding.weight": 2, "positional_embedding": 2, "ln_final.weight": 1, "text_projection": 2}
 
 
 def load_openai_state_dict(path):
@@ -210,11 +221,63 @@ def clip_config_from_state_dict(state_dict: Mapping, visual_only=False, source="
             f"{source} is not an OpenAI CLIP checkpoint: missing {', '.join(missing)} "
             f"({len(keys)} keys, e.g. {sample or 'none'})"
         )
+    sizes = {**(_VIT_SIZES if "visual.proj" in keys else _RESNET_SIZES), **({} if visual_only else _TEXT_SIZES)}
+    for key, ndim in sizes.items():  # present, of that rank, every size >= 1: named if not
+        tensor_shape(state_dict, key, ndim, source)
     shapes = {k: tuple(getattr(v, "shape", ())) for k, v in state_dict.items()}
     try:
-        return clip_config_from_shapes(shapes, visual_only=visual_only)
+        config = clip_config_from_shapes(shapes, visual_only=visual_only)
     except (KeyError, ValueError, IndexError) as e:
         raise CheckpointError(f"{source}: cannot infer the CLIP architecture from its weights: {e}") from e
+    is_vit = "visual.proj" in keys
+    heads = {"image": config["vision_width"] // 64 if is_vit else config["vision_width"] * 32 // 64}
+    if not visual_only:
+        heads["text"] = config["text_width"] // 64
+    for tower, n in heads.items():  # OpenAI's rule: heads of 64
+        if n < 1:
+            raise CheckpointError(f"{source}: the {tower} encoder's width gives no attention head (OpenAI's CLIP "
+                                  f"has heads 64 wide): {config}")
+    if config["image_resolution"] < 1:
+        raise CheckpointError(f"{source}: the positional embedding leaves no image patch: {config}")
+    return config
+
+
+def _block_parameters(width):  # a ResidualAttentionBlock: ln_1, in_proj, out_proj, ln_2, c_fc, c_proj
+    return 12 * width * width + 13 * width
+
+
+def clip_parameter_count(config, visual_only=False) -> int:
+    """How many weights OpenAI's layout of the CLIP ``config`` describes has (BatchNorms unfolded: their four
+    tensors each; ``num_batches_tracked`` not counted), by shape arithmetic, nothing built: what the file's
+    tensors must hold. ``visual_only``: the image encoder and ``logit_scale``. A test keeps it equal to the
+    built model's ``count_params()``."""
+    embed = int(config["embed_dim"])
+    width, resolution = int(config["vision_width"]), int(config["image_resolution"])
+    if isinstance(config["vision_layers"], list | tuple):  # ModifiedResNet
+        stem = width // 2
+        count = 3 * stem * 9 + stem * stem * 9 + stem * width * 9 + 4 * (stem + stem + width)  # 3 convs, 3 BNs
+        inplanes = width
+        for stage, blocks in enumerate(config["vision_layers"]):
+            planes = width * 2 ** stage
+            for b in range(int(blocks)):
+                out = 4 * planes
+                count += inplanes * planes + planes * planes * 9 + planes * out + 4 * (planes + planes + out)
+                if (stage > 0 and b == 0) or inplanes != out:  # stride 2, or another width: downsample
+                    count += inplanes * out + 4 * out
+                inplanes = out
+        pool, spacial = width * 32, resolution // 32
+        count += (spacial * spacial + 1) * pool + 3 * (pool * pool + pool) + pool * embed + embed
+    else:  # VisionTransformer
+        patch = int(config["vision_patch_size"])
+        grid = resolution // patch
+        count = (3 * patch * patch * width + width + (grid * grid + 1) * width + 4 * width
+                 + int(config["vision_layers"]) * _block_parameters(width) + width * embed)
+    count += 1  # logit_scale
+    if not visual_only:
+        text = int(config["text_width"])
+        count += ((int(config["vocab_size"]) + int(config["context_length"])) * text
+                  + int(config["text_layers"]) * _block_parameters(text) + 2 * text + text * embed)
+    return count
 
 
 def clip_from_state_dict(state_dict: Mapping, visual_only=False, source="checkpoint", fold_batch_norm=True):
@@ -229,6 +292,10 @@ def clip_from_state_dict(state_dict: Mapping, visual_only=False, source="checkpo
     from custom_architectures.clip_arch import build_clip
 
     config = clip_config_from_state_dict(state_dict, visual_only=visual_only, source=source)
+    held = {k: v for k, v in tensor_shapes(state_dict).items()
+            if not visual_only or k.startswith("visual.") or k == "logit_scale"}
+    # a few stray layer keys must not build a model larger than the file, before `finish` names what is missing
+    check_model_size(clip_parameter_count(config, visual_only), held, "CLIP", source)
     if fold_batch_norm and isinstance(config["vision_layers"], list):
         config["fold_batch_norm"] = True
     model = build_clip(config)

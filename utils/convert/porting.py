@@ -177,6 +177,10 @@ class WeightPorter:
     def keys(self):
         return self._sd.keys()
 
+    def shapes(self, prefix=""):
+        """``{key: shape}`` of the keys starting with ``prefix`` (all of them by default), nothing read."""
+        return {k: _shape(v) for k, v in self._sd.items() if k.startswith(prefix)}
+
     def take(self, key, shape=None):
         """The value of ``key`` as numpy (fp32 for floats), or None when it is missing or not of ``shape``
         (`check` / `finish` then name it)."""
