@@ -82,6 +82,21 @@ def _tokenize(captions_per_id, use_java):
     return {k: [simple_ptb_tokenize(c) for c in v] for k, v in captions_per_id.items()}
 
 
+def _scored_ids(scorer, gts):
+    """The image ids in the order ``scorer.compute_score(gts, res)`` returns its per-image scores: pycocoevalcap
+    1.2's Bleu, Meteor, Rouge and Cider follow ``gts.keys()``; Spice sorts them (``sorted(gts.keys())``)."""
+    from pycocoevalcap.spice.spice import Spice
+
+    return sorted(gts) if isinstance(scorer, Spice) else list(gts)
+
+
+def _pair(ids, values, name):
+    values = list(values)
+    if len(values) != len(ids):  # another pycocoevalcap: never attach scores to the wrong images
+        raise RuntimeError(f"{name}: {len(values)} per-image scores for {len(ids)} images")
+    return zip(ids, values)
+
+
 def caption_metrics(references, predictions, metrics=ALL_METRICS, tokenize=True):
     """Score ``predictions`` {id: caption} against ``references`` {id: [caption, ...]} with pycocoevalcap.
 
@@ -162,14 +177,15 @@ def caption_metrics(references, predictions, metrics=ALL_METRICS, tokenize=True)
             scorer = scorer()
         with contextlib.redirect_stdout(io.StringIO()):  # pycocoevalcap prints its internals
             score, scores = scorer.compute_score(gts, res)
+        order = _scored_ids(scorer, gts)  # the ids in the order of this scorer's per-image scores
         if isinstance(names, list):
             for name, value, values in zip(names, score, scores):
                 results[name] = float(value)
-                for k, v in zip(ids, values):
+                for k, v in _pair(order, values, name):
                     per_image[k][name] = float(v)
         else:
             results[names] = float(score)
-            for k, v in zip(ids, scores):
+            for k, v in _pair(order, scores, names):
                 per_image[k][names] = float(v["All"]["f"]) if isinstance(v, dict) else float(v)
         if hasattr(scorer, "close"):
             scorer.close()

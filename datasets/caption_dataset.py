@@ -22,6 +22,39 @@ class DatasetError(ValueError):
     """A dataset file that cannot be read: missing, malformed, or inconsistent (named in the message)."""
 
 
+def _shown(value, limit=60):
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def check_image_id(value, where):
+    """``value`` when it can be an image id: an int or a str (hashable, written back to JSON as it was read);
+    else a `DatasetError` naming ``where`` (the file and the entry)."""
+    if isinstance(value, bool) or not isinstance(value, (int, str)):
+        raise DatasetError(f"{where}: an image id must be an integer or a string, got {_shown(value)}")
+    return value
+
+
+def check_text(value, where, what, empty=True):
+    """``value`` when it is a str (non-empty unless ``empty``, no NUL character); else a `DatasetError` naming
+    ``where`` and ``what`` (e.g. "its 'caption'")."""
+    if not isinstance(value, str):
+        raise DatasetError(f"{where}: {what} must be a string, got {_shown(value)}")
+    if not empty and not value.strip():
+        raise DatasetError(f"{where}: {what} is empty")
+    if "\0" in value:
+        raise DatasetError(f"{where}: {what} holds a NUL character")
+    return value
+
+
+def check_type(value, kind, where, what):
+    """``value`` when it is a ``kind`` (``list`` or ``dict``); else a `DatasetError` naming ``where``."""
+    if not isinstance(value, kind):
+        name = {list: "a list", dict: "an object"}.get(kind, kind.__name__)
+        raise DatasetError(f"{where}: {what} must be {name}, got {_shown(value)}")
+    return value
+
+
 @dataclass
 class CaptionDataset:
     """Unique images and captions pointing at them.

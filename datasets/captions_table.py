@@ -16,7 +16,7 @@ Example (``captions.csv``)::
 import csv
 from pathlib import Path
 
-from datasets.caption_dataset import CaptionDataset, DatasetError
+from datasets.caption_dataset import CaptionDataset, DatasetError, check_text
 from utils.file_utils import open_regular_file, parse_json
 
 #: the longest physical line read from a table, in bytes (a CSV field stays under the csv module's own limit,
@@ -106,8 +106,9 @@ def load_captions_table(path, image_root=None, image_column="image", caption_col
         image, caption = row.get(image_column), row.get(caption_column)
         if not image or caption is None or not str(caption).strip():
             raise DatasetError(f"{path}:{line}: empty or missing {image_column!r} / {caption_column!r}")
-        image = Path(image)
-        pairs.append((image if image.is_absolute() else root / image, str(caption).strip()))
+        image = Path(check_text(image, f"{path}:{line}", f"{image_column!r}"))  # JSONL: any JSON value
+        caption = check_text(caption, f"{path}:{line}", f"{caption_column!r}")
+        pairs.append((image if image.is_absolute() else root / image, caption.strip()))
     if not pairs:
         raise DatasetError(f"{path} holds no captions")
     return CaptionDataset.from_pairs(pairs, name=f"table:{path.name}")

@@ -14,7 +14,7 @@ Example::
 import os
 from pathlib import Path
 
-from datasets.caption_dataset import CaptionDataset, DatasetError
+from datasets.caption_dataset import CaptionDataset, DatasetError, check_image_id, check_text, check_type
 from utils.file_utils import DEFAULT_MAX_BYTES, UnsafePathError, read_json, write_json_atomic
 
 
@@ -48,22 +48,28 @@ def load_coco(annotations_file, image_dir=None, check_images=False):
         raise DatasetError(f"{annotations_file} is not a COCO captions file: it needs 'images' and 'annotations'")
     image_dir = Path(image_dir) if image_dir is not None else Path(annotations_file).parent
     images, ids, position = [], [], {}
-    for k, image in enumerate(data["images"]):
-        if "id" not in image or "file_name" not in image:
-            raise DatasetError(f"{annotations_file}: images[{k}] lacks 'id' or 'file_name'")
-        if image["id"] in position:
-            raise DatasetError(f"{annotations_file}: image id {image['id']} appears twice")
-        position[image["id"]] = len(images)
-        images.append(str(image_dir / image["file_name"]))
-        ids.append(image["id"])
+    for k, image in enumerate(check_type(data["images"], list, annotations_file, "'images'")):
+        where = f"{annotations_file}: images[{k}]"
+        if "id" not in check_type(image, dict, where, "each image") or "file_name" not in image:
+            raise DatasetError(f"{where} lacks 'id' or 'file_name'")
+        image_id = check_image_id(image["id"], where)
+        file_name = check_text(image["file_name"], where, "its 'file_name'", empty=False)
+        if image_id in position:
+            raise DatasetError(f"{annotations_file}: image id {image_id!r} appears twice")
+        position[image_id] = len(images)
+        images.append(str(image_dir / file_name))
+        ids.append(image_id)
     index, captions = [], []
-    for k, ann in enumerate(data["annotations"]):
-        if "image_id" not in ann or "caption" not in ann:
-            raise DatasetError(f"{annotations_file}: annotations[{k}] lacks 'image_id' or 'caption'")
-        if ann["image_id"] not in position:
-            raise DatasetError(f"{annotations_file}: annotations[{k}] refers to unknown image id {ann['image_id']}")
-        index.append(position[ann["image_id"]])
-        captions.append(ann["caption"].strip())
+    for k, ann in enumerate(check_type(data["annotations"], list, annotations_file, "'annotations'")):
+        where = f"{annotations_file}: annotations[{k}]"
+        if "image_id" not in check_type(ann, dict, where, "each annotation") or "caption" not in ann:
+            raise DatasetError(f"{where} lacks 'image_id' or 'caption'")
+        image_id = check_image_id(ann["image_id"], where)
+        caption = check_text(ann["caption"], where, "its 'caption'")
+        if image_id not in position:
+            raise DatasetError(f"{where} refers to unknown image id {image_id}")
+        index.append(position[image_id])
+        captions.append(caption.strip())
     if check_images:
         missing = [p for p in images if not os.path.isfile(p)]
         if missing:
@@ -107,9 +113,10 @@ def load_coco_results(path):
     for k, r in enumerate(data):
         if not isinstance(r, dict) or "image_id" not in r or "caption" not in r:
             raise DatasetError(f"{path}: entry {k} lacks 'image_id' or 'caption'")
-        if r["image_id"] in out:
-            raise DatasetError(f"{path}: image id {r['image_id']} has more than one result")
-        out[r["image_id"]] = r["caption"]
+        image_id = check_image_id(r["image_id"], f"{path}: entry {k}")
+        if image_id in out:
+            raise DatasetError(f"{path}: image id {image_id!r} has more than one result")
+        out[image_id] = check_text(r["caption"], f"{path}: entry {k}", "its 'caption'")
     return out
 
 

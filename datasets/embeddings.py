@@ -13,7 +13,8 @@ Cache layout (``<cache_dir>/<model key>/``)::
 
 A shard is written to a temporary file and renamed, then its index line is appended and synced: an
 interruption leaves at worst an unindexed shard (ignored, overwritten later) or a torn last index line
-(ignored). The model key is a hash of ``model_id`` (for CLIP: a hash of its weights and preprocessing), so
+(ignored). The model key is a hash of ``model_id`` (for CLIP: `clip_model_id`, a hash of its image encoder's
+config and weights and of the EXIF setting, versioned: ids of an older recipe name folders no longer used), so
 two models never share embeddings. An image's key is its absolute path + size + modification time
 (``key_mode="stat"``) or a hash of its bytes (``key_mode="content"``: survives moves and copies). One
 writer per cache directory at a time.
@@ -78,20 +79,49 @@ class ImageEncoder:
     read: object = None
 
 
-def clip_model_id(clip, exif_transpose=True):
-    """A hash of a `CLIP`'s image-encoder config and weights (and of the EXIF setting): its cache identity."""
+#: the version of `clip_model_id`'s recipe, part of the id: a new recipe never matches an old id (the old ids
+#: ("clip:<hash>", of the whole config, text tower included) name cache folders that are no longer used)
+CLIP_ID_VERSION = "v2"
+#: the config fields of a CLIP that decide its image embeddings (its text tower's are left out: zero when it
+#: was loaded visual-only or lazily, yet the images embed the same)
+_VISUAL_CONFIG = ("embed_dim", "image_resolution")
+
+
+def _visual_config(config):
+    return {k: v for k, v in dict(config).items() if k in _VISUAL_CONFIG or str(k).startswith("vision_")}
+
+
+def _hash_clip(clip, config, exif_transpose, version=""):
     h = hashlib.sha256()
-    h.update(json.dumps(clip.model.config, sort_keys=True, default=str).encode())
+    if version:
+        h.update(f"clip-image-embeddings/{version}".encode())
+    h.update(json.dumps(config, sort_keys=True, default=str).encode())
     h.update(f"exif_transpose={bool(exif_transpose)}".encode())
     for variable in clip.visual.weights:
         h.update(variable.path.encode())
         h.update(np.ascontiguousarray(np.asarray(variable.numpy())).tobytes())
-    return f"clip:{h.hexdigest()}"
+    return h.hexdigest()
+
+
+def clip_model_id(clip, exif_transpose=True):
+    """A hash of what decides a `CLIP`'s image embeddings: its image-encoder config (``image_resolution``,
+    ``vision_*``, ``embed_dim``) and weights, and the EXIF setting; its cache identity. The same whether or
+    not its text tower is loaded (``visual_only``, ``lazy_text``, the CLIP inside a saved ClipCap)."""
+    digest = _hash_clip(clip, _visual_config(clip.model.config), exif_transpose, CLIP_ID_VERSION)
+    return f"clip:{CLIP_ID_VERSION}:{digest}"
+
+
+def _legacy_clip_model_id(clip, exif_transpose):
+    """The id before `CLIP_ID_VERSION` (the whole config hashed): only to keep accepting the files labelled so."""
+    return f"clip:{_hash_clip(clip, dict(clip.model.config), exif_transpose)}"
 
 
 def extracted_with(clip, model_id):
-    """Whether embeddings labelled `model_id` came from `clip` (with or without EXIF transposition)."""
-    return model_id in {clip_model_id(clip, exif_transpose) for exif_transpose in (True, False)}
+    """Whether embeddings labelled `model_id` came from `clip` (with or without EXIF transposition). An id of
+    the older recipe (``clip:<hash>``, written before `CLIP_ID_VERSION`) is checked as it was then."""
+    model_id = str(model_id)
+    identify = clip_model_id if model_id.startswith(f"clip:{CLIP_ID_VERSION}:") else _legacy_clip_model_id
+    return model_id in {identify(clip, exif_transpose) for exif_transpose in (True, False)}
 
 
 def clip_encoder(clip, exif_transpose=True):
@@ -273,16 +303,16 @@ def extract_embeddings(images, encoder, cache_dir=None, batch_size=32, key_mode=
     cache = EmbeddingCache(cache_dir, encoder.model_id) if cache_dir is not None else None
     paths = [os.fspath(p) for p in images]
 
-    failed = {}
+    errors = {}  # unique path -> why it could not be read (reported at every index that names it)
     keys = {}  # unique path -> key
-    for i, path in enumerate(paths):
+    for path in paths:
         if path in keys:
             continue
         try:
             keys[path] = image_key(path, key_mode)
-        except OSError as e:
+        except (OSError, ValueError) as e:  # ValueError: a NUL character in the path
             keys[path] = None
-            failed[i] = f"no such image file: {path}" if isinstance(e, FileNotFoundError) else f"{path}: {e}"
+            errors[path] = f"no such image file: {path}" if isinstance(e, FileNotFoundError) else f"{path}: {e}"
     vectors = {}  # unique path -> vector
     hits = 0
     todo = []
@@ -308,7 +338,6 @@ def extract_embeddings(images, encoder, cache_dir=None, batch_size=32, key_mode=
             raise ValueError(f"the encoder returned shape {out.shape} for a batch of {len(batch)} images")
         return list(out)
 
-    errors = {}
     pending_keys, pending_vectors = [], []
 
     def flush():
@@ -337,17 +366,14 @@ def extract_embeddings(images, encoder, cache_dir=None, batch_size=32, key_mode=
         finally:  # interrupted: keep what was computed
             flush()
 
-    first_index = {}
-    for i, path in enumerate(paths):
-        first_index.setdefault(path, i)
-    for path, message in errors.items():
-        failed[first_index[path]] = message
+    failed = {i: errors[path] for i, path in enumerate(paths) if path in errors}  # every index of a bad path
     for i, message in sorted(failed.items()):
         logger.warning("skipped unreadable image %s: %s", paths[i], message)
     ok = [i for i, p in enumerate(paths) if p in vectors]
     dim = next(iter(vectors.values())).shape[-1] if vectors else 0
     embeddings = np.stack([vectors[paths[i]] for i in ok]) if ok else np.zeros((0, dim), np.float32)
-    return ExtractionResult(embeddings, np.asarray(ok, np.int64), failed, hits, len(todo) - len(errors))
+    return ExtractionResult(embeddings, np.asarray(ok, np.int64), failed, hits,
+                            len(todo) - sum(path in errors for path in todo))
 
 
 # ----------------------------------------------------------------------------------- embedded dataset file

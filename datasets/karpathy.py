@@ -12,7 +12,7 @@ Example::
 
 from pathlib import Path
 
-from datasets.caption_dataset import CaptionDataset, DatasetError
+from datasets.caption_dataset import CaptionDataset, DatasetError, check_image_id, check_text, check_type
 from datasets.coco import _read_json
 
 SPLITS = ("train", "restval", "val", "test")
@@ -36,17 +36,20 @@ def load_karpathy(json_file, image_root=None, split="train", include_restval=Tru
     root = Path(image_root) if image_root is not None else Path(json_file).parent
     images, ids, index, captions = [], [], [], []
     for k, entry in enumerate(data["images"]):
+        where = f"{json_file}: images[{k}]"
+        check_type(entry, dict, where, "each image")
         if "filename" not in entry or "split" not in entry or "sentences" not in entry:
-            raise DatasetError(f"{json_file}: images[{k}] lacks 'filename', 'split' or 'sentences'")
-        if entry["split"] not in splits:
+            raise DatasetError(f"{where} lacks 'filename', 'split' or 'sentences'")
+        if check_text(entry["split"], where, "its 'split'") not in splits:
             continue
-        path = root / entry.get("filepath", "") / entry["filename"]
-        image_id = entry.get("cocoid", entry.get("imgid", str(path)))
-        for sentence in entry["sentences"]:
-            if "raw" not in sentence:
-                raise DatasetError(f"{json_file}: a sentence of images[{k}] lacks 'raw'")
+        filename = check_text(entry["filename"], where, "its 'filename'", empty=False)
+        path = root / check_text(entry.get("filepath", ""), where, "its 'filepath'") / filename
+        image_id = check_image_id(entry.get("cocoid", entry.get("imgid", str(path))), where)
+        for j, sentence in enumerate(check_type(entry["sentences"], list, where, "its 'sentences'")):
+            if "raw" not in check_type(sentence, dict, f"{where}: sentences[{j}]", "each sentence"):
+                raise DatasetError(f"{where}: sentences[{j}] lacks 'raw'")
             index.append(len(images))
-            captions.append(sentence["raw"].strip())
+            captions.append(check_text(sentence["raw"], f"{where}: sentences[{j}]", "its 'raw'").strip())
         images.append(str(path))
         ids.append(image_id)
     if not images:

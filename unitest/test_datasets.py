@@ -134,6 +134,52 @@ def test_captions_table_errors_name_the_file_and_the_line(tmp_path):
         load_captions_table(tmp_path / "empty.csv")
 
 
+def test_crafted_annotation_files_fail_naming_the_entry(tmp_path):
+    """Fields of the wrong type (a null or numeric caption, a list id, a numeric file name, images that are
+    not objects, ``"images": null``): a DatasetError naming the file and the entry, not an AttributeError /
+    TypeError from deep inside the loader."""
+    image = {"id": 1, "file_name": "a.jpg"}
+    coco = {
+        "null_caption": ({"images": [image], "annotations": [{"image_id": 1, "caption": None}]},
+                         r"annotations\[0\]: its 'caption' must be a string, got None"),
+        "int_caption": ({"images": [image], "annotations": [{"image_id": 1, "caption": 5}]},
+                        r"annotations\[0\]: its 'caption' must be a string, got 5"),
+        "list_id": ({"images": [{"id": [1], "file_name": "a.jpg"}], "annotations": []},
+                    r"images\[0\]: an image id must be an integer or a string, got \[1\]"),
+        "list_image_id": ({"images": [image], "annotations": [{"image_id": [1], "caption": "x"}]},
+                          r"annotations\[0\]: an image id must be"),
+        "int_file_name": ({"images": [{"id": 1, "file_name": 7}], "annotations": []},
+                          r"images\[0\]: its 'file_name' must be a string, got 7"),
+        "int_image": ({"images": [3], "annotations": []}, r"images\[0\]: each image must be an object, got 3"),
+        "null_images": ({"images": None, "annotations": []}, r"'images' must be a list, got None"),
+        "str_annotation": ({"images": [image], "annotations": ["x"]}, r"annotations\[0\]: each annotation must be"),
+    }
+    for name, (data, message) in coco.items():
+        with pytest.raises(DatasetError, match=rf"{name}\.json: {message}"):
+            load_coco(_write(tmp_path / f"{name}.json", data))
+    (tmp_path / "results.json").write_text('[{"image_id": {"a": 1}, "caption": "x"}]')
+    with pytest.raises(DatasetError, match=r"entry 0: an image id must be"):
+        load_coco_results(tmp_path / "results.json")
+    entry = {"filename": "a.jpg", "split": "test", "sentences": [{"raw": "x"}]}
+    karpathy = {
+        "int_raw": ({**entry, "sentences": [{"raw": 3}]}, r"images\[0\]: sentences\[0\]: its 'raw' must be a string"),
+        "str_entry": ("x", r"images\[0\]: each image must be an object, got 'x'"),
+        "str_sentence": ({**entry, "sentences": ["x"]}, r"images\[0\]: sentences\[0\]: each sentence must be"),
+        "null_sentences": ({**entry, "sentences": None}, r"images\[0\]: its 'sentences' must be a list"),
+        "list_id": ({**entry, "cocoid": [1]}, r"images\[0\]: an image id must be"),
+        "int_filename": ({**entry, "filename": 7}, r"images\[0\]: its 'filename' must be a string"),
+    }
+    for name, (data, message) in karpathy.items():
+        with pytest.raises(DatasetError, match=rf"{name}\.json: {message}"):
+            load_karpathy(_write(tmp_path / f"{name}.json", {"images": [data]}), split="test")
+    (tmp_path / "t.jsonl").write_text('{"image": "a.png", "caption": "ok"}\n{"image": 5, "caption": "a cat."}\n')
+    with pytest.raises(DatasetError, match=r"t\.jsonl:2: 'image' must be a string, got 5"):
+        load_captions_table(tmp_path / "t.jsonl")
+    (tmp_path / "c.jsonl").write_text('{"image": "a.png", "caption": ["a cat."]}\n')
+    with pytest.raises(DatasetError, match=r"c\.jsonl:1: 'caption' must be a string"):
+        load_captions_table(tmp_path / "c.jsonl")
+
+
 def test_caption_dataset_checks_and_subsets():
     data = CaptionDataset.from_pairs([("a", "1"), ("b", "2"), ("a", "3"), ("c", "4")])
     sub = data.select_images([2, 0])

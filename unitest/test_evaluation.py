@@ -172,3 +172,33 @@ def test_evaluate_with_no_readable_image_fails_clearly_and_writes_nothing(tmp_pa
     assert all(f"skipped {image}" in err for image in data.images) and "could be read" in err, err
     assert "Traceback" not in err and "broadcast" not in err
     assert not out.exists()
+
+
+def test_per_image_scores_follow_each_scorers_id_order(monkeypatch, tmp_path):
+    """pycocoevalcap's Spice returns its per-image scores in sorted(image id) order, Bleu / Rouge / Cider in the
+    order of the ids given: each score goes to its own image whatever the dataset order (SPICE's were paired
+    with the ids in dataset order). Only SPICE's Java program is replaced: by a stand-in writing its output
+    format, f = 1 when the candidate equals the first reference."""
+    import pycocoevalcap.spice.spice as spice_module
+
+    def fake_java(cmd, cwd=None):
+        with open(cmd[4]) as f:  # java -jar -Xmx8G spice-1.0.jar IN -cache DIR -out OUT ...
+            data = json.load(f)
+        with open(cmd[cmd.index("-out") + 1], "w") as f:
+            json.dump([{"image_id": d["image_id"], "scores": {"All": {"f": float(d["test"] == d["refs"][0]),
+                                                                       "pr": 0.0, "re": 0.0}}} for d in data], f)
+
+    monkeypatch.setattr(spice_module.subprocess, "check_call", fake_java)
+    monkeypatch.setattr(spice_module, "get_stanford_models", lambda: None)
+    monkeypatch.setattr(spice_module, "__file__", str(tmp_path / "spice.py"))  # its tmp/ and cache/ here
+    monkeypatch.setattr(evaluation, "spice_missing_jars", lambda: [])
+    monkeypatch.setattr(evaluation, "java_available", lambda: True)
+    references = {3: ["a red circle on a blue background"], 1: ["a blue square on a green background"],
+                  2: ["a green star on a red background"]}  # dataset order 3, 1, 2 (COCO files are not sorted)
+    predictions = {3: "a red circle on a blue background", 1: "nothing alike here", 2: "nothing alike here"}
+    out = caption_metrics(references, predictions, metrics=("BLEU", "ROUGE_L", "CIDEr", "SPICE"), tokenize=False)
+    per_image = out["per_image"]
+    assert {k: v["SPICE"] for k, v in per_image.items()} == {3: 1.0, 1: 0.0, 2: 0.0}
+    for name in ("Bleu_1", "ROUGE_L", "CIDEr"):
+        assert per_image[3][name] > max(per_image[1][name], per_image[2][name]), name
+    assert per_image[3]["ROUGE_L"] == pytest.approx(1.0)

@@ -166,3 +166,47 @@ def test_cache_keeps_non_utf8_names_and_reads_only_its_shards(tmp_path):
     with open(index, "a", encoding="utf-8") as f:
         f.write(json.dumps({"shard": "../../outside.npy", "keys": ["evil.jpg"]}) + "\n")
     assert "evil.jpg" not in EmbeddingCache(tmp_path, "shapes-v1")
+
+
+def test_a_bad_image_named_by_several_entries_fails_at_each(shapes, tmp_path):
+    """One missing file (or one unreadable file) referenced by two image ids: both are reported failed, and
+    the file is written (a failure recorded at the first index only made save_embedded_dataset raise "does
+    not cover every image" after the whole extraction)."""
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"not a png")
+    missing = str(tmp_path / "gone.png")
+    images = [shapes.images[0], missing, missing, str(broken), shapes.images[1], str(broken)]
+    data = CaptionDataset(images, list(range(6)), [f"caption {i}" for i in range(6)], np.arange(6))
+    enc = CountingEncoder()
+    result = extract_embeddings(data.images, enc, cache_dir=tmp_path / "cache", batch_size=2, progress=False)
+    assert result.indices.tolist() == [0, 4] and sorted(result.failed) == [1, 2, 3, 5]
+    assert result.failed[1] == result.failed[2] and "no such image file" in result.failed[2]
+    assert result.failed[3] == result.failed[5]
+    assert result.computed == 2 and enc.seen == 2
+    kept, embeddings, meta = load_embedded_dataset(save_embedded_dataset(tmp_path / "emb.npz", data, result))
+    assert kept.image_ids == [0, 4] and embeddings.shape == (2, 70)
+    assert set(meta["failed"]) == {missing, str(broken)}
+
+
+def test_clip_id_is_its_image_encoders_alone(tmp_path):
+    """A CLIP's id depends on its image encoder (config, weights) and the EXIF setting only: the same loaded
+    with or without its text tower (extract_on_beam loads it visual-only, `train --clip` with it), saved
+    and loaded lazily (the CLIP inside a trained ClipCap), and a versioned id that old ids never match."""
+    from models.siamese.clip import CLIP
+    from testing.tiny_models import build_tiny_clip
+
+    path = str(build_tiny_clip(tmp_path / "clip.pt", seed=0))
+    full = CLIP.from_pretrained(path)
+    visual = CLIP.from_pretrained(path, visual_only=True)
+    assert full.model.config["vocab_size"] != visual.model.config["vocab_size"]  # the text tower's fields differ
+    assert clip_model_id(full) == clip_model_id(visual)
+    assert clip_model_id(full, exif_transpose=False) == clip_model_id(visual, exif_transpose=False)
+    assert extracted_with(full, clip_model_id(visual)) and extracted_with(visual, clip_model_id(full))
+    full.save(tmp_path / "saved")
+    lazy = CLIP.load(tmp_path / "saved", lazy_text=True)
+    assert clip_model_id(lazy) == clip_model_id(full)
+    assert clip_model_id(full).startswith("clip:v2:")  # another recipe than the unversioned "clip:<hash>"
+    assert EmbeddingCache(tmp_path / "c", clip_model_id(full)).directory == \
+        EmbeddingCache(tmp_path / "c", clip_model_id(visual)).directory
+    other = CLIP.from_pretrained(str(build_tiny_clip(tmp_path / "other.pt", seed=1)), visual_only=True)
+    assert clip_model_id(other) != clip_model_id(full) and not extracted_with(other, clip_model_id(full))
