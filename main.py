@@ -189,7 +189,7 @@ def _answers_from_map(args, images, request):
         return None
     return answers_from_map(model_dir, images, method=request, output_dir=args.output_dir,
                             return_candidates=_want_candidates(args), exif_transpose=not args.no_exif_transpose,
-                            precision=args.precision)
+                            precision=args.precision, max_file_bytes=_max_bytes(args))
 
 
 def _read_list(path):

@@ -16,8 +16,10 @@ from models.precision import add_precision_argument
 from utils.cli import (
     EXIT_FAILED_INPUTS,
     EXIT_INTERRUPTED,
+    EXIT_MODEL,
     EXIT_OK,
     EXIT_USAGE,
+    MODEL_ERRORS,
     Formatter,
     add_decoding_arguments,
     decoding_from_args,
@@ -42,17 +44,24 @@ def cmd_batch(args):
         request = decoding_from_args(args)  # checked once, carried to the workers
     except (TypeError, ValueError) as e:
         return fail(str(e), EXIT_USAGE)
+    from models.image_captioning import beam_inference
+
+    try:  # an --output whose folder cannot be written: refused before a model is fetched or an input read
+        beam_inference.check_output_prefix(args.output)
+    except ValueError as e:
+        return fail(str(e), EXIT_USAGE)
     model_dir, code = model_or_exit_code(args.model, load=resolve_model_dir)
     if model_dir is None:
         return code
-    from models.image_captioning.beam_inference import read_records, run_batch
-
+    settings, code = _launch_settings(args, model_dir, request)
+    if settings is None:
+        return code
     try:
-        files = run_batch(args.images, model_dir, args.output, method=request, batch_size=args.batch_size,
-                          exif_transpose=not args.no_exif_transpose,
-                          input_lists=args.input_list or (), skip_existing=args.skip_existing or (),
-                          num_shards=args.num_shards, pipeline_args=pipeline_args(args), overwrite=args.overwrite,
-                          precision=args.precision)
+        files = beam_inference.run_batch(
+            args.images, model_dir, args.output, method=request, batch_size=args.batch_size,
+            exif_transpose=not args.no_exif_transpose, input_lists=args.input_list or (),
+            skip_existing=args.skip_existing or (), num_shards=args.num_shards, pipeline_args=pipeline_args(args),
+            overwrite=args.overwrite, precision=args.precision, settings=settings)
     except KeyboardInterrupt:
         return fail("interrupted (the output is written when the job ends: nothing of this run was kept)",
                      EXIT_INTERRUPTED)
@@ -61,12 +70,30 @@ def cmd_batch(args):
     for path in files:
         print(path)
     if args.runner in ("DirectRunner", "PrismRunner"):  # local outputs: summarise them
-        records = read_records(args.output)
+        records = beam_inference.read_records(args.output)
         failed = sum(r["error"] is not None for r in records)
         print(f"{len(records) - failed} images captioned, {failed} errors", file=sys.stderr)
         if failed:
             return EXIT_FAILED_INPUTS
     return EXIT_OK
+
+
+def _launch_settings(args, model_dir, request):
+    """``(the records' settings, None)`` read here, in the launching process, from the saved model (its name,
+    identity and CLIP input size: `beam_inference.batch_settings`, `clip_input_resolution`), or ``(None, exit
+    code)`` with the error printed: 3 for a folder that is no saved model or a damaged one (as ``caption``),
+    2 for a model without a CLIP image encoder."""
+    from models.image_captioning import beam_inference
+
+    try:
+        settings = beam_inference.batch_settings(model_dir, request.method, request.given,
+                                                 not args.no_exif_transpose, args.precision)
+        beam_inference.clip_input_resolution(model_dir)
+    except beam_inference.NoImageEncoderError as e:
+        return None, fail(str(e), EXIT_USAGE)
+    except MODEL_ERRORS as e:
+        return None, fail(f"cannot load model {args.model!r}: {e}", EXIT_MODEL)
+    return settings, None
 
 
 BATCH_EPILOG = epilog(

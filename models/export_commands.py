@@ -42,7 +42,8 @@ def _export_format(args):
 def cmd_export(args):
     if _export_format(args) == "savedmodel":
         return cmd_export_savedmodel(args)
-    from utils.convert.clipcap_export import sidecar_path
+    from models.cli_models import UnknownModelError, resolve_model_dir
+    from utils.convert.clipcap_export import check_official_targets
     from utils.file_utils import UnsafePathError
 
     given = [flag for flag, value in _decoding_flags(args) if value is not None]
@@ -54,11 +55,14 @@ def cmd_export(args):
     missing = missing_extra("torch", '"torch>=2.13"', "export --format official (it writes a PyTorch file)")
     if missing:
         return _fail(missing, EXIT_USAGE)
-    for target in (args.output, str(sidecar_path(args.output))):  # refuse before loading the model
-        if os.path.lexists(target) and not (args.overwrite and os.path.isfile(target)
-                                            and not os.path.islink(target)):
-            return _fail(f"{target} already exists: pass --overwrite to replace it (nothing was written)",
-                         EXIT_USAGE)
+    try:  # refuse before loading the model: never inside its folder, never a .json an export did not write
+        source = resolve_model_dir(args.model, download=False)
+    except UnknownModelError:
+        source = None  # reported by the load below
+    try:
+        check_official_targets(args.output, args.overwrite, source if source and os.path.isdir(source) else None)
+    except ValueError as e:  # UnsafePathError included
+        return _fail(str(e).replace("overwrite=True (--overwrite)", "--overwrite"), EXIT_USAGE)
     model, code = model_or_exit_code(args.model)
     if model is None:
         return code
@@ -173,7 +177,9 @@ def register(subparsers):
                    help="official: add GPT-2's attn.bias / attn.masked_bias buffers, which older transformers "
                         "(4.x of the official code's time) expect for a strict load")
     p.add_argument("--overwrite", action="store_true", help="replace existing output files (savedmodel: only a "
-                                                            "SavedModel this command wrote)")
+                                                            "SavedModel this command wrote; official: the .pt, and "
+                                                            "the .json only if an export wrote it; never inside a "
+                                                            "saved model's folder)")
     add_precision_argument(p)
     p.set_defaults(func=cmd_export)
 

@@ -243,6 +243,25 @@ def test_a_killed_jobs_sink_folders_are_removed_by_the_next_job_and_a_live_job_i
     assert not (out.parent / "captions.lock").exists()
 
 
+def test_an_output_prefix_whose_folder_cannot_be_written_is_refused_before_the_job(tmp_path, monkeypatch):
+    """A local prefix under a regular file, or on a file system that takes no files: `UnsafePathError` (a
+    ValueError: exit 2 in ``batch``) naming the prefix, before the lock or the pipeline (before: the lock
+    file's FileExistsError / FileNotFoundError). A remote prefix is left to its file system."""
+    from utils.file_utils import UnsafePathError
+
+    def pipeline_stub(*args, **kwargs):
+        raise AssertionError("the pipeline was built")
+
+    monkeypatch.setattr(beam_inference, "caption_pipeline", pipeline_stub)
+    (tmp_path / "afile").write_text("x")
+    for output in (tmp_path / "afile" / "captions", "/proc/captions", f"file://{tmp_path}/afile/captions"):
+        with pytest.raises(UnsafePathError, match=f"output prefix {output}: cannot write into"):
+            beam_inference.run_batch(["x.jpg"], "model", str(output))
+    assert (tmp_path / "afile").read_text() == "x"
+    assert beam_inference.check_output_prefix("gs://bucket/out/captions") is None
+    assert beam_inference.check_output_prefix(str(tmp_path / "new" / "captions")) is None  # made by the job
+
+
 def test_one_reading_stage_serves_batch_captioning_and_extraction(tmp_path):
     """Beam captioning and Beam extraction read and preprocess through one DoFn: a good image -> its
     ``(path, size, sha256)`` key and pixels, a bad one -> ``(path, message)`` on the errors output."""

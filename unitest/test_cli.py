@@ -298,3 +298,37 @@ def test_batch_refuses_bad_decoding_options_before_the_job(options, message, cap
     code, out, err = _run(capsys, "batch", "x.jpg", "--model", "no_such_model", "--output", "out/captions",
                           "--method", "greedy", *options)
     assert code == 2 and message in err and "unknown model" not in err
+
+
+@pytest.mark.parametrize("where", ["under a file", "under /proc"])
+def test_batch_refuses_an_output_prefix_it_cannot_write_before_the_job(where, tiny_model_dir, tmp_path, capsys):
+    """A local --output whose folder cannot be written (a regular file on the way, a special file system): an
+    error line and exit 2 before the model is looked at or an input read, as caption --output-dir (before: a
+    traceback from the prefix's lock file, exit 1)."""
+    blocker = tmp_path / "afile"
+    blocker.write_text("not a folder")
+    output = blocker / "captions" if where == "under a file" else Path("/proc/captions")
+    code, out, err = _run(capsys, "batch", ROOT / "demo" / "cat.jpg", "--model", tiny_model_dir, "--output", output)
+    assert code == 2 and out == "", err
+    assert err.startswith(f"error: output prefix {output}: cannot write into") and len(err.splitlines()) == 1, err
+    code, _, err = _run(capsys, "batch", "x.jpg", "--model", "no_such_model", "--output", output)
+    assert code == 2 and "unknown model" not in err  # checked before the model is looked up
+    assert blocker.read_text() == "not a folder" and not Path(f"{output}.lock").exists()
+
+
+def test_batch_model_that_cannot_be_loaded_is_exit_3(tiny_model_dir, tmp_path, capsys):
+    """A --model folder that is no saved model, or a saved model whose CLIP is damaged: what the launching
+    process reads of it fails as caption's load does, 'error: cannot load model ...' and exit 3 (before: a
+    traceback and exit 1, or exit 2)."""
+    empty = tmp_path / "not_a_model"
+    empty.mkdir()
+    damaged = tmp_path / "damaged"  # its name and identity readable, its CLIP's config gone
+    (damaged / "clip").mkdir(parents=True)
+    for name in ("config.json", "metadata.json"):
+        shutil.copy(Path(tiny_model_dir) / name, damaged / name)
+    for model in (empty, damaged):
+        code, out, err = _run(capsys, "batch", ROOT / "demo" / "cat.jpg", "--model", model,
+                              "--output", tmp_path / "out" / "captions")
+        assert code == 3 and out == "", err
+        assert err.startswith(f"error: cannot load model {str(model)!r}: ") and len(err.splitlines()) == 1, err
+    assert not (tmp_path / "out").exists()  # refused before the job: nothing written

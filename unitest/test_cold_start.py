@@ -195,6 +195,26 @@ def test_rerun_answers_from_map_without_loading_the_model(tiny_model, tmp_path, 
     capsys.readouterr()
 
 
+def test_max_file_bytes_holds_when_every_input_is_answered_from_map(tiny_model, tmp_path, monkeypatch, capsys):
+    """--max-file-bytes refuses a larger file whether or not its neighbours need the model: map.json does not
+    answer for it (before: answered when every input was in map.json, refused when one was not)."""
+    from models.image_captioning.cached_answers import answers_from_map
+
+    monkeypatch.setenv("IMAGE_CAPTIONING_HOME", str(tmp_path / "home"))
+    image, out = tmp_path / "cat.jpg", tmp_path / "out"
+    shutil.copy(ROOT / "demo" / "cat.jpg", image)
+    argv = ["caption", str(image), "--model", tiny_model, "--output-dir", str(out), "--max-length", "5",
+            "--no-progress"]
+    assert main.main(argv) == 0
+    capsys.readouterr()
+    size = image.stat().st_size
+    for limit in (size, None):  # within the limit, or none: answered from map.json
+        assert answers_from_map(tiny_model, [str(image)], output_dir=out, max_length=5, max_file_bytes=limit)
+    assert answers_from_map(tiny_model, [str(image)], output_dir=out, max_length=5, max_file_bytes=size - 1) is None
+    assert main.main([*argv, "--max-file-bytes", str(size - 1)]) == 1  # predict refuses it, as for a new image
+    assert f"{size} bytes exceeds the limit of {size - 1} bytes" in capsys.readouterr().err
+
+
 def test_status_lines_on_stderr_only(tiny_model, tmp_path, monkeypatch, capsys):
     """A default caption run says what it waits for (loading, each compilation) on stderr; stdout keeps only the
     results (also with --json); --no-progress silences the status lines. One image compiles nothing (the

@@ -142,3 +142,48 @@ def test_one_request_fetches_its_urls_within_one_budget(tiny_clipcap, server):
     rows = captioner.caption([], "\n".join([f"http://127.0.0.1:{port}/silent"] * 4))
     assert time.monotonic() - start < 1.5  # not 4 x 3 s, nor 4 x 0.6 s
     assert all(_refused(row) for row in rows)
+
+
+def _peak_bytes(call):
+    """(what ``call()`` returned or raised, the most bytes Python held at once during it)."""
+    import tracemalloc
+
+    tracemalloc.start()
+    try:
+        try:
+            result = call()
+        except ValueError as e:
+            result = e
+        return result, tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+def test_url_box_is_bounded_before_it_is_split():
+    """A huge URL text is refused from its length, and too many URLs from a split that stops one past the
+    limit: nothing is built per URL beyond ``max_images`` (before the fix: a list and a closure per word, 1.7 GB
+    and 16 s of the only worker for 9.5 MB of ``"a "``)."""
+    from models.image_captioning.web_demo import MAX_URL_TEXT
+
+    captioner = _captioner(None, max_images=16)
+    huge = "a " * 5_000_000
+    error, peak = _peak_bytes(lambda: captioner._read([], huge))
+    assert isinstance(error, ValueError) and f"more than {MAX_URL_TEXT}" in str(error)
+    assert peak < 100_000
+    many = "a " * (MAX_URL_TEXT // 2 - 1)  # within the length, far more URLs than allowed
+    error, peak = _peak_bytes(lambda: captioner._read([], many))
+    assert isinstance(error, ValueError) and "at most 16 images per request" in str(error)
+    assert peak < 2 * len(many) + 50_000  # the one-past-the-limit remainder, not 32767 words and closures
+    error, _ = _peak_bytes(lambda: captioner._read([str(CAT)] * 10, "a " * 7))  # files and URLs together
+    assert isinstance(error, ValueError) and "at most 16 images per request" in str(error)
+
+
+def test_refused_uploads_note_is_read_up_to_the_limit():
+    """The hidden note of uploads the browser refused is read one line at a time up to ``limit`` names
+    (before the fix: split into a list of every line first)."""
+    from models.image_captioning.web_demo import _refused_rows
+
+    note = "big.jpg (30.0 MiB)\n\n" * 500_000
+    rows, peak = _peak_bytes(lambda: _refused_rows(note, 20 << 20, 16))
+    assert [row["name"] for row in rows] == ["big.jpg (30.0 MiB)"] * 16
+    assert peak < 1_000_000

@@ -9,7 +9,9 @@ image's mode, so that preprocessing can follow OpenAI's order (resize, crop, the
 http(s) URLs of the CLI and the Python API (whose user is the operator) are read by `read_url`; the web demo's
 visitors' URLs go through `utils.safe_fetch` instead (public addresses only). `read_url`: urllib without any other
 scheme handler (a redirect to ``file:`` or ``ftp:`` is refused), at most ``max_bytes`` (announced or
-received), ``timeout`` seconds for the whole transfer; any failure is that image's `ImageReadError`.
+received), ``timeout`` seconds for the whole transfer (headers and redirects included: at the deadline the
+connection is shut down, `utils.safe_fetch.Cutoff`), a body cut short of its Content-Length refused; any
+failure is that image's `ImageReadError`.
 
 Only regular files are read: a path is opened without blocking and checked on its descriptor
 (`utils.file_utils.open_regular_file`), so a FIFO, socket or device named ``.jpg`` gets its own error instead
@@ -30,6 +32,7 @@ import io
 import logging
 import os
 import re
+import socket
 import time
 import urllib.error
 import urllib.request
@@ -39,6 +42,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from utils.file_utils import DEFAULT_MAX_BYTES, UnsafePathError, open_regular_file, path_problem
+from utils.safe_fetch import Cutoff
 
 logger = logging.getLogger(__name__)
 
@@ -116,10 +120,42 @@ def is_url(text) -> bool:
     return isinstance(text, str) and bool(_URL_RE.match(text))
 
 
-def _url_opener():
+class _DeadlineConnections:
+    """urllib's connection opening for one `read_url`: every connection (each redirect's, a proxy's) gets at
+    most the time left and is watched by the fetch's `utils.safe_fetch.Cutoff`, which shuts it down at the
+    deadline, so that no hop (status line, headers, ``100 Continue`` answers, body) outlasts ``timeout``."""
+
+    def do_open(self, http_class, req, **kwargs):
+        cutoff = self.cutoff
+
+        def connection(host, timeout=None, **conn_kwargs):
+            remaining = cutoff.deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError("the deadline passed")
+            h = http_class(host, timeout=remaining, **conn_kwargs)
+            h._create_connection = (lambda address, timeout, source=None:  # the plain socket, before TLS
+                                    cutoff.watch(socket.create_connection(address, timeout, source)))
+            return h
+
+        return super().do_open(connection, req, **kwargs)
+
+
+class _DeadlineHTTPHandler(_DeadlineConnections, urllib.request.HTTPHandler):
+    def __init__(self, cutoff):
+        super().__init__()
+        self.cutoff = cutoff
+
+
+class _DeadlineHTTPSHandler(_DeadlineConnections, urllib.request.HTTPSHandler):
+    def __init__(self, cutoff):
+        super().__init__()
+        self.cutoff = cutoff
+
+
+def _url_opener(cutoff):
     # only HTTP(S) (+ proxies from the environment, redirects, errors): no file:, ftp: or data: handler
     opener = urllib.request.OpenerDirector()
-    for handler in (urllib.request.ProxyHandler(), urllib.request.HTTPHandler(), urllib.request.HTTPSHandler(),
+    for handler in (urllib.request.ProxyHandler(), _DeadlineHTTPHandler(cutoff), _DeadlineHTTPSHandler(cutoff),
                     urllib.request.HTTPRedirectHandler(), urllib.request.HTTPDefaultErrorHandler(),
                     urllib.request.HTTPErrorProcessor()):
         opener.add_handler(handler)
@@ -128,15 +164,19 @@ def _url_opener():
 
 def read_url(url, max_bytes=DEFAULT_MAX_BYTES, timeout=URL_TIMEOUT_S) -> bytes:
     """The bytes an http(s) URL serves: at most ``max_bytes`` (None: no cap; refused from the announced
-    length when it exceeds it), within ``timeout`` seconds in all; `ImageReadError` otherwise (another
-    scheme, an HTTP error, no connection, too slow, too large, empty)."""
+    length when it exceeds it), within ``timeout`` seconds in all (every connection, redirect, status line,
+    header and byte: at the deadline the connection is shut down, `utils.safe_fetch.Cutoff`); the whole body
+    its Content-Length announces; `ImageReadError` otherwise (another scheme, an HTTP error, no connection,
+    too slow, too large, cut short, empty). Any address is read (loopback and private ones too: the user
+    chose the URL)."""
     scheme = url.split("://", 1)[0].lower()
     if scheme not in URL_SCHEMES:
         raise ImageReadError(f"{url}: unsupported URL scheme {scheme!r} (only http and https are read)")
-    deadline = time.monotonic() + timeout
+    too_slow = f"{url}: not downloaded within {timeout:g} s"
     request = urllib.request.Request(url, headers={"User-Agent": "image_captioning"})
+    cutoff = Cutoff(time.monotonic() + timeout)
     try:
-        with _url_opener().open(request, timeout=timeout) as response:
+        with cutoff, _url_opener(cutoff).open(request, timeout=timeout) as response:
             length = response.headers.get("Content-Length", "")
             if max_bytes is not None and length.isdigit() and int(length) > max_bytes:
                 raise ImageReadError(f"{url}: {length} bytes exceeds the limit of {max_bytes} bytes "
@@ -147,13 +187,22 @@ def read_url(url, max_bytes=DEFAULT_MAX_BYTES, timeout=URL_TIMEOUT_S) -> bytes:
                 if max_bytes is not None and len(data) > max_bytes:
                     raise ImageReadError(f"{url}: more than {max_bytes} bytes (raise max_bytes / "
                                          "--max-file-bytes if the source is trusted)")
-                if time.monotonic() > deadline:
-                    raise ImageReadError(f"{url}: not downloaded within {timeout:g} s")
+                if cutoff.fired:
+                    raise ImageReadError(too_slow)
+            if cutoff.fired:  # the shutdown ended the read: what arrived is not all of it
+                raise ImageReadError(too_slow)
+            if response.length:  # read1 ends quietly when the connection closes before the announced length
+                raise ImageReadError(f"{url}: the connection closed {response.length} bytes before the announced "
+                                     f"end ({length} bytes)")
     except urllib.error.HTTPError as e:
         raise ImageReadError(f"{url}: HTTP error {e.code} {e.reason}") from e
     except urllib.error.URLError as e:
+        if cutoff.fired:
+            raise ImageReadError(too_slow) from e
         raise ImageReadError(f"{url}: cannot download: {e.reason}") from e
     except (TimeoutError, OSError, http.client.HTTPException) as e:
+        if cutoff.fired:
+            raise ImageReadError(too_slow) from e
         raise ImageReadError(f"{url}: cannot download: {type(e).__name__}: {e}") from e
     if not data:
         raise ImageReadError(f"{url}: empty response (0 bytes)")

@@ -132,10 +132,14 @@ def _connect_checked(addresses, port, timeout, connector):
     raise error
 
 
-class _Cutoff:
+class Cutoff:
     """Shuts every connection of one fetch down at its deadline, so that a server sending its headers or body
     a byte at a time (each byte within the socket's timeout) cannot hold the fetch past it. The shutdown goes
-    through a duplicate of each socket: it ends a blocked read on the original, TLS-wrapped or not."""
+    through a duplicate of each socket: it ends a blocked read on the original, TLS-wrapped or not.
+
+    ``with Cutoff(deadline) as cutoff:`` starts the timer; ``cutoff.watch(sock)`` (the plain socket, before any
+    TLS wrapping) registers each connection; ``cutoff.fired`` tells a read ended by the deadline from a peer's
+    close. Also `utils.image_io.read_url`'s deadline (the operator's URLs)."""
 
     def __init__(self, deadline):
         self.deadline, self._sockets, self._fired, self._lock = deadline, [], False, threading.Lock()
@@ -239,7 +243,7 @@ def fetch_untrusted(url, max_bytes, timeout=TIMEOUT_S, allow_private=False, reso
     """
     deadline = time.monotonic() + timeout
     try:
-        with _Cutoff(deadline) as cutoff:
+        with Cutoff(deadline) as cutoff:
             return _fetch(url, max_bytes, allow_private, resolver, connector, ssl_context, cutoff)
     except URLRefused as e:
         logger.info("URL not fetched (%s): %s", e.reason, url)

@@ -15,8 +15,8 @@ A record is ``{"image", "caption", "candidates": [{"text", "tokens", "score"(, "
 captioned, ``settings`` is `prediction.generation_settings` (what map.json stores: the model's identity, its
 name for display, the method and its arguments). For the same model, images, settings and batch size the captions and scores are those of
 ``ClipCap.predict``: the same `ImageEmbedder` stages (reading, preprocessing, ``clip.encode_pixels``)
-and ``model.generate`` on batches of the same size (``method="sample"`` draws depend on how images are
-grouped in batches, as in ``predict``).
+and ``model.generate`` on batches of the same size (``method="sample"``: each image's draws are keyed by
+its path or URL and the seed, `custom_architectures.samplers.draw_id`, as in ``predict``).
 
 Outputs are written by Beam's text sink: temporary files renamed when the job ends (all or nothing per job).
 ``skip_existing`` lists earlier outputs: an image captioned there (no error) with the same settings (the same
@@ -48,9 +48,18 @@ from apache_beam.ml.inference.base import ModelHandler, PredictionResult, RunInf
 from apache_beam.options.pipeline_options import PipelineOptions
 
 from custom_architectures.decoding import as_decoding
+from custom_architectures.samplers import draw_id
 from models.image_captioning.freshness import answers, content_stamp, file_stamp, stream_stamp
 from models.siamese.image_embedding import ImageEmbedder
-from utils.file_utils import DEFAULT_MAX_BYTES, UnsafePathError, file_lock, json_text, parse_json, read_json
+from utils.file_utils import (
+    DEFAULT_MAX_BYTES,
+    UnsafePathError,
+    check_writable_dir,
+    file_lock,
+    json_text,
+    parse_json,
+    read_json,
+)
 from utils.image_io import IMAGE_EXTENSIONS, ImageReadError, read_image_file
 
 logger = logging.getLogger(__name__)
@@ -207,14 +216,20 @@ def load_pixels_and_stamp(readable, embedder):
     return embedder.preprocess(embedder.read_bytes(data, path)), content_stamp(data)
 
 
+class NoImageEncoderError(ValueError):
+    """A saved ClipCap without a CLIP image encoder: it loads, but cannot caption images (a usage error)."""
+
+
 def clip_input_resolution(model_dir):
-    """The CLIP input side n_px of a saved ClipCap (from its clip/config.json, without loading weights)."""
+    """The CLIP input side n_px of a saved ClipCap (from its clip/config.json, without loading weights).
+    Raises `NoImageEncoderError` for a model without CLIP, OSError / ValueError / KeyError for a folder that
+    is no saved model or a damaged one."""
     from utils.preset_utils import MAX_CONFIG_BYTES
 
     config = read_json(Path(model_dir) / "config.json", MAX_CONFIG_BYTES)
     clip_dir = config.get("clip") if isinstance(config, dict) else None
     if clip_dir is None:
-        raise ValueError(f"{model_dir} has no CLIP image encoder: batch captioning needs one")
+        raise NoImageEncoderError(f"{model_dir} has no CLIP image encoder: batch captioning needs one")
     from models.siamese.clip_saving import saved_clip_config
 
     return int(saved_clip_config(Path(model_dir) / clip_dir)["image_resolution"])
@@ -290,7 +305,9 @@ class ClipCapModelHandler(ModelHandler):
     def run_inference(self, batch, model, inference_args=None):
         paths = [path for path, _ in batch]
         embeddings = model.clip.image_embedder().encode_batch([pixels for _, pixels in batch])
-        generated = model.generate(embeddings, method=self.request)
+        names = [key[0] if isinstance(key, tuple) else key for key in paths]  # (path, size, sha256) or a path
+        generated = model.generate(embeddings, method=self.request,  # draws keyed by each image's name, as in predict
+                                   image_ids=[draw_id(record_key(name)) for name in names])
         return [PredictionResult(path, candidates, model.name) for path, candidates in zip(paths, generated)]
 
     def get_num_bytes(self, batch):
@@ -436,13 +453,29 @@ def batch_settings(model_dir, method, generate_kwargs, exif_transpose=True, prec
     return generation_settings_for(saved_model_name(model_dir), identity, method, generate_kwargs, exif_transpose)
 
 
+def check_output_prefix(output):
+    """Raise `UnsafePathError` (a ValueError, naming ``output``) when the folder of a local output prefix
+    cannot be written (`utils.file_utils.check_writable_dir`: a regular file on the way, a read-only or
+    special file system, no space left): found before any input is read or the job starts, not when the sink
+    writes. Remote prefixes (gs://, s3://, ...) are left to their file system."""
+    if not is_local(output):
+        return
+    try:
+        check_writable_dir(os.path.dirname(local_path(str(output))) or ".")
+    except OSError as e:
+        raise UnsafePathError(f"output prefix {output}: {e}") from e
+
+
 def run_batch(inputs, model_dir, output, method="greedy", batch_size=16, generate_kwargs=None, exif_transpose=True,
-              input_lists=(), skip_existing=(), num_shards=0, pipeline_args=(), overwrite=False, precision=None):
+              input_lists=(), skip_existing=(), num_shards=0, pipeline_args=(), overwrite=False, precision=None,
+              settings=None):
     """Build and run the captioning pipeline (Beam options from ``pipeline_args``); returns the output files.
 
-    An output prefix that already holds shards (``<output>-records-*`` / ``<output>-errors-*``, an earlier
-    run's) is refused unless ``overwrite``, which deletes those shards first (Beam's sink would replace only
-    the ones with the same shard count, leaving a mix of two runs).
+    A local output prefix whose folder cannot be written is refused first (`check_output_prefix`). An output
+    prefix that already holds shards (``<output>-records-*`` / ``<output>-errors-*``, an earlier run's) is
+    refused unless ``overwrite``, which deletes those shards first (Beam's sink would replace only the ones
+    with the same shard count, leaving a mix of two runs). ``settings``: the records' settings when the
+    caller has read them already (`batch_settings`; default: read here).
 
     Example::
 
@@ -455,6 +488,7 @@ def run_batch(inputs, model_dir, output, method="greedy", batch_size=16, generat
     if any(record_key(str(prefix).rstrip("/")) == record_key(str(output).rstrip("/")) for prefix in skip_existing):
         raise ValueError(f"--skip-existing {output} is the output prefix itself: write the new run to another "
                          "prefix (the earlier files would be overwritten)")
+    check_output_prefix(output)
     with _output_lock(output):
         clear_output_prefix([f"{output}-{name}-*-of-*{OUTPUT_SUFFIX}" for name in (RECORDS_NAME, ERRORS_NAME)],
                             output, overwrite)
@@ -463,7 +497,8 @@ def run_batch(inputs, model_dir, output, method="greedy", batch_size=16, generat
         with beam.Pipeline(options=options) as pipeline:
             caption_pipeline(pipeline, inputs, model_dir, output, method=method, batch_size=batch_size,
                              generate_kwargs=generate_kwargs, exif_transpose=exif_transpose, precision=precision,
-                             input_lists=input_lists, skip_existing=skip_existing, num_shards=num_shards)
+                             input_lists=input_lists, skip_existing=skip_existing, num_shards=num_shards,
+                             settings=settings)
     return sorted(output_files(output) + output_files(output, ERRORS_NAME))
 
 
@@ -485,6 +520,9 @@ def _output_lock(output):
         except TimeoutError as e:
             raise UnsafePathError(f"another batch job is writing to {output} (it holds {output}.lock): wait for "
                                   "it or choose another output prefix") from e
+        except OSError as e:  # the folder or the lock file cannot be made (changed since `check_output_prefix`)
+            raise UnsafePathError(f"output prefix {output}: cannot create its lock file {output}.lock: "
+                                  f"{e.strerror or e}") from e
         remove_stale_sink_folders(output)
         yield
 

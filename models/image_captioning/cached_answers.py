@@ -32,7 +32,7 @@ from models.image_captioning.prediction import (
     generation_settings_for,
     load_map,
 )
-from utils.file_utils import UnsafePathError, read_json
+from utils.file_utils import DEFAULT_MAX_BYTES, UnsafePathError, read_json
 
 logger = logging.getLogger(__name__)
 
@@ -53,14 +53,16 @@ def saved_model_name(model_dir):
 
 
 def answers_from_map(model_dir, images, method="greedy", output_dir=None, return_candidates=False,
-                     exif_transpose=True, precision=None, **generate_kwargs):
+                     exif_transpose=True, precision=None, max_file_bytes=DEFAULT_MAX_BYTES, **generate_kwargs):
     """``predict``'s results for ``images`` taken from map.json alone, or None when any input needs the model
     (not in map.json, made with other settings, file changed since, an input that cannot be expanded).
 
     ``model_dir`` is a saved model's folder (only its config.json and metadata.json are read); ``output_dir``
     as in ``predict`` (default `prediction.default_output_dir`: ``<model store>/.outputs/<name>``); ``method``
     a method's name with its ``generate_kwargs``, or a checked `custom_architectures.decoding.Decoding`;
-    ``precision``: the one the model would be loaded in (`models.precision`: its results are keyed apart).
+    ``precision``: the one the model would be loaded in (`models.precision`: its results are keyed apart);
+    ``max_file_bytes`` as in ``predict`` (None: no limit): a larger file is never answered from map.json (the
+    caller's ``predict`` then refuses it), whether or not its neighbours need the model.
     """
     from models.precision import precision_identity
 
@@ -83,7 +85,7 @@ def answers_from_map(model_dir, images, method="greedy", output_dir=None, return
     results = []
     for entry in expand_inputs(images):
         cached = stored.get(entry.key) if entry.error is None and entry.key is not None else None
-        if not is_fresh(cached, settings, entry.key):
+        if not is_fresh(cached, settings, entry.key, max_file_bytes):
             return None
         results.append(_result(entry, caption=cached["caption"], candidates=cached.get("candidates"),
                                cached=True))

@@ -39,6 +39,9 @@ from utils.safe_fetch import URLRefused, fetch_untrusted
 MAX_FILE_BYTES = 20 * 1024 * 1024
 MAX_PIXELS = 40_000_000
 MAX_IMAGES = 16
+#: characters of the URL box (and of the hidden note of refused uploads) read: a request with a longer URL
+#: text is refused before it is split
+MAX_URL_TEXT = 64 * 1024
 #: seconds for fetching all the URLs of one request (requests queue one at a time: one visitor's slow URLs
 #: must not hold the others for long)
 URL_BUDGET_S = 30.0
@@ -190,10 +193,18 @@ class Captioner:
         files = [str(f) for f in files or []]
         sources = [(name, lambda n=name: read_image(n, max_pixels=self.max_pixels, max_bytes=self.max_file_bytes))
                    for name in files]
-        deadline = time.monotonic() + self.url_budget_s  # for all the URLs together
-        sources += [(text, lambda t=text: self._read_url(t, deadline)) for text in (urls or "").split()]
         if len(sources) > self.max_images:
             raise ValueError(f"at most {self.max_images} images per request, got {len(sources)}")
+        urls = urls or ""
+        if len(urls) > MAX_URL_TEXT:  # before splitting: a huge text would cost its size many times over
+            raise ValueError(f"the URL box holds {len(urls)} characters, more than {MAX_URL_TEXT}: at most "
+                             f"{self.max_images} URLs per request")
+        room = self.max_images - len(sources)
+        texts = urls.split(maxsplit=room)  # at most room + 1 pieces: one too many tells too many URLs
+        if len(texts) > room:
+            raise ValueError(f"at most {self.max_images} images per request (files and URLs together), got more")
+        deadline = time.monotonic() + self.url_budget_s  # for all the URLs together
+        sources += [(text, lambda t=text: self._read_url(t, deadline)) for text in texts]
         images = []
         for name, read in sources:
             short = name.rsplit("/", 1)[-1]
@@ -260,7 +271,12 @@ SEND_REFUSED_JS = """(...args) => { args[%d] = (window.clipcapRefused || []).joi
 
 def _refused_rows(refused, max_file_bytes, limit):
     """Error rows for the files the browser refused (names it reports; at most ``limit``, each shortened)."""
-    names = [line.strip()[:200] for line in (refused or "").splitlines() if line.strip()][:limit]
+    names = []
+    for line in io.StringIO((refused or "")[:MAX_URL_TEXT]):  # one line at a time, up to ``limit`` names
+        if len(names) >= limit:
+            break
+        if line.strip():
+            names.append(line.strip()[:200])
     return [{"name": name, "error": f"not uploaded: larger than the {max_file_bytes // 2**20} MiB limit"}
             for name in names]
 

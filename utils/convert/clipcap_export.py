@@ -15,7 +15,9 @@ the released checkpoints. transformers releases up to at least 4.24 keep the cau
 ``legacy_buffers=True`` adds them, for a strict load with the transformers 4.x of the official code's time.
 
 The state dict does not say which CLIP the mapper expects: `export_official` writes it, with everything the
-official constructor needs, in a JSON file beside the ``.pt`` (``<file>.json``; `sidecar_path`).
+official constructor needs, in a JSON file beside the ``.pt`` (``<file>.json``; `sidecar_path`). An existing
+``.json`` is replaced only if an export wrote it (`is_official_description`), and nothing is written inside a
+saved model's folder (`check_official_targets`).
 
 Example::
 
@@ -31,7 +33,8 @@ import numpy as np
 from utils.convert.clipcap import MAPPER_FORMATS, mapper_format
 from utils.convert.hf_gpt2 import gpt2_weight_map
 from utils.convert.porting import export_weights
-from utils.file_utils import UnsafePathError, atomic_open, write_json_atomic
+from utils.file_utils import UnsafePathError, atomic_open, json_file_matches, write_json_atomic
+from utils.model_store import is_saved_model
 
 SIDECAR_FORMAT = "clipcap-official-export/1"
 #: The released checkpoints' CLIP by prefix size, for the hint when no CLIP name is known.
@@ -93,6 +96,41 @@ def sidecar_path(path):
     return Path(os.fspath(path)).with_suffix(".json")
 
 
+def is_official_description(path) -> bool:
+    """Whether ``path`` is a description `export_official` wrote (a JSON file of format `SIDECAR_FORMAT`): the
+    only ``.json`` an export replaces."""
+    return json_file_matches(path, lambda d: isinstance(d, dict) and d.get("format") == SIDECAR_FORMAT)
+
+
+def check_official_targets(path, overwrite=False, source_dir=None):
+    """Raise unless `export_official` may write ``path`` and its description: `ValueError` for a ``.json``
+    checkpoint name; `UnsafePathError` for an output inside ``source_dir`` (the exported model's folder) or
+    inside any saved model's folder (a later save or ``convert --overwrite`` of that model would delete it,
+    and its files are not ours to replace), for an existing ``.pt`` without ``overwrite`` (or not a regular
+    file), and for an existing description that `export_official` did not write (a model's own
+    ``config.json``: never replaced, whatever ``overwrite`` says). Nothing is written."""
+    targets = [Path(path), sidecar_path(path)]
+    if targets[0] == targets[1]:
+        raise ValueError(f"{path}: the checkpoint needs another suffix than .json (its description is written "
+                         "to <name>.json beside it)")
+    folder = Path(os.path.realpath(targets[0].parent))
+    source = Path(os.path.realpath(source_dir)) if source_dir is not None else None
+    for directory in (folder, *folder.parents):
+        if directory == source or is_saved_model(directory) or is_saved_model(directory, "openai_clip"):
+            raise UnsafePathError(f"{path} is inside the saved model folder {directory}: export outside it "
+                                  "(its files are not replaced, and saving the model again would delete the "
+                                  "export; nothing was written)")
+    for target in targets:
+        if not os.path.lexists(target):
+            continue
+        if not (overwrite and target.is_file() and not target.is_symlink()):
+            raise UnsafePathError(f"{target} already exists: pass overwrite=True (--overwrite) to replace it, "
+                                  "or choose another file name (nothing was written)")
+        if target == targets[1] and not is_official_description(target):
+            raise UnsafePathError(f"{target} already exists and is not a description written by an official "
+                                  "export: refusing to replace it, choose another file name (nothing was written)")
+
+
 def official_description(config, clip_name=None):
     """What the official code needs beside the state dict: the CLIP and the constructor arguments."""
     prefix_size = int(config["prefix_size"])
@@ -122,22 +160,17 @@ def export_official(model, path, clip_name=None, legacy_buffers=False, overwrite
         path: the ``.pt`` file; ``<path without suffix>.json`` gets `official_description`.
         clip_name: the CLIP the mapper expects ("ViT-B/32", ...); default ``model.config["clip_name"]``.
         legacy_buffers: add GPT-2's ``attn.bias`` / ``attn.masked_bias`` buffers (older transformers).
-        overwrite: replace existing files at ``path`` / its ``.json`` (otherwise `UnsafePathError`, before
-            anything is written).
+        overwrite: replace an existing file at ``path`` and an existing ``.json`` that an export wrote
+            (otherwise `UnsafePathError`, before anything is written; `check_official_targets`: never inside
+            a saved model's folder, never another ``.json``).
 
     Returns:
         (pt path, json path), both written atomically.
     """
     import torch
 
+    check_official_targets(path, overwrite)
     targets = [Path(path), sidecar_path(path)]
-    if targets[0] == targets[1]:
-        raise ValueError(f"{path}: the checkpoint needs another suffix than .json (its description is written "
-                         "to <name>.json beside it)")
-    for target in targets:
-        if os.path.lexists(target) and not (overwrite and target.is_file() and not target.is_symlink()):
-            raise UnsafePathError(f"{target} already exists: pass overwrite=True (--overwrite) to replace it, "
-                                  "or choose another file name (nothing was written)")
     state_dict = official_state_dict(model.mapper, model.gpt2, model.config, legacy_buffers=legacy_buffers)
     description = official_description(model.config, clip_name)
     with atomic_open(targets[0], "wb") as f:
