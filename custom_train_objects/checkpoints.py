@@ -6,9 +6,17 @@ variable, then the dropout seed generators' states, so that a resumed run contin
 ``state.json`` (epoch, batch position, step, losses, hyper-parameters; written by the trainer). Folders of
 the previous layout (``variables.npz``: every mapper, GPT-2 and optimizer variable by group) are still
 recognised and resumed from.
+
+Every file and the folder itself are fsync'ed before the trainer publishes a checkpoint (`sync_checkpoint`): a
+power cut after the rename never leaves a complete-looking checkpoint whose files are empty or short. A
+checkpoint that cannot be read all the same (a truncated file, a disk error) raises `DamagedCheckpoint`, a
+ValueError, from `restore_variables`; the trainer then resumes from the previous one.
 """
 
+import os
 import re
+import zipfile
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +27,18 @@ TRAINING_STATE_FILENAME = "training_state.npz"
 VARIABLES_FILENAME = "variables.npz"  # the previous layout
 CHECKPOINT_NAME = re.compile(r"ckpt-\d{9}")
 _LAYOUTS = ((WEIGHTS_FILENAME, TRAINING_STATE_FILENAME), (VARIABLES_FILENAME,))
+# what reading a damaged (truncated, zeroed, half-written) .npz or .h5 raises
+_READ_ERRORS = (OSError, EOFError, ValueError, KeyError, zipfile.BadZipFile, zlib.error, RuntimeError)
+
+
+class DamagedCheckpoint(ValueError):
+    """A checkpoint folder whose files cannot be read (truncated, emptied, corrupted): not resumable."""
+
+
+def damaged(path, error):
+    """The `DamagedCheckpoint` for ``path`` (a checkpoint's file) that failed to read with ``error``."""
+    return DamagedCheckpoint(f"cannot resume from {path} ({type(error).__name__}: {error}): damaged, or another "
+                             "model's")
 
 
 def is_checkpoint(directory) -> bool:
@@ -55,6 +75,22 @@ def write_variables(staging, backbone, optimizer):
     return {k: list(a.shape) for k, a in arrays.items()}
 
 
+def sync_checkpoint(staging):
+    """fsync every file of the staging folder ``staging`` and the folder itself: call before publishing it."""
+    from utils.file_utils import fsync_tree
+
+    fsync_tree(staging)
+
+
+def sync_folder(folder):
+    """fsync the folder ``folder`` (its entries: a checkpoint just renamed into it, or one removed)."""
+    fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def non_finite_variables(variables, limit=5):
     """The paths of (at most ``limit`` of) ``variables`` holding a NaN or an infinity: what the trainer checks
     before it writes a checkpoint or a model, and after it restores one (host side, once per write)."""
@@ -80,13 +116,15 @@ def restore_variables(directory, backbone, optimizer, legacy_groups):
     else:
         try:
             backbone.load_weights(str(directory / WEIGHTS_FILENAME))
-        except (OSError, ValueError, KeyError) as e:
-            raise ValueError(f"cannot resume from {directory / WEIGHTS_FILENAME} ({type(e).__name__}: {e}): "
-                             "damaged, or another model's") from e
+        except _READ_ERRORS as e:
+            raise damaged(directory / WEIGHTS_FILENAME, e) from e
         stored_path = directory / TRAINING_STATE_FILENAME
         expected = {f"{i:05d}": v for i, v in enumerate(training_state(backbone, optimizer))}
-    with np.load(stored_path) as f:
-        stored = {k: f[k] for k in f.files}
+    try:
+        with np.load(stored_path, allow_pickle=False) as f:
+            stored = {k: f[k] for k in f.files}
+    except _READ_ERRORS as e:  # truncated: BadZipFile; emptied: EOFError; a bad member: zlib.error, ValueError
+        raise damaged(stored_path, e) from e
     if set(stored) != set(expected):
         raise ValueError(f"{stored_path} does not match this model/optimizer: "
                          f"missing {sorted(set(expected) - set(stored))[:5]}, "

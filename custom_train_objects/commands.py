@@ -101,7 +101,7 @@ def cmd_extract(args):
         return _fail(str(e), EXIT_USAGE)
     try:
         clip = _load_clip(args.clip)
-    except (OSError, ValueError, RuntimeError) as e:
+    except MODEL_ERRORS as e:  # as every command loading a model: KeyError / TypeError from a damaged folder too
         return _fail(f"cannot load CLIP {args.clip!r}: {e}", EXIT_MODEL)
     if args.runner is not None:
         return _extract_on_beam(args, dataset, clip)
@@ -150,7 +150,7 @@ def make_strategy(name):
 
 
 def cmd_train(args):
-    from custom_train_objects.model_factory import build_clipcap_for_training
+    from custom_train_objects.model_factory import build_clipcap_for_training, embeddings_clip_problem
     from custom_train_objects.trainer import Trainer, TrainingDiverged, TrainingStopped, check_output_dir
     from datasets.caption_dataset import DatasetError
     from datasets.embeddings import extracted_with, load_embedded_dataset
@@ -173,15 +173,24 @@ def cmd_train(args):
     except DatasetError as e:
         return _fail(str(e), EXIT_USAGE)
     clip = None
+    model_id = str(meta.get("model_id") or "")
     try:
         if args.clip:
             clip = _load_clip(args.clip)
-            if meta.get("model_id", "").startswith("clip:") and not extracted_with(clip, meta["model_id"]):
+            if model_id.startswith("clip:") and not extracted_with(clip, model_id):  # before building the model
                 return _fail(f"{args.train} was extracted with another CLIP than {args.clip} (the model would "
                              "caption with a CLIP it was not trained on)", EXIT_USAGE)
         model = build_clipcap_for_training(hp, prefix_size=embeddings.shape[1], tokenizer=args.tokenizer,
                                            gpt2=args.gpt2, gpt2_config=args.gpt2_config, init_model=args.init_model,
                                            clip=clip, name=args.name)
+        # the CLIP the trained model keeps (--clip, else --init-model's) produced the training and --val files
+        kept = args.clip or f"the CLIP of {args.init_model}"
+        checks = ([] if clip is not None else [(args.train, meta)]) + ([(args.val, val[2])] if val else [])
+        for source, file_meta in checks:
+            problem = embeddings_clip_problem(model.clip, file_meta.get("model_id"), source, kept,
+                                              reference=model_id)
+            if problem:
+                return _fail(problem, EXIT_USAGE)
         from models.siamese.presets import CLIP_SOURCES
 
         if args.clip in CLIP_SOURCES:  # recorded for `main.py export --format official`
@@ -195,7 +204,7 @@ def cmd_train(args):
     try:
         history = trainer.fit(train, embeddings, val_dataset=val[0] if val else None,
                               val_embeddings=val[1] if val else None, resume=not args.no_resume,
-                              stop_after_steps=args.stop_after_steps)
+                              stop_after_steps=args.stop_after_steps, embeddings_model_id=model_id)
     except TrainingStopped as e:
         print(f"{e}: run the same command again to resume", file=sys.stderr)
         return EXIT_OK

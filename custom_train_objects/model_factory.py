@@ -104,3 +104,36 @@ def build_clipcap_for_training(hparams, prefix_size, tokenizer="gpt2", gpt2=None
     # the stop token is recorded with the model, and refused here unless it is one token of the vocabulary
     stop_token = DEFAULT_STOP_TOKEN if hparams.stop_token is None else hparams.stop_token
     return ClipCap(backbone, tokenizer, clip=clip, info={"name": name, "stop_token": stop_token})
+
+
+def embeddings_clip_problem(clip, model_id, source, clip_name="the model's CLIP", reference=None):
+    """Why embeddings labelled ``model_id`` (an embeddings file's metadata, read from ``source``) cannot train or
+    validate this model, or None. ``clip``: the CLIP the trained model will keep (``--clip``, else the
+    ``--init-model``'s; None: none; named ``clip_name``), which must be the one that produced them
+    (`extracted_with`: the ids as `datasets.embeddings` computes them); without one, ``reference`` (the training
+    file's ``model_id``, for ``--val``) must equal ``model_id``. Unknown ids ("" or not a CLIP's), and ids of two
+    recipes (``clip:<hash>`` and ``clip:v2:<hash>``, which a CLIP alone can relate), are not compared."""
+    from datasets.embeddings import extracted_with
+
+    model_id = str(model_id or "")
+    if not model_id.startswith("clip:"):
+        return None
+    if clip is not None:
+        if not extracted_with(clip, model_id):
+            return (f"{source} was extracted with another CLIP than {clip_name}, which the trained model keeps "
+                    "(it would caption with a CLIP it was not trained on): extract it with that CLIP, or give "
+                    "--clip the CLIP it was extracted with")
+        return None
+    reference = str(reference or "")
+    if same_id_scheme(reference, model_id) and reference != model_id:
+        return (f"{source} was extracted with another CLIP (or another EXIF setting) than the training "
+                "embeddings: extract both with the same CLIP")
+    return None
+
+
+
+def same_id_scheme(a, b):
+    """Whether two embeddings ``model_id``s are both known CLIP ids of the same recipe (``clip:<hash>``,
+    ``clip:v2:<hash>``...): only then does "different" mean "another CLIP"."""
+    a, b = str(a or ""), str(b or "")
+    return a.startswith("clip:") and b.startswith("clip:") and a.rsplit(":", 1)[0] == b.rsplit(":", 1)[0]

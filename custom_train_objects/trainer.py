@@ -20,7 +20,12 @@ saved-model format; ``training_state.npz``, every optimizer variable and the dro
 ``save_every`` epochs and every ``checkpoint_every_steps`` steps; the final ``model/`` is a saved ClipCap
 (format 2). Checkpoints of the previous layout (one ``variables.npz``) are still resumed from. ``fit`` resumes from the latest
 one: batches come in an order fixed by (seed, epoch), so a resumed run computes exactly the losses of an
-uninterrupted one.
+uninterrupted one. Each file and the folder are fsync'ed before the folder is renamed into place. ``state.json``
+also records the training data (`data_fingerprint`: caption count, steps per epoch, the embeddings' CLIP
+``model_id``, a SHA-256 of the tokens, mask, image index and embeddings): a resume on other data is refused,
+naming what differs (checkpoints written before it was recorded resume unchecked, said in the log). A latest
+checkpoint that cannot be read (`DamagedCheckpoint`: truncated, emptied) is skipped for the previous one, said in
+the log.
 
 Non-finite values: each compiled step also returns four flags, computed next to the loss (one
 ``is_finite`` reduction over the summed gradients, one over the trained weights after the update: no extra
@@ -45,6 +50,7 @@ Example::
 """
 
 import contextlib
+import hashlib
 import json
 import logging
 import os
@@ -61,10 +67,13 @@ from custom_layers.linear import IN_OUT
 from custom_layers.packed_weights import weights_frozen
 from custom_train_objects.checkpoints import (  # noqa: F401 (is_checkpoint: its historical place)
     STATE_FILENAME,
+    DamagedCheckpoint,
     is_checkpoint,
     list_checkpoints,
     non_finite_variables,
     restore_variables,
+    sync_checkpoint,
+    sync_folder,
     write_variables,
 )
 from custom_train_objects.losses import caption_loss_sum
@@ -192,6 +201,35 @@ def check_output_dir(path):
     return path
 
 
+def data_fingerprint(tokens, mask, image_index, embeddings, steps_per_epoch, model_id=""):
+    """What identifies the training data of a run, recorded in its checkpoints: the caption count, the steps per
+    epoch, the embeddings' CLIP ``model_id`` ("" when unknown) and a SHA-256 over the token array, the mask,
+    the image index and the embeddings (dtype, shape and bytes of each; well under a second for COCO)."""
+    h = hashlib.sha256()
+    for name, array in (("tokens", tokens), ("mask", mask), ("image_index", image_index),
+                        ("embeddings", embeddings)):
+        array = np.ascontiguousarray(np.asarray(array))
+        h.update(f"{name}:{array.dtype.str}:{array.shape};".encode())
+        h.update(memoryview(array).cast("B"))
+    return {"captions": int(len(tokens)), "steps_per_epoch": int(steps_per_epoch), "model_id": str(model_id or ""),
+            "sha256": h.hexdigest()}
+
+
+def data_differences(saved, current):
+    """How the data fingerprint ``current`` differs from ``saved`` (a list of phrases; empty: the same data). A
+    ``model_id`` is compared only when both are known CLIP ids of one recipe (`same_id_scheme`; the content's
+    SHA-256 covers the embeddings themselves)."""
+    from custom_train_objects.model_factory import same_id_scheme
+
+    differ = [f"{key.replace('_', ' ')} {saved.get(key)!r} there, {current[key]!r} now"
+              for key in ("captions", "steps_per_epoch") if saved.get(key) != current[key]]
+    if same_id_scheme(saved.get("model_id"), current["model_id"]) and saved["model_id"] != current["model_id"]:
+        differ.append(f"embeddings of CLIP {saved['model_id'][:17]}... there, {current['model_id'][:17]}... now")
+    if saved.get("sha256") != current["sha256"]:
+        differ.append("their content (SHA-256 of the tokens, mask, image index and embeddings)")
+    return differ
+
+
 def _kind(path):
     try:
         return describe_kind(path.stat().st_mode)
@@ -233,6 +271,7 @@ class Trainer:
             logger.info("normalize_prefix of the model set to %s (hparams.normalize)", self.normalize)
         self.history = {"loss": [], "epochs": []}
         self.max_length = None
+        self.data_fingerprint = None  # of the data `fit` trains on (`data_fingerprint`), written in checkpoints
         self._built = False
 
     @staticmethod
@@ -339,7 +378,8 @@ class Trainer:
         return embeddings
 
     # ------------------------------------------------------------------------------------------- fitting
-    def fit(self, dataset, embeddings, val_dataset=None, val_embeddings=None, resume=True, stop_after_steps=None):
+    def fit(self, dataset, embeddings, val_dataset=None, val_embeddings=None, resume=True, stop_after_steps=None,
+            embeddings_model_id=""):
         """Train for ``hparams.epochs`` epochs (resuming from the latest checkpoint when ``resume``).
 
         Args:
@@ -348,6 +388,8 @@ class Trainer:
             resume: continue from the latest checkpoint in ``output_dir`` (hyper-parameters must match).
             stop_after_steps: write a checkpoint and raise `TrainingStopped` after this many steps in
                 total (to test or to split a run into jobs).
+            embeddings_model_id: the CLIP ``model_id`` of ``embeddings`` (their file's metadata), recorded in the
+                checkpoints with the data's fingerprint; a resume on other data is refused.
 
         Returns:
             the history: ``{"loss": [per-step loss], "epochs": [{"epoch", "loss", "val_loss", ...}]}``.
@@ -371,6 +413,8 @@ class Trainer:
         if val_dataset is not None:
             val_embeddings = self._check_inputs(val_dataset, val_embeddings)
             val = (val_embeddings, val_dataset.image_index, *self.encode(val_dataset, max_length))
+        self.data_fingerprint = data_fingerprint(tokens, mask, dataset.image_index, embeddings, steps_per_epoch,
+                                                 embeddings_model_id)
 
         from utils.model_store import is_saved_model
 
@@ -381,9 +425,9 @@ class Trainer:
             self._build(steps_per_epoch)
         self.output_dir.mkdir(parents=True, exist_ok=True)
         state = {"epoch": 0, "batch": 0, "step": 0, "loss": [], "epochs": [], "max_length": max_length}
-        latest = self.latest_checkpoint() if resume else None
+        latest, restored = self._resume(max_length) if resume else (None, None)
         if latest is not None:
-            state = self._restore(latest, max_length)
+            state = restored
             self.loggers.resume(state["step"])
             logger.info("resumed from %s (epoch %d, batch %d, step %d)", latest, state["epoch"] + 1,
                         state["batch"], state["step"])
@@ -408,6 +452,8 @@ class Trainer:
                 console.start_epoch(epoch, steps_per_epoch, initial=first)
             start = time.perf_counter()
             for batch_index, batch in enumerate(ds, start=first):
+                # the rate this update uses: the schedule at the optimizer's iterations before it
+                lr = self._lr() if (step + 1) % hp.log_every == 0 else None
                 loss, flags = self._train_step(batch)
                 loss = float(loss)
                 step += 1
@@ -416,9 +462,9 @@ class Trainer:
                 if console is not None:
                     console.advance(loss)
                 if step % hp.log_every == 0:
-                    self.loggers.log_step(step, {"epoch": epoch + 1, "loss": loss, "lr": self._lr()})
+                    self.loggers.log_step(step, {"epoch": epoch + 1, "loss": loss, "lr": lr})
                 if batch_index + 1 == steps_per_epoch:
-                    break  # the end of the epoch: bookkeeping below
+                    break  # the end of the epoch: bookkeeping (and a step checkpoint falling here) below
                 stop = stop_after_steps is not None and step >= stop_after_steps
                 if stop or (hp.checkpoint_every_steps and step % hp.checkpoint_every_steps == 0):
                     self._save_checkpoint(epoch, batch_index + 1, step)
@@ -435,7 +481,8 @@ class Trainer:
             self.history["epochs"].append(record)
             self.loggers.log_epoch(epoch, record)
             stop = stop_after_steps is not None and step >= stop_after_steps and epoch + 1 < hp.epochs
-            if (epoch + 1) % hp.save_every == 0 or epoch + 1 == hp.epochs or stop:
+            every_steps = bool(hp.checkpoint_every_steps) and step % hp.checkpoint_every_steps == 0
+            if (epoch + 1) % hp.save_every == 0 or epoch + 1 == hp.epochs or stop or every_steps:
                 self._save_checkpoint(epoch + 1, 0, step)
             if stop:
                 raise TrainingStopped(f"stopped after {step} steps, at the end of epoch {epoch + 1} "
@@ -486,6 +533,8 @@ class Trainer:
         return total / max(count, 1.0)
 
     def _lr(self):
+        """The learning rate of the optimizer's next update (read it before the step to log what the step
+        used: after it, the schedule has moved one step on)."""
         optimizer = getattr(self.optimizer, "inner_optimizer", self.optimizer)
         return float(optimizer.learning_rate)
 
@@ -534,7 +583,9 @@ class Trainer:
         final = root / f"ckpt-{step:09d}"
         with staging_dir(final) as staging:
             self._write_checkpoint(staging, epoch, batch, step)
+            sync_checkpoint(staging)  # every file and the folder on disk before the rename publishes them
             publish_dir(staging, final, is_ours=is_checkpoint, overwrite=True)
+        sync_folder(root)  # the rename itself
         for old in self._checkpoints()[: -self.keep_checkpoints]:
             remove_dir(old)  # renamed aside and marked first: a kill half-way leaves nothing anonymous
         logger.info("checkpoint %s (epoch %d, batch %d)", final, epoch, batch)
@@ -548,13 +599,39 @@ class Trainer:
         shapes = write_variables(staging, self.backbone, self.optimizer)
         state = {"epoch": epoch, "batch": batch, "step": step, "max_length": self.max_length,
                  "hparams": self.hp.to_dict(), "loss": self.history["loss"], "epochs": self.history["epochs"],
-                 "shapes": shapes, "gpt2_weights_layout": self.gpt2.get_config()["weights_layout"]}
+                 "shapes": shapes, "gpt2_weights_layout": self.gpt2.get_config()["weights_layout"],
+                 "data": self.data_fingerprint}
         with open(staging / STATE_FILENAME, "w") as f:
             json.dump(state, f)
 
+    def _resume(self, max_length):
+        """(checkpoint, its state) restored from the latest readable checkpoint, or (None, None) when there is
+        none. A damaged one (`DamagedCheckpoint`) gives way to the previous one, said in the log; when none
+        is left, the latest's error. Any other refusal (other hyper-parameters, other data) is raised."""
+        checkpoints = self._checkpoints()
+        first_error = None
+        for i, directory in enumerate(reversed(checkpoints)):
+            try:
+                return directory, self._restore(directory, max_length)
+            except DamagedCheckpoint as e:
+                first_error = first_error or e
+                earlier = checkpoints[-(i + 2)] if i + 1 < len(checkpoints) else None
+                if earlier is not None:
+                    logger.warning("%s; resuming from the previous checkpoint, %s, instead", e, earlier.name)
+        if first_error is not None:
+            raise DamagedCheckpoint(f"{first_error}; no earlier checkpoint could be read either: move the damaged "
+                                    "checkpoints out of checkpoints/ to start over") from first_error
+        return None, None
+
     def _restore(self, directory, max_length):
-        state = read_json(Path(directory) / STATE_FILENAME, 64 << 20)  # bounded, depth-limited
-        saved = state["hparams"]
+        try:
+            state = read_json(Path(directory) / STATE_FILENAME, 64 << 20)  # bounded, depth-limited
+            saved = state["hparams"]
+            if not isinstance(saved, dict):
+                raise TypeError(f"hparams is {type(saved).__name__}")
+        except (OSError, ValueError, KeyError, TypeError) as e:  # truncated, emptied, not ours
+            raise DamagedCheckpoint(f"cannot resume from {directory}: its {STATE_FILENAME} cannot be read "
+                                    f"({type(e).__name__}: {e}): damaged") from e
         current = self.hp.to_dict()
         differ = sorted(k for k in current if k not in RESUME_MUTABLE and saved.get(k) != current[k])
         if differ:
@@ -563,6 +640,15 @@ class Trainer:
         if state.get("max_length") != max_length:
             raise ValueError(f"cannot resume from {directory}: captions padded to {state.get('max_length')} "
                              f"tokens there, {max_length} now (different data?)")
+        saved_data = state.get("data")
+        if not isinstance(saved_data, dict):
+            logger.info("%s was written before checkpoints recorded their training data: resuming without "
+                        "checking that the data are the same", directory)
+        elif self.data_fingerprint is not None:
+            differ = data_differences(saved_data, self.data_fingerprint)
+            if differ:
+                raise ValueError(f"cannot resume from {directory}: the training data differ: " + "; ".join(differ)
+                                 + " (resume on the data that run was trained on, or use another --output)")
         layout = self.gpt2.get_config()["weights_layout"]
         if state.get("gpt2_weights_layout", IN_OUT) != layout:  # absent: written before GPT-2's kernels were (out, in)
             raise ValueError(f"cannot resume from {directory}: its GPT-2 projection kernels (and their optimizer "

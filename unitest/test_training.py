@@ -532,3 +532,189 @@ def test_train_output_that_is_a_file_or_under_one_is_refused_before_any_work(sha
         with pytest.raises(UnsafePathError, match="not a folder"):
             Trainer(None, small_hp(), output, loggers=quiet())
     assert notes.read_text() == "mine"
+
+
+# --------------------------------------------------------------------------- resume: data, damage, durability
+
+
+def _stopped_run(shapes, hp, run, n=40, stop=1, **fit):
+    """A run on the first ``n`` shapes stopped (checkpoint written) after ``stop`` steps."""
+    with pytest.raises(TrainingStopped):
+        Trainer(tiny_model(shapes, hp), hp, run, loggers=quiet(), progress=False).fit(
+            shapes["train"].select_images(range(n)), shapes["train_emb"][:n], stop_after_steps=stop, **fit)
+
+
+def test_resume_on_other_training_data_is_refused_naming_what_differs(shapes, tmp_path, caplog):
+    """state.json records the data's fingerprint: other captions / images / embeddings, or embeddings of another
+    CLIP, are refused by name (before: the run went on silently on the new data, its schedule planned for the
+    old). A checkpoint written before the fingerprint was recorded still resumes, said in the log."""
+    import logging
+
+    hp = small_hp(epochs=1, max_length=12)
+    run = tmp_path / "run"
+    _stopped_run(shapes, hp, run, n=40, stop=1)
+    state_path = run / "checkpoints" / "ckpt-000000001" / "state.json"
+
+    def resume(images, run=run, **fit):
+        trainer = Trainer(tiny_model(shapes, hp), hp, run, loggers=quiet(), progress=False)
+        return trainer.fit(shapes["train"].select_images(images), shapes["train_emb"][images.start:images.stop],
+                           **fit)
+
+    refused = "cannot resume from .*ckpt-000000001: the training data differ: "
+    with pytest.raises(ValueError, match=refused + r"their content \(SHA-256"):  # same size, other shapes
+        resume(range(40, 80))
+    with pytest.raises(ValueError, match=refused + "captions 40 there, 60 now; steps per epoch 2 there, 3 now"):
+        resume(range(60))
+    state = json.loads(state_path.read_text())
+    assert state["data"]["captions"] == 40 and len(state["data"]["sha256"]) == 64
+    del state["data"]  # as written before the fingerprint was recorded
+    state_path.write_text(json.dumps(state))
+    with caplog.at_level(logging.INFO, logger="custom_train_objects.trainer"):
+        assert len(resume(range(40))["loss"]) == 2
+    assert "written before checkpoints recorded their training data" in caplog.text
+    # the same arrays, labelled as another CLIP's embeddings
+    _stopped_run(shapes, hp, tmp_path / "clip", n=40, stop=1, embeddings_model_id="clip:aaaa")
+    with pytest.raises(ValueError, match=r"the training data differ: embeddings of CLIP clip:aaaa\.\.\. there, "
+                                         r"clip:bbbb\.\.\. now \("):
+        resume(range(40), run=tmp_path / "clip", embeddings_model_id="clip:bbbb")
+
+
+def test_a_damaged_latest_checkpoint_falls_back_to_the_previous_one(shapes, tmp_path, caplog):
+    """A truncated or emptied training_state.npz, or a truncated state.json, of the latest checkpoint: resumed
+    from the previous one, said in the log (before: a BadZipFile / EOFError traceback); with nothing readable
+    left, the documented "damaged" ValueError."""
+    import logging
+
+    hp = small_hp(epochs=1, batch_size=10, checkpoint_every_steps=1)
+    sub, emb = shapes["train"].select_images(range(40)), shapes["train_emb"][:40]
+    for damage in ("truncated", "emptied", "state.json"):
+        run = tmp_path / damage
+        _stopped_run(shapes, hp, run, n=40, stop=2)
+        first, latest = sorted((run / "checkpoints").glob("ckpt-*"))
+        target = latest / ("state.json" if damage == "state.json" else "training_state.npz")
+        data = target.read_bytes()
+        target.write_bytes(b"" if damage == "emptied" else data[: len(data) // 2])
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="custom_train_objects.trainer"):
+            history = Trainer(tiny_model(shapes, hp), hp, run, loggers=quiet(), progress=False).fit(sub, emb)
+        assert len(history["loss"]) == 4, damage
+        assert f"resuming from the previous checkpoint, {first.name}, instead" in caplog.text, damage
+        assert "damaged" in caplog.text
+    # every checkpoint damaged: a clear ValueError, not a zipfile traceback
+    run = tmp_path / "all"
+    _stopped_run(shapes, hp, run, n=40, stop=2)
+    for checkpoint in (run / "checkpoints").glob("ckpt-*"):
+        (checkpoint / "training_state.npz").write_bytes(b"PK\x03\x04 not a whole zip")
+    with pytest.raises(ValueError, match="damaged.*no earlier checkpoint could be read either"):
+        Trainer(tiny_model(shapes, hp), hp, run, loggers=quiet(), progress=False).fit(sub, emb)
+
+
+def test_checkpoint_files_and_folder_are_fsynced_before_it_is_published(shapes, tmp_path, monkeypatch):
+    """Every file of the staging folder and the folder itself reach the disk before the rename that publishes
+    it, and the checkpoints folder after it (before: nothing was fsync'ed: a power cut could leave a
+    complete-looking checkpoint of empty files)."""
+    from custom_train_objects import trainer as trainer_module
+
+    hp = small_hp(epochs=1)
+    trainer = Trainer(tiny_model(shapes, hp), hp, tmp_path / "run", loggers=quiet(), progress=False)
+    trainer._build(steps_per_epoch=2)
+    trainer.max_length = 10
+    events, real_fsync, real_publish = [], os.fsync, trainer_module.publish_dir
+
+    def fsync(fd):
+        events.append(("fsync", os.path.realpath(f"/proc/self/fd/{fd}")))
+        return real_fsync(fd)
+
+    def publish(staging, target, **kwargs):
+        events.append(("publish", os.path.realpath(staging)))
+        return real_publish(staging, target, **kwargs)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(trainer_module, "publish_dir", publish)
+    final = trainer._save_checkpoint(1, 0, 2)
+    published = [i for i, e in enumerate(events) if e[0] == "publish"]
+    assert len(published) == 1
+    staging = events[published[0]][1]
+    synced_before = {path for kind, path in events[: published[0]] if kind == "fsync"}
+    for name in ("model.weights.h5", "training_state.npz", "state.json"):
+        assert os.path.join(staging, name) in synced_before, name
+    assert staging in synced_before
+    assert ("fsync", os.path.realpath(final.parent)) in events[published[0]:]
+
+
+def test_a_step_checkpoint_on_the_last_batch_of_an_epoch_is_written(shapes, tmp_path):
+    """checkpoint_every_steps = steps per epoch, save_every beyond it: every epoch end is such a step (before:
+    skipped, only the final checkpoint was written); it is the epoch-end checkpoint (batch 0 of the next)."""
+    hp = small_hp(epochs=3, save_every=3, checkpoint_every_steps=2)  # 40 captions, batches of 20: 2 per epoch
+    sub, emb = shapes["train"].select_images(range(40)), shapes["train_emb"][:40]
+    run = tmp_path / "run"
+    trainer = Trainer(tiny_model(shapes, hp), hp, run, loggers=quiet(), progress=False, keep_checkpoints=10)
+    with pytest.raises(TrainingStopped):
+        trainer.fit(sub, emb, stop_after_steps=5)
+    assert [p.name for p in sorted((run / "checkpoints").glob("ckpt-*"))] == [
+        "ckpt-000000002", "ckpt-000000004", "ckpt-000000005"]
+    state = json.loads((run / "checkpoints" / "ckpt-000000002" / "state.json").read_text())
+    assert (state["epoch"], state["batch"], state["step"], len(state["epochs"])) == (1, 0, 2, 1)
+
+
+def test_the_logged_learning_rate_is_the_one_the_update_used(shapes, tmp_path):
+    """steps.csv's lr at step s is the schedule at s - 1, the rate of that update (the first one: 0 in
+    warmup); before, the rate of the next update was logged."""
+    from loggers.training_loggers import build_loggers
+
+    hp = small_hp(epochs=2, lr=1e-3, warmup_steps=3)
+    run = tmp_path / "run"
+    Trainer(tiny_model(shapes, hp), hp, run, loggers=build_loggers(run, console=False, tensorboard=False),
+            progress=False).fit(shapes["train"].select_images(range(40)), shapes["train_emb"][:40])
+    schedule = LinearWarmupDecay(1e-3, 3, 4)
+    with open(run / "logs" / "steps.csv") as f:
+        logged = {int(r["step"]): float(r["lr"]) for r in csv.DictReader(f)}
+    assert sorted(logged) == [1, 2, 3, 4]
+    for step, lr in logged.items():
+        assert lr == pytest.approx(float(schedule(step - 1)), rel=1e-5, abs=1e-12), step
+    assert logged[1] == 0.0
+
+
+def test_train_refuses_init_model_or_val_embeddings_of_another_clip(shapes, tmp_path, capsys):
+    """The embeddings are checked against the CLIP the trained model keeps: --init-model's when there is no
+    --clip; the --val file against that CLIP (or the training file's id without one). Before: trained on
+    another CLIP's embeddings silently, the saved model keeping the old CLIP."""
+    from datasets.embeddings import ExtractionResult, clip_model_id, save_embedded_dataset
+    from main import main
+    from models.siamese.clip import CLIP
+    from testing.tiny_models import EMBED_DIM, build_tiny_clip
+
+    clips = [CLIP.from_pretrained(str(build_tiny_clip(tmp_path / f"clip{s}.pt", seed=s))) for s in (0, 1)]
+    ids = [clip_model_id(c) for c in clips]
+    sub = shapes["train"].select_images(range(20))
+    rng = np.random.default_rng(0)
+
+    def npz(name, model_id):
+        result = ExtractionResult(rng.normal(size=(20, EMBED_DIM)).astype(np.float32), np.arange(20))
+        return str(save_embedded_dataset(tmp_path / name, sub, result, model_id))
+
+    train_a, train_b, val_b = npz("a.npz", ids[0]), npz("b.npz", ids[1]), npz("val_b.npz", ids[1])
+    hp = small_hp(epochs=1)
+    init = tmp_path / "init"
+    tiny_model(shapes, hp, clip=clips[0], prefix_size=EMBED_DIM).save(str(init))
+    tok_dir = tmp_path / "tokenizer"
+    shapes["tokenizer"].save_pretrained(str(tok_dir))
+    common = ["--epochs", "1", "--batch-size", "20", "--prefix-length", str(PREFIX), "--no-progress"]
+    new_model = ["--tokenizer", str(tok_dir), "--gpt2-config", json.dumps(TINY_GPT2)]
+    refusals = [
+        ([train_b, "--init-model", str(init)], f"{train_b} was extracted with another CLIP than the CLIP of {init}"),
+        ([train_a, "--val", val_b, "--init-model", str(init)], f"{val_b} was extracted with another CLIP than"),
+        ([train_a, "--val", val_b, "--clip", str(tmp_path / "clip0.pt"), *new_model],
+         f"{val_b} was extracted with another CLIP than"),
+        ([train_a, "--val", val_b, *new_model], f"{val_b} was extracted with another CLIP (or another EXIF"),
+    ]
+    for i, (args, message) in enumerate(refusals):
+        assert main(["train", *args, "--output", str(tmp_path / f"run{i}"), *common]) == 2, args
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err, err
+        assert not (tmp_path / f"run{i}" / "checkpoints").exists()
+    # the same CLIP throughout: trains
+    assert main(["train", train_a, "--val", train_a, "--init-model", str(init), "--output",
+                 str(tmp_path / "ok"), *common]) == 0, capsys.readouterr().err
+    state = json.loads(next((tmp_path / "ok" / "checkpoints").glob("ckpt-*/state.json")).read_text())
+    assert state["data"]["model_id"] == ids[0]

@@ -508,11 +508,24 @@ def check_replaceable(target, is_ours=None, overwrite=True):
         raise UnsafePathError(f"{target} exists and is not a folder written by this library; "
                               "choose another destination (nothing was changed)")
     if is_ours is None or not is_ours(target):
-        raise UnsafePathError(f"{target} exists and is not a folder written by this library: refusing to "
-                              "replace it (nothing was changed); choose an empty or new destination")
+        why = _why_not_ours(is_ours, target)
+        raise UnsafePathError(f"{target} exists and is not a folder written by this library"
+                              f"{f' ({why})' if why else ''}: refusing to replace it (nothing was changed); "
+                              "choose an empty or new destination, or move those entries out of it")
     if not overwrite:
         raise UnsafePathError(f"{target} already holds a saved model: pass overwrite=True (--overwrite) "
                               "to replace it")
+
+
+def _why_not_ours(is_ours, target):
+    """What ``is_ours.why_not_ours(target)`` says (e.g. the entries a saved model does not hold), or None."""
+    explain = getattr(is_ours, "why_not_ours", None)
+    if explain is None:
+        return None
+    try:
+        return explain(target)
+    except Exception:  # an explanation only: the refusal stands without it
+        return None
 
 
 def check_writable_dir(directory, min_free_bytes=1 << 20):
@@ -742,3 +755,29 @@ def open_regular_file(path, max_bytes=DEFAULT_MAX_BYTES):
         f.close()
         raise
     return f
+
+
+def fsync_tree(directory):
+    """fsync every regular file under ``directory`` (links not followed), then every folder, deepest first,
+    ``directory`` last: what a folder built in place needs before `publish_dir` renames it, so that a crash
+    after the rename never leaves it complete-looking with empty or short files. Returns ``directory``."""
+    directory = Path(directory)
+    folders = []
+    for root, _dirs, files in os.walk(directory, followlinks=False):
+        folders.append(root)
+        for name in files:
+            path = os.path.join(root, name)
+            if not stat.S_ISREG(os.lstat(path).st_mode):  # a link, a FIFO (which an open would wait on)
+                continue
+            fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+    for root in reversed(folders):
+        fd = os.open(root, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | getattr(os, "O_CLOEXEC", 0))
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    return directory
