@@ -23,7 +23,7 @@ def resolve_model_dir(name_or_dir, download=True):
     """The saved model a ``--model`` value names: a directory as given (``.`` too), a saved name in the model
     store (`utils.model_store.model_dir`), or an official name (downloaded and converted once when
     ``download``, else returned as the name); `UnknownModelError` if it is none of them."""
-    from utils.model_store import home_dir, is_saved_model, model_dir, recover_model_dir, saved_model_dir
+    from utils.model_store import home_dir, is_model_folder, model_dir, recover_model_dir, saved_model_dir
 
     with contextlib.suppress(ValueError):
         recover_model_dir(model_dir(name_or_dir))  # a save killed half-way: finished or rolled back first
@@ -33,7 +33,7 @@ def resolve_model_dir(name_or_dir, download=True):
         directory = model_dir(name_or_dir)  # a path that is no folder, or a plain name in the store
     except ValueError:  # neither a path nor a plain name ("", "a b"): it can only be unknown
         directory = None
-    if directory is not None and is_saved_model(directory):
+    if directory is not None and is_model_folder(directory):  # recognised, even holding user files
         return str(directory)
     from models.image_captioning.presets import MODELS
 

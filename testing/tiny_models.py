@@ -164,12 +164,12 @@ def shared_tiny_model(tmp_path_factory, kind="mlp", seed=0):
     """
     from models.image_captioning.clip_cap import ClipCap
     from models.image_captioning.pretrained import convert_model
-    from utils.model_store import is_saved_model
+    from utils.model_store import is_model_folder
 
     directory = _shared_dir(tmp_path_factory)
     suffix = ("" if kind == "mlp" else f"_{kind}") + ("" if seed == 0 else f"_{seed}")
     model_dir = directory / f"model{suffix}"
-    if not is_saved_model(model_dir):
+    if not is_model_folder(model_dir):
         files = shared_tiny_files(tmp_path_factory)
         checkpoint = files["checkpoint"]
         if suffix:

@@ -149,11 +149,14 @@ def test_cache_command_clears_only_our_files(tmp_path, monkeypatch, capsys):
 
 
 def _break_weights(model_dir):
-    """Truncate every file of a saved model but config.json and metadata.json (its name and identity, all that
-    an answer from map.json reads): any attempt to load it fails."""
+    """Zero every file of a saved model but config.json and metadata.json (its name and identity, all that an
+    answer from map.json reads), keeping each file's size and modification time (the identity's fingerprint:
+    a file visibly changed is not trusted, `identity.recorded_identity`): any attempt to load it fails."""
     for path in Path(model_dir).rglob("*"):
         if path.is_file() and path.relative_to(model_dir).as_posix() not in ("config.json", "metadata.json"):
-            path.write_bytes(b"\0")
+            st = path.stat()
+            path.write_bytes(b"\0" * st.st_size)
+            os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
 
 
 def test_rerun_answers_from_map_without_loading_the_model(tiny_model, tmp_path, monkeypatch, capsys):

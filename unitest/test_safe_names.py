@@ -106,10 +106,13 @@ def test_convert_output_without_name_replaces_only_a_saved_model_with_overwrite(
     home = tmp_path / "home"
     out = tmp_path / "my_model"
     shutil.copytree(tiny_model_dir, out)
-    (out / "stale.txt").write_text("left by the old model")
+    (out / "stale.txt").write_text("a user's file")  # not one the format writes: never deleted, even with --overwrite
+    result = _cli(home, *_convert_args(tiny_files, "--output", out, "--overwrite"))
+    assert result.returncode == 2 and "stale.txt" in result.stderr, result.stderr
+    assert (out / "stale.txt").exists()
+    (out / "stale.txt").unlink()
     result = _cli(home, *_convert_args(tiny_files, "--output", out))
     assert result.returncode == 2 and "--overwrite" in result.stderr, result.stderr
-    assert (out / "stale.txt").exists()
     old_umask = os.umask(0o027)
     try:
         result = _cli(home, *_convert_args(tiny_files, "--output", out, "--overwrite"))
@@ -118,7 +121,6 @@ def test_convert_output_without_name_replaces_only_a_saved_model_with_overwrite(
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == str(out)
     assert json.loads((out / "config.json").read_text())["name"] == "my_model"  # the folder's name
-    assert not (out / "stale.txt").exists()  # a complete new folder, renamed into place
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no staging left
     modes = {p.relative_to(out): stat.S_IMODE(p.stat().st_mode) for p in [out, *out.rglob("*")]}
     assert {m for p, m in modes.items() if (out / p).is_dir()} == {0o750}, modes

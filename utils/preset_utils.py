@@ -51,6 +51,9 @@ def write_preset(staging, model, architecture, metadata, card, header=None, writ
                  save_weights=None):
     """Write a format-2 folder into the (new, empty) folder ``staging``; see the module docstring.
 
+    ``metadata``: a dict, or ``metadata(staging) -> dict`` called once every other file is written (metadata.json
+    is then written last: what records a fingerprint of the other files).
+
     ``save_weights(path)``: how to write ``model.weights.h5`` (default: `utils.weights_io.save_weights`,
     Keras' file with aligned datasets, which `load_preset_model` maps instead of reading)."""
     import keras
@@ -63,10 +66,13 @@ def write_preset(staging, model, architecture, metadata, card, header=None, writ
     (save_weights or (lambda path: save_aligned(model, path)))(str(staging / WEIGHTS_FILE))
     if write_extra is not None:
         write_extra(staging)
-    (staging / METADATA_FILE).write_text(json.dumps(metadata, indent=2) + "\n", encoding="utf-8")
+    if not callable(metadata):
+        (staging / METADATA_FILE).write_text(json.dumps(metadata, indent=2) + "\n", encoding="utf-8")
     (staging / CARD_FILE).write_text(card, encoding="utf-8")
     # config.json last: a folder whose config names the architecture is a saved model (is_ours)
     (staging / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+    if callable(metadata):  # made from the files just written (e.g. their fingerprint): written after them
+        (staging / METADATA_FILE).write_text(json.dumps(metadata(staging), indent=2) + "\n", encoding="utf-8")
 
 
 def save_preset(directory, model, architecture, metadata, card, header=None, write_extra=None, is_ours=None,
@@ -123,6 +129,10 @@ def read_preset_config(directory, architecture, error, required=()):
         if key not in config:
             raise error(f"{path} lacks the key {key!r}: the saved model is damaged or was not written by this "
                         "library; save or convert it again")
+    if not isinstance(config["model"], dict):
+        raise error(f"{path}: 'model' must be an object (a serialized Keras model), got "
+                    f"{type(config['model']).__name__}: the saved model is damaged or was edited; save or convert "
+                    "it again")
     return config
 
 
@@ -178,10 +188,82 @@ def _is_known_dtype(value):
             and set(value["config"]) == {"name"} and value["config"]["name"] in DTYPE_NAMES)
 
 
-def load_preset_model(directory, config, error, load_weights=None):
+#: how many parameters one stored value may stand for at most (a packed low-bit format stores two per byte)
+_VALUES_PER_ELEMENT = 2
+
+
+def implied_parameters(value) -> int:
+    """A lower bound of the parameter count of the serialized model ``value`` (config.json's ``model``),
+    from its GPT-2, CLIP towers and mappers' sizes (each layer at least its 12 width² projections, each
+    embedding table its rows x width), without building anything: what a config edited to n_layer 10**9
+    would allocate. Entries that are not positive integers count for nothing (the model's own checks refuse
+    them)."""
+    total = 0
+    stack = [value]
+    while stack:  # iterative: the config's nesting is bounded by `read_json_file`, its breadth is not
+        item = stack.pop()
+        if isinstance(item, list):
+            stack.extend(item)
+            continue
+        if not isinstance(item, dict):
+            continue
+        stack.extend(item.values())
+        c = item.get("config") if isinstance(item.get("config"), dict) else None
+        if c is None:
+            continue
+
+        def size(*keys, _c=c):
+            values = [_c.get(k) for k in keys]
+            ok = all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in values)
+            return values if ok else None
+
+        kind = item.get("class_name")
+        if kind == "GPT2" and (v := size("vocab_size", "n_positions", "n_embd", "n_layer")):
+            total += v[2] * (v[0] + v[1]) + 12 * v[3] * v[2] ** 2
+        elif kind == "TextTransformer" and (v := size("vocab_size", "context_length", "width", "layers")):
+            total += v[2] * (v[0] + v[1]) + 12 * v[3] * v[2] ** 2
+        elif kind == "VisionTransformer" and (v := size("input_resolution", "patch_size", "width", "layers")):
+            total += 3 * v[1] ** 2 * v[2] + ((v[0] // v[1]) ** 2 + 1) * v[2] + 12 * v[3] * v[2] ** 2
+        elif (v := size("prefix_length", "n_embd")) is not None:  # a mapper: its output is K x n_embd
+            total += v[0] * v[1]
+    return total
+
+
+def stored_values(weights_path) -> int:
+    """The number of values the HDF5 file ``weights_path`` stores (its datasets' sizes, from its header: no
+    data read)."""
+    import h5py
+
+    sizes = []
+    with h5py.File(weights_path, "r") as f:
+        f.visititems(lambda name, obj: sizes.append(int(obj.size)) if isinstance(obj, h5py.Dataset) else None)
+    return sum(sizes)
+
+
+def check_model_size(model_config, weights_path, config_path, error):
+    """Refuse (``error``) a config whose model would hold more parameters (`implied_parameters`) than the
+    weights file stores values (`stored_values`): building it would only exhaust memory before the load
+    failed. Checked before anything is built."""
+    implied = implied_parameters(model_config)
+    if implied == 0:
+        return
+    try:
+        stored = stored_values(weights_path)
+    except (OSError, ValueError, RuntimeError) as e:
+        raise error(f"cannot read {weights_path} ({type(e).__name__}: {e}); the file is damaged: save or "
+                    "convert the model again") from e
+    if implied > _VALUES_PER_ELEMENT * stored:
+        raise error(f"{config_path}: 'model' describes a model of at least {implied:,} parameters but "
+                    f"{weights_path} stores {stored:,} values: refused before building it (config.json is damaged "
+                    "or was edited, or the files do not belong together); save or convert the model again")
+
+
+def load_preset_model(directory, config, error, load_weights=None, expected=None):
     """Rebuild ``config["model"]`` (``keras.saving.deserialize_keras_object``) and load ``model.weights.h5``
     into it (or ``load_weights(model, path)``); ``error`` names config.json or the weights file when either
-    is damaged or they do not match."""
+    is damaged or they do not match: a config whose model is larger than the weights file
+    (`check_model_size`, before building), or that builds anything but a Keras layer (an ``expected`` class
+    when given) is refused before a weight is read."""
     import keras
 
     from utils.weights_io import load_weights_strict, variables_to_be_loaded
@@ -190,13 +272,21 @@ def load_preset_model(directory, config, error, load_weights=None):
     config_path, weights_path = directory / CONFIG_FILE, directory / WEIGHTS_FILE
     if not weights_path.is_file():
         raise FileNotFoundError(f"{directory} is an incomplete saved model: {WEIGHTS_FILE} missing")
+    if not isinstance(config.get("model"), dict):
+        raise error(f"{config_path}: 'model' must be an object (a serialized Keras model), got "
+                    f"{type(config.get('model')).__name__}; save or convert the model again")
     check_model_config(config["model"], config_path, error)
+    check_model_size(config["model"], weights_path, config_path, error)
     try:
         with variables_to_be_loaded():
             model = keras.saving.deserialize_keras_object(config["model"])
     except (KeyError, TypeError, ValueError, AttributeError) as e:
         raise error(f"{config_path}: invalid 'model' entry ({type(e).__name__}: {e}); the saved model is "
                     "damaged: save or convert it again") from e
+    wanted = expected or keras.layers.Layer
+    if not isinstance(model, wanted):
+        raise error(f"{config_path}: 'model' builds {type(model).__name__ if not isinstance(model, type) else model}, "
+                    f"not a {wanted.__name__}; the saved model is damaged or was edited: save or convert it again")
     try:
         (load_weights or load_weights_strict)(model, weights_path)
     except (OSError, ValueError, KeyError, TypeError, RuntimeError) as e:

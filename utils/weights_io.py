@@ -213,6 +213,93 @@ def _index_of_part(index, twins, available):
     return part
 
 
+def keras_layout(model):
+    """{index in ``model.weights``: the dataset name Keras' ``save_weights`` gives that variable}, found by Keras
+    itself: ``model.save_weights`` into a scratch file while every layer's ``save_own_variables`` (the public
+    hook Keras calls with each layer's group) is wrapped to store, in place of a value, which variable it is
+    (one integer). No tensor is written: milliseconds. None when Keras does not walk the model so (a layer that
+    stores computed values, not its variables; a Keras without the hooks): the caller then reads no index."""
+    import tempfile
+
+    import h5py
+
+    try:
+        layers = list(model._flatten_layers(include_self=True, recursive=True))
+    except (AttributeError, TypeError):
+        return None
+    positions = {id(v): i for i, v in enumerate(model.weights)}
+    computed = []
+
+    def recorder(original):
+        def save_own_variables(store):
+            captured = {}
+            original(captured)
+            for key, value in captured.items():
+                position = positions.get(id(value))
+                if position is None:
+                    computed.append(key)
+                store[key] = np.array([-1 if position is None else position], np.int64)
+        return save_own_variables
+
+    wrapped = []
+    try:
+        for layer in layers:
+            if "save_own_variables" not in vars(layer):
+                object.__setattr__(layer, "save_own_variables", recorder(layer.save_own_variables))
+                wrapped.append(layer)
+        with tempfile.TemporaryDirectory(prefix="keras-layout-") as scratch:
+            scratch_file = os.path.join(scratch, "layout.weights.h5")
+            model.save_weights(scratch_file)
+            names = []
+            with h5py.File(scratch_file, "r") as f:
+                f.visititems(lambda name, obj: names.append(name) if isinstance(obj, h5py.Dataset) else None)
+                found = [(f[name].shape, f[name].dtype.kind, name) for name in names]
+                layout = {int(f[name][0]): name for shape, kind, name in found if shape == (1,) and kind == "i"}
+        if len(layout) != len(names):
+            return None  # a dataset that is not a variable's position: Keras walks this model otherwise
+    except Exception:  # any failure of this shortcut (a Keras that walks otherwise): Keras' own load decides
+        return None
+    finally:
+        for layer in wrapped:
+            object.__delattr__(layer, "save_own_variables")
+    if computed or -1 in layout or set(layout) != set(range(len(model.weights))):
+        return None
+    return layout
+
+
+def _verified_names(claimed, layout, twins, f):
+    """The dataset of each variable (in ``model.weights`` order) as Keras' own layout names it (``layout``,
+    `keras_layout`; below the part's folder in the file, found from the index), when the index's ``claimed``
+    datasets agree with it: each the very dataset, or one the index lists as holding identical bytes
+    (``twins``) whose bytes are compared and are. None otherwise: an index that swaps two same-shaped
+    variables, or names a "twin" of other bytes, is not used."""
+    if layout is None or len(layout) != len(claimed):
+        return None
+    prefix = next((name[: len(name) - len(layout[i])] for i, name in enumerate(claimed)
+                   if name == layout[i] or name.endswith("/" + layout[i])), None)
+    if prefix is None:
+        return None
+    expected = [prefix + layout[i] for i in range(len(claimed))]
+    for name, own in zip(claimed, expected, strict=True):
+        if name == own:
+            continue
+        if own not in f or name not in twins.get(own, ()) or not _same_dataset_bytes(f[name], f[own]):
+            return None
+    return expected
+
+
+def _same_dataset_bytes(a, b):
+    """Whether two h5py datasets hold the same shape, dtype and bytes (read a bounded chunk at a time)."""
+    import h5py
+
+    if not (isinstance(a, h5py.Dataset) and isinstance(b, h5py.Dataset)) or a.shape != b.shape or a.dtype != b.dtype:
+        return False
+    if a.ndim == 0:
+        return _same_bytes(np.asarray(a[()]), np.asarray(b[()]))
+    rows = max(1, _COMPARE_CHUNK // max(1, a.dtype.itemsize * int(np.prod(a.shape[1:], dtype=np.int64))))
+    return all(_same_bytes(a[i : i + rows], b[i : i + rows]) for i in range(0, a.shape[0], rows))
+
+
 def _load_indexed(model, path, f, in_part=lambda name: True):
     """Assign every variable of ``model`` its dataset through the file's index (restricted to the datasets
     ``in_part``); returns the names of the datasets used, or None (nothing assigned) when the index does not
@@ -228,10 +315,13 @@ def _load_indexed(model, path, f, in_part=lambda name: True):
     if chosen is None:
         return None
     variables = model.weights
-    datasets = [f[chosen[key]] for key in keys]
+    expected = _verified_names([chosen[key] for key in keys], keras_layout(model), twins, f)
+    if expected is None:
+        return None  # the index says otherwise than Keras' own layout: Keras' load (or the caller) decides
+    datasets = [f[name] for name in expected]
     if any(tuple(d.shape) != tuple(v.shape) for d, v in zip(datasets, variables, strict=True)):
         return None
-    used = set(chosen.values())
+    used = set(expected)
     groups = {name.rpartition("/")[0] for name in used}
     if any(name not in used and name.rpartition("/")[0] in groups for name in names):
         return None  # a layer's group holds a tensor more than the model's variables: the layer decides

@@ -33,6 +33,12 @@ def load_format1(cls, directory, config, clip=None, jit_compile="auto"):
     for filename in (MAPPER_WEIGHTS, GPT2_WEIGHTS):
         if not (directory / filename).is_file():
             raise FileNotFoundError(f"{directory} is an incomplete ClipCap model: {filename} missing")
+    from utils.preset_utils import check_model_size
+
+    # nothing is built larger than its weights file: a config edited to n_layer 10**9 is refused, not built
+    check_model_size({"class_name": "GPT2", "config": config["gpt2"]}, directory / GPT2_WEIGHTS, config_path,
+                     ModelLoadError)
+    check_model_size({"config": config}, directory / MAPPER_WEIGHTS, config_path, ModelLoadError)
     mapper_kwargs = {k: v for k, v in config.items() if k not in _NOT_MAPPER}
     mapper = build_or_explain("mapper", config_path, lambda: build_mapper(config["mapping_type"], **mapper_kwargs))
     build_or_explain("mapper weights", directory / MAPPER_WEIGHTS,

@@ -24,7 +24,12 @@ Where it comes from:
   from the model in memory while it is written (one pass over the weights in memory, no file read back) and
   recorded in ``metadata.json`` (`IDENTITY_KEY`);
 - loaded: read from ``metadata.json`` (`recorded_identity`, which reads no weights: what
-  `cached_answers` and ``batch`` use without loading the model). A folder saved before identities were
+  `cached_answers` and ``batch`` use without loading the model), and trusted only while the files it was
+  computed from are unchanged: the save records their fingerprint (`FILES_KEY`: size, modification and change
+  times, inode of each, `files_fingerprint`); a file edited, replaced or added since (a weights file or
+  tokenizer changed by hand, a folder copied) makes it computed from the loaded model instead (cached
+  answers then load the model). A folder saved before fingerprints were recorded is trusted as before. A
+  folder saved before identities were
   recorded (or of format 1), or a load given another ``clip=``, gets it computed once from the loaded model
   when first needed (its cached answers then need the model loaded: `cached_answers` answers nothing for it,
   and ``batch`` loads it once in the launching process); the folder is not written to;
@@ -79,7 +84,9 @@ def _dense_layout(model):
 
 def _update_array(digest, array, rows=256):
     """``array``'s bytes (C order), fed in blocks of ``rows`` rows: a transposed view is copied a block at a
-    time, never whole."""
+    time, never whole. A dtype Python's buffers do not know (bfloat16, from ml_dtypes) is fed as its raw bits."""
+    if array.dtype.kind == "V" or type(array.dtype).__module__.startswith("ml_dtypes"):
+        array = array.view(f"u{array.dtype.itemsize}")
     if array.flags.c_contiguous:
         digest.update(memoryview(array).cast("B"))
         return
@@ -126,9 +133,60 @@ def compute_identity(model) -> str:
     return _PREFIX + digest.hexdigest()
 
 
+#: the metadata.json entry holding the fingerprint (`files_fingerprint`) of the files the identity stands for
+FILES_KEY = "identity_files"
+#: top-level entries of a saved folder that no caption depends on: not fingerprinted
+_NOT_FINGERPRINTED = frozenset({"metadata.json", "README.md", "outputs"})
+_MAX_FINGERPRINT_FILES = 1000
+
+
+def files_fingerprint(directory):
+    """``{relative path: [size, st_mtime_ns]}`` of every regular file under a saved folder
+    (its config, weights, tokenizer and CLIP files: everything its identity is computed from), less
+    `_NOT_FINGERPRINTED` and this library's temporaries (names starting with "."); None when the folder holds
+    a link or a special file, or more than `_MAX_FINGERPRINT_FILES` files. Stat calls only, no file read: a
+    file written or replaced has another modification time, while a copy that keeps times (``cp -a``,
+    ``shutil.copytree``, a container layer) keeps the fingerprint and its identity (change times and inodes
+    would not: every copied model would then load to be answered). A file rewritten with its time set back
+    on purpose is not noticed."""
+    import os
+
+    directory = os.fspath(directory)
+    found = {}
+    pending = [""]
+    while pending:
+        relative = pending.pop()
+        try:
+            entries = sorted(os.scandir(os.path.join(directory, relative)), key=lambda e: e.name)
+        except OSError:
+            return None
+        for entry in entries:
+            name = f"{relative}/{entry.name}" if relative else entry.name
+            if entry.name.startswith(".") or (not relative and entry.name in _NOT_FINGERPRINTED):
+                continue
+            if entry.is_symlink():
+                return None
+            if entry.is_dir(follow_symlinks=False):
+                pending.append(name)
+                continue
+            st = entry.stat(follow_symlinks=False)
+            if not entry.is_file(follow_symlinks=False) or len(found) >= _MAX_FINGERPRINT_FILES:
+                return None
+            found[name] = [st.st_size, st.st_mtime_ns]
+    return dict(sorted(found.items()))
+
+
 def recorded_identity(model_dir):
     """The identity recorded in a saved folder's ``metadata.json``, or None (none recorded, no readable
-    metadata). Reads no weights."""
+    metadata, or a file it stands for changed since it was recorded). Reads no weights.
+
+    A folder saved with a fingerprint of its files (`FILES_KEY`, `files_fingerprint`) has its identity trusted
+    only while every file is the one saved (same size and modification time; no file added or removed): a
+    weights file, tokenizer or config edited or replaced gets None, so the identity is
+    computed from the loaded model. A folder saved before fingerprints were recorded is trusted as it was
+    (save it again to record one)."""
+    import logging
+
     from utils.file_utils import UnsafePathError
     from utils.preset_utils import read_metadata
 
@@ -137,4 +195,13 @@ def recorded_identity(model_dir):
     except (OSError, ValueError, UnsafePathError):
         return None
     value = metadata.get(IDENTITY_KEY)
-    return value if isinstance(value, str) and value.startswith(_PREFIX) else None
+    if not (isinstance(value, str) and value.startswith(_PREFIX)):
+        return None
+    if FILES_KEY in metadata:
+        recorded = metadata[FILES_KEY]
+        current = files_fingerprint(model_dir)
+        if current is None or not isinstance(recorded, dict) or recorded != current:
+            logging.getLogger(__name__).info("%s: its files changed since its identity was recorded: computed "
+                                             "from the loaded model instead", model_dir)
+            return None
+    return value

@@ -31,7 +31,7 @@ def _load_format2(cls, directory, clip, jit_compile):
     from utils.preset_utils import CONFIG_FILE, load_preset_model, read_preset_config
 
     config = read_preset_config(directory, ARCHITECTURE, ModelLoadError, required=("tokenizer",))
-    backbone = load_preset_model(directory, config, ModelLoadError)
+    backbone = load_preset_model(directory, config, ModelLoadError, expected=ClipCapBackbone)
     if not isinstance(backbone, ClipCapBackbone):
         raise ModelLoadError(f"{directory / CONFIG_FILE}: 'model' is a {type(backbone).__name__}, not a "
                              "ClipCapBackbone; save or convert the model again")

@@ -33,7 +33,7 @@ from utils.download_manifest import (
 )
 from utils.downloads import fetch
 from utils.file_utils import check_model_name, check_replaceable, file_lock
-from utils.model_store import is_saved_model, recover_model_dir, saved_model_dir
+from utils.model_store import is_model_folder, is_saved_model, recover_model_dir, saved_model_dir
 
 
 def fetch_checkpoint(name_or_spec, root=None, progress=True) -> Path:
@@ -130,10 +130,10 @@ def get_pretrained(model_class, name_or_spec, root=None, force_convert=False, pr
     """
     spec = resolve_model(name_or_spec)
     directory = recover_model_dir(saved_model_dir(spec.name, root))  # a save killed half-way: finished first
-    if is_saved_model(directory) and not force_convert:
+    if is_model_folder(directory) and not force_convert:  # converted already (user files in it or not)
         return model_class.load(str(directory))
     with file_lock(directory):
-        if is_saved_model(directory) and not force_convert:  # converted by another process meanwhile
+        if is_model_folder(directory) and not force_convert:  # converted by another process meanwhile
             return model_class.load(str(directory))
         return _download_and_convert(model_class, spec, directory, root, force_convert, progress)
 

@@ -11,7 +11,8 @@ model.weights.h5   the backbone's weights (Keras save_weights: mapper and GPT-2)
 tokenizer/         the GPT-2 tokenizer files (save_pretrained)
 clip/              the CLIP (image encoder, and the text encoder since re-ranking), a saved CLIP folder of the same format (when there is one)
 metadata.json      format version, library version, UTC date, source checkpoint and its SHA-256, the model's
-                   ``identity`` (`models.image_captioning.identity`: what its cached captions are keyed by)
+                   ``identity`` (`models.image_captioning.identity`: what its cached captions are keyed by) and
+                   ``identity_files``, the fingerprint of the files it stands for (trusted only while they match)
 README.md          a short model card
 ```
 
@@ -85,6 +86,8 @@ def convert_official(cls, source, clip=None, tokenizer="gpt2", name=None, normal
                              "checkpoint file to convert it differently")
         return get_pretrained(cls, path)
     if name is not None:  # refuse a bad name, or a store folder that is not ours, before converting
+        if overwrite:
+            keep_legacy_outputs(saved_model_dir(name))
         check_replaceable(saved_model_dir(name), is_saved_model, overwrite)
     if isinstance(tokenizer, str | os.PathLike):
         tokenizer = load_gpt2_tokenizer(os.fspath(tokenizer))
@@ -147,7 +150,7 @@ def model_card(model) -> str:
 def save_clipcap(model, name_or_directory=None, overwrite=False):
     """`ClipCap.save`: write ``model`` as a format-2 folder (see the module docstring); returns it (str)."""
     from models import __version__
-    from models.image_captioning.identity import IDENTITY_KEY, compute_identity
+    from models.image_captioning.identity import FILES_KEY, IDENTITY_KEY, compute_identity, files_fingerprint
     from utils.model_store import is_saved_model, model_dir
     from utils.preset_utils import preset_metadata, save_preset
 
@@ -160,8 +163,11 @@ def save_clipcap(model, name_or_directory=None, overwrite=False):
     # from the weights in memory, as they are written; a model quantized at load (int8) keeps the identity it
     # was given then (the float32 model's, in its precision: what cached answers and Beam key it by before loading)
     identity = model.identity if model.precision != "float32" else compute_identity(model)
-    metadata = preset_metadata(__version__, source=model.info.get("checkpoint"),
-                               source_sha256=model.info.get("checkpoint_sha256"), **{IDENTITY_KEY: identity})
+    fields = preset_metadata(__version__, source=model.info.get("checkpoint"),
+                             source_sha256=model.info.get("checkpoint_sha256"), **{IDENTITY_KEY: identity})
+
+    def metadata(staging):  # the identity stands for these very files (`identity.recorded_identity`)
+        return {**fields, FILES_KEY: files_fingerprint(staging)}
 
     def write_extra(staging):
         model.tokenizer.save_pretrained(str(staging / TOKENIZER_DIR))
@@ -183,6 +189,7 @@ def keep_legacy_outputs(directory):
     wrote them (``<store>/<name>/outputs/map.json``), move them out of it
     (`prediction.migrate_legacy_outputs`), so that ``convert --overwrite`` never deletes captions."""
     from models.image_captioning.prediction import migrate_legacy_outputs
+    from utils.file_utils import UnsafePathError
     from utils.model_store import home_dir, legacy_outputs_dir
 
     directory = Path(os.path.abspath(directory))
@@ -191,6 +198,10 @@ def keep_legacy_outputs(directory):
         return
     if os.path.lexists(legacy_outputs_dir(name)):
         migrate_legacy_outputs(name)
+        left = legacy_outputs_dir(name) / "map.json"
+        if os.path.lexists(left):  # damaged: left where it is, and so never deleted by the replacement
+            raise UnsafePathError(f"{left} could not be moved out of the model folder (see the log): move it "
+                                  f"yourself before replacing {directory} (nothing was changed)")
 
 
 def build_or_explain(what, path, make):
@@ -202,20 +213,52 @@ def build_or_explain(what, path, make):
                              "or does not match config.json: save or convert the model again") from e
 
 
+def sub_folder(directory, config, key):
+    """The sub-folder that config.json's entry ``key`` ("tokenizer", "clip") names, checked before anything is
+    read from it: one plain name (`utils.file_utils.check_model_name`: no separator, no "..", not absolute)
+    of a real folder inside ``directory`` (not a symbolic link, which could lead out of it); `ModelLoadError`
+    naming config.json and the entry otherwise."""
+    from utils.file_utils import check_model_name
+    from utils.preset_utils import CONFIG_FILE
+
+    config_path = Path(directory) / CONFIG_FILE
+    value = config.get(key)
+    try:
+        check_model_name(value)
+    except ValueError:
+        raise ModelLoadError(f"{config_path}: entry {key!r} is {json_excerpt(value)}, not the name of a folder "
+                             f"inside {directory} (such as {key!r}); the saved model is damaged or was edited: "
+                             "save or convert it again") from None
+    path = Path(directory) / value
+    if path.is_symlink() or not path.is_dir():
+        what = "a symbolic link" if path.is_symlink() else "missing" if not os.path.lexists(path) else "not a folder"
+        raise ModelLoadError(f"{config_path}: entry {key!r} names {path}, which is {what}: the saved model is "
+                             "damaged or incomplete; save or convert it again")
+    return path
+
+
+def json_excerpt(value, limit=80):
+    """``value`` as JSON, at most ``limit`` characters (for messages)."""
+    import json
+
+    text = json.dumps(value, default=str)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
 def load_parts(cls, directory, config, backbone, clip, jit_compile):
     """The tokenizer and CLIP of a saved folder (both formats) around ``backbone`` -> a `ClipCap`."""
     from utils.preset_utils import CONFIG_FILE
     from utils.tokenizer import load_gpt2_tokenizer
 
     config_path = directory / CONFIG_FILE
-    tokenizer_dir = directory / str(config["tokenizer"])
+    tokenizer_dir = sub_folder(directory, config, "tokenizer")
     tokenizer = build_or_explain("tokenizer", tokenizer_dir, lambda: load_gpt2_tokenizer(str(tokenizer_dir)))
     given_clip = clip is not None
     if clip is None and config.get("clip") is not None:
         from models.siamese.clip import CLIP
 
         # the text encoder (re-ranking only) is read when first used: captioning's start-up does not pay it
-        clip = CLIP.load(str(directory / str(config["clip"])), jit_compile=jit_compile, lazy_text=True)
+        clip = CLIP.load(str(sub_folder(directory, config, "clip")), jit_compile=jit_compile, lazy_text=True)
     info = {k: config.get(k) for k in cls.INFO_KEYS}
     info["name"] = valid_name(config.get("name"), config_path) or folder_name(directory)
     model = cls(backbone, tokenizer, clip=clip, jit_compile=jit_compile, info=info)

@@ -33,6 +33,15 @@ def is_saved_clip(directory) -> bool:
     return is_saved_model(directory, architecture=ARCHITECTURE)
 
 
+def _why_not_saved_clip(directory):
+    from utils.model_store import saved_model_problem
+
+    return saved_model_problem(directory, architecture=ARCHITECTURE)
+
+
+is_saved_clip.why_not_ours = _why_not_saved_clip  # what `utils.file_utils.check_replaceable` reports
+
+
 def clip_card(clip, weights_dtype) -> str:
     c = clip.model.config
     kind = "ViT" if clip.model.is_vit else "ModifiedResNet"
@@ -78,7 +87,6 @@ def load_clip(cls, directory, jit_compile="auto", lazy_text=False):
     `CheckpointError` naming the file. ``lazy_text``: a format-2 folder's text encoder and tokenizer are read
     when first used (`CLIP.load_text`), not now (ClipCap's start-up: +0.46 s for ViT-B/32's text tower, +0.2 s
     for the tokenizer's vocabulary)."""
-    from models.siamese.clip_tokenizer import CLIPTokenizer
     from utils.preset_utils import (
         CONFIG_FILE,
         load_preset_model,
@@ -96,21 +104,57 @@ def load_clip(cls, directory, jit_compile="auto", lazy_text=False):
         model = _load_format1(directory, config)
     elif lazy_text and _has_text(config):
         config = read_preset_config(directory, ARCHITECTURE, CheckpointError)
+        _tokenizer_kwargs(config, config_path)
         model = _load_visual_part(directory, config)
         metadata = read_metadata(directory, CheckpointError)
         text_loader = lambda: _load_text_part(directory, config)  # noqa: E731
     else:
         config = read_preset_config(directory, ARCHITECTURE, CheckpointError)
-        model = load_preset_model(directory, config, CheckpointError)
+        model = load_preset_model(directory, config, CheckpointError, expected=CLIPModel)
         if not isinstance(model, CLIPModel):
             raise CheckpointError(f"{config_path}: 'model' is a {type(model).__name__}, not a CLIPModel")
         metadata = read_metadata(directory, CheckpointError)
+    tokenizer_kwargs = _tokenizer_kwargs(config, config_path)  # checked before anything is built from it
     tokenizer = None
-    if config.get("tokenizer") is not None and text_loader is None:
-        tokenizer = CLIPTokenizer.from_directory(str(directory), **config["tokenizer"])
+    if tokenizer_kwargs is not None and text_loader is None:
+        tokenizer = _load_tokenizer(directory, tokenizer_kwargs)
     clip = cls(model, tokenizer, jit_compile=jit_compile, text_loader=text_loader)
     clip.source, clip.source_sha256 = metadata.get("source"), metadata.get("source_sha256")
     return clip
+
+
+#: the most tokens a CLIP's context may hold (OpenAI's: 77): a larger value is a damaged config
+MAX_CONTEXT_LENGTH = 4096
+
+
+def _tokenizer_kwargs(config, config_path):
+    """config.json's ``tokenizer`` entry, checked: None (no text encoder) or ``{"context_length": n}`` with n a
+    positive integer (at most `MAX_CONTEXT_LENGTH`), as `save_clip` writes it; `CheckpointError` naming the
+    file and the entry for anything else (a list, an unknown key, a string)."""
+    value = config.get("tokenizer")
+    if value is None:
+        return None
+    length = value.get("context_length", 77) if isinstance(value, dict) else None
+    if (not isinstance(value, dict) or set(value) - {"context_length"} or not isinstance(length, int)
+            or isinstance(length, bool) or not 0 < length <= MAX_CONTEXT_LENGTH):
+        import json
+
+        raise CheckpointError(f"{config_path}: entry 'tokenizer' is {json.dumps(value, default=str)[:80]}, not null "
+                              f"or {{\"context_length\": n}} (n from 1 to {MAX_CONTEXT_LENGTH}); the saved CLIP is "
+                              "damaged or was edited: save it again")
+    return {"context_length": length}
+
+
+def _load_tokenizer(directory, kwargs):
+    """The `CLIPTokenizer` of a saved folder; a missing or damaged vocabulary file is a `CheckpointError`
+    naming it."""
+    from models.siamese.clip_tokenizer import CLIPTokenizer
+
+    try:
+        return CLIPTokenizer.from_directory(str(directory), **kwargs)
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"cannot load the CLIP tokenizer of {directory} ({e}); the saved CLIP is damaged: "
+                              "save it again") from e
 
 
 def _has_text(config) -> bool:
@@ -137,11 +181,12 @@ def _load_text_part(directory, config):
     """(text tower, tokenizer) of a format-2 folder: what `load_clip` left for later with ``lazy_text``."""
     import keras
 
-    from models.siamese.clip_tokenizer import CLIPTokenizer
-    from utils.preset_utils import WEIGHTS_FILE
+    from utils.preset_utils import CONFIG_FILE, WEIGHTS_FILE, check_model_size
     from utils.weights_io import load_weights_part, variables_to_be_loaded
 
     weights_path = Path(directory) / WEIGHTS_FILE
+    tokenizer_kwargs = _tokenizer_kwargs(config, Path(directory) / CONFIG_FILE)
+    check_model_size(config["model"]["config"]["text"], weights_path, Path(directory) / CONFIG_FILE, CheckpointError)
     try:
         with variables_to_be_loaded():
             text = keras.layers.deserialize(config["model"]["config"]["text"])
@@ -149,7 +194,7 @@ def _load_text_part(directory, config):
     except (OSError, ValueError, KeyError, TypeError, RuntimeError) as e:
         raise CheckpointError(f"cannot load CLIP's text encoder from {weights_path} ({type(e).__name__}: {e}); "
                               "the file is damaged or does not match config.json: save or convert it again") from e
-    return text, CLIPTokenizer.from_directory(str(directory), **config["tokenizer"])
+    return text, _load_tokenizer(directory, tokenizer_kwargs)
 
 
 def saved_clip_config(directory) -> dict:

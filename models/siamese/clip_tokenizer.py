@@ -13,7 +13,6 @@ Example::
     ids = tokenizer.tokenize(["a photo of a cat"])  # (1, 77) int32, zero-padded
 """
 
-import gzip
 import html
 import os
 import shutil
@@ -32,6 +31,54 @@ def default_vocab_path():
         raise FileNotFoundError(f"OpenAI's CLIP vocabulary is missing from this checkout: {path} "
                                 "(restore it with git, or pass vocab_path= to CLIPTokenizer)")
     return path
+
+
+#: bounds of a vocabulary file: OpenAI's is 1.36 MB gzipped, 3.2 MB of text
+MAX_VOCAB_FILE_BYTES = 8 << 20
+MAX_VOCAB_TEXT_BYTES = 8 << 20
+_CHUNK = 1 << 16
+
+
+def read_vocab_text(path, max_file_bytes=MAX_VOCAB_FILE_BYTES, max_text_bytes=MAX_VOCAB_TEXT_BYTES) -> str:
+    """The text of a gzipped vocabulary file: a regular file of at most ``max_file_bytes``
+    (`utils.file_utils.open_regular_file`), decompressed a bounded piece at a time, never more than
+    ``max_text_bytes`` (a small file that inflates to gigabytes is refused, not decompressed); ValueError
+    naming the file when it is not gzip, truncated, too large or not UTF-8."""
+    import zlib
+
+    from utils.file_utils import open_regular_file
+
+    path = os.fspath(path)
+    pieces, size = [], 0
+    with open_regular_file(path, max_file_bytes) as f:
+        inflater = zlib.decompressobj(16 + zlib.MAX_WBITS)  # gzip framing
+        pending = b""
+        while True:
+            data = pending or inflater.unconsumed_tail or f.read(_CHUNK)
+            pending = b""
+            if not data:
+                if not inflater.eof:
+                    raise ValueError(f"{path}: truncated gzip data")
+                break
+            try:
+                piece = inflater.decompress(data, max_text_bytes + 1 - size)
+            except zlib.error as e:
+                raise ValueError(f"{path}: not gzip data ({e})") from e
+            size += len(piece)
+            if size > max_text_bytes:
+                raise ValueError(f"{path}: decompresses to more than {max_text_bytes} bytes, not a vocabulary file")
+            pieces.append(piece)
+            if inflater.eof:  # a gzip file may hold several members, one after the other
+                pending = inflater.unused_data
+                if not pending:
+                    pending = f.read(_CHUNK)
+                    if not pending:
+                        break
+                inflater = zlib.decompressobj(16 + zlib.MAX_WBITS)
+    try:
+        return b"".join(pieces).decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text ({e})") from e
 
 
 @lru_cache(maxsize=1)
@@ -66,8 +113,10 @@ class CLIPTokenizer:
         self._regex = regex
         self.vocab_path = os.fspath(vocab_path) if vocab_path is not None else default_vocab_path()
         self.context_length = context_length
-        with gzip.open(self.vocab_path) as f:
-            lines = f.read().decode("utf-8").split("\n")
+        try:
+            lines = read_vocab_text(self.vocab_path).split("\n")
+        except (OSError, ValueError) as e:
+            raise ValueError(f"{self.vocab_path} is not a readable CLIP vocabulary file ({e})") from e
         merges = [tuple(line.split()) for line in lines[1 : _NUM_MERGES + 1]]
         if len(merges) != _NUM_MERGES or any(len(m) != 2 for m in merges):
             raise ValueError(f"{self.vocab_path} is not OpenAI's CLIP BPE merges file")

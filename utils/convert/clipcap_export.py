@@ -34,7 +34,7 @@ from utils.convert.clipcap import MAPPER_FORMATS, mapper_format
 from utils.convert.hf_gpt2 import gpt2_weight_map
 from utils.convert.porting import export_weights
 from utils.file_utils import UnsafePathError, atomic_open, json_file_matches, write_json_atomic
-from utils.model_store import is_saved_model
+from utils.model_store import is_model_folder
 
 SIDECAR_FORMAT = "clipcap-official-export/1"
 #: The released checkpoints' CLIP by prefix size, for the hint when no CLIP name is known.
@@ -116,7 +116,7 @@ def check_official_targets(path, overwrite=False, source_dir=None):
     folder = Path(os.path.realpath(targets[0].parent))
     source = Path(os.path.realpath(source_dir)) if source_dir is not None else None
     for directory in (folder, *folder.parents):
-        if directory == source or is_saved_model(directory) or is_saved_model(directory, "openai_clip"):
+        if directory == source or is_model_folder(directory) or is_model_folder(directory, "openai_clip"):
             raise UnsafePathError(f"{path} is inside the saved model folder {directory}: export outside it "
                                   "(its files are not replaced, and saving the model again would delete the "
                                   "export; nothing was written)")
