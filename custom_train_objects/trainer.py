@@ -22,7 +22,8 @@ saved-model format; ``training_state.npz``, every optimizer variable and the dro
 one: batches come in an order fixed by (seed, epoch), so a resumed run computes exactly the losses of an
 uninterrupted one. Each file and the folder are fsync'ed before the folder is renamed into place. ``state.json``
 also records the training data (`data_fingerprint`: caption count, steps per epoch, the embeddings' CLIP
-``model_id``, a SHA-256 of the tokens, mask, image index and embeddings): a resume on other data is refused,
+``model_id``, a SHA-256 of the tokens, mask, image index and embeddings; the same of the validation set, if
+any): a resume on other data, or with another validation set, is refused,
 naming what differs (checkpoints written before it was recorded resume unchecked, said in the log). A latest
 checkpoint that cannot be read (`DamagedCheckpoint`: truncated, emptied) is skipped for the previous one, said in
 the log.
@@ -201,18 +202,29 @@ def check_output_dir(path):
     return path
 
 
-def data_fingerprint(tokens, mask, image_index, embeddings, steps_per_epoch, model_id=""):
-    """What identifies the training data of a run, recorded in its checkpoints: the caption count, the steps per
-    epoch, the embeddings' CLIP ``model_id`` ("" when unknown) and a SHA-256 over the token array, the mask,
-    the image index and the embeddings (dtype, shape and bytes of each; well under a second for COCO)."""
+def _arrays_sha256(tokens, mask, image_index, embeddings):
     h = hashlib.sha256()
     for name, array in (("tokens", tokens), ("mask", mask), ("image_index", image_index),
                         ("embeddings", embeddings)):
         array = np.ascontiguousarray(np.asarray(array))
         h.update(f"{name}:{array.dtype.str}:{array.shape};".encode())
         h.update(memoryview(array).cast("B"))
-    return {"captions": int(len(tokens)), "steps_per_epoch": int(steps_per_epoch), "model_id": str(model_id or ""),
-            "sha256": h.hexdigest()}
+    return h.hexdigest()
+
+
+def data_fingerprint(tokens, mask, image_index, embeddings, steps_per_epoch, model_id="", val=None):
+    """What identifies the training data of a run, recorded in its checkpoints: the caption count, the steps per
+    epoch, the embeddings' CLIP ``model_id`` ("" when unknown) and a SHA-256 over the token array, the mask,
+    the image index and the embeddings (dtype, shape and bytes of each; well under a second for COCO).
+    ``val``: the validation data ``(embeddings, image_index, tokens, mask)`` or None, recorded as ``val``
+    (its caption count and SHA-256, or None): the history's ``val_loss`` of every epoch is over the same set."""
+    fingerprint = {"captions": int(len(tokens)), "steps_per_epoch": int(steps_per_epoch),
+                   "model_id": str(model_id or ""), "sha256": _arrays_sha256(tokens, mask, image_index, embeddings)}
+    if val is not None:
+        val_embeddings, val_index, val_tokens, val_mask = val
+        val = {"captions": int(len(val_tokens)),
+               "sha256": _arrays_sha256(val_tokens, val_mask, val_index, val_embeddings)}
+    return {**fingerprint, "val": val}
 
 
 def data_differences(saved, current):
@@ -227,6 +239,12 @@ def data_differences(saved, current):
         differ.append(f"embeddings of CLIP {saved['model_id'][:17]}... there, {current['model_id'][:17]}... now")
     if saved.get("sha256") != current["sha256"]:
         differ.append("their content (SHA-256 of the tokens, mask, image index and embeddings)")
+    if "val" in saved and saved["val"] != current.get("val"):  # recorded since validation sets are
+        def described(val):
+            return (f"{val.get('captions')} captions (SHA-256 {str(val.get('sha256'))[:12]}...)"
+                    if isinstance(val, dict) else "none")
+        differ.append(f"the validation data ({described(saved['val'])} there, {described(current.get('val'))} "
+                      "now: every epoch's val_loss must be over the same set)")
     return differ
 
 
@@ -414,7 +432,7 @@ class Trainer:
             val_embeddings = self._check_inputs(val_dataset, val_embeddings)
             val = (val_embeddings, val_dataset.image_index, *self.encode(val_dataset, max_length))
         self.data_fingerprint = data_fingerprint(tokens, mask, dataset.image_index, embeddings, steps_per_epoch,
-                                                 embeddings_model_id)
+                                                 embeddings_model_id, val=val)
 
         from utils.model_store import is_saved_model
 

@@ -177,7 +177,8 @@ def register(subparsers):
                    help="official: add GPT-2's attn.bias / attn.masked_bias buffers, which older transformers "
                         "(4.x of the official code's time) expect for a strict load")
     p.add_argument("--overwrite", action="store_true", help="replace existing output files (savedmodel: only a "
-                                                            "SavedModel this command wrote; official: the .pt, and "
+                                                            "SavedModel this command wrote; official: the .pt if it "
+                                                            "is a PyTorch checkpoint, and "
                                                             "the .json only if an export wrote it; never inside a "
                                                             "saved model's folder)")
     add_precision_argument(p)

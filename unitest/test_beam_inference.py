@@ -232,9 +232,10 @@ def test_a_killed_jobs_sink_folders_are_removed_by_the_next_job_and_a_live_job_i
         raise _Stop
 
     monkeypatch.setattr(beam_inference, "caption_pipeline", pipeline_stub)
-    with file_lock(out):  # a live job on this prefix
-        with pytest.raises(UnsafePathError, match="another batch job"):
-            beam_inference.run_batch(["x.jpg"], "model", str(out))
+    with file_lock(out):  # a live job on this prefix, named as a path or as a file:// URL
+        for prefix in (str(out), f"file://{out}"):
+            with pytest.raises(UnsafePathError, match="another batch job"):
+                beam_inference.run_batch(["x.jpg"], "model", prefix)
     assert stale.exists()
     with pytest.raises(_Stop):
         beam_inference.run_batch(["x.jpg"], "model", str(out))

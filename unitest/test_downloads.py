@@ -236,6 +236,28 @@ def test_a_corrupt_zip_record_is_never_recorded(server, tmp_path):
     assert read_manifest(tmp_path)["weights.pt"]["sha256"] == sha(data)
 
 
+def test_a_damaged_legacy_checkpoint_is_never_recorded(server, tmp_path):
+    """A legacy (non-zip) checkpoint has no checksums: without a pinned hash its structure is checked before its
+    SHA-256 is recorded (it was not: a file cut short, served with a matching Content-Length, was published
+    and pinned, and every good download after it refused as a mismatch)."""
+    import io
+
+    import torch
+
+    buf = io.BytesIO()
+    torch.save({"w": torch.randn(2000, generator=torch.Generator().manual_seed(0))}, buf,
+               _use_new_zipfile_serialization=False)
+    data = buf.getvalue()
+    assert not data.startswith(b"PK")
+    source = served_source(server, data[:-400], with_sha=False)
+    with pytest.raises(DownloadError, match=r"damaged legacy checkpoint: .*storage .*truncated.*deleted"):
+        downloads.fetch(source, root=tmp_path, progress=False)
+    assert cached_files(tmp_path) == [] and leftovers(tmp_path) == [] and read_manifest(tmp_path) == {}
+    server.files["weights.pt"] = data
+    assert downloads.fetch(source, root=tmp_path, progress=False).read_bytes() == data
+    assert read_manifest(tmp_path)["weights.pt"]["sha256"] == sha(data)
+
+
 def test_damaged_manifest_is_refused_not_replaced(server, tmp_path):
     manifest = manifest_path(tmp_path)
     manifest.parent.mkdir(parents=True)

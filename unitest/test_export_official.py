@@ -46,9 +46,23 @@ def test_only_a_description_an_export_wrote_is_replaced(tiny_model_dir, tiny_cli
     sidecar.unlink()
     tiny_clipcap.save_official(pt)
     first = pt.read_bytes()
-    pt.write_bytes(b"old")
-    tiny_clipcap.save_official(pt, overwrite=True)  # our own description (and the .pt) are replaced
+    tiny_clipcap.save_official(pt, overwrite=True)  # our own description and a checkpoint are replaced
     assert pt.read_bytes() == first and f'"format": "{SIDECAR_FORMAT}"' in sidecar.read_text()
+
+
+def test_overwrite_replaces_only_a_pytorch_checkpoint(tiny_model_dir, tiny_clipcap, tmp_path, capsys):
+    """``--overwrite`` named any file: ``export model thesis.tex --format official --overwrite`` replaced the
+    thesis with a state dict. Only a file the torch-free reader takes for a checkpoint is replaced now."""
+    from utils.file_utils import UnsafePathError
+
+    for name, data in (("thesis.tex", b"\\documentclass{article}"), ("empty.pt", b""), ("notes.pt", b"PK\x03\x04 no")):
+        target = tmp_path / name
+        target.write_bytes(data)
+        code = main.main(["export", str(tiny_model_dir), str(target), "--format", "official", "--overwrite"])
+        assert code == 2 and "is not a PyTorch checkpoint" in capsys.readouterr().err, name
+        with pytest.raises(UnsafePathError, match="is not a PyTorch checkpoint"):
+            tiny_clipcap.save_official(target, overwrite=True)
+        assert target.read_bytes() == data and not target.with_suffix(".json").exists(), name
 
 
 def test_python_export_refuses_any_saved_model_folder(tiny_model_dir, tiny_clipcap, tmp_path):

@@ -13,6 +13,7 @@ import http.server
 import ipaddress
 import socket
 import ssl
+import threading
 import time
 from pathlib import Path
 
@@ -158,6 +159,37 @@ def test_connects_to_the_checked_address_and_resolves_once(server):
                            connector=connector) == CAT
     assert calls == [("resolve", "public.test"), ("connect", PUBLIC_IP)]
     assert server.requests == [("/cat.jpg", "public.test")]  # the Host header keeps the name
+
+
+def test_a_name_lookup_that_never_answers_ends_at_the_deadline(server, monkeypatch):
+    """``getaddrinfo`` has no timeout: a name whose DNS server never answers held the demo's worker for what
+    the system resolver allowed. The lookup is now within the deadline, and at most `MAX_LOOKUPS` hang at once
+    (a lookup that cannot start before its deadline is refused too)."""
+    answer = threading.Event()
+    resolver, connector = public_names(server.port)
+
+    def hung(host, port, type=0):  # a resolver library stuck until the test lets it go
+        answer.wait(30)
+        return resolver(host, port, type=type)
+
+    try:
+        start = time.monotonic()
+        e = _refused("http://public.test/cat.jpg", timeout=0.5, resolver=hung, connector=connector)
+        assert time.monotonic() - start < 1.5 and "name lookup" in e.reason
+        monkeypatch.setattr(safe_fetch, "_lookups", threading.BoundedSemaphore(1))
+        started = threading.Thread(target=safe_fetch.lookup, args=("public.test", 80, time.monotonic() + 5, hung),
+                                   daemon=True)
+        started.start()  # holds the only slot
+        time.sleep(0.2)
+        with pytest.raises(TimeoutError, match="could start"):
+            safe_fetch.lookup("public.test", 80, time.monotonic() + 0.3, hung)
+        e = _refused("http://public.test/cat.jpg", timeout=0.3, resolver=hung, connector=connector)
+        assert "could start" in e.reason
+    finally:
+        answer.set()
+    started.join(5)
+    assert fetch_untrusted("http://public.test/cat.jpg", max_bytes=10**6, resolver=resolver,
+                           connector=connector) == CAT  # the slot was given back
 
 
 def test_a_name_that_also_resolves_inside_is_refused(server):

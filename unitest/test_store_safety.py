@@ -138,6 +138,33 @@ def test_a_model_larger_than_its_weights_file_is_refused_before_it_is_built(save
         ClipCap.load(saved)
 
 
+def _small_models():
+    from custom_architectures.clip_arch import ModifiedResNet, VisionTransformer
+    from custom_architectures.transformers_arch.clip_cap_arch import ClipCapMLP, ClipCapTransformerMapper
+
+    return {"resnet": (ModifiedResNet([1, 2, 1, 1], 16, 2, input_resolution=64, width=8), "layers", [1, 10**6, 1, 1]),
+            "vit": (VisionTransformer(32, 8, 16, 2, 2, 16), "layers", 10**6),
+            "transformer mapper": (ClipCapTransformerMapper(16, 4, 4, 24, num_layers=2, num_heads=2),
+                                   "num_layers", 10**6),
+            "mlp": (ClipCapMLP(16, 4, 24), "prefix_size", 10**9)}
+
+
+@pytest.mark.parametrize("kind", ["resnet", "vit", "transformer mapper", "mlp"])
+def test_implied_parameters_bound_every_tower_and_mapper(kind):
+    """`implied_parameters` is a lower bound of each part's real size (so no honest folder is refused), and
+    grows with each part's depth: a ModifiedResNet's stage of 10**6 blocks or a transformer mapper of 10**6
+    layers counted for nothing before (built until memory ran out)."""
+    import keras
+
+    from utils.preset_utils import implied_parameters
+
+    model, key, huge = _small_models()[kind]
+    config = keras.saving.serialize_keras_object(model)
+    assert 0 < implied_parameters(config) <= model.count_params()
+    config["config"][key] = huge
+    assert implied_parameters(config) > 10**9
+
+
 def test_a_model_entry_that_is_no_object_is_an_error_naming_the_file(saved):
     _edit_config(saved / "config.json", lambda c: c.update(model="Dense"))
     with pytest.raises(ModelLoadError, match="config.json"):

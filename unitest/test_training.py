@@ -579,6 +579,27 @@ def test_resume_on_other_training_data_is_refused_naming_what_differs(shapes, tm
         resume(range(40), run=tmp_path / "clip", embeddings_model_id="clip:bbbb")
 
 
+def test_resume_with_other_validation_data_is_refused(shapes, tmp_path):
+    """Every epoch's ``val_loss`` in a run's history is over one validation set: a resume with another ``--val``,
+    or none, was undetected (the curve mixed two sets). state.json records it; the same set resumes."""
+    hp = small_hp(epochs=1, max_length=12)
+    run = tmp_path / "run"
+    val = dict(val_dataset=shapes["test"].select_images(range(20)), val_embeddings=shapes["test_emb"][:20])
+    _stopped_run(shapes, hp, run, n=40, stop=1, **val)
+
+    def resume(**fit):
+        trainer = Trainer(tiny_model(shapes, hp), hp, run, loggers=quiet(), progress=False)
+        return trainer.fit(shapes["train"].select_images(range(40)), shapes["train_emb"][:40], **fit)
+
+    refused = "the training data differ: the validation data "
+    with pytest.raises(ValueError, match=refused + r"\(20 captions \(SHA-256 \w+\.\.\.\) there, none now"):
+        resume()
+    with pytest.raises(ValueError, match=refused + r"\(20 captions .* there, 40 captions .* now"):
+        resume(val_dataset=shapes["test"].select_images(range(20, 60)), val_embeddings=shapes["test_emb"][20:60])
+    history = resume(**val)
+    assert len(history["loss"]) == 2 and "val_loss" in history["epochs"][-1]
+
+
 def test_a_damaged_latest_checkpoint_falls_back_to_the_previous_one(shapes, tmp_path, caplog):
     """A truncated or emptied training_state.npz, or a truncated state.json, of the latest checkpoint: resumed
     from the previous one, said in the log (before: a BadZipFile / EOFError traceback); with nothing readable

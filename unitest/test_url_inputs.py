@@ -3,6 +3,8 @@ a loopback HTTP server on 127.0.0.1 (no network): a good image, a 404, an oversi
 a server that goes silent, endless ``100 Continue`` answers, headers dripped a byte at a time, a body shorter
 than announced, a redirect to another scheme; each bad URL fails alone."""
 
+import socket
+import threading
 import time
 from pathlib import Path
 
@@ -99,6 +101,29 @@ def test_read_url_deadline_covers_status_line_and_headers(server, path):
     with pytest.raises(ImageReadError, match="not downloaded within 1 s"):
         read_url(f"{server}{path}", timeout=1)
     assert time.monotonic() - start < 2.5
+
+
+def test_read_url_deadline_covers_the_name_lookup(server, monkeypatch):
+    """``getaddrinfo`` has no timeout of its own: a host whose DNS server never answers held ``caption`` for
+    what the system resolver allowed; the lookup is now inside ``timeout`` too."""
+    answer, lookup = threading.Event(), socket.getaddrinfo
+
+    def hung(host, *args, **kwargs):  # the name's server never answers (until the test ends)
+        if host == "hung.test":
+            answer.wait(30)
+            host = "127.0.0.1"
+        return lookup(host, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", hung)
+    port = server.rsplit(":", 1)[1]
+    start = time.monotonic()
+    try:
+        with pytest.raises(ImageReadError, match="not downloaded within 1 s"):
+            read_url(f"http://hung.test:{port}/cat.jpg", timeout=1)
+        assert time.monotonic() - start < 2.5
+    finally:
+        answer.set()
+    assert read_url(f"{server}/cat.jpg", timeout=5) == CAT
 
 
 def test_read_url_refuses_a_body_cut_short(server):

@@ -11,7 +11,8 @@ What a download guarantees (`fetch`):
   once proven whole and right: its SHA-256 equals the pinned one; or, with no pinned hash, the server
   announced its length and every byte arrived, or (Google Drive, no length) the caller's ``verify`` check
   (e.g. a ClipCap checkpoint's identity) accepted it; a checkpoint (``kind="torch"``) without a pinned hash
-  also has every zip record's CRC-32 checked first. A bad download is deleted.
+  also has every zip record's CRC-32 checked first (a legacy, non-zip one: its structure). A bad download is
+  deleted.
 - **Pinning, trust on first use.** `Source.sha256` / `Source.size` pin a file in code (OpenAI's CLIP URLs
   carry their SHA-256). The official ClipCap checkpoints and GPT-2 tokenizer files have no published hash:
   their size and SHA-256 are recorded in ``downloads/manifest.json`` at their first verified download, and
@@ -340,16 +341,30 @@ def _verify_and_publish(part, dest, source, url, pin, verify, whole, root):
 def _not_a_torch_file(path, check_records=False):
     """Why ``path`` is not a PyTorch checkpoint, or None. ``check_records``: a zip's every record is also read
     (in chunks) and checked against its CRC-32, so a flipped byte anywhere is caught before the file's hash
-    is recorded (a legacy, non-zip file has no checksums to check)."""
+    is recorded; a legacy, non-zip file has no checksums, so its structure is checked instead (its pickles,
+    and every storage present at its declared length: a file cut short or spliced, though not a flipped byte
+    inside a storage)."""
     with open(path, "rb") as f:
         head = f.read(512)
     if head.startswith(b"PK\x03\x04"):  # zip archive (torch>=1.6)
         return _zip_problem(path) if check_records else None
     if head[:1] == b"\x80":  # legacy pickle
-        return None
+        return _legacy_problem(path) if check_records else None
     if head.lstrip()[:1] == b"<":
         return "an HTML page, not a checkpoint (Google Drive's quota or confirmation page?)"
     return f"not a PyTorch checkpoint (starts with {head[:16]!r})"
+
+
+def _legacy_problem(path):
+    """Why the legacy checkpoint ``path`` is damaged (`utils.convert.torch_file.read_checkpoint`'s structural
+    check: storages skipped over, not read), or None."""
+    from utils.convert.torch_file import read_checkpoint
+
+    try:
+        read_checkpoint(path, shapes_only=True)
+    except CheckpointError as e:
+        return f"a damaged legacy checkpoint: {e}"
+    return None
 
 
 def _zip_problem(path):

@@ -32,7 +32,6 @@ import io
 import logging
 import os
 import re
-import socket
 import time
 import urllib.error
 import urllib.request
@@ -42,7 +41,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from utils.file_utils import DEFAULT_MAX_BYTES, UnsafePathError, open_regular_file, path_problem
-from utils.safe_fetch import Cutoff
+from utils.safe_fetch import Cutoff, connect_within
 
 logger = logging.getLogger(__name__)
 
@@ -123,7 +122,8 @@ def is_url(text) -> bool:
 class _DeadlineConnections:
     """urllib's connection opening for one `read_url`: every connection (each redirect's, a proxy's) gets at
     most the time left and is watched by the fetch's `utils.safe_fetch.Cutoff`, which shuts it down at the
-    deadline, so that no hop (status line, headers, ``100 Continue`` answers, body) outlasts ``timeout``."""
+    deadline, so that no hop (name lookup, status line, headers, ``100 Continue`` answers, body) outlasts
+    ``timeout`` (`utils.safe_fetch.connect_within`)."""
 
     def do_open(self, http_class, req, **kwargs):
         cutoff = self.cutoff
@@ -134,7 +134,7 @@ class _DeadlineConnections:
                 raise TimeoutError("the deadline passed")
             h = http_class(host, timeout=remaining, **conn_kwargs)
             h._create_connection = (lambda address, timeout, source=None:  # the plain socket, before TLS
-                                    cutoff.watch(socket.create_connection(address, timeout, source)))
+                                    cutoff.watch(connect_within(address, cutoff.deadline, source)))
             return h
 
         return super().do_open(connection, req, **kwargs)
@@ -164,8 +164,9 @@ def _url_opener(cutoff):
 
 def read_url(url, max_bytes=DEFAULT_MAX_BYTES, timeout=URL_TIMEOUT_S) -> bytes:
     """The bytes an http(s) URL serves: at most ``max_bytes`` (None: no cap; refused from the announced
-    length when it exceeds it), within ``timeout`` seconds in all (every connection, redirect, status line,
-    header and byte: at the deadline the connection is shut down, `utils.safe_fetch.Cutoff`); the whole body
+    length when it exceeds it), within ``timeout`` seconds in all (every name lookup, connection, redirect,
+    status line, header and byte: at the deadline the connection is shut down, `utils.safe_fetch.Cutoff`;
+    lookups: `utils.safe_fetch.connect_within`); the whole body
     its Content-Length announces; `ImageReadError` otherwise (another scheme, an HTTP error, no connection,
     too slow, too large, cut short, empty). Any address is read (loopback and private ones too: the user
     chose the URL)."""
@@ -197,11 +198,11 @@ def read_url(url, max_bytes=DEFAULT_MAX_BYTES, timeout=URL_TIMEOUT_S) -> bytes:
     except urllib.error.HTTPError as e:
         raise ImageReadError(f"{url}: HTTP error {e.code} {e.reason}") from e
     except urllib.error.URLError as e:
-        if cutoff.fired:
+        if cutoff.fired or isinstance(e.reason, TimeoutError):
             raise ImageReadError(too_slow) from e
         raise ImageReadError(f"{url}: cannot download: {e.reason}") from e
     except (TimeoutError, OSError, http.client.HTTPException) as e:
-        if cutoff.fired:
+        if cutoff.fired or isinstance(e, TimeoutError):
             raise ImageReadError(too_slow) from e
         raise ImageReadError(f"{url}: cannot download: {type(e).__name__}: {e}") from e
     if not data:

@@ -194,8 +194,9 @@ _VALUES_PER_ELEMENT = 2
 
 def implied_parameters(value) -> int:
     """A lower bound of the parameter count of the serialized model ``value`` (config.json's ``model``),
-    from its GPT-2, CLIP towers and mappers' sizes (each layer at least its 12 width² projections, each
-    embedding table its rows x width), without building anything: what a config edited to n_layer 10**9
+    from its GPT-2, CLIP towers (ViT or ModifiedResNet) and mappers' sizes (each transformer layer at least its
+    12 width² projections, a mapper's 4, each ResNet block its 3x3 conv, each embedding table its rows x
+    width), without building anything: what a config edited to n_layer 10**9
     would allocate. Entries that are not positive integers count for nothing (the model's own checks refuse
     them)."""
     total = 0
@@ -224,8 +225,18 @@ def implied_parameters(value) -> int:
             total += v[2] * (v[0] + v[1]) + 12 * v[3] * v[2] ** 2
         elif kind == "VisionTransformer" and (v := size("input_resolution", "patch_size", "width", "layers")):
             total += 3 * v[1] ** 2 * v[2] + ((v[0] // v[1]) ** 2 + 1) * v[2] + 12 * v[3] * v[2] ** 2
+        elif kind == "ModifiedResNet" and (v := size("input_resolution", "width", "output_dim")):
+            stages = c.get("layers")
+            if isinstance(stages, list) and all(type(n) is int and n > 0 for n in stages):
+                # each block's 3x3 conv (planes² x 9); the attention pool's q, k, v (32 width)², c_proj, positions
+                total += sum(n * 9 * (v[1] * 2 ** i) ** 2 for i, n in enumerate(stages))
+                total += 32 * v[1] * (3 * 32 * v[1] + v[2]) + ((v[0] // 32) ** 2 + 1) * 32 * v[1]
         elif (v := size("prefix_length", "n_embd")) is not None:  # a mapper: its output is K x n_embd
             total += v[0] * v[1]
+            if kind == "ClipCapTransformerMapper" and (w := size("num_layers", "clip_length", "prefix_size")):
+                total += 4 * w[0] * v[1] ** 2 + w[2] * w[1] * v[1]  # q, k, v, project per layer; the linear
+            elif kind == "ClipCapMLP" and (w := size("prefix_size")):
+                total += w[0] * v[0] * v[1] // 2  # the first Linear: D -> K x C / 2 (or K x C)
     return total
 
 

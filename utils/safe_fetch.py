@@ -8,7 +8,7 @@ could answer differently: DNS rebinding). The Host header, TLS SNI and certifica
 name. Redirects are followed by hand, each hop checked the same way (at most `MAX_REDIRECTS`); the body is
 bounded (``max_bytes``, announced or received; a body cut short is refused) and the whole exchange by
 ``timeout`` seconds: at the deadline the connection is shut down, so a server sending a byte at a time
-cannot hold it (name lookups take what the system resolver allows: ``getaddrinfo`` has no timeout). No
+cannot hold it; name lookups are within it too (`lookup`: ``getaddrinfo`` has no timeout of its own). No
 proxy from the environment is used (a proxy would resolve and connect on its own).
 
 Every refusal and every failure (another scheme, a path, a private or unresolvable host, a closed port, a
@@ -45,8 +45,12 @@ SCHEMES = {"http": http.client.HTTPConnection, "https": http.client.HTTPSConnect
 REDIRECTS = (301, 302, 303, 307, 308)
 #: redirects followed before giving up
 MAX_REDIRECTS = 5
-#: seconds for the whole exchange: every connection, redirect and byte (name lookups: see above)
+#: seconds for the whole exchange: every name lookup, connection, redirect and byte
 TIMEOUT_S = 20.0
+#: name lookups running at once (`lookup`): a flood of names whose servers never answer holds at most this
+#: many threads, each until the system resolver gives up on its own
+MAX_LOOKUPS = 16
+_lookups = threading.BoundedSemaphore(MAX_LOOKUPS)
 _CHUNK = 1 << 16
 
 
@@ -103,13 +107,76 @@ def _split(url):
     return scheme, host, port, path
 
 
-def checked_addresses(host, port, allow_private=False, resolver=socket.getaddrinfo):
-    """The addresses ``host`` resolves to, once, all checked by `is_public_address` (unless
-    ``allow_private``); `URLRefused` when there are none or any one is not public (a name that also points
-    inside is refused whole)."""
+def _is_ip_literal(host):
     try:
-        infos = resolver(host, port, type=socket.SOCK_STREAM)
+        ipaddress.ip_address(host)
+        return True
+    except ValueError:
+        return False
+
+
+def lookup(host, port, deadline, resolver=None):
+    """``resolver(host, port, type=SOCK_STREAM)`` (default ``socket.getaddrinfo``) answered before
+    ``deadline`` (`time.monotonic`), else `TimeoutError`. ``getaddrinfo`` cannot be given a timeout nor be
+    interrupted: a name whose DNS server never answers would hold the caller for what the system resolver
+    allows (its attempts times its timeout, or for ever with a hung resolver library). So the lookup runs in a
+    daemon thread that the caller stops waiting for at the deadline; it ends on its own later, and at most
+    `MAX_LOOKUPS` run at once (a lookup that cannot start before the deadline is a `TimeoutError` too). An
+    address given as an IP literal is answered directly."""
+    resolver = resolver or socket.getaddrinfo
+    if _is_ip_literal(host):
+        return resolver(host, port, type=socket.SOCK_STREAM)
+    slots = _lookups
+    if not slots.acquire(timeout=max(deadline - time.monotonic(), 0.0)):
+        raise TimeoutError(f"no name lookup of {host!r} could start before the deadline ({MAX_LOOKUPS} running)")
+    answer, done = {}, threading.Event()
+
+    def run():
+        try:
+            answer["infos"] = resolver(host, port, type=socket.SOCK_STREAM)
+        except BaseException as e:  # handed to the caller, if it is still waiting
+            answer["error"] = e
+        finally:
+            slots.release()
+            done.set()
+
+    threading.Thread(target=run, name=f"lookup {host}", daemon=True).start()
+    if not done.wait(max(deadline - time.monotonic(), 0.0)):
+        raise TimeoutError(f"the name lookup of {host!r} did not answer before the deadline")
+    if "error" in answer:
+        raise answer["error"]
+    return answer["infos"]
+
+
+def connect_within(address, deadline, source_address=None, resolver=None):
+    """``socket.create_connection(address, ...)`` whose name lookup (`lookup`) and connections all end by
+    ``deadline`` (`time.monotonic`): `TimeoutError` otherwise. For a trusted URL's reader
+    (`utils.image_io.read_url`): any address the name gives is tried, none is checked."""
+    host, port = address
+    error = None
+    for *_, sockaddr in lookup(host, port, deadline, resolver):
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise TimeoutError("the deadline passed")
+        try:
+            return socket.create_connection(sockaddr[:2], remaining, source_address)
+        except OSError as e:
+            error = e
+    raise error or OSError(f"{host!r} resolves to no address")
+
+
+def checked_addresses(host, port, allow_private=False, resolver=None, deadline=None):
+    """The addresses ``host`` resolves to, once (`lookup`, before ``deadline``: `TimeoutError` otherwise), all
+    checked by `is_public_address` (unless ``allow_private``); `URLRefused` when there are none or any one is
+    not public (a name that also points inside is refused whole)."""
+    try:
+        if deadline is None:
+            infos = (resolver or socket.getaddrinfo)(host, port, type=socket.SOCK_STREAM)
+        else:
+            infos = lookup(host, port, deadline, resolver)
     except (OSError, UnicodeError) as e:
+        if isinstance(e, TimeoutError):
+            raise
         raise URLRefused(f"cannot resolve {host!r}: {e}") from e
     addresses = list(dict.fromkeys(info[4][0] for info in infos))
     if not addresses:
@@ -224,7 +291,7 @@ def _read_body(response, max_bytes, cutoff):
     return bytes(data)
 
 
-def fetch_untrusted(url, max_bytes, timeout=TIMEOUT_S, allow_private=False, resolver=socket.getaddrinfo,
+def fetch_untrusted(url, max_bytes, timeout=TIMEOUT_S, allow_private=False, resolver=None,
                     connector=socket.create_connection, ssl_context=None) -> bytes:
     """The body of a 200 answer to GET ``url``, read as described in the module's docstring.
 
@@ -234,7 +301,7 @@ def fetch_untrusted(url, max_bytes, timeout=TIMEOUT_S, allow_private=False, reso
         timeout: seconds for everything, redirects included.
         allow_private: also fetch loopback, private, link-local... addresses (the operator's choice: the
             visitors can then reach what the server reaches). Schemes and paths are refused all the same.
-        resolver: ``getaddrinfo``-like ``(host, port, type=...)``; connector: ``create_connection``-like
+        resolver: ``getaddrinfo``-like ``(host, port, type=...)`` (default ``socket.getaddrinfo``); connector: ``create_connection``-like
             ``((address, port), timeout)``; ssl_context: for https (default: the system's trust store and
             hostname checking). Injectable for tests.
 
@@ -259,7 +326,7 @@ def _fetch(url, max_bytes, allow_private, resolver, connector, ssl_context, cuto
         if time.monotonic() >= cutoff.deadline:
             raise URLRefused("too slow")
         scheme, host, port, path = _split(url)
-        addresses = checked_addresses(host, port, allow_private, resolver)
+        addresses = checked_addresses(host, port, allow_private, resolver, cutoff.deadline)
         connection, response = _open(scheme, host, port, path, addresses, cutoff, connector, ssl_context)
         try:
             if response.status in REDIRECTS:

@@ -502,18 +502,16 @@ def run_batch(inputs, model_dir, output, method="greedy", batch_size=16, generat
     return sorted(output_files(output) + output_files(output, ERRORS_NAME))
 
 
-def _is_local(path):
-    return "://" not in str(path)
-
-
 @contextlib.contextmanager
 def _output_lock(output):
-    """For a local output prefix: an exclusive lock on ``<output>.lock`` for the whole job (a second job on the
-    same prefix is refused: the two would mix their shards), under which the sink folders of killed jobs are
-    removed (`remove_stale_sink_folders`). Remote prefixes are left to their file system."""
-    if not _is_local(output):
+    """For a local output prefix (a path or a ``file://`` URL): an exclusive lock on ``<output>.lock`` for the
+    whole job (a second job on the same prefix is refused: the two would mix their shards), under which the
+    sink folders of killed jobs are removed (`remove_stale_sink_folders`). Remote prefixes are left to their
+    file system."""
+    if not is_local(str(output)):
         yield
         return
+    output = local_path(str(output))
     with contextlib.ExitStack() as stack:
         try:
             stack.enter_context(file_lock(output, timeout=0))

@@ -107,7 +107,7 @@ def check_official_targets(path, overwrite=False, source_dir=None):
     checkpoint name; `UnsafePathError` for an output inside ``source_dir`` (the exported model's folder) or
     inside any saved model's folder (a later save or ``convert --overwrite`` of that model would delete it,
     and its files are not ours to replace), for an existing ``.pt`` without ``overwrite`` (or not a regular
-    file), and for an existing description that `export_official` did not write (a model's own
+    file, or not a PyTorch checkpoint), and for an existing description that `export_official` did not write (a model's own
     ``config.json``: never replaced, whatever ``overwrite`` says). Nothing is written."""
     targets = [Path(path), sidecar_path(path)]
     if targets[0] == targets[1]:
@@ -129,6 +129,21 @@ def check_official_targets(path, overwrite=False, source_dir=None):
         if target == targets[1] and not is_official_description(target):
             raise UnsafePathError(f"{target} already exists and is not a description written by an official "
                                   "export: refusing to replace it, choose another file name (nothing was written)")
+        if target == targets[0] and not _is_torch_checkpoint(target):
+            raise UnsafePathError(f"{target} already exists and is not a PyTorch checkpoint: refusing to replace "
+                                  "it, choose another file name (nothing was written)")
+
+
+def _is_torch_checkpoint(path):
+    """Whether ``path`` holds a PyTorch checkpoint (read by the torch-free reader, shapes only): the only file
+    an export's ``overwrite`` replaces (``--overwrite thesis.tex`` would have replaced the thesis)."""
+    from utils.convert.torch_file import CheckpointError, read_checkpoint
+
+    try:
+        read_checkpoint(path, shapes_only=True)
+    except (CheckpointError, OSError):
+        return False
+    return True
 
 
 def official_description(config, clip_name=None):
