@@ -212,7 +212,8 @@ def _report(args, results):
             if r["error"] is not None:
                 continue
             if (args.num_captions or 1) > 1:  # every caption, numbered from 1 (best first)
-                for rank, candidate in enumerate(r["candidates"], 1):
+                # an entry of map.json written without its candidates (hand-made) has its caption alone
+                for rank, candidate in enumerate(r.get("candidates") or [{"text": r["caption"]}], 1):
                     print(f"{escape_field(r['image'])}\t{rank}\t{escape_field(candidate['text'])}")
             else:
                 print(f"{escape_field(r['image'])}\t{escape_field(r['caption'])}")

@@ -109,10 +109,12 @@ def cmd_extract(args):
     try:
         result = extract_embeddings(dataset.images, encoder, cache_dir=args.cache_dir, batch_size=args.batch_size,
                                     key_mode=args.key_mode, progress=not args.no_progress)
+        path = save_embedded_dataset(args.output, dataset, result, encoder.model_id)
     except KeyboardInterrupt:
         return _fail("interrupted; every embedding computed so far is in the cache: run again to resume",
                      EXIT_INTERRUPTED)
-    path = save_embedded_dataset(args.output, dataset, result, encoder.model_id)
+    except ValueError as e:  # a cache folder of another model or mixed widths (DatasetError), an output replaced
+        return _fail(str(e), EXIT_USAGE)  # by a user's file meanwhile (UnsafePathError): named, no traceback
     print(f"{path}: {len(result.indices)} images ({result.cache_hits} from the cache, {result.computed} "
           f"encoded), {len(dataset)} captions in {dataset.name}")
     return EXIT_FAILED if report_skipped(result.failed, dataset.images, dataset.num_images) else EXIT_OK

@@ -27,6 +27,7 @@ import contextlib
 import io
 import json
 import logging
+import os
 import re
 import shutil
 import time
@@ -242,6 +243,15 @@ def _is_metrics_file(path):
     return json_file_matches(path, lambda d: isinstance(d, dict) and {"metrics", "per_image", "method"} <= set(d))
 
 
+def _drop_earlier_metrics(path):
+    """Remove an earlier evaluation's metrics.json (checked ours again: `check_overwritable`) before this one's
+    results.json replaces the captions it scored: scoring may still fail or be interrupted (SPICE's Java runs
+    for minutes), and the new captions must not sit beside the scores of others as if they were theirs."""
+    check_overwritable(path, _is_metrics_file, "a metrics file")
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+
+
 class NoImagesError(ValueError):
     """No image of the dataset could be read: nothing to caption or score (``failed``: {image: message})."""
 
@@ -300,6 +310,7 @@ def evaluate_model(model, dataset, output_dir, embeddings=None, method="greedy",
     seconds = time.perf_counter() - start
     predictions = dict(zip(dataset.image_ids, captions))
     output_dir.mkdir(parents=True, exist_ok=True)
+    _drop_earlier_metrics(output_dir / "metrics.json")  # it scored other captions than those written now
     write_coco_results([{"image_id": k, "caption": c} for k, c in predictions.items()],
                        output_dir / "results.json")
 

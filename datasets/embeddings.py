@@ -39,11 +39,14 @@ import numpy as np
 
 from datasets.caption_dataset import CaptionDataset, DatasetError
 from utils.file_utils import (
+    DEFAULT_MAX_BYTES,
+    UnsafePathError,
     atomic_open,
     atomic_write,
     check_overwritable,
     file_lock,
     json_text,
+    open_regular_file,
     parse_json,
     read_json,
     read_regular_file,
@@ -135,15 +138,16 @@ def clip_encoder(clip, exif_transpose=True):
 # --------------------------------------------------------------------------------------------------- cache
 
 
-def image_key(path, key_mode="stat"):
-    """The cache key of an image file: ``abs path|size|mtime_ns`` or ``sha256:<hash of the bytes>``."""
+def image_key(path, key_mode="stat", max_bytes=DEFAULT_MAX_BYTES):
+    """The cache key of an image file: ``abs path|size|mtime_ns`` or ``sha256:<hash of the bytes>`` (of a regular
+    file of at most ``max_bytes``, as `read_image` reads: `utils.file_utils.UnsafePathError` otherwise)."""
     path = os.path.abspath(os.fspath(path))
     if key_mode == "stat":
         st = os.stat(path)
         return f"{path}|{st.st_size}|{st.st_mtime_ns}"
-    if key_mode == "content":
+    if key_mode == "content":  # only a regular file is read (a FIFO would block, /dev/zero never end)
         h = hashlib.sha256()
-        with open(path, "rb") as f:
+        with open_regular_file(path, max_bytes) as f:
             for chunk in iter(lambda: f.read(1 << 20), b""):
                 h.update(chunk)
         return f"sha256:{h.hexdigest()}"
@@ -185,6 +189,8 @@ class EmbeddingCache:
                 shard, keys = entry["shard"], entry["keys"]
                 if not _SHARD_NAME.fullmatch(shard):  # only our own shard files, never a path elsewhere
                     raise TypeError(shard)
+                if not (isinstance(keys, list) and all(isinstance(k, str) for k in keys)):  # image keys: strings
+                    raise TypeError(keys)
             except (ValueError, KeyError, TypeError):
                 # a torn line (interrupted append): its shard is recomputed
                 logger.warning("%s:%d: unreadable index line ignored", index, number)
@@ -198,6 +204,10 @@ class EmbeddingCache:
             if array.ndim != 2 or len(array) != len(keys):
                 logger.warning("%s: shard %s has shape %s for %d keys; ignored", self.directory, shard,
                                array.shape, len(keys))
+                continue
+            if array.dtype.kind != "f":  # strings, integers, complex: not embeddings `add` wrote (float32)
+                logger.warning("%s: shard %s holds %s values, not float embeddings; ignored (its %d images will "
+                               "be encoded again)", self.directory, shard, array.dtype, len(keys))
                 continue
             if self.dim is not None and array.shape[1] != self.dim:
                 raise DatasetError(f"{self.directory}: shards of different widths ({self.dim}, {array.shape[1]})")
@@ -228,7 +238,9 @@ class EmbeddingCache:
             raise DatasetError(f"{self.directory} holds {self.dim}-d embeddings, got {vectors.shape[1]}-d")
         index = self.directory / INDEX_FILENAME
         with file_lock(index):  # concurrent writers: each shard gets its own number, each index line is whole
-            number = 1 + max([int(p.stem.split("_")[1]) for p in self.directory.glob("shard_*.npy")] or [-1])
+            # past every shard of ours (a user's ``shard_notes.npy`` there is neither counted nor touched)
+            number = 1 + max([int(p.stem.split("_")[1]) for p in self.directory.glob("shard_*.npy")
+                              if _SHARD_NAME.fullmatch(p.name)] or [-1])
             shard = f"shard_{number:06d}.npy"
             with atomic_open(self.directory / shard, "wb") as f:
                 np.save(f, vectors)
@@ -310,9 +322,10 @@ def extract_embeddings(images, encoder, cache_dir=None, batch_size=32, key_mode=
             continue
         try:
             keys[path] = image_key(path, key_mode)
-        except (OSError, ValueError) as e:  # ValueError: a NUL character in the path
+        except (OSError, ValueError) as e:  # ValueError: a NUL character in the path, or not a regular file
             keys[path] = None
-            errors[path] = f"no such image file: {path}" if isinstance(e, FileNotFoundError) else f"{path}: {e}"
+            errors[path] = (f"no such image file: {path}" if isinstance(e, FileNotFoundError) else
+                            str(e) if isinstance(e, UnsafePathError) else f"{path}: {e}")
     vectors = {}  # unique path -> vector
     hits = 0
     todo = []
@@ -416,18 +429,60 @@ def check_embedded_output(path):
     check_overwritable(path, is_embedded_dataset, "an embeddings file (of `extract`)")
 
 
+def _check_stored(f):
+    """Every entry of the .npz ``f`` is stored as `save_embedded_dataset` writes it (``np.savez``: not
+    compressed) and holds the array its header declares, so that reading it allocates and reads no more than
+    the file holds: a deflated entry may declare gigabytes in a few kilobytes, and an array header any shape
+    (numpy allocates it before reading: terabytes, a MemoryError). Both are refused before any array is read."""
+    import math
+    import zipfile
+
+    for info in f.zip.infolist():
+        if info.compress_type != zipfile.ZIP_STORED:
+            raise ValueError(f"its entry {info.filename} is compressed ({info.file_size} bytes in "
+                             f"{info.compress_size}); `extract` writes them uncompressed (np.savez)")
+        if not info.filename.endswith(".npy"):
+            continue
+        with f.zip.open(info) as member:
+            version = np.lib.format.read_magic(member)
+            read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0) else
+                           np.lib.format.read_array_header_2_0)
+            shape, _, dtype = read_header(member)
+            declared = math.prod(shape) * dtype.itemsize
+            if declared > info.file_size - member.tell():
+                raise ValueError(f"its entry {info.filename} declares a {dtype} array of shape {shape} "
+                                 f"({declared} bytes) but holds {info.file_size - member.tell()}")
+
+
 def load_embedded_dataset(path):
-    """(CaptionDataset, embeddings (N_images, D), meta dict) from `save_embedded_dataset`'s file."""
+    """(CaptionDataset, embeddings (N_images, D), meta dict) from `save_embedded_dataset`'s file.
+
+    Only such a file is read (no pickled object, an uncompressed .npz, `_check_stored`): anything else, or a
+    crafted one (meta that is not an object of ours, embeddings that are not an (N, D) float array), is a
+    `DatasetError` naming the file."""
     path = Path(path)
     if not path.is_file():
         raise DatasetError(f"embeddings file not found: {path} (create it with `main.py extract`)")
     try:
-        with np.load(path, allow_pickle=False) as f:
-            meta = json.loads(str(f["meta"]))
-            embeddings = f["embeddings"].astype(np.float32)
+        loaded = np.load(path, allow_pickle=False)
+        if not isinstance(loaded, np.lib.npyio.NpzFile):  # a .npy: one array
+            raise ValueError(f"it holds one {type(loaded).__name__}, not the .npz arrays of `extract`")
+        with loaded as f:
+            _check_stored(f)
+            meta = parse_json(str(f["meta"]).encode(), "its meta")  # depth-limited
+            ids = meta.get("image_ids") if isinstance(meta, dict) else None
+            if not (isinstance(ids, list) and all(isinstance(i, int | str) and not isinstance(i, bool) for i in ids)):
+                raise ValueError("its meta is not an object with image_ids (a list of ids: numbers or strings)")
+            embeddings = f["embeddings"]
+            if embeddings.ndim != 2 or embeddings.dtype.kind != "f":
+                raise ValueError(f"its embeddings are {embeddings.dtype} of shape {embeddings.shape}, not an "
+                                 "(images, dimensions) float array")
+            embeddings = embeddings.astype(np.float32)
             dataset = CaptionDataset(list(f["images"]), meta["image_ids"], list(f["captions"]),
-                                     f["image_index"], name=meta.get("name", path.stem))
-    except (KeyError, ValueError, OSError) as e:
+                                     f["image_index"], name=str(meta.get("name", path.stem)))
+    except DatasetError as e:
+        raise DatasetError(f"{path}: {e}") from e
+    except (KeyError, ValueError, TypeError, OSError, EOFError) as e:  # TypeError: unhashable image ids...
         raise DatasetError(f"{path} is not an embeddings file written by `main.py extract`: {e}") from e
     if len(embeddings) != dataset.num_images:
         raise DatasetError(f"{path}: {len(embeddings)} embeddings for {dataset.num_images} images")

@@ -17,6 +17,7 @@ Example::
 
 import argparse
 import dataclasses
+import math
 import os
 import typing
 from dataclasses import dataclass, fields
@@ -65,8 +66,34 @@ class TrainingHParams:
     def __post_init__(self):
         self.validate()
 
-    def validate(self):
+    def _type_errors(self):
+        """Each field of another type than its annotation (a hand-edited or foreign hparams.json: ``"lr": "1e-4"``,
+        ``"normalize": "no"``, ``"batch_size": 2.5``, NaN), one message each; an int where a float goes is made
+        a float. Checked before the ranges, which would raise a TypeError on a string or pass a truthy one."""
         errors = []
+        for f in fields(self):
+            kind = _FIELD_TYPES[f.name]
+            value = getattr(self, f.name)
+            optional = type(None) in typing.get_args(kind)
+            base = next((t for t in typing.get_args(kind) if t is not type(None)), kind)
+            if value is None and optional:
+                continue
+            if base is float and isinstance(value, int) and not isinstance(value, bool):
+                value = float(value)
+                setattr(self, f.name, value)
+            ok = isinstance(value, base) and (base is bool or not isinstance(value, bool))
+            if ok and base is float and not math.isfinite(value):
+                ok = False
+            if not ok:
+                expected = {bool: "true or false", int: "an integer", float: "a finite number",
+                            str: "a string"}[base] + (" or null" if optional else "")
+                errors.append(f"{f.name} must be {expected}, got {value!r:.80}")
+        return errors
+
+    def validate(self):
+        errors = self._type_errors()
+        if errors:  # the ranges below compare numbers: not checked on values of the wrong type
+            raise ValueError("invalid training hyper-parameters: " + "; ".join(errors))
         if self.lr <= 0:
             errors.append(f"lr must be > 0, got {self.lr}")
         for name in ("batch_size", "epochs", "prefix_length", "clip_length", "num_layers", "num_heads",
@@ -98,6 +125,8 @@ class TrainingHParams:
 
     @classmethod
     def from_dict(cls, data):
+        if not isinstance(data, dict):
+            raise ValueError(f"hyper-parameters are a JSON object of names and values, got {type(data).__name__}")
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
@@ -114,7 +143,11 @@ class TrainingHParams:
 
     @classmethod
     def load(cls, path):
-        return cls.from_dict(read_json(path, 1 << 20))  # bounded, depth-limited, the file named in errors
+        data = read_json(path, 1 << 20)  # bounded, depth-limited, the file named in errors
+        try:
+            return cls.from_dict(data)
+        except ValueError as e:
+            raise ValueError(f"{os.fspath(path)}: {e}") from e
 
     # --- command line ----------------------------------------------------------------------------------
 
@@ -178,6 +211,10 @@ class TrainingHParams:
         overrides = {f.name: getattr(args, f"hp_{f.name}") for f in fields(cls)
                      if getattr(args, f"hp_{f.name}", None) is not None}
         return hp.replace(**overrides)
+
+
+#: each field's annotation, resolved (`TrainingHParams._type_errors`)
+_FIELD_TYPES = typing.get_type_hints(TrainingHParams)
 
 
 def is_hparams_file(path) -> bool:

@@ -12,7 +12,10 @@ Example::
 """
 
 import csv
+import itertools
 import logging
+import os
+import re
 from pathlib import Path
 
 from utils.file_utils import atomic_open
@@ -74,10 +77,21 @@ class ConsoleLogger(TrainingLogger):
 
 
 class CSVLogger(TrainingLogger):
-    """``steps.csv`` (step, epoch, metrics...) and ``epochs.csv`` (epoch, metrics...) in ``directory``."""
+    """``steps.csv`` (step, epoch, metrics...) and ``epochs.csv`` (epoch, metrics...) in ``directory``.
+
+    A run rewrites these files (`resume` drops the rows past its checkpoint, step 0 for a new run): a file of
+    that name that is not a log of ours (`is_log_file`: a user's ``logs/steps.csv`` in the folder given as
+    ``--output``, a link, a folder) is refused when the logger is made, before any work, never emptied."""
+
+    FIRST_COLUMNS = {"steps.csv": "step", "epochs.csv": "epoch"}
 
     def __init__(self, directory):
+        from utils.file_utils import check_overwritable
+
         self.directory = Path(directory)
+        for name, first in self.FIRST_COLUMNS.items():
+            check_overwritable(self.directory / name, lambda path, first=first: is_log_file(path, first),
+                               f"a training log ({first}, metrics...)")
         self.directory.mkdir(parents=True, exist_ok=True)
 
     def _append(self, name, row):
@@ -132,6 +146,12 @@ class TensorBoardLogger(TrainingLogger):
     def __init__(self, directory):
         import tensorflow as tf
 
+        from utils.file_utils import UnsafePathError, path_problem
+
+        if os.path.lexists(directory) and not os.path.isdir(directory):  # TensorFlow's own error: not an OSError
+            raise UnsafePathError(f"{path_problem(directory) or f'{directory} is not a folder'}: TensorBoard's event "
+                                  "files go in a folder of that name (nothing was changed); move it away or choose "
+                                  "another --output")
         self._tf = tf
         self.writer = tf.summary.create_file_writer(str(directory))
 
@@ -192,6 +212,42 @@ def build_loggers(directory, console=True, progress=True, csv=True, tensorboard=
     if tensorboard and directory is not None:
         loggers.append(TensorBoardLogger(Path(directory) / "tensorboard"))
     return LoggerList(loggers)
+
+
+#: the rows `is_log_file` looks at (it reads no further: a long run's log is not read whole to be recognised)
+_LOG_ROWS_CHECKED = 1000
+_METRIC_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+#: what a number written by `_fmt` may be cut to ("1e" of "1e-05", "na" of "nan", "-" of "-inf")
+_NUMBER_PREFIX = re.compile(r"[-+0-9.eEnaifNAIF]*")
+
+
+def is_log_file(path, first_column="step") -> bool:
+    """Whether ``path`` reads as a `CSVLogger` file: a header of metric names starting with ``first_column``,
+    then rows of numbers (empty cells allowed, and anything in the file's last row, which a kill may have cut
+    in the middle of a number: "1e" of "1e-05"); only the header and the first `_LOG_ROWS_CHECKED` rows are
+    read."""
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            reader = csv.reader(f)
+            header = next(reader, None)
+            if not header or header[0] != first_column or not all(_METRIC_NAME.fullmatch(h) for h in header):
+                return False
+            rows = itertools.islice(reader, _LOG_ROWS_CHECKED + 1)
+            row = next(rows, None)
+            while row is not None:
+                following = next(rows, None)
+                if len(row) > len(header):
+                    return False
+                whole = row if following is not None else row[:-1]  # the last row's last cell may be torn
+                for cell in whole:
+                    if cell:
+                        float(cell)
+                if following is None and row and not _NUMBER_PREFIX.fullmatch(row[-1]):
+                    return False
+                row = following
+    except (OSError, ValueError, csv.Error):  # UnicodeDecodeError is a ValueError
+        return False
+    return True
 
 
 def _rows_up_to(rows, limit, column="step"):

@@ -40,16 +40,54 @@ CONFIG_FILENAME = "config.json"
 _CONFIG_MAX_BYTES = 1 << 20
 
 
+def _read_config(model_dir):
+    config_path = Path(model_dir) / CONFIG_FILENAME
+    config = read_json(config_path, _CONFIG_MAX_BYTES)
+    if not isinstance(config, dict):
+        raise ValueError(f"{config_path} is not a saved model's config")
+    return config_path, config
+
+
 def saved_model_name(model_dir):
     """The name `ClipCap.load` gives the model saved in ``model_dir`` (`saving.valid_name`, else
     `saving.folder_name`). Raises OSError / ValueError for a missing or unreadable config."""
     from models.image_captioning.saving import folder_name, valid_name
 
-    config_path = Path(model_dir) / CONFIG_FILENAME
-    config = read_json(config_path, _CONFIG_MAX_BYTES)
-    if not isinstance(config, dict):
-        raise ValueError(f"{config_path} is not a saved model's config")
+    config_path, config = _read_config(model_dir)
     return valid_name(config.get("name"), config_path) or folder_name(model_dir)
+
+
+def _holds_int8_weights(config) -> bool:
+    """Whether a saved config records int8 weights: GPT-2's ``quantization`` entry, present only then
+    (`custom_architectures.quantization`), wherever the serialized backbone nests it."""
+    pending = [config]
+    while pending:
+        value = pending.pop()
+        if isinstance(value, dict):
+            if value.get("quantization") is not None:
+                return True
+            pending.extend(value.values())
+        elif isinstance(value, list):
+            pending.extend(value)
+    return False
+
+
+def saved_identity_in(model_dir, identity, precision):
+    """The identity the model saved in ``model_dir`` (whose recorded identity is ``identity``) has once loaded
+    in ``precision``, as ``ClipCap.load(..., precision=...)`` gives it, without loading it; None when it cannot
+    be loaded so. A float32 folder: `models.precision.precision_identity` (float32: unchanged). A folder of int8
+    weights records their own identity, which loading as saved (None) or in int8 keeps; any other precision
+    is refused by the load (its float32 weights are not there): None, never the int8 captions.
+    Raises OSError / ValueError for a missing or unreadable config."""
+    from models.precision import precision_identity, resolve_precision
+
+    if identity is None:
+        return None
+    if not _holds_int8_weights(_read_config(model_dir)[1]):
+        return precision_identity(identity, precision)
+    if precision is None or resolve_precision(precision).name == "int8":
+        return identity
+    return None
 
 
 def answers_from_map(model_dir, images, method="greedy", output_dir=None, return_candidates=False,
@@ -60,21 +98,21 @@ def answers_from_map(model_dir, images, method="greedy", output_dir=None, return
     ``model_dir`` is a saved model's folder (only its config.json and metadata.json are read); ``output_dir``
     as in ``predict`` (default `prediction.default_output_dir`: ``<model store>/.outputs/<name>``); ``method``
     a method's name with its ``generate_kwargs``, or a checked `custom_architectures.decoding.Decoding`;
-    ``precision``: the one the model would be loaded in (`models.precision`: its results are keyed apart);
+    ``precision``: the one the model would be loaded in (`models.precision`: its results are keyed apart;
+    `saved_identity_in`: an int8 folder asked for another precision gets no answer, as its load fails);
     ``max_file_bytes`` as in ``predict`` (None: no limit): a larger file is never answered from map.json (the
     caller's ``predict`` then refuses it), whether or not its neighbours need the model.
     """
-    from models.precision import precision_identity
-
     request = as_decoding(method, generate_kwargs)
     try:
         name = saved_model_name(model_dir)
+        identity = saved_identity_in(model_dir, recorded_identity(model_dir), precision)
     except (OSError, ValueError, UnsafePathError) as e:
         logger.debug("no answer from map.json: %s", e)
         return None
-    identity = precision_identity(recorded_identity(model_dir), precision)
     if identity is None:
-        logger.debug("no answer from map.json: %s records no identity", model_dir)
+        logger.debug("no answer from map.json: %s records no identity, or is not loaded in precision %s",
+                      model_dir, precision)
         return None
     directory = Path(output_dir) if output_dir is not None else default_output_dir(name)
     try:

@@ -10,7 +10,9 @@ would be cheaper (a ``stat``), but a file rewritten with its size and time kept 
 What it costs: the stamp of an image being captioned is taken from the very bytes that are decoded (no
 second read); an image answered from storage is read once to be hashed (SHA-256, about 1 GB/s here), which
 is what a rerun of thousands of already captioned images pays instead of loading the model.
-Entries without a ``sha256`` (written before this rule) never answer: they are captioned again.
+Entries without a ``sha256`` (written before this rule) never answer: they are captioned again. Nor does
+anything for a request of random draws without a seed (settings marked ``"unseeded"``,
+`prediction.generation_settings`): it asks for a new draw, which no stored caption is.
 """
 
 import hashlib
@@ -55,7 +57,7 @@ def stamp_matches(stored, stamp) -> bool:
 def answers(stored, settings, stamp) -> bool:
     """Whether ``stored`` (a map.json entry or a batch record) answers for the file whose stamp is ``stamp``
     (a dict or a callable giving it, called only when the settings match: a file is read only when needed)."""
-    if not isinstance(stored, dict) or stored.get("settings") != settings:
+    if settings.get("unseeded") or not isinstance(stored, dict) or stored.get("settings") != settings:
         return False
     return stamp_matches(stored, stamp() if callable(stamp) else stamp)
 

@@ -23,7 +23,8 @@ the same map.json keep the union of their results (none is lost, each image appe
 settings are *not* part of the key: there is one entry per image, the latest. A rerun skips an image when
 its entry was made by the same model (identity, not name) with the same settings (method and every generation
 argument) from the same bytes (`models.image_captioning.freshness`, the rule ``batch --skip-existing`` follows
-too); otherwise (or with ``overwrite=True``) it is captioned again and the entry replaced. The
+too); otherwise (or with ``overwrite=True``) it is captioned again and the entry replaced. Captions drawn at
+random without a seed (``method="sample"`` alone) are stored but never reused: a new run draws anew. The
 run's view of map.json is refreshed at every write (and every few seconds while reading images), so an
 image that a concurrent run captioned meanwhile with the same settings is taken from map.json instead of
 being read and captioned again. A file given more than once in a run (a folder and a glob over it, or two
@@ -203,15 +204,25 @@ def _check_not_symlink(path):
                               "output_dir / --output-dir, or remove the link")
 
 
+def _is_candidate(value):
+    """A stored candidate: ``{"text": str, "score": number, ...}`` (what `_candidates` writes)."""
+    return (isinstance(value, dict) and isinstance(value.get("text"), str)
+            and isinstance(value.get("score"), int | float) and not isinstance(value.get("score"), bool))
+
+
 def _check_entries(data):
-    """Every entry of a map.json is ``{"caption": str, "settings": {...}, ...}``: a ValueError naming the
-    first entry of another shape (the file is never erased: a hand-edited or foreign file is not ours)."""
+    """Every entry of a map.json is ``{"caption": str, "settings": {...}, "candidates": [{"text": str,
+    "score": number, ...}, ...] or absent, ...}``: a ValueError naming the first entry of another shape (the
+    file is never erased: a hand-edited or foreign file is not ours). Candidates are checked too: they are
+    handed back as results (``--num-captions`` prints each one's text)."""
     for key, entry in data.items():
+        candidates = entry.get("candidates") if isinstance(entry, dict) else None
         if not (isinstance(entry, dict) and isinstance(entry.get("caption"), str)
                 and isinstance(entry.get("settings"), dict)
-                and isinstance(entry.get("candidates"), list | type(None))):
-            raise ValueError(f"the entry {key!r} is not a caption entry (a JSON object with a "
-                             f"'caption' string and 'settings'), got {json.dumps(entry)[:80]}")
+                and (candidates is None or (isinstance(candidates, list) and all(map(_is_candidate, candidates))))):
+            raise ValueError(f"the entry {key!r} is not a caption entry (a JSON object with a 'caption' string, "
+                             "'settings' and 'candidates' of 'text' and 'score'), got "
+                             f"{json.dumps(entry)[:80]}")
 
 
 def load_map(path, max_bytes=MAP_MAX_BYTES):
@@ -288,7 +299,9 @@ def generation_settings(model, method, generate_kwargs, exif_transpose=True):
     """What decides a caption, as stored in map.json and compared on rerun: the model (its identity,
     ``model.identity``; its name only for display), the method and its arguments, and ``exif_transpose`` (it
     decides which pixels are captioned: an entry made upright must not answer a run that reads the pixels as
-    stored)."""
+    stored). A random method without a seed is marked ``"unseeded"``: its captions came from a seed drawn for
+    that run and recorded nowhere, so they answer no later request (`freshness.answers`), which asks for a
+    new draw."""
     return generation_settings_for(getattr(model, "name", None), model.identity, method, generate_kwargs,
                                    exif_transpose)
 
@@ -301,9 +314,13 @@ def generation_settings_for(model_name, model_identity, method, generate_kwargs,
     from custom_architectures.samplers import SAMPLERS
 
     generate_kwargs = _rerank_settings(generate_kwargs)
-    draws = getattr(SAMPLERS.get(method), "draws", None)  # how random draws are keyed (sampling)
+    sampler = SAMPLERS.get(method)
+    draws = getattr(sampler, "draws", None)  # how random draws are keyed (sampling)
+    # random draws without a seed: each run draws a new one, recorded nowhere (`freshness.answers`: never reused)
+    unseeded = not getattr(sampler, "deterministic", True) and generate_kwargs.get("seed") is None
     return {"model": model_name, "model_identity": model_identity, "method": method,
             "exif_transpose": bool(exif_transpose), **({"draws": draws} if draws else {}),
+            **({"unseeded": True} if unseeded else {}),
             **{k: _jsonable(v) for k, v in sorted(generate_kwargs.items())}}
 
 
