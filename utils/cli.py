@@ -121,7 +121,19 @@ def add_decoding_arguments(p, batch_help="images per encoding / decoding batch",
             p.add_argument(option.flag, type=option.type, choices=option.choices,
                            help=f"{prefix}{_option_help(option, methods)} (default: {option.default_words()})")
     if batch_size is not None:
-        p.add_argument("--batch-size", type=int, default=batch_size, help=batch_help)
+        p.add_argument("--batch-size", type=positive_int, default=batch_size, help=batch_help)
+
+
+def positive_int(text):
+    """argparse ``type=`` of a count that must be >= 1 (``--batch-size``): 0 or a negative number is a usage
+    error (exit 2) when the command line is parsed, not after the model and the inputs were loaded."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
+    return value
 
 
 def _option_help(option, methods):

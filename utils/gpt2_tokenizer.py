@@ -5,7 +5,8 @@ format folder, built the way ``GPT2TokenizerFast.from_pretrained`` builds it:
 
 - the BPE model from ``vocab.json`` + ``merges.txt``, or the vocabulary and merges of ``tokenizer.json``
   (transformers keeps only those and the post-processor of that file; so do we), with GPT-2's BPE settings
-  (no dropout, no subword prefix / suffix, no unknown-token fusing);
+  (no dropout, no subword prefix / suffix, no unknown-token fusing); its ids must number its tokens
+  (0 .. n-1, each once, the rows of GPT-2's embedding: `_check_vocab`), where transformers takes any;
 - a ``ByteLevel`` pre-tokenizer (``add_prefix_space`` from ``tokenizer_config.json``, default False) and
   ``ByteLevel`` decoder;
 - the post-processor of ``tokenizer.json``; without one, ``add_bos_token`` / ``add_eos_token`` of the config
@@ -71,6 +72,28 @@ def _added_token(entry, special=None):
     return AddedToken(entry["content"], **fields)
 
 
+def _check_vocab(vocab, source):
+    """``vocab`` ({token: id} of vocab.json or tokenizer.json) itself when its ids number its tokens: integers
+    0 .. n-1, each once, as GPT-2's (its ids are the rows of the model's token embedding). ValueError naming
+    ``source`` and the first entry otherwise: a repeated id decodes one token as another, and an id past
+    ``n - 1`` escapes ``len(tokenizer)``, the bound conversion checks against GPT-2's rows (a stop token of id
+    10**6 in a 400-token vocabulary was accepted, and its captions never stopped)."""
+    if not isinstance(vocab, dict):
+        raise ValueError(f"{source}: the vocabulary must be a JSON object {{token: id}}, got {type(vocab).__name__}")
+    count, seen = len(vocab), {}
+    for token, index in vocab.items():
+        if isinstance(index, bool) or not isinstance(index, int):
+            raise ValueError(f"{source}: token {token!r} has id {index!r}: ids are integers 0 .. {count - 1}")
+        if not 0 <= index < count:
+            raise ValueError(f"{source}: token {token!r} has id {index}, outside 0 .. {count - 1}: the ids of a "
+                             f"vocabulary of {count} tokens number them, each id once")
+        if index in seen:
+            raise ValueError(f"{source}: tokens {seen[index]!r} and {token!r} both have id {index}: each id "
+                             "names one token")
+        seen[index] = token
+    return vocab
+
+
 def _read_merges(path):
     """merges.txt -> [(a, b), ...], as ``tokenizers.models.BPE.read_file`` parses it: ``#version`` lines
     skipped, every other line two tokens separated by one space (ValueError naming the line otherwise)."""
@@ -128,15 +151,17 @@ class GPT2Tokenizer:
             if model.get("type") != "BPE":
                 raise ValueError(f"{directory}/tokenizer.json is not a BPE tokenizer (model {model.get('type')!r})")
             merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model.get("merges", [])]
-            backend = Tokenizer(BPE(vocab=model.get("vocab", {}), merges=merges, **bpe_settings))
+            vocab = _check_vocab(model.get("vocab", {}), f"{directory}/tokenizer.json")
+            backend = Tokenizer(BPE(vocab=vocab, merges=merges, **bpe_settings))
             post = tokenizer_json.get("post_processor")
             post_processor = None if post is None else Tokenizer.from_str(json.dumps(
                 {**tokenizer_json, "model": {**model, "vocab": {}, "merges": []}, "added_tokens": []})).post_processor
             config = {k: v for k, v in config.items() if k not in ("add_bos_token", "add_eos_token")}
         else:  # each file read once, regular and bounded (BPE.read_file would open them again, unchecked)
             vocab = read_json("vocab.json")
-            if not isinstance(vocab, dict):
-                raise ValueError(f"{directory}/vocab.json is missing or not a JSON object")
+            if vocab is None:
+                raise ValueError(f"{directory}/vocab.json is missing")
+            _check_vocab(vocab, f"{directory}/vocab.json")
             backend = Tokenizer(BPE(vocab=vocab, merges=_read_merges(os.path.join(directory, "merges.txt")),
                                     **bpe_settings))
             post_processor = None

@@ -15,7 +15,6 @@ Example::
 
 import html
 import os
-import shutil
 from functools import lru_cache
 
 import numpy as np
@@ -79,6 +78,15 @@ def read_vocab_text(path, max_file_bytes=MAX_VOCAB_FILE_BYTES, max_text_bytes=MA
         return b"".join(pieces).decode("utf-8")
     except UnicodeDecodeError as e:
         raise ValueError(f"{path}: not UTF-8 text ({e})") from e
+
+
+def _is_vocab_file(path):
+    """Whether ``path`` holds a CLIP vocabulary (gzip text of OpenAI's merges, as `read_vocab_text` reads it):
+    what `CLIPTokenizer.save` may replace."""
+    try:
+        return len(read_vocab_text(path).split("\n", _NUM_MERGES + 1)) > _NUM_MERGES
+    except (OSError, ValueError):  # UnsafePathError is a ValueError
+        return False
 
 
 @lru_cache(maxsize=1)
@@ -206,11 +214,18 @@ class CLIPTokenizer:
         return result
 
     def save(self, directory):
-        """Copy the vocabulary file into `directory` (what `from_directory` reads back)."""
-        os.makedirs(directory, exist_ok=True)
+        """Copy the vocabulary file into `directory` (created if needed; what `from_directory` reads back);
+        returns its path. The copy is read bounded (a regular file of at most `MAX_VOCAB_FILE_BYTES`) and
+        written atomically; a file already of that name is replaced only when it is a CLIP vocabulary file (a
+        previous save), never through a link (`utils.file_utils.UnsafePathError` otherwise, nothing changed)."""
+        from utils.file_utils import atomic_write, check_overwritable, read_regular_file
+
+        directory = os.fspath(directory)
         target = os.path.join(directory, VOCAB_FILENAME)
-        if os.path.abspath(target) != os.path.abspath(self.vocab_path):
-            shutil.copyfile(self.vocab_path, target)
+        if os.path.abspath(target) == os.path.abspath(self.vocab_path):
+            return target
+        check_overwritable(target, _is_vocab_file, what="a CLIP vocabulary file")
+        atomic_write(target, read_regular_file(self.vocab_path, MAX_VOCAB_FILE_BYTES), mode="wb")
         return target
 
     @classmethod
