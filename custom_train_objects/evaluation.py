@@ -36,6 +36,7 @@ from pathlib import Path
 import numpy as np
 
 from custom_architectures.decoding import as_decoding
+from custom_architectures.decoding_options import check_integer
 from models.siamese.clip_score import (
     CLIP_SCORE_PROMPT,
     CLIP_SCORE_W,
@@ -227,6 +228,7 @@ def generate_captions(model, embeddings, batch_size=32, method="greedy", **gener
     """Captions (the best of each image) for (N, D) CLIP embeddings, batch by batch (``method``: a name with
     its ``generate_kwargs``, or a checked `custom_architectures.decoding.Decoding`)."""
     request = as_decoding(method, generate_kwargs)
+    batch_size = check_integer("batch_size", batch_size, minimum=1)  # -1 gave no caption at all, silently
     captions = []
     for start in range(0, len(embeddings), batch_size):
         out = model.generate(np.asarray(embeddings[start : start + batch_size]), method=request)
@@ -285,6 +287,7 @@ def evaluate_model(model, dataset, output_dir, embeddings=None, method="greedy",
     request = as_decoding(method, generate_kwargs)  # checked once, first
     if hasattr(model, "check_generate_args"):  # what needs the model (rerank without a text encoder...) first
         model.check_generate_args(request)
+    batch_size = check_integer("batch_size", batch_size, minimum=1)  # before the (long) work, not after it
     output_dir = Path(output_dir)
     # a previous evaluation's files are replaced; anyone else's are refused before the (long) work
     check_overwritable(output_dir / "results.json", _is_results_file, "a captions results file")

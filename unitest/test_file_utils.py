@@ -431,6 +431,27 @@ def test_file_lock_leaves_no_lock_file_and_still_excludes(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == []
 
 
+def test_file_lock_leaves_a_users_file_named_like_its_lock_alone(tmp_path):
+    """A lock file is always empty: a user's ``map.json.lock`` holding notes was locked, then deleted on release
+    (found by `merge_into_map`); a FIFO there is neither opened for good nor waited on. Both are refused."""
+    from utils.file_utils import UnsafePathError
+
+    path = tmp_path / "map.json"
+    notes = tmp_path / "map.json.lock"
+    notes.write_text("my notes about locks")
+    with pytest.raises(UnsafePathError, match="a file of 20 bytes, not an .empty. lock file"):
+        with file_lock(path, timeout=1):
+            pass
+    assert notes.read_text() == "my notes about locks"
+    notes.unlink()
+    os.mkfifo(notes)
+    start = time.monotonic()
+    with pytest.raises(UnsafePathError, match="FIFO"):
+        with file_lock(path, timeout=1):
+            pass
+    assert stat.S_ISFIFO(os.lstat(notes).st_mode) and time.monotonic() - start < 1
+
+
 def test_a_model_replaced_by_a_killed_save_still_loads_by_name(tiny_model_dir, tmp_path, monkeypatch):
     from models.cli_models import resolve_model_dir
     from models.image_captioning.clip_cap import ClipCap

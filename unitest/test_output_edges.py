@@ -393,6 +393,23 @@ def test_an_int8_folder_asked_for_float32_is_not_answered_with_its_int8_captions
         assert answers_from_map(folder, precision=other, **ask) is None, other
 
 
+def test_batch_keys_an_int8_folder_as_it_loads(tmp_path):
+    """``batch --precision int8`` on an int8 folder keyed its records by the int8 identity hashed a second
+    time (no caption's map.json entry, nor --skip-existing record, matched), and ``--precision float32`` by the
+    int8 identity, though no worker can load it so: now the identity it loads with, and a ValueError (exit 3)
+    before the job for float32."""
+    from models.image_captioning.beam_inference import batch_settings
+    from models.image_captioning.identity import recorded_identity
+
+    folder, _, _ = _int8_folder_with_answers(tmp_path)
+    identity = recorded_identity(folder)
+    for precision in (None, "int8"):
+        assert batch_settings(folder, "greedy", {"max_length": 5}, precision=precision)["model_identity"] == identity
+    for other in ("float32", "bfloat16"):
+        with pytest.raises(ValueError, match="holds int8 weights"):
+            batch_settings(folder, "greedy", {"max_length": 5}, precision=other)
+
+
 # --------------------------------------------------------------------- map.json: hand-edited candidates
 
 
@@ -508,3 +525,22 @@ def test_a_file_where_the_tensorboard_folder_goes_is_refused_clearly(tmp_path):
     (tmp_path / "tensorboard").symlink_to(tmp_path / "nowhere")
     with pytest.raises(UnsafePathError, match="dangling"):
         build_loggers(tmp_path, console=False, csv=False)
+
+
+@pytest.mark.parametrize("bad", [-1, 0, 2.5, "2", True])
+def test_a_batch_size_that_is_no_positive_integer_is_named(tiny_clipcap, tmp_path, bad):
+    """``generate_captions(..., batch_size=-1)`` returned no caption at all (and `evaluate_model` would have
+    written empty results); ``predict(batch_size=2.5)`` raised "'float' object cannot be interpreted as an
+    integer", naming nothing. Each now raises a ValueError naming batch_size, before any work."""
+    import numpy as np
+
+    from custom_train_objects.evaluation import generate_captions
+    from models.image_captioning.prediction import predict
+
+    embeddings = np.zeros((2, tiny_clipcap.mapper.prefix_size), np.float32)
+    with pytest.raises(ValueError, match="batch_size must be"):
+        generate_captions(tiny_clipcap, embeddings, batch_size=bad, max_length=3)
+    with pytest.raises(ValueError, match="batch_size must be"):
+        predict(tiny_clipcap, [np.zeros((8, 8, 3), np.uint8)], batch_size=bad, save=False)
+    with pytest.raises(ValueError, match="batch_size must be"):
+        tiny_clipcap.clip.encode_image([np.zeros((8, 8, 3), np.uint8)], batch_size=bad)

@@ -201,8 +201,9 @@ def test_a_hub_name_is_built_from_its_cached_snapshot(layouts, monkeypatch):
 
     asked = []
 
-    def snapshot_download(repo_id, allow_patterns):
+    def snapshot_download(repo_id, allow_patterns, local_files_only=False):
         asked.append(repo_id)
+        assert local_files_only  # conftest sets IMAGE_CAPTIONING_OFFLINE: never a download
         assert "tokenizer.json" in allow_patterns and "vocab.json" in allow_patterns
         if repo_id != "openai-community/gpt2":
             raise huggingface_hub.errors.LocalEntryNotFoundError("not cached")

@@ -641,7 +641,9 @@ def file_lock(path, timeout=-1):
     someone holds or waits for the lock: the holder deletes it on release, and every locker checks after
     locking that the file it locked is still the one at ``<path>.lock`` (else it retries), so deleting it
     never lets two processes hold the lock. A killed holder leaves the file, whose lock the kernel released:
-    the next locker takes it and deletes it. (Elsewhere ``filelock``'s lock file is left in place.)
+    the next locker takes it and deletes it. A lock file is always empty: anything else at ``<path>.lock`` (a
+    user's file, a FIFO, a folder) is left alone, `UnsafePathError`. (Elsewhere ``filelock``'s lock file is
+    left in place.)
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -670,9 +672,10 @@ def _acquire_lock_file(lock_path, timeout):
     """An open descriptor holding ``flock`` on the file now at ``lock_path`` (created if needed)."""
     deadline = None if timeout is None or timeout < 0 else time.monotonic() + timeout
     while True:
-        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0),
-                     default_file_mode())
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0)
+                     | getattr(os, "O_CLOEXEC", 0), default_file_mode())
         try:
+            _check_lock_file(fd, lock_path)
             while not _lock_fd(fd, blocking=deadline is None):
                 if deadline is not None and time.monotonic() >= deadline:
                     raise TimeoutError(f"{lock_path[:-5]} is locked by another process ({lock_path}) for more "
@@ -687,6 +690,17 @@ def _acquire_lock_file(lock_path, timeout):
             os.close(fd)
             raise
         os.close(fd)
+
+
+def _check_lock_file(fd, lock_path):
+    """`UnsafePathError` unless the open ``fd`` at ``lock_path`` is an empty regular file, as every lock file of
+    `file_lock` is (nothing is ever written into one): a user's ``notes.lock`` beside ``notes`` is neither
+    locked nor deleted on release."""
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode) or st.st_size:
+        what = f"a file of {st.st_size} bytes" if stat.S_ISREG(st.st_mode) else describe_kind(st.st_mode)
+        raise UnsafePathError(f"{lock_path} is {what}, not an (empty) lock file of this library: it is left as it "
+                              f"is; move it away to use {lock_path[:-5]}")
 
 
 def describe_kind(st_mode) -> str:

@@ -95,16 +95,21 @@ _RENAMED = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
 
 def _hub_snapshot(name):
     """The local folder of hub repository ``name``'s tokenizer files: the HF cache, downloaded when online and
-    missing (``huggingface_hub``). GPT-2's own names (`_RENAMED`) are also looked up under
-    ``openai-community/``, where the hub moved them (a cache filled under either name serves)."""
+    missing (``huggingface_hub``), never under ``IMAGE_CAPTIONING_OFFLINE=1`` (`utils.downloads.is_offline`:
+    the cache only). GPT-2's own names (`_RENAMED`) are also looked up under ``openai-community/``, where the
+    hub moved them (a cache filled under either name serves). The library's own loads go through
+    `models.image_captioning.gpt2_hub.fetch_gpt2_tokenizer` first (mirror, manifest, one download at a time)."""
     from huggingface_hub import snapshot_download
 
+    from utils.downloads import is_offline
+
+    options = {"allow_patterns": list(_READ_FILES), "local_files_only": is_offline()}
     try:
-        return snapshot_download(repo_id=name, allow_patterns=list(_READ_FILES))
+        return snapshot_download(repo_id=name, **options)
     except Exception:
         if name not in _RENAMED:
             raise
-        return snapshot_download(repo_id=f"openai-community/{name}", allow_patterns=list(_READ_FILES))
+        return snapshot_download(repo_id=f"openai-community/{name}", **options)
 
 
 def _check_files(directory):

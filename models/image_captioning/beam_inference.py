@@ -436,19 +436,23 @@ def caption_pipeline(pipeline, inputs, model_dir, output, method="greedy", batch
 
 def batch_settings(model_dir, method, generate_kwargs, exif_transpose=True, precision=None):
     """`prediction.generation_settings` for a saved model: its name (config.json) and identity (metadata.json,
-    in ``precision``: `models.precision.precision_identity`), no weights loaded; a folder that records no
-    identity (saved by an earlier version) is loaded once here to compute it."""
-    from models.image_captioning.cached_answers import saved_model_name
+    as the model has it once loaded in ``precision``: `cached_answers.saved_identity_in`), no weights loaded; a
+    folder that records no identity (saved by an earlier version) is loaded once here to compute it. A
+    ValueError for a precision the folder cannot be loaded in (an int8 folder's float32 weights are not
+    there), before any worker tries."""
+    from models.image_captioning.cached_answers import saved_identity_in, saved_model_name
     from models.image_captioning.identity import recorded_identity
     from models.image_captioning.prediction import generation_settings_for
-    from models.precision import precision_identity
 
     identity = recorded_identity(model_dir)
     if identity is None:
         from models.image_captioning.clip_cap import ClipCap
 
         identity = ClipCap.load(str(model_dir)).identity
-    identity = precision_identity(identity, precision)
+    identity = saved_identity_in(model_dir, identity, precision)
+    if identity is None:
+        raise ValueError(f"{model_dir} holds int8 weights (saved so): it loads as int8 only, not in precision "
+                         f"{precision!r} (its float32 weights are not there)")
     # the name as ClipCap.load gives it
     return generation_settings_for(saved_model_name(model_dir), identity, method, generate_kwargs, exif_transpose)
 

@@ -66,6 +66,7 @@ import numpy as np
 
 from custom_architectures.batching import power_of_two_at_least
 from custom_architectures.decoding import as_decoding
+from custom_architectures.decoding_options import check_integer
 from custom_architectures.samplers import draw_id
 from models.image_captioning.compile_status import CompileStatus
 from models.image_captioning.freshness import answers, content_stamp, is_fresh
@@ -440,8 +441,7 @@ def predict(model, images, batch_size=16, method="greedy", save=True, overwrite=
         results = predict(model, "demo/", method="beam", beam_size=3, return_candidates=True)
     """
     request = as_decoding(method, generate_kwargs)  # the one check of the decoding arguments: carried from here
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    batch_size = check_integer("batch_size", batch_size, minimum=1)  # 2.5 or "2": named, not a TypeError
     clip = _check_model(model)
     if hasattr(model, "check_generate_args"):  # what needs the model (stop token, CLIP's text tower), first
         model.check_generate_args(request)

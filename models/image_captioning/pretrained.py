@@ -103,8 +103,8 @@ def convert_model(model_class, checkpoint, clip, tokenizer, directory, name=None
     else:
         clip_model = clip
     if isinstance(tokenizer, str | os.PathLike):
-        say(f"reading the GPT-2 tokenizer {tokenizer} ...")
-        tok = load_gpt2_tokenizer(str(tokenizer))
+        say(f"reading the GPT-2 tokenizer {tokenizer} ...")  # a hub name: by the transport (mirror, manifest)
+        tok = load_gpt2_tokenizer(fetch_gpt2_tokenizer(str(tokenizer)))
     else:
         tok = tokenizer
     say(f"reading and converting the ClipCap checkpoint {checkpoint} (mapper and GPT-2) ...")

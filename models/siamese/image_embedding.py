@@ -100,8 +100,9 @@ class ImageEmbedder:
         """Images (one source, a list of them, or an (N, H, W, C) array) -> (N, D), ``batch_size`` at a time."""
         if is_single_image(images):
             images = [images]
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        from custom_architectures.decoding_options import check_integer
+
+        batch_size = check_integer("batch_size", batch_size, minimum=1)  # 2.5 or "2": named, not a TypeError
         features = []
         for start in range(0, len(images), batch_size):
             features.append(self.encode_batch([self.load(image) for image in images[start : start + batch_size]]))
