@@ -1,9 +1,12 @@
 """Reading images safely: one entry point for paths, PIL images and numpy arrays, with clear errors.
 
 `read_image` decodes completely (``Image.load()``) so a truncated file fails here rather than later in a
-batch, refuses decompression bombs, applies the EXIF orientation by default (a photo taken upright shows
-upright; OpenAI's CLIP pipeline does not do this: ``exif_transpose=False`` reproduces it) and keeps the
-image's mode, so that preprocessing can follow OpenAI's order (resize, crop, then convert to RGB).
+batch (any failure of PIL's decoders, whatever it raises, is that image's `ImageReadError`), refuses
+decompression bombs (an ICO's icon at its embedded header's size, which PIL decodes inside ``Image.open``)
+and JPEGs of more than `MAX_JPEG_SCANS` scans (a CPU bomb), applies the EXIF orientation by default (a
+photo taken upright shows upright; OpenAI's CLIP pipeline does not do this: ``exif_transpose=False``
+reproduces it) and keeps the image's mode, so that preprocessing can follow OpenAI's order (resize, crop,
+then convert to RGB).
 `list_images` expands files, directories and glob patterns into a stable list of image paths.
 
 http(s) URLs of the CLI and the Python API (whose user is the operator) are read by `read_url`; the web demo's
@@ -51,10 +54,14 @@ _URL_RE = re.compile(r"[A-Za-z][A-Za-z0-9+.-]+://")
 URL_SCHEMES = ("http", "https")
 #: seconds for a whole image download (connecting, then every byte)
 URL_TIMEOUT_S = 30.0
+#: the most scans (SOS markers) a JPEG may hold: a progressive JPEG is decoded scan by scan, each a pass over
+#: the whole image, so that 178 kB of 2,006 scans of a 4096 x 4096 image took 20 s (PIL; 27 s in TensorFlow).
+#: Encoders write 1 (baseline) to about 10 (libjpeg's progressive script); the serving graph applies it too
+MAX_JPEG_SCANS = 100
 
 
 class ImageReadError(ValueError):
-    """An image that cannot be read: missing, empty, truncated, not an image, or too large."""
+    """An image that cannot be read: missing, empty, truncated, corrupt, not an image, or too large."""
 
 
 def _pixel_limit(max_pixels):
@@ -69,15 +76,75 @@ def _check_size(size, limit, name):
         )
 
 
+def _jpeg_scans(fp):
+    """The number of scans (SOS markers, ``FF DA``: never inside entropy-coded data, where ``FF`` is followed
+    by ``00``) in the JPEG file object ``fp``, read from its start in 1 MiB blocks; its position is restored.
+    An EXIF thumbnail's or an MPO's other pictures' scans count too (a handful)."""
+    position, count, last = fp.tell(), 0, b""
+    fp.seek(0)
+    try:
+        while block := fp.read(1 << 20):
+            count += (last + block).count(b"\xff\xda")
+            last = block[-1:]
+    finally:
+        fp.seek(position)
+    return count
+
+
+def _check_jpeg_scans(image, name):
+    """`ImageReadError` for a JPEG of more than `MAX_JPEG_SCANS` scans, before any is decoded."""
+    if image.format in ("JPEG", "MPO"):
+        scans = _jpeg_scans(image.fp)
+        if scans > MAX_JPEG_SCANS:
+            raise ImageReadError(
+                f"{name}: a progressive JPEG of {scans} scans (more than {MAX_JPEG_SCANS}): refused, each scan "
+                f"costs a pass over the whole {image.size[0]}x{image.size[1]} image (usual files have at most "
+                "a dozen)")
+
+
+def _check_icon(fp, limit, name):
+    """`Image.open` of an ICO decodes its largest icon at once (``IcoImagePlugin._open`` calls ``load``), at
+    the size the embedded PNG or BMP header says, whatever the icon directory says (a 16 x 16 entry held an
+    8000 x 8000 PNG: 256 MB decoded before ``max_pixels`` was checked): that header's size is checked first,
+    read as PIL reads it (``IcoFile.frame``) without decoding. Other files: nothing (``fp`` left at its
+    position)."""
+    from PIL import BmpImagePlugin, IcoImagePlugin, PngImagePlugin
+
+    position = fp.tell()
+    try:
+        if fp.read(4) != b"\0\0\1\0":
+            return
+        fp.seek(position)
+        entry = IcoImagePlugin.IcoFile(fp).entry[0]  # the one Image.open decodes
+        fp.seek(entry.offset)
+        png = fp.read(8) == PngImagePlugin._MAGIC
+        fp.seek(entry.offset)
+        if png:
+            size = PngImagePlugin.PngImageFile(fp).size
+        else:
+            width, height = BmpImagePlugin.DibImageFile(fp).size
+            size = (width, height // 2)  # the colours, then the AND mask
+        _check_size(size, limit, f"{name} (its largest icon)")
+    finally:
+        fp.seek(position)
+
+
 def _open_bytes(data, name, max_pixels, exif_transpose=False):
-    """Decode an image from bytes or a binary file object (read lazily: only what the first frame needs)."""
+    """Decode an image from bytes or a binary file object (read lazily: only what the first frame needs).
+
+    Any failure of PIL's decoders is this image's `ImageReadError`: a crafted file makes some of them raise
+    other errors than OSError / SyntaxError (a DDS: NotImplementedError, a TIFF of RATIONAL strip offsets:
+    TypeError ...), which must fail that image alone, never the batch or the web demo's request."""
     limit = _pixel_limit(max_pixels)
     try:
         with warnings.catch_warnings():
             # with an explicit max_pixels our own check decides; otherwise PIL's warning becomes an error
             warnings.simplefilter("ignore" if max_pixels is not None else "error", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data) if isinstance(data, bytes | bytearray) else data)
+            fp = io.BytesIO(data) if isinstance(data, bytes | bytearray) else data
+            _check_icon(fp, limit, name)
+            image = Image.open(fp)
             _check_size(image.size, limit, name)
+            _check_jpeg_scans(image, name)
             image.load()  # the first frame only (PIL reads later frames on seek)
             if exif_transpose:  # while the file is open (some formats read their EXIF block from it)
                 ImageOps.exif_transpose(image, in_place=True)
@@ -89,7 +156,24 @@ def _open_bytes(data, name, max_pixels, exif_transpose=False):
         raise ImageReadError(f"{name}: not an image file (unrecognised format)") from e
     except (OSError, SyntaxError, ValueError, EOFError) as e:
         raise ImageReadError(f"{name}: cannot decode image (truncated or corrupt file?): {e}") from e
+    except MemoryError as e:
+        raise ImageReadError(f"{name}: not enough memory to decode the image") from e
+    except Exception as e:  # noqa: BLE001 (a decoder's own failure on crafted bytes: see the docstring)
+        raise ImageReadError(f"{name}: cannot decode image (corrupt or unsupported file?): "
+                             f"{type(e).__name__}: {e}") from e
     return image
+
+
+def _exif_transposed(image, name, in_place):
+    """``ImageOps.exif_transpose`` of an image already decoded; its EXIF block's errors (a broken TIFF header:
+    SyntaxError ...) are `ImageReadError`s naming ``name``."""
+    try:
+        return ImageOps.exif_transpose(image, in_place=in_place)
+    except MemoryError as e:
+        raise ImageReadError(f"{name}: not enough memory to rotate the image") from e
+    except Exception as e:  # noqa: BLE001 (PIL's EXIF reader on crafted bytes, as `_open_bytes`)
+        raise ImageReadError(f"{name}: cannot read the EXIF orientation (corrupt EXIF block?): "
+                             f"{type(e).__name__}: {e}") from e
 
 
 def _from_array(array):
@@ -251,7 +335,8 @@ def read_image(source, exif_transpose=True, max_pixels=None, max_bytes=DEFAULT_M
 
     Raises:
         ImageReadError: missing path, directory, FIFO / device / socket, dangling or looping symbolic link,
-            empty or too large file, non-image bytes, truncated / corrupt data, decompression bomb, or an
+            empty or too large file, non-image bytes, truncated / corrupt data (any decoder error), a
+            corrupt EXIF block, decompression bomb, a JPEG of more than `MAX_JPEG_SCANS` scans, or an
             unsupported array.
 
     Example::
@@ -261,9 +346,16 @@ def read_image(source, exif_transpose=True, max_pixels=None, max_bytes=DEFAULT_M
     if isinstance(source, Image.Image):
         _check_size(source.size, _pixel_limit(max_pixels), "image")
         try:
+            if getattr(source, "tile", None) and getattr(source, "fp", None) is not None:  # not decoded yet
+                _check_jpeg_scans(source, "image")
             source.load()
-        except (OSError, SyntaxError, ValueError, EOFError) as e:
-            raise ImageReadError(f"cannot decode the given PIL image (truncated or corrupt?): {e}") from e
+        except ImageReadError:
+            raise
+        except MemoryError as e:
+            raise ImageReadError("the given PIL image: not enough memory to decode it") from e
+        except Exception as e:  # noqa: BLE001 (any decoder failure, as `_open_bytes`)
+            raise ImageReadError(f"cannot decode the given PIL image (truncated or corrupt?): "
+                                 f"{type(e).__name__}: {e}") from e
         image = source
     elif isinstance(source, np.ndarray):
         image = _from_array(source)
@@ -277,16 +369,16 @@ def read_image(source, exif_transpose=True, max_pixels=None, max_bytes=DEFAULT_M
     elif isinstance(source, (bytes, bytearray)):
         if not source:
             raise ImageReadError("empty image bytes")
-        image = _open_bytes(bytes(source), "image bytes", max_pixels)
+        return _open_bytes(bytes(source), "image bytes", max_pixels, exif_transpose=exif_transpose)
     else:
         raise ImageReadError(
             f"cannot read an image from a {type(source).__name__}: give a path, a PIL image or a numpy array"
         )
     if exif_transpose:
         if image is source:  # the caller's image: never modified
-            image = ImageOps.exif_transpose(image)
+            image = _exif_transposed(image, "image", in_place=False)
         else:
-            ImageOps.exif_transpose(image, in_place=True)
+            _exif_transposed(image, "image array", in_place=True)
     return image
 
 

@@ -18,7 +18,7 @@ give the same 8-bit pixels, so this module follows Pillow's C code (``libImaging
 
 Both compute only the centre crop the caller keeps (PIL computes each output pixel on its own, so the crop of
 the resize is exactly the resize of the crop's pixels), and the image stays uint8 except for one (rows,
-n, channels) int32 accumulator: no float copy of the whole image.
+n, channels) int32 accumulator: no float copy of the whole image (`premultiply` too works in blocks of rows).
 
 Example::
 
@@ -156,11 +156,30 @@ def _muldiv255(a, b):
     return tf.bitwise.right_shift(tf.bitwise.right_shift(tmp, 8) + tmp, 8)
 
 
+#: rows premultiplied at a time: the int32 arithmetic holds one block of rows, never the whole image
+PREMULTIPLY_ROWS = 256
+
+
 def premultiply(image):
-    """RGBA -> RGBa, LA -> La (Pillow's ``rgbA2rgba``) of a uint8 (H, W, C) image whose last channel is alpha."""
-    x = tf.cast(image, tf.int32)
-    colour = _muldiv255(x[..., :-1], x[..., -1:])
-    return tf.cast(tf.concat([colour, x[..., -1:]], -1), tf.uint8)
+    """RGBA -> RGBa, LA -> La (Pillow's ``rgbA2rgba``) of a uint8 (H, W, C) image whose last channel is alpha.
+
+    Computed `PREMULTIPLY_ROWS` rows at a time into a uint8 result: the whole image in int32 (and
+    `_muldiv255`'s temporaries of that size) cost 36 bytes a pixel, 1.3 GB more for a 6000 x 6000 RGBA PNG
+    of 150 kB than for the same RGB one in the serving graph. The same integers, block by block."""
+    def block(rows):
+        x = tf.cast(rows, tf.int32)
+        colour = _muldiv255(x[..., :-1], x[..., -1:])
+        return tf.cast(tf.concat([colour, x[..., -1:]], -1), tf.uint8)
+
+    count = tf.maximum((tf.shape(image)[0] + PREMULTIPLY_ROWS - 1) // PREMULTIPLY_ROWS, 1)
+    blocks = tf.TensorArray(tf.uint8, size=count, infer_shape=False,
+                            element_shape=tf.TensorShape([None]).concatenate(image.shape[1:]))
+
+    def body(i, blocks):
+        return i + 1, blocks.write(i, block(image[i * PREMULTIPLY_ROWS : (i + 1) * PREMULTIPLY_ROWS]))
+
+    _, blocks = tf.while_loop(lambda i, _: i < count, body, (tf.constant(0), blocks))
+    return blocks.concat()
 
 
 def unpremultiply(image):

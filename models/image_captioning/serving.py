@@ -12,8 +12,9 @@ text table. Signatures (see README "Serving"):
   Each row's header is read before anything is decoded (`serving_ops.read_header`: JPEG SOF, PNG IHDR, GIF
   screen and first frame, BMP); a row is decoded only when its format is one of those four, its width x
   height is at most ``max_pixels`` (PIL's bound, 89,478,485) and fits in what is left of the request's
-  ``max_request_pixels`` (default twice that) after the rows before it; any other row gets ``""`` and NaN
-  without being decoded, so a small file announcing a huge image costs no memory. A GIF is decoded up to
+  ``max_request_pixels`` (default twice that) after the rows before it, and (a JPEG) it holds at most
+  `utils.image_io.MAX_JPEG_SCANS` scans; any other row gets ``""`` and NaN without being decoded, so a small
+  file announcing a huge image costs no memory, nor one of thousands of progressive scans minutes of CPU. A GIF is decoded up to
   the end of its first frame only (the frame PIL and OpenAI's preprocessing use).
 - ``embeddings``: ``embeddings`` (N, D) float32 CLIP features -> the same outputs; a row with NaN / inf
   values (or all zeros for a normalising mapper) gets ``""`` and NaN.
@@ -113,7 +114,9 @@ class CaptionModule(tf.Module):
             "max_batch_size": self._sizes[-1], "max_pixels": self._max_pixels,
             "max_request_pixels": self._max_request_pixels, "formats": list(ops.FORMATS),
             "bad_rows": "caption '' and score NaN (not an image of these formats, unreadable, more than "
-                        "max_pixels, or beyond max_request_pixels: rows are admitted in order while they fit)",
+                        "max_pixels, a JPEG of more than max_jpeg_scans scans, or beyond max_request_pixels: rows "
+                        "are admitted in order while they fit)",
+            "max_jpeg_scans": ops.MAX_JPEG_SCANS,
             "gif": "first frame only",
             "score": "mean log-probability per generated token (stop token included)",
             "exif_orientation": "applied (JPEG), as ClipCap.caption",

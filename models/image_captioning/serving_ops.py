@@ -2,8 +2,10 @@
 repository once traced.
 
 - `read_header` / `read_headers`: the format, width and height an encoded JPEG / PNG / GIF / BMP announces,
-  read without decoding (never failing on short or garbage bytes); `admit`: which rows may be decoded (the
-  per-image bound ``max_pixels``, the preprocessing's resize bound, the request's ``max_request_pixels``).
+  read without decoding (never failing on short or garbage bytes; a JPEG of more than
+  `utils.image_io.MAX_JPEG_SCANS` scans reads as unreadable, as `read_image` refuses it); `admit`: which
+  rows may be decoded (the per-image bound ``max_pixels``, the preprocessing's resize bound, the request's
+  ``max_request_pixels``).
 - the decoding of admitted rows (`models.image_captioning.serving_pixels.decode_images`) uses them.
 - `run_bucketed`: call XLA-compiled functions of static batch sizes (powers of two up to a maximum) on a
   batch of any size: chunks of at most the maximum, each padded to the next bucket, as `ClipCap` pads.
@@ -16,6 +18,7 @@ import numpy as np
 import tensorflow as tf
 
 from utils.clip_preprocessing import MAX_RESIZED_PIXELS
+from utils.image_io import MAX_JPEG_SCANS
 
 #: PIL's default decompression-bomb bound (``Image.MAX_IMAGE_PIXELS``), which `utils.image_io` applies too
 DEFAULT_MAX_PIXELS = 89_478_485
@@ -71,10 +74,20 @@ def _result(valid, width, height, pixels, size):
     return width, height, tf.where(valid, pixels, tf.constant(-1, tf.int64)), size
 
 
+def jpeg_scans(data):
+    """The scans (SOS markers ``FF DA``, which entropy-coded data never holds) of a scalar string, as
+    `utils.image_io` counts them."""
+    body = tf.io.decode_raw(data, tf.uint8)
+    sos = tf.equal(body[:-1], 0xFF) & tf.equal(body[1:], 0xDA)
+    return tf.reduce_sum(tf.cast(sos, tf.int64))
+
+
 def _jpeg(data):
-    # libjpeg's header reader (the decoder's own: same SOF, same dimensions); reads no scan data
+    # libjpeg's header reader (the decoder's own: same SOF, same dimensions); reads no scan data. A JPEG of
+    # more than MAX_JPEG_SCANS scans is unreadable here: each scan is a pass over the whole image (a CPU bomb)
     shape = tf.cast(tf.image.extract_jpeg_shape(data), tf.int64)
-    return _result(tf.constant(True), shape[1], shape[0], shape[0] * shape[1], _size(data))
+    valid = jpeg_scans(data) <= MAX_JPEG_SCANS
+    return _result(valid, shape[1], shape[0], shape[0] * shape[1], _size(data))
 
 
 def _png(data):

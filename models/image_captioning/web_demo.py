@@ -2,8 +2,9 @@
 
 ``python main.py serve --model coco [--host 127.0.0.1] [--port 7860]`` starts it. The model is loaded and
 compiled once at start-up (a warm-up caption), requests are queued one at a time (two decodes at once on
-the same cores would only slow each other down), uploads are bounded in size (``max_file_bytes``) and
-decoded images in pixels (``max_pixels``), and every image gets its own result: a file that is not an
+the same cores would only slow each other down), uploads are bounded in size (``max_file_bytes``), decoded
+images in pixels (``max_pixels`` each, ``max_request_pixels`` for a request's images together: those that do
+not fit in what is left are error rows, dropped at once), and every image gets its own result: a file that is not an
 image, too large, or a URL that cannot be fetched is an error row in the page, never a crash.
 
 The URL box is read as a stranger's input (`utils.safe_fetch.fetch_untrusted`): http(s) URLs only, never a
@@ -39,6 +40,11 @@ from utils.safe_fetch import URLRefused, fetch_untrusted
 MAX_FILE_BYTES = 20 * 1024 * 1024
 MAX_PIXELS = 40_000_000
 MAX_IMAGES = 16
+#: the most pixels (width x height, summed) of one request's images, by default: twice ``max_pixels``. Each
+#: image decoded is held until the request ends; without this bound, 16 uploads of 164 kB (RGBA PNGs of 40
+#: megapixels) held 2.4 GB before any caption. Images are admitted in order while they fit, as the serving
+#: graph admits rows (`models.image_captioning.serving_ops.admit`)
+REQUEST_PIXELS_FACTOR = 2
 #: characters of the URL box (and of the hidden note of refused uploads) read: a request with a longer URL
 #: text is refused before it is split
 MAX_URL_TEXT = 64 * 1024
@@ -169,9 +175,11 @@ class Captioner:
     """The demo's work, without Gradio: bounded reading, then `ClipCap.predict` on the images that read."""
 
     def __init__(self, model, max_file_bytes=MAX_FILE_BYTES, max_pixels=MAX_PIXELS, max_images=MAX_IMAGES,
-                 allow_private_urls=False, url_budget_s=URL_BUDGET_S):
+                 allow_private_urls=False, url_budget_s=URL_BUDGET_S, max_request_pixels=None):
         self.model, self.max_file_bytes, self.max_pixels, self.max_images = \
             model, max_file_bytes, max_pixels, max_images
+        self.max_request_pixels = REQUEST_PIXELS_FACTOR * max_pixels if max_request_pixels is None \
+            else max_request_pixels
         self.allow_private_urls, self.url_budget_s = allow_private_urls, url_budget_s
 
     def warm_up(self):
@@ -205,15 +213,25 @@ class Captioner:
             raise ValueError(f"at most {self.max_images} images per request (files and URLs together), got more")
         deadline = time.monotonic() + self.url_budget_s  # for all the URLs together
         sources += [(text, lambda t=text: self._read_url(t, deadline)) for text in texts]
-        images = []
+        images, used = [], 0
         for name, read in sources:
             short = name.rsplit("/", 1)[-1]
             try:
-                images.append((short, read(), None))
+                image = read()
             except URLRefused as e:
                 images.append((short, None, str(e)))
+                continue
             except ImageReadError as e:
                 images.append((short, None, str(e).replace(str(name), short)))
+                continue
+            pixels = image.size[0] * image.size[1]
+            if used + pixels > self.max_request_pixels:  # dropped now: at most the bound plus one image held
+                images.append((short, None, f"{short}: {image.size[0]}x{image.size[1]} = {pixels} pixels do not fit "
+                                            f"in the {self.max_request_pixels} pixels of a request ({used} taken "
+                                            "by the images before it): send it in another request"))
+                continue
+            used += pixels
+            images.append((short, image, None))
         return images
 
     def caption(self, files, urls="", method="greedy", **controls):
@@ -322,7 +340,8 @@ def build_demo(model, allow_private_urls=False, **limits):
     with gr.Blocks(title="ClipCap captioning", analytics_enabled=False) as demo:
         gr.Markdown(f"## ClipCap image captioning\n{html.escape(describe_model(model))}\n\n"
                     f"Up to {captioner.max_images} images per request, {captioner.max_file_bytes // 2**20} MiB "
-                    f"and {captioner.max_pixels // 10**6} megapixels each.", elem_id="header")
+                    f"and {captioner.max_pixels // 10**6} megapixels each, "
+                    f"{captioner.max_request_pixels // 10**6} megapixels in all.", elem_id="header")
         gr.HTML(f"<style>{CSS}</style>")
         with gr.Row():
             with gr.Column():
