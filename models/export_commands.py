@@ -132,7 +132,7 @@ def cmd_serve(args):
     if model is None:
         return code
     serve(model, host=args.host, port=args.port, max_file_bytes=args.max_file_bytes, max_pixels=args.max_pixels,
-          allow_private_urls=args.allow_private_urls)
+          max_request_pixels=args.max_request_pixels, allow_private_urls=args.allow_private_urls)
     return EXIT_OK
 
 
@@ -195,6 +195,9 @@ def register(subparsers):
     p.add_argument("--port", type=int, default=7860, help="the port to listen on")
     p.add_argument("--max-file-bytes", type=int, default=20 * 1024 * 1024, help="the largest upload accepted")
     p.add_argument("--max-pixels", type=int, default=40_000_000, help="the most pixels an image may decode to")
+    p.add_argument("--max-request-pixels", type=int, help="the most pixels one request's images may decode to "
+                                                          "together (default: twice --max-pixels); an image "
+                                                          "beyond it gets an error row")
     p.add_argument("--allow-private-urls", action="store_true",
                    help="let the URL box fetch loopback, private, link-local and other non-public addresses "
                         "(127.0.0.1, 10.x, 192.168.x, 169.254.169.254, ::1, ...). Visitors can then reach whatever "

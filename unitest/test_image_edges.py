@@ -262,3 +262,16 @@ def test_icon_larger_than_its_directory_says_is_refused_before_decoding():
         assert read_image(data, max_pixels=48 * 48).size == (48, 48)
         with pytest.raises(ImageReadError, match=r"\(its largest icon\): 48x48"):
             read_image(data, max_pixels=48 * 48 - 1)
+
+
+def test_serve_passes_the_request_pixel_bound(tiny_model_dir, monkeypatch):
+    """``serve --max-request-pixels N`` reaches the demo's `Captioner` (default None: twice --max-pixels)."""
+    pytest.importorskip("gradio")
+    import main
+    from models.image_captioning import web_demo
+
+    seen = []
+    monkeypatch.setattr(web_demo, "serve", lambda model, **kwargs: seen.append(kwargs["max_request_pixels"]))
+    assert main.main(["serve", "--model", str(tiny_model_dir)]) == 0
+    assert main.main(["serve", "--model", str(tiny_model_dir), "--max-request-pixels", "5000000"]) == 0
+    assert seen == [None, 5_000_000]
