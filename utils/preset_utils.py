@@ -133,6 +133,7 @@ def read_preset_config(directory, architecture, error, required=()):
         raise error(f"{path}: 'model' must be an object (a serialized Keras model), got "
                     f"{type(config['model']).__name__}: the saved model is damaged or was edited; save or convert "
                     "it again")
+    check_saved_policies(config["model"], path, error)
     return config
 
 
@@ -168,6 +169,37 @@ def check_model_config(value, config_path, error, where="model"):
                         f"{', '.join(sorted(DTYPE_NAMES))} (or a Keras DTypePolicy of one): refused; save or convert "
                         "the model again")
         check_model_config(item, config_path, error, f"{where}.{key}")
+
+
+#: the dtype policy every layer of a saved model runs in: bfloat16 models are not saved (`models.precision`:
+#: not ``savable``) and an int8 one keeps float32 policies (its int8 weights are variables of float32 layers)
+SAVED_POLICY = "float32"
+
+
+def _policy_name(value):
+    """The policy name of a config's dtype entry that `_is_known_dtype` accepts (None for None)."""
+    return value["config"]["name"] if isinstance(value, dict) else value
+
+
+def check_saved_policies(value, config_path, error, where="model"):
+    """Refuse (``error`` naming ``config_path``, the entry and its layer) a serialized model any of whose layers
+    has a dtype policy other than `SAVED_POLICY`: a float32 folder whose config.json was edited to "bfloat16"
+    would load as float32 and fail at its first caption (bfloat16 layers, float32 inputs). Entries
+    `check_model_config` refuses anyway (an unknown dtype) are left to it. Checked before anything is built."""
+    if isinstance(value, list):
+        for i, item in enumerate(value):
+            check_saved_policies(item, config_path, error, f"{where}[{i}]")
+        return
+    if not isinstance(value, dict):
+        return
+    for key, item in value.items():
+        if key in _DTYPE_KEYS and _is_known_dtype(item) and _policy_name(item) not in (None, SAVED_POLICY):
+            layer = value.get("name")
+            raise error(f"{config_path}: {where}.{key}{f' (layer {layer!r})' if isinstance(layer, str) else ''} is "
+                        f"{_policy_name(item)!r}, expected {SAVED_POLICY!r}: a saved model's layers run in "
+                        f"{SAVED_POLICY} (a bfloat16 model is not saved: load the float32 one with "
+                        "precision='bfloat16'); config.json was edited: refused; save or convert the model again")
+        check_saved_policies(item, config_path, error, f"{where}.{key}")
 
 
 def _is_registered_mapper(module, class_name):
@@ -273,8 +305,9 @@ def load_preset_model(directory, config, error, load_weights=None, expected=None
     """Rebuild ``config["model"]`` (``keras.saving.deserialize_keras_object``) and load ``model.weights.h5``
     into it (or ``load_weights(model, path)``); ``error`` names config.json or the weights file when either
     is damaged or they do not match: a config whose model is larger than the weights file
-    (`check_model_size`, before building), or that builds anything but a Keras layer (an ``expected`` class
-    when given) is refused before a weight is read."""
+    (`check_model_size`, before building), a layer whose dtype policy is not float32 (`check_saved_policies`),
+    or that builds anything but a Keras layer (an ``expected`` class when given) is refused before a weight is
+    read; weights that are not finite after (`check_finite_weights`)."""
     import keras
 
     from utils.weights_io import load_weights_strict, variables_to_be_loaded
@@ -287,6 +320,7 @@ def load_preset_model(directory, config, error, load_weights=None, expected=None
         raise error(f"{config_path}: 'model' must be an object (a serialized Keras model), got "
                     f"{type(config.get('model')).__name__}; save or convert the model again")
     check_model_config(config["model"], config_path, error)
+    check_saved_policies(config["model"], config_path, error)
     check_model_size(config["model"], weights_path, config_path, error)
     try:
         with variables_to_be_loaded():
@@ -303,7 +337,36 @@ def load_preset_model(directory, config, error, load_weights=None, expected=None
     except (OSError, ValueError, KeyError, TypeError, RuntimeError) as e:
         raise error(f"cannot load the weights from {weights_path} ({type(e).__name__}: {e}); the file is "
                     "damaged or does not match config.json: save or convert the model again") from e
+    check_finite_weights(model, weights_path, error)
     return model
+
+
+_FLOAT_DTYPES = frozenset({"float16", "bfloat16", "float32", "float64"})
+
+
+def check_finite_weights(model, weights_path, error):
+    """Refuse (``error`` naming ``weights_path``, the variable and where) a ``model`` any of whose floating
+    weights holds NaN or an infinity: such a file loads and captions silently wrong (NaN scores, empty
+    captions). One vectorised pass over the weights as loaded (one reduction per variable, a single result
+    read back): measured 0.05 s for a 124M GPT-2 (float32) on 2 CPU cores, against 0.26 s for its load."""
+    import keras
+    import numpy as np
+    import tensorflow as tf
+
+    variables = [v for v in model.weights if keras.backend.standardize_dtype(v.dtype) in _FLOAT_DTYPES]
+    if not variables:
+        return
+    finite = tf.stack([tf.reduce_all(tf.math.is_finite(v.value)) for v in variables]).numpy()
+    if finite.all():
+        return
+    variable = variables[int(np.argmin(finite))]
+    values = np.asarray(variable.numpy())
+    bad = ~np.isfinite(values)
+    where = np.unravel_index(int(np.argmax(bad)), values.shape) if values.ndim else ()
+    raise error(f"{weights_path}: the weight {variable.path} {tuple(values.shape)} is not finite: "
+                f"{int(bad.sum()):,} NaN or infinite value(s), the first {values[where]} at index "
+                f"{tuple(int(i) for i in where)}; every weight must be finite (the file is damaged or was edited): "
+                "refused; save or convert the model again")
 
 
 def read_metadata(directory, error):

@@ -20,19 +20,26 @@ def load_clipcap(cls, name_or_directory, clip=None, jit_compile="auto"):
             return get_pretrained(cls, str(name_or_directory))
     config = read_saved_header(directory, ARCHITECTURE, ModelLoadError, "ClipCap")
     if config.get("format_version") == 1:
-        from models.image_captioning.format1 import load_format1
+        from models.image_captioning.format1 import GPT2_WEIGHTS, MAPPER_WEIGHTS, load_format1
+        from utils.preset_utils import check_finite_weights
 
-        return load_format1(cls, directory, config, clip=clip, jit_compile=jit_compile)
+        model = load_format1(cls, directory, config, clip=clip, jit_compile=jit_compile)
+        check_finite_weights(model.mapper, directory / MAPPER_WEIGHTS, ModelLoadError)  # before any caption
+        check_finite_weights(model.gpt2, directory / GPT2_WEIGHTS, ModelLoadError)
+        return model
     return _load_format2(cls, directory, clip, jit_compile)
 
 
 def _load_format2(cls, directory, clip, jit_compile):
+    from custom_architectures.quantization import check_int8_weights
     from custom_architectures.transformers_arch.clip_cap_arch import ClipCapBackbone
-    from utils.preset_utils import CONFIG_FILE, load_preset_model, read_preset_config
+    from utils.preset_utils import CONFIG_FILE, WEIGHTS_FILE, load_preset_model, read_preset_config
 
     config = read_preset_config(directory, ARCHITECTURE, ModelLoadError, required=("tokenizer",))
     backbone = load_preset_model(directory, config, ModelLoadError, expected=ClipCapBackbone)
     if not isinstance(backbone, ClipCapBackbone):
         raise ModelLoadError(f"{directory / CONFIG_FILE}: 'model' is a {type(backbone).__name__}, not a "
                              "ClipCapBackbone; save or convert the model again")
+    # float weights are checked finite by load_preset_model; an int8 GPT-2's q and scales here, before any caption
+    check_int8_weights(backbone.gpt2, directory / WEIGHTS_FILE, ModelLoadError)
     return load_parts(cls, directory, config, backbone, clip, jit_compile)
