@@ -30,6 +30,18 @@ import numpy as np
 MIN_TEMPERATURE = 1e-6
 #: Seeds are keyed by 32 bits (`samplers.counter_uniform`): larger ones are refused rather than folded.
 SEED_LIMIT = 2**32
+#: The most beams (``beam_size``) and captions per image (``num_captions``) one call decodes. Each is a row of
+#: the decoding loop with its own KV cache (for GPT-2 124M, 12 layers x 2 x 768 float32 per position: ~5.5 MiB
+#: a row over 10 prefix + 67 tokens) and its (V,) logits per step, for each image of a decoding chunk (at most
+#: ``max_batch_size`` images). Unbounded, 40 000 sampled captions of the 400-token test model took 14 GB and
+#: 10**8 asked for a [1, 1, 4e8, 64] tensor (a ResourceExhaustedError traceback): refused before any load now.
+#: Beams: 256 rows (~1.4 GiB per image at the default length) is far beyond any use (the official ClipCap beam
+#: is 5; the web demo's slider stops at 10), and the model's vocabulary bounds them too
+#: (``ClipCap.check_generate_args``). Sampled captions: 4096, because drawing thousands of short captions to
+#: estimate a distribution is a real use (the test suite draws 4000 first tokens, ``max_length=1``); more: call
+#: again with another seed.
+MAX_BEAM_SIZE = 256
+MAX_NUM_CAPTIONS = 4096
 
 
 class _ModelStopToken:
@@ -94,6 +106,17 @@ def check_seed(seed):
     return seed
 
 
+def check_num_captions(num_captions):
+    """``num_captions`` as an int in [1, `MAX_NUM_CAPTIONS`]; else ValueError (the maximum bounds one call's
+    allocation: each caption is a row of the decoding loop, with its own cache)."""
+    num_captions = check_integer("num_captions", num_captions, minimum=1)
+    if num_captions > MAX_NUM_CAPTIONS:
+        raise ValueError(f"num_captions must be in [1, {MAX_NUM_CAPTIONS}], got {num_captions} (each caption "
+                         "decodes with its own cache: the bound keeps one call's memory in reach; for more "
+                         "sampled captions, call again with another seed)")
+    return num_captions
+
+
 # ------------------------------------------------------------------------------------------------ options
 
 
@@ -119,7 +142,8 @@ class Option:
         type: int, float or str (the command line parses the flag with it).
         default: what decoding uses when the option is not given (None: off / no limit).
         help: what it does, for ``--help`` (which methods take it and the default are added there).
-        minimum, maximum: inclusive bounds checked by `validate` (None: unbounded).
+        minimum, maximum: inclusive bounds checked by `validate` (None: unbounded); with ``check``, declared
+            for readers and enforced by the check itself (``beam_size``, ``num_captions``).
         choices: the values allowed (None: any of ``type``).
         check: a function of the value that validates it and returns it in canonical form, for rules the
             bounds do not say (its own messages); replaces the type and bounds check.
@@ -187,7 +211,8 @@ TEMPERATURE = Option("temperature", float, 1.0, "divide the logits by this befor
 # ---------------------------------------------------------------------------------- taken by every method
 
 NUM_CAPTIONS = Option("num_captions", int, 1, "captions per image, best first (beam: <= --beam-size; sample: "
-                      "independent draws); text output numbers them", minimum=1,
+                      f"independent draws), at most {MAX_NUM_CAPTIONS}; text output numbers them", minimum=1,
+                      maximum=MAX_NUM_CAPTIONS, check=check_num_captions,
                       control=Control(1, 5, 1, label="captions per image"))
 MAX_LENGTH = Option("max_length", int, 67, "most generated tokens per caption (the stop token included)", minimum=1,
                     control=Control(5, 67, 1, label="max tokens"))

@@ -34,6 +34,7 @@ import hashlib
 import numpy as np
 
 from custom_architectures.decoding_options import (  # noqa: F401 (the checks: importable from here too)
+    MAX_BEAM_SIZE,
     MIN_TEMPERATURE,
     NUM_CAPTIONS,
     SEED_LIMIT,
@@ -94,13 +95,18 @@ def two_stage_top_k(values, k):
 
 
 def check_beam_size(beam_size):
-    """``beam_size`` as an int >= 1; else ValueError (0 said in words: it is a common slip)."""
+    """``beam_size`` as an int in [1, `MAX_BEAM_SIZE`]; else ValueError (0 said in words: it is a common slip;
+    the maximum bounds one call's allocation, `decoding_options.MAX_BEAM_SIZE`). The model's vocabulary bounds
+    it too, which only the model knows (``ClipCap.check_generate_args``)."""
     beam_size = check_integer("beam_size", beam_size)
     if beam_size == 0:
         raise ValueError("beam_size=0: beam search needs at least one beam; use beam_size >= 1 (beam_size=1 is "
                          "greedy decoding)")
     if beam_size < 0:
         raise ValueError(f"beam_size must be >= 1, got {beam_size}")
+    if beam_size > MAX_BEAM_SIZE:
+        raise ValueError(f"beam_size must be in [1, {MAX_BEAM_SIZE}], got {beam_size} (each beam decodes with its "
+                         "own cache: the bound keeps one call's memory in reach)")
     return beam_size
 
 
@@ -111,7 +117,8 @@ def check_top_p(top_p):
     return float(top_p)
 
 
-BEAM_SIZE = Option("beam_size", int, 5, "beams for --method beam", check=check_beam_size, ignorable=True,
+BEAM_SIZE = Option("beam_size", int, 5, f"beams for --method beam, at most {MAX_BEAM_SIZE} and the model's "
+                   "vocabulary", minimum=1, maximum=MAX_BEAM_SIZE, check=check_beam_size, ignorable=True,
                    control=Control(1, 10, 1, label="beam size"))
 TOP_K = Option("top_k", int, None, "sample among the k most likely tokens only", minimum=1, default_text="no limit")
 TOP_P = Option("top_p", float, None, "nucleus sampling: sample among the most likely tokens whose probability "

@@ -611,7 +611,9 @@ class ClipCap:
         ``options`` as `generate` takes them (a `Decoding` is not checked again), then what needs this model.
         Returns (the `Decoding`, the stop token's id or None). Raises ValueError / TypeError as `generate` does
         (MAGIC without CLIP's text tower: ValueError saying how to add it; ``rerank`` without it:
-        `rerank.MissingTextEncoderError`, saying how to add one)."""
+        `rerank.MissingTextEncoderError`, saying how to add one), and ValueError for what this model's GPT-2
+        cannot decode (`_check_model_bounds`: more beams than its vocabulary, a stop token without an
+        embedding row, a ``max_length`` beyond its positions), which would otherwise fail inside the loop."""
         from utils.tokenizer import stop_token_id
 
         request = as_decoding(method, options)
@@ -622,7 +624,36 @@ class ClipCap:
 
             check_text_encoder(self)
         stop_token = self.resolve_stop_token(request.stop_token)
-        return request, None if stop_token is None else stop_token_id(self.tokenizer, stop_token)
+        stop = None if stop_token is None else stop_token_id(self.tokenizer, stop_token)
+        self._check_model_bounds(request, stop_token, stop)
+        return request, stop
+
+    def _check_model_bounds(self, request, stop_token, stop):
+        """ValueError unless GPT-2 can decode ``request`` with the stop id ``stop`` (of ``stop_token``):
+
+        - ``beam_size`` <= GPT-2's vocabulary (its embedding rows): each step takes the top ``beam_size``
+          tokens of a row (otherwise TensorFlow's "input must have at least k columns" inside the loop);
+        - the stop id < that vocabulary: a token without a row (a tokenizer larger than the model's) is never
+          generated, so the captions would never stop early;
+        - the prefix and ``max_length`` within GPT-2's ``n_positions``, by the decoder's own rule (the compiled
+          loop feeds K + max_length - 1 positions, MAGIC's K + max_length), checked here before any work.
+        """
+        vocab, positions, k = int(self.gpt2.vocab_size), int(self.gpt2.n_positions), self.prefix_length
+        beam_size = request.own_values().get("beam_size")  # a method with beams (its own option)
+        if beam_size is not None and beam_size > vocab:
+            raise ValueError(f"beam_size={beam_size} exceeds the model's vocabulary of {vocab} tokens (GPT-2's "
+                             f"embedding rows): beam_size must be in [1, {vocab}] for this model")
+        if stop is not None and not 0 <= stop < vocab:
+            raise ValueError(f"stop_token {stop_token!r} has id {stop} but the model's GPT-2 has only {vocab} "
+                             f"embedding rows (ids 0 .. {vocab - 1}): it could never be generated; the tokenizer "
+                             "does not belong to this GPT-2")
+        fed = k + request.max_length - (0 if request.sampler.guided else 1)
+        if fed > positions:
+            longest = positions - k + (0 if request.sampler.guided else 1)
+            raise ValueError(f"max_length={request.max_length} with this model's prefix of {k} positions exceeds "
+                             f"GPT-2's n_positions={positions}: max_length must be in [1, {longest}]"
+                             + (f" for method={request.method!r} (it feeds the last step's candidates too)"
+                                if request.sampler.guided else ""))
 
     def resolve_stop_token(self, stop_token=MODEL_STOP_TOKEN):
         """``stop_token`` as a string (or None): `MODEL_STOP_TOKEN` -> this model's `stop_token`."""

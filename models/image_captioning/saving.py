@@ -246,13 +246,22 @@ def json_excerpt(value, limit=80):
 
 
 def load_parts(cls, directory, config, backbone, clip, jit_compile):
-    """The tokenizer and CLIP of a saved folder (both formats) around ``backbone`` -> a `ClipCap`."""
+    """The tokenizer and CLIP of a saved folder (both formats) around ``backbone`` -> a `ClipCap`.
+
+    A tokenizer with more tokens than GPT-2 has embedding rows is refused (`ModelLoadError`), as conversion
+    refuses it: its extra tokens have no row, so GPT-2 never generates them (such a stop token would never
+    stop a caption). Fewer tokens than rows is fine: GPT-2 checkpoints are often padded."""
     from utils.preset_utils import CONFIG_FILE
     from utils.tokenizer import load_gpt2_tokenizer
 
     config_path = directory / CONFIG_FILE
     tokenizer_dir = sub_folder(directory, config, "tokenizer")
     tokenizer = build_or_explain("tokenizer", tokenizer_dir, lambda: load_gpt2_tokenizer(str(tokenizer_dir)))
+    rows = int(backbone.gpt2.vocab_size)
+    if len(tokenizer) > rows:
+        raise ModelLoadError(f"the tokenizer in {tokenizer_dir} has {len(tokenizer)} tokens but the model's GPT-2 "
+                             f"only {rows} embedding rows: they do not belong together (the tokenizer was edited "
+                             "or replaced); save or convert the model again with its own tokenizer")
     given_clip = clip is not None
     if clip is None and config.get("clip") is not None:
         from models.siamese.clip import CLIP
