@@ -388,10 +388,14 @@ class Beam(Sampler):
         return tokens, state, parents
 
 
+#: MAGIC's candidates per step at most: each step runs GPT-2 and CLIP's text tower on every candidate of every
+#: image, so ``magic_k`` multiplies a call's memory as beams do; ten times the papers' 45 is far beyond any use
+MAX_MAGIC_K = 512
 #: MAGIC's options; the defaults are ``k``, ``alpha``, ``beta`` of yxuansu/MAGIC's
 #: ``image_captioning/sh_folder/mscoco_magic.sh`` for image captioning (its Flickr30k script uses k = 25).
 MAGIC_OPTIONS = (
-    Option("magic_k", int, 45, "--method magic: candidate tokens per step, the most likely ones", minimum=1),
+    Option("magic_k", int, 45, "--method magic: candidate tokens per step, the most likely ones", minimum=1,
+           maximum=MAX_MAGIC_K),
     Option("magic_alpha", float, 0.1, "--method magic: weight of the degeneration penalty, in [0, 1]", minimum=0,
            maximum=1),
     Option("magic_beta", float, 2.0, "--method magic: weight of CLIP's image-text score, >= 0", minimum=0),

@@ -26,7 +26,7 @@ from testing.tiny_models import random_embeddings
 
 ROOT = Path(__file__).resolve().parents[1]
 #: the declared maxima of beam_size and num_captions (`decoding_options.MAX_BEAM_SIZE` / `MAX_NUM_CAPTIONS`)
-MAXIMUM = {"beam_size": 256, "num_captions": 4096}
+MAXIMUM = {"beam_size": 256, "num_captions": 4096, "magic_k": 512}
 
 
 # ------------------------------------------------------------------------ A: beams beyond the vocabulary
@@ -66,6 +66,7 @@ def test_beam_size_is_checked_against_the_models_vocabulary(tmp_path_factory):
     ("sample", dict(num_captions=MAXIMUM["num_captions"] + 1), "num_captions"),
     ("sample", dict(num_captions=40000), "num_captions"),
     ("sample", dict(num_captions=10**8), "num_captions"),
+    ("magic", dict(magic_k=MAXIMUM["magic_k"] + 1), "magic_k"),  # candidates per step multiply memory too
 ])
 def test_beam_size_and_num_captions_have_declared_maxima(method, kwargs, name):
     value = kwargs[name]

@@ -122,7 +122,8 @@ def test_magic_batches_equal_one_image_at_a_time(magic_setup):
 
 
 @pytest.mark.parametrize("options, message", [
-    ({"magic_k": 0}, "magic_k must be >= 1"),
+    ({"magic_k": 0}, "magic_k must be in [1, 512], got 0"),
+    ({"magic_k": 513}, "magic_k must be in [1, 512], got 513"),
     ({"magic_k": 2.5}, "magic_k must be an integer"),
     ({"magic_alpha": -0.1}, "magic_alpha must be in [0, 1]"),
     ({"magic_alpha": 1.5}, "magic_alpha must be in [0, 1]"),

@@ -631,18 +631,20 @@ class ClipCap:
     def _check_model_bounds(self, request, stop_token, stop):
         """ValueError unless GPT-2 can decode ``request`` with the stop id ``stop`` (of ``stop_token``):
 
-        - ``beam_size`` <= GPT-2's vocabulary (its embedding rows): each step takes the top ``beam_size``
-          tokens of a row (otherwise TensorFlow's "input must have at least k columns" inside the loop);
+        - ``beam_size`` and ``magic_k`` <= GPT-2's vocabulary (its embedding rows): each step takes the top
+          ``beam_size`` / ``magic_k`` tokens of a row (otherwise TensorFlow's "input must have at least k
+          columns" inside the loop);
         - the stop id < that vocabulary: a token without a row (a tokenizer larger than the model's) is never
           generated, so the captions would never stop early;
         - the prefix and ``max_length`` within GPT-2's ``n_positions``, by the decoder's own rule (the compiled
           loop feeds K + max_length - 1 positions, MAGIC's K + max_length), checked here before any work.
         """
         vocab, positions, k = int(self.gpt2.vocab_size), int(self.gpt2.n_positions), self.prefix_length
-        beam_size = request.own_values().get("beam_size")  # a method with beams (its own option)
-        if beam_size is not None and beam_size > vocab:
-            raise ValueError(f"beam_size={beam_size} exceeds the model's vocabulary of {vocab} tokens (GPT-2's "
-                             f"embedding rows): beam_size must be in [1, {vocab}] for this model")
+        for name in ("beam_size", "magic_k"):  # the top-k of a row: beams, MAGIC's candidates (the method's own)
+            count = request.own_values().get(name)
+            if count is not None and count > vocab:
+                raise ValueError(f"{name}={count} exceeds the model's vocabulary of {vocab} tokens (GPT-2's "
+                                 f"embedding rows): {name} must be in [1, {vocab}] for this model")
         if stop is not None and not 0 <= stop < vocab:
             raise ValueError(f"stop_token {stop_token!r} has id {stop} but the model's GPT-2 has only {vocab} "
                              f"embedding rows (ids 0 .. {vocab - 1}): it could never be generated; the tokenizer "

@@ -68,6 +68,7 @@ def convert_official(cls, source, clip=None, tokenizer="gpt2", name=None, normal
     """`ClipCap.from_pretrained`: an official ``.pt`` converted (no torch needed), or an official model name
     downloaded and converted once (`models.image_captioning.pretrained.get_pretrained`)."""
     from custom_architectures.transformers_arch.clip_cap_arch import ClipCapBackbone
+    from models.image_captioning.gpt2_hub import fetch_gpt2_tokenizer
     from models.image_captioning.presets import MODELS
     from models.image_captioning.pretrained import get_pretrained
     from utils.convert.clipcap import check_clip_matches, load_clipcap
@@ -89,8 +90,8 @@ def convert_official(cls, source, clip=None, tokenizer="gpt2", name=None, normal
         if overwrite:
             keep_legacy_outputs(saved_model_dir(name))
         check_replaceable(saved_model_dir(name), is_saved_model, overwrite)
-    if isinstance(tokenizer, str | os.PathLike):
-        tokenizer = load_gpt2_tokenizer(os.fspath(tokenizer))
+    if isinstance(tokenizer, str | os.PathLike):  # a hub name: by the transport (mirror, manifest, offline mode)
+        tokenizer = load_gpt2_tokenizer(fetch_gpt2_tokenizer(os.fspath(tokenizer)))
     if stop_token is not None:  # a stop token that is not one token: refused before converting
         stop_token_id(tokenizer, stop_token)
     mapper, gpt2, config = load_clipcap(path)
