@@ -109,6 +109,18 @@ def test_clip_folder_with_non_finite_weight_is_refused(folders, tmp_path):
         ClipCap.load(str(folder))
 
 
+def test_a_lazily_loaded_clip_text_tower_is_checked_too(folders, tmp_path):
+    """``CLIP.load(lazy_text=True)`` reads the text tower when re-ranking first needs it: its weights are
+    checked then, as the eager load checks them."""
+    from models.siamese.clip import CLIP
+
+    folder = _copy(folders, "float32", tmp_path)
+    _edit_dataset(folder / "clip" / "model.weights.h5", "text_transformer/layers/embedding/vars/0", _set_first(np.inf))
+    clip = CLIP.load(str(folder / "clip"), lazy_text=True)  # the image side is sound
+    with pytest.raises(CheckpointError, match=r"model.weights.h5: the weight token_embedding.* is not finite"):
+        clip.load_text()
+
+
 def test_genuine_folders_still_load_and_caption(folders):
     from models.image_captioning.clip_cap import ClipCap
 

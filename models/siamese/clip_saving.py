@@ -181,7 +181,7 @@ def _load_text_part(directory, config):
     """(text tower, tokenizer) of a format-2 folder: what `load_clip` left for later with ``lazy_text``."""
     import keras
 
-    from utils.preset_utils import CONFIG_FILE, WEIGHTS_FILE, check_model_size
+    from utils.preset_utils import CONFIG_FILE, WEIGHTS_FILE, check_finite_weights, check_model_size
     from utils.weights_io import load_weights_part, variables_to_be_loaded
 
     weights_path = Path(directory) / WEIGHTS_FILE
@@ -194,6 +194,7 @@ def _load_text_part(directory, config):
     except (OSError, ValueError, KeyError, TypeError, RuntimeError) as e:
         raise CheckpointError(f"cannot load CLIP's text encoder from {weights_path} ({type(e).__name__}: {e}); "
                               "the file is damaged or does not match config.json: save or convert it again") from e
+    check_finite_weights(text, weights_path, CheckpointError)  # as the eager load checks it
     return text, _load_tokenizer(directory, tokenizer_kwargs)
 
 
