@@ -195,3 +195,19 @@ def test_format1_folder_with_non_finite_weight_is_refused(tmp_path, file, suffix
     _edit_dataset(folder / file, suffix, _set_first(np.nan))
     with pytest.raises(ModelLoadError, match=rf"{re.escape(file)}.*not finite"):
         ClipCap.load(str(folder))
+
+
+def test_a_lazily_loaded_clip_text_config_is_checked_at_load(folders, tmp_path):
+    """``CLIP.load(lazy_text=True)`` built its visual part from a config whose text tower was set aside, and
+    the text tower later with ``keras.layers.deserialize`` of its config as written: the class check
+    (`check_model_config`: Keras' and this library's classes only) never saw it. The whole config is checked
+    when it is read now, before anything is built."""
+    from models.siamese.clip import CLIP
+
+    folder = _copy(folders, "float32", tmp_path)
+    config = json.loads((folder / "clip" / "config.json").read_text())
+    config["model"]["config"]["text"]["module"] = "subprocess"
+    config["model"]["config"]["text"]["class_name"] = "Popen"
+    (folder / "clip" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match=r"clip.config\.json: model.config.text names 'subprocess'.'Popen'"):
+        CLIP.load(str(folder / "clip"), lazy_text=True)

@@ -133,7 +133,7 @@ def read_preset_config(directory, architecture, error, required=()):
         raise error(f"{path}: 'model' must be an object (a serialized Keras model), got "
                     f"{type(config['model']).__name__}: the saved model is damaged or was edited; save or convert "
                     "it again")
-    check_saved_policies(config["model"], path, error)
+    check_model_config(config["model"], path, error)
     return config
 
 
@@ -145,12 +145,26 @@ _POLICY_CLASSES = ("DTypePolicy", "FloatDTypePolicy")
 _CONFIG_MODULES = ("keras", "custom_architectures", "custom_layers")
 
 
+#: the dtype policy every layer of a saved model runs in: bfloat16 models are not saved (`models.precision`:
+#: not ``savable``) and an int8 one keeps float32 policies (its int8 weights are variables of float32 layers)
+SAVED_POLICY = "float32"
+
+
+def _policy_name(value):
+    """The policy name of a config's dtype entry that `_is_known_dtype` accepts (None for None)."""
+    return value["config"]["name"] if isinstance(value, dict) else value
+
+
 def check_model_config(value, config_path, error, where="model"):
     """Refuse (``error`` naming ``config_path`` and the entry) a serialized model that names anything but
-    Keras' and this library's classes (and the registered mapper types': `_is_registered_mapper`), or a dtype other than `DTYPE_NAMES` (a plain name or a Keras
-    ``DTypePolicy``): Keras would resolve e.g. ``{"class_name": "function", "module": "os"}`` as a dtype
-    and load. Checked before ``deserialize_keras_object`` sees the config (read by `read_json_file`: its
-    nesting is bounded, so this walk is too)."""
+    Keras' and this library's classes (and the registered mapper types': `_is_registered_mapper`), or a dtype
+    other than `DTYPE_NAMES` (a plain name or a Keras ``DTypePolicy``): Keras would resolve e.g.
+    ``{"class_name": "function", "module": "os"}`` as a dtype and load; or a layer whose dtype policy is not
+    `SAVED_POLICY` (a float32 folder whose config.json was edited to "bfloat16" would load as float32 and fail
+    at its first caption: bfloat16 layers, float32 inputs). Checked before ``deserialize_keras_object`` sees
+    the config (read by `read_json_file`: its nesting is bounded, so this walk is too): by `read_preset_config`
+    on the whole model (a part built later, as CLIP's lazily loaded text tower, included) and again by
+    `load_preset_model`."""
     if isinstance(value, list):
         for i, item in enumerate(value):
             check_model_config(item, config_path, error, f"{where}[{i}]")
@@ -168,38 +182,13 @@ def check_model_config(value, config_path, error, where="model"):
             raise error(f"{config_path}: {where}.{key} is {json.dumps(item)[:120]}, not one of "
                         f"{', '.join(sorted(DTYPE_NAMES))} (or a Keras DTypePolicy of one): refused; save or convert "
                         "the model again")
-        check_model_config(item, config_path, error, f"{where}.{key}")
-
-
-#: the dtype policy every layer of a saved model runs in: bfloat16 models are not saved (`models.precision`:
-#: not ``savable``) and an int8 one keeps float32 policies (its int8 weights are variables of float32 layers)
-SAVED_POLICY = "float32"
-
-
-def _policy_name(value):
-    """The policy name of a config's dtype entry that `_is_known_dtype` accepts (None for None)."""
-    return value["config"]["name"] if isinstance(value, dict) else value
-
-
-def check_saved_policies(value, config_path, error, where="model"):
-    """Refuse (``error`` naming ``config_path``, the entry and its layer) a serialized model any of whose layers
-    has a dtype policy other than `SAVED_POLICY`: a float32 folder whose config.json was edited to "bfloat16"
-    would load as float32 and fail at its first caption (bfloat16 layers, float32 inputs). Entries
-    `check_model_config` refuses anyway (an unknown dtype) are left to it. Checked before anything is built."""
-    if isinstance(value, list):
-        for i, item in enumerate(value):
-            check_saved_policies(item, config_path, error, f"{where}[{i}]")
-        return
-    if not isinstance(value, dict):
-        return
-    for key, item in value.items():
-        if key in _DTYPE_KEYS and _is_known_dtype(item) and _policy_name(item) not in (None, SAVED_POLICY):
+        if key in _DTYPE_KEYS and _policy_name(item) not in (None, SAVED_POLICY):
             layer = value.get("name")
             raise error(f"{config_path}: {where}.{key}{f' (layer {layer!r})' if isinstance(layer, str) else ''} is "
                         f"{_policy_name(item)!r}, expected {SAVED_POLICY!r}: a saved model's layers run in "
                         f"{SAVED_POLICY} (a bfloat16 model is not saved: load the float32 one with "
                         "precision='bfloat16'); config.json was edited: refused; save or convert the model again")
-        check_saved_policies(item, config_path, error, f"{where}.{key}")
+        check_model_config(item, config_path, error, f"{where}.{key}")
 
 
 def _is_registered_mapper(module, class_name):
@@ -305,7 +294,7 @@ def load_preset_model(directory, config, error, load_weights=None, expected=None
     """Rebuild ``config["model"]`` (``keras.saving.deserialize_keras_object``) and load ``model.weights.h5``
     into it (or ``load_weights(model, path)``); ``error`` names config.json or the weights file when either
     is damaged or they do not match: a config whose model is larger than the weights file
-    (`check_model_size`, before building), a layer whose dtype policy is not float32 (`check_saved_policies`),
+    (`check_model_size`, before building), a layer whose dtype policy is not float32 (`check_model_config`),
     or that builds anything but a Keras layer (an ``expected`` class when given) is refused before a weight is
     read; weights that are not finite after (`check_finite_weights`)."""
     import keras
@@ -320,7 +309,6 @@ def load_preset_model(directory, config, error, load_weights=None, expected=None
         raise error(f"{config_path}: 'model' must be an object (a serialized Keras model), got "
                     f"{type(config.get('model')).__name__}; save or convert the model again")
     check_model_config(config["model"], config_path, error)
-    check_saved_policies(config["model"], config_path, error)
     check_model_size(config["model"], weights_path, config_path, error)
     try:
         with variables_to_be_loaded():
