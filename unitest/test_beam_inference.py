@@ -286,3 +286,22 @@ def test_one_reading_stage_serves_batch_captioning_and_extraction(tmp_path):
     assert key == (str(good), len(data), hashlib.sha256(data).hexdigest()) and pixels.shape == (16, 16, 3)
     (error,) = stage.process(readable(bad))
     assert error.tag == beam_inference.ERRORS and error.value[0] == str(bad) and error.value[1]
+
+
+def test_an_input_list_that_cannot_be_read_is_named_before_the_job(tmp_path):
+    """A missing ``--input-list`` was an OSError traceback from Beam's reader (exit 1), a CSV list whose header is
+    not UTF-8 a bare UnicodeDecodeError; both are ValueErrors naming the list (``batch``: exit 2)."""
+    from models.image_captioning.beam_inference import list_file_column
+
+    for missing in (tmp_path / "missing.txt", tmp_path / "missing.csv"):
+        with pytest.raises(ValueError, match=f"--input-list {missing}: no such file"):
+            list_file_column(str(missing))
+    binary = tmp_path / "photos.csv"
+    binary.write_bytes(b"\xff\xfe\x00image\n")
+    with pytest.raises(ValueError, match=f"--input-list {binary}: cannot read its CSV header .UnicodeDecodeError"):
+        list_file_column(str(binary))
+    good = tmp_path / "good.csv"
+    good.write_text("id,path\n1,a.jpg\n")
+    assert list_file_column(str(good)) == (1, True)
+    (tmp_path / "plain.txt").write_text("a.jpg\n")
+    assert list_file_column(str(tmp_path / "plain.txt")) == (None, False)

@@ -169,13 +169,33 @@ def parse_input_list(line, path_column=None):
     return value or None
 
 
+#: the longest CSV header line of an input list (`list_file_column`)
+_MAX_HEADER_BYTES = 1 << 20
+
+
 def list_file_column(list_file):
     """For a .csv list: the index of its path column (``image``, ``path``, ``file_name``, ``filename`` or
-    ``file``, else the first) and True (a header line to skip); for any other file: (None, False)."""
+    ``file``, else the first) and True (a header line to skip); for any other file: (None, False). A list
+    that cannot be opened, or whose header is not a line of UTF-8 text (read bounded: at most
+    `_MAX_HEADER_BYTES`), is a ValueError naming it, before the job (a missing one was an OSError traceback
+    from Beam's reader)."""
+    try:
+        found = _match(list_file)
+    except OSError as e:
+        raise ValueError(f"--input-list {list_file}: cannot be read ({type(e).__name__}: {str(e)[:200]})") from e
+    if not found:
+        raise ValueError(f"--input-list {list_file}: no such file")
     if not list_file.lower().endswith(".csv"):
         return None, False
-    with FileSystems.open(list_file) as f:
-        header = next(csv.reader(io.StringIO(f.readline().decode("utf-8"))), [])
+    try:
+        with FileSystems.open(list_file) as f:
+            line = f.readline(_MAX_HEADER_BYTES + 1)
+        if len(line) > _MAX_HEADER_BYTES:
+            raise ValueError(f"its header line is longer than {_MAX_HEADER_BYTES} bytes")
+        header = next(csv.reader(io.StringIO(line.decode("utf-8"))), [])
+    except (OSError, ValueError, csv.Error) as e:  # BeamIOError is an IOError; UnicodeDecodeError a ValueError
+        raise ValueError(f"--input-list {list_file}: cannot read its CSV header ({type(e).__name__}: "
+                         f"{str(e)[:200]})") from e
     names = [h.strip().lower() for h in header]
     for name in ("image", "path", "file_name", "filename", "file"):
         if name in names:
