@@ -179,20 +179,26 @@ def test_a_crafted_embeddings_file_is_a_dataset_error(tmp_path, overrides, expec
     assert str(path) in str(info.value)
 
 
-def test_a_compressed_embeddings_file_is_refused_before_it_is_inflated(tmp_path):
-    """`extract` writes its .npz uncompressed, so what an entry holds is what the file holds; a deflated entry
-    may declare far more (a 2 MB file inflating to 2 GB of float32 was read whole): refused unread."""
-    from datasets.embeddings import load_embedded_dataset
-
-    path = tmp_path / "bomb.npz"
-    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as z:
+def _npz_with_embeddings(path, compression, shape, nbytes):
+    """An embeddings .npz whose other arrays are sound and whose embeddings entry declares float32 ``shape`` in
+    its header but holds ``nbytes`` zero bytes, its entries written with ``compression``."""
+    with zipfile.ZipFile(path, "w", compression) as z:
         for name, array in {**_ARRAYS, "meta": np.asarray(_META)}.items():
             if name != "embeddings":
                 with z.open(f"{name}.npy", "w") as f:
                     np.lib.format.write_array(f, array)
         with z.open("embeddings.npy", "w", force_zip64=True) as f:
-            np.lib.format.write_array_header_1_0(f, {"descr": "<f4", "fortran_order": False, "shape": (1, 1 << 22)})
-            f.write(bytes(16 << 20))
+            np.lib.format.write_array_header_1_0(f, {"descr": "<f4", "fortran_order": False, "shape": shape})
+            f.write(bytes(nbytes))
+    return path
+
+
+def test_a_compressed_embeddings_file_is_refused_before_it_is_inflated(tmp_path):
+    """`extract` writes its .npz uncompressed, so what an entry holds is what the file holds; a deflated entry
+    may declare far more (a 2 MB file inflating to 2 GB of float32 was read whole): refused unread."""
+    from datasets.embeddings import load_embedded_dataset
+
+    path = _npz_with_embeddings(tmp_path / "bomb.npz", zipfile.ZIP_DEFLATED, (1, 1 << 22), 16 << 20)
     assert path.stat().st_size < 1 << 20
     with pytest.raises(DatasetError, match="compressed"):
         load_embedded_dataset(path)
@@ -471,16 +477,7 @@ def test_an_embeddings_entry_declaring_more_than_it_holds_is_refused_unallocated
     traceback for terabytes); the declared size is checked against what the entry holds first."""
     from datasets.embeddings import load_embedded_dataset
 
-    path = tmp_path / "liar.npz"
-    with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as z:
-        for name, array in {**_ARRAYS, "meta": np.asarray(_META)}.items():
-            if name != "embeddings":
-                with z.open(f"{name}.npy", "w") as f:
-                    np.lib.format.write_array(f, array)
-        with z.open("embeddings.npy", "w") as f:
-            np.lib.format.write_array_header_1_0(f, {"descr": "<f4", "fortran_order": False,
-                                                     "shape": (1 << 20, 1 << 20)})
-            f.write(bytes(64))
+    path = _npz_with_embeddings(tmp_path / "liar.npz", zipfile.ZIP_STORED, (1 << 20, 1 << 20), 64)
     with pytest.raises(DatasetError, match="declares"):
         load_embedded_dataset(path)
 
